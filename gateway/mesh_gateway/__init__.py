@@ -1,0 +1,3 @@
+"""The todo-mesh API gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,13 @@
+"""Typed app state of the gateway."""
+
+from aiohttp import web
+
+from mesh_common.resilience import BreakerBoard, RetryBudget
+
+from .proxy import Proxy
+from .settings import Settings
+
+SETTINGS = web.AppKey("gateway.settings", Settings)
+BREAKERS = web.AppKey("gateway.breakers", BreakerBoard)
+RETRY_BUDGET = web.AppKey("gateway.retry_budget", RetryBudget)
+PROXY = web.AppKey("gateway.proxy", Proxy)

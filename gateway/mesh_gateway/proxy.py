@@ -1,0 +1,183 @@
+"""The reverse proxy: pick a healthy instance at random, forward, fail well.
+
+* Instances come from the in-memory Consul watch; a request never waits on Consul.
+* One breaker per instance: refusals, timeouts and 5xx count, 4xx never do.
+* A request that was never sent, or an idempotent one (GET, HEAD, PUT,
+  DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
+  *different* instance, if the retry budget allows.
+* Outcomes: timeout -> 504, nothing healthy or every breaker open -> 503 with
+  Retry-After, unreachable or broken upstream -> 502, all problem+json. An
+  upstream's own 5xx problem body is passed through when no retry helps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from mesh_common.discovery import Instance, NoInstances, ServiceWatch
+from mesh_common.problems import NotFound, problem
+from mesh_common.requests import REQUEST_ID
+from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
+
+from .routes import Route, match
+
+NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
+UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
+UpstreamTimeout = problem(504, "UPSTREAM_TIMEOUT", "The service did not answer in time")
+BadGateway = problem(502, "BAD_GATEWAY", "The service could not be reached or answered badly")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+        "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)
+# Responses up to this size are read whole: one write is cheaper than a stream.
+BUFFER_LIMIT = 256 * 1024
+log = structlog.get_logger()
+
+
+class _Attempt(UpstreamFailure):
+    """One failed attempt, with what the client gets if nothing else works.
+
+    It is an ``UpstreamFailure``, so raising it inside the breaker counts.
+    """
+
+    def __init__(self, problem_: Exception | None = None, *, sent: bool, response: web.Response | None = None):
+        super().__init__()
+        self.problem = problem_
+        self.sent = sent
+        self.response = response
+
+
+def forward_headers(request: web.Request) -> CIMultiDict[str]:
+    dropped = HOP_BY_HOP | {
+        token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token.strip()
+    }
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    headers["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    headers["X-Request-ID"] = request[REQUEST_ID]
+    return headers
+
+
+def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+class Proxy:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        watches: dict[str, ServiceWatch],
+        breakers: BreakerBoard,
+        budget: RetryBudget,
+        *,
+        connect_timeout: float,
+        expose_upstream: bool,
+    ) -> None:
+        self._session = session
+        self._watches = watches
+        self._breakers = breakers
+        self._budget = budget
+        self._connect_timeout = connect_timeout
+        self._expose_upstream = expose_upstream
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = match(request.path)
+        if route is None:
+            raise NotFound(f"No route for {request.path}")
+        body = await request.read() if request.can_read_body else None
+        headers = forward_headers(request)
+        method = request.method
+        retry_safe = method in IDEMPOTENT or (method == "POST" and "Idempotency-Key" in headers)
+        watch = self._watches[route.service]
+        self._budget.record_request()
+        tried: set[str] = set()
+        while True:
+            instance = self._pick(watch, frozenset(tried))
+            tried.add(instance.id)
+            structlog.contextvars.bind_contextvars(upstream=instance.id)
+            try:
+                return await self._attempt(request, route, instance, method, headers, body)
+            except _Attempt as failed:
+                others = any(i.id not in tried and not self._breakers.is_open(i.id) for i in watch.instances)
+                if (failed.sent and not retry_safe) or not others or len(tried) > 1 or not self._budget.try_spend():
+                    if failed.response is not None:
+                        return failed.response
+                    assert failed.problem is not None
+                    raise failed.problem from None
+                log.info("upstream_retry", service=route.service, failed=instance.id)
+
+    def _pick(self, watch: ServiceWatch, exclude: frozenset[str]) -> Instance:
+        try:
+            return self._breakers.pick(watch, exclude)
+        except AllBreakersOpen:
+            retry_after = self._breakers.retry_after(watch)
+            raise UpstreamCircuitOpen(headers={"Retry-After": str(retry_after)}) from None
+        except NoInstances:
+            raise NoHealthyUpstream(headers={"Retry-After": "1"}) from None
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        route: Route,
+        instance: Instance,
+        method: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+    ) -> web.StreamResponse:
+        url = instance.base_url + route.upstream_path(request.path)
+        timeout = aiohttp.ClientTimeout(total=route.timeout, connect=self._connect_timeout)
+        with self._breakers.breaker(instance.id):
+            try:
+                resp = await self._session.request(
+                    method, url, params=request.query, headers=headers, data=body,
+                    allow_redirects=False, auto_decompress=False, timeout=timeout,
+                )
+            except aiohttp.ClientConnectorError:
+                raise _Attempt(BadGateway(), sent=False) from None
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                raise _Attempt(UpstreamTimeout(), sent=True) from None
+            except aiohttp.ClientError:
+                raise _Attempt(BadGateway(), sent=True) from None
+            if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
+                try:
+                    payload = await resp.read()
+                except asyncio.TimeoutError:
+                    raise _Attempt(UpstreamTimeout(), sent=True) from None
+                except aiohttp.ClientError:
+                    raise _Attempt(BadGateway(), sent=True) from None
+                finally:
+                    resp.release()
+                response = web.Response(status=resp.status, body=payload, headers=_response_headers(resp))
+                if resp.status >= 500:
+                    raise _Attempt(sent=True, response=response)
+                return self._mark(response, instance)
+        return await self._stream(request, resp, instance)
+
+    async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance) -> web.StreamResponse:
+        response = self._mark(web.StreamResponse(status=resp.status, headers=_response_headers(resp)), instance)
+        try:
+            await response.prepare(request)
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            resp.release()
+        return response
+
+    def _mark(self, response: web.StreamResponse, instance: Instance) -> web.StreamResponse:
+        if self._expose_upstream:
+            response.headers["X-Upstream-Instance"] = instance.id
+        return response

@@ -1,0 +1,40 @@
+"""Gateway settings, read from the environment by ``__main__`` only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from mesh_common.settings import ServiceSettings, env_bool, env_float, env_int, env_str
+
+from . import __version__
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    service: ServiceSettings
+    redis_url: str
+    jwt_issuer: str
+    jwt_audience: str
+    connect_timeout: float = 0.5
+    max_body: int = 1024 * 1024
+    expose_upstream: bool = False
+    breaker_failures: int = 5
+    breaker_recovery: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        return cls(
+            service=ServiceSettings.from_env(env, name="gateway", version=__version__, default_port=8000),
+            redis_url=env_str(env, "REDIS_URL"),
+            jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
+            jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+            connect_timeout=env_float(env, "GATEWAY_CONNECT_TIMEOUT", 0.5),
+            max_body=env_int(env, "GATEWAY_MAX_BODY", 1024 * 1024),
+            expose_upstream=env_bool(env, "GATEWAY_EXPOSE_UPSTREAM", False),
+            breaker_failures=env_int(env, "GATEWAY_BREAKER_FAILURES", 5),
+            breaker_recovery=env_float(env, "GATEWAY_BREAKER_RECOVERY", 5.0),
+        )
+
+    def with_port(self, port: int) -> Settings:
+        return replace(self, service=self.service.with_port(port))

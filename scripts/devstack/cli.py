@@ -1,0 +1,112 @@
+"""``python -m devstack COMMAND``: what the Taskfile's native tasks call."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from . import stack
+from .config import CONSUL_NAMES, StackConfig
+from .procs import StackError, running
+
+
+def _print_urls(cfg: StackConfig) -> None:
+    print("\ntodo-mesh is up (native):")
+    for label, url in stack.urls(cfg):
+        print(f"  {label:<28} {url}")
+
+
+def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
+    print(f"starting the native stack in {cfg.run_dir} ...", flush=True)
+    try:
+        if args.infra_only:
+            stack.up_infra(cfg)
+        else:
+            stack.up(cfg)
+    except BaseException:
+        if not args.keep_on_failure:
+            stack.down(cfg)
+        raise
+    _print_urls(cfg)
+    if args.detach:
+        return
+    print("\nCtrl-C stops everything (or `task down` from another terminal).", flush=True)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    # Return when told to, or when `task down` has stopped the stack.
+    while not stopping.wait(1.0):
+        if "consul" not in running(cfg.run_dir):
+            return
+    print("\nstopping ...", flush=True)
+    stack.down(cfg)
+
+
+def cmd_down(cfg: StackConfig, _: argparse.Namespace) -> None:
+    stopped = stack.down(cfg)
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:
+    procs = running(cfg.run_dir)
+    if not procs:
+        print("nothing is running")
+        return
+    health: dict[str, str] = {}
+    try:
+        for name in ("gateway", *CONSUL_NAMES.values()):
+            for entry in stack._get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
+                svc = entry["Service"]
+                status = "passing" if all(ch["Status"] == "passing" for ch in entry["Checks"]) else "critical"
+                health[f"{svc['Address']}:{svc['Port']}"] = f"{svc['ID']} {status}"
+    except OSError:
+        print("(Consul does not answer: no health to show)")
+    print(f"{'PROCESS':<16} {'PID':>7}  CONSUL")
+    for name, pid in sorted(procs.items()):
+        print(f"{name:<16} {pid:>7}  ", end="")
+        matches = [v for k, v in health.items() if v.startswith(_consul_name(name))] if "-" in name else []
+        print("; ".join(matches) if matches and name.split("-")[0] != "gateway" else "")
+    print("\nConsul's view:")
+    for value in sorted(health.values()):
+        print(f"  {value}")
+
+
+def _consul_name(process: str) -> str:
+    prefix = process.split("-")[0]
+    return "gateway" if prefix == "gateway" else CONSUL_NAMES.get(prefix, prefix)
+
+
+def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:
+    svc = {"user-service": "user", "todo-service": "todo", "notification-service": "notification"}.get(
+        args.service, args.service
+    )
+    if svc not in ("user", "todo", "notification", "gateway"):
+        raise StackError(f"unknown service {args.service!r}: use user, todo, notification or gateway")
+    stack.scale(cfg, svc, args.count)
+    print(f"{svc}: {args.count} instance(s) passing in Consul")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devstack", description=__doc__)
+    parser.add_argument("--profile", choices=["dev", "test"], default="dev")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the stack and wait for health")
+    up.add_argument("--detach", action="store_true", help="return once everything is healthy")
+    up.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Redis, RabbitMQ, Consul, SMTP")
+    up.add_argument("--keep-on-failure", action="store_true", help="leave processes running for inspection")
+    sub.add_parser("down", help="stop everything")
+    sub.add_parser("ps", help="what runs, and what Consul thinks of it")
+    sc = sub.add_parser("scale", help="run N instances of a service")
+    sc.add_argument("service")
+    sc.add_argument("count", type=int)
+    args = parser.parse_args(argv)
+    cfg = StackConfig.from_env(profile=args.profile)
+    commands = {"up": cmd_up, "down": cmd_down, "ps": cmd_ps, "scale": cmd_scale}
+    try:
+        commands[args.command](cfg, args)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

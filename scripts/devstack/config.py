@@ -1,0 +1,125 @@
+"""Where the native stack lives and listens.
+
+Every port can be overridden from the environment (``MESH_PORT_<NAME>``).
+Tests use their own profile, so that a developer's stack and a test run can
+run side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("user", "todo", "notification")
+SERVICE_PACKAGES = {"user": "user_service", "todo": "todo_service", "notification": "notification_service"}
+CONSUL_NAMES = {"user": "user-service", "todo": "todo-service", "notification": "notification-service"}
+
+
+@dataclass(frozen=True)
+class Ports:
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    gateway: int = 8000
+    consul_http: int = 8500
+    consul_dns: int = 8600
+    consul_serf_lan: int = 8301
+    consul_serf_wan: int = 8302
+    consul_server: int = 8300
+    postgres: int = 5432
+    redis: int = 6379
+    amqp: int = 5672
+    rabbitmq_management: int = 15672
+    rabbitmq_dist: int = 25672
+    epmd: int = 4370
+    smtp: int = 1025
+    mail_api: int = 8025
+
+    def overridden(self, env: Mapping[str, str]) -> Ports:
+        changes = {}
+        for f in fields(self):
+            raw = env.get(f"MESH_PORT_{f.name.upper()}")
+            if raw:
+                changes[f.name] = int(raw)
+        return replace(self, **changes)
+
+
+# A separate block for test runs: below the kernel's ephemeral range
+# (32768+), and clear of every default above.
+TEST_PORTS = Ports(
+    envoy=18080, envoy_admin=19901, gateway=18000, consul_http=18500, consul_dns=18600,
+    consul_serf_lan=18301, consul_serf_wan=18302, consul_server=18300, postgres=15432,
+    redis=16379, amqp=15673, rabbitmq_management=25673, rabbitmq_dist=25674, epmd=14370,
+    smtp=11025, mail_api=18025,
+)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    name: str
+    run_dir: Path
+    ports: Ports
+    instances: dict[str, int] = field(default_factory=lambda: {"user": 1, "todo": 1, "notification": 1, "gateway": 1})
+    python: str = str(ROOT / ".venv" / "bin" / "python")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, *, profile: str = "dev") -> StackConfig:
+        base = TEST_PORTS if profile == "test" else Ports()
+        counts = {"user": 1, "todo": 1, "notification": 1, "gateway": 1}
+        for svc in counts:
+            raw = env.get(svc.upper())
+            if raw:
+                counts[svc] = int(raw)
+        run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run" / profile))
+        return cls(name=profile, run_dir=run_dir, ports=base.overridden(env), instances=counts)
+
+    # -- where things are -------------------------------------------------
+    @property
+    def consul_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.consul_http}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports.redis}/0"
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.ports.amqp}/"
+
+    @property
+    def mail_api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.mail_api}"
+
+    def database_url(self, service: str) -> str:
+        db = {"user": "users", "todo": "todos", "notification": "notifications"}[service]
+        return f"postgresql://{db}:{db}@127.0.0.1:{self.ports.postgres}/{db}"
+
+    def gateway_address(self, n: int) -> str:
+        # Gateways share one port on distinct loopback addresses, so that
+        # Consul's DNS A records are all Envoy needs.
+        return f"127.0.0.{n + 2}"
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The environment a service instance gets: the same names as in compose.yml."""
+        env = {
+            "SERVICE_HOST": "127.0.0.1",
+            "SERVICE_PORT": "0",
+            "CONSUL_HTTP_ADDR": self.consul_url,
+            "LOG_FORMAT": "json",
+            "REDIS_URL": self.redis_url,
+            "AMQP_URL": self.amqp_url,
+            "JWT_ISSUER": "todo-mesh",
+            "JWT_AUDIENCE": "todo-mesh-api",
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(self.ports.smtp),
+            "MAIL_FROM": "todo-mesh <no-reply@todo-mesh.local>",
+        }
+        if service in SERVICES:
+            env["DATABASE_URL"] = self.database_url(service)
+        return env

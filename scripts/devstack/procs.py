@@ -1,0 +1,187 @@
+"""Detached processes with pid files, so that ``down`` can always find them.
+
+Each process gets its own session (and process group): Ctrl-C in the
+terminal reaches only the supervisor, which then stops everything in order,
+and ``down`` from another terminal kills whole groups, children included.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    """Something the user must fix: a taken port, a missing binary, a timeout."""
+
+
+@dataclass(frozen=True)
+class Proc:
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    user: str | None = None
+    cwd: Path | None = None
+
+
+def pid_dir(run_dir: Path) -> Path:
+    return run_dir / "pids"
+
+
+def log_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "logs" / f"{name}.log"
+
+
+def start(run_dir: Path, proc: Proc) -> int:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
+    env = {**os.environ, **proc.env}
+    kwargs: dict[str, object] = {}
+    if proc.user is not None and os.geteuid() == 0:
+        entry = pwd.getpwnam(proc.user)
+        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        env["HOME"] = str(proc.env.get("HOME", entry.pw_dir))
+        env["USER"] = env["LOGNAME"] = proc.user
+    child = subprocess.Popen(
+        list(proc.argv),
+        env=env,
+        cwd=proc.cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    log.close()
+    (pid_dir(run_dir) / f"{proc.name}.pid").write_text(str(child.pid))
+    return child.pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is dead for every purpose here.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def running(run_dir: Path) -> dict[str, int]:
+    found = {}
+    directory = pid_dir(run_dir)
+    if directory.is_dir():
+        for pidfile in sorted(directory.glob("*.pid")):
+            try:
+                pid = int(pidfile.read_text())
+            except ValueError:
+                continue
+            if alive(pid):
+                found[pidfile.stem] = pid
+            else:
+                pidfile.unlink(missing_ok=True)
+    return found
+
+
+def stop(run_dir: Path, name: str, *, sig: int = signal.SIGTERM, grace: float = 10.0) -> bool:
+    """Signal a process group, wait up to ``grace``, then SIGKILL it."""
+    pidfile = pid_dir(run_dir) / f"{name}.pid"
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return False
+    _signal_group(pid, sig)
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.05)
+    if alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid) or _reap(pid), timeout=5, what=f"{name} to die")
+    # Children that outlived their leader share its group: kill them too.
+    _signal_group(pid, signal.SIGKILL)
+    _reap(pid)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _reap(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def require_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
+    taken = [f"{name} ({port})" for name, port in ports.items() if not port_free(host, port)]
+    if taken:
+        raise StackError(
+            "ports already in use: " + ", ".join(taken) + ". Stop what holds them, "
+            "or choose others with MESH_PORT_<NAME>=<port>."
+        )
+
+
+def wait_until(check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> object:
+    """Poll ``check`` until it returns something truthy, for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except Exception as exc:  # not ready yet: keep the reason for the message
+            last_error = exc
+        else:
+            if result:
+                return result
+        time.sleep(interval)
+    reason = f" (last error: {last_error})" if last_error else ""
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{reason}")
+
+
+def run_checked(argv: Sequence[str], *, env: Mapping[str, str] | None = None, user: str | None = None,
+                timeout: float = 60) -> str:
+    kwargs: dict[str, object] = {}
+    if user is not None and os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    result = subprocess.run(
+        list(argv), env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd="/", **kwargs,  # type: ignore[arg-type]
+    )
+    if result.returncode != 0:
+        raise StackError(f"{argv[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout

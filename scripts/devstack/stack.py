@@ -1,0 +1,120 @@
+"""Bring the native stack up and down, scale it, and report on it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from . import components as c
+from .config import CONSUL_NAMES, SERVICES, StackConfig
+from .procs import StackError, port_free, require_free, running, start, stop, wait_until
+
+INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
+READY_TIMEOUT = 90.0
+
+
+def _get_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        return json.load(resp)
+
+
+def passing(cfg: StackConfig, consul_name: str) -> list[dict]:  # type: ignore[type-arg]
+    entries = _get_json(f"{cfg.consul_url}/v1/health/service/{consul_name}?passing")
+    assert isinstance(entries, list)
+    return entries
+
+
+# -- infrastructure --------------------------------------------------------------
+def up_infra(cfg: StackConfig) -> None:
+    """Start whatever infrastructure is not running yet, and wait for it."""
+    have = running(cfg.run_dir)
+    p = cfg.ports
+    wanted = {
+        "consul": {"consul http": p.consul_http, "consul dns": p.consul_dns, "consul serf": p.consul_serf_lan},
+        "postgres": {"postgres": p.postgres},
+        "redis": {"redis": p.redis},
+        "rabbitmq": {"amqp": p.amqp, "rabbitmq management": p.rabbitmq_management},
+        "mailsink": {"smtp": p.smtp, "mail api": p.mail_api},
+    }
+    missing = [name for name in INFRA if name not in have]
+    require_free({label: port for name in missing for label, port in wanted[name].items()})
+    for name in missing:
+        start(cfg.run_dir, getattr(c, name)(cfg))
+    wait_until(lambda: _get_json(f"{cfg.consul_url}/v1/status/leader"), timeout=READY_TIMEOUT, what="Consul")
+    wait_until(lambda: c.postgres_ready(cfg), timeout=READY_TIMEOUT, what="PostgreSQL")
+    c.create_databases(cfg)
+    wait_until(lambda: not port_free("127.0.0.1", p.redis), timeout=READY_TIMEOUT, what="Redis")
+    wait_until(lambda: _get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, timeout=READY_TIMEOUT,
+               what="the SMTP sink")
+    wait_until(lambda: c.rabbitmq_ready(cfg), timeout=READY_TIMEOUT, what="RabbitMQ", interval=1.0)
+
+
+# -- services ----------------------------------------------------------------------
+def instances(cfg: StackConfig, svc: str) -> list[int]:
+    prefix = f"{svc}-"
+    return sorted(int(name[len(prefix):]) for name in running(cfg.run_dir) if name.startswith(prefix)
+                  and name[len(prefix):].isdigit())
+
+
+def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
+    """Run exactly ``count`` instances of ``svc`` (a service or ``gateway``)."""
+    current = instances(cfg, svc)
+    for n in current[count:]:
+        stop(cfg.run_dir, f"{svc}-{n}")
+    if svc == "gateway":
+        for n in range(count):
+            if n not in current:
+                address = cfg.gateway_address(n)
+                if not port_free(address, cfg.ports.gateway):
+                    raise StackError(f"port {cfg.ports.gateway} on {address} is already in use")
+                start(cfg.run_dir, c.gateway(cfg, n))
+    else:
+        for n in range(count):
+            if n not in current:
+                start(cfg.run_dir, c.service(cfg, svc, n))
+    if wait:
+        consul_name = "gateway" if svc == "gateway" else CONSUL_NAMES[svc]
+        wait_until(lambda: len(passing(cfg, consul_name)) == count, timeout=READY_TIMEOUT,
+                   what=f"{count} passing {consul_name} instance(s) in Consul")
+
+
+def up(cfg: StackConfig) -> None:
+    up_infra(cfg)
+    if "envoy" not in running(cfg.run_dir):
+        require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(lambda s: scale(cfg, s, cfg.instances[s]), [*SERVICES, "gateway"]))
+    if "envoy" not in running(cfg.run_dir):
+        start(cfg.run_dir, c.envoy(cfg))
+    wait_until(lambda: _get_json(f"{cfg.api_url}/ready") is not None, timeout=READY_TIMEOUT,
+               what="the API through Envoy")
+
+
+def down(cfg: StackConfig) -> list[str]:
+    """Stop everything, in the reverse order of ``up``."""
+    have = running(cfg.run_dir)
+    order = ["envoy", *sorted(n for n in have if n.startswith("gateway-")),
+             *sorted(n for n in have if n.split("-")[0] in SERVICES), *reversed(INFRA)]
+    stopped = []
+    for name in order:
+        if name in have:
+            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: fast shutdown
+            stop(cfg.run_dir, name, sig=sig, grace=20)
+            stopped.append(name)
+    for name in set(running(cfg.run_dir)) - set(stopped):  # anything unexpected
+        stop(cfg.run_dir, name)
+        stopped.append(name)
+    c.stop_epmd(cfg)
+    return stopped
+
+
+def urls(cfg: StackConfig) -> Iterable[tuple[str, str]]:
+    yield "API (through Envoy)", cfg.api_url + "/api/v1"
+    yield "Consul UI", cfg.consul_url + "/ui/"
+    yield "RabbitMQ UI (guest/guest)", f"http://127.0.0.1:{cfg.ports.rabbitmq_management}/"
+    yield "Mail sink API", cfg.mail_api_url + "/api/v1/messages"
+    yield "Envoy admin", f"http://127.0.0.1:{cfg.ports.envoy_admin}/"
+    yield "Logs", str(cfg.run_dir / "logs")

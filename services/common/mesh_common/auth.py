@@ -1,0 +1,188 @@
+"""Local verification of access tokens against the user-service's JWKS.
+
+Every service and the gateway verify tokens themselves, from a cached JWKS:
+no call to the user-service per request. The key set is fetched again when
+a token names an unknown ``kid`` (a rotation), at most once per cool-down so
+that forged ``kid`` values cannot make us hammer the user-service.
+
+What is accepted is fixed here, never read from the token: the algorithm
+(EdDSA), the header type (``at+jwt``), the issuer and audience, and the
+required claims. Headers that point at other keys (``jku``, ``x5u``, ``jwk``,
+``x5c``) or demand extensions (``crit``) are refused outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import structlog
+from aiohttp import web
+
+from .http import SERVICE_CLIENT
+from .problems import Handler, Unauthorized
+
+ALGORITHMS = ["EdDSA"]
+ACCESS_TOKEN_TYPE = "at+jwt"
+REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
+FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "x5t", "crit"})
+SERVICE_SUBJECT_PREFIX = "service:"
+log = structlog.get_logger()
+
+JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class InvalidToken(Unauthorized):
+    code = "INVALID_TOKEN"
+    title = "The access token is invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a user (``sub`` is their id) or another service."""
+
+    subject: str
+    token: str
+    claims: dict[str, Any]
+
+    @property
+    def is_service(self) -> bool:
+        return self.subject.startswith(SERVICE_SUBJECT_PREFIX)
+
+    @property
+    def user_id(self) -> str:
+        if self.is_service:
+            raise Unauthorized("This endpoint is for users")
+        return self.subject
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in str(self.claims.get("scope", "")).split()
+
+
+PRINCIPAL = web.RequestKey("mesh.principal", Principal)
+
+
+class JwksVerifier:
+    def __init__(self, fetch: JwksFetcher, *, issuer: str, audience: str, refresh_cooldown: float = 5.0) -> None:
+        self._fetch = fetch
+        self._issuer = issuer
+        self._audience = audience
+        self._cooldown = refresh_cooldown
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, *, force: bool = False) -> None:
+        async with self._lock:
+            if not force and time.monotonic() - self._fetched_at < self._cooldown:
+                return
+            self._fetched_at = time.monotonic()
+            document = await self._fetch()
+            keys = {}
+            for entry in document.get("keys", []):
+                if entry.get("kid") and entry.get("use", "sig") == "sig" and entry.get("alg") in ALGORITHMS:
+                    keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=entry["alg"])
+            self._keys = keys
+            log.info("jwks_refreshed", kids=sorted(keys))
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidToken("The token is malformed") from None
+        if FORBIDDEN_HEADERS & header.keys():
+            raise InvalidToken("The token header is not acceptable")
+        if header.get("alg") not in ALGORITHMS or header.get("typ") != ACCESS_TOKEN_TYPE:
+            raise InvalidToken("The token type or algorithm is not acceptable")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("The token names no key")
+        key = self._keys.get(kid)
+        if key is None:
+            try:
+                await self.refresh()
+            except Exception as exc:  # the user-service is unreachable: unknown keys stay unknown
+                log.warning("jwks_refresh_failed", error=type(exc).__name__)
+            key = self._keys.get(kid)
+            if key is None:
+                raise InvalidToken("The token was signed by an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=ALGORITHMS,
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": REQUIRED_CLAIMS, "verify_nbf": True},
+                leeway=5,
+            )
+        except jwt.InvalidTokenError as exc:
+            raise InvalidToken(_reason(exc)) from None
+        return Principal(subject=str(claims["sub"]), token=token, claims=claims)
+
+
+def _reason(exc: jwt.InvalidTokenError) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "The token has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "The token is not valid yet"
+    if isinstance(exc, jwt.InvalidAudienceError | jwt.InvalidIssuerError):
+        return "The token is not meant for this API"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return "The token lacks a required claim"
+    return "The token signature or format is invalid"
+
+
+VERIFIER = web.AppKey("mesh.jwks_verifier", JwksVerifier)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def auth_middleware(public: Collection[tuple[str, str]] = ()):  # type: ignore[no-untyped-def]
+    """Require a valid access token on every route but health, docs and ``public``.
+
+    ``public`` holds (method, route name) pairs, so that the list survives
+    path changes and is checked against the resolved route, not a prefix.
+    """
+    open_routes = {"health", "health.live", "openapi"}
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_name = request.match_info.route.name
+        if route_name in open_routes or (request.method, route_name) in public:
+            return await handler(request)
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        request[PRINCIPAL] = await request.app[VERIFIER].verify(token)
+        return await handler(request)
+
+    return authenticate
+
+
+def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service"):  # type: ignore[no-untyped-def]
+    """A cleanup context with a verifier that fetches the JWKS through Consul.
+
+    Needs ``watch_services_ctx(service)`` and ``http_session_ctx`` before it.
+    The first fetch happens on the first token, not at start-up, so that a
+    service can start while the user-service is still coming up.
+    """
+    @asynccontextmanager
+    async def open_verifier(app: web.Application) -> AsyncIterator[None]:
+        client = app[SERVICE_CLIENT]
+
+        async def fetch() -> dict[str, Any]:
+            return await client.get_json(service, "/.well-known/jwks.json")  # type: ignore[no-any-return]
+
+        app[VERIFIER] = JwksVerifier(fetch, issuer=issuer, audience=audience)
+        yield
+
+    return open_verifier

@@ -1,0 +1,81 @@
+"""PostgreSQL through aiopg, and versioned SQL migrations applied at start-up.
+
+Migrations are plain ``NNNN_name.sql`` files applied in order, each in its own
+transaction, under an advisory lock so that instances starting together do
+not race. Applied versions are kept in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiopg
+import structlog
+from aiohttp import web
+
+from .health import add_health_check
+
+DB = web.AppKey("mesh.db", aiopg.Pool)
+log = structlog.get_logger()
+
+_LOCK_ID = 0x70D0_3E54  # any constant: one migrator per database at a time
+
+
+def _migrations(directory: Path) -> list[tuple[str, str]]:
+    return [(p.stem, p.read_text()) for p in sorted(directory.glob("*.sql"))]
+
+
+async def migrate(pool: aiopg.Pool, directory: Path) -> list[str]:
+    applied_now: list[str] = []
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+        try:
+            await cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            await cur.execute("SELECT version, checksum FROM schema_migrations")
+            applied = dict(await cur.fetchall())
+            for version, sql in _migrations(directory):
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if version in applied:
+                    if applied[version] != checksum:
+                        raise RuntimeError(f"migration {version} was changed after it was applied")
+                    continue
+                await cur.execute("BEGIN")
+                try:
+                    await cur.execute(sql)
+                    await cur.execute(
+                        "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)", (version, checksum)
+                    )
+                    await cur.execute("COMMIT")
+                except BaseException:
+                    await cur.execute("ROLLBACK")
+                    raise
+                applied_now.append(version)
+        finally:
+            await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+    if applied_now:
+        log.info("migrations_applied", versions=applied_now)
+    return applied_now
+
+
+def database_ctx(dsn: str, migrations: Path, *, maxsize: int = 10):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def open_database(app: web.Application) -> AsyncIterator[None]:
+        async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=10) as pool:
+            await migrate(pool, migrations)
+            app[DB] = pool
+
+            async def ping() -> None:
+                async with pool.acquire() as conn, conn.cursor() as cur:
+                    await cur.execute("SELECT 1")
+
+            add_health_check(app, "postgres", ping)
+            yield
+
+    return open_database

@@ -1,0 +1,143 @@
+"""Healthy instances of a service, kept in memory by a Consul blocking query.
+
+One watch per upstream service long-polls ``/v1/health/service/<name>?passing``
+with ``index`` and ``wait``. Consul answers as soon as the healthy set
+changes, so a request never waits for Consul: it reads ``instances``. When
+Consul is unreachable the last known set is kept and the watch retries with
+backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import consul.aio
+import structlog
+from aiohttp import web
+
+from .consul import CONSUL
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    address: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+
+class NoInstances(LookupError):
+    """No healthy instance of a service is known."""
+
+
+class ServiceWatch:
+    def __init__(self, client: consul.aio.Consul, service: str, *, wait: str = "30s") -> None:
+        self.service = service
+        self.instances: tuple[Instance, ...] = ()
+        self.index: str | None = None
+        self._client = client
+        self._wait = wait
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"consul-watch-{self.service}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait for the first answer from Consul, within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Instance:
+        """A healthy instance chosen uniformly at random, avoiding ``exclude``."""
+        candidates = [i for i in self.instances if i.id not in exclude]
+        if not candidates:
+            raise NoInstances(self.service)
+        return random.choice(candidates)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                index, entries = await self._client.health.service(
+                    self.service, passing=True, index=self.index, wait=self._wait
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Keep serving from the last known set; Consul may be restarting.
+                log.warning(
+                    "consul_watch_failed",
+                    service=self.service,
+                    error=type(exc).__name__,
+                    known=len(self.instances),
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            if index == self.index and self._ready.is_set():
+                continue  # the wait timed out with no change
+            self._update(index, entries)
+
+    def _update(self, index: str, entries: list[dict]) -> None:  # type: ignore[type-arg]
+        instances = tuple(
+            sorted(
+                (
+                    Instance(
+                        id=e["Service"]["ID"],
+                        address=e["Service"]["Address"] or e["Node"]["Address"],
+                        port=e["Service"]["Port"],
+                    )
+                    for e in entries
+                ),
+                key=lambda i: i.id,
+            )
+        )
+        # Consul may reset the index (a restart); start over rather than block forever.
+        if self.index is not None and index is not None and int(index) < int(self.index):
+            index = "0"
+        if instances != self.instances:
+            log.info("instances_changed", service=self.service, instances=[i.id for i in instances])
+        self.instances = instances
+        self.index = index
+        self._ready.set()
+
+
+WATCHES = web.AppKey("mesh.watches", dict[str, ServiceWatch])
+
+
+def watch_services_ctx(*services: str):  # type: ignore[no-untyped-def]
+    """A cleanup context that keeps one watch per upstream service."""
+
+    @asynccontextmanager
+    async def watch_services(app: web.Application) -> AsyncIterator[None]:
+        watches = {name: ServiceWatch(app[CONSUL], name) for name in services}
+        app[WATCHES] = watches
+        for watch in watches.values():
+            watch.start()
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(w.stop() for w in watches.values()))
+
+    return watch_services

@@ -1,0 +1,47 @@
+"""The envelope every domain event travels in.
+
+Contracts are written down in docs/asyncapi.yaml. ``type`` doubles as the
+AMQP routing key (``todo.completed``); ``version`` lets consumers refuse
+shapes they do not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+EVENTS_EXCHANGE = "todo-mesh.events"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    user_id: str
+    data: dict[str, Any]
+    correlation_id: str
+    version: int = 1
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    occurred_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Event:
+        """Parse an envelope; raises ``ValueError`` on anything malformed."""
+        try:
+            body = json.loads(raw)
+            return cls(
+                type=str(body["type"]),
+                user_id=str(body["user_id"]),
+                data=dict(body["data"]),
+                correlation_id=str(body["correlation_id"]),
+                version=int(body["version"]),
+                id=str(uuid.UUID(str(body["id"]))),
+                occurred_at=str(body["occurred_at"]),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"malformed event: {type(exc).__name__}") from None

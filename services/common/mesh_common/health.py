@@ -1,0 +1,60 @@
+"""``/health``: readiness with its dependencies, and ``/health/live``.
+
+Consul's HTTP check calls ``/health``, so an instance whose database is gone
+turns critical and leaves every healthy set. ``/health/live`` only says the
+process answers, for an orchestrator that restarts what hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .settings import ServiceSettings
+
+Check = Callable[[], Awaitable[object]]
+SERVICE = web.AppKey("mesh.service", ServiceSettings)
+HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, Check])
+CHECK_TIMEOUT = 2.0
+
+
+def add_health_check(app: web.Application, name: str, check: Check) -> None:
+    app[HEALTH_CHECKS][name] = check
+
+
+async def _run(check: Check) -> str:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await check()
+    except Exception as exc:  # a failed dependency is a report, not an error
+        return f"failing: {type(exc).__name__}"
+    return "ok"
+
+
+async def health(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    checks = request.app[HEALTH_CHECKS]
+    results = dict(zip(checks, await asyncio.gather(*(_run(c) for c in checks.values())), strict=True))
+    ok = all(r == "ok" for r in results.values())
+    body = {
+        "status": "ok" if ok else "degraded",
+        "service": service.name,
+        "version": service.version,
+        "instance": service.instance_id,
+        "checks": results,
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({"status": "ok", "service": service.name, "version": service.version})
+
+
+def setup_health(app: web.Application, service: ServiceSettings) -> None:
+    app[SERVICE] = service
+    app[HEALTH_CHECKS] = {}
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/health/live", live, name="health.live")

@@ -1,0 +1,107 @@
+"""Calls from one service to another: discovered, bounded, and retried if safe.
+
+``ServiceClient.get_json`` resolves the target through its Consul watch,
+skips instances whose breaker is open, retries a GET once on another
+instance with jittered backoff, and never runs past its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import backoff
+from aiohttp import web
+
+from .discovery import WATCHES, NoInstances
+from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
+
+HTTP_SESSION = web.AppKey("mesh.http_session", aiohttp.ClientSession)
+
+
+class UpstreamStatusError(Exception):
+    """The upstream answered with a 4xx: the caller's problem, not a failure."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+class ServiceClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        watches: Mapping[str, Any],
+        *,
+        breakers: BreakerBoard | None = None,
+        budget: RetryBudget | None = None,
+        deadline: float = 2.0,
+        attempts: int = 2,
+    ) -> None:
+        self._session = session
+        self._watches = watches
+        self.breakers = breakers or BreakerBoard()
+        self._budget = budget or RetryBudget()
+        self._deadline = deadline
+        self._attempts = attempts
+
+    async def get_json(self, service: str, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
+        """GET ``path`` on a healthy instance of ``service``.
+
+        Raises ``NoInstances`` (including ``AllBreakersOpen``), ``UpstreamFailure``,
+        ``TimeoutError`` or ``UpstreamStatusError``.
+        """
+        watch = self._watches[service]
+        tried: set[str] = set()
+        self._budget.record_request()
+
+        def giveup(exc: Exception) -> bool:
+            return not self._budget.try_spend()
+
+        @backoff.on_exception(
+            backoff.expo, UpstreamFailure, max_tries=self._attempts, base=0.02, jitter=backoff.full_jitter,
+            giveup=giveup,
+        )
+        async def attempt() -> Any:
+            instance = self.breakers.pick(watch, frozenset(tried))
+            tried.add(instance.id)
+            with self.breakers.breaker(instance.id):
+                try:
+                    async with self._session.get(instance.base_url + path, headers=headers) as resp:
+                        if resp.status >= 500:
+                            raise UpstreamFailure(f"{instance.id} answered {resp.status}")
+                        body = await resp.json(content_type=None)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise UpstreamFailure(f"{instance.id}: {type(exc).__name__}") from exc
+            if resp.status >= 400:
+                raise UpstreamStatusError(resp.status, body)
+            return body
+
+        async with asyncio.timeout(self._deadline):
+            return await attempt()
+
+
+SERVICE_CLIENT = web.AppKey("mesh.service_client", ServiceClient)
+
+
+def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100):  # type: ignore[no-untyped-def]
+    """One ClientSession per app, with keep-alive, and a client for services."""
+
+    @asynccontextmanager
+    async def open_http_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=10, connect=1)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            app[HTTP_SESSION] = session
+            if WATCHES in app:
+                app[SERVICE_CLIENT] = ServiceClient(session, app[WATCHES])
+            yield
+
+    return open_http_session
+
+
+__all__ = ["HTTP_SESSION", "SERVICE_CLIENT", "NoInstances", "ServiceClient", "UpstreamStatusError", "http_session_ctx"]

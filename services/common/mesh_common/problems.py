@@ -1,0 +1,110 @@
+"""RFC 9457 problem details: one exception type, one middleware.
+
+Every error a client sees is ``application/problem+json`` with a stable
+UPPER_SNAKE ``code``. Unexpected exceptions become a 500 that never leaks
+``str(exc)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+PROBLEM_JSON = "application/problem+json"
+log = structlog.get_logger()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Problem(Exception):
+    """An error with a status, a stable code and a human-readable detail."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+    title = "Internal server error"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": f"https://todo-mesh.dev/problems/{self.code.lower().replace('_', '-')}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            **self.extra,
+        }
+
+
+def problem(status: int, code: str, title: str) -> type[Problem]:
+    """Declare a Problem subclass in one line: ``TodoNotFound = problem(404, ...)``."""
+    return type(code.title().replace("_", ""), (Problem,), {"status": status, "code": code, "title": title})
+
+
+NotFound = problem(404, "NOT_FOUND", "Not found")
+MethodNotAllowed = problem(405, "METHOD_NOT_ALLOWED", "Method not allowed")
+Unauthorized = problem(401, "UNAUTHORIZED", "Authentication required")
+Forbidden = problem(403, "FORBIDDEN", "Forbidden")
+Conflict = problem(409, "CONFLICT", "Conflict")
+PayloadTooLarge = problem(413, "PAYLOAD_TOO_LARGE", "Request body too large")
+UnsupportedMediaType = problem(415, "UNSUPPORTED_MEDIA_TYPE", "Expected application/json")
+ValidationFailed = problem(422, "VALIDATION_FAILED", "The request body is invalid")
+PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has changed")
+TooManyRequests = problem(429, "RATE_LIMITED", "Too many requests")
+ServiceUnavailable = problem(503, "SERVICE_UNAVAILABLE", "Service unavailable")
+
+
+def problem_response(exc: Problem) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.body()).encode(),
+        content_type=PROBLEM_JSON,
+        headers=exc.headers,
+    )
+
+
+_HTTP_TO_PROBLEM: dict[int, type[Problem]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as exc:
+        return problem_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_TO_PROBLEM.get(exc.status)
+        if kind is None:
+            kind = problem(exc.status, f"HTTP_{exc.status}", exc.reason)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem_response(kind(headers=allow))
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        return problem_response(Problem())
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 415/422 problem."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType()
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValidationFailed("The body is not valid JSON", errors=[]) from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("The body must be a JSON object", errors=[])
+    return body

@@ -1,0 +1,28 @@
+"""One Redis client (with its connection pool) per app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from .health import add_health_check
+
+REDIS = web.AppKey("mesh.redis", aioredis.Redis)
+
+
+def redis_ctx(url: str, *, health: bool = True):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def open_redis(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        app[REDIS] = client
+        if health:
+            add_health_check(app, "redis", client.ping)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    return open_redis

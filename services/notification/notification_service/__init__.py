@@ -1,0 +1,3 @@
+"""The todo-mesh notification service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""todo-service settings, read from the environment by ``__main__`` only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from mesh_common.settings import ServiceSettings, env_str
+
+from . import __version__
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    service: ServiceSettings
+    database_url: str
+    amqp_url: str
+    jwt_issuer: str
+    jwt_audience: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        return cls(
+            service=ServiceSettings.from_env(env, name="todo-service", version=__version__),
+            database_url=env_str(env, "DATABASE_URL"),
+            amqp_url=env_str(env, "AMQP_URL"),
+            jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
+            jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+        )
+
+    def with_port(self, port: int) -> Settings:
+        return replace(self, service=self.service.with_port(port))

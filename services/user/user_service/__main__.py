@@ -1,0 +1,21 @@
+"""``python -m user_service``: the only place that reads the environment."""
+
+import os
+
+from mesh_common.logs import configure_logging
+from mesh_common.serve import bind_socket, run
+
+from .app import create_app
+from .settings import Settings
+
+
+def main() -> None:
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.service.log_format)
+    sock = bind_socket(settings.service.host, settings.service.port)
+    settings = settings.with_port(sock.getsockname()[1])
+    run(create_app(settings), sock)
+
+
+if __name__ == "__main__":
+    main()
