@@ -2,8 +2,7 @@
 
 ``enqueue`` inserts into ``outbox`` on the caller's cursor, inside the
 caller's transaction, so an event exists exactly when its change committed.
-The relay (``outbox_relay_ctx``) publishes rows with publisher confirms and
-marks them sent; see relay.py.
+The relay (relay.py) publishes rows with publisher confirms and marks them sent.
 
 Every service that publishes includes ``OUTBOX_DDL`` in a migration.
 """
@@ -27,9 +26,17 @@ CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (created_at) WHERE publi
 """
 
 
+NOTIFY_CHANNEL = "outbox"
+
+
 async def enqueue(cur: Any, event: Event) -> None:
-    """Add ``event`` to the outbox in the transaction ``cur`` is in."""
+    """Add ``event`` to the outbox in the transaction ``cur`` is in.
+
+    The NOTIFY is delivered at commit, and never on rollback, so the relay
+    wakes exactly when there is something to publish.
+    """
     await cur.execute(
         "INSERT INTO outbox (id, routing_key, payload, correlation_id) VALUES (%s, %s, %s, %s)",
         (event.id, event.type, event.to_json(), event.correlation_id),
     )
+    await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
