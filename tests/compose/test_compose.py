@@ -270,6 +270,9 @@ def run_checker(binary: Path, compose_file: Path) -> subprocess.CompletedProcess
 # ---------------------------------------------------------------------------
 
 
+# The first test to request compose_check pays for a cold build (module
+# download + compile): allow more than the project-wide per-test timeout.
+@pytest.mark.timeout(CHECKER_BUILD_TIMEOUT + 60)
 def test_compose_file_is_valid(compose_check: Path) -> None:
     proc = run_checker(compose_check, COMPOSE_FILE)
     assert proc.returncode == 0, f"compose.yml rejected:\n{proc.stderr}"
@@ -309,6 +312,7 @@ MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None] | None, str]] = {
 }
 
 
+@pytest.mark.timeout(CHECKER_BUILD_TIMEOUT + 60)
 @pytest.mark.parametrize("case", list(MUTATIONS))
 def test_checker_rejects_invalid_copies(compose_check: Path, tmp_path: Path, case: str) -> None:
     mutate, expected = MUTATIONS[case]
