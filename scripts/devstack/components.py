@@ -216,7 +216,7 @@ def envoy(cfg: StackConfig) -> Proc:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
     binary = _binary("envoy", str(Path(cfg.python).parent / "envoy"))
-    return Proc("envoy", [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn"], env={})
+    return Proc("envoy", [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn", "--file-flush-interval-msec", "1000"], env={})
 
 
 __all__ = ["CONSUL_NAMES"]

@@ -64,7 +64,7 @@ GATEWAY_DEADLINE_S = 10.0
 # aiohttp's keep-alive timeout under web.run_app; Envoy must close idle
 # upstream connections before the gateway does.
 AIOHTTP_KEEPALIVE_S = 75.0
-RETRY_ON = "connect-failure,refused-stream,reset"
+RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 ENVOY_TIMEOUT_S = 60
 
 
