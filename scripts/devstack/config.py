@@ -8,6 +8,7 @@ run side by side.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -69,7 +70,7 @@ class StackConfig:
         base = TEST_PORTS if profile == "test" else Ports()
         counts = {"user": 1, "todo": 1, "notification": 1, "gateway": 1}
         for svc in counts:
-            raw = env.get(svc.upper())
+            raw = env.get(f"MESH_{svc.upper()}_INSTANCES")
             if raw:
                 counts[svc] = int(raw)
         run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run" / profile))
@@ -105,8 +106,18 @@ class StackConfig:
         # Consul's DNS A records are all Envoy needs.
         return f"127.0.0.{n + 2}"
 
+    def service_secret(self) -> str:
+        """The notification-service's client secret at the user-service, made once per stack."""
+        path = self.run_dir / "service-client-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def service_env(self, service: str) -> dict[str, str]:
         """The environment a service instance gets: the same names as in compose.yml."""
+        secret = self.service_secret()
         env = {
             "SERVICE_HOST": "127.0.0.1",
             "SERVICE_PORT": "0",
@@ -119,6 +130,8 @@ class StackConfig:
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.ports.smtp),
             "MAIL_FROM": "todo-mesh <no-reply@todo-mesh.local>",
+            "SERVICE_CLIENTS": f"notification-service:{secret}",
+            "SERVICE_CLIENT_SECRET": secret,
         }
         if service in SERVICES:
             env["DATABASE_URL"] = self.database_url(service)

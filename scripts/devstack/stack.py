@@ -118,3 +118,17 @@ def urls(cfg: StackConfig) -> Iterable[tuple[str, str]]:
     yield "Mail sink API", cfg.mail_api_url + "/api/v1/messages"
     yield "Envoy admin", f"http://127.0.0.1:{cfg.ports.envoy_admin}/"
     yield "Logs", str(cfg.run_dir / "logs")
+
+
+def registered_id(cfg: StackConfig, process: str) -> str | None:
+    """The Consul service ID a process registered, read from its log."""
+    from .procs import log_path
+
+    try:
+        lines = log_path(cfg.run_dir, process).read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if '"consul_registered"' in line:
+            return str(json.loads(line)["service_id"])
+    return None

@@ -5,28 +5,104 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from mesh_common.settings import ServiceSettings, env_str
+from mesh_common.settings import ServiceSettings, SettingsError, env_float, env_int, env_str
 
 from . import __version__
+
+# OWASP's minimum for argon2id (Password Storage Cheat Sheet): 19 MiB, two
+# passes, one lane. Settings may raise these, never lower them.
+ARGON2_MIN_TIME_COST = 2
+ARGON2_MIN_MEMORY_KIB = 19456
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordPolicy:
+    time_cost: int = ARGON2_MIN_TIME_COST
+    memory_cost_kib: int = ARGON2_MIN_MEMORY_KIB
+    parallelism: int = 1
+    workers: int = 1  # threads hashing in parallel; the event loop keeps a core to itself
+
+    def __post_init__(self) -> None:
+        if self.time_cost < ARGON2_MIN_TIME_COST or self.memory_cost_kib < ARGON2_MIN_MEMORY_KIB:
+            raise SettingsError("argon2id parameters below the OWASP minimum (t=2, m=19456 KiB) are refused")
+        if self.workers < 1 or self.parallelism < 1:
+            raise SettingsError("ARGON2_WORKERS and ARGON2_PARALLELISM must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    issuer: str = "todo-mesh"
+    audience: str = "todo-mesh-api"
+    access_ttl: int = 600
+    refresh_ttl: int = 14 * 24 * 3600
+    service_ttl: int = 300
+    # How often an instance re-reads the signing keys, so that a rotation
+    # made by another instance (or the CLI) reaches it.
+    key_refresh_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottlePolicy:
+    max_failures: int = 10
+    window_seconds: int = 60
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     service: ServiceSettings
     database_url: str
+    redis_url: str
     amqp_url: str
-    jwt_issuer: str
-    jwt_audience: str
+    tokens: TokenPolicy = TokenPolicy()
+    passwords: PasswordPolicy = PasswordPolicy()
+    throttle: ThrottlePolicy = ThrottlePolicy()
+    # name -> secret of the services allowed the client-credentials grant.
+    service_clients: tuple[tuple[str, str], ...] = ()
+    # Every Redis key this service writes starts with this, so tests (and a
+    # shared Redis) can tell its keys apart.
+    redis_prefix: str = "user-service:"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         return cls(
             service=ServiceSettings.from_env(env, name="user-service", version=__version__),
             database_url=env_str(env, "DATABASE_URL"),
+            redis_url=env_str(env, "REDIS_URL"),
             amqp_url=env_str(env, "AMQP_URL"),
-            jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
-            jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+            tokens=TokenPolicy(
+                issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
+                audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+                access_ttl=env_int(env, "ACCESS_TOKEN_TTL", 600),
+                refresh_ttl=env_int(env, "REFRESH_TOKEN_TTL", 14 * 24 * 3600),
+                service_ttl=env_int(env, "SERVICE_TOKEN_TTL", 300),
+                key_refresh_interval=env_float(env, "SIGNING_KEY_REFRESH_SECONDS", 30.0),
+            ),
+            passwords=PasswordPolicy(
+                time_cost=env_int(env, "ARGON2_TIME_COST", ARGON2_MIN_TIME_COST),
+                memory_cost_kib=env_int(env, "ARGON2_MEMORY_KIB", ARGON2_MIN_MEMORY_KIB),
+                parallelism=env_int(env, "ARGON2_PARALLELISM", 1),
+                workers=env_int(env, "ARGON2_WORKERS", 1),
+            ),
+            throttle=ThrottlePolicy(
+                max_failures=env_int(env, "LOGIN_MAX_FAILURES", 10),
+                window_seconds=env_int(env, "LOGIN_WINDOW_SECONDS", 60),
+            ),
+            service_clients=parse_service_clients(env.get("SERVICE_CLIENTS", "")),
+            redis_prefix=env_str(env, "REDIS_PREFIX", "user-service:"),
         )
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
+
+
+def parse_service_clients(raw: str) -> tuple[tuple[str, str], ...]:
+    """``name:secret,name2:secret2`` -> ((name, secret), ...)."""
+    clients = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, secret = entry.partition(":")
+        if not sep or not name or not secret:
+            raise SettingsError("SERVICE_CLIENTS must look like name:secret,name2:secret2")
+        if len(secret) < 16:
+            raise SettingsError(f"SERVICE_CLIENTS: the secret of {name!r} is shorter than 16 characters")
+        clients.append((name, secret))
+    return tuple(clients)
