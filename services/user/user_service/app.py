@@ -6,22 +6,44 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mesh_common.amqp import amqp_ctx
 from mesh_common.app import service_app
+from mesh_common.auth import JwksVerifier, auth_middleware
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
+from mesh_common.redis_client import redis_ctx
+from mesh_common.relay import outbox_relay_ctx
 
+from .contexts import open_login_throttle, open_passwords, signing_keys_ctx
+from .keys import SETTINGS
+from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings.service)
+def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, register: bool = True) -> web.Application:
+    """The user-service app.
+
+    ``verifier`` replaces the one reading our own key table (tests of token
+    handling elsewhere use it); ``register=False`` keeps an instance out of
+    Consul, for tests serving it on a port nothing else should find.
+    """
+    app = service_app(settings.service, middlewares=[auth_middleware(public=PUBLIC_ROUTES)])
+    app[SETTINGS] = settings
+    setup_routes(app)
     app.cleanup_ctx.extend(
         [
             database_ctx(settings.database_url, MIGRATIONS),
-            consul_ctx(settings.service.consul_url),
-            registration_ctx(),
+            redis_ctx(settings.redis_url),
+            open_login_throttle,
+            amqp_ctx(settings.amqp_url),
+            outbox_relay_ctx(),
+            open_passwords,
+            signing_keys_ctx(verifier),
         ]
     )
+    if register:
+        # Last: an instance joins the healthy set only once it can serve.
+        app.cleanup_ctx.extend([consul_ctx(settings.service.consul_url), registration_ctx()])
     return app

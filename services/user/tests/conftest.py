@@ -1,0 +1,101 @@
+"""Fixtures for the user-service suite: the real PostgreSQL, Redis and RabbitMQ.
+
+Each test starts from empty tables and its own Redis key prefix, and talks
+to an app served by aiohttp's test server, kept out of Consul.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiopg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from mesh_common.db import migrate
+from mesh_common.settings import ServiceSettings
+from user_service.app import MIGRATIONS, create_app
+from user_service.settings import Settings
+
+SERVICE_SECRET = "notification-secret-0123456789"
+PASSWORD = "a long and unusual passphrase"
+Client = TestClient  # type: ignore[type-arg]
+
+
+@pytest.fixture
+async def settings(infra: Any) -> Settings:
+    return Settings(
+        service=ServiceSettings(
+            name="user-service",
+            version="test",
+            host="127.0.0.1",
+            port=0,
+            advertise_address="127.0.0.1",
+            consul_url=infra.consul_url,
+            log_format="console",
+        ),
+        database_url=infra.database_url("user"),
+        redis_url=infra.redis_url,
+        amqp_url=infra.amqp_url,
+        service_clients=(("notification-service", SERVICE_SECRET),),
+        redis_prefix=f"test-user-service-{uuid.uuid4().hex[:8]}:",
+    )
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[aiopg.Pool]:
+    """A pool on the users database, emptied before the test."""
+    async with aiopg.create_pool(settings.database_url, minsize=1, maxsize=2) as pool:
+        await migrate(pool, MIGRATIONS)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("TRUNCATE users, refresh_tokens, signing_keys, outbox")
+        yield pool
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(settings.redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{settings.redis_prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis) -> Client:
+    return await aiohttp_client(create_app(settings, register=False))
+
+
+Register = Callable[..., Awaitable[dict[str, Any]]]
+Login = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+def register(client: Client) -> Register:
+    async def register(username: str = "ada", email: str | None = None, password: str = PASSWORD) -> dict[str, Any]:
+        body = {"username": username, "email": email or f"{username}@example.com", "password": password}
+        response = await client.post("/users", json=body)
+        assert response.status == 201, await response.text()
+        return await response.json()  # type: ignore[no-any-return]
+
+    return register
+
+
+@pytest.fixture
+def login(client: Client) -> Login:
+    async def login(username: str = "ada", password: str = PASSWORD) -> dict[str, Any]:
+        response = await client.post("/auth/login", json={"username": username, "password": password})
+        assert response.status == 200, await response.text()
+        return await response.json()  # type: ignore[no-any-return]
+
+    return login
+
+
+@pytest.fixture
+def auth() -> Callable[[str], dict[str, str]]:
+    """``auth(token)``: the Authorization header for a bearer token."""
+    return lambda token: {"Authorization": f"Bearer {token}"}

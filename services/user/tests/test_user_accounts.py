@@ -1,0 +1,151 @@
+"""Registration and profiles, through the HTTP API against real PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiopg
+import pytest
+
+from user_service.openapi import document
+
+PASSWORD = "a long and unusual passphrase"
+
+
+async def test_registration_returns_the_public_profile(client: Any) -> None:
+    response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": PASSWORD})
+    assert response.status == 201
+    body = await response.json()
+    assert set(body) == {"id", "username", "email", "display_name", "created_at"}
+    assert (body["username"], body["email"], body["display_name"]) == ("ada", "ada@example.com", "ada")
+
+
+async def test_passwords_are_stored_as_argon2id_hashes(register: Any, db: aiopg.Pool) -> None:
+    user = await register()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (stored,) = await cur.fetchone()
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert PASSWORD not in stored
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"username": "a", "email": "a@example.com", "password": PASSWORD}, "username"),
+        ({"username": "ada@home", "email": "a@example.com", "password": PASSWORD}, "username"),
+        ({"username": "ada", "email": "not-an-email", "password": PASSWORD}, "email"),
+        ({"username": "ada", "email": "ada@example.com", "password": "short"}, "password"),
+        ({"username": "ada", "email": "ada@example.com", "password": "x" * 129}, "password"),
+        ({"username": "ada", "email": "ada@example.com", "password": "password123"}, "password"),
+        ({"username": "ada", "email": "ada@example.com", "password": "Iloveyou1"}, "password"),
+        ({"username": "ada_lovelace", "email": "ada@example.com", "password": "Ada_Lovelace"}, "password"),
+        ({"username": "ada", "email": "ada@example.com"}, "password"),
+        ({"username": "ada", "email": "ada@example.com", "password": PASSWORD, "is_admin": True}, "is_admin"),
+        ({"username": 7, "email": "ada@example.com", "password": PASSWORD}, "username"),
+    ],
+)
+async def test_invalid_registrations_name_the_field(client: Any, body: dict[str, Any], field: str) -> None:
+    response = await client.post("/users", json=body)
+    assert response.status == 422
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["code"] == "VALIDATION_FAILED"
+    assert field in {error["field"] for error in problem["errors"]}
+
+
+async def test_usernames_and_emails_are_unique_whatever_their_case(client: Any, register: Any) -> None:
+    await register("ada", "ada@example.com")
+    for username, email in [("ADA", "other@example.com"), ("grace", "Ada@Example.COM")]:
+        response = await client.post("/users", json={"username": username, "email": email, "password": PASSWORD})
+        assert response.status == 409
+        assert (await response.json())["code"] == "ACCOUNT_EXISTS"
+
+
+async def test_an_oversized_body_is_refused_with_413(client: Any) -> None:
+    body = {"username": "ada", "email": "ada@example.com", "password": PASSWORD, "display_name": "x" * 70_000}
+    response = await client.post("/users", json=body)
+    assert response.status == 413
+    assert (await response.json())["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_me_needs_a_token(client: Any) -> None:
+    response = await client.get("/users/me")
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_me_returns_the_callers_profile(client: Any, register: Any, login: Any, auth: Any) -> None:
+    user = await register()
+    tokens = await login()
+    response = await client.get("/users/me", headers=auth(tokens["access_token"]))
+    assert response.status == 200
+    assert await response.json() == user
+
+
+async def test_patch_me_changes_display_name_and_email(client: Any, register: Any, login: Any, auth: Any) -> None:
+    await register()
+    headers = auth((await login())["access_token"])
+    response = await client.patch(
+        "/users/me", json={"display_name": "  Ada Lovelace ", "email": "ada@lovelace.org"}, headers=headers
+    )
+    assert response.status == 200
+    changed = await response.json()
+    assert (changed["display_name"], changed["email"]) == ("Ada Lovelace", "ada@lovelace.org")
+    assert await (await client.get("/users/me", headers=headers)).json() == changed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"username": "root"}, {"password": "another long passphrase"}, {"display_name": ""}, {}, {"email": 1}],
+)
+async def test_patch_me_refuses_unknown_or_invalid_fields(
+    client: Any, register: Any, login: Any, auth: Any, body: dict[str, Any]
+) -> None:
+    await register()
+    response = await client.patch("/users/me", json=body, headers=auth((await login())["access_token"]))
+    assert response.status == 422
+    assert (await response.json())["code"] == "VALIDATION_FAILED"
+
+
+async def test_patch_me_to_a_taken_email_is_a_conflict(client: Any, register: Any, login: Any, auth: Any) -> None:
+    await register("ada")
+    await register("grace")
+    response = await client.patch(
+        "/users/me", json={"email": "GRACE@example.com"}, headers=auth((await login("ada"))["access_token"])
+    )
+    assert response.status == 409
+    assert (await response.json())["code"] == "ACCOUNT_EXISTS"
+
+
+async def test_a_user_may_read_their_own_profile_by_id_but_no_other(
+    client: Any, register: Any, login: Any, auth: Any
+) -> None:
+    ada = await register("ada")
+    grace = await register("grace")
+    headers = auth((await login("ada"))["access_token"])
+    own = await client.get(f"/users/{ada['id']}", headers=headers)
+    assert own.status == 200
+    assert await own.json() == ada
+    other = await client.get(f"/users/{grace['id']}", headers=headers)
+    assert other.status == 403
+
+
+async def test_profiles_never_contain_the_password_hash(client: Any, register: Any, login: Any, auth: Any) -> None:
+    ada = await register()
+    headers = auth((await login())["access_token"])
+    for path in ("/users/me", f"/users/{ada['id']}"):
+        text = await (await client.get(path, headers=headers)).text()
+        assert "argon2" not in text
+        assert "password" not in text
+
+
+async def test_openapi_describes_every_route(client: Any) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    served = await response.json()
+    assert served["openapi"] == "3.1.0"
+    assert served == document()
+    operations = {operation["operationId"] for path in served["paths"].values() for operation in path.values()}
+    named_routes = {route.name for route in client.app.router.routes() if route.name}
+    assert named_routes - {"health", "health.live"} == operations

@@ -1,0 +1,72 @@
+"""user.registered leaves through the outbox and reaches RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractQueue
+
+from mesh_common.events import EVENTS_EXCHANGE, Event
+from mesh_common.outbox import OUTBOX_DDL
+from user_service.app import MIGRATIONS
+
+PASSWORD = "a long and unusual passphrase"
+
+
+@pytest.fixture
+async def registrations(settings: Any) -> AsyncIterator[AbstractQueue]:
+    """A private queue that receives every user.registered."""
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(f"test-user-registered-{uuid.uuid4().hex[:8]}", exclusive=True)
+        await queue.bind(exchange, routing_key="user.registered")
+        yield queue
+
+
+async def next_event(queue: AbstractQueue) -> Event:
+    async with asyncio.timeout(5.0):
+        while True:
+            message = await queue.get(fail=False)
+            if message is not None:
+                await message.ack()
+                return Event.from_json(message.body)
+            await asyncio.sleep(0.05)
+
+
+async def test_registration_publishes_user_registered_with_the_request_id(
+    client: Any, registrations: AbstractQueue
+) -> None:
+    body = {"username": "ada", "email": "ada@example.com", "password": PASSWORD, "display_name": "Ada"}
+    response = await client.post("/users", json=body, headers={"X-Request-ID": "req-register-ada"})
+    user = await response.json()
+
+    event = await next_event(registrations)
+    assert event.type == "user.registered"
+    assert event.correlation_id == "req-register-ada"
+    assert event.user_id == user["id"]
+    assert event.data == {"user_id": user["id"], "username": "ada", "email": "ada@example.com", "display_name": "Ada"}
+
+
+async def test_a_refused_registration_publishes_nothing(
+    client: Any, register: Any, registrations: AbstractQueue
+) -> None:
+    await register("ada")
+    first = await next_event(registrations)
+    duplicate = await client.post("/users", json={"username": "ADA", "email": "x@example.com", "password": PASSWORD})
+    assert duplicate.status == 409
+    await register("grace")
+    # Events arrive in order: the next one is grace's, nothing came in between.
+    assert (await next_event(registrations)).data["username"] == "grace"
+    assert first.data["username"] == "ada"
+
+
+def test_the_outbox_migration_is_mesh_commons_ddl() -> None:
+    migration = (MIGRATIONS / "0004_outbox.sql").read_text()
+    assert OUTBOX_DDL.strip() in migration

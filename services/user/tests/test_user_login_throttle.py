@@ -1,0 +1,57 @@
+"""Failed logins are throttled per account name, across instances, through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from user_service.app import create_app
+
+PASSWORD = "a long and unusual passphrase"
+
+
+async def attempt(client: Any, username: str, password: str) -> Any:
+    return await client.post("/auth/login", json={"username": username, "password": password})
+
+
+async def test_ten_failures_lock_the_account_on_every_instance_and_no_other(
+    aiohttp_client: Any, settings: Any, client: Any, register: Any
+) -> None:
+    other_instance = await aiohttp_client(create_app(settings, register=False))
+    await register("ada")
+    await register("grace")
+
+    # Spread over both instances: the count lives in Redis, not in a process.
+    failures = [attempt((client, other_instance)[n % 2], "ada", "wrong password!") for n in range(10)]
+    assert [r.status for r in await asyncio.gather(*failures)] == [401] * 10
+
+    for instance in (client, other_instance):
+        locked = await attempt(instance, "ada", PASSWORD)
+        assert locked.status == 429
+        assert (await locked.json())["code"] == "RATE_LIMITED"
+        assert 1 <= int(locked.headers["Retry-After"]) <= 60
+    # Whatever the case the name is typed in.
+    assert (await attempt(other_instance, "ADA", PASSWORD)).status == 429
+    assert (await attempt(client, "grace", PASSWORD)).status == 200
+
+
+async def test_concurrent_guesses_never_check_more_than_ten_passwords(client: Any, register: Any) -> None:
+    await register("ada")
+    statuses = [r.status for r in await asyncio.gather(*(attempt(client, "ada", f"guess {n:04}") for n in range(30)))]
+    assert statuses.count(401) == 10
+    assert statuses.count(429) == 20
+
+
+async def test_successful_logins_do_not_count(client: Any, register: Any) -> None:
+    await register("ada")
+    for _ in range(9):
+        assert (await attempt(client, "ada", "wrong password!")).status == 401
+    for _ in range(3):
+        assert (await attempt(client, "ada", PASSWORD)).status == 200
+    assert (await attempt(client, "ada", "wrong password!")).status == 401
+    assert (await attempt(client, "ada", PASSWORD)).status == 429
+
+
+async def test_unknown_names_are_throttled_like_real_ones(client: Any) -> None:
+    statuses = [(await attempt(client, "nobody", "wrong password!")).status for _ in range(11)]
+    assert statuses == [401] * 10 + [429]

@@ -1,0 +1,183 @@
+"""Logging in, refreshing, logging out, service tokens and signing keys."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiopg
+import jwt
+from argon2 import PasswordHasher
+
+from mesh_common.auth import VERIFIER
+from user_service.app import create_app
+from user_service.signing_keys import retire_keys, rotate_keys
+
+PASSWORD = "a long and unusual passphrase"
+SERVICE_SECRET = "notification-secret-0123456789"
+
+
+async def test_login_accepts_the_username_or_the_email_in_any_case(register: Any, login: Any) -> None:
+    await register("ada", "ada@example.com")
+    for name in ("ada", "ADA", "Ada@Example.com"):
+        assert (await login(name))["token_type"] == "Bearer"
+
+
+async def test_access_tokens_are_short_lived_eddsa_jwts(client: Any, register: Any, login: Any) -> None:
+    user = await register()
+    tokens = await login()
+    header = jwt.get_unverified_header(tokens["access_token"])
+    claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
+    jwks = await (await client.get("/.well-known/jwks.json")).json()
+    assert header["alg"] == "EdDSA" and header["typ"] == "at+jwt"
+    assert header["kid"] in {key["kid"] for key in jwks["keys"]}
+    assert {"iss", "aud", "exp", "iat", "nbf", "sub", "jti"} <= claims.keys()
+    assert claims["sub"] == user["id"]
+    assert claims["exp"] - claims["iat"] == tokens["expires_in"] <= 15 * 60
+    assert "." not in tokens["refresh_token"]  # opaque, not a JWT
+
+
+async def test_the_jwks_publishes_only_public_ed25519_keys(client: Any) -> None:
+    jwks = await (await client.get("/.well-known/jwks.json")).json()
+    (key,) = jwks["keys"]
+    assert {key["kty"], key["crv"], key["alg"], key["use"]} == {"OKP", "Ed25519", "EdDSA", "sig"}
+    assert "d" not in key
+
+
+async def test_refresh_rotates_the_pair_and_spends_the_old_token(client: Any, register: Any, login: Any) -> None:
+    await register()
+    first = await login()
+    response = await client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert response.status == 200
+    second = await response.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert second["access_token"] != first["access_token"]
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(client: Any, register: Any, login: Any) -> None:
+    await register()
+    first = (await login())["refresh_token"]
+    second = (await (await client.post("/auth/refresh", json={"refresh_token": first})).json())["refresh_token"]
+    third = (await (await client.post("/auth/refresh", json={"refresh_token": second})).json())["refresh_token"]
+
+    reuse = await client.post("/auth/refresh", json={"refresh_token": first})
+    assert reuse.status == 401
+    assert (await reuse.json())["code"] == "INVALID_REFRESH_TOKEN"
+    # The newest descendant, never used, is revoked with the rest.
+    response = await client.post("/auth/refresh", json={"refresh_token": third})
+    assert response.status == 401
+
+
+async def test_other_sessions_survive_a_revoked_family(client: Any, register: Any, login: Any) -> None:
+    await register()
+    phone, laptop = (await login())["refresh_token"], (await login())["refresh_token"]
+    await client.post("/auth/refresh", json={"refresh_token": phone})
+    await client.post("/auth/refresh", json={"refresh_token": phone})
+    assert (await client.post("/auth/refresh", json={"refresh_token": laptop})).status == 200
+
+
+async def test_logout_revokes_the_family(client: Any, register: Any, login: Any) -> None:
+    await register()
+    first = (await login())["refresh_token"]
+    second = (await (await client.post("/auth/refresh", json={"refresh_token": first})).json())["refresh_token"]
+    response = await client.post("/auth/logout", json={"refresh_token": first})
+    assert response.status == 204
+    assert (await client.post("/auth/refresh", json={"refresh_token": second})).status == 401
+    assert (await client.post("/auth/logout", json={"refresh_token": "never-issued"})).status == 204
+
+
+async def test_an_expired_refresh_token_is_refused(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+    await register()
+    token = (await login())["refresh_token"]
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE refresh_tokens SET expires_at = now() - interval '1 second'")
+    assert (await client.post("/auth/refresh", json={"refresh_token": token})).status == 401
+
+
+async def test_refresh_tokens_are_stored_hashed(register: Any, login: Any, db: aiopg.Pool) -> None:
+    await register()
+    token = (await login())["refresh_token"]
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT token_hash FROM refresh_tokens")
+        (stored,) = await cur.fetchone()
+    assert token.encode() not in bytes(stored)
+    assert len(bytes(stored)) == 32
+
+
+async def test_an_old_hash_is_upgraded_at_login(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+    user = await register()
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (weak, user["id"]))
+        await login()
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (upgraded,) = await cur.fetchone()
+    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    await login()
+
+
+async def test_services_get_a_users_read_token_and_may_read_any_profile(client: Any, register: Any, auth: Any) -> None:
+    ada = await register()
+    response = await client.post(
+        "/auth/service-token", json={"client_id": "notification-service", "client_secret": SERVICE_SECRET}
+    )
+    assert response.status == 200
+    issued = await response.json()
+    claims = jwt.decode(issued["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == "service:notification-service"
+    assert claims["scope"] == issued["scope"] == "users:read"
+    profile = await client.get(f"/users/{ada['id']}", headers=auth(issued["access_token"]))
+    assert profile.status == 200
+    assert await profile.json() == ada
+    unknown = await client.get("/users/00000000-0000-0000-0000-000000000000", headers=auth(issued["access_token"]))
+    assert unknown.status == 404
+    assert (await unknown.json())["code"] == "USER_NOT_FOUND"
+    # A service has no profile of its own.
+    assert (await client.get("/users/me", headers=auth(issued["access_token"]))).status == 401
+
+
+async def test_wrong_client_credentials_are_refused(client: Any) -> None:
+    for body in (
+        {"client_id": "notification-service", "client_secret": "wrong-secret-0123456789"},
+        {"client_id": "stranger", "client_secret": SERVICE_SECRET},
+    ):
+        response = await client.post("/auth/service-token", json=body)
+        assert response.status == 401
+        assert (await response.json())["code"] == "INVALID_CLIENT"
+
+
+async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
+    client: Any, register: Any, login: Any, auth: Any, db: aiopg.Pool
+) -> None:
+    await register()
+    old_token = (await login())["access_token"]
+    old_kid = jwt.get_unverified_header(old_token)["kid"]
+    verifier = client.app[VERIFIER]
+
+    new_kid = await rotate_keys(db)
+    await verifier.refresh(force=True)  # what every instance does each SIGNING_KEY_REFRESH_SECONDS
+    new_token = (await login())["access_token"]
+    assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+    kids = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
+    assert kids == {old_kid, new_kid}
+    assert (await client.get("/users/me", headers=auth(old_token))).status == 200
+
+    assert await retire_keys(db) == [old_kid]
+    await verifier.refresh(force=True)
+    kids = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
+    assert kids == {new_kid}
+    assert (await client.get("/users/me", headers=auth(old_token))).status == 401
+    assert (await client.get("/users/me", headers=auth(new_token))).status == 200
+
+
+async def test_instances_starting_together_agree_on_one_signing_key(
+    aiohttp_client: Any, settings: Any, db: aiopg.Pool, redis: Any
+) -> None:
+    clients = await asyncio.gather(*(aiohttp_client(create_app(settings, register=False)) for _ in range(3)))
+    documents = [await (await c.get("/.well-known/jwks.json")).json() for c in clients]
+    assert len(documents[0]["keys"]) == 1
+    assert all(document == documents[0] for document in documents)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM signing_keys WHERE state = 'active'")
+        assert await cur.fetchone() == (1,)

@@ -1,0 +1,112 @@
+"""Tokens: log in, refresh, log out, service credentials, and the JWKS.
+
+Every refusal here is one body per kind, whatever the reason behind it: an
+unknown user and a wrong password are the same 401, and so are an unknown,
+expired, spent or revoked refresh token. The reason goes to the log only.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import redis.exceptions
+import structlog
+from aiohttp import web
+
+from mesh_common.db import DB
+from mesh_common.problems import ServiceUnavailable, TooManyRequests, read_json_object
+
+from . import refresh_tokens, repository, validation
+from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
+from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
+from .tokens import USERS_READ
+
+log = structlog.get_logger()
+# RFC 6749 section 5.1: responses carrying tokens must not be cached.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _token_pair(request: web.Request, user_id: str, refresh_token: str) -> web.Response:
+    access = request.app[TOKENS].for_user(user_id)
+    body = {
+        "access_token": access.token,
+        "token_type": "Bearer",
+        "expires_in": access.expires_in,
+        "refresh_token": refresh_token,
+    }
+    return web.json_response(body, headers=NO_STORE)
+
+
+async def log_in(request: web.Request) -> web.Response:
+    login, password = validation.credentials(await read_json_object(request))
+    throttle, passwords, pool = request.app[THROTTLE], request.app[PASSWORDS], request.app[DB]
+    try:
+        attempt = await throttle.begin(login)
+    except redis.exceptions.RedisError as exc:
+        # Without the counter we cannot bound guessing: refuse rather than
+        # let logins through unthrottled.
+        log.error("login_throttle_unavailable", error=type(exc).__name__)
+        raise ServiceUnavailable("Logins are unavailable for a moment", headers={"Retry-After": "5"}) from None
+    if not attempt.allowed:
+        raise TooManyRequests(
+            "Too many failed logins for this account; try again later",
+            headers={"Retry-After": str(attempt.retry_after)},
+        )
+    found = await repository.find_credentials(pool, login)
+    # An unknown user still costs one argon2 verify (against a dummy hash),
+    # so that the answer's timing does not tell whether the account exists.
+    matched = await passwords.verify(found[1] if found else None, password)
+    if found is None or not matched:
+        log.info("login_failed", known_account=found is not None)
+        raise InvalidCredentials()
+    user_id, stored_hash = found
+    await throttle.succeeded(attempt)
+    if passwords.needs_rehash(stored_hash):
+        # The password is in hand only now: upgrade a hash made with older,
+        # weaker parameters.
+        await repository.set_password_hash(pool, user_id, await passwords.hash(password))
+        log.info("password_rehashed", user_id=user_id)
+    refresh = await refresh_tokens.start_family(pool, user_id, request.app[SETTINGS].tokens.refresh_ttl)
+    log.info("login_succeeded", user_id=user_id)
+    return _token_pair(request, user_id, refresh)
+
+
+async def refresh_session(request: web.Request) -> web.Response:
+    token = validation.refresh_token(await read_json_object(request))
+    try:
+        rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens.refresh_ttl)
+    except refresh_tokens.RefreshTokenRejected as exc:
+        log.info("refresh_rejected", reason=exc.reason)
+        raise InvalidRefreshToken() from None
+    return _token_pair(request, rotated.user_id, rotated.refresh_token)
+
+
+async def log_out(request: web.Request) -> web.Response:
+    # Idempotent, and silent about tokens it does not know.
+    token = validation.refresh_token(await read_json_object(request))
+    await refresh_tokens.revoke_family(request.app[DB], token)
+    return web.Response(status=204)
+
+
+async def issue_service_token(request: web.Request) -> web.Response:
+    """OAuth 2.0 client credentials for other services (SERVICE_CLIENTS)."""
+    client_id, secret = validation.client_credentials(await read_json_object(request))
+    expected = dict(request.app[SETTINGS].service_clients).get(client_id)
+    # compare_digest takes as long for a wrong secret as for a nearly right
+    # one. An unknown client pays for a comparison too.
+    matched = hmac.compare_digest(secret.encode(), (expected or secret).encode())
+    if expected is None or not matched:
+        log.warning("service_token_refused", client_id=client_id[:64])
+        raise InvalidClient()
+    issued = request.app[TOKENS].for_service(client_id)
+    body = {
+        "access_token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": USERS_READ,
+    }
+    return web.json_response(body, headers=NO_STORE)
+
+
+async def get_jwks(request: web.Request) -> web.Response:
+    return web.json_response(request.app[KEY_STORE].jwks(), headers={"Cache-Control": "public, max-age=60"})

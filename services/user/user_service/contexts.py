@@ -1,0 +1,91 @@
+"""Cleanup contexts for what only the user-service has: hashing, throttling, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from mesh_common.auth import VERIFIER, JwksVerifier
+from mesh_common.db import DB
+from mesh_common.redis_client import REDIS
+
+from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
+from .passwords import Passwords, load_common_passwords
+from .signing_keys import KeyStore, ensure_active_key
+from .throttle import LoginThrottle
+from .tokens import TokenIssuer
+
+log = structlog.get_logger()
+
+
+@asynccontextmanager
+async def open_passwords(app: web.Application) -> AsyncIterator[None]:
+    policy = app[SETTINGS].passwords
+    executor = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="argon2")
+    try:
+        passwords = Passwords(policy, executor, load_common_passwords())
+        await passwords.prepare()
+        app[PASSWORDS] = passwords
+        yield
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@asynccontextmanager
+async def open_login_throttle(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[THROTTLE] = LoginThrottle(app[REDIS], settings.throttle, settings.redis_prefix)
+    yield
+
+
+def signing_keys_ctx(verifier: JwksVerifier | None = None):  # type: ignore[no-untyped-def]
+    """Signing keys from the database, and the verifier every request goes through.
+
+    The verifier is mesh_common's, like in every other service; only its
+    fetch differs: it reads our own key table instead of calling us over HTTP.
+    """
+
+    @asynccontextmanager
+    async def open_signing_keys(app: web.Application) -> AsyncIterator[None]:
+        policy = app[SETTINGS].tokens
+        await ensure_active_key(app[DB])
+        store = KeyStore(app[DB])
+        await store.load()
+
+        async def fetch() -> dict[str, Any]:
+            await store.load()
+            return store.jwks()
+
+        app[KEY_STORE] = store
+        app[TOKENS] = TokenIssuer(store, policy)
+        app[VERIFIER] = verifier or JwksVerifier(fetch, issuer=policy.issuer, audience=policy.audience)
+        await app[VERIFIER].refresh(force=True)
+        task = asyncio.create_task(_keep_keys_fresh(store, app[VERIFIER], policy.key_refresh_interval))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return open_signing_keys
+
+
+async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: float) -> None:
+    # A rotation or retirement made by another instance (or the CLI) reaches
+    # this one within ``interval``: new tokens are signed with the new key,
+    # and a retired key stops verifying.
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.load()
+            await verifier.refresh(force=True)
+        except Exception as exc:  # the database is briefly gone: keep the keys we have
+            log.warning("signing_keys_refresh_failed", error=type(exc).__name__)

@@ -1,0 +1,15 @@
+"""The problems this service answers with, beyond mesh_common's generic ones.
+
+Several are deliberately vague: saying *which* of username and email is
+taken, or *whether* an account exists, would let anyone list the accounts.
+"""
+
+from __future__ import annotations
+
+from mesh_common.problems import problem
+
+AccountExists = problem(409, "ACCOUNT_EXISTS", "An account with this username or email already exists")
+InvalidCredentials = problem(401, "INVALID_CREDENTIALS", "The username or password is incorrect")
+InvalidRefreshToken = problem(401, "INVALID_REFRESH_TOKEN", "The refresh token is invalid or expired")
+InvalidClient = problem(401, "INVALID_CLIENT", "The client credentials are invalid")
+UserNotFound = problem(404, "USER_NOT_FOUND", "No such user")

@@ -1,0 +1,82 @@
+"""Accounts: register, read and change profiles."""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+from aiohttp import web
+
+from mesh_common.auth import PRINCIPAL
+from mesh_common.db import DB
+from mesh_common.outbox import enqueue
+from mesh_common.problems import Forbidden, read_json_object
+from mesh_common.requests import REQUEST_ID
+from mesh_common.transactions import transaction
+
+from . import repository, validation
+from .errors import AccountExists, UserNotFound
+from .events import user_registered
+from .keys import PASSWORDS
+from .tokens import USERS_READ
+
+log = structlog.get_logger()
+
+
+async def register_user(request: web.Request) -> web.Response:
+    passwords = request.app[PASSWORDS]
+    registration = validation.registration(await read_json_object(request), passwords)
+    # Hashed before we know whether the name is free, so that a duplicate
+    # takes as long to refuse as a new account takes to create.
+    password_hash = await passwords.hash(registration.password)
+    try:
+        async with transaction(request.app[DB]) as cur:
+            user = await repository.insert_user(
+                cur,
+                username=registration.username,
+                email=registration.email,
+                display_name=registration.display_name,
+                password_hash=password_hash,
+            )
+            await enqueue(cur, user_registered(user, correlation_id=request[REQUEST_ID]))
+    except repository.AccountTaken:
+        raise AccountExists("Choose another username, or log in if this is your account") from None
+    log.info("user_registered", user_id=user.id)
+    return web.json_response(user.profile(), status=201)
+
+
+async def get_my_profile(request: web.Request) -> web.Response:
+    user = await repository.get_user(request.app[DB], request[PRINCIPAL].user_id)
+    if user is None:  # a valid token for an account that is gone
+        raise UserNotFound()
+    return web.json_response(user.profile())
+
+
+async def update_my_profile(request: web.Request) -> web.Response:
+    user_id = request[PRINCIPAL].user_id
+    changes = validation.profile_changes(await read_json_object(request))
+    try:
+        user = await repository.update_user(request.app[DB], user_id, changes)
+    except repository.AccountTaken:
+        raise AccountExists("Another account uses this email") from None
+    if user is None:
+        raise UserNotFound()
+    log.info("user_updated", user_id=user_id, fields=sorted(changes))
+    return web.json_response(user.profile())
+
+
+async def get_user(request: web.Request) -> web.Response:
+    """A profile for other services (scope users:read), or for its own user."""
+    principal = request[PRINCIPAL]
+    user_id = request.match_info["id"]
+    # Decided before any lookup, so that a refusal says nothing about the id.
+    if not (principal.is_service and principal.has_scope(USERS_READ)) and principal.subject != user_id:
+        raise Forbidden("Only the user themself or a service with users:read may read this profile")
+    try:
+        uuid.UUID(user_id)
+    except ValueError:
+        raise UserNotFound() from None
+    user = await repository.get_user(request.app[DB], user_id)
+    if user is None:
+        raise UserNotFound()
+    return web.json_response(user.profile())

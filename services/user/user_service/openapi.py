@@ -1,0 +1,252 @@
+"""The OpenAPI 3.1 description of this service, written by hand.
+
+Paths are the service's own; the gateway publishes them under /api/v1.
+A test checks that every route the app serves is described here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .passwords import MAX_LENGTH, MIN_LENGTH
+from .validation import MAX_DISPLAY_NAME, MAX_EMAIL
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _object(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    schema["required"] = list(properties) if required is None else required
+    return schema
+
+
+_STRING = {"type": "string"}
+_INVALID = _problem("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
+_UNAUTHORIZED = _problem("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
+_TOO_LARGE = _problem("PAYLOAD_TOO_LARGE: the body is over 64 KiB")
+
+SCHEMAS: dict[str, Any] = {
+    "Profile": _object(
+        {
+            "id": {"type": "string", "format": "uuid"},
+            "username": _STRING,
+            "email": {"type": "string", "format": "email"},
+            "display_name": _STRING,
+            "created_at": {"type": "string", "format": "date-time"},
+        }
+    ),
+    "Registration": _object(
+        {
+            "username": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,32}$"},
+            "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL},
+            "password": {
+                "type": "string",
+                "minLength": MIN_LENGTH,
+                "maxLength": MAX_LENGTH,
+                "description": "Refused if it is a commonly used password, or the username or email.",
+            },
+            "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
+        },
+        required=["username", "email", "password"],
+    ),
+    "ProfileChanges": {
+        **_object(
+            {
+                "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
+                "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL},
+            },
+            required=[],
+        ),
+        "minProperties": 1,
+    },
+    "Credentials": _object(
+        {"username": {"type": "string", "description": "The username or the email"}, "password": _STRING}
+    ),
+    "RefreshRequest": _object({"refresh_token": _STRING}),
+    "ClientCredentials": _object({"client_id": _STRING, "client_secret": _STRING}),
+    "TokenPair": _object(
+        {
+            "access_token": {"type": "string", "description": "An EdDSA JWT (typ at+jwt)"},
+            "token_type": {"const": "Bearer"},
+            "expires_in": {"type": "integer", "description": "Seconds"},
+            "refresh_token": {"type": "string", "description": "Opaque; single use"},
+        }
+    ),
+    "ServiceToken": _object(
+        {
+            "access_token": _STRING,
+            "token_type": {"const": "Bearer"},
+            "expires_in": {"type": "integer"},
+            "scope": {"const": "users:read"},
+        }
+    ),
+    "Jwks": {"type": "object", "properties": {"keys": {"type": "array", "items": {"type": "object"}}}},
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details with a stable `code`",
+        "properties": {
+            "type": _STRING,
+            "title": _STRING,
+            "status": {"type": "integer"},
+            "detail": _STRING,
+            "code": _STRING,
+            "errors": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"field": _STRING, "message": _STRING}},
+            },
+        },
+        "required": ["type", "title", "status", "code"],
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/users": {
+        "post": {
+            "operationId": "users.create",
+            "summary": "Register an account",
+            "security": [],
+            "requestBody": _body("Registration"),
+            "responses": {
+                "201": _json(_ref("Profile"), "The new account; user.registered is published"),
+                "409": _problem("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
+                "413": _TOO_LARGE,
+                "422": _INVALID,
+            },
+        }
+    },
+    "/users/me": {
+        "get": {
+            "operationId": "users.me",
+            "summary": "The caller's profile",
+            "responses": {"200": _json(_ref("Profile"), "The profile"), "401": _UNAUTHORIZED},
+        },
+        "patch": {
+            "operationId": "users.update_me",
+            "summary": "Change the caller's display name or email",
+            "requestBody": _body("ProfileChanges"),
+            "responses": {
+                "200": _json(_ref("Profile"), "The changed profile"),
+                "401": _UNAUTHORIZED,
+                "409": _problem("ACCOUNT_EXISTS: another account uses this email"),
+                "422": _INVALID,
+            },
+        },
+    },
+    "/users/{id}": {
+        "get": {
+            "operationId": "users.get",
+            "summary": "A profile, for its own user or a service token with scope users:read",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": _json(_ref("Profile"), "The profile"),
+                "401": _UNAUTHORIZED,
+                "403": _problem("FORBIDDEN: neither the user themself nor a service with users:read"),
+                "404": _problem("USER_NOT_FOUND"),
+            },
+        }
+    },
+    "/auth/login": {
+        "post": {
+            "operationId": "auth.login",
+            "summary": "Exchange a username (or email) and password for tokens",
+            "security": [],
+            "requestBody": _body("Credentials"),
+            "responses": {
+                "200": _json(_ref("TokenPair"), "Access and refresh tokens"),
+                "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
+                "422": _INVALID,
+                "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
+            },
+        }
+    },
+    "/auth/refresh": {
+        "post": {
+            "operationId": "auth.refresh",
+            "summary": "Spend a refresh token for a new pair; a reused token revokes its whole family",
+            "security": [],
+            "requestBody": _body("RefreshRequest"),
+            "responses": {
+                "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
+                "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked"),
+                "422": _INVALID,
+            },
+        }
+    },
+    "/auth/logout": {
+        "post": {
+            "operationId": "auth.logout",
+            "summary": "Revoke the refresh token's family",
+            "security": [],
+            "requestBody": _body("RefreshRequest"),
+            "responses": {"204": {"description": "Logged out (also for unknown tokens)"}, "422": _INVALID},
+        }
+    },
+    "/auth/service-token": {
+        "post": {
+            "operationId": "auth.service_token",
+            "summary": "Client credentials for other services: a short-lived token with scope users:read",
+            "security": [],
+            "requestBody": _body("ClientCredentials"),
+            "responses": {
+                "200": _json(_ref("ServiceToken"), "A service access token"),
+                "401": _problem("INVALID_CLIENT"),
+                "422": _INVALID,
+            },
+        }
+    },
+    "/.well-known/jwks.json": {
+        "get": {
+            "operationId": "jwks",
+            "summary": "Public keys that verify access tokens (Ed25519, alg EdDSA)",
+            "security": [],
+            "responses": {"200": _json(_ref("Jwks"), "The JSON Web Key Set")},
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1"}},
+        }
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "todo-mesh user-service",
+            "version": __version__,
+            "description": "Accounts, passwords and the access tokens every todo-mesh service trusts.",
+        },
+        "servers": [{"url": "/api/v1", "description": "Through the gateway"}],
+        "security": [{"bearer": []}],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())

@@ -1,0 +1,95 @@
+"""Accounts in PostgreSQL: every SQL statement about users is here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiopg
+from psycopg2 import errors
+
+PROFILE = "id, username, email, display_name, created_at"
+UPDATABLE = frozenset({"display_name", "email"})
+
+
+class AccountTaken(Exception):
+    """The username or the email is already taken (which one is not said)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    username: str
+    email: str
+    display_name: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> User:
+        user_id, username, email, display_name, created_at = row
+        return cls(str(user_id), username, email, display_name, created_at)
+
+    def profile(self) -> dict[str, str]:
+        """What a client may see: never the password hash, which is not even loaded."""
+        return {
+            "id": self.id,
+            "username": self.username,
+            "email": self.email,
+            "display_name": self.display_name,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+async def insert_user(cur: Any, *, username: str, email: str, display_name: str, password_hash: str) -> User:
+    try:
+        await cur.execute(
+            "INSERT INTO users (username, email, display_name, password_hash)"
+            f" VALUES (%s, %s, %s, %s) RETURNING {PROFILE}",
+            (username, email, display_name, password_hash),
+        )
+    except errors.UniqueViolation:
+        raise AccountTaken() from None
+    return User.from_row(await cur.fetchone())
+
+
+async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, str] | None:
+    """(user id, password hash) for a username or email, whatever its case."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        # Usernames cannot contain "@" and emails must, so at most one row matches.
+        await cur.execute(
+            "SELECT id, password_hash FROM users WHERE lower(username) = lower(%(login)s)"
+            " OR lower(email) = lower(%(login)s) LIMIT 1",
+            {"login": login},
+        )
+        row = await cur.fetchone()
+    return (str(row[0]), row[1]) if row else None
+
+
+async def get_user(pool: aiopg.Pool, user_id: str) -> User | None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT {PROFILE} FROM users WHERE id = %s", (user_id,))
+        row = await cur.fetchone()
+    return User.from_row(row) if row else None
+
+
+async def update_user(pool: aiopg.Pool, user_id: str, changes: dict[str, str]) -> User | None:
+    """Apply ``changes`` (display_name and/or email, already validated)."""
+    if not changes.keys() <= UPDATABLE:
+        raise ValueError(f"not updatable: {sorted(changes.keys() - UPDATABLE)}")
+    assignments = ", ".join(f"{column} = %({column})s" for column in sorted(changes))
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute(
+                f"UPDATE users SET {assignments}, updated_at = now() WHERE id = %(id)s RETURNING {PROFILE}",
+                {**changes, "id": user_id},
+            )
+        except errors.UniqueViolation:
+            raise AccountTaken() from None
+        row = await cur.fetchone()
+    return User.from_row(row) if row else None
+
+
+async def set_password_hash(pool: aiopg.Pool, user_id: str, password_hash: str) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (password_hash, user_id))

@@ -1,0 +1,135 @@
+"""Request bodies checked field by field: a 422 lists every problem at once.
+
+Unknown fields are refused rather than ignored, so that a typo (``displayName``)
+or a field a client hoped to set (``id``, ``password_hash``) fails loudly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Set
+from dataclasses import dataclass
+from typing import Any
+
+from mesh_common.problems import ValidationFailed
+
+from .passwords import MAX_LENGTH, Passwords
+
+USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+# Deliberately loose: the only real check of an address is a mail reaching it.
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_EMAIL = 254
+MAX_DISPLAY_NAME = 64
+
+
+class _Fields:
+    """Reads a JSON object field by field and collects what is wrong."""
+
+    def __init__(self, body: dict[str, Any], *, required: Set[str], optional: Set[str] = frozenset()) -> None:
+        self.body = body
+        self.errors: list[dict[str, str]] = []
+        for name in sorted(body.keys() - required - optional):
+            self.error(name, "is not a known field")
+        for name in sorted(required - body.keys()):
+            self.error(name, "is required")
+
+    def error(self, field: str, message: str) -> None:
+        self.errors.append({"field": field, "message": message})
+
+    def string(self, name: str) -> str | None:
+        value = self.body.get(name)
+        if name in self.body and not isinstance(value, str):
+            self.error(name, "must be a string")
+            return None
+        return value
+
+    def check(self) -> None:
+        if self.errors:
+            raise ValidationFailed("Some fields are invalid", errors=self.errors)
+
+
+def _username(fields: _Fields) -> str:
+    username = fields.string("username")
+    if username is not None and not USERNAME.match(username):
+        fields.error("username", "must be 3 to 32 letters, digits, '.', '_' or '-'")
+    return username or ""
+
+
+def _email(fields: _Fields) -> str:
+    email = fields.string("email")
+    if email is not None:
+        email = email.strip()
+        if len(email) > MAX_EMAIL or not EMAIL.match(email):
+            fields.error("email", "must be an email address")
+    return email or ""
+
+
+def _display_name(fields: _Fields) -> str:
+    name = fields.string("display_name")
+    if name is not None:
+        name = name.strip()
+        if not 1 <= len(name) <= MAX_DISPLAY_NAME or not name.isprintable():
+            fields.error("display_name", f"must be 1 to {MAX_DISPLAY_NAME} printable characters")
+    return name or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    username: str
+    email: str
+    password: str
+    display_name: str
+
+
+def registration(body: dict[str, Any], passwords: Passwords) -> Registration:
+    fields = _Fields(body, required={"username", "email", "password"}, optional={"display_name"})
+    username, email = _username(fields), _email(fields)
+    display_name = _display_name(fields) if "display_name" in body else username
+    password = fields.string("password")
+    if password is not None:
+        weakness = passwords.weakness(password, username=username, email=email)
+        if weakness:
+            fields.error("password", weakness)
+    fields.check()
+    return Registration(username, email, password or "", display_name)
+
+
+def credentials(body: dict[str, Any]) -> tuple[str, str]:
+    """(login name or email, password) of a login."""
+    fields = _Fields(body, required={"username", "password"})
+    login, password = fields.string("username"), fields.string("password")
+    if login is not None and not 1 <= len(login) <= MAX_EMAIL:
+        fields.error("username", "must be a username or an email")
+    if password is not None and not 1 <= len(password) <= MAX_LENGTH:
+        fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
+    fields.check()
+    return login or "", password or ""
+
+
+def profile_changes(body: dict[str, Any]) -> dict[str, str]:
+    fields = _Fields(body, required=frozenset(), optional={"display_name", "email"})
+    changes = {}
+    if "display_name" in body:
+        changes["display_name"] = _display_name(fields)
+    if "email" in body:
+        changes["email"] = _email(fields)
+    if not body:
+        fields.error("", "name at least one of display_name, email")
+    fields.check()
+    return changes
+
+
+def refresh_token(body: dict[str, Any]) -> str:
+    fields = _Fields(body, required={"refresh_token"})
+    token = fields.string("refresh_token")
+    if token is not None and not 1 <= len(token) <= 256:
+        fields.error("refresh_token", "is not a refresh token")
+    fields.check()
+    return token or ""
+
+
+def client_credentials(body: dict[str, Any]) -> tuple[str, str]:
+    fields = _Fields(body, required={"client_id", "client_secret"})
+    client_id, secret = fields.string("client_id"), fields.string("client_secret")
+    fields.check()
+    return client_id or "", secret or ""
