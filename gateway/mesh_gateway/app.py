@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 
 from mesh_common.app import service_app
+from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import HTTP_SESSION, http_session_ctx
+from mesh_common.redis_client import REDIS, redis_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
-from .keys import BREAKERS, PROXY, RETRY_BUDGET, SETTINGS
+from .guard import guard_middleware
+from .keys import BREAKERS, PROXY, RATE_LIMITER, RETRY_BUDGET, ROUTE_TABLE, SETTINGS
 from .proxy import Proxy
-from .routes import upstream_services
+from .ratelimit import Limits, RateLimiter
+from .routes import API, RouteTable
 from .settings import Settings
 
 
@@ -27,7 +32,7 @@ async def ready(request: web.Request) -> web.Response:
         for name, watch in request.app[WATCHES].items()
     }
     ok = all(upstreams.values())
-    return web.json_response({"status": "ready" if ok else "degraded", "upstreams": upstreams}, status=200)
+    return web.json_response({"status": "ready" if ok else "degraded", "upstreams": upstreams})
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -37,7 +42,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
 @asynccontextmanager
 async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # Register only once the first healthy sets are known, so that a new
+    # gateway does not answer 503 for upstreams it simply has not heard of.
+    await asyncio.gather(*(watch.wait_ready(5.0) for watch in app[WATCHES].values()))
     app[PROXY] = Proxy(
+        app[ROUTE_TABLE],
         app[HTTP_SESSION],
         app[WATCHES],
         app[BREAKERS],
@@ -45,25 +54,39 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.connect_timeout,
         expose_upstream=settings.expose_upstream,
     )
+    app[RATE_LIMITER] = RateLimiter(
+        app[REDIS],
+        Limits(per_ip=settings.rate_limit_ip, per_user=settings.rate_limit_user, auth_per_ip=settings.rate_limit_auth),
+    )
     yield
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings.service, client_max_size=settings.max_body)
+def create_app(
+    settings: Settings, *, routes: RouteTable = API, verifier: JwksVerifier | None = None
+) -> web.Application:
+    """The gateway app.
+
+    ``routes`` is the published API; ``verifier`` replaces the JWKS fetched
+    through Consul. Tests pass both, to put fake upstreams behind a real gateway.
+    """
+    app = service_app(settings.service, middlewares=[guard_middleware], client_max_size=settings.max_body)
     app[SETTINGS] = settings
+    app[ROUTE_TABLE] = routes
     app[BREAKERS] = BreakerBoard(
         failure_threshold=settings.breaker_failures, recovery_timeout=settings.breaker_recovery
     )
     app[RETRY_BUDGET] = RetryBudget()
-    app.cleanup_ctx.extend(
-        [
-            consul_ctx(settings.service.consul_url),
-            watch_services_ctx(*upstream_services()),
-            http_session_ctx(limit=1000, limit_per_host=250),
-            proxy_ctx,
-            registration_ctx(),
-        ]
-    )
+    contexts = [
+        consul_ctx(settings.service.consul_url),
+        watch_services_ctx(*routes.services()),
+        http_session_ctx(limit=1000, limit_per_host=250),
+        redis_ctx(settings.redis_url, health=False),
+    ]
+    if verifier is None:
+        contexts.append(jwks_ctx(issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+    else:
+        app[VERIFIER] = verifier
+    app.cleanup_ctx.extend([*contexts, proxy_ctx, registration_ctx()])
     app.router.add_get("/ready", ready, name="ready")
     app.router.add_route("*", "/{tail:.*}", forward, name="proxy")
     return app

@@ -5,9 +5,13 @@ from aiohttp import web
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
 from .proxy import Proxy
+from .ratelimit import RateLimiter
+from .routes import RouteTable
 from .settings import Settings
 
 SETTINGS = web.AppKey("gateway.settings", Settings)
 BREAKERS = web.AppKey("gateway.breakers", BreakerBoard)
 RETRY_BUDGET = web.AppKey("gateway.retry_budget", RetryBudget)
 PROXY = web.AppKey("gateway.proxy", Proxy)
+RATE_LIMITER = web.AppKey("gateway.rate_limiter", RateLimiter)
+ROUTE_TABLE = web.AppKey("gateway.route_table", RouteTable)

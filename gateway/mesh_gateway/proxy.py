@@ -4,15 +4,13 @@
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do.
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
-  *different* instance, if the retry budget allows.
+  *different* instance; retries of requests that were sent spend a budget.
 * Outcomes: timeout -> 504, nothing healthy or every breaker open -> 503 with
   Retry-After, unreachable or broken upstream -> 502, all problem+json. An
   upstream's own 5xx problem body is passed through when no retry helps.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 import aiohttp
 import structlog
@@ -24,7 +22,7 @@ from mesh_common.problems import NotFound, problem
 from mesh_common.requests import REQUEST_ID
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
-from .routes import Route, match
+from .routes import Route, RouteTable
 
 NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
 UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
@@ -35,8 +33,16 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
     )
 )
 # Responses up to this size are read whole: one write is cheaper than a stream.
@@ -78,6 +84,7 @@ def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
 class Proxy:
     def __init__(
         self,
+        table: RouteTable,
         session: aiohttp.ClientSession,
         watches: dict[str, ServiceWatch],
         breakers: BreakerBoard,
@@ -86,6 +93,7 @@ class Proxy:
         connect_timeout: float,
         expose_upstream: bool,
     ) -> None:
+        self._table = table
         self._session = session
         self._watches = watches
         self._breakers = breakers
@@ -94,7 +102,7 @@ class Proxy:
         self._expose_upstream = expose_upstream
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = match(request.path)
+        route = self._table.match(request.path)
         if route is None:
             raise NotFound(f"No route for {request.path}")
         body = await request.read() if request.can_read_body else None
@@ -112,7 +120,10 @@ class Proxy:
                 return await self._attempt(request, route, instance, method, headers, body)
             except _Attempt as failed:
                 others = any(i.id not in tried and not self._breakers.is_open(i.id) for i in watch.instances)
-                if (failed.sent and not retry_safe) or not others or len(tried) > 1 or not self._budget.try_spend():
+                # A request that never left costs no upstream anything: it is
+                # retried without spending the budget.
+                affordable = not failed.sent or self._budget.try_spend()
+                if (failed.sent and not retry_safe) or not others or len(tried) > 1 or not affordable:
                     if failed.response is not None:
                         return failed.response
                     assert failed.problem is not None
@@ -142,19 +153,25 @@ class Proxy:
         with self._breakers.breaker(instance.id):
             try:
                 resp = await self._session.request(
-                    method, url, params=request.query, headers=headers, data=body,
-                    allow_redirects=False, auto_decompress=False, timeout=timeout,
+                    method,
+                    url,
+                    params=request.query,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                    timeout=timeout,
                 )
             except aiohttp.ClientConnectorError:
                 raise _Attempt(BadGateway(), sent=False) from None
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise _Attempt(UpstreamTimeout(), sent=True) from None
             except aiohttp.ClientError:
                 raise _Attempt(BadGateway(), sent=True) from None
             if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
                 try:
                     payload = await resp.read()
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise _Attempt(UpstreamTimeout(), sent=True) from None
                 except aiohttp.ClientError:
                     raise _Attempt(BadGateway(), sent=True) from None
@@ -166,7 +183,9 @@ class Proxy:
                 return self._mark(response, instance)
         return await self._stream(request, resp, instance)
 
-    async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance
+    ) -> web.StreamResponse:
         response = self._mark(web.StreamResponse(status=resp.status, headers=_response_headers(resp)), instance)
         try:
             await response.prepare(request)

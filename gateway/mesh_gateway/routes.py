@@ -20,32 +20,43 @@ class Route:
     def upstream_path(self, path: str) -> str:
         return path[len(self.strip) :] if self.strip and path.startswith(self.strip) else path
 
+    def matches(self, path: str) -> bool:
+        return path == self.prefix.rstrip("/") or path.startswith(self.prefix.rstrip("/") + "/")
 
-ROUTES: tuple[Route, ...] = (
-    Route("/api/v1/auth/", "user-service"),
-    Route("/api/v1/users", "user-service"),
-    Route("/.well-known/jwks.json", "user-service", strip=""),
-    Route("/api/v1/todos", "todo-service"),
-    Route("/api/v1/notifications", "notification-service"),
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    routes: tuple[Route, ...]
+    # (method, path) pairs reachable without a token. Everything else needs one.
+    public: frozenset[tuple[str, str]]
+    # Where credentials are guessed or accounts mass-created: a tighter per-IP limit.
+    auth: frozenset[tuple[str, str]]
+
+    def match(self, path: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(path):
+                return route
+        return None
+
+    def services(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.service for r in self.routes))
+
+
+API = RouteTable(
+    routes=(
+        Route("/api/v1/auth", "user-service"),
+        Route("/api/v1/users", "user-service"),
+        Route("/.well-known/jwks.json", "user-service", strip=""),
+        Route("/api/v1/todos", "todo-service"),
+        Route("/api/v1/notifications", "notification-service"),
+    ),
+    public=frozenset(
+        {
+            ("POST", "/api/v1/users"),
+            ("POST", "/api/v1/auth/login"),
+            ("POST", "/api/v1/auth/refresh"),
+            ("GET", "/.well-known/jwks.json"),
+        }
+    ),
+    auth=frozenset({("POST", "/api/v1/users"), ("POST", "/api/v1/auth/login")}),
 )
-
-# (method, path) pairs reachable without a token. Everything else needs one.
-PUBLIC: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("POST", "/api/v1/users"),
-        ("POST", "/api/v1/auth/login"),
-        ("POST", "/api/v1/auth/refresh"),
-        ("GET", "/.well-known/jwks.json"),
-    }
-)
-
-
-def match(path: str) -> Route | None:
-    for route in ROUTES:
-        if path == route.prefix.rstrip("/") or path.startswith(route.prefix):
-            return route
-    return None
-
-
-def upstream_services() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(r.service for r in ROUTES))

@@ -21,6 +21,9 @@ class Settings:
     expose_upstream: bool = False
     breaker_failures: int = 5
     breaker_recovery: float = 5.0
+    rate_limit_ip: int = 6000
+    rate_limit_user: int = 1200
+    rate_limit_auth: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -34,6 +37,9 @@ class Settings:
             expose_upstream=env_bool(env, "GATEWAY_EXPOSE_UPSTREAM", False),
             breaker_failures=env_int(env, "GATEWAY_BREAKER_FAILURES", 5),
             breaker_recovery=env_float(env, "GATEWAY_BREAKER_RECOVERY", 5.0),
+            rate_limit_ip=env_int(env, "RATE_LIMIT_PER_IP", 6000),
+            rate_limit_user=env_int(env, "RATE_LIMIT_PER_USER", 1200),
+            rate_limit_auth=env_int(env, "RATE_LIMIT_AUTH_PER_IP", 30),
         )
 
     def with_port(self, port: int) -> Settings:

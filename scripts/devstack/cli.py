@@ -57,7 +57,7 @@ def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:
     health: dict[str, str] = {}
     try:
         for name in ("gateway", *CONSUL_NAMES.values()):
-            for entry in stack._get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
+            for entry in stack.get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
                 svc = entry["Service"]
                 status = "passing" if all(ch["Status"] == "passing" for ch in entry["Checks"]) else "critical"
                 health[f"{svc['Address']}:{svc['Port']}"] = f"{svc['ID']} {status}"

@@ -46,21 +46,37 @@ def _owned_dir(path: Path, user: str) -> Path:
 
 # -- Consul --------------------------------------------------------------------
 def consul(cfg: StackConfig) -> Proc:
-    binary = subprocess.run(
-        [str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False
-    )
+    binary = subprocess.run([str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False)
     if binary.returncode != 0:
         raise StackError(f"no Consul binary: {binary.stderr.strip()}")
     p = cfg.ports
     return Proc(
         "consul",
         [
-            binary.stdout.strip(), "agent", "-dev", "-ui",
-            "-config-file", str(ROOT / "consul" / "dev.hcl"),
-            "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-http-port", str(p.consul_http), "-dns-port", str(p.consul_dns),
-            "-serf-lan-port", str(p.consul_serf_lan), "-serf-wan-port", str(p.consul_serf_wan),
-            "-server-port", str(p.consul_server), "-grpc-port", "-1", "-grpc-tls-port", "-1",
+            binary.stdout.strip(),
+            "agent",
+            "-dev",
+            "-ui",
+            "-config-file",
+            str(ROOT / "consul" / "dev.hcl"),
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-http-port",
+            str(p.consul_http),
+            "-dns-port",
+            str(p.consul_dns),
+            "-serf-lan-port",
+            str(p.consul_serf_lan),
+            "-serf-wan-port",
+            str(p.consul_serf_wan),
+            "-server-port",
+            str(p.consul_server),
+            "-grpc-port",
+            "-1",
+            "-grpc-tls-port",
+            "-1",
         ],
         env={},
     )
@@ -79,14 +95,23 @@ def postgres(cfg: StackConfig) -> Proc:
         _owned_dir(data, "postgres")
         run_checked(
             [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-            user="postgres", timeout=120,
+            user="postgres",
+            timeout=120,
         )
     return Proc(
         "postgres",
         [
-            _pg_bin("postgres"), "-D", str(data), "-p", str(cfg.ports.postgres),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={base}",
-            "-c", "max_connections=300",
+            _pg_bin("postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(cfg.ports.postgres),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={base}",
+            "-c",
+            "max_connections=300",
         ],
         env={},
         user="postgres",
@@ -96,8 +121,18 @@ def postgres(cfg: StackConfig) -> Proc:
 def create_databases(cfg: StackConfig) -> None:
     run_checked(
         [
-            _pg_bin("psql"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "postgres",
-            "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "scripts" / "postgres" / "create-databases.sql"),
+            _pg_bin("psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(cfg.ports.postgres),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-f",
+            str(ROOT / "scripts" / "postgres" / "create-databases.sql"),
         ],
         user="postgres",
     )
@@ -106,7 +141,8 @@ def create_databases(cfg: StackConfig) -> None:
 def postgres_ready(cfg: StackConfig) -> bool:
     run_checked(
         [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "postgres", "-c", "SELECT 1"],
-        user="postgres", timeout=5,
+        user="postgres",
+        timeout=5,
     )
     return True
 
@@ -117,9 +153,19 @@ def redis(cfg: StackConfig) -> Proc:
     return Proc(
         "redis",
         [
-            _binary("redis-server", "/usr/bin/redis-server"), "--port", str(cfg.ports.redis),
-            "--bind", "127.0.0.1", "--dir", str(data), "--save", "", "--appendonly", "no",
-            "--protected-mode", "yes",
+            _binary("redis-server", "/usr/bin/redis-server"),
+            "--port",
+            str(cfg.ports.redis),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
         ],
         env={},
         user="redis",
@@ -155,7 +201,10 @@ def rabbitmq(cfg: StackConfig) -> Proc:
     conf = conf.replace("/etc/rabbitmq/definitions.json", str(ROOT / "rabbitmq" / "definitions.json"))
     conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {cfg.ports.rabbitmq_management}")
     conf += "management.tcp.ip = 127.0.0.1\n"
-    for name, text in (("rabbitmq.conf", conf), ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text())):
+    for name, text in (
+        ("rabbitmq.conf", conf),
+        ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text()),
+    ):
         (base / name).write_text(text)
         shutil.chown(base / name, "rabbitmq", "rabbitmq")
     return Proc("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_rabbit_env(cfg), user="rabbitmq")
@@ -164,7 +213,9 @@ def rabbitmq(cfg: StackConfig) -> Proc:
 def rabbitmq_ready(cfg: StackConfig) -> bool:
     run_checked(
         ["/usr/lib/rabbitmq/bin/rabbitmq-diagnostics", "-q", "check_port_connectivity"],
-        env=_rabbit_env(cfg), user="rabbitmq", timeout=20,
+        env=_rabbit_env(cfg),
+        user="rabbitmq",
+        timeout=20,
     )
     return True
 
@@ -181,8 +232,13 @@ def mailsink(cfg: StackConfig) -> Proc:
     return Proc(
         "mailsink",
         [
-            cfg.python, "-m", "devstack.mailsink", "--smtp-port", str(cfg.ports.smtp),
-            "--api-port", str(cfg.ports.mail_api),
+            cfg.python,
+            "-m",
+            "devstack.mailsink",
+            "--smtp-port",
+            str(cfg.ports.smtp),
+            "--api-port",
+            str(cfg.ports.mail_api),
         ],
         env={"PYTHONPATH": str(ROOT / "scripts")},
     )

@@ -50,10 +50,22 @@ class Ports:
 # A separate block for test runs: below the kernel's ephemeral range
 # (32768+), and clear of every default above.
 TEST_PORTS = Ports(
-    envoy=18080, envoy_admin=19901, gateway=18000, consul_http=18500, consul_dns=18600,
-    consul_serf_lan=18301, consul_serf_wan=18302, consul_server=18300, postgres=15432,
-    redis=16379, amqp=15673, rabbitmq_management=25673, rabbitmq_dist=25674, epmd=14370,
-    smtp=11025, mail_api=18025,
+    envoy=18080,
+    envoy_admin=19901,
+    gateway=18000,
+    consul_http=18500,
+    consul_dns=18600,
+    consul_serf_lan=18301,
+    consul_serf_wan=18302,
+    consul_server=18300,
+    postgres=15432,
+    redis=16379,
+    amqp=15673,
+    rabbitmq_management=25673,
+    rabbitmq_dist=25674,
+    epmd=14370,
+    smtp=11025,
+    mail_api=18025,
 )
 
 

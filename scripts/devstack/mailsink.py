@@ -25,7 +25,7 @@ class Keeper:
     def __init__(self, messages: list[dict[str, Any]]) -> None:
         self.messages = messages
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         parsed = email.message_from_bytes(raw, policy=email.policy.default)
         text = parsed.get_body(preferencelist=("plain",))

@@ -18,6 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Children we started, kept so that Popen does not warn that they outlive it:
+# outliving this process is the point (``down`` finds them by pid file).
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class StackError(RuntimeError):
     """Something the user must fix: a taken port, a missing binary, a timeout."""
@@ -62,6 +66,7 @@ def start(run_dir: Path, proc: Proc) -> int:
         **kwargs,  # type: ignore[arg-type]
     )
     log.close()
+    _started[child.pid] = child
     (pid_dir(run_dir) / f"{proc.name}.pid").write_text(str(child.pid))
     return child.pid
 
@@ -114,6 +119,9 @@ def stop(run_dir: Path, name: str, *, sig: int = signal.SIGTERM, grace: float = 
     # Children that outlived their leader share its group: kill them too.
     _signal_group(pid, signal.SIGKILL)
     _reap(pid)
+    child = _started.pop(pid, None)
+    if child is not None:
+        child.returncode = child.returncode if child.returncode is not None else -sig
     pidfile.unlink(missing_ok=True)
     return True
 
@@ -172,15 +180,21 @@ def wait_until(check: Callable[[], object], *, timeout: float, what: str, interv
     raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{reason}")
 
 
-def run_checked(argv: Sequence[str], *, env: Mapping[str, str] | None = None, user: str | None = None,
-                timeout: float = 60) -> str:
+def run_checked(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, user: str | None = None, timeout: float = 60
+) -> str:
     kwargs: dict[str, object] = {}
     if user is not None and os.geteuid() == 0:
         entry = pwd.getpwnam(user)
         kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     result = subprocess.run(
-        list(argv), env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-        cwd="/", **kwargs,  # type: ignore[arg-type]
+        list(argv),
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        **kwargs,  # type: ignore[arg-type]
     )
     if result.returncode != 0:
         raise StackError(f"{argv[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")

@@ -10,19 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import components as c
 from .config import CONSUL_NAMES, SERVICES, StackConfig
-from .procs import StackError, port_free, require_free, running, start, stop, wait_until
+from .procs import StackError, log_path, port_free, require_free, running, start, stop, wait_until
 
 INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
 READY_TIMEOUT = 90.0
 
 
-def _get_json(url: str, timeout: float = 2.0) -> object:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+def get_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.load(resp)
 
 
 def passing(cfg: StackConfig, consul_name: str) -> list[dict]:  # type: ignore[type-arg]
-    entries = _get_json(f"{cfg.consul_url}/v1/health/service/{consul_name}?passing")
+    entries = get_json(f"{cfg.consul_url}/v1/health/service/{consul_name}?passing")
     assert isinstance(entries, list)
     return entries
 
@@ -43,20 +43,24 @@ def up_infra(cfg: StackConfig) -> None:
     require_free({label: port for name in missing for label, port in wanted[name].items()})
     for name in missing:
         start(cfg.run_dir, getattr(c, name)(cfg))
-    wait_until(lambda: _get_json(f"{cfg.consul_url}/v1/status/leader"), timeout=READY_TIMEOUT, what="Consul")
+    wait_until(lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), timeout=READY_TIMEOUT, what="Consul")
     wait_until(lambda: c.postgres_ready(cfg), timeout=READY_TIMEOUT, what="PostgreSQL")
     c.create_databases(cfg)
     wait_until(lambda: not port_free("127.0.0.1", p.redis), timeout=READY_TIMEOUT, what="Redis")
-    wait_until(lambda: _get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, timeout=READY_TIMEOUT,
-               what="the SMTP sink")
+    wait_until(
+        lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, timeout=READY_TIMEOUT, what="the SMTP sink"
+    )
     wait_until(lambda: c.rabbitmq_ready(cfg), timeout=READY_TIMEOUT, what="RabbitMQ", interval=1.0)
 
 
 # -- services ----------------------------------------------------------------------
 def instances(cfg: StackConfig, svc: str) -> list[int]:
     prefix = f"{svc}-"
-    return sorted(int(name[len(prefix):]) for name in running(cfg.run_dir) if name.startswith(prefix)
-                  and name[len(prefix):].isdigit())
+    return sorted(
+        int(name[len(prefix) :])
+        for name in running(cfg.run_dir)
+        if name.startswith(prefix) and name[len(prefix) :].isdigit()
+    )
 
 
 def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
@@ -77,8 +81,11 @@ def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
                 start(cfg.run_dir, c.service(cfg, svc, n))
     if wait:
         consul_name = "gateway" if svc == "gateway" else CONSUL_NAMES[svc]
-        wait_until(lambda: len(passing(cfg, consul_name)) == count, timeout=READY_TIMEOUT,
-                   what=f"{count} passing {consul_name} instance(s) in Consul")
+        wait_until(
+            lambda: len(passing(cfg, consul_name)) == count,
+            timeout=READY_TIMEOUT,
+            what=f"{count} passing {consul_name} instance(s) in Consul",
+        )
 
 
 def up(cfg: StackConfig) -> None:
@@ -89,15 +96,20 @@ def up(cfg: StackConfig) -> None:
         list(pool.map(lambda s: scale(cfg, s, cfg.instances[s]), [*SERVICES, "gateway"]))
     if "envoy" not in running(cfg.run_dir):
         start(cfg.run_dir, c.envoy(cfg))
-    wait_until(lambda: _get_json(f"{cfg.api_url}/ready") is not None, timeout=READY_TIMEOUT,
-               what="the API through Envoy")
+    wait_until(
+        lambda: get_json(f"{cfg.api_url}/ready") is not None, timeout=READY_TIMEOUT, what="the API through Envoy"
+    )
 
 
 def down(cfg: StackConfig) -> list[str]:
     """Stop everything, in the reverse order of ``up``."""
     have = running(cfg.run_dir)
-    order = ["envoy", *sorted(n for n in have if n.startswith("gateway-")),
-             *sorted(n for n in have if n.split("-")[0] in SERVICES), *reversed(INFRA)]
+    order = [
+        "envoy",
+        *sorted(n for n in have if n.startswith("gateway-")),
+        *sorted(n for n in have if n.split("-")[0] in SERVICES),
+        *reversed(INFRA),
+    ]
     stopped = []
     for name in order:
         if name in have:
@@ -122,8 +134,6 @@ def urls(cfg: StackConfig) -> Iterable[tuple[str, str]]:
 
 def registered_id(cfg: StackConfig, process: str) -> str | None:
     """The Consul service ID a process registered, read from its log."""
-    from .procs import log_path
-
     try:
         lines = log_path(cfg.run_dir, process).read_text().splitlines()
     except OSError:

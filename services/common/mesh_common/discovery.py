@@ -57,10 +57,10 @@ class ServiceWatch:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """Wait for the first answer from Consul, within ``timeout`` seconds."""
+    async def wait_ready(self, seconds: float) -> bool:
+        """Wait for the first answer from Consul, for at most ``seconds``."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 await self._ready.wait()
         except TimeoutError:
             return False

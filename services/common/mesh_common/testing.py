@@ -8,8 +8,10 @@ through Consul) is covered by the gateway and end-to-end suites.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -50,3 +52,10 @@ class TokenFactory:
 
     def headers(self, subject: str | None = None, **claims: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(subject, **claims)}"}
+
+
+async def eventually(condition: Callable[[], object], *, within: float = 5.0, interval: float = 0.005) -> None:
+    """Poll ``condition`` until it holds, for at most ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(interval)

@@ -1,0 +1,67 @@
+"""The gateway's front door: who is calling, and are they within their limits.
+
+Public routes (routes.PUBLIC) pass without a token; every other proxied
+route needs a valid access token, verified locally from the JWKS. Then the
+rate limiter counts the request against its client IP and its user.
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from mesh_common.auth import PRINCIPAL, VERIFIER, bearer_token
+from mesh_common.problems import Handler, TooManyRequests, Unauthorized, problem
+
+from .keys import RATE_LIMITER, ROUTE_TABLE
+from .ratelimit import READS, RateLimiterUnavailable
+
+log = structlog.get_logger()
+RateLimiterDown = problem(503, "RATE_LIMITER_UNAVAILABLE", "Rate limiting is unavailable; writes are paused")
+# The gateway's own endpoints: probes must never be limited or authenticated.
+OWN_PATHS = frozenset({"/health", "/health/live", "/ready"})
+
+
+def client_ip(request: web.Request) -> str:
+    """The caller's address as the edge saw it.
+
+    Envoy (the one trusted hop) appends the peer it saw to X-Forwarded-For, so
+    the last entry is the one a client cannot forge.
+    """
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()
+    return request.remote or "unknown"
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in OWN_PATHS:
+        return await handler(request)
+    table = request.app[ROUTE_TABLE]
+    endpoint = (request.method, request.path)
+    user: str | None = None
+    if endpoint not in table.public:
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        principal = await request.app[VERIFIER].verify(token)
+        request[PRINCIPAL] = principal
+        user = principal.subject
+        structlog.contextvars.bind_contextvars(user=user)
+
+    try:
+        decision = await request.app[RATE_LIMITER].check(
+            ip=client_ip(request), user=user, auth_route=endpoint in table.auth
+        )
+    except RateLimiterUnavailable as exc:
+        if request.method in READS:
+            log.warning("rate_limiter_unavailable_failing_open", error=str(exc))
+            return await handler(request)
+        raise RateLimiterDown(headers={"Retry-After": "1"}) from None
+    if not decision.allowed:
+        raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
+    response = await handler(request)
+    if not response.prepared:
+        response.headers.update(decision.headers())
+    return response

@@ -1,0 +1,178 @@
+"""A real gateway in front of fake upstreams, discovered through a real Consul.
+
+Upstream instances are small ``aiohttp_server`` apps whose behaviour each
+test sets (answer, fail, hang). They are registered in the test Consul with
+TTL checks, so a test can turn one critical exactly when it wants to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from devstack.config import StackConfig
+from mesh_common.settings import ServiceSettings
+from mesh_common.testing import TokenFactory
+from mesh_gateway.app import create_app
+from mesh_gateway.routes import Route, RouteTable
+from mesh_gateway.settings import Settings
+
+GATEWAY_REDIS_DB = 3  # the gateway suite's own Redis database, flushed per test
+
+
+@dataclass
+class Upstream:
+    """One fake instance: ``mode`` is "ok", "fail" (500) or "hang"."""
+
+    service_id: str
+    server: TestServer
+    mode: str = "ok"
+    hits: int = 0
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+
+@dataclass
+class FakeService:
+    name: str
+    instances: list[Upstream] = field(default_factory=list)
+
+    @property
+    def hits(self) -> int:
+        return sum(i.hits for i in self.instances)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def consul(infra: StackConfig) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=infra.consul_url) as session:
+        yield session
+
+
+@pytest.fixture
+def check_status(consul: aiohttp.ClientSession) -> Callable[[str, str], Awaitable[None]]:
+    """Set a fake instance's TTL check to "passing" or "critical" in Consul."""
+
+    async def set_status(service_id: str, status: str) -> None:
+        verb = {"passing": "pass", "critical": "fail"}[status]
+        async with consul.put(f"/v1/agent/check/{verb}/service:{service_id}") as r:
+            assert r.status == 200, await r.text()
+
+    return set_status
+
+
+@pytest.fixture
+async def fake_service(
+    consul: aiohttp.ClientSession, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> AsyncIterator[Callable[[int], Awaitable[FakeService]]]:
+    registered: list[str] = []
+
+    async def make(count: int) -> FakeService:
+        service = FakeService(name=f"fake-{uuid.uuid4().hex[:8]}")
+        for n in range(count):
+            upstream = Upstream(service_id=f"{service.name}-{n}", server=None)  # type: ignore[arg-type]
+
+            async def handle(request: web.Request, upstream: Upstream = upstream) -> web.StreamResponse:
+                upstream.hits += 1
+                if upstream.mode == "fail":
+                    return web.json_response({"code": "BOOM"}, status=500, content_type="application/problem+json")
+                if upstream.mode == "hang":
+                    await asyncio.sleep(5)
+                body = await request.read()
+                return web.json_response(
+                    {
+                        "instance": upstream.service_id,
+                        "path": request.path,
+                        "body": body.decode(),
+                        "request_id": request.headers.get("X-Request-ID"),
+                        "forwarded_for": request.headers.get("X-Forwarded-For"),
+                    }
+                )
+
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handle)
+            upstream.server = await aiohttp_server(app)
+            registration = {
+                "Name": service.name,
+                "ID": upstream.service_id,
+                "Address": "127.0.0.1",
+                "Port": upstream.port,
+                "Check": {"TTL": "60s", "Status": "passing", "DeregisterCriticalServiceAfter": "1m"},
+            }
+            async with consul.put("/v1/agent/service/register", json=registration) as r:
+                assert r.status == 200, await r.text()
+            registered.append(upstream.service_id)
+            service.instances.append(upstream)
+        return service
+
+    yield make
+    for service_id in registered:
+        async with consul.put(f"/v1/agent/service/deregister/{service_id}"):
+            pass
+
+
+@pytest.fixture
+def tokens() -> TokenFactory:
+    return TokenFactory()
+
+
+@pytest.fixture
+async def gateway(
+    infra: StackConfig, tokens: TokenFactory, aiohttp_client: Callable[..., Awaitable[TestClient]]
+) -> AsyncIterator[Callable[..., Awaitable[TestClient]]]:
+    """Start a real gateway whose route table points /api/v1/things at ``service``."""
+    redis_url = f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}"
+    flusher = aioredis.from_url(redis_url)
+    await flusher.flushdb()
+
+    async def make(service: FakeService | str, *, route_timeout: float = 2.0, **overrides: Any) -> TestClient:
+        name = service if isinstance(service, str) else service.name
+        port = free_port()
+        settings = Settings(
+            service=ServiceSettings(
+                name="gateway",
+                version="test",
+                host="127.0.0.1",
+                port=port,
+                advertise_address="127.0.0.1",
+                consul_url=infra.consul_url,
+                log_format="console",
+            ),
+            redis_url=redis_url,
+            jwt_issuer=tokens.issuer,
+            jwt_audience=tokens.audience,
+            expose_upstream=True,
+            # Limits out of the way, except in the tests about them.
+            rate_limit_ip=10**9,
+            rate_limit_user=10**9,
+            rate_limit_auth=10**9,
+        )
+        settings = replace(settings, **overrides)
+        table = RouteTable(
+            routes=(Route("/api/v1/things", name, timeout=route_timeout),),
+            public=frozenset({("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login")}),
+            auth=frozenset({("POST", "/api/v1/things/login")}),
+        )
+        app = create_app(settings, routes=table, verifier=tokens.verifier())
+        return await aiohttp_client(app, server_kwargs={"port": port})
+
+    yield make
+    await flusher.aclose()

@@ -1,0 +1,107 @@
+"""Discovery: the healthy set comes from a Consul watch, and the pick is uniform."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections import Counter
+
+from aiohttp import web
+
+from mesh_common.consul import consul_client
+from mesh_common.discovery import WATCHES, ServiceWatch
+from mesh_common.testing import TokenFactory, eventually
+
+SPREAD_REQUESTS = 3000
+
+
+async def test_each_request_picks_an_instance_uniformly_at_random(fake_service, gateway, tokens: TokenFactory):
+    service = await fake_service(3)
+    client = await gateway(service)
+    headers = tokens.headers()
+    served: Counter[str] = Counter()
+    semaphore = asyncio.Semaphore(32)
+
+    async def one() -> None:
+        async with semaphore, client.get("/api/v1/things", headers=headers) as r:
+            assert r.status == 200
+            served[r.headers["X-Upstream-Instance"]] += 1
+
+    await asyncio.gather(*(one() for _ in range(SPREAD_REQUESTS)))
+    shares = {k: round(v / SPREAD_REQUESTS * 100, 1) for k, v in served.items()}
+    print(f"\nshare per instance over {SPREAD_REQUESTS} requests (%): {shares}")
+    assert set(served) == {i.service_id for i in service.instances}
+    assert all(abs(share - 100 / 3) <= 5 for share in shares.values()), shares
+
+
+async def test_an_instance_that_turns_critical_leaves_the_healthy_set_quickly(
+    fake_service, gateway, check_status, tokens: TokenFactory
+):
+    """Time from Consul knowing an instance is critical to the gateway not choosing it."""
+    service = await fake_service(2)
+    client = await gateway(service)
+    watch = client.app[WATCHES][service.name]
+    victim = service.instances[0].service_id
+    delays = []
+    for _ in range(20):
+        await check_status(victim, "passing")
+        await eventually(lambda: victim in {i.id for i in watch.instances})
+        started = time.perf_counter()
+        await check_status(victim, "critical")
+        await eventually(lambda: victim not in {i.id for i in watch.instances})
+        delays.append((time.perf_counter() - started) * 1000)
+    p50 = statistics.median(delays)
+    p99 = statistics.quantiles(delays, n=100)[98]
+    print(f"\nConsul critical -> gateway stops choosing: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    assert p50 <= 100
+
+    # And requests follow the set: none reaches the critical instance.
+    for _ in range(50):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.headers["X-Upstream-Instance"] != victim
+
+
+async def test_no_healthy_instance_is_503_with_retry_after(fake_service, gateway, check_status, tokens: TokenFactory):
+    service = await fake_service(1)
+    client = await gateway(service)
+    await check_status(service.instances[0].service_id, "critical")
+    watch = client.app[WATCHES][service.name]
+    await eventually(lambda: not watch.instances)
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+        assert r.content_type == "application/problem+json"
+        assert (await r.json())["code"] == "NO_HEALTHY_UPSTREAM"
+
+
+async def test_the_last_known_set_survives_consul_going_away(aiohttp_server):
+    """A fake Consul answers once, then fails: the watch keeps what it knew."""
+    answers = 0
+
+    async def health(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        if answers > 1:
+            return web.Response(status=500, text="consul is restarting")
+        entries = [
+            {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": f"svc-{n}", "Address": "127.0.0.1", "Port": 1000 + n}}
+            for n in range(2)
+        ]
+        return web.json_response(entries, headers={"X-Consul-Index": "7"})
+
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", health)
+    fake_consul = await aiohttp_server(app)
+    client = consul_client(str(fake_consul.make_url("/")))
+    watch = ServiceWatch(client, "svc")
+    watch.start()
+    try:
+        assert await watch.wait_ready(5)
+        known = watch.instances
+        await eventually(lambda: answers >= 3)
+        assert watch.instances == known and len(known) == 2
+        assert watch.pick().id in {"svc-0", "svc-1"}
+    finally:
+        await watch.stop()
+        await client.close()

@@ -1,0 +1,73 @@
+"""Authentication, rate limits and body limits at the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mesh_common.testing import TokenFactory
+
+
+async def test_routes_need_a_token_unless_listed_public(fake_service, gateway, tokens: TokenFactory):
+    service = await fake_service(1)
+    client = await gateway(service)
+    async with client.get("/api/v1/things") as r:
+        assert r.status == 401
+        assert (await r.json())["code"] == "UNAUTHORIZED"
+    async with client.get("/api/v1/things", headers={"Authorization": "Bearer not.a.token"}) as r:
+        assert r.status == 401
+        assert (await r.json())["code"] == "INVALID_TOKEN"
+    other_issuer = TokenFactory()  # a key the gateway has never seen
+    async with client.get("/api/v1/things", headers=other_issuer.headers()) as r:
+        assert r.status == 401
+    async with client.get("/api/v1/things/public") as r:
+        assert r.status == 200
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 200
+
+
+async def test_rate_limit_holds_across_two_gateway_instances(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    limit = 20
+    first = await gateway(service, rate_limit_ip=limit)
+    second = await gateway(service, rate_limit_ip=limit)
+    headers = {**tokens.headers(), "X-Forwarded-For": "198.51.100.7"}
+    statuses = await asyncio.gather(
+        *(c.get("/api/v1/things", headers=headers) for _ in range(30) for c in (first, second))
+    )
+    accepted = sum(r.status == 200 for r in statuses)
+    refused = [r for r in statuses if r.status == 429]
+    print(f"\naccepted {accepted} of {len(statuses)} with a limit of {limit} across 2 gateways")
+    assert accepted <= limit
+    assert accepted + len(refused) == len(statuses)
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    assert refused[0].headers["RateLimit-Limit"] == str(limit)
+    assert refused[0].headers["RateLimit-Remaining"] == "0"
+
+
+async def test_login_has_a_tighter_limit(fake_service, gateway):
+    service = await fake_service(1)
+    client = await gateway(service, rate_limit_auth=3)
+    statuses = []
+    for _ in range(5):
+        async with client.post("/api/v1/things/login", json={}) as r:
+            statuses.append(r.status)
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+async def test_redis_down_fails_open_for_reads_and_closed_for_writes(fake_service, gateway, tokens, infra):
+    service = await fake_service(1)
+    client = await gateway(service, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 200
+    async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+        assert r.status == 503
+        assert (await r.json())["code"] == "RATE_LIMITER_UNAVAILABLE"
+
+
+async def test_oversized_body_is_413(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service, max_body=1024)
+    async with client.post("/api/v1/things", data=b"x" * 4096, headers=tokens.headers()) as r:
+        assert r.status == 413
+        assert (await r.json())["code"] == "PAYLOAD_TOO_LARGE"
+    assert service.hits == 0

@@ -1,0 +1,128 @@
+"""Passive health: breakers, retries on another instance, a retry budget, deadlines."""
+
+from __future__ import annotations
+
+from mesh_common.testing import TokenFactory, eventually
+from mesh_gateway.keys import BREAKERS
+
+
+async def test_idempotent_request_is_retried_once_on_a_different_instance(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    broken, healthy = service.instances
+    broken.mode = "fail"
+    client = await gateway(service)
+    # The retry budget always allows 3 retries per window: stay within them.
+    for _ in range(50):
+        before = broken.hits
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 200
+            assert r.headers["X-Upstream-Instance"] == healthy.service_id
+        assert broken.hits - before <= 1  # tried at most once, never twice on the same instance
+        if broken.hits == 3:
+            break
+    assert broken.hits == 3
+
+
+async def test_post_without_idempotency_key_is_not_retried(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    for instance in service.instances:
+        instance.mode = "fail"
+    client = await gateway(service)
+    async with client.post("/api/v1/things", json={"a": 1}, headers=tokens.headers()) as r:
+        assert r.status == 500  # the upstream's own problem body, passed through
+        assert (await r.json())["code"] == "BOOM"
+    assert service.hits == 1
+
+
+async def test_post_with_idempotency_key_is_retried(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    service.instances[0].mode = "fail"
+    client = await gateway(service)
+    for _ in range(50):
+        headers = {**tokens.headers(), "Idempotency-Key": "k-1"}
+        async with client.post("/api/v1/things", json={"a": 1}, headers=headers) as r:
+            assert r.status == 200
+        if service.instances[0].hits == 3:  # the budget's floor: 3 retries per window
+            break
+    assert service.instances[0].hits == 3
+
+
+async def test_connection_refused_is_retried_even_for_post(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    dead, alive = service.instances
+    await dead.server.close()  # Consul still lists it: only the breaker can learn
+    client = await gateway(service)
+    for _ in range(20):  # more refusals than the retry budget's floor: they cost no budget
+        async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+            assert r.status == 200
+            assert r.headers["X-Upstream-Instance"] == alive.service_id
+
+
+async def test_breaker_opens_on_5xx_and_half_opens_after_recovery(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "fail"
+    client = await gateway(service, breaker_failures=3, breaker_recovery=1.0)
+    breakers = client.app[BREAKERS]
+    for _ in range(3):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 500
+    assert breakers.is_open(instance.service_id)
+
+    hits = instance.hits
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 503
+        assert (await r.json())["code"] == "UPSTREAM_CIRCUIT_OPEN"
+        assert int(r.headers["Retry-After"]) >= 1
+    assert instance.hits == hits  # an open breaker sends nothing
+
+    instance.mode = "ok"
+    await eventually(lambda: breakers.breaker(instance.service_id).state == "half_open")
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 200  # the trial call went through and closed it
+    assert breakers.breaker(instance.service_id).state == "closed"
+
+
+async def test_4xx_never_opens_a_breaker(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service, breaker_failures=2)
+    for _ in range(5):
+        async with client.get("/api/v1/nothing-here", headers=tokens.headers()) as r:
+            assert r.status == 404  # no route: the gateway's own 404
+    assert not client.app[BREAKERS].is_open(service.instances[0].service_id)
+
+
+async def test_upstream_timeout_is_504(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    service.instances[0].mode = "hang"
+    client = await gateway(service, route_timeout=0.3)
+    async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+        assert r.status == 504
+        assert (await r.json())["code"] == "UPSTREAM_TIMEOUT"
+
+
+async def test_retry_budget_holds_when_every_instance_fails(fake_service, gateway, tokens: TokenFactory):
+    service = await fake_service(3)
+    for instance in service.instances:
+        instance.mode = "fail"
+    # A high breaker threshold keeps every attempt reaching an upstream.
+    client = await gateway(service, breaker_failures=10_000)
+    requests = 200
+    for _ in range(requests):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 500
+    ratio = service.hits / requests
+    print(f"\nupstream attempts / client requests = {service.hits}/{requests} = {ratio:.2f}")
+    assert ratio <= 1.2
+
+
+async def test_request_id_and_forwarded_headers_reach_the_upstream(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    headers = {**tokens.headers(), "X-Request-ID": "req-123", "Connection": "keep-alive, X-Secret", "X-Secret": "s"}
+    async with client.get("/api/v1/things/deep?x=1", headers=headers) as r:
+        body = await r.json()
+        assert r.headers["X-Request-ID"] == "req-123"
+    assert body["request_id"] == "req-123"
+    assert body["path"] == "/things/deep"
+    assert body["forwarded_for"]

@@ -1,0 +1,45 @@
+"""The whole native stack, for end-to-end tests: Envoy -> gateway -> services."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from devstack import stack
+from devstack.config import SERVICES, StackConfig
+from devstack.procs import stop
+
+
+@pytest.fixture(scope="session")
+def mesh(infra: StackConfig) -> Iterator[StackConfig]:
+    """Every service, the gateway and Envoy, one instance each, all healthy."""
+    stack.up(infra)
+    yield infra
+    # Leave the infrastructure to `task test`; stop what this fixture started.
+    for svc in (*SERVICES, "gateway"):
+        stack.scale(infra, svc, 0, wait=False)
+    stop(infra.run_dir, "envoy")
+
+
+@pytest.fixture
+async def api(mesh: StackConfig) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the public API, through Envoy."""
+    async with aiohttp.ClientSession(base_url=mesh.api_url, timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+async def register_and_login(api: aiohttp.ClientSession) -> dict[str, str]:
+    """A new user's Authorization header, obtained through the public API."""
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    async with api.post(
+        "/api/v1/users", json={"username": name, "email": f"{name}@example.test", "password": password}
+    ) as r:
+        assert r.status == 201, await r.text()
+    async with api.post("/api/v1/auth/login", json={"username": name, "password": password}) as r:
+        assert r.status == 200, await r.text()
+        token = (await r.json())["access_token"]
+    return {"Authorization": f"Bearer {token}"}
