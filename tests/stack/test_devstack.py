@@ -1,0 +1,66 @@
+"""The native stack runner's own promises: clear errors, no orphans, docs that hold."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
+from devstack.procs import Proc, StackError, require_free, running, start, stop, wait_until
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(StackError, match=rf"ports already in use: redis \({port}\).*MESH_PORT_"):
+            require_free({"redis": port})
+
+
+def test_ports_come_from_the_environment() -> None:
+    ports = Ports().overridden({"MESH_PORT_ENVOY": "9080"})
+    assert ports.envoy == 9080 and ports.consul_http == 8500
+
+
+def test_dev_and_test_ports_never_collide() -> None:
+    dev = set(vars(Ports()).values())
+    test = set(vars(TEST_PORTS).values())
+    assert not dev & test
+    assert len(test) == len(vars(TEST_PORTS))
+
+
+def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    # A parent that leaves a child behind, as a shell script might.
+    sleeper = "import time; time.sleep(60)"
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"
+    pid = start(cfg.run_dir, Proc("orphan-maker", [sys.executable, "-c", script], env={}))
+    assert running(cfg.run_dir) == {"orphan-maker": pid}
+    wait_until(lambda: len(group(pid)) == 2, timeout=10, what="the child to start")
+    stop(cfg.run_dir, "orphan-maker", grace=5)
+    assert running(cfg.run_dir) == {}
+    assert group(pid) == []
+
+
+def group(pgid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+
+
+def test_readme_quick_start_is_two_commands_after_installing_task() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "pip install go-task-bin" in quick_start
+    block = re.search(r"```sh\n(.*?)```", quick_start, re.S)
+    assert block is not None
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
+    assert commands == ["task up", "task test"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("task test")
