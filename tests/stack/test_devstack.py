@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
-from devstack.procs import Proc, StackError, require_free, running, start, stop, wait_until
+from devstack.procs import Proc, StackError, alive, require_free, running, start, stop, wait_until
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
@@ -49,7 +49,9 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
 
 
 def group(pgid: int) -> list[str]:
-    return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    """Live members of a process group (a zombie is dead, waiting for init to reap it)."""
+    members = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    return [pid for pid in members if alive(int(pid))]
 
 
 def test_readme_quick_start_is_two_commands_after_installing_task() -> None:
