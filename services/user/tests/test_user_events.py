@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import jsonschema
 import pytest
+import yaml
 from aio_pika.abc import AbstractQueue
 
 from mesh_common.events import EVENTS_EXCHANGE, Event
@@ -16,6 +20,7 @@ from mesh_common.outbox import OUTBOX_DDL
 from user_service.app import MIGRATIONS
 
 PASSWORD = "a long and unusual passphrase"
+ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
 
 
 @pytest.fixture
@@ -52,6 +57,16 @@ async def test_registration_publishes_user_registered_with_the_request_id(
     assert event.correlation_id == "req-register-ada"
     assert event.user_id == user["id"]
     assert event.data == {"user_id": user["id"], "username": "ada", "email": "ada@example.com", "display_name": "Ada"}
+
+
+async def test_user_registered_matches_its_asyncapi_contract(
+    client: Any, register: Any, registrations: AbstractQueue
+) -> None:
+    await register("ada")
+    event = await next_event(registrations)
+    contract = yaml.safe_load(ASYNCAPI.read_text())
+    schema = {"$ref": "#/components/schemas/UserRegisteredEvent", "components": contract["components"]}
+    jsonschema.Draft202012Validator(schema).validate(json.loads(event.to_json()))
 
 
 async def test_a_refused_registration_publishes_nothing(

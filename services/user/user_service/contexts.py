@@ -17,7 +17,7 @@ from mesh_common.db import DB
 from mesh_common.redis_client import REDIS
 
 from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
-from .passwords import Passwords, load_common_passwords
+from .passwords import Passwords, load_common_passwords, lower_thread_priority
 from .signing_keys import KeyStore, ensure_active_key
 from .throttle import LoginThrottle
 from .tokens import TokenIssuer
@@ -28,7 +28,12 @@ log = structlog.get_logger()
 @asynccontextmanager
 async def open_passwords(app: web.Application) -> AsyncIterator[None]:
     policy = app[SETTINGS].passwords
-    executor = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="argon2")
+    executor = ThreadPoolExecutor(
+        max_workers=policy.workers,
+        thread_name_prefix="argon2",
+        initializer=lower_thread_priority,
+        initargs=(policy.nice,),
+    )
     try:
         passwords = Passwords(policy, executor, load_common_passwords())
         await passwords.prepare()

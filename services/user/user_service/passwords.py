@@ -3,14 +3,18 @@
 argon2 is deliberately slow and memory-hungry (tens of milliseconds, 19 MiB),
 so every hash and verify runs on a small thread pool: the C code releases
 the GIL, and the event loop keeps answering other requests meanwhile. The
-pool is kept smaller than the machine (one thread by default), so that a
-storm of logins queues for the pool instead of starving everything else.
+pool is kept smaller than the machine (one thread by default) and runs at
+a lower CPU priority, so that a storm of logins queues for the pool instead
+of starving everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -23,6 +27,16 @@ from .settings import PasswordPolicy
 MIN_LENGTH = 8
 MAX_LENGTH = 128
 log = structlog.get_logger()
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Run the calling thread at a lower CPU priority (a nice level).
+
+    On Linux a nice level belongs to a thread, not to the whole process, so
+    this slows only the hashing threads. Elsewhere it is a no-op.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def load_common_passwords() -> frozenset[str]:

@@ -21,12 +21,17 @@ class PasswordPolicy:
     memory_cost_kib: int = ARGON2_MIN_MEMORY_KIB
     parallelism: int = 1
     workers: int = 1  # threads hashing in parallel; the event loop keeps a core to itself
+    # Hashing threads run at this nice level, so that when CPU is short the
+    # event loop (every other request) wins it, and logins wait instead.
+    nice: int = 10
 
     def __post_init__(self) -> None:
         if self.time_cost < ARGON2_MIN_TIME_COST or self.memory_cost_kib < ARGON2_MIN_MEMORY_KIB:
             raise SettingsError("argon2id parameters below the OWASP minimum (t=2, m=19456 KiB) are refused")
         if self.workers < 1 or self.parallelism < 1:
             raise SettingsError("ARGON2_WORKERS and ARGON2_PARALLELISM must be at least 1")
+        if not 0 <= self.nice <= 19:
+            raise SettingsError("ARGON2_NICE must be a nice level from 0 to 19")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class Settings:
                 memory_cost_kib=env_int(env, "ARGON2_MEMORY_KIB", ARGON2_MIN_MEMORY_KIB),
                 parallelism=env_int(env, "ARGON2_PARALLELISM", 1),
                 workers=env_int(env, "ARGON2_WORKERS", 1),
+                nice=env_int(env, "ARGON2_NICE", 10),
             ),
             throttle=ThrottlePolicy(
                 max_failures=env_int(env, "LOGIN_MAX_FAILURES", 10),

@@ -1,0 +1,41 @@
+"""Settings refuse what would weaken the service."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_common.settings import SettingsError
+from user_service.settings import PasswordPolicy, Settings, parse_service_clients
+
+ENV = {
+    "DATABASE_URL": "postgresql://users:users@127.0.0.1/users",
+    "REDIS_URL": "redis://127.0.0.1/0",
+    "AMQP_URL": "amqp://guest:guest@127.0.0.1/",
+}
+
+
+def test_defaults_are_owasps_argon2id_minimum() -> None:
+    policy = Settings.from_env(ENV).passwords
+    assert (policy.time_cost, policy.memory_cost_kib, policy.parallelism) == (2, 19456, 1)
+
+
+@pytest.mark.parametrize("weaker", [{"ARGON2_TIME_COST": "1"}, {"ARGON2_MEMORY_KIB": "8192"}])
+def test_argon2_parameters_below_the_minimum_are_refused(weaker: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="OWASP"):
+        Settings.from_env({**ENV, **weaker})
+
+
+def test_stronger_argon2_parameters_are_allowed() -> None:
+    assert PasswordPolicy(time_cost=3, memory_cost_kib=65536).memory_cost_kib == 65536
+
+
+def test_service_clients_are_parsed_from_name_secret_pairs() -> None:
+    clients = parse_service_clients(" notification-service:0123456789abcdef, todo-service:fedcba9876543210 ")
+    assert clients == (("notification-service", "0123456789abcdef"), ("todo-service", "fedcba9876543210"))
+    assert Settings.from_env(ENV).service_clients == ()
+
+
+@pytest.mark.parametrize("raw", ["no-secret", ":0123456789abcdef", "svc:short"])
+def test_malformed_or_weak_service_clients_are_refused(raw: str) -> None:
+    with pytest.raises(SettingsError, match="SERVICE_CLIENTS"):
+        parse_service_clients(raw)

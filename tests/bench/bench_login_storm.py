@@ -1,0 +1,175 @@
+"""Does a login storm slow everyone else down? p99 of GET /users/me, calm vs storm.
+
+    python tests/bench/bench_login_storm.py
+
+Starts the test profile's infrastructure if needed (like the test suite),
+runs one user-service process on a loopback port, outside Consul, and
+measures from this process:
+
+1. calm:  READERS clients call GET /users/me back to back for PHASE seconds;
+2. storm: the same, while STORMERS clients log in back to back (argon2id with
+   the production parameters, every one a correct password).
+
+It prints both p99s and their ratio; the target is a ratio of at most 2.
+Bounded: about 30 seconds in all, loopback only. The bench's accounts are
+deleted at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import aiopg
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from devstack.config import StackConfig  # noqa: E402
+from devstack.stack import up_infra  # noqa: E402
+
+READERS = 8
+STORMERS = 32
+STORM_ACCOUNTS = 16
+PHASE = 8.0
+PASSWORD = "bench passphrase that is long enough"
+PREFIX = "bench_"
+
+
+def serve() -> None:
+    """The child process: a user-service on an ephemeral port, announced on stdout."""
+    from mesh_common.logs import configure_logging
+    from mesh_common.serve import bind_socket, run
+    from user_service.app import create_app
+    from user_service.settings import Settings
+
+    settings = Settings.from_env(os.environ)
+    configure_logging("json", level=30)  # warnings only: access lines would cost CPU
+    sock = bind_socket("127.0.0.1", 0)
+    print(sock.getsockname()[1], flush=True)
+    run(create_app(settings.with_port(sock.getsockname()[1]), register=False), sock)
+
+
+def start_service(config: StackConfig) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, **config.service_env("user"), "REDIS_PREFIX": f"{PREFIX}{uuid.uuid4().hex[:8]}:"}
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert child.stdout is not None
+    port = child.stdout.readline().strip()
+    if not port.isdigit():
+        child.kill()
+        raise SystemExit("the user-service did not start")
+    return child, f"http://127.0.0.1:{port}"
+
+
+async def wait_ready(session: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with session.get("/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def account(session: aiohttp.ClientSession) -> tuple[str, str]:
+    """A new account: (username, access token)."""
+    name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+    body = {"username": name, "email": f"{name}@example.test", "password": PASSWORD}
+    async with session.post("/users", json=body) as response:
+        assert response.status == 201, await response.text()
+    async with session.post("/auth/login", json={"username": name, "password": PASSWORD}) as response:
+        assert response.status == 200, await response.text()
+        return name, (await response.json())["access_token"]
+
+
+async def read_profiles(session: aiohttp.ClientSession, token: str, until: float, latencies: list[float]) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        async with session.get("/users/me", headers=headers) as response:
+            await response.read()
+            assert response.status == 200
+        latencies.append(time.perf_counter() - started)
+
+
+async def log_in_repeatedly(session: aiohttp.ClientSession, name: str, until: float, count: list[int]) -> None:
+    while time.monotonic() < until:
+        async with session.post("/auth/login", json={"username": name, "password": PASSWORD}) as response:
+            await response.read()
+            assert response.status == 200, response.status
+        count.append(1)
+
+
+async def phase(
+    session: aiohttp.ClientSession, token: str, storm_names: list[str], seconds: float = PHASE
+) -> tuple[list[float], int]:
+    until = time.monotonic() + seconds
+    stormers = STORMERS if storm_names else 0
+    latencies: list[float] = []
+    logins: list[int] = []
+    await asyncio.gather(
+        *(read_profiles(session, token, until, latencies) for _ in range(READERS)),
+        *(log_in_repeatedly(session, storm_names[n % len(storm_names)], until, logins) for n in range(stormers)),
+    )
+    return latencies, len(logins)
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98] * 1000
+
+
+async def bench(config: StackConfig, base_url: str) -> float:
+    connector = aiohttp.TCPConnector(limit=READERS + STORMERS)
+    async with aiohttp.ClientSession(base_url, connector=connector) as session:
+        await wait_ready(session)
+        _, token = await account(session)
+        storm_names = [name for name, _ in await asyncio.gather(*(account(session) for _ in range(STORM_ACCOUNTS)))]
+        await phase(session, token, storm_names, seconds=2.0)  # warm-up: connections, caches, pool threads
+        calm, _ = await phase(session, token, [])
+        storm, logins = await phase(session, token, storm_names)
+    ratio = p99(storm) / p99(calm)
+    print(f"calm:  {len(calm)} GET /users/me, p99 {p99(calm):.1f} ms")
+    print(
+        f"storm: {len(storm)} GET /users/me, p99 {p99(storm):.1f} ms, during {logins} logins ({logins / PHASE:.0f}/s)"
+    )
+    print(f"p99 ratio storm/calm: {ratio:.2f} (target <= 2)")
+    return ratio
+
+
+async def delete_bench_accounts(config: StackConfig) -> None:
+    async with (
+        aiopg.create_pool(config.database_url("user"), minsize=1, maxsize=1) as pool,
+        pool.acquire() as conn,
+        conn.cursor() as cur,
+    ):
+        await cur.execute("DELETE FROM users WHERE username LIKE %s", (f"{PREFIX}%",))
+
+
+def main() -> None:
+    config = StackConfig.from_env(profile="test")
+    up_infra(config)
+    child, base_url = start_service(config)
+    try:
+        asyncio.run(bench(config, base_url))
+    finally:
+        child.terminate()
+        child.wait(timeout=15)
+        asyncio.run(delete_bench_accounts(config))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main()

@@ -1,0 +1,47 @@
+"""A live user-service app for the security suites: real PostgreSQL, Redis and RabbitMQ."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiopg
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.config import StackConfig
+from mesh_common.db import migrate
+from mesh_common.settings import ServiceSettings
+from user_service.app import MIGRATIONS, create_app
+from user_service.settings import Settings
+
+
+@pytest.fixture
+async def user_service(aiohttp_client: Any, infra: StackConfig) -> AsyncIterator[Any]:
+    """A test client of a user-service on empty tables, outside Consul."""
+    settings = Settings(
+        service=ServiceSettings(
+            name="user-service",
+            version="test",
+            host="127.0.0.1",
+            port=0,
+            advertise_address="127.0.0.1",
+            consul_url=infra.consul_url,
+            log_format="console",
+        ),
+        database_url=infra.database_url("user"),
+        redis_url=infra.redis_url,
+        amqp_url=infra.amqp_url,
+        redis_prefix=f"test-security-{uuid.uuid4().hex[:8]}:",
+    )
+    async with aiopg.create_pool(settings.database_url, minsize=1, maxsize=1) as pool:
+        await migrate(pool, MIGRATIONS)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("TRUNCATE users, refresh_tokens, signing_keys, outbox")
+    yield await aiohttp_client(create_app(settings, register=False))
+    redis = aioredis.from_url(settings.redis_url)
+    keys = [key async for key in redis.scan_iter(match=f"{settings.redis_prefix}*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
