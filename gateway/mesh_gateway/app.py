@@ -78,7 +78,7 @@ def create_app(
     app[RETRY_BUDGET] = RetryBudget()
     contexts = [
         consul_ctx(settings.service.consul_url),
-        watch_services_ctx(*routes.services()),
+        watch_services_ctx(*app[ROUTE_TABLE].services()),
         http_session_ctx(limit=1000, limit_per_host=250),
         redis_ctx(settings.redis_url, health=False),
     ]

@@ -41,6 +41,10 @@ class RouteTable:
     def services(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(r.service for r in self.routes))
 
+    def extended(self, extra: tuple[tuple[str, str], ...]) -> RouteTable:
+        routes = tuple(Route(prefix, service) for prefix, service in extra)
+        return RouteTable(routes=self.routes + routes, public=self.public, auth=self.auth)
+
 
 API = RouteTable(
     routes=(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from mesh_common.settings import ServiceSettings, env_bool, env_float, env_int, env_str
+from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 from . import __version__
 
@@ -24,11 +24,18 @@ class Settings:
     rate_limit_ip: int = 6000
     rate_limit_user: int = 1200
     rate_limit_auth: int = 30
+    # Routes beyond the published API, as (prefix, service): "/api/v1/echo=bench-echo".
+    extra_routes: tuple[tuple[str, str], ...] = ()
+    # Proxying only (no JWT, rate limit or breakers): the baseline that
+    # benchmarks compare the full gateway with. Never for real traffic.
+    passthrough: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         return cls(
-            service=ServiceSettings.from_env(env, name="gateway", version=__version__, default_port=8000),
+            service=ServiceSettings.from_env(
+                env, name=env_str(env, "GATEWAY_SERVICE_NAME", "gateway"), version=__version__, default_port=8000
+            ),
             redis_url=env_str(env, "REDIS_URL"),
             jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
             jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
@@ -40,7 +47,19 @@ class Settings:
             rate_limit_ip=env_int(env, "RATE_LIMIT_PER_IP", 6000),
             rate_limit_user=env_int(env, "RATE_LIMIT_PER_USER", 1200),
             rate_limit_auth=env_int(env, "RATE_LIMIT_AUTH_PER_IP", 30),
+            extra_routes=_routes(env_str(env, "GATEWAY_EXTRA_ROUTES", "")),
+            passthrough=env_bool(env, "GATEWAY_PASSTHROUGH", False),
         )
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
+
+
+def _routes(raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        prefix, sep, service = item.partition("=")
+        if not sep or not prefix.startswith("/") or not service:
+            raise SettingsError(f"GATEWAY_EXTRA_ROUTES: expected /prefix=service, got {item!r}")
+        pairs.append((prefix, service))
+    return tuple(pairs)

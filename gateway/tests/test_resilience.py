@@ -77,10 +77,10 @@ async def test_breaker_opens_on_5xx_and_half_opens_after_recovery(fake_service, 
     assert instance.hits == hits  # an open breaker sends nothing
 
     instance.mode = "ok"
-    await eventually(lambda: breakers.breaker(instance.service_id).state == "half_open")
+    await eventually(lambda: breakers.state(instance.service_id) == "half_open")
     async with client.get("/api/v1/things", headers=tokens.headers()) as r:
         assert r.status == 200  # the trial call went through and closed it
-    assert breakers.breaker(instance.service_id).state == "closed"
+    assert breakers.state(instance.service_id) == "closed"
 
 
 async def test_4xx_never_opens_a_breaker(fake_service, gateway, tokens):

@@ -9,6 +9,7 @@ does not multiply the load on what is left.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 from circuitbreaker import CircuitBreaker
 
@@ -20,12 +21,15 @@ class UpstreamFailure(Exception):
 
 
 class BreakerBoard:
-    def __init__(self, *, failure_threshold: int = 5, recovery_timeout: float = 5.0) -> None:
+    def __init__(self, *, failure_threshold: int = 5, recovery_timeout: float = 5.0, enabled: bool = True) -> None:
         self._threshold = failure_threshold
         self._recovery = recovery_timeout
+        self._enabled = enabled
         self._breakers: dict[str, CircuitBreaker] = {}
 
-    def breaker(self, instance_id: str) -> CircuitBreaker:
+    def breaker(self, instance_id: str) -> AbstractContextManager[object]:
+        if not self._enabled:
+            return nullcontext()
         breaker = self._breakers.get(instance_id)
         if breaker is None:
             breaker = CircuitBreaker(
@@ -54,6 +58,10 @@ class BreakerBoard:
         if len(closed) == len(candidates):
             raise AllBreakersOpen(watch.service)
         return watch.pick(exclude | closed)
+
+    def state(self, instance_id: str) -> str:
+        breaker = self._breakers.get(instance_id)
+        return breaker.state if breaker is not None else "closed"
 
     def retry_after(self, watch: ServiceWatch) -> int:
         """Seconds until the first open breaker of ``watch`` half-opens."""
