@@ -1,0 +1,189 @@
+"""The gateway's cost, as ratios measured in one run on this machine.
+
+    python tests/bench/bench_gateway.py        (or: task bench)
+
+Every figure is a ratio of two measurements taken back to back with the same
+load generator (wrk, closed loop, same connections), so machine noise mostly
+cancels. Targets are those of the gateway issue:
+
+  gateway ratio      gateway -> echo    / echo directly            >= 0.45
+  todos ratio        gateway -> GET /todos / todo-service directly >= 0.70
+  feature cost       full gateway       / pass-through gateway     >= 0.80
+  Envoy hop          Envoy -> gateway   / gateway directly         >= 0.85
+  tail at 50% load   p99 / p50 at half the gateway's maximum rate   <= 4
+
+Everything runs on loopback, on the test profile's ports, and stops itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from devstack import components as c  # noqa: E402
+from devstack import stack  # noqa: E402
+from devstack.config import StackConfig  # noqa: E402
+from devstack.procs import Proc, port_free, start, stop, wait_until  # noqa: E402
+
+DURATION = 5  # seconds per wrk run
+CONNECTIONS = 32
+ROUNDS = 2  # each pair is measured this many times, alternating
+PASSTHROUGH_PORT = 18090
+BENCH_ENV = {
+    "GATEWAY_EXTRA_ROUTES": "/api/v1/echo=bench-echo",
+    # The limits would (rightly) throttle a benchmark: raise them, keep the work.
+    "RATE_LIMIT_PER_IP": str(10**9),
+    "RATE_LIMIT_PER_USER": str(10**9),
+    "LOG_FORMAT": "json",
+}
+
+
+def wrk(url: str, headers: dict[str, str]) -> float:
+    """Requests per second, from one wrk run."""
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=DURATION + 30, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def compare(label: str, numerator: tuple[str, dict[str, str]], denominator: tuple[str, dict[str, str]]) -> float:
+    tops, bottoms = [], []
+    for _ in range(ROUNDS):
+        tops.append(wrk(*numerator))
+        bottoms.append(wrk(*denominator))
+    top, bottom = statistics.mean(tops), statistics.mean(bottoms)
+    print(f"  {label:<16} {top:9.0f} / {bottom:9.0f} req/s = {top / bottom:.2f}", flush=True)
+    return top / bottom
+
+
+async def latency_at(url: str, headers: dict[str, str], rate: float, seconds: float) -> tuple[float, float]:
+    """Open-loop load at a fixed rate; latency counted from the scheduled send time."""
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        start_at = time.perf_counter()
+
+        async def one(due: float) -> None:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            async with session.get(url) as r:
+                await r.read()
+                assert r.status == 200, r.status
+            latencies.append(time.perf_counter() - due)
+
+        count = int(rate * seconds)
+        await asyncio.gather(*(one(start_at + i / rate) for i in range(count)))
+    latencies.sort()
+    return statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.99) - 1] * 1000
+
+
+def start_bench_processes(cfg: StackConfig) -> None:
+    for svc in ("user", "todo"):
+        stack.scale(cfg, svc, 1)
+    start(
+        cfg.run_dir,
+        Proc("bench-echo", [cfg.python, str(ROOT / "tests/bench/echo_service.py")], env=cfg.service_env("echo")),
+    )
+    gateway = c.gateway(cfg, 0)
+    start(cfg.run_dir, Proc(gateway.name, gateway.argv, env={**gateway.env, **BENCH_ENV}))
+    if not port_free("127.0.0.1", PASSTHROUGH_PORT):
+        raise SystemExit(f"port {PASSTHROUGH_PORT} is taken")
+    passthrough_env = {
+        **gateway.env,
+        **BENCH_ENV,
+        "SERVICE_HOST": "127.0.0.1",
+        "SERVICE_PORT": str(PASSTHROUGH_PORT),
+        "GATEWAY_SERVICE_NAME": "gateway-passthrough",
+        "GATEWAY_PASSTHROUGH": "1",
+    }
+    start(cfg.run_dir, Proc("bench-passthrough", gateway.argv, env=passthrough_env))
+    start(cfg.run_dir, c.envoy(cfg))
+    for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
+        wait_until(lambda name=name: stack.passing(cfg, name), timeout=60, what=f"{name} to pass its check")
+    wait_until(lambda: stack.get_json(f"{cfg.api_url}/ready"), timeout=60, what="Envoy")
+
+
+def stop_bench_processes(cfg: StackConfig) -> None:
+    for name in ("envoy", "bench-passthrough", "bench-echo"):
+        stop(cfg.run_dir, name)
+    for svc in ("gateway", "user", "todo"):
+        stack.scale(cfg, svc, 0, wait=False)
+
+
+async def sign_in(gateway_url: str) -> dict[str, str]:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    async with aiohttp.ClientSession(base_url=gateway_url) as http:
+        body = {"username": name, "email": f"{name}@example.test", "password": password}
+        async with http.post("/api/v1/users", json=body) as r:
+            assert r.status == 201, await r.text()
+        async with http.post("/api/v1/auth/login", json={"username": name, "password": password}) as r:
+            assert r.status == 200, await r.text()
+            headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+        for n in range(20):
+            async with http.post("/api/v1/todos", json={"title": f"todo {n}"}, headers=headers) as r:
+                assert r.status == 201, await r.text()
+    return headers
+
+
+def instance_url(cfg: StackConfig, consul_name: str) -> str:
+    entry = stack.passing(cfg, consul_name)[0]["Service"]
+    return f"http://{entry['Address']}:{entry['Port']}"
+
+
+def main() -> int:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (task bench does it)")
+    cfg = StackConfig.from_env(os.environ, profile="test")
+    stack.up_infra(cfg)
+    try:
+        start_bench_processes(cfg)
+        gateway = f"http://{cfg.gateway_address(0)}:{cfg.ports.gateway}"
+        auth = asyncio.run(sign_in(gateway))
+        echo, todo = instance_url(cfg, "bench-echo"), instance_url(cfg, "todo-service")
+        print(f"\ngateway benchmark: wrk -t1 -c{CONNECTIONS}, {DURATION}s x {ROUNDS} rounds, on {os.cpu_count()} cores")
+        results = {
+            "gateway ratio": compare("gateway ratio", (f"{gateway}/api/v1/echo/ping", auth), (f"{echo}/echo/ping", {})),
+            "todos ratio": compare("todos ratio", (f"{gateway}/api/v1/todos", auth), (f"{todo}/todos", auth)),
+            "feature cost": compare(
+                "feature cost",
+                (f"{gateway}/api/v1/echo/ping", auth),
+                (f"http://127.0.0.1:{PASSTHROUGH_PORT}/api/v1/echo/ping", {}),
+            ),
+            "Envoy hop": compare(
+                "Envoy hop", (f"{cfg.api_url}/api/v1/echo/ping", auth), (f"{gateway}/api/v1/echo/ping", auth)
+            ),
+        }
+        peak = wrk(f"{gateway}/api/v1/echo/ping", auth)
+        p50, p99 = asyncio.run(latency_at(f"{gateway}/api/v1/echo/ping", auth, peak / 2, seconds=DURATION))
+        results["p99 / p50"] = p99 / p50
+        print(f"  {'tail at 50%':<16} {peak / 2:.0f} req/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms = {p99 / p50:.2f}")
+        targets = {"gateway ratio": 0.45, "todos ratio": 0.7, "feature cost": 0.8, "Envoy hop": 0.85}
+        print("\n  figure           value  target")
+        for name, value in results.items():
+            ok = value <= 4 if name == "p99 / p50" else value >= targets[name]
+            bound = "<= 4" if name == "p99 / p50" else f">= {targets[name]}"
+            print(f"  {name:<16} {value:5.2f}  {bound:<7} {'met' if ok else 'NOT MET'}")
+    finally:
+        stop_bench_processes(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
