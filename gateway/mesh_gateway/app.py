@@ -69,11 +69,14 @@ def create_app(
     ``routes`` is the published API; ``verifier`` replaces the JWKS fetched
     through Consul. Tests pass both, to put fake upstreams behind a real gateway.
     """
-    app = service_app(settings.service, middlewares=[guard_middleware], client_max_size=settings.max_body)
+    guards = [] if settings.passthrough else [guard_middleware]
+    app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body)
     app[SETTINGS] = settings
-    app[ROUTE_TABLE] = routes
+    app[ROUTE_TABLE] = routes.extended(settings.extra_routes)
     app[BREAKERS] = BreakerBoard(
-        failure_threshold=settings.breaker_failures, recovery_timeout=settings.breaker_recovery
+        failure_threshold=settings.breaker_failures,
+        recovery_timeout=settings.breaker_recovery,
+        enabled=not settings.passthrough,
     )
     app[RETRY_BUDGET] = RetryBudget()
     contexts = [
