@@ -68,12 +68,33 @@ PRINCIPAL = web.RequestKey("mesh.principal", Principal)
 
 
 class JwksVerifier:
-    def __init__(self, fetch: JwksFetcher, *, issuer: str, audience: str, refresh_cooldown: float = 5.0) -> None:
+    """Verifies access tokens against a cached key set.
+
+    A token that verified once is remembered until it expires, because
+    signature checks dominate a gateway's CPU otherwise. The memory is
+    forgotten whenever the key set changes, and the key set is fetched again
+    when it is older than ``max_key_age``, so a retired key stops verifying
+    (cached tokens included) within that time.
+    """
+
+    def __init__(
+        self,
+        fetch: JwksFetcher,
+        *,
+        issuer: str,
+        audience: str,
+        refresh_cooldown: float = 5.0,
+        max_key_age: float = 300.0,
+        remember: int = 10_000,
+    ) -> None:
         self._fetch = fetch
         self._issuer = issuer
         self._audience = audience
         self._cooldown = refresh_cooldown
+        self._max_key_age = max_key_age
+        self._remember = remember
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._verified: dict[str, Principal] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -87,10 +108,27 @@ class JwksVerifier:
             for entry in document.get("keys", []):
                 if entry.get("kid") and entry.get("use", "sig") == "sig" and entry.get("alg") in ALGORITHMS:
                     keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=entry["alg"])
+            if keys.keys() != self._keys.keys():
+                self._verified.clear()
+                log.info("jwks_refreshed", kids=sorted(keys))
             self._keys = keys
-            log.info("jwks_refreshed", kids=sorted(keys))
 
     async def verify(self, token: str) -> Principal:
+        if time.monotonic() - self._fetched_at > self._max_key_age:
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep the keys we have; try again after the cool-down
+                log.warning("jwks_refresh_failed", error=type(exc).__name__)
+        known = self._verified.get(token)
+        if known is not None and known.claims["exp"] > time.time():
+            return known
+        principal = await self._verify(token)
+        if len(self._verified) >= self._remember:
+            self._verified.clear()  # crude but bounded; hot tokens come straight back
+        self._verified[token] = principal
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -175,6 +213,7 @@ def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service"):  # t
     The first fetch happens on the first token, not at start-up, so that a
     service can start while the user-service is still coming up.
     """
+
     @asynccontextmanager
     async def open_verifier(app: web.Application) -> AsyncIterator[None]:
         client = app[SERVICE_CLIENT]
