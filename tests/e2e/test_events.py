@@ -1,0 +1,112 @@
+"""Events across the whole system, with the real broker stopped and started.
+
+The todo-service writes each event to its outbox in the same transaction as
+the change; the relay publishes it once RabbitMQ is back. The
+notification-service turns events into email in the SMTP sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import aio_pika
+import aiohttp
+import pytest
+
+from devstack import components as c
+from devstack.config import StackConfig
+from devstack.procs import start, stop, wait_until
+
+from .conftest import register_and_login
+
+pytestmark = pytest.mark.e2e
+TODOS_DURING_OUTAGE = 200
+AUDIT_QUEUE = "e2e.audit.todo-created"
+
+
+async def declare_audit_queue(cfg: StackConfig) -> None:
+    """A durable queue that survives the broker restart and counts todo.created."""
+    connection = await aio_pika.connect(cfg.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("todo-mesh.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(AUDIT_QUEUE, durable=True)
+        await queue.bind(exchange, "todo.created")
+        await queue.purge()
+
+
+async def drain_audit_queue(cfg: StackConfig, expected: int, *, within: float) -> list[str]:
+    """Event ids consumed from the audit queue, until ``expected`` or ``within`` seconds."""
+    ids: list[str] = []
+    connection = await aio_pika.connect(cfg.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(AUDIT_QUEUE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            message = await queue.get(fail=False)
+            if message is None:
+                if len(ids) >= expected:
+                    break
+                await asyncio.sleep(0.1)
+                continue
+            ids.append(json.loads(message.body)["id"])
+            await message.ack()
+        await queue.delete(if_unused=False, if_empty=False)
+    return ids
+
+
+async def test_no_event_is_lost_while_rabbitmq_is_down(mesh: StackConfig, api: aiohttp.ClientSession) -> None:
+    headers = await register_and_login(api)
+    await declare_audit_queue(mesh)
+
+    stop(mesh.run_dir, "rabbitmq", grace=30)
+    try:
+        created = 0
+        for n in range(TODOS_DURING_OUTAGE):
+            async with api.post("/api/v1/todos", json={"title": f"during the outage {n}"}, headers=headers) as r:
+                assert r.status == 201, await r.text()
+                created += 1
+    finally:
+        start(mesh.run_dir, c.rabbitmq(mesh))
+        wait_until(lambda: c.rabbitmq_ready(mesh), timeout=120, what="RabbitMQ to come back", interval=1.0)
+
+    ids = await drain_audit_queue(mesh, created, within=90)
+    distinct = set(ids)
+    print(
+        f"\ncommitted {created}, consumed {len(ids)}: lost {created - len(distinct)}, duplicates {len(ids) - len(distinct)}"
+    )
+    assert len(distinct) == created
+
+
+async def test_completing_a_todo_emails_its_owner(mesh: StackConfig, api: aiohttp.ClientSession) -> None:
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    email = f"{name}@example.test"
+    password = f"pw-{uuid.uuid4().hex}"
+    async with api.post("/api/v1/users", json={"username": name, "email": email, "password": password}) as r:
+        assert r.status == 201, await r.text()
+    async with api.post("/api/v1/auth/login", json={"username": name, "password": password}) as r:
+        headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+    async with api.post("/api/v1/todos", json={"title": "water the plants"}, headers=headers) as r:
+        assert r.status == 201, await r.text()
+        todo = await r.json()
+    async with api.post(f"/api/v1/todos/{todo['id']}/complete", headers=headers) as r:
+        assert r.status == 200, await r.text()
+
+    async with aiohttp.ClientSession(base_url=mesh.mail_api_url) as mail:
+
+        async def subjects() -> list[str]:
+            async with mail.get("/api/v1/messages") as r:
+                messages = (await r.json())["messages"]
+            return [m["Subject"] for m in messages if any(t["Address"] == email for t in m["To"])]
+
+        async with asyncio.timeout(30):
+            while not any("water the plants" in s for s in await subjects()):
+                await asyncio.sleep(0.2)
+        received = await subjects()
+    print(f"\nmail for {email}: {received}")
+    assert sum("water the plants" in s for s in received) == 1  # exactly one notice
+    assert len(received) == 2  # and one welcome email
