@@ -76,9 +76,8 @@ async def test_no_event_is_lost_while_rabbitmq_is_down(mesh: StackConfig, api: a
 
     ids = await drain_audit_queue(mesh, created, within=90)
     distinct = set(ids)
-    print(
-        f"\ncommitted {created}, consumed {len(ids)}: lost {created - len(distinct)}, duplicates {len(ids) - len(distinct)}"
-    )
+    lost, duplicates = created - len(distinct), len(ids) - len(distinct)
+    print(f"\ncommitted {created}, consumed {len(ids)}: lost {lost}, duplicates {duplicates}")
     assert len(distinct) == created
 
 
