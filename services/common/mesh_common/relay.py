@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 import aiopg
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 
 from .amqp import AMQP
@@ -56,16 +56,34 @@ class OutboxRelay:
         # change committed and before anything was published.
         self._crash_before_publish = crash_before_publish
         self._wake = asyncio.Event()
+        self._stopping = False
+        self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
     async def _get_exchange(self) -> AbstractExchange:
         if self._exchange is None:
-            channel = await self._connection.channel(publisher_confirms=True)
-            self._exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+            # While the broker is away there is nothing to do but wait: the
+            # rows keep in the outbox, and the robust connection reconnects.
+            await self._connection.ready()
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._exchange = await self._channel.declare_exchange(
+                EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
         return self._exchange
+
+    async def _drop_channel(self) -> None:
+        # A failed publish may leave the channel unusable; a new one is opened
+        # for the next batch, and this one is closed rather than leaked.
+        channel, self._channel, self._exchange = self._channel, None, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def publish_batch(self) -> int:
         """Publish one batch of unsent rows; returns how many were sent."""
+        # The channel first: no rows are locked, and no transaction is held
+        # open, while the broker cannot be reached.
+        exchange = await self._get_exchange()
         async with transaction(self._pool) as cur:
             await cur.execute(CLAIM, (self._batch_size,))
             rows = await cur.fetchall()
@@ -74,7 +92,6 @@ class OutboxRelay:
             if self._crash_before_publish:
                 log.warning("outbox_relay_crash_hook", rows=len(rows))
                 os._exit(70)
-            exchange = await self._get_exchange()
             await asyncio.gather(
                 *(
                     exchange.publish(
@@ -97,11 +114,25 @@ class OutboxRelay:
             )
         return len(rows)
 
+    def stop(self) -> None:
+        """Make ``run`` return after the batch in hand.
+
+        Cancelling the task alone is not enough: on Python 3.11, a
+        cancellation that arrives as a query or a confirm completes can be
+        swallowed (``asyncio.wait_for``, used by aiopg), and the loop would
+        go on forever.
+        """
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen(), name="outbox-listen")
         delay = 0.1
         try:
-            while True:
+            while not self._stopping:
+                # Cleared before looking, so that a NOTIFY arriving while a
+                # batch is published wakes the next wait instead of being lost.
+                self._wake.clear()
                 try:
                     sent = await self.publish_batch()
                 except asyncio.CancelledError:
@@ -109,7 +140,7 @@ class OutboxRelay:
                 except Exception as exc:
                     # The broker or the database is away: the rows stay unsent
                     # and are tried again; nothing is lost.
-                    self._exchange = None
+                    await self._drop_channel()
                     log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -118,7 +149,6 @@ class OutboxRelay:
                 if sent:
                     log.debug("outbox_published", count=sent)
                     continue
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._poll_interval):
                         await self._wake.wait()
@@ -152,6 +182,7 @@ def outbox_relay_ctx(*, crash_before_publish: bool = False):  # type: ignore[no-
         try:
             yield
         finally:
+            relay.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
