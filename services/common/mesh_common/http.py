@@ -58,20 +58,33 @@ class ServiceClient:
         watch = self._watches[service]
         tried: set[str] = set()
         self._budget.record_request()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline
 
         def giveup(exc: Exception) -> bool:
             return not self._budget.try_spend()
 
+        # Waits of 0-20 ms, then 0-40 ms...: ``factor`` scales expo's 1, 2, 4
+        # (``base`` would replace the 2), and ``max_time`` cuts a wait short
+        # at the deadline.
         @backoff.on_exception(
-            backoff.expo, UpstreamFailure, max_tries=self._attempts, base=0.02, jitter=backoff.full_jitter,
-            giveup=giveup,
+            backoff.expo, UpstreamFailure, max_tries=self._attempts, max_time=self._deadline, factor=0.02,
+            jitter=backoff.full_jitter, giveup=giveup,
         )
         async def attempt() -> Any:
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{service}: the deadline passed before another attempt")
             instance = self.breakers.pick(watch, frozenset(tried))
             tried.add(instance.id)
             with self.breakers.breaker(instance.id):
                 try:
-                    async with self._session.get(instance.base_url + path, headers=headers) as resp:
+                    # The deadline fires inside the breaker, as a TimeoutError,
+                    # so that an instance that hangs counts as failing: a
+                    # cancellation from outside would reset the breaker instead.
+                    async with (
+                        asyncio.timeout_at(deadline),
+                        self._session.get(instance.base_url + path, headers=headers) as resp,
+                    ):
                         if resp.status >= 500:
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
                         body = await resp.json(content_type=None)
@@ -81,8 +94,7 @@ class ServiceClient:
                 raise UpstreamStatusError(resp.status, body)
             return body
 
-        async with asyncio.timeout(self._deadline):
-            return await attempt()
+        return await attempt()
 
 
 SERVICE_CLIENT = web.AppKey("mesh.service_client", ServiceClient)
