@@ -2,36 +2,54 @@
 
 ``connect_robust`` reconnects by itself after a broker restart and restores
 channels, exchanges, queues and consumers declared through it.
+
+A service that only publishes through the outbox does not need the broker to
+serve: with ``wait_for_broker=False`` it starts, and stays ready, while the
+broker is away; the connection comes up in the background and the relay
+publishes what waited in the outbox once it has.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
+from yarl import URL
 
 from .health import SERVICE, add_health_check
 
 AMQP = web.AppKey("mesh.amqp", AbstractRobustConnection)
 
 
-def amqp_ctx(url: str):  # type: ignore[no-untyped-def]
+def amqp_ctx(url: str, *, wait_for_broker: bool = True):  # type: ignore[no-untyped-def]
     @asynccontextmanager
     async def open_amqp(app: web.Application) -> AsyncIterator[None]:
-        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": app[SERVICE].instance_id})
+        properties = {"connection_name": app[SERVICE].instance_id}
+        connecting = None
+        if wait_for_broker:
+            connection = await aio_pika.connect_robust(url, client_properties=properties)
+        else:
+            # fail_fast off: a failed first attempt is retried like a reconnection.
+            connection = aio_pika.RobustConnection(URL(url), client_properties=properties, fail_fast=False)
+            connecting = asyncio.create_task(connection.connect(), name="amqp-connect")
         app[AMQP] = connection
 
         async def connected() -> None:
             if connection.is_closed:
                 raise ConnectionError("AMQP connection is closed")
 
-        add_health_check(app, "rabbitmq", connected)
+        if wait_for_broker:  # otherwise a broker outage must not take the instance out of service
+            add_health_check(app, "rabbitmq", connected)
         try:
             yield
         finally:
+            if connecting is not None:
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
             await connection.close()
 
     return open_amqp
