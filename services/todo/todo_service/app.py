@@ -2,26 +2,70 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
+from mesh_common.amqp import amqp_ctx
 from mesh_common.app import service_app
+from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
-from mesh_common.db import database_ctx
+from mesh_common.db import DB, database_ctx
+from mesh_common.discovery import watch_services_ctx
+from mesh_common.http import SERVICE_CLIENT, http_session_ctx
+from mesh_common.relay import outbox_relay_ctx
 
+from .keys import OWNERS, SETTINGS, TODOS
+from .owners import OwnerDirectory, OwnerLookup
+from .routes import setup_routes
 from .settings import Settings
+from .todos import Todos
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings.service)
-    app.cleanup_ctx.extend(
-        [
-            database_ctx(settings.database_url, MIGRATIONS),
-            consul_ctx(settings.service.consul_url),
-            registration_ctx(),
-        ]
-    )
+def todos_ctx(owners: OwnerLookup | None):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def open_todos(app: web.Application) -> AsyncIterator[None]:
+        app[TODOS] = Todos(app[DB])
+        app[OWNERS] = owners or OwnerDirectory(app[SERVICE_CLIENT], app[SETTINGS].user_service)
+        yield
+
+    return open_todos
+
+
+def create_app(
+    settings: Settings, *, verifier: JwksVerifier | None = None, owners: OwnerLookup | None = None
+) -> web.Application:
+    """The todo-service app.
+
+    Tests may pass ``verifier`` instead of the JWKS fetched from the
+    user-service, and ``owners`` instead of the profiles fetched from it.
+    """
+    app = service_app(settings.service, middlewares=[auth_middleware()])
+    app[SETTINGS] = settings
+    contexts = [
+        database_ctx(settings.database_url, MIGRATIONS),
+        # Todos are written with their events to the outbox: serving needs no
+        # broker, so the instance starts and stays ready without one.
+        amqp_ctx(settings.amqp_url, wait_for_broker=False),
+        consul_ctx(settings.service.consul_url),
+        watch_services_ctx(settings.user_service),
+        http_session_ctx(),
+        todos_ctx(owners),
+    ]
+    if verifier is None:
+        contexts.append(
+            jwks_ctx(issuer=settings.jwt_issuer, audience=settings.jwt_audience, service=settings.user_service)
+        )
+    else:
+        app[VERIFIER] = verifier
+    contexts += [
+        outbox_relay_ctx(crash_before_publish=settings.relay_crash_before_publish),
+        registration_ctx(),  # last: registered only once everything above is ready
+    ]
+    app.cleanup_ctx.extend(contexts)
+    setup_routes(app)
     return app

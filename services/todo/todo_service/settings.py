@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from mesh_common.settings import ServiceSettings, env_str
+from mesh_common.settings import ServiceSettings, env_bool, env_str
 
 from . import __version__
 
@@ -15,8 +15,13 @@ class Settings:
     service: ServiceSettings
     database_url: str
     amqp_url: str
-    jwt_issuer: str
-    jwt_audience: str
+    jwt_issuer: str = "todo-mesh"
+    jwt_audience: str = "todo-mesh-api"
+    # The Consul name owners' profiles (and the JWKS) are fetched from.
+    user_service: str = "user-service"
+    # Fault injection for the no-lost-events test: the relay exits (code 70)
+    # after claiming committed events and before publishing them.
+    relay_crash_before_publish: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -26,6 +31,8 @@ class Settings:
             amqp_url=env_str(env, "AMQP_URL"),
             jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
             jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+            user_service=env_str(env, "USER_SERVICE_NAME", "user-service"),
+            relay_crash_before_publish=env_bool(env, "OUTBOX_RELAY_CRASH_BEFORE_PUBLISH", False),
         )
 
     def with_port(self, port: int) -> Settings:

@@ -1,0 +1,38 @@
+"""Opaque cursors for keyset pagination over ``(created_at, id)``.
+
+A cursor names the last todo of a page; the next page starts strictly after
+it in the list's order. Unlike an offset, it neither skips nor repeats rows
+when todos are added or deleted between two pages. It is opaque to clients
+(base64url of JSON) so that its contents may change without breaking them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+
+from .model import Todo
+
+
+class InvalidCursor(ValueError):
+    """The cursor was not made by ``encode_cursor``."""
+
+
+def encode_cursor(todo: Todo) -> str:
+    raw = json.dumps([todo.created_at.isoformat(), todo.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, todo_id = json.loads(raw)
+        position = (datetime.fromisoformat(created_at), str(uuid.UUID(todo_id)))
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+        raise InvalidCursor(cursor) from None
+    if position[0].tzinfo is None:
+        raise InvalidCursor(cursor)
+    return position
