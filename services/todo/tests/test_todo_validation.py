@@ -1,0 +1,138 @@
+"""What the API refuses, and how: 401 without a user token, 422 with every error listed."""
+
+from __future__ import annotations
+
+import uuid
+
+import aiopg
+import pytest
+
+
+async def errors_of(resp) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    assert resp.status == 422, await resp.text()
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json()
+    assert body["code"] == "VALIDATION_FAILED"
+    return {error["field"]: error["message"] for error in body["errors"]}
+
+
+async def count_todos(db: aiopg.Pool) -> int:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM todos")
+        (count,) = await cur.fetchone()
+    return count
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "title"),
+        ({"title": ""}, "title"),
+        ({"title": "   "}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": 42}, "title"),
+        ({"title": "ok", "description": "x" * 2001}, "description"),
+        ({"title": "ok", "priority": "urgent"}, "priority"),
+        ({"title": "ok", "due_at": "2030-01-01"}, "due_at"),
+        ({"title": "ok", "due_at": "2030-01-01T10:00:00"}, "due_at"),  # no time zone
+        ({"title": "ok", "due_at": "2030-02-30T10:00:00Z"}, "due_at"),
+        ({"title": "ok", "due_at": "next tuesday"}, "due_at"),
+        ({"title": "ok", "due_at": 1893456000}, "due_at"),
+        ({"title": "ok", "owner_id": "00000000-0000-0000-0000-000000000000"}, "owner_id"),
+        ({"title": "ok", "completed": True}, "completed"),
+    ],
+)
+async def test_an_invalid_todo_is_refused_with_the_field_named(client, alice, db, body, field):
+    errors = await errors_of(await client.post("/todos", json=body, headers=alice.headers))
+
+    assert list(errors) == [field]
+    assert await count_todos(db) == 0
+
+
+async def test_every_error_in_a_body_is_reported_at_once(client, alice):
+    body = {"title": "x" * 201, "due_at": "tomorrow", "priority": "meh", "colour": "red"}
+
+    errors = await errors_of(await client.post("/todos", json=body, headers=alice.headers))
+
+    assert errors == {
+        "colour": "is not a known field",
+        "title": "must be 1 to 200 characters long",
+        "due_at": "must be an RFC 3339 date-time with a time zone, like 2030-01-31T09:00:00Z",
+        "priority": "must be one of low, normal, high",
+    }
+
+
+async def test_a_body_that_is_not_a_json_object_is_refused(client, alice):
+    not_json = await client.post(
+        "/todos", data=b"{title", headers={**alice.headers, "Content-Type": "application/json"}
+    )
+    a_list = await client.post("/todos", json=["title"], headers=alice.headers)
+    form = await client.post("/todos", data={"title": "x"}, headers=alice.headers)
+
+    assert not_json.status == a_list.status == 422
+    assert form.status == 415
+
+
+async def test_an_invalid_patch_changes_nothing(client, alice):
+    todo = await (await client.post("/todos", json={"title": "Keep me"}, headers=alice.headers)).json()
+
+    empty = await errors_of(await client.patch(f"/todos/{todo['id']}", json={}, headers=alice.headers))
+    unknown = await errors_of(await client.patch(f"/todos/{todo['id']}", json={"version": 9}, headers=alice.headers))
+    null_title = await errors_of(
+        await client.patch(f"/todos/{todo['id']}", json={"title": None}, headers=alice.headers)
+    )
+
+    assert list(empty) == ["body"] and list(unknown) == ["version"] and list(null_title) == ["title"]
+    current = await (await client.get(f"/todos/{todo['id']}", headers=alice.headers)).json()
+    assert current == todo
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=-5", "limit"),
+        ("limit=ten", "limit"),
+        ("completed=yes", "completed"),
+        ("due_before=2030-01-01", "due_before"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("cursor=WyJ4IiwieSJd", "cursor"),  # base64 of ["x","y"]: well-formed, but not ours
+        ("q=", "q"),
+        ("sort=title", "sort"),
+        ("limit=5&limit=6", "limit"),
+    ],
+)
+async def test_an_invalid_list_query_is_refused(client, alice, query, field):
+    errors = await errors_of(await client.get(f"/todos?{query}", headers=alice.headers))
+
+    assert list(errors) == [field]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ],
+)
+async def test_every_todo_route_needs_a_valid_token(client, headers):
+    for method, path in (("GET", "/todos"), ("POST", "/todos"), ("GET", "/todos/x"), ("DELETE", "/todos/x")):
+        resp = await client.request(method, path, headers=headers)
+        assert resp.status == 401, (method, path)
+        assert resp.content_type == "application/problem+json"
+
+
+async def test_a_token_for_another_issuer_or_for_a_service_is_refused(client, tokens):
+    foreign = await client.get("/todos", headers=tokens.headers(str(uuid.uuid4()), iss="someone-else"))
+    service = await client.get("/todos", headers=tokens.headers("service:notification-service"))
+    not_a_user_id = await client.get("/todos", headers=tokens.headers("alice"))
+
+    assert foreign.status == service.status == not_a_user_id.status == 401
+
+
+async def test_a_bad_idempotency_key_is_refused(client, alice, db):
+    resp = await client.post("/todos", json={"title": "x"}, headers={**alice.headers, "Idempotency-Key": "x" * 256})
+
+    assert list(await errors_of(resp)) == ["Idempotency-Key"]
+    assert await count_todos(db) == 0
