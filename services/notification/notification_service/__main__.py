@@ -1,20 +1,61 @@
-"""``python -m notification_service``: the only place that reads the environment."""
+"""``python -m notification_service``: the service, or ``dlq list`` / ``dlq replay``.
 
+The only place that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
 import os
+from collections.abc import Sequence
 
 from mesh_common.logs import configure_logging
 from mesh_common.serve import bind_socket, run
+from mesh_common.settings import env_str
 
+from . import dlq
 from .app import create_app
-from .settings import Settings
+from .settings import Settings, topology_from_env
 
 
-def main() -> None:
+def serve() -> None:
     settings = Settings.from_env(os.environ)
     configure_logging(settings.service.log_format)
     sock = bind_socket(settings.service.host, settings.service.port)
     settings = settings.with_port(sock.getsockname()[1])
     run(create_app(settings), sock)
+
+
+def dead_letters(args: argparse.Namespace) -> None:
+    # Only what the DLQ commands need, so that they run with AMQP_URL alone.
+    amqp_url = env_str(os.environ, "AMQP_URL")
+    topology = topology_from_env(os.environ)
+    if args.action == "list":
+        letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit))
+        print(dlq.format_table(letters))
+        print(f"{len(letters)} dead letter(s) shown from {topology.dead_letters}")
+    else:
+        letters = asyncio.run(dlq.replay_dead_letters(amqp_url, topology, limit=args.limit, event_id=args.event_id))
+        print(dlq.format_table(letters))
+        print(f"{len(letters)} dead letter(s) replayed to {topology.queue}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m notification_service", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    dlq_parser = commands.add_parser("dlq", help="inspect or replay the dead-letter queue")
+    actions = dlq_parser.add_subparsers(dest="action", required=True)
+    list_parser = actions.add_parser("list", help="show dead letters, leaving them in the queue")
+    list_parser.add_argument("--limit", type=int, default=100)
+    replay_parser = actions.add_parser("replay", help="send dead letters back to the service's queue")
+    replay_parser.add_argument("--limit", type=int, default=1000)
+    replay_parser.add_argument("--event-id", help="replay this event only")
+    args = parser.parse_args(argv)
+    if args.command == "dlq":
+        dead_letters(args)
+    else:
+        serve()
 
 
 if __name__ == "__main__":

@@ -2,26 +2,63 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
+from mesh_common.amqp import amqp_ctx
 from mesh_common.app import service_app
+from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
+from mesh_common.discovery import watch_services_ctx
+from mesh_common.http import http_session_ctx
 
+from .keys import SETTINGS
+from .routes import setup_routes
 from .settings import Settings
+from .workers import consumer_ctx, delivery_ctx, scheduler_ctx
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings.service)
+def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> web.Application:
+    """The HTTP API, the event consumer and the reminder scheduler, in one app.
+
+    ``verifier`` replaces the JWKS fetched from the user-service (tests).
+    """
+    app = service_app(settings.service, middlewares=[auth_middleware()])
+    app[SETTINGS] = settings
+    setup_routes(app)
+    if verifier is None:
+        verifier_ctx = jwks_ctx(
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience, service=settings.user_service
+        )
+    else:
+        verifier_ctx = given_verifier_ctx(verifier)
     app.cleanup_ctx.extend(
         [
             database_ctx(settings.database_url, MIGRATIONS),
+            amqp_ctx(settings.amqp_url),
             consul_ctx(settings.service.consul_url),
-            registration_ctx(),
+            watch_services_ctx(settings.user_service),
+            http_session_ctx(),
+            verifier_ctx,
+            delivery_ctx,
+            consumer_ctx,
+            scheduler_ctx,
+            registration_ctx(),  # last: registered only once everything above is ready
         ]
     )
     return app
+
+
+def given_verifier_ctx(verifier: JwksVerifier):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def use_verifier(app: web.Application) -> AsyncIterator[None]:
+        app[VERIFIER] = verifier
+        yield
+
+    return use_verifier

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from mesh_common.settings import ServiceSettings, env_str
+from mesh_common.events import EVENTS_EXCHANGE
+from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 from . import __version__
+from .topology import Topology
+
+DAY = 24 * 60 * 60
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    host: str
+    port: int
+    mail_from: str
+    start_tls: bool = False
+    timeout: float = 5.0
+    # Tries per message before the event goes to a retry queue: enough to
+    # ride out a dropped connection, short enough not to hold a delivery slot.
+    attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,18 +31,62 @@ class Settings:
     service: ServiceSettings
     database_url: str
     amqp_url: str
-    jwt_issuer: str
-    jwt_audience: str
+    smtp: SmtpSettings
+    client_secret: str
+    client_id: str = "notification-service"
+    user_service: str = "user-service"
+    jwt_issuer: str = "todo-mesh"
+    jwt_audience: str = "todo-mesh-api"
+    topology: Topology = field(default_factory=Topology)
+    prefetch: int = 32
+    # How often an event that failed for a transient reason (SMTP or the
+    # user-service down) may come back before it is given up on: about a day
+    # at the slowest retry tier. Poison messages have their own, small budget
+    # (the queue's delivery-limit).
+    retry_limit: int = 2880
+    reminder_lead: float = DAY
+    reminder_poll_interval: float = 30.0
+    # Fault injection for the crash test: exit right after an email was sent
+    # and recorded, before its event is acknowledged.
+    crash_after_send: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        return cls(
+        settings = cls(
             service=ServiceSettings.from_env(env, name="notification-service", version=__version__),
             database_url=env_str(env, "DATABASE_URL"),
             amqp_url=env_str(env, "AMQP_URL"),
+            smtp=SmtpSettings(
+                host=env_str(env, "SMTP_HOST", "127.0.0.1"),
+                port=env_int(env, "SMTP_PORT", 1025),
+                mail_from=env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>"),
+                start_tls=env_bool(env, "SMTP_STARTTLS", False),
+                timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
+                attempts=env_int(env, "SMTP_ATTEMPTS", 3),
+            ),
+            client_id=env_str(env, "SERVICE_CLIENT_ID", "notification-service"),
+            client_secret=env_str(env, "SERVICE_CLIENT_SECRET"),
+            user_service=env_str(env, "USER_SERVICE_NAME", "user-service"),
             jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
             jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+            topology=topology_from_env(env),
+            prefetch=env_int(env, "AMQP_PREFETCH", 32),
+            retry_limit=env_int(env, "RETRY_LIMIT", 2880),
+            reminder_lead=env_float(env, "REMINDER_LEAD_SECONDS", DAY),
+            reminder_poll_interval=env_float(env, "REMINDER_POLL_SECONDS", 30.0),
+            crash_after_send=env_bool(env, "NOTIFICATION_CRASH_AFTER_SEND", False),
         )
+        if settings.prefetch < 1 or settings.smtp.attempts < 1 or settings.reminder_poll_interval <= 0:
+            raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS and REMINDER_POLL_SECONDS must be positive")
+        return settings
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
+
+
+def topology_from_env(env: Mapping[str, str]) -> Topology:
+    """The broker names; only tests change them, to get a private copy."""
+    return Topology(
+        exchange=env_str(env, "EVENTS_EXCHANGE", EVENTS_EXCHANGE),
+        namespace=env_str(env, "NOTIFICATION_QUEUES", "notifications"),
+    )

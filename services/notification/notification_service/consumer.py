@@ -1,0 +1,168 @@
+"""The event consumer: every message ends acked, retried later, or dead-lettered.
+
+Each delivery is handled in its own task (up to ``prefetch`` at a time), with
+manual acknowledgement and the message's correlation id bound as the log
+``request_id``. What happens to it depends on how handling ended:
+
+=====================  ==================================================
+handled                ack
+``TemporaryFailure``   republished to a retry queue (1 s, 5 s, then 30 s),
+                       which returns it to our queue when its TTL expires;
+                       then ack. The broker sees a new message, so the
+                       poison budget is untouched. Given up on only after
+                       ``retry_limit`` retries (about a day).
+``UnprocessableEvent`` reject: the broker dead-letters it to the DLQ now.
+anything else          nack with requeue: the queue's delivery-limit
+                       (definitions.json) dead-letters it after 5 retries.
+=====================  ==================================================
+
+The connection is ``connect_robust``: after a broker restart it reconnects
+and restores this channel, its QoS and the consumer by itself. Messages in
+flight at the time are redelivered, and idempotency makes that harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from .events import EventHandler, parse
+from .failures import TemporaryFailure, UnprocessableEvent
+from .notifier import Outcome
+from .topology import Topology
+
+log = structlog.get_logger()
+
+RETRIES_HEADER = "x-retries"
+# Set by quorum queues on every delivery; a republished copy must not carry
+# the old count, since the broker counts afresh.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+CRASH_EXIT_CODE = 70
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        handler: EventHandler,
+        topology: Topology,
+        *,
+        prefetch: int,
+        retry_limit: int,
+        crash_after_send: bool = False,
+    ) -> None:
+        self._connection = connection
+        self._handler = handler
+        self._topology = topology
+        self._prefetch = prefetch
+        self._retry_limit = retry_limit
+        self._crash_after_send = crash_after_send
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        # How deliveries ended: acked, retried, dead_lettered, requeued.
+        self.settled: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        # Publisher confirms, because the same channel republishes retries
+        # and must know they are safe before it acks the original.
+        self._channel = channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self._prefetch)
+        # Passive declarations: the topology comes from definitions.json, and
+        # a missing queue should stop us at start-up, not on the first retry.
+        for name in self._topology.retry_queues:
+            await channel.get_queue(name, ensure=True)
+        self._queue = await channel.get_queue(self._topology.queue, ensure=True)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
+
+    async def stop(self, *, drain_timeout: float = 10.0) -> None:
+        """Stop taking messages, let those in hand finish, then close the channel."""
+        if self._queue is not None and self._consumer_tag is not None:
+            await self._queue.cancel(self._consumer_tag)
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=drain_timeout)
+        if self._channel is not None:
+            await self._channel.close()
+        log.info("consumer_stopped", queue=self._topology.queue)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            with structlog.contextvars.bound_contextvars(
+                request_id=message.correlation_id or message.message_id,
+                event_id=message.message_id,
+                event_type=message.type,
+            ):
+                await self._process(message)
+        except Exception as exc:
+            # Settling failed, most likely because the channel went away
+            # with the connection: the broker redelivers the message.
+            log.warning("event_settle_failed", error=type(exc).__name__)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = parse(message.body)
+            outcome = await self._handler.handle(event)
+        except UnprocessableEvent as exc:
+            await self._dead_letter(message, exc)
+        except TemporaryFailure as exc:
+            await self._retry_later(message, exc)
+        except Exception:
+            log.exception("event_failed", deliveries=_deliveries(message))
+            await message.nack(requeue=True)
+            self.settled["requeued"] += 1
+        else:
+            if outcome is Outcome.SENT and self._crash_after_send:
+                log.warning("crash_hook_exit", stage="after_send_before_ack")
+                os._exit(CRASH_EXIT_CODE)
+            await message.ack()
+            self.settled["acked"] += 1
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        log.error("event_dead_lettered", reason=type(exc).__name__, detail=str(exc), queue=self._topology.dead_letters)
+        await message.reject(requeue=False)
+        self.settled["dead_lettered"] += 1
+
+    async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        attempt = int((message.headers or {}).get(RETRIES_HEADER, 0) or 0) + 1
+        if attempt > self._retry_limit:
+            await self._dead_letter(message, exc)
+            return
+        queue, delay = self._topology.retry_tier(attempt)
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            _retry_copy(message, attempt), routing_key=queue, mandatory=True, timeout=10
+        )
+        await message.ack()
+        self.settled["retried"] += 1
+        log.warning("event_retry_scheduled", reason=type(exc).__name__, detail=str(exc), attempt=attempt, delay=delay)
+
+
+def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Message:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
+    headers[RETRIES_HEADER] = attempt
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def _deliveries(message: AbstractIncomingMessage) -> int:
+    return int((message.headers or {}).get(DELIVERY_COUNT_HEADER, 0) or 0) + 1

@@ -1,0 +1,111 @@
+"""The dead-letter queue, for people: see what is in it, and send it back.
+
+``python -m notification_service dlq list`` shows each dead letter with why
+it died (``rejected``: refused as unprocessable; ``delivery_limit``: failed
+too many times) without taking it out of the queue. ``dlq replay`` sends
+dead letters back to our own queue, not to the exchange, so that other
+services bound to the same events do not receive them twice. A replayed
+event starts with a fresh retry and delivery budget; if it still cannot be
+handled, it comes back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from .consumer import DELIVERY_COUNT_HEADER, RETRIES_HEADER
+from .topology import Topology
+
+PREVIEW_BYTES = 60
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    event_id: str
+    routing_key: str
+    reason: str
+    deaths: int
+    died_at: datetime | None
+    preview: str
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    headers: dict[str, Any] = dict(message.headers or {})
+    deaths = headers.get("x-death") or [{}]
+    last = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    routing_keys = last.get("routing-keys") or [message.routing_key or ""]
+    return DeadLetter(
+        event_id=message.message_id or "-",
+        routing_key=message.type or str(routing_keys[0]),
+        reason=str(headers.get("x-first-death-reason") or last.get("reason") or "-"),
+        deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
+        died_at=last.get("time"),
+        preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),
+    )
+
+
+async def list_dead_letters(amqp_url: str, topology: Topology, *, limit: int) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters, left in the queue."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.dead_letters, ensure=True)
+        letters = []
+        # Fetched without ack: closing the channel puts them all back.
+        while len(letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
+            letters.append(describe(message))
+    return letters
+
+
+async def replay_dead_letters(
+    amqp_url: str, topology: Topology, *, limit: int, event_id: str | None = None
+) -> list[DeadLetter]:
+    """Move up to ``limit`` dead letters (those of ``event_id`` only, if given) back to our queue."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.get_queue(topology.dead_letters, ensure=True)
+        # Only what is there now: a replayed event that dies again must not
+        # be picked up by this same run.
+        waiting = queue.declaration_result.message_count or 0
+        replayed = []
+        for _ in range(waiting):
+            if len(replayed) >= limit:
+                break
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            if event_id is not None and message.message_id != event_id:
+                continue  # left unacked: back in the queue when the channel closes
+            await channel.default_exchange.publish(_fresh_copy(message), routing_key=topology.queue, mandatory=True)
+            await message.ack()
+            replayed.append(describe(message))
+    return replayed
+
+
+def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    # x-death stays, so that a letter that dies again shows how often it has.
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in {DELIVERY_COUNT_HEADER, RETRIES_HEADER}}
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def format_table(letters: list[DeadLetter]) -> str:
+    lines = [f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'DIED AT':<25}  BODY"]
+    for d in letters:
+        died = d.died_at.isoformat() if d.died_at else "-"
+        lines.append(f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {died:<25}  {d.preview!r}")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""What can go wrong with an event, sorted by what the consumer does about it.
+
+A ``TemporaryFailure`` is about our dependencies, not the event: the event is
+retried later, through the retry queues, without spending its poison budget.
+An ``UnprocessableEvent`` will fail the same way every time: it goes to the
+dead-letter queue at once. Anything else is unexpected, and is retried by the
+broker until the queue's delivery-limit sends it to the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+
+class TemporaryFailure(Exception):
+    """A dependency is down or busy: try the same event again later."""
+
+
+class UserServiceUnavailable(TemporaryFailure):
+    """The user-service could not tell us where to send the email."""
+
+
+class MailServerUnavailable(TemporaryFailure):
+    """The SMTP server refused the connection or answered 4xx, even after retries."""
+
+
+class DeliveryInProgress(TemporaryFailure):
+    """Another delivery of the same event holds the claim and has not finished."""
+
+
+class UnprocessableEvent(Exception):
+    """The event can never be handled as it is; a person has to look at it."""
+
+
+class MalformedEvent(UnprocessableEvent):
+    """The message is not a valid event, or its data lacks what we need."""
+
+
+class UnsupportedEvent(UnprocessableEvent):
+    """An event type or version this service does not know."""
+
+
+class MailRejected(UnprocessableEvent):
+    """The SMTP server refused the message for good (a 5xx answer)."""

@@ -1,0 +1,81 @@
+"""HTTP handlers: the signed-in user's notification history."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+
+from aiohttp import web
+
+from mesh_common.auth import PRINCIPAL
+from mesh_common.db import DB
+from mesh_common.problems import ValidationFailed
+
+from . import repository
+from .openapi import OPENAPI
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+async def list_notifications(request: web.Request) -> web.Response:
+    """GET /notifications?limit=&cursor=: newest first, one page at a time."""
+    user_id = request[PRINCIPAL].user_id
+    limit = _limit(request.query.get("limit"))
+    before = _decode_cursor(request.query["cursor"]) if "cursor" in request.query else None
+    # One row more than asked for tells whether there is a next page.
+    rows = await repository.sent_notifications(request.app[DB], user_id, limit=limit + 1, before=before)
+    page = rows[:limit]
+    next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
+    return web.json_response(
+        {
+            "items": [
+                {
+                    "id": n.id,
+                    "event_id": n.event_id,
+                    "kind": n.kind,
+                    "recipient": n.recipient,
+                    "subject": n.subject,
+                    "sent_at": n.sent_at.isoformat(),
+                }
+                for n in page
+            ],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    limit = int(raw) if raw.isascii() and raw.isdigit() else 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValidationFailed(
+            f"limit must be an integer from 1 to {MAX_LIMIT}",
+            errors=[{"field": "limit", "message": f"an integer from 1 to {MAX_LIMIT}"}],
+        )
+    return limit
+
+
+# The cursor is the (sent_at, id) of the last item of a page: keyset
+# pagination, stable while new notifications arrive. Opaque to clients.
+def _encode_cursor(last: repository.SentNotification) -> str:
+    raw = json.dumps([last.sent_at.isoformat(), last.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        sent_at, notification_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(sent_at), str(uuid.UUID(notification_id))
+    except (ValueError, TypeError, binascii.Error):
+        raise ValidationFailed(
+            "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]
+        ) from None

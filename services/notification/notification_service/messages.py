@@ -1,0 +1,80 @@
+"""Emails built from the templates in ``templates/``.
+
+Every email has a plain-text part; kinds with a ``.html`` template get an
+HTML alternative too, with every value escaped. The Message-ID is derived
+from the event, so that if a crash ever makes us send an email twice, both
+copies carry the same id and mail clients can tell they are one message.
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from functools import cache
+from importlib.resources import files
+from string import Template
+
+from . import templates
+from .directory import Recipient
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str | None
+
+
+@cache
+def _template(name: str) -> Template | None:
+    resource = files(templates).joinpath(name)
+    return Template(resource.read_text(encoding="utf-8")) if resource.is_file() else None
+
+
+@cache
+def _text_template(kind: str) -> tuple[Template, Template]:
+    template = _template(f"{kind}.txt")
+    if template is None:
+        raise LookupError(f"no template for {kind!r}")
+    head, _, body = template.template.partition("\n\n")
+    return Template(head.removeprefix("Subject:").strip()), Template(body)
+
+
+def render(kind: str, values: Mapping[str, str]) -> Rendered:
+    subject, body = _text_template(kind)
+    html_template = _template(f"{kind}.html")
+    return Rendered(
+        # A header cannot hold a line break: a title with one must not end
+        # the Subject line early.
+        subject=" ".join(subject.substitute(values).split()),
+        text=body.substitute(values),
+        html=html_template.substitute({k: html.escape(v) for k, v in values.items()}) if html_template else None,
+    )
+
+
+def message_id(event_id: str, kind: str, sender: str) -> str:
+    # The compact form of the id keeps the header on one line: SMTP's 78
+    # columns would otherwise fold it, which some parsers handle badly.
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "todo-mesh.local"
+    return f"<{uuid.UUID(event_id).hex}.{kind}@{domain}>"
+
+
+def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
+    message["Subject"] = rendered.subject
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Message-ID"] = msgid
+    # RFC 3834: an automatic message; out-of-office replies should not answer it.
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(rendered.text)
+    if rendered.html is not None:
+        message.add_alternative(rendered.html, subtype="html")
+    return message

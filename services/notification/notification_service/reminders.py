@@ -1,0 +1,141 @@
+"""Reminders for todos that fall due, scheduled from todo events alone.
+
+Every todo event carries the todo's snapshot, so the ``reminders`` table can
+follow each todo without ever reading the todo-service's database: a due
+date arms a reminder for ``lead`` seconds before it; completing, deleting or
+clearing the due date disarms it; reopening arms it again (unless it was
+sent already for that due date).
+
+A scheduler task sends the reminders whose time has come. It polls its own
+table rather than using a delay queue: a reminder moves whenever its todo's
+due date does, and a row is easy to move, while a message already delayed in
+a queue cannot be taken back. It sleeps until the next reminder is due, but
+never longer than ``poll_interval``, and is woken early when an event arms a
+reminder due sooner than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import aiopg
+import structlog
+
+from . import repository
+from .failures import TemporaryFailure, UnprocessableEvent
+from .notifier import Notifier, Outcome
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class TodoSnapshot:
+    id: str
+    user_id: str
+    title: str
+    due_at: datetime | None
+    completed: bool
+    deleted: bool
+
+
+class Reminders:
+    def __init__(self, pool: aiopg.Pool, *, lead: float, wake_window: float, wake: Callable[[], None]) -> None:
+        self._pool = pool
+        self._lead = timedelta(seconds=lead)
+        self._wake_window = timedelta(seconds=wake_window)
+        self._wake = wake
+
+    async def apply(self, todo: TodoSnapshot, *, event_id: str, event_at: datetime) -> None:
+        remind_at = todo.due_at - self._lead if todo.due_at is not None else None
+        state = repository.TodoState(
+            todo_id=todo.id,
+            user_id=todo.user_id,
+            title=todo.title,
+            due_at=todo.due_at,
+            remind_at=remind_at,
+            cancelled=todo.completed or todo.deleted or todo.due_at is None,
+            event_id=event_id,
+            event_at=event_at,
+        )
+        if not await repository.apply_todo_state(self._pool, state):
+            log.info("reminder_event_outdated", todo_id=todo.id, event_id=event_id)
+            return
+        if not state.cancelled and remind_at is not None and remind_at <= datetime.now(UTC) + self._wake_window:
+            self._wake()
+
+
+class ReminderScheduler:
+    def __init__(self, pool: aiopg.Pool, notifier: Notifier, *, poll_interval: float, batch: int = 100) -> None:
+        self._pool = pool
+        self._notifier = notifier
+        self._poll_interval = poll_interval
+        self._batch = batch
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def run(self) -> None:
+        while True:
+            self._woken.clear()
+            try:
+                delay = await self._send_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: try again next round
+                log.warning("reminders_round_failed", error=type(exc).__name__)
+                delay = self._poll_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._woken.wait()
+
+    async def _send_due(self) -> float:
+        """Send every due reminder; returns how long to sleep before the next round."""
+        while True:
+            due = await repository.due_reminders(self._pool, limit=self._batch)
+            for reminder in due:
+                if not await self._send(reminder):
+                    return self._poll_interval  # a dependency is down: give it a round
+            if len(due) < self._batch:
+                break
+        next_at = await repository.next_reminder_at(self._pool)
+        if next_at is None:
+            return self._poll_interval
+        return min(self._poll_interval, max(0.01, (next_at - datetime.now(UTC)).total_seconds()))
+
+    async def _send(self, reminder: repository.DueReminder) -> bool:
+        with structlog.contextvars.bound_contextvars(todo_id=reminder.todo_id, event_id=reminder.event_id):
+            try:
+                outcome = await self._notifier.notify(
+                    event_id=reminder.event_id,
+                    kind="reminder",
+                    user_id=reminder.user_id,
+                    values=reminder_values(reminder.title, reminder.due_at, datetime.now(UTC)),
+                )
+            except TemporaryFailure as exc:
+                log.warning("reminder_deferred", error=type(exc).__name__, detail=str(exc))
+                return False
+            except UnprocessableEvent as exc:
+                log.error("reminder_undeliverable", error=type(exc).__name__, detail=str(exc))
+                outcome = Outcome.NO_RECIPIENT
+        if outcome is Outcome.NO_RECIPIENT:
+            await repository.cancel_reminder(self._pool, reminder.todo_id, reminder.event_id)
+        else:
+            await repository.mark_reminder_sent(self._pool, reminder.todo_id, reminder.event_id)
+        return True
+
+
+def reminder_values(title: str, due_at: datetime, now: datetime) -> dict[str, str]:
+    minutes = max(1, round((due_at - now).total_seconds() / 60))
+    due_in = f"in {minutes} minute{'s' * (minutes != 1)}" if minutes < 90 else f"in {round(minutes / 60)} hours"
+    due_at = due_at.astimezone(UTC)
+    return {
+        "title": title,
+        "due_in": due_in,
+        "due_at": due_at.strftime("%a %d %b %Y, %H:%M UTC"),
+        "due_at_iso": due_at.isoformat(),
+    }

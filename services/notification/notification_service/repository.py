@@ -1,0 +1,192 @@
+"""The SQL: sent notifications (claims and history) and scheduled reminders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiopg
+
+
+# -- notifications -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Claim:
+    event_id: str
+    kind: str
+    user_id: str
+    recipient: str
+    subject: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SentNotification:
+    id: str
+    event_id: str
+    kind: str
+    recipient: str
+    subject: str
+    sent_at: datetime
+
+
+async def notification_status(pool: aiopg.Pool, event_id: str, kind: str) -> str | None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT status FROM notifications WHERE event_id = %s AND kind = %s", (event_id, kind))
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) -> bool:
+    """Claim (event, kind) for sending; False if it is sent, or claimed by a delivery still within its lease."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            """
+            INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status)
+            VALUES (%s, %s, %s, %s, %s, %s, 'sending')
+            ON CONFLICT (event_id, kind) DO UPDATE
+                SET claimed_at = now(), recipient = EXCLUDED.recipient, subject = EXCLUDED.subject
+                WHERE notifications.status = 'sending'
+                  AND notifications.claimed_at < now() - make_interval(secs => %s)
+            RETURNING id
+            """,
+            (claim.event_id, claim.kind, claim.user_id, claim.recipient, claim.subject, claim.message_id, lease),
+        )
+        return await cur.fetchone() is not None
+
+
+async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE notifications SET status = 'sent', sent_at = now() WHERE event_id = %s AND kind = %s",
+            (event_id, kind),
+        )
+
+
+async def release_notification(pool: aiopg.Pool, event_id: str, kind: str) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "DELETE FROM notifications WHERE event_id = %s AND kind = %s AND status = 'sending'", (event_id, kind)
+        )
+
+
+async def sent_notifications(
+    pool: aiopg.Pool, user_id: str, *, limit: int, before: tuple[datetime, str] | None
+) -> list[SentNotification]:
+    """A user's sent notifications, newest first, strictly after the ``before`` (sent_at, id) position."""
+    where = "user_id = %s AND status = 'sent'"
+    params: list[Any] = [user_id]
+    if before is not None:
+        where += " AND (sent_at, id) < (%s, %s::uuid)"
+        params.extend(before)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"SELECT id, event_id, kind, recipient, subject, sent_at FROM notifications"
+            f" WHERE {where} ORDER BY sent_at DESC, id DESC LIMIT %s",
+            (*params, limit),
+        )
+        rows = await cur.fetchall()
+    return [SentNotification(str(r[0]), str(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+
+# -- reminders ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TodoState:
+    """What the latest todo event says, as far as reminders are concerned."""
+
+    todo_id: str
+    user_id: str
+    title: str
+    due_at: datetime | None
+    remind_at: datetime | None
+    cancelled: bool
+    event_id: str
+    event_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DueReminder:
+    todo_id: str
+    user_id: str
+    title: str
+    due_at: datetime
+    event_id: str
+
+
+async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
+    """Upsert the todo's reminder; False if a newer event was applied already.
+
+    A changed due date is a new reminder: it takes this event's id as its
+    idempotency key and is unsent again. Anything else (a new title,
+    completing, reopening) keeps the key, so a reminder already sent for this
+    due date is not sent twice.
+    """
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            """
+            INSERT INTO reminders (todo_id, user_id, title, due_at, remind_at, cancelled, event_id, event_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (todo_id) DO UPDATE SET
+                user_id = EXCLUDED.user_id,
+                title = EXCLUDED.title,
+                cancelled = EXCLUDED.cancelled,
+                event_at = EXCLUDED.event_at,
+                due_at = EXCLUDED.due_at,
+                remind_at = EXCLUDED.remind_at,
+                event_id = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
+                                THEN EXCLUDED.event_id ELSE reminders.event_id END,
+                sent_at = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
+                               THEN NULL ELSE reminders.sent_at END
+            WHERE reminders.event_at < EXCLUDED.event_at
+            RETURNING todo_id
+            """,
+            (
+                state.todo_id,
+                state.user_id,
+                state.title,
+                state.due_at,
+                state.remind_at,
+                state.cancelled,
+                state.event_id,
+                state.event_at,
+            ),
+        )
+        return await cur.fetchone() is not None
+
+
+async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueReminder]:
+    """Unsent reminders whose time has come, for todos that are not overdue yet."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT todo_id, user_id, title, due_at, event_id FROM reminders"
+            " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at > now()"
+            " ORDER BY remind_at LIMIT %s",
+            (limit,),
+        )
+        rows = await cur.fetchall()
+    return [DueReminder(r[0], r[1], r[2], r[3], str(r[4])) for r in rows]
+
+
+async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT min(remind_at) FROM reminders WHERE sent_at IS NULL AND NOT cancelled AND due_at > now()"
+        )
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
+    # Matching the event id too: if the due date changed while we were
+    # sending, the new reminder stays unsent.
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE reminders SET sent_at = now() WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
+        )
+
+
+async def cancel_reminder(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE reminders SET cancelled = true WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
+        )

@@ -1,0 +1,47 @@
+"""The broker objects this service uses, by name.
+
+They are declared in rabbitmq/definitions.json, which the broker loads at
+boot, together with the policies that give them their behaviour: this
+service only checks that they exist (a passive declare), so the topology has
+one source of truth. ``tests/test_definitions.py`` keeps the two in step.
+
+    todo-mesh.events --user.registered, todo.*--> notifications.events
+        nack/requeue, more than delivery-limit times --> notifications.dlx --> notifications.dead
+        reject (poison)                             --> notifications.dlx --> notifications.dead
+        transient failure: republished to notifications.retry.<delay>,
+                           which dead-letters back into notifications.events when the TTL expires
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh_common.events import EVENTS_EXCHANGE
+
+# One queue per delay, each with a fixed x-message-ttl: a single queue with
+# per-message TTLs would hold a short delay behind a long one, since a queue
+# only expires the message at its head.
+RETRY_DELAYS = (("1s", 1.0), ("5s", 5.0), ("30s", 30.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    exchange: str = EVENTS_EXCHANGE
+    namespace: str = "notifications"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def retry_queues(self) -> tuple[str, ...]:
+        return tuple(f"{self.namespace}.retry.{suffix}" for suffix, _ in RETRY_DELAYS)
+
+    def retry_tier(self, attempt: int) -> tuple[str, float]:
+        """The retry queue and its delay for the ``attempt``-th retry (from 1): exponential, then flat."""
+        index = min(max(attempt, 1), len(RETRY_DELAYS)) - 1
+        return self.retry_queues[index], RETRY_DELAYS[index][1]

@@ -1,0 +1,79 @@
+"""The background work, as cleanup contexts: delivery, the consumer, the reminder scheduler.
+
+``create_app`` adds them after the database, AMQP, Consul and HTTP contexts
+they use, and before the Consul registration; cleanup runs in reverse, so
+the consumer has stopped (and drained) before the AMQP connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from mesh_common.amqp import AMQP
+from mesh_common.db import DB
+from mesh_common.discovery import WATCHES
+from mesh_common.http import HTTP_SESSION, SERVICE_CLIENT
+
+from .consumer import EventConsumer
+from .directory import ServiceTokens, UserDirectory
+from .events import EventHandler
+from .keys import CONSUMER, NOTIFIER, SCHEDULER, SETTINGS
+from .mailer import Mailer
+from .notifier import Notifier
+from .reminders import Reminders, ReminderScheduler
+
+
+@asynccontextmanager
+async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The notifier (SMTP, user lookups, idempotency) and the scheduler, not yet running."""
+    settings = app[SETTINGS]
+    tokens = ServiceTokens(
+        app[HTTP_SESSION],
+        app[SERVICE_CLIENT],
+        app[WATCHES],
+        service=settings.user_service,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret,
+    )
+    directory = UserDirectory(app[SERVICE_CLIENT], tokens, service=settings.user_service)
+    app[NOTIFIER] = notifier = Notifier(app[DB], Mailer(settings.smtp), directory, sender=settings.smtp.mail_from)
+    app[SCHEDULER] = ReminderScheduler(app[DB], notifier, poll_interval=settings.reminder_poll_interval)
+    yield
+
+
+@asynccontextmanager
+async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    reminders = Reminders(
+        app[DB],
+        lead=settings.reminder_lead,
+        wake_window=settings.reminder_poll_interval,
+        wake=app[SCHEDULER].wake,
+    )
+    app[CONSUMER] = consumer = EventConsumer(
+        app[AMQP],
+        EventHandler(app[NOTIFIER], reminders),
+        settings.topology,
+        prefetch=settings.prefetch,
+        retry_limit=settings.retry_limit,
+        crash_after_send=settings.crash_after_send,
+    )
+    await consumer.start()
+    try:
+        yield
+    finally:
+        await consumer.stop()
+
+
+@asynccontextmanager
+async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[SCHEDULER].run(), name="reminder-scheduler")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,275 @@
+"""Test doubles and helpers for the notification-service suite.
+
+- ``private_definitions``: this service's part of rabbitmq/definitions.json,
+  renamed with a prefix, so each test run has its own exchange, queues and
+  policies on the shared broker (a whole-stack run may be consuming the real
+  ``notifications.events`` at the same time).
+- ``FakeUserService``: an aiohttp app answering ``POST /auth/service-token``
+  and ``GET /users/{id}``, registered in the real Consul under a unique name,
+  and able to go down and come back on the same port.
+- ``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, which keeps
+  what it receives with its arrival time, and can be stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import inspect
+import json
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aio_pika
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mesh_common.events import Event
+from notification_service.topology import Topology
+
+DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
+SECRET = "notification-test-secret-0123456789"
+MAIL_FROM = "todo-mesh <no-reply@todo-mesh.test>"
+T = TypeVar("T")
+Client = TestClient  # type: ignore[type-arg]
+StartService = Callable[..., Awaitable[Client]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def eventually(check: Callable[[], T | Awaitable[T]], *, within: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``check`` (sync or async) until it returns something truthy, for at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}; last: {result!r}")
+        await asyncio.sleep(interval)
+
+
+# -- broker ----------------------------------------------------------------------
+def private_definitions(prefix: str) -> tuple[dict[str, Any], Topology]:
+    """Our exchanges, queues, bindings and policies from definitions.json, renamed with ``prefix``."""
+    full = json.loads(DEFINITIONS.read_text())
+    ours = {key: full[key] for key in ("exchanges", "queues", "bindings", "policies")}
+    # Names have no regex metacharacters but dots, and a prefix without dots
+    # keeps the policies' patterns matching exactly the renamed queues.
+    text = json.dumps(ours).replace("notifications", f"{prefix}_notifications")
+    text = text.replace("todo-mesh.events", f"{prefix}_todo-mesh.events")
+    return json.loads(text), Topology(exchange=f"{prefix}_todo-mesh.events", namespace=f"{prefix}_notifications")
+
+
+class Management:
+    """The broker's management API (synchronous: used from session fixtures)."""
+
+    def __init__(self, port: int) -> None:
+        self._base = f"http://127.0.0.1:{port}/api"
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self._base}{path}", data=data, method=method)
+        req.add_header("Authorization", aiohttp.encode_basic_auth("guest", "guest"))
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def import_definitions(self, definitions: dict[str, Any]) -> None:
+        self.request("POST", "/definitions", definitions)
+
+    def delete_definitions(self, definitions: dict[str, Any]) -> None:
+        for q in definitions["queues"]:
+            self.request("DELETE", f"/queues/%2F/{q['name']}")
+        for x in definitions["exchanges"]:
+            self.request("DELETE", f"/exchanges/%2F/{x['name']}")
+        for p in definitions["policies"]:
+            self.request("DELETE", f"/policies/%2F/{p['name']}")
+
+    def queue(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/queues/%2F/{name}")  # type: ignore[no-any-return]
+
+
+@dataclass
+class Broker:
+    """A test's view of our private topology: publish events, count what waits."""
+
+    channel: aio_pika.abc.AbstractChannel
+    exchange: aio_pika.abc.AbstractExchange
+    topology: Topology
+
+    async def publish(self, event: Event, *, body: bytes | None = None) -> None:
+        await publish(self.exchange, event, body=body)
+
+    async def ready(self, queue: str) -> int:
+        declared = await self.channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def publish(exchange: aio_pika.abc.AbstractExchange, event: Event, *, body: bytes | None = None) -> None:
+    """Publish ``event`` the way the outbox relay does."""
+    await exchange.publish(
+        aio_pika.Message(
+            body if body is not None else event.to_json(),
+            message_id=event.id,
+            correlation_id=event.correlation_id,
+            type=event.type,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+        ),
+        routing_key=event.type,
+    )
+
+
+def registered(user: dict[str, str]) -> Event:
+    return Event(
+        type="user.registered",
+        user_id=user["id"],
+        data={
+            "user_id": user["id"],
+            "username": user["username"],
+            "email": user["email"],
+            "display_name": user["display_name"],
+        },
+        correlation_id=uuid.uuid4().hex,
+    )
+
+
+def todo_event(kind: str, user_id: str, todo: dict[str, Any], **envelope: Any) -> Event:
+    return Event(type=f"todo.{kind}", user_id=user_id, data=todo, correlation_id=uuid.uuid4().hex, **envelope)
+
+
+def new_user(tag: str = "") -> dict[str, str]:
+    name = f"u{uuid.uuid4().hex[:10]}{tag}"
+    return {"id": str(uuid.uuid4()), "username": name, "email": f"{name}@example.test", "display_name": name.title()}
+
+
+# -- user-service --------------------------------------------------------------------
+class FakeUserService:
+    def __init__(self, consul_url: str, name: str, *, secret: str = SECRET, token_ttl: int = 300) -> None:
+        self.name = name
+        self.port = free_port()
+        self.users: dict[str, dict[str, str]] = {}
+        self.token_requests = 0
+        self.user_requests = 0
+        self._consul_url = consul_url
+        self._secret = secret
+        self._token_ttl = token_ttl
+        self._tokens: set[str] = set()
+        self._runner: web.AppRunner | None = None
+
+    def add(self, user: dict[str, str]) -> dict[str, str]:
+        self.users[user["id"]] = user
+        return user
+
+    def revoke_tokens(self) -> None:
+        self._tokens.clear()
+
+    async def issue_token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        body = await request.json()
+        if body != {"client_id": "notification-service", "client_secret": self._secret}:
+            return web.json_response({"code": "INVALID_CLIENT"}, status=401)
+        token = uuid.uuid4().hex
+        self._tokens.add(token)
+        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": self._token_ttl})
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        self.user_requests += 1
+        if request.headers.get("Authorization", "").removeprefix("Bearer ") not in self._tokens:
+            return web.json_response({"code": "INVALID_TOKEN"}, status=401)
+        user = self.users.get(request.match_info["id"])
+        if user is None:
+            return web.json_response({"code": "USER_NOT_FOUND"}, status=404)
+        return web.json_response(user)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/auth/service-token", self.issue_token)
+        app.router.add_get("/users/{id}", self.get_user)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def register(self) -> None:
+        # No health check: Consul keeps the instance listed while it is
+        # down, so the outage is met by breakers, as a crash would be.
+        async with aiohttp.ClientSession() as session:
+            body = {"Name": self.name, "ID": f"{self.name}-1", "Address": "127.0.0.1", "Port": self.port}
+            async with session.put(f"{self._consul_url}/v1/agent/service/register", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+
+    async def deregister(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            await session.put(f"{self._consul_url}/v1/agent/service/deregister/{self.name}-1")
+
+
+# -- SMTP ---------------------------------------------------------------------------
+@dataclass
+class Received:
+    message: EmailMessage
+    recipients: list[str]
+    at: float  # time.time() when the end of DATA arrived
+
+
+@dataclass
+class SmtpSink:
+    port: int = field(default_factory=free_port)
+    received: list[Received] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
+    _server: asyncio.AbstractServer | None = None
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        at = time.time()
+        raw = envelope.original_content or b""
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        self.received.append(Received(message, list(envelope.rcpt_tos), at))  # type: ignore[arg-type]
+        return "250 Message accepted for delivery"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(self, hostname="sink.test", loop=loop), "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [r.message for r in self.received if address in r.recipients]

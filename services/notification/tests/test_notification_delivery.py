@@ -1,0 +1,176 @@
+"""Events become emails, once each, however often they are delivered."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import aiopg
+from notification_support import (
+    MAIL_FROM,
+    Broker,
+    FakeUserService,
+    SmtpSink,
+    StartService,
+    eventually,
+    new_user,
+    registered,
+    todo_event,
+)
+
+from notification_service.keys import CONSUMER
+from notification_service.messages import message_id
+from notification_service.settings import Settings
+
+
+async def shared_sink_messages(infra: Any, recipients: set[str]) -> list[dict[str, Any]]:
+    """Messages in the stack's SMTP sink addressed to ``recipients`` (the sink is shared)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{infra.mail_api_url}/api/v1/messages", params={"limit": "5000"}) as resp,
+    ):
+        body = await resp.json()
+    return [m for m in body["messages"] if {to["Address"] for to in m["To"]} & recipients]
+
+
+async def test_each_event_delivered_three_times_sends_one_email(
+    infra: Any, settings: Settings, start_service: StartService, broker: Broker, users: FakeUserService
+) -> None:
+    # Through the stack's own SMTP sink and its Mailpit-compatible API.
+    client = await start_service(smtp=replace(settings.smtp, port=infra.ports.smtp))
+    owner = users.add(new_user())
+    newcomers = [new_user() for _ in range(3)]
+    events = [registered(u) for u in newcomers] + [
+        todo_event("completed", owner["id"], {"id": f"todo-{n}", "title": f"Task {n}", "completed": True})
+        for n in range(3)
+    ]
+    for _ in range(3):
+        for event in events:
+            await broker.publish(event)
+
+    consumer = client.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 3 * len(events), within=30, what="every copy acked")
+
+    recipients = {u["email"] for u in newcomers} | {owner["email"]}
+    messages = await shared_sink_messages(infra, recipients)
+    by_message_id = sorted(m["MessageID"] for m in messages)
+    expected = sorted(
+        [f"<{uuid.UUID(e.id).hex}.welcome@todo-mesh.test>" for e in events[:3]]
+        + [f"<{uuid.UUID(e.id).hex}.todo_completed@todo-mesh.test>" for e in events[3:]]
+    )
+    assert by_message_id == expected  # one email per event: duplicates 0, lost 0
+
+
+async def test_welcome_email_has_a_text_and_an_escaped_html_part(service: Any, broker: Broker, smtp: SmtpSink) -> None:
+    user = new_user()
+    user["display_name"] = "Ada <b>Lovelace</b>"
+    event = registered(user)
+    await broker.publish(event)
+
+    [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the welcome email")
+    assert message["Subject"] == "Welcome to todo-mesh, Ada <b>Lovelace</b>"
+    assert message["From"] == MAIL_FROM
+    assert message["To"].addresses[0].addr_spec == user["email"]
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
+    assert message["Auto-Submitted"] == "auto-generated"
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert f'Your todo-mesh account "{user["username"]}" is ready' in text
+    assert "Hi Ada <b>Lovelace</b>," in text
+    assert "Hi Ada &lt;b&gt;Lovelace&lt;/b&gt;," in html
+    assert "<b>Lovelace</b>" not in html
+
+
+async def test_completed_todo_emails_its_owner_found_through_the_user_service(
+    service: Any, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    events = [
+        todo_event("completed", owner["id"], {"id": f"t{n}", "title": f"Write chapter {n}", "completed": True})
+        for n in range(5)
+    ]
+    for event in events:
+        await broker.publish(event)
+
+    messages = await eventually(
+        lambda: len(smtp.to(owner["email"])) == 5 and smtp.to(owner["email"]), within=10, what="5 notices"
+    )
+    assert sorted(m["Subject"] for m in messages) == [f"Done: Write chapter {n}" for n in range(5)]
+    assert not messages[0].is_multipart()  # a one-line notice needs no HTML part
+    # One service token for all five lookups: it is cached until shortly before it expires.
+    assert users.token_requests == 1
+    assert users.user_requests == 5
+
+
+async def test_a_refused_service_token_is_replaced_once(
+    service: Any, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    await broker.publish(todo_event("completed", owner["id"], {"id": "a", "title": "First", "completed": True}))
+    await eventually(lambda: smtp.to(owner["email"]), within=10, what="the first notice")
+    users.revoke_tokens()  # as after a restart of the user-service with new keys
+
+    await broker.publish(todo_event("completed", owner["id"], {"id": "b", "title": "Second", "completed": True}))
+    await eventually(lambda: len(smtp.to(owner["email"])) == 2, within=10, what="the second notice")
+    assert users.token_requests == 2
+
+
+async def test_an_event_for_an_unknown_user_is_acked_without_email(
+    service: Any, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    event = todo_event("completed", new_user()["id"], {"id": "x", "title": "Orphan", "completed": True})
+    await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the event acked")
+    assert smtp.received == []
+    assert await _notification_rows(pool) == []
+
+
+async def test_a_stale_claim_is_sent_again_with_the_same_message_id(
+    service: Any, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    # What a crash between the SMTP server's 250 and our "sent" record
+    # leaves behind: a claim older than its lease. It is resent, and the
+    # copy carries the first attempt's Message-ID.
+    user = new_user()
+    event = registered(user)
+    await _insert_claim(pool, event.id, "welcome", user, claimed_ago="10 minutes")
+    await broker.publish(event)
+
+    [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the resend")
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
+    assert await _notification_rows(pool) == [(event.id, "welcome", "sent")]
+
+
+async def test_an_event_claimed_by_a_live_delivery_waits_for_it_instead_of_sending(
+    service: Any, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    user = new_user()
+    event = registered(user)
+    await _insert_claim(pool, event.id, "welcome", user, claimed_ago="1 second")
+    await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
+    async with pool.acquire() as conn, conn.cursor() as cur:  # the other delivery finishes
+        await cur.execute("UPDATE notifications SET status = 'sent', sent_at = now()")
+    await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the retried event acked")
+    assert smtp.received == []
+
+
+async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[str, str], *, claimed_ago: str) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status, claimed_at)"
+            " VALUES (%s, %s, %s, %s, 'Welcome', %s, 'sending', now() - %s::interval)",
+            (event_id, kind, user["id"], user["email"], message_id(event_id, kind, MAIL_FROM), claimed_ago),
+        )
+
+
+async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT event_id::text, kind, status FROM notifications ORDER BY claimed_at")
+        return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
