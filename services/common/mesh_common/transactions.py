@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aiopg
+import psycopg2
 
 
 @asynccontextmanager
@@ -17,6 +18,11 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
         try:
             yield cur
         except BaseException:
-            await cur.execute("ROLLBACK")
+            # aiopg closes a connection whose query was cancelled; the server
+            # then rolls back by itself, and a failed ROLLBACK must not hide
+            # what happened (a CancelledError turned InterfaceError would be
+            # swallowed by callers that handle errors and go on).
+            with suppress(psycopg2.Error):
+                await cur.execute("ROLLBACK")
             raise
         await cur.execute("COMMIT")
