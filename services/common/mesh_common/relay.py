@@ -63,7 +63,7 @@ class OutboxRelay:
     async def _get_exchange(self) -> AbstractExchange:
         if self._exchange is None:
             # While the broker is away there is nothing to do but wait: the
-            # rows keep in the outbox, and the robust connection reconnects.
+            # rows stay in the outbox, and the robust connection reconnects.
             await self._connection.ready()
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._exchange = await self._channel.declare_exchange(
