@@ -181,3 +181,14 @@ async def test_instances_starting_together_agree_on_one_signing_key(
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT count(*) FROM signing_keys WHERE state = 'active'")
         assert await cur.fetchone() == (1,)
+
+
+async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(
+    client: Any, register: Any, login: Any, auth: Any, db: aiopg.Pool
+) -> None:
+    await register()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("DELETE FROM signing_keys")
+    await client.app[VERIFIER].refresh(force=True)
+    token = (await login())["access_token"]
+    assert (await client.get("/users/me", headers=auth(token))).status == 200

@@ -103,18 +103,27 @@ class KeyStore:
         self._keys: dict[str, SigningKey] = {}
 
     async def load(self) -> None:
-        async with self._pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT kid, private_key_pem, state FROM signing_keys"
-                " WHERE state IN ('active', 'retiring') ORDER BY created_at"
-            )
-            rows = await cur.fetchall()
+        rows = await self._read()
+        if not any(state == "active" for _, _, state in rows):
+            # Start-up creates the active key and rotation replaces it, so
+            # only a deleted row gets here: make a new key rather than fail
+            # every login until a restart.
+            await ensure_active_key(self._pool)
+            rows = await self._read()
         keys = {}
         for kid, pem, state in rows:
             known = self._keys.get(kid)
             private_key = known.private_key if known else _parse_private_key(pem)
             keys[kid] = SigningKey(kid, private_key, state)
         self._keys = keys
+
+    async def _read(self) -> list[tuple[str, str, str]]:
+        async with self._pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT kid, private_key_pem, state FROM signing_keys"
+                " WHERE state IN ('active', 'retiring') ORDER BY created_at"
+            )
+            return list(await cur.fetchall())
 
     @property
     def active(self) -> SigningKey:
