@@ -26,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from typing import Protocol
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from .events import EventHandler, parse
+from mesh_common.events import Event
+
+from .events import parse
 from .failures import TemporaryFailure, UnprocessableEvent
 from .notifier import Outcome
 from .topology import Topology
@@ -45,11 +48,15 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 CRASH_EXIT_CODE = 70
 
 
+class Handler(Protocol):
+    async def handle(self, event: Event) -> Outcome | None: ...
+
+
 class EventConsumer:
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        handler: EventHandler,
+        handler: Handler,
         topology: Topology,
         *,
         prefetch: int,

@@ -242,11 +242,14 @@ class SmtpSink:
     port: int = field(default_factory=free_port)
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
+    attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
     _server: asyncio.AbstractServer | None = None
 
+    # aiosmtpd's hooks: handle_<SMTP verb>
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        self.attempts.append(address)
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)

@@ -1,0 +1,112 @@
+"""GET /notifications: the signed-in user's own history, newest first, a page at a time."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiopg
+from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, registered, todo_event
+
+from mesh_common.testing import TokenFactory
+from notification_service.keys import CONSUMER
+
+
+async def test_history_needs_a_valid_user_token(service: Client, tokens: TokenFactory) -> None:
+    async with service.get("/notifications") as resp:
+        assert resp.status == 401
+        assert resp.content_type == "application/problem+json"
+        assert (await resp.json())["code"] == "UNAUTHORIZED"
+    async with service.get("/notifications", headers={"Authorization": "Bearer not.a.token"}) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["code"] == "INVALID_TOKEN"
+    other_issuer = TokenFactory()
+    async with service.get("/notifications", headers=other_issuer.headers(str(uuid.uuid4()))) as resp:
+        assert (resp.status, (await resp.json())["code"]) == (401, "INVALID_TOKEN")
+    # A service token is not a user: it has no history.
+    async with service.get("/notifications", headers=tokens.headers("service:todo-service")) as resp:
+        assert resp.status == 401
+
+
+async def test_history_lists_the_users_own_notifications_newest_first(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, tokens: TokenFactory
+) -> None:
+    me = users.add(new_user())
+    someone_else = new_user()
+    welcome = registered(me)
+    await broker.publish(welcome)
+    await eventually(lambda: smtp.to(me["email"]), within=10, what="the welcome email")
+    done = todo_event("completed", me["id"], {"id": "t1", "title": "Ship it", "completed": True})
+    await broker.publish(done)
+    await broker.publish(registered(someone_else))
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 3, within=10, what="all events handled")
+
+    async with service.get("/notifications", headers=tokens.headers(me["id"])) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+
+    assert body["next_cursor"] is None
+    assert [(n["kind"], n["event_id"], n["subject"]) for n in body["items"]] == [
+        ("todo_completed", done.id, "Done: Ship it"),
+        ("welcome", welcome.id, f"Welcome to todo-mesh, {me['display_name']}"),
+    ]
+    assert {n["recipient"] for n in body["items"]} == {me["email"]}
+    assert all(datetime.fromisoformat(n["sent_at"]).tzinfo for n in body["items"])
+
+
+async def test_history_pages_with_a_cursor_without_gaps_or_repeats(
+    service: Client, pool: aiopg.Pool, tokens: TokenFactory
+) -> None:
+    me = str(uuid.uuid4())
+    # Two share a timestamp: the cursor must still tell them apart.
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    moments = [start + timedelta(minutes=m) for m in (0, 1, 2, 2, 3)]
+    await _insert_sent(pool, me, moments)
+    await _insert_sent(pool, str(uuid.uuid4()), moments)  # another user's
+
+    seen: list[str] = []
+    pages = []
+    cursor = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        async with service.get("/notifications", params=params, headers=tokens.headers(me)) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        pages.append(len(body["items"]))
+        seen.extend(n["sent_at"] for n in body["items"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+
+    assert pages == [2, 2, 1]
+    assert seen == sorted(seen, reverse=True)
+    assert sorted(datetime.fromisoformat(s) for s in seen) == moments
+
+
+async def test_a_bad_limit_or_cursor_is_a_422_problem(service: Client, tokens: TokenFactory) -> None:
+    headers = tokens.headers(str(uuid.uuid4()))
+    for params in ({"limit": "0"}, {"limit": "101"}, {"limit": "ten"}, {"limit": "²"}, {"cursor": "bm90IGpzb24"}):
+        async with service.get("/notifications", params=params, headers=headers) as resp:
+            assert resp.status == 422, params
+            body = await resp.json()
+            assert body["code"] == "VALIDATION_FAILED"
+            assert body["errors"][0]["field"] in {"limit", "cursor"}
+
+
+async def test_the_openapi_description_is_public_and_3_1(service: Client) -> None:
+    async with service.get("/openapi.json") as resp:
+        assert resp.status == 200
+        doc: dict[str, Any] = await resp.json()
+    assert doc["openapi"].startswith("3.1")
+    assert "get" in doc["paths"]["/notifications"]
+
+
+async def _insert_sent(pool: aiopg.Pool, user_id: str, moments: list[datetime]) -> None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        for n, sent_at in enumerate(moments):
+            await cur.execute(
+                "INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status, sent_at)"
+                " VALUES (%s, 'welcome', %s, 'a@example.test', %s, '<x@y>', 'sent', %s)",
+                (str(uuid.uuid4()), user_id, f"Subject {n}", sent_at),
+            )

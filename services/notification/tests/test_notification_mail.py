@@ -1,0 +1,90 @@
+"""The pieces on their own: parsing events, rendering emails, and what SMTP answers mean."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from notification_support import SmtpSink, free_port, new_user, registered
+
+from mesh_common.events import Event
+from notification_service.directory import Recipient
+from notification_service.events import parse
+from notification_service.failures import MailRejected, MailServerUnavailable, MalformedEvent, UnsupportedEvent
+from notification_service.mailer import Mailer
+from notification_service.messages import compose, message_id, render
+from notification_service.settings import SmtpSettings
+
+SENDER = "todo-mesh <no-reply@todo-mesh.test>"
+
+
+def an_email(to: str) -> object:
+    rendered = render("todo_completed", {"name": "Ada", "title": "Ship it"})
+    msgid = message_id("6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e", "todo_completed", SENDER)
+    return compose(rendered, sender=SENDER, recipient=Recipient(email=to, name="Ada"), msgid=msgid)
+
+
+def valid_event() -> dict[str, object]:
+    return json.loads(registered(new_user()).to_json())
+
+
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [
+        (b"not json", MalformedEvent),
+        (b"[]", MalformedEvent),
+        (b"\xff\xfe", MalformedEvent),
+        (json.dumps({**valid_event(), "id": "not-a-uuid"}).encode(), MalformedEvent),
+        (json.dumps({k: v for k, v in valid_event().items() if k != "data"}).encode(), MalformedEvent),
+        (json.dumps({**valid_event(), "version": 2}).encode(), UnsupportedEvent),
+        (json.dumps({**valid_event(), "type": "todo.archived"}).encode(), UnsupportedEvent),
+    ],
+)
+def test_events_we_cannot_handle_are_refused_not_guessed_at(body: bytes, failure: type[Exception]) -> None:
+    with pytest.raises(failure):
+        parse(body)
+
+
+def test_a_valid_event_parses() -> None:
+    event = registered(new_user())
+    assert parse(event.to_json()) == event
+
+
+def test_a_title_with_line_breaks_cannot_break_the_subject_header() -> None:
+    rendered = render("todo_completed", {"name": "Ada", "title": "Ship\r\nBcc: victim@example.test"})
+    assert rendered.subject == "Done: Ship Bcc: victim@example.test"
+    email = compose(rendered, sender=SENDER, recipient=Recipient("ada@example.test", "Ada"), msgid="<a@b>")
+    assert "Bcc" not in email
+
+
+def test_message_ids_are_one_per_event_and_kind() -> None:
+    event_id = "6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e"
+    assert message_id(event_id, "welcome", SENDER) == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.welcome@todo-mesh.test>"
+    assert message_id(event_id, "welcome", SENDER) != message_id(event_id, "reminder", SENDER)
+
+
+async def test_a_4xx_answer_is_retried_then_reported_as_unavailable(smtp: SmtpSink) -> None:
+    smtp.refuse["busy@example.test"] = "451 4.7.1 Try again later"
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailServerUnavailable):
+        await mailer.send(an_email("busy@example.test"))  # type: ignore[arg-type]
+    assert smtp.attempts == ["busy@example.test"] * 3
+
+
+async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
+    smtp.refuse["gone@example.test"] = "550 5.1.1 No such mailbox"
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailRejected):
+        await mailer.send(an_email("gone@example.test"))  # type: ignore[arg-type]
+    assert smtp.attempts == ["gone@example.test"]
+
+
+async def test_a_refused_connection_is_reported_as_unavailable() -> None:
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=free_port(), mail_from=SENDER, attempts=2))
+    with pytest.raises(MailServerUnavailable):
+        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+
+
+def test_an_event_envelope_round_trips() -> None:
+    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
+    assert Event.from_json(event.to_json()) == event

@@ -1,0 +1,110 @@
+"""Dependencies go away and come back: every email still goes out, exactly once.
+
+The outages last ``OUTAGE_SECONDS`` (30 s in the brief's scenario; shorter
+here to keep the suite fast: what matters is that the events outlive more
+than one retry while the dependency is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import quote
+
+from notification_support import (
+    Broker,
+    Client,
+    FakeUserService,
+    Management,
+    SmtpSink,
+    eventually,
+    new_user,
+    registered,
+    todo_event,
+)
+
+from mesh_common.amqp import AMQP
+from notification_service.keys import CONSUMER, SETTINGS
+
+OUTAGE_SECONDS = 5.0
+EVENTS = 100
+# Back within the slowest retry tier (30 s) after the dependency returns.
+RECOVERY_BOUND = 45.0
+
+
+async def test_smtp_down_for_a_while_then_back_loses_no_email(service: Client, broker: Broker, smtp: SmtpSink) -> None:
+    await smtp.stop()
+    down_since = time.monotonic()
+    events = [registered(new_user()) for _ in range(EVENTS)]
+    for event in events:
+        await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= EVENTS, within=10, what="every event failing once")
+    # The outage itself: a fixed span, not a wait for a condition.
+    await asyncio.sleep(OUTAGE_SECONDS - (time.monotonic() - down_since))
+    assert smtp.received == []
+    await smtp.start()
+
+    await eventually(lambda: len(smtp.received) >= EVENTS, within=RECOVERY_BOUND, what="every email after the outage")
+    await eventually(lambda: consumer.settled["acked"] == EVENTS, within=10, what="every event acked")
+    sent = Counter(r.recipients[0] for r in smtp.received)
+    expected = {e.data["email"] for e in events}
+    assert expected - set(sent) == set()  # lost 0
+    assert [n for n in sent.values() if n > 1] == []  # duplicates 0
+
+
+async def test_user_service_down_for_a_while_then_back_loses_no_email(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    await users.stop()
+    down_since = time.monotonic()
+    events = [
+        todo_event("completed", owner["id"], {"id": f"t{n}", "title": f"Task {n}", "completed": True})
+        for n in range(EVENTS)
+    ]
+    for event in events:
+        await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= EVENTS, within=10, what="every event failing once")
+    await asyncio.sleep(OUTAGE_SECONDS - (time.monotonic() - down_since))
+    assert smtp.received == []
+    await users.start()
+
+    await eventually(
+        lambda: len(smtp.to(owner["email"])) >= EVENTS, within=RECOVERY_BOUND, what="every email after the outage"
+    )
+    await eventually(lambda: consumer.settled["acked"] == EVENTS, within=10, what="every event acked")
+    subjects = Counter(m["Subject"] for m in smtp.to(owner["email"]))
+    assert set(subjects) == {f"Done: Task {n}" for n in range(EVENTS)}  # lost 0
+    assert set(subjects.values()) == {1}  # duplicates 0
+
+
+async def test_the_consumer_comes_back_after_the_broker_drops_its_connection(
+    service: Client, broker: Broker, smtp: SmtpSink, management: Management
+) -> None:
+    reconnected = asyncio.Event()
+    service.app[AMQP].reconnect_callbacks.add(lambda *_: reconnected.set())
+    name = service.app[SETTINGS].service.instance_id
+    connection = await eventually(
+        lambda: _connection_named(management, name), within=15, what="the service's AMQP connection"
+    )
+    # What a broker restart looks like from the client: the socket closes.
+    await asyncio.to_thread(management.request, "DELETE", f"/connections/{quote(connection, safe='')}")
+
+    user = new_user()
+    await broker.publish(registered(user))
+    await eventually(lambda: smtp.to(user["email"]), within=20, what="the email after the reconnection")
+    assert reconnected.is_set()
+
+
+async def _connection_named(management: Management, name: str) -> str | None:
+    connections: list[dict[str, Any]] = await asyncio.to_thread(management.request, "GET", "/connections")
+    for c in connections:
+        if (c.get("client_properties") or {}).get("connection_name") == name:
+            return str(c["name"])
+    return None

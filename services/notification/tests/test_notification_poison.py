@@ -1,0 +1,156 @@
+"""Poison messages end in the dead-letter queue, visibly, and everything else keeps flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import aio_pika
+from notification_support import Broker, Client, SmtpSink, eventually, new_user, registered, todo_event
+
+from mesh_common.events import Event
+from notification_service.consumer import EventConsumer
+from notification_service.dlq import list_dead_letters, replay_dead_letters
+from notification_service.keys import CONSUMER
+from notification_service.notifier import Outcome
+from notification_service.topology import Topology
+
+
+def poison() -> list[tuple[Event, bytes | None]]:
+    """Messages that can never be handled, each with the body to send (None: the event's own)."""
+    user = new_user()
+    malformed = registered(user)
+    not_an_object = registered(user)
+    future = Event(type="user.registered", user_id=user["id"], data={}, correlation_id="c", version=2)
+    unknown = todo_event("archived", user["id"], {"id": "t", "title": "Old"})
+    no_email = Event(type="user.registered", user_id=user["id"], data={"user_id": user["id"]}, correlation_id="c")
+    return [(malformed, b'{"type": "user.registered", "id": '), (not_an_object, b"[1, 2, 3]"),
+            (future, None), (unknown, None), (no_email, None)]  # fmt: skip
+
+
+async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_delivered(
+    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+) -> None:
+    bad = poison()
+    good = [registered(new_user()) for _ in range(100)]
+    for n, event in enumerate(good):
+        await broker.publish(event)
+        if n % 20 == 10:
+            poisoned, body = bad[n // 20]
+            await broker.publish(poisoned, body=body)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 100, within=30, what="100 good events acked")
+    await eventually(lambda: consumer.settled["dead_lettered"] == len(bad), within=10, what="poison dead-lettered")
+
+    delivered = {r.recipients[0] for r in smtp.received}
+    assert len(smtp.received) == 100
+    assert delivered == {e.data["email"] for e in good}  # lost 0, duplicates 0
+
+    letters = await eventually(
+        lambda: _all_letters(infra.amqp_url, topology, len(bad)), within=10, what="the dead letters listed"
+    )
+    assert sorted(d.event_id for d in letters) == sorted(e.id for e, _ in bad)
+    assert {d.reason for d in letters} == {"rejected"}  # refused at once: no retries wasted on them
+    assert await broker.ready(topology.dead_letters) == len(bad)  # listing left them in the queue
+
+
+class AlwaysFailing:
+    """A handler with a bug: every delivery raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle(self, event: Event) -> Outcome | None:
+        self.calls += 1
+        raise RuntimeError("a bug")
+
+
+async def test_an_event_failing_unexpectedly_is_dead_lettered_after_the_delivery_limit(
+    infra: Any, broker: Broker, topology: Topology, delivery_limit: int
+) -> None:
+    handler = AlwaysFailing()
+    connection = await aio_pika.connect_robust(infra.amqp_url)
+    async with connection:
+        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+        await consumer.start()
+        try:
+            event = registered(new_user())
+            await broker.publish(event)
+            await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
+        finally:
+            await consumer.stop()
+
+    assert handler.calls == delivery_limit + 1  # the first delivery and `delivery-limit` redeliveries
+    [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
+    assert (letter.event_id, letter.reason) == (event.id, "delivery_limit")
+
+
+async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
+    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+) -> None:
+    user = new_user()
+    smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"
+    event = registered(user)
+    await broker.publish(event)
+    await eventually(lambda: broker.ready(topology.dead_letters), within=10, what="the refused email dead-lettered")
+
+    listed = await _cli("dlq", "list", infra=infra, topology=topology)
+    assert event.id in listed and "rejected" in listed
+
+    del smtp.refuse[user["email"]]  # the mailbox exists now
+    replayed = await replay_dead_letters(infra.amqp_url, topology, limit=10)
+    assert [d.event_id for d in replayed] == [event.id]
+
+    [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the replayed email")
+    assert message["Subject"].startswith("Welcome to todo-mesh")
+    assert await broker.ready(topology.dead_letters) == 0
+
+
+async def test_replay_can_pick_one_event_and_leaves_the_others(
+    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+) -> None:
+    users = [new_user() for _ in range(3)]
+    events = [registered(u) for u in users]
+    for user, event in zip(users, events, strict=True):
+        smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"
+        await broker.publish(event)
+    await eventually(lambda: _ready_is(broker, topology.dead_letters, 3), within=10, what="3 dead letters")
+    smtp.refuse.clear()
+
+    replayed = await replay_dead_letters(infra.amqp_url, topology, limit=10, event_id=events[1].id)
+
+    assert [d.event_id for d in replayed] == [events[1].id]
+    await eventually(lambda: smtp.to(users[1]["email"]), within=10, what="the chosen event's email")
+    assert sorted(d.event_id for d in await list_dead_letters(infra.amqp_url, topology, limit=10)) == sorted(
+        [events[0].id, events[2].id]
+    )
+
+
+async def _all_letters(amqp_url: str, topology: Topology, count: int) -> Any:
+    letters = await list_dead_letters(amqp_url, topology, limit=100)
+    return letters if len(letters) == count else None
+
+
+async def _ready_is(broker: Broker, queue: str, count: int) -> bool:
+    return await broker.ready(queue) == count
+
+
+async def _cli(*args: str, infra: Any, topology: Topology) -> str:
+    """Run ``python -m notification_service ...`` as an operator would."""
+    env = {
+        **os.environ,
+        "AMQP_URL": infra.amqp_url,
+        "EVENTS_EXCHANGE": topology.exchange,
+        "NOTIFICATION_QUEUES": topology.namespace,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "notification_service", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()

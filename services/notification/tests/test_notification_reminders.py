@@ -1,0 +1,142 @@
+"""Reminders follow todo events alone, and each due date is reminded of once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiopg
+from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, todo_event
+
+from notification_service.keys import CONSUMER
+
+
+def todo(todo_id: str, title: str, due_in: timedelta | None, *, completed: bool = False) -> dict[str, Any]:
+    due_at = None if due_in is None else (datetime.now(UTC) + due_in).isoformat()
+    return {"id": todo_id, "title": title, "due_at": due_at, "completed": completed}
+
+
+async def reminder_row(pool: aiopg.Pool, todo_id: str) -> dict[str, Any] | None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT title, due_at, cancelled, sent_at IS NOT NULL, event_id::text FROM reminders WHERE todo_id = %s",
+            (todo_id,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip(("title", "due_at", "cancelled", "sent", "event_id"), row, strict=True))
+
+
+async def test_a_todo_due_within_a_day_gets_one_reminder(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    created = todo_event("created", owner["id"], todo("t1", "File taxes <today>", timedelta(hours=3)))
+    await broker.publish(created)
+
+    [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder")
+    assert message["Subject"] == "Due in 3 hours: File taxes <today>"
+    assert message["Message-ID"].startswith(f"<{created.id.replace('-', '')}.reminder@")
+    assert '"File taxes <today>" is due in 3 hours' in message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert "<strong>File taxes &lt;today&gt;</strong>" in html
+    await eventually(lambda: _sent(pool, "t1"), within=5, what="the reminder recorded as sent")
+
+    # A new title, the same due date: the reminder for that date was sent already.
+    await broker.publish(todo_event("updated", owner["id"], {**created.data, "title": "File taxes"}))
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="the update applied")
+    row = await reminder_row(pool, "t1")
+    assert row is not None and (row["title"], row["sent"], row["event_id"]) == ("File taxes", True, created.id)
+    assert len(smtp.to(owner["email"])) == 1
+
+
+async def test_completing_and_deleting_cancel_a_reminder_and_reopening_restores_it(
+    service: Client, broker: Broker, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    snapshot = todo("t2", "Renew passport", timedelta(days=3))
+    steps = [
+        ("created", snapshot, False),
+        ("completed", {**snapshot, "completed": True}, True),
+        ("reopened", snapshot, False),
+        ("deleted", snapshot, True),
+    ]
+    consumer = service.app[CONSUMER]
+    for n, (kind, data, cancelled) in enumerate(steps, start=1):
+        await broker.publish(todo_event(kind, owner["id"], data))
+        await eventually(lambda n=n: consumer.settled["acked"] == n, within=10, what=f"todo.{kind} applied")
+        row = await reminder_row(pool, "t2")
+        assert row is not None and (row["cancelled"], row["sent"]) == (cancelled, False), kind
+
+
+async def test_a_new_due_date_is_a_new_reminder(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    await broker.publish(todo_event("created", owner["id"], todo("t3", "Call the bank", timedelta(hours=1))))
+    await eventually(lambda: smtp.to(owner["email"]), within=10, what="the first reminder")
+
+    moved = todo_event("updated", owner["id"], todo("t3", "Call the bank", timedelta(hours=2)))
+    await broker.publish(moved)
+    messages = await eventually(lambda: len(smtp.to(owner["email"])) == 2 and smtp.to(owner["email"]), within=10,
+                                what="a reminder for the new date")  # fmt: skip
+    assert [m["Subject"] for m in messages] == ["Due in 60 minutes: Call the bank", "Due in 2 hours: Call the bank"]
+    await eventually(lambda: _sent(pool, "t3"), within=5, what="the new reminder recorded as sent")
+    row = await reminder_row(pool, "t3")
+    assert row is not None and row["event_id"] == moved.id
+
+
+async def test_an_event_older_than_the_last_one_applied_changes_nothing(
+    service: Client, broker: Broker, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    now = datetime.now(UTC)
+    newer = todo_event("updated", owner["id"], todo("t4", "Newer", timedelta(days=5)), occurred_at=now.isoformat())
+    older = todo_event(
+        "created",
+        owner["id"],
+        todo("t4", "Older", timedelta(days=9)),
+        occurred_at=(now - timedelta(minutes=1)).isoformat(),
+    )
+    await broker.publish(newer)
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 1, within=10, what="the newer event applied")
+    await broker.publish(older)  # a retry or a replay arriving late
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="the older event handled")
+
+    row = await reminder_row(pool, "t4")
+    assert row is not None and (row["title"], row["event_id"]) == ("Newer", newer.id)
+
+
+async def test_an_overdue_todo_gets_no_reminder(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    await broker.publish(todo_event("created", owner["id"], todo("t5", "Too late", timedelta(hours=-1))))
+    await broker.publish(todo_event("created", owner["id"], todo("t6", "In time", timedelta(hours=1))))
+
+    # Reminders go out in remind_at order, so the overdue one would come first.
+    await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder due in time")
+    assert [m["Subject"] for m in smtp.to(owner["email"])] == ["Due in 60 minutes: In time"]
+    row = await reminder_row(pool, "t5")
+    assert row is not None and row["sent"] is False
+
+
+async def _sent(pool: aiopg.Pool, todo_id: str) -> bool:
+    row = await reminder_row(pool, todo_id)
+    return row is not None and row["sent"]
+
+
+async def test_a_reminder_goes_out_when_its_time_comes_not_before(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    # Due a day and two seconds from now: the reminder is due in two seconds.
+    await broker.publish(todo_event("created", owner["id"], todo("t7", "Board meeting", timedelta(days=1, seconds=2))))
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 1, within=10, what="the todo applied")
+    row = await reminder_row(pool, "t7")
+    assert row is not None and (row["cancelled"], row["sent"]) == (False, False)
+    assert smtp.to(owner["email"]) == []
+
+    [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder at its time")
+    assert message["Subject"] == "Due in 24 hours: Board meeting"
