@@ -8,7 +8,7 @@ import sys
 import threading
 
 from . import stack
-from .config import CONSUL_NAMES, StackConfig
+from .config import StackConfig
 from .procs import StackError, running
 
 
@@ -54,28 +54,17 @@ def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:
     if not procs:
         print("nothing is running")
         return
-    health: dict[str, str] = {}
-    try:
-        for name in ("gateway", *CONSUL_NAMES.values()):
-            for entry in stack.get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
-                svc = entry["Service"]
-                status = "passing" if all(ch["Status"] == "passing" for ch in entry["Checks"]) else "critical"
-                health[f"{svc['Address']}:{svc['Port']}"] = f"{svc['ID']} {status}"
-    except OSError:
-        print("(Consul does not answer: no health to show)")
-    print(f"{'PROCESS':<16} {'PID':>7}  CONSUL")
+    print(f"{'PROCESS':<20} {'PID':>7}  CONSUL")
     for name, pid in sorted(procs.items()):
-        print(f"{name:<16} {pid:>7}  ", end="")
-        matches = [v for k, v in health.items() if v.startswith(_consul_name(name))] if "-" in name else []
-        print("; ".join(matches) if matches and name.split("-")[0] != "gateway" else "")
+        print(f"{name:<20} {pid:>7}  {stack.registered_id(cfg, name) or ''}")
+    try:
+        health = stack.health(cfg)
+    except OSError:
+        print("\n(Consul does not answer: no health to show)")
+        return
     print("\nConsul's view:")
-    for value in sorted(health.values()):
-        print(f"  {value}")
-
-
-def _consul_name(process: str) -> str:
-    prefix = process.split("-")[0]
-    return "gateway" if prefix == "gateway" else CONSUL_NAMES.get(prefix, prefix)
+    for service_id, status in sorted(health.items()):
+        print(f"  {service_id:<48} {status}")
 
 
 def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:

@@ -27,6 +27,16 @@ def passing(cfg: StackConfig, consul_name: str) -> list[dict]:  # type: ignore[t
     return entries
 
 
+def health(cfg: StackConfig) -> dict[str, str]:
+    """Every registered instance of our services, and its aggregate check status."""
+    statuses = {}
+    for name in ("gateway", *CONSUL_NAMES.values()):
+        for entry in get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
+            passing = all(check["Status"] == "passing" for check in entry["Checks"])
+            statuses[entry["Service"]["ID"]] = "passing" if passing else "critical"
+    return statuses
+
+
 # -- infrastructure --------------------------------------------------------------
 def up_infra(cfg: StackConfig) -> None:
     """Start whatever infrastructure is not running yet, and wait for it."""
