@@ -10,13 +10,20 @@ import asyncio
 import os
 from collections.abc import Sequence
 
+from aio_pika.exceptions import AMQPConnectionError
+from yarl import URL
+
 from mesh_common.logs import configure_logging
 from mesh_common.serve import bind_socket, run
-from mesh_common.settings import env_str
+from mesh_common.settings import SettingsError, env_str
 
 from . import dlq
 from .app import create_app
 from .settings import Settings, topology_from_env
+
+# The DLQ commands are run by hand (``task dlq``): by default, against the
+# native development stack's broker.
+DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def serve() -> None:
@@ -29,16 +36,19 @@ def serve() -> None:
 
 def dead_letters(args: argparse.Namespace) -> None:
     # Only what the DLQ commands need, so that they run with AMQP_URL alone.
-    amqp_url = env_str(os.environ, "AMQP_URL")
+    amqp_url = env_str(os.environ, "AMQP_URL", DEV_AMQP_URL)
     topology = topology_from_env(os.environ)
-    if args.action == "list":
-        letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit))
-        print(dlq.format_table(letters))
-        print(f"{len(letters)} dead letter(s) shown from {topology.dead_letters}")
-    else:
-        letters = asyncio.run(dlq.replay_dead_letters(amqp_url, topology, limit=args.limit, event_id=args.event_id))
-        print(dlq.format_table(letters))
-        print(f"{len(letters)} dead letter(s) replayed to {topology.queue}")
+    try:
+        if args.action == "list":
+            letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit))
+            done = f"shown from {topology.dead_letters}"
+        else:
+            letters = asyncio.run(dlq.replay_dead_letters(amqp_url, topology, limit=args.limit, event_id=args.event_id))
+            done = f"replayed to {topology.queue}"
+    except (AMQPConnectionError, ConnectionError) as exc:
+        raise SystemExit(f"cannot reach the broker at {URL(amqp_url).with_password(None)}: {exc}") from None
+    print(dlq.format_table(letters))
+    print(f"{len(letters)} dead letter(s) {done}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -52,10 +62,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     replay_parser.add_argument("--limit", type=int, default=1000)
     replay_parser.add_argument("--event-id", help="replay this event only")
     args = parser.parse_args(argv)
-    if args.command == "dlq":
-        dead_letters(args)
-    else:
-        serve()
+    try:
+        if args.command == "dlq":
+            dead_letters(args)
+        else:
+            serve()
+    except SettingsError as exc:
+        raise SystemExit(f"notification-service: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -90,13 +90,21 @@ class EventConsumer:
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
 
     async def stop(self, *, drain_timeout: float = 10.0) -> None:
-        """Stop taking messages, let those in hand finish, then close the channel."""
-        if self._queue is not None and self._consumer_tag is not None:
-            await self._queue.cancel(self._consumer_tag)
-        if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=drain_timeout)
-        if self._channel is not None:
-            await self._channel.close()
+        """Stop taking messages, let those in hand finish, then close the channel.
+
+        Every step is bounded: a broker that does not answer must not keep
+        the process from exiting. Whatever is not acked by then is redelivered.
+        """
+        try:
+            async with asyncio.timeout(drain_timeout):
+                if self._queue is not None and self._consumer_tag is not None:
+                    await self._queue.cancel(self._consumer_tag)
+                if self._in_flight:
+                    await asyncio.wait(self._in_flight)
+                if self._channel is not None:
+                    await self._channel.close()
+        except TimeoutError:
+            log.warning("consumer_stop_timed_out", in_flight=len(self._in_flight))
         log.info("consumer_stopped", queue=self._topology.queue)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -22,6 +22,7 @@ from .consumer import DELIVERY_COUNT_HEADER, RETRIES_HEADER
 from .topology import Topology
 
 PREVIEW_BYTES = 60
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
 
 async def list_dead_letters(amqp_url: str, topology: Topology, *, limit: int) -> list[DeadLetter]:
     """Up to ``limit`` dead letters, left in the queue."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(topology.dead_letters, ensure=True)
@@ -66,7 +67,7 @@ async def replay_dead_letters(
     amqp_url: str, topology: Topology, *, limit: int, event_id: str | None = None
 ) -> list[DeadLetter]:
     """Move up to ``limit`` dead letters (those of ``event_id`` only, if given) back to our queue."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.get_queue(topology.dead_letters, ensure=True)

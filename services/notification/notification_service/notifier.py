@@ -2,20 +2,23 @@
 
 The steps, and what a crash after each one leaves behind:
 
-1. ``sent`` already recorded for (event, kind)? Then nothing to do: a redelivery.
-2. Claim: insert the row as ``sending``. Crash here: the claim goes stale
-   after ``CLAIM_LEASE`` and a later delivery takes it over and sends.
-3. SMTP transaction, with the Message-ID derived from (event, kind).
-4. Mark the row ``sent``. Then the consumer acks the event. Crash between
-   4 and the ack: the redelivered event stops at step 1. No duplicate.
+1. Claim: insert the row as ``sending``. If it is there already and
+   ``sent``, this is a redelivery: nothing to do. (When the address must be
+   looked up, a cheaper check for ``sent`` comes before the lookup.)
+   Crash after the claim: it goes stale after ``CLAIM_LEASE`` and a later
+   delivery takes it over and sends.
+2. SMTP transaction, with the Message-ID derived from (event, kind).
+3. Mark the row ``sent``. Then the consumer acks the event. Crash between
+   3 and the ack: the redelivered event stops at step 1. No duplicate.
 
-The one window left is between the SMTP server's 250 (end of step 3) and
-the commit of step 4: a loopback round trip to PostgreSQL, well under a
-millisecond. A crash exactly there leaves a stale claim for a message that
-was in fact delivered, and the takeover sends it again. That second copy has
-the same Message-ID, so mail clients that de-duplicate show one message. The
-alternative, never resending a stale claim, would turn the same rare crash
-into a lost email instead; we prefer a duplicate.
+The one window left is between the SMTP server's 250 (end of step 2) and
+the commit of step 3: a loopback round trip to PostgreSQL, well under a
+millisecond. A crash exactly there (or a connection lost while waiting for
+the 250) leaves a stale claim for a message that was in fact delivered, and
+the takeover sends it again. That second copy has the same Message-ID, so
+mail clients that de-duplicate show one message. The alternative, never
+resending a stale claim, would turn the same rare crash into a lost email
+instead; we prefer a duplicate.
 """
 
 from __future__ import annotations
@@ -66,10 +69,11 @@ class Notifier:
 
         ``recipient`` is looked up from the user-service unless given.
         """
-        if await repository.notification_status(self._pool, event_id, kind) == "sent":
-            log.info("notification_duplicate", event_id=event_id, kind=kind)
-            return Outcome.ALREADY_SENT
         if recipient is None:
+            # Ask the user-service only about an event not handled yet.
+            if await repository.notification_status(self._pool, event_id, kind) == "sent":
+                log.info("notification_duplicate", event_id=event_id, kind=kind)
+                return Outcome.ALREADY_SENT
             recipient = await self._directory.recipient(user_id)
             if recipient is None:
                 log.info("notification_skipped", event_id=event_id, kind=kind, reason="unknown_user")

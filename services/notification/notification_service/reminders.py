@@ -62,7 +62,7 @@ class Reminders:
             event_at=event_at,
         )
         if not await repository.apply_todo_state(self._pool, state):
-            log.info("reminder_event_outdated", todo_id=todo.id, event_id=event_id)
+            log.info("reminder_event_not_newer", todo_id=todo.id, event_id=event_id)
             return
         if not state.cancelled and remind_at is not None and remind_at <= datetime.now(UTC) + self._wake_window:
             self._wake()
@@ -75,12 +75,23 @@ class ReminderScheduler:
         self._poll_interval = poll_interval
         self._batch = batch
         self._woken = asyncio.Event()
+        self._stopping = False
 
     def wake(self) -> None:
         self._woken.set()
 
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current round.
+
+        A flag, not only ``Task.cancel()``: on Python 3.11 a cancellation that
+        arrives as a query finishes can be lost inside aiopg (its
+        ``asyncio.wait_for``), and the loop would go on.
+        """
+        self._stopping = True
+        self._woken.set()
+
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             self._woken.clear()
             try:
                 delay = await self._send_due()

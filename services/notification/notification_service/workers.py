@@ -26,6 +26,8 @@ from .mailer import Mailer
 from .notifier import Notifier
 from .reminders import Reminders, ReminderScheduler
 
+SCHEDULER_STOP_TIMEOUT = 10.0
+
 
 @asynccontextmanager
 async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -40,9 +42,13 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         client_secret=settings.client_secret,
     )
     directory = UserDirectory(app[SERVICE_CLIENT], tokens, service=settings.user_service)
-    app[NOTIFIER] = notifier = Notifier(app[DB], Mailer(settings.smtp), directory, sender=settings.smtp.mail_from)
+    mailer = Mailer(settings.smtp)
+    app[NOTIFIER] = notifier = Notifier(app[DB], mailer, directory, sender=settings.smtp.mail_from)
     app[SCHEDULER] = ReminderScheduler(app[DB], notifier, poll_interval=settings.reminder_poll_interval)
-    yield
+    try:
+        yield
+    finally:
+        await mailer.close()
 
 
 @asynccontextmanager
@@ -71,9 +77,12 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[SCHEDULER].run(), name="reminder-scheduler")
+    scheduler = app[SCHEDULER]
+    task = asyncio.create_task(scheduler.run(), name="reminder-scheduler")
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        scheduler.stop()
+        _, still_running = await asyncio.wait({task}, timeout=SCHEDULER_STOP_TIMEOUT)
+        for stuck in still_running:  # a round stuck on a dependency: give up on it
+            stuck.cancel()

@@ -142,7 +142,9 @@ async def test_a_stale_claim_is_sent_again_with_the_same_message_id(
 
     [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the resend")
     assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
-    assert await _notification_rows(pool) == [(event.id, "welcome", "sent")]
+    # Recorded once the SMTP server's answer is back, a moment after the sink has the message.
+    sent = [(event.id, "welcome", "sent")]
+    await eventually(lambda: _rows_are(pool, sent), within=5, what="the claim marked sent")
 
 
 async def test_an_event_claimed_by_a_live_delivery_waits_for_it_instead_of_sending(
@@ -168,6 +170,10 @@ async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[s
             " VALUES (%s, %s, %s, %s, 'Welcome', %s, 'sending', now() - %s::interval)",
             (event_id, kind, user["id"], user["email"], message_id(event_id, kind, MAIL_FROM), claimed_ago),
         )
+
+
+async def _rows_are(pool: aiopg.Pool, expected: list[tuple[str, str, str]]) -> bool:
+    return await _notification_rows(pool) == expected
 
 
 async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
