@@ -48,6 +48,10 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 CRASH_EXIT_CODE = 70
 
 
+class TopologyMissing(RuntimeError):
+    """A queue we need was not declared on the broker."""
+
+
 class Handler(Protocol):
     async def handle(self, event: Event) -> Outcome | None: ...
 
@@ -84,8 +88,8 @@ class EventConsumer:
         # Passive declarations: the topology comes from definitions.json, and
         # a missing queue should stop us at start-up, not on the first retry.
         for name in self._topology.retry_queues:
-            await channel.get_queue(name, ensure=True)
-        self._queue = await channel.get_queue(self._topology.queue, ensure=True)
+            await _existing_queue(channel, name)
+        self._queue = await _existing_queue(channel, self._topology.queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
 
@@ -162,6 +166,13 @@ class EventConsumer:
         await message.ack()
         self.settled["retried"] += 1
         log.warning("event_retry_scheduled", reason=type(exc).__name__, detail=str(exc), attempt=attempt, delay=delay)
+
+
+async def _existing_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+    try:
+        return await channel.get_queue(name, ensure=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
 
 
 def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Message:

@@ -1,0 +1,50 @@
+"""Settings come from the environment: secrets are required, the rest has sensible defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_common.settings import SettingsError
+from notification_service.settings import Settings
+from notification_service.topology import Topology
+
+REQUIRED = {
+    "DATABASE_URL": "postgresql://n:n@127.0.0.1/n",
+    "AMQP_URL": "amqp://guest:guest@127.0.0.1/",
+    "SERVICE_CLIENT_SECRET": "s" * 32,
+}
+
+
+def test_the_client_secret_and_the_urls_are_required() -> None:
+    for name in REQUIRED:
+        env = {k: v for k, v in REQUIRED.items() if k != name}
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env(env)
+
+
+def test_defaults_are_those_of_the_stack() -> None:
+    settings = Settings.from_env(REQUIRED)
+    assert (settings.client_id, settings.user_service) == ("notification-service", "user-service")
+    assert settings.topology == Topology("todo-mesh.events", "notifications")
+    assert settings.topology.queue == "notifications.events"
+    assert settings.prefetch == 32
+    assert settings.crash_after_send is False
+
+
+def test_nonsense_numbers_are_refused() -> None:
+    with pytest.raises(SettingsError):
+        Settings.from_env({**REQUIRED, "AMQP_PREFETCH": "0"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({**REQUIRED, "SMTP_PORT": "smtp"})
+
+
+def test_retries_back_off_then_stay_at_the_slowest_tier() -> None:
+    topology = Topology()
+    delays = [topology.retry_tier(attempt) for attempt in range(1, 6)]
+    assert delays == [
+        ("notifications.retry.1s", 1.0),
+        ("notifications.retry.5s", 5.0),
+        ("notifications.retry.30s", 30.0),
+        ("notifications.retry.30s", 30.0),
+        ("notifications.retry.30s", 30.0),
+    ]
