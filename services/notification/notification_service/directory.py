@@ -100,12 +100,14 @@ class ServiceTokens:
                     body: Any = await resp.json(content_type=None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 raise UpstreamFailure(f"{instance.id}: {type(exc).__name__}") from exc
-        if resp.status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        token = body.get("access_token") if isinstance(body, dict) else None
+        lifetime = body.get("expires_in") if isinstance(body, dict) else None
+        if resp.status != 200 or not isinstance(token, str) or not isinstance(lifetime, int | float):
             # Wrong credentials are a configuration error; retrying later
             # keeps the events until someone fixes it.
             log.error("service_token_refused", status=resp.status, client_id=self._credentials["client_id"])
             raise UserServiceUnavailable(f"service token refused with {resp.status}")
-        return body["access_token"], float(body.get("expires_in", 300))
+        return token, float(lifetime)
 
 
 class UserDirectory:

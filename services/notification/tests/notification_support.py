@@ -174,7 +174,7 @@ class FakeUserService:
         self.token_requests = 0
         self.user_requests = 0
         self._consul_url = consul_url
-        self._secret = secret
+        self.secret = secret
         self._token_ttl = token_ttl
         self._tokens: set[str] = set()
         self._runner: web.AppRunner | None = None
@@ -189,7 +189,7 @@ class FakeUserService:
     async def issue_token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
         body = await request.json()
-        if body != {"client_id": "notification-service", "client_secret": self._secret}:
+        if body != {"client_id": "notification-service", "client_secret": self.secret}:
             return web.json_response({"code": "INVALID_CLIENT"}, status=401)
         token = uuid.uuid4().hex
         self._tokens.add(token)

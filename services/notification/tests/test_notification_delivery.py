@@ -10,7 +10,9 @@ import aiohttp
 import aiopg
 from notification_support import (
     MAIL_FROM,
+    SECRET,
     Broker,
+    Client,
     FakeUserService,
     SmtpSink,
     StartService,
@@ -115,6 +117,20 @@ async def test_a_refused_service_token_is_replaced_once(
     await broker.publish(todo_event("completed", owner["id"], {"id": "b", "title": "Second", "completed": True}))
     await eventually(lambda: len(smtp.to(owner["email"])) == 2, within=10, what="the second notice")
     assert users.token_requests == 2
+
+
+async def test_a_refused_client_secret_keeps_the_events_until_it_is_fixed(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    users.secret = "rotated-on-the-user-service-only"
+    await broker.publish(todo_event("completed", owner["id"], {"id": "a", "title": "Kept", "completed": True}))
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
+    users.secret = SECRET  # the configuration is put right
+    await eventually(lambda: smtp.to(owner["email"]), within=15, what="the email once the secret matches")
+    assert consumer.settled["dead_lettered"] == 0
 
 
 async def test_an_event_for_an_unknown_user_is_acked_without_email(
