@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import os
 import re
 import shlex
@@ -485,6 +486,25 @@ def test_service_environment_contract(app: App) -> None:
         assert "AMQP_URL" not in env
     if "SMTP_HOST" in app.env:
         assert (env["SMTP_HOST"], env["SMTP_PORT"]) == ("mailpit", "1025")
+
+
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+@pytest.mark.parametrize(
+    ("service", "settings_path"),
+    [
+        ("user-service", "user_service.settings"),
+        ("todo-service", "todo_service.settings"),
+        ("notification-service", "notification_service.settings"),
+        ("gateway", "mesh_gateway.settings"),
+    ],
+)
+def test_each_service_starts_from_its_compose_environment(service: str, settings_path: str) -> None:
+    """Every setting a service requires is given in compose.yml, as natively."""
+    env = {k: _DEFAULTED.sub(lambda m: m.group(2), str(v)) for k, v in env_of(services()[service]).items()}
+    settings = importlib.import_module(settings_path).Settings.from_env(env)
+    assert settings.service.port == int(env["SERVICE_PORT"])
 
 
 # ---------------------------------------------------------------------------
