@@ -43,8 +43,8 @@ from devstack.stack import up_infra  # noqa: E402
 READ_RATE = 200  # GET /users/me per second, in both phases
 STORMERS = 32  # clients logging in back to back during the storm
 STORM_ACCOUNTS = 16
-ROUNDS = 5
-SLICE = 3.0  # seconds per calm or storm slice
+ROUNDS = 10
+SLICE = 1.5  # seconds per calm or storm slice
 PASSWORD = "bench passphrase that is long enough"
 PREFIX = "bench_"
 

@@ -39,3 +39,9 @@ def test_service_clients_are_parsed_from_name_secret_pairs() -> None:
 def test_malformed_or_weak_service_clients_are_refused(raw: str) -> None:
     with pytest.raises(SettingsError, match="SERVICE_CLIENTS"):
         parse_service_clients(raw)
+
+
+@pytest.mark.parametrize("slots", ["0", "8"])
+def test_writes_must_leave_connections_for_reads(slots: str) -> None:
+    with pytest.raises(SettingsError, match="DB_WRITE_SLOTS"):
+        Settings.from_env({**ENV, "DB_POOL_SIZE": "10", "DB_WRITE_SLOTS": slots})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from mesh_common.redis_client import redis_ctx
 from mesh_common.relay import outbox_relay_ctx
 
 from .contexts import open_login_throttle, open_passwords, signing_keys_ctx
-from .keys import SETTINGS
+from .keys import PASSWORD_SLOTS, SETTINGS, WRITE_SLOTS
 from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
 
@@ -31,10 +32,19 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
     """
     app = service_app(settings.service, middlewares=[auth_middleware(public=PUBLIC_ROUTES)])
     app[SETTINGS] = settings
+    # Bulkheads, so that a storm of logins cannot slow everything else down.
+    # Logins and registrations beyond what the hashing threads can absorb
+    # wait here, before they cost anything: a burst of them would otherwise
+    # all query Redis and PostgreSQL at once, then queue for the hasher.
+    app[PASSWORD_SLOTS] = asyncio.Semaphore(2 * settings.passwords.workers)
+    # Writes wait for their commit to reach the disk; when the disk stalls
+    # (hundreds of milliseconds on a busy shared disk), they must not hold
+    # every connection and make every read wait too.
+    app[WRITE_SLOTS] = asyncio.Semaphore(settings.db_write_slots)
     setup_routes(app)
     app.cleanup_ctx.extend(
         [
-            database_ctx(settings.database_url, MIGRATIONS),
+            database_ctx(settings.database_url, MIGRATIONS, maxsize=settings.db_pool_size),
             redis_ctx(settings.redis_url),
             open_login_throttle,
             amqp_ctx(settings.amqp_url),

@@ -18,7 +18,7 @@ from mesh_common.problems import ServiceUnavailable, TooManyRequests, read_json_
 
 from . import refresh_tokens, repository, validation
 from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
-from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
+from .keys import KEY_STORE, PASSWORD_SLOTS, PASSWORDS, SETTINGS, THROTTLE, TOKENS, WRITE_SLOTS
 from .tokens import USERS_READ
 
 log = structlog.get_logger()
@@ -39,7 +39,17 @@ def _token_pair(request: web.Request, user_id: str, refresh_token: str) -> web.R
 
 async def log_in(request: web.Request) -> web.Response:
     login, password = validation.credentials(await read_json_object(request))
-    throttle, passwords, pool = request.app[THROTTLE], request.app[PASSWORDS], request.app[DB]
+    async with request.app[PASSWORD_SLOTS]:
+        user_id = await _authenticate(request.app, login, password)
+    async with request.app[WRITE_SLOTS]:
+        refresh = await refresh_tokens.start_family(request.app[DB], user_id, request.app[SETTINGS].tokens.refresh_ttl)
+    log.info("login_succeeded", user_id=user_id)
+    return _token_pair(request, user_id, refresh)
+
+
+async def _authenticate(app: web.Application, login: str, password: str) -> str:
+    """The id of the account ``login`` names if ``password`` is right; else a 401 or 429."""
+    throttle, passwords, pool = app[THROTTLE], app[PASSWORDS], app[DB]
     try:
         attempt = await throttle.begin(login)
     except redis.exceptions.RedisError as exc:
@@ -64,17 +74,18 @@ async def log_in(request: web.Request) -> web.Response:
     if passwords.needs_rehash(stored_hash):
         # The password is in hand only now: upgrade a hash made with older,
         # weaker parameters.
-        await repository.set_password_hash(pool, user_id, await passwords.hash(password))
+        new_hash = await passwords.hash(password)
+        async with app[WRITE_SLOTS]:
+            await repository.set_password_hash(pool, user_id, new_hash)
         log.info("password_rehashed", user_id=user_id)
-    refresh = await refresh_tokens.start_family(pool, user_id, request.app[SETTINGS].tokens.refresh_ttl)
-    log.info("login_succeeded", user_id=user_id)
-    return _token_pair(request, user_id, refresh)
+    return user_id
 
 
 async def refresh_session(request: web.Request) -> web.Response:
     token = validation.refresh_token(await read_json_object(request))
     try:
-        rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens.refresh_ttl)
+        async with request.app[WRITE_SLOTS]:
+            rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens.refresh_ttl)
     except refresh_tokens.RefreshTokenRejected as exc:
         log.info("refresh_rejected", reason=exc.reason)
         raise InvalidRefreshToken() from None
@@ -84,7 +95,8 @@ async def refresh_session(request: web.Request) -> web.Response:
 async def log_out(request: web.Request) -> web.Response:
     # Idempotent, and silent about tokens it does not know.
     token = validation.refresh_token(await read_json_object(request))
-    await refresh_tokens.revoke_family(request.app[DB], token)
+    async with request.app[WRITE_SLOTS]:
+        await refresh_tokens.revoke_family(request.app[DB], token)
     return web.Response(status=204)
 
 

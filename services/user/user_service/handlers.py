@@ -17,7 +17,7 @@ from mesh_common.transactions import transaction
 from . import repository, validation
 from .errors import AccountExists, UserNotFound
 from .events import user_registered
-from .keys import PASSWORDS
+from .keys import PASSWORD_SLOTS, PASSWORDS, WRITE_SLOTS
 from .tokens import USERS_READ
 
 log = structlog.get_logger()
@@ -28,9 +28,10 @@ async def register_user(request: web.Request) -> web.Response:
     registration = validation.registration(await read_json_object(request), passwords)
     # Hashed before we know whether the name is free, so that a duplicate
     # takes as long to refuse as a new account takes to create.
-    password_hash = await passwords.hash(registration.password)
+    async with request.app[PASSWORD_SLOTS]:
+        password_hash = await passwords.hash(registration.password)
     try:
-        async with transaction(request.app[DB]) as cur:
+        async with request.app[WRITE_SLOTS], transaction(request.app[DB]) as cur:
             user = await repository.insert_user(
                 cur,
                 username=registration.username,
@@ -56,7 +57,8 @@ async def update_my_profile(request: web.Request) -> web.Response:
     user_id = request[PRINCIPAL].user_id
     changes = validation.profile_changes(await read_json_object(request))
     try:
-        user = await repository.update_user(request.app[DB], user_id, changes)
+        async with request.app[WRITE_SLOTS]:
+            user = await repository.update_user(request.app[DB], user_id, changes)
     except repository.AccountTaken:
         raise AccountExists("Another account uses this email") from None
     if user is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .passwords import Passwords
@@ -15,3 +17,7 @@ PASSWORDS = web.AppKey("user.passwords", Passwords)
 KEY_STORE = web.AppKey("user.key_store", KeyStore)
 TOKENS = web.AppKey("user.tokens", TokenIssuer)
 THROTTLE = web.AppKey("user.login_throttle", LoginThrottle)
+# Bulkheads (see app.py): logins and registrations in progress at once,
+# and database connections that writes may hold at once.
+PASSWORD_SLOTS = web.AppKey("user.password_slots", asyncio.Semaphore)
+WRITE_SLOTS = web.AppKey("user.write_slots", asyncio.Semaphore)

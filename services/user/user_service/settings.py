@@ -23,7 +23,7 @@ class PasswordPolicy:
     workers: int = 1  # threads hashing in parallel; the event loop keeps a core to itself
     # Hashing threads run at this nice level, so that when CPU is short the
     # event loop (every other request) wins it, and logins wait instead.
-    nice: int = 10
+    nice: int = 19
 
     def __post_init__(self) -> None:
         if self.time_cost < ARGON2_MIN_TIME_COST or self.memory_cost_kib < ARGON2_MIN_MEMORY_KIB:
@@ -58,6 +58,9 @@ class Settings:
     database_url: str
     redis_url: str
     amqp_url: str
+    db_pool_size: int = 10
+    # How many of those connections writes may hold at once (see app.py).
+    db_write_slots: int = 3
     tokens: TokenPolicy = TokenPolicy()
     passwords: PasswordPolicy = PasswordPolicy()
     throttle: ThrottlePolicy = ThrottlePolicy()
@@ -74,6 +77,8 @@ class Settings:
             database_url=env_str(env, "DATABASE_URL"),
             redis_url=env_str(env, "REDIS_URL"),
             amqp_url=env_str(env, "AMQP_URL"),
+            db_pool_size=env_int(env, "DB_POOL_SIZE", 10),
+            db_write_slots=env_int(env, "DB_WRITE_SLOTS", 3),
             tokens=TokenPolicy(
                 issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
                 audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
@@ -87,7 +92,7 @@ class Settings:
                 memory_cost_kib=env_int(env, "ARGON2_MEMORY_KIB", ARGON2_MIN_MEMORY_KIB),
                 parallelism=env_int(env, "ARGON2_PARALLELISM", 1),
                 workers=env_int(env, "ARGON2_WORKERS", 1),
-                nice=env_int(env, "ARGON2_NICE", 10),
+                nice=env_int(env, "ARGON2_NICE", 19),
             ),
             throttle=ThrottlePolicy(
                 max_failures=env_int(env, "LOGIN_MAX_FAILURES", 10),
@@ -96,6 +101,12 @@ class Settings:
             service_clients=parse_service_clients(env.get("SERVICE_CLIENTS", "")),
             redis_prefix=env_str(env, "REDIS_PREFIX", "user-service:"),
         )
+
+    def __post_init__(self) -> None:
+        # The outbox relay keeps one connection for LISTEN, and reads need
+        # the rest: writes must leave at least a few.
+        if not 1 <= self.db_write_slots <= self.db_pool_size - 3:
+            raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 3")
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
