@@ -1,0 +1,3 @@
+module todo-mesh/loadgen
+
+go 1.22
