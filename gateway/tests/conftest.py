@@ -21,8 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from devstack.config import StackConfig
-from mesh_common.settings import ServiceSettings
-from mesh_common.testing import TokenFactory
+from mesh_common.testing import TokenFactory, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
@@ -147,15 +146,7 @@ async def gateway(
         name = service if isinstance(service, str) else service.name
         port = free_port()
         settings = Settings(
-            service=ServiceSettings(
-                name="gateway",
-                version="test",
-                host="127.0.0.1",
-                port=port,
-                advertise_address="127.0.0.1",
-                consul_url=infra.consul_url,
-                log_format="console",
-            ),
+            service=loopback_service("gateway", infra.consul_url, port=port),
             redis_url=redis_url,
             jwt_issuer=tokens.issuer,
             jwt_audience=tokens.audience,

