@@ -14,7 +14,7 @@ from mesh_common.auth import PRINCIPAL, VERIFIER, bearer_token
 from mesh_common.problems import Handler, TooManyRequests, Unauthorized, problem
 
 from .keys import RATE_LIMITER, ROUTE_TABLE
-from .ratelimit import READS, RateLimiterUnavailable
+from .ratelimit import READS, Decision, RateLimiterUnavailable
 
 log = structlog.get_logger()
 RateLimiterDown = problem(503, "RATE_LIMITER_UNAVAILABLE", "Rate limiting is unavailable; writes are paused")
@@ -34,34 +34,51 @@ def client_ip(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OWN_PATHS:
-        return await handler(request)
-    table = request.app[ROUTE_TABLE]
-    endpoint = (request.method, request.path)
-    user: str | None = None
-    if endpoint not in table.public:
-        token = bearer_token(request)
-        if token is None:
-            raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        principal = await request.app[VERIFIER].verify(token)
-        request[PRINCIPAL] = principal
-        user = principal.subject
-        structlog.contextvars.bind_contextvars(user=user)
+async def enforce_limits(request: web.Request, *, user: str | None) -> Decision | None:
+    """Count the request; refuse it (429) when over a limit.
 
+    Returns ``None`` when Redis is away and the request may pass anyway.
+    """
+    table = request.app[ROUTE_TABLE]
     try:
         decision = await request.app[RATE_LIMITER].check(
-            ip=client_ip(request), user=user, auth_route=endpoint in table.auth
+            ip=client_ip(request), user=user, auth_route=(request.method, request.path) in table.auth
         )
     except RateLimiterUnavailable as exc:
         if request.method in READS:
             log.warning("rate_limiter_unavailable_failing_open", error=str(exc))
-            return await handler(request)
+            return None
         raise RateLimiterDown(headers={"Retry-After": "1"}) from None
     if not decision.allowed:
         raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
+    return decision
+
+
+async def authenticate(request: web.Request) -> str:
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    principal = await request.app[VERIFIER].verify(token)
+    request[PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(user=principal.subject)
+    return principal.subject
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in OWN_PATHS:
+        return await handler(request)
+    user: str | None = None
+    if (request.method, request.path) not in request.app[ROUTE_TABLE].public:
+        try:
+            user = await authenticate(request)
+        except Unauthorized:
+            # A failed authentication still counts against the caller's IP,
+            # so that guessing tokens is limited like everything else.
+            await enforce_limits(request, user=None)
+            raise
+    decision = await enforce_limits(request, user=user)
     response = await handler(request)
-    if not response.prepared:
+    if decision is not None and not response.prepared:
         response.headers.update(decision.headers())
     return response

@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
 from mesh_common.problems import NotFound, problem
@@ -45,6 +48,8 @@ HOP_BY_HOP = frozenset(
         "Content-Length",
     )
 )
+# "." or ".." as a path segment, once decoded: never a published route.
+_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 # Responses up to this size are read whole: one write is cheaper than a stream.
 BUFFER_LIMIT = 256 * 1024
 log = structlog.get_logger()
@@ -103,12 +108,15 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = self._table.match(request.path)
-        if route is None:
+        if route is None or _DOT_SEGMENT.search(request.path):
             raise NotFound(f"No route for {request.path}")
         body = await request.read() if request.can_read_body else None
         headers = forward_headers(request)
         method = request.method
-        retry_safe = method in IDEMPOTENT or (method == "POST" and "Idempotency-Key" in headers)
+        # A POST is safe to repeat only where the service deduplicates by key.
+        retry_safe = method in IDEMPOTENT or (
+            method == "POST" and route.honours_idempotency_key and "Idempotency-Key" in headers
+        )
         watch = self._watches[route.service]
         self._budget.record_request()
         tried: set[str] = set()
@@ -120,10 +128,10 @@ class Proxy:
                 return await self._attempt(request, route, instance, method, headers, body)
             except _Attempt as failed:
                 others = any(i.id not in tried and not self._breakers.is_open(i.id) for i in watch.instances)
-                # A request that never left costs no upstream anything: it is
-                # retried without spending the budget.
-                affordable = not failed.sent or self._budget.try_spend()
-                if (failed.sent and not retry_safe) or not others or len(tried) > 1 or not affordable:
+                retry = len(tried) == 1 and others and (not failed.sent or retry_safe)
+                # A request that never left costs no upstream anything: only
+                # retries of requests that were sent spend the budget.
+                if not retry or (failed.sent and not self._budget.try_spend()):
                     if failed.response is not None:
                         return failed.response
                     assert failed.problem is not None
@@ -148,7 +156,9 @@ class Proxy:
         headers: CIMultiDict[str],
         body: bytes | None,
     ) -> web.StreamResponse:
-        url = instance.base_url + route.upstream_path(request.path)
+        # The raw path, as the client encoded it: decoding here would turn
+        # %2F, %3F or %2E%2E into structure the upstream never published.
+        url = URL(instance.base_url + route.upstream_path(request.rel_url.raw_path), encoded=True)
         timeout = aiohttp.ClientTimeout(total=route.timeout, connect=self._connect_timeout)
         with self._breakers.breaker(instance.id):
             try:
@@ -162,9 +172,9 @@ class Proxy:
                     auto_decompress=False,
                     timeout=timeout,
                 )
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 raise _Attempt(BadGateway(), sent=False) from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+            except TimeoutError:
                 raise _Attempt(UpstreamTimeout(), sent=True) from None
             except aiohttp.ClientError:
                 raise _Attempt(BadGateway(), sent=True) from None

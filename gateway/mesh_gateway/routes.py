@@ -16,6 +16,8 @@ class Route:
     service: str
     strip: str = "/api/v1"
     timeout: float = 5.0
+    # The service deduplicates POSTs by Idempotency-Key, so the gateway may retry them.
+    honours_idempotency_key: bool = False
 
     def upstream_path(self, path: str) -> str:
         return path[len(self.strip) :] if self.strip and path.startswith(self.strip) else path
@@ -51,7 +53,7 @@ API = RouteTable(
         Route("/api/v1/auth", "user-service"),
         Route("/api/v1/users", "user-service"),
         Route("/.well-known/jwks.json", "user-service", strip=""),
-        Route("/api/v1/todos", "todo-service"),
+        Route("/api/v1/todos", "todo-service", honours_idempotency_key=True),
         Route("/api/v1/notifications", "notification-service"),
     ),
     public=frozenset(

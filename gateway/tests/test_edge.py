@@ -71,3 +71,26 @@ async def test_oversized_body_is_413(fake_service, gateway, tokens):
         assert r.status == 413
         assert (await r.json())["code"] == "PAYLOAD_TOO_LARGE"
     assert service.hits == 0
+
+
+async def test_failed_authentication_counts_against_the_callers_ip(fake_service, gateway):
+    service = await fake_service(1)
+    client = await gateway(service, rate_limit_ip=5)
+    statuses = []
+    for _ in range(8):
+        async with client.get("/api/v1/things", headers={"Authorization": "Bearer forged"}) as r:
+            statuses.append(r.status)
+    assert statuses == [401] * 5 + [429] * 3
+
+
+async def test_dot_segments_and_encoded_slashes_never_reach_other_paths(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    async with client.get("/api/v1/things/%2E%2E/secret", headers=tokens.headers()) as r:
+        assert r.status == 404
+    async with client.get("/api/v1/things/a%2Fb%3Fx=1", headers=tokens.headers()) as r:
+        assert r.status == 200
+        body = await r.json()
+    # The upstream sees one path segment "a/b?x=1" (its own decoding), never a query.
+    assert body["path"] == "/things/a/b?x=1"
+    assert service.hits == 1

@@ -121,10 +121,15 @@ class StackConfig:
     def service_secret(self) -> str:
         """The notification-service's client secret at the user-service, made once per stack."""
         path = self.run_dir / "service-client-secret"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: instances started in parallel agree on the first secret written.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as secret:
+                secret.write(secrets.token_urlsafe(32))
         return path.read_text().strip()
 
     def service_env(self, service: str) -> dict[str, str]:

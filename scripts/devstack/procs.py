@@ -27,6 +27,10 @@ class StackError(RuntimeError):
     """Something the user must fix: a taken port, a missing binary, a timeout."""
 
 
+class Hopeless(StackError):
+    """A condition being waited for can no longer come true (its process exited)."""
+
+
 @dataclass(frozen=True)
 class Proc:
     name: str
@@ -170,6 +174,8 @@ def wait_until(check: Callable[[], object], *, timeout: float, what: str, interv
     while time.monotonic() < deadline:
         try:
             result = check()
+        except Hopeless:
+            raise
         except Exception as exc:  # not ready yet: keep the reason for the message
             last_error = exc
         else:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import components as c
 from .config import CONSUL_NAMES, SERVICES, StackConfig
-from .procs import StackError, log_path, port_free, require_free, running, start, stop, wait_until
+from .procs import Hopeless, StackError, log_path, port_free, require_free, running, start, stop, wait_until
 
 INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
 READY_TIMEOUT = 90.0
@@ -76,8 +76,9 @@ def instances(cfg: StackConfig, svc: str) -> list[int]:
 def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
     """Run exactly ``count`` instances of ``svc`` (a service or ``gateway``)."""
     current = instances(cfg, svc)
-    for n in current[count:]:
-        stop(cfg.run_dir, f"{svc}-{n}")
+    for n in current:
+        if n >= count:
+            stop(cfg.run_dir, f"{svc}-{n}")
     if svc == "gateway":
         for n in range(count):
             if n not in current:
@@ -91,8 +92,17 @@ def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
                 start(cfg.run_dir, c.service(cfg, svc, n))
     if wait:
         consul_name = "gateway" if svc == "gateway" else CONSUL_NAMES[svc]
+
+        def healthy() -> bool:
+            # An instance that exits will never pass: say so now, not after the timeout.
+            alive = set(running(cfg.run_dir))
+            for n in range(count):
+                if f"{svc}-{n}" not in alive:
+                    raise Hopeless(f"{svc}-{n} exited; see {log_path(cfg.run_dir, f'{svc}-{n}')}")
+            return len(passing(cfg, consul_name)) == count
+
         wait_until(
-            lambda: len(passing(cfg, consul_name)) == count,
+            healthy,
             timeout=READY_TIMEOUT,
             what=f"{count} passing {consul_name} instance(s) in Consul",
         )
@@ -102,6 +112,7 @@ def up(cfg: StackConfig) -> None:
     up_infra(cfg)
     if "envoy" not in running(cfg.run_dir):
         require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
+    cfg.service_secret()  # once, before instances start in parallel
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda s: scale(cfg, s, cfg.instances[s]), [*SERVICES, "gateway"]))
     if "envoy" not in running(cfg.run_dir):

@@ -96,18 +96,25 @@ class JwksVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._verified: dict[str, Principal] = {}
         self._fetched_at = float("-inf")
+        self._attempted_at = float("-inf")
         self._lock = asyncio.Lock()
 
     async def refresh(self, *, force: bool = False) -> None:
         async with self._lock:
-            if not force and time.monotonic() - self._fetched_at < self._cooldown:
+            if not force and time.monotonic() - self._attempted_at < self._cooldown:
                 return
-            self._fetched_at = time.monotonic()
+            # The cool-down counts from the attempt, the key set's age from a
+            # success: a failed fetch is tried again after the cool-down.
+            self._attempted_at = time.monotonic()
             document = await self._fetch()
             keys = {}
             for entry in document.get("keys", []):
                 if entry.get("kid") and entry.get("use", "sig") == "sig" and entry.get("alg") in ALGORITHMS:
-                    keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=entry["alg"])
+                    try:
+                        keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=entry["alg"])
+                    except jwt.PyJWTError:  # one bad key must not take the good ones with it
+                        log.warning("jwks_key_skipped", kid=entry["kid"])
+            self._fetched_at = time.monotonic()
             if keys.keys() != self._keys.keys():
                 self._verified.clear()
                 log.info("jwks_refreshed", kids=sorted(keys))
