@@ -127,6 +127,8 @@ class Proxy:
             try:
                 return await self._attempt(request, route, instance, method, headers, body)
             except _Attempt as failed:
+                if failed.response is not None and failed.response.prepared:
+                    return failed.response  # a broken stream: nothing more can be sent
                 others = any(i.id not in tried and not self._breakers.is_open(i.id) for i in watch.instances)
                 retry = len(tried) == 1 and others and (not failed.sent or retry_safe)
                 # A request that never left costs no upstream anything: only
@@ -191,7 +193,8 @@ class Proxy:
                 if resp.status >= 500:
                     raise _Attempt(sent=True, response=response)
                 return self._mark(response, instance)
-        return await self._stream(request, resp, instance)
+            # Streamed inside the breaker: an upstream that dies mid-body counts.
+            return await self._stream(request, resp, instance)
 
     async def _stream(
         self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance
@@ -202,6 +205,13 @@ class Proxy:
             async for chunk in resp.content.iter_chunked(64 * 1024):
                 await response.write(chunk)
             await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is already out: the only honest signal left to
+            # the client is a cut connection, never a second response.
+            log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            raise _Attempt(sent=True, response=response) from None
         finally:
             resp.release()
         return response

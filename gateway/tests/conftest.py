@@ -31,7 +31,7 @@ GATEWAY_REDIS_DB = 3  # the gateway suite's own Redis database, flushed per test
 
 @dataclass
 class Upstream:
-    """One fake instance: ``mode`` is "ok", "fail" (500) or "hang"."""
+    """One fake instance: ``mode`` is "ok", "fail" (500), "hang" or "truncate"."""
 
     service_id: str
     server: TestServer
@@ -95,6 +95,13 @@ async def fake_service(
                     return web.json_response({"code": "BOOM"}, status=500, content_type="application/problem+json")
                 if upstream.mode == "hang":
                     await asyncio.sleep(5)
+                if upstream.mode == "truncate":  # promise 1 MiB, send a third, then drop the connection
+                    response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
+                    await response.prepare(request)
+                    await response.write(b"x" * 350_000)
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 body = await request.read()
                 return web.json_response(
                     {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import aiohttp
+import pytest
+
 from mesh_common.testing import TokenFactory, eventually
 from mesh_gateway.keys import BREAKERS
 
@@ -126,3 +129,15 @@ async def test_request_id_and_forwarded_headers_reach_the_upstream(fake_service,
     assert body["request_id"] == "req-123"
     assert body["path"] == "/things/deep"
     assert body["forwarded_for"]
+
+
+async def test_an_upstream_dying_mid_body_cuts_the_client_and_counts_against_its_breaker(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "truncate"
+    client = await gateway(service)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 200  # the status line was already out
+            await r.read()
+    assert client.app[BREAKERS].breaker(instance.service_id).failure_count == 1

@@ -92,7 +92,9 @@ class OutboxRelay:
             if self._crash_before_publish:
                 log.warning("outbox_relay_crash_hook", rows=len(rows))
                 os._exit(70)
-            await asyncio.gather(
+            # Every publish settles before the batch is judged, so that none is
+            # left running against a channel about to be dropped.
+            outcomes = await asyncio.gather(
                 *(
                     exchange.publish(
                         aio_pika.Message(
@@ -107,8 +109,12 @@ class OutboxRelay:
                         timeout=self._confirm_timeout,
                     )
                     for event_id, routing_key, payload, correlation_id in rows
-                )
+                ),
+                return_exceptions=True,
             )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             await cur.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY(%s::uuid[])", ([str(r[0]) for r in rows],)
             )
