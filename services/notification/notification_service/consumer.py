@@ -175,12 +175,11 @@ async def _existing_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
         raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
 
 
-def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Message:
-    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-    headers[RETRIES_HEADER] = attempt
+def republishable(message: AbstractIncomingMessage, headers: dict[str, object]) -> aio_pika.Message:
+    """A persistent copy of ``message`` with ``headers``, to publish again."""
     return aio_pika.Message(
         message.body,
-        headers=headers,
+        headers=headers,  # type: ignore[arg-type]
         content_type=message.content_type,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
@@ -188,6 +187,12 @@ def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Mess
         timestamp=message.timestamp,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
+
+
+def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Message:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
+    headers[RETRIES_HEADER] = attempt
+    return republishable(message, headers)
 
 
 def _deliveries(message: AbstractIncomingMessage) -> int:

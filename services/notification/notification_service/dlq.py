@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from .consumer import DELIVERY_COUNT_HEADER, RETRIES_HEADER
+from .consumer import DELIVERY_COUNT_HEADER, RETRIES_HEADER, republishable
 from .topology import Topology
 
 PREVIEW_BYTES = 60
@@ -92,16 +92,7 @@ async def replay_dead_letters(
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     # x-death stays, so that a letter that dies again shows how often it has.
     headers = {k: v for k, v in (message.headers or {}).items() if k not in {DELIVERY_COUNT_HEADER, RETRIES_HEADER}}
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
-        timestamp=message.timestamp,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return republishable(message, headers)
 
 
 def format_table(letters: list[DeadLetter]) -> str:
