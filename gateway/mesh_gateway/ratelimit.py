@@ -27,15 +27,16 @@ from redis.exceptions import NoScriptError
 
 log = structlog.get_logger()
 
-# KEYS: one counter per limit. ARGV: window (ms), then each key's limit.
+# KEYS: one counter per limit. ARGV: when the window ends (Unix ms), then each key's limit.
+# Keys expire at the end of their window, so their TTL is exactly the time to reset.
 # Returns, for the tightest limit: allowed (1/0), remaining, ms to reset, limit.
 _SCRIPT = """
-local window = tonumber(ARGV[1])
+local window_end = tonumber(ARGV[1])
 local allowed, best_remaining, best_reset, best_limit = 1, nil, 0, 0
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[i + 1])
   local count = redis.call('INCR', key)
-  if count == 1 then redis.call('PEXPIRE', key, window) end
+  if count == 1 then redis.call('PEXPIREAT', key, window_end) end
   local ttl = redis.call('PTTL', key)
   local remaining = limit - count
   if remaining < 0 then allowed = 0 end
@@ -111,7 +112,7 @@ class RateLimiter:
         if not self._pending:
             # Flush once the requests already in this turn have queued theirs.
             loop.call_soon(self._flush)
-        self._pending.append((keys, [window * 1000, *caps], answer))
+        self._pending.append((keys, [(slot + 1) * window * 1000, *caps], answer))
         try:
             async with asyncio.timeout(self._timeout):
                 allowed, remaining, reset_ms, limit = await answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from mesh_common.testing import TokenFactory
 
@@ -42,6 +43,8 @@ async def test_rate_limit_holds_across_two_gateway_instances(fake_service, gatew
     assert int(refused[0].headers["Retry-After"]) >= 1
     assert refused[0].headers["RateLimit-Limit"] == str(limit)
     assert refused[0].headers["RateLimit-Remaining"] == "0"
+    # The reset is when this fixed window ends, not a full window after the first hit.
+    assert int(refused[0].headers["RateLimit-Reset"]) <= 60 - int(time.time()) % 60 + 1
 
 
 async def test_login_has_a_tighter_limit(fake_service, gateway):
