@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from mesh_common.auth import PRINCIPAL, VERIFIER, bearer_token
+from mesh_common.auth import authenticate
 from mesh_common.problems import Handler, TooManyRequests, Unauthorized, problem
 
 from .keys import RATE_LIMITER, ROUTE_TABLE
@@ -54,16 +54,6 @@ async def enforce_limits(request: web.Request, *, user: str | None) -> Decision 
     return decision
 
 
-async def authenticate(request: web.Request) -> str:
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-    principal = await request.app[VERIFIER].verify(token)
-    request[PRINCIPAL] = principal
-    structlog.contextvars.bind_contextvars(user=principal.subject)
-    return principal.subject
-
-
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in OWN_PATHS:
@@ -71,7 +61,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     user: str | None = None
     if (request.method, request.path) not in request.app[ROUTE_TABLE].public:
         try:
-            user = await authenticate(request)
+            user = (await authenticate(request)).subject
         except Unauthorized:
             # A failed authentication still counts against the caller's IP,
             # so that guessing tokens is limited like everything else.

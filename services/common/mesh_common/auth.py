@@ -191,6 +191,17 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+async def authenticate(request: web.Request) -> Principal:
+    """The caller behind the request's bearer token, stored as ``request[PRINCIPAL]``; or a 401."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    principal = await request.app[VERIFIER].verify(token)
+    request[PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(user=principal.subject)
+    return principal
+
+
 def auth_middleware(public: Collection[tuple[str, str]] = ()):  # type: ignore[no-untyped-def]
     """Require a valid access token on every route but health, docs and ``public``.
 
@@ -200,17 +211,13 @@ def auth_middleware(public: Collection[tuple[str, str]] = ()):  # type: ignore[n
     open_routes = {"health", "health.live", "openapi"}
 
     @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_name = request.match_info.route.name
-        if route_name in open_routes or (request.method, route_name) in public:
-            return await handler(request)
-        token = bearer_token(request)
-        if token is None:
-            raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        request[PRINCIPAL] = await request.app[VERIFIER].verify(token)
+        if not (route_name in open_routes or (request.method, route_name) in public):
+            await authenticate(request)
         return await handler(request)
 
-    return authenticate
+    return require_token
 
 
 def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service"):  # type: ignore[no-untyped-def]
