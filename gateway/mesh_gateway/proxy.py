@@ -32,6 +32,7 @@ UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is fail
 UpstreamTimeout = problem(504, "UPSTREAM_TIMEOUT", "The service did not answer in time")
 BadGateway = problem(502, "BAD_GATEWAY", "The service could not be reached or answered badly")
 
+AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -105,6 +106,7 @@ class Proxy:
         self._budget = budget
         self._connect_timeout = connect_timeout
         self._expose_upstream = expose_upstream
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = self._table.match(request.path)
@@ -140,6 +142,13 @@ class Proxy:
                     raise failed.problem from None
                 log.info("upstream_retry", service=route.service, failed=instance.id)
 
+    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(route.timeout)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=route.timeout, connect=self._connect_timeout)
+            self._timeouts[route.timeout] = timeout
+        return timeout
+
     def _pick(self, watch: ServiceWatch, exclude: frozenset[str]) -> Instance:
         try:
             return self._breakers.pick(watch, exclude)
@@ -160,19 +169,23 @@ class Proxy:
     ) -> web.StreamResponse:
         # The raw path, as the client encoded it: decoding here would turn
         # %2F, %3F or %2E%2E into structure the upstream never published.
-        url = URL(instance.base_url + route.upstream_path(request.rel_url.raw_path), encoded=True)
-        timeout = aiohttp.ClientTimeout(total=route.timeout, connect=self._connect_timeout)
+        target = instance.base_url + route.upstream_path(request.rel_url.raw_path)
+        if request.rel_url.raw_query_string:
+            target += "?" + request.rel_url.raw_query_string
         with self._breakers.breaker(instance.id):
             try:
                 resp = await self._session.request(
                     method,
-                    url,
-                    params=request.query,
+                    URL(target, encoded=True),
                     headers=headers,
                     data=body,
+                    # Forward what the client sent, nothing more: no default
+                    # Accept-Encoding (the client may not inflate), User-Agent
+                    # or Content-Type of aiohttp's own.
+                    skip_auto_headers=AUTO_HEADERS,
                     allow_redirects=False,
                     auto_decompress=False,
-                    timeout=timeout,
+                    timeout=self._timeout(route),
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 raise _Attempt(BadGateway(), sent=False) from None

@@ -84,7 +84,7 @@ async def fake_service(
 ) -> AsyncIterator[Callable[[int], Awaitable[FakeService]]]:
     registered: list[str] = []
 
-    async def make(count: int) -> FakeService:
+    async def make(count: int, *, address: str = "127.0.0.1") -> FakeService:
         service = FakeService(name=f"fake-{uuid.uuid4().hex[:8]}")
         for n in range(count):
             upstream = Upstream(service_id=f"{service.name}-{n}", server=None)  # type: ignore[arg-type]
@@ -103,15 +103,19 @@ async def fake_service(
                     request.transport.close()
                     return response
                 body = await request.read()
-                return web.json_response(
+                response = web.json_response(
                     {
                         "instance": upstream.service_id,
                         "path": request.path,
+                        "raw_query": request.rel_url.raw_query_string,
                         "body": body.decode(),
                         "request_id": request.headers.get("X-Request-ID"),
                         "forwarded_for": request.headers.get("X-Forwarded-For"),
+                        "headers": dict(request.headers),
                     }
                 )
+                response.set_cookie("session", f"for-{request.headers.get('X-Request-ID')}")
+                return response
 
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", handle)
@@ -119,7 +123,7 @@ async def fake_service(
             registration = {
                 "Name": service.name,
                 "ID": upstream.service_id,
-                "Address": "127.0.0.1",
+                "Address": address,
                 "Port": upstream.port,
                 "Check": {"TTL": "60s", "Status": "passing", "DeregisterCriticalServiceAfter": "1m"},
             }

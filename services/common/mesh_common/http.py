@@ -68,8 +68,13 @@ class ServiceClient:
         # (``base`` would replace the 2), and ``max_time`` cuts a wait short
         # at the deadline.
         @backoff.on_exception(
-            backoff.expo, UpstreamFailure, max_tries=self._attempts, max_time=self._deadline, factor=0.02,
-            jitter=backoff.full_jitter, giveup=giveup,
+            backoff.expo,
+            UpstreamFailure,
+            max_tries=self._attempts,
+            max_time=self._deadline,
+            factor=0.02,
+            jitter=backoff.full_jitter,
+            giveup=giveup,
         )
         async def attempt() -> Any:
             if loop.time() >= deadline:
@@ -107,7 +112,10 @@ def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100):  # type: i
     async def open_http_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=10, connect=1)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # No cookie jar: a session shared by every caller's requests must never
+        # hand one caller's cookies to the next.
+        jar = aiohttp.DummyCookieJar()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=jar) as session:
             app[HTTP_SESSION] = session
             if WATCHES in app:
                 app[SERVICE_CLIENT] = ServiceClient(session, app[WATCHES])

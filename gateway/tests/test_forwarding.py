@@ -1,0 +1,39 @@
+"""The gateway forwards what its client sent: nothing added, nothing of anyone else's."""
+
+from __future__ import annotations
+
+AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+async def test_a_cookie_set_by_an_upstream_never_rides_on_another_request(fake_service, gateway, tokens):
+    # By a host name: aiohttp's default cookie jar would ignore an IP address.
+    service = await fake_service(1, address="localhost")
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers={**tokens.headers(), "X-Request-ID": "first"}) as r:
+        assert r.cookies["session"].value == "for-first"  # passed back to the client it was meant for
+    client.session.cookie_jar.clear()  # the next caller is someone else, with no cookies
+    async with client.get("/api/v1/things", headers={**tokens.headers(), "X-Request-ID": "second"}) as r:
+        seen = (await r.json())["headers"]
+    assert "Cookie" not in seen
+
+
+async def test_no_header_is_added_that_the_client_did_not_send(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers=tokens.headers(), skip_auto_headers=AUTO) as r:
+        seen = (await r.json())["headers"]
+    # An Accept-Encoding the client never sent would let the upstream
+    # compress a body that the client cannot inflate.
+    assert not {"Accept-Encoding", "User-Agent", "Accept"} & seen.keys()
+    async with client.post("/api/v1/things", data=b"raw", headers=tokens.headers(), skip_auto_headers=AUTO) as r:
+        seen = (await r.json())["headers"]
+    assert "Content-Type" not in seen
+    assert seen["Content-Length"] == "3"
+
+
+async def test_the_query_string_is_forwarded_exactly_as_sent(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    query = "b=2&a=%3D%26+x&a=1&flag&c=%2B"
+    async with client.get(f"/api/v1/things?{query}", headers=tokens.headers()) as r:
+        assert (await r.json())["raw_query"] == query
