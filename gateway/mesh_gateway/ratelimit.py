@@ -27,24 +27,32 @@ from redis.exceptions import NoScriptError
 
 log = structlog.get_logger()
 
-# KEYS: one counter per limit. ARGV: when the window ends (Unix ms), then each key's limit.
-# Keys expire at the end of their window, so their TTL is exactly the time to reset.
-# Returns, for the tightest limit: allowed (1/0), remaining, ms to reset, limit.
+# One call checks a whole batch of requests. KEYS: every request's counters,
+# in order. ARGV, per request: how many keys it has, when its window ends
+# (Unix ms), then each key's limit. Keys expire at the end of their window,
+# so their TTL is exactly the time to reset. Returns, per request and for its
+# tightest limit: allowed (1/0), remaining, ms to reset, limit.
 _SCRIPT = """
-local window_end = tonumber(ARGV[1])
-local allowed, best_remaining, best_reset, best_limit = 1, nil, 0, 0
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[i + 1])
-  local count = redis.call('INCR', key)
-  if count == 1 then redis.call('PEXPIREAT', key, window_end) end
-  local ttl = redis.call('PTTL', key)
-  local remaining = limit - count
-  if remaining < 0 then allowed = 0 end
-  if best_remaining == nil or remaining < best_remaining then
-    best_remaining, best_reset, best_limit = remaining, ttl, limit
+local results, k, a = {}, 1, 1
+while a <= #ARGV do
+  local n, window_end = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local allowed, best_remaining, best_reset, best_limit = 1, nil, 0, 0
+  for _ = 1, n do
+    local key, limit = KEYS[k], tonumber(ARGV[a])
+    k, a = k + 1, a + 1
+    local count = redis.call('INCR', key)
+    if count == 1 then redis.call('PEXPIREAT', key, window_end) end
+    local ttl = redis.call('PTTL', key)
+    local remaining = limit - count
+    if remaining < 0 then allowed = 0 end
+    if best_remaining == nil or remaining < best_remaining then
+      best_remaining, best_reset, best_limit = remaining, ttl, limit
+    end
   end
+  results[#results + 1] = {allowed, math.max(best_remaining, 0), best_reset, best_limit}
 end
-return {allowed, math.max(best_remaining, 0), best_reset, best_limit}
+return results
 """
 
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -80,9 +88,10 @@ class RateLimiterUnavailable(Exception):
 class RateLimiter:
     """Checks limits in Redis, batching the checks of concurrent requests.
 
-    Requests that arrive together (one turn of the event loop) share one
-    pipeline: one write and one read for all of them instead of one each.
-    Each check is still its own atomic script call in Redis, so the limits
+    At most one script call is in flight. Checks that arrive meanwhile queue
+    up and go together in the next one, so batches grow with the load (one
+    command for many requests) and an idle gateway adds no delay. The script
+    runs atomically in Redis and checks each request on its own, so limits
     are exactly as strict as unbatched; only the gateway's overhead shrinks.
     """
 
@@ -93,7 +102,7 @@ class RateLimiter:
         self._timeout = timeout
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
         self._pending: list[tuple[list[str], list[int], asyncio.Future[list[int]]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()
+        self._in_flight: asyncio.Task[None] | None = None
 
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
         limits = self._limits
@@ -109,15 +118,11 @@ class RateLimiter:
             caps.append(limits.auth_per_ip)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[list[int]] = loop.create_future()
-        if not self._pending:
+        if not self._pending and self._in_flight is None:
             # Flush once the requests already in this turn have queued theirs.
             loop.call_soon(self._flush)
-        self._pending.append((keys, [(slot + 1) * window * 1000, *caps], answer))
-        try:
-            async with asyncio.timeout(self._timeout):
-                allowed, remaining, reset_ms, limit = await answer
-        except TimeoutError as exc:
-            raise RateLimiterUnavailable("timeout") from exc
+        self._pending.append((keys, [len(keys), (slot + 1) * window * 1000, *caps], answer))
+        allowed, remaining, reset_ms, limit = await answer
         return Decision(
             allowed=bool(allowed),
             limit=int(limit),
@@ -125,33 +130,35 @@ class RateLimiter:
             reset_seconds=max(1, math.ceil(int(reset_ms) / 1000)),
         )
 
-    def _flush(self) -> None:
+    def _flush(self, _done: asyncio.Task[None] | None = None) -> None:
+        self._in_flight = None
+        if not self._pending:
+            return
         batch, self._pending = self._pending, []
-        task = asyncio.create_task(self._run(batch))
-        self._flushes.add(task)  # held until done, so it is not collected mid-flight
-        task.add_done_callback(self._flushes.discard)
+        # Held until done (so it is not collected mid-flight); when it is,
+        # whatever queued meanwhile goes next.
+        self._in_flight = asyncio.create_task(self._run(batch))
+        self._in_flight.add_done_callback(self._flush)
 
     async def _run(self, batch: list[tuple[list[str], list[int], asyncio.Future[list[int]]]]) -> None:
+        keys = [key for keys, _, _ in batch for key in keys]
+        args = [arg for _, args, _ in batch for arg in args]
+        results: list[Any] | Exception
         try:
-            results = await self._evalsha(batch)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted or flushed its scripts: nothing in the batch ran.
-                await self._redis.script_load(_SCRIPT)
-                results = await self._evalsha(batch)
-        except (aioredis.RedisError, OSError) as exc:
-            results = [exc] * len(batch)
-        for (_, _, answer), result in zip(batch, results, strict=True):
-            if answer.done():  # its caller timed out
+            # One deadline for the whole batch, not one timer per request.
+            async with asyncio.timeout(self._timeout):
+                try:
+                    results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    # Redis restarted or flushed its scripts: nothing ran.
+                    await self._redis.script_load(_SCRIPT)
+                    results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            results = exc
+        for index, (_, _, answer) in enumerate(batch):
+            if answer.done():  # its caller has gone (the client disconnected)
                 continue
-            if isinstance(result, Exception):
-                answer.set_exception(RateLimiterUnavailable(type(result).__name__))
+            if isinstance(results, Exception):
+                answer.set_exception(RateLimiterUnavailable(type(results).__name__))
             else:
-                answer.set_result(result)
-
-    async def _evalsha(self, batch: list[tuple[list[str], list[int], asyncio.Future[list[int]]]]) -> list[Any]:
-        # Plain EVALSHA: redis-py's Script objects ask SCRIPT EXISTS before
-        # every pipeline, a second round trip per batch.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+                answer.set_result(results[index])

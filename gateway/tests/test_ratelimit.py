@@ -1,0 +1,65 @@
+"""The rate limiter against a real Redis: exact under bursts, one call per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.config import StackConfig
+from mesh_gateway.ratelimit import Limits, RateLimiter
+
+from .conftest import GATEWAY_REDIS_DB
+
+UNLIMITED = 10**9
+
+
+@pytest.fixture
+async def redis(infra: StackConfig) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}")
+    yield client
+    await client.aclose()
+
+
+def limiter(redis: aioredis.Redis, *, per_ip: int = UNLIMITED, per_user: int = UNLIMITED) -> RateLimiter:
+    return RateLimiter(redis, Limits(per_ip, per_user, UNLIMITED), prefix=f"rl-{uuid.uuid4().hex[:8]}")
+
+
+async def script_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_burst_is_checked_exactly_in_one_script_call(redis):
+    rl = limiter(redis, per_ip=25)
+    await rl.check(ip="192.0.2.1", user=None, auth_route=False)  # loads the script
+    before = await script_calls(redis)
+    decisions = await asyncio.gather(*(rl.check(ip="203.0.113.9", user=None, auth_route=False) for _ in range(60)))
+    calls = await script_calls(redis) - before
+    print(f"\n60 checks in {calls} script call(s)")
+    assert sum(d.allowed for d in decisions) == 25
+    assert sorted(d.remaining for d in decisions if d.allowed) == list(range(25))
+    assert calls == 1
+
+
+async def test_each_request_in_a_batch_is_judged_on_its_own_keys(redis):
+    rl = limiter(redis, per_ip=5, per_user=2)
+    checks = [rl.check(ip="198.51.100.1", user=None, auth_route=False) for _ in range(8)]
+    checks += [rl.check(ip="198.51.100.2", user=None, auth_route=False) for _ in range(3)]
+    checks += [rl.check(ip="198.51.100.3", user="alice", auth_route=False) for _ in range(3)]
+    allowed = [d.allowed for d in await asyncio.gather(*checks)]
+    assert sum(allowed[:8]) == 5  # the first IP runs out
+    assert all(allowed[8:11])  # the second does not notice
+    assert sum(allowed[11:]) == 2  # the user's tighter limit wins over its IP's
+
+
+async def test_checks_survive_redis_forgetting_the_script(redis):
+    rl = limiter(redis, per_ip=10)
+    assert (await rl.check(ip="192.0.2.7", user=None, auth_route=False)).remaining == 9
+    await redis.script_flush()  # as after a restart of Redis
+    decision = await rl.check(ip="192.0.2.7", user=None, auth_route=False)
+    assert decision.allowed
+    assert decision.remaining == 8
