@@ -202,7 +202,11 @@ class Proxy:
                     raise _Attempt(BadGateway(), sent=True) from None
                 finally:
                     resp.release()
-                response = web.Response(status=resp.status, body=payload, headers=_response_headers(resp))
+                headers = _response_headers(resp)
+                if method == "HEAD" and resp.content_length is not None:
+                    # No body, but the length a GET would have: that is what HEAD is for.
+                    headers["Content-Length"] = str(resp.content_length)
+                response = web.Response(status=resp.status, body=payload, headers=headers)
                 if resp.status >= 500:
                     raise _Attempt(sent=True, response=response)
                 return self._mark(response, instance)
@@ -213,6 +217,8 @@ class Proxy:
         self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance
     ) -> web.StreamResponse:
         response = self._mark(web.StreamResponse(status=resp.status, headers=_response_headers(resp)), instance)
+        # A known length is kept (no chunking); a body cut short cuts the connection.
+        response.content_length = resp.content_length
         try:
             await response.prepare(request)
             async for chunk in resp.content.iter_chunked(64 * 1024):

@@ -31,7 +31,7 @@ GATEWAY_REDIS_DB = 3  # the gateway suite's own Redis database, flushed per test
 
 @dataclass
 class Upstream:
-    """One fake instance: ``mode`` is "ok", "fail" (500), "hang" or "truncate"."""
+    """One fake instance: ``mode`` is "ok", "fail" (500), "hang", "large" or "truncate"."""
 
     service_id: str
     server: TestServer
@@ -95,6 +95,8 @@ async def fake_service(
                     return web.json_response({"code": "BOOM"}, status=500, content_type="application/problem+json")
                 if upstream.mode == "hang":
                     await asyncio.sleep(5)
+                if upstream.mode == "large":  # 1 MiB with its length: streamed, not buffered
+                    return web.Response(body=b"y" * (1024 * 1024))
                 if upstream.mode == "truncate":  # promise 1 MiB, send a third, then drop the connection
                     response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
                     await response.prepare(request)

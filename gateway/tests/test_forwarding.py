@@ -37,3 +37,25 @@ async def test_the_query_string_is_forwarded_exactly_as_sent(fake_service, gatew
     query = "b=2&a=%3D%26+x&a=1&flag&c=%2B"
     async with client.get(f"/api/v1/things?{query}", headers=tokens.headers()) as r:
         assert (await r.json())["raw_query"] == query
+
+
+async def test_head_keeps_the_length_of_the_body_it_does_not_send(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    headers = {**tokens.headers(), "X-Request-ID": "same"}
+    async with client.get("/api/v1/things", headers=headers) as r:
+        length = len(await r.read())
+    client.session.cookie_jar.clear()  # the same request again, byte for byte
+    async with client.head("/api/v1/things", headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(length)
+
+
+async def test_a_large_body_is_streamed_with_its_length(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    service.instances[0].mode = "large"
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.headers["Content-Length"] == str(1024 * 1024)
+        assert "Transfer-Encoding" not in r.headers
+        assert len(await r.read()) == 1024 * 1024
