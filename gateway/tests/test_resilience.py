@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import aiohttp
 import pytest
 
+from mesh_common.resilience import BreakerBoard, UpstreamFailure
 from mesh_common.testing import TokenFactory, eventually
 from mesh_gateway.keys import BREAKERS
 
@@ -141,3 +144,14 @@ async def test_an_upstream_dying_mid_body_cuts_the_client_and_counts_against_its
             assert r.status == 200  # the status line was already out
             await r.read()
     assert client.app[BREAKERS].breaker(instance.service_id).failure_count == 1
+
+
+def test_the_breaker_board_forgets_breakers_that_hold_no_state():
+    board = BreakerBoard(failure_threshold=1)
+    with contextlib.suppress(UpstreamFailure), board.breaker("failing"):
+        raise UpstreamFailure("boom")
+    for n in range(3 * BreakerBoard.PRUNE_AT):  # instances come and go
+        with board.breaker(f"instance-{n}"):
+            pass
+    assert len(board) <= BreakerBoard.PRUNE_AT
+    assert board.is_open("failing")

@@ -21,6 +21,10 @@ class UpstreamFailure(Exception):
 
 
 class BreakerBoard:
+    # Instances come and go (each scale-up or restart is a new ID), so the
+    # board forgets breakers that hold no state once it holds this many.
+    PRUNE_AT = 256
+
     def __init__(self, *, failure_threshold: int = 5, recovery_timeout: float = 5.0, enabled: bool = True) -> None:
         self._threshold = failure_threshold
         self._recovery = recovery_timeout
@@ -32,6 +36,8 @@ class BreakerBoard:
             return nullcontext()
         breaker = self._breakers.get(instance_id)
         if breaker is None:
+            if len(self._breakers) >= self.PRUNE_AT:
+                self._prune()
             breaker = CircuitBreaker(
                 failure_threshold=self._threshold,
                 recovery_timeout=self._recovery,
@@ -40,6 +46,18 @@ class BreakerBoard:
             )
             self._breakers[instance_id] = breaker
         return breaker
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def _prune(self) -> None:
+        # A closed breaker with no failures is what a new one would be; one
+        # still in use finishes its call on the old object, harmlessly.
+        self._breakers = {
+            instance_id: breaker
+            for instance_id, breaker in self._breakers.items()
+            if breaker.failure_count or not breaker.closed
+        }
 
     def is_open(self, instance_id: str) -> bool:
         breaker = self._breakers.get(instance_id)
