@@ -153,5 +153,5 @@ def test_the_breaker_board_forgets_breakers_that_hold_no_state():
     for n in range(3 * BreakerBoard.PRUNE_AT):  # instances come and go
         with board.breaker(f"instance-{n}"):
             pass
-    assert len(board) <= BreakerBoard.PRUNE_AT
+    assert board.size <= BreakerBoard.PRUNE_AT
     assert board.is_open("failing")

@@ -44,8 +44,8 @@ class ServiceClient:
     ) -> None:
         self._session = session
         self._watches = watches
-        self.breakers = breakers or BreakerBoard()
-        self._budget = budget or RetryBudget()
+        self.breakers = breakers if breakers is not None else BreakerBoard()
+        self._budget = budget if budget is not None else RetryBudget()
         self._deadline = deadline
         self._attempts = attempts
 

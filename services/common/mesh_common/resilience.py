@@ -47,7 +47,9 @@ class BreakerBoard:
             self._breakers[instance_id] = breaker
         return breaker
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many breakers the board holds (not ``__len__``: an empty board is still a board)."""
         return len(self._breakers)
 
     def _prune(self) -> None:
