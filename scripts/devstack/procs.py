@@ -71,8 +71,26 @@ def start(run_dir: Path, proc: Proc) -> int:
     )
     log.close()
     _started[child.pid] = child
-    (pid_dir(run_dir) / f"{proc.name}.pid").write_text(str(child.pid))
+    stat = _stat(child.pid)
+    # The start time makes the pid file name this process, not whichever
+    # process gets its pid after it is gone.
+    started = stat[_START_TIME] if stat else ""
+    (pid_dir(run_dir) / f"{proc.name}.pid").write_text(f"{child.pid} {started}".strip())
     return child.pid
+
+
+# In /proc/<pid>/stat after the command name: the state, and 19 fields later
+# the start time in clock ticks after boot.
+_STATE, _START_TIME = 0, 19
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself hold spaces or ")".
+    return text.rsplit(")", 1)[1].split()
 
 
 def alive(pid: int) -> bool:
@@ -83,10 +101,27 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie child of ours is dead for every purpose here.
+    stat = _stat(pid)
+    return stat is not None and stat[_STATE] != "Z"
+
+
+def read_pid(pidfile: Path) -> int | None:
+    """The pid a pid file names, or None if that process is gone.
+
+    A pid reused by an unrelated process is "gone" too: its start time differs,
+    and ``stop`` must never signal it.
+    """
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+        pid, *started = pidfile.read_text().split()
+        number = int(pid)
+    except (OSError, ValueError):
+        return None
+    if not alive(number):
+        return None
+    stat = _stat(number)
+    if started and (stat is None or stat[_START_TIME] != started[0]):
+        return None
+    return number
 
 
 def running(run_dir: Path) -> dict[str, int]:
@@ -94,11 +129,8 @@ def running(run_dir: Path) -> dict[str, int]:
     directory = pid_dir(run_dir)
     if directory.is_dir():
         for pidfile in sorted(directory.glob("*.pid")):
-            try:
-                pid = int(pidfile.read_text())
-            except ValueError:
-                continue
-            if alive(pid):
+            pid = read_pid(pidfile)
+            if pid is not None:
                 found[pidfile.stem] = pid
             else:
                 pidfile.unlink(missing_ok=True)
@@ -108,9 +140,9 @@ def running(run_dir: Path) -> dict[str, int]:
 def stop(run_dir: Path, name: str, *, sig: int = signal.SIGTERM, grace: float = 10.0) -> bool:
     """Signal a process group, wait up to ``grace``, then SIGKILL it."""
     pidfile = pid_dir(run_dir) / f"{name}.pid"
-    try:
-        pid = int(pidfile.read_text())
-    except (OSError, ValueError):
+    pid = read_pid(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
         return False
     _signal_group(pid, sig)
     deadline = time.monotonic() + grace

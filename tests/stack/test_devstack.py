@@ -48,6 +48,26 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert group(pid) == []
 
 
+def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    start(cfg.run_dir, Proc("ours", [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+    pidfile = tmp_path / "pids" / "ours.pid"
+    _, started = pidfile.read_text().split()
+    stop(cfg.run_dir, "ours", grace=5)
+    # Ours is gone and someone else's process now holds "its" pid: the pid
+    # file names the right number with the start time of the old process.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pidfile.write_text(f"{stranger.pid} {started}")
+        assert running(cfg.run_dir) == {}
+        pidfile.write_text(f"{stranger.pid} {started}")
+        assert stop(cfg.run_dir, "ours", grace=1) is False
+        assert stranger.poll() is None, "stop() signalled a process it did not start"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def group(pgid: int) -> list[str]:
     """Live members of a process group (a zombie is dead, waiting for init to reap it)."""
     members = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
