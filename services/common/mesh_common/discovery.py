@@ -13,7 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import consul.aio
 import structlog
@@ -29,10 +29,11 @@ class Instance:
     id: str
     address: str
     port: int
+    # Built once: it is read on every proxied request.
+    base_url: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_url", f"http://{self.address}:{self.port}")
 
 
 class NoInstances(LookupError):

@@ -8,6 +8,7 @@ does not multiply the load on what is left.
 
 from __future__ import annotations
 
+import random
 import time
 from contextlib import AbstractContextManager, nullcontext
 
@@ -71,13 +72,13 @@ class BreakerBoard:
         Raises ``NoInstances`` when Consul knows none, and ``AllBreakersOpen``
         when every known one is open.
         """
-        candidates = [i for i in watch.instances if i.id not in exclude]
-        if not candidates:
-            raise NoInstances(watch.service)
-        closed = frozenset(i.id for i in candidates if self.is_open(i.id))
-        if len(closed) == len(candidates):
+        # One pass, no sets: this runs on every proxied request.
+        candidates = [i for i in watch.instances if i.id not in exclude and not self.is_open(i.id)]
+        if candidates:
+            return random.choice(candidates)
+        if any(i.id not in exclude for i in watch.instances):
             raise AllBreakersOpen(watch.service)
-        return watch.pick(exclude | closed)
+        raise NoInstances(watch.service)
 
     def state(self, instance_id: str) -> str:
         breaker = self._breakers.get(instance_id)
