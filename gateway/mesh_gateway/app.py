@@ -12,7 +12,7 @@ from mesh_common.app import service_app
 from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
-from mesh_common.http import HTTP_SESSION, http_session_ctx
+from mesh_common.http import http_session_ctx
 from mesh_common.redis_client import REDIS, redis_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
@@ -22,6 +22,7 @@ from .proxy import Proxy
 from .ratelimit import Limits, RateLimiter
 from .routes import API, RouteTable
 from .settings import Settings
+from .upstream import Upstream
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -45,13 +46,13 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     # Register only once the first healthy sets are known, so that a new
     # gateway does not answer 503 for upstreams it simply has not heard of.
     await asyncio.gather(*(watch.wait_ready(5.0) for watch in app[WATCHES].values()))
+    upstream = Upstream(limit_per_host=250, connect_timeout=settings.connect_timeout)
     app[PROXY] = Proxy(
         app[ROUTE_TABLE],
-        app[HTTP_SESSION],
+        upstream,
         app[WATCHES],
         app[BREAKERS],
         app[RETRY_BUDGET],
-        connect_timeout=settings.connect_timeout,
         expose_upstream=settings.expose_upstream,
     )
     app[RATE_LIMITER] = RateLimiter(
@@ -59,6 +60,7 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         Limits(per_ip=settings.rate_limit_ip, per_user=settings.rate_limit_user, auth_per_ip=settings.rate_limit_auth),
     )
     yield
+    upstream.close()
 
 
 def create_app(
@@ -82,7 +84,7 @@ def create_app(
     contexts = [
         consul_ctx(settings.service.consul_url),
         watch_services_ctx(*app[ROUTE_TABLE].services()),
-        http_session_ctx(limit=1000, limit_per_host=250),
+        http_session_ctx(),
         redis_ctx(settings.redis_url, health=False),
     ]
     if verifier is None:

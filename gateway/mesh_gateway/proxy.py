@@ -12,13 +12,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
-import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
 from mesh_common.problems import NotFound, problem
@@ -26,13 +25,13 @@ from mesh_common.requests import REQUEST_ID
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
 from .routes import Route, RouteTable
+from .upstream import Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
 
 NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
 UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
 UpstreamTimeout = problem(504, "UPSTREAM_TIMEOUT", "The service did not answer in time")
 BadGateway = problem(502, "BAD_GATEWAY", "The service could not be reached or answered badly")
 
-AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -47,6 +46,8 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # The gateway answered any "Expect: 100-continue" itself.
+        "Expect",
     )
 )
 # "." or ".." as a path segment, once decoded: never a published route.
@@ -69,11 +70,20 @@ class _Attempt(UpstreamFailure):
         self.response = response
 
 
+def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    # Copy whole (in C), then drop the few that must not travel: cheaper on
+    # every request than filtering each header in Python.
+    kept = CIMultiDict(headers)
+    for name in HOP_BY_HOP:
+        kept.popall(name, None)
+    for token in headers.get("Connection", "").split(","):
+        if token.strip():
+            kept.popall(token.strip(), None)
+    return kept
+
+
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    dropped = HOP_BY_HOP | {
-        token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token.strip()
-    }
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+    headers = _without_hop_by_hop(request.headers)
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -83,30 +93,23 @@ def forward_headers(request: web.Request) -> CIMultiDict[str]:
     return headers
 
 
-def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
-
-
 class Proxy:
     def __init__(
         self,
         table: RouteTable,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         watches: dict[str, ServiceWatch],
         breakers: BreakerBoard,
         budget: RetryBudget,
         *,
-        connect_timeout: float,
         expose_upstream: bool,
     ) -> None:
         self._table = table
-        self._session = session
+        self._upstream = upstream
         self._watches = watches
         self._breakers = breakers
         self._budget = budget
-        self._connect_timeout = connect_timeout
         self._expose_upstream = expose_upstream
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = self._table.match(request.path)
@@ -142,13 +145,6 @@ class Proxy:
                     raise failed.problem from None
                 log.info("upstream_retry", service=route.service, failed=instance.id)
 
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(route.timeout)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(total=route.timeout, connect=self._connect_timeout)
-            self._timeouts[route.timeout] = timeout
-        return timeout
-
     def _pick(self, watch: ServiceWatch, exclude: frozenset[str]) -> Instance:
         try:
             return self._breakers.pick(watch, exclude)
@@ -169,62 +165,52 @@ class Proxy:
     ) -> web.StreamResponse:
         # The raw path, as the client encoded it: decoding here would turn
         # %2F, %3F or %2E%2E into structure the upstream never published.
-        target = instance.base_url + route.upstream_path(request.rel_url.raw_path)
+        target = route.upstream_path(request.rel_url.raw_path)
         if request.rel_url.raw_query_string:
             target += "?" + request.rel_url.raw_query_string
+        deadline = asyncio.get_running_loop().time() + route.timeout
         with self._breakers.breaker(instance.id):
             try:
-                resp = await self._session.request(
-                    method,
-                    URL(target, encoded=True),
-                    headers=headers,
-                    data=body,
-                    # Forward what the client sent, nothing more: no default
-                    # Accept-Encoding (the client may not inflate), User-Agent
-                    # or Content-Type of aiohttp's own.
-                    skip_auto_headers=AUTO_HEADERS,
-                    allow_redirects=False,
-                    auto_decompress=False,
-                    timeout=self._timeout(route),
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    resp = await self._upstream.request(
+                        method, instance.address, instance.port, target, headers.items(), body
+                    )
+                    buffered = resp.status >= 500 or (
+                        resp.content_length is not None and resp.content_length <= BUFFER_LIMIT
+                    )
+                    payload = await resp.read() if buffered else None
+            except UpstreamConnectError:
                 raise _Attempt(BadGateway(), sent=False) from None
             except TimeoutError:
                 raise _Attempt(UpstreamTimeout(), sent=True) from None
-            except aiohttp.ClientError:
+            except UpstreamBroken:
                 raise _Attempt(BadGateway(), sent=True) from None
-            if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
-                try:
-                    payload = await resp.read()
-                except TimeoutError:
-                    raise _Attempt(UpstreamTimeout(), sent=True) from None
-                except aiohttp.ClientError:
-                    raise _Attempt(BadGateway(), sent=True) from None
-                finally:
-                    resp.release()
-                headers = _response_headers(resp)
-                if method == "HEAD" and resp.content_length is not None:
-                    # No body, but the length a GET would have: that is what HEAD is for.
-                    headers["Content-Length"] = str(resp.content_length)
-                response = web.Response(status=resp.status, body=payload, headers=headers)
-                if resp.status >= 500:
-                    raise _Attempt(sent=True, response=response)
-                return self._mark(response, instance)
-            # Streamed inside the breaker: an upstream that dies mid-body counts.
-            return await self._stream(request, resp, instance)
+            if payload is None:
+                # Streamed inside the breaker: an upstream that dies mid-body counts.
+                return await self._stream(request, resp, instance, deadline)
+            out = _without_hop_by_hop(resp.headers)
+            if method == "HEAD" and resp.content_length is not None:
+                # No body, but the length a GET would have: that is what HEAD is for.
+                out["Content-Length"] = str(resp.content_length)
+            response = web.Response(status=resp.status, body=payload, headers=out)
+            if resp.status >= 500:
+                raise _Attempt(sent=True, response=response)
+            return self._mark(response, instance)
 
     async def _stream(
-        self, request: web.Request, resp: aiohttp.ClientResponse, instance: Instance
+        self, request: web.Request, resp: UpstreamResponse, instance: Instance, deadline: float
     ) -> web.StreamResponse:
-        response = self._mark(web.StreamResponse(status=resp.status, headers=_response_headers(resp)), instance)
+        headers = _without_hop_by_hop(resp.headers)
+        response = self._mark(web.StreamResponse(status=resp.status, headers=headers), instance)
         # A known length is kept (no chunking); a body cut short cuts the connection.
         response.content_length = resp.content_length
         try:
-            await response.prepare(request)
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                await response.write(chunk)
-            await response.write_eof()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout_at(deadline):
+                await response.prepare(request)
+                async for chunk in resp.iter_chunks():
+                    await response.write(chunk)
+                await response.write_eof()
+        except (UpstreamBroken, TimeoutError) as exc:
             # The status line is already out: the only honest signal left to
             # the client is a cut connection, never a second response.
             log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)

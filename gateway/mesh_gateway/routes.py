@@ -7,7 +7,7 @@ as public need a valid access token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,12 +18,17 @@ class Route:
     timeout: float = 5.0
     # The service deduplicates POSTs by Idempotency-Key, so the gateway may retry them.
     honours_idempotency_key: bool = False
+    _base: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_base", self.prefix.rstrip("/"))
 
     def upstream_path(self, path: str) -> str:
         return path[len(self.strip) :] if self.strip and path.startswith(self.strip) else path
 
     def matches(self, path: str) -> bool:
-        return path == self.prefix.rstrip("/") or path.startswith(self.prefix.rstrip("/") + "/")
+        base = self._base
+        return path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,185 @@
+"""The gateway's own upstream client, against real sockets.
+
+Well-behaved upstreams are aiohttp servers; misbehaving ones (cut bodies,
+garbage, informational responses) are raw asyncio servers, because aiohttp
+will not misbehave on request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from mesh_gateway.upstream import HIGH_WATER, Upstream, UpstreamBroken, UpstreamConnectError
+
+from .conftest import free_port
+
+Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    client = Upstream(limit_per_host=4, connect_timeout=0.5)
+    yield client
+    client.close()
+
+
+async def echo_server(aiohttp_server, **kwargs) -> tuple[TestServer, list[tuple[str, int]]]:  # type: ignore[no-untyped-def]
+    """An upstream that records the client port of every request it answers."""
+    peers: list[tuple[str, int]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        if request.path == "/chunked":
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for part in (b"one,", b"two,", b"three"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        if request.path == "/large":
+            return web.Response(body=b"x" * (5 * HIGH_WATER))
+        if request.path == "/slow":
+            await asyncio.sleep(0.2)
+        body = await request.read()
+        return web.json_response({"method": request.method, "body": body.decode(), "a": request.headers.get("X-A")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return await aiohttp_server(app, **kwargs), peers
+
+
+async def raw_server(reply: Reply) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reply(reader, writer)
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def port_of(server: asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def test_requests_share_one_kept_alive_connection(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, peers = await echo_server(aiohttp_server)
+    for n in range(5):
+        resp = await upstream.request("POST", "127.0.0.1", server.port, "/x", [("X-A", "b")], f"body {n}".encode())
+        assert resp.status == 200
+        assert (await resp.read()) == f'{{"method": "POST", "body": "body {n}", "a": "b"}}'.encode()
+    assert len(set(peers)) == 1, peers
+
+
+async def test_no_more_connections_than_the_limit(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, peers = await echo_server(aiohttp_server)
+
+    async def one() -> int:
+        resp = await upstream.request("GET", "127.0.0.1", server.port, "/slow", [])
+        await resp.read()
+        return resp.status
+
+    assert await asyncio.gather(*(one() for _ in range(12))) == [200] * 12
+    assert len(set(peers)) == 4, peers  # limit_per_host=4, each reused
+
+
+async def test_a_chunked_body_arrives_whole(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/chunked", [])
+    assert resp.content_length is None
+    assert await resp.read() == b"one,two,three"
+
+
+async def test_head_ends_at_the_head_and_the_next_request_still_works(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = await echo_server(aiohttp_server)
+    head = await upstream.request("HEAD", "127.0.0.1", server.port, "/x", [])
+    assert head.status == 200 and head.content_length is not None and head.content_length > 0
+    assert await asyncio.wait_for(head.read(), 2) == b""
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+    assert resp.status == 200 and b'"GET"' in await resp.read()
+
+
+async def test_a_refused_connection_was_never_sent(upstream: Upstream) -> None:
+    with pytest.raises(UpstreamConnectError):
+        await upstream.request("GET", "127.0.0.1", free_port(), "/", [])
+
+
+async def test_a_body_cut_short_is_broken_and_the_connection_is_dropped(upstream: Upstream) -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    server = await raw_server(cut)
+    async with server:
+        resp = await upstream.request("GET", "127.0.0.1", port_of(server), "/", [])
+        with pytest.raises(UpstreamBroken):
+            await resp.read()
+        assert upstream._pools[("127.0.0.1", port_of(server))].idle == []
+
+
+async def test_garbage_is_not_a_response(upstream: Upstream) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SMTP ready, not HTTP\r\n\r\n")
+        await writer.drain()
+
+    server = await raw_server(garbage)
+    async with server:
+        with pytest.raises(UpstreamBroken):
+            await upstream.request("GET", "127.0.0.1", port_of(server), "/", [])
+
+
+async def test_informational_responses_are_skipped(upstream: Upstream) -> None:
+    async def continue_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-B: c\r\n\r\nok")
+        await writer.drain()
+
+    server = await raw_server(continue_first)
+    async with server:
+        resp = await upstream.request("POST", "127.0.0.1", port_of(server), "/", [], b"{}")
+        assert (resp.status, resp.headers["X-B"], await resp.read()) == (201, "c", b"ok")
+
+
+async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])
+    conn = resp._conn
+    assert conn is not None and conn.transport is not None
+    for _ in range(200):  # nobody reads: the socket must pause, bounded wait
+        if not conn.transport.is_reading():
+            break
+        await asyncio.sleep(0.01)
+    assert not conn.transport.is_reading()
+    assert conn._buffered <= HIGH_WATER + 256 * 1024
+    assert len(await resp.read()) == 5 * HIGH_WATER
+
+
+async def test_a_deadline_frees_the_connection_slot(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = await echo_server(aiohttp_server)
+    upstream = Upstream(limit_per_host=1)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await upstream.request("GET", "127.0.0.1", server.port, "/slow", [])
+        resp = await asyncio.wait_for(upstream.request("GET", "127.0.0.1", server.port, "/x", []), 2)
+        assert resp.status == 200 and await resp.read()
+    finally:
+        upstream.close()
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_replaced(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, peers = await echo_server(aiohttp_server, keepalive_timeout=0.1)
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+    await resp.read()
+    pool = upstream._pools[("127.0.0.1", server.port)]
+    for _ in range(200):  # until the upstream's keep-alive timeout closes it
+        if not pool.idle:
+            break
+        await asyncio.sleep(0.01)
+    assert not pool.idle
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+    assert resp.status == 200 and await resp.read()
+    assert len(set(peers)) == 2
