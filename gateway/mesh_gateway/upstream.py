@@ -165,11 +165,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
-    def finished(self) -> bool:
-        return self._complete and self._error is None
-
     def keep_alive(self) -> bool:
-        return self.finished() and self._keep_alive
+        # An error is only ever recorded before completion, so this also means "no error".
+        return self._complete and self._keep_alive
 
 
 class _Pool:
@@ -189,8 +187,7 @@ class _Pool:
 class UpstreamResponse:
     """Status and headers as received; the body is read with ``read`` or ``iter_chunks``, once."""
 
-    def __init__(self, upstream: Upstream, pool: _Pool, conn: _Connection, *, head_only: bool) -> None:
-        self._upstream = upstream
+    def __init__(self, pool: _Pool, conn: _Connection, *, head_only: bool) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
         self.status = conn.status
@@ -277,7 +274,7 @@ class Upstream:
         except BaseException:
             pool.slots.release()
             raise
-        return UpstreamResponse(self, pool, conn, head_only=method == "HEAD")
+        return UpstreamResponse(pool, conn, head_only=method == "HEAD")
 
     async def _connection(self, pool: _Pool) -> _Connection:
         stale_before = time.monotonic() - self._keepalive

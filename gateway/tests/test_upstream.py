@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
@@ -53,17 +54,17 @@ async def echo_server(aiohttp_server, **kwargs) -> tuple[TestServer, list[tuple[
     return await aiohttp_server(app, **kwargs), peers
 
 
-async def raw_server(reply: Reply) -> asyncio.Server:
+@asynccontextmanager
+async def raw_server(reply: Reply) -> AsyncIterator[int]:
+    """A server that reads one request head, answers with ``reply``, and hangs up; yields its port."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         await reply(reader, writer)
         writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
-def port_of(server: asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
+    async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
+        yield int(server.sockets[0].getsockname()[1])
 
 
 async def test_requests_share_one_kept_alive_connection(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
@@ -113,12 +114,11 @@ async def test_a_body_cut_short_is_broken_and_the_connection_is_dropped(upstream
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
         await writer.drain()
 
-    server = await raw_server(cut)
-    async with server:
-        resp = await upstream.request("GET", "127.0.0.1", port_of(server), "/", [])
+    async with raw_server(cut) as port:
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
         with pytest.raises(UpstreamBroken):
             await resp.read()
-        assert upstream._pools[("127.0.0.1", port_of(server))].idle == []
+        assert upstream._pools[("127.0.0.1", port)].idle == []
 
 
 async def test_garbage_is_not_a_response(upstream: Upstream) -> None:
@@ -126,10 +126,9 @@ async def test_garbage_is_not_a_response(upstream: Upstream) -> None:
         writer.write(b"SMTP ready, not HTTP\r\n\r\n")
         await writer.drain()
 
-    server = await raw_server(garbage)
-    async with server:
+    async with raw_server(garbage) as port:
         with pytest.raises(UpstreamBroken):
-            await upstream.request("GET", "127.0.0.1", port_of(server), "/", [])
+            await upstream.request("GET", "127.0.0.1", port, "/", [])
 
 
 async def test_informational_responses_are_skipped(upstream: Upstream) -> None:
@@ -137,9 +136,8 @@ async def test_informational_responses_are_skipped(upstream: Upstream) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-B: c\r\n\r\nok")
         await writer.drain()
 
-    server = await raw_server(continue_first)
-    async with server:
-        resp = await upstream.request("POST", "127.0.0.1", port_of(server), "/", [], b"{}")
+    async with raw_server(continue_first) as port:
+        resp = await upstream.request("POST", "127.0.0.1", port, "/", [], b"{}")
         assert (resp.status, resp.headers["X-B"], await resp.read()) == (201, "c", b"ok")
 
 

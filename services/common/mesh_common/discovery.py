@@ -67,13 +67,6 @@ class ServiceWatch:
             return False
         return True
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Instance:
-        """A healthy instance chosen uniformly at random, avoiding ``exclude``."""
-        candidates = [i for i in self.instances if i.id not in exclude]
-        if not candidates:
-            raise NoInstances(self.service)
-        return random.choice(candidates)
-
     async def _run(self) -> None:
         delay = 0.1
         while True:
