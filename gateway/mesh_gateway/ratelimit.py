@@ -1,11 +1,11 @@
 """Rate limits in Redis: atomic, one round trip, shared by every gateway.
 
-A fixed-window counter per (scope, client) in a Lua script: each request
-increments every key that applies to it (its client IP, its user, and the
-auth bucket for login and registration) and is refused if any is over its
-limit. The script runs atomically in Redis, so limits hold across gateway
-instances. Refused requests still count: a client hammering past its limit
-keeps itself limited.
+A fixed-window counter per (scope, client): each request counts against
+every key that applies to it (its client IP, its user, and the auth bucket
+for login and registration) and is refused if any is over its limit. The
+counters are incremented by one Lua script, atomically in Redis, so limits
+hold across gateway instances. Refused requests still count: a client
+hammering past its limit keeps itself limited.
 
 When Redis is unreachable the gateway fails *open for reads* (GET, HEAD,
 OPTIONS) so browsing survives a cache outage, and *closed for writes*, which
@@ -19,7 +19,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -27,32 +26,18 @@ from redis.exceptions import NoScriptError
 
 log = structlog.get_logger()
 
-# One call checks a whole batch of requests. KEYS: every request's counters,
-# in order. ARGV, per request: how many keys it has, when its window ends
-# (Unix ms), then each key's limit. Keys expire at the end of their window,
-# so their TTL is exactly the time to reset. Returns, per request and for its
-# tightest limit: allowed (1/0), remaining, ms to reset, limit.
+# KEYS: distinct counters. ARGV, per key: how many hits to add, then when its
+# window ends (Unix ms). A counter new in this window expires when the window
+# does. Returns each counter's new total.
 _SCRIPT = """
-local results, k, a = {}, 1, 1
-while a <= #ARGV do
-  local n, window_end = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local allowed, best_remaining, best_reset, best_limit = 1, nil, 0, 0
-  for _ = 1, n do
-    local key, limit = KEYS[k], tonumber(ARGV[a])
-    k, a = k + 1, a + 1
-    local count = redis.call('INCR', key)
-    if count == 1 then redis.call('PEXPIREAT', key, window_end) end
-    local ttl = redis.call('PTTL', key)
-    local remaining = limit - count
-    if remaining < 0 then allowed = 0 end
-    if best_remaining == nil or remaining < best_remaining then
-      best_remaining, best_reset, best_limit = remaining, ttl, limit
-    end
-  end
-  results[#results + 1] = {allowed, math.max(best_remaining, 0), best_reset, best_limit}
+local totals = {}
+for i, key in ipairs(KEYS) do
+  local hits = tonumber(ARGV[2 * i - 1])
+  local total = redis.call('INCRBY', key, hits)
+  if total == hits then redis.call('PEXPIREAT', key, ARGV[2 * i]) end
+  totals[i] = total
 end
-return results
+return totals
 """
 
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -85,14 +70,21 @@ class RateLimiterUnavailable(Exception):
     """Redis did not answer; the caller decides whether to fail open."""
 
 
+# One request's check: its counters, their limits, when its window ends, and
+# where its decision goes.
+_Check = tuple[list[str], list[int], int, "asyncio.Future[Decision]"]
+
+
 class RateLimiter:
     """Checks limits in Redis, batching the checks of concurrent requests.
 
     At most one script call is in flight. Checks that arrive meanwhile queue
-    up and go together in the next one, so batches grow with the load (one
-    command for many requests) and an idle gateway adds no delay. The script
-    runs atomically in Redis and checks each request on its own, so limits
-    are exactly as strict as unbatched; only the gateway's overhead shrinks.
+    up and go together in the next one, so batches grow with the load and an
+    idle gateway adds no delay. A counter that several queued requests share
+    (a busy user, an IP behind a NAT: the clients a limit is for) goes to
+    Redis once, with the number of hits to add. Its new total tells which
+    counts those requests drew, in queue order, so each is judged exactly as
+    if it had incremented the counter alone.
     """
 
     def __init__(self, redis: aioredis.Redis, limits: Limits, *, prefix: str = "rl", timeout: float = 0.5) -> None:
@@ -101,7 +93,7 @@ class RateLimiter:
         self._prefix = prefix
         self._timeout = timeout
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
-        self._pending: list[tuple[list[str], list[int], asyncio.Future[list[int]]]] = []
+        self._pending: list[_Check] = []
         self._in_flight: asyncio.Task[None] | None = None
 
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
@@ -117,18 +109,12 @@ class RateLimiter:
             keys.append(f"{self._prefix}:auth:{ip}:{slot}")
             caps.append(limits.auth_per_ip)
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[int]] = loop.create_future()
+        answer: asyncio.Future[Decision] = loop.create_future()
         if not self._pending and self._in_flight is None:
             # Flush once the requests already in this turn have queued theirs.
             loop.call_soon(self._flush)
-        self._pending.append((keys, [len(keys), (slot + 1) * window * 1000, *caps], answer))
-        allowed, remaining, reset_ms, limit = await answer
-        return Decision(
-            allowed=bool(allowed),
-            limit=int(limit),
-            remaining=int(remaining),
-            reset_seconds=max(1, math.ceil(int(reset_ms) / 1000)),
-        )
+        self._pending.append((keys, caps, (slot + 1) * window * 1000, answer))
+        return await answer
 
     def _flush(self, _done: asyncio.Task[None] | None = None) -> None:
         self._in_flight = None
@@ -140,25 +126,40 @@ class RateLimiter:
         self._in_flight = asyncio.create_task(self._run(batch))
         self._in_flight.add_done_callback(self._flush)
 
-    async def _run(self, batch: list[tuple[list[str], list[int], asyncio.Future[list[int]]]]) -> None:
-        keys = [key for keys, _, _ in batch for key in keys]
-        args = [arg for _, args, _ in batch for arg in args]
-        results: list[Any] | Exception
+    async def _run(self, batch: list[_Check]) -> None:
+        hits: dict[str, int] = {}
+        ends: dict[str, int] = {}
+        for keys, _, window_end, _ in batch:
+            for key in keys:
+                hits[key] = hits.get(key, 0) + 1
+                ends[key] = window_end
+        args = [arg for key in hits for arg in (hits[key], ends[key])]
         try:
             # One deadline for the whole batch, not one timer per request.
             async with asyncio.timeout(self._timeout):
                 try:
-                    results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+                    totals = await self._redis.evalsha(self._sha, len(hits), *hits, *args)
                 except NoScriptError:
                     # Redis restarted or flushed its scripts: nothing ran.
                     await self._redis.script_load(_SCRIPT)
-                    results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+                    totals = await self._redis.evalsha(self._sha, len(hits), *hits, *args)
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            results = exc
-        for index, (_, _, answer) in enumerate(batch):
-            if answer.done():  # its caller has gone (the client disconnected)
-                continue
-            if isinstance(results, Exception):
-                answer.set_exception(RateLimiterUnavailable(type(results).__name__))
-            else:
-                answer.set_result(results[index])
+            for *_, answer in batch:
+                if not answer.done():  # else its caller has gone (the client disconnected)
+                    answer.set_exception(RateLimiterUnavailable(type(exc).__name__))
+            return
+        # The count each counter stood at before this batch's first hit.
+        counts = {key: int(total) - hits[key] for key, total in zip(hits, totals, strict=True)}
+        now_ms = time.time() * 1000
+        for keys, caps, window_end, answer in batch:
+            allowed, remaining, limit = True, math.inf, 0
+            for key, cap in zip(keys, caps, strict=True):
+                counts[key] += 1
+                left = cap - counts[key]
+                if left < 0:
+                    allowed = False
+                if left < remaining:
+                    remaining, limit = left, cap
+            if not answer.done():
+                reset = max(1, math.ceil((window_end - now_ms) / 1000))
+                answer.set_result(Decision(allowed, limit, max(int(remaining), 0), reset))
