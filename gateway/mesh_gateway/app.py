@@ -13,7 +13,6 @@ from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import http_session_ctx
-from mesh_common.redis_client import REDIS, redis_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
 from .guard import guard_middleware
@@ -55,12 +54,13 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         app[RETRY_BUDGET],
         expose_upstream=settings.expose_upstream,
     )
-    app[RATE_LIMITER] = RateLimiter(
-        app[REDIS],
+    app[RATE_LIMITER] = limiter = RateLimiter(
+        settings.redis_url,
         Limits(per_ip=settings.rate_limit_ip, per_user=settings.rate_limit_user, auth_per_ip=settings.rate_limit_auth),
     )
     yield
     upstream.close()
+    limiter.close()
 
 
 def create_app(
@@ -85,7 +85,6 @@ def create_app(
         consul_ctx(settings.service.consul_url),
         watch_services_ctx(*app[ROUTE_TABLE].services()),
         http_session_ctx(),
-        redis_ctx(settings.redis_url, health=False),
     ]
     if verifier is None:
         contexts.append(jwks_ctx(issuer=settings.jwt_issuer, audience=settings.jwt_audience))

@@ -15,16 +15,11 @@ are the abuse we limit for (credential stuffing, spam). See docs/gateway.md.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-import structlog
-from redis.exceptions import NoScriptError
-
-log = structlog.get_logger()
+from .redis_script import RedisScript, Reply
 
 # KEYS: distinct counters. ARGV, per key: how many hits to add, then when its
 # window ends (Unix ms). A counter new in this window expires when the window
@@ -85,16 +80,20 @@ class RateLimiter:
     Redis once, with the number of hits to add. Its new total tells which
     counts those requests drew, in queue order, so each is judged exactly as
     if it had incremented the counter alone.
+
+    No task runs in between: a check is sent from the request's own turn of
+    the event loop, and decided from the turn that reads Redis's answer.
     """
 
-    def __init__(self, redis: aioredis.Redis, limits: Limits, *, prefix: str = "rl", timeout: float = 0.5) -> None:
-        self._redis = redis
+    def __init__(self, redis_url: str, limits: Limits, *, prefix: str = "rl", timeout: float = 0.5) -> None:
+        self._redis = RedisScript(redis_url, _SCRIPT, timeout=timeout, name="gateway-rate-limiter")
         self._limits = limits
         self._prefix = prefix
-        self._timeout = timeout
-        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
         self._pending: list[_Check] = []
-        self._in_flight: asyncio.Task[None] | None = None
+        self._in_flight = False
+
+    def close(self) -> None:
+        self._redis.close()
 
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
         limits = self._limits
@@ -108,48 +107,38 @@ class RateLimiter:
         if auth_route:
             keys.append(f"{self._prefix}:auth:{ip}:{slot}")
             caps.append(limits.auth_per_ip)
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Decision] = loop.create_future()
-        if not self._pending and self._in_flight is None:
-            # Flush once the requests already in this turn have queued theirs.
-            loop.call_soon(self._flush)
+        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._pending.append((keys, caps, (slot + 1) * window * 1000, answer))
+        if not self._in_flight:
+            self._send()
         return await answer
 
-    def _flush(self, _done: asyncio.Task[None] | None = None) -> None:
-        self._in_flight = None
-        if not self._pending:
-            return
+    def _send(self) -> None:
         batch, self._pending = self._pending, []
-        # Held until done (so it is not collected mid-flight); when it is,
-        # whatever queued meanwhile goes next.
-        self._in_flight = asyncio.create_task(self._run(batch))
-        self._in_flight.add_done_callback(self._flush)
-
-    async def _run(self, batch: list[_Check]) -> None:
         hits: dict[str, int] = {}
         ends: dict[str, int] = {}
         for keys, _, window_end, _ in batch:
             for key in keys:
                 hits[key] = hits.get(key, 0) + 1
                 ends[key] = window_end
-        args = [arg for key in hits for arg in (hits[key], ends[key])]
-        try:
-            # One deadline for the whole batch, not one timer per request.
-            async with asyncio.timeout(self._timeout):
-                try:
-                    totals = await self._redis.evalsha(self._sha, len(hits), *hits, *args)
-                except NoScriptError:
-                    # Redis restarted or flushed its scripts: nothing ran.
-                    await self._redis.script_load(_SCRIPT)
-                    totals = await self._redis.evalsha(self._sha, len(hits), *hits, *args)
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        self._in_flight = True
+        self._redis.call(
+            list(hits),
+            [arg for key in hits for arg in (hits[key], ends[key])],
+            lambda reply: self._decide(batch, hits, reply),
+        )
+
+    def _decide(self, batch: list[_Check], hits: dict[str, int], reply: Reply) -> None:
+        self._in_flight = False
+        if self._pending:
+            self._send()  # what queued meanwhile goes at once
+        if isinstance(reply, Exception):
             for *_, answer in batch:
                 if not answer.done():  # else its caller has gone (the client disconnected)
-                    answer.set_exception(RateLimiterUnavailable(type(exc).__name__))
+                    answer.set_exception(RateLimiterUnavailable(str(reply)))
             return
         # The count each counter stood at before this batch's first hit.
-        counts = {key: int(total) - hits[key] for key, total in zip(hits, totals, strict=True)}
+        counts = {key: int(total) - hits[key] for key, total in zip(hits, reply, strict=True)}
         now_ms = time.time() * 1000
         for keys, caps, window_end, answer in batch:
             allowed, remaining, limit = True, math.inf, 0

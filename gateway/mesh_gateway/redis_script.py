@@ -1,0 +1,183 @@
+"""One Lua script, called over one pipelined Redis connection, without tasks.
+
+The rate limiter sits on every request's path, and with redis-py each call
+went through a task, a stream reader and a future: several turns of the
+event loop, each as long as everything else the loop had to do. Under load
+that added milliseconds to every request (decision 3 in docs/decisions).
+
+Here a call is written to the socket at once, and its answer is parsed
+(hiredis) and handed to the caller's callback straight from
+``data_received``. Redis answers in order, so calls are pipelined and
+matched to answers by position. Any failure (refused, reset, a deadline
+missed) fails every call outstanding and drops the connection, since the
+order of what is still to come can no longer be trusted; the next call
+connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+Reply = list[Any] | Exception
+OnReply = Callable[[Reply], None]
+
+
+class RedisScriptError(Exception):
+    """Redis answered a call with an error, or could not be reached in time."""
+
+
+def _bulk(data: str | int | bytes) -> bytes:
+    raw = data if isinstance(data, bytes) else str(data).encode()
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def _command(*parts: str | int | bytes) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: RedisScript) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader()
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                self._owner._answered(reply)
+        except hiredis.ProtocolError as exc:
+            self._owner._reset(RedisScriptError(f"not Redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._lost(self, exc)
+
+
+class RedisScript:
+    """Calls one Lua script by its SHA1; ``call`` never blocks or awaits."""
+
+    def __init__(self, url: str, script: str, *, timeout: float = 0.5, name: str = "todo-mesh-script") -> None:
+        self._options = parse_url(url)
+        self._name = name
+        self._script = script.encode()
+        self._sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._unsent: list[bytes] = []
+        # Per command written, in order: (its arguments after the script's
+        # name, for a retry; its callback; its deadline).
+        self._waiting: deque[tuple[tuple[str | int, ...], OnReply | None, float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def call(self, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        """Run the script; ``on_reply`` gets its result, or an exception."""
+        self._send((len(keys), *keys, *args), on_reply)
+
+    def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(RedisScriptError("closed"))
+
+    def _send(self, arguments: tuple[str | int, ...], on_reply: OnReply, *, retry_until: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if retry_until is None:
+            command = _command(b"EVALSHA", self._sha, *arguments)
+        else:  # the script itself, for a Redis that has lost it
+            command = _command(b"EVAL", self._script, *arguments)
+        self._waiting.append((arguments, on_reply, retry_until or loop.time() + self._timeout))
+        if self._timer is None:
+            self._timer = loop.call_at(self._waiting[0][2], self._check_deadline)
+        if self._transport is not None:
+            self._transport.write(command)
+            return
+        self._unsent.append(command)
+        if self._connecting is None:
+            self._connecting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        options = self._options
+        try:
+            async with asyncio.timeout(self._timeout):
+                transport, protocol = await asyncio.get_running_loop().create_connection(
+                    lambda: _Protocol(self), options.get("host", "localhost"), options.get("port", 6379)
+                )
+        except (OSError, TimeoutError) as exc:
+            self._fail(RedisScriptError(f"cannot connect: {type(exc).__name__}"))
+            return
+        finally:
+            self._connecting = None
+        self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
+        # Set-up goes first on the wire; its answers are checked like any other.
+        setup = []
+        if options.get("password"):
+            setup.append(_command(b"AUTH", *[p for p in (options.get("username"), options["password"]) if p]))
+        if options.get("db"):
+            setup.append(_command(b"SELECT", options["db"]))
+        # A name makes the connection findable in CLIENT LIST.
+        setup.append(_command(b"CLIENT", b"SETNAME", self._name))
+        setup.append(_command(b"SCRIPT", b"LOAD", self._script))
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        for _ in setup:
+            self._waiting.appendleft(((), None, deadline))
+        transport.write(b"".join([*setup, *self._unsent]))
+        self._unsent.clear()
+
+    def _answered(self, reply: Any) -> None:
+        arguments, on_reply, deadline = self._waiting.popleft()
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") and on_reply is not None:
+            # Redis lost its scripts (flushed, or a failover): EVAL sends the
+            # script itself and caches it again. Nothing ran, so nothing
+            # is counted twice.
+            self._send(arguments, on_reply, retry_until=deadline)
+            return
+        if isinstance(reply, hiredis.ReplyError):
+            if on_reply is None:  # a set-up command failed: nothing after it can work
+                self._reset(RedisScriptError(str(reply)))
+                return
+            on_reply(RedisScriptError(str(reply)))
+            return
+        if on_reply is not None:
+            on_reply(reply)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return
+        oldest = self._waiting[0][2]
+        loop = asyncio.get_running_loop()
+        if oldest > loop.time():
+            self._timer = loop.call_at(oldest, self._check_deadline)
+            return
+        self._reset(RedisScriptError("timed out"))
+
+    def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
+        if protocol is self._protocol:
+            self._transport = self._protocol = None
+            self._fail(RedisScriptError(f"connection lost: {type(exc).__name__ if exc else 'closed'}"))
+
+    def _reset(self, error: Exception) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self._transport = self._protocol = None
+        self._fail(error)
+
+    def _fail(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        self._unsent.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for _, on_reply, _ in waiting:
+            if on_reply is not None:
+                on_reply(error)

@@ -1,0 +1,128 @@
+"""The rate limiter's Redis connection: answers in order, and failures that heal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.config import StackConfig
+from mesh_gateway.redis_script import RedisScript, RedisScriptError, Reply
+
+from .conftest import GATEWAY_REDIS_DB
+
+ECHO_ARGS = "return {KEYS[1], ARGV[1]}"
+
+
+@pytest.fixture
+def url(infra: StackConfig) -> str:
+    return f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}"
+
+
+@pytest.fixture
+async def redis(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(url)
+    yield client
+    await client.aclose()
+
+
+async def call(script: RedisScript, keys: list[str], args: list[str | int]) -> Reply:
+    answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    script.call(keys, args, answer.set_result)
+    async with asyncio.timeout(5):
+        return await answer
+
+
+async def connection_id(redis: aioredis.Redis, name: str) -> int | None:
+    ids = [c["id"] for c in await redis.client_list() if c.get("name") == name]
+    return int(ids[0]) if ids else None
+
+
+async def test_pipelined_calls_get_their_own_answers(url):
+    script = RedisScript(url, ECHO_ARGS)
+    try:
+        answers: list[asyncio.Future[Reply]] = []
+        for n in range(50):  # written back to back, before any answer is read
+            answers.append(asyncio.get_running_loop().create_future())
+            script.call([f"k{n}"], [n], answers[-1].set_result)
+        replies = await asyncio.gather(*answers)
+        assert replies == [[f"k{n}".encode(), str(n).encode()] for n in range(50)]
+    finally:
+        script.close()
+
+
+async def test_an_error_reply_goes_to_its_caller_only(url):
+    script = RedisScript(url, "if ARGV[1] == 'bad' then return redis.error_reply('refused') end return 1")
+    try:
+        bad, good = await asyncio.gather(call(script, [], ["bad"]), call(script, [], ["ok"]))
+        assert isinstance(bad, RedisScriptError)
+        assert "refused" in str(bad)
+        assert good == 1
+    finally:
+        script.close()
+
+
+async def test_a_dropped_connection_fails_what_was_outstanding_and_the_next_call_reconnects(url, redis):
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    script = RedisScript(url, ECHO_ARGS, name=name)
+    try:
+        assert await call(script, ["a"], [1]) == [b"a", b"1"]
+        first = await connection_id(redis, name)
+        assert first is not None
+        await redis.client_kill_filter(_id=first)
+        # Calls in the moment the loss is noticed fail; a later one connects again.
+        replies = []
+        for _ in range(100):
+            replies.append(await call(script, ["b"], [2]))
+            if replies[-1] == [b"b", b"2"]:
+                break
+            await asyncio.sleep(0.02)
+        assert replies[-1] == [b"b", b"2"]
+        assert all(isinstance(r, RedisScriptError) for r in replies[:-1])
+        assert (await connection_id(redis, name)) not in (None, first)
+    finally:
+        script.close()
+
+
+async def test_a_silent_server_fails_calls_at_the_deadline_and_is_dropped():
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()  # until the client gives up; never a byte back
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    script = RedisScript(f"redis://127.0.0.1:{port}/0", ECHO_ARGS, timeout=0.2)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reply = await call(script, ["a"], [1])
+        assert isinstance(reply, RedisScriptError)
+        assert "timed out" in str(reply)
+        assert 0.2 <= loop.time() - started < 2
+        # The next call does not trust the old connection: it opens another.
+        assert isinstance(await call(script, ["a"], [1]), RedisScriptError)
+        assert len(connections) == 2
+    finally:
+        script.close()
+        server.close()
+        for writer in connections:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_an_unreachable_redis_fails_the_call_at_once():
+    script = RedisScript("redis://127.0.0.1:1/0", ECHO_ARGS)  # nothing listens there
+    try:
+        reply = await call(script, ["a"], [1])
+        assert isinstance(reply, RedisScriptError)
+        assert "cannot connect" in str(reply)
+    finally:
+        script.close()
