@@ -81,8 +81,8 @@ class RateLimiter:
     counts those requests drew, in queue order, so each is judged exactly as
     if it had incremented the counter alone.
 
-    No task runs in between: a check is sent from the request's own turn of
-    the event loop, and decided from the turn that reads Redis's answer.
+    No task runs in between: a batch is written to Redis from a plain
+    callback, and decided from the turn of the loop that reads the answer.
     """
 
     def __init__(self, redis_url: str, limits: Limits, *, prefix: str = "rl", timeout: float = 0.5) -> None:
@@ -107,10 +107,13 @@ class RateLimiter:
         if auth_route:
             keys.append(f"{self._prefix}:auth:{ip}:{slot}")
             caps.append(limits.auth_per_ip)
-        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Decision] = loop.create_future()
+        if not self._pending and not self._in_flight:
+            # Sent once the requests already in this turn of the loop have
+            # queued theirs: one call for all of them rather than one each.
+            loop.call_soon(self._send)
         self._pending.append((keys, caps, (slot + 1) * window * 1000, answer))
-        if not self._in_flight:
-            self._send()
         return await answer
 
     def _send(self) -> None:
