@@ -107,16 +107,21 @@ class RedisScript:
 
     async def _connect(self) -> None:
         options = self._options
+        failed: Exception | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 transport, protocol = await asyncio.get_running_loop().create_connection(
                     lambda: _Protocol(self), options.get("host", "localhost"), options.get("port", 6379)
                 )
         except (OSError, TimeoutError) as exc:
-            self._fail(RedisScriptError(f"cannot connect: {type(exc).__name__}"))
-            return
+            failed = RedisScriptError(f"cannot connect: {type(exc).__name__}")
         finally:
             self._connecting = None
+        if failed is not None:
+            # Only now: a caller told of the failure may call again at once,
+            # and that call must start a connection of its own.
+            self._fail(failed)
+            return
         self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
         # Set-up goes first on the wire; its answers are checked like any other.
         setup = []

@@ -126,3 +126,17 @@ async def test_an_unreachable_redis_fails_the_call_at_once():
         assert "cannot connect" in str(reply)
     finally:
         script.close()
+
+
+async def test_a_call_made_from_a_failure_callback_tries_again_at_once():
+    # The rate limiter sends its next batch from the callback of the last one.
+    script = RedisScript("redis://127.0.0.1:1/0", ECHO_ARGS, timeout=5)
+    second: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    try:
+        script.call(["a"], [1], lambda _: script.call(["b"], [2], second.set_result))
+        async with asyncio.timeout(1):  # not the 5 s deadline
+            reply = await second
+        assert isinstance(reply, RedisScriptError)
+        assert "cannot connect" in str(reply)
+    finally:
+        script.close()
