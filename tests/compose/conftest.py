@@ -1,0 +1,113 @@
+"""What the static checks of compose.yml, the service Dockerfiles and .dockerignore share.
+
+There is no Docker engine (and no compose plugin) on the dev and CI machines,
+so the stack can never be started here. Instead:
+
+* ``scripts/compose-check`` (Go, built on compose-spec/compose-go/v2, the
+  loader ``docker compose`` itself uses) loads compose.yml with compose-spec
+  schema validation and consistency checks. It is built once per source
+  revision into a cache directory outside the repository and reused
+  (test_compose_spec.py).
+* The project's own conventions (scalable services, healthchecks, pinned
+  images, mounted files, the env-var contract, Dockerfile shape) are asserted
+  on the raw YAML/Dockerfile text (test_compose_conventions.py,
+  test_dockerfiles.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "compose.yml"
+
+INFRA_IMAGES = {
+    # service -> official image repository (tag checked separately)
+    "consul": "hashicorp/consul",
+    "envoy": "envoyproxy/envoy",
+    "rabbitmq": "rabbitmq",
+    "postgres": "postgres",
+    "redis": "redis",
+    "mailpit": "axllent/mailpit",
+}
+
+
+class App:
+    """One of the Python services built from this repository."""
+
+    def __init__(self, name: str, src: str, package: str, port: int, env: set[str]) -> None:
+        self.name = name
+        self.src = src  # project directory, relative to the repo root
+        self.package = package
+        self.port = port
+        self.env = env  # env vars this service must receive beyond the common ones
+
+    @property
+    def dockerfile(self) -> Path:
+        return REPO / self.src / "Dockerfile"
+
+    def __repr__(self) -> str:  # used in parametrize ids
+        return self.name
+
+
+APPS = [
+    App("user-service", "services/user", "user_service", 8080, {"DATABASE_URL", "REDIS_URL", "AMQP_URL"}),
+    App("todo-service", "services/todo", "todo_service", 8080, {"DATABASE_URL", "AMQP_URL"}),
+    App(
+        "notification-service",
+        "services/notification",
+        "notification_service",
+        8080,
+        {"DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM"},
+    ),
+    App("gateway", "gateway", "mesh_gateway", 8000, {"REDIS_URL"}),
+]
+APPS_BY_NAME = {app.name: app for app in APPS}
+EXPECTED_SERVICES = set(INFRA_IMAGES) | set(APPS_BY_NAME)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def load_compose() -> dict[str, Any]:
+    with COMPOSE_FILE.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    assert isinstance(data, dict), "compose.yml must be a mapping"
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return load_compose().get("services") or {}
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs; comments dropped, continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full:
+            keyword, _, args = full.partition(" ")
+            instructions.append((keyword.upper(), " ".join(args.split())))
+    assert not pending, f"{path}: dangling line continuation"
+    return instructions
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
+    assert starts, "no FROM instruction"
+    return instructions[starts[-1] :]

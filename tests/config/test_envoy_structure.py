@@ -1,0 +1,277 @@
+"""Structural checks with PyYAML: the settings the mesh relies on are present
+in both configs, and the native and compose files differ only where they must."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import COMPOSE_CONFIG, SAMPLE_VALUES, render_native
+
+# The gateway's longest per-route upstream deadline; Envoy must outlast it.
+GATEWAY_DEADLINE_S = 10.0
+# aiohttp's keep-alive timeout under web.run_app; Envoy must close idle
+# upstream connections before the gateway does.
+AIOHTTP_KEEPALIVE_S = 75.0
+RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", str(duration))
+    assert match, f"unexpected duration {duration!r}"
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "ms" else value
+
+
+def hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = cfg["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == "envoy.filters.network.http_connection_manager"
+    return network_filter["typed_config"]
+
+
+def only_route(cfg: dict[str, Any]) -> dict[str, Any]:
+    (vhost,) = hcm(cfg)["route_config"]["virtual_hosts"]
+    (route,) = vhost["routes"]
+    return route
+
+
+def http_filter(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    matches = [f for f in hcm(cfg)["http_filters"] if f["name"] == name]
+    assert len(matches) == 1, f"expected exactly one {name}"
+    return matches[0]["typed_config"]
+
+
+def gateway_cluster(cfg: dict[str, Any]) -> dict[str, Any]:
+    (cluster,) = cfg["static_resources"]["clusters"]
+    assert cluster["name"] == "gateway"
+    return cluster
+
+
+def dns_settings(cluster: dict[str, Any]) -> dict[str, Any]:
+    cluster_type = cluster["cluster_type"]
+    assert cluster_type["name"] == "envoy.clusters.dns"
+    return cluster_type["typed_config"]
+
+
+def upstream_endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (lb_endpoint,) = locality["lb_endpoints"]
+    return lb_endpoint["endpoint"]["address"]["socket_address"]
+
+
+@pytest.fixture(scope="module")
+def native() -> dict[str, Any]:
+    return yaml.safe_load(render_native())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_CONFIG.read_text())
+
+
+@pytest.fixture(scope="module", params=["native", "compose"])
+def cfg(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return request.getfixturevalue(request.param)
+
+
+# --------------------------------------------------------------------------
+# structure: what the mesh relies on, in both files
+
+
+def _normalised(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Blank out the fields that legitimately differ between the files."""
+    out = copy.deepcopy(cfg)
+    out["admin"]["address"]["socket_address"]["port_value"] = "<admin-port>"
+    (listener,) = out["static_resources"]["listeners"]
+    listener["address"]["socket_address"] = "<listen-address>"
+    (log,) = hcm(out)["access_log"]
+    log["typed_config"]["path"] = "<access-log-path>"
+    cluster = gateway_cluster(out)
+    endpoint = upstream_endpoint(cluster)
+    endpoint["address"] = endpoint["port_value"] = "<upstream>"
+    cares = dns_settings(cluster)["typed_dns_resolver_config"]["typed_config"]
+    cares.pop("resolvers", None)
+    cares.pop("use_resolvers_as_fallback", None)
+    return out
+
+
+def _flatten(node: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {path: node}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(_flatten(value, f"{path}.{key}" if path else str(key)))
+    return flat
+
+
+def test_native_and_compose_differ_only_where_they_must(native: dict[str, Any], compose: dict[str, Any]) -> None:
+    ours, theirs = _flatten(_normalised(native)), _flatten(_normalised(compose))
+    drift = {
+        path: (ours.get(path, "<missing>"), theirs.get(path, "<missing>"))
+        for path in ours.keys() | theirs.keys()
+        if ours.get(path, "<missing>") != theirs.get(path, "<missing>")
+    }
+    assert not drift, f"native vs compose drift (path: (native, compose)): {drift}"
+
+
+def test_same_filter_chains(native: dict[str, Any], compose: dict[str, Any]) -> None:
+    def names(cfg: dict[str, Any]) -> list[str]:
+        return [f["name"] for f in hcm(cfg)["http_filters"]]
+
+    assert names(native) == names(compose)
+    assert names(native) == [
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.router",  # the router must come last
+    ]
+
+
+def test_admin_only_on_loopback(cfg: dict[str, Any]) -> None:
+    assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_listener_addresses(native: dict[str, Any], compose: dict[str, Any]) -> None:
+    def addr(cfg: dict[str, Any]) -> tuple[str, int]:
+        (listener,) = cfg["static_resources"]["listeners"]
+        sock = listener["address"]["socket_address"]
+        return sock["address"], sock["port_value"]
+
+    assert addr(native) == ("127.0.0.1", int(SAMPLE_VALUES["ENVOY_PORT"]))
+    assert addr(compose) == ("0.0.0.0", 8080)
+
+
+def test_request_id_and_forwarding_headers(cfg: dict[str, Any]) -> None:
+    manager = hcm(cfg)
+    assert manager["generate_request_id"] is True
+    assert manager["preserve_external_request_id"] is True
+    assert manager["always_set_request_id_in_response"] is True
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+
+
+def test_json_access_log(cfg: dict[str, Any]) -> None:
+    (log,) = hcm(cfg)["access_log"]
+    fields = log["typed_config"]["log_format"]["json_format"]
+    values = set(fields.values())
+    for operator in (
+        "%START_TIME%",
+        "%REQ(:METHOD)%",
+        "%RESPONSE_CODE%",
+        "%RESPONSE_FLAGS%",
+        "%DURATION%",
+        "%UPSTREAM_HOST%",
+        "%REQ(X-REQUEST-ID)%",
+        "%BYTES_RECEIVED%",
+        "%BYTES_SENT%",
+    ):
+        assert operator in values, f"access log lacks {operator}"
+    assert any("PATH" in v for v in values)
+
+
+def test_single_catch_all_route_with_connection_level_retry(
+    cfg: dict[str, Any],
+) -> None:
+    route = only_route(cfg)
+    assert route["match"] == {"prefix": "/"}
+    assert route["route"]["cluster"] == "gateway"
+    retry = route["route"]["retry_policy"]
+    # Never 5xx/gateway-error: the gateway already retries idempotent calls.
+    assert retry["retry_on"] == RETRY_ON
+    assert retry["num_retries"] == 1
+    (predicate,) = retry["retry_host_predicate"]
+    assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+
+
+def test_timeouts_never_beat_the_gateway(cfg: dict[str, Any]) -> None:
+    route_timeout = seconds(only_route(cfg)["route"]["timeout"])
+    assert route_timeout > GATEWAY_DEADLINE_S
+    # A stream idle timeout below the route timeout would cut slow requests.
+    assert seconds(hcm(cfg)["stream_idle_timeout"]) > route_timeout
+    cluster = gateway_cluster(cfg)
+    assert seconds(cluster["connect_timeout"]) == 1.0
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    upstream_idle = seconds(options["common_http_protocol_options"]["idle_timeout"])
+    assert 0 < upstream_idle < AIOHTTP_KEEPALIVE_S
+
+
+def test_http1_upstream_with_raised_circuit_breakers(cfg: dict[str, Any]) -> None:
+    cluster = gateway_cluster(cfg)
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in options["explicit_http_config"]
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    for key in ("max_connections", "max_pending_requests", "max_requests"):
+        assert thresholds[key] >= 10000, key
+
+
+def test_outlier_detection(cfg: dict[str, Any]) -> None:
+    outlier = gateway_cluster(cfg)["outlier_detection"]
+    for key in (
+        "consecutive_5xx",
+        "consecutive_gateway_failure",
+        "interval",
+        "base_ejection_time",
+    ):
+        assert key in outlier, key
+    assert outlier["max_ejection_percent"] == 50
+    # Envoy's default of 0 would make consecutive_gateway_failure inert.
+    assert outlier["enforcing_consecutive_gateway_failure"] > 0
+
+
+def test_no_active_health_check(cfg: dict[str, Any]) -> None:
+    # Consul (native) / Docker DNS plus outlier detection decide health.
+    assert "health_checks" not in gateway_cluster(cfg)
+
+
+def test_local_rate_limit_is_a_generous_enforced_shield(cfg: dict[str, Any]) -> None:
+    limit = http_filter(cfg, "envoy.filters.http.local_ratelimit")
+    assert limit["status"]["code"] == "TooManyRequests"
+    bucket = limit["token_bucket"]
+    assert bucket["max_tokens"] >= 2000
+    assert bucket["tokens_per_fill"] >= 2000
+    assert seconds(bucket["fill_interval"]) <= 1.0
+    full = {"numerator": 100, "denominator": "HUNDRED"}
+    assert limit["filter_enabled"]["default_value"] == full
+    assert limit["filter_enforced"]["default_value"] == full
+
+
+def test_strict_dns_discovery(native: dict[str, Any], compose: dict[str, Any]) -> None:
+    for cfg in (native, compose):
+        dns = dns_settings(gateway_cluster(cfg))
+        assert dns["all_addresses_in_single_endpoint"] is False  # strict DNS
+        assert dns["dns_lookup_family"] == "V4_ONLY"
+        assert seconds(dns["dns_refresh_rate"]) <= 1.0
+        assert dns["respect_dns_ttl"] is False
+        resolver = dns["typed_dns_resolver_config"]
+        assert resolver["name"] == "envoy.network.dns_resolver.cares"
+        options = resolver["typed_config"]["dns_resolver_options"]
+        # Consul trims plain UDP answers to 3 records; TCP is not trimmed.
+        assert options["use_tcp_for_dns_lookups"] is True
+
+    native_cluster = gateway_cluster(native)
+    cares = dns_settings(native_cluster)["typed_dns_resolver_config"]["typed_config"]
+    (consul,) = cares["resolvers"]
+    assert consul["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": int(SAMPLE_VALUES["CONSUL_DNS_PORT"]),
+    }
+    assert upstream_endpoint(native_cluster) == {
+        "address": "gateway.service.consul",
+        "port_value": int(SAMPLE_VALUES["GATEWAY_PORT"]),
+    }
+    assert upstream_endpoint(gateway_cluster(compose)) == {
+        "address": "gateway",
+        "port_value": 8000,
+    }
