@@ -2,13 +2,23 @@
 
 Migrations are plain ``NNNN_name.sql`` files applied in order, each in its own
 transaction, under an advisory lock so that instances starting together do
-not race. Applied versions are kept in ``schema_migrations``.
+not race. Applied versions are kept in ``schema_migrations``, with a checksum
+that must never change.
+
+A service's migrations are its own directory followed by the shared sets it
+uses (``mesh_common.outbox.OUTBOX_MIGRATIONS``), each applied in file-name
+order, one directory after the other. A version names a file without its
+directory, so shared files carry their set's name (``outbox_0001_table``).
+On a new database a shared set runs after all of the service's own files, so
+those must not rely on it. A recorded version without a file is left alone:
+``0004_outbox`` of the user- and todo-services was the outbox before it
+became a shared set.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,11 +34,15 @@ log = structlog.get_logger()
 _LOCK_ID = 0x70D0_3E54  # any constant: one migrator per database at a time
 
 
-def _migrations(directory: Path) -> list[tuple[str, str]]:
-    return [(p.stem, p.read_text()) for p in sorted(directory.glob("*.sql"))]
+def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
+    found = [(p.stem, p.read_text()) for directory in directories for p in sorted(directory.glob("*.sql"))]
+    versions = [version for version, _ in found]
+    if shared := sorted({version for version in versions if versions.count(version) > 1}):
+        raise RuntimeError(f"migrations in more than one directory: {shared}")
+    return found
 
 
-async def migrate(pool: aiopg.Pool, directory: Path) -> list[str]:
+async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
     applied_now: list[str] = []
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
@@ -40,7 +54,7 @@ async def migrate(pool: aiopg.Pool, directory: Path) -> list[str]:
             )
             await cur.execute("SELECT version, checksum FROM schema_migrations")
             applied = dict(await cur.fetchall())
-            for version, sql in _migrations(directory):
+            for version, sql in _migrations(directories):
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if version in applied:
                     if applied[version] != checksum:
@@ -64,7 +78,7 @@ async def migrate(pool: aiopg.Pool, directory: Path) -> list[str]:
     return applied_now
 
 
-def database_ctx(dsn: str, migrations: Path, *, maxsize: int = 10):  # type: ignore[no-untyped-def]
+def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10):  # type: ignore[no-untyped-def]
     @asynccontextmanager
     async def open_database(app: web.Application) -> AsyncIterator[None]:
         async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=10) as pool:

@@ -4,28 +4,18 @@
 caller's transaction, so an event exists exactly when its change committed.
 The relay (relay.py) publishes rows with publisher confirms and marks them sent.
 
-Every service that publishes includes ``OUTBOX_DDL`` in a migration.
+Every service that publishes lists ``OUTBOX_MIGRATIONS`` after its own
+migrations (see db.py), so the table is defined here once.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .events import Event
 
-OUTBOX_DDL = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id uuid PRIMARY KEY,
-    routing_key text NOT NULL,
-    payload bytea NOT NULL,
-    correlation_id text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    published_at timestamptz
-);
-CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (created_at) WHERE published_at IS NULL;
-"""
-
-
+OUTBOX_MIGRATIONS = Path(__file__).resolve().parent / "outbox_migrations"
 NOTIFY_CHANNEL = "outbox"
 
 
@@ -40,3 +30,4 @@ async def enqueue(cur: Any, event: Event) -> None:
         (event.id, event.type, event.to_json(), event.correlation_id),
     )
     await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+

@@ -21,7 +21,7 @@ from .routes import setup_routes
 from .settings import Settings
 from .workers import consumer_ctx, delivery_ctx, scheduler_ctx
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations",)
 
 
 def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> web.Application:

@@ -15,6 +15,7 @@ from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import DB, database_ctx
 from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import SERVICE_CLIENT, http_session_ctx
+from mesh_common.outbox import OUTBOX_MIGRATIONS
 from mesh_common.relay import outbox_relay_ctx
 
 from .keys import OWNERS, SETTINGS, TODOS
@@ -23,7 +24,7 @@ from .routes import setup_routes
 from .settings import Settings
 from .todos import Todos
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations", OUTBOX_MIGRATIONS)
 
 
 def todos_ctx(owners: OwnerLookup | None):  # type: ignore[no-untyped-def]

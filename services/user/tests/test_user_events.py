@@ -16,8 +16,6 @@ import yaml
 from aio_pika.abc import AbstractQueue
 
 from mesh_common.events import EVENTS_EXCHANGE, Event
-from mesh_common.outbox import OUTBOX_DDL
-from user_service.app import MIGRATIONS
 
 PASSWORD = "a long and unusual passphrase"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
@@ -80,8 +78,3 @@ async def test_a_refused_registration_publishes_nothing(
     # Events arrive in order: the next one is grace's, nothing came in between.
     assert (await next_event(registrations)).data["username"] == "grace"
     assert first.data["username"] == "ada"
-
-
-def test_the_outbox_migration_is_mesh_commons_ddl() -> None:
-    migration = (MIGRATIONS / "0004_outbox.sql").read_text()
-    assert OUTBOX_DDL.strip() in migration

@@ -12,6 +12,7 @@ from mesh_common.app import service_app
 from mesh_common.auth import JwksVerifier, auth_middleware
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
+from mesh_common.outbox import OUTBOX_MIGRATIONS
 from mesh_common.redis_client import redis_ctx
 from mesh_common.relay import outbox_relay_ctx
 
@@ -20,7 +21,7 @@ from .keys import PASSWORD_SLOTS, SETTINGS, WRITE_SLOTS
 from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations", OUTBOX_MIGRATIONS)
 
 
 def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, register: bool = True) -> web.Application:

@@ -1,5 +1,8 @@
--- The transactional outbox, exactly as mesh_common.outbox.OUTBOX_DDL defines it
--- (a test checks that the two agree).
+-- The transactional outbox (mesh_common.outbox): events are written with the
+-- change they describe, and published later by the relay.
+--
+-- IF NOT EXISTS because databases migrated before this set existed already
+-- have the table, from their own 0004_outbox: there this file does nothing.
 CREATE TABLE IF NOT EXISTS outbox (
     id uuid PRIMARY KEY,
     routing_key text NOT NULL,

@@ -1,0 +1,69 @@
+"""Migrations: the outbox, once the user-service's own 0004_outbox, now mesh_common's shared set."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiopg
+import pytest
+
+from mesh_common.db import migrate
+from mesh_common.outbox import OUTBOX_MIGRATIONS
+from user_service.app import MIGRATIONS
+
+
+@pytest.fixture
+async def scratch(settings: Any) -> AsyncIterator[aiopg.Pool]:
+    """A pool whose tables live in a schema of their own, dropped afterwards."""
+    schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
+    async with aiopg.create_pool(settings.database_url, maxsize=1, options=f"-c search_path={schema}") as pool:
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield pool
+        finally:
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
+    scratch: aiopg.Pool, tmp_path: Path
+) -> None:
+    # The state left by the service's former migrations/0004_outbox.sql: the
+    # same statements, recorded under that version, and an event not yet sent.
+    (tmp_path / "0004_outbox.sql").write_text((OUTBOX_MIGRATIONS / "outbox_0001_table.sql").read_text())
+    assert await migrate(scratch, [tmp_path]) == ["0004_outbox"]
+    async with scratch.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "INSERT INTO outbox (id, routing_key, payload, correlation_id) VALUES (gen_random_uuid(), 'x', '{}', 'x')"
+        )
+
+    applied = await migrate(scratch, MIGRATIONS)
+
+    assert "0004_outbox" not in applied
+    assert applied[-1:] == ["outbox_0001_table"]
+    assert await migrate(scratch, MIGRATIONS) == []
+    async with scratch.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_a_new_database_gets_the_outbox_from_the_shared_set(scratch: aiopg.Pool) -> None:
+    applied = await migrate(scratch, MIGRATIONS)
+
+    assert applied[-1:] == ["outbox_0001_table"]
+    async with scratch.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'outbox' ORDER BY 1"
+        )
+        assert [row[0] for row in await cur.fetchall()] == ["outbox_pkey", "outbox_unpublished"]
+
+
+async def test_a_version_in_two_directories_is_refused(scratch: aiopg.Pool, tmp_path: Path) -> None:
+    (tmp_path / "outbox_0001_table.sql").write_text("SELECT 1")
+
+    with pytest.raises(RuntimeError, match="outbox_0001_table"):
+        await migrate(scratch, [tmp_path, OUTBOX_MIGRATIONS])
