@@ -1,8 +1,11 @@
-"""The skeleton every service app shares: middlewares, limits and /health."""
+"""The skeleton every service app shares: middlewares, limits, /health, background workers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Protocol
 
 from aiohttp import web
 
@@ -32,4 +35,34 @@ def service_app(
     return app
 
 
-__all__ = ["DEFAULT_MAX_BODY", "Handler", "service_app"]
+class Worker(Protocol):
+    async def run(self) -> None: ...
+
+    def stop(self) -> None:
+        """Make ``run`` return soon, after the unit of work in hand."""
+
+
+def worker_ctx(name: str, make: Callable[[web.Application], Worker]):  # type: ignore[no-untyped-def]
+    """Run ``make(app).run()`` as a task for the app's lifetime.
+
+    On shutdown the worker is told to stop, and also cancelled: cancelling
+    alone is not enough on Python 3.11, where a cancellation that arrives as a
+    query or a confirm completes can be swallowed (``asyncio.wait_for``, used
+    by aiopg), and the loop would go on forever.
+    """
+
+    @asynccontextmanager
+    async def run_worker(app: web.Application) -> AsyncIterator[None]:
+        worker = make(app)
+        task = asyncio.create_task(worker.run(), name=name)
+        try:
+            yield
+        finally:
+            worker.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    return run_worker
+
+
+__all__ = ["DEFAULT_MAX_BODY", "Handler", "Worker", "service_app", "worker_ctx"]

@@ -2,7 +2,8 @@
 
 ``enqueue`` inserts into ``outbox`` on the caller's cursor, inside the
 caller's transaction, so an event exists exactly when its change committed.
-The relay (relay.py) publishes rows with publisher confirms and marks them sent.
+The relay (relay.py) publishes rows with publisher confirms and marks them sent;
+``prune_published`` deletes them once past their retention.
 
 Every service that publishes lists ``OUTBOX_MIGRATIONS`` after its own
 migrations (see db.py), so the table is defined here once.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import Event
+from .pruning import PruneJob
 
 OUTBOX_MIGRATIONS = Path(__file__).resolve().parent / "outbox_migrations"
 NOTIFY_CHANNEL = "outbox"
@@ -31,3 +33,13 @@ async def enqueue(cur: Any, event: Event) -> None:
     )
     await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
+
+def prune_published(retention: int) -> PruneJob:
+    """Delete rows published more than ``retention`` seconds ago; unpublished rows stay whatever their age."""
+    return PruneJob(
+        "outbox",
+        "DELETE FROM outbox WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM outbox WHERE published_at < now() - make_interval(secs => %(retention)s)"
+        " LIMIT %(batch)s))",
+        {"retention": retention},
+    )

@@ -14,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aio_pika
 import aiopg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from aiohttp import web
 
 from .amqp import AMQP
+from .app import worker_ctx
 from .db import DB
 from .events import EVENTS_EXCHANGE
 from .outbox import NOTIFY_CHANNEL
@@ -121,13 +119,7 @@ class OutboxRelay:
         return len(rows)
 
     def stop(self) -> None:
-        """Make ``run`` return after the batch in hand.
-
-        Cancelling the task alone is not enough: on Python 3.11, a
-        cancellation that arrives as a query or a confirm completes can be
-        swallowed (``asyncio.wait_for``, used by aiopg), and the loop would
-        go on forever.
-        """
+        """Make ``run`` return after the batch in hand (see ``worker_ctx``)."""
         self._stopping = True
         self._wake.set()
 
@@ -180,16 +172,6 @@ class OutboxRelay:
 
 def outbox_relay_ctx(*, crash_before_publish: bool = False):  # type: ignore[no-untyped-def]
     """Run the relay for the app's lifetime. Needs the database and AMQP contexts first."""
-
-    @asynccontextmanager
-    async def run_relay(app: web.Application) -> AsyncIterator[None]:
-        relay = OutboxRelay(app[DB], app[AMQP], crash_before_publish=crash_before_publish)
-        task = asyncio.create_task(relay.run(), name="outbox-relay")
-        try:
-            yield
-        finally:
-            relay.stop()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    return run_relay
+    return worker_ctx(
+        "outbox-relay", lambda app: OutboxRelay(app[DB], app[AMQP], crash_before_publish=crash_before_publish)
+    )

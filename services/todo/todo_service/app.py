@@ -15,9 +15,11 @@ from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import DB, database_ctx
 from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import SERVICE_CLIENT, http_session_ctx
-from mesh_common.outbox import OUTBOX_MIGRATIONS
+from mesh_common.outbox import OUTBOX_MIGRATIONS, prune_published
+from mesh_common.pruning import prune_ctx
 from mesh_common.relay import outbox_relay_ctx
 
+from .idempotency import prune_expired
 from .keys import OWNERS, SETTINGS, TODOS
 from .owners import OwnerDirectory, OwnerLookup
 from .routes import setup_routes
@@ -65,6 +67,10 @@ def create_app(
         app[VERIFIER] = verifier
     contexts += [
         outbox_relay_ctx(crash_before_publish=settings.relay_crash_before_publish),
+        prune_ctx(
+            settings.prune,
+            [prune_published(settings.prune.outbox_retention), prune_expired(settings.idempotency_key_ttl)],
+        ),
         registration_ctx(),  # last: registered only once everything above is ready
     ]
     app.cleanup_ctx.extend(contexts)

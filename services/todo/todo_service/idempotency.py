@@ -7,6 +7,9 @@ on the primary key until that transaction ends, then either finds the stored
 response (same body: replayed) or a different request hash (a client bug:
 422 ``IDEMPOTENCY_KEY_REUSED``). If the first transaction rolls back, the
 key is free again and the next request claims it.
+
+A key is kept for at least ``IDEMPOTENCY_KEY_TTL`` (a day by default), then
+deleted by ``prune_expired``: a request with it after that is a new request.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh_common.problems import problem
+from mesh_common.pruning import PruneJob
 
 IdempotencyKeyReused = problem(
     422, "IDEMPOTENCY_KEY_REUSED", "The Idempotency-Key was already used with a different request"
@@ -67,4 +71,15 @@ async def store_response(cur: Any, owner_id: str, request: IdempotentRequest, re
     await cur.execute(
         "UPDATE idempotency_keys SET response_status = %s, response_body = %s::jsonb WHERE owner_id = %s AND key = %s",
         (response.status, json.dumps(response.body), owner_id, request.key),
+    )
+
+
+def prune_expired(ttl: int) -> PruneJob:
+    """Delete the keys claimed more than ``ttl`` seconds ago."""
+    return PruneJob(
+        "idempotency_keys",
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM idempotency_keys WHERE created_at < now() - make_interval(secs => %(ttl)s)"
+        " LIMIT %(batch)s))",
+        {"ttl": ttl},
     )

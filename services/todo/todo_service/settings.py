@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from mesh_common.settings import ServiceSettings, env_bool, env_str
+from mesh_common.pruning import DAY, PruneSettings
+from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_int, env_str
 
 from . import __version__
 
@@ -19,6 +20,10 @@ class Settings:
     jwt_audience: str = "todo-mesh-api"
     # The Consul name owners' profiles (and the JWKS) are fetched from.
     user_service: str = "user-service"
+    # A retry with the same Idempotency-Key is answered from the stored
+    # response for at least this long; afterwards the key is deleted.
+    idempotency_key_ttl: int = DAY
+    prune: PruneSettings = field(default_factory=PruneSettings)
     # Fault injection for the no-lost-events test: the relay exits (code 70)
     # after claiming committed events and before publishing them.
     relay_crash_before_publish: bool = False
@@ -32,8 +37,14 @@ class Settings:
             jwt_issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
             jwt_audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
             user_service=env_str(env, "USER_SERVICE_NAME", "user-service"),
+            idempotency_key_ttl=env_int(env, "IDEMPOTENCY_KEY_TTL", DAY),
+            prune=PruneSettings.from_env(env),
             relay_crash_before_publish=env_bool(env, "OUTBOX_RELAY_CRASH_BEFORE_PUBLISH", False),
         )
+
+    def __post_init__(self) -> None:
+        if self.idempotency_key_ttl < 1:
+            raise SettingsError("IDEMPOTENCY_KEY_TTL must be positive")
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
