@@ -45,3 +45,34 @@ def test_malformed_or_weak_service_clients_are_refused(raw: str) -> None:
 def test_writes_must_leave_connections_for_reads(slots: str) -> None:
     with pytest.raises(SettingsError, match="DB_WRITE_SLOTS"):
         Settings.from_env({**ENV, "DB_POOL_SIZE": "10", "DB_WRITE_SLOTS": slots})
+
+
+def test_pruning_defaults_and_overrides_come_from_the_environment() -> None:
+    defaults = Settings.from_env(ENV)
+    assert (defaults.prune.interval, defaults.prune.batch_size) == (600.0, 1000)
+    assert (defaults.prune.outbox_retention, defaults.tokens.refresh_retention) == (7 * 86400, 7 * 86400)
+    tuned = Settings.from_env(
+        {
+            **ENV,
+            "PRUNE_INTERVAL_SECONDS": "60",
+            "PRUNE_BATCH_SIZE": "200",
+            "OUTBOX_RETENTION_SECONDS": "3600",
+            "REFRESH_TOKEN_RETENTION_SECONDS": "0",
+        }
+    )
+    assert (tuned.prune.interval, tuned.prune.batch_size, tuned.prune.outbox_retention) == (60.0, 200, 3600)
+    assert tuned.tokens.refresh_retention == 0
+
+
+@pytest.mark.parametrize(
+    "unsafe",
+    [
+        {"REFRESH_TOKEN_RETENTION_SECONDS": "-1"},
+        {"OUTBOX_RETENTION_SECONDS": "-1"},
+        {"PRUNE_BATCH_SIZE": "0"},
+        {"PRUNE_INTERVAL_SECONDS": "0"},
+    ],
+)
+def test_retention_that_would_delete_live_rows_or_never_run_is_refused(unsafe: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match=next(iter(unsafe))):
+        Settings.from_env({**ENV, **unsafe})

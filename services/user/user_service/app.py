@@ -12,12 +12,14 @@ from mesh_common.app import service_app
 from mesh_common.auth import JwksVerifier, auth_middleware
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
-from mesh_common.outbox import OUTBOX_MIGRATIONS
+from mesh_common.outbox import OUTBOX_MIGRATIONS, prune_published
+from mesh_common.pruning import prune_ctx
 from mesh_common.redis_client import redis_ctx
 from mesh_common.relay import outbox_relay_ctx
 
 from .contexts import open_login_throttle, open_passwords, signing_keys_ctx
 from .keys import PASSWORD_SLOTS, SETTINGS, WRITE_SLOTS
+from .refresh_tokens import prune_families
 from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
 
@@ -50,6 +52,10 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
             open_login_throttle,
             amqp_ctx(settings.amqp_url),
             outbox_relay_ctx(),
+            prune_ctx(
+                settings.prune,
+                [prune_published(settings.prune.outbox_retention), prune_families(settings.tokens.refresh_retention)],
+            ),
             open_passwords,
             signing_keys_ctx(verifier),
         ]

@@ -5,6 +5,8 @@ its child in the same family. Presenting a spent token again can only mean
 that someone kept a copy (the thief or the victim, we cannot tell), so the
 whole family is revoked and both have to log in again (OAuth 2.0 Security
 BCP, section 4.14).
+
+A family is deleted whole (``prune_families``), once its last token expired.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 import aiopg
 import structlog
 
+from mesh_common.pruning import PruneJob
 from mesh_common.transactions import transaction
 
 log = structlog.get_logger()
@@ -112,4 +115,27 @@ async def revoke_family(pool: aiopg.Pool, token: str) -> None:
 async def _revoke(cur: Any, family_id: Any) -> None:
     await cur.execute(
         "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = %s AND revoked_at IS NULL", (family_id,)
+    )
+
+
+def prune_families(retention: int) -> PruneJob:
+    """Delete the families whose every token expired more than ``retention`` seconds ago.
+
+    Never a token alone: a spent token presented again revokes its family
+    even after it expired (``_Stored.rejection``), so it is kept for as long
+    as any token of its family can still be refreshed. Deleting a token also
+    deletes its children (``parent_id ... ON DELETE CASCADE``); a child
+    expires after its parent, so the newest first puts every child of a row
+    in the row's batch, and a batch deletes no more than its limit (unless
+    REFRESH_TOKEN_TTL was lowered within a family's lifetime).
+    """
+    return PruneJob(
+        "refresh_tokens",
+        "DELETE FROM refresh_tokens WHERE ctid = ANY(ARRAY("
+        " SELECT t.ctid FROM refresh_tokens t"
+        " WHERE t.expires_at < now() - make_interval(secs => %(retention)s)"
+        " AND NOT EXISTS (SELECT 1 FROM refresh_tokens live WHERE live.family_id = t.family_id"
+        " AND live.expires_at >= now() - make_interval(secs => %(retention)s))"
+        " ORDER BY t.expires_at DESC LIMIT %(batch)s))",
+        {"retention": retention},
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from mesh_common.pruning import DAY, PruneSettings
 from mesh_common.settings import ServiceSettings, SettingsError, env_float, env_int, env_str
 
 from . import __version__
@@ -40,6 +41,9 @@ class TokenPolicy:
     audience: str = "todo-mesh-api"
     access_ttl: int = 600
     refresh_ttl: int = 14 * 24 * 3600
+    # How long a family is kept once its last token expired: nothing in it
+    # works any more, but a reported reuse or logout can still be traced.
+    refresh_retention: int = 7 * DAY
     service_ttl: int = 300
     # How often an instance re-reads the signing keys, so that a rotation
     # made by another instance (or the CLI) reaches it.
@@ -64,6 +68,7 @@ class Settings:
     tokens: TokenPolicy = TokenPolicy()
     passwords: PasswordPolicy = PasswordPolicy()
     throttle: ThrottlePolicy = ThrottlePolicy()
+    prune: PruneSettings = field(default_factory=PruneSettings)
     # name -> secret of the services allowed the client-credentials grant.
     service_clients: tuple[tuple[str, str], ...] = ()
     # Every Redis key this service writes starts with this, so tests (and a
@@ -84,6 +89,7 @@ class Settings:
                 audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
                 access_ttl=env_int(env, "ACCESS_TOKEN_TTL", 600),
                 refresh_ttl=env_int(env, "REFRESH_TOKEN_TTL", 14 * 24 * 3600),
+                refresh_retention=env_int(env, "REFRESH_TOKEN_RETENTION_SECONDS", 7 * DAY),
                 service_ttl=env_int(env, "SERVICE_TOKEN_TTL", 300),
                 key_refresh_interval=env_float(env, "SIGNING_KEY_REFRESH_SECONDS", 30.0),
             ),
@@ -98,6 +104,7 @@ class Settings:
                 max_failures=env_int(env, "LOGIN_MAX_FAILURES", 10),
                 window_seconds=env_int(env, "LOGIN_WINDOW_SECONDS", 60),
             ),
+            prune=PruneSettings.from_env(env),
             service_clients=parse_service_clients(env.get("SERVICE_CLIENTS", "")),
             redis_prefix=env_str(env, "REDIS_PREFIX", "user-service:"),
         )
@@ -107,6 +114,9 @@ class Settings:
         # the rest: writes must leave at least a few.
         if not 1 <= self.db_write_slots <= self.db_pool_size - 3:
             raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 3")
+        # A negative one would delete families that can still be refreshed.
+        if self.tokens.refresh_retention < 0:
+            raise SettingsError("REFRESH_TOKEN_RETENTION_SECONDS must not be negative")
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
