@@ -12,6 +12,8 @@ so the stack can never be started here. Instead:
   images, mounted files, the env-var contract, Dockerfile shape) are asserted
   on the raw YAML/Dockerfile text (test_compose_conventions.py,
   test_dockerfiles.py).
+* The wheels the images install are built with pip, offline, and checked for
+  the migrations the services apply (test_wheels.py).
 """
 
 from __future__ import annotations

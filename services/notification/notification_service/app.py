@@ -21,7 +21,8 @@ from .routes import setup_routes
 from .settings import Settings
 from .workers import consumer_ctx, delivery_ctx, scheduler_ctx
 
-MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations",)
+# Inside the package, so that they ship in the wheel the images install.
+MIGRATIONS = (Path(__file__).resolve().parent / "migrations",)
 
 
 def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> web.Application:

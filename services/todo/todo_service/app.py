@@ -26,7 +26,8 @@ from .routes import setup_routes
 from .settings import Settings
 from .todos import Todos
 
-MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations", OUTBOX_MIGRATIONS)
+# Inside the package, so that they ship in the wheel the images install.
+MIGRATIONS = (Path(__file__).resolve().parent / "migrations", OUTBOX_MIGRATIONS)
 
 
 def todos_ctx(owners: OwnerLookup | None):  # type: ignore[no-untyped-def]

@@ -23,7 +23,8 @@ from .refresh_tokens import prune_families
 from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
 
-MIGRATIONS = (Path(__file__).resolve().parent.parent / "migrations", OUTBOX_MIGRATIONS)
+# Inside the package, so that they ship in the wheel the images install.
+MIGRATIONS = (Path(__file__).resolve().parent / "migrations", OUTBOX_MIGRATIONS)
 
 
 def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, register: bool = True) -> web.Application:
