@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
@@ -40,6 +41,18 @@ class Proc:
     cwd: Path | None = None
 
 
+class _RunAs(TypedDict, total=False):
+    """The Popen arguments that run a child as another user (empty: as we are)."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def _run_as(entry: pwd.struct_passwd) -> _RunAs:
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def pid_dir(run_dir: Path) -> Path:
     return run_dir / "pids"
 
@@ -53,10 +66,10 @@ def start(run_dir: Path, proc: Proc) -> int:
     pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
     env = {**os.environ, **proc.env}
-    kwargs: dict[str, object] = {}
+    run_as: _RunAs = {}
     if proc.user is not None and os.geteuid() == 0:
         entry = pwd.getpwnam(proc.user)
-        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        run_as = _run_as(entry)
         env["HOME"] = str(proc.env.get("HOME", entry.pw_dir))
         env["USER"] = env["LOGNAME"] = proc.user
     child = subprocess.Popen(
@@ -67,7 +80,7 @@ def start(run_dir: Path, proc: Proc) -> int:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        **kwargs,  # type: ignore[arg-type]
+        **run_as,
     )
     log.close()
     _started[child.pid] = child
@@ -221,10 +234,9 @@ def wait_until(check: Callable[[], object], *, timeout: float, what: str, interv
 def run_checked(
     argv: Sequence[str], *, env: Mapping[str, str] | None = None, user: str | None = None, timeout: float = 60
 ) -> str:
-    kwargs: dict[str, object] = {}
+    run_as: _RunAs = {}
     if user is not None and os.geteuid() == 0:
-        entry = pwd.getpwnam(user)
-        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        run_as = _run_as(pwd.getpwnam(user))
     result = subprocess.run(
         list(argv),
         env={**os.environ, **(env or {})},
@@ -232,7 +244,7 @@ def run_checked(
         text=True,
         timeout=timeout,
         cwd="/",
-        **kwargs,  # type: ignore[arg-type]
+        **run_as,
     )
     if result.returncode != 0:
         raise StackError(f"{argv[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")

@@ -7,6 +7,7 @@ import signal
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from . import components as c
 from .config import CONSUL_NAMES, SERVICES, StackConfig
@@ -21,17 +22,22 @@ def get_json(url: str, timeout: float = 2.0) -> object:
         return json.load(resp)
 
 
-def passing(cfg: StackConfig, consul_name: str) -> list[dict]:  # type: ignore[type-arg]
-    entries = get_json(f"{cfg.consul_url}/v1/health/service/{consul_name}?passing")
+def service_health(cfg: StackConfig, consul_name: str, query: str = "") -> list[dict[str, Any]]:
+    """Consul's health entries for a service: one per instance, with its node, service and checks."""
+    entries = get_json(f"{cfg.consul_url}/v1/health/service/{consul_name}{query}")
     assert isinstance(entries, list)
     return entries
+
+
+def passing(cfg: StackConfig, consul_name: str) -> list[dict[str, Any]]:
+    return service_health(cfg, consul_name, "?passing")
 
 
 def health(cfg: StackConfig) -> dict[str, str]:
     """Every registered instance of our services, and its aggregate check status."""
     statuses = {}
     for name in ("gateway", *CONSUL_NAMES.values()):
-        for entry in get_json(f"{cfg.consul_url}/v1/health/service/{name}"):  # type: ignore[union-attr]
+        for entry in service_health(cfg, name):
             passing = all(check["Status"] == "passing" for check in entry["Checks"])
             statuses[entry["Service"]["ID"]] = "passing" if passing else "critical"
     return statuses
