@@ -16,19 +16,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection, FieldValue
 from aiohttp import web
 from yarl import URL
 
+from .app import CleanupCtx
 from .health import SERVICE, add_health_check
 
 AMQP = web.AppKey("mesh.amqp", AbstractRobustConnection)
 
 
-def amqp_ctx(url: str, *, wait_for_broker: bool = True):  # type: ignore[no-untyped-def]
+def amqp_ctx(url: str, *, wait_for_broker: bool = True) -> CleanupCtx:
     @asynccontextmanager
     async def open_amqp(app: web.Application) -> AsyncIterator[None]:
-        properties = {"connection_name": app[SERVICE].instance_id}
+        properties: dict[str, FieldValue] = {"connection_name": app[SERVICE].instance_id}
         connecting = None
         if wait_for_broker:
             connection = await aio_pika.connect_robust(url, client_properties=properties)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .health import setup_health
 from .problems import Handler, problem_middleware
@@ -16,11 +17,14 @@ from .settings import ServiceSettings
 
 DEFAULT_MAX_BODY = 64 * 1024
 
+# What goes in ``app.cleanup_ctx``: set up on startup, torn down on cleanup.
+CleanupCtx = Callable[[web.Application], AbstractAsyncContextManager[None]]
+
 
 def service_app(
     service: ServiceSettings,
     *,
-    middlewares: Iterable[web.middleware] = (),
+    middlewares: Iterable[Middleware] = (),
     client_max_size: int = DEFAULT_MAX_BODY,
 ) -> web.Application:
     """A new app with request ids, problem+json errors and health routes.
@@ -42,7 +46,7 @@ class Worker(Protocol):
         """Make ``run`` return soon, after the unit of work in hand."""
 
 
-def worker_ctx(name: str, make: Callable[[web.Application], Worker]):  # type: ignore[no-untyped-def]
+def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupCtx:
     """Run ``make(app).run()`` as a task for the app's lifetime.
 
     On shutdown the worker is told to stop, and also cancelled: cancelling
@@ -65,4 +69,4 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]):  # type: i
     return run_worker
 
 
-__all__ = ["DEFAULT_MAX_BODY", "Handler", "Worker", "service_app", "worker_ctx"]
+__all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "service_app", "worker_ctx"]

@@ -23,7 +23,9 @@ from typing import Any
 import jwt
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from .app import CleanupCtx
 from .http import SERVICE_CLIENT
 from .problems import Handler, Unauthorized
 
@@ -202,7 +204,7 @@ async def authenticate(request: web.Request) -> Principal:
     return principal
 
 
-def auth_middleware(public: Collection[tuple[str, str]] = ()):  # type: ignore[no-untyped-def]
+def auth_middleware(public: Collection[tuple[str, str]] = ()) -> Middleware:
     """Require a valid access token on every route but health, docs and ``public``.
 
     ``public`` holds (method, route name) pairs, so that the list survives
@@ -220,7 +222,7 @@ def auth_middleware(public: Collection[tuple[str, str]] = ()):  # type: ignore[n
     return require_token
 
 
-def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service"):  # type: ignore[no-untyped-def]
+def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service") -> CleanupCtx:
     """A cleanup context with a verifier that fetches the JWKS through Consul.
 
     Needs ``watch_services_ctx(service)`` and ``http_session_ctx`` before it.
@@ -233,7 +235,8 @@ def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service"):  # t
         client = app[SERVICE_CLIENT]
 
         async def fetch() -> dict[str, Any]:
-            return await client.get_json(service, "/.well-known/jwks.json")  # type: ignore[no-any-return]
+            jwks: dict[str, Any] = await client.get_json(service, "/.well-known/jwks.json")
+            return jwks
 
         app[VERIFIER] = JwksVerifier(fetch, issuer=issuer, audience=audience)
         yield

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from .app import CleanupCtx
 from .health import SERVICE
 from .settings import ServiceSettings
 
@@ -32,7 +33,7 @@ def consul_client(url: str) -> consul.aio.Consul:
         return consul.aio.Consul(host=parsed.host, port=parsed.port, scheme=parsed.scheme, verify=False)
 
 
-def consul_ctx(url: str):  # type: ignore[no-untyped-def]
+def consul_ctx(url: str) -> CleanupCtx:
     """A cleanup context holding the app's one Consul client."""
 
     @asynccontextmanager
@@ -95,7 +96,7 @@ class Registration:
 REGISTRATION = web.AppKey("mesh.registration", Registration)
 
 
-def registration_ctx(tags: list[str] | None = None):  # type: ignore[no-untyped-def]
+def registration_ctx(tags: list[str] | None = None) -> CleanupCtx:
     """A cleanup context that registers the instance: add it **last**.
 
     Registering last means every dependency is ready before traffic arrives;

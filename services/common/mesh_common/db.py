@@ -26,6 +26,7 @@ import aiopg
 import structlog
 from aiohttp import web
 
+from .app import CleanupCtx
 from .health import add_health_check
 
 DB = web.AppKey("mesh.db", aiopg.Pool)
@@ -78,7 +79,7 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
     return applied_now
 
 
-def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10):  # type: ignore[no-untyped-def]
+def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10) -> CleanupCtx:
     @asynccontextmanager
     async def open_database(app: web.Application) -> AsyncIterator[None]:
         async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=10) as pool:

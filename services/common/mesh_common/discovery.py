@@ -14,11 +14,13 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import consul.aio
 import structlog
 from aiohttp import web
 
+from .app import CleanupCtx
 from .consul import CONSUL
 
 log = structlog.get_logger()
@@ -93,7 +95,7 @@ class ServiceWatch:
                 continue  # the wait timed out with no change
             self._update(index, entries)
 
-    def _update(self, index: str, entries: list[dict]) -> None:  # type: ignore[type-arg]
+    def _update(self, index: str, entries: list[dict[str, Any]]) -> None:
         instances = tuple(
             sorted(
                 (
@@ -120,7 +122,7 @@ class ServiceWatch:
 WATCHES = web.AppKey("mesh.watches", dict[str, ServiceWatch])
 
 
-def watch_services_ctx(*services: str):  # type: ignore[no-untyped-def]
+def watch_services_ctx(*services: str) -> CleanupCtx:
     """A cleanup context that keeps one watch per upstream service."""
 
     @asynccontextmanager

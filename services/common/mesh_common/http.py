@@ -16,6 +16,7 @@ import aiohttp
 import backoff
 from aiohttp import web
 
+from .app import CleanupCtx
 from .discovery import WATCHES, NoInstances
 from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -105,7 +106,7 @@ class ServiceClient:
 SERVICE_CLIENT = web.AppKey("mesh.service_client", ServiceClient)
 
 
-def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100):  # type: ignore[no-untyped-def]
+def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100) -> CleanupCtx:
     """One ClientSession per app, with keep-alive, and a client for services."""
 
     @asynccontextmanager
@@ -118,7 +119,9 @@ def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100):  # type: i
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=jar) as session:
             app[HTTP_SESSION] = session
             if WATCHES in app:
-                app[SERVICE_CLIENT] = ServiceClient(session, app[WATCHES])
+                # Bound first: as an argument, mypy would want the key typed as the parameter (a Mapping).
+                watches = app[WATCHES]
+                app[SERVICE_CLIENT] = ServiceClient(session, watches)
             yield
 
     return open_http_session

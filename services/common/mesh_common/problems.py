@@ -49,9 +49,15 @@ def problem(status: int, code: str, title: str) -> type[Problem]:
     return type(code.title().replace("_", ""), (Problem,), {"status": status, "code": code, "title": title})
 
 
+class Unauthorized(Problem):
+    # A class statement, not ``problem()``: other problems (InvalidToken) extend it.
+    status = 401
+    code = "UNAUTHORIZED"
+    title = "Authentication required"
+
+
 NotFound = problem(404, "NOT_FOUND", "Not found")
 MethodNotAllowed = problem(405, "METHOD_NOT_ALLOWED", "Method not allowed")
-Unauthorized = problem(401, "UNAUTHORIZED", "Authentication required")
 Forbidden = problem(403, "FORBIDDEN", "Forbidden")
 Conflict = problem(409, "CONFLICT", "Conflict")
 PayloadTooLarge = problem(413, "PAYLOAD_TOO_LARGE", "Request body too large")

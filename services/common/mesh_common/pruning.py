@@ -27,7 +27,7 @@ from typing import Any
 import aiopg
 import structlog
 
-from .app import worker_ctx
+from .app import CleanupCtx, worker_ctx
 from .db import DB
 from .settings import SettingsError, env_float, env_int
 from .transactions import transaction
@@ -156,6 +156,6 @@ class Pruner:
                 await self.run_round()
 
 
-def prune_ctx(settings: PruneSettings, jobs: Sequence[PruneJob]):  # type: ignore[no-untyped-def]
+def prune_ctx(settings: PruneSettings, jobs: Sequence[PruneJob]) -> CleanupCtx:
     """Prune for the app's lifetime. Needs the database context first."""
     return worker_ctx("prune", lambda app: Pruner(app[DB], jobs, settings))

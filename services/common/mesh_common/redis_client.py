@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .app import CleanupCtx
 from .health import add_health_check
 
 REDIS = web.AppKey("mesh.redis", aioredis.Redis)
 
 
-def redis_ctx(url: str, *, health: bool = True):  # type: ignore[no-untyped-def]
+def redis_ctx(url: str, *, health: bool = True) -> CleanupCtx:
     @asynccontextmanager
     async def open_redis(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)

@@ -21,7 +21,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from .amqp import AMQP
-from .app import worker_ctx
+from .app import CleanupCtx, worker_ctx
 from .db import DB
 from .events import EVENTS_EXCHANGE
 from .outbox import NOTIFY_CHANNEL
@@ -170,7 +170,7 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
 
 
-def outbox_relay_ctx(*, crash_before_publish: bool = False):  # type: ignore[no-untyped-def]
+def outbox_relay_ctx(*, crash_before_publish: bool = False) -> CleanupCtx:
     """Run the relay for the app's lifetime. Needs the database and AMQP contexts first."""
     return worker_ctx(
         "outbox-relay", lambda app: OutboxRelay(app[DB], app[AMQP], crash_before_publish=crash_before_publish)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import time
 from contextlib import AbstractContextManager, nullcontext
+from types import TracebackType
+from typing import Protocol
 
 from circuitbreaker import CircuitBreaker
 
@@ -19,6 +21,25 @@ from .discovery import Instance, NoInstances, ServiceWatch
 
 class UpstreamFailure(Exception):
     """The upstream did not give a usable answer: refused, timed out, or 5xx."""
+
+
+class _Breaker(Protocol):
+    """What the board uses of circuitbreaker's ``CircuitBreaker``, which has no type hints."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def failure_count(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def opened(self) -> bool: ...
+    @property
+    def open_remaining(self) -> int: ...
+    def __enter__(self) -> None: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool: ...
 
 
 class BreakerBoard:
@@ -30,7 +51,7 @@ class BreakerBoard:
         self._threshold = failure_threshold
         self._recovery = recovery_timeout
         self._enabled = enabled
-        self._breakers: dict[str, CircuitBreaker] = {}
+        self._breakers: dict[str, _Breaker] = {}
 
     def breaker(self, instance_id: str) -> AbstractContextManager[object]:
         if not self._enabled:

@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mesh_common.amqp import amqp_ctx
-from mesh_common.app import service_app
+from mesh_common.app import CleanupCtx, service_app
 from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> w
     return app
 
 
-def given_verifier_ctx(verifier: JwksVerifier):  # type: ignore[no-untyped-def]
+def given_verifier_ctx(verifier: JwksVerifier) -> CleanupCtx:
     @asynccontextmanager
     async def use_verifier(app: web.Application) -> AsyncIterator[None]:
         app[VERIFIER] = verifier

@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mesh_common.amqp import amqp_ctx
-from mesh_common.app import service_app
+from mesh_common.app import CleanupCtx, service_app
 from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import DB, database_ctx
@@ -30,7 +30,7 @@ from .todos import Todos
 MIGRATIONS = (Path(__file__).resolve().parent / "migrations", OUTBOX_MIGRATIONS)
 
 
-def todos_ctx(owners: OwnerLookup | None):  # type: ignore[no-untyped-def]
+def todos_ctx(owners: OwnerLookup | None) -> CleanupCtx:
     @asynccontextmanager
     async def open_todos(app: web.Application) -> AsyncIterator[None]:
         app[TODOS] = Todos(app[DB])

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from mesh_common.app import CleanupCtx
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
 from mesh_common.redis_client import REDIS
@@ -50,7 +51,7 @@ async def open_login_throttle(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def signing_keys_ctx(verifier: JwksVerifier | None = None):  # type: ignore[no-untyped-def]
+def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
     """Signing keys from the database, and the verifier every request goes through.
 
     The verifier is mesh_common's, like in every other service; only its
