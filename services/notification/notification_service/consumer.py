@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from datetime import datetime
 from typing import Protocol
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection, HeadersType
 
 from mesh_common.events import Event
 
@@ -154,7 +155,7 @@ class EventConsumer:
         self.settled["dead_lettered"] += 1
 
     async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
-        attempt = int((message.headers or {}).get(RETRIES_HEADER, 0) or 0) + 1
+        attempt = _count(message, RETRIES_HEADER) + 1
         if attempt > self._retry_limit:
             await self._dead_letter(message, exc)
             return
@@ -175,11 +176,11 @@ async def _existing_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
         raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
 
 
-def republishable(message: AbstractIncomingMessage, headers: dict[str, object]) -> aio_pika.Message:
+def republishable(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
     """A persistent copy of ``message`` with ``headers``, to publish again."""
     return aio_pika.Message(
         message.body,
-        headers=headers,  # type: ignore[arg-type]
+        headers=headers,
         content_type=message.content_type,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
@@ -196,4 +197,12 @@ def _retry_copy(message: AbstractIncomingMessage, attempt: int) -> aio_pika.Mess
 
 
 def _deliveries(message: AbstractIncomingMessage) -> int:
-    return int((message.headers or {}).get(DELIVERY_COUNT_HEADER, 0) or 0) + 1
+    return _count(message, DELIVERY_COUNT_HEADER) + 1
+
+
+def _count(message: AbstractIncomingMessage, header: str) -> int:
+    """A count kept in a header, ours or the broker's; 0 when it is absent."""
+    value = (message.headers or {}).get(header) or 0
+    if isinstance(value, list | dict | datetime):  # what ``int()`` would refuse too
+        raise TypeError(f"header {header} holds a {type(value).__name__}, not a count")
+    return int(value)

@@ -56,7 +56,7 @@ async def list_dead_letters(amqp_url: str, topology: Topology, *, limit: int) ->
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(topology.dead_letters, ensure=True)
-        letters = []
+        letters: list[DeadLetter] = []
         # Fetched without ack: closing the channel puts them all back.
         while len(letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
             letters.append(describe(message))
@@ -74,7 +74,7 @@ async def replay_dead_letters(
         # Only what is there now: a replayed event that dies again must not
         # be picked up by this same run.
         waiting = queue.declaration_result.message_count or 0
-        replayed = []
+        replayed: list[DeadLetter] = []
         for _ in range(waiting):
             if len(replayed) >= limit:
                 break

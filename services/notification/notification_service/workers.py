@@ -33,10 +33,12 @@ SCHEDULER_STOP_TIMEOUT = 10.0
 async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     """The notifier (SMTP, user lookups, idempotency) and the scheduler, not yet running."""
     settings = app[SETTINGS]
+    # Bound first: as an argument, mypy would want the key typed as the parameter (a Mapping).
+    watches = app[WATCHES]
     tokens = ServiceTokens(
         app[HTTP_SESSION],
         app[SERVICE_CLIENT],
-        app[WATCHES],
+        watches,
         service=settings.user_service,
         client_id=settings.client_id,
         client_secret=settings.client_secret,
