@@ -63,7 +63,7 @@ class _Attempt(UpstreamFailure):
     It is an ``UpstreamFailure``, so raising it inside the breaker counts.
     """
 
-    def __init__(self, problem_: Exception | None = None, *, sent: bool, response: web.Response | None = None):
+    def __init__(self, problem_: Exception | None = None, *, sent: bool, response: web.StreamResponse | None = None):
         super().__init__()
         self.problem = problem_
         self.sent = sent

@@ -122,7 +122,7 @@ class RedisScript:
             # and that call must start a connection of its own.
             self._fail(failed)
             return
-        self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
+        self._transport, self._protocol = transport, protocol
         # Set-up goes first on the wire; its answers are checked like any other.
         setup = []
         if options.get("password"):
