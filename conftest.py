@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
-from devstack.config import StackConfig  # noqa: E402
-from devstack.stack import up_infra  # noqa: E402
+from devstack.config import StackConfig
+from devstack.stack import up_infra
 
 
 @pytest.fixture(scope="session")
