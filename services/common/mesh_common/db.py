@@ -36,6 +36,11 @@ _LOCK_ID = 0x70D0_3E54  # any constant: one migrator per database at a time
 
 
 def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
+    # A missing folder would otherwise read as "no migrations": the service
+    # would start on a database without its tables, as it once did from a
+    # wheel that left its SQL behind.
+    if missing := [str(directory) for directory in directories if not directory.is_dir()]:
+        raise RuntimeError(f"migration folders not found: {missing}")
     found = [(p.stem, p.read_text()) for directory in directories for p in sorted(directory.glob("*.sql"))]
     versions = [version for version, _ in found]
     if shared := sorted({version for version in versions if versions.count(version) > 1}):

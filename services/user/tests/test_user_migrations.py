@@ -1,4 +1,4 @@
-"""Migrations: the outbox, once the user-service's own 0004_outbox, now mesh_common's shared set."""
+"""Migrations: the outbox, once the user-service's own 0004_outbox, now mesh_common's shared set; missing folders."""
 
 from __future__ import annotations
 
@@ -67,3 +67,11 @@ async def test_a_version_in_two_directories_is_refused(scratch: aiopg.Pool, tmp_
 
     with pytest.raises(RuntimeError, match="outbox_0001_table"):
         await migrate(scratch, [tmp_path, OUTBOX_MIGRATIONS])
+
+
+async def test_a_missing_migration_folder_is_refused_before_anything_runs(scratch: aiopg.Pool, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not found"):
+        await migrate(scratch, [tmp_path / "migrations", OUTBOX_MIGRATIONS])
+    async with scratch.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM schema_migrations")
+        assert await cur.fetchone() == (0,)
