@@ -97,6 +97,7 @@ class ServiceProcess:
         self._env = env
         self.log: list[dict[str, Any]] = []
         self._logged = asyncio.Condition()
+        self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
@@ -110,7 +111,7 @@ class ServiceProcess:
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        assert self.process.stderr is not None
+        assert self.process is not None and self.process.stderr is not None
         async for line in self.process.stderr:
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
@@ -124,18 +125,21 @@ class ServiceProcess:
         return next(e for e in self.log if e.get("event") == event)
 
     async def exit_code(self, within: float = 30.0) -> int:
+        assert self.process is not None
         async with asyncio.timeout(within):
             code = await self.process.wait()
         await self._reader
         return code
 
     async def stop(self) -> int:
+        assert self.process is not None
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
         return await self.exit_code()
 
     async def kill(self) -> None:
-        if self.process.returncode is None:
+        # Also called from a finally: a process that never started is fine.
+        if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
 
