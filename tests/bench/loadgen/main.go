@@ -6,6 +6,14 @@
 // fixed rate must be measured from when each request was due, which is what
 // this does. Why not Python: at a thousand requests a second the client's own
 // event loop would be the bottleneck it is meant to measure around.
+//
+// The first -warmup of requests is sent at the same rate but not recorded:
+// until then the client is still opening connections and the server is still
+// warming them, which is start-up, not the steady state being measured.
+// Connections are capped (-conns) like any real client pool: in a stall, a
+// request waits for a free connection (and its wait counts) instead of
+// opening yet another one, which would add accept() work to the stalled
+// server.
 package main
 
 import (
@@ -30,6 +38,8 @@ func main() {
 	url := flag.String("url", "", "target URL")
 	rate := flag.Float64("rate", 100, "requests per second")
 	duration := flag.Duration("duration", 5*time.Second, "how long to send")
+	warmup := flag.Duration("warmup", time.Second, "how long to send first, at the same rate, without recording")
+	conns := flag.Int("conns", 64, "most connections open at once; more requests wait for one")
 	var extra headers
 	flag.Var(&extra, "H", "header 'Name: value' (repeatable)")
 	flag.Parse()
@@ -40,9 +50,10 @@ func main() {
 
 	client := &http.Client{
 		Timeout:   10 * time.Second,
-		Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024, IdleConnTimeout: 30 * time.Second},
+		Transport: &http.Transport{MaxConnsPerHost: *conns, MaxIdleConnsPerHost: *conns, IdleConnTimeout: 30 * time.Second},
 	}
-	count := int(*rate * duration.Seconds())
+	skip := int(*rate * warmup.Seconds())
+	count := skip + int(*rate*duration.Seconds())
 	latencies := make([]time.Duration, 0, count)
 	errors := 0
 	var mu sync.Mutex
@@ -53,24 +64,24 @@ func main() {
 		due := start.Add(time.Duration(i) * interval)
 		time.Sleep(time.Until(due))
 		wg.Add(1)
-		go func(due time.Time) {
+		go func(i int, due time.Time) {
 			defer wg.Done()
 			ok := send(client, *url, extra)
 			elapsed := time.Since(due)
 			mu.Lock()
 			defer mu.Unlock()
-			if ok {
+			if !ok {
+				errors++ // in the warm-up too: any error fails the run
+			} else if i >= skip {
 				latencies = append(latencies, elapsed)
-			} else {
-				errors++
 			}
-		}(due)
+		}(i, due)
 	}
 	wg.Wait()
 
 	sort.Slice(latencies, func(a, b int) bool { return latencies[a] < latencies[b] })
 	json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"sent": count, "errors": errors,
+		"recorded": count - skip, "errors": errors,
 		"p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
 	})
 	if errors > 0 {
