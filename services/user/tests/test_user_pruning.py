@@ -15,6 +15,7 @@ import pytest
 from mesh_common.pruning import DAY, Pruned, PruneSettings, prune, prune_batch
 from user_service.app import create_app
 from user_service.refresh_tokens import RefreshTokenRejected, issue, prune_families, rotate
+from user_service.settings import TokenPolicy
 
 HOUR = 3600
 
@@ -44,7 +45,9 @@ async def add_family(db: aiopg.Pool, user_id: str, expires_in: Sequence[int]) ->
     parent_id = None
     async with db.acquire() as conn, conn.cursor() as cur:
         for seconds in expires_in:
-            token = await issue(cur, user_id, seconds, family_id=family.id, parent_id=parent_id)
+            token = await issue(
+                cur, user_id, TokenPolicy(refresh_ttl=seconds), family_id=family.id, parent_id=parent_id
+            )
             await cur.execute(
                 "SELECT id FROM refresh_tokens WHERE token_hash = %s", (hashlib.sha256(token.encode()).digest(),)
             )
@@ -82,9 +85,9 @@ async def test_a_live_family_keeps_its_expired_spent_tokens_so_their_reuse_still
 
     assert (await prune(db, prune_families(DAY), batch_size=100)).rows == 0
     with pytest.raises(RefreshTokenRejected, match="reused"):
-        await rotate(db, stolen, DAY)
+        await rotate(db, stolen, TokenPolicy(refresh_ttl=DAY))
     with pytest.raises(RefreshTokenRejected, match="revoked"):
-        await rotate(db, current, DAY)
+        await rotate(db, current, TokenPolicy(refresh_ttl=DAY))
 
 
 async def test_a_batch_deletes_no_more_than_its_limit_even_along_a_family_chain(db: aiopg.Pool) -> None:
@@ -98,6 +101,29 @@ async def test_a_batch_deletes_no_more_than_its_limit_even_along_a_family_chain(
     assert await families(db) == {chain.id: 3}
     assert await prune(db, job, batch_size=2) == Pruned(rows=3, batches=2, skipped=False)
     assert await families(db) == {}
+
+
+async def test_a_batch_deletes_no_more_than_its_limit_when_a_chain_ends_with_its_session(db: aiopg.Pool) -> None:
+    user = await add_user(db)
+    chain = await add_family(db, user, [-9 * DAY, -8 * DAY, -7 * DAY, -6 * DAY, -5 * DAY])
+    # Refreshed within its session's last TTL, every token of a family
+    # expires when the session ends: one expires_at for all. Rewritten one
+    # by one, the root last, so that the table's physical order is not the
+    # chain's and cannot break the tie by luck.
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT now() - interval '5 days'")
+        (ended,) = await cur.fetchone()
+        await cur.execute("SELECT id FROM refresh_tokens WHERE family_id = %s ORDER BY created_at DESC", (chain.id,))
+        for (token_id,) in await cur.fetchall():
+            await cur.execute(
+                "UPDATE refresh_tokens SET expires_at = %s, session_expires_at = %s WHERE id = %s",
+                (ended, ended, token_id),
+            )
+    job = prune_families(DAY)
+
+    assert await prune_batch(db, job, 2) == 2
+    assert await families(db) == {chain.id: 3}
+    assert await prune(db, job, batch_size=2) == Pruned(rows=3, batches=2, skipped=False)
 
 
 async def test_the_service_prunes_tokens_and_events_every_interval(

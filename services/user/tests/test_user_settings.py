@@ -76,3 +76,21 @@ def test_pruning_defaults_and_overrides_come_from_the_environment() -> None:
 def test_retention_that_would_delete_live_rows_or_never_run_is_refused(unsafe: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match=next(iter(unsafe))):
         Settings.from_env({**ENV, **unsafe})
+
+
+def test_a_refresh_session_lasts_30_days_at_most_unless_told_otherwise() -> None:
+    assert Settings.from_env(ENV).tokens.refresh_session_max == 30 * 86400
+    tuned = Settings.from_env({**ENV, "REFRESH_TOKEN_TTL": "3600", "REFRESH_SESSION_MAX_SECONDS": "3600"})
+    assert (tuned.tokens.refresh_ttl, tuned.tokens.refresh_session_max) == (3600, 3600)
+
+
+@pytest.mark.parametrize(
+    "shorter",
+    [
+        {"REFRESH_TOKEN_TTL": "3600", "REFRESH_SESSION_MAX_SECONDS": "3599"},
+        {"REFRESH_TOKEN_TTL": str(31 * 86400)},  # the default maximum is 30 days
+    ],
+)
+def test_a_refresh_session_shorter_than_one_refresh_token_is_refused(shorter: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="REFRESH_SESSION_MAX_SECONDS must be at least REFRESH_TOKEN_TTL"):
+        Settings.from_env({**ENV, **shorter})

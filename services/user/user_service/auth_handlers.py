@@ -2,7 +2,8 @@
 
 Every refusal here is one body per kind, whatever the reason behind it: an
 unknown user and a wrong password are the same 401, and so are an unknown,
-expired, spent or revoked refresh token. The reason goes to the log only.
+expired, spent or revoked refresh token, or one whose session ended. The
+reason goes to the log only.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ async def log_in(request: web.Request) -> web.Response:
     async with request.app[PASSWORD_SLOTS]:
         user_id = await _authenticate(request.app, login, password)
     async with request.app[WRITE_SLOTS]:
-        refresh = await refresh_tokens.start_family(request.app[DB], user_id, request.app[SETTINGS].tokens.refresh_ttl)
+        refresh = await refresh_tokens.start_family(request.app[DB], user_id, request.app[SETTINGS].tokens)
     log.info("login_succeeded", user_id=user_id)
     return _token_pair(request, user_id, refresh)
 
@@ -85,7 +86,7 @@ async def refresh_session(request: web.Request) -> web.Response:
     token = validation.refresh_token(await read_json_object(request))
     try:
         async with request.app[WRITE_SLOTS]:
-            rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens.refresh_ttl)
+            rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens)
     except refresh_tokens.RefreshTokenRejected as exc:
         log.info("refresh_rejected", reason=exc.reason)
         raise InvalidRefreshToken() from None

@@ -86,7 +86,11 @@ SCHEMAS: dict[str, Any] = {
             "access_token": {"type": "string", "description": "An EdDSA JWT (typ at+jwt)"},
             "token_type": {"const": "Bearer"},
             "expires_in": {"type": "integer", "description": "Seconds"},
-            "refresh_token": {"type": "string", "description": "Opaque; single use"},
+            "refresh_token": {
+                "type": "string",
+                "description": "Opaque; single use. Lives REFRESH_TOKEN_TTL (14 days), never past the session's end:"
+                " REFRESH_SESSION_MAX_SECONDS (30 days) after the login, however often it is refreshed",
+            },
         }
     ),
     "ServiceToken": _object(
@@ -184,7 +188,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("RefreshRequest"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
-                "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked"),
+                "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"),
                 "422": _INVALID,
             },
         }

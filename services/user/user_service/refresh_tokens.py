@@ -6,6 +6,13 @@ that someone kept a copy (the thief or the victim, we cannot tell), so the
 whole family is revoked and both have to log in again (OAuth 2.0 Security
 BCP, section 4.14).
 
+A family also has an absolute end, ``refresh_session_max`` after its login:
+each token carries it (``session_expires_at``, copied from its parent) and
+expires no later than it, so a session refreshed for ever, or stolen and
+rotated by the thief, still ends. A family from before that column has
+none until its next rotation, which gives it now + the maximum (see the
+migration ``0006_refresh_token_session_end``).
+
 A family is deleted whole (``prune_families``), once its last token expired.
 """
 
@@ -22,6 +29,8 @@ import structlog
 
 from mesh_common.pruning import PruneJob
 from mesh_common.transactions import transaction
+
+from .settings import TokenPolicy
 
 log = structlog.get_logger()
 
@@ -44,20 +53,36 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def issue(cur: Any, user_id: str, ttl: int, *, family_id: str | None = None, parent_id: str | None = None) -> str:
-    """A new refresh token for ``user_id``: a new family unless ``family_id`` is given."""
+async def issue(
+    cur: Any, user_id: str, policy: TokenPolicy, *, family_id: str | None = None, parent_id: str | None = None
+) -> str:
+    """A new refresh token for ``user_id``: a new family unless ``family_id`` is given.
+
+    It ends with its parent's session, or (a root, or the child of a token
+    from before session ends were stored) one starting now.
+    """
     token = secrets.token_urlsafe(32)
     await cur.execute(
-        "INSERT INTO refresh_tokens (token_hash, user_id, family_id, parent_id, expires_at)"
-        " VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
-        (_digest(token), user_id, family_id or str(uuid.uuid4()), parent_id, ttl),
+        "INSERT INTO refresh_tokens (token_hash, user_id, family_id, parent_id, session_expires_at, expires_at)"
+        " SELECT %(hash)s, %(user)s::uuid, %(family)s::uuid, %(parent)s::uuid, session.ends,"
+        " LEAST(now() + make_interval(secs => %(ttl)s), session.ends)"
+        " FROM (SELECT COALESCE((SELECT session_expires_at FROM refresh_tokens WHERE id = %(parent)s::uuid),"
+        " now() + make_interval(secs => %(max)s)) AS ends) AS session",
+        {
+            "hash": _digest(token),
+            "user": user_id,
+            "family": family_id or str(uuid.uuid4()),
+            "parent": parent_id,
+            "ttl": policy.refresh_ttl,
+            "max": policy.refresh_session_max,
+        },
     )
     return token
 
 
-async def start_family(pool: aiopg.Pool, user_id: str, ttl: int) -> str:
+async def start_family(pool: aiopg.Pool, user_id: str, policy: TokenPolicy) -> str:
     async with pool.acquire() as conn, conn.cursor() as cur:
-        return await issue(cur, user_id, ttl)
+        return await issue(cur, user_id, policy)
 
 
 class _Stored(NamedTuple):
@@ -67,6 +92,7 @@ class _Stored(NamedTuple):
     spent: bool
     revoked: bool
     expired: bool
+    session_ended: bool
 
     @property
     def rejection(self) -> str | None:
@@ -74,19 +100,24 @@ class _Stored(NamedTuple):
             return "revoked"
         if self.spent:
             return "reused"
+        # A token never outlives its session, so an ended session is also an
+        # expired token; the log tells the two apart, the client cannot.
+        if self.session_ended:
+            return "session_expired"
         if self.expired:
             return "expired"
         return None
 
 
-async def rotate(pool: aiopg.Pool, token: str, ttl: int) -> Rotated:
+async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
     """Spend ``token`` and return its child, or raise ``RefreshTokenRejected``."""
     async with transaction(pool) as cur:
         # FOR UPDATE: two refreshes with the same token run one after the
         # other, and the second one finds it spent.
         await cur.execute(
             "SELECT id::text, user_id::text, family_id::text, spent_at IS NOT NULL, revoked_at IS NOT NULL,"
-            " expires_at <= now() FROM refresh_tokens WHERE token_hash = %s FOR UPDATE",
+            " expires_at <= now(), COALESCE(session_expires_at <= now(), false)"
+            " FROM refresh_tokens WHERE token_hash = %s FOR UPDATE",
             (_digest(token),),
         )
         row = await cur.fetchone()
@@ -94,7 +125,7 @@ async def rotate(pool: aiopg.Pool, token: str, ttl: int) -> Rotated:
         reason = stored.rejection if stored else "unknown"
         if stored and reason is None:
             await cur.execute("UPDATE refresh_tokens SET spent_at = now() WHERE id = %s", (stored.id,))
-            child = await issue(cur, stored.user_id, ttl, family_id=stored.family_id, parent_id=stored.id)
+            child = await issue(cur, stored.user_id, policy, family_id=stored.family_id, parent_id=stored.id)
             return Rotated(user_id=stored.user_id, refresh_token=child)
         if stored and reason == "reused":
             await _revoke(cur, stored.family_id)
@@ -125,9 +156,14 @@ def prune_families(retention: int) -> PruneJob:
     even after it expired (``_Stored.rejection``), so it is kept for as long
     as any token of its family can still be refreshed. Deleting a token also
     deletes its children (``parent_id ... ON DELETE CASCADE``); a child
-    expires after its parent, so the newest first puts every child of a row
-    in the row's batch, and a batch deletes no more than its limit (unless
-    REFRESH_TOKEN_TTL was lowered within a family's lifetime).
+    expires no earlier than its parent and is created after it, so the
+    newest first puts every child of a row in the row's batch, and a batch
+    deletes no more than its limit (unless REFRESH_TOKEN_TTL was lowered
+    within a family's lifetime). "Newest" needs both columns: the tokens
+    issued in a session's last REFRESH_TOKEN_TTL all expire when it ends.
+
+    A family ends at the latest with its session (``session_expires_at``),
+    so even one refreshed for ever is deleted ``retention`` seconds later.
     """
     return PruneJob(
         "refresh_tokens",
@@ -136,6 +172,6 @@ def prune_families(retention: int) -> PruneJob:
         " WHERE t.expires_at < now() - make_interval(secs => %(retention)s)"
         " AND NOT EXISTS (SELECT 1 FROM refresh_tokens live WHERE live.family_id = t.family_id"
         " AND live.expires_at >= now() - make_interval(secs => %(retention)s))"
-        " ORDER BY t.expires_at DESC LIMIT %(batch)s))",
+        " ORDER BY t.expires_at DESC, t.created_at DESC LIMIT %(batch)s))",
         {"retention": retention},
     )

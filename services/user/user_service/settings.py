@@ -41,6 +41,9 @@ class TokenPolicy:
     audience: str = "todo-mesh-api"
     access_ttl: int = 600
     refresh_ttl: int = 14 * 24 * 3600
+    # A family's absolute lifetime, from its login: however often it is
+    # refreshed, a session (and a stolen copy of it) ends after this.
+    refresh_session_max: int = 30 * DAY
     # How long a family is kept once its last token expired: nothing in it
     # works any more, but a reported reuse or logout can still be traced.
     refresh_retention: int = 7 * DAY
@@ -48,6 +51,14 @@ class TokenPolicy:
     # How often an instance re-reads the signing keys, so that a rotation
     # made by another instance (or the CLI) reaches it.
     key_refresh_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        # A shorter session would quietly make REFRESH_TOKEN_TTL a lie (every
+        # token would end with its session), and a family from before the
+        # session limit could get a child expiring before its parent, which
+        # pruning's batch bound relies on never happening (prune_families).
+        if self.refresh_session_max < self.refresh_ttl:
+            raise SettingsError("REFRESH_SESSION_MAX_SECONDS must be at least REFRESH_TOKEN_TTL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +100,7 @@ class Settings:
                 audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
                 access_ttl=env_int(env, "ACCESS_TOKEN_TTL", 600),
                 refresh_ttl=env_int(env, "REFRESH_TOKEN_TTL", 14 * 24 * 3600),
+                refresh_session_max=env_int(env, "REFRESH_SESSION_MAX_SECONDS", 30 * DAY),
                 refresh_retention=env_int(env, "REFRESH_TOKEN_RETENTION_SECONDS", 7 * DAY),
                 service_ttl=env_int(env, "SERVICE_TOKEN_TTL", 300),
                 key_refresh_interval=env_float(env, "SIGNING_KEY_REFRESH_SECONDS", 30.0),

@@ -1,0 +1,14 @@
+-- A family's absolute end (REFRESH_SESSION_MAX_SECONDS after its login),
+-- copied onto every token of the family: no token expires after it, so a
+-- family refreshed for ever still ends, and is then pruned.
+--
+-- Rows from before this column are left NULL, with no backfill: the next
+-- rotation of such a family caps it at now + the configured maximum
+-- (refresh_tokens.issue). Every old family is then bounded, at the latest
+-- by the upgrade + REFRESH_TOKEN_TTL + REFRESH_SESSION_MAX_SECONDS. A
+-- backfill would instead rewrite the whole table under lock at start-up,
+-- hard-code a maximum the setting may not agree with, and log out every
+-- session older than that at once.
+--
+-- A nullable column without a default only changes the catalog: no rewrite.
+ALTER TABLE refresh_tokens ADD COLUMN session_expires_at timestamptz;
