@@ -8,7 +8,8 @@ measures from this process:
 
 1. calm:  GET /users/me at READ_RATE per second;
 2. storm: the same, while STORMERS clients log in back to back (argon2id with
-   the production parameters, every one a correct password);
+   the production parameters, every one a correct password), from a second
+   process so that they do not share the reads' event loop;
 
 in ROUNDS alternating slices of SLICE seconds each.
 
@@ -131,18 +132,67 @@ async def log_in_repeatedly(session: aiohttp.ClientSession, name: str, until: fl
         count.append(1)
 
 
+class Storm:
+    """The logins, from a process of their own.
+
+    Sharing this process's event loop, 32 clients' logins would delay the
+    reads' own callbacks: the client's contention would be measured as the
+    service's. The storm process gets its orders on stdin (a duration) and
+    answers with how many logins it made.
+    """
+
+    def __init__(self, base_url: str, names: list[str]) -> None:
+        self._args = [sys.executable, __file__, "--storm", base_url, ",".join(names)]
+
+    async def __aenter__(self) -> Storm:
+        self._child = await asyncio.create_subprocess_exec(
+            *self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ}
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._child.stdin is not None
+        self._child.stdin.close()
+        async with asyncio.timeout(15):
+            await self._child.wait()
+
+    async def blow(self, seconds: float) -> int:
+        assert self._child.stdin is not None and self._child.stdout is not None
+        self._child.stdin.write(f"{seconds}\n".encode())
+        await self._child.stdin.drain()
+        async with asyncio.timeout(seconds + 30):
+            answer = await self._child.stdout.readline()
+        if not answer.strip().isdigit():
+            raise SystemExit("the storm process failed")
+        return int(answer)
+
+
+async def storm_process(base_url: str, names: list[str]) -> None:
+    """The child: on each line of stdin, STORMERS clients log in for that many seconds."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    async with aiohttp.ClientSession(base_url, connector=aiohttp.TCPConnector(limit=0)) as session:
+        while line := await reader.readline():
+            until = loop.time() + float(line)
+            logins: list[int] = []
+            await asyncio.gather(
+                *(log_in_repeatedly(session, names[n % len(names)], until, logins) for n in range(STORMERS))
+            )
+            print(len(logins), flush=True)
+
+
 async def phase(
-    session: aiohttp.ClientSession, token: str, storm_names: list[str], seconds: float = SLICE
+    session: aiohttp.ClientSession, token: str, storm: Storm | None = None, seconds: float = SLICE
 ) -> tuple[list[float], int]:
     until = asyncio.get_running_loop().time() + seconds
-    stormers = STORMERS if storm_names else 0
     latencies: list[float] = []
-    logins: list[int] = []
-    await asyncio.gather(
-        read_profiles(session, token, until, latencies),
-        *(log_in_repeatedly(session, storm_names[n % len(storm_names)], until, logins) for n in range(stormers)),
-    )
-    return latencies, len(logins)
+    reads = read_profiles(session, token, until, latencies)
+    if storm is None:
+        await reads
+        return latencies, 0
+    _, count = await asyncio.gather(reads, storm.blow(seconds))
+    return latencies, count
 
 
 def p99(samples: list[float]) -> float:
@@ -155,17 +205,18 @@ async def bench(config: StackConfig, base_url: str) -> float:
         await wait_ready(session)
         _, token = await account(session)
         storm_names = [name for name, _ in await asyncio.gather(*(account(session) for _ in range(STORM_ACCOUNTS)))]
-        await phase(session, token, storm_names, seconds=2.0)  # warm-up: connections, caches, pool threads
         calm: list[float] = []
         storm: list[float] = []
         logins = 0
-        # Alternate short slices, so that whatever else the machine is doing
-        # meanwhile weighs on both sides alike.
-        for _ in range(ROUNDS):
-            calm += (await phase(session, token, []))[0]
-            latencies, count = await phase(session, token, storm_names)
-            storm += latencies
-            logins += count
+        async with Storm(base_url, storm_names) as stormers:
+            await phase(session, token, stormers, seconds=2.0)  # warm-up: connections, caches, pool threads
+            # Alternate short slices, so that whatever else the machine is
+            # doing meanwhile weighs on both sides alike.
+            for _ in range(ROUNDS):
+                calm += (await phase(session, token))[0]
+                latencies, count = await phase(session, token, stormers)
+                storm += latencies
+                logins += count
     ratio = p99(storm) / p99(calm)
     seconds = ROUNDS * SLICE
     print(f"calm:  {len(calm)} GET /users/me in {seconds:.0f} s, p99 {p99(calm):.1f} ms")
@@ -198,5 +249,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         serve()
+    elif sys.argv[1:2] == ["--storm"]:
+        asyncio.run(storm_process(sys.argv[2], sys.argv[3].split(",")))
     else:
         main()
