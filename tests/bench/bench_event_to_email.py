@@ -220,9 +220,12 @@ async def bench(config: StackConfig) -> int:
         f"  the service used {cpu_ms / len(published):.2f} ms of CPU per event; load average {os.getloadavg()[0]:.2f}"
     )
     q = statistics.quantiles(latency.values(), n=100, method="inclusive")
-    ok = q[49] <= TARGET_P50_MS and q[98] <= TARGET_P99_MS and lost == 0 and duplicates == 0
-    print(f"  targets p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms: {'met' if ok else 'MISSED'}")
-    return 0 if ok else 1
+    fast = q[49] <= TARGET_P50_MS and q[98] <= TARGET_P99_MS
+    print(f"  targets p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms: {'met' if fast else 'MISSED'}")
+    # A lost or doubled email is a bug and fails the run. A slow minute on a
+    # shared machine is a figure to report, like the other benchmarks', and
+    # must not stop `task bench` before they have run.
+    return 0 if lost == 0 and duplicates == 0 else 1
 
 
 async def delete_rows(config: StackConfig, owner_id: str, event_ids: list[str]) -> None:
