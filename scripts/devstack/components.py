@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from .config import CONSUL_NAMES, ROOT, SERVICE_PACKAGES, StackConfig
-from .procs import Proc, StackError, run_checked
+from .procs import LOG_KEEP_BYTES, Proc, StackError, rotate_log, run_checked
 
 
 def _binary(name: str, *candidates: str) -> str:
@@ -260,13 +260,16 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
 
 
 def envoy(cfg: StackConfig) -> Proc:
+    # Envoy appends its access log itself, not through start()'s stdout.
+    access_log = cfg.run_dir / "logs" / "envoy-access.log"
+    rotate_log(access_log, LOG_KEEP_BYTES)
     template = string.Template((ROOT / "envoy" / "envoy.native.yaml").read_text())
     rendered = template.substitute(
         ENVOY_PORT=cfg.ports.envoy,
         ENVOY_ADMIN_PORT=cfg.ports.envoy_admin,
         GATEWAY_PORT=cfg.ports.gateway,
         CONSUL_DNS_PORT=cfg.ports.consul_dns,
-        ACCESS_LOG_PATH=str(cfg.run_dir / "logs" / "envoy-access.log"),
+        ACCESS_LOG_PATH=str(access_log),
     )
     path = cfg.run_dir / "envoy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

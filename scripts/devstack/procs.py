@@ -7,6 +7,7 @@ and ``down`` from another terminal kills whole groups, children included.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -57,13 +58,26 @@ def pid_dir(run_dir: Path) -> Path:
     return run_dir / "pids"
 
 
+# Logs are appended across restarts, so that a restart keeps the history; but
+# a few benchmark runs write gigabytes of access lines.
+LOG_KEEP_BYTES = 64 * 2**20
+
+
 def log_path(run_dir: Path, name: str) -> Path:
     return run_dir / "logs" / f"{name}.log"
+
+
+def rotate_log(path: Path, limit: int) -> None:
+    """Past ``limit`` bytes, move the log to ``<name>.1``: one older generation is kept."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > limit:
+            path.replace(path.with_name(path.name + ".1"))
 
 
 def start(run_dir: Path, proc: Proc) -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    rotate_log(log_path(run_dir, proc.name), LOG_KEEP_BYTES)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
     env = {**os.environ, **proc.env}
     run_as: _RunAs = {}

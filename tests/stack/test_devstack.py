@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack import procs
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.procs import Proc, StackError, alive, require_free, running, start, stop, wait_until
 
@@ -46,6 +47,24 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     stop(cfg.run_dir, "orphan-maker", grace=5)
     assert running(cfg.run_dir) == {}
     assert group(pid) == []
+
+
+def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(procs, "LOG_KEEP_BYTES", 100)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "small.log").write_text("kept\n")
+    (logs / "big.log").write_text("x" * 101)
+    (logs / "big.log.1").write_text("the generation before, dropped")
+    for name in ("small", "big"):
+        start(tmp_path, Proc(name, [sys.executable, "-c", "print('started')"], env={}))
+    wait_until(lambda: not running(tmp_path), timeout=10, what="both to exit")
+
+    assert (logs / "small.log").read_text() == "kept\nstarted\n"
+    assert (logs / "big.log.1").read_text() == "x" * 101
+    assert (logs / "big.log").read_text() == "started\n"
 
 
 def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
