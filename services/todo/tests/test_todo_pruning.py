@@ -13,9 +13,12 @@ from mesh_common.outbox import prune_published
 from mesh_common.pruning import DAY, Pruned, PruneSettings, prune, prune_batch
 from mesh_common.settings import SettingsError
 from mesh_common.transactions import transaction
+from todo_service import idempotency
 from todo_service.app import create_app
-from todo_service.idempotency import prune_expired
+from todo_service.idempotency import IdempotentRequest, prune_expired
+from todo_service.model import NewTodo
 from todo_service.settings import Settings
+from todo_service.todos import Todos
 
 HOUR = 3600
 
@@ -143,3 +146,25 @@ def test_the_key_ttl_and_the_pruning_come_from_the_environment():
     assert (tuned.idempotency_key_ttl, tuned.prune.outbox_retention) == (3600, 60)
     with pytest.raises(SettingsError, match="IDEMPOTENCY_KEY_TTL"):
         Settings.from_env({**env, "IDEMPOTENCY_KEY_TTL": "0"})
+
+
+async def test_a_key_pruned_between_its_failed_claim_and_the_read_is_claimed_anew(db, alice, monkeypatch):
+    todos = Todos(db)
+    request = IdempotentRequest.of(f"race-{uuid.uuid4().hex}", {"title": "Once"})
+    first = await todos.create(alice.id, NewTodo("Once"), correlation_id="race-1", idempotent=request)
+    read_stored = idempotency.stored_response
+
+    async def pruned_meanwhile(cur, owner_id, request):
+        # The claim found the key and locked nothing; the pruner's delete
+        # commits before the stored response is read.
+        async with db.acquire() as conn, conn.cursor() as pruner:
+            await pruner.execute(
+                "DELETE FROM idempotency_keys WHERE owner_id = %s AND key = %s", (owner_id, request.key)
+            )
+        return await read_stored(cur, owner_id, request)
+
+    monkeypatch.setattr(idempotency, "stored_response", pruned_meanwhile)
+    second = await todos.create(alice.id, NewTodo("Once"), correlation_id="race-2", idempotent=request)
+
+    assert (second.status, second.replayed) == (201, False)
+    assert second.snapshot["id"] != first.snapshot["id"]

@@ -55,13 +55,21 @@ async def claim_key(cur: Any, owner_id: str, request: IdempotentRequest) -> bool
     return await cur.fetchone() is not None
 
 
-async def stored_response(cur: Any, owner_id: str, request: IdempotentRequest) -> StoredResponse:
-    """The response stored under a key claimed by a committed transaction."""
+async def stored_response(cur: Any, owner_id: str, request: IdempotentRequest) -> StoredResponse | None:
+    """The response stored under a key claimed by a committed transaction.
+
+    ``None`` if the key is gone: ``ON CONFLICT DO NOTHING`` locks nothing, so
+    the pruner may delete an expired key between the failed claim and this
+    read. The key is then free, and the caller claims it again.
+    """
     await cur.execute(
         "SELECT request_hash, response_status, response_body FROM idempotency_keys WHERE owner_id = %s AND key = %s",
         (owner_id, request.key),
     )
-    request_hash, status, body = await cur.fetchone()
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    request_hash, status, body = row
     if request_hash != request.request_hash:
         raise IdempotencyKeyReused("This key was used for another request body; use a new key for a new request")
     return StoredResponse(status, body)

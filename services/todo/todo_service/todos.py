@@ -56,9 +56,10 @@ class Todos:
         self, owner_id: str, new: NewTodo, *, correlation_id: str, idempotent: IdempotentRequest | None = None
     ) -> Created:
         async with transaction(self._pool) as cur:
-            if idempotent is not None and not await idempotency.claim_key(cur, owner_id, idempotent):
+            while idempotent is not None and not await idempotency.claim_key(cur, owner_id, idempotent):
                 stored = await idempotency.stored_response(cur, owner_id, idempotent)
-                return Created(stored.status, stored.body, replayed=True)
+                if stored is not None:
+                    return Created(stored.status, stored.body, replayed=True)
             todo = await repository.insert_todo(cur, owner_id, new)
             await enqueue(cur, todo_event(TODO_CREATED, todo, correlation_id=correlation_id))
             created = Created(201, todo.snapshot())
