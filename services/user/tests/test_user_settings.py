@@ -57,17 +57,18 @@ def test_pruning_defaults_and_overrides_come_from_the_environment() -> None:
             "PRUNE_INTERVAL_SECONDS": "60",
             "PRUNE_BATCH_SIZE": "200",
             "OUTBOX_RETENTION_SECONDS": "3600",
-            "REFRESH_TOKEN_RETENTION_SECONDS": "0",
+            "REFRESH_TOKEN_RETENTION_SECONDS": "3600",
         }
     )
     assert (tuned.prune.interval, tuned.prune.batch_size, tuned.prune.outbox_retention) == (60.0, 200, 3600)
-    assert tuned.tokens.refresh_retention == 0
+    assert tuned.tokens.refresh_retention == 3600
 
 
 @pytest.mark.parametrize(
     "unsafe",
     [
         {"REFRESH_TOKEN_RETENTION_SECONDS": "-1"},
+        {"REFRESH_TOKEN_RETENTION_SECONDS": "3599"},
         {"OUTBOX_RETENTION_SECONDS": "-1"},
         {"PRUNE_BATCH_SIZE": "0"},
         {"PRUNE_INTERVAL_SECONDS": "0"},

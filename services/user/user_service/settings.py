@@ -10,6 +10,8 @@ from mesh_common.settings import ServiceSettings, SettingsError, env_float, env_
 
 from . import __version__
 
+HOUR = 3600
+
 # OWASP's minimum for argon2id (Password Storage Cheat Sheet): 19 MiB, two
 # passes, one lane. Settings may raise these, never lower them.
 ARGON2_MIN_TIME_COST = 2
@@ -126,9 +128,11 @@ class Settings:
         # the rest: writes must leave at least a few.
         if not 1 <= self.db_write_slots <= self.db_pool_size - 3:
             raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 3")
-        # A negative one would delete families that can still be refreshed.
-        if self.tokens.refresh_retention < 0:
-            raise SettingsError("REFRESH_TOKEN_RETENTION_SECONDS must not be negative")
+        # Shorter, and a prune could race a refresh that began just before
+        # its token expired: deleting the spent ancestors cascades to the
+        # child that refresh has just issued, and its user is logged out.
+        if self.tokens.refresh_retention < HOUR:
+            raise SettingsError("REFRESH_TOKEN_RETENTION_SECONDS must be at least 3600 (an hour)")
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
