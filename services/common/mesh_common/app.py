@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
@@ -16,6 +17,7 @@ from .requests import request_context_middleware
 from .settings import ServiceSettings
 
 DEFAULT_MAX_BODY = 64 * 1024
+log = structlog.get_logger()
 
 # What goes in ``app.cleanup_ctx``: set up on startup, torn down on cleanup.
 CleanupCtx = Callable[[web.Application], AbstractAsyncContextManager[None]]
@@ -59,6 +61,8 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
     async def run_worker(app: web.Application) -> AsyncIterator[None]:
         worker = make(app)
         task = asyncio.create_task(worker.run(), name=name)
+        # Its exception would otherwise wait, unseen, for the shutdown's gather.
+        task.add_done_callback(_log_crash)
         try:
             yield
         finally:
@@ -67,6 +71,11 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
             await asyncio.gather(task, return_exceptions=True)
 
     return run_worker
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("worker_crashed", worker=task.get_name(), error=repr(exc), exc_info=exc)
 
 
 __all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "service_app", "worker_ctx"]

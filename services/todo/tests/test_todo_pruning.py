@@ -8,7 +8,10 @@ import uuid
 
 import aiopg
 import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
 
+from mesh_common.app import worker_ctx
 from mesh_common.outbox import prune_published
 from mesh_common.pruning import DAY, Pruned, PruneSettings, prune, prune_batch
 from mesh_common.settings import SettingsError
@@ -168,3 +171,21 @@ async def test_a_key_pruned_between_its_failed_claim_and_the_read_is_claimed_ane
 
     assert (second.status, second.replayed) == (201, False)
     assert second.snapshot["id"] != first.snapshot["id"]
+
+
+async def test_a_background_worker_that_crashes_is_logged_when_it_crashes_not_at_shutdown():
+    class Broken:
+        async def run(self) -> None:
+            raise RuntimeError("the database went away for good")
+
+        def stop(self) -> None:
+            pass
+
+    with capture_logs() as logs:
+        async with worker_ctx("prune", lambda app: Broken())(web.Application()):
+            async with asyncio.timeout(5):
+                while not logs:
+                    await asyncio.sleep(0.01)
+
+    assert [(entry["event"], entry["worker"]) for entry in logs] == [("worker_crashed", "prune")]
+    assert "the database went away for good" in logs[0]["error"]
