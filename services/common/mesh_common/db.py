@@ -49,6 +49,7 @@ def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
 
 
 async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
+    migrations = _migrations(directories)  # a missing folder fails here, before any lock or table
     applied_now: list[str] = []
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
@@ -60,7 +61,7 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
             )
             await cur.execute("SELECT version, checksum FROM schema_migrations")
             applied = dict(await cur.fetchall())
-            for version, sql in _migrations(directories):
+            for version, sql in migrations:
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if version in applied:
                     if applied[version] != checksum:
