@@ -150,10 +150,17 @@ class Storm:
         )
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         assert self._child.stdin is not None
         self._child.stdin.close()
-        async with asyncio.timeout(15):
+        try:
+            if exc_type is not None:
+                raise TimeoutError  # no clean end to wait for: the bench failed
+            async with asyncio.timeout(15):
+                await self._child.wait()
+        except TimeoutError:
+            # Never leave it logging in against the stack.
+            self._child.kill()
             await self._child.wait()
 
     async def blow(self, seconds: float) -> int:

@@ -88,8 +88,9 @@ SCHEMAS: dict[str, Any] = {
             "expires_in": {"type": "integer", "description": "Seconds"},
             "refresh_token": {
                 "type": "string",
-                "description": "Opaque; single use. Lives REFRESH_TOKEN_TTL (14 days), never past the session's end:"
-                " REFRESH_SESSION_MAX_SECONDS (30 days) after the login, however often it is refreshed",
+                "description": "Opaque; single use. Lives REFRESH_TOKEN_TTL (14 days by default), never past the"
+                " session's end: REFRESH_SESSION_MAX_SECONDS (30 days by default) after the login, however"
+                " often it is refreshed",
             },
         }
     ),

@@ -124,8 +124,9 @@ class Settings:
         )
 
     def __post_init__(self) -> None:
-        # The outbox relay keeps one connection for LISTEN, and reads need
-        # the rest: writes must leave at least a few.
+        # Outside the write slots: the outbox relay's LISTEN connection and
+        # its batch, and a pruning batch, one connection each at most. Reads
+        # need the rest, so writes must leave at least three.
         if not 1 <= self.db_write_slots <= self.db_pool_size - 3:
             raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 3")
         # Shorter, and a prune could race a refresh that began just before
