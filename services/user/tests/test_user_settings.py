@@ -41,7 +41,7 @@ def test_malformed_or_weak_service_clients_are_refused(raw: str) -> None:
         parse_service_clients(raw)
 
 
-@pytest.mark.parametrize("slots", ["0", "8"])
+@pytest.mark.parametrize("slots", ["0", "7"])
 def test_writes_must_leave_connections_for_reads(slots: str) -> None:
     with pytest.raises(SettingsError, match="DB_WRITE_SLOTS"):
         Settings.from_env({**ENV, "DB_POOL_SIZE": "10", "DB_WRITE_SLOTS": slots})

@@ -126,9 +126,9 @@ class Settings:
     def __post_init__(self) -> None:
         # Outside the write slots: the outbox relay's LISTEN connection and
         # its batch, and a pruning batch, one connection each at most. Reads
-        # need the rest, so writes must leave at least three.
-        if not 1 <= self.db_write_slots <= self.db_pool_size - 3:
-            raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 3")
+        # need at least one more.
+        if not 1 <= self.db_write_slots <= self.db_pool_size - 4:
+            raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 4")
         # Shorter, and a prune could race a refresh that began just before
         # its token expired: deleting the spent ancestors cascades to the
         # child that refresh has just issued, and its user is logged out.
