@@ -61,6 +61,11 @@ class TokenPolicy:
         # pruning's batch bound relies on never happening (prune_families).
         if self.refresh_session_max < self.refresh_ttl:
             raise SettingsError("REFRESH_SESSION_MAX_SECONDS must be at least REFRESH_TOKEN_TTL")
+        # Shorter, and a prune could race a refresh that began just before
+        # its token expired: deleting the spent ancestors cascades to the
+        # child that refresh has just issued, and its user is logged out.
+        if self.refresh_retention < HOUR:
+            raise SettingsError("REFRESH_TOKEN_RETENTION_SECONDS must be at least 3600 (an hour)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +134,6 @@ class Settings:
         # need at least one more.
         if not 1 <= self.db_write_slots <= self.db_pool_size - 4:
             raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 4")
-        # Shorter, and a prune could race a refresh that began just before
-        # its token expired: deleting the spent ancestors cascades to the
-        # child that refresh has just issued, and its user is logged out.
-        if self.tokens.refresh_retention < HOUR:
-            raise SettingsError("REFRESH_TOKEN_RETENTION_SECONDS must be at least 3600 (an hour)")
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
