@@ -102,7 +102,13 @@ def start(run_dir: Path, proc: Proc) -> int:
     # The start time makes the pid file name this process, not whichever
     # process gets its pid after it is gone.
     started = stat[_START_TIME] if stat else ""
-    (pid_dir(run_dir) / f"{proc.name}.pid").write_text(f"{child.pid} {started}".strip())
+    # Written aside and renamed: ``up`` starts services in parallel threads,
+    # and a ``running()`` that read a half-written file would take it for a
+    # dead process's and delete it.
+    pidfile = pid_dir(run_dir) / f"{proc.name}.pid"
+    partial = pidfile.with_name(pidfile.name + ".partial")
+    partial.write_text(f"{child.pid} {started}".strip())
+    partial.replace(pidfile)
     return child.pid
 
 
