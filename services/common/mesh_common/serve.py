@@ -7,6 +7,7 @@ the kernel picks a free port, and that port is what the instance registers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 
@@ -39,6 +40,12 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
+    # Everything alive now (modules, the app, its pools and clients) lives as
+    # long as the process. Frozen, it is left out of every later collection:
+    # a full one scanned these ~60k objects in about 40 ms, a pause that
+    # held every request in flight (68 ms once under load in the gateway).
+    gc.collect()
+    gc.freeze()
     site = web.SockSite(runner, sock)
     await site.start()
     log.info("serving", address=sock.getsockname())
