@@ -12,18 +12,24 @@ matched to answers by position. Any failure (refused, reset, a deadline
 missed) fails every call outstanding and drops the connection, since the
 order of what is still to come can no longer be trusted; the next call
 connects again.
+
+It takes the same URLs as redis-py: ``redis://``, ``rediss://`` (TLS,
+verified against the system's CAs or ``?ssl_ca_certs=<file>``) and
+``unix://``. Anything else is refused when the gateway starts, not found
+out on the first request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 
 Reply = list[Any] | Exception
 OnReply = Callable[[Reply], None]
@@ -43,6 +49,11 @@ def _command(*parts: str | int | bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
 
 
+def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    # parse_url passes query arguments it does not type (ssl_ca_certs) through.
+    return ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: RedisScript) -> None:
         self._owner = owner
@@ -51,7 +62,9 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         try:
-            while (reply := self._reader.gets()) is not False:
+            # An answer can reset the connection (a failed set-up command):
+            # what is left of this read then belongs to no one still waiting.
+            while self._owner._protocol is self and (reply := self._reader.gets()) is not False:
                 self._owner._answered(reply)
         except hiredis.ProtocolError as exc:
             self._owner._reset(RedisScriptError(f"not Redis: {exc}"))
@@ -64,7 +77,8 @@ class RedisScript:
     """Calls one Lua script by its SHA1; ``call`` never blocks or awaits."""
 
     def __init__(self, url: str, script: str, *, timeout: float = 0.5, name: str = "todo-mesh-script") -> None:
-        self._options = parse_url(url)
+        self._options = parse_url(url)  # ValueError for an unknown scheme
+        self._ssl = _tls_context(self._options) if self._options.get("connection_class") is SSLConnection else None
         self._name = name
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
@@ -109,11 +123,16 @@ class RedisScript:
         options = self._options
         failed: Exception | None = None
         try:
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._timeout):
-                transport, protocol = await asyncio.get_running_loop().create_connection(
-                    lambda: _Protocol(self), options.get("host", "localhost"), options.get("port", 6379)
-                )
-        except (OSError, TimeoutError) as exc:
+                if "path" in options:
+                    transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), options["path"])
+                else:
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                    transport, protocol = await loop.create_connection(
+                        lambda: _Protocol(self), host, port, ssl=self._ssl
+                    )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             failed = RedisScriptError(f"cannot connect: {type(exc).__name__}")
         finally:
             self._connecting = None

@@ -1,0 +1,176 @@
+"""The rate limiter's Redis connection over a unix socket and over TLS.
+
+Each test starts its own redis-server (the Debian binary the stack uses), so
+that a URL redis-py accepts is one the gateway's limiter accepts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh_gateway.redis_script import RedisScript, RedisScriptError, Reply
+
+ECHO_ARGS = "return {KEYS[1], ARGV[1]}"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def start_redis(tmp: Path, *args: str, ready: Any) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", "0", "--save", "", "--appendonly", "no", "--dir", str(tmp), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.02)
+    return process
+
+
+def accepts_on(sock_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock_path))
+        except OSError:
+            return False
+        return True
+
+
+def accepts_at(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "redis.sock"
+    process = start_redis(
+        tmp_path, "--unixsocket", str(path), "--requirepass", "secret", ready=lambda: accepts_on(path)
+    )
+    yield path
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, Any], *, ca: bool):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer[0] if issuer[0] else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+    return builder.sign(issuer[1], hashes.SHA256())
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("todo-mesh test CA", ca_key, (None, ca_key), ca=True)
+    server = certificate("127.0.0.1", server_key, (ca.subject, ca_key), ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "server.pem").write_bytes(server.public_bytes(pem))
+    (tmp_path / "server.key").write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    port = free_port()
+    process = start_redis(
+        tmp_path,
+        *("--tls-port", str(port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(tmp_path / "server.pem"), "--tls-key-file", str(tmp_path / "server.key")),
+        *("--tls-ca-cert-file", str(tmp_path / "ca.pem")),
+        ready=lambda: accepts_at(port),
+    )
+    yield port, tmp_path / "ca.pem"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+async def call(script: RedisScript, keys: list[str], args: list[str | int]) -> Reply:
+    answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    script.call(keys, args, answer.set_result)
+    async with asyncio.timeout(5):
+        return await answer
+
+
+async def test_a_unix_socket_url_reaches_that_socket(unix_redis: Path) -> None:
+    script = RedisScript(f"unix://:secret@{unix_redis}?db=3", ECHO_ARGS)
+    try:
+        assert await call(script, ["k"], [1]) == [b"k", b"1"]
+    finally:
+        script.close()
+
+
+async def test_a_failed_set_up_fails_the_call_and_the_rest_of_that_read_is_dropped(unix_redis: Path) -> None:
+    # AUTH fails; CLIENT SETNAME, SCRIPT LOAD and the call itself are then
+    # refused in the same read, and none of those answers may be paired with
+    # what the next connection will be waiting for.
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    script = RedisScript(f"unix://:wrong@{unix_redis}", ECHO_ARGS)
+    try:
+        reply = await call(script, ["k"], [1])
+        assert isinstance(reply, RedisScriptError)
+        assert "WRONGPASS" in str(reply) or "invalid password" in str(reply)
+        await asyncio.sleep(0)  # let anything left of that read run
+        assert errors == []
+    finally:
+        script.close()
+
+
+async def test_a_rediss_url_speaks_tls_and_verifies_the_server(tls_redis: tuple[int, Path]) -> None:
+    port, ca = tls_redis
+    script = RedisScript(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", ECHO_ARGS)
+    try:
+        assert await call(script, ["k"], [2]) == [b"k", b"2"]
+    finally:
+        script.close()
+    # Without the CA, the server's certificate is not trusted: no connection.
+    untrusting = RedisScript(f"rediss://127.0.0.1:{port}/0", ECHO_ARGS)
+    try:
+        reply = await call(untrusting, ["k"], [2])
+        assert isinstance(reply, RedisScriptError)
+        assert "cannot connect" in str(reply)
+    finally:
+        untrusting.close()
+
+
+def test_an_unknown_scheme_is_refused_when_the_limiter_is_built() -> None:
+    with pytest.raises(ValueError):
+        RedisScript("http://127.0.0.1:6379/0", ECHO_ARGS)
