@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import aiohttp
@@ -143,7 +144,7 @@ async def test_an_upstream_dying_mid_body_cuts_the_client_and_counts_against_its
         async with client.get("/api/v1/things", headers=tokens.headers()) as r:
             assert r.status == 200  # the status line was already out
             await r.read()
-    assert client.app[BREAKERS].breaker(instance.service_id).failure_count == 1
+    assert client.app[BREAKERS].failures(instance.service_id) == 1
 
 
 def test_the_breaker_board_forgets_breakers_that_hold_no_state():
@@ -155,3 +156,26 @@ def test_the_breaker_board_forgets_breakers_that_hold_no_state():
             pass
     assert board.size <= BreakerBoard.PRUNE_AT
     assert board.is_open("failing")
+
+
+async def test_a_half_open_instance_gets_one_probe_not_every_request(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "fail"
+    client = await gateway(service, breaker_failures=2, breaker_recovery=0.5, route_timeout=0.5)
+    breakers = client.app[BREAKERS]
+    for _ in range(2):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 500
+    instance.mode = "hang"  # still sick: the probe will time out
+    await eventually(lambda: breakers.state(instance.service_id) == "half_open")
+    hits = instance.hits
+
+    async def one() -> int:
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(5)))
+    assert instance.hits == hits + 1  # one probe; the others were not sent
+    assert sorted(statuses) == [503, 503, 503, 503, 504]
+    assert breakers.is_open(instance.service_id)  # the probe failed: open again

@@ -86,7 +86,7 @@ class ServiceClient:
                 try:
                     # The deadline fires inside the breaker, as a TimeoutError,
                     # so that an instance that hangs counts as failing: a
-                    # cancellation from outside would reset the breaker instead.
+                    # cancellation from outside would say nothing about it.
                     async with (
                         asyncio.timeout_at(deadline),
                         self._session.get(instance.base_url + path, headers=headers) as resp,

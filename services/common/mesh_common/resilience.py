@@ -1,9 +1,22 @@
-"""Passive health and bounded retries for calls to other instances.
+"""Passive health for calls to other instances, and a budget for their retries.
 
-One circuit breaker per upstream *instance*, held in app state. Connection
-errors, timeouts and 5xx count as failures; a 4xx is the caller's problem and
-never opens a breaker. Retries are limited by a budget, so that an outage
-does not multiply the load on what is left.
+One circuit breaker per upstream *instance*, held in app state. circuitbreaker
+keeps the count and the open/half-open clock; each call goes through its own
+context, ``BreakerBoard.breaker(id)``, which decides what the call proves:
+
+* ``UpstreamFailure`` (refused, timed out, 5xx) counts. A 4xx is the caller's
+  problem: callers do not raise it as one, so it never opens a breaker.
+* A success closes the breaker, and ends a run of failures, only when the
+  breaker is closed or the call was the half-open probe: a call that began
+  before the breaker opened says nothing about the instance now.
+* Any other exception (our client went away, a cancellation) says nothing
+  about the instance: it neither counts nor resets.
+* Once open for ``recovery_timeout``, a breaker half-opens and ``pick`` lets
+  ONE call through as a probe; it skips the instance while the probe is in
+  flight, so that a sick instance never gets every concurrent request.
+
+Retries are limited by a budget, so that an outage does not multiply the
+load on what is left.
 """
 
 from __future__ import annotations
@@ -17,6 +30,9 @@ from typing import Protocol
 from circuitbreaker import CircuitBreaker
 
 from .discovery import Instance, NoInstances, ServiceWatch
+
+# circuitbreaker's names for its states.
+_CLOSED, _HALF_OPEN = "closed", "half_open"
 
 
 class UpstreamFailure(Exception):
@@ -36,10 +52,44 @@ class _Breaker(Protocol):
     def opened(self) -> bool: ...
     @property
     def open_remaining(self) -> int: ...
-    def __enter__(self) -> None: ...
+    def reset(self) -> None: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool: ...
+
+
+class _Call:
+    """One call through one instance's breaker (the rules are in the module docstring)."""
+
+    __slots__ = ("_breaker", "_instance_id", "_probe", "_probing")
+
+    def __init__(self, breaker: _Breaker, instance_id: str, probing: set[str]) -> None:
+        self._breaker = breaker
+        self._instance_id = instance_id
+        self._probing = probing
+        self._probe = False
+
+    def __enter__(self) -> None:
+        if self._instance_id not in self._probing and self._breaker.state == _HALF_OPEN:
+            self._probing.add(self._instance_id)
+            self._probe = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        breaker = self._breaker
+        try:
+            if exc_type is None:
+                # A probe closes the breaker only if no other failure opened it
+                # again meanwhile; circuitbreaker's own __exit__ would always reset.
+                if breaker.closed or (self._probe and breaker.state == _HALF_OPEN):
+                    breaker.reset()
+            elif issubclass(exc_type, UpstreamFailure):
+                # circuitbreaker counts a failure only through its __exit__.
+                breaker.__exit__(exc_type, exc, tb)
+        finally:
+            if self._probe:
+                self._probing.discard(self._instance_id)
 
 
 class BreakerBoard:
@@ -52,8 +102,11 @@ class BreakerBoard:
         self._recovery = recovery_timeout
         self._enabled = enabled
         self._breakers: dict[str, _Breaker] = {}
+        # Half-open instances whose one probe is in flight.
+        self._probing: set[str] = set()
 
     def breaker(self, instance_id: str) -> AbstractContextManager[object]:
+        """A context for one call to ``instance_id``: enter it just before the call."""
         if not self._enabled:
             return nullcontext()
         breaker = self._breakers.get(instance_id)
@@ -67,7 +120,7 @@ class BreakerBoard:
                 name=instance_id,
             )
             self._breakers[instance_id] = breaker
-        return breaker
+        return _Call(breaker, instance_id, self._probing)
 
     @property
     def size(self) -> int:
@@ -87,14 +140,26 @@ class BreakerBoard:
         breaker = self._breakers.get(instance_id)
         return breaker is not None and breaker.opened
 
+    def available(self, instance_id: str) -> bool:
+        """Whether a call may go to ``instance_id``: closed, or half-open with no probe in flight."""
+        breaker = self._breakers.get(instance_id)
+        if breaker is None:
+            return True
+        state = breaker.state
+        return state == _CLOSED or (state == _HALF_OPEN and instance_id not in self._probing)
+
+    def failures(self, instance_id: str) -> int:
+        breaker = self._breakers.get(instance_id)
+        return breaker.failure_count if breaker is not None else 0
+
     def pick(self, watch: ServiceWatch, exclude: frozenset[str] = frozenset()) -> Instance:
         """A random healthy instance whose breaker lets calls through.
 
         Raises ``NoInstances`` when Consul knows none, and ``AllBreakersOpen``
-        when every known one is open.
+        when every known one is open or half-open with its probe in flight.
         """
         # One pass, no sets: this runs on every proxied request.
-        candidates = [i for i in watch.instances if i.id not in exclude and not self.is_open(i.id)]
+        candidates = [i for i in watch.instances if i.id not in exclude and self.available(i.id)]
         if candidates:
             return random.choice(candidates)
         if any(i.id not in exclude for i in watch.instances):
@@ -106,8 +171,8 @@ class BreakerBoard:
         return breaker.state if breaker is not None else "closed"
 
     def retry_after(self, watch: ServiceWatch) -> int:
-        """Seconds until the first open breaker of ``watch`` half-opens."""
-        waits = [self._breakers[i.id].open_remaining for i in watch.instances if self.is_open(i.id)]
+        """Seconds until the first open breaker of ``watch`` half-opens (1 while a probe is out)."""
+        waits = [self._breakers[i.id].open_remaining for i in watch.instances if not self.available(i.id)]
         return max(1, min(waits, default=1))
 
 

@@ -1,0 +1,105 @@
+"""The breaker board's rules, call by call: what a success, a failure and a non-answer prove."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from mesh_common.discovery import Instance, ServiceWatch
+from mesh_common.resilience import AllBreakersOpen, BreakerBoard, UpstreamFailure
+from mesh_common.testing import eventually
+
+
+def watch_of(*ids: str) -> ServiceWatch:
+    # A watch that is never started: its instances are set by hand.
+    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch.instances = tuple(Instance(i, "127.0.0.1", 1) for i in ids)
+    return watch
+
+
+def fail(board: BreakerBoard, instance_id: str, times: int = 1) -> None:
+    for _ in range(times):
+        with contextlib.suppress(UpstreamFailure), board.breaker(instance_id):
+            raise UpstreamFailure("boom")
+
+
+async def half_open(board: BreakerBoard, instance_id: str) -> None:
+    await eventually(lambda: board.state(instance_id) == "half_open")
+
+
+def test_a_call_that_began_before_the_breaker_opened_does_not_close_it():
+    board = BreakerBoard(failure_threshold=2)
+    slow = board.breaker("a")
+    with slow:  # a slow call, in flight while the instance starts failing
+        fail(board, "a", 2)
+        assert board.is_open("a")
+    # It succeeded (or answered 404), but it began before the failures: still open.
+    assert board.is_open("a")
+    assert board.failures("a") == 2
+
+
+@pytest.mark.parametrize("gone", [ConnectionResetError, asyncio.CancelledError])
+def test_a_call_cut_on_our_side_neither_counts_nor_resets(gone):
+    board = BreakerBoard(failure_threshold=3)
+    fail(board, "a", 2)
+    with pytest.raises(gone), board.breaker("a"):
+        raise gone()
+    assert board.failures("a") == 2  # not reset: one more failure opens it
+    fail(board, "a")
+    assert board.is_open("a")
+
+
+async def test_half_open_lets_one_probe_through_at_a_time():
+    board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
+    watch = watch_of("sick")
+    fail(board, "sick")
+    await half_open(board, "sick")
+    probe = board.breaker(board.pick(watch).id)
+    with probe:
+        # While the probe is out, the instance takes nothing more.
+        for _ in range(10):
+            with pytest.raises(AllBreakersOpen):
+                board.pick(watch)
+        assert board.retry_after(watch) == 1
+    assert board.state("sick") == "closed"  # the probe succeeded
+    assert board.pick(watch).id == "sick"
+
+
+async def test_concurrent_traffic_goes_elsewhere_while_the_probe_is_out():
+    board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
+    watch = watch_of("sick", "well")
+    fail(board, "sick")
+    await half_open(board, "sick")
+    with board.breaker("sick"):
+        assert {board.pick(watch).id for _ in range(50)} == {"well"}
+
+
+async def test_a_probe_that_fails_opens_the_breaker_again():
+    board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
+    fail(board, "sick")
+    await half_open(board, "sick")
+    fail(board, "sick")
+    assert board.is_open("sick")
+
+
+@pytest.mark.parametrize("gone", [ConnectionResetError, asyncio.CancelledError])
+async def test_a_probe_cut_on_our_side_frees_the_slot_for_the_next(gone):
+    board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
+    watch = watch_of("sick")
+    fail(board, "sick")
+    await half_open(board, "sick")
+    with pytest.raises(gone), board.breaker(board.pick(watch).id):
+        raise gone()
+    assert board.state("sick") == "half_open"  # neither closed nor opened again
+    assert board.pick(watch).id == "sick"  # and the next call may probe
+
+
+async def test_only_the_probe_closes_a_half_open_breaker():
+    board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
+    stale = board.breaker("sick")
+    with stale:  # began while closed, ends after the breaker half-opened
+        fail(board, "sick")
+        await half_open(board, "sick")
+    assert board.state("sick") == "half_open"
