@@ -9,8 +9,8 @@ body. So this client writes the request head itself and parses the answer
 with httptools (llhttp, the parser Node.js and uvicorn use).
 
 * Connections are kept alive per address, at most ``limit_per_host`` at a
-  time; idle ones are closed after ``keepalive`` seconds, before an
-  upstream would close them under us.
+  time; idle ones are closed once idle for ``keepalive`` seconds, before an
+  upstream would close them under us (``connection.py``).
 * One request at a time per connection, never pipelined. A connection goes
   back to the pool only once its response has been read to the end.
 * The body comes whole (``read``) or in chunks (``iter_chunks``); a slow
@@ -27,169 +27,21 @@ nothing a client sends can split the head.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from typing import cast
 
-import httptools
 from multidict import CIMultiDict
 
-# Past this much unread body, reading from the upstream pauses.
-HIGH_WATER = 1024 * 1024
+from .connection import HIGH_WATER, Connection, Pool, UpstreamBroken, UpstreamConnectError
 
-
-class UpstreamConnectError(Exception):
-    """No connection could be made: the request was never sent."""
-
-
-class UpstreamBroken(Exception):
-    """The connection failed or the answer was not HTTP: the request may have been seen."""
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection, and the one response it is reading."""
-
-    def __init__(self, pool: _Pool) -> None:
-        self._pool = pool
-        self._parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.idle_since = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[str, str]] = []
-        self._head: asyncio.Future[None] | None = None
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._wakeup: asyncio.Future[None] | None = None
-        self._complete = False
-        self._keep_alive = False
-        self._error: Exception | None = None
-        self._paused = False
-        self._informational = False
-
-    # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head is None:
-            # Bytes nobody asked for: this connection can no longer be trusted.
-            self._fail(UpstreamBroken("unexpected data on an idle connection"))
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"bad response: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._pool.discard(self)
-        self.transport = None
-        if not self._complete:
-            self._fail(UpstreamBroken("the upstream closed the connection"))
-
-    # -- httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # As aiohttp decodes them: bytes that are not UTF-8 survive the round trip.
-        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
-
-    def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        if self.status < 200:
-            # "100 Continue" and friends come before the real response: skip them.
-            self._informational = True
-            self.headers = []
-            return
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        self._complete = True
-        # Asked now: once this callback returns, llhttp resets for the next message.
-        self._keep_alive = self._parser.should_keep_alive()
-        self._wake()
-
-    # -- used by Upstream and UpstreamResponse
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    def _fail(self, error: Exception) -> None:
-        if self._error is None and not self._complete:
-            self._error = error
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        self._wake()
-        self.close()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    async def exchange(self, head: bytes, body: bytes | None) -> None:
-        """Send one request and wait for the response's head."""
-        if self.transport is None or self.transport.is_closing():
-            # Closed before a byte of this request left: as good as never connected.
-            raise UpstreamConnectError("the connection closed before the request was sent")
-        self._reset()
-        self._head = asyncio.get_running_loop().create_future()
-        self.transport.write(head + body if body else head)
-        await self._head
-
-    async def next_chunk(self) -> bytes | None:
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return None
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered <= HIGH_WATER // 4 and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return chunk
-
-    def keep_alive(self) -> bool:
-        # An error is only ever recorded before completion, so this also means "no error".
-        return self._complete and self._keep_alive
-
-
-class _Pool:
-    """The connections to one address: idle ones, and a cap on how many are open."""
-
-    def __init__(self, host: str, port: int, limit: int) -> None:
-        self.host = host
-        self.port = port
-        self.idle: list[_Connection] = []
-        self.slots = asyncio.Semaphore(limit)
-
-    def discard(self, conn: _Connection) -> None:
-        if conn in self.idle:
-            self.idle.remove(conn)
+__all__ = ["HIGH_WATER", "Upstream", "UpstreamBroken", "UpstreamConnectError", "UpstreamResponse"]
 
 
 class UpstreamResponse:
     """Status and headers as received; the body is read with ``read`` or ``iter_chunks``, once."""
 
-    def __init__(self, pool: _Pool, conn: _Connection, *, head_only: bool) -> None:
+    def __init__(self, pool: Pool, conn: Connection, *, head_only: bool) -> None:
         self._pool = pool
-        self._conn: _Connection | None = conn
+        self._conn: Connection | None = conn
         self.status = conn.status
         self.headers = CIMultiDict(conn.headers)
         length = self.headers.get("Content-Length")
@@ -223,8 +75,7 @@ class UpstreamResponse:
         if conn is None:
             return
         if reuse and conn.transport is not None and not conn.transport.is_closing():
-            conn.idle_since = time.monotonic()
-            self._pool.idle.append(conn)
+            self._pool.put_idle(conn)
         else:
             conn.close()
         self._pool.slots.release()
@@ -237,7 +88,7 @@ class Upstream:
         self._limit = limit_per_host
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        self._pools: dict[tuple[str, int], Pool] = {}
 
     async def request(
         self,
@@ -255,7 +106,7 @@ class Upstream:
         """
         pool = self._pools.get((host, port))
         if pool is None:
-            pool = self._pools[(host, port)] = _Pool(host, port, self._limit)
+            pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers)
         if body is not None or method in ("POST", "PUT", "PATCH"):
@@ -276,24 +127,19 @@ class Upstream:
             raise
         return UpstreamResponse(pool, conn, head_only=method == "HEAD")
 
-    async def _connection(self, pool: _Pool) -> _Connection:
-        stale_before = time.monotonic() - self._keepalive
-        while pool.idle:
-            conn = pool.idle.pop()
-            if conn.idle_since >= stale_before and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            conn.close()
+    async def _connection(self, pool: Pool) -> Connection:
+        conn = pool.take_idle()
+        if conn is not None:
+            return conn
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(lambda: _Connection(pool), pool.host, pool.port)
+                _, protocol = await loop.create_connection(lambda: Connection(pool), pool.host, pool.port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: {exc or type(exc).__name__}") from None
         return protocol
 
     def close(self) -> None:
         for pool in self._pools.values():
-            for conn in pool.idle:
-                conn.close()
-            pool.idle.clear()
+            pool.close()
         self._pools.clear()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from mesh_common.testing import eventually
 from mesh_gateway.upstream import HIGH_WATER, Upstream, UpstreamBroken, UpstreamConnectError
 
 from .conftest import free_port
@@ -181,3 +182,19 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced(upstream:
     resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
     assert resp.status == 200 and await resp.read()
     assert len(set(peers)) == 2
+
+
+async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # The upstream would keep it for 75 s: closing it is the client's job.
+    server, _ = await echo_server(aiohttp_server)
+    upstream = Upstream(keepalive=0.1)
+    try:
+        resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+        conn = resp._conn
+        await resp.read()
+        pool = upstream._pools[("127.0.0.1", server.port)]
+        assert pool.idle == [conn]
+        await eventually(lambda: not pool.idle, within=2)
+        assert conn is not None and conn.transport is None  # closed, not only forgotten
+    finally:
+        upstream.close()

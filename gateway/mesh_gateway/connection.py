@@ -1,0 +1,212 @@
+"""One keep-alive HTTP/1.1 connection to an upstream, and the pool of them per address.
+
+The wire side of ``upstream.py``: a ``Connection`` writes one request at a
+time and parses the answer with httptools (llhttp, the parser Node.js and
+uvicorn use); a ``Pool`` caps how many are open per address and keeps the
+idle ones.
+
+* One request at a time per connection, never pipelined.
+* Past ``HIGH_WATER`` of unread body the socket pauses, so a slow reader
+  never makes the gateway buffer without bound.
+* Idle connections are reused for at most ``keepalive`` seconds and closed
+  when that runs out, so that an upstream's own keep-alive timeout never
+  closes one under a request we are about to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import cast
+
+import httptools
+
+# Past this much unread body, reading from the upstream pauses.
+HIGH_WATER = 1024 * 1024
+
+
+class UpstreamConnectError(Exception):
+    """No connection could be made: the request was never sent."""
+
+
+class UpstreamBroken(Exception):
+    """The connection failed or the answer was not HTTP: the request may have been seen."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection, and the one response it is reading."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self._head: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._complete = False
+        self._keep_alive = False
+        self._error: Exception | None = None
+        self._paused = False
+        self._informational = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:
+            # Bytes nobody asked for: this connection can no longer be trusted.
+            self._fail(UpstreamBroken("unexpected data on an idle connection"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"bad response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pool.discard(self)
+        self.transport = None
+        if not self._complete:
+            self._fail(UpstreamBroken("the upstream closed the connection"))
+
+    # -- httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # As aiohttp decodes them: bytes that are not UTF-8 survive the round trip.
+        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        if self.status < 200:
+            # "100 Continue" and friends come before the real response: skip them.
+            self._informational = True
+            self.headers = []
+            return
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._complete = True
+        # Asked now: once this callback returns, llhttp resets for the next message.
+        self._keep_alive = self._parser.should_keep_alive()
+        self._wake()
+
+    # -- used by Upstream and UpstreamResponse
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, head: bytes, body: bytes | None) -> None:
+        """Send one request and wait for the response's head."""
+        if self.transport is None or self.transport.is_closing():
+            # Closed before a byte of this request left: as good as never connected.
+            raise UpstreamConnectError("the connection closed before the request was sent")
+        self._reset()
+        self._head = asyncio.get_running_loop().create_future()
+        self.transport.write(head + body if body else head)
+        await self._head
+
+    async def next_chunk(self) -> bytes | None:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return None
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= HIGH_WATER // 4 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def keep_alive(self) -> bool:
+        # An error is only ever recorded before completion, so this also means "no error".
+        return self._complete and self._keep_alive
+
+
+class Pool:
+    """The connections to one address: idle ones, and a cap on how many are open."""
+
+    def __init__(self, host: str, port: int, limit: int, keepalive: float) -> None:
+        self.host = host
+        self.port = port
+        self.slots = asyncio.Semaphore(limit)
+        self._keepalive = keepalive
+        self._loop = asyncio.get_running_loop()
+        # Oldest first: connections are appended as they go idle.
+        self._idle: list[Connection] = []
+        # One timer per pool, not per connection: it fires when the oldest
+        # idle connection expires, closes what has, and sets itself again.
+        self._sweep: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> list[Connection]:
+        return self._idle
+
+    def put_idle(self, conn: Connection) -> None:
+        conn.idle_since = self._loop.time()
+        self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self._loop.call_at(conn.idle_since + self._keepalive, self._close_expired)
+
+    def take_idle(self) -> Connection | None:
+        """The most recently used idle connection that can still be used, if any."""
+        while self._idle:
+            # The newest: its upstream is the least likely to have closed it.
+            conn = self._idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+            conn.close()
+        return None
+
+    def _close_expired(self) -> None:
+        self._sweep = None
+        expired_before = self._loop.time() - self._keepalive
+        while self._idle and self._idle[0].idle_since <= expired_before:
+            self._idle.pop(0).close()
+        if self._idle:
+            self._sweep = self._loop.call_at(self._idle[0].idle_since + self._keepalive, self._close_expired)
+
+    def discard(self, conn: Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
