@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
 import aiopg
@@ -136,3 +138,52 @@ async def test_a_bad_idempotency_key_is_refused(client, alice, db):
 
     assert list(await errors_of(resp)) == ["Idempotency-Key"]
     assert await count_todos(db) == 0
+
+
+def cursor_of(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+# PostgreSQL cannot store NUL in text, and a lone surrogate is not UTF-8: both
+# used to reach the driver (or the idempotency hash) and come back as a 500.
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"title": "nul\x00inside"}, "title"),
+        ({"title": "\ud800"}, "title"),
+        ({"title": "ok", "description": "nul\x00inside"}, "description"),
+        ({"title": "ok", "description": "lone \udfff surrogate"}, "description"),
+    ],
+)
+async def test_text_postgres_cannot_store_is_refused(client, alice, db, body, field):
+    created = await client.post("/todos", json=body, headers=alice.headers)
+    keyed = await client.post("/todos", json=body, headers={**alice.headers, "Idempotency-Key": uuid.uuid4().hex})
+    todo = await (await client.post("/todos", json={"title": "Keep me"}, headers=alice.headers)).json()
+    patched = await client.patch(f"/todos/{todo['id']}", json={field: body[field]}, headers=alice.headers)
+
+    for resp in (created, keyed, patched):
+        assert list(await errors_of(resp)) == [field]
+    assert await count_todos(db) == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=%C2%B2", "limit"),  # "²": str.isdigit() says yes, int() says no
+        ("limit=%D9%A3", "limit"),  # an Arabic-Indic three
+        ("limit=" + "9" * 5000, "limit"),  # past int()'s digit limit
+        ("q=nul%00inside", "q"),
+        ("cursor=" + cursor_of(["2024-01-01T00:00:00+00:00", 1]), "cursor"),
+        ("cursor=" + base64.urlsafe_b64encode(b"[" * 3000).decode(), "cursor"),  # json.loads recursion
+    ],
+)
+async def test_a_list_query_that_used_to_500_is_refused(client, alice, query, field):
+    errors = await errors_of(await client.get(f"/todos?{query}", headers=alice.headers))
+
+    assert list(errors) == [field]
+
+
+async def test_a_large_limit_is_still_served_as_the_maximum(client, alice):
+    resp = await client.get("/todos?limit=" + "9" * 10, headers=alice.headers)
+
+    assert resp.status == 200

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX
-from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_MAX, MAX_LIMIT, QUERY_MAX
+from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_MAX, LIMIT_DIGITS_MAX, MAX_LIMIT, QUERY_MAX
 
 _DATE_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, with a time zone"}
 _NULLABLE_DATE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -109,7 +109,12 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "limit",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "default": DEFAULT_LIMIT},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 10**LIMIT_DIGITS_MAX - 1,
+                                "default": DEFAULT_LIMIT,
+                            },
                             "description": f"Page size; values above {MAX_LIMIT} are served as {MAX_LIMIT}",
                         },
                         {

@@ -16,6 +16,8 @@ from datetime import datetime
 
 from .model import Todo
 
+CURSOR_MAX = 512
+
 
 class InvalidCursor(ValueError):
     """The cursor was not made by ``encode_cursor``."""
@@ -27,11 +29,23 @@ def encode_cursor(todo: Todo) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    # Ours are about 100 characters; the bound also keeps json.loads far from
+    # its recursion limit ("[[[[..." raises RecursionError, not ValueError).
+    if len(cursor) > CURSOR_MAX:
+        raise InvalidCursor(cursor)
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, todo_id = json.loads(raw)
+        decoded = json.loads(raw)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor(cursor) from None
+    # Well-formed JSON of any other shape ([..., 1] would make uuid.UUID raise
+    # AttributeError) is as foreign as a malformed cursor.
+    if not (isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(part, str) for part in decoded)):
+        raise InvalidCursor(cursor)
+    created_at, todo_id = decoded
+    try:
         position = (datetime.fromisoformat(created_at), str(uuid.UUID(todo_id)))
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+    except ValueError:
         raise InvalidCursor(cursor) from None
     if position[0].tzinfo is None:
         raise InvalidCursor(cursor)

@@ -22,6 +22,7 @@ from .pagination import InvalidCursor, decode_cursor
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+LIMIT_DIGITS_MAX = 10
 QUERY_MAX = 200
 # RFC 3339's date-time: a full date, a full time and a mandatory offset.
 # datetime.fromisoformat alone would also take dates, local times and ISO 8601's basic format.
@@ -41,10 +42,25 @@ def parse_datetime(value: object) -> datetime:
         raise Invalid("is not a valid date-time") from None
 
 
+def _storable(text: str) -> str:
+    """``text``, if PostgreSQL can store it: no NUL, and UTF-8 (no lone surrogates).
+
+    JSON's ``"\\u0000"`` and ``"\\ud800"`` decode to exactly these, and both
+    would otherwise fail in the driver (or in hashing), as a 500.
+    """
+    if "\x00" in text:
+        raise Invalid("must not contain NUL characters")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise Invalid("must be valid Unicode text (no lone surrogates)") from None
+    return text
+
+
 def _title(value: object) -> str:
     if not isinstance(value, str):
         raise Invalid("must be a string")
-    title = value.strip()
+    title = _storable(value).strip()
     if not 1 <= len(title) <= TITLE_MAX:
         raise Invalid(f"must be 1 to {TITLE_MAX} characters long")
     return title
@@ -57,7 +73,7 @@ def _description(value: object) -> str | None:
         raise Invalid("must be a string or null")
     if len(value) > DESCRIPTION_MAX:
         raise Invalid(f"must be at most {DESCRIPTION_MAX} characters long")
-    return value
+    return _storable(value)
 
 
 def _due_at(value: object) -> datetime | None:
@@ -125,8 +141,10 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
 
 
 def _limit(raw: str) -> int:
-    if not raw.isdigit() or int(raw) < 1:
-        raise Invalid("must be a positive integer")
+    # isdigit() alone also takes "²" and other digits int() refuses, and int()
+    # refuses more than 4300 digits: ASCII digits, and few of them.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > LIMIT_DIGITS_MAX or int(raw) < 1:
+        raise Invalid(f"must be a positive integer of at most {LIMIT_DIGITS_MAX} digits")
     return min(int(raw), MAX_LIMIT)  # a larger page is not an error, just not served
 
 
@@ -146,7 +164,7 @@ def _completed(raw: str) -> bool:
 def _search(raw: str) -> str:
     if not 1 <= len(raw) <= QUERY_MAX:
         raise Invalid(f"must be 1 to {QUERY_MAX} characters long")
-    return raw
+    return _storable(raw)
 
 
 _QUERY: dict[str, tuple[str, Callable[[str], Any]]] = {
