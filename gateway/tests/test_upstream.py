@@ -195,6 +195,7 @@ async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_
         pool = upstream._pools[("127.0.0.1", server.port)]
         assert pool.idle == [conn]
         await eventually(lambda: not pool.idle, within=2)
-        assert conn is not None and conn.transport is None  # closed, not only forgotten
+        assert conn is not None
+        await eventually(lambda: conn.transport is None, within=1)  # closed, not only forgotten
     finally:
         upstream.close()
