@@ -15,7 +15,8 @@ from mesh_common.problems import ValidationFailed
 
 from .passwords import MAX_LENGTH, Passwords
 
-USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+# Matched whole: "$" alone would also match before a trailing newline.
+USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 # Deliberately loose: the only real check of an address is a mail reaching it.
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_EMAIL = 254
@@ -36,10 +37,28 @@ class _Fields:
     def error(self, field: str, message: str) -> None:
         self.errors.append({"field": field, "message": message})
 
-    def string(self, name: str) -> str | None:
-        value = self.body.get(name)
-        if name in self.body and not isinstance(value, str):
+    def string(self, name: str, *, nul: bool = False) -> str | None:
+        """The field's text; None when it is absent or refused (and recorded).
+
+        A lone surrogate (JSON ``"\\ud800"``) is always refused: it is not
+        UTF-8, so the throttle key, argon2 and the token hashes cannot encode
+        it. NUL is refused unless ``nul``: PostgreSQL cannot store it in text,
+        but a secret that is only hashed or compared may hold it, and a
+        password with one may already be registered.
+        """
+        if name not in self.body:
+            return None
+        value = self.body[name]
+        if not isinstance(value, str):
             self.error(name, "must be a string")
+            return None
+        if not nul and "\x00" in value:
+            self.error(name, "must not contain NUL characters")
+            return None
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            self.error(name, "must be valid Unicode text (no lone surrogates)")
             return None
         return value
 
@@ -50,7 +69,7 @@ class _Fields:
 
 def _username(fields: _Fields) -> str:
     username = fields.string("username")
-    if username is not None and not USERNAME.match(username):
+    if username is not None and not USERNAME.fullmatch(username):
         fields.error("username", "must be 3 to 32 letters, digits, '.', '_' or '-'")
     return username or ""
 
@@ -85,7 +104,7 @@ def registration(body: dict[str, Any], passwords: Passwords) -> Registration:
     fields = _Fields(body, required={"username", "email", "password"}, optional={"display_name"})
     username, email = _username(fields), _email(fields)
     display_name = _display_name(fields) if "display_name" in body else username
-    password = fields.string("password")
+    password = fields.string("password", nul=True)
     if password is not None:
         weakness = passwords.weakness(password, username=username, email=email)
         if weakness:
@@ -97,7 +116,7 @@ def registration(body: dict[str, Any], passwords: Passwords) -> Registration:
 def credentials(body: dict[str, Any]) -> tuple[str, str]:
     """(login name or email, password) of a login."""
     fields = _Fields(body, required={"username", "password"})
-    login, password = fields.string("username"), fields.string("password")
+    login, password = fields.string("username"), fields.string("password", nul=True)
     if login is not None and not 1 <= len(login) <= MAX_EMAIL:
         fields.error("username", "must be a username or an email")
     if password is not None and not 1 <= len(password) <= MAX_LENGTH:
@@ -121,7 +140,7 @@ def profile_changes(body: dict[str, Any]) -> dict[str, str]:
 
 def refresh_token(body: dict[str, Any]) -> str:
     fields = _Fields(body, required={"refresh_token"})
-    token = fields.string("refresh_token")
+    token = fields.string("refresh_token", nul=True)
     if token is not None and not 1 <= len(token) <= 256:
         fields.error("refresh_token", "is not a refresh token")
     fields.check()
@@ -130,6 +149,6 @@ def refresh_token(body: dict[str, Any]) -> str:
 
 def client_credentials(body: dict[str, Any]) -> tuple[str, str]:
     fields = _Fields(body, required={"client_id", "client_secret"})
-    client_id, secret = fields.string("client_id"), fields.string("client_secret")
+    client_id, secret = fields.string("client_id", nul=True), fields.string("client_secret", nul=True)
     fields.check()
     return client_id or "", secret or ""

@@ -1,0 +1,79 @@
+"""Text the service cannot store or hash is a 422 naming the field, never a 500.
+
+PostgreSQL cannot store NUL in text, and a lone surrogate (JSON ``"\\ud800"``)
+is not UTF-8, so it fails wherever a string is encoded: the login throttle's
+key, argon2, the refresh-token hash, the client-secret comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+PASSWORD = "a long and unusual passphrase"
+SURROGATE = "\ud800"
+
+
+async def field_errors(response: Any) -> set[str]:
+    assert response.status == 422, await response.text()
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["code"] == "VALIDATION_FAILED"
+    return {error["field"] for error in problem["errors"]}
+
+
+def registration(**changes: Any) -> dict[str, Any]:
+    return {"username": "ada", "email": "ada@example.com", "password": PASSWORD, **changes}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (registration(username="ada\n"), "username"),  # "$" alone let a trailing newline through
+        (registration(email="ada\x00@example.com"), "email"),
+        (registration(email=f"ada{SURROGATE}@example.com"), "email"),
+        (registration(password=PASSWORD + SURROGATE), "password"),
+    ],
+)
+async def test_a_registration_with_unstorable_text_names_the_field(
+    client: Any, body: dict[str, Any], field: str
+) -> None:
+    assert await field_errors(await client.post("/users", json=body)) == {field}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/auth/login", {"username": "ada\x00", "password": PASSWORD}, "username"),
+        ("/auth/login", {"username": f"ada{SURROGATE}", "password": PASSWORD}, "username"),
+        ("/auth/login", {"username": "ada", "password": PASSWORD + SURROGATE}, "password"),
+        ("/auth/refresh", {"refresh_token": SURROGATE}, "refresh_token"),
+        ("/auth/logout", {"refresh_token": SURROGATE}, "refresh_token"),
+        ("/auth/service-token", {"client_id": "notification-service", "client_secret": SURROGATE}, "client_secret"),
+    ],
+)
+async def test_credentials_with_unstorable_text_name_the_field(
+    client: Any, register: Any, path: str, body: dict[str, Any], field: str
+) -> None:
+    await register()
+
+    assert await field_errors(await client.post(path, json=body)) == {field}
+
+
+async def test_a_profile_change_with_unstorable_text_names_the_field(
+    client: Any, register: Any, login: Any, auth: Any
+) -> None:
+    await register()
+    headers = auth((await login())["access_token"])
+
+    response = await client.patch("/users/me", json={"email": "ada\x00@example.com"}, headers=headers)
+
+    assert await field_errors(response) == {"email"}
+    assert (await (await client.get("/users/me", headers=headers)).json())["email"] == "ada@example.com"
+
+
+async def test_a_password_may_still_hold_nul_because_only_its_hash_is_stored(register: Any, login: Any) -> None:
+    await register(password=PASSWORD + "\x00")
+
+    assert (await login(password=PASSWORD + "\x00"))["access_token"]
