@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
@@ -67,6 +68,17 @@ class _Attempt(UpstreamFailure):
         super().__init__()
         self.problem = problem_
         self.sent = sent
+        self.response = response
+
+
+class _ClientGone(Exception):
+    """Our client hung up or stopped reading mid-stream: nothing the upstream did.
+
+    Not an ``UpstreamFailure``: it leaves the breaker as it found it.
+    """
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__()
         self.response = response
 
 
@@ -168,60 +180,87 @@ class Proxy:
         target = route.upstream_path(request.rel_url.raw_path)
         if request.rel_url.raw_query_string:
             target += "?" + request.rel_url.raw_query_string
+        # The route's deadline is for the answer's head (and a body small
+        # enough to buffer); a streamed body gets as long between chunks.
         deadline = asyncio.get_running_loop().time() + route.timeout
-        with self._breakers.breaker(instance.id):
-            try:
-                async with asyncio.timeout_at(deadline):
-                    resp = await self._upstream.request(
-                        method, instance.address, instance.port, target, headers.items(), body
-                    )
-                    buffered = resp.status >= 500 or (
-                        resp.content_length is not None and resp.content_length <= BUFFER_LIMIT
-                    )
-                    payload = await resp.read() if buffered else None
-            except UpstreamConnectError:
-                raise _Attempt(BadGateway(), sent=False) from None
-            except TimeoutError:
-                raise _Attempt(UpstreamTimeout(), sent=True) from None
-            except UpstreamBroken:
-                raise _Attempt(BadGateway(), sent=True) from None
-            if payload is None:
-                # Streamed inside the breaker: an upstream that dies mid-body counts.
-                return await self._stream(request, resp, instance, deadline)
-            out = _without_hop_by_hop(resp.headers)
-            if method == "HEAD" and resp.content_length is not None:
-                # No body, but the length a GET would have: that is what HEAD is for.
-                out["Content-Length"] = str(resp.content_length)
-            response = web.Response(status=resp.status, body=payload, headers=out)
-            if resp.status >= 500:
-                raise _Attempt(sent=True, response=response)
-            return self._mark(response, instance)
+        try:
+            with self._breakers.breaker(instance.id):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        resp = await self._upstream.request(
+                            method, instance.address, instance.port, target, headers.items(), body
+                        )
+                        buffered = resp.status >= 500 or (
+                            resp.content_length is not None and resp.content_length <= BUFFER_LIMIT
+                        )
+                        payload = await resp.read() if buffered else None
+                except UpstreamConnectError:
+                    raise _Attempt(BadGateway(), sent=False) from None
+                except TimeoutError:
+                    raise _Attempt(UpstreamTimeout(), sent=True) from None
+                except UpstreamBroken:
+                    raise _Attempt(BadGateway(), sent=True) from None
+                if payload is None:
+                    # Streamed inside the breaker: an upstream that dies or stalls mid-body counts.
+                    return await self._stream(request, resp, instance, idle=route.timeout)
+                out = _without_hop_by_hop(resp.headers)
+                if method == "HEAD" and resp.content_length is not None:
+                    # No body, but the length a GET would have: that is what HEAD is for.
+                    out["Content-Length"] = str(resp.content_length)
+                response = web.Response(status=resp.status, body=payload, headers=out)
+                if resp.status >= 500:
+                    raise _Attempt(sent=True, response=response)
+                return self._mark(response, instance)
+        except _ClientGone as gone:
+            return gone.response
 
     async def _stream(
-        self, request: web.Request, resp: UpstreamResponse, instance: Instance, deadline: float
+        self, request: web.Request, resp: UpstreamResponse, instance: Instance, *, idle: float
     ) -> web.StreamResponse:
         headers = _without_hop_by_hop(resp.headers)
         response = self._mark(web.StreamResponse(status=resp.status, headers=headers), instance)
         # A known length is kept (no chunking); a body cut short cuts the connection.
         response.content_length = resp.content_length
         try:
-            async with asyncio.timeout_at(deadline):
-                await response.prepare(request)
-                async for chunk in resp.iter_chunks():
-                    await response.write(chunk)
-                await response.write_eof()
-        except (UpstreamBroken, TimeoutError) as exc:
-            # The status line is already out: the only honest signal left to
-            # the client is a cut connection, never a second response.
-            log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)
-            if request.transport is not None:
-                request.transport.close()
-            raise _Attempt(sent=True, response=response) from None
+            await _to_client(request, response, response.prepare(request), idle)
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await resp.next_chunk()
+                except (UpstreamBroken, TimeoutError) as exc:
+                    # The status line is already out: the only honest signal left to
+                    # the client is a cut connection, never a second response.
+                    log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)
+                    _hang_up(request)
+                    raise _Attempt(sent=True, response=response) from None
+                if chunk is None:
+                    break
+                await _to_client(request, response, response.write(chunk), idle)
+            await _to_client(request, response, response.write_eof(), idle)
         finally:
-            resp.release()
+            resp.release()  # closes the upstream connection unless its body was read to the end
         return response
 
     def _mark(self, response: web.StreamResponse, instance: Instance) -> web.StreamResponse:
         if self._expose_upstream:
             response.headers["X-Upstream-Instance"] = instance.id
         return response
+
+
+async def _to_client(request: web.Request, response: web.StreamResponse, write: Awaitable[object], idle: float) -> None:
+    """Write to our client; a client that is gone or takes nothing for ``idle`` seconds is cut.
+
+    Either is the client's doing, never the upstream's, so it raises ``_ClientGone``.
+    """
+    try:
+        async with asyncio.timeout(idle):
+            await write
+    except (ConnectionError, TimeoutError) as exc:
+        log.info("client_gone_mid_stream", error=type(exc).__name__)
+        _hang_up(request)
+        raise _ClientGone(response) from None
+
+
+def _hang_up(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

@@ -13,8 +13,9 @@ with httptools (llhttp, the parser Node.js and uvicorn use).
   upstream would close them under us (``connection.py``).
 * One request at a time per connection, never pipelined. A connection goes
   back to the pool only once its response has been read to the end.
-* The body comes whole (``read``) or in chunks (``iter_chunks``); a slow
-  reader pauses the socket instead of buffering without bound.
+* The body comes whole (``read``) or in chunks (``iter_chunks``,
+  ``next_chunk``); a slow reader pauses the socket instead of buffering
+  without bound.
 * ``UpstreamConnectError`` means nothing was sent (safe to retry anywhere);
   ``UpstreamBroken`` means the upstream may have seen the request.
   Deadlines are the caller's, as ``asyncio.timeout``.
@@ -37,7 +38,7 @@ __all__ = ["HIGH_WATER", "Upstream", "UpstreamBroken", "UpstreamConnectError", "
 
 
 class UpstreamResponse:
-    """Status and headers as received; the body is read with ``read`` or ``iter_chunks``, once."""
+    """Status and headers as received; the body is read once: ``read``, ``iter_chunks`` or ``next_chunk``."""
 
     def __init__(self, pool: Pool, conn: Connection, *, head_only: bool) -> None:
         self._pool = pool
@@ -56,14 +57,29 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        if conn is None:
-            return
         try:
-            while (chunk := await conn.next_chunk()) is not None:
+            while (chunk := await self.next_chunk()) is not None:
                 yield chunk
         finally:
+            self.release()
+
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body, or ``None`` at its end.
+
+        For a caller that bounds each wait: a wait cut short (a timeout, a
+        cancellation) closes the connection, whose response is half read.
+        """
+        conn = self._conn
+        if conn is None:
+            return None
+        try:
+            chunk = await conn.next_chunk()
+        except BaseException:
+            self._done(reuse=False)
+            raise
+        if chunk is None:
             self._done(reuse=conn.keep_alive())
+        return chunk
 
     def release(self) -> None:
         """Give the connection back, or close it if the body was not read to the end."""

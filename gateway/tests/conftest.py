@@ -8,6 +8,7 @@ TTL checks, so a test can turn one critical exactly when it wants to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,14 +30,19 @@ from mesh_gateway.settings import Settings
 GATEWAY_REDIS_DB = 3  # the gateway suite's own Redis database, flushed per test
 
 
+HUGE = 8 * 1024 * 1024  # more than the kernel buffers between the gateway and a client hold
+
+
 @dataclass
 class Upstream:
-    """One fake instance: ``mode`` is "ok", "fail" (500), "hang", "large" or "truncate"."""
+    """One fake instance: ``mode`` is "ok", "fail" (500), "hang", "large", "huge", "truncate" or "trickle"."""
 
     service_id: str
     server: TestServer
     mode: str = "ok"
     hits: int = 0
+    # Ends a "trickle" answer (which otherwise ends by itself after 5 s).
+    stop_trickle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def port(self) -> int:
@@ -97,6 +103,19 @@ async def fake_service(
                     await asyncio.sleep(5)
                 if upstream.mode == "large":  # 1 MiB with its length: streamed, not buffered
                     return web.Response(body=b"y" * (1024 * 1024))
+                if upstream.mode == "huge":
+                    return web.Response(body=b"z" * HUGE)
+                if upstream.mode == "trickle":  # a chunk every 20 ms, no length: a slow, healthy stream
+                    response = web.StreamResponse()
+                    await response.prepare(request)
+                    # The gateway may hang up first: that is what some tests are about.
+                    with contextlib.suppress(TimeoutError, ConnectionError):
+                        async with asyncio.timeout(5):
+                            while not upstream.stop_trickle.is_set():
+                                await response.write(b"t" * 100)
+                                await asyncio.sleep(0.02)
+                        await response.write_eof()
+                    return response
                 if upstream.mode == "truncate":  # promise 1 MiB, send a third, then drop the connection
                     response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
                     await response.prepare(request)
@@ -141,6 +160,17 @@ async def fake_service(
             pass
 
 
+class ServedLikeProduction(TestServer):
+    """A test server that, like ``mesh_common.serve``, lets a handler run on when its client hangs up.
+
+    aiohttp's test server cancels it instead, which would hide what the
+    gateway does when a write to a client that is gone fails.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, **{**kwargs, "handler_cancellation": False})
+
+
 @pytest.fixture
 def tokens() -> TokenFactory:
     return TokenFactory()
@@ -176,7 +206,7 @@ async def gateway(
             auth=frozenset({("POST", "/api/v1/things/login")}),
         )
         app = create_app(settings, routes=table, verifier=tokens.verifier())
-        return await aiohttp_client(app, server_kwargs={"port": port})
+        return await aiohttp_client(ServedLikeProduction(app, port=port))
 
     yield make
     await flusher.aclose()
