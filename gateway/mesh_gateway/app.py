@@ -16,7 +16,7 @@ from mesh_common.http import http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
 from .guard import guard_middleware
-from .keys import BREAKERS, PROXY, RATE_LIMITER, RETRY_BUDGET, ROUTE_TABLE, SETTINGS
+from .keys import BREAKERS, PROXY, RATE_LIMITER, RETRY_BUDGET, ROUTE_TABLE, SETTINGS, UPSTREAM
 from .proxy import Proxy
 from .ratelimit import Limits, RateLimiter
 from .routes import API, RouteTable
@@ -45,7 +45,7 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     # Register only once the first healthy sets are known, so that a new
     # gateway does not answer 503 for upstreams it simply has not heard of.
     await asyncio.gather(*(watch.wait_ready(5.0) for watch in app[WATCHES].values()))
-    upstream = Upstream(limit_per_host=250, connect_timeout=settings.connect_timeout)
+    upstream = app[UPSTREAM]
     app[PROXY] = Proxy(
         app[ROUTE_TABLE],
         upstream,
@@ -64,12 +64,17 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, *, routes: RouteTable = API, verifier: JwksVerifier | None = None
+    settings: Settings,
+    *,
+    routes: RouteTable = API,
+    verifier: JwksVerifier | None = None,
+    upstream: Upstream | None = None,
 ) -> web.Application:
     """The gateway app.
 
     ``routes`` is the published API; ``verifier`` replaces the JWKS fetched
-    through Consul. Tests pass both, to put fake upstreams behind a real gateway.
+    through Consul. Tests pass both, to put fake upstreams behind a real
+    gateway, and ``upstream`` for a client with other limits (the app closes it).
     """
     guards = [] if settings.passthrough else [guard_middleware]
     app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body)
@@ -81,6 +86,10 @@ def create_app(
         enabled=not settings.passthrough,
     )
     app[RETRY_BUDGET] = RetryBudget()
+    # Built here, connecting nothing: its pools are made on first use.
+    if upstream is None:
+        upstream = Upstream(limit_per_host=250, connect_timeout=settings.connect_timeout)
+    app[UPSTREAM] = upstream
     contexts = [
         consul_ctx(settings.service.consul_url),
         watch_services_ctx(*app[ROUTE_TABLE].services()),

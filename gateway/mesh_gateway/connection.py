@@ -33,6 +33,10 @@ class UpstreamBroken(Exception):
     """The connection failed or the answer was not HTTP: the request may have been seen."""
 
 
+class PoolTimeout(Exception):
+    """No connection of our own pool came free in time: nothing was sent, and the upstream is not to blame."""
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection, and the one response it is reading."""
 

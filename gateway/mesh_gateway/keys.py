@@ -8,6 +8,7 @@ from .proxy import Proxy
 from .ratelimit import RateLimiter
 from .routes import RouteTable
 from .settings import Settings
+from .upstream import Upstream
 
 SETTINGS = web.AppKey("gateway.settings", Settings)
 BREAKERS = web.AppKey("gateway.breakers", BreakerBoard)
@@ -15,3 +16,4 @@ RETRY_BUDGET = web.AppKey("gateway.retry_budget", RetryBudget)
 PROXY = web.AppKey("gateway.proxy", Proxy)
 RATE_LIMITER = web.AppKey("gateway.rate_limiter", RateLimiter)
 ROUTE_TABLE = web.AppKey("gateway.route_table", RouteTable)
+UPSTREAM = web.AppKey("gateway.upstream", Upstream)

@@ -26,7 +26,7 @@ from mesh_common.requests import REQUEST_ID
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
 from .routes import Route, RouteTable
-from .upstream import Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
+from .upstream import PoolTimeout, Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
 
 NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
 UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
@@ -58,17 +58,18 @@ BUFFER_LIMIT = 256 * 1024
 log = structlog.get_logger()
 
 
-class _Attempt(UpstreamFailure):
-    """One failed attempt, with what the client gets if nothing else works.
-
-    It is an ``UpstreamFailure``, so raising it inside the breaker counts.
-    """
+class _Attempt(Exception):
+    """One failed attempt, with what the client gets if nothing else works."""
 
     def __init__(self, problem_: Exception | None = None, *, sent: bool, response: web.StreamResponse | None = None):
         super().__init__()
         self.problem = problem_
         self.sent = sent
         self.response = response
+
+
+class _Failed(_Attempt, UpstreamFailure):
+    """A failed attempt that is the instance's doing: raised inside its breaker, it counts."""
 
 
 class _ClientGone(Exception):
@@ -186,20 +187,24 @@ class Proxy:
         try:
             with self._breakers.breaker(instance.id):
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        resp = await self._upstream.request(
-                            method, instance.address, instance.port, target, headers.items(), body
-                        )
-                        buffered = resp.status >= 500 or (
-                            resp.content_length is not None and resp.content_length <= BUFFER_LIMIT
-                        )
-                        payload = await resp.read() if buffered else None
+                    resp = await self._upstream.request(
+                        method, instance.address, instance.port, target, headers.items(), body, deadline=deadline
+                    )
+                    payload = None
+                    if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
+                        async with asyncio.timeout_at(deadline):
+                            payload = await resp.read()
+                except PoolTimeout:
+                    # Our own connections to it were all busy: nothing was sent, and
+                    # nothing is known about the instance, so its breaker hears nothing.
+                    log.warning("upstream_pool_full", upstream=instance.id)
+                    raise _Attempt(UpstreamTimeout(), sent=False) from None
                 except UpstreamConnectError:
-                    raise _Attempt(BadGateway(), sent=False) from None
+                    raise _Failed(BadGateway(), sent=False) from None
                 except TimeoutError:
-                    raise _Attempt(UpstreamTimeout(), sent=True) from None
+                    raise _Failed(UpstreamTimeout(), sent=True) from None
                 except UpstreamBroken:
-                    raise _Attempt(BadGateway(), sent=True) from None
+                    raise _Failed(BadGateway(), sent=True) from None
                 if payload is None:
                     # Streamed inside the breaker: an upstream that dies or stalls mid-body counts.
                     return await self._stream(request, resp, instance, idle=route.timeout)
@@ -209,7 +214,7 @@ class Proxy:
                     out["Content-Length"] = str(resp.content_length)
                 response = web.Response(status=resp.status, body=payload, headers=out)
                 if resp.status >= 500:
-                    raise _Attempt(sent=True, response=response)
+                    raise _Failed(sent=True, response=response)
                 return self._mark(response, instance)
         except _ClientGone as gone:
             return gone.response
@@ -232,7 +237,7 @@ class Proxy:
                     # the client is a cut connection, never a second response.
                     log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)
                     _hang_up(request)
-                    raise _Attempt(sent=True, response=response) from None
+                    raise _Failed(sent=True, response=response) from None
                 if chunk is None:
                     break
                 await _to_client(request, response, response.write(chunk), idle)

@@ -16,9 +16,10 @@ with httptools (llhttp, the parser Node.js and uvicorn use).
 * The body comes whole (``read``) or in chunks (``iter_chunks``,
   ``next_chunk``); a slow reader pauses the socket instead of buffering
   without bound.
-* ``UpstreamConnectError`` means nothing was sent (safe to retry anywhere);
-  ``UpstreamBroken`` means the upstream may have seen the request.
-  Deadlines are the caller's, as ``asyncio.timeout``.
+* ``UpstreamConnectError`` and ``PoolTimeout`` mean nothing was sent (safe
+  to retry anywhere); ``UpstreamBroken`` and ``TimeoutError`` mean the
+  upstream may have seen the request. A deadline given to ``request`` says
+  which phase it ran out in; a caller's own ``asyncio.timeout`` cannot.
 
 Request heads are built from what aiohttp's server parsed, which rejects
 CR, LF and other control characters in the request line and headers, so
@@ -32,9 +33,9 @@ from collections.abc import AsyncIterator, Iterable
 
 from multidict import CIMultiDict
 
-from .connection import HIGH_WATER, Connection, Pool, UpstreamBroken, UpstreamConnectError
+from .connection import HIGH_WATER, Connection, Pool, PoolTimeout, UpstreamBroken, UpstreamConnectError
 
-__all__ = ["HIGH_WATER", "Upstream", "UpstreamBroken", "UpstreamConnectError", "UpstreamResponse"]
+__all__ = ["HIGH_WATER", "PoolTimeout", "Upstream", "UpstreamBroken", "UpstreamConnectError", "UpstreamResponse"]
 
 
 class UpstreamResponse:
@@ -114,8 +115,16 @@ class Upstream:
         target: str,
         headers: Iterable[tuple[str, str]],
         body: bytes | None = None,
+        *,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         """Send a request; return once the response's head has arrived.
+
+        ``deadline`` (event-loop time) bounds all of it, and what is raised
+        when it passes tells how far the request got: ``PoolTimeout`` while
+        waiting for a connection of our own, ``UpstreamConnectError`` while
+        connecting (which gets at most ``connect_timeout`` of it): nothing
+        was sent; ``TimeoutError`` while waiting for the head: it was.
 
         The caller must read the body or call ``release``: until then the
         connection is theirs.
@@ -130,11 +139,21 @@ class Upstream:
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")
 
-        await pool.slots.acquire()
-        try:
-            conn = await self._connection(pool)
+        if pool.slots.locked():
+            # Only a full pool waits (a free slot is taken without a pause),
+            # so only this path pays for a timer.
             try:
-                await conn.exchange(head, body)
+                async with asyncio.timeout_at(deadline):
+                    await pool.slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(f"{host}:{port}: all {self._limit} connections stayed busy") from None
+        else:
+            await pool.slots.acquire()
+        try:
+            conn = await self._connection(pool, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await conn.exchange(head, body)
             except BaseException:
                 conn.close()
                 raise
@@ -143,13 +162,14 @@ class Upstream:
             raise
         return UpstreamResponse(pool, conn, head_only=method == "HEAD")
 
-    async def _connection(self, pool: Pool) -> Connection:
+    async def _connection(self, pool: Pool, deadline: float | None) -> Connection:
         conn = pool.take_idle()
         if conn is not None:
             return conn
         loop = asyncio.get_running_loop()
+        timeout = self._connect_timeout if deadline is None else min(self._connect_timeout, deadline - loop.time())
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(lambda: Connection(pool), pool.host, pool.port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: {exc or type(exc).__name__}") from None

@@ -26,6 +26,7 @@ from mesh_common.testing import TokenFactory, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
+from mesh_gateway.upstream import Upstream as UpstreamClient
 
 GATEWAY_REDIS_DB = 3  # the gateway suite's own Redis database, flushed per test
 
@@ -185,7 +186,13 @@ async def gateway(
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
 
-    async def make(service: FakeService | str, *, route_timeout: float = 2.0, **overrides: Any) -> TestClient:
+    async def make(
+        service: FakeService | str,
+        *,
+        route_timeout: float = 2.0,
+        upstream: UpstreamClient | None = None,
+        **overrides: Any,
+    ) -> TestClient:
         name = service if isinstance(service, str) else service.name
         port = free_port()
         settings = Settings(
@@ -205,7 +212,7 @@ async def gateway(
             public=frozenset({("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login")}),
             auth=frozenset({("POST", "/api/v1/things/login")}),
         )
-        app = create_app(settings, routes=table, verifier=tokens.verifier())
+        app = create_app(settings, routes=table, verifier=tokens.verifier(), upstream=upstream)
         return await aiohttp_client(ServedLikeProduction(app, port=port))
 
     yield make

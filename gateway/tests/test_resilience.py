@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import aiohttp
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from mesh_common.resilience import BreakerBoard, UpstreamFailure
 from mesh_common.testing import TokenFactory, eventually
 from mesh_gateway.keys import BREAKERS
+from mesh_gateway.upstream import Upstream as UpstreamClient
 
 
 async def test_idempotent_request_is_retried_once_on_a_different_instance(fake_service, gateway, tokens):
@@ -179,3 +181,30 @@ async def test_a_half_open_instance_gets_one_probe_not_every_request(fake_servic
     assert instance.hits == hits + 1  # one probe; the others were not sent
     assert sorted(statuses) == [503, 503, 503, 503, 504]
     assert breakers.is_open(instance.service_id)  # the probe failed: open again
+
+
+async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_elsewhere(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    for instance in service.instances:
+        instance.mode = "trickle"
+    # One connection per instance: a long stream fills an instance's pool.
+    client = await gateway(service, route_timeout=0.3, upstream=UpstreamClient(limit_per_host=1))
+    breakers = client.app[BREAKERS]
+    async with client.get("/api/v1/things", headers=tokens.headers()) as stream:
+        busy = next(i for i in service.instances if i.service_id == stream.headers["X-Upstream-Instance"])
+        (other,) = (i for i in service.instances if i is not busy)
+        other.mode = "ok"
+        waited = False
+        for _ in range(30):  # until one pick has met the full pool: each is a coin toss
+            started = time.perf_counter()
+            # A POST without a key is retried only if it was never sent.
+            async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+                assert r.status == 200
+                assert r.headers["X-Upstream-Instance"] == other.service_id
+            if time.perf_counter() - started >= 0.3:
+                waited = True
+                break
+        assert waited
+        assert busy.hits == 1  # nothing more was sent to it
+        assert breakers.failures(busy.service_id) == 0
+        busy.stop_trickle.set()

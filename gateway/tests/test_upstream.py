@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mesh_common.testing import eventually
-from mesh_gateway.upstream import HIGH_WATER, Upstream, UpstreamBroken, UpstreamConnectError
+from mesh_gateway.upstream import HIGH_WATER, PoolTimeout, Upstream, UpstreamBroken, UpstreamConnectError
 
 from .conftest import free_port
 
@@ -197,5 +197,22 @@ async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_
         await eventually(lambda: not pool.idle, within=2)
         assert conn is not None
         await eventually(lambda: conn.transport is None, within=1)  # closed, not only forgotten
+    finally:
+        upstream.close()
+
+
+async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    server, peers = await echo_server(aiohttp_server)
+    upstream = Upstream(limit_per_host=1)
+    loop = asyncio.get_running_loop()
+    try:
+        held = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])  # the one connection, unread
+        with pytest.raises(PoolTimeout):
+            await upstream.request("GET", "127.0.0.1", server.port, "/x", [], deadline=loop.time() + 0.05)
+        assert len(peers) == 1  # the second request never left
+        await held.read()
+        with pytest.raises(TimeoutError):
+            await upstream.request("GET", "127.0.0.1", server.port, "/slow", [], deadline=loop.time() + 0.05)
+        await eventually(lambda: len(peers) == 2, within=2)  # this one did
     finally:
         upstream.close()
