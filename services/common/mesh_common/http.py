@@ -2,7 +2,8 @@
 
 ``ServiceClient.get_json`` resolves the target through its Consul watch,
 skips instances whose breaker is open, retries a GET once on another
-instance with jittered backoff, and never runs past its deadline.
+instance with jittered backoff (when one is left and the retry budget
+allows), and never runs past its deadline.
 """
 
 from __future__ import annotations
@@ -62,7 +63,18 @@ class ServiceClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
 
+        failed: list[UpstreamFailure] = []
+
         def giveup(exc: Exception) -> bool:
+            # backoff 2.2.1 asks this before it checks max_tries, so after the
+            # last attempt too: spend the budget only on a retry that will
+            # happen, on an instance that is left.
+            if isinstance(exc, UpstreamFailure):
+                failed.append(exc)
+            if len(tried) >= self._attempts or loop.time() >= deadline:
+                return True
+            if not any(i.id not in tried and self.breakers.available(i.id) for i in watch.instances):
+                return True
             return not self._budget.try_spend()
 
         # Waits of 0-20 ms, then 0-40 ms...: ``factor`` scales expo's 1, 2, 4
@@ -80,7 +92,12 @@ class ServiceClient:
         async def attempt() -> Any:
             if loop.time() >= deadline:
                 raise TimeoutError(f"{service}: the deadline passed before another attempt")
-            instance = self.breakers.pick(watch, frozenset(tried))
+            try:
+                instance = self.breakers.pick(watch, frozenset(tried))
+            except NoInstances:
+                if failed:  # the set changed during the wait: the failure is the answer
+                    raise failed[-1] from None
+                raise
             tried.add(instance.id)
             with self.breakers.breaker(instance.id):
                 try:

@@ -1,0 +1,51 @@
+"""``mesh_common.http.ServiceClient`` (the gateway's JWKS fetch uses it): retries and their budget."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mesh_common.discovery import Instance, ServiceWatch
+from mesh_common.http import ServiceClient
+from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
+
+
+async def failing_instances(aiohttp_server, count: int) -> tuple[ServiceWatch, list[int]]:  # type: ignore[no-untyped-def]
+    """``count`` instances that answer 500, in a watch set by hand; and their hit counts."""
+    hits = [0] * count
+    instances = []
+    for n in range(count):
+
+        async def fail(request: web.Request, n: int = n) -> web.Response:
+            hits[n] += 1
+            return web.json_response({"code": "BOOM"}, status=500)
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", fail)
+        server = await aiohttp_server(app)
+        instances.append(Instance(f"svc-{n}", "127.0.0.1", server.port))
+    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch.instances = tuple(instances)
+    return watch, hits
+
+
+async def test_the_last_failure_spends_no_retry_budget(aiohttp_server):
+    watch, hits = await failing_instances(aiohttp_server, 2)
+    # Two retries in the window: one per call, if only retries spend it.
+    budget = RetryBudget(ratio=0, minimum=2)
+    async with aiohttp.ClientSession() as session:
+        client = ServiceClient(session, {"svc": watch}, breakers=BreakerBoard(failure_threshold=100), budget=budget)
+        for _ in range(2):
+            with pytest.raises(UpstreamFailure):
+                await client.get_json("svc", "/x")
+    assert sum(hits) == 4  # each call: one attempt and one retry
+
+
+async def test_with_no_other_instance_the_failure_itself_is_raised(aiohttp_server):
+    watch, hits = await failing_instances(aiohttp_server, 1)
+    async with aiohttp.ClientSession() as session:
+        client = ServiceClient(session, {"svc": watch}, breakers=BreakerBoard(failure_threshold=100))
+        with pytest.raises(UpstreamFailure, match="answered 500"):
+            await client.get_json("svc", "/x")
+    assert hits == [1]
