@@ -100,8 +100,10 @@ def forward_headers(request: web.Request) -> CIMultiDict[str]:
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
-    headers["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    # The gateway's own view, never a client's say: Envoy passes a client's
+    # X-Forwarded-Host on, and a direct caller could send either.
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
     headers["X-Request-ID"] = request[REQUEST_ID]
     return headers
 
