@@ -7,14 +7,18 @@ rate limiter counts the request against its client IP and its user.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+
 import structlog
 from aiohttp import web
 
 from mesh_common.auth import authenticate
 from mesh_common.problems import Handler, TooManyRequests, Unauthorized, problem
 
-from .keys import RATE_LIMITER, ROUTE_TABLE
+from .keys import RATE_LIMITER, ROUTE_TABLE, SETTINGS
 from .ratelimit import READS, Decision, RateLimiterUnavailable
+from .settings import Network
 
 log = structlog.get_logger()
 RateLimiterDown = problem(503, "RATE_LIMITER_UNAVAILABLE", "Rate limiting is unavailable; writes are paused")
@@ -26,12 +30,29 @@ def client_ip(request: web.Request) -> str:
     """The caller's address as the edge saw it.
 
     Envoy (the one trusted hop) appends the peer it saw to X-Forwarded-For, so
-    the last entry is the one a client cannot forge.
+    its last entry is the one a client cannot forge; but only when the request
+    comes from Envoy. From any other peer the header is the client's own say,
+    and the peer is the client.
     """
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded:
-        return forwarded.rsplit(",", 1)[-1].strip()
-    return request.remote or "unknown"
+    peer = request.remote or "unknown"
+    forwarded = request.headers.getall("X-Forwarded-For", ())
+    if forwarded and _is_trusted(peer, request.app[SETTINGS].trusted_proxies):
+        # The proxy's own entry is the very last, whatever the client sent before it.
+        return forwarded[-1].rsplit(",", 1)[-1].strip() or peer
+    return peer
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
+    # Cached: the gateway sees a handful of peers (the Envoys), and parsing an
+    # address on every request is measurable at its rates.
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:  # "unknown", or a unix socket
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+    return any(address in network for network in proxies)
 
 
 async def enforce_limits(request: web.Request, *, user: str | None) -> Decision | None:

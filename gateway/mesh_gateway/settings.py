@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 from . import __version__
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Natively Envoy reaches every gateway over loopback (127.0.0.2, ...).
+LOOPBACK: tuple[Network, ...] = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,10 @@ class Settings:
     # Proxying only (no JWT, rate limit or breakers): the baseline that
     # benchmarks compare the full gateway with. Never for real traffic.
     passthrough: bool = False
+    # Peers whose X-Forwarded-For is believed (its last entry is the client):
+    # the edge proxy's addresses. Anyone else could forge it per request and
+    # slip out of per-IP limits, so for them the TCP peer is the client.
+    trusted_proxies: tuple[Network, ...] = LOOPBACK
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -49,6 +58,7 @@ class Settings:
             rate_limit_auth=env_int(env, "RATE_LIMIT_AUTH_PER_IP", 30),
             extra_routes=_routes(env_str(env, "GATEWAY_EXTRA_ROUTES", "")),
             passthrough=env_bool(env, "GATEWAY_PASSTHROUGH", False),
+            trusted_proxies=networks(env_str(env, "GATEWAY_TRUSTED_PROXIES", ",".join(map(str, LOOPBACK)))),
         )
 
     def with_port(self, port: int) -> Settings:
@@ -63,3 +73,16 @@ def _routes(raw: str) -> tuple[tuple[str, str], ...]:
             raise SettingsError(f"GATEWAY_EXTRA_ROUTES: expected /prefix=service, got {item!r}")
         pairs.append((prefix, service))
     return tuple(pairs)
+
+
+def networks(raw: str) -> tuple[Network, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128); "none" trusts no proxy."""
+    if raw.strip().lower() == "none":
+        return ()
+    parsed = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            parsed.append(ipaddress.ip_network(item))
+        except ValueError as exc:  # host bits set included: "10.0.0.1/8" is a typo, not a network
+            raise SettingsError(f"GATEWAY_TRUSTED_PROXIES: {exc}") from None
+    return tuple(parsed)

@@ -6,11 +6,15 @@ import asyncio
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
+import pytest
 from aiohttp import web
 
 from mesh_common.consul import consul_client
-from mesh_common.discovery import WATCHES, ServiceWatch
+from mesh_common.discovery import MIN_POLL_GAP, WATCHES, ServiceWatch
 from mesh_common.resilience import BreakerBoard
 from mesh_common.testing import TokenFactory, eventually
 
@@ -106,3 +110,65 @@ async def test_the_last_known_set_survives_consul_going_away(aiohttp_server):
     finally:
         await watch.stop()
         await client.close()
+
+
+def consul_entries(count: int) -> list[dict[str, Any]]:
+    return [
+        {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": f"svc-{n}", "Address": "127.0.0.1", "Port": 1000 + n}}
+        for n in range(count)
+    ]
+
+
+Health = Callable[[web.Request], Awaitable[web.Response]]
+
+
+@asynccontextmanager
+async def watching(aiohttp_server, health: Health) -> AsyncIterator[ServiceWatch]:  # type: ignore[no-untyped-def]
+    """A watch of "svc" against a fake Consul that answers with ``health``."""
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", health)
+    fake_consul = await aiohttp_server(app)
+    client = consul_client(str(fake_consul.make_url("/")))
+    watch = ServiceWatch(client, "svc")
+    watch.start()
+    try:
+        yield watch
+    finally:
+        await watch.stop()
+        await client.close()
+
+
+async def test_an_answer_the_watch_cannot_read_does_not_end_it(aiohttp_server):
+    answers = 0
+
+    async def health(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        if answers == 2:  # a changed set, but an entry with no "Service"
+            return web.json_response([{"Node": {"Address": "127.0.0.1"}}], headers={"X-Consul-Index": "8"})
+        count = 2 if answers == 1 else 3
+        return web.json_response(consul_entries(count), headers={"X-Consul-Index": str(6 + answers)})
+
+    async with watching(aiohttp_server, health) as watch:
+        assert await watch.wait_ready(5)
+        await eventually(lambda: len(watch.instances) == 3)
+
+
+@pytest.mark.parametrize("index", ["7", "0"])
+async def test_an_index_that_does_not_move_does_not_make_the_watch_spin(aiohttp_server, index):
+    """A Consul that answers at once with the same index (or 0) every time."""
+    answers = 0
+
+    async def health(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        return web.json_response(consul_entries(2), headers={"X-Consul-Index": index})
+
+    async with watching(aiohttp_server, health) as watch:
+        assert await watch.wait_ready(5)
+        started = time.perf_counter()
+        before = answers
+        await eventually(lambda: answers >= before + 3)
+        elapsed = time.perf_counter() - started
+    # Three polls after the first take at least two gaps (timer slack aside).
+    assert elapsed >= 2 * MIN_POLL_GAP * 0.9, f"{answers - before} polls in {elapsed:.3f} s"

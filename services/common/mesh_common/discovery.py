@@ -3,8 +3,10 @@
 One watch per upstream service long-polls ``/v1/health/service/<name>?passing``
 with ``index`` and ``wait``. Consul answers as soon as the healthy set
 changes, so a request never waits for Consul: it reads ``instances``. When
-Consul is unreachable the last known set is kept and the watch retries with
-backoff.
+Consul is unreachable, or sends an answer that cannot be read, the last
+known set is kept and the watch retries with backoff. An index that does not
+move would make every query return at once, so such polls are spaced by
+``MIN_POLL_GAP``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from .app import CleanupCtx
 from .consul import CONSUL
 
 log = structlog.get_logger()
+# The least time between the starts of two polls whose index did not move
+# (0, unchanged or gone backwards): a blocking query returns at once then.
+MIN_POLL_GAP = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +75,22 @@ class ServiceWatch:
         return True
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.1
         while True:
+            started = loop.time()
+            sent = self.index
             try:
                 index, entries = await self._client.health.service(
-                    self.service, passing=True, index=self.index, wait=self._wait
+                    self.service, passing=True, index=sent, wait=self._wait
                 )
+                if index != sent or not self._ready.is_set():  # else the wait timed out with no change
+                    self._update(index, entries)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Keep serving from the last known set; Consul may be restarting.
+                # Keep serving from the last known set; Consul may be restarting,
+                # or have sent an answer we cannot read.
                 log.warning(
                     "consul_watch_failed",
                     service=self.service,
@@ -91,9 +102,11 @@ class ServiceWatch:
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
-            if index == self.index and self._ready.is_set():
-                continue  # the wait timed out with no change
-            self._update(index, entries)
+            if not _moved_on(sent, index):
+                # Consul answers an index it has not passed at once, and would
+                # again: without a gap the watch would spin. (After a full
+                # wait with no change, the gap has long passed.)
+                await asyncio.sleep(max(0.0, started + MIN_POLL_GAP - loop.time()))
 
     def _update(self, index: str, entries: list[dict[str, Any]]) -> None:
         instances = tuple(
@@ -117,6 +130,16 @@ class ServiceWatch:
         self.instances = instances
         self.index = index
         self._ready.set()
+
+
+def _moved_on(sent: str | None, received: str | None) -> bool:
+    """Whether Consul's index went forward: only then does the next query block."""
+    if received is None:
+        return False
+    try:
+        return int(received) > int(sent or 0)
+    except ValueError:
+        return False
 
 
 WATCHES = web.AppKey("mesh.watches", dict[str, ServiceWatch])
