@@ -14,6 +14,8 @@ required claims. Headers that point at other keys (``jku``, ``x5u``, ``jwk``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
@@ -27,7 +29,7 @@ from aiohttp.typedefs import Middleware
 
 from .app import CleanupCtx
 from .http import SERVICE_CLIENT
-from .problems import Handler, Unauthorized
+from .problems import Handler, Unauthorized, problem
 
 ALGORITHMS = ["EdDSA"]
 ACCESS_TOKEN_TYPE = "at+jwt"
@@ -42,6 +44,11 @@ JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
 class InvalidToken(Unauthorized):
     code = "INVALID_TOKEN"
     title = "The access token is invalid"
+
+
+# Not a 401: the token may well be valid, and a client that took a 401 for
+# "log in again" would log its users out for a server-side outage.
+KeysUnavailable = problem(503, "TOKEN_KEYS_UNAVAILABLE", "Access tokens cannot be verified at the moment")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +80,19 @@ class JwksVerifier:
     """Verifies access tokens against a cached key set.
 
     A token that verified once is remembered until it expires, because
-    signature checks dominate a gateway's CPU otherwise. The memory is
-    forgotten whenever the key set changes, and the key set is fetched again
-    when it is older than ``max_key_age``, so a retired key stops verifying
-    (cached tokens included) within that time.
+    signature checks dominate a gateway's CPU otherwise; the memory is
+    forgotten whenever the key set changes, a key replaced under its kid
+    included.
+
+    Once the key set is half ``max_key_age`` old it is fetched again in the
+    background, and requests go on with the keys at hand meanwhile. Only a
+    key set past ``max_key_age`` whose latest fetch succeeded (after a quiet
+    spell) makes a request wait for the fetch, so a retired key stops
+    verifying, cached tokens included, within ``max_key_age`` whenever the
+    JWKS can be fetched. While it cannot, the keys at hand are kept.
+
+    "Signed by an unknown key" (401) needs a key set to say so: with none
+    ever fetched, or the latest fetch failed, the answer is a 503.
     """
 
     def __init__(
@@ -88,6 +104,7 @@ class JwksVerifier:
         refresh_cooldown: float = 5.0,
         max_key_age: float = 300.0,
         remember: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
         self._issuer = issuer
@@ -95,39 +112,56 @@ class JwksVerifier:
         self._cooldown = refresh_cooldown
         self._max_key_age = max_key_age
         self._remember = remember
+        self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
         self._verified: dict[str, Principal] = {}
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
+        self._failing = False  # the latest attempt failed
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def refresh(self, *, force: bool = False) -> None:
         async with self._lock:
-            if not force and time.monotonic() - self._attempted_at < self._cooldown:
+            if not force and self._clock() - self._attempted_at < self._cooldown:
                 return
             # The cool-down counts from the attempt, the key set's age from a
             # success: a failed fetch is tried again after the cool-down.
-            self._attempted_at = time.monotonic()
-            document = await self._fetch()
+            self._attempted_at = self._clock()
+            try:
+                document = await self._fetch()
+                entries = {
+                    entry["kid"]: entry
+                    for entry in document.get("keys", [])
+                    if entry.get("kid") and entry.get("use", "sig") == "sig" and entry.get("alg") in ALGORITHMS
+                }
+            except Exception:
+                self._failing = True
+                raise
             keys = {}
-            for entry in document.get("keys", []):
-                if entry.get("kid") and entry.get("use", "sig") == "sig" and entry.get("alg") in ALGORITHMS:
-                    try:
-                        keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=entry["alg"])
-                    except jwt.PyJWTError:  # one bad key must not take the good ones with it
-                        log.warning("jwks_key_skipped", kid=entry["kid"])
-            self._fetched_at = time.monotonic()
-            if keys.keys() != self._keys.keys():
+            for kid, entry in entries.items():
+                try:
+                    keys[kid] = jwt.PyJWK(entry, algorithm=entry["alg"])
+                except jwt.PyJWTError:  # one bad key must not take the good ones with it
+                    log.warning("jwks_key_skipped", kid=kid)
+            self._fetched_at = self._clock()
+            self._failing = False
+            # Whole entries, not only kids: a key replaced under the same kid
+            # must not leave tokens it no longer verifies in the memory.
+            if entries != self._entries:
                 self._verified.clear()
                 log.info("jwks_refreshed", kids=sorted(keys))
-            self._keys = keys
+            self._keys, self._entries = keys, entries
 
     async def verify(self, token: str) -> Principal:
-        if time.monotonic() - self._fetched_at > self._max_key_age:
-            try:
-                await self.refresh()
-            except Exception as exc:  # keep the keys we have; try again after the cool-down
-                log.warning("jwks_refresh_failed", error=type(exc).__name__)
+        age = self._clock() - self._fetched_at
+        if age > self._max_key_age / 2:
+            refreshing = self._refresh_in_background()
+            if refreshing is not None and age > self._max_key_age and not self._failing:
+                # Shielded, here and below: a caller that gives up must not
+                # cancel the fetch that every other request waits for.
+                await asyncio.shield(refreshing)
         known = self._verified.get(token)
         if known is not None and known.claims["exp"] > time.time():
             return known
@@ -136,6 +170,27 @@ class JwksVerifier:
             self._verified.clear()  # crude but bounded; hot tokens come straight back
         self._verified[token] = principal
         return principal
+
+    def _refresh_in_background(self) -> asyncio.Task[None] | None:
+        """The fetch in flight, or a new one; None within the cool-down of the last."""
+        if self._background is None or self._background.done():
+            if self._clock() - self._attempted_at < self._cooldown:
+                return None
+            self._background = asyncio.create_task(self._refresh_quietly())
+        return self._background
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # keep the keys we have; try again after the cool-down
+            log.warning("jwks_refresh_failed", error=type(exc).__name__)
+
+    async def close(self) -> None:
+        """Stop a background fetch still running (at shutdown)."""
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
 
     async def _verify(self, token: str) -> Principal:
         try:
@@ -150,14 +205,13 @@ class JwksVerifier:
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("The token names no key")
         key = self._keys.get(kid)
-        if key is None:
-            try:
-                await self.refresh()
-            except Exception as exc:  # the user-service is unreachable: unknown keys stay unknown
-                log.warning("jwks_refresh_failed", error=type(exc).__name__)
+        if key is None and (refreshing := self._refresh_in_background()) is not None:
+            await asyncio.shield(refreshing)
             key = self._keys.get(kid)
-            if key is None:
-                raise InvalidToken("The token was signed by an unknown key")
+        if key is None and (self._failing or self._fetched_at == float("-inf")):
+            raise KeysUnavailable(headers={"Retry-After": str(max(1, math.ceil(self._cooldown)))})
+        if key is None:
+            raise InvalidToken("The token was signed by an unknown key")
         try:
             claims = jwt.decode(
                 token,
@@ -238,7 +292,8 @@ def jwks_ctx(*, issuer: str, audience: str, service: str = "user-service") -> Cl
             jwks: dict[str, Any] = await client.get_json(service, "/.well-known/jwks.json")
             return jwks
 
-        app[VERIFIER] = JwksVerifier(fetch, issuer=issuer, audience=audience)
+        app[VERIFIER] = verifier = JwksVerifier(fetch, issuer=issuer, audience=audience)
         yield
+        await verifier.close()
 
     return open_verifier

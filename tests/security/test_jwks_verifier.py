@@ -1,0 +1,186 @@
+"""The JWKS verifier when the key set is missing, stale, or changed under a kid.
+
+A 401 tells a client to log its user out, so it must mean "this token is
+bad", never "the user-service is down". Keys are refreshed without making
+requests wait, yet a retired key stops verifying within ``max_key_age``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware
+from mesh_common.problems import Problem, problem_middleware
+from mesh_common.testing import TokenFactory, eventually
+
+MAX_KEY_AGE = 300.0
+
+
+class Clock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class UserService:
+    """The JWKS endpoint as the verifier sees it: up or down, fast or held."""
+
+    def __init__(self, tokens: TokenFactory) -> None:
+        self.tokens = tokens
+        self.up = True
+        self.fetches = 0
+        self.held: asyncio.Event | None = None
+
+    async def fetch(self) -> dict[str, Any]:
+        self.fetches += 1
+        if self.held is not None:
+            await self.held.wait()
+        if not self.up:
+            raise ConnectionRefusedError("user-service is down")
+        return self.tokens.jwks()
+
+
+@pytest.fixture
+def tokens() -> TokenFactory:
+    return TokenFactory()
+
+
+@pytest.fixture
+def users(tokens: TokenFactory) -> UserService:
+    return UserService(tokens)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def verifier(tokens: TokenFactory, users: UserService, clock: Clock) -> AsyncIterator[JwksVerifier]:
+    verifier = JwksVerifier(
+        users.fetch, issuer=tokens.issuer, audience=tokens.audience, max_key_age=MAX_KEY_AGE, clock=clock
+    )
+    yield verifier
+    await verifier.close()
+
+
+async def refusal(verify: Callable[[], Any]) -> Problem:
+    with pytest.raises(Problem) as refused:
+        await verify()
+    return refused.value
+
+
+async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetched(
+    aiohttp_client: Any, tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    async def thing(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application(middlewares=[problem_middleware, auth_middleware()])
+    app.router.add_get("/thing", thing, name="thing")
+    app[VERIFIER] = verifier
+    client = await aiohttp_client(app)
+    users.up = False  # down since before the first token came
+
+    first = await client.get("/thing", headers=tokens.headers())
+    again = await client.get("/thing", headers=tokens.headers())  # within the cool-down: no new fetch
+    malformed = await client.get("/thing", headers={"Authorization": "Bearer not-a-token"})
+
+    for response in (first, again):
+        assert response.status == 503
+        assert response.content_type == "application/problem+json"
+        assert (await response.json())["code"] == "TOKEN_KEYS_UNAVAILABLE"
+        assert int(response.headers["Retry-After"]) >= 1
+    assert malformed.status == 401  # a bad token is still a bad token
+    assert users.fetches == 1
+
+    users.up = True
+    clock.now += 5  # the cool-down
+    assert (await client.get("/thing", headers=tokens.headers())).status == 200
+
+
+async def test_an_unknown_kid_is_a_401_only_when_a_fresh_key_set_says_so(
+    tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    await verifier.verify(tokens.token())
+    stranger = TokenFactory()  # a kid the user-service never published
+
+    assert (await refusal(lambda: verifier.verify(stranger.token()))).status == 401
+
+    users.up = False
+    clock.now += 5  # past the cool-down: the fetch for the unknown kid fails
+    unavailable = await refusal(lambda: verifier.verify(stranger.token()))
+    assert (unavailable.status, unavailable.code) == (503, "TOKEN_KEYS_UNAVAILABLE")
+    await verifier.verify(tokens.token())  # known keys still verify meanwhile
+
+
+async def test_a_key_replaced_under_its_kid_no_longer_verifies_its_remembered_tokens(
+    tokens: TokenFactory, verifier: JwksVerifier
+) -> None:
+    token = tokens.token()
+    await verifier.verify(token)
+    replacement = TokenFactory()
+    tokens.key = replacement.key  # same kid, other key material
+
+    await verifier.refresh(force=True)
+
+    assert (await refusal(lambda: verifier.verify(token))).status == 401
+    await verifier.verify(tokens.token())
+
+
+async def test_stale_keys_are_refreshed_in_the_background_while_requests_go_on(
+    tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    old_token = tokens.token()
+    await verifier.verify(old_token)
+    users.tokens = TokenFactory()  # rotated and retired: the old kid leaves the JWKS
+    users.held = asyncio.Event()  # the next fetch takes its time
+
+    clock.now += MAX_KEY_AGE * 0.75
+    # Served at once with the keys at hand, while the fetch is held.
+    await asyncio.wait_for(verifier.verify(old_token), timeout=1)
+    await eventually(lambda: users.fetches == 2)
+
+    users.held.set()
+    await verifier.refresh()  # waits for the fetch in flight (the lock), then skips it: the cool-down
+    assert (await refusal(lambda: verifier.verify(old_token))).status == 401
+
+
+async def test_a_retired_key_stops_verifying_within_max_key_age_even_after_a_quiet_spell(
+    tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    old_token = tokens.token()
+    await verifier.verify(old_token)
+    users.tokens = TokenFactory()  # rotated and retired
+
+    clock.now += MAX_KEY_AGE + 1  # no request meanwhile, so no background refresh either
+
+    assert (await refusal(lambda: verifier.verify(old_token))).status == 401
+
+
+async def test_while_the_jwks_cannot_be_fetched_stale_keys_keep_serving_without_waiting(
+    tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    token = tokens.token()
+    await verifier.verify(token)
+    users.up = False
+    clock.now += MAX_KEY_AGE * 0.75
+    await verifier.verify(token)
+    await eventually(lambda: users.fetches == 2)
+    await verifier.refresh()  # waits for that background fetch to fail, then skips: the cool-down
+
+    users.held = asyncio.Event()  # from now on a fetch hangs, as on a dead host
+    clock.now += MAX_KEY_AGE
+    await asyncio.wait_for(verifier.verify(tokens.token()), timeout=1)
+    await eventually(lambda: users.fetches == 3)  # tried again, in the background
+    users.held.set()
+    await verifier.refresh()
