@@ -10,7 +10,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from aio_pika.exceptions import AMQPConnectionError
+from aio_pika.exceptions import AMQPConnectionError, DeliveryError
 from yarl import URL
 
 from mesh_common.logs import configure_logging
@@ -47,6 +47,9 @@ def dead_letters(args: argparse.Namespace) -> None:
             done = f"replayed to {topology.queue}"
     except (AMQPConnectionError, ConnectionError) as exc:
         raise SystemExit(f"cannot reach the broker at {URL(amqp_url).with_password(None)}: {exc}") from None
+    except DeliveryError as exc:
+        # Returned as unroutable, or nacked: that letter was not acked, so it stays in the DLQ.
+        raise SystemExit(f"replay stopped, {topology.queue} did not take a letter ({exc}); it stays dead") from None
     print(dlq.format_table(letters))
     print(f"{len(letters)} dead letter(s) {done}")
 

@@ -16,6 +16,12 @@ anything else          nack with requeue: the queue's delivery-limit
                        (definitions.json) dead-letters it after 5 retries.
 =====================  ==================================================
 
+If settling itself fails (the copy for a retry queue or the DLQ is returned
+as unroutable, nacked or not confirmed in time), the message is given back
+to the broker: nack with requeue, or, if even that fails, by closing the
+channel it came on. Left unacked on a live channel it would sit there until
+the broker's consumer_timeout.
+
 The connection is ``connect_robust``: after a broker restart it reconnects
 and restores this channel, its QoS and the consumer by itself. Messages in
 flight at the time are redelivered, and idempotency makes that harmless.
@@ -24,6 +30,7 @@ flight at the time are redelivered, and idempotency makes that harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 from datetime import datetime
@@ -31,7 +38,13 @@ from typing import Protocol
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection, HeadersType
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    HeadersType,
+)
 
 from mesh_common.events import Event
 
@@ -47,6 +60,9 @@ RETRIES_HEADER = "x-retries"
 # the old count, since the broker counts afresh.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 CRASH_EXIT_CODE = 70
+# Closing a channel waits for the broker's close-ok; a broker that does not
+# answer must not hold the delivery's task.
+CHANNEL_CLOSE_TIMEOUT = 5.0
 
 
 class TopologyMissing(RuntimeError):
@@ -74,7 +90,7 @@ class EventConsumer:
         self._prefetch = prefetch
         self._retry_limit = retry_limit
         self._crash_after_send = crash_after_send
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -83,13 +99,17 @@ class EventConsumer:
 
     async def start(self) -> None:
         # Publisher confirms, because the same channel republishes retries
-        # and must know they are safe before it acks the original.
-        self._channel = channel = await self._connection.channel(publisher_confirms=True)
+        # and must know they are safe before it acks the original. Returns
+        # raised too: with aio-pika's default, a copy the broker could not
+        # route (its queue is gone) is returned and reported as a success.
+        self._channel = channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self._prefetch)
         # Passive declarations: the topology comes from definitions.json, and
         # a missing queue should stop us at start-up, not on the first retry.
+        # The retry queues are checked once, not at every channel recovery: a
+        # retry queue lost later must not keep the consumer from coming back.
         for name in self._topology.retry_queues:
-            await _existing_queue(channel, name)
+            await _existing_queue(channel, name, robust=False)
         self._queue = await _existing_queue(channel, self._topology.queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
@@ -122,13 +142,41 @@ class EventConsumer:
                 event_id=message.message_id,
                 event_type=message.type,
             ):
-                await self._process(message)
-        except Exception as exc:
-            # Settling failed, most likely because the channel went away
-            # with the connection: the broker redelivers the message.
-            log.warning("event_settle_failed", error=type(exc).__name__)
+                try:
+                    await self._process(message)
+                except Exception as exc:
+                    log.warning("event_settle_failed", error=type(exc).__name__, detail=str(exc))
+                    await self._give_back(message)
         finally:
             self._in_flight.discard(task)
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        """Hand a message we could not settle back to the broker, to be delivered again.
+
+        A nack with requeue first (it spends one of the message's
+        delivery-limit). If that fails too, closing the channel it came on
+        returns it, with whatever else is unacked there (idempotency makes
+        their redelivery harmless), and the robust connection opens a new
+        channel and consumes again. If the channel is closed already, the
+        broker has the message back: nothing to do.
+        """
+        try:
+            await self._requeue(message)
+            return
+        except Exception as exc:
+            log.warning("event_requeue_failed", error=type(exc).__name__)
+        try:
+            channel = message.channel
+        except aio_pika.exceptions.ChannelInvalidStateError:
+            return
+        log.warning("consumer_channel_reset", reason="requeue_failed")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT):
+                await channel.close()
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await message.nack(requeue=True)
+        self.settled["requeued"] += 1
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -140,8 +188,7 @@ class EventConsumer:
             await self._retry_later(message, exc)
         except Exception:
             log.exception("event_failed", deliveries=_deliveries(message))
-            await message.nack(requeue=True)
-            self.settled["requeued"] += 1
+            await self._requeue(message)
         else:
             if outcome is Outcome.SENT and self._crash_after_send:
                 log.warning("crash_hook_exit", stage="after_send_before_ack")
@@ -169,9 +216,9 @@ class EventConsumer:
         log.warning("event_retry_scheduled", reason=type(exc).__name__, detail=str(exc), attempt=attempt, delay=delay)
 
 
-async def _existing_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+async def _existing_queue(channel: AbstractRobustChannel, name: str, *, robust: bool = True) -> AbstractQueue:
     try:
-        return await channel.get_queue(name, ensure=True)
+        return await channel.declare_queue(name, passive=True, robust=robust)
     except aio_pika.exceptions.ChannelNotFoundEntity:
         raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
 

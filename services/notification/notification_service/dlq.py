@@ -69,7 +69,9 @@ async def replay_dead_letters(
     """Move up to ``limit`` dead letters (those of ``event_id`` only, if given) back to our queue."""
     connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
+        # A return raised, not reported as a success: a copy the broker
+        # could not route (our queue is gone) must leave its letter in place.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await channel.get_queue(topology.dead_letters, ensure=True)
         # Only what is there now: a replayed event that dies again must not
         # be picked up by this same run.

@@ -74,6 +74,19 @@ def delivery_limit(management: Management, topology: Topology) -> int:
 
 
 @pytest.fixture
+def own_topology(management: Management) -> Iterator[Topology]:
+    """A private topology for one test, which may break it (delete a queue)."""
+    definitions, topology = private_definitions(f"o{uuid.uuid4().hex[:8]}")
+    management.import_definitions(definitions)
+    deadline = time.monotonic() + 30
+    while "delivery-limit" not in (management.queue(topology.queue).get("effective_policy_definition") or {}):
+        assert time.monotonic() < deadline, "the private queue's policy never applied"
+        time.sleep(0.2)
+    yield topology
+    management.delete_definitions(definitions)
+
+
+@pytest.fixture
 async def broker(infra: Any, topology: Topology) -> AsyncIterator[Broker]:
     connection = await aio_pika.connect(infra.amqp_url)
     async with connection:
