@@ -38,12 +38,14 @@ class DeadLetter:
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
     headers: dict[str, Any] = dict(message.headers or {})
     deaths = headers.get("x-death") or [{}]
+    # The broker keeps the latest death first. x-first-death-reason would say
+    # "expired" for every event that ever waited in a retry queue.
     last = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     routing_keys = last.get("routing-keys") or [message.routing_key or ""]
     return DeadLetter(
         event_id=message.message_id or "-",
         routing_key=message.type or str(routing_keys[0]),
-        reason=str(headers.get("x-first-death-reason") or last.get("reason") or "-"),
+        reason=str(headers.get("x-last-death-reason") or last.get("reason") or "-"),
         deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
         died_at=last.get("time"),
         preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),

@@ -58,6 +58,22 @@ async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_de
     await eventually(lambda: _ready_is(broker, topology.dead_letters, len(bad)), within=10, what="letters back")
 
 
+async def test_a_letter_that_waited_in_a_retry_queue_is_listed_with_its_last_reason(
+    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+) -> None:
+    user = new_user()
+    smtp.refuse[user["email"]] = "451 4.7.1 Try again later"
+    event = registered(user)
+    await broker.publish(event)
+    await eventually(lambda: service.app[CONSUMER].settled["retried"] >= 1, within=10, what="a retry")
+    smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"  # when the retry queue hands it back
+    await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the refused email dead-lettered")
+
+    [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
+    # It expired from the retry queue first, then was refused: the latter is why it is dead.
+    assert (letter.event_id, letter.reason) == (event.id, "rejected")
+
+
 class AlwaysFailing:
     """A handler with a bug: every delivery raises."""
 
