@@ -1,6 +1,6 @@
 """The gateway's front door: who is calling, and are they within their limits.
 
-Public routes (routes.PUBLIC) pass without a token; every other proxied
+Public routes (``API.public`` in routes.py) pass without a token; every other proxied
 route needs a valid access token, verified locally from the JWKS. Then the
 rate limiter counts the request against its client IP and its user.
 """

@@ -80,6 +80,7 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await app[VERIFIER].close()
 
     return open_signing_keys
 
