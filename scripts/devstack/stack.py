@@ -124,7 +124,9 @@ def up(cfg: StackConfig) -> None:
     if "envoy" not in running(cfg.run_dir):
         start(cfg.run_dir, c.envoy(cfg))
     wait_until(
-        lambda: get_json(f"{cfg.api_url}/ready") is not None, timeout=READY_TIMEOUT, what="the API through Envoy"
+        lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None,
+        timeout=READY_TIMEOUT,
+        what="the API through Envoy",
     )
 
 

@@ -125,7 +125,7 @@ def start_bench_processes(cfg: StackConfig) -> None:
     start(cfg.run_dir, c.envoy(cfg))
     for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
         wait_until(lambda name=name: stack.passing(cfg, name), timeout=60, what=f"{name} to pass its check")
-    wait_until(lambda: stack.get_json(f"{cfg.api_url}/ready"), timeout=60, what="Envoy")
+    wait_until(lambda: stack.get_json(f"{cfg.api_url}/.well-known/jwks.json"), timeout=60, what="Envoy")
 
 
 def stop_bench_processes(cfg: StackConfig) -> None:

@@ -93,7 +93,10 @@ class _DnsUdpHandler(socketserver.BaseRequestHandler):
 
 
 class _FakeGateway(BaseHTTPRequestHandler):
+    paths: list[str] = []  # every path that reached a fake gateway
+
     def do_GET(self) -> None:
+        self.paths.append(self.path)
         body = json.dumps(
             {
                 "instance": self.server.server_address[0],
@@ -129,6 +132,7 @@ def fake_mesh() -> Iterator[dict[str, int]]:
         server.daemon_threads = True
         server.dns_name = "gateway.service.consul"
         server.dns_addresses = [*GATEWAY_IPS, DEAD_GATEWAY_IP]
+    _FakeGateway.paths.clear()
     gateways = [ThreadingHTTPServer((ip, gateway_port), _FakeGateway) for ip in GATEWAY_IPS]
     servers: list[socketserver.BaseServer] = [*dns_servers, *gateways]
     threads = _serve(servers)
@@ -252,6 +256,14 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
         assert all(e["response_code"] == 200 for e in entries)
         # At least one request hit the dead instance first and was retried.
         assert any(e["upstream_attempts"] >= 2 for e in entries), entries
+
+        # The gateway's probes are not reachable through the edge.
+        for probe in ("/ready", "/health", "/health/live"):
+            status, headers, body = _get(f"{public}{probe}")
+            assert status == 404, probe
+            assert headers.get("content-type") == "application/problem+json"
+            assert json.loads(body)["code"] == "NOT_FOUND"
+        assert not {"/ready", "/health", "/health/live"} & set(_FakeGateway.paths)
     finally:
         process.terminate()
         try:

@@ -4,6 +4,7 @@ in both configs, and the native and compose files differ only where they must.""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from typing import Any
 
@@ -39,10 +40,16 @@ def hcm(cfg: dict[str, Any]) -> dict[str, Any]:
     return network_filter["typed_config"]
 
 
-def only_route(cfg: dict[str, Any]) -> dict[str, Any]:
+def routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     (vhost,) = hcm(cfg)["route_config"]["virtual_hosts"]
-    (route,) = vhost["routes"]
-    return route
+    return list(vhost["routes"])
+
+
+def catch_all_route(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The route to the gateway: the last, after the probes' 404."""
+    probes, catch_all = routes(cfg)
+    assert "direct_response" in probes
+    return catch_all
 
 
 def http_filter(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -184,7 +191,7 @@ def test_json_access_log(cfg: dict[str, Any]) -> None:
 def test_single_catch_all_route_with_connection_level_retry(
     cfg: dict[str, Any],
 ) -> None:
-    route = only_route(cfg)
+    route = catch_all_route(cfg)
     assert route["match"] == {"prefix": "/"}
     assert route["route"]["cluster"] == "gateway"
     retry = route["route"]["retry_policy"]
@@ -195,8 +202,20 @@ def test_single_catch_all_route_with_connection_level_retry(
     assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
 
 
+def test_the_gateways_probes_are_not_served_to_the_internet(cfg: dict[str, Any]) -> None:
+    probes = routes(cfg)[0]
+    pattern = re.compile(probes["match"]["safe_regex"]["regex"])
+    for path in ("/ready", "/health", "/health/live"):
+        assert pattern.fullmatch(path), path
+    for path in ("/api/v1/todos", "/readyz", "/healthy", "/api/v1/health", "/.well-known/jwks.json"):
+        assert not pattern.fullmatch(path), path
+    response = probes["direct_response"]
+    assert response["status"] == 404
+    assert json.loads(response["body"]["inline_string"])["code"] == "NOT_FOUND"
+
+
 def test_timeouts_never_beat_the_gateway(cfg: dict[str, Any]) -> None:
-    route_timeout = seconds(only_route(cfg)["route"]["timeout"])
+    route_timeout = seconds(catch_all_route(cfg)["route"]["timeout"])
     assert route_timeout > GATEWAY_DEADLINE_S
     # A stream idle timeout below the route timeout would cut slow requests.
     assert seconds(hcm(cfg)["stream_idle_timeout"]) > route_timeout
