@@ -22,6 +22,10 @@ class MailServerUnavailable(TemporaryFailure):
     """The SMTP server refused the connection or answered 4xx, even after retries."""
 
 
+class DatabaseUnavailable(TemporaryFailure):
+    """PostgreSQL refused the connection, dropped it, or did not answer in time."""
+
+
 class DeliveryInProgress(TemporaryFailure):
     """Another delivery of the same event holds the claim and has not finished."""
 

@@ -1,12 +1,38 @@
-"""The SQL: sent notifications (claims and history) and scheduled reminders."""
+"""The SQL: sent notifications (claims and history) and scheduled reminders.
+
+Every query runs through ``_cursor``, which turns PostgreSQL being away (a
+restart, a dropped connection, a connection or statement timeout) into
+``DatabaseUnavailable``, a ``TemporaryFailure``: the consumer retries the
+event later through the retry queues, as for an SMTP outage. Left as it
+was, it would count as a bug and be redelivered at once, spending the
+queue's delivery-limit in milliseconds and dead-lettering good events.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import aiopg
+import psycopg2
+
+from .failures import DatabaseUnavailable
+
+
+@asynccontextmanager
+async def _cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
+    try:
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            yield cur
+    # OperationalError: refused, dropped, shut down, out of resources,
+    # serialization failures and deadlocks; InterfaceError: a pooled connection
+    # found closed; TimeoutError: aiopg's connect or statement timeout. Errors
+    # in the SQL or the data (ProgrammingError, DataError...) stay bugs.
+    except (psycopg2.OperationalError, psycopg2.InterfaceError, TimeoutError) as exc:
+        raise DatabaseUnavailable(type(exc).__name__) from exc
 
 
 # -- notifications -----------------------------------------------------------
@@ -31,7 +57,7 @@ class SentNotification:
 
 
 async def notification_status(pool: aiopg.Pool, event_id: str, kind: str) -> str | None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute("SELECT status FROM notifications WHERE event_id = %s AND kind = %s", (event_id, kind))
         row = await cur.fetchone()
     return row[0] if row else None
@@ -39,7 +65,7 @@ async def notification_status(pool: aiopg.Pool, event_id: str, kind: str) -> str
 
 async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) -> bool:
     """Claim (event, kind) for sending; False if it is sent, or claimed by a delivery still within its lease."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             """
             INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status)
@@ -56,7 +82,7 @@ async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) ->
 
 
 async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "UPDATE notifications SET status = 'sent', sent_at = now() WHERE event_id = %s AND kind = %s",
             (event_id, kind),
@@ -64,7 +90,7 @@ async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> 
 
 
 async def release_notification(pool: aiopg.Pool, event_id: str, kind: str) -> None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "DELETE FROM notifications WHERE event_id = %s AND kind = %s AND status = 'sending'", (event_id, kind)
         )
@@ -79,7 +105,7 @@ async def sent_notifications(
     if before is not None:
         where += " AND (sent_at, id) < (%s, %s::uuid)"
         params.extend(before)
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             f"SELECT id, event_id, kind, recipient, subject, sent_at FROM notifications"
             f" WHERE {where} ORDER BY sent_at DESC, id DESC LIMIT %s",
@@ -121,7 +147,7 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
     completing, reopening) keeps the key, so a reminder already sent for this
     due date is not sent twice.
     """
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             """
             INSERT INTO reminders (todo_id, user_id, title, due_at, remind_at, cancelled, event_id, event_at)
@@ -156,7 +182,7 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
 
 async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueReminder]:
     """Unsent reminders whose time has come, for todos that are not overdue yet."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "SELECT todo_id, user_id, title, due_at, event_id FROM reminders"
             " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at > now()"
@@ -168,7 +194,7 @@ async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueRemind
 
 
 async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "SELECT min(remind_at) FROM reminders WHERE sent_at IS NULL AND NOT cancelled AND due_at > now()"
         )
@@ -179,14 +205,14 @@ async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
 async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
     # Matching the event id too: if the due date changed while we were
     # sending, the new reminder stays unsent.
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET sent_at = now() WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
         )
 
 
 async def cancel_reminder(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with _cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET cancelled = true WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
         )

@@ -19,17 +19,21 @@ from notification_support import (
     FakeUserService,
     Management,
     SmtpSink,
+    StartService,
+    TcpProxy,
     eventually,
     new_user,
     registered,
     todo_event,
 )
+from yarl import URL
 
 from mesh_common.amqp import AMQP
 from notification_service.keys import CONSUMER, SETTINGS
 
 OUTAGE_SECONDS = 30.0
 EVENTS = 100
+DB_EVENTS = 10
 # Back within the slowest retry tier (30 s) after the dependency returns.
 RECOVERY_BOUND = 45.0
 
@@ -82,6 +86,40 @@ async def test_user_service_down_for_a_while_then_back_loses_no_email(
     subjects = Counter(m["Subject"] for m in smtp.to(owner["email"]))
     assert set(subjects) == {f"Done: Task {n}" for n in range(EVENTS)}  # lost 0
     assert set(subjects.values()) == {1}  # duplicates 0
+
+
+async def test_postgresql_away_for_a_while_then_back_loses_no_email(
+    infra: Any, start_service: StartService, broker: Broker, smtp: SmtpSink
+) -> None:
+    proxy = TcpProxy(infra.ports.postgres)
+    await proxy.start()
+    try:
+        through_proxy = str(URL(infra.database_url("notification")).with_port(proxy.port))
+        service = await start_service(database_url=through_proxy)
+        consumer = service.app[CONSUMER]
+        await proxy.cut()  # as in a restart: connections dropped, new ones refused
+        events = [registered(new_user()) for _ in range(DB_EVENTS)]
+        for event in events:
+            await broker.publish(event)
+
+        # Each event fails twice (once more after the 1 s retry queue), and is
+        # sent to a retry queue each time: not redelivered at once, which would
+        # spend the delivery-limit in milliseconds and dead-letter good events.
+        await eventually(
+            lambda: consumer.settled["retried"] >= 2 * DB_EVENTS, within=15, what="every event deferred twice"
+        )
+        assert consumer.settled["requeued"] == 0
+        assert await broker.ready(broker.topology.dead_letters) == 0
+        await proxy.start()
+
+        await eventually(lambda: len(smtp.received) >= DB_EVENTS, within=RECOVERY_BOUND, what="every email")
+        await eventually(lambda: consumer.settled["acked"] == DB_EVENTS, within=10, what="every event acked")
+    finally:
+        await proxy.cut()
+    sent = Counter(r.recipients[0] for r in smtp.received)
+    assert set(sent) == {e.data["email"] for e in events}  # lost 0
+    assert set(sent.values()) == {1}  # duplicates 0
+    assert await broker.ready(broker.topology.dead_letters) == 0
 
 
 async def test_the_consumer_comes_back_after_the_broker_drops_its_connection(
