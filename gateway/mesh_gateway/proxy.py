@@ -34,6 +34,9 @@ UpstreamTimeout = problem(504, "UPSTREAM_TIMEOUT", "The service did not answer i
 BadGateway = problem(502, "BAD_GATEWAY", "The service could not be reached or answered badly")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# The first attempt and one retry on another instance, each with the route's
+# deadline: Envoy's route timeout must outlast all of them (tests/config).
+MAX_ATTEMPTS = 2
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -89,7 +92,7 @@ def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CI
     kept = CIMultiDict(headers)
     for name in HOP_BY_HOP:
         kept.popall(name, None)
-    for token in headers.get("Connection", "").split(","):
+    for token in ",".join(headers.getall("Connection", ())).split(","):
         if token.strip():
             kept.popall(token.strip(), None)
     return kept
@@ -150,7 +153,7 @@ class Proxy:
                 if failed.response is not None and failed.response.prepared:
                     return failed.response  # a broken stream: nothing more can be sent
                 others = any(i.id not in tried and self._breakers.available(i.id) for i in watch.instances)
-                retry = len(tried) == 1 and others and (not failed.sent or retry_safe)
+                retry = len(tried) < MAX_ATTEMPTS and others and (not failed.sent or retry_safe)
                 # A request that never left costs no upstream anything: only
                 # retries of requests that were sent spend the budget.
                 if not retry or (failed.sent and not self._budget.try_spend()):

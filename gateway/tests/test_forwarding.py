@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
@@ -59,3 +62,27 @@ async def test_a_large_body_is_streamed_with_its_length(fake_service, gateway, t
         assert r.headers["Content-Length"] == str(1024 * 1024)
         assert "Transfer-Encoding" not in r.headers
         assert len(await r.read()) == 1024 * 1024
+
+
+async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_behind(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    # Raw, because a client library folds or rewrites Connection headers itself.
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(
+            b"GET /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
+            + b"Connection: keep-alive, X-First\r\nConnection: X-Second\r\n"
+            b"X-First: 1\r\nX-Second: 2\r\nX-Kept: 3\r\nKeep-Alive: timeout=5\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
+        )
+        seen = json.loads(await asyncio.wait_for(reader.readexactly(length), timeout=5))["headers"]
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert seen["X-Kept"] == "3"
+    assert not {"X-First", "X-Second", "Keep-Alive"} & seen.keys()
