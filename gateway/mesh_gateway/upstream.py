@@ -54,8 +54,17 @@ class UpstreamResponse:
             conn.close()
             self._done(reuse=False)
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.iter_chunks()])
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; ``UpstreamBroken`` (and the connection closed) past ``limit`` bytes."""
+        chunks: list[bytes] = []
+        size = 0
+        while (chunk := await self.next_chunk()) is not None:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self._done(reuse=False)
+                raise UpstreamBroken(f"a body over the {limit} bytes it may hold")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:

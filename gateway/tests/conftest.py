@@ -36,7 +36,7 @@ HUGE = 8 * 1024 * 1024  # more than the kernel buffers between the gateway and a
 
 @dataclass
 class Upstream:
-    """One fake instance: ``mode`` is "ok", "fail" (500), "hang", "large", "huge", "truncate" or "trickle"."""
+    """One fake instance; ``mode`` is one of the branches of ``fake_service``'s handler ("ok" by default)."""
 
     service_id: str
     server: TestServer
@@ -100,6 +100,8 @@ async def fake_service(
                 upstream.hits += 1
                 if upstream.mode == "fail":
                     return web.json_response({"code": "BOOM"}, status=500, content_type="application/problem+json")
+                if upstream.mode == "fail_huge":  # a 500 with a body no gateway should hold in memory
+                    return web.Response(body=b"e" * HUGE, status=500)
                 if upstream.mode == "hang":
                     await asyncio.sleep(5)
                 if upstream.mode == "large":  # 1 MiB with its length: streamed, not buffered

@@ -208,3 +208,14 @@ async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_els
         assert busy.hits == 1  # nothing more was sent to it
         assert breakers.failures(busy.service_id) == 0
         busy.stop_trickle.set()
+
+
+async def test_a_5xx_too_large_to_hold_is_a_502_not_a_buffer(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (broken,) = service.instances
+    broken.mode = "fail_huge"
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 502
+        assert r.content_type == "application/problem+json"
+        assert len(await r.read()) < 4096
