@@ -82,6 +82,14 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._complete or self._head is None:
+            # A second response to one request, or one to none at all:
+            # whatever follows on this connection can no longer be matched
+            # to a request. Raising stops the parser (data_received fails
+            # the connection) before a byte of it joins an answer.
+            raise UpstreamBroken("a response nobody asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         # As aiohttp decodes them: bytes that are not UTF-8 survive the round trip.
         self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))

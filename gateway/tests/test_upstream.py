@@ -216,3 +216,30 @@ async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None
         await eventually(lambda: len(peers) == 2, within=2)  # this one did
     finally:
         upstream.close()
+
+
+async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -> None:
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                served += 1
+                if served == 1:  # the answer, and in the same write a second one nobody asked for
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
+        port = int(server.sockets[0].getsockname()[1])
+        first = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await first.read() == b"first"
+        # The connection that carried the stray answer is not reused.
+        second = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await second.read() == b"second"
