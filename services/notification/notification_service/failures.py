@@ -19,7 +19,11 @@ class UserServiceUnavailable(TemporaryFailure):
 
 
 class MailServerUnavailable(TemporaryFailure):
-    """The SMTP server refused the connection or answered 4xx, even after retries."""
+    """The SMTP server refused the connection or answered 4xx, even after retries: it does not have the message."""
+
+
+class MailOutcomeUnknown(TemporaryFailure):
+    """The message went out with DATA, and no answer came back: the server may have it."""
 
 
 class DatabaseUnavailable(TemporaryFailure):

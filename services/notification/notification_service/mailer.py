@@ -1,15 +1,26 @@
-"""Sending over SMTP: a few reused sessions, and quick retries for what is worth retrying.
+"""Sending over SMTP: a few reused sessions, and quick retries only while nothing can have been delivered.
 
 Sessions stay open between messages, up to ``SESSIONS`` at a time: a new
 connection per email would cost a TCP (and, with STARTTLS, a TLS) handshake
 and an EHLO every time. A session that has been idle for longer than
 ``MAX_IDLE`` is closed rather than reused, since servers drop idle clients.
 
-A refused connection, a timeout, a dropped connection or a 4xx answer are
-transient: tried again here with exponential backoff and full jitter, each
-time on a fresh session, then reported as ``MailServerUnavailable`` so that
-the event is retried later from the retry queues. A 5xx answer is final
-(``MailRejected``).
+Before the DATA command, a refused connection, a timeout, a dropped
+connection or a 4xx answer mean the server does not have the message: tried
+again here with exponential backoff and full jitter, each time on a fresh
+session, then reported as ``MailServerUnavailable`` so that the event is
+retried later from the retry queues. Each attempt has ``timeout`` seconds to
+get that far. A 5xx answer is final (``MailRejected``).
+
+From DATA on, the message may be on the server, so nothing is retried here.
+An answer still says what became of it: 250 sent, 4xx
+``MailServerUnavailable``, 5xx ``MailRejected``. No answer (a timeout, a
+dropped connection) does not: the server may have queued the message and
+lost the connection before its 250 reached us. That is
+``MailOutcomeUnknown``, and the notifier keeps its claim on the email rather
+than let another delivery send it at once (see notifier.py). Servers often
+check a message before they answer, so DATA has its own, longer timeout
+(``data_timeout``; RFC 5321 allows a client up to 10 minutes).
 """
 
 from __future__ import annotations
@@ -17,40 +28,87 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal
 
 import aiosmtplib
 import backoff
 import structlog
+from aiosmtplib.typing import Default
 
-from .failures import MailRejected, MailServerUnavailable
+from .failures import MailOutcomeUnknown, MailRejected, MailServerUnavailable
 from .settings import SmtpSettings
 
 log = structlog.get_logger()
 
 SESSIONS = 8
 MAX_IDLE = 30.0
+BACKOFF_FACTOR = 0.1  # waits of up to 0.1 s, 0.2 s, 0.4 s...
+
+
+class _DeferredAtData(MailServerUnavailable):
+    """A 4xx answer to DATA: nothing delivered, but the attempt has spent its DATA timeouts."""
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, which knows when DATA begins, and times it on its own.
+
+    ``send_message`` runs MAIL, RCPT and DATA with one timeout; ``data`` is
+    the step from which a failure no longer proves that nothing was sent.
+    """
+
+    def __init__(self, *, data_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._data_timeout = data_timeout
+        self.data_started = False
+        self.until_data: asyncio.Timeout | None = None
+
+    # aiosmtplib's own signature, which ``sendmail`` calls with its timeout.
+    async def data(
+        self,
+        message: str | bytes,
+        /,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
+    ) -> aiosmtplib.SMTPResponse:
+        self.data_started = True
+        if self.until_data is not None:
+            self.until_data.reschedule(None)  # the attempt's deadline ends here: DATA has its own
+        return await super().data(message, timeout=self._data_timeout)
 
 
 class Mailer:
     def __init__(self, settings: SmtpSettings) -> None:
         self._settings = settings
         self._slots = asyncio.Semaphore(SESSIONS)
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._idle: list[tuple[_Client, float]] = []
         self._send_with_retries = backoff.on_exception(
             backoff.expo,
             MailServerUnavailable,
             max_tries=settings.attempts,
-            factor=0.1,  # waits of up to 0.1 s, 0.2 s, 0.4 s...
+            factor=BACKOFF_FACTOR,
             jitter=backoff.full_jitter,
+            # One DATA exchange per send at most: that is what bounds ``longest_send``.
+            giveup=lambda exc: isinstance(exc, _DeferredAtData),
             on_backoff=_log_retry,
         )(self._send_once)
 
+    @property
+    def longest_send(self) -> float:
+        """The longest ``send`` can take once it has a session slot, in seconds.
+
+        Every attempt but one fails before DATA, within ``timeout``; the
+        backoff waits are at most their exponential step; the last attempt
+        may reach DATA and wait for two answers (to DATA and to the message).
+        """
+        s = self._settings
+        waits = BACKOFF_FACTOR * (2.0 ** (s.attempts - 1) - 1)
+        return s.attempts * s.timeout + waits + 2 * s.data_timeout
+
     async def send(self, message: EmailMessage) -> None:
         """Hand ``message`` to the SMTP server, or raise why it could not be."""
-        await self._send_with_retries(message)
+        async with self._slots:  # waiting for a session is no attempt's time
+            await self._send_with_retries(message)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -60,40 +118,28 @@ class Mailer:
             client.close()
 
     async def _send_once(self, message: EmailMessage) -> None:
-        try:
-            async with self._session() as client:
-                await client.send_message(message)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            if all(_transient(code) for code in codes):
-                raise MailServerUnavailable(f"recipients deferred: {codes}") from None
-            raise MailRejected(f"recipients refused: {codes}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            if _transient(exc.code):
-                raise MailServerUnavailable(f"SMTP {exc.code}") from None
-            raise MailRejected(f"SMTP {exc.code}") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # Refused, timed out or disconnected (aiosmtplib's connection
-            # errors are OSErrors too).
-            raise MailServerUnavailable(type(exc).__name__) from None
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[aiosmtplib.SMTP]:
-        """A session of our own for one message: reused if fresh, new otherwise.
+        """One attempt, on a session of its own: reused if fresh, new otherwise.
 
         After any error the session is closed, not reused: its state is
-        unknown, and the retry gets a fresh one.
+        unknown, and a retry gets a fresh one.
         """
-        async with self._slots:
-            client = self._reuse() or await self._connect()
-            try:
-                yield client
-            except BaseException:
+        client: _Client | None = None
+        try:
+            async with asyncio.timeout(self._settings.timeout) as until_data:
+                client = self._reuse() or await self._connect()
+                client.data_started, client.until_data = False, until_data
+                await client.send_message(message)
+        except BaseException as exc:
+            if client is not None:
                 client.close()
-                raise
-            self._idle.append((client, time.monotonic()))
+            if client is not None and client.data_started and isinstance(exc, Exception):
+                raise _after_data(exc) from None
+            if isinstance(exc, aiosmtplib.SMTPException | OSError):
+                raise _before_data(exc) from None
+            raise
+        self._idle.append((client, time.monotonic()))
 
-    def _reuse(self) -> aiosmtplib.SMTP | None:
+    def _reuse(self) -> _Client | None:
         while self._idle:
             client, since = self._idle.pop()
             if client.is_connected and time.monotonic() - since < MAX_IDLE:
@@ -101,11 +147,34 @@ class Mailer:
             client.close()
         return None
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> _Client:
         s = self._settings
-        client = aiosmtplib.SMTP(hostname=s.host, port=s.port, timeout=s.timeout, start_tls=s.start_tls)
+        client = _Client(
+            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=s.start_tls, data_timeout=s.data_timeout
+        )
         await client.connect()
         return client
+
+
+def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
+    """The server does not have the message: an answer says whether to try again."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        if all(_transient(code) for code in codes):
+            return MailServerUnavailable(f"recipients deferred: {codes}")
+        return MailRejected(f"recipients refused: {codes}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return (MailServerUnavailable if _transient(exc.code) else MailRejected)(f"SMTP {exc.code}")
+    # Refused, timed out or disconnected (aiosmtplib's connection errors are
+    # OSErrors too, and so is the attempt's TimeoutError).
+    return MailServerUnavailable(type(exc).__name__)
+
+
+def _after_data(exc: Exception) -> Exception:
+    """DATA had begun: only an answer says the server does not have the message."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return (_DeferredAtData if _transient(exc.code) else MailRejected)(f"SMTP {exc.code} after DATA")
+    return MailOutcomeUnknown(f"no answer after DATA: {type(exc).__name__}")
 
 
 def _transient(code: int) -> bool:

@@ -5,20 +5,30 @@ The steps, and what a crash after each one leaves behind:
 1. Claim: insert the row as ``sending``. If it is there already and
    ``sent``, this is a redelivery: nothing to do. (When the address must be
    looked up, a cheaper check for ``sent`` comes before the lookup.)
-   Crash after the claim: it goes stale after ``CLAIM_LEASE`` and a later
+   Crash after the claim: it goes stale after the lease and a later
    delivery takes it over and sends.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
 3. Mark the row ``sent``. Then the consumer acks the event. Crash between
    3 and the ack: the redelivered event stops at step 1. No duplicate.
 
-The one window left is between the SMTP server's 250 (end of step 2) and
-the commit of step 3: a loopback round trip to PostgreSQL, well under a
-millisecond. A crash exactly there (or a connection lost while waiting for
-the 250) leaves a stale claim for a message that was in fact delivered, and
-the takeover sends it again. That second copy has the same Message-ID, so
-mail clients that de-duplicate show one message. The alternative, never
-resending a stale claim, would turn the same rare crash into a lost email
-instead; we prefer a duplicate.
+If step 2 fails before DATA, or the server answers that it will not take
+the message, the server does not have it: the claim is released and the
+next delivery may send at once.
+
+From DATA until the commit of step 3, delivery is at least once. The
+server's 250 may never reach us (a timeout or a dropped connection while
+waiting for it: ``MailOutcomeUnknown``), or we may crash between the 250
+and the commit. Either way the claim stays: no delivery sends again while
+it is within its lease, and once the lease has run out a later delivery
+takes it over and sends again, a duplicate if the first copy had arrived.
+The copy has the same Message-ID, so mail clients that de-duplicate show
+one message. At most once would mean never resending a stale claim, and an
+email lost whenever the first copy had not arrived; we prefer a duplicate.
+
+The lease is longer than a send can take (``Mailer.longest_send``): a
+delivery still at work is not taken over. Not counted: time spent waiting
+for one of the mailer's sessions, which only matters if another delivery
+of the same event arrives meanwhile.
 """
 
 from __future__ import annotations
@@ -31,16 +41,16 @@ import structlog
 
 from . import repository
 from .directory import Recipient, UserDirectory
-from .failures import DeliveryInProgress, MailRejected
+from .failures import DeliveryInProgress, MailOutcomeUnknown, MailRejected
 from .mailer import Mailer
 from .messages import compose, message_id, render
 
 log = structlog.get_logger()
 
-# Longer than one delivery can take (SMTP timeouts and retries included),
-# so that a live delivery is never taken over; short enough that a crashed
-# one is resent within a minute or so.
-CLAIM_LEASE = 60.0
+# Added to the mailer's longest send for the claim's lease: the database
+# round trips around it. With the default SMTP settings the lease is about
+# 80 s, which is how long a crashed delivery waits to be resent.
+CLAIM_MARGIN = 5.0
 
 
 class Outcome(Enum):
@@ -55,6 +65,7 @@ class Notifier:
         self._mailer = mailer
         self._directory = directory
         self._sender = sender
+        self.lease = mailer.longest_send + CLAIM_MARGIN
 
     async def notify(
         self,
@@ -87,7 +98,7 @@ class Notifier:
             raise MailRejected("the recipient's address is not valid") from None
 
         claim = repository.Claim(event_id, kind, user_id, recipient.email, rendered.subject, msgid)
-        if not await repository.claim_notification(self._pool, claim, lease=CLAIM_LEASE):
+        if not await repository.claim_notification(self._pool, claim, lease=self.lease):
             if await repository.notification_status(self._pool, event_id, kind) == "sent":
                 log.info("notification_duplicate", event_id=event_id, kind=kind)
                 return Outcome.ALREADY_SENT
@@ -95,8 +106,13 @@ class Notifier:
 
         try:
             await self._mailer.send(email)
+        except MailOutcomeUnknown:
+            # The server may have it: the claim stays, to be taken over and
+            # sent again only once its lease has run out.
+            log.warning("notification_outcome_unknown", event_id=event_id, kind=kind, resend_after=self.lease)
+            raise
         except Exception:
-            # Nothing was sent: let the next delivery claim it straight away.
+            # The server does not have it: the next delivery may claim it at once.
             await repository.release_notification(self._pool, event_id, kind)
             raise
         await repository.mark_notification_sent(self._pool, event_id, kind)

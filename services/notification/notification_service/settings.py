@@ -20,7 +20,12 @@ class SmtpSettings:
     port: int
     mail_from: str
     start_tls: bool = False
+    # Seconds an attempt may take to reach DATA: connecting, EHLO, MAIL, RCPT.
     timeout: float = 5.0
+    # Seconds to wait for each answer once DATA has begun, the server's 250
+    # above all: it may check the message first, and giving up on it early
+    # leaves us not knowing whether the email went out.
+    data_timeout: float = 30.0
     # Tries per message before the event goes to a retry queue: enough to
     # ride out a dropped connection, short enough not to hold a delivery slot.
     attempts: int = 3
@@ -62,6 +67,7 @@ class Settings:
                 mail_from=env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>"),
                 start_tls=env_bool(env, "SMTP_STARTTLS", False),
                 timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
+                data_timeout=env_float(env, "SMTP_DATA_TIMEOUT", 30.0),
                 attempts=env_int(env, "SMTP_ATTEMPTS", 3),
             ),
             client_id=env_str(env, "SERVICE_CLIENT_ID", "notification-service"),
@@ -76,8 +82,11 @@ class Settings:
             reminder_poll_interval=env_float(env, "REMINDER_POLL_SECONDS", 30.0),
             crash_after_send=env_bool(env, "NOTIFICATION_CRASH_AFTER_SEND", False),
         )
-        if settings.prefetch < 1 or settings.smtp.attempts < 1 or settings.reminder_poll_interval <= 0:
-            raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS and REMINDER_POLL_SECONDS must be positive")
+        smtp = settings.smtp
+        if min(settings.prefetch, smtp.attempts) < 1 or min(settings.reminder_poll_interval, smtp.timeout) <= 0:
+            raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS, SMTP_TIMEOUT and REMINDER_POLL_SECONDS must be positive")
+        if smtp.data_timeout <= 0:
+            raise SettingsError("SMTP_DATA_TIMEOUT must be positive")
         return settings
 
     def with_port(self, port: int) -> Settings:

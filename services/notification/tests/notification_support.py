@@ -315,6 +315,7 @@ class SmtpSink:
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
+    data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     _server: asyncio.AbstractServer | None = None
 
     # aiosmtpd's hooks: handle_<SMTP verb>
@@ -329,6 +330,8 @@ class SmtpSink:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.received.append(Received(envelope.original_content or b"", list(envelope.rcpt_tos), time.time()))
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)  # aiosmtpd cancels it if the client hangs up
         return "250 Message accepted for delivery"
 
     async def start(self) -> None:

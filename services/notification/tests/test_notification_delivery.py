@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -22,7 +23,7 @@ from notification_support import (
     todo_event,
 )
 
-from notification_service.keys import CONSUMER
+from notification_service.keys import CONSUMER, NOTIFIER
 from notification_service.messages import message_id
 from notification_service.settings import Settings
 
@@ -177,6 +178,25 @@ async def test_an_event_claimed_by_a_live_delivery_waits_for_it_instead_of_sendi
         await cur.execute("UPDATE notifications SET status = 'sent', sent_at = now()")
     await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the retried event acked")
     assert smtp.received == []
+
+
+async def test_an_email_whose_250_never_came_keeps_its_claim_and_is_not_sent_again_within_the_lease(
+    settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    smtp.data_delay = 2.0  # the server has the message, and answers after we gave up
+    service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
+    event = registered(new_user())
+    published = time.monotonic()
+    await broker.publish(event)
+
+    # Retried later, through the 1 s then the 5 s retry queue: each time the
+    # claim is found held, so nothing is sent again, as long as the lease
+    # (longer than a send can take) has not run out.
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 3, within=15, what="three retries")
+    assert time.monotonic() - published < service.app[NOTIFIER].lease
+    assert len(smtp.received) == 1
+    assert await _notification_rows(pool) == [(event.id, "welcome", "sending")]  # the claim is kept
 
 
 async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[str, str], *, claimed_ago: str) -> None:

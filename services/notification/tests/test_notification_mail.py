@@ -10,7 +10,13 @@ from notification_support import SmtpSink, free_port, new_user, registered
 from mesh_common.events import Event
 from notification_service.directory import Recipient
 from notification_service.events import parse
-from notification_service.failures import MailRejected, MailServerUnavailable, MalformedEvent, UnsupportedEvent
+from notification_service.failures import (
+    MailOutcomeUnknown,
+    MailRejected,
+    MailServerUnavailable,
+    MalformedEvent,
+    UnsupportedEvent,
+)
 from notification_service.mailer import Mailer
 from notification_service.messages import compose, message_id, render
 from notification_service.settings import SmtpSettings
@@ -77,6 +83,25 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
     with pytest.raises(MailRejected):
         await mailer.send(an_email("gone@example.test"))  # type: ignore[arg-type]
     assert smtp.attempts == ["gone@example.test"]
+
+
+async def test_no_answer_after_data_is_reported_as_unknown_and_not_sent_again(smtp: SmtpSink) -> None:
+    smtp.data_delay = 1.0  # the server has the message, and answers too late
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3, data_timeout=0.2)
+    mailer = Mailer(settings)
+    with pytest.raises(MailOutcomeUnknown):
+        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+    assert len(smtp.received) == 1  # not retried: a retry would have sent it again
+    await mailer.close()
+
+
+async def test_the_answer_after_data_has_its_own_longer_timeout(smtp: SmtpSink) -> None:
+    smtp.data_delay = 0.5  # longer than any other step may take
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=0.3, data_timeout=5.0)
+    mailer = Mailer(settings)
+    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+    assert len(smtp.received) == 1
+    await mailer.close()
 
 
 async def test_a_refused_connection_is_reported_as_unavailable() -> None:

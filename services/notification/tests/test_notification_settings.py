@@ -29,6 +29,7 @@ def test_defaults_are_those_of_the_stack() -> None:
     assert settings.topology.queue == "notifications.events"
     assert settings.prefetch == 32
     assert settings.crash_after_send is False
+    assert (settings.smtp.timeout, settings.smtp.data_timeout, settings.smtp.attempts) == (5.0, 30.0, 3)
 
 
 def test_nonsense_numbers_are_refused() -> None:
@@ -36,6 +37,8 @@ def test_nonsense_numbers_are_refused() -> None:
         Settings.from_env({**REQUIRED, "AMQP_PREFETCH": "0"})
     with pytest.raises(SettingsError):
         Settings.from_env({**REQUIRED, "SMTP_PORT": "smtp"})
+    with pytest.raises(SettingsError, match="SMTP_DATA_TIMEOUT"):
+        Settings.from_env({**REQUIRED, "SMTP_DATA_TIMEOUT": "0"})
 
 
 def test_retries_back_off_then_stay_at_the_slowest_tier() -> None:
