@@ -6,7 +6,9 @@ The steps, and what a crash after each one leaves behind:
    ``sent``, this is a redelivery: nothing to do. (When the address must be
    looked up, a cheaper check for ``sent`` comes before the lookup.)
    Crash after the claim: it goes stale after the lease and a later
-   delivery takes it over and sends.
+   delivery takes it over and sends. Every claim and takeover has a new
+   token, and a claim is released only with its own: a delivery that was
+   taken over cannot delete its successor's claim.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
 3. Mark the row ``sent``. Then the consumer acks the event. Crash between
    3 and the ack: the redelivered event stops at step 1. No duplicate.
@@ -98,7 +100,8 @@ class Notifier:
             raise MailRejected("the recipient's address is not valid") from None
 
         claim = repository.Claim(event_id, kind, user_id, recipient.email, rendered.subject, msgid)
-        if not await repository.claim_notification(self._pool, claim, lease=self.lease):
+        token = await repository.claim_notification(self._pool, claim, lease=self.lease)
+        if token is None:
             if await repository.notification_status(self._pool, event_id, kind) == "sent":
                 log.info("notification_duplicate", event_id=event_id, kind=kind)
                 return Outcome.ALREADY_SENT
@@ -113,7 +116,7 @@ class Notifier:
             raise
         except Exception:
             # The server does not have it: the next delivery may claim it at once.
-            await repository.release_notification(self._pool, event_id, kind)
+            await repository.release_notification(self._pool, event_id, kind, token)
             raise
         await repository.mark_notification_sent(self._pool, event_id, kind)
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)

@@ -10,6 +10,7 @@ queue's delivery-limit in milliseconds and dead-lettering good events.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,36 +64,45 @@ async def notification_status(pool: aiopg.Pool, event_id: str, kind: str) -> str
     return row[0] if row else None
 
 
-async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) -> bool:
-    """Claim (event, kind) for sending; False if it is sent, or claimed by a delivery still within its lease."""
+async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) -> str | None:
+    """Claim (event, kind) for sending: the claim's token, or None if it is sent or held within its lease."""
+    token = str(uuid.uuid4())
     async with _cursor(pool) as cur:
         await cur.execute(
             """
-            INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status)
-            VALUES (%s, %s, %s, %s, %s, %s, 'sending')
+            INSERT INTO notifications
+                (event_id, kind, user_id, recipient, subject, message_id, status, claim_token)
+            VALUES (%s, %s, %s, %s, %s, %s, 'sending', %s)
             ON CONFLICT (event_id, kind) DO UPDATE
-                SET claimed_at = now(), recipient = EXCLUDED.recipient, subject = EXCLUDED.subject
+                SET claimed_at = now(), claim_token = EXCLUDED.claim_token,
+                    recipient = EXCLUDED.recipient, subject = EXCLUDED.subject
                 WHERE notifications.status = 'sending'
                   AND notifications.claimed_at < now() - make_interval(secs => %s)
             RETURNING id
             """,
-            (claim.event_id, claim.kind, claim.user_id, claim.recipient, claim.subject, claim.message_id, lease),
+            (claim.event_id, claim.kind, claim.user_id, claim.recipient, claim.subject, claim.message_id, token, lease),
         )
-        return await cur.fetchone() is not None
+        return token if await cur.fetchone() is not None else None
 
 
 async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> None:
+    # Whoever holds the claim now: the email did go out, so "sent" is true,
+    # and it stops a takeover that would send it yet again. The first
+    # sent_at stays.
     async with _cursor(pool) as cur:
         await cur.execute(
-            "UPDATE notifications SET status = 'sent', sent_at = now() WHERE event_id = %s AND kind = %s",
+            "UPDATE notifications SET status = 'sent', sent_at = now()"
+            " WHERE event_id = %s AND kind = %s AND status = 'sending'",
             (event_id, kind),
         )
 
 
-async def release_notification(pool: aiopg.Pool, event_id: str, kind: str) -> None:
+async def release_notification(pool: aiopg.Pool, event_id: str, kind: str, token: str) -> None:
+    """Give up our claim, and only ours: after our lease, another delivery may hold it."""
     async with _cursor(pool) as cur:
         await cur.execute(
-            "DELETE FROM notifications WHERE event_id = %s AND kind = %s AND status = 'sending'", (event_id, kind)
+            "DELETE FROM notifications WHERE event_id = %s AND kind = %s AND status = 'sending' AND claim_token = %s",
+            (event_id, kind, token),
         )
 
 

@@ -25,6 +25,7 @@ from notification_support import (
 
 from notification_service.keys import CONSUMER, NOTIFIER
 from notification_service.messages import message_id
+from notification_service.repository import Claim, claim_notification, release_notification
 from notification_service.settings import Settings
 
 
@@ -197,6 +198,22 @@ async def test_an_email_whose_250_never_came_keeps_its_claim_and_is_not_sent_aga
     assert time.monotonic() - published < service.app[NOTIFIER].lease
     assert len(smtp.received) == 1
     assert await _notification_rows(pool) == [(event.id, "welcome", "sending")]  # the claim is kept
+
+
+async def test_a_claim_taken_over_after_its_lease_cannot_be_released_by_its_former_holder(pool: aiopg.Pool) -> None:
+    user = new_user()
+    event_id = registered(user).id
+    claim = Claim(event_id, "welcome", user["id"], user["email"], "Welcome", message_id(event_id, "welcome", MAIL_FROM))
+    first = await claim_notification(pool, claim, lease=60)
+    assert first is not None
+    assert await claim_notification(pool, claim, lease=60) is None  # held
+    second = await claim_notification(pool, claim, lease=0)  # its lease has run out: taken over
+    assert second is not None and second != first
+
+    await release_notification(pool, event_id, "welcome", first)  # the former holder gives up, late
+    assert await _notification_rows(pool) == [(event_id, "welcome", "sending")]  # still the new holder's
+    await release_notification(pool, event_id, "welcome", second)
+    assert await _notification_rows(pool) == []
 
 
 async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[str, str], *, claimed_ago: str) -> None:
