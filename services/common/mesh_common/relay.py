@@ -4,9 +4,20 @@ It claims a batch with ``FOR UPDATE SKIP LOCKED`` (so several instances never
 publish the same row in the normal case), publishes each row persistently and
 waits for the broker's confirm, then marks the batch sent in the same
 transaction. A crash between confirm and commit publishes the batch again:
-consumers are idempotent by event id, so a duplicate is harmless, a loss is
-impossible. It wakes on ``NOTIFY outbox`` and also polls, in case a
-notification was missed while it was reconnecting.
+consumers are idempotent by event id, so a duplicate is harmless. It wakes on
+``NOTIFY outbox`` and also polls, in case a notification was missed while it
+was reconnecting.
+
+A confirm alone does not mean that a queue has the event: the broker confirms
+a message it could route nowhere, and drops it. So events are published
+``mandatory`` on a channel that raises on a return. Where no queue is bound
+for an event's routing key, the events exchange's alternate exchange (a
+policy in rabbitmq/definitions.json) routes it to ``todo-mesh.unrouted``,
+where it waits, visibly, for someone to look; the broker confirms it and the
+row is marked sent. Only a broker without our definitions returns an event:
+then the batch is not marked, the relay logs ``outbox_event_unroutable`` and
+tries again with backoff, and the events wait in the outbox until the
+topology is loaded. Nothing is dropped silently either way.
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ class OutboxRelay:
             # While the broker is away there is nothing to do but wait: the
             # rows stay in the outbox, and the robust connection reconnects.
             await self._connection.ready()
-            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._channel.declare_exchange(
                 EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
@@ -104,12 +115,17 @@ class OutboxRelay:
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
                         routing_key=routing_key,
+                        mandatory=True,
                         timeout=self._confirm_timeout,
                     )
                     for event_id, routing_key, payload, correlation_id in rows
                 ),
                 return_exceptions=True,
             )
+            for (event_id, routing_key, *_), outcome in zip(rows, outcomes, strict=True):
+                if isinstance(outcome, aio_pika.exceptions.PublishError):
+                    # Not even the alternate exchange took it: the broker lacks our definitions.
+                    log.error("outbox_event_unroutable", event_id=str(event_id), routing_key=routing_key)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -136,8 +152,8 @@ class OutboxRelay:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    # The broker or the database is away: the rows stay unsent
-                    # and are tried again; nothing is lost.
+                    # The broker or the database is away, or an event was
+                    # returned: the rows stay unsent and are tried again.
                     await self._drop_channel()
                     log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
                     await asyncio.sleep(delay)

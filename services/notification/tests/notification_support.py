@@ -74,7 +74,10 @@ def private_definitions(prefix: str) -> tuple[dict[str, Any], Topology]:
     # Names have no regex metacharacters but dots, and a prefix without dots
     # keeps the policies' patterns matching exactly the renamed queues.
     text = json.dumps(ours).replace("notifications", f"{prefix}_notifications")
-    text = text.replace("todo-mesh.events", f"{prefix}_todo-mesh.events")
+    # todo-mesh.events, its alternate exchange and queue (todo-mesh.unrouted),
+    # and the policy's pattern, where the dot is escaped (a JSON-escaped
+    # backslash in this text).
+    text = text.replace("todo-mesh.", f"{prefix}_todo-mesh.").replace("todo-mesh\\\\.", f"{prefix}_todo-mesh\\\\.")
     return json.loads(text), Topology(exchange=f"{prefix}_todo-mesh.events", namespace=f"{prefix}_notifications")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from notification_support import DEFINITIONS, Management
 
+from mesh_common.events import EVENTS_EXCHANGE
 from notification_service.topology import RETRY_DELAYS, Topology
 
 
@@ -17,8 +18,12 @@ def definitions() -> dict[str, Any]:
 
 
 def policy_for(queue: str, policies: list[dict[str, Any]]) -> dict[str, Any]:
-    [policy] = [p for p in policies if re.search(p["pattern"], queue)]  # exactly one applies
+    [policy] = [p for p in queue_policies(policies) if re.search(p["pattern"], queue)]  # exactly one applies
     return policy["definition"]  # type: ignore[no-any-return]
+
+
+def queue_policies(policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in policies if p["apply-to"] in {"queues", "all"}]
 
 
 def test_definitions_declare_the_topology_the_service_expects() -> None:
@@ -44,7 +49,22 @@ def test_definitions_declare_the_topology_the_service_expects() -> None:
         assert (retry["dead-letter-exchange"], retry["dead-letter-routing-key"]) == ("", topology.queue)
         assert retry["dead-letter-strategy"] == "at-least-once"
     # The DLQ keeps what it gets until someone replays it: no limit, no TTL, no dead-lettering.
-    assert not [p for p in doc["policies"] if re.search(p["pattern"], topology.dead_letters)]
+    assert not [p for p in queue_policies(doc["policies"]) if re.search(p["pattern"], topology.dead_letters)]
+
+
+def test_events_no_queue_is_bound_for_are_parked_not_dropped() -> None:
+    doc = definitions()
+    exchanges = {x["name"]: x for x in doc["exchanges"]}
+    queues = {q["name"]: q["arguments"] for q in doc["queues"]}
+    [policy] = [
+        p for p in doc["policies"] if p["apply-to"] in {"exchanges", "all"} and re.search(p["pattern"], EVENTS_EXCHANGE)
+    ]
+    alternate = policy["definition"]["alternate-exchange"]
+    assert (exchanges[alternate]["type"], exchanges[alternate]["durable"]) == ("fanout", True)
+    [parked] = [b["destination"] for b in doc["bindings"] if b["source"] == alternate]
+    assert queues[parked]["x-queue-type"] == "quorum"
+    # Kept until someone looks: no limit, no TTL.
+    assert not [p for p in queue_policies(doc["policies"]) if re.search(p["pattern"], parked)]
 
 
 def test_the_broker_applies_our_policies_to_the_real_queues(management: Management) -> None:
@@ -64,3 +84,7 @@ def test_the_broker_applies_our_policies_to_the_real_queues(management: Manageme
         assert time.monotonic() < deadline, f"policies not applied: {applied}"
         time.sleep(0.5)
     assert management.queue(topology.dead_letters)["type"] == "quorum"
+    [alternate] = [p["name"] for p in definitions()["policies"] if p["apply-to"] == "exchanges"]
+    while management.request("GET", f"/exchanges/%2F/{EVENTS_EXCHANGE}").get("policy") != alternate:
+        assert time.monotonic() < deadline, "the events exchange's alternate exchange never applied"
+        time.sleep(0.5)

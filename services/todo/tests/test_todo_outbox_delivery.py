@@ -10,6 +10,7 @@ that).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -17,17 +18,24 @@ import os
 import signal
 import socket
 import sys
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiopg
+import pytest
 
 from mesh_common.consul import consul_client
+from mesh_common.events import EVENTS_EXCHANGE, Event
+from mesh_common.outbox import enqueue
 from mesh_common.relay import OutboxRelay
 from todo_service.app import create_app
 from todo_service.model import NewTodo
 from todo_service.todos import Todos
+
+DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
 
 
 def unused_port() -> int:
@@ -88,6 +96,86 @@ async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost
 
 async def _all_published(db: aiopg.Pool) -> bool:
     return all((await outbox(db)).values())
+
+
+async def enqueue_event(db: aiopg.Pool, routing_key: str) -> str:
+    """An event committed to the outbox, as a service's transaction would leave it."""
+    event = Event(type=routing_key, user_id=str(uuid.uuid4()), data={}, correlation_id="relay-test")
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await enqueue(cur, event)
+    return event.id
+
+
+async def test_an_event_the_broker_returns_as_unroutable_stays_in_the_outbox_until_a_queue_takes_it(
+    db, amqp_url, event_tap
+):
+    # This suite's virtual host has no definitions, so no alternate exchange:
+    # with no queue bound for the key, the broker returns the event.
+    routing_key = f"test.unrouted.{uuid.uuid4().hex}"
+    event_id = await enqueue_event(db, routing_key)
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        relay = OutboxRelay(db, connection)
+        with pytest.raises(aio_pika.exceptions.PublishError):
+            await relay.publish_batch()
+        assert await outbox(db) == {event_id: False}  # not marked sent: it would be lost
+
+        tap = await event_tap(routing_key)
+        assert await relay.publish_batch() == 1
+        assert (await tap.next()).message_id == event_id
+    assert await outbox(db) == {event_id: True}
+
+
+def management(infra, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+    )
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+@pytest.fixture
+def defined_vhost(infra):
+    """A virtual host of its own with rabbitmq/definitions.json's topology: what the stack's broker loads at boot."""
+    vhost = f"relay-{uuid.uuid4().hex[:8]}"
+    management(infra, "PUT", f"/vhosts/{vhost}", {})
+    management(infra, "PUT", f"/permissions/{vhost}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
+    full = json.loads(DEFINITIONS.read_text())
+    kinds = ("exchanges", "queues", "bindings", "policies")
+    ours = {kind: [{**item, "vhost": vhost} for item in full[kind]] for kind in kinds}
+    management(infra, "POST", "/definitions", ours)
+    yield vhost
+    management(infra, "DELETE", f"/vhosts/{vhost}")
+
+
+async def test_with_our_definitions_an_event_no_one_subscribes_to_is_parked_and_the_relay_goes_on(
+    infra, db, defined_vhost, poll
+):
+    events_exchange = f"/exchanges/{defined_vhost}/{EVENTS_EXCHANGE}"
+    # The alternate exchange is set by a policy, which the broker applies on its own time.
+    await poll(lambda: _policy_of(infra, events_exchange), within=10)
+    nobody = await enqueue_event(db, f"test.nobody.listens.{uuid.uuid4().hex}")
+    welcome = await enqueue_event(db, "user.registered")
+    url = f"amqp://guest:guest@127.0.0.1:{infra.ports.amqp}/{defined_vhost}"
+    async with await aio_pika.connect_robust(url) as connection:
+        assert await OutboxRelay(db, connection).publish_batch() == 2
+        assert await outbox(db) == {nobody: True, welcome: True}
+
+        channel = await connection.channel()
+        parked = await (await channel.get_queue("todo-mesh.unrouted")).get(fail=False)
+        subscribed = await (await channel.get_queue("notifications.events")).get(fail=False)
+    assert parked is not None and parked.message_id == nobody
+    assert subscribed is not None and subscribed.message_id == welcome
+
+
+async def _policy_of(infra, path: str) -> str | None:
+    exchange = await asyncio.to_thread(management, infra, "GET", path)
+    return exchange.get("policy")
 
 
 class ServiceProcess:
