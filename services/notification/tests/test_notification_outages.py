@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import quote
 
+from notification_proxy import TcpProxy
 from notification_support import (
     Broker,
     Client,
@@ -20,7 +21,6 @@ from notification_support import (
     Management,
     SmtpSink,
     StartService,
-    TcpProxy,
     eventually,
     new_user,
     registered,
