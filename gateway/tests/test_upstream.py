@@ -60,9 +60,11 @@ async def raw_server(reply: Reply) -> AsyncIterator[int]:
     """A server that reads one request head, answers with ``reply``, and hangs up; yields its port."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await reply(reader, writer)
-        writer.close()
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reply(reader, writer)
+        finally:  # also when the test ends first and the handler is cancelled
+            writer.close()
 
     async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
         yield int(server.sockets[0].getsockname()[1])
@@ -220,9 +222,11 @@ async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None
 
 async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -> None:
     served = 0
+    connections = {"open": 0, "closed": 0}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal served
+        connections["open"] += 1
         try:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
@@ -234,7 +238,10 @@ async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
             writer.close()
+            connections["closed"] += 1
 
     async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
         port = int(server.sockets[0].getsockname()[1])
@@ -243,3 +250,5 @@ async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -
         # The connection that carried the stray answer is not reused.
         second = await upstream.request("GET", "127.0.0.1", port, "/", [])
         assert await second.read() == b"second"
+        upstream.close()  # so that the handler sees the end and closes its side
+        await eventually(lambda: connections["closed"] == connections["open"] == 2)
