@@ -89,27 +89,14 @@ async def test_the_last_known_set_survives_consul_going_away(aiohttp_server):
         answers += 1
         if answers > 1:
             return web.Response(status=500, text="consul is restarting")
-        entries = [
-            {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": f"svc-{n}", "Address": "127.0.0.1", "Port": 1000 + n}}
-            for n in range(2)
-        ]
-        return web.json_response(entries, headers={"X-Consul-Index": "7"})
+        return web.json_response(consul_entries(2), headers={"X-Consul-Index": "7"})
 
-    app = web.Application()
-    app.router.add_get("/v1/health/service/{name}", health)
-    fake_consul = await aiohttp_server(app)
-    client = consul_client(str(fake_consul.make_url("/")))
-    watch = ServiceWatch(client, "svc")
-    watch.start()
-    try:
+    async with watching(aiohttp_server, health) as watch:
         assert await watch.wait_ready(5)
         known = watch.instances
         await eventually(lambda: answers >= 3)
         assert watch.instances == known and len(known) == 2
         assert BreakerBoard().pick(watch).id in {"svc-0", "svc-1"}
-    finally:
-        await watch.stop()
-        await client.close()
 
 
 def consul_entries(count: int) -> list[dict[str, Any]]:

@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh_gateway.redis_script import RedisScript, RedisScriptError, Reply
+from mesh_gateway.redis_script import RedisScript, RedisScriptError
 
-ECHO_ARGS = "return {KEYS[1], ARGV[1]}"
+from .test_redis_script import ECHO_ARGS, call
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -120,13 +121,6 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     yield port, tmp_path / "ca.pem"
     process.terminate()
     process.wait(timeout=10)
-
-
-async def call(script: RedisScript, keys: list[str], args: list[str | int]) -> Reply:
-    answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-    script.call(keys, args, answer.set_result)
-    async with asyncio.timeout(5):
-        return await answer
 
 
 async def test_a_unix_socket_url_reaches_that_socket(unix_redis: Path) -> None:
