@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import uuid
 from datetime import datetime
 
 from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL
+from mesh_common.cursors import InvalidCursor, decode_cursor, encode_cursor, parse_limit
 from mesh_common.db import DB
 from mesh_common.problems import ValidationFailed
 
@@ -29,7 +26,8 @@ async def list_notifications(request: web.Request) -> web.Response:
     # One row more than asked for tells whether there is a next page.
     rows = await repository.sent_notifications(request.app[DB], user_id, limit=limit + 1, before=before)
     page = rows[:limit]
-    next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
+    # Keyset pagination over (sent_at, id): stable while new notifications arrive.
+    next_cursor = encode_cursor(page[-1].sent_at, page[-1].id) if len(rows) > limit else None
     return web.json_response(
         {
             "items": [
@@ -55,7 +53,7 @@ async def get_openapi(request: web.Request) -> web.Response:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    limit = int(raw) if raw.isascii() and raw.isdigit() else 0
+    limit = parse_limit(raw) or 0
     if not 1 <= limit <= MAX_LIMIT:
         raise ValidationFailed(
             f"limit must be an integer from 1 to {MAX_LIMIT}",
@@ -64,18 +62,10 @@ def _limit(raw: str | None) -> int:
     return limit
 
 
-# The cursor is the (sent_at, id) of the last item of a page: keyset
-# pagination, stable while new notifications arrive. Opaque to clients.
-def _encode_cursor(last: repository.SentNotification) -> str:
-    raw = json.dumps([last.sent_at.isoformat(), last.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        sent_at, notification_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(sent_at), str(uuid.UUID(notification_id))
-    except (ValueError, TypeError, binascii.Error):
+        return decode_cursor(cursor)
+    except InvalidCursor:
         raise ValidationFailed(
             "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]
         ) from None

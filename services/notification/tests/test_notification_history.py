@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,7 +87,14 @@ async def test_history_pages_with_a_cursor_without_gaps_or_repeats(
 
 async def test_a_bad_limit_or_cursor_is_a_422_problem(service: Client, tokens: TokenFactory) -> None:
     headers = tokens.headers(str(uuid.uuid4()))
-    for params in ({"limit": "0"}, {"limit": "101"}, {"limit": "ten"}, {"limit": "²"}, {"cursor": "bm90IGpzb24"}):
+    foreign_cursors = [
+        "bm90IGpzb24",  # "not json"
+        _b64(b'["2030-01-01T00:00:00+00:00",1]'),  # the right length, the wrong shape
+        _b64(b"[" * 300),  # nested deep enough to trouble json.loads
+        "A" * 600,  # longer than any cursor we give out
+    ]
+    bad = [{"limit": "0"}, {"limit": "101"}, {"limit": "ten"}, {"limit": "²"}, {"limit": "1" * 5000}]
+    for params in [*bad, *({"cursor": c} for c in foreign_cursors)]:
         async with service.get("/notifications", params=params, headers=headers) as resp:
             assert resp.status == 422, params
             body = await resp.json()
@@ -110,3 +118,7 @@ async def _insert_sent(pool: aiopg.Pool, user_id: str, moments: list[datetime]) 
                 " VALUES (%s, 'welcome', %s, 'a@example.test', %s, '<x@y>', 'sent', %s)",
                 (str(uuid.uuid4()), user_id, f"Subject {n}", sent_at),
             )
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

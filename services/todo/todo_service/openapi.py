@@ -10,9 +10,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from mesh_common.cursors import LIMIT_DIGITS_MAX
+
 from . import __version__
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX
-from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_MAX, LIMIT_DIGITS_MAX, MAX_LIMIT, QUERY_MAX
+from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_MAX, MAX_LIMIT, QUERY_MAX
 
 _DATE_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, with a time zone"}
 _NULLABLE_DATE_TIME = {"type": ["string", "null"], "format": "date-time"}

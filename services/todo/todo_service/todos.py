@@ -17,6 +17,7 @@ from typing import Any
 
 import aiopg
 
+from mesh_common.cursors import encode_cursor
 from mesh_common.outbox import enqueue
 from mesh_common.problems import PreconditionFailed, problem
 from mesh_common.transactions import transaction
@@ -25,7 +26,6 @@ from . import idempotency, repository
 from .events import TODO_COMPLETED, TODO_CREATED, TODO_DELETED, TODO_REOPENED, TODO_UPDATED, todo_event
 from .idempotency import IdempotentRequest, StoredResponse
 from .model import ListQuery, NewTodo, Todo
-from .pagination import encode_cursor
 from .validation import IfMatch
 
 # Always raised bare: one body for every case, so that "not yours" cannot be
@@ -81,7 +81,7 @@ class Todos:
             todos = await repository.list_todos(cur, owner_id, query)
         if len(todos) > query.limit:
             todos = todos[: query.limit]
-            return Page(todos, encode_cursor(todos[-1]))
+            return Page(todos, encode_cursor(todos[-1].created_at, todos[-1].id))
         return Page(todos, None)
 
     async def update(

@@ -15,14 +15,13 @@ from typing import Any
 
 from multidict import MultiMapping
 
+from mesh_common.cursors import LIMIT_DIGITS_MAX, InvalidCursor, decode_cursor, parse_limit
 from mesh_common.problems import ValidationFailed
 
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX, ListQuery, NewTodo
-from .pagination import InvalidCursor, decode_cursor
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
-LIMIT_DIGITS_MAX = 10
 QUERY_MAX = 200
 # RFC 3339's date-time: a full date, a full time and a mandatory offset.
 # datetime.fromisoformat alone would also take dates, local times and ISO 8601's basic format.
@@ -141,11 +140,10 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
 
 
 def _limit(raw: str) -> int:
-    # isdigit() alone also takes "²" and other digits int() refuses, and int()
-    # refuses more than 4300 digits: ASCII digits, and few of them.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > LIMIT_DIGITS_MAX or int(raw) < 1:
+    limit = parse_limit(raw)
+    if limit is None:
         raise Invalid(f"must be a positive integer of at most {LIMIT_DIGITS_MAX} digits")
-    return min(int(raw), MAX_LIMIT)  # a larger page is not an error, just not served
+    return min(limit, MAX_LIMIT)  # a larger page is not an error, just not served
 
 
 def _cursor(raw: str) -> tuple[datetime, str]:

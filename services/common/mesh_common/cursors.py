@@ -1,8 +1,8 @@
-"""Opaque cursors for keyset pagination over ``(created_at, id)``.
+"""Opaque cursors for keyset pagination over ``(timestamp, id)``.
 
-A cursor names the last todo of a page; the next page starts strictly after
+A cursor names the last item of a page; the next page starts strictly after
 it in the list's order. Unlike an offset, it neither skips nor repeats rows
-when todos are added or deleted between two pages. It is opaque to clients
+when items are added or deleted between two pages. It is opaque to clients
 (base64url of JSON) so that its contents may change without breaking them.
 """
 
@@ -14,21 +14,23 @@ import json
 import uuid
 from datetime import datetime
 
-from .model import Todo
-
 CURSOR_MAX = 512
+# int() refuses more than 4300 digits (ValueError, a 500 if unguarded); no
+# page size needs more than a few.
+LIMIT_DIGITS_MAX = 10
 
 
 class InvalidCursor(ValueError):
     """The cursor was not made by ``encode_cursor``."""
 
 
-def encode_cursor(todo: Todo) -> str:
-    raw = json.dumps([todo.created_at.isoformat(), todo.id], separators=(",", ":")).encode()
+def encode_cursor(at: datetime, item_id: str) -> str:
+    raw = json.dumps([at.isoformat(), item_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The ``(timestamp, id)`` a cursor names; ``InvalidCursor`` for anything else."""
     # Ours are about 100 characters; the bound also keeps json.loads far from
     # its recursion limit ("[[[[..." raises RecursionError, not ValueError).
     if len(cursor) > CURSOR_MAX:
@@ -42,11 +44,21 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     # AttributeError) is as foreign as a malformed cursor.
     if not (isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(part, str) for part in decoded)):
         raise InvalidCursor(cursor)
-    created_at, todo_id = decoded
+    at, item_id = decoded
     try:
-        position = (datetime.fromisoformat(created_at), str(uuid.UUID(todo_id)))
+        position = (datetime.fromisoformat(at), str(uuid.UUID(item_id)))
     except ValueError:
         raise InvalidCursor(cursor) from None
     if position[0].tzinfo is None:
         raise InvalidCursor(cursor)
     return position
+
+
+def parse_limit(raw: str) -> int | None:
+    """A page size from a query string, or None when it is not a positive integer of a few ASCII digits.
+
+    ``isdigit()`` alone also takes "²" and other digits that int() refuses.
+    """
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > LIMIT_DIGITS_MAX or int(raw) < 1:
+        return None
+    return int(raw)
