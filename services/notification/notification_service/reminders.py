@@ -26,10 +26,14 @@ import aiopg
 import structlog
 
 from . import repository
-from .failures import TemporaryFailure, UnprocessableEvent
+from .failures import DeliveryInProgress, MailOutcomeUnknown, TemporaryFailure, UnprocessableEvent
 from .notifier import Notifier, Outcome
 
 log = structlog.get_logger()
+# How soon a round starts again after one found a reminder held by another
+# delivery (up to its lease, about 80 s): soon enough for the reminders due
+# behind it, without polling the database in a tight loop.
+HELD_RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +112,18 @@ class ReminderScheduler:
         """Send every due reminder; returns how long to sleep before the next round."""
         while True:
             due = await repository.due_reminders(self._pool, limit=self._batch)
+            held = 0
             for reminder in due:
-                if not await self._send(reminder):
+                sent = await self._send(reminder)
+                if sent is None:
+                    held += 1
+                elif not sent:
                     return self._poll_interval  # a dependency is down: give it a round
+            if held:
+                # A held reminder stays first in line until its delivery ends or
+                # its lease runs out: look again in a while, not at once and not
+                # by fetching the same rows again.
+                return min(self._poll_interval, HELD_RECHECK_SECONDS)
             if len(due) < self._batch:
                 break
         next_at = await repository.next_reminder_at(self._pool)
@@ -118,7 +131,8 @@ class ReminderScheduler:
             return self._poll_interval
         return min(self._poll_interval, max(0.01, (next_at - datetime.now(UTC)).total_seconds()))
 
-    async def _send(self, reminder: repository.DueReminder) -> bool:
+    async def _send(self, reminder: repository.DueReminder) -> bool | None:
+        """True when done with, False when a dependency is down, None when another delivery holds it."""
         with structlog.contextvars.bound_contextvars(todo_id=reminder.todo_id, event_id=reminder.event_id):
             try:
                 outcome = await self._notifier.notify(
@@ -127,6 +141,10 @@ class ReminderScheduler:
                     user_id=reminder.user_id,
                     values=reminder_values(reminder.title, reminder.due_at, datetime.now(UTC)),
                 )
+            except (DeliveryInProgress, MailOutcomeUnknown) as exc:
+                # About this one reminder, not about a dependency: the others go on.
+                log.info("reminder_held", error=type(exc).__name__)
+                return None
             except TemporaryFailure as exc:
                 log.warning("reminder_deferred", error=type(exc).__name__, detail=str(exc))
                 return False

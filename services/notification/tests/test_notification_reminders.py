@@ -6,9 +6,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
-from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, todo_event
+from notification_support import (
+    MAIL_FROM,
+    Broker,
+    Client,
+    FakeUserService,
+    SmtpSink,
+    eventually,
+    new_user,
+    todo_event,
+)
 
 from notification_service.keys import CONSUMER
+from notification_service.messages import message_id
 
 
 def todo(todo_id: str, title: str, due_in: timedelta | None, *, completed: bool = False) -> dict[str, Any]:
@@ -140,3 +150,26 @@ async def test_a_reminder_goes_out_when_its_time_comes_not_before(
 
     [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder at its time")
     assert message["Subject"] == "Due in 24 hours: Board meeting"
+
+
+async def test_a_reminder_held_by_another_delivery_does_not_hold_up_the_ones_behind_it(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    # Due in two and three seconds' reminding time: the held one comes first in line.
+    held = todo_event("created", owner["id"], todo("h1", "Held", timedelta(days=1, seconds=2)))
+    free = todo_event("created", owner["id"], todo("h2", "Free", timedelta(days=1, seconds=3)))
+    for event in (held, free):
+        await broker.publish(event)
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="both todos applied")
+    # As if another instance were sending the first one right now (its lease is long).
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status, claimed_at)"
+            " VALUES (%s, 'reminder', %s, %s, 'Held', %s, 'sending', now())",
+            (held.id, owner["id"], owner["email"], message_id(held.id, "reminder", MAIL_FROM)),
+        )
+
+    [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder behind the held one")
+    assert message["Subject"] == "Due in 24 hours: Free"
+    assert not await _sent(pool, "h1")
