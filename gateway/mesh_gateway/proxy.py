@@ -152,7 +152,7 @@ class Proxy:
             except _Attempt as failed:
                 if failed.response is not None and failed.response.prepared:
                     return failed.response  # a broken stream: nothing more can be sent
-                others = any(i.id not in tried and self._breakers.available(i.id) for i in watch.instances)
+                others = self._breakers.has_candidate(watch, tried)
                 retry = len(tried) < MAX_ATTEMPTS and others and (not failed.sent or retry_safe)
                 # A request that never left costs no upstream anything: only
                 # retries of requests that were sent spend the budget.

@@ -73,7 +73,7 @@ class ServiceClient:
                 failed.append(exc)
             if len(tried) >= self._attempts or loop.time() >= deadline:
                 return True
-            if not any(i.id not in tried and self.breakers.available(i.id) for i in watch.instances):
+            if not self.breakers.has_candidate(watch, tried):
                 return True
             return not self._budget.try_spend()
 

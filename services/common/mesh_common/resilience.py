@@ -152,6 +152,10 @@ class BreakerBoard:
         breaker = self._breakers.get(instance_id)
         return breaker.failure_count if breaker is not None else 0
 
+    def has_candidate(self, watch: ServiceWatch, exclude: set[str] | frozenset[str]) -> bool:
+        """Whether ``pick`` would find an instance outside ``exclude``: is a retry worth it."""
+        return any(i.id not in exclude and self.available(i.id) for i in watch.instances)
+
     def pick(self, watch: ServiceWatch, exclude: frozenset[str] = frozenset()) -> Instance:
         """A random healthy instance whose breaker lets calls through.
 
