@@ -106,4 +106,14 @@ def todo_snapshot(event: Event) -> TodoSnapshot:
         due_at=None if due_at is None else timestamp(due_at, "data.due_at"),
         completed=data.get("completed") is True,
         deleted=deleted,
+        version=todo_version(data),
     )
+
+
+def todo_version(data: dict[str, Any]) -> int:
+    # What orders a todo's events (see reminders): without it, an event
+    # could neither be placed after nor before the ones already applied.
+    value = data.get("version")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MalformedEvent("data.version must be a positive integer")
+    return value

@@ -44,6 +44,7 @@ class TodoSnapshot:
     due_at: datetime | None
     completed: bool
     deleted: bool
+    version: int
 
 
 class Reminders:
@@ -64,6 +65,8 @@ class Reminders:
             cancelled=todo.completed or todo.deleted or todo.due_at is None,
             event_id=event_id,
             event_at=event_at,
+            version=todo.version,
+            deleted=todo.deleted,
         )
         if not await repository.apply_todo_state(self._pool, state):
             log.info("reminder_event_not_newer", todo_id=todo.id, event_id=event_id)

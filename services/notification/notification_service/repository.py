@@ -138,6 +138,10 @@ class TodoState:
     cancelled: bool
     event_id: str
     event_at: datetime
+    # The todo's data.version, and whether the event was its deletion: their
+    # order is the order of the todo's changes (migration 0003).
+    version: int
+    deleted: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +154,7 @@ class DueReminder:
 
 
 async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
-    """Upsert the todo's reminder; False if a newer event was applied already.
+    """Upsert the todo's reminder; False if a later change was applied already.
 
     A changed due date is a new reminder: it takes this event's id as its
     idempotency key and is unsent again. Anything else (a new title,
@@ -160,20 +164,25 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
     async with _cursor(pool) as cur:
         await cur.execute(
             """
-            INSERT INTO reminders (todo_id, user_id, title, due_at, remind_at, cancelled, event_id, event_at)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            INSERT INTO reminders (todo_id, user_id, title, due_at, remind_at, cancelled, event_id, event_at,
+                                   todo_version, todo_deleted)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (todo_id) DO UPDATE SET
                 user_id = EXCLUDED.user_id,
                 title = EXCLUDED.title,
                 cancelled = EXCLUDED.cancelled,
                 event_at = EXCLUDED.event_at,
+                todo_version = EXCLUDED.todo_version,
+                todo_deleted = EXCLUDED.todo_deleted,
                 due_at = EXCLUDED.due_at,
                 remind_at = EXCLUDED.remind_at,
                 event_id = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
                                 THEN EXCLUDED.event_id ELSE reminders.event_id END,
                 sent_at = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
                                THEN NULL ELSE reminders.sent_at END
-            WHERE reminders.event_at < EXCLUDED.event_at
+            WHERE CASE WHEN reminders.todo_version IS NULL THEN reminders.event_at < EXCLUDED.event_at
+                       ELSE (reminders.todo_version, reminders.todo_deleted)
+                            < (EXCLUDED.todo_version, EXCLUDED.todo_deleted) END
             RETURNING todo_id
             """,
             (
@@ -185,6 +194,8 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
                 state.cancelled,
                 state.event_id,
                 state.event_at,
+                state.version,
+                state.deleted,
             ),
         )
         return await cur.fetchone() is not None

@@ -173,7 +173,9 @@ def registered(user: dict[str, str]) -> Event:
 
 
 def todo_event(kind: str, user_id: str, todo: dict[str, Any], **envelope: Any) -> Event:
-    return Event(type=f"todo.{kind}", user_id=user_id, data=todo, correlation_id=uuid.uuid4().hex, **envelope)
+    """A todo event; its snapshot is at version 1 unless it says otherwise."""
+    data = {"version": 1, **todo}
+    return Event(type=f"todo.{kind}", user_id=user_id, data=data, correlation_id=uuid.uuid4().hex, **envelope)
 
 
 def new_user(tag: str = "") -> dict[str, str]:

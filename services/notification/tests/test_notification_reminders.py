@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
+import pytest
 from notification_support import (
     MAIL_FROM,
     Broker,
@@ -17,13 +18,18 @@ from notification_support import (
     todo_event,
 )
 
+from mesh_common.events import Event
+from notification_service.events import todo_snapshot
+from notification_service.failures import MalformedEvent
 from notification_service.keys import CONSUMER
 from notification_service.messages import message_id
 
 
-def todo(todo_id: str, title: str, due_in: timedelta | None, *, completed: bool = False) -> dict[str, Any]:
+def todo(
+    todo_id: str, title: str, due_in: timedelta | None, *, completed: bool = False, version: int = 1
+) -> dict[str, Any]:
     due_at = None if due_in is None else (datetime.now(UTC) + due_in).isoformat()
-    return {"id": todo_id, "title": title, "due_at": due_at, "completed": completed}
+    return {"id": todo_id, "title": title, "due_at": due_at, "completed": completed, "version": version}
 
 
 async def reminder_row(pool: aiopg.Pool, todo_id: str) -> dict[str, Any] | None:
@@ -54,7 +60,7 @@ async def test_a_todo_due_within_a_day_gets_one_reminder(
     await eventually(lambda: _sent(pool, "t1"), within=5, what="the reminder recorded as sent")
 
     # A new title, the same due date: the reminder for that date was sent already.
-    await broker.publish(todo_event("updated", owner["id"], {**created.data, "title": "File taxes"}))
+    await broker.publish(todo_event("updated", owner["id"], {**created.data, "title": "File taxes", "version": 2}))
     await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="the update applied")
     row = await reminder_row(pool, "t1")
     assert row is not None and (row["title"], row["sent"], row["event_id"]) == ("File taxes", True, created.id)
@@ -68,9 +74,10 @@ async def test_completing_and_deleting_cancel_a_reminder_and_reopening_restores_
     snapshot = todo("t2", "Renew passport", timedelta(days=3))
     steps = [
         ("created", snapshot, False),
-        ("completed", {**snapshot, "completed": True}, True),
-        ("reopened", snapshot, False),
-        ("deleted", snapshot, True),
+        ("completed", {**snapshot, "completed": True, "version": 2}, True),
+        ("reopened", {**snapshot, "version": 3}, False),
+        # A deletion carries the todo as it was: the version of the last change.
+        ("deleted", {**snapshot, "version": 3}, True),
     ]
     consumer = service.app[CONSUMER]
     for n, (kind, data, cancelled) in enumerate(steps, start=1):
@@ -87,7 +94,7 @@ async def test_a_new_due_date_is_a_new_reminder(
     await broker.publish(todo_event("created", owner["id"], todo("t3", "Call the bank", timedelta(hours=1))))
     await eventually(lambda: smtp.to(owner["email"]), within=10, what="the first reminder")
 
-    moved = todo_event("updated", owner["id"], todo("t3", "Call the bank", timedelta(hours=2)))
+    moved = todo_event("updated", owner["id"], todo("t3", "Call the bank", timedelta(hours=2), version=2))
     await broker.publish(moved)
     messages = await eventually(lambda: len(smtp.to(owner["email"])) == 2 and smtp.to(owner["email"]), within=10,
                                 what="a reminder for the new date")  # fmt: skip
@@ -97,25 +104,38 @@ async def test_a_new_due_date_is_a_new_reminder(
     assert row is not None and row["event_id"] == moved.id
 
 
-async def test_an_event_older_than_the_last_one_applied_changes_nothing(
+async def test_events_apply_in_the_order_of_the_todos_versions_not_of_their_clocks(
     service: Client, broker: Broker, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
+    # Two todo-service instances whose clocks disagree: occurred_at says the
+    # second change came first. data.version says what really happened.
     owner = users.add(new_user())
     now = datetime.now(UTC)
-    newer = todo_event("updated", owner["id"], todo("t4", "Newer", timedelta(days=5)), occurred_at=now.isoformat())
-    older = todo_event(
-        "created",
-        owner["id"],
-        todo("t4", "Older", timedelta(days=9)),
-        occurred_at=(now - timedelta(minutes=1)).isoformat(),
+    early_clock = (now - timedelta(minutes=1)).isoformat()
+    created = todo_event("created", owner["id"], todo("t4", "First", timedelta(days=9)), occurred_at=now.isoformat())
+    updated = todo_event(
+        "updated", owner["id"], todo("t4", "Second", timedelta(days=5), version=2), occurred_at=early_clock
     )
-    await broker.publish(newer)
-    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 1, within=10, what="the newer event applied")
-    await broker.publish(older)  # a retry or a replay arriving late
-    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="the older event handled")
+    deleted = todo_event("deleted", owner["id"], {**updated.data}, occurred_at=early_clock)
+    consumer = service.app[CONSUMER]
 
-    row = await reminder_row(pool, "t4")
-    assert row is not None and (row["title"], row["event_id"]) == ("Newer", newer.id)
+    async def apply(event: Event, n: int) -> dict[str, Any] | None:
+        await broker.publish(event)
+        await eventually(lambda: consumer.settled["acked"] == n, within=10, what=f"{event.type} handled")
+        return await reminder_row(pool, "t4")
+
+    assert (await apply(created, 1) or {}).get("title") == "First"
+    row = await apply(updated, 2)
+    assert row is not None and (row["title"], row["event_id"]) == ("Second", updated.id)
+    # A redelivery of an older version (a retry, a replay) changes nothing.
+    row = await apply(created, 3)
+    assert row is not None and (row["title"], row["event_id"]) == ("Second", updated.id)
+    # The deletion carries the version of the change before it, and still wins.
+    row = await apply(deleted, 4)
+    assert row is not None and row["cancelled"] is True
+    # The change before it, redelivered, does not bring the reminder back.
+    row = await apply(updated, 5)
+    assert row is not None and row["cancelled"] is True
 
 
 async def test_an_overdue_todo_gets_no_reminder(
@@ -173,3 +193,13 @@ async def test_a_reminder_held_by_another_delivery_does_not_hold_up_the_ones_beh
     [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder behind the held one")
     assert message["Subject"] == "Due in 24 hours: Free"
     assert not await _sent(pool, "h1")
+
+
+@pytest.mark.parametrize("version", [None, 0, -1, "2", 2.0, True])
+def test_a_todo_event_without_a_usable_version_is_refused(version: object) -> None:
+    data = {**todo("t9", "Unordered", timedelta(days=1)), "version": version}
+    if version is None:
+        del data["version"]
+    event = Event(type="todo.updated", user_id="u", data=data, correlation_id="c")
+    with pytest.raises(MalformedEvent, match=r"data\.version"):
+        todo_snapshot(event)
