@@ -109,7 +109,12 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise UnsupportedMediaType()
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except LookupError:  # a charset Python does not know
+        raise UnsupportedMediaType(f"Unknown charset {request.charset!r}") from None
+    except (ValueError, RecursionError):
+        # ValueError: bad JSON or bad UTF-8, and also an integer of more
+        # digits than Python converts; RecursionError: arrays nested
+        # thousands deep, which fit in a small body.
         raise ValidationFailed("The body is not valid JSON", errors=[]) from None
     if not isinstance(body, dict):
         raise ValidationFailed("The body must be a JSON object", errors=[])

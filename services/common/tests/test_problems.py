@@ -1,0 +1,50 @@
+"""read_json_object: every body that is not a JSON object is a problem, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mesh_common.problems import problem_middleware, read_json_object
+
+
+async def echo(request: web.Request) -> web.Response:
+    return web.json_response(await read_json_object(request))
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any) -> TestClient[web.Request, web.Application]:
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_post("/", echo)
+    return await aiohttp_client(app)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"{title", "application/json", 422),
+        (b"\xff\xfe{}", "application/json", 422),
+        (b"[]", "application/json", 422),
+        # More digits than Python turns into an int (a plain ValueError).
+        (b'{"n": ' + b"1" * 5000 + b"}", "application/json", 422),
+        # Nested deep enough for a RecursionError, in 6 KB.
+        (b"[" * 3000 + b"]" * 3000, "application/json", 422),
+        (b"{}", "application/json; charset=no-such-charset", 415),
+        (b"{}", "text/plain", 415),
+    ],
+)
+async def test_a_body_that_is_not_a_json_object_is_a_problem(
+    client: TestClient[web.Request, web.Application], body: bytes, content_type: str, status: int
+) -> None:
+    async with client.post("/", data=body, headers={"Content-Type": content_type}) as response:
+        assert response.status == status, await response.text()
+        assert response.content_type == "application/problem+json"
+
+
+async def test_a_json_object_is_read(client: TestClient[web.Request, web.Application]) -> None:
+    async with client.post("/", json={"title": "ok"}) as response:
+        assert response.status == 200
+        assert await response.json() == {"title": "ok"}
