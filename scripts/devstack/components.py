@@ -206,7 +206,8 @@ def rabbitmq(cfg: StackConfig) -> Proc:
         ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text()),
     ):
         (base / name).write_text(text)
-        shutil.chown(base / name, "rabbitmq", "rabbitmq")
+        if os.geteuid() == 0:  # else RabbitMQ runs as us, and the files are ours already
+            shutil.chown(base / name, "rabbitmq", "rabbitmq")
     return Proc("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_rabbit_env(cfg), user="rabbitmq")
 
 

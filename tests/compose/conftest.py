@@ -63,7 +63,7 @@ APPS = [
         "services/notification",
         "notification_service",
         8080,
-        {"DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM"},
+        {"DATABASE_URL", "AMQP_URL", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM"},
     ),
     App("gateway", "gateway", "mesh_gateway", 8000, {"REDIS_URL"}),
 ]

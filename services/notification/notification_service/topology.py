@@ -3,7 +3,7 @@
 They are declared in rabbitmq/definitions.json, which the broker loads at
 boot, together with the policies that give them their behaviour: this
 service only checks that they exist (a passive declare), so the topology has
-one source of truth. ``tests/test_definitions.py`` keeps the two in step.
+one source of truth. ``tests/test_notification_definitions.py`` keeps the two in step.
 
     todo-mesh.events --user.registered, todo.*--> notifications.events
         nack/requeue, more than delivery-limit times --> notifications.dlx --> notifications.dead
