@@ -29,7 +29,7 @@ from aiohttp.typedefs import Middleware
 
 from .app import CleanupCtx
 from .http import SERVICE_CLIENT
-from .problems import Handler, Unauthorized, problem
+from .problems import Forbidden, Handler, Unauthorized, problem
 
 ALGORITHMS = ["EdDSA"]
 ACCESS_TOKEN_TYPE = "at+jwt"
@@ -66,7 +66,8 @@ class Principal:
     @property
     def user_id(self) -> str:
         if self.is_service:
-            raise Unauthorized("This endpoint is for users")
+            # A valid token, of the wrong kind: authenticated, not allowed.
+            raise Forbidden("This endpoint is for users")
         return self.subject
 
     def has_scope(self, scope: str) -> bool:

@@ -87,6 +87,47 @@ async def test_logout_revokes_the_family(client: Any, register: Any, login: Any)
     assert (await client.post("/auth/logout", json={"refresh_token": "never-issued"})).status == 204
 
 
+async def lock_waiters(db: aiopg.Pool) -> int:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        row = await cur.fetchone()
+    return int(row[0])
+
+
+async def until_waiting(db: aiopg.Pool, count: int) -> None:
+    async with asyncio.timeout(10):  # bounded: polled every 20 ms
+        while await lock_waiters(db) < count:
+            await asyncio.sleep(0.02)
+
+
+async def test_a_logout_racing_a_refresh_leaves_no_token_of_the_family_alive(
+    client: Any, register: Any, login: Any, db: aiopg.Pool, settings: Any
+) -> None:
+    # The refresh reaches the token first and has to wait for it (a third
+    # connection holds its row); the logout comes while it waits. Whichever
+    # way they run, once both have answered nothing of the family may refresh.
+    await register()
+    token = (await login())["refresh_token"]
+    async with aiopg.connect(settings.database_url) as holder, holder.cursor() as cur:
+        await cur.execute("BEGIN")
+        await cur.execute("SELECT 1 FROM refresh_tokens FOR UPDATE")
+        refresh = asyncio.create_task(client.post("/auth/refresh", json={"refresh_token": token}))
+        await until_waiting(db, 1)
+        logout = asyncio.create_task(client.post("/auth/logout", json={"refresh_token": token}))
+        await until_waiting(db, 2)
+        await cur.execute("ROLLBACK")
+    refreshed, logged_out = await asyncio.gather(refresh, logout)
+    assert logged_out.status == 204
+    if refreshed.status == 200:
+        child = (await refreshed.json())["refresh_token"]
+        assert (await client.post("/auth/refresh", json={"refresh_token": child})).status == 401
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL")
+        assert await cur.fetchone() == (0,)
+
+
 async def test_an_expired_refresh_token_is_refused(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
     await register()
     token = (await login())["refresh_token"]
@@ -133,8 +174,12 @@ async def test_services_get_a_users_read_token_and_may_read_any_profile(client: 
     unknown = await client.get("/users/00000000-0000-0000-0000-000000000000", headers=auth(issued["access_token"]))
     assert unknown.status == 404
     assert (await unknown.json())["code"] == "USER_NOT_FOUND"
-    # A service has no profile of its own.
-    assert (await client.get("/users/me", headers=auth(issued["access_token"]))).status == 401
+    # Other spellings of the same id that Python reads and PostgreSQL would not.
+    for spelling in (f"urn:uuid:{ada['id']}", ada["id"].replace("-", ""), ada["id"].upper()):
+        other = await client.get(f"/users/{spelling}", headers=auth(issued["access_token"]))
+        assert (other.status, await other.json()) == (200, ada), spelling
+    # A service has no profile of its own: its token is valid, for something else.
+    assert (await client.get("/users/me", headers=auth(issued["access_token"]))).status == 403
 
 
 async def test_wrong_client_credentials_are_refused(client: Any) -> None:

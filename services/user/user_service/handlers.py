@@ -75,10 +75,12 @@ async def get_user(request: web.Request) -> web.Response:
     if not (principal.is_service and principal.has_scope(USERS_READ)) and principal.subject != user_id:
         raise Forbidden("Only the user themself or a service with users:read may read this profile")
     try:
-        uuid.UUID(user_id)
+        # Python reads braces, "urn:uuid:" and missing hyphens, PostgreSQL
+        # does not: the canonical form is what goes to the query.
+        canonical = str(uuid.UUID(user_id))
     except ValueError:
         raise UserNotFound() from None
-    user = await repository.get_user(request.app[DB], user_id)
+    user = await repository.get_user(request.app[DB], canonical)
     if user is None:
         raise UserNotFound()
     return web.json_response(user.profile())
