@@ -33,6 +33,10 @@ DB = web.AppKey("mesh.db", aiopg.Pool)
 log = structlog.get_logger()
 
 _LOCK_ID = 0x70D0_3E54  # any constant: one migrator per database at a time
+# The pool's 10 s statement timeout suits requests, not migrations: an
+# instance waits for the lock while another migrates, and an index on a
+# large table takes what it takes. Cut off, either would fail every start.
+MIGRATION_TIMEOUT = 30 * 60.0
 
 
 def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
@@ -51,7 +55,7 @@ def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
 async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
     migrations = _migrations(directories)  # a missing folder fails here, before any lock or table
     applied_now: list[str] = []
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with pool.acquire() as conn, conn.cursor(timeout=MIGRATION_TIMEOUT) as cur:
         await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
         try:
             await cur.execute(
@@ -79,7 +83,10 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
                     raise
                 applied_now.append(version)
         finally:
-            await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+            # aiopg closes a connection whose statement timed out; the lock
+            # went with its session, and the error that closed it is the one to see.
+            if not conn.closed:
+                await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
     if applied_now:
         log.info("migrations_applied", versions=applied_now)
     return applied_now

@@ -1,7 +1,8 @@
 """RFC 9457 problem details: one exception type, one middleware.
 
 Every error a client sees is ``application/problem+json`` with a stable
-UPPER_SNAKE ``code``. Unexpected exceptions become a 500 that never leaks
+UPPER_SNAKE ``code``. A database that is away or too slow is a 503 with
+``Retry-After``; other unexpected exceptions become a 500. Neither leaks
 ``str(exc)``.
 """
 
@@ -11,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg2
 import structlog
 from aiohttp import web
 
@@ -66,6 +68,7 @@ ValidationFailed = problem(422, "VALIDATION_FAILED", "The request body is invali
 PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has changed")
 TooManyRequests = problem(429, "RATE_LIMITED", "Too many requests")
 ServiceUnavailable = problem(503, "SERVICE_UNAVAILABLE", "Service unavailable")
+DependencyUnavailable = problem(503, "DEPENDENCY_UNAVAILABLE", "A service this one needs did not answer; try again")
 
 
 def problem_response(exc: Problem) -> web.Response:
@@ -98,6 +101,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             kind = problem(exc.status, f"HTTP_{exc.status}", exc.reason)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return problem_response(kind(headers=allow))
+    except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        # Refused, dropped or shut down, a statement past aiopg's timeout (it
+        # closes that connection), a pool with none free: the request may
+        # well work in a moment, which is what 503 says and 500 does not.
+        log.warning("dependency_unavailable", path=request.path, method=request.method, error=type(exc).__name__)
+        return problem_response(DependencyUnavailable(headers={"Retry-After": "1"}))
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return problem_response(Problem())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -48,3 +49,34 @@ async def test_a_json_object_is_read(client: TestClient[web.Request, web.Applica
     async with client.post("/", json={"title": "ok"}) as response:
         assert response.status == 200
         assert await response.json() == {"title": "ok"}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [TimeoutError(), psycopg2.OperationalError("server closed the connection"), psycopg2.InterfaceError("closed")],
+)
+async def test_a_database_away_or_too_slow_is_a_503_to_retry(aiohttp_client: Any, failure: Exception) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise failure
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with client.get("/") as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "1"
+        body = await response.json(content_type="application/problem+json")
+        assert body["code"] == "DEPENDENCY_UNAVAILABLE"
+        assert "closed" not in body["detail"]
+
+
+async def test_anything_else_is_a_500_that_says_nothing(aiohttp_client: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise KeyError("secret detail")
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with client.get("/") as response:
+        assert response.status == 500
+        assert "secret" not in await response.text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import aiopg
 import pytest
 
-from mesh_common.db import migrate
+from mesh_common.db import _LOCK_ID, migrate
 from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
 
@@ -82,3 +83,26 @@ async def test_a_missing_migration_folder_is_refused_before_anything_runs(scratc
     with pytest.raises(RuntimeError, match="not found"):
         await migrate(scratch, [OUTBOX_MIGRATIONS, tmp_path / "migrations"])
     assert await tables(scratch) == []
+
+
+async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Any, tmp_path: Path) -> None:
+    # A pool whose statements time out after 0.3 s, as requests' do after 10:
+    # waiting 0.6 s for another instance's lock, then a 0.6 s migration.
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(0.6); CREATE TABLE slow (id int);")
+    schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
+    options = f"-c search_path={schema}"
+    async with (
+        aiopg.create_pool(settings.database_url, maxsize=1, timeout=0.3, options=options) as pool,
+        aiopg.connect(settings.database_url, options=options) as other,
+        other.cursor() as cur,
+    ):
+        await cur.execute(f"CREATE SCHEMA {schema}")
+        try:
+            await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+            migrating = asyncio.create_task(migrate(pool, [tmp_path]))
+            await asyncio.sleep(0.6)  # the other instance's migration, holding the lock
+            await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+            assert await asyncio.wait_for(migrating, timeout=30) == ["0001_slow"]
+            assert await tables(pool) == ["schema_migrations", "slow"]
+        finally:
+            await cur.execute(f"DROP SCHEMA {schema} CASCADE")
