@@ -127,6 +127,14 @@ class OutboxRelay:
                     # Not even the alternate exchange took it: the broker lacks our definitions.
                     log.error("outbox_event_unroutable", event_id=str(event_id), routing_key=routing_key)
             for outcome in outcomes:
+                if isinstance(outcome, asyncio.CancelledError):
+                    # One publish cancelled, not this task: aiormq cancels the
+                    # confirms still pending when a channel closes. Raised as
+                    # it is, that would end run() as if stopped, silently,
+                    # with the outbox filling up behind it.
+                    if (task := asyncio.current_task()) is not None and task.cancelling():
+                        raise outcome
+                    raise ConnectionError("a publish was cancelled: its channel closed") from outcome
                 if isinstance(outcome, BaseException):
                     raise outcome
             await cur.execute(
