@@ -66,6 +66,9 @@ API = RouteTable(
             ("POST", "/api/v1/users"),
             ("POST", "/api/v1/auth/login"),
             ("POST", "/api/v1/auth/refresh"),
+            # Like refresh, proven by the refresh token in its body: a user
+            # whose access token has run out must still be able to end the session.
+            ("POST", "/api/v1/auth/logout"),
             ("GET", "/.well-known/jwks.json"),
         }
     ),
