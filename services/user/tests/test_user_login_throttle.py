@@ -1,4 +1,4 @@
-"""Failed logins are throttled per account name, across instances, through Redis."""
+"""Failed logins are throttled per account, across instances, through Redis."""
 
 from __future__ import annotations
 
@@ -55,3 +55,13 @@ async def test_successful_logins_do_not_count(client: Any, register: Any) -> Non
 async def test_unknown_names_are_throttled_like_real_ones(client: Any) -> None:
     statuses = [(await attempt(client, "nobody", "wrong password!")).status for _ in range(11)]
     assert statuses == [401] * 10 + [429]
+
+
+async def test_every_name_of_an_account_counts_against_the_account(client: Any, register: Any) -> None:
+    # Ten guesses in all, whichever name each one used: not ten per spelling.
+    await register("ada", email="ada@example.com")
+    names = ["ada", "ada@example.com", "ADA", " Ada@Example.com "]
+    statuses = [(await attempt(client, names[n % 4], "wrong password!")).status for n in range(10)]
+    assert statuses == [401] * 10
+    for name in names:
+        assert (await attempt(client, name, PASSWORD)).status == 429, name

@@ -237,3 +237,15 @@ async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(
     await client.app[VERIFIER].refresh(force=True)
     token = (await login())["access_token"]
     assert (await client.get("/users/me", headers=auth(token))).status == 200
+
+
+async def test_a_stronger_hash_is_kept_at_login(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+    # Made with more than the settings ask (say, before they were lowered):
+    # a login must not quietly re-hash it with the weaker ones.
+    user = await register()
+    strong = PasswordHasher(time_cost=3, memory_cost=24576, parallelism=1).hash(PASSWORD)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (strong, user["id"]))
+        await login()
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        assert await cur.fetchone() == (strong,)

@@ -51,8 +51,11 @@ async def log_in(request: web.Request) -> web.Response:
 async def _authenticate(app: web.Application, login: str, password: str) -> str:
     """The id of the account ``login`` names if ``password`` is right; else a 401 or 429."""
     throttle, passwords, pool = app[THROTTLE], app[PASSWORDS], app[DB]
+    # Looked up first, so that every spelling of one account counts against
+    # it. An unknown name costs the same query and the same Redis call.
+    found = await repository.find_credentials(pool, login)
     try:
-        attempt = await throttle.begin(login)
+        attempt = await throttle.begin(login, found[0] if found else None)
     except redis.exceptions.RedisError as exc:
         # Without the counter we cannot bound guessing: refuse rather than
         # let logins through unthrottled.
@@ -63,7 +66,6 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
             "Too many failed logins for this account; try again later",
             headers={"Retry-After": str(attempt.retry_after)},
         )
-    found = await repository.find_credentials(pool, login)
     # An unknown user still costs one argon2 verify (against a dummy hash),
     # so that the answer's timing does not tell whether the account exists.
     matched = await passwords.verify(found[1] if found else None, password)
@@ -71,7 +73,12 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
         log.info("login_failed", known_account=found is not None)
         raise InvalidCredentials()
     user_id, stored_hash = found
-    await throttle.succeeded(attempt)
+    try:
+        await throttle.succeeded(attempt)
+    except redis.exceptions.RedisError as exc:
+        # The password was right: let the user in. The slot stays taken, so
+        # this success counts as a failure until the window ends.
+        log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
     if passwords.needs_rehash(stored_hash):
         # The password is in hand only now: upgrade a hash made with older,
         # weaker parameters.

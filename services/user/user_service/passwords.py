@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import structlog
-from argon2 import PasswordHasher, Type
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.low_level import ARGON2_VERSION
 
 from .settings import PasswordPolicy
 
@@ -80,8 +81,24 @@ class Passwords:
         return matched and stored_hash is not None
 
     def needs_rehash(self, stored_hash: str) -> bool:
+        """True when ``stored_hash`` is weaker than what we hash with now.
+
+        Not argon2's ``check_needs_rehash``, which is true for any difference:
+        lowering the settings (still above the minimum) would then quietly
+        weaken every stronger hash at its next login.
+        """
         # Parses the parameters out of the hash string: cheap, fine on the loop.
-        return self._hasher.check_needs_rehash(stored_hash)
+        try:
+            stored = extract_parameters(stored_hash)
+        except InvalidHashError:
+            return True
+        wanted = self._hasher
+        return (
+            stored.type is not Type.ID
+            or stored.version < ARGON2_VERSION
+            or stored.time_cost < wanted.time_cost
+            or stored.memory_cost < wanted.memory_cost
+        )
 
     def weakness(self, password: str, *, username: str = "", email: str = "") -> str | None:
         """Why ``password`` is refused, or None when it is acceptable."""

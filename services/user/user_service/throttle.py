@@ -1,13 +1,19 @@
-"""Login throttling per account name, shared by every instance through Redis.
+"""Login throttling per account, shared by every instance through Redis.
 
 Each attempt takes a slot *before* the password is checked, with INCR and
 EXPIRE NX in one MULTI: atomic, so concurrent attempts on any number of
 instances can never check more than ``max_failures`` passwords per window.
 A successful login gives its slot back, so only failures count.
 
-The key is the normalised login name as typed, whether or not an account
-has it: unknown names are throttled exactly like real ones, and the answer
-says nothing about which exist.
+The key is the account, once the login name has found one: its username,
+its email and any spelling PostgreSQL folds onto them (``ADA``, or ``adİ``
+under a Unicode locale, where Python lowers the İ differently) share one
+count. A name that finds no account is counted under itself, normalised, so
+unknown names are throttled exactly like real ones.
+
+What that tells a guesser: that a username and an email share an account,
+if they already have both and spend ten guesses on them. The answers and
+their timing otherwise say nothing about which accounts exist.
 """
 
 from __future__ import annotations
@@ -43,14 +49,16 @@ class LoginThrottle:
         self._prefix = prefix
         self._give_back = redis.register_script(_GIVE_BACK)
 
-    def _key(self, login: str) -> str:
+    def _key(self, login: str, account: str | None) -> str:
         # Hashed, so that what people type (sometimes a password in the
         # username box) never lands in Redis in clear.
-        digest = hashlib.sha256(login.strip().lower().encode()).hexdigest()
+        subject = f"account:{account}" if account is not None else f"name:{login.strip().lower()}"
+        digest = hashlib.sha256(subject.encode()).hexdigest()
         return f"{self._prefix}login-failures:{digest}"
 
-    async def begin(self, login: str) -> Attempt:
-        key = self._key(login)
+    async def begin(self, login: str, account: str | None) -> Attempt:
+        """Take a slot for ``account`` (its id), or for ``login`` when it names none."""
+        key = self._key(login, account)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, self._policy.window_seconds, nx=True)

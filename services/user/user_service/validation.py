@@ -122,7 +122,8 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
     if password is not None and not 1 <= len(password) <= MAX_LENGTH:
         fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
     fields.check()
-    return login or "", password or ""
+    # Spaces around a name are a slip of the keyboard, never part of it.
+    return (login or "").strip(), password or ""
 
 
 def profile_changes(body: dict[str, Any]) -> dict[str, str]:
