@@ -154,6 +154,19 @@ async def test_the_page_size_defaults_to_20_and_is_capped_at_100(client, alice, 
     assert len(default["items"]) == 20 and default["next_cursor"] is not None
     assert len(capped["items"]) == 100 and capped["next_cursor"] is not None
 
+    # All 130 share one created_at (one INSERT): paging goes by (created_at,
+    # id), so every page follows on from the last, with no row twice or missed.
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):  # bounded: 130 rows are 7 pages of 20
+        params = {"cursor": cursor} if cursor else {}
+        page = await (await client.get("/todos", params=params, headers=alice.headers)).json()
+        seen += [todo["id"] for todo in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 130
+
 
 async def test_the_list_filters_by_completion_due_date_and_title(client, alice):
     soon = await create(client, alice, title="Pay rent", due_at="2030-01-01T00:00:00Z")

@@ -135,6 +135,17 @@ async def test_a_token_for_another_issuer_or_for_a_service_is_refused(client, to
     assert service.status == 403
 
 
+async def test_an_oversized_body_is_a_413_and_nothing_is_written(client, alice, db):
+    body = json.dumps({"title": "big", "description": "x" * (70 * 1024)})
+    resp = await client.post("/todos", data=body, headers={**alice.headers, "Content-Type": "application/json"})
+    assert resp.status == 413
+    assert resp.content_type == "application/problem+json"
+    assert (await resp.json())["code"] == "PAYLOAD_TOO_LARGE"
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM todos")
+        assert await cur.fetchone() == (0,)
+
+
 async def test_a_bad_idempotency_key_is_refused(client, alice, db):
     resp = await client.post("/todos", json={"title": "x"}, headers={**alice.headers, "Idempotency-Key": "x" * 256})
 
