@@ -25,9 +25,9 @@ async def test_history_needs_a_valid_user_token(service: Client, tokens: TokenFa
     other_issuer = TokenFactory()
     async with service.get("/notifications", headers=other_issuer.headers(str(uuid.uuid4()))) as resp:
         assert (resp.status, (await resp.json())["code"]) == (401, "INVALID_TOKEN")
-    # A service token is not a user: it has no history.
+    # A service token is not a user: it has no history. Valid, but not for this: 403.
     async with service.get("/notifications", headers=tokens.headers("service:todo-service")) as resp:
-        assert resp.status == 401
+        assert (resp.status, (await resp.json())["code"]) == (403, "FORBIDDEN")
 
 
 async def test_history_lists_the_users_own_notifications_newest_first(
