@@ -1,0 +1,53 @@
+"""A publish cancelled under the relay (its channel closing) is a failure to retry, never its end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiopg
+import pytest
+
+from mesh_common.events import Event
+from mesh_common.outbox import enqueue
+from mesh_common.relay import OutboxRelay
+from mesh_common.transactions import transaction
+
+
+class _ClosingChannel:
+    """What aiormq does to confirms still pending when a channel closes: cancels them.
+
+    Only this one call is staged; a real broker cannot be made to close a
+    channel between a publish and its confirm on cue.
+    """
+
+    async def declare_exchange(self, *args: Any, **kwargs: Any) -> _ClosingChannel:
+        return self
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        raise asyncio.CancelledError
+
+    async def close(self) -> None:
+        pass
+
+
+class _Connection:
+    async def ready(self) -> None:
+        pass
+
+    async def channel(self, **kwargs: Any) -> _ClosingChannel:
+        return _ClosingChannel()
+
+
+async def test_a_cancelled_publish_keeps_the_row_and_is_raised_as_a_failure(db: aiopg.Pool) -> None:
+    event = Event(type="todo.created", user_id="u", data={"id": "t"}, correlation_id="c")
+    async with transaction(db) as cur:
+        await enqueue(cur, event)
+    relay = OutboxRelay(db, _Connection())  # type: ignore[arg-type]
+
+    # Not CancelledError: raised as it was, it ended run() as if stopped, in silence.
+    with pytest.raises(ConnectionError, match="cancelled"):
+        await relay.publish_batch()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT published_at FROM outbox WHERE id = %s", (event.id,))
+        assert await cur.fetchone() == (None,)
