@@ -1,11 +1,27 @@
-"""Consul: one client per app, and self-registration with an HTTP check.
+"""Consul: one client per app, and self-registration with two HTTP checks.
 
 We use py-consul, the maintained fork of python-consul2 with the same
 ``consul.aio`` API (see docs/decisions/0001-py-consul.md).
+
+Two checks, because Consul's reaper (``DeregisterCriticalServiceAfter``)
+must only ever see the process itself:
+
+- **live** (``/health/live``): the process answers. Critical for a minute,
+  the instance is dead or hung, and Consul removes it.
+- **ready** (``/health``): its dependencies answer too. Critical, the instance
+  leaves every healthy set, and comes back when they do: a database outage
+  of any length must not remove instances that are fine.
+
+And a keeper, because a registration can still be lost while the process
+lives (a Consul agent restarted with its state in memory, as ``-dev`` keeps
+it): every ``KEEP_INTERVAL`` it asks the agent for the instance, and
+registers it again when the agent no longer knows it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +38,14 @@ from .settings import ServiceSettings
 
 CONSUL = web.AppKey("mesh.consul", consul.aio.Consul)
 log = structlog.get_logger()
+# Consul waits this long for a check's answer; /health gives its own
+# dependency checks less (health.CHECK_TIMEOUT), so that a slow one is
+# reported by name in a 503 rather than as a bare timeout.
+CHECK_HTTP_TIMEOUT = "2s"
+# A registration or deregistration that Consul does not answer must not
+# hold up a start or outlast a container's stop grace period.
+CALL_TIMEOUT = 5.0
+KEEP_INTERVAL = 10.0
 
 
 def consul_client(url: str) -> consul.aio.Consul:
@@ -62,23 +86,39 @@ class Registration:
 
     async def register(self) -> None:
         s = self._service
-        check = consul.Check.http(
-            f"http://{s.advertise_address}:{s.port}/health",
-            interval=s.check_interval,
-            timeout="1s",
-            deregister=s.deregister_after,
+        base = f"http://{s.advertise_address}:{s.port}"
+        live = consul.Check.http(
+            f"{base}/health/live", interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT, deregister=s.deregister_after
         )
-        await self._client.agent.service.register(
-            s.name,
-            service_id=self.service_id,
-            address=s.advertise_address,
-            port=s.port,
-            tags=self._tags,
-            meta={"version": s.version},
-            check=check,
-        )
+        ready = consul.Check.http(f"{base}/health", interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT)
+        async with asyncio.timeout(CALL_TIMEOUT):
+            await self._client.agent.service.register(
+                s.name,
+                service_id=self.service_id,
+                address=s.advertise_address,
+                port=s.port,
+                tags=self._tags,
+                meta={"version": s.version},
+                check={**live, "Name": "live: the process answers"},
+                extra_checks=[{**ready, "Name": "ready: its dependencies answer"}],
+            )
         self.registered = True
         log.info("consul_registered", service_id=self.service_id, address=s.advertise_address, port=s.port)
+
+    async def keep(self, interval: float = KEEP_INTERVAL) -> None:
+        """Register again whenever the agent has lost this instance; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.registered:  # deregistered on purpose: shutting down
+                continue
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    known = await self._client.agent.services()
+                if self.service_id not in known and self.registered:
+                    log.warning("consul_registration_lost", service_id=self.service_id)
+                    await self.register()
+            except Exception as exc:  # Consul away: the next round tries again
+                log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
 
     async def deregister(self) -> None:
         # Idempotent: the shutdown path calls it before draining, and the
@@ -87,7 +127,8 @@ class Registration:
             return
         self.registered = False
         try:
-            await self._client.agent.service.deregister(self.service_id)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await self._client.agent.service.deregister(self.service_id)
             log.info("consul_deregistered", service_id=self.service_id)
         except Exception as exc:  # Consul gone: its reaper removes us later
             log.warning("consul_deregister_failed", service_id=self.service_id, error=type(exc).__name__)
@@ -108,9 +149,13 @@ def registration_ctx(tags: list[str] | None = None) -> CleanupCtx:
     async def register_in_consul(app: web.Application) -> AsyncIterator[None]:
         app[REGISTRATION] = registration = Registration(app[CONSUL], app[SERVICE], tags)
         await registration.register()
+        keeper = asyncio.create_task(registration.keep(), name="consul-keep")
         try:
             yield
         finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
             await registration.deregister()
 
     return register_in_consul

@@ -1,8 +1,9 @@
 """``/health``: readiness with its dependencies, and ``/health/live``.
 
-Consul's HTTP check calls ``/health``, so an instance whose database is gone
-turns critical and leaves every healthy set. ``/health/live`` only says the
-process answers, for an orchestrator that restarts what hangs.
+Consul calls both (see consul.py). ``/health`` fails when a dependency does,
+so an instance whose database is gone leaves every healthy set until it is
+back. ``/health/live`` only says the process answers: what Consul's reaper,
+and an orchestrator that restarts what hangs, go by.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .settings import ServiceSettings
 Check = Callable[[], Awaitable[object]]
 SERVICE = web.AppKey("mesh.service", ServiceSettings)
 HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, Check])
-CHECK_TIMEOUT = 2.0
+CHECK_TIMEOUT = 1.5  # below Consul's check timeout (consul.CHECK_HTTP_TIMEOUT)
 
 
 def add_health_check(app: web.Application, name: str, check: Check) -> None:

@@ -1,0 +1,75 @@
+"""Self-registration: two checks, only one of which can get an instance reaped, and a keeper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from devstack.config import StackConfig
+from mesh_common.consul import Registration, consul_client
+from mesh_common.testing import loopback_service
+
+
+async def poll(condition: Any, *, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):  # bounded: every 50 ms
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+async def test_only_the_liveness_check_can_get_an_instance_reaped(aiohttp_server: Any) -> None:
+    # What reaches Consul, read off the wire: the agent does not report a
+    # check's DeregisterCriticalServiceAfter back.
+    registered: list[dict[str, Any]] = []
+
+    async def register(request: web.Request) -> web.Response:
+        registered.append(json.loads(await request.read()))
+        return web.json_response(True)
+
+    app = web.Application()
+    app.router.add_put("/v1/agent/service/register", register)
+    fake_consul = await aiohttp_server(app)
+    client = consul_client(str(fake_consul.make_url("/")))
+    try:
+        service = loopback_service("reaped", "unused", port=8123)
+        await Registration(client, service).register()
+    finally:
+        await client.close()
+
+    [payload] = registered
+    live, ready = payload["checks"]
+    assert live["http"] == "http://127.0.0.1:8123/health/live"
+    assert live["DeregisterCriticalServiceAfter"] == service.deregister_after
+    # A database outage fails readiness, for as long as it lasts, and must
+    # never remove an instance that will be fine when it ends.
+    assert ready["http"] == "http://127.0.0.1:8123/health"
+    assert "DeregisterCriticalServiceAfter" not in ready
+
+
+async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(infra: StackConfig) -> None:
+    # Nothing listens on its port: its checks go critical, which changes nothing here.
+    service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
+    client = consul_client(infra.consul_url)
+    registration = Registration(client, service)
+    keeper = asyncio.create_task(registration.keep(interval=0.1))
+
+    async def known() -> bool:
+        return registration.service_id in await client.agent.services()
+
+    try:
+        await registration.register()
+        # The agent forgets the instance, as one restarted with its state in memory does.
+        await client.agent.service.deregister(registration.service_id)
+        await poll(known)
+
+        await registration.deregister()  # on purpose, as at shutdown
+        await asyncio.sleep(0.5)  # five keeper rounds, any of which would put it back
+        assert not await known()
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        await registration.deregister()
+        await client.close()
