@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from devstack import components as c
+from devstack import stack
 from devstack.config import StackConfig
 from devstack.procs import start, stop, wait_until
 
@@ -59,6 +60,13 @@ async def drain_audit_queue(cfg: StackConfig, expected: int, *, within: float) -
     return ids
 
 
+def notification_checks(cfg: StackConfig) -> list[dict[str, str]]:
+    """Each notification-service instance's checks: {"live" | "ready": status}."""
+    entries = stack.get_json(f"{cfg.consul_url}/v1/health/service/notification-service")
+    assert isinstance(entries, list)
+    return [{c["Name"].split(":")[0]: c["Status"] for c in entry["Checks"] if c["ServiceID"]} for entry in entries]
+
+
 async def test_no_event_is_lost_while_rabbitmq_is_down(mesh: StackConfig, api: aiohttp.ClientSession) -> None:
     headers = await register_and_login(api)
     await declare_audit_queue(mesh)
@@ -70,6 +78,16 @@ async def test_no_event_is_lost_while_rabbitmq_is_down(mesh: StackConfig, api: a
             async with api.post("/api/v1/todos", json={"title": f"during the outage {n}"}, headers=headers) as r:
                 assert r.status == 201, await r.text()
                 created += 1
+        # The user-service, too, only publishes through its outbox: sign-ups go on.
+        await register_and_login(api)
+        # The notification-service consumes, and cannot: it leaves the healthy
+        # set by its readiness check, while its liveness check, the one that
+        # can get it reaped, stays passing.
+        wait_until(
+            lambda: notification_checks(mesh) == [{"live": "passing", "ready": "critical"}],
+            timeout=15,
+            what="the notification-service to report itself not ready",
+        )
     finally:
         start(mesh.run_dir, c.rabbitmq(mesh))
         wait_until(lambda: c.rabbitmq_ready(mesh), timeout=120, what="RabbitMQ to come back", interval=1.0)

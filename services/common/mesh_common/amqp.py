@@ -40,8 +40,10 @@ def amqp_ctx(url: str, *, wait_for_broker: bool = True) -> CleanupCtx:
         app[AMQP] = connection
 
         async def connected() -> None:
-            if connection.is_closed:
-                raise ConnectionError("AMQP connection is closed")
+            # Not is_closed: a robust connection that lost the broker is not
+            # closed, only disconnected while it tries again.
+            if not connection.connected.is_set():
+                raise ConnectionError("AMQP connection is down")
 
         if wait_for_broker:  # otherwise a broker outage must not take the instance out of service
             add_health_check(app, "rabbitmq", connected)

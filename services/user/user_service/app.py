@@ -51,7 +51,9 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
             database_ctx(settings.database_url, MIGRATIONS, maxsize=settings.db_pool_size),
             redis_ctx(settings.redis_url),
             open_login_throttle,
-            amqp_ctx(settings.amqp_url),
+            # It only publishes, through the outbox: logins and sign-ups
+            # go on while the broker is away, and their events wait.
+            amqp_ctx(settings.amqp_url, wait_for_broker=False),
             outbox_relay_ctx(),
             prune_ctx(
                 settings.prune,
