@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
 from mesh_gateway.proxy import MAX_ATTEMPTS
 from mesh_gateway.routes import API
 
@@ -276,6 +277,8 @@ def test_strict_dns_discovery(native: dict[str, Any], compose: dict[str, Any]) -
         assert dns["all_addresses_in_single_endpoint"] is False  # strict DNS
         assert dns["dns_lookup_family"] == "V4_ONLY"
         assert seconds(dns["dns_refresh_rate"]) <= 1.0
+        # A leaving gateway stays open until Envoy has looked again.
+        assert seconds(dns["dns_refresh_rate"]) < GATEWAY_DRAIN_SECONDS
         assert dns["respect_dns_ttl"] is False
         resolver = dns["typed_dns_resolver_config"]
         assert resolver["name"] == "envoy.network.dns_resolver.cares"

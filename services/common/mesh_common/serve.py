@@ -62,10 +62,10 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
     log.info("stopped")
 
 
-def run(app: web.Application, sock: socket.socket) -> None:
+def run(app: web.Application, sock: socket.socket, *, drain_seconds: float = 0.5) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is in every service's deps
-        asyncio.run(serve(app, sock))
+        asyncio.run(serve(app, sock, drain_seconds=drain_seconds))
     else:
-        uvloop.run(serve(app, sock))
+        uvloop.run(serve(app, sock, drain_seconds=drain_seconds))
