@@ -51,6 +51,13 @@ async def spread(api: aiohttp.ClientSession, headers: dict[str, str], n: int) ->
     return served
 
 
+def gateway_picks(cfg: StackConfig) -> set[str]:
+    """The todo-service instances the gateway currently chooses from (its /ready)."""
+    ready = stack.get_json(f"http://{cfg.gateway_address(0)}:{cfg.ports.gateway}/ready")
+    assert isinstance(ready, dict)
+    return {instance["id"] for instance in ready["upstreams"]["todo-service"]}
+
+
 def consul_status(cfg: StackConfig, service_id: str) -> str | None:
     checks = stack.get_json(f"{cfg.consul_url}/v1/agent/checks")
     assert isinstance(checks, dict)
@@ -82,6 +89,11 @@ async def test_killed_instance_gets_no_requests_once_critical(
     victim_id = three_todos[victim]
     os.kill(running(mesh.run_dir)[victim], signal.SIGKILL)
     wait_until(lambda: consul_status(mesh, victim_id) == "critical", timeout=15, what="the check to turn critical")
+    # What the gateway picks from, asked directly: a request sent to the dead
+    # instance would be refused and retried elsewhere, so the answers alone
+    # could not tell whether the gateway still picks it.
+    wait_until(lambda: victim_id not in gateway_picks(mesh), timeout=5, what="the gateway to drop the instance")
+    assert len(gateway_picks(mesh)) == TODO_INSTANCES - 1
 
     served = await spread(api, headers, 100)
     print(f"\nafter SIGKILL of {victim_id}: {dict(served)}")
