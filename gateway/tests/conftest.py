@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from devstack.config import StackConfig
-from mesh_common.testing import TokenFactory, loopback_service
+from mesh_common.testing import TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
@@ -196,6 +196,8 @@ async def gateway(
         **overrides: Any,
     ) -> TestClient:
         name = service if isinstance(service, str) else service.name
+        if any(key.startswith("rate_limit") for key in overrides):
+            await fresh_rate_window()  # a test of the limits expects exact counts
         port = free_port()
         settings = Settings(
             service=loopback_service("gateway", infra.consul_url, port=port),

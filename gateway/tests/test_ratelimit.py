@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack.config import StackConfig
+from mesh_common.testing import fresh_rate_window
 from mesh_gateway.ratelimit import Limits, RateLimiter
 
 from .conftest import GATEWAY_REDIS_DB
@@ -30,6 +31,8 @@ async def limiter(redis: aioredis.Redis) -> AsyncIterator[Callable[..., RateLimi
     kwargs = redis.connection_pool.connection_kwargs
     url = f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs['db']}"
     made: list[RateLimiter] = []
+
+    await fresh_rate_window()  # the tests expect exact counts within one window
 
     def make(*, per_ip: int = UNLIMITED, per_user: int = UNLIMITED) -> RateLimiter:
         made.append(RateLimiter(url, Limits(per_ip, per_user, UNLIMITED), prefix=f"rl-{uuid.uuid4().hex[:8]}"))

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from devstack.config import StackConfig
 from mesh_common.settings import SettingsError
-from mesh_common.testing import TokenFactory, loopback_service
+from mesh_common.testing import TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import LOOPBACK, Settings, networks
@@ -76,6 +76,8 @@ async def gateway(infra: StackConfig, echo: str, aiohttp_client: Any) -> AsyncIt
     tokens = TokenFactory()
 
     async def make(**overrides: Any) -> TestClient:  # type: ignore[type-arg]
+        if any(key.startswith("rate_limit") for key in overrides):
+            await fresh_rate_window()  # a test of the limits expects exact counts
         port = free_port()
         settings = Settings(
             service=loopback_service("gateway", infra.consul_url, port=port),
