@@ -40,9 +40,19 @@ def start_redis(tmp: Path, *args: str, ready: Any) -> subprocess.Popen[bytes]:
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
+            process.wait(timeout=10)  # reaped, or Popen warns later, in some other test
             raise RuntimeError("redis-server did not start")
         time.sleep(0.02)
     return process
+
+
+def stop_redis(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def accepts_on(sock_path: Path) -> bool:
@@ -74,9 +84,10 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
     process = start_redis(
         tmp_path, "--unixsocket", str(path), "--requirepass", "secret", ready=lambda: accepts_on(path)
     )
-    yield path
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield path
+    finally:
+        stop_redis(process)
 
 
 def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, Any], *, ca: bool):
@@ -118,9 +129,10 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         *("--tls-ca-cert-file", str(tmp_path / "ca.pem")),
         ready=lambda: accepts_at(port),
     )
-    yield port, tmp_path / "ca.pem"
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield port, tmp_path / "ca.pem"
+    finally:
+        stop_redis(process)
 
 
 async def test_a_unix_socket_url_reaches_that_socket(unix_redis: Path) -> None:

@@ -39,9 +39,13 @@ async def test_serve_freezes_its_startup_objects_and_stops_on_sigterm() -> None:
         # A later full collection leaves the app, its routes and every module
         # alone: they are frozen, not scanned again on each pass.
         assert gc.get_freeze_count() > 1000
+        # serve() must have taken SIGTERM over; with the default handler the
+        # kill below would end the whole test session instead of this server.
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(server, timeout=10)
     finally:
         server.cancel()
+        await asyncio.gather(server, return_exceptions=True)  # its cleanup runs, even on failure
         gc.unfreeze()
         sock.close()

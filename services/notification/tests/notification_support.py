@@ -244,8 +244,12 @@ class FakeUserService:
                 assert resp.status == 200, await resp.text()
 
     async def deregister(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            await session.put(f"{self._consul_url}/v1/agent/service/deregister/{self.name}-1")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(f"{self._consul_url}/v1/agent/service/deregister/{self.name}-1") as resp,
+        ):
+            # Without a check, a failed deregistration would stay in Consul for good.
+            assert resp.status == 200, await resp.text()
 
 
 # -- SMTP ---------------------------------------------------------------------------

@@ -60,7 +60,13 @@ class ServiceProcess:
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-            await self.wait(within=20)
+            try:
+                await self.wait(within=20)
+            except TimeoutError:
+                # Never left consuming from the suite's queues, stealing later tests' messages.
+                self.process.kill()
+                await self.wait(within=10)
+                raise
 
 
 @contextlib.asynccontextmanager

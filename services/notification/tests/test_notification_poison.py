@@ -167,7 +167,12 @@ async def _cli(*args: str, infra: Any, topology: Topology) -> str:
         sys.executable, "-m", "notification_service", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await process.communicate()
+    try:
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
     assert process.returncode == 0, err.decode()
     return out.decode()

@@ -100,9 +100,23 @@ async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Any
         try:
             await cur.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
             migrating = asyncio.create_task(migrate(pool, [tmp_path]))
-            await asyncio.sleep(0.6)  # the other instance's migration, holding the lock
-            await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
-            assert await asyncio.wait_for(migrating, timeout=30) == ["0001_slow"]
-            assert await tables(pool) == ["schema_migrations", "slow"]
+            try:
+                # Released only once the migrator has waited for it past its pool's timeout.
+                async with asyncio.timeout(10):  # bounded: polled every 50 ms
+                    while not await waits_for_advisory_lock(cur):
+                        await asyncio.sleep(0.05)
+                await asyncio.sleep(0.6)  # the other instance's migration, holding the lock
+                await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+                assert await asyncio.wait_for(migrating, timeout=30) == ["0001_slow"]
+                assert await tables(pool) == ["schema_migrations", "slow"]
+            finally:
+                migrating.cancel()
+                await asyncio.gather(migrating, return_exceptions=True)
         finally:
             await cur.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def waits_for_advisory_lock(cur: Any) -> bool:
+    await cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    row = await cur.fetchone()
+    return bool(row and row[0])

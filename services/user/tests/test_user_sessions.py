@@ -114,10 +114,18 @@ async def test_a_logout_racing_a_refresh_leaves_no_token_of_the_family_alive(
         await cur.execute("BEGIN")
         await cur.execute("SELECT 1 FROM refresh_tokens FOR UPDATE")
         refresh = asyncio.create_task(client.post("/auth/refresh", json={"refresh_token": token}))
-        await until_waiting(db, 1)
-        logout = asyncio.create_task(client.post("/auth/logout", json={"refresh_token": token}))
-        await until_waiting(db, 2)
-        await cur.execute("ROLLBACK")
+        logout = None
+        try:
+            await until_waiting(db, 1)
+            logout = asyncio.create_task(client.post("/auth/logout", json={"refresh_token": token}))
+            await until_waiting(db, 2)
+        except BaseException:
+            for task in (refresh, logout):
+                if task is not None:
+                    task.cancel()
+            raise
+        finally:
+            await cur.execute("ROLLBACK")
     refreshed, logged_out = await asyncio.gather(refresh, logout)
     assert logged_out.status == 204
     if refreshed.status == 200:
