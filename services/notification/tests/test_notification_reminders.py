@@ -161,8 +161,9 @@ async def test_a_reminder_goes_out_when_its_time_comes_not_before(
     service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
     owner = users.add(new_user())
-    # Due a day and two seconds from now: the reminder is due in two seconds.
-    await broker.publish(todo_event("created", owner["id"], todo("t7", "Board meeting", timedelta(days=1, seconds=2))))
+    # Due a day and five seconds from now: the reminder is due in five seconds,
+    # time enough, even on a busy machine, to see that it has not gone yet.
+    await broker.publish(todo_event("created", owner["id"], todo("t7", "Board meeting", timedelta(days=1, seconds=5))))
     await eventually(lambda: service.app[CONSUMER].settled["acked"] == 1, within=10, what="the todo applied")
     row = await reminder_row(pool, "t7")
     assert row is not None and (row["cancelled"], row["sent"]) == (False, False)
@@ -179,16 +180,18 @@ async def test_a_reminder_held_by_another_delivery_does_not_hold_up_the_ones_beh
     # Due in two and three seconds' reminding time: the held one comes first in line.
     held = todo_event("created", owner["id"], todo("h1", "Held", timedelta(days=1, seconds=2)))
     free = todo_event("created", owner["id"], todo("h2", "Free", timedelta(days=1, seconds=3)))
-    for event in (held, free):
-        await broker.publish(event)
-    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="both todos applied")
-    # As if another instance were sending the first one right now (its lease is long).
+    # As if another instance were sending the first one right now (its lease
+    # is long). Claimed before the events arrive, so that it is held whenever
+    # its time comes, however slow this machine is.
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status, claimed_at)"
             " VALUES (%s, 'reminder', %s, %s, 'Held', %s, 'sending', now())",
             (held.id, owner["id"], owner["email"], message_id(held.id, "reminder", MAIL_FROM)),
         )
+    for event in (held, free):
+        await broker.publish(event)
+    await eventually(lambda: service.app[CONSUMER].settled["acked"] == 2, within=10, what="both todos applied")
 
     [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder behind the held one")
     assert message["Subject"] == "Due in 24 hours: Free"
