@@ -21,7 +21,6 @@ registers it again when the agent no longer knows it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -79,6 +78,7 @@ class Registration:
         self._service = service
         self._tags = tags or []
         self.registered = False
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def service_id(self) -> str:
@@ -105,6 +105,10 @@ class Registration:
         self.registered = True
         log.info("consul_registered", service_id=self.service_id, address=s.advertise_address, port=s.port)
 
+    def start_keeping(self, interval: float = KEEP_INTERVAL) -> None:
+        """Run ``keep`` in the background until ``deregister``."""
+        self._keeper = asyncio.create_task(self.keep(interval), name="consul-keep")
+
     async def keep(self, interval: float = KEEP_INTERVAL) -> None:
         """Register again whenever the agent has lost this instance; runs until cancelled."""
         while True:
@@ -126,6 +130,12 @@ class Registration:
         if not self.registered:
             return
         self.registered = False
+        if self._keeper is not None:
+            # Stopped first, and waited for: a registration it was sending
+            # must not reach Consul after the deregistration does.
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
                 await self._client.agent.service.deregister(self.service_id)
@@ -149,13 +159,10 @@ def registration_ctx(tags: list[str] | None = None) -> CleanupCtx:
     async def register_in_consul(app: web.Application) -> AsyncIterator[None]:
         app[REGISTRATION] = registration = Registration(app[CONSUL], app[SERVICE], tags)
         await registration.register()
-        keeper = asyncio.create_task(registration.keep(), name="consul-keep")
+        registration.start_keeping()
         try:
             yield
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
             await registration.deregister()
 
     return register_in_consul

@@ -54,13 +54,13 @@ async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(in
     service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
     client = consul_client(infra.consul_url)
     registration = Registration(client, service)
-    keeper = asyncio.create_task(registration.keep(interval=0.1))
 
     async def known() -> bool:
         return registration.service_id in await client.agent.services()
 
     try:
         await registration.register()
+        registration.start_keeping(interval=0.1)
         # The agent forgets the instance, as one restarted with its state in memory does.
         await client.agent.service.deregister(registration.service_id)
         await poll(known)
@@ -69,7 +69,5 @@ async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(in
         await asyncio.sleep(0.5)  # five keeper rounds, any of which would put it back
         assert not await known()
     finally:
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
-        await registration.deregister()
+        await registration.deregister()  # stops the keeper too
         await client.close()
