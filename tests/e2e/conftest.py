@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,8 +32,8 @@ async def api(mesh: StackConfig) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def register_and_login(api: aiohttp.ClientSession) -> dict[str, str]:
-    """A new user's Authorization header, obtained through the public API."""
+async def sign_up_and_log_in(api: aiohttp.ClientSession) -> tuple[str, dict[str, Any]]:
+    """A new user, through the public API: their username and the login's token pair."""
     name = f"e2e_{uuid.uuid4().hex[:12]}"
     password = f"pw-{uuid.uuid4().hex}"
     async with api.post(
@@ -41,5 +42,10 @@ async def register_and_login(api: aiohttp.ClientSession) -> dict[str, str]:
         assert r.status == 201, await r.text()
     async with api.post("/api/v1/auth/login", json={"username": name, "password": password}) as r:
         assert r.status == 200, await r.text()
-        token = (await r.json())["access_token"]
-    return {"Authorization": f"Bearer {token}"}
+        return name, await r.json()
+
+
+async def register_and_login(api: aiohttp.ClientSession) -> dict[str, str]:
+    """A new user's Authorization header, obtained through the public API."""
+    _, tokens = await sign_up_and_log_in(api)
+    return {"Authorization": f"Bearer {tokens['access_token']}"}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
 import aiohttp
 import pytest
 
 from devstack.config import StackConfig
+
+from .conftest import sign_up_and_log_in
 
 pytestmark = pytest.mark.e2e
 
@@ -15,14 +15,7 @@ pytestmark = pytest.mark.e2e
 async def test_a_session_is_refreshed_and_ended_with_its_refresh_token_alone(
     mesh: StackConfig, api: aiohttp.ClientSession
 ) -> None:
-    name = f"e2e_{uuid.uuid4().hex[:12]}"
-    password = f"pw-{uuid.uuid4().hex}"
-    body = {"username": name, "email": f"{name}@example.test", "password": password}
-    async with api.post("/api/v1/users", json=body) as r:
-        assert r.status == 201, await r.text()
-    async with api.post("/api/v1/auth/login", json={"username": name, "password": password}) as r:
-        assert r.status == 200, await r.text()
-        first = await r.json()
+    name, first = await sign_up_and_log_in(api)
 
     async with api.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]}) as r:
         assert r.status == 200, await r.text()
