@@ -63,6 +63,8 @@ CRASH_EXIT_CODE = 70
 # Closing a channel waits for the broker's close-ok; a broker that does not
 # answer must not hold the delivery's task.
 CHANNEL_CLOSE_TIMEOUT = 5.0
+# How long deliveries cancelled at the end of a drain get to unwind.
+STUCK_CANCEL_TIMEOUT = 5.0
 
 
 class TopologyMissing(RuntimeError):
@@ -130,6 +132,13 @@ class EventConsumer:
                     await self._channel.close()
         except TimeoutError:
             log.warning("consumer_stop_timed_out", in_flight=len(self._in_flight))
+            # Not left running past the resources they use, which close next:
+            # cancelled, they leave their messages unacked, to be redelivered.
+            stuck = set(self._in_flight)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=STUCK_CANCEL_TIMEOUT)
         log.info("consumer_stopped", queue=self._topology.queue)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

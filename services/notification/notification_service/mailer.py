@@ -82,6 +82,7 @@ class Mailer:
         self._settings = settings
         self._slots = asyncio.Semaphore(SESSIONS)
         self._idle: list[tuple[_Client, float]] = []
+        self._closed = False
         self._send_with_retries = backoff.on_exception(
             backoff.expo,
             MailServerUnavailable,
@@ -111,6 +112,10 @@ class Mailer:
             await self._send_with_retries(message)
 
     async def close(self) -> None:
+        # From now on a send that ends closes its session instead of keeping
+        # it: one still running (a delivery past the consumer's drain) would
+        # otherwise leave a session open that nothing ever closes.
+        self._closed = True
         idle, self._idle = self._idle, []
         for client, _ in idle:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -137,7 +142,10 @@ class Mailer:
             if isinstance(exc, aiosmtplib.SMTPException | OSError):
                 raise _before_data(exc) from None
             raise
-        self._idle.append((client, time.monotonic()))
+        if self._closed:
+            client.close()
+        else:
+            self._idle.append((client, time.monotonic()))
 
     def _reuse(self) -> _Client | None:
         while self._idle:

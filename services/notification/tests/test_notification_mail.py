@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -102,6 +103,22 @@ async def test_the_answer_after_data_has_its_own_longer_timeout(smtp: SmtpSink) 
     await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
     assert len(smtp.received) == 1
     await mailer.close()
+
+
+async def test_a_send_that_ends_after_close_closes_its_session(smtp: SmtpSink) -> None:
+    # A delivery still running when the service shuts down (past the
+    # consumer's drain): its session must not be kept by a closed mailer,
+    # where nothing would ever close it.
+    smtp.data_delay = 0.3
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
+    sending = asyncio.create_task(mailer.send(an_email("ada@example.test")))  # type: ignore[arg-type]
+    async with asyncio.timeout(5):  # bounded: until the message is in DATA
+        while not smtp.received:
+            await asyncio.sleep(0.01)
+    await mailer.close()
+    await sending
+    assert len(smtp.received) == 1
+    assert mailer._idle == []  # closed, not kept
 
 
 async def test_a_refused_connection_is_reported_as_unavailable() -> None:
