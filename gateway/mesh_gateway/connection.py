@@ -179,6 +179,7 @@ class Pool:
         self._loop = asyncio.get_running_loop()
         # Oldest first: connections are appended as they go idle.
         self._idle: list[Connection] = []
+        self._closed = False
         # One timer per pool, not per connection: it fires when the oldest
         # idle connection expires, closes what has, and sets itself again.
         self._sweep: asyncio.TimerHandle | None = None
@@ -188,6 +189,11 @@ class Pool:
         return self._idle
 
     def put_idle(self, conn: Connection) -> None:
+        if self._closed:
+            # A response released after the pool closed (a stream that
+            # outlived the gateway's shutdown): nothing would close it here.
+            conn.close()
+            return
         conn.idle_since = self._loop.time()
         self._idle.append(conn)
         if self._sweep is None:
@@ -216,6 +222,7 @@ class Pool:
             self._idle.remove(conn)
 
     def close(self) -> None:
+        self._closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -79,6 +79,18 @@ async def test_requests_share_one_kept_alive_connection(upstream: Upstream, aioh
     assert len(set(peers)) == 1, peers
 
 
+async def test_a_response_finished_after_close_closes_its_connection(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # A stream that outlives the gateway's shutdown: its connection must not
+    # go back to a closed pool, where nothing would ever close it.
+    server, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])
+    conn = resp._conn
+    assert conn is not None and conn.transport is not None
+    upstream.close()
+    assert len(await resp.read()) == 5 * HIGH_WATER  # read to the end: reusable, but not kept
+    assert conn.transport is None or conn.transport.is_closing()
+
+
 async def test_no_more_connections_than_the_limit(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
     server, peers = await echo_server(aiohttp_server)
 
