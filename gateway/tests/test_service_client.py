@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -11,14 +13,15 @@ from mesh_common.http import ServiceClient
 from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
-async def failing_instances(aiohttp_server, count: int) -> tuple[ServiceWatch, list[int]]:  # type: ignore[no-untyped-def]
-    """``count`` instances that answer 500, in a watch set by hand; and their hit counts."""
+async def failing_instances(aiohttp_server, count: int, *, delay: float = 0.0) -> tuple[ServiceWatch, list[int]]:  # type: ignore[no-untyped-def]
+    """``count`` instances that answer 500 (after ``delay``), in a watch set by hand; and their hit counts."""
     hits = [0] * count
     instances = []
     for n in range(count):
 
         async def fail(request: web.Request, n: int = n) -> web.Response:
             hits[n] += 1
+            await asyncio.sleep(delay)
             return web.json_response({"code": "BOOM"}, status=500)
 
         app = web.Application()
@@ -49,3 +52,16 @@ async def test_with_no_other_instance_the_failure_itself_is_raised(aiohttp_serve
         with pytest.raises(UpstreamFailure, match="answered 500"):
             await client.get_json("svc", "/x")
     assert hits == [1]
+
+
+async def test_no_retry_with_too_little_of_the_deadline_left(aiohttp_server):
+    # The first answer comes 0.25 s into a 0.3 s deadline: a retry would have
+    # 50 ms, time out, and count against an instance that did nothing wrong.
+    watch, hits = await failing_instances(aiohttp_server, 2, delay=0.25)
+    async with aiohttp.ClientSession() as session:
+        breakers = BreakerBoard(failure_threshold=100)
+        client = ServiceClient(session, {"svc": watch}, breakers=breakers, deadline=0.3)
+        # Its 500, or on a slow machine the deadline: either way, no retry.
+        with pytest.raises(UpstreamFailure):
+            await client.get_json("svc", "/x")
+    assert sum(hits) == 1

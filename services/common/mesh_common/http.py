@@ -22,6 +22,8 @@ from .discovery import WATCHES, NoInstances
 from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 HTTP_SESSION = web.AppKey("mesh.http_session", aiohttp.ClientSession)
+# A retry needs at least this much of the call's deadline left.
+MIN_RETRY_SECONDS = 0.1
 
 
 class UpstreamStatusError(Exception):
@@ -71,7 +73,9 @@ class ServiceClient:
             # happen, on an instance that is left.
             if isinstance(exc, UpstreamFailure):
                 failed.append(exc)
-            if len(tried) >= self._attempts or loop.time() >= deadline:
+            # Too little time left for an answer: a retry would only time
+            # out, and count as a failure against an instance that is fine.
+            if len(tried) >= self._attempts or deadline - loop.time() < MIN_RETRY_SECONDS:
                 return True
             if not self.breakers.has_candidate(watch, tried):
                 return True
