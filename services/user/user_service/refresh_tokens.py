@@ -112,9 +112,7 @@ class _Stored(NamedTuple):
 async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
     """Spend ``token`` and return its child, or raise ``RefreshTokenRejected``."""
     async with transaction(pool) as cur:
-        family = await _family_of(cur, token)
-        if family is not None:
-            await _lock_family(cur, family)
+        await _lock_family_of(cur, token)
         # FOR UPDATE: two refreshes with the same token run one after the
         # other, and the second one finds it spent.
         await cur.execute(
@@ -140,25 +138,27 @@ async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
 async def revoke_family(pool: aiopg.Pool, token: str) -> None:
     """Log out: revoke the family ``token`` belongs to (nothing if it is unknown)."""
     async with transaction(pool) as cur:
-        family = await _family_of(cur, token)
+        family = await _lock_family_of(cur, token)
         if family is not None:
-            await _lock_family(cur, family)
             await _revoke(cur, family)
 
 
-async def _family_of(cur: Any, token: str) -> str | None:
-    await cur.execute("SELECT family_id::text FROM refresh_tokens WHERE token_hash = %s", (_digest(token),))
+async def _lock_family_of(cur: Any, token: str) -> str | None:
+    """Lock the family of ``token`` until the commit; its id, or None for an unknown token.
+
+    One rotation or revocation per family at a time. Without it, a
+    revocation's UPDATE, waiting on the row lock of a token being rotated,
+    ran on a snapshot taken before the rotation's child existed: logout
+    answered 204 and the child refreshed on for weeks. Taken before any row
+    lock, by both, so the two cannot deadlock.
+    """
+    await cur.execute(
+        "SELECT family_id::text, pg_advisory_xact_lock(hashtextextended('refresh-family:' || family_id::text, 0))"
+        " FROM refresh_tokens WHERE token_hash = %s",
+        (_digest(token),),
+    )
     row = await cur.fetchone()
     return row[0] if row else None
-
-
-async def _lock_family(cur: Any, family_id: str) -> None:
-    # One rotation or revocation per family at a time, until its commit.
-    # Without it, a revocation's UPDATE, waiting on the row lock of a token
-    # being rotated, ran on a snapshot taken before the rotation's child
-    # existed: logout answered 204 and the child refreshed on for weeks.
-    # Taken before any row lock, by both, so the two cannot deadlock.
-    await cur.execute("SELECT pg_advisory_xact_lock(hashtextextended('refresh-family:' || %s, 0))", (family_id,))
 
 
 async def _revoke(cur: Any, family_id: Any) -> None:
