@@ -62,8 +62,7 @@ async def drain_audit_queue(cfg: StackConfig, expected: int, *, within: float) -
 
 def notification_checks(cfg: StackConfig) -> list[dict[str, str]]:
     """Each notification-service instance's checks: {"live" | "ready": status}."""
-    entries = stack.get_json(f"{cfg.consul_url}/v1/health/service/notification-service")
-    assert isinstance(entries, list)
+    entries = stack.service_health(cfg, "notification-service")
     return [{c["Name"].split(":")[0]: c["Status"] for c in entry["Checks"] if c["ServiceID"]} for entry in entries]
 
 
