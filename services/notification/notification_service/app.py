@@ -15,8 +15,10 @@ from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
 from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import http_session_ctx
+from mesh_common.pruning import prune_ctx
 
 from .keys import SETTINGS
+from .retention import prune_jobs
 from .routes import setup_routes
 from .settings import Settings
 from .workers import consumer_ctx, delivery_ctx, scheduler_ctx
@@ -26,7 +28,7 @@ MIGRATIONS = (Path(__file__).resolve().parent / "migrations",)
 
 
 def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> web.Application:
-    """The HTTP API, the event consumer and the reminder scheduler, in one app.
+    """The HTTP API, the event consumer, the reminder scheduler and the pruner, in one app.
 
     ``verifier`` replaces the JWKS fetched from the user-service (tests).
     """
@@ -50,6 +52,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> w
             delivery_ctx,
             consumer_ctx,
             scheduler_ctx,
+            prune_ctx(settings.prune, prune_jobs(settings.retention)),
             registration_ctx(),  # last: registered only once everything above is ready
         ]
     )

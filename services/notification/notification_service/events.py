@@ -11,7 +11,7 @@ what we need, is refused (``UnprocessableEvent``) rather than guessed at.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -19,7 +19,7 @@ import structlog
 from mesh_common.events import Event
 
 from .directory import Recipient
-from .failures import MalformedEvent, UnsupportedEvent
+from .failures import ExpiredEvent, MalformedEvent, UnsupportedEvent
 from .notifier import Notifier, Outcome
 from .reminders import Reminders, TodoSnapshot
 
@@ -42,12 +42,17 @@ def parse(body: bytes) -> Event:
 
 
 class EventHandler:
-    def __init__(self, notifier: Notifier, reminders: Reminders) -> None:
+    def __init__(self, notifier: Notifier, reminders: Reminders, *, retention: float) -> None:
         self._notifier = notifier
         self._reminders = reminders
+        self._retention = timedelta(seconds=retention)
 
     async def handle(self, event: Event) -> Outcome | None:
         """Act on ``event``; the outcome of the email it causes, if any."""
+        if occurred_at(event) < datetime.now(UTC) - self._retention:
+            # The rows that make handling it idempotent may be pruned: it
+            # could send an email twice, or bring back a deleted todo's reminder.
+            raise ExpiredEvent(f"occurred at {event.occurred_at}, before the retention")
         if event.type == "user.registered":
             return await self._welcome(event)
         await self._reminders.apply(todo_snapshot(event), event_id=event.id, event_at=occurred_at(event))

@@ -46,5 +46,9 @@ class UnsupportedEvent(UnprocessableEvent):
     """An event type or version this service does not know."""
 
 
+class ExpiredEvent(UnprocessableEvent):
+    """Older than the retention: the rows that would keep its handling idempotent may be gone."""
+
+
 class MailRejected(UnprocessableEvent):
     """The SMTP server refused the message for good (a 5xx answer)."""

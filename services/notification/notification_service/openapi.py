@@ -21,6 +21,7 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "operationId": "listNotifications",
                 "summary": "The signed-in user's notifications, newest first",
+                "description": "Kept for EVENT_RETENTION_SECONDS (30 days) and a day after they were sent.",
                 "parameters": [
                     {
                         "name": "limit",

@@ -6,12 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from mesh_common.events import EVENTS_EXCHANGE
+from mesh_common.pruning import DAY, PruneSettings
 from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 from . import __version__
-from .topology import Topology
-
-DAY = 24 * 60 * 60
+from .topology import RETRY_DELAYS, Topology
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +50,10 @@ class Settings:
     retry_limit: int = 2880
     reminder_lead: float = DAY
     reminder_poll_interval: float = 30.0
+    # How long events are remembered (retention.py): older ones are refused,
+    # and what only guarded against their redelivery is pruned.
+    retention: int = 30 * DAY
+    prune: PruneSettings = field(default_factory=PruneSettings)
     # Fault injection for the crash test: exit right after an email was sent
     # and recorded, before its event is acknowledged.
     crash_after_send: bool = False
@@ -80,6 +83,8 @@ class Settings:
             retry_limit=env_int(env, "RETRY_LIMIT", 2880),
             reminder_lead=env_float(env, "REMINDER_LEAD_SECONDS", DAY),
             reminder_poll_interval=env_float(env, "REMINDER_POLL_SECONDS", 30.0),
+            retention=env_int(env, "EVENT_RETENTION_SECONDS", 30 * DAY),
+            prune=PruneSettings.from_env(env),
             crash_after_send=env_bool(env, "NOTIFICATION_CRASH_AFTER_SEND", False),
         )
         smtp = settings.smtp
@@ -87,6 +92,13 @@ class Settings:
             raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS, SMTP_TIMEOUT and REMINDER_POLL_SECONDS must be positive")
         if smtp.data_timeout <= 0:
             raise SettingsError("SMTP_DATA_TIMEOUT must be positive")
+        # An event may come back from the retry queues this long after it
+        # happened; refusing it as expired then would dead-letter good events.
+        retrying = settings.retry_limit * RETRY_DELAYS[-1][1]
+        if settings.retention <= retrying:
+            raise SettingsError(
+                f"EVENT_RETENTION_SECONDS must be longer than retries last ({retrying:.0f} s with RETRY_LIMIT)"
+            )
         return settings
 
     def with_port(self, port: int) -> Settings:

@@ -64,7 +64,7 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[CONSUMER] = consumer = EventConsumer(
         app[AMQP],
-        EventHandler(app[NOTIFIER], reminders),
+        EventHandler(app[NOTIFIER], reminders, retention=settings.retention),
         settings.topology,
         prefetch=settings.prefetch,
         retry_limit=settings.retry_limit,

@@ -41,6 +41,19 @@ def test_nonsense_numbers_are_refused() -> None:
         Settings.from_env({**REQUIRED, "SMTP_DATA_TIMEOUT": "0"})
 
 
+def test_events_are_remembered_for_longer_than_they_can_be_retried() -> None:
+    settings = Settings.from_env(REQUIRED)
+    assert settings.retention == 30 * 24 * 3600
+    # RETRY_LIMIT 2880 at the 30 s tier: an event may come back a day after it happened.
+    # RETRY_LIMIT 2880 at the 30 s tier: an event may come back a day after it happened.
+    with pytest.raises(SettingsError, match="EVENT_RETENTION_SECONDS"):
+        Settings.from_env({**REQUIRED, "EVENT_RETENTION_SECONDS": "86400"})
+    shorter_retries = {**REQUIRED, "EVENT_RETENTION_SECONDS": "86400", "RETRY_LIMIT": "100"}
+    assert Settings.from_env(shorter_retries).retention == 86400
+    with pytest.raises(SettingsError, match="PRUNE_INTERVAL_SECONDS"):
+        Settings.from_env({**REQUIRED, "PRUNE_INTERVAL_SECONDS": "0"})
+
+
 def test_retries_back_off_then_stay_at_the_slowest_tier() -> None:
     topology = Topology()
     delays = [topology.retry_tier(attempt) for attempt in range(1, 6)]
