@@ -274,6 +274,7 @@ class SmtpSink:
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     _server: asyncio.AbstractServer | None = None
+    _sessions: set[_SinkSession] = field(default_factory=set)
 
     # aiosmtpd's hooks: handle_<SMTP verb>
     async def handle_RCPT(
@@ -294,14 +295,39 @@ class SmtpSink:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SMTP(self, hostname="sink.test", loop=loop), "127.0.0.1", self.port, reuse_address=True
+            lambda: _SinkSession(self, hostname="sink.test", loop=loop), "127.0.0.1", self.port, reuse_address=True
         )
 
     async def stop(self) -> None:
+        """Stop listening and drop every session, as a server going down does.
+
+        On Python 3.11 closing a server leaves the connections it accepted
+        open, and ``wait_closed`` waits for none of them: a session left so
+        outlives the test's loop, and fails a later test as an unclosed socket.
+        """
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
             self._server = None
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await eventually(lambda: not self._sessions, within=5, what="the SMTP sessions closed")
 
     def to(self, address: str) -> list[EmailMessage]:
         return [r.message for r in self.received if address in r.recipients]
+
+
+class _SinkSession(SMTP):
+    """aiosmtpd's session, known to its sink until its connection is gone."""
+
+    def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
+        super().__init__(sink, **kwargs)
+        self._sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sink._sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sink._sessions.discard(self)
+        super().connection_lost(error)

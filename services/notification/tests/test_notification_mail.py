@@ -130,3 +130,15 @@ async def test_a_refused_connection_is_reported_as_unavailable() -> None:
 def test_an_event_envelope_round_trips() -> None:
     event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
     assert Event.from_json(event.to_json()) == event
+
+
+async def test_stopping_the_sink_drops_its_sessions_like_a_server_going_down(smtp: SmtpSink) -> None:
+    # What the outage tests rely on, and what keeps a session from outliving
+    # its test's loop (an unclosed socket that fails some later test).
+    reader, writer = await asyncio.open_connection("127.0.0.1", smtp.port)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), timeout=5)).startswith(b"220 ")
+        await smtp.stop()
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # the server hung up
+    finally:
+        writer.close()
