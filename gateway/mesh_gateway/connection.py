@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self._error: Exception | None = None
         self._paused = False
         self._informational = False
+        self._in_head = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,12 +90,18 @@ class Connection(asyncio.Protocol):
             # to a request. Raising stops the parser (data_received fails
             # the connection) before a byte of it joins an answer.
             raise UpstreamBroken("a response nobody asked for")
+        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked body's trailer fields: forwarded as headers, they would
+            # appear or not depending on how the bytes happened to arrive.
+            return
         # As aiohttp decodes them: bytes that are not UTF-8 survive the round trip.
         self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self.status = self._parser.get_status_code()
         if self.status < 200:
             # "100 Continue" and friends come before the real response: skip them.
@@ -143,6 +150,10 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             # Closed before a byte of this request left: as good as never connected.
             raise UpstreamConnectError("the connection closed before the request was sent")
+        if self._paused:
+            # The last response was complete but not read to the end (its
+            # reader went away), and left the socket paused.
+            self.transport.resume_reading()
         self._reset()
         self._head = asyncio.get_running_loop().create_future()
         self.transport.write(head + body if body else head)

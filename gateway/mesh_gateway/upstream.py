@@ -37,6 +37,10 @@ from .connection import HIGH_WATER, Connection, Pool, PoolTimeout, UpstreamBroke
 
 __all__ = ["HIGH_WATER", "PoolTimeout", "Upstream", "UpstreamBroken", "UpstreamConnectError", "UpstreamResponse"]
 
+# What a request needs left of its deadline, once it has waited for a free
+# connection, for a timeout to say something about the upstream.
+MIN_UPSTREAM_SECONDS = 0.1
+
 
 class UpstreamResponse:
     """Status and headers as received; the body is read once: ``read``, ``iter_chunks`` or ``next_chunk``."""
@@ -156,6 +160,11 @@ class Upstream:
                     await pool.slots.acquire()
             except TimeoutError:
                 raise PoolTimeout(f"{host}:{port}: all {self._limit} connections stayed busy") from None
+            if deadline is not None and deadline - asyncio.get_running_loop().time() < MIN_UPSTREAM_SECONDS:
+                # Too little left for the upstream to answer in: its timeout
+                # would count against an instance that was only busy.
+                pool.slots.release()
+                raise PoolTimeout(f"{host}:{port}: a connection came free too late")
         else:
             await pool.slots.acquire()
         try:

@@ -264,3 +264,57 @@ async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -
         assert await second.read() == b"second"
         upstream.close()  # so that the handler sees the end and closes its side
         await eventually(lambda: connections["closed"] == connections["open"] == 2)
+
+
+async def test_a_response_received_whole_but_not_read_leaves_its_connection_usable(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # Just over the high-water mark: the read that pauses the socket is the
+    # one that completes the response. Its reader then goes away (a client
+    # that disconnected), and the connection goes back to the pool, paused.
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * (HIGH_WATER + 1))
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    upstream = Upstream(limit_per_host=1)  # so that the next request gets that connection
+    try:
+        resp = await upstream.request("GET", "127.0.0.1", server.port, "/big", [])
+        conn = resp._conn
+        assert conn is not None
+        await eventually(lambda: conn._complete, within=5)
+        resp.release()
+        again = await asyncio.wait_for(upstream.request("GET", "127.0.0.1", server.port, "/big", []), 5)
+        assert again._conn is conn  # the same connection, reused and reading
+        assert len(await asyncio.wait_for(again.read(), 5)) == HIGH_WATER + 1
+    finally:
+        upstream.close()
+
+
+async def test_trailer_fields_are_not_headers(upstream: Upstream) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: Set-Cookie\r\n\r\n"
+            b"2\r\nok\r\n0\r\nSet-Cookie: session=stolen\r\n\r\n"
+        )
+        await writer.drain()
+
+    async with raw_server(reply) as port:
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await resp.read() == b"ok"
+        assert "Set-Cookie" not in resp.headers
+
+
+async def test_a_connection_that_came_free_too_late_is_a_pool_timeout(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # Waiting for a busy pool is not the upstream's fault: with too little of
+    # the deadline left to answer in, the request is not sent at all.
+    server, peers = await echo_server(aiohttp_server)
+    upstream = Upstream(limit_per_host=1)
+    loop = asyncio.get_running_loop()
+    try:
+        busy = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+        loop.call_later(0.25, busy.release)
+        with pytest.raises(PoolTimeout):
+            await upstream.request("GET", "127.0.0.1", server.port, "/slow", [], deadline=loop.time() + 0.3)
+        assert len(peers) == 1
+    finally:
+        upstream.close()
