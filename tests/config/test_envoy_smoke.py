@@ -257,8 +257,9 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
         # At least one request hit the dead instance first and was retried.
         assert any(e["upstream_attempts"] >= 2 for e in entries), entries
 
-        # The gateway's probes are not reachable through the edge.
-        for probe in ("/ready", "/health", "/health/live"):
+        # The gateway's probes are not reachable through the edge, however spelt.
+        spellings = ("/%72eady", "/heal%74h", "/health/%6Cive", "/x/../ready", "/./health", "//ready")
+        for probe in ("/ready", "/health", "/health/live", *spellings):
             status, headers, body = _get(f"{public}{probe}")
             assert status == 404, probe
             assert headers.get("content-type") == "application/problem+json"
