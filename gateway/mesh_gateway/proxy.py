@@ -138,7 +138,7 @@ class Proxy:
         method = request.method
         # A POST is safe to repeat only where the service deduplicates by key.
         retry_safe = method in IDEMPOTENT or (
-            method == "POST" and route.honours_idempotency_key and "Idempotency-Key" in headers
+            method == "POST" and request.path in route.idempotency_key_paths and "Idempotency-Key" in headers
         )
         watch = self._watches[route.service]
         self._budget.record_request()

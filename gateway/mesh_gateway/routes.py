@@ -16,8 +16,9 @@ class Route:
     service: str
     strip: str = "/api/v1"
     timeout: float = 5.0
-    # The service deduplicates POSTs by Idempotency-Key, so the gateway may retry them.
-    honours_idempotency_key: bool = False
+    # The paths, as published, where the service deduplicates POSTs by their
+    # Idempotency-Key: there, and only there, the gateway may retry them.
+    idempotency_key_paths: frozenset[str] = frozenset()
     _base: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +59,8 @@ API = RouteTable(
         Route("/api/v1/auth", "user-service"),
         Route("/api/v1/users", "user-service"),
         Route("/.well-known/jwks.json", "user-service", strip=""),
-        Route("/api/v1/todos", "todo-service", honours_idempotency_key=True),
+        # Creating a todo, not completing or reopening one.
+        Route("/api/v1/todos", "todo-service", idempotency_key_paths=frozenset({"/api/v1/todos"})),
         Route("/api/v1/notifications", "notification-service"),
     ),
     public=frozenset(

@@ -212,7 +212,14 @@ async def gateway(
         )
         settings = replace(settings, **overrides)
         table = RouteTable(
-            routes=(Route("/api/v1/things", name, timeout=route_timeout, honours_idempotency_key=True),),
+            routes=(
+                Route(
+                    "/api/v1/things",
+                    name,
+                    timeout=route_timeout,
+                    idempotency_key_paths=frozenset({"/api/v1/things"}),
+                ),
+            ),
             public=frozenset({("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login")}),
             auth=frozenset({("POST", "/api/v1/things/login")}),
         )

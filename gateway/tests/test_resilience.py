@@ -56,6 +56,17 @@ async def test_post_with_idempotency_key_is_retried(fake_service, gateway, token
     assert service.instances[0].hits == 3
 
 
+async def test_an_idempotency_key_makes_a_post_retryable_only_where_honoured(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    for instance in service.instances:
+        instance.mode = "fail"
+    client = await gateway(service)
+    headers = {**tokens.headers(), "Idempotency-Key": "k-2"}
+    async with client.post("/api/v1/things/1/complete", json={}, headers=headers) as r:
+        assert r.status == 500
+    assert service.hits == 1  # the service would not recognise the key: a retry could act twice
+
+
 async def test_connection_refused_is_retried_even_for_post(fake_service, gateway, tokens):
     service = await fake_service(2)
     dead, alive = service.instances
