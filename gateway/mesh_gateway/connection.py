@@ -60,6 +60,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._informational = False
         self._in_head = False
+        self._until_close = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,6 +80,11 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._pool.discard(self)
         self.transport = None
+        if self._until_close and exc is None and self._error is None:
+            # Neither a length nor chunks: the body ends where the connection
+            # does (HTTP/1.0 style), and httptools cannot be told of the end.
+            self._complete = True
+            self._wake()
         if not self._complete:
             self._fail(UpstreamBroken("the upstream closed the connection"))
 
@@ -108,6 +114,8 @@ class Connection(asyncio.Protocol):
             self._informational = True
             self.headers = []
             return
+        framed = {name.lower() for name, _ in self.headers} & {"content-length", "transfer-encoding"}
+        self._until_close = not framed and self.status not in (204, 304)
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 

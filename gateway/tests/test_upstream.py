@@ -318,3 +318,13 @@ async def test_a_connection_that_came_free_too_late_is_a_pool_timeout(aiohttp_se
         assert len(peers) == 1
     finally:
         upstream.close()
+
+
+async def test_a_body_that_ends_with_the_connection_is_whole(upstream: Upstream) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+
+    async with raw_server(reply) as port:
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await asyncio.wait_for(resp.read(), 5) == b"until the end"
