@@ -42,8 +42,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
 @asynccontextmanager
 async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Register only once the first healthy sets are known, so that a new
-    # gateway does not answer 503 for upstreams it simply has not heard of.
+    # Give the watches a moment to learn the first healthy sets before we
+    # register, so that a new gateway does not answer 503 for upstreams it
+    # simply has not heard of. Bounded: without Consul the registration
+    # fails next, and with it the start, which is the visible outcome.
     await asyncio.gather(*(watch.wait_ready(5.0) for watch in app[WATCHES].values()))
     upstream = app[UPSTREAM]
     app[PROXY] = Proxy(
