@@ -145,7 +145,8 @@ class Upstream:
         pool = self._pools.get((host, port))
         if pool is None:
             pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers)
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n")

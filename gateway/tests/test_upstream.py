@@ -328,3 +328,25 @@ async def test_a_body_that_ends_with_the_connection_is_whole(upstream: Upstream)
     async with raw_server(reply) as port:
         resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
         assert await asyncio.wait_for(resp.read(), 5) == b"until the end"
+
+
+async def test_an_ipv6_instance_gets_a_valid_host_header(upstream: Upstream) -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(handle, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    async with server:
+        port = int(server.sockets[0].getsockname()[1])
+        resp = await upstream.request("GET", "::1", port, "/", [])
+        assert await resp.read() == b"ok"
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in seen[0]
