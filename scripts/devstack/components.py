@@ -84,8 +84,13 @@ def consul(cfg: StackConfig) -> Proc:
 
 # -- PostgreSQL ------------------------------------------------------------------
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    # The newest installed major version: 15 after 9.6, so by number, not text.
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: _version(p.split("/")[4]))
     return _binary(name, *(found[-1:]))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in text.split("."))
 
 
 def postgres(cfg: StackConfig) -> Proc:
@@ -93,8 +98,22 @@ def postgres(cfg: StackConfig) -> Proc:
     data = base / "data"
     if not (data / "PG_VERSION").exists():
         _owned_dir(data, "postgres")
+        # The locale is set, not taken from the environment (where it may be
+        # one this machine lacks): it decides what lower() folds, and
+        # usernames and emails are compared through it.
         run_checked(
-            [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            [
+                _pg_bin("initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
             user="postgres",
             timeout=120,
         )
@@ -181,6 +200,10 @@ def _rabbit_env(cfg: StackConfig) -> dict[str, str]:
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(cfg.ports.amqp),
         "RABBITMQ_DIST_PORT": str(cfg.ports.rabbitmq_dist),
+        # Erlang distribution (how rabbitmqctl reaches the node) listens on
+        # every interface unless told; RABBITMQ_NODE_IP_ADDRESS covers AMQP only.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         "ERL_EPMD_PORT": str(cfg.ports.epmd),
         "ERL_EPMD_ADDRESS": "127.0.0.1",
         "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
