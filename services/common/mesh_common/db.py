@@ -33,9 +33,14 @@ DB = web.AppKey("mesh.db", aiopg.Pool)
 log = structlog.get_logger()
 
 _LOCK_ID = 0x70D0_3E54  # any constant: one migrator per database at a time
-# The pool's 10 s statement timeout suits requests, not migrations: an
-# instance waits for the lock while another migrates, and an index on a
-# large table takes what it takes. Cut off, either would fail every start.
+# Every connect and statement through the pool. Shorter than the gateway's
+# route deadline (5 s): a database that hangs ends in the service's own 503
+# DEPENDENCY_UNAVAILABLE, which says why, before the gateway gives up with a
+# bare 504 (tests/config/test_timeouts.py keeps them in step).
+STATEMENT_TIMEOUT = 4.0
+# That suits requests, not migrations: an instance waits for the lock while
+# another migrates, and an index on a large table takes what it takes. Cut
+# off, either would fail every start.
 MIGRATION_TIMEOUT = 30 * 60.0
 
 
@@ -95,7 +100,7 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
 def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10) -> CleanupCtx:
     @asynccontextmanager
     async def open_database(app: web.Application) -> AsyncIterator[None]:
-        async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=10) as pool:
+        async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT) as pool:
             await migrate(pool, migrations)
             app[DB] = pool
 
