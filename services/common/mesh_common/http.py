@@ -115,7 +115,8 @@ class ServiceClient:
                         if resp.status >= 500:
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
                         body = await resp.json(content_type=None)
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                # ValueError: an answer that is not JSON, from an instance that is not well.
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     raise UpstreamFailure(f"{instance.id}: {type(exc).__name__}") from exc
             if resp.status >= 400:
                 raise UpstreamStatusError(resp.status, body)

@@ -145,9 +145,7 @@ class UserDirectory:
     async def _lookup(self, user_id: str, token: str) -> dict[str, Any] | None:
         path = f"/users/{quote(user_id, safe='')}"
         try:
-            user: dict[str, Any] = await self._client.get_json(
-                self._service, path, headers={"Authorization": f"Bearer {token}"}
-            )
+            user = await self._client.get_json(self._service, path, headers={"Authorization": f"Bearer {token}"})
         except UpstreamStatusError as exc:
             if exc.status == 404:
                 return None
@@ -155,4 +153,8 @@ class UserDirectory:
                 raise TokenRejected() from None
             log.error("user_lookup_refused", status=exc.status)
             raise UserServiceUnavailable(f"user lookup refused with {exc.status}") from None
+        if not isinstance(user, dict):
+            # Only a 404 means "no such user": an empty or odd 2xx must not
+            # get the email skipped as if the user were gone.
+            raise UserServiceUnavailable("the user-service answered without a user")
         return user

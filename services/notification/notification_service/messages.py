@@ -8,6 +8,7 @@ copies carry the same id and mail clients can tell they are one message.
 
 from __future__ import annotations
 
+import email.errors
 import email.policy
 import html
 import uuid
@@ -88,9 +89,16 @@ def message_id(event_id: str, kind: str, sender: str) -> str:
 
 
 def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str) -> EmailMessage:
+    """The email; ``ValueError`` if the recipient's address cannot be written in one."""
     message = EmailMessage(policy=POLICY)
     message["From"] = sender
-    message["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
+    try:
+        message["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
+    # The email package refuses an address in several ways, not all of them
+    # ValueErrors ("a@b..de" is a HeaderParseError, "a@" an IndexError); every
+    # one is about this address, and would fail the same way every time.
+    except (ValueError, IndexError, email.errors.MessageError) as exc:
+        raise ValueError(f"not a valid address: {recipient.email!r}") from exc
     message["Subject"] = rendered.subject
     message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = msgid

@@ -191,6 +191,7 @@ class FakeUserService:
         self.users: dict[str, dict[str, str]] = {}
         self.token_requests = 0
         self.user_requests = 0
+        self.answer_empty = False  # a 200 without a body, as from a broken proxy in between
         self._consul_url = consul_url
         self.secret = secret
         self._token_ttl = token_ttl
@@ -217,6 +218,8 @@ class FakeUserService:
         self.user_requests += 1
         if request.headers.get("Authorization", "").removeprefix("Bearer ") not in self._tokens:
             return web.json_response({"code": "INVALID_TOKEN"}, status=401)
+        if self.answer_empty:
+            return web.Response(status=200)
         user = self.users.get(request.match_info["id"])
         if user is None:
             return web.json_response({"code": "USER_NOT_FOUND"}, status=404)

@@ -135,6 +135,20 @@ async def test_a_refused_client_secret_keeps_the_events_until_it_is_fixed(
     assert consumer.settled["dead_lettered"] == 0
 
 
+async def test_an_empty_answer_about_a_user_is_retried_not_taken_for_an_unknown_user(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    users.answer_empty = True
+    await broker.publish(todo_event("completed", owner["id"], {"id": "a", "title": "Kept", "completed": True}))
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
+    assert consumer.settled["acked"] == 0  # not skipped as if the user were gone
+    users.answer_empty = False
+    await eventually(lambda: smtp.to(owner["email"]), within=15, what="the email once the answers are whole")
+
+
 async def test_an_event_for_an_unknown_user_is_acked_without_email(
     service: Any, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
 ) -> None:

@@ -64,6 +64,16 @@ def test_a_title_with_line_breaks_cannot_break_the_subject_header() -> None:
     assert "Bcc" not in email
 
 
+# Addresses the user-service's check lets through that no email can carry,
+# each refused by the email package in a different way.
+@pytest.mark.parametrize("address", ["bob@example.com.", "a@b..de", "[x]@y.de", "a@", "a b@c.de"])
+def test_an_address_no_email_can_carry_is_a_value_error(address: str) -> None:
+    # The notifier turns a ValueError into MailRejected: the DLQ at once, not a bug retried.
+    rendered = render("welcome", {"name": "Ada", "username": "ada"})
+    with pytest.raises(ValueError, match="not a valid address"):
+        compose(rendered, sender=SENDER, recipient=Recipient(address, "Ada"), msgid="<a@b>")
+
+
 def test_message_ids_are_one_per_event_and_kind() -> None:
     event_id = "6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e"
     assert message_id(event_id, "welcome", SENDER) == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.welcome@todo-mesh.test>"
