@@ -172,7 +172,10 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
             return MailServerUnavailable(f"recipients deferred: {codes}")
         return MailRejected(f"recipients refused: {codes}")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return (MailServerUnavailable if _transient(exc.code) else MailRejected)(f"SMTP {exc.code}")
+        # Any other refusal before DATA (the greeting, EHLO, STARTTLS, AUTH,
+        # MAIL FROM) refuses us, whatever the message: a configuration to put
+        # right, with the events kept meanwhile, not each one given up on.
+        return MailServerUnavailable(f"SMTP {exc.code}, before any recipient")
     # Refused, timed out or disconnected (aiosmtplib's connection errors are
     # OSErrors too, and so is the attempt's TimeoutError).
     return MailServerUnavailable(type(exc).__name__)

@@ -275,11 +275,21 @@ class SmtpSink:
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
+    refuse_sender: str | None = None  # the answer to every MAIL FROM, as from a server refusing us
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
 
     # aiosmtpd's hooks: handle_<SMTP verb>
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.refuse_sender:
+            return self.refuse_sender
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:

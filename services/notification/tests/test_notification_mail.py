@@ -96,6 +96,16 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
     assert smtp.attempts == ["gone@example.test"]
 
 
+async def test_a_5xx_refusing_the_sender_is_the_servers_problem_not_the_messages(smtp: SmtpSink) -> None:
+    # A relay that does not accept our MAIL_FROM refuses every message alike:
+    # events are kept for when it is fixed, not dead-lettered one by one.
+    smtp.refuse_sender = "550 5.7.1 Sender address rejected"
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=1))
+    with pytest.raises(MailServerUnavailable):
+        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+    assert smtp.attempts == []
+
+
 async def test_no_answer_after_data_is_reported_as_unknown_and_not_sent_again(smtp: SmtpSink) -> None:
     smtp.data_delay = 1.0  # the server has the message, and answers too late
     settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3, data_timeout=0.2)
