@@ -7,6 +7,12 @@ dead letters back to our own queue, not to the exchange, so that other
 services bound to the same events do not receive them twice. A replayed
 event starts with a fresh retry and delivery budget; if it still cannot be
 handled, it comes back here.
+
+A replayed copy carries none of the broker's death headers, only how often
+it was replayed (``x-replays``). With its old ``x-death`` (died in our
+queue), a copy that later waits in a retry queue would look to the broker,
+when that queue dead-letters it back, like a message going round a loop of
+expiries, and the broker drops those.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from .topology import Topology
 
 PREVIEW_BYTES = 60
 CONNECT_TIMEOUT = 10.0
+REPLAYS_HEADER = "x-replays"
+# What the broker writes when it dead-letters a message.
+DEATH_HEADERS = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                           "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +40,8 @@ class DeadLetter:
     event_id: str
     routing_key: str
     reason: str
-    deaths: int
+    deaths: int  # since its last replay
+    replays: int
     died_at: datetime | None
     preview: str
 
@@ -47,6 +58,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         routing_key=message.type or str(routing_keys[0]),
         reason=str(headers.get("x-last-death-reason") or last.get("reason") or "-"),
         deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
+        replays=int(headers.get(REPLAYS_HEADER) or 0),
         died_at=last.get("time"),
         preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),
     )
@@ -94,14 +106,18 @@ async def replay_dead_letters(
 
 
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    # x-death stays, so that a letter that dies again shows how often it has.
-    headers = {k: v for k, v in (message.headers or {}).items() if k not in {DELIVERY_COUNT_HEADER, RETRIES_HEADER}}
+    dropped = DEATH_HEADERS | {DELIVERY_COUNT_HEADER, RETRIES_HEADER}
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
+    headers[REPLAYS_HEADER] = int((message.headers or {}).get(REPLAYS_HEADER) or 0) + 1
     return republishable(message, headers)
 
 
 def format_table(letters: list[DeadLetter]) -> str:
-    lines = [f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'DIED AT':<25}  BODY"]
+    lines = [f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'REPLAYS':>7}  {'DIED AT':<25}  BODY"]
     for d in letters:
         died = d.died_at.isoformat() if d.died_at else "-"
-        lines.append(f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {died:<25}  {d.preview!r}")
+        lines.append(
+            f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {d.replays:>7}  {died:<25}"
+            f"  {d.preview!r}"
+        )
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from notification_support import Broker, Client, SmtpSink, eventually, new_user,
 from mesh_common.events import Event
 from notification_service.consumer import EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
+from notification_service.failures import MailServerUnavailable
 from notification_service.keys import CONSUMER
 from notification_service.notifier import Outcome
 from notification_service.topology import Topology
@@ -103,6 +104,46 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_the_delivery
     assert handler.calls == delivery_limit + 1  # the first delivery and `delivery-limit` redeliveries
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
     assert (letter.event_id, letter.reason) == (event.id, "delivery_limit")
+
+
+class BugThenOutage:
+    """A bug until it is fixed (``fixed``), then one transient failure, then success."""
+
+    def __init__(self) -> None:
+        self.fixed = False
+        self.deferred = 0
+        self.handled = 0
+
+    async def handle(self, event: Event) -> Outcome | None:
+        if not self.fixed:
+            raise RuntimeError("a bug")
+        if not self.deferred:
+            self.deferred += 1
+            raise MailServerUnavailable("SMTP 451")
+        self.handled += 1
+        return Outcome.SENT
+
+
+async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
+    infra: Any, broker: Broker, topology: Topology
+) -> None:
+    # A letter dead-lettered from our queue, replayed into it, then parked in
+    # a retry queue: when the retry queue dead-letters it back, the broker
+    # must not take the old death for a loop of expiries and drop it.
+    handler = BugThenOutage()
+    connection = await aio_pika.connect_robust(infra.amqp_url)
+    async with connection:
+        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+        await consumer.start()
+        try:
+            await broker.publish(registered(new_user()))
+            await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
+            handler.fixed = True
+            assert len(await replay_dead_letters(infra.amqp_url, topology, limit=10)) == 1
+            await eventually(lambda: handler.handled == 1, within=15, what="the replayed event, after its retry")
+        finally:
+            await consumer.stop()
+    assert handler.deferred == 1
 
 
 async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
