@@ -17,6 +17,7 @@ expiries, and the broker drops those.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -58,7 +59,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         routing_key=message.type or str(routing_keys[0]),
         reason=str(headers.get("x-last-death-reason") or last.get("reason") or "-"),
         deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
-        replays=int(headers.get(REPLAYS_HEADER) or 0),
+        replays=_replays(headers),
         died_at=last.get("time"),
         preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),
     )
@@ -108,8 +109,13 @@ async def replay_dead_letters(
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     dropped = DEATH_HEADERS | {DELIVERY_COUNT_HEADER, RETRIES_HEADER}
     headers = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
-    headers[REPLAYS_HEADER] = int((message.headers or {}).get(REPLAYS_HEADER) or 0) + 1
+    headers[REPLAYS_HEADER] = _replays(message.headers or {}) + 1
     return republishable(message, headers)
+
+
+def _replays(headers: Mapping[str, Any]) -> int:
+    value = headers.get(REPLAYS_HEADER)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def format_table(letters: list[DeadLetter]) -> str:
