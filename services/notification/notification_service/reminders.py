@@ -34,6 +34,11 @@ log = structlog.get_logger()
 # delivery (up to its lease, about 80 s): soon enough for the reminders due
 # behind it, without polling the database in a tight loop.
 HELD_RECHECK_SECONDS = 5.0
+# A reminder that failed for a passing reason is tried again this much later,
+# and the round goes on with the ones behind it. As many failures in a row
+# as FAILURES_IN_A_ROW mean a dependency is down for everyone: the round ends.
+RETRY_SECONDS = 60.0
+FAILURES_IN_A_ROW = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +120,18 @@ class ReminderScheduler:
         """Send every due reminder; returns how long to sleep before the next round."""
         while True:
             due = await repository.due_reminders(self._pool, limit=self._batch)
-            held = 0
+            held = failures = 0
             for reminder in due:
                 sent = await self._send(reminder)
                 if sent is None:
                     held += 1
                 elif not sent:
-                    return self._poll_interval  # a dependency is down: give it a round
+                    await repository.defer_reminder(self._pool, reminder.todo_id, reminder.event_id, RETRY_SECONDS)
+                    failures += 1
+                    if failures >= FAILURES_IN_A_ROW:
+                        return self._poll_interval  # a dependency is down: give it a round
+                else:
+                    failures = 0
             if held:
                 # A held reminder stays first in line until its delivery ends or
                 # its lease runs out: look again in a while, not at once and not
@@ -135,7 +145,9 @@ class ReminderScheduler:
         return min(self._poll_interval, max(0.01, (next_at - datetime.now(UTC)).total_seconds()))
 
     async def _send(self, reminder: repository.DueReminder) -> bool | None:
-        """True when done with, False when a dependency is down, None when another delivery holds it."""
+        """True when done with, False when it failed for now, None when another delivery holds it."""
+        if not await repository.reminder_still_due(self._pool, reminder.todo_id, reminder.event_id):
+            return True  # completed, deleted or moved since this round read it
         with structlog.contextvars.bound_contextvars(todo_id=reminder.todo_id, event_id=reminder.event_id):
             try:
                 outcome = await self._notifier.notify(

@@ -179,7 +179,9 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
                 event_id = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
                                 THEN EXCLUDED.event_id ELSE reminders.event_id END,
                 sent_at = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
-                               THEN NULL ELSE reminders.sent_at END
+                               THEN NULL ELSE reminders.sent_at END,
+                retry_at = CASE WHEN reminders.due_at IS DISTINCT FROM EXCLUDED.due_at
+                                THEN NULL ELSE reminders.retry_at END
             WHERE CASE WHEN reminders.todo_version IS NULL THEN reminders.event_at < EXCLUDED.event_at
                        ELSE (reminders.todo_version, reminders.todo_deleted)
                             < (EXCLUDED.todo_version, EXCLUDED.todo_deleted) END
@@ -207,6 +209,7 @@ async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueRemind
         await cur.execute(
             "SELECT todo_id, user_id, title, due_at, event_id FROM reminders"
             " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at > now()"
+            " AND (retry_at IS NULL OR retry_at <= now())"
             " ORDER BY remind_at LIMIT %s",
             (limit,),
         )
@@ -217,7 +220,9 @@ async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueRemind
 async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
     async with _cursor(pool) as cur:
         await cur.execute(
-            "SELECT min(remind_at) FROM reminders WHERE sent_at IS NULL AND NOT cancelled AND due_at > now()"
+            # GREATEST ignores a NULL retry_at.
+            "SELECT min(GREATEST(remind_at, retry_at)) FROM reminders"
+            " WHERE sent_at IS NULL AND NOT cancelled AND due_at > now()"
         )
         row = await cur.fetchone()
     return row[0] if row else None
@@ -229,6 +234,25 @@ async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> N
     async with _cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET sent_at = now() WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
+        )
+
+
+async def reminder_still_due(pool: aiopg.Pool, todo_id: str, event_id: str) -> bool:
+    """Whether the reminder is still to be sent: its todo may have changed since the round read it."""
+    async with _cursor(pool) as cur:
+        await cur.execute(
+            "SELECT 1 FROM reminders WHERE todo_id = %s AND event_id = %s"
+            " AND sent_at IS NULL AND NOT cancelled AND due_at > now()",
+            (todo_id, event_id),
+        )
+        return await cur.fetchone() is not None
+
+
+async def defer_reminder(pool: aiopg.Pool, todo_id: str, event_id: str, seconds: float) -> None:
+    async with _cursor(pool) as cur:
+        await cur.execute(
+            "UPDATE reminders SET retry_at = now() + make_interval(secs => %s) WHERE todo_id = %s AND event_id = %s",
+            (seconds, todo_id, event_id),
         )
 
 

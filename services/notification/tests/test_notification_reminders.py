@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,8 @@ from notification_service.events import todo_snapshot
 from notification_service.failures import MalformedEvent
 from notification_service.keys import CONSUMER
 from notification_service.messages import message_id
+from notification_service.notifier import Outcome
+from notification_service.reminders import Reminders, ReminderScheduler, TodoSnapshot
 
 
 def todo(
@@ -196,6 +199,50 @@ async def test_a_reminder_held_by_another_delivery_does_not_hold_up_the_ones_beh
     [message] = await eventually(lambda: smtp.to(owner["email"]), within=10, what="the reminder behind the held one")
     assert message["Subject"] == "Due in 24 hours: Free"
     assert not await _sent(pool, "h1")
+
+
+async def test_a_reminder_failing_for_a_reason_of_its_own_does_not_hold_up_the_ones_behind_it(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    unlucky, lucky = users.add(new_user()), users.add(new_user())
+    smtp.refuse[unlucky["email"]] = "452 4.2.2 Mailbox full"  # for now: a reason to try again later
+    # Both due at once; the unlucky one first in line.
+    await broker.publish(todo_event("created", unlucky["id"], todo("f1", "First", timedelta(hours=2))))
+    await broker.publish(todo_event("created", lucky["id"], todo("f2", "Second", timedelta(hours=3))))
+
+    [message] = await eventually(lambda: smtp.to(lucky["email"]), within=15, what="the reminder behind the failing one")
+    assert message["Subject"] == "Due in 3 hours: Second"
+    assert unlucky["email"] in smtp.attempts and not smtp.to(unlucky["email"])
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT retry_at > now(), sent_at FROM reminders WHERE todo_id = 'f1'")
+        assert await cur.fetchone() == (True, None)  # tried again later, not given up on
+
+
+class CompletingNotifier:
+    """Sends nothing; while "sending" the first reminder, the other todo is completed."""
+
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self.pool = pool
+        self.sent: list[str] = []
+
+    async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str]) -> Outcome:
+        self.sent.append(values["title"])
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("UPDATE reminders SET cancelled = true WHERE title <> %s", (values["title"],))
+        return Outcome.SENT
+
+
+async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg.Pool) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    for n, title in enumerate(("One", "Two")):
+        snapshot = TodoSnapshot(f"r{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    notifier = CompletingNotifier(pool)
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=1)  # type: ignore[arg-type]
+
+    await scheduler._send_due()  # one round: both were due when it read them
+
+    assert notifier.sent == ["One"]
 
 
 @pytest.mark.parametrize("version", [None, 0, -1, "2", 2.0, True])
