@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from email.message import EmailMessage
 from typing import Any, Literal
 
@@ -108,8 +110,19 @@ class Mailer:
 
     async def send(self, message: EmailMessage) -> None:
         """Hand ``message`` to the SMTP server, or raise why it could not be."""
-        async with self._slots:  # waiting for a session is no attempt's time
-            await self._send_with_retries(message)
+        async with self.slot() as send:
+            await send(message)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Callable[[EmailMessage], Awaitable[None]]]:
+        """A session slot, held across the caller's own steps and the ``send`` it yields.
+
+        Waiting for a slot is no attempt's time, and may be long when the
+        server is slow: a caller whose claim on the message runs for
+        ``longest_send`` takes the claim inside the slot, not before it.
+        """
+        async with self._slots:
+            yield self._send_with_retries
 
     async def close(self) -> None:
         # From now on a send that ends closes its session instead of keeping

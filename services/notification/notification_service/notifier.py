@@ -100,24 +100,27 @@ class Notifier:
             raise MailRejected("the recipient's address is not valid") from None
 
         claim = repository.Claim(event_id, kind, user_id, recipient.email, rendered.subject, msgid)
-        token = await repository.claim_notification(self._pool, claim, lease=self.lease)
-        if token is None:
-            if await repository.notification_status(self._pool, event_id, kind) == "sent":
-                log.info("notification_duplicate", event_id=event_id, kind=kind)
-                return Outcome.ALREADY_SENT
-            raise DeliveryInProgress(f"{kind} for {event_id}")
-
-        try:
-            await self._mailer.send(email)
-        except MailOutcomeUnknown:
-            # The server may have it: the claim stays, to be taken over and
-            # sent again only once its lease has run out.
-            log.warning("notification_outcome_unknown", event_id=event_id, kind=kind, resend_after=self.lease)
-            raise
-        except Exception:
-            # The server does not have it: the next delivery may claim it at once.
-            await repository.release_notification(self._pool, event_id, kind, token)
-            raise
+        # The claim's lease covers the send, not the wait for an SMTP session
+        # before it: claimed earlier, a slow server's queue could outlast the
+        # lease, and another instance take the claim over and send too.
+        async with self._mailer.slot() as send:
+            token = await repository.claim_notification(self._pool, claim, lease=self.lease)
+            if token is None:
+                if await repository.notification_status(self._pool, event_id, kind) == "sent":
+                    log.info("notification_duplicate", event_id=event_id, kind=kind)
+                    return Outcome.ALREADY_SENT
+                raise DeliveryInProgress(f"{kind} for {event_id}")
+            try:
+                await send(email)
+            except MailOutcomeUnknown:
+                # The server may have it: the claim stays, to be taken over and
+                # sent again only once its lease has run out.
+                log.warning("notification_outcome_unknown", event_id=event_id, kind=kind, resend_after=self.lease)
+                raise
+            except Exception:
+                # The server does not have it: the next delivery may claim it at once.
+                await repository.release_notification(self._pool, event_id, kind, token)
+                raise
         await repository.mark_notification_sent(self._pool, event_id, kind)
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)
         return Outcome.SENT

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -23,10 +25,13 @@ from notification_support import (
     todo_event,
 )
 
+from notification_service.directory import Recipient
 from notification_service.keys import CONSUMER, NOTIFIER
+from notification_service.mailer import Mailer
 from notification_service.messages import message_id
+from notification_service.notifier import Notifier, Outcome
 from notification_service.repository import Claim, claim_notification, release_notification
-from notification_service.settings import Settings
+from notification_service.settings import Settings, SmtpSettings
 
 
 async def shared_sink_messages(infra: Any, recipients: set[str]) -> list[dict[str, Any]]:
@@ -241,6 +246,35 @@ async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[s
 
 async def _rows_are(pool: aiopg.Pool, expected: list[tuple[str, str, str]]) -> bool:
     return await _notification_rows(pool) == expected
+
+
+async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Pool, smtp: SmtpSink) -> None:
+    # The claim's lease covers one send. Taken while the delivery still waits
+    # for a session behind a slow server, it could run out first, and another
+    # instance would take the claim over and send the same email.
+    smtp.data_delay = 1.0
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
+    mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+
+    def welcome(user: dict[str, str], event_id: str) -> Awaitable[Outcome]:
+        return notifier.notify(
+            event_id=event_id,
+            kind="welcome",
+            user_id=user["id"],
+            values={"username": user["username"]},
+            recipient=Recipient(user["email"], user["username"]),
+        )
+
+    first = asyncio.create_task(welcome(new_user(), str(uuid.uuid4())))
+    await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
+    waiting_id = str(uuid.uuid4())
+    waiting = asyncio.create_task(welcome(new_user(), waiting_id))
+    for _ in range(5):
+        await asyncio.sleep(0.05)
+        assert waiting_id not in {row[0] for row in await _notification_rows(pool)}
+    assert (await first, await waiting) == (Outcome.SENT, Outcome.SENT)
+    await mailer.close()
 
 
 async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
