@@ -93,11 +93,14 @@ class Settings:
         if smtp.data_timeout <= 0:
             raise SettingsError("SMTP_DATA_TIMEOUT must be positive")
         # An event may come back from the retry queues this long after it
-        # happened; refusing it as expired then would dead-letter good events.
+        # happened, and later still, since every attempt takes time of its
+        # own (an SMTP timeout, a lookup): twice that, or good events still
+        # being retried would be refused as expired.
         retrying = settings.retry_limit * RETRY_DELAYS[-1][1]
-        if settings.retention <= retrying:
+        if settings.retention < 2 * retrying:
             raise SettingsError(
-                f"EVENT_RETENTION_SECONDS must be longer than retries last ({retrying:.0f} s with RETRY_LIMIT)"
+                f"EVENT_RETENTION_SECONDS must be at least twice as long as retries wait ({retrying:.0f} s with"
+                " RETRY_LIMIT)"
             )
         return settings
 
