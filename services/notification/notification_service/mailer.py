@@ -44,6 +44,7 @@ from .settings import SmtpSettings
 log = structlog.get_logger()
 
 SESSIONS = 8
+QUIT_TIMEOUT = 1.0
 MAX_IDLE = 30.0
 BACKOFF_FACTOR = 0.1  # waits of up to 0.1 s, 0.2 s, 0.4 s...
 
@@ -130,10 +131,16 @@ class Mailer:
         # otherwise leave a session open that nothing ever closes.
         self._closed = True
         idle, self._idle = self._idle, []
-        for client, _ in idle:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.quit()
+
+        async def say_goodbye(client: _Client) -> None:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                async with asyncio.timeout(QUIT_TIMEOUT):
+                    await client.quit()
             client.close()
+
+        # All at once, and briefly: a server that does not answer QUIT must not
+        # hold up a shutdown that has a grace period to keep.
+        await asyncio.gather(*(say_goodbye(client) for client, _ in idle))
 
     async def _send_once(self, message: EmailMessage) -> None:
         """One attempt, on a session of its own: reused if fresh, new otherwise.

@@ -122,6 +122,8 @@ class ReminderScheduler:
             due = await repository.due_reminders(self._pool, limit=self._batch)
             held = failures = 0
             for reminder in due:
+                if self._stopping:  # the rest wait for the next instance, or the next start
+                    return self._poll_interval
                 sent = await self._send(reminder)
                 if sent is None:
                     held += 1

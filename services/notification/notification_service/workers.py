@@ -88,3 +88,5 @@ async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         _, still_running = await asyncio.wait({task}, timeout=SCHEDULER_STOP_TIMEOUT)
         for stuck in still_running:  # a round stuck on a dependency: give up on it
             stuck.cancel()
+        if still_running:  # and let it unwind before what it uses closes
+            await asyncio.wait(still_running, timeout=SCHEDULER_STOP_TIMEOUT)

@@ -276,6 +276,7 @@ class SmtpSink:
     refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
     refuse_sender: str | None = None  # the answer to every MAIL FROM, as from a server refusing us
+    quit_delay: float = 0.0  # seconds before the answer to QUIT
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
@@ -298,6 +299,10 @@ class SmtpSink:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.quit_delay)
+        return "221 Bye"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.received.append(Received(envelope.original_content or b"", list(envelope.rcpt_tos), time.time()))

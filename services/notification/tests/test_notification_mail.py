@@ -162,3 +162,12 @@ async def test_stopping_the_sink_drops_its_sessions_like_a_server_going_down(smt
         assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # the server hung up
     finally:
         writer.close()
+
+
+async def test_closing_does_not_wait_long_for_a_server_that_does_not_answer_quit(smtp: SmtpSink) -> None:
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
+    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]  # its session is kept, idle
+    smtp.quit_delay = 30.0
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(mailer.close(), timeout=10)
+    assert asyncio.get_running_loop().time() - started < 3  # the QUIT's own bound, not the server's pace

@@ -245,6 +245,24 @@ async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg
     assert notifier.sent == ["One"]
 
 
+async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    for n, title in enumerate(("One", "Two", "Three")):
+        snapshot = TodoSnapshot(f"s{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    sent: list[str] = []
+
+    class StoppingNotifier:
+        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str]) -> Outcome:
+            sent.append(values["title"])
+            scheduler.stop()  # a shutdown begins while the first is being sent
+            return Outcome.SENT
+
+    scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    assert sent == ["One"]
+
+
 @pytest.mark.parametrize("version", [None, 0, -1, "2", 2.0, True])
 def test_a_todo_event_without_a_usable_version_is_refused(version: object) -> None:
     data = {**todo("t9", "Unordered", timedelta(days=1)), "version": version}
