@@ -35,7 +35,15 @@ from multidict import CIMultiDict
 
 from .connection import HIGH_WATER, Connection, Pool, PoolTimeout, UpstreamBroken, UpstreamConnectError
 
-__all__ = ["HIGH_WATER", "PoolTimeout", "Upstream", "UpstreamBroken", "UpstreamConnectError", "UpstreamResponse"]
+__all__ = [
+    "HIGH_WATER",
+    "PoolTimeout",
+    "Upstream",
+    "UpstreamBroken",
+    "UpstreamConnectError",
+    "UpstreamResponse",
+    "request_head",
+]
 
 # What a request needs left of its deadline, once it has waited for a free
 # connection, for a timeout to say something about the upstream.
@@ -145,13 +153,7 @@ class Upstream:
         pool = self._pools.get((host, port))
         if pool is None:
             pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+        head = request_head(method, host, port, target, headers, body)
 
         if pool.slots.locked():
             # Only a full pool waits (a free slot is taken without a pause),
@@ -198,3 +200,16 @@ class Upstream:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+def request_head(
+    method: str, host: str, port: int, target: str, headers: Iterable[tuple[str, str]], body: bytes | None
+) -> bytes:
+    """The request line and headers; the body is sent after them as it is."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
