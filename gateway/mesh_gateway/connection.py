@@ -158,10 +158,6 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             # Closed before a byte of this request left: as good as never connected.
             raise UpstreamConnectError("the connection closed before the request was sent")
-        if self._paused:
-            # The last response was complete but not read to the end (its
-            # reader went away), and left the socket paused.
-            self.transport.resume_reading()
         self._reset()
         self._head = asyncio.get_running_loop().create_future()
         self.transport.write(head + body if body else head)
@@ -181,6 +177,19 @@ class Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         return chunk
+
+    def make_idle(self) -> None:
+        """Ready for the pool: what was left unread dropped, and the socket read again.
+
+        A response can be complete but not read to the end (its reader went
+        away), its socket paused. Idle, the connection must read, to see the
+        upstream close it, or send bytes nobody asked for, before it is reused.
+        """
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     def keep_alive(self) -> bool:
         # An error is only ever recorded before completion, so this also means "no error".

@@ -113,6 +113,7 @@ class UpstreamResponse:
         if conn is None:
             return
         if reuse and conn.transport is not None and not conn.transport.is_closing():
+            conn.make_idle()
             self._pool.put_idle(conn)
         else:
             conn.close()

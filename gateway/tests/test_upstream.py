@@ -290,6 +290,8 @@ async def test_a_response_received_whole_but_not_read_leaves_its_connection_usab
         assert conn is not None
         await eventually(lambda: conn._complete, within=5)
         resp.release()
+        # Idle, it reads again: to see the upstream close it, or send what nobody asked for.
+        assert conn.transport is not None and conn.transport.is_reading()
         again = await asyncio.wait_for(upstream.request("GET", "127.0.0.1", server.port, "/big", []), 5)
         assert again._conn is conn  # the same connection, reused and reading
         assert len(await asyncio.wait_for(again.read(), 5)) == HIGH_WATER + 1
