@@ -191,6 +191,9 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         if all(_transient(code) for code in codes):
             return MailServerUnavailable(f"recipients deferred: {codes}")
         return MailRejected(f"recipients refused: {codes}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 552:
+        # At MAIL FROM, with the SIZE we declare: this message is too big (RFC 1870).
+        return MailRejected("SMTP 552: the message is too big")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         # Any other refusal before DATA (the greeting, EHLO, STARTTLS, AUTH,
         # MAIL FROM) refuses us, whatever the message: a configuration to put

@@ -28,9 +28,8 @@ one message. At most once would mean never resending a stale claim, and an
 email lost whenever the first copy had not arrived; we prefer a duplicate.
 
 The lease is longer than a send can take (``Mailer.longest_send``): a
-delivery still at work is not taken over. Not counted: time spent waiting
-for one of the mailer's sessions, which only matters if another delivery
-of the same event arrives meanwhile.
+delivery still at work is not taken over. It is claimed only once it holds
+one of the mailer's sessions, so that the wait for one does not count.
 """
 
 from __future__ import annotations
@@ -82,11 +81,11 @@ class Notifier:
 
         ``recipient`` is looked up from the user-service unless given.
         """
+        # A redelivery ends here, before a user lookup or the wait for a session.
+        if await repository.notification_status(self._pool, event_id, kind) == "sent":
+            log.info("notification_duplicate", event_id=event_id, kind=kind)
+            return Outcome.ALREADY_SENT
         if recipient is None:
-            # Ask the user-service only about an event not handled yet.
-            if await repository.notification_status(self._pool, event_id, kind) == "sent":
-                log.info("notification_duplicate", event_id=event_id, kind=kind)
-                return Outcome.ALREADY_SENT
             recipient = await self._directory.recipient(user_id)
             if recipient is None:
                 log.info("notification_skipped", event_id=event_id, kind=kind, reason="unknown_user")

@@ -278,6 +278,7 @@ class SmtpSink:
     refuse_sender: str | None = None  # the answer to every MAIL FROM, as from a server refusing us
     quit_delay: float = 0.0  # seconds before the answer to QUIT
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
+    data_gate: asyncio.Event | None = None  # when set, the answer to DATA waits for it
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
 
@@ -308,6 +309,8 @@ class SmtpSink:
         self.received.append(Received(envelope.original_content or b"", list(envelope.rcpt_tos), time.time()))
         if self.data_delay:
             await asyncio.sleep(self.data_delay)  # aiosmtpd cancels it if the client hangs up
+        if self.data_gate is not None:
+            await self.data_gate.wait()
         return "250 Message accepted for delivery"
 
     async def start(self) -> None:

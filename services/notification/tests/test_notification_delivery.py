@@ -252,7 +252,7 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
     # The claim's lease covers one send. Taken while the delivery still waits
     # for a session behind a slow server, it could run out first, and another
     # instance would take the claim over and send the same email.
-    smtp.data_delay = 1.0
+    smtp.data_gate = asyncio.Event()  # the server holds the first email until the test has looked
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
     mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
@@ -267,14 +267,22 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
         )
 
     first = asyncio.create_task(welcome(new_user(), str(uuid.uuid4())))
-    await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
     waiting_id = str(uuid.uuid4())
-    waiting = asyncio.create_task(welcome(new_user(), waiting_id))
-    for _ in range(5):
-        await asyncio.sleep(0.05)
-        assert waiting_id not in {row[0] for row in await _notification_rows(pool)}
-    assert (await first, await waiting) == (Outcome.SENT, Outcome.SENT)
-    await mailer.close()
+    waiting: asyncio.Task[Outcome] | None = None
+    try:
+        await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
+        waiting = asyncio.create_task(welcome(new_user(), waiting_id))
+        for _ in range(5):
+            await asyncio.sleep(0.05)
+            assert waiting_id not in {row[0] for row in await _notification_rows(pool)}
+        smtp.data_gate.set()
+        assert (await first, await waiting) == (Outcome.SENT, Outcome.SENT)
+    finally:
+        smtp.data_gate.set()
+        for task in (first, waiting):
+            if task is not None and not task.done():
+                task.cancel()
+        await mailer.close()
 
 
 async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:

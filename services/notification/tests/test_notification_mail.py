@@ -106,6 +106,13 @@ async def test_a_5xx_refusing_the_sender_is_the_servers_problem_not_the_messages
     assert smtp.attempts == []
 
 
+async def test_a_message_too_big_for_the_server_is_refused_for_good(smtp: SmtpSink) -> None:
+    smtp.refuse_sender = "552 5.3.4 Message size exceeds fixed limit"  # RFC 1870, at MAIL FROM
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailRejected):
+        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+
+
 async def test_no_answer_after_data_is_reported_as_unknown_and_not_sent_again(smtp: SmtpSink) -> None:
     smtp.data_delay = 1.0  # the server has the message, and answers too late
     settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3, data_timeout=0.2)
