@@ -53,7 +53,10 @@ def consul_client(url: str) -> consul.aio.Consul:
         # py-consul 1.8 still passes aiohttp's deprecated verify_ssl/ssl_context
         # arguments; the warning is about its code, not ours.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="aiohttp")
-        return consul.aio.Consul(host=parsed.host, port=parsed.port, scheme=parsed.scheme, verify=False)
+        # Over https the agent's certificate is verified (against the system's
+        # CAs); over plain http there is nothing to verify.
+        https = parsed.scheme == "https"
+        return consul.aio.Consul(host=parsed.host, port=parsed.port, scheme=parsed.scheme, verify=https)
 
 
 def consul_ctx(url: str) -> CleanupCtx:

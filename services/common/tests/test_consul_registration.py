@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import uuid
 from typing import Any
 
@@ -71,3 +72,15 @@ async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(in
     finally:
         await registration.deregister()  # stops the keeper too
         await client.close()
+
+
+async def test_an_https_agent_has_its_certificate_verified() -> None:
+    client = consul_client("https://consul.example.test:8501")
+    try:
+        connector = client.http._session.connector
+        assert connector is not None
+        context = connector._ssl  # what every connection to the agent is made with
+        assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+        assert context.check_hostname
+    finally:
+        await client.http._session.close()
