@@ -15,7 +15,7 @@ from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget
 
-from .guard import guard_middleware
+from .guard import add_rate_limit_headers, guard_middleware
 from .keys import BREAKERS, PROXY, RATE_LIMITER, RETRY_BUDGET, ROUTE_TABLE, SETTINGS, UPSTREAM
 from .proxy import Proxy
 from .ratelimit import Limits, RateLimiter
@@ -80,6 +80,8 @@ def create_app(
     """
     guards = [] if settings.passthrough else [guard_middleware]
     app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body)
+    if not settings.passthrough:
+        app.on_response_prepare.append(add_rate_limit_headers)
     app[SETTINGS] = settings
     app[ROUTE_TABLE] = routes.extended(settings.extra_routes)
     app[BREAKERS] = BreakerBoard(

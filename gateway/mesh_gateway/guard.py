@@ -22,6 +22,8 @@ from .settings import Network
 
 log = structlog.get_logger()
 RateLimiterDown = problem(503, "RATE_LIMITER_UNAVAILABLE", "Rate limiting is unavailable; writes are paused")
+# The request's standing against its limits, for the headers of its response.
+RATE_DECISION = web.RequestKey("gateway.rate_decision", Decision)
 # The gateway's own endpoints: probes must never be limited or authenticated.
 OWN_PATHS = frozenset({"/health", "/health/live", "/ready"})
 
@@ -89,7 +91,18 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             await enforce_limits(request, user=None)
             raise
     decision = await enforce_limits(request, user=user)
-    response = await handler(request)
-    if decision is not None and not response.prepared:
+    if decision is not None:
+        request[RATE_DECISION] = decision
+    return await handler(request)
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """RateLimit-* on every response to a counted request: streamed ones and the gateway's own errors too.
+
+    An ``on_response_prepare`` hook, because a streamed response is sent
+    from inside the handler, and an error's response is made outside the
+    guard, where the guard could not add them.
+    """
+    decision = request.get(RATE_DECISION)
+    if decision is not None:
         response.headers.update(decision.headers())
-    return response

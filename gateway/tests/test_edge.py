@@ -65,6 +65,25 @@ async def test_login_has_a_tighter_limit(fake_service, gateway):
     assert statuses == [200, 200, 200, 429, 429]
 
 
+async def test_every_counted_response_says_where_its_caller_stands(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    client = await gateway(service, rate_limit_user=50)
+
+    async def limit_headers() -> dict[str, str]:
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            await r.read()
+            return {k: v for k, v in r.headers.items() if k.startswith("RateLimit-")}
+
+    assert (await limit_headers())["RateLimit-Limit"]  # buffered
+    instance.mode = "large"
+    assert (await limit_headers())["RateLimit-Limit"]  # streamed: sent from inside the proxy
+    instance.mode = "fail"
+    assert (await limit_headers())["RateLimit-Limit"]  # the upstream's 5xx, passed through
+    await instance.server.close()
+    assert (await limit_headers())["RateLimit-Limit"]  # the gateway's own error
+
+
 async def test_redis_down_fails_open_for_reads_and_closed_for_writes(fake_service, gateway, tokens, infra):
     service = await fake_service(1)
     client = await gateway(service, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
