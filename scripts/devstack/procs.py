@@ -224,12 +224,35 @@ def port_free(host: str, port: int) -> bool:
 
 
 def require_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
-    taken = [f"{name} ({port})" for name, port in ports.items() if not port_free(host, port)]
+    taken = [f"{name} ({port}{_held_by(port)})" for name, port in ports.items() if not port_free(host, port)]
     if taken:
         raise StackError(
             "ports already in use: " + ", ".join(taken) + ". Stop what holds them, "
             "or choose others with MESH_PORT_<NAME>=<port>."
         )
+
+
+def _held_by(port: int) -> str:
+    """", held by pid N: its command", for a port some process listens on, if /proc can say.
+
+    The likeliest holder is a stack left behind by a run that was killed,
+    perhaps from another checkout, whose pid files this one cannot see.
+    """
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                # local address "0100007F:3C28", state 0A (LISTEN), inode
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listening.add(f"socket:[{fields[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in listening for fd in fd_dir.iterdir()):
+                pid = fd_dir.parent.name
+                command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f", held by pid {pid}: {command.strip()[:120]}"
+    return ""
 
 
 def wait_until(check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -20,7 +21,9 @@ def test_a_taken_port_is_a_clear_error() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        with pytest.raises(StackError, match=rf"ports already in use: redis \({port}\).*MESH_PORT_"):
+        # Which process holds it, so that a stack a killed run left behind can be found and stopped.
+        held_by = rf"held by pid {os.getpid()}: \S*python"
+        with pytest.raises(StackError, match=rf"ports already in use: redis \({port}, {held_by}.*\).*MESH_PORT_"):
             require_free({"redis": port})
 
 
