@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from devstack.config import StackConfig
-from mesh_common.testing import TokenFactory, fresh_rate_window, loopback_service
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
@@ -163,7 +163,7 @@ async def fake_service(
             pass
 
 
-class ServedLikeProduction(TestServer):
+class ServedLikeProduction(LeavesConsulFirst):
     """A test server that, like ``mesh_common.serve``, lets a handler run on when its client hangs up.
 
     aiohttp's test server cancels it instead, which would hide what the

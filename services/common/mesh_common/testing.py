@@ -1,4 +1,4 @@
-"""Test helpers every service's suite needs: signing keys and tokens.
+"""Test helpers every service's suite needs: signing keys and tokens, and a test server.
 
 ``TokenFactory`` signs access tokens the way the user-service does, and gives
 a ``JwksVerifier`` that reads its public key set directly, so a service can
@@ -15,10 +15,29 @@ from collections.abc import Callable
 from typing import Any
 
 import jwt
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .auth import ACCESS_TOKEN_TYPE, JwksVerifier
+from .consul import REGISTRATION
 from .settings import ServiceSettings
+
+
+class LeavesConsulFirst(TestServer):
+    """A test server that stops as ``mesh_common.serve`` does: out of Consul before it stops listening.
+
+    aiohttp's own closes its listener first and deregisters in the app's
+    cleanup, after it; Consul's checks go on arriving in between. One accepted
+    as the server shuts down is never served nor closed (Python 3.11's
+    ``Server.close`` leaves accepted connections alone), and fails some later
+    test as an unclosed socket.
+    """
+
+    async def close(self) -> None:
+        registration = self.app.get(REGISTRATION) if self.app is not None else None
+        if registration is not None:
+            await registration.deregister()  # idempotent: the cleanup's call is then a no-op
+        await super().close()
 
 
 class TokenFactory:

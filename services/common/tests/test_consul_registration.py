@@ -8,11 +8,14 @@ import ssl
 import uuid
 from typing import Any
 
+import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from devstack.config import StackConfig
-from mesh_common.consul import Registration, consul_client
-from mesh_common.testing import loopback_service
+from mesh_common.app import service_app
+from mesh_common.consul import CONSUL, REGISTRATION, Registration, consul_client, consul_ctx, registration_ctx
+from mesh_common.testing import LeavesConsulFirst, loopback_service
 
 
 async def poll(condition: Any, *, within: float = 10.0) -> None:
@@ -84,3 +87,22 @@ async def test_an_https_agent_has_its_certificate_verified() -> None:
         assert context.check_hostname
     finally:
         await client.http._session.close()
+
+
+@pytest.mark.parametrize("server_class", [LeavesConsulFirst, TestServer])
+async def test_a_test_server_leaves_consul_before_it_stops_listening(infra: StackConfig, server_class: type) -> None:
+    # As mesh_common.serve does. Until then Consul checks the instance, and a
+    # check accepted while the listener closes is left open, to fail a later test.
+    service = loopback_service(f"closing-{uuid.uuid4().hex[:8]}", infra.consul_url)
+    app = service_app(service)
+    app.cleanup_ctx.extend([consul_ctx(infra.consul_url), registration_ctx()])
+    listed_when_listener_closed: list[bool] = []
+
+    async def on_shutdown(app: web.Application) -> None:  # aiohttp runs it once the listener is closed
+        listed_when_listener_closed.append(app[REGISTRATION].service_id in await app[CONSUL].agent.services())
+
+    app.on_shutdown.append(on_shutdown)
+    server = server_class(app)
+    await server.start_server()
+    await server.close()
+    assert listed_when_listener_closed == [server_class is TestServer]

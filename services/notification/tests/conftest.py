@@ -21,7 +21,7 @@ import pytest
 
 from mesh_common.db import migrate
 from mesh_common.settings import ServiceSettings
-from mesh_common.testing import TokenFactory
+from mesh_common.testing import LeavesConsulFirst, TokenFactory
 from notification_service.app import MIGRATIONS, create_app
 from notification_service.settings import Settings, SmtpSettings
 from notification_service.topology import Topology
@@ -158,15 +158,13 @@ def start_service(
     pool: aiopg.Pool,
     broker: Broker,
     tokens: TokenFactory,
-    aiohttp_server: Any,
     aiohttp_client: Any,
 ) -> StartService:
     """Start the app in-process, with ``settings`` changed by keyword arguments."""
 
     async def start(**changes: Any) -> Client:
         app = create_app(replace(settings, **changes), verifier=tokens.verifier())
-        server = await aiohttp_server(app, port=settings.service.port)
-        return await aiohttp_client(server)  # type: ignore[no-any-return]
+        return await aiohttp_client(LeavesConsulFirst(app, port=settings.service.port))  # type: ignore[no-any-return]
 
     return start
 

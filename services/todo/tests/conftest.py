@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from mesh_common.db import migrate
 from mesh_common.events import EVENTS_EXCHANGE
-from mesh_common.testing import TokenFactory, loopback_service
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, loopback_service
 from todo_service.app import MIGRATIONS, create_app
 from todo_service.settings import Settings
 
@@ -101,7 +101,7 @@ def alice(new_user) -> User:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 async def client(aiohttp_client, settings: Settings, tokens: TokenFactory, db: aiopg.Pool) -> TestClient:  # type: ignore[no-untyped-def]
-    return await aiohttp_client(create_app(settings, verifier=tokens.verifier()))
+    return await aiohttp_client(LeavesConsulFirst(create_app(settings, verifier=tokens.verifier())))
 
 
 Poll = Callable[..., Awaitable[Any]]
