@@ -203,13 +203,16 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
         return await cur.fetchone() is not None
 
 
+# A reminder still to be sent: not sent yet, not cancelled, its todo not overdue.
+_PENDING = "sent_at IS NULL AND NOT cancelled AND due_at > now()"
+
+
 async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueReminder]:
     """Unsent reminders whose time has come, for todos that are not overdue yet."""
     async with _cursor(pool) as cur:
         await cur.execute(
-            "SELECT todo_id, user_id, title, due_at, event_id FROM reminders"
-            " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at > now()"
-            " AND (retry_at IS NULL OR retry_at <= now())"
+            f"SELECT todo_id, user_id, title, due_at, event_id FROM reminders WHERE {_PENDING}"
+            " AND remind_at <= now() AND (retry_at IS NULL OR retry_at <= now())"
             " ORDER BY remind_at LIMIT %s",
             (limit,),
         )
@@ -221,8 +224,7 @@ async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
     async with _cursor(pool) as cur:
         await cur.execute(
             # GREATEST ignores a NULL retry_at.
-            "SELECT min(GREATEST(remind_at, retry_at)) FROM reminders"
-            " WHERE sent_at IS NULL AND NOT cancelled AND due_at > now()"
+            f"SELECT min(GREATEST(remind_at, retry_at)) FROM reminders WHERE {_PENDING}"
         )
         row = await cur.fetchone()
     return row[0] if row else None
@@ -241,8 +243,7 @@ async def reminder_still_due(pool: aiopg.Pool, todo_id: str, event_id: str) -> b
     """Whether the reminder is still to be sent: its todo may have changed since the round read it."""
     async with _cursor(pool) as cur:
         await cur.execute(
-            "SELECT 1 FROM reminders WHERE todo_id = %s AND event_id = %s"
-            " AND sent_at IS NULL AND NOT cancelled AND due_at > now()",
+            f"SELECT 1 FROM reminders WHERE todo_id = %s AND event_id = %s AND {_PENDING}",
             (todo_id, event_id),
         )
         return await cur.fetchone() is not None
