@@ -1,11 +1,19 @@
-"""Rate limits in Redis: atomic, one round trip, shared by every gateway.
+"""Rate limits in Redis: atomic, shared by every gateway, mostly decided locally.
 
 A fixed-window counter per (scope, client): each request counts against
 every key that applies to it (its client IP, its user, and the auth bucket
 for login and registration) and is refused if any is over its limit. The
-counters are incremented by one Lua script, atomically in Redis, so limits
-hold across gateway instances. Refused requests still count: a client
-hammering past its limit keeps itself limited.
+counters live in Redis and are incremented by one Lua script, atomically,
+so limits hold across gateway instances. Refused requests still count: a
+client hammering past its limit keeps itself limited.
+
+A gateway draws counts from Redis a few at a time (a *lease*) and hands
+them out itself until they run out, so most requests never wait for Redis
+(decision 4 in docs/decisions). A lease is at most 32 counts, and at most a
+sixteenth of what was left under the limit, so limits of a few dozen are
+drawn one count at a time, and so exactly. Counts drawn are never given
+back: a limit is never exceeded, but a client may be refused up to a
+lease's worth early while another gateway holds counts it has not used.
 
 When Redis is unreachable the gateway fails *open for reads* (GET, HEAD,
 OPTIONS) so browsing survives a cache outage, and *closed for writes*, which
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .redis_script import RedisScript, Reply
@@ -65,32 +74,75 @@ class RateLimiterUnavailable(Exception):
     """Redis did not answer; the caller decides whether to fail open."""
 
 
-# One request's check: its counters, their limits, when its window ends, and
-# where its decision goes.
-_Check = tuple[list[str], list[int], int, "asyncio.Future[Decision]"]
+LEASE_MAX = 32  # counts drawn ahead for one counter, at most
+LEASE_SHARE = 16  # and at most this fraction of what was left under its limit
+LEASES_KEPT = 50_000  # counters with a lease, per window; past that, draws are exact
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Counts of one counter drawn by this gateway: ``next`` to ``end`` are still to hand out."""
+
+    next: int
+    end: int
+
+
+@dataclass(slots=True, eq=False)
+class _Check:
+    """One request waiting for counts from Redis: 0 in ``counts`` is a count still to draw."""
+
+    keys: list[str]
+    caps: list[int]
+    counts: list[int]
+    window_end: int  # Unix ms
+    answer: asyncio.Future[Decision]
+
+
+def _judge(caps: list[int], counts: list[int], window_end: int, now: float) -> Decision:
+    allowed, remaining, limit = True, math.inf, 0
+    for cap, count in zip(caps, counts, strict=True):
+        left = cap - count
+        if left < 0:
+            allowed = False
+        if left < remaining:
+            remaining, limit = left, cap
+    reset = max(1, math.ceil(window_end / 1000 - now))
+    return Decision(allowed, limit, max(int(remaining), 0), reset)
 
 
 class RateLimiter:
-    """Checks limits in Redis, batching the checks of concurrent requests.
+    """Checks limits against counters in Redis, drawing counts ahead in leases.
 
-    At most one script call is in flight. Checks that arrive meanwhile queue
-    up and go together in the next one, so batches grow with the load and an
-    idle gateway adds no delay. A counter that several queued requests share
-    (a busy user, an IP behind a NAT: the clients a limit is for) goes to
-    Redis once, with the number of hits to add. Its new total tells which
-    counts those requests drew, in queue order, so each is judged exactly as
-    if it had incremented the counter alone.
+    A request whose counters all have counts in hand is decided at once.
+    The others queue for Redis, with at most one script call in flight;
+    checks that arrive meanwhile go together in the next one, so batches
+    grow with the load. Each counter goes to Redis once per call, with the
+    number of counts to draw: those its queued requests need, or a lease if
+    that is more. The new total tells which counts were drawn, and they are
+    handed out in queue order, so each request is judged exactly as if it
+    had incremented the counter alone.
 
     No task runs in between: a batch is written to Redis from a plain
     callback, and decided from the turn of the loop that reads the answer.
     """
 
-    def __init__(self, redis_url: str, limits: Limits, *, prefix: str = "rl", timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        limits: Limits,
+        *,
+        prefix: str = "rl",
+        timeout: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._redis = RedisScript(redis_url, _SCRIPT, timeout=timeout, name="gateway-rate-limiter")
         self._limits = limits
         self._prefix = prefix
+        self._clock = clock
         self._pending: list[_Check] = []
         self._in_flight = False
+        self._window_end = 0  # of the window the leases below were drawn in, Unix ms
+        self._leases: dict[str, _Lease] = {}
 
     def close(self) -> None:
         self._redis.close()
@@ -98,7 +150,11 @@ class RateLimiter:
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
         limits = self._limits
         window = limits.window_seconds
-        slot = int(time.time() // window)
+        now = self._clock()
+        slot = int(now // window)
+        window_end = (slot + 1) * window * 1000
+        if window_end != self._window_end:
+            self._window_end, self._leases = window_end, {}  # a new window: what is left is void
         keys = [f"{self._prefix}:ip:{ip}:{slot}"]
         caps = [limits.per_ip]
         if user is not None:
@@ -107,51 +163,86 @@ class RateLimiter:
         if auth_route:
             keys.append(f"{self._prefix}:auth:{ip}:{slot}")
             caps.append(limits.auth_per_ip)
+        counts = [self._take(key, cap) for key, cap in zip(keys, caps, strict=True)]
+        if 0 not in counts:
+            return _judge(caps, counts, window_end, now)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Decision] = loop.create_future()
         if not self._pending and not self._in_flight:
             # Sent once the requests already in this turn of the loop have
             # queued theirs: one call for all of them rather than one each.
             loop.call_soon(self._send)
-        self._pending.append((keys, caps, (slot + 1) * window * 1000, answer))
+        self._pending.append(_Check(keys, caps, counts, window_end, answer))
         return await answer
+
+    def _take(self, key: str, cap: int) -> int:
+        """The next count of the lease in hand, or 0 if there is none."""
+        lease = self._leases.get(key)
+        # Past the limit, every further count is refused anyway: no need to draw it.
+        if lease is None or (lease.next > lease.end and lease.end < cap):
+            return 0
+        lease.next += 1
+        return lease.next - 1
+
+    def _lease(self, key: str, cap: int) -> int:
+        """How many counts to draw ahead for a counter."""
+        lease = self._leases.get(key)
+        if lease is None and len(self._leases) >= LEASES_KEPT:
+            return 1  # it could not be kept
+        drawn = lease.end if lease is not None else 0
+        return max(1, min(LEASE_MAX, (cap - drawn) // LEASE_SHARE))
 
     def _send(self) -> None:
         batch, self._pending = self._pending, []
-        hits: dict[str, int] = {}
+        draws: dict[str, int] = {}
         ends: dict[str, int] = {}
-        for keys, _, window_end, _ in batch:
-            for key in keys:
-                hits[key] = hits.get(key, 0) + 1
-                ends[key] = window_end
+        caps: dict[str, int] = {}
+        for check in batch:
+            for key, cap, count in zip(check.keys, check.caps, check.counts, strict=True):
+                if count == 0:
+                    draws[key] = draws.get(key, 0) + 1
+                    ends[key], caps[key] = check.window_end, cap
+        for key, needed in draws.items():
+            draws[key] = max(needed, self._lease(key, caps[key]))
         self._in_flight = True
         self._redis.call(
-            list(hits),
-            [arg for key in hits for arg in (hits[key], ends[key])],
-            lambda reply: self._decide(batch, hits, reply),
+            list(draws),
+            [arg for key in draws for arg in (draws[key], ends[key])],
+            lambda reply: self._decide(batch, draws, ends, reply),
         )
 
-    def _decide(self, batch: list[_Check], hits: dict[str, int], reply: Reply) -> None:
+    def _decide(self, batch: list[_Check], draws: dict[str, int], ends: dict[str, int], reply: Reply) -> None:
         self._in_flight = False
-        if self._pending:
-            self._send()  # what queued meanwhile goes at once
         if isinstance(reply, Exception):
-            for *_, answer in batch:
-                if not answer.done():  # else its caller has gone (the client disconnected)
-                    answer.set_exception(RateLimiterUnavailable(str(reply)))
-            return
-        # The count each counter stood at before this batch's first hit.
-        counts = {key: int(total) - hits[key] for key, total in zip(hits, reply, strict=True)}
-        now_ms = time.time() * 1000
-        for keys, caps, window_end, answer in batch:
-            allowed, remaining, limit = True, math.inf, 0
-            for key, cap in zip(keys, caps, strict=True):
-                counts[key] += 1
-                left = cap - counts[key]
-                if left < 0:
-                    allowed = False
-                if left < remaining:
-                    remaining, limit = left, cap
-            if not answer.done():
-                reset = max(1, math.ceil((window_end - now_ms) / 1000))
-                answer.set_result(Decision(allowed, limit, max(int(remaining), 0), reset))
+            for check in batch:
+                if not check.answer.done():  # else its caller has gone (the client disconnected)
+                    check.answer.set_exception(RateLimiterUnavailable(str(reply)))
+        else:
+            # The first count each counter drew, and the last.
+            totals = [int(total) for total in reply]
+            firsts = {key: total - draws[key] + 1 for key, total in zip(draws, totals, strict=True)}
+            for check in batch:
+                for i, key in enumerate(check.keys):
+                    if check.counts[i] == 0:
+                        check.counts[i] = firsts[key]
+                        firsts[key] += 1
+                self._answer(check)
+            for key, total in zip(draws, totals, strict=True):
+                if ends[key] == self._window_end and (key in self._leases or len(self._leases) < LEASES_KEPT):
+                    self._leases[key] = _Lease(firsts[key], total)
+            # Checks that queued meanwhile may find their counts in what was just drawn.
+            waiting, self._pending = self._pending, []
+            for check in waiting:
+                for i, (key, cap) in enumerate(zip(check.keys, check.caps, strict=True)):
+                    if check.counts[i] == 0:
+                        check.counts[i] = self._take(key, cap)
+                if 0 in check.counts:
+                    self._pending.append(check)
+                else:
+                    self._answer(check)
+        if self._pending:
+            self._send()  # what still waits goes at once
+
+    def _answer(self, check: _Check) -> None:
+        if not check.answer.done():  # else its caller has gone (the client disconnected)
+            check.answer.set_result(_judge(check.caps, check.counts, check.window_end, self._clock()))

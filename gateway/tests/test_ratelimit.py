@@ -1,8 +1,9 @@
-"""The rate limiter against a real Redis: exact under bursts, one call per batch."""
+"""The rate limiter against a real Redis: exact under bursts, one call per batch, leases drawn ahead."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 
 from devstack.config import StackConfig
 from mesh_common.testing import fresh_rate_window
-from mesh_gateway.ratelimit import Limits, RateLimiter
+from mesh_gateway.ratelimit import LEASE_MAX, Limits, RateLimiter
 
 from .conftest import GATEWAY_REDIS_DB
 
@@ -34,8 +35,11 @@ async def limiter(redis: aioredis.Redis) -> AsyncIterator[Callable[..., RateLimi
 
     await fresh_rate_window()  # the tests expect exact counts within one window
 
-    def make(*, per_ip: int = UNLIMITED, per_user: int = UNLIMITED) -> RateLimiter:
-        made.append(RateLimiter(url, Limits(per_ip, per_user, UNLIMITED), prefix=f"rl-{uuid.uuid4().hex[:8]}"))
+    def make(
+        *, per_ip: int = UNLIMITED, per_user: int = UNLIMITED, prefix: str | None = None, **kwargs: object
+    ) -> RateLimiter:
+        prefix = prefix or f"rl-{uuid.uuid4().hex[:8]}"  # the same prefix: two gateways' view of one Redis
+        made.append(RateLimiter(url, Limits(per_ip, per_user, UNLIMITED), prefix=prefix, **kwargs))  # type: ignore[arg-type]
         return made[-1]
 
     yield make
@@ -81,3 +85,75 @@ async def test_checks_survive_redis_forgetting_the_script(redis, limiter):
     decision = await rl.check(ip="192.0.2.7", user=None, auth_route=False)
     assert decision.allowed
     assert decision.remaining == 8
+
+
+async def test_a_lease_decides_most_checks_without_redis(redis, limiter):
+    rl = limiter(prefix=(prefix := f"rl-{uuid.uuid4().hex[:8]}"))
+    scripts = await calls(redis, "evalsha") + await calls(redis, "eval")
+    remaining = [(await rl.check(ip="192.0.2.20", user=None, auth_route=False)).remaining for _ in range(100)]
+    scripts = await calls(redis, "evalsha") + await calls(redis, "eval") - scripts
+    drawn = int(await redis.get(f"{prefix}:ip:192.0.2.20:{int(time.time() // 60)}") or 0)
+    print(f"\n100 checks one after the other: {scripts} script call(s), {drawn} counts drawn")
+    assert scripts == -(-100 // LEASE_MAX)  # a lease of LEASE_MAX at a time, not a call each
+    assert remaining == [UNLIMITED - n for n in range(1, 101)]  # each its own count, in order
+    assert drawn < 100 + LEASE_MAX
+
+
+async def test_two_gateways_never_exceed_a_limit_that_leases_are_drawn_from(limiter):
+    limit = 1000
+    prefix = f"rl-{uuid.uuid4().hex[:8]}"
+    gateways = [limiter(per_ip=limit, prefix=prefix), limiter(per_ip=limit, prefix=prefix)]
+    accepted = 0
+    for n in range(limit + 100):  # alternately, as a random pick spreads one client's requests
+        accepted += (await gateways[n % 2].check(ip="198.51.100.20", user=None, auth_route=False)).allowed
+    print(f"\naccepted {accepted} of {limit + 100} with a limit of {limit} across 2 leasing gateways")
+    assert accepted <= limit
+    # Refused early by at most what the other gateway still holds; leases shrink near the limit.
+    assert accepted >= limit - LEASE_MAX
+
+
+async def test_a_small_limit_is_drawn_one_count_at_a_time(limiter):
+    limit = 20  # under LEASE_SHARE counts a lease: exact across gateways
+    prefix = f"rl-{uuid.uuid4().hex[:8]}"
+    gateways = [limiter(per_ip=limit, prefix=prefix), limiter(per_ip=limit, prefix=prefix)]
+    allowed = [
+        (await gateways[n % 2].check(ip="198.51.100.21", user=None, auth_route=False)).allowed for n in range(30)
+    ]
+    assert allowed == [True] * limit + [False] * 10
+
+
+async def test_past_the_limit_a_gateway_refuses_without_asking_redis(redis, limiter):
+    rl = limiter(per_ip=100)
+    decisions = [await rl.check(ip="192.0.2.21", user=None, auth_route=False) for _ in range(100)]
+    assert all(d.allowed for d in decisions)
+    assert not (await rl.check(ip="192.0.2.21", user=None, auth_route=False)).allowed
+    scripts = await calls(redis, "evalsha")
+    later = [await rl.check(ip="192.0.2.21", user=None, auth_route=False) for _ in range(20)]
+    assert not any(d.allowed for d in later)
+    assert {d.remaining for d in later} == {0}
+    assert await calls(redis, "evalsha") == scripts  # the counter cannot fall back within its window
+
+
+async def test_checks_that_queue_while_a_draw_is_in_flight_share_its_lease(redis, limiter):
+    rl = limiter(per_user=10**6)  # what each decision says is where the new user stands
+    await rl.check(ip="192.0.2.22", user="someone", auth_route=False)  # connected, and a lease for the IP
+    scripts = await calls(redis, "evalsha")
+    await redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # holds the next script call
+    first = asyncio.create_task(rl.check(ip="192.0.2.22", user="someone else", auth_route=False))
+    await asyncio.sleep(0.1)  # its draw for the new user is in flight, held by the pause
+    assert not first.done()
+    later = [rl.check(ip="192.0.2.22", user="someone else", auth_route=False) for _ in range(10)]
+    decisions = await asyncio.gather(first, *later)
+    assert [d.remaining for d in decisions] == [10**6 - n for n in range(1, 12)]
+    assert await calls(redis, "evalsha") - scripts == 1  # the ten took theirs from the lease it drew
+
+
+async def test_a_new_window_starts_from_nothing(redis, limiter):
+    now = [time.time()]
+    rl = limiter(per_ip=50, clock=lambda: now[0])
+    first = await rl.check(ip="192.0.2.23", user=None, auth_route=False)
+    now[0] += 60  # the next window: whatever is left of the lease is void
+    scripts = await calls(redis, "evalsha")
+    second = await rl.check(ip="192.0.2.23", user=None, auth_route=False)
+    assert first.remaining == second.remaining == 49
+    assert await calls(redis, "evalsha") - scripts == 1
