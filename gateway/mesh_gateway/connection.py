@@ -202,7 +202,8 @@ class Pool:
     def __init__(self, host: str, port: int, limit: int, keepalive: float) -> None:
         self.host = host
         self.port = port
-        self.slots = asyncio.Semaphore(limit)
+        self._slots = asyncio.Semaphore(limit)
+        self._busy = 0  # connections lent out, or being opened, under a slot
         self._keepalive = keepalive
         self._loop = asyncio.get_running_loop()
         # Oldest first: connections are appended as they go idle.
@@ -215,6 +216,24 @@ class Pool:
     @property
     def idle(self) -> list[Connection]:
         return self._idle
+
+    @property
+    def full(self) -> bool:
+        return self._slots.locked()
+
+    @property
+    def unused(self) -> bool:
+        """Nothing open, nothing lent out, nobody waiting: the pool can go."""
+        return not self._busy and not self._idle
+
+    async def acquire(self) -> None:
+        """A slot: the right to use one connection, idle or new."""
+        await self._slots.acquire()
+        self._busy += 1
+
+    def release(self) -> None:
+        self._busy -= 1
+        self._slots.release()
 
     def put_idle(self, conn: Connection) -> None:
         if self._closed:

@@ -117,7 +117,7 @@ class UpstreamResponse:
             self._pool.put_idle(conn)
         else:
             conn.close()
-        self._pool.slots.release()
+        self._pool.release()
 
 
 class Upstream:
@@ -153,24 +153,25 @@ class Upstream:
         """
         pool = self._pools.get((host, port))
         if pool is None:
+            self._forget_unused()
             pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
         head = request_head(method, host, port, target, headers, body)
 
-        if pool.slots.locked():
+        if pool.full:
             # Only a full pool waits (a free slot is taken without a pause),
             # so only this path pays for a timer.
             try:
                 async with asyncio.timeout_at(deadline):
-                    await pool.slots.acquire()
+                    await pool.acquire()
             except TimeoutError:
                 raise PoolTimeout(f"{host}:{port}: all {self._limit} connections stayed busy") from None
             if deadline is not None and deadline - asyncio.get_running_loop().time() < MIN_UPSTREAM_SECONDS:
                 # Too little left for the upstream to answer in: its timeout
                 # would count against an instance that was only busy.
-                pool.slots.release()
+                pool.release()
                 raise PoolTimeout(f"{host}:{port}: a connection came free too late")
         else:
-            await pool.slots.acquire()
+            await pool.acquire()
         try:
             conn = await self._connection(pool, deadline)
             try:
@@ -180,7 +181,7 @@ class Upstream:
                 conn.close()
                 raise
         except BaseException:
-            pool.slots.release()
+            pool.release()
             raise
         return UpstreamResponse(pool, conn, head_only=method == "HEAD")
 
@@ -196,6 +197,14 @@ class Upstream:
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: {exc or type(exc).__name__}") from None
         return protocol
+
+    def _forget_unused(self) -> None:
+        # Instances come and go (a scale-down, a restart on a new port), and
+        # a pool outlives its last connection: without this, one pool per
+        # address ever seen. Swept when a new address appears, so the pools
+        # kept are those of addresses used within a keep-alive.
+        for address in [address for address, pool in self._pools.items() if pool.unused]:
+            self._pools.pop(address).close()
 
     def close(self) -> None:
         for pool in self._pools.values():

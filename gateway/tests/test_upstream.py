@@ -222,6 +222,25 @@ async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_
         upstream.close()
 
 
+async def test_the_pool_of_an_address_no_longer_used_is_forgotten(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # Instances come and go on new addresses; their pools must not pile up.
+    gone, _ = await echo_server(aiohttp_server)
+    busy, _ = await echo_server(aiohttp_server)
+    upstream = Upstream(keepalive=0.1)
+    try:
+        await (await upstream.request("GET", "127.0.0.1", gone.port, "/x", [])).read()
+        streaming = await upstream.request("GET", "127.0.0.1", busy.port, "/x", [])  # lent out, not read
+        await eventually(lambda: not upstream._pools[("127.0.0.1", gone.port)].idle, within=2)
+        new, _ = await echo_server(aiohttp_server)
+        await (await upstream.request("GET", "127.0.0.1", new.port, "/x", [])).read()
+        assert set(upstream._pools) == {("127.0.0.1", busy.port), ("127.0.0.1", new.port)}
+        await streaming.read()  # and the pool kept for it still works
+        again = await upstream.request("GET", "127.0.0.1", busy.port, "/x", [])
+        assert again.status == 200 and b'"GET"' in await again.read()
+    finally:
+        upstream.close()
+
+
 async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
     server, peers = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
