@@ -190,7 +190,7 @@ class Proxy:
         # enough to buffer); a streamed body gets as long between chunks.
         deadline = asyncio.get_running_loop().time() + route.timeout
         try:
-            with self._breakers.breaker(instance.id):
+            with self._breakers.breaker(instance.id) as call:
                 try:
                     resp = await self._upstream.request(
                         method, instance.address, instance.port, target, headers.items(), body, deadline=deadline
@@ -213,7 +213,9 @@ class Proxy:
                 except UpstreamBroken:
                     raise _Failed(BadGateway(), sent=True) from None
                 if payload is None:
-                    # Streamed inside the breaker: an upstream that dies or stalls mid-body counts.
+                    # Streamed inside the breaker: an upstream that dies or stalls
+                    # mid-body counts. But a good head is all a probe asks.
+                    call.settle()
                     return await self._stream(request, resp, instance, idle=route.timeout)
                 out = _without_hop_by_hop(resp.headers)
                 if method == "HEAD" and resp.content_length is not None:

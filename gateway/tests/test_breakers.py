@@ -67,6 +67,21 @@ async def test_half_open_lets_one_probe_through_at_a_time():
     assert board.pick(watch).id == "sick"
 
 
+async def test_a_settled_probe_closes_the_breaker_and_a_later_failure_still_counts():
+    board = BreakerBoard(failure_threshold=2, recovery_timeout=0.05)
+    watch = watch_of("sick")
+    fail(board, "sick")
+    fail(board, "sick")
+    await half_open(board, "sick")
+    with contextlib.suppress(UpstreamFailure), board.breaker(board.pick(watch).id) as probe:
+        probe.settle()  # its head came back well; the body is still on its way
+        assert board.state("sick") == "closed"
+        assert board.pick(watch).id == "sick"
+        raise UpstreamFailure("the stream broke")
+    assert board.state("sick") == "closed"
+    assert board.failures("sick") == 1  # counted, against the closed breaker
+
+
 async def test_concurrent_traffic_goes_elsewhere_while_the_probe_is_out():
     board = BreakerBoard(failure_threshold=1, recovery_timeout=0.05)
     watch = watch_of("sick", "well")

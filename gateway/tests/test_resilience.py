@@ -194,6 +194,29 @@ async def test_a_half_open_instance_gets_one_probe_not_every_request(fake_servic
     assert breakers.is_open(instance.service_id)  # the probe failed: open again
 
 
+async def test_a_probe_that_streams_ends_once_its_head_came_back_well(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "fail"
+    client = await gateway(service, breaker_failures=2, breaker_recovery=0.5)
+    breakers = client.app[BREAKERS]
+    for _ in range(2):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 500
+    instance.mode = "trickle"  # recovered, and answering with a long stream
+    await eventually(lambda: breakers.state(instance.service_id) == "half_open")
+    async with client.get("/api/v1/things", headers=tokens.headers()) as probe:
+        assert probe.status == 200
+        assert breakers.state(instance.service_id) == "closed"  # before its body has ended
+        # A long download must not keep everyone else from the instance.
+        async with client.get("/api/v1/things", headers=tokens.headers()) as other:
+            assert other.status == 200
+            instance.stop_trickle.set()
+            await other.read()
+        await probe.read()
+    assert breakers.state(instance.service_id) == "closed"
+
+
 async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_elsewhere(fake_service, gateway, tokens):
     service = await fake_service(2)
     for instance in service.instances:

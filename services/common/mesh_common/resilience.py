@@ -13,7 +13,11 @@ context, ``BreakerBoard.breaker(id)``, which decides what the call proves:
   about the instance: it neither counts nor resets.
 * Once open for ``recovery_timeout``, a breaker half-opens and ``pick`` lets
   ONE call through as a probe; it skips the instance while the probe is in
-  flight, so that a sick instance never gets every concurrent request.
+  flight, so that a sick instance never gets every concurrent request. A
+  caller that streams the answer ends the probe with ``settle()`` once the
+  head has come back well: a long download must not keep every other
+  request away from a recovered instance. A failure later in the stream
+  still counts, against the breaker now closed.
 
 Retries are limited by a budget, so that an outage does not multiply the
 load on what is left.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Protocol
 
@@ -69,10 +72,19 @@ class _Call:
         self._probing = probing
         self._probe = False
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Call:
         if self._instance_id not in self._probing and self._breaker.state == _HALF_OPEN:
             self._probing.add(self._instance_id)
             self._probe = True
+        return self
+
+    def settle(self) -> None:
+        """The call has shown the instance answers: a probe ends here, whatever follows."""
+        if self._probe:
+            self._probe = False
+            self._probing.discard(self._instance_id)
+            if self._breaker.state == _HALF_OPEN:
+                self._breaker.reset()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -92,6 +104,19 @@ class _Call:
                 self._probing.discard(self._instance_id)
 
 
+class _NoBreaker:
+    """A call with breakers switched off (the benchmarks' pass-through gateway)."""
+
+    def __enter__(self) -> _NoBreaker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def settle(self) -> None:
+        return None
+
+
 class BreakerBoard:
     # Instances come and go (each scale-up or restart is a new ID), so the
     # board forgets breakers that hold no state once it holds this many.
@@ -105,10 +130,10 @@ class BreakerBoard:
         # Half-open instances whose one probe is in flight.
         self._probing: set[str] = set()
 
-    def breaker(self, instance_id: str) -> AbstractContextManager[object]:
+    def breaker(self, instance_id: str) -> _Call | _NoBreaker:
         """A context for one call to ``instance_id``: enter it just before the call."""
         if not self._enabled:
-            return nullcontext()
+            return _NoBreaker()
         breaker = self._breakers.get(instance_id)
         if breaker is None:
             if len(self._breakers) >= self.PRUNE_AT:
