@@ -150,10 +150,10 @@ def create_databases(cfg: StackConfig) -> None:
             "-v",
             "ON_ERROR_STOP=1",
             "-q",
-            "-f",
-            str(ROOT / "scripts" / "postgres" / "create-databases.sql"),
         ],
         user="postgres",
+        # On stdin, read by us: a clone made under umask 077 is closed to the postgres user.
+        stdin=(ROOT / "scripts" / "postgres" / "create-databases.sql").read_text(),
     )
 
 
@@ -220,13 +220,16 @@ def rabbitmq(cfg: StackConfig) -> Proc:
     for sub in ("mnesia", "log"):
         _owned_dir(base / sub, "rabbitmq")
     # The same rabbitmq.conf as compose, with our paths and loopback ports.
+    # Every file it reads is copied beside its data: a clone made under
+    # umask 077 is closed to the rabbitmq user.
     conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
-    conf = conf.replace("/etc/rabbitmq/definitions.json", str(ROOT / "rabbitmq" / "definitions.json"))
+    conf = conf.replace("/etc/rabbitmq/definitions.json", str(base / "definitions.json"))
     conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {cfg.ports.rabbitmq_management}")
     conf += "management.tcp.ip = 127.0.0.1\n"
     for name, text in (
         ("rabbitmq.conf", conf),
         ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text()),
+        ("definitions.json", (ROOT / "rabbitmq" / "definitions.json").read_text()),
     ):
         (base / name).write_text(text)
         if os.geteuid() == 0:  # else RabbitMQ runs as us, and the files are ours already

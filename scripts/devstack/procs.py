@@ -233,7 +233,7 @@ def require_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
 
 
 def _held_by(port: int) -> str:
-    """", held by pid N: its command", for a port some process listens on, if /proc can say.
+    """ ", held by pid N: its command", for a port some process listens on, if /proc can say.
 
     The likeliest holder is a stack left behind by a run that was killed,
     perhaps from another checkout, whose pid files this one cannot see.
@@ -275,7 +275,12 @@ def wait_until(check: Callable[[], object], *, timeout: float, what: str, interv
 
 
 def run_checked(
-    argv: Sequence[str], *, env: Mapping[str, str] | None = None, user: str | None = None, timeout: float = 60
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    timeout: float = 60,
+    stdin: str | None = None,
 ) -> str:
     run_as: _RunAs = {}
     if user is not None and os.geteuid() == 0:
@@ -287,6 +292,7 @@ def run_checked(
         text=True,
         timeout=timeout,
         cwd="/",
+        input=stdin,
         **run_as,
     )
     if result.returncode != 0:
