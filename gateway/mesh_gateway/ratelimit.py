@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 from .redis_script import RedisScript, Reply
 
-# KEYS: distinct counters. ARGV, per key: how many hits to add, then when its
-# window ends (Unix ms). A counter new in this window expires when the window
-# does. Returns each counter's new total.
+# KEYS: distinct counters. ARGV, per key: how many counts to draw, then when
+# the counter may expire (Unix ms). Returns each counter's new total.
 _SCRIPT = """
 local totals = {}
 for i, key in ipairs(KEYS) do
@@ -185,10 +184,8 @@ class RateLimiter:
         return lease.next - 1
 
     def _lease(self, key: str, cap: int) -> int:
-        """How many counts to draw ahead for a counter."""
+        """How many counts to draw ahead for a counter that may keep them."""
         lease = self._leases.get(key)
-        if lease is None and len(self._leases) >= LEASES_KEPT:
-            return 1  # it could not be kept
         drawn = lease.end if lease is not None else 0
         return max(1, min(LEASE_MAX, (cap - drawn) // LEASE_SHARE))
 
@@ -202,16 +199,30 @@ class RateLimiter:
                 if count == 0:
                     draws[key] = draws.get(key, 0) + 1
                     ends[key], caps[key] = check.window_end, cap
+        # Only counters that can keep a lease draw one: what a full table
+        # could not keep would be lost, and its client refused early.
+        room = LEASES_KEPT - len(self._leases)
+        kept: set[str] = set()
         for key, needed in draws.items():
-            draws[key] = max(needed, self._lease(key, caps[key]))
+            if key in self._leases or room > 0:
+                if key not in self._leases:
+                    room -= 1
+                kept.add(key)
+                draws[key] = max(needed, self._lease(key, caps[key]))
+        # A counter outlives its window by another: a draw that reaches Redis
+        # late (in flight at the turn, or from a gateway whose clock is behind
+        # Redis's) must find its window's count, not start one afresh.
+        window = self._limits.window_seconds * 1000
+        args = [arg for key in draws for arg in (draws[key], ends[key] + window)]
         self._in_flight = True
-        self._redis.call(
-            list(draws),
-            [arg for key in draws for arg in (draws[key], ends[key])],
-            lambda reply: self._decide(batch, draws, ends, reply),
-        )
+        try:
+            self._redis.call(list(draws), args, lambda reply: self._decide(batch, draws, ends, kept, reply))
+        except Exception as exc:  # nothing went out; left in flight, the limiter would wait forever
+            self._decide(batch, draws, ends, kept, exc)
 
-    def _decide(self, batch: list[_Check], draws: dict[str, int], ends: dict[str, int], reply: Reply) -> None:
+    def _decide(
+        self, batch: list[_Check], draws: dict[str, int], ends: dict[str, int], kept: set[str], reply: Reply
+    ) -> None:
         self._in_flight = False
         if isinstance(reply, Exception):
             for check in batch:
@@ -228,7 +239,7 @@ class RateLimiter:
                         firsts[key] += 1
                 self._answer(check)
             for key, total in zip(draws, totals, strict=True):
-                if ends[key] == self._window_end and (key in self._leases or len(self._leases) < LEASES_KEPT):
+                if ends[key] == self._window_end and (key in kept or key in self._leases):
                     self._leases[key] = _Lease(firsts[key], total)
             # Checks that queued meanwhile may find their counts in what was just drawn.
             waiting, self._pending = self._pending, []

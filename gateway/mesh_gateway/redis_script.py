@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -40,7 +40,10 @@ class RedisScriptError(Exception):
 
 
 def _bulk(data: str | int | bytes) -> bytes:
-    raw = data if isinstance(data, bytes) else str(data).encode()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 into
+    # lone surrogates, and a key made from one must still go out (as the
+    # bytes it came as), not raise here.
+    raw = data if isinstance(data, bytes) else str(data).encode("utf-8", "surrogateescape")
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
 
@@ -92,7 +95,7 @@ class RedisScript:
         self._waiting: deque[tuple[tuple[str | int, ...], OnReply | None, float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    def call(self, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+    def call(self, keys: Sequence[str], args: Sequence[str | int], on_reply: OnReply) -> None:
         """Run the script; ``on_reply`` gets its result, or an exception."""
         self._send((len(keys), *keys, *args), on_reply)
 

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from devstack.config import StackConfig
 from mesh_common.testing import fresh_rate_window
+from mesh_gateway import ratelimit
 from mesh_gateway.ratelimit import LEASE_MAX, Limits, RateLimiter
 
 from .conftest import GATEWAY_REDIS_DB
@@ -157,3 +158,31 @@ async def test_a_new_window_starts_from_nothing(redis, limiter):
     second = await rl.check(ip="192.0.2.23", user=None, auth_route=False)
     assert first.remaining == second.remaining == 49
     assert await calls(redis, "evalsha") - scripts == 1
+
+
+async def test_a_client_address_that_is_not_utf8_is_counted_like_any_other(limiter):
+    # aiohttp hands header bytes that are not UTF-8 over as lone surrogates.
+    rl = limiter(per_ip=2)
+    async with asyncio.timeout(2):  # the limiter once stopped answering anyone after such a key
+        allowed = [(await rl.check(ip="\udcff", user=None, auth_route=False)).allowed for _ in range(3)]
+        assert allowed == [True, True, False]
+        assert (await rl.check(ip="192.0.2.24", user="u", auth_route=False)).allowed
+
+
+async def test_a_full_lease_table_loses_no_counts(limiter, monkeypatch):
+    monkeypatch.setattr(ratelimit, "LEASES_KEPT", 2)
+    limit = 600
+    rl = limiter(per_ip=limit)
+    await rl.check(ip="192.0.2.25", user=None, auth_route=False)  # one lease; room for one more
+    await asyncio.gather(*(rl.check(ip=ip, user=None, auth_route=False) for ip in ("192.0.2.26", "192.0.2.27")))
+    allowed = 1 + sum([(await rl.check(ip="192.0.2.27", user=None, auth_route=False)).allowed for _ in range(limit)])
+    assert allowed == limit  # one gateway: exactly the limit, however its table filled
+
+
+async def test_a_draw_that_reaches_redis_after_its_window_ended_still_counts_in_it(limiter):
+    # This gateway's clock is half a second behind Redis's: by Redis's time
+    # the window it counts in has ended.
+    behind = int(time.time() // 60) * 60 - 0.5
+    rl = limiter(per_ip=5, clock=lambda: behind)
+    allowed = [(await rl.check(ip="192.0.2.28", user=None, auth_route=False)).allowed for _ in range(10)]
+    assert allowed == [True] * 5 + [False] * 5
