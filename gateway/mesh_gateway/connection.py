@@ -224,7 +224,9 @@ class Pool:
     @property
     def unused(self) -> bool:
         """Nothing open, nothing lent out, nobody waiting: the pool can go."""
-        return not self._busy and not self._idle
+        # A slot handed to a waiter is off the semaphore's count before the
+        # waiter runs and counts itself busy: then the semaphore is locked.
+        return not self._busy and not self._idle and not self._slots.locked()
 
     async def acquire(self) -> None:
         """A slot: the right to use one connection, idle or new."""

@@ -241,6 +241,24 @@ async def test_the_pool_of_an_address_no_longer_used_is_forgotten(aiohttp_server
         upstream.close()
 
 
+async def test_a_pool_whose_slot_was_just_handed_to_a_waiter_is_kept(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    x, _ = await echo_server(aiohttp_server)
+    y, _ = await echo_server(aiohttp_server)
+    upstream = Upstream(limit_per_host=1)
+    try:
+        held = await upstream.request("GET", "127.0.0.1", x.port, "/large", [])
+        waiter = asyncio.create_task(upstream.request("GET", "127.0.0.1", x.port, "/x", []))
+        await asyncio.sleep(0.05)  # it waits for the one slot
+        with pytest.raises(UpstreamBroken):
+            await held.read(limit=1)  # its connection closed, its slot handed to the waiter...
+        # ...which has not run yet, when a request to a new address sweeps the pools.
+        await (await upstream.request("GET", "127.0.0.1", y.port, "/x", [])).read()
+        assert ("127.0.0.1", x.port) in upstream._pools
+        await (await waiter).read()
+    finally:
+        upstream.close()
+
+
 async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
     server, peers = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
