@@ -108,6 +108,26 @@ async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetc
     assert (await client.get("/thing", headers=tokens.headers())).status == 200
 
 
+async def test_a_token_of_bytes_that_are_not_utf8_is_a_401(aiohttp_client: Any, verifier: JwksVerifier) -> None:
+    async def thing(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application(middlewares=[problem_middleware, auth_middleware()])
+    app.router.add_get("/thing", thing, name="thing")
+    app[VERIFIER] = verifier
+    client = await aiohttp_client(app)
+    # Raw bytes: no HTTP client sends these, but anyone can.
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /thing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe.a.b\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"application/problem+json" in head
+    assert b'"INVALID_TOKEN"' in body
+
+
 async def test_an_unknown_kid_is_a_401_only_when_a_fresh_key_set_says_so(
     tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
 ) -> None:

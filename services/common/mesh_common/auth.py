@@ -156,6 +156,11 @@ class JwksVerifier:
             self._keys, self._entries = keys, entries
 
     async def verify(self, token: str) -> Principal:
+        if not token.isascii():
+            # A JWT is base64url and dots. aiohttp hands header bytes that
+            # are not UTF-8 over as lone surrogates, which PyJWT's encode
+            # would raise on: a 500, and a caller the rate limiter never counted.
+            raise InvalidToken("The token is malformed")
         age = self._clock() - self._fetched_at
         if age > self._max_key_age / 2:
             refreshing = self._refresh_in_background()
