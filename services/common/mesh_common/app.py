@@ -60,22 +60,31 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
     @asynccontextmanager
     async def run_worker(app: web.Application) -> AsyncIterator[None]:
         worker = make(app)
+        stopping = False
+
+        def ended(task: asyncio.Task[None]) -> None:
+            # Seen at once, not by the shutdown's gather: a worker gone
+            # early (crashed, returned, or cancelled by something else) is
+            # work silently not done until the process restarts.
+            if task.cancelled():
+                if not stopping:
+                    log.error("worker_ended", worker=name, reason="cancelled")
+            elif (exc := task.exception()) is not None:
+                log.error("worker_crashed", worker=name, error=repr(exc), exc_info=exc)
+            elif not stopping:
+                log.error("worker_ended", worker=name, reason="returned")
+
         task = asyncio.create_task(worker.run(), name=name)
-        # Its exception would otherwise wait, unseen, for the shutdown's gather.
-        task.add_done_callback(_log_crash)
+        task.add_done_callback(ended)
         try:
             yield
         finally:
+            stopping = True
             worker.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     return run_worker
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("worker_crashed", worker=task.get_name(), error=repr(exc), exc_info=exc)
 
 
 __all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "service_app", "worker_ctx"]

@@ -16,6 +16,8 @@ import psycopg2
 import structlog
 from aiohttp import web
 
+from .transactions import server_cancels_as_errors
+
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger()
 
@@ -90,7 +92,8 @@ _HTTP_TO_PROBLEM: dict[int, type[Problem]] = {
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        with server_cancels_as_errors():
+            return await handler(request)
     except Problem as exc:
         return problem_response(exc)
     except web.HTTPException as exc:
@@ -103,8 +106,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(kind(headers=allow))
     except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # Refused, dropped or shut down, a statement past aiopg's timeout (it
-        # closes that connection), a pool with none free: the request may
-        # well work in a moment, which is what 503 says and 500 does not.
+        # closes that connection) or cancelled by the server, a pool with
+        # none free: the request may well work in a moment, which is what
+        # 503 says and 500 does not.
         log.warning("dependency_unavailable", path=request.path, method=request.method, error=type(exc).__name__)
         return problem_response(DependencyUnavailable(headers={"Retry-After": "1"}))
     except Exception:

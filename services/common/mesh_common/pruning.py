@@ -30,7 +30,7 @@ import structlog
 from .app import CleanupCtx, worker_ctx
 from .db import DB
 from .settings import SettingsError, env_float, env_int
-from .transactions import transaction
+from .transactions import server_cancels_as_errors, transaction
 
 log = structlog.get_logger()
 DAY = 24 * 3600
@@ -127,9 +127,10 @@ class Pruner:
                 return
             started = time.monotonic()
             try:
-                pruned = await prune(
-                    self._pool, job, batch_size=self._settings.batch_size, keep_going=lambda: not self._stopping
-                )
+                with server_cancels_as_errors():
+                    pruned = await prune(
+                        self._pool, job, batch_size=self._settings.batch_size, keep_going=lambda: not self._stopping
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

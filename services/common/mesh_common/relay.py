@@ -36,7 +36,7 @@ from .app import CleanupCtx, worker_ctx
 from .db import DB
 from .events import EVENTS_EXCHANGE
 from .outbox import NOTIFY_CHANNEL
-from .transactions import transaction
+from .transactions import server_cancels_as_errors, transaction
 
 log = structlog.get_logger()
 CLAIM = (
@@ -156,7 +156,8 @@ class OutboxRelay:
                 # batch is published wakes the next wait instead of being lost.
                 self._wake.clear()
                 try:
-                    sent = await self.publish_batch()
+                    with server_cancels_as_errors():
+                        sent = await self.publish_batch()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -181,12 +182,13 @@ class OutboxRelay:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._pool.acquire() as conn:
-                    async with conn.cursor() as cur:
-                        await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    while True:
-                        await conn.notifies.get()
-                        self._wake.set()
+                with server_cancels_as_errors():
+                    async with self._pool.acquire() as conn:
+                        async with conn.cursor() as cur:
+                            await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                        while True:
+                            await conn.notifies.get()
+                            self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

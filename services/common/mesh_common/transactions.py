@@ -1,13 +1,17 @@
-"""Explicit transactions on aiopg, which only runs in autocommit mode."""
+"""Two things aiopg leaves to us: explicit transactions (it only runs in
+autocommit mode), and statements the server cancelled (it reports them as
+``asyncio.CancelledError``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import aiopg
 import psycopg2
+from psycopg2.extensions import QueryCanceledError
 
 
 @asynccontextmanager
@@ -26,3 +30,23 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
                 await cur.execute("ROLLBACK")
             raise
         await cur.execute("COMMIT")
+
+
+@contextmanager
+def server_cancels_as_errors() -> Iterator[None]:
+    """A statement PostgreSQL cancelled is a database error, not our task's cancellation.
+
+    aiopg raises ``asyncio.CancelledError`` when the server cancels a
+    statement: a ``statement_timeout`` set on a role or a database, or
+    ``pg_cancel_backend``. Taken for a cancellation, it ended worker loops
+    (the outbox relay, pruners) in silence, and dropped a request's
+    connection unanswered. A cancellation of the task itself shows in
+    ``Task.cancelling()``, and goes on as it is.
+    """
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise QueryCanceledError("the statement was cancelled by the server") from None

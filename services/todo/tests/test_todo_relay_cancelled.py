@@ -51,3 +51,25 @@ async def test_a_cancelled_publish_keeps_the_row_and_is_raised_as_a_failure(db: 
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT published_at FROM outbox WHERE id = %s", (event.id,))
         assert await cur.fetchone() == (None,)
+
+
+async def test_a_statement_the_server_cancelled_is_a_failure_to_retry_not_the_relays_end(db: aiopg.Pool) -> None:
+    relay = OutboxRelay(db, _Connection(), poll_interval=0.05)  # type: ignore[arg-type]
+    batches = 0
+
+    async def publish_batch() -> int:
+        nonlocal batches
+        batches += 1
+        if batches == 1:
+            raise asyncio.CancelledError  # what aiopg raises for a statement the server cancelled
+        return 0
+
+    relay.publish_batch = publish_batch  # type: ignore[method-assign]
+    running = asyncio.create_task(relay.run())
+    async with asyncio.timeout(5):
+        while batches < 3:  # it went on, after its back-off
+            await asyncio.sleep(0.02)
+    assert not running.done()
+    relay.stop()
+    async with asyncio.timeout(5):
+        await running

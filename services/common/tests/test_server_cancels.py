@@ -1,0 +1,105 @@
+"""A statement PostgreSQL cancels is a database error, never a silent end.
+
+aiopg reports a statement the server cancelled (``pg_cancel_backend``, a
+``statement_timeout`` set on a role or a database) as
+``asyncio.CancelledError``. Against the real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiopg
+import pytest
+from aiohttp import web
+from psycopg2.extensions import QueryCanceledError
+from structlog.testing import capture_logs
+
+from devstack.config import StackConfig
+from mesh_common.app import worker_ctx
+from mesh_common.problems import problem_middleware
+from mesh_common.transactions import server_cancels_as_errors
+
+
+@pytest.fixture
+async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
+    async with aiopg.create_pool(infra.database_url("todo"), minsize=1, maxsize=3) as pool:
+        yield pool
+
+
+async def sleep_until_cancelled_by_the_server(pool: aiopg.Pool) -> None:
+    """A long statement, which another session cancels once it runs."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT pg_backend_pid()")
+        (pid,) = await cur.fetchone()
+
+        async def cancel() -> None:
+            async with pool.acquire() as other, other.cursor() as ocur:
+                for _ in range(100):  # until the statement is running
+                    await ocur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
+                    if (await ocur.fetchone()) == ("active",):
+                        break
+                    await asyncio.sleep(0.02)
+                await ocur.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
+        canceller = asyncio.create_task(cancel())
+        try:
+            await cur.execute("SELECT pg_sleep(10)")
+        finally:
+            await canceller
+
+
+async def test_aiopg_reports_it_as_a_cancellation_and_the_helper_as_the_error_it_is(pool: aiopg.Pool) -> None:
+    async with asyncio.timeout(8):
+        with pytest.raises(asyncio.CancelledError):  # aiopg's doing: why the helper exists
+            await sleep_until_cancelled_by_the_server(pool)
+        with pytest.raises(QueryCanceledError), server_cancels_as_errors():
+            await sleep_until_cancelled_by_the_server(pool)
+
+
+async def test_a_cancellation_of_the_task_itself_goes_on_as_one(pool: aiopg.Pool) -> None:
+    async def statement() -> None:
+        with server_cancels_as_errors():
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute("SELECT pg_sleep(10)")
+
+    task = asyncio.create_task(statement())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    async with asyncio.timeout(8):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert task.cancelled()
+
+
+async def test_a_request_whose_statement_the_server_cancels_gets_a_503(aiohttp_client: Any, pool: aiopg.Pool) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await sleep_until_cancelled_by_the_server(pool)
+        return web.json_response({})
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with asyncio.timeout(8), client.get("/") as response:  # not a connection dropped unanswered
+        assert response.status == 503
+        assert (await response.json(content_type="application/problem+json"))["code"] == "DEPENDENCY_UNAVAILABLE"
+
+
+async def test_a_worker_that_ends_while_the_app_runs_is_logged_even_as_cancelled() -> None:
+    class Stray:
+        async def run(self) -> None:
+            raise asyncio.CancelledError  # as aiopg did, with nobody cancelling the task
+
+        def stop(self) -> None:
+            pass
+
+    with capture_logs() as logs:
+        async with worker_ctx("outbox-relay", lambda app: Stray())(web.Application()):
+            async with asyncio.timeout(5):
+                while not logs:
+                    await asyncio.sleep(0.01)
+    assert [(entry["event"], entry["worker"], entry["reason"]) for entry in logs] == [
+        ("worker_ended", "outbox-relay", "cancelled")
+    ]
