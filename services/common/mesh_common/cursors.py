@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 CURSOR_MAX = 512
 # int() refuses more than 4300 digits (ValueError, a 500 if unguarded); no
@@ -46,12 +46,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidCursor(cursor)
     at, item_id = decoded
     try:
-        position = (datetime.fromisoformat(at), str(uuid.UUID(item_id)))
-    except ValueError:
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise InvalidCursor(cursor)
+        # In UTC: Python takes offsets PostgreSQL refuses (+20:00, or with
+        # seconds), which reached it as they were, and came back as a 500.
+        return when.astimezone(UTC), str(uuid.UUID(item_id))
+    except (ValueError, OverflowError):  # OverflowError: year 1 moved before year 1
         raise InvalidCursor(cursor) from None
-    if position[0].tzinfo is None:
-        raise InvalidCursor(cursor)
-    return position
 
 
 def parse_limit(raw: str) -> int | None:

@@ -188,12 +188,21 @@ async def test_text_postgres_cannot_store_is_refused(client, alice, db, body, fi
         ("q=nul%00inside", "q"),
         ("cursor=" + cursor_of(["2024-01-01T00:00:00+00:00", 1]), "cursor"),
         ("cursor=" + base64.urlsafe_b64encode(b"[" * 3000).decode(), "cursor"),  # json.loads recursion
+        ("cursor=" + cursor_of(["0001-01-01T00:00:00+20:00", str(uuid.uuid4())]), "cursor"),  # before year 1 in UTC
     ],
 )
 async def test_a_list_query_that_used_to_500_is_refused(client, alice, query, field):
     errors = await errors_of(await client.get(f"/todos?{query}", headers=alice.headers))
 
     assert list(errors) == [field]
+
+
+@pytest.mark.parametrize("offset", ["+20:00", "-23:59:59.999999"])
+async def test_a_cursor_with_an_offset_postgres_refuses_names_the_same_instant_in_utc(client, alice, offset):
+    # Python's fromisoformat takes these; PostgreSQL refused them, as a 500.
+    cursor = cursor_of([f"2024-01-01T00:00:00{offset}", str(uuid.uuid4())])
+    resp = await client.get(f"/todos?cursor={cursor}", headers=alice.headers)
+    assert resp.status == 200, await resp.text()
 
 
 async def test_a_large_limit_is_still_served_as_the_maximum(client, alice):
