@@ -65,3 +65,14 @@ async def test_every_name_of_an_account_counts_against_the_account(client: Any, 
     assert statuses == [401] * 10
     for name in names:
         assert (await attempt(client, name, PASSWORD)).status == 429, name
+
+
+async def test_a_spelling_postgres_folds_onto_a_name_shares_its_count_known_or_not(client: Any, register: Any) -> None:
+    # PostgreSQL lowers "İ" to "i", Python to "i̇". Counted under Python's
+    # fold, an unknown name's "İ" spelling had a count of its own, where a
+    # known name's shared its account's: a 401 against a 429 told them apart.
+    await register("kiri")
+    for name in ("kiri", "miri"):  # an account, and nobody
+        statuses = [(await attempt(client, name, "wrong password!")).status for _ in range(10)]
+        assert statuses == [401] * 10
+        assert (await attempt(client, name.replace("i", "İ", 1), "wrong password!")).status == 429, name

@@ -53,9 +53,9 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
     throttle, passwords, pool = app[THROTTLE], app[PASSWORDS], app[DB]
     # Looked up first, so that every spelling of one account counts against
     # it. An unknown name costs the same query and the same Redis call.
-    found = await repository.find_credentials(pool, login)
+    folded, found = await repository.find_credentials(pool, login)
     try:
-        attempt = await throttle.begin(login, found[0] if found else None)
+        attempt = await throttle.begin(folded, found[0] if found else None)
     except redis.exceptions.RedisError as exc:
         # Without the counter we cannot bound guessing: refuse rather than
         # let logins through unthrottled.

@@ -53,17 +53,24 @@ async def insert_user(cur: Any, *, username: str, email: str, display_name: str,
     return User.from_row(await cur.fetchone())
 
 
-async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, str] | None:
-    """(user id, password hash) for a username or email, whatever its case."""
+async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, tuple[str, str] | None]:
+    """``login`` as PostgreSQL folds its case, and (user id, password hash) of the account it names, if any.
+
+    The fold comes from PostgreSQL because it decides which spellings find
+    an account: Python's ``lower()`` differs on "İ", and an unknown name
+    counted under Python's fold would be throttled apart from its spellings
+    when a known one is not, which tells the two apart.
+    """
     async with pool.acquire() as conn, conn.cursor() as cur:
         # Usernames cannot contain "@" and emails must, so at most one row matches.
         await cur.execute(
-            "SELECT id, password_hash FROM users WHERE lower(username) = lower(%(login)s)"
-            " OR lower(email) = lower(%(login)s) LIMIT 1",
+            "SELECT lower(%(login)s), found.id, found.password_hash FROM (VALUES (1)) AS one"
+            " LEFT JOIN LATERAL (SELECT id, password_hash FROM users WHERE lower(username) = lower(%(login)s)"
+            " OR lower(email) = lower(%(login)s) LIMIT 1) AS found ON true",
             {"login": login},
         )
-        row = await cur.fetchone()
-    return (str(row[0]), row[1]) if row else None
+        folded, user_id, password_hash = await cur.fetchone()
+    return folded, ((str(user_id), password_hash) if user_id is not None else None)
 
 
 async def get_user(pool: aiopg.Pool, user_id: str) -> User | None:

@@ -8,8 +8,9 @@ A successful login gives its slot back, so only failures count.
 The key is the account, once the login name has found one: its username,
 its email and any spelling PostgreSQL folds onto them (``ADA``, or ``adİ``
 under a Unicode locale, where Python lowers the İ differently) share one
-count. A name that finds no account is counted under itself, normalised, so
-unknown names are throttled exactly like real ones.
+count. A name that finds no account is counted under PostgreSQL's fold of
+it, so that exactly the spellings that would find one account share one
+count, and unknown names are throttled exactly like real ones.
 
 What that tells a guesser: that a username and an email share an account,
 if they already have both and spend ten guesses on them. The answers and
@@ -49,16 +50,16 @@ class LoginThrottle:
         self._prefix = prefix
         self._give_back = redis.register_script(_GIVE_BACK)
 
-    def _key(self, login: str, account: str | None) -> str:
+    def _key(self, folded: str, account: str | None) -> str:
         # Hashed, so that what people type (sometimes a password in the
         # username box) never lands in Redis in clear.
-        subject = f"account:{account}" if account is not None else f"name:{login.strip().lower()}"
+        subject = f"account:{account}" if account is not None else f"name:{folded}"
         digest = hashlib.sha256(subject.encode()).hexdigest()
         return f"{self._prefix}login-failures:{digest}"
 
-    async def begin(self, login: str, account: str | None) -> Attempt:
-        """Take a slot for ``account`` (its id), or for ``login`` when it names none."""
-        key = self._key(login, account)
+    async def begin(self, folded: str, account: str | None) -> Attempt:
+        """Take a slot for ``account`` (its id), or, when the login named none, for the login as PostgreSQL folds it."""
+        key = self._key(folded, account)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, self._policy.window_seconds, nx=True)
