@@ -39,8 +39,14 @@ class RouteTable:
     public: frozenset[tuple[str, str]]
     # Where credentials are guessed or accounts mass-created: a tighter per-IP limit.
     auth: frozenset[tuple[str, str]]
+    # Paths (and what is under them) that services keep for one another:
+    # never published, whatever prefix would otherwise carry them.
+    internal: tuple[str, ...] = ()
 
     def match(self, path: str) -> Route | None:
+        for internal in self.internal:
+            if path == internal or path.startswith(internal + "/"):
+                return None
         for route in self.routes:
             if route.matches(path):
                 return route
@@ -51,7 +57,7 @@ class RouteTable:
 
     def extended(self, extra: tuple[tuple[str, str], ...]) -> RouteTable:
         routes = tuple(Route(prefix, service) for prefix, service in extra)
-        return RouteTable(routes=self.routes + routes, public=self.public, auth=self.auth)
+        return RouteTable(routes=self.routes + routes, public=self.public, auth=self.auth, internal=self.internal)
 
 
 API = RouteTable(
@@ -75,4 +81,7 @@ API = RouteTable(
         }
     ),
     auth=frozenset({("POST", "/api/v1/users"), ("POST", "/api/v1/auth/login")}),
+    # Services trade their client secret for a service token here; from
+    # outside it would only be a place to guess secrets.
+    internal=("/api/v1/auth/service-token",),
 )

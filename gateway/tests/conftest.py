@@ -222,6 +222,7 @@ async def gateway(
             ),
             public=frozenset({("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login")}),
             auth=frozenset({("POST", "/api/v1/things/login")}),
+            internal=("/api/v1/things/internal",),
         )
         app = create_app(settings, routes=table, verifier=tokens.verifier(), upstream=upstream)
         return await aiohttp_client(ServedLikeProduction(app, port=port))

@@ -1,9 +1,11 @@
-"""The gateway forwards what its client sent: nothing added, nothing of anyone else's."""
+"""The gateway forwards what its client sent: nothing added, nothing of anyone else's, nowhere unpublished."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+
+from mesh_gateway.routes import API
 
 AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -86,3 +88,22 @@ async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_
     assert head.startswith(b"HTTP/1.1 200")
     assert seen["X-Kept"] == "3"
     assert not {"X-First", "X-Second", "Keep-Alive"} & seen.keys()
+
+
+async def test_a_path_kept_for_services_is_never_published(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    client = await gateway(service)
+    # Spelled as a client might: as is, below it, percent-encoded ("%69" is "i").
+    for path in ("/api/v1/things/internal", "/api/v1/things/internal/x", "/api/v1/things/%69nternal"):
+        async with client.get(path, headers=tokens.headers()) as r:
+            assert r.status == 404, path
+            assert (await r.json())["code"] == "NOT_FOUND"
+    assert instance.hits == 0
+    async with client.get("/api/v1/things/internally", headers=tokens.headers()) as r:
+        assert r.status == 200  # a prefix of a name is not the name
+
+
+def test_the_service_token_endpoint_is_not_published():
+    assert API.match("/api/v1/auth/service-token") is None
+    assert API.match("/api/v1/auth/login") is not None
