@@ -102,26 +102,30 @@ class OutboxRelay:
                 log.warning("outbox_relay_crash_hook", rows=len(rows))
                 os._exit(70)
             # Every publish settles before the batch is judged, so that none is
-            # left running against a channel about to be dropped.
-            outcomes = await asyncio.gather(
-                *(
-                    exchange.publish(
-                        aio_pika.Message(
-                            bytes(payload),
-                            message_id=str(event_id),
-                            correlation_id=correlation_id,
-                            type=routing_key,
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        ),
-                        routing_key=routing_key,
-                        mandatory=True,
-                        timeout=self._confirm_timeout,
-                    )
-                    for event_id, routing_key, payload, correlation_id in rows
-                ),
-                return_exceptions=True,
-            )
+            # left running against a channel about to be dropped. Bounded as a
+            # whole: a publish's own timeout covers its confirm, not the wait
+            # for a connection that dropped mid-batch, and meanwhile this
+            # transaction holds its rows.
+            async with asyncio.timeout(2 * self._confirm_timeout):
+                outcomes = await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(
+                                bytes(payload),
+                                message_id=str(event_id),
+                                correlation_id=correlation_id,
+                                type=routing_key,
+                                content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            ),
+                            routing_key=routing_key,
+                            mandatory=True,
+                            timeout=self._confirm_timeout,
+                        )
+                        for event_id, routing_key, payload, correlation_id in rows
+                    ),
+                    return_exceptions=True,
+                )
             for (event_id, routing_key, *_), outcome in zip(rows, outcomes, strict=True):
                 if isinstance(outcome, aio_pika.exceptions.PublishError):
                     # Not even the alternate exchange took it: the broker lacks our definitions.

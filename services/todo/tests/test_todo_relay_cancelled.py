@@ -1,4 +1,4 @@
-"""A publish cancelled under the relay (its channel closing) is a failure to retry, never its end."""
+"""A publish cancelled under the relay, or never settled, is a failure to retry, never its end nor a held row."""
 
 from __future__ import annotations
 
@@ -73,3 +73,30 @@ async def test_a_statement_the_server_cancelled_is_a_failure_to_retry_not_the_re
     relay.stop()
     async with asyncio.timeout(5):
         await running
+
+
+class _StalledChannel(_ClosingChannel):
+    """A publish that never hears back: its connection dropped, and it waits for the next one."""
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.Event().wait()
+
+
+class _StalledConnection(_Connection):
+    async def channel(self, **kwargs: Any) -> _ClosingChannel:
+        return _StalledChannel()
+
+
+async def test_a_publish_that_never_settles_gives_its_rows_back_in_bounded_time(db: aiopg.Pool) -> None:
+    event = Event(type="todo.created", user_id="u", data={"id": "t"}, correlation_id="c")
+    async with transaction(db) as cur:
+        await enqueue(cur, event)
+    relay = OutboxRelay(db, _StalledConnection(), confirm_timeout=0.2)  # type: ignore[arg-type]
+
+    async with asyncio.timeout(5):  # without a bound of its own, it waited for ever holding the row
+        with pytest.raises(TimeoutError):
+            await relay.publish_batch()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        # Unsent, and no longer locked by a transaction left open.
+        await cur.execute("SELECT published_at FROM outbox WHERE id = %s FOR UPDATE NOWAIT", (event.id,))
+        assert await cur.fetchone() == (None,)
