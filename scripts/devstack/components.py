@@ -131,6 +131,10 @@ def postgres(cfg: StackConfig) -> Proc:
             f"unix_socket_directories={base}",
             "-c",
             "max_connections=300",
+            # Not the machine's zone, which initdb wrote into the config:
+            # timestamps come back in UTC, as from compose's image.
+            "-c",
+            "timezone=UTC",
         ],
         env={},
         user="postgres",
