@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from mesh_common import discovery
 from mesh_common.consul import consul_client
 from mesh_common.discovery import MIN_POLL_GAP, WATCHES, ServiceWatch
 from mesh_common.resilience import BreakerBoard
@@ -110,13 +112,13 @@ Health = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @asynccontextmanager
-async def watching(aiohttp_server, health: Health) -> AsyncIterator[ServiceWatch]:  # type: ignore[no-untyped-def]
+async def watching(aiohttp_server, health: Health, wait: float = 30.0) -> AsyncIterator[ServiceWatch]:  # type: ignore[no-untyped-def]
     """A watch of "svc" against a fake Consul that answers with ``health``."""
     app = web.Application()
     app.router.add_get("/v1/health/service/{name}", health)
     fake_consul = await aiohttp_server(app)
     client = consul_client(str(fake_consul.make_url("/")))
-    watch = ServiceWatch(client, "svc")
+    watch = ServiceWatch(client, "svc", wait=wait)
     watch.start()
     try:
         yield watch
@@ -159,3 +161,48 @@ async def test_an_index_that_does_not_move_does_not_make_the_watch_spin(aiohttp_
         elapsed = time.perf_counter() - started
     # Three polls after the first take at least two gaps (timer slack aside).
     assert elapsed >= 2 * MIN_POLL_GAP * 0.9, f"{answers - before} polls in {elapsed:.3f} s"
+
+
+async def test_a_query_consul_never_answers_is_given_up_and_sent_again(aiohttp_server, monkeypatch):
+    # A frozen agent, or a half-open connection: the query neither answers nor fails.
+    monkeypatch.setattr(discovery, "STALL_SLACK", 0.3)
+    answers = 0
+
+    async def health(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        if answers == 2:
+            await asyncio.Event().wait()
+        return web.json_response(consul_entries(min(answers, 2)), headers={"X-Consul-Index": str(6 + answers)})
+
+    async with watching(aiohttp_server, health, wait=0.5) as watch:
+        assert await watch.wait_ready(5)
+        # The stuck query is dropped after its wait and the slack, not after
+        # the HTTP client's own 300 s.
+        await eventually(lambda: len(watch.instances) == 2, within=5)
+
+
+async def test_after_consul_restarts_the_watch_sees_its_new_set_at_once(aiohttp_server):
+    """Consul's blocking rules: a query for an index not passed yet is held for the wait."""
+    state = {"index": 100, "count": 1}
+    restarted = asyncio.Event()
+
+    async def health(request: web.Request) -> web.Response:
+        asked = int(request.query.get("index", "0"))
+        if asked >= state["index"]:
+            # Held until something changes: before the restart, the restart.
+            change = restarted if state["index"] == 100 else asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(float(request.query["wait"].rstrip("s"))):
+                    await change.wait()
+            if restarted.is_set() and state["index"] == 100:
+                state.update(index=3, count=2)  # in memory (-dev): its index starts over
+                raise web.HTTPServiceUnavailable()  # the query it held, lost in the restart
+        return web.json_response(consul_entries(state["count"]), headers={"X-Consul-Index": str(state["index"])})
+
+    async with watching(aiohttp_server, health, wait=20.0) as watch:
+        assert await watch.wait_ready(5)
+        assert len(watch.instances) == 1
+        restarted.set()
+        # Not a whole wait later, as when the watch asked for its old index 100.
+        await eventually(lambda: len(watch.instances) == 2, within=5)

@@ -29,6 +29,11 @@ log = structlog.get_logger()
 # The least time between the starts of two polls whose index did not move
 # (0, unchanged or gone backwards): a blocking query returns at once then.
 MIN_POLL_GAP = 0.1
+# How much longer than its wait a blocking query may take before it is given
+# up for stuck (a frozen agent, a half-open connection). Consul adds up to a
+# sixteenth of the wait as jitter; the rest is the round trip's slack.
+# Without it the HTTP client's own default (300 s) froze the set that long.
+STALL_SLACK = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,7 @@ class NoInstances(LookupError):
 
 
 class ServiceWatch:
-    def __init__(self, client: consul.aio.Consul, service: str, *, wait: str = "30s") -> None:
+    def __init__(self, client: consul.aio.Consul, service: str, *, wait: float = 30.0) -> None:
         self.service = service
         self.instances: tuple[Instance, ...] = ()
         self.index: str | None = None
@@ -81,16 +86,20 @@ class ServiceWatch:
             started = loop.time()
             sent = self.index
             try:
-                index, entries = await self._client.health.service(
-                    self.service, passing=True, index=sent, wait=self._wait
-                )
+                async with asyncio.timeout(self._wait * 17 / 16 + STALL_SLACK):
+                    index, entries = await self._client.health.service(
+                        self.service, passing=True, index=sent, wait=f"{self._wait:g}s"
+                    )
                 if index != sent or not self._ready.is_set():  # else the wait timed out with no change
                     self._update(index, entries)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Keep serving from the last known set; Consul may be restarting,
-                # or have sent an answer we cannot read.
+                # or have sent an answer we cannot read. The next query does not
+                # block: a restarted Consul counts its index from 1 again, and
+                # would hold a query for our old, higher index for a whole wait.
+                self.index = None
                 log.warning(
                     "consul_watch_failed",
                     service=self.service,
