@@ -89,7 +89,7 @@ class Registration:
 
     async def register(self) -> None:
         s = self._service
-        base = f"http://{s.advertise_address}:{s.port}"
+        base = str(URL.build(scheme="http", host=s.advertise_address, port=s.port))  # [brackets] for IPv6
         live = consul.Check.http(
             f"{base}/health/live", interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT, deregister=s.deregister_after
         )

@@ -21,6 +21,7 @@ from typing import Any
 import consul.aio
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from .app import CleanupCtx
 from .consul import CONSUL
@@ -45,7 +46,8 @@ class Instance:
     base_url: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "base_url", f"http://{self.address}:{self.port}")
+        # yarl puts an IPv6 address in brackets.
+        object.__setattr__(self, "base_url", str(URL.build(scheme="http", host=self.address, port=self.port)))
 
 
 class NoInstances(LookupError):

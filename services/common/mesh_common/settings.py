@@ -77,6 +77,8 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, name: str, version: str, default_port: int = 0) -> ServiceSettings:
+        # IPv4 or IPv6 ("::" is every interface, IPv4 included): the socket,
+        # the Consul checks and callers' URLs follow the address's family.
         host = env_str(env, "SERVICE_HOST", "127.0.0.1")
         return cls(
             name=name,
