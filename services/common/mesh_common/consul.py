@@ -89,11 +89,18 @@ class Registration:
 
     async def register(self) -> None:
         s = self._service
-        base = str(URL.build(scheme="http", host=s.advertise_address, port=s.port))  # [brackets] for IPv6
+        base = URL.build(scheme="http", host=s.advertise_address, port=s.port)  # [brackets] for IPv6
+        # For this instance only: another at its address answers 404 (health.py).
+        mine = {"instance": self.service_id}
         live = consul.Check.http(
-            f"{base}/health/live", interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT, deregister=s.deregister_after
+            str((base / "health/live").with_query(mine)),
+            interval=s.check_interval,
+            timeout=CHECK_HTTP_TIMEOUT,
+            deregister=s.deregister_after,
         )
-        ready = consul.Check.http(f"{base}/health", interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT)
+        ready = consul.Check.http(
+            str((base / "health").with_query(mine)), interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT
+        )
         async with asyncio.timeout(CALL_TIMEOUT):
             await self._client.agent.service.register(
                 s.name,

@@ -4,6 +4,12 @@ Consul calls both (see consul.py). ``/health`` fails when a dependency does,
 so an instance whose database is gone leaves every healthy set until it is
 back. ``/health/live`` only says the process answers: what Consul's reaper,
 and an orchestrator that restarts what hangs, go by.
+
+Consul's checks name the instance they are for (``?instance=<id>``), and
+another instance answers them 404. A killed instance stays registered until
+Consul reaps it, and if another service took its address and port meanwhile
+(compose gives every service port 8080), that one's answer would otherwise
+keep the dead entry passing, and its traffic going to the wrong service.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from .problems import NotFound
 from .settings import ServiceSettings
 
 Check = Callable[[], Awaitable[object]]
@@ -34,7 +41,14 @@ async def _run(check: Check) -> str:
     return "ok"
 
 
+def _check_for_another(request: web.Request) -> None:
+    asked = request.query.get("instance")
+    if asked is not None and asked != request.app[SERVICE].instance_id:
+        raise NotFound("This check is for another instance")
+
+
 async def health(request: web.Request) -> web.Response:
+    _check_for_another(request)
     service = request.app[SERVICE]
     checks = request.app[HEALTH_CHECKS]
     results = dict(zip(checks, await asyncio.gather(*(_run(c) for c in checks.values())), strict=True))
@@ -50,6 +64,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def live(request: web.Request) -> web.Response:
+    _check_for_another(request)
     service = request.app[SERVICE]
     return web.json_response({"status": "ok", "service": service.name, "version": service.version})
 

@@ -45,11 +45,12 @@ async def test_only_the_liveness_check_can_get_an_instance_reaped(aiohttp_server
 
     [payload] = registered
     live, ready = payload["checks"]
-    assert live["http"] == "http://127.0.0.1:8123/health/live"
+    # Each check names its instance: another at the same address answers 404.
+    assert live["http"] == f"http://127.0.0.1:8123/health/live?instance={service.instance_id}"
     assert live["DeregisterCriticalServiceAfter"] == service.deregister_after
     # A database outage fails readiness, for as long as it lasts, and must
     # never remove an instance that will be fine when it ends.
-    assert ready["http"] == "http://127.0.0.1:8123/health"
+    assert ready["http"] == f"http://127.0.0.1:8123/health?instance={service.instance_id}"
     assert "DeregisterCriticalServiceAfter" not in ready
 
 
@@ -106,3 +107,17 @@ async def test_a_test_server_leaves_consul_before_it_stops_listening(infra: Stac
     await server.start_server()
     await server.close()
     assert listed_when_listener_closed == [server_class is TestServer]
+
+
+async def test_a_check_meant_for_another_instance_at_this_address_fails(aiohttp_client: Any) -> None:
+    # A killed instance stays registered until reaped; whoever took its
+    # address and port meanwhile must not keep its entry passing.
+    service = loopback_service("todo-service", "unused", port=8080)
+    client = await aiohttp_client(service_app(service))
+    for path in ("/health/live", "/health"):
+        async with client.get(path, params={"instance": "user-service-127.0.0.1-8080"}) as r:
+            assert r.status == 404, path
+        async with client.get(path, params={"instance": service.instance_id}) as r:
+            assert r.status == 200, path
+        async with client.get(path) as r:  # probes that name no instance (compose's, Envoy's)
+            assert r.status == 200, path
