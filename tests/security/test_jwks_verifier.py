@@ -79,16 +79,22 @@ async def refusal(verify: Callable[[], Any]) -> Problem:
     return refused.value
 
 
-async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetched(
-    aiohttp_client: Any, tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
-) -> None:
+async def guarded(aiohttp_client: Any, verifier: JwksVerifier) -> Any:
+    """A client of an app whose one route, ``/thing``, needs a token."""
+
     async def thing(request: web.Request) -> web.Response:
         return web.json_response({})
 
     app = web.Application(middlewares=[problem_middleware, auth_middleware()])
     app.router.add_get("/thing", thing, name="thing")
     app[VERIFIER] = verifier
-    client = await aiohttp_client(app)
+    return await aiohttp_client(app)
+
+
+async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetched(
+    aiohttp_client: Any, tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
+) -> None:
+    client = await guarded(aiohttp_client, verifier)
     users.up = False  # down since before the first token came
 
     first = await client.get("/thing", headers=tokens.headers())
@@ -109,13 +115,7 @@ async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetc
 
 
 async def test_a_token_of_bytes_that_are_not_utf8_is_a_401(aiohttp_client: Any, verifier: JwksVerifier) -> None:
-    async def thing(request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    app = web.Application(middlewares=[problem_middleware, auth_middleware()])
-    app.router.add_get("/thing", thing, name="thing")
-    app[VERIFIER] = verifier
-    client = await aiohttp_client(app)
+    client = await guarded(aiohttp_client, verifier)
     # Raw bytes: no HTTP client sends these, but anyone can.
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(b"GET /thing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe.a.b\r\nConnection: close\r\n\r\n")
