@@ -104,3 +104,24 @@ async def fresh_rate_window(window: float = 60.0, margin: float = 5.0) -> None:
     left = window - time.time() % window
     if left < margin:
         await asyncio.sleep(left + 0.05)
+
+
+async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
+    """A long statement on ``cur``, which another session (from ``pool``) cancels once it runs."""
+    await cur.execute("SELECT pg_backend_pid()")
+    (pid,) = await cur.fetchone()
+
+    async def cancel() -> None:
+        async with pool.acquire() as conn, conn.cursor() as other:
+            for _ in range(100):  # until the statement is running
+                await other.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
+                if (await other.fetchone()) == ("active",):
+                    break
+                await asyncio.sleep(0.02)
+            await other.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
+    canceller = asyncio.create_task(cancel())
+    try:
+        await cur.execute("SELECT pg_sleep(10)")
+    finally:
+        await canceller

@@ -34,19 +34,20 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
 
 @contextmanager
 def server_cancels_as_errors() -> Iterator[None]:
-    """A statement PostgreSQL cancelled is a database error, not our task's cancellation.
+    """A statement PostgreSQL cancelled is a database error, not a cancellation.
 
     aiopg raises ``asyncio.CancelledError`` when the server cancels a
     statement: a ``statement_timeout`` set on a role or a database, or
     ``pg_cancel_backend``. Taken for a cancellation, it ended worker loops
     (the outbox relay, pruners) in silence, and dropped a request's
-    connection unanswered. A cancellation of the task itself shows in
-    ``Task.cancelling()``, and goes on as it is.
+    connection unanswered. aiopg raises it while handling the server's
+    ``QueryCanceledError``, which it thereby carries as its context; a
+    cancellation of ours (``Task.cancel``, aiohttp's shutdown) never does,
+    and goes on as it is.
     """
     try:
         yield
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise
-        raise QueryCanceledError("the statement was cancelled by the server") from None
+    except asyncio.CancelledError as exc:
+        if isinstance(server := exc.__context__, QueryCanceledError):
+            raise server from None
+        raise

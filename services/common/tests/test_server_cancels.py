@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from devstack.config import StackConfig
 from mesh_common.app import worker_ctx
 from mesh_common.problems import problem_middleware
+from mesh_common.testing import sleep_until_cancelled_by_the_server
 from mesh_common.transactions import server_cancels_as_errors
 
 
@@ -29,34 +30,14 @@ async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
         yield pool
 
 
-async def sleep_until_cancelled_by_the_server(pool: aiopg.Pool) -> None:
-    """A long statement, which another session cancels once it runs."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT pg_backend_pid()")
-        (pid,) = await cur.fetchone()
-
-        async def cancel() -> None:
-            async with pool.acquire() as other, other.cursor() as ocur:
-                for _ in range(100):  # until the statement is running
-                    await ocur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
-                    if (await ocur.fetchone()) == ("active",):
-                        break
-                    await asyncio.sleep(0.02)
-                await ocur.execute("SELECT pg_cancel_backend(%s)", (pid,))
-
-        canceller = asyncio.create_task(cancel())
-        try:
-            await cur.execute("SELECT pg_sleep(10)")
-        finally:
-            await canceller
-
-
 async def test_aiopg_reports_it_as_a_cancellation_and_the_helper_as_the_error_it_is(pool: aiopg.Pool) -> None:
     async with asyncio.timeout(8):
         with pytest.raises(asyncio.CancelledError):  # aiopg's doing: why the helper exists
-            await sleep_until_cancelled_by_the_server(pool)
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await sleep_until_cancelled_by_the_server(cur, pool)
         with pytest.raises(QueryCanceledError), server_cancels_as_errors():
-            await sleep_until_cancelled_by_the_server(pool)
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await sleep_until_cancelled_by_the_server(cur, pool)
 
 
 async def test_a_cancellation_of_the_task_itself_goes_on_as_one(pool: aiopg.Pool) -> None:
@@ -74,9 +55,17 @@ async def test_a_cancellation_of_the_task_itself_goes_on_as_one(pool: aiopg.Pool
     assert task.cancelled()
 
 
+async def test_a_cancellation_nobody_asked_the_task_for_is_still_one_unless_the_server_sent_it() -> None:
+    # aiohttp cancels a request still running when its shutdown grace ends
+    # this way: the task itself is not being cancelled.
+    with pytest.raises(asyncio.CancelledError), server_cancels_as_errors():
+        raise asyncio.CancelledError
+
+
 async def test_a_request_whose_statement_the_server_cancels_gets_a_503(aiohttp_client: Any, pool: aiopg.Pool) -> None:
     async def handler(request: web.Request) -> web.Response:
-        await sleep_until_cancelled_by_the_server(pool)
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await sleep_until_cancelled_by_the_server(cur, pool)
         return web.json_response({})
 
     app = web.Application(middlewares=[problem_middleware])

@@ -20,18 +20,22 @@ from typing import Any
 import aiopg
 import psycopg2
 
+from mesh_common.transactions import server_cancels_as_errors
+
 from .failures import DatabaseUnavailable
 
 
 @asynccontextmanager
 async def _cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
     try:
-        async with pool.acquire() as conn, conn.cursor() as cur:
-            yield cur
+        with server_cancels_as_errors():
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                yield cur
     # OperationalError: refused, dropped, shut down, out of resources,
-    # serialization failures and deadlocks; InterfaceError: a pooled connection
-    # found closed; TimeoutError: aiopg's connect or statement timeout. Errors
-    # in the SQL or the data (ProgrammingError, DataError...) stay bugs.
+    # serialization failures and deadlocks, statements the server cancelled;
+    # InterfaceError: a pooled connection found closed; TimeoutError: aiopg's
+    # connect or statement timeout. Errors in the SQL or the data
+    # (ProgrammingError, DataError...) stay bugs.
     except (psycopg2.OperationalError, psycopg2.InterfaceError, TimeoutError) as exc:
         raise DatabaseUnavailable(type(exc).__name__) from exc
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiopg
 import pytest
+from psycopg2.extensions import QueryCanceledError
 
 from mesh_common.events import Event
 from mesh_common.outbox import enqueue
@@ -61,7 +62,10 @@ async def test_a_statement_the_server_cancelled_is_a_failure_to_retry_not_the_re
         nonlocal batches
         batches += 1
         if batches == 1:
-            raise asyncio.CancelledError  # what aiopg raises for a statement the server cancelled
+            try:  # what aiopg raises for a statement the server cancelled
+                raise QueryCanceledError("canceling statement due to user request")
+            except QueryCanceledError:
+                raise asyncio.CancelledError from None
         return 0
 
     relay.publish_batch = publish_batch  # type: ignore[method-assign]
