@@ -206,3 +206,15 @@ async def test_after_consul_restarts_the_watch_sees_its_new_set_at_once(aiohttp_
         restarted.set()
         # Not a whole wait later, as when the watch asked for its old index 100.
         await eventually(lambda: len(watch.instances) == 2, within=5)
+
+
+async def test_an_address_that_is_no_host_is_skipped_not_the_whole_set(aiohttp_server):
+    # Consul takes any string as a service's address.
+    async def health(request: web.Request) -> web.Response:
+        entries = consul_entries(2)
+        entries[1]["Service"]["Address"] = "[fd00::7]"  # brackets: not a host
+        return web.json_response(entries, headers={"X-Consul-Index": "7"})
+
+    async with watching(aiohttp_server, health) as watch:
+        assert await watch.wait_ready(5)
+        assert [i.id for i in watch.instances] == ["svc-0"]

@@ -120,19 +120,16 @@ class ServiceWatch:
                 await asyncio.sleep(max(0.0, started + MIN_POLL_GAP - loop.time()))
 
     def _update(self, index: str, entries: list[dict[str, Any]]) -> None:
-        instances = tuple(
-            sorted(
-                (
-                    Instance(
-                        id=e["Service"]["ID"],
-                        address=e["Service"]["Address"] or e["Node"]["Address"],
-                        port=e["Service"]["Port"],
-                    )
-                    for e in entries
-                ),
-                key=lambda i: i.id,
-            )
-        )
+        found = []
+        for e in entries:
+            address = e["Service"]["Address"] or e["Node"]["Address"]
+            try:
+                found.append(Instance(id=e["Service"]["ID"], address=address, port=e["Service"]["Port"]))
+            except ValueError:
+                # Consul takes any string as an address; one that is no host
+                # must not stop the rest of the set from being seen.
+                log.warning("consul_instance_skipped", service=self.service, address=address)
+        instances = tuple(sorted(found, key=lambda i: i.id))
         # Consul may reset the index (a restart); start over rather than block forever.
         if self.index is not None and index is not None and int(index) < int(self.index):
             index = "0"
