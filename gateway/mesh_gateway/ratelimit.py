@@ -15,9 +15,10 @@ drawn one count at a time, and so exactly. Counts drawn are never given
 back: a limit is never exceeded, but a client may be refused up to a
 lease's worth early while another gateway holds counts it has not used.
 
-When Redis is unreachable the gateway fails *open for reads* (GET, HEAD,
-OPTIONS) so browsing survives a cache outage, and *closed for writes*, which
-are the abuse we limit for (credential stuffing, spam). See docs/gateway.md.
+When Redis is unreachable, the counts in hand are still handed out; a
+request that needs a draw fails *open for reads* (GET, HEAD, OPTIONS) so
+browsing survives a cache outage, and *closed for writes*, which are the
+abuse we limit for (credential stuffing, spam). See docs/gateway.md.
 """
 
 from __future__ import annotations
