@@ -16,6 +16,7 @@ from mesh_common.app import CleanupCtx
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
 from mesh_common.redis_client import REDIS
+from mesh_common.transactions import server_cancels_as_errors
 
 from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
 from .passwords import Passwords, load_common_passwords, lower_thread_priority
@@ -92,7 +93,8 @@ async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: fl
     while True:
         await asyncio.sleep(interval)
         try:
-            await store.load()
+            with server_cancels_as_errors():
+                await store.load()
             await verifier.refresh(force=True)
         except Exception as exc:  # the database is briefly gone: keep the keys we have
             log.warning("signing_keys_refresh_failed", error=type(exc).__name__)
