@@ -10,8 +10,8 @@ client hammering past its limit keeps itself limited.
 A gateway draws counts from Redis a few at a time (a *lease*) and hands
 them out itself until they run out, so most requests never wait for Redis
 (decision 4 in docs/decisions). A lease is at most 32 counts, and at most a
-sixteenth of what was left under the limit, so limits of a few dozen are
-drawn one count at a time, and so exactly. Counts drawn are never given
+sixteenth of what was left under the limit, so limits under 32 are drawn
+one count at a time, and so exactly. Counts drawn are never given
 back: a limit is never exceeded, but a client may be refused up to a
 lease's worth early while another gateway holds counts it has not used.
 

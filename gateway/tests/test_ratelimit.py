@@ -114,7 +114,7 @@ async def test_two_gateways_never_exceed_a_limit_that_leases_are_drawn_from(limi
 
 
 async def test_a_small_limit_is_drawn_one_count_at_a_time(limiter):
-    limit = 20  # under LEASE_SHARE counts a lease: exact across gateways
+    limit = 20  # under twice LEASE_SHARE: a lease of one count, exact across gateways
     prefix = f"rl-{uuid.uuid4().hex[:8]}"
     gateways = [limiter(per_ip=limit, prefix=prefix), limiter(per_ip=limit, prefix=prefix)]
     allowed = [

@@ -27,7 +27,7 @@ class MailOutcomeUnknown(TemporaryFailure):
 
 
 class DatabaseUnavailable(TemporaryFailure):
-    """PostgreSQL refused the connection, dropped it, or did not answer in time."""
+    """PostgreSQL refused the connection, dropped it, cancelled the statement, or did not answer in time."""
 
 
 class DeliveryInProgress(TemporaryFailure):

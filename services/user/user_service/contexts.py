@@ -67,7 +67,8 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
         await store.load()
 
         async def fetch() -> dict[str, Any]:
-            await store.load()
+            with server_cancels_as_errors():  # a failed fetch, which the verifier knows how to take
+                await store.load()
             return store.jwks()
 
         app[KEY_STORE] = store
@@ -95,6 +96,6 @@ async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: fl
         try:
             with server_cancels_as_errors():
                 await store.load()
-            await verifier.refresh(force=True)
+                await verifier.refresh(force=True)  # reads the keys again, through the same store
         except Exception as exc:  # the database is briefly gone: keep the keys we have
             log.warning("signing_keys_refresh_failed", error=type(exc).__name__)

@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 description of this service, written by hand.
 
-Paths are the service's own; the gateway publishes them under /api/v1.
+Paths are the service's own; the gateway publishes them under /api/v1,
+all but /auth/service-token, which is for the other services only.
 A test checks that every route the app serves is described here.
 """
 
@@ -207,6 +208,8 @@ PATHS: dict[str, Any] = {
         "post": {
             "operationId": "auth.service_token",
             "summary": "Client credentials for other services: a short-lived token with scope users:read",
+            "description": "Internal: reached by services directly, never through the gateway (a 404 there).",
+            "servers": [{"url": "/", "description": "The service itself, from another service"}],
             "security": [],
             "requestBody": _body("ClientCredentials"),
             "responses": {
