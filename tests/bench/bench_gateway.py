@@ -78,7 +78,7 @@ def compare(
         tops.append(wrk(*numerator))
         bottoms.append(wrk(*denominator))
     top, bottom = statistics.mean(tops), statistics.mean(bottoms)
-    print(f"  {label:<16} {top:9.0f} / {bottom:9.0f} req/s = {top / bottom:.2f}", flush=True)
+    print(f"  {label:<16} {top:9.0f} / {bottom:9.0f} req/s = {top / bottom:.3f}", flush=True)
     return top, bottom
 
 
@@ -200,7 +200,7 @@ def main() -> int:
         for name, value in results.items():
             ok = value <= 4 if name == "p99 / p50" else value >= targets[name]
             bound = "<= 4" if name == "p99 / p50" else f">= {targets[name]}"
-            print(f"  {name:<16} {value:5.2f}  {bound:<7} {'met' if ok else 'NOT MET'}")
+            print(f"  {name:<16} {value:6.3f}  {bound:<7} {'met' if ok else 'NOT MET'}")
     finally:
         stop_bench_processes(cfg)
     return 0

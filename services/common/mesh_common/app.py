@@ -60,26 +60,13 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
     @asynccontextmanager
     async def run_worker(app: web.Application) -> AsyncIterator[None]:
         worker = make(app)
-        stopping = False
-
-        def ended(task: asyncio.Task[None]) -> None:
-            # Seen at once, not by the shutdown's gather: a worker gone
-            # early (crashed, returned, or cancelled by something else) is
-            # work silently not done until the process restarts.
-            if task.cancelled():
-                if not stopping:
-                    log.error("worker_ended", worker=name, reason="cancelled")
-            elif (exc := task.exception()) is not None:
-                log.error("worker_crashed", worker=name, error=repr(exc), exc_info=exc)
-            elif not stopping:
-                log.error("worker_ended", worker=name, reason="returned")
-
+        watch = WorkerEnd(name)
         task = asyncio.create_task(worker.run(), name=name)
-        task.add_done_callback(ended)
+        task.add_done_callback(watch)
         try:
             yield
         finally:
-            stopping = True
+            watch.stopping = True
             worker.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -87,4 +74,26 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
     return run_worker
 
 
-__all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "service_app", "worker_ctx"]
+class WorkerEnd:
+    """A background task's done callback: logs its end unless it was told to stop.
+
+    Seen at once, not by the shutdown's gather: a worker gone early
+    (crashed, returned, or cancelled by something else) is work silently
+    not done until the process restarts.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stopping = False
+
+    def __call__(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            if not self.stopping:
+                log.error("worker_ended", worker=self.name, reason="cancelled")
+        elif (exc := task.exception()) is not None:
+            log.error("worker_crashed", worker=self.name, error=repr(exc), exc_info=exc)
+        elif not self.stopping:
+            log.error("worker_ended", worker=self.name, reason="returned")
+
+
+__all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "WorkerEnd", "service_app", "worker_ctx"]

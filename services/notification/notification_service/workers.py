@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from mesh_common.amqp import AMQP
+from mesh_common.app import WorkerEnd
 from mesh_common.db import DB
 from mesh_common.discovery import WATCHES
 from mesh_common.http import HTTP_SESSION, SERVICE_CLIENT
@@ -80,10 +81,13 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
 @asynccontextmanager
 async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     scheduler = app[SCHEDULER]
-    task = asyncio.create_task(scheduler.run(), name="reminder-scheduler")
+    ended = WorkerEnd("reminder-scheduler")
+    task = asyncio.create_task(scheduler.run(), name=ended.name)
+    task.add_done_callback(ended)
     try:
         yield
     finally:
+        ended.stopping = True
         scheduler.stop()
         _, still_running = await asyncio.wait({task}, timeout=SCHEDULER_STOP_TIMEOUT)
         for stuck in still_running:  # a round stuck on a dependency: give up on it

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mesh_common.app import CleanupCtx
+from mesh_common.app import CleanupCtx, WorkerEnd
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
 from mesh_common.redis_client import REDIS
@@ -75,10 +75,13 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
         app[TOKENS] = TokenIssuer(store, policy)
         app[VERIFIER] = verifier or JwksVerifier(fetch, issuer=policy.issuer, audience=policy.audience)
         await app[VERIFIER].refresh(force=True)
+        ended = WorkerEnd("signing-keys-refresh")
         task = asyncio.create_task(_keep_keys_fresh(store, app[VERIFIER], policy.key_refresh_interval))
+        task.add_done_callback(ended)
         try:
             yield
         finally:
+            ended.stopping = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
