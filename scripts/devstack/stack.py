@@ -16,6 +16,10 @@ from .procs import Hopeless, StackError, log_path, port_free, require_free, runn
 INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
 READY_TIMEOUT = 90.0
 
+# What a service gets to stop, as compose's stop_grace_period: leave Consul
+# (at most 5 s), drain, finish the requests in flight (at most 10 s), close.
+STOP_GRACE = 20.0
+
 
 def get_json(url: str, timeout: float = 2.0) -> object:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -84,7 +88,7 @@ def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
     current = instances(cfg, svc)
     for n in current:
         if n >= count:
-            stop(cfg.run_dir, f"{svc}-{n}")
+            stop(cfg.run_dir, f"{svc}-{n}", grace=STOP_GRACE)
     if svc == "gateway":
         for n in range(count):
             if n not in current:
@@ -143,7 +147,7 @@ def down(cfg: StackConfig) -> list[str]:
     for name in order:
         if name in have:
             sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: fast shutdown
-            stop(cfg.run_dir, name, sig=sig, grace=20)
+            stop(cfg.run_dir, name, sig=sig, grace=STOP_GRACE)
             stopped.append(name)
     for name in set(running(cfg.run_dir)) - set(stopped):  # anything unexpected
         stop(cfg.run_dir, name)

@@ -100,6 +100,15 @@ def test_scalable_services_have_no_fixed_identity(app: App) -> None:
 
 
 @pytest.mark.parametrize("app", APPS, ids=repr)
+def test_services_get_as_long_to_stop_as_natively(app: App) -> None:
+    from devstack.stack import STOP_GRACE
+
+    # Leave Consul, drain, finish what is in flight, close: killed before
+    # that, a consumer's unacked events come back and may be sent twice.
+    assert services()[app.name]["stop_grace_period"] == f"{STOP_GRACE:g}s"
+
+
+@pytest.mark.parametrize("app", APPS, ids=repr)
 def test_scalable_services_are_built_from_their_dockerfile(app: App) -> None:
     build = services()[app.name].get("build")
     assert isinstance(build, dict), f"{app.name}: use the long `build:` syntax"

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from .conftest import find_envoy, render_native
+from .conftest import REPO_ROOT, find_envoy, render_native
 
 # --------------------------------------------------------------------------
 # smoke run: native config, fake Consul DNS, two fake gateways, one dead one
@@ -101,6 +102,7 @@ class _FakeGateway(BaseHTTPRequestHandler):
             {
                 "instance": self.server.server_address[0],
                 "x-request-id": self.headers.get("x-request-id"),
+                "x-envoy-original-path": self.headers.get("x-envoy-original-path"),
             }
         ).encode()
         self.send_response(200)
@@ -164,6 +166,12 @@ def _gateway_hosts(admin: str) -> set[str]:
         if parts[0] == "gateway" and len(parts) >= 4 and parts[1][:1].isdigit():
             hosts.add(parts[1])
     return hosts
+
+
+def compose_envoy_healthcheck() -> list[str]:
+    compose = yaml.safe_load((REPO_ROOT / "compose.yml").read_text())
+    test: list[str] = compose["services"]["envoy"]["healthcheck"]["test"]
+    return test
 
 
 def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path) -> None:
@@ -244,15 +252,22 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
             served_by.add(payload["instance"])
         assert served_by == set(GATEWAY_IPS)
 
+        # A client's x-envoy-original-path neither reaches the gateway nor
+        # stands in for the path in the access log.
+        status, _, body = _get(f"{public}/todos", {"x-envoy-original-path": "/forged"})
+        assert status == 200
+        assert json.loads(body)["x-envoy-original-path"] is None
+
         # The JSON access log is written and parseable.
         deadline = time.monotonic() + 5
         lines: list[str] = []
-        while time.monotonic() < deadline and len(lines) < 13:
+        while time.monotonic() < deadline and len(lines) < 14:
             lines = access_log.read_text().splitlines() if access_log.exists() else []
             time.sleep(0.1)
         entries = [json.loads(line) for line in lines]
-        assert len(entries) >= 13
+        assert len(entries) >= 14
         assert entries[0]["request_id"] == "rid-from-client"
+        assert {e["path"] for e in entries} == {"/todos"}
         assert all(e["response_code"] == 200 for e in entries)
         # At least one request hit the dead instance first and was retried.
         assert any(e["upstream_attempts"] >= 2 for e in entries), entries
@@ -265,6 +280,11 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
             assert headers.get("content-type") == "application/problem+json"
             assert json.loads(body)["code"] == "NOT_FOUND"
         assert not {"/ready", "/health", "/health/live"} & set(_FakeGateway.paths)
+
+        # compose's health check of Envoy, run as it is against this Envoy's admin.
+        (probe,) = [line for line in compose_envoy_healthcheck() if "/dev/tcp" in line]
+        probe = probe.replace("/dev/tcp/127.0.0.1/9901", f"/dev/tcp/127.0.0.1/{admin_port}")
+        assert subprocess.run(["bash", "-c", probe], timeout=10).returncode == 0, probe
     finally:
         process.terminate()
         try:
