@@ -79,8 +79,7 @@ def create_app(
     gateway, and ``upstream`` for a client with other limits (the app closes it).
     """
     guards = [] if settings.passthrough else [guard_middleware]
-    # No request deadline of the app's: each route has its own, and streams their idle timeouts.
-    app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body, deadline=None)
+    app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body)
     if not settings.passthrough:
         app.on_response_prepare.append(add_rate_limit_headers)
     app[SETTINGS] = settings

@@ -12,19 +12,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .health import setup_health
-from .problems import Handler, problem, problem_middleware
+from .problems import Handler, problem_middleware
 from .requests import request_context_middleware
 from .settings import ServiceSettings
 
 DEFAULT_MAX_BODY = 64 * 1024
-# All of a request's work, its database statements together (each has its
-# own 4 s, db.STATEMENT_TIMEOUT), ends within this: before the gateway's
-# route deadline (5 s), when the caller has given up and the work is waste.
-# tests/config/test_timeouts.py keeps the three in step.
-REQUEST_DEADLINE = 4.5
 log = structlog.get_logger()
-
-DeadlineExceeded = problem(503, "DEADLINE_EXCEEDED", "The request ran out of time; try again")
 
 # What goes in ``app.cleanup_ctx``: set up on startup, torn down on cleanup.
 CleanupCtx = Callable[[web.Application], AbstractAsyncContextManager[None]]
@@ -35,41 +28,17 @@ def service_app(
     *,
     middlewares: Iterable[Middleware] = (),
     client_max_size: int = DEFAULT_MAX_BODY,
-    deadline: float | None = REQUEST_DEADLINE,
 ) -> web.Application:
     """A new app with request ids, problem+json errors and health routes.
 
     ``client_max_size`` makes an oversized body a 413 before it is buffered.
-    ``deadline`` bounds each request's handling (``None``: the gateway, whose
-    streamed answers have deadlines of their own).
     """
-    own: list[Middleware] = [request_context_middleware, problem_middleware]
-    if deadline is not None:
-        own.append(deadline_middleware(deadline))
-    app = web.Application(middlewares=[*own, *middlewares], client_max_size=client_max_size)
+    app = web.Application(
+        middlewares=[request_context_middleware, problem_middleware, *middlewares],
+        client_max_size=client_max_size,
+    )
     setup_health(app, service)
     return app
-
-
-def deadline_middleware(seconds: float) -> Middleware:
-    """Cut a request's handling after ``seconds``: a 503 ``DEADLINE_EXCEEDED``.
-
-    Cut, its transaction is rolled back (aiopg closes a cancelled
-    statement's connection), so nothing is half-written.
-    """
-
-    @web.middleware
-    async def within_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-        budget = asyncio.timeout(seconds)
-        try:
-            async with budget:
-                return await handler(request)
-        except TimeoutError:
-            if budget.expired():  # ours, not a statement's or a call's own timeout
-                raise DeadlineExceeded(headers={"Retry-After": "1"}) from None
-            raise
-
-    return within_deadline
 
 
 class Worker(Protocol):
@@ -127,13 +96,4 @@ class WorkerEnd:
             log.error("worker_ended", worker=self.name, reason="returned")
 
 
-__all__ = [
-    "DEFAULT_MAX_BODY",
-    "REQUEST_DEADLINE",
-    "CleanupCtx",
-    "Handler",
-    "Worker",
-    "WorkerEnd",
-    "service_app",
-    "worker_ctx",
-]
+__all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "WorkerEnd", "service_app", "worker_ctx"]
