@@ -9,9 +9,10 @@ from aiohttp import web
 from mesh_common.auth import PRINCIPAL
 from mesh_common.cursors import InvalidCursor, decode_cursor, encode_cursor, parse_limit
 from mesh_common.db import DB
-from mesh_common.problems import ValidationFailed
+from mesh_common.problems import DependencyUnavailable, ValidationFailed
 
 from . import repository
+from .failures import DatabaseUnavailable
 from .openapi import OPENAPI
 
 DEFAULT_LIMIT = 20
@@ -24,7 +25,11 @@ async def list_notifications(request: web.Request) -> web.Response:
     limit = _limit(request.query.get("limit"))
     before = _decode_cursor(request.query["cursor"]) if "cursor" in request.query else None
     # One row more than asked for tells whether there is a next page.
-    rows = await repository.sent_notifications(request.app[DB], user_id, limit=limit + 1, before=before)
+    try:
+        rows = await repository.sent_notifications(request.app[DB], user_id, limit=limit + 1, before=before)
+    except DatabaseUnavailable:
+        # The consumer's name for it (retry the event later); to a client, a 503 to retry.
+        raise DependencyUnavailable(headers={"Retry-After": "1"}) from None
     page = rows[:limit]
     # Keyset pagination over (sent_at, id): stable while new notifications arrive.
     next_cursor = encode_cursor(page[-1].sent_at, page[-1].id) if len(rows) > limit else None

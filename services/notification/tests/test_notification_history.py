@@ -11,6 +11,8 @@ import aiopg
 from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, registered, todo_event
 
 from mesh_common.testing import TokenFactory
+from notification_service import repository
+from notification_service.failures import DatabaseUnavailable
 from notification_service.keys import CONSUMER
 
 
@@ -122,3 +124,16 @@ async def _insert_sent(pool: aiopg.Pool, user_id: str, moments: list[datetime]) 
 
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+async def test_history_with_the_database_away_is_a_503_to_retry(
+    service: Client, tokens: TokenFactory, monkeypatch: Any
+) -> None:
+    async def away(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseUnavailable("QueryCanceledError")  # what the repository makes of any database outage
+
+    monkeypatch.setattr(repository, "sent_notifications", away)
+    async with service.get("/notifications", headers=tokens.headers(str(uuid.uuid4()))) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["code"] == "DEPENDENCY_UNAVAILABLE"
