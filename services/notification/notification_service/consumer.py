@@ -47,7 +47,6 @@ from aio_pika.abc import (
 )
 
 from mesh_common.events import Event
-from mesh_common.transactions import server_cancels_as_errors
 
 from .events import parse
 from .failures import TemporaryFailure, UnprocessableEvent
@@ -191,8 +190,7 @@ class EventConsumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         try:
             event = parse(message.body)
-            with server_cancels_as_errors():
-                outcome = await self._handler.handle(event)
+            outcome = await self._handler.handle(event)
         except UnprocessableEvent as exc:
             await self._dead_letter(message, exc)
         except TemporaryFailure as exc:

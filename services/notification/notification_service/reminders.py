@@ -25,8 +25,6 @@ from datetime import UTC, datetime, timedelta
 import aiopg
 import structlog
 
-from mesh_common.transactions import server_cancels_as_errors
-
 from . import repository
 from .failures import DeliveryInProgress, MailOutcomeUnknown, TemporaryFailure, UnprocessableEvent
 from .notifier import Notifier, Outcome
@@ -108,8 +106,7 @@ class ReminderScheduler:
         while not self._stopping:
             self._woken.clear()
             try:
-                with server_cancels_as_errors():
-                    delay = await self._send_due()
+                delay = await self._send_due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database is away: try again next round
