@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import aiopg
 import jwt
 from argon2 import PasswordHasher
 
-from mesh_common.auth import VERIFIER
+from mesh_common.auth import VERIFIER, JwksVerifier
 from user_service.app import create_app
-from user_service.signing_keys import retire_keys, rotate_keys
+from user_service.keys import KEY_STORE
+from user_service.signing_keys import KeyStore, retire_keys, rotate_keys
 
 PASSWORD = "a long and unusual passphrase"
 SERVICE_SECRET = "notification-secret-0123456789"
@@ -222,6 +224,38 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
     assert kids == {new_kid}
     assert (await client.get("/users/me", headers=auth(old_token))).status == 401
     assert (await client.get("/users/me", headers=auth(new_token))).status == 200
+
+
+async def test_the_refresher_follows_a_rotation_made_elsewhere_reading_the_keys_once_a_round(
+    aiohttp_client: Any, settings: Any, db: aiopg.Pool, redis: Any, monkeypatch: Any
+) -> None:
+    tokens = dataclasses.replace(settings.tokens, key_refresh_interval=0.05)
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, tokens=tokens), register=False))
+    await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": PASSWORD})
+    counts = {"reads": 0, "refreshes": 0}
+    read, refresh = KeyStore._read, JwksVerifier.refresh
+
+    async def counted_read(store: KeyStore) -> list[tuple[str, str, str]]:
+        counts["reads"] += 1
+        return await read(store)
+
+    async def counted_refresh(verifier: JwksVerifier, *, force: bool = False) -> None:
+        counts["refreshes"] += 1
+        await refresh(verifier, force=force)
+
+    monkeypatch.setattr(KeyStore, "_read", counted_read)
+    monkeypatch.setattr(JwksVerifier, "refresh", counted_refresh)
+    new_kid = await rotate_keys(db)  # as another instance, or the CLI, would
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while client.app[KEY_STORE].active.kid != new_kid or counts["refreshes"] < 4:
+        assert loop.time() < deadline, f"the refresher did not keep up: {counts}"
+        await asyncio.sleep(0.02)
+    response = await client.post("/auth/login", json={"username": "ada", "password": PASSWORD})
+    assert jwt.get_unverified_header((await response.json())["access_token"])["kid"] == new_kid
+    # One read of the key table a round (give or take the round under way):
+    # the verifier's fetch is the load.
+    assert abs(counts["reads"] - counts["refreshes"]) <= 1, counts
 
 
 async def test_instances_starting_together_agree_on_one_signing_key(

@@ -76,7 +76,9 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
         app[VERIFIER] = verifier or JwksVerifier(fetch, issuer=policy.issuer, audience=policy.audience)
         await app[VERIFIER].refresh(force=True)
         ended = WorkerEnd("signing-keys-refresh")
-        task = asyncio.create_task(_keep_keys_fresh(store, app[VERIFIER], policy.key_refresh_interval))
+        task = asyncio.create_task(
+            _keep_keys_fresh(store, app[VERIFIER], policy.key_refresh_interval, own=verifier is None)
+        )
         task.add_done_callback(ended)
         try:
             yield
@@ -90,7 +92,7 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
     return open_signing_keys
 
 
-async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: float) -> None:
+async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: float, *, own: bool) -> None:
     # A rotation or retirement made by another instance (or the CLI) reaches
     # this one within ``interval``: new tokens are signed with the new key,
     # and a retired key stops verifying.
@@ -98,7 +100,10 @@ async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: fl
         await asyncio.sleep(interval)
         try:
             with server_cancels_as_errors():
-                await store.load()
-                await verifier.refresh(force=True)  # reads the keys again, through the same store
+                if not own:
+                    # An injected verifier fetches elsewhere; our own reads
+                    # the key table through the store, so once is enough.
+                    await store.load()
+                await verifier.refresh(force=True)
         except Exception as exc:  # the database is briefly gone: keep the keys we have
             log.warning("signing_keys_refresh_failed", error=type(exc).__name__)
