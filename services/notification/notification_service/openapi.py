@@ -41,7 +41,9 @@ OPENAPI: dict[str, Any] = {
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NotificationPage"}}},
                     },
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "422": _PROBLEM,
+                    "503": _PROBLEM,
                 },
             }
         }
@@ -77,7 +79,16 @@ OPENAPI: dict[str, Any] = {
                     "title": {"type": "string"},
                     "status": {"type": "integer"},
                     "detail": {"type": "string"},
-                    "code": {"type": "string", "examples": ["UNAUTHORIZED", "INVALID_TOKEN", "VALIDATION_FAILED"]},
+                    "code": {
+                        "type": "string",
+                        "examples": [
+                            "UNAUTHORIZED",
+                            "INVALID_TOKEN",
+                            "FORBIDDEN",
+                            "VALIDATION_FAILED",
+                            "DEPENDENCY_UNAVAILABLE",
+                        ],
+                    },
                 },
             },
         },

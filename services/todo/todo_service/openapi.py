@@ -38,6 +38,7 @@ def _todo_response(description: str, status_headers: tuple[str, ...] = ()) -> di
 _NOT_FOUND = _problem("No todo of yours has this id (TODO_NOT_FOUND); someone else's todo answers the same")
 _INVALID = _problem("The request is invalid (VALIDATION_FAILED, with errors: [{field, message}])")
 _UNAUTHORIZED = _problem("No valid access token")
+_FORBIDDEN = _problem("A service token, which names no user (FORBIDDEN)")
 _PRECONDITION = _problem("The If-Match tag is not the todo's current one (PRECONDITION_FAILED)")
 _TODO_ID = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IF_MATCH = {
@@ -53,7 +54,13 @@ def _change(summary: str, operation_id: str, ok: str, *, body: bool = False) -> 
         "summary": summary,
         "operationId": operation_id,
         "parameters": [_IF_MATCH],
-        "responses": {"200": _todo_response(ok), "401": _UNAUTHORIZED, "404": _NOT_FOUND, "412": _PRECONDITION},
+        "responses": {
+            "200": _todo_response(ok),
+            "401": _UNAUTHORIZED,
+            "403": _FORBIDDEN,
+            "404": _NOT_FOUND,
+            "412": _PRECONDITION,
+        },
     }
     if body:
         operation["requestBody"] = {
@@ -101,6 +108,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "201": _todo_response("Created (or replayed for a repeated Idempotency-Key)", ("Location",)),
                         "401": _UNAUTHORIZED,
+                        "403": _FORBIDDEN,
                         "422": _problem("Invalid body (VALIDATION_FAILED), or a reused key (IDEMPOTENCY_KEY_REUSED)"),
                     },
                 },
@@ -141,6 +149,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": _ref("schemas/TodoPage")}},
                         },
                         "401": _UNAUTHORIZED,
+                        "403": _FORBIDDEN,
                         "422": _INVALID,
                     },
                 },
@@ -150,7 +159,12 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Get one of your todos",
                     "operationId": "getTodo",
-                    "responses": {"200": _todo_response("The todo"), "401": _UNAUTHORIZED, "404": _NOT_FOUND},
+                    "responses": {
+                        "200": _todo_response("The todo"),
+                        "401": _UNAUTHORIZED,
+                        "403": _FORBIDDEN,
+                        "404": _NOT_FOUND,
+                    },
                 },
                 "patch": _change("Change fields of a todo", "updateTodo", "The changed todo", body=True),
                 "delete": {
@@ -160,6 +174,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "204": {"description": "Deleted"},
                         "401": _UNAUTHORIZED,
+                        "403": _FORBIDDEN,
                         "404": _NOT_FOUND,
                         "412": _PRECONDITION,
                     },

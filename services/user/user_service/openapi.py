@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 description of this service, written by hand.
 
-Paths are the service's own; the gateway publishes them under /api/v1,
-all but /auth/service-token, which is for the other services only.
-A test checks that every route the app serves is described here.
+Paths are the service's own; the gateway publishes them under /api/v1 (the
+document's server). Three name a server of their own: /auth/service-token,
+for the other services only; the JWKS, which the gateway publishes at the
+root; and /openapi.json, which only an instance serves. A test checks that
+every route the app serves is described here.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ _STRING = {"type": "string"}
 _INVALID = _problem("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
 _UNAUTHORIZED = _problem("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
 _TOO_LARGE = _problem("PAYLOAD_TOO_LARGE: the body is over 64 KiB")
+_USERS_ONLY = _problem("FORBIDDEN: a service token, which names no user")
+# For the JWKS and /openapi.json. Set on the operation, as for
+# /auth/service-token, not on the path item: the test that lists the
+# operations takes every key of a path item for one.
+_ROOT = [{"url": "/", "description": "No /api/v1 prefix"}]
 
 SCHEMAS: dict[str, Any] = {
     "Profile": _object(
@@ -141,7 +148,12 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "users.me",
             "summary": "The caller's profile",
-            "responses": {"200": _json(_ref("Profile"), "The profile"), "401": _UNAUTHORIZED},
+            "responses": {
+                "200": _json(_ref("Profile"), "The profile"),
+                "401": _UNAUTHORIZED,
+                "403": _USERS_ONLY,
+                "404": _problem("USER_NOT_FOUND: the token's account is gone"),
+            },
         },
         "patch": {
             "operationId": "users.update_me",
@@ -150,6 +162,8 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("Profile"), "The changed profile"),
                 "401": _UNAUTHORIZED,
+                "403": _USERS_ONLY,
+                "404": _problem("USER_NOT_FOUND: the token's account is gone"),
                 "409": _problem("ACCOUNT_EXISTS: another account uses this email"),
                 "422": _INVALID,
             },
@@ -179,6 +193,7 @@ PATHS: dict[str, Any] = {
                 "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
                 "422": _INVALID,
                 "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
+                "503": _problem("SERVICE_UNAVAILABLE: the login throttle (Redis) is away; see Retry-After"),
             },
         }
     },
@@ -223,6 +238,8 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "jwks",
             "summary": "Public keys that verify access tokens (Ed25519, alg EdDSA)",
+            "description": "Published by the gateway at this path, without /api/v1.",
+            "servers": _ROOT,
             "security": [],
             "responses": {"200": _json(_ref("Jwks"), "The JSON Web Key Set")},
         }
@@ -231,6 +248,8 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "openapi",
             "summary": "This document",
+            "description": "Served by an instance only; the gateway does not publish it.",
+            "servers": _ROOT,
             "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1"}},
         }
