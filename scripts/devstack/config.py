@@ -19,6 +19,11 @@ SERVICE_PACKAGES = {"user": "user_service", "todo": "todo_service", "notificatio
 CONSUL_NAMES = {"user": "user-service", "todo": "todo-service", "notification": "notification-service"}
 
 
+def port_variable(name: str) -> str:
+    """The variable that moves a port: ``consul_serf_lan`` or ``consul serf lan`` -> MESH_PORT_CONSUL_SERF_LAN."""
+    return "MESH_PORT_" + name.upper().replace(" ", "_")
+
+
 @dataclass(frozen=True)
 class Ports:
     envoy: int = 8080
@@ -41,7 +46,7 @@ class Ports:
     def overridden(self, env: Mapping[str, str]) -> Ports:
         changes = {}
         for f in fields(self):
-            raw = env.get(f"MESH_PORT_{f.name.upper()}")
+            raw = env.get(port_variable(f.name))
             if raw:
                 changes[f.name] = int(raw)
         return replace(self, **changes)

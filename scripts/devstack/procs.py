@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
+from .config import port_variable
+
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
 _started: dict[int, subprocess.Popen[bytes]] = {}
@@ -224,11 +226,18 @@ def port_free(host: str, port: int) -> bool:
 
 
 def require_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
-    taken = [f"{name} ({port}{_held_by(port)})" for name, port in ports.items() if not port_free(host, port)]
+    """Refuse to start on a taken port, naming what holds it and the variable that moves ours.
+
+    Each name is a field of ``Ports``, with spaces for underscores if it
+    reads better ("consul serf lan"): the variable is made from it.
+    """
+    taken = [name for name, port in ports.items() if not port_free(host, port)]
     if taken:
         raise StackError(
-            "ports already in use: " + ", ".join(taken) + ". Stop what holds them, "
-            "or choose others with MESH_PORT_<NAME>=<port>."
+            "ports already in use: "
+            + ", ".join(f"{name} ({ports[name]}{_held_by(ports[name])})" for name in taken)
+            + ". Stop what holds them, or move ours: "
+            + " ".join(f"{port_variable(name)}=<port>" for name in taken)
         )
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import components as c
-from .config import CONSUL_NAMES, SERVICES, StackConfig
+from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .procs import Hopeless, StackError, log_path, port_free, require_free, running, start, stop, wait_until
 
 INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
@@ -53,10 +53,11 @@ def up_infra(cfg: StackConfig) -> None:
     have = running(cfg.run_dir)
     p = cfg.ports
     wanted = {
-        "consul": {"consul http": p.consul_http, "consul dns": p.consul_dns, "consul serf": p.consul_serf_lan},
+        "consul": {"consul http": p.consul_http, "consul dns": p.consul_dns, "consul serf lan": p.consul_serf_lan},
         "postgres": {"postgres": p.postgres},
         "redis": {"redis": p.redis},
-        "rabbitmq": {"amqp": p.amqp, "rabbitmq management": p.rabbitmq_management},
+        # The distribution port too: Debian's own rabbitmq-server holds 25672.
+        "rabbitmq": {"amqp": p.amqp, "rabbitmq management": p.rabbitmq_management, "rabbitmq dist": p.rabbitmq_dist},
         "mailsink": {"smtp": p.smtp, "mail api": p.mail_api},
     }
     missing = [name for name in INFRA if name not in have]
@@ -94,7 +95,10 @@ def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
             if n not in current:
                 address = cfg.gateway_address(n)
                 if not port_free(address, cfg.ports.gateway):
-                    raise StackError(f"port {cfg.ports.gateway} on {address} is already in use")
+                    raise StackError(
+                        f"port {cfg.ports.gateway} on {address} is already in use."
+                        f" Stop what holds it, or move ours: {port_variable('gateway')}=<port>"
+                    )
                 start(cfg.run_dir, c.gateway(cfg, n))
     else:
         for n in range(count):
