@@ -135,15 +135,30 @@ async def test_past_the_limit_a_gateway_refuses_without_asking_redis(redis, limi
     assert await calls(redis, "evalsha") == scripts  # the counter cannot fall back within its window
 
 
+async def until_a_script_is_held(redis: aioredis.Redis) -> None:
+    """Until a script call is in Redis's hands, held by a CLIENT PAUSE (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while not any("b" in c["flags"] and c["cmd"] == "evalsha" for c in await redis.client_list()):
+        assert loop.time() < deadline, "no script call reached Redis"
+        await asyncio.sleep(0.01)
+
+
 async def test_checks_that_queue_while_a_draw_is_in_flight_share_its_lease(redis, limiter):
     rl = limiter(per_user=10**6)  # what each decision says is where the new user stands
     await rl.check(ip="192.0.2.22", user="someone", auth_route=False)  # connected, and a lease for the IP
     scripts = await calls(redis, "evalsha")
-    await redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # holds the next script call
-    first = asyncio.create_task(rl.check(ip="192.0.2.22", user="someone else", auth_route=False))
-    await asyncio.sleep(0.1)  # its draw for the new user is in flight, held by the pause
-    assert not first.done()
-    later = [rl.check(ip="192.0.2.22", user="someone else", auth_route=False) for _ in range(10)]
+    await redis.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # holds the next script call
+    try:
+        first = asyncio.create_task(rl.check(ip="192.0.2.22", user="someone else", auth_route=False))
+        await until_a_script_is_held(redis)  # its draw for the new user is in flight
+        later = [
+            asyncio.create_task(rl.check(ip="192.0.2.22", user="someone else", auth_route=False)) for _ in range(10)
+        ]
+        await asyncio.sleep(0)  # each runs up to its wait
+        assert not any(task.done() for task in [first, *later])
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
     decisions = await asyncio.gather(first, *later)
     assert [d.remaining for d in decisions] == [10**6 - n for n in range(1, 12)]
     assert await calls(redis, "evalsha") - scripts == 1  # the ten took theirs from the lease it drew

@@ -248,7 +248,10 @@ async def test_a_pool_whose_slot_was_just_handed_to_a_waiter_is_kept(aiohttp_ser
     try:
         held = await upstream.request("GET", "127.0.0.1", x.port, "/large", [])
         waiter = asyncio.create_task(upstream.request("GET", "127.0.0.1", x.port, "/x", []))
-        await asyncio.sleep(0.05)  # it waits for the one slot
+        slots = upstream._pools[("127.0.0.1", x.port)]._slots
+        async with asyncio.timeout(2):
+            while not slots._waiters:  # until it waits for the one slot
+                await asyncio.sleep(0)
         with pytest.raises(UpstreamBroken):
             await held.read(limit=1)  # its connection closed, its slot handed to the waiter...
         # ...which has not run yet, when a request to a new address sweeps the pools.

@@ -8,6 +8,7 @@ aiopg reports a statement the server cancelled (``pg_cancel_backend``, a
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,13 +42,20 @@ async def test_aiopg_reports_it_as_a_cancellation_and_the_helper_as_the_error_it
 
 
 async def test_a_cancellation_of_the_task_itself_goes_on_as_one(pool: aiopg.Pool) -> None:
+    marker = f"SELECT pg_sleep(10) -- {uuid.uuid4().hex}"
+
     async def statement() -> None:
         with server_cancels_as_errors():
             async with pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute("SELECT pg_sleep(10)")
+                await cur.execute(marker)
 
     task = asyncio.create_task(statement())
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(5), pool.acquire() as conn, conn.cursor() as cur:
+        while True:  # until the statement runs, so that the cancel interrupts it
+            await cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'active'", (marker,))
+            if await cur.fetchone() == (1,):
+                break
+            await asyncio.sleep(0.01)
     task.cancel()
     async with asyncio.timeout(8):
         with pytest.raises(asyncio.CancelledError):
