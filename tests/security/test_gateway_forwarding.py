@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from devstack.config import StackConfig
 from mesh_common.settings import SettingsError
-from mesh_common.testing import TokenFactory, fresh_rate_window, loopback_service
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import LOOPBACK, Settings, networks
@@ -89,7 +89,7 @@ async def gateway(infra: StackConfig, echo: str, aiohttp_client: Any) -> AsyncIt
         )
         table = RouteTable(routes=(Route("/api/v1/echo", echo),), public=frozenset({("GET", PUBLIC)}), auth=frozenset())
         app = create_app(replace(settings, **overrides), routes=table, verifier=tokens.verifier())
-        client: TestClient = await aiohttp_client(app, server_kwargs={"port": port})  # type: ignore[type-arg]
+        client: TestClient = await aiohttp_client(LeavesConsulFirst(app, port=port))  # type: ignore[type-arg]
         return client
 
     yield make

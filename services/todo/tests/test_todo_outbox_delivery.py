@@ -31,6 +31,7 @@ from mesh_common.consul import consul_client
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import enqueue
 from mesh_common.relay import OutboxRelay
+from mesh_common.testing import LeavesConsulFirst
 from todo_service.app import create_app
 from todo_service.model import NewTodo
 from todo_service.todos import Todos
@@ -56,7 +57,7 @@ async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost
     aiohttp_client, settings, tokens, alice, db, event_tap, amqp_url, poll
 ):
     no_broker = dataclasses.replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{unused_port()}/")
-    client = await aiohttp_client(create_app(no_broker, verifier=tokens.verifier()))
+    client = await aiohttp_client(LeavesConsulFirst(create_app(no_broker, verifier=tokens.verifier())))
     tap = await event_tap("todo.created")
 
     async def create(n: int) -> int:

@@ -15,6 +15,7 @@ from mesh_common.app import worker_ctx
 from mesh_common.outbox import prune_published
 from mesh_common.pruning import DAY, Pruned, PruneSettings, prune, prune_batch
 from mesh_common.settings import SettingsError
+from mesh_common.testing import LeavesConsulFirst
 from mesh_common.transactions import transaction
 from todo_service import idempotency
 from todo_service.app import create_app
@@ -136,7 +137,7 @@ async def test_the_service_prunes_every_interval(aiohttp_client, settings, token
     await add_keys(db, 2, age=25 * HOUR)
     await add_keys(db, 1, age=HOUR)
     settings = dataclasses.replace(settings, prune=PruneSettings(interval=0.05))
-    await aiohttp_client(create_app(settings, verifier=tokens.verifier()))
+    await aiohttp_client(LeavesConsulFirst(create_app(settings, verifier=tokens.verifier())))
 
     async def pruned() -> bool:
         return old_event not in await ids(db, "outbox") and len(await ids(db, "idempotency_keys", "key")) == 1
