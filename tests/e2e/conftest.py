@@ -14,9 +14,13 @@ from devstack.config import SERVICES, StackConfig
 from devstack.procs import stop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mesh(infra: StackConfig) -> Iterator[StackConfig]:
-    """Every service, the gateway and Envoy, one instance each, all healthy."""
+    """Every service, the gateway and Envoy, one instance each, all healthy.
+
+    Stopped when the end-to-end tests end, whatever runs after them: its
+    outbox relays would otherwise publish the rows other suites' tests write.
+    """
     stack.up(infra)
     yield infra
     # Leave the infrastructure to `task test`; stop what this fixture started.

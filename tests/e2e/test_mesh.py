@@ -28,9 +28,13 @@ TODO_INSTANCES = 3
 REQUESTS = 300
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def three_todos(mesh: StackConfig) -> dict[str, str]:
-    """Three passing todo-service instances: process name -> Consul service ID."""
+    """Three passing todo-service instances: process name -> Consul service ID.
+
+    Read for each test: one of them kills an instance, and its replacement
+    registers under another ID.
+    """
     stack.scale(mesh, "todo", TODO_INSTANCES)
     ids = {name: stack.registered_id(mesh, name) for name in running(mesh.run_dir) if name.startswith("todo-")}
     assert len(ids) == TODO_INSTANCES and all(ids.values()), ids
@@ -88,18 +92,20 @@ async def test_killed_instance_gets_no_requests_once_critical(
     victim = sorted(three_todos)[0]
     victim_id = three_todos[victim]
     os.kill(running(mesh.run_dir)[victim], signal.SIGKILL)
-    wait_until(lambda: consul_status(mesh, victim_id) == "critical", timeout=15, what="the check to turn critical")
-    # What the gateway picks from, asked directly: a request sent to the dead
-    # instance would be refused and retried elsewhere, so the answers alone
-    # could not tell whether the gateway still picks it.
-    wait_until(lambda: victim_id not in gateway_picks(mesh), timeout=5, what="the gateway to drop the instance")
-    assert len(gateway_picks(mesh)) == TODO_INSTANCES - 1
+    try:
+        wait_until(lambda: consul_status(mesh, victim_id) == "critical", timeout=15, what="the check to turn critical")
+        # What the gateway picks from, asked directly: a request sent to the dead
+        # instance would be refused and retried elsewhere, so the answers alone
+        # could not tell whether the gateway still picks it.
+        wait_until(lambda: victim_id not in gateway_picks(mesh), timeout=5, what="the gateway to drop the instance")
+        assert len(gateway_picks(mesh)) == TODO_INSTANCES - 1
 
-    served = await spread(api, headers, 100)
-    print(f"\nafter SIGKILL of {victim_id}: {dict(served)}")
-    assert victim_id not in served
-    assert sum(served.values()) == 100
-    stack.scale(mesh, "todo", TODO_INSTANCES)  # put it back for the tests after this one
+        served = await spread(api, headers, 100)
+        print(f"\nafter SIGKILL of {victim_id}: {dict(served)}")
+        assert victim_id not in served
+        assert sum(served.values()) == 100
+    finally:
+        stack.scale(mesh, "todo", TODO_INSTANCES)  # put it back for the tests after this one
 
 
 def test_sigterm_deregisters_within_two_seconds(mesh: StackConfig, three_todos: dict[str, str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh_common.settings import SettingsError
-from user_service.settings import PasswordPolicy, Settings, parse_service_clients
+from user_service.settings import Settings, parse_service_clients
 
 ENV = {
     "DATABASE_URL": "postgresql://users:users@127.0.0.1/users",
@@ -26,7 +26,8 @@ def test_argon2_parameters_below_the_minimum_are_refused(weaker: dict[str, str])
 
 
 def test_stronger_argon2_parameters_are_allowed() -> None:
-    assert PasswordPolicy(time_cost=3, memory_cost_kib=65536).memory_cost_kib == 65536
+    policy = Settings.from_env({**ENV, "ARGON2_TIME_COST": "3", "ARGON2_MEMORY_KIB": "65536"}).passwords
+    assert (policy.time_cost, policy.memory_cost_kib) == (3, 65536)
 
 
 def test_service_clients_are_parsed_from_name_secret_pairs() -> None:
