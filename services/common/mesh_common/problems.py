@@ -65,6 +65,7 @@ MethodNotAllowed = problem(405, "METHOD_NOT_ALLOWED", "Method not allowed")
 Forbidden = problem(403, "FORBIDDEN", "Forbidden")
 Conflict = problem(409, "CONFLICT", "Conflict")
 PayloadTooLarge = problem(413, "PAYLOAD_TOO_LARGE", "Request body too large")
+MalformedBody = problem(400, "MALFORMED_BODY", "The request body could not be read")
 UnsupportedMediaType = problem(415, "UNSUPPORTED_MEDIA_TYPE", "Expected application/json")
 ValidationFailed = problem(422, "VALIDATION_FAILED", "The request body is invalid")
 PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has changed")
@@ -104,6 +105,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             kind = problem(exc.status, f"HTTP_{exc.status}", exc.reason)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return problem_response(kind(headers=allow))
+    except web.RequestPayloadError:
+        # A body that does not decompress as its Content-Encoding says, or
+        # whose chunked framing breaks off: the client's doing, seen only
+        # once the handler reads it.
+        return problem_response(MalformedBody("The request body does not decode as its headers say"))
     except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # Refused, dropped or shut down, a statement past aiopg's timeout (it
         # closes that connection) or cancelled by the server, a pool with

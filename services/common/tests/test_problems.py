@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import psycopg2
@@ -49,6 +50,23 @@ async def test_a_json_object_is_read(client: TestClient[web.Request, web.Applica
     async with client.post("/", json={"title": "ok"}) as response:
         assert response.status == 200
         assert await response.json() == {"title": "ok"}
+
+
+async def test_a_compressed_json_object_is_read(client: TestClient[web.Request, web.Application]) -> None:
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with client.post("/", data=gzip.compress(b'{"title": "ok"}'), headers=headers) as response:
+        assert response.status == 200
+        assert await response.json() == {"title": "ok"}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decompress_is_a_400(
+    client: TestClient[web.Request, web.Application], encoding: str
+) -> None:
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    async with client.post("/", data=b'{"title": "not compressed"}', headers=headers) as response:
+        assert response.status == 400, await response.text()
+        assert (await response.json(content_type="application/problem+json"))["code"] == "MALFORMED_BODY"
 
 
 @pytest.mark.parametrize(
