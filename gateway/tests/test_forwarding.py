@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 from mesh_gateway.routes import API
@@ -34,6 +35,25 @@ async def test_no_header_is_added_that_the_client_did_not_send(fake_service, gat
         seen = (await r.json())["headers"]
     assert "Content-Type" not in seen
     assert seen["Content-Length"] == "3"
+
+
+async def test_a_compressed_body_goes_on_as_the_bytes_it_was_read_as(fake_service, gateway, tokens):
+    # aiohttp inflates a request body as it reads it: what goes on is plain,
+    # and must not be labelled with the client's Content-Encoding.
+    service = await fake_service(1)
+    client = await gateway(service)
+    body = json.dumps({"title": "buy milk"}).encode()
+    headers = {**tokens.headers(), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with client.post("/api/v1/things", data=gzip.compress(body), headers=headers) as r:
+        assert r.status == 200, await r.text()
+        seen = await r.json()
+    assert seen["body"] == body.decode()
+    assert "Content-Encoding" not in seen["headers"]
+    assert seen["headers"]["Content-Length"] == str(len(body))
+    async with client.post("/api/v1/things", data=body, headers=headers) as r:  # says gzip, is not
+        assert r.status == 400
+        assert (await r.json(content_type="application/problem+json"))["code"] == "MALFORMED_BODY"
+    assert service.instances[0].hits == 1
 
 
 async def test_the_query_string_is_forwarded_exactly_as_sent(fake_service, gateway, tokens):
