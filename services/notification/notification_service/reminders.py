@@ -60,7 +60,7 @@ class Reminders:
         self._wake = wake
 
     async def apply(self, todo: TodoSnapshot, *, event_id: str, event_at: datetime) -> None:
-        remind_at = todo.due_at - self._lead if todo.due_at is not None else None
+        remind_at = _lead_before(todo.due_at, self._lead) if todo.due_at is not None else None
         state = repository.TodoState(
             todo_id=todo.id,
             user_id=todo.user_id,
@@ -185,3 +185,13 @@ def reminder_values(title: str, due_at: datetime, now: datetime) -> dict[str, st
         "due_at": due_at.strftime("%a %d %b %Y, %H:%M UTC"),
         "due_at_iso": due_at.isoformat(),
     }
+
+
+def _lead_before(due_at: datetime, lead: timedelta) -> datetime:
+    try:
+        return due_at - lead
+    except OverflowError:
+        # Due within ``lead`` of the first date Python knows (the todo-service
+        # takes any RFC 3339 date): long past, so never reminded of. Clamped,
+        # not refused: refusing dead-lettered every later event of the todo.
+        return datetime.min.replace(tzinfo=UTC)

@@ -155,6 +155,24 @@ async def test_an_overdue_todo_gets_no_reminder(
     assert row is not None and row["sent"] is False
 
 
+async def test_a_due_date_at_the_start_of_the_calendar_is_handled_not_dead_lettered(
+    service: Client, broker: Broker, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    # A day's lead before 0001-01-01T12:00 is before the first date Python
+    # knows: the subtraction overflowed, and every later event of the todo
+    # (its completion too) went to the DLQ while the old reminder stayed.
+    owner = users.add(new_user())
+    early = {"id": "t7", "title": "Ancient", "due_at": "0001-01-01T12:00:00+00:00", "completed": False, "version": 1}
+    consumer = service.app[CONSUMER]
+    await broker.publish(todo_event("created", owner["id"], early))
+    await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the creation handled")
+    await broker.publish(todo_event("completed", owner["id"], {**early, "completed": True, "version": 2}))
+    await eventually(lambda: consumer.settled["acked"] == 2, within=10, what="the completion handled")
+    assert consumer.settled["dead_lettered"] == 0
+    row = await reminder_row(pool, "t7")
+    assert row is not None and row["cancelled"] is True and row["sent"] is False
+
+
 async def _sent(pool: aiopg.Pool, todo_id: str) -> bool:
     row = await reminder_row(pool, todo_id)
     return row is not None and row["sent"]
