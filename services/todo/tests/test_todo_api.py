@@ -8,6 +8,7 @@ import uuid
 import aiopg
 from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator
+from multidict import CIMultiDict
 
 from todo_service.events import EVENT_TYPES
 from todo_service.openapi import openapi_document
@@ -88,6 +89,17 @@ async def test_if_match_accepts_the_current_tag_weak_strong_or_any(client, alice
         )
         assert resp.status == 200, if_match
         assert resp.headers["ETag"] == f'W/"{version + 1}"'
+
+
+async def test_if_match_on_several_lines_is_one_list(client, alice):
+    todo = await create(client, alice)
+    await client.patch(f"/todos/{todo['id']}", json={"title": "v2"}, headers=alice.headers)
+    headers = CIMultiDict({**alice.headers})
+    headers.add("If-Match", 'W/"1"')
+    headers.add("If-Match", 'W/"2"')  # the current one, on the second line
+    resp = await client.patch(f"/todos/{todo['id']}", json={"title": "v3"}, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["ETag"] == 'W/"3"'
 
 
 async def test_completing_twice_changes_the_todo_once(client, alice):

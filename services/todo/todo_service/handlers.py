@@ -74,7 +74,7 @@ async def update_todo(request: web.Request) -> web.Response:
         owner_id,
         todo_id,
         changes,
-        if_match=parse_if_match(request.headers.get("If-Match")),
+        if_match=parse_if_match(request.headers.getall("If-Match", ())),
         correlation_id=request[REQUEST_ID],
     )
     return await _todo_response(request, owner_id, todo.snapshot())
@@ -85,7 +85,7 @@ async def complete_todo(request: web.Request) -> web.Response:
     todo = await request.app[TODOS].complete(
         owner_id,
         _todo_id(request),
-        if_match=parse_if_match(request.headers.get("If-Match")),
+        if_match=parse_if_match(request.headers.getall("If-Match", ())),
         correlation_id=request[REQUEST_ID],
     )
     return await _todo_response(request, owner_id, todo.snapshot())
@@ -96,7 +96,7 @@ async def reopen_todo(request: web.Request) -> web.Response:
     todo = await request.app[TODOS].reopen(
         owner_id,
         _todo_id(request),
-        if_match=parse_if_match(request.headers.get("If-Match")),
+        if_match=parse_if_match(request.headers.getall("If-Match", ())),
         correlation_id=request[REQUEST_ID],
     )
     return await _todo_response(request, owner_id, todo.snapshot())
@@ -107,7 +107,7 @@ async def delete_todo(request: web.Request) -> web.Response:
     await request.app[TODOS].delete(
         owner_id,
         _todo_id(request),
-        if_match=parse_if_match(request.headers.get("If-Match")),
+        if_match=parse_if_match(request.headers.getall("If-Match", ())),
         correlation_id=request[REQUEST_ID],
     )
     return web.Response(status=204)

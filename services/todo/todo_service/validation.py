@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -199,9 +199,11 @@ class IfMatch:
 _ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
 
 
-def parse_if_match(header: str | None) -> IfMatch | None:
-    if header is None:
+def parse_if_match(lines: Sequence[str]) -> IfMatch | None:
+    """The If-Match header from all its lines, which RFC 9110 reads as one list."""
+    if not lines:
         return None
+    header = ",".join(lines)
     if header.strip() == "*":
         return IfMatch(None)
     # A malformed tag matches nothing: the precondition fails, as it should.
