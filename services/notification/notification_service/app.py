@@ -17,10 +17,11 @@ from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import http_session_ctx
 from mesh_common.pruning import prune_ctx
 
-from .keys import SETTINGS
+from .keys import SETTINGS, STOPS
 from .retention import prune_jobs
 from .routes import setup_routes
 from .settings import Settings
+from .stops import Stops
 from .workers import consumer_ctx, delivery_ctx, scheduler_ctx
 
 # Inside the package, so that they ship in the wheel the images install.
@@ -34,6 +35,8 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> w
     """
     app = service_app(settings.service, middlewares=[auth_middleware()])
     app[SETTINGS] = settings
+    app[STOPS] = Stops()
+    app.on_shutdown.append(app[STOPS].begin)
     setup_routes(app)
     if verifier is None:
         verifier_ctx = jwks_ctx(

@@ -3,6 +3,7 @@
 ``create_app`` adds them after the database, AMQP, Consul and HTTP contexts
 they use, and before the Consul registration; cleanup runs in reverse, so
 the consumer has stopped (and drained) before the AMQP connection closes.
+The consumer's and the scheduler's stops begin together, though (``Stops``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mesh_common.http import HTTP_SESSION, SERVICE_CLIENT
 from .consumer import EventConsumer
 from .directory import ServiceTokens, UserDirectory
 from .events import EventHandler
-from .keys import CONSUMER, NOTIFIER, SCHEDULER, SETTINGS
+from .keys import CONSUMER, NOTIFIER, SCHEDULER, SETTINGS, STOPS
 from .mailer import Mailer
 from .notifier import Notifier
 from .reminders import Reminders, ReminderScheduler
@@ -72,10 +73,11 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         crash_after_send=settings.crash_after_send,
     )
     await consumer.start()
+    app[STOPS].add("consumer", consumer.stop)
     try:
         yield
     finally:
-        await consumer.stop()
+        await app[STOPS].finish("consumer")
 
 
 @asynccontextmanager
@@ -84,9 +86,8 @@ async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     ended = WorkerEnd("reminder-scheduler")
     task = asyncio.create_task(scheduler.run(), name=ended.name)
     task.add_done_callback(ended)
-    try:
-        yield
-    finally:
+
+    async def stop() -> None:
         ended.stopping = True
         scheduler.stop()
         _, still_running = await asyncio.wait({task}, timeout=SCHEDULER_STOP_TIMEOUT)
@@ -94,3 +95,9 @@ async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
             stuck.cancel()
         if still_running:  # and let it unwind before what it uses closes
             await asyncio.wait(still_running, timeout=SCHEDULER_STOP_TIMEOUT)
+
+    app[STOPS].add("scheduler", stop)
+    try:
+        yield
+    finally:
+        await app[STOPS].finish("scheduler")

@@ -1,15 +1,19 @@
-"""Stopping is bounded: a delivery stuck on a dependency is cancelled, and its event comes back."""
+"""Stopping is bounded: a delivery stuck on a dependency is cancelled, and its event comes back;
+and the service's workers stop side by side, not one after the other."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
-from notification_support import Broker, eventually, new_user, registered
+from notification_support import Broker, FakeUserService, eventually, new_user, registered, todo_event
 
 from mesh_common.events import Event
+from notification_service import workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT, EventConsumer
 from notification_service.notifier import Outcome
 from notification_service.topology import Topology
@@ -54,3 +58,45 @@ async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_eve
     # Never acked: with the connection gone, the broker has the event again.
     await eventually(lambda: broker.ready(topology.queue), within=10, what="the event back in the queue")
     assert await broker.ready(topology.queue) == 1
+
+
+async def test_the_consumer_and_the_reminder_scheduler_stop_side_by_side(
+    start_service: Any, settings: Any, broker: Broker, users: FakeUserService, monkeypatch: Any
+) -> None:
+    # An SMTP server that takes the connection and never greets: the
+    # scheduler's round hangs until its stop gives up on it. One after the
+    # other, the consumer's drain began only then (20 s in all with the
+    # default bounds, past compose's grace period).
+    monkeypatch.setattr(workers, "SCHEDULER_STOP_TIMEOUT", 2.0)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    smtp = await asyncio.start_server(silent, "127.0.0.1", 0)
+    stops: dict[str, float] = {}
+    consumer_stop = EventConsumer.stop
+
+    async def timed_stop(consumer: EventConsumer, **kwargs: Any) -> None:
+        stops["consumer"] = time.monotonic()
+        await consumer_stop(consumer, **kwargs)
+
+    monkeypatch.setattr(EventConsumer, "stop", timed_stop)
+    try:
+        hung = dataclasses.replace(settings.smtp, port=smtp.sockets[0].getsockname()[1], timeout=30.0)
+        client = await start_service(smtp=hung)
+        owner = users.add(new_user())
+        due = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        todo = {"id": "t-stop", "title": "Stop", "due_at": due, "completed": False, "version": 1}
+        await broker.publish(todo_event("created", owner["id"], todo))
+        await eventually(lambda: accepted, within=10, what="the reminder's SMTP connection")
+        stopping = time.monotonic()
+        await client.close()
+        stopped = time.monotonic()
+    finally:
+        for writer in accepted:
+            writer.close()
+        smtp.close()
+    assert stops["consumer"] - stopping < 1.0, "the consumer waited for the scheduler to stop"
+    assert stopped - stopping < 2.0 + 2.0 + 2.0  # the scheduler's bound, its unwinding, and slack
