@@ -5,6 +5,7 @@ contract."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from typing import Any
 
@@ -106,6 +107,34 @@ def test_services_get_as_long_to_stop_as_natively(app: App) -> None:
     # Leave Consul, drain, finish what is in flight, close: killed before
     # that, a consumer's unacked events come back and may be sent twice.
     assert services()[app.name]["stop_grace_period"] == f"{STOP_GRACE:g}s"
+
+
+@pytest.mark.parametrize("name", ["consul", "postgres", "redis", "rabbitmq", "envoy"])
+def test_the_infrastructure_gets_as_long_to_stop_as_natively(name: str) -> None:
+    from devstack.stack import STOP_GRACE
+
+    assert services()[name]["stop_grace_period"] == f"{STOP_GRACE:g}s"
+
+
+def _has_flags(command: list[str], *flags: str) -> bool:
+    return any(command[i : i + len(flags)] == list(flags) for i in range(len(command)))
+
+
+def test_the_infrastructure_runs_with_the_native_stacks_settings() -> None:
+    # What scripts/devstack/components.py passes natively, and the reason for each there.
+    svc = services()
+    assert _has_flags(svc["redis"]["command"], "--save", "", "--appendonly", "no")
+    assert _has_flags(svc["postgres"]["command"], "-c", "timezone=UTC")
+    assert _has_flags(svc["postgres"]["command"], "-c", "max_connections=300")
+    assert "--locale=C.UTF-8" in svc["postgres"]["environment"]["POSTGRES_INITDB_ARGS"]
+    assert _has_flags(svc["envoy"]["command"], "-l", "warn")
+    assert _has_flags(svc["envoy"]["command"], "--file-flush-interval-msec", "1000")
+
+
+def test_rabbitmq_is_the_release_line_the_definitions_come_from() -> None:
+    definitions = json.loads((REPO / "rabbitmq" / "definitions.json").read_text())
+    line = ".".join(definitions["rabbit_version"].split(".")[:2])
+    assert services()["rabbitmq"]["image"] == f"rabbitmq:{line}-management"
 
 
 @pytest.mark.parametrize("app", APPS, ids=repr)
