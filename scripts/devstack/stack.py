@@ -21,8 +21,13 @@ READY_TIMEOUT = 90.0
 STOP_GRACE = 20.0
 
 
+# Every URL the stack runner reads is on loopback: never through a proxy
+# that http_proxy names for the outside world.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get_json(url: str, timeout: float = 2.0) -> object:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    with _DIRECT.open(url, timeout=timeout) as resp:
         return json.load(resp)
 
 
