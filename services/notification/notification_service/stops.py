@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -19,10 +20,10 @@ class Stops:
     """
 
     def __init__(self) -> None:
-        self._stops: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._stops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
 
-    def add(self, name: str, stop: Callable[[], Awaitable[None]]) -> None:
+    def add(self, name: str, stop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._stops[name] = stop
 
     async def begin(self, app: web.Application) -> None:
@@ -34,9 +35,5 @@ class Stops:
 
     def _start(self, name: str) -> asyncio.Task[None]:
         if name not in self._running:
-
-            async def stop() -> None:
-                await self._stops[name]()
-
-            self._running[name] = asyncio.create_task(stop(), name=f"stop-{name}")
+            self._running[name] = asyncio.create_task(self._stops[name](), name=f"stop-{name}")
         return self._running[name]
