@@ -98,6 +98,11 @@ class Passwords:
             or stored.version < ARGON2_VERSION
             or stored.time_cost < wanted.time_cost
             or stored.memory_cost < wanted.memory_cost
+            # Lanes change the time a hash takes, not its strength: any
+            # difference is rehashed, or a wrong password for an account
+            # hashed before the change would answer in the old time for
+            # ever, apart from the dummy hash an unknown name is checked against.
+            or stored.parallelism != wanted.parallelism
         )
 
     def weakness(self, password: str, *, username: str = "", email: str = "") -> str | None:
