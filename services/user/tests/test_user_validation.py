@@ -43,6 +43,23 @@ async def test_a_registration_with_unstorable_text_names_the_field(
 
 
 @pytest.mark.parametrize(
+    "email",
+    ["alice\u200b@example.com", "ali\u202ece@example.com", "a\x01\x7f@example.com", "\x1b[31mx@example.com"],
+)
+async def test_an_email_with_invisible_or_control_characters_is_refused(client: Any, email: str) -> None:
+    # Each would be an account apart from the address it looks like.
+    assert await field_errors(await client.post("/users", json=registration(email=email))) == {"email"}
+
+
+async def test_an_email_is_one_account_however_its_accents_are_composed(client: Any, register: Any, login: Any) -> None:
+    decomposed, composed = "jose\u0301@example.com", "jos\u00e9@example.com"
+    await register("jose", decomposed)
+    assert (await login(composed))["access_token"]
+    response = await client.post("/users", json=registration(username="other", email=composed))
+    assert response.status == 409
+
+
+@pytest.mark.parametrize(
     ("path", "body", "field"),
     [
         ("/auth/login", {"username": "ada\x00", "password": PASSWORD}, "username"),

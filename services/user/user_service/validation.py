@@ -7,6 +7,7 @@ or a field a client hoped to set (``id``, ``password_hash``) fails loudly.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
@@ -77,10 +78,18 @@ def _username(fields: _Fields) -> str:
 def _email(fields: _Fields) -> str:
     email = fields.string("email")
     if email is not None:
-        email = email.strip()
-        if len(email) > MAX_EMAIL or not EMAIL.match(email):
+        email = _composed(email.strip())
+        # Invisible and control characters would make an account apart from
+        # the address it looks like (a zero-width space, a bidi override).
+        if len(email) > MAX_EMAIL or not EMAIL.match(email) or not email.isprintable():
             fields.error("email", "must be an email address")
     return email or ""
+
+
+def _composed(text: str) -> str:
+    # One spelling per address: "é" typed as one character or as "e" and an
+    # accent is one account, at registration, on a change and at login.
+    return unicodedata.normalize("NFC", text)
 
 
 def _display_name(fields: _Fields) -> str:
@@ -123,7 +132,7 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
         fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
     fields.check()
     # Spaces around a name are a slip of the keyboard, never part of it.
-    return (login or "").strip(), password or ""
+    return _composed((login or "").strip()), password or ""
 
 
 def profile_changes(body: dict[str, Any]) -> dict[str, str]:
