@@ -127,3 +127,9 @@ async def test_a_path_kept_for_services_is_never_published(fake_service, gateway
 def test_the_service_token_endpoint_is_not_published():
     assert API.match("/api/v1/auth/service-token") is None
     assert API.match("/api/v1/auth/login") is not None
+
+
+def test_what_tells_whether_an_email_is_taken_has_the_tighter_limit():
+    # Registration and a profile's new email both answer 409 for a taken one:
+    # probing through either is held to the logins' limit.
+    assert {("POST", "/api/v1/users"), ("PATCH", "/api/v1/users/me"), ("POST", "/api/v1/auth/login")} <= API.auth
