@@ -109,7 +109,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # A body that does not decompress as its Content-Encoding says, or
         # whose chunked framing breaks off: the client's doing, seen only
         # once the handler reads it.
-        return problem_response(MalformedBody("The request body does not decode as its headers say"))
+        response = problem_response(MalformedBody("The request body does not decode as its headers say"))
+        # What is left of that body cannot be read past: the connection ends
+        # here, or the next request on it would meet the broken decoder.
+        response.force_close()
+        return response
     except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # Refused, dropped or shut down, a statement past aiopg's timeout (it
         # closes that connection) or cancelled by the server, a pool with

@@ -67,6 +67,9 @@ async def test_a_body_that_does_not_decompress_is_a_400(
     async with client.post("/", data=b'{"title": "not compressed"}', headers=headers) as response:
         assert response.status == 400, await response.text()
         assert (await response.json(content_type="application/problem+json"))["code"] == "MALFORMED_BODY"
+    # The next request works (on a new connection: the old one ended there).
+    async with client.post("/", json={"title": "ok"}) as response:
+        assert response.status == 200
 
 
 @pytest.mark.parametrize(
