@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import NotFound, problem
+from mesh_common.problems import MalformedBody, NotFound, problem
 from mesh_common.requests import REQUEST_ID
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -141,10 +141,15 @@ class Proxy:
             raise NotFound(f"No route for {request.path}")
         body = await request.read() if request.can_read_body else None
         headers = forward_headers(request)
-        if body is not None and _inflated_by_aiohttp(request.headers.get("Content-Encoding", "")):
-            # What goes on is plain (and was held to the body limit inflated):
-            # it must not say otherwise.
-            headers.popall("Content-Encoding", None)
+        encodings = request.headers.getall("Content-Encoding", ())
+        if body is not None and encodings:
+            if len(encodings) > 1:
+                # aiohttp's parsers disagree on which of them they inflate by.
+                raise MalformedBody("Content-Encoding must be sent once")
+            if _inflated_by_aiohttp(encodings[0]):
+                # What goes on is plain (and was held to the body limit
+                # inflated): it must not say otherwise.
+                headers.popall("Content-Encoding")
         method = request.method
         # A POST is safe to repeat only where the service deduplicates by key.
         retry_safe = method in IDEMPOTENT or (
