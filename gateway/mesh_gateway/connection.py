@@ -23,6 +23,10 @@ import httptools
 
 # Past this much unread body, reading from the upstream pauses.
 HIGH_WATER = 1024 * 1024
+# A response head (status line, headers, interim responses) past this size
+# is broken: httptools would hold all of it, and one upstream could fill the
+# gateway's memory. aiohttp's own client allows 8 KiB a line.
+MAX_HEAD = 64 * 1024
 
 
 class UpstreamConnectError(Exception):
@@ -61,6 +65,7 @@ class Connection(asyncio.Protocol):
         self._informational = False
         self._in_head = False
         self._until_close = False
+        self._head_bytes = 0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +81,13 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"bad response: {exc}"))
+            return
+        if self._head is not None and not self._head.done():
+            # Counted after parsing: a read that ends the head may carry a
+            # large start of the body with it.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(UpstreamBroken(f"a response head over {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pool.discard(self)

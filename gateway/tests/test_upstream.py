@@ -8,6 +8,7 @@ will not misbehave on request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -150,6 +151,27 @@ async def test_garbage_is_not_a_response(upstream: Upstream) -> None:
 
     async with raw_server(garbage) as port:
         with pytest.raises(UpstreamBroken):
+            await upstream.request("GET", "127.0.0.1", port, "/", [])
+
+
+@pytest.mark.parametrize("shape", ["one long header", "many headers"])
+async def test_a_head_past_its_bound_is_broken_not_held(upstream: Upstream, shape: str) -> None:
+    # 4 MiB of head, sent without end: read and kept whole, an upstream
+    # could hold the gateway's memory (50 MB of headers grew it to 1 GB).
+    piece = (
+        b"X-A: " + b"a" * (4 * 1024 * 1024) + b"\r\n"
+        if shape == "one long header"
+        else b"X-A: 0123456789\r\n" * 250_000
+    )
+
+    async def bloated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n" + piece)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        await reader.read()  # never the end of the head
+
+    async with raw_server(bloated) as port, asyncio.timeout(5):
+        with pytest.raises(UpstreamBroken, match="head"):
             await upstream.request("GET", "127.0.0.1", port, "/", [])
 
 
