@@ -42,6 +42,8 @@ HOP_BY_HOP = frozenset(
     for h in (
         "Connection",
         "Keep-Alive",
+        # Not in RFC 9110, but old clients send it, and it means what Connection does.
+        "Proxy-Connection",
         "Proxy-Authenticate",
         "Proxy-Authorization",
         "TE",

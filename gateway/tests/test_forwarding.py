@@ -105,7 +105,7 @@ async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_
             b"GET /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
             + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
             + b"Connection: keep-alive, X-First\r\nConnection: X-Second\r\n"
-            b"X-First: 1\r\nX-Second: 2\r\nX-Kept: 3\r\nKeep-Alive: timeout=5\r\n\r\n"
+            b"X-First: 1\r\nX-Second: 2\r\nX-Kept: 3\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\r\n"
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
         length = int(
@@ -116,7 +116,7 @@ async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_
         writer.close()
     assert head.startswith(b"HTTP/1.1 200")
     assert seen["X-Kept"] == "3"
-    assert not {"X-First", "X-Second", "Keep-Alive"} & seen.keys()
+    assert not {"X-First", "X-Second", "Keep-Alive", "Proxy-Connection"} & seen.keys()
 
 
 async def test_a_path_kept_for_services_is_never_published(fake_service, gateway, tokens):
