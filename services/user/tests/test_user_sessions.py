@@ -8,6 +8,7 @@ from typing import Any
 
 import aiopg
 import jwt
+import pytest
 from argon2 import PasswordHasher
 
 from mesh_common.auth import VERIFIER, JwksVerifier
@@ -156,31 +157,29 @@ async def test_refresh_tokens_are_stored_hashed(register: Any, login: Any, db: a
     assert len(bytes(stored)) == 32
 
 
-async def test_an_old_hash_is_upgraded_at_login(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
-    user = await register()
-    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (weak, user["id"]))
-        await login()
-        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
-        (upgraded,) = await cur.fetchone()
-    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-    await login()
-
-
-async def test_a_hash_with_other_lanes_is_rehashed_at_login(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+@pytest.mark.parametrize(
+    "old",
+    [
+        {"time_cost": 1, "memory_cost": 8192, "parallelism": 1},
+        # Same strength, other timing: left as it was, a wrong password for
+        # this account would answer in another time than an unknown name.
+        {"time_cost": 2, "memory_cost": 19456, "parallelism": 2},
+    ],
+    ids=["weaker", "other lanes"],
+)
+async def test_an_old_hash_is_rehashed_at_login(
+    client: Any, register: Any, login: Any, db: aiopg.Pool, old: dict[str, int]
 ) -> None:
-    # Same strength, other timing: left as it was, a wrong password for this
-    # account would answer in another time than one for an unknown name.
     user = await register()
-    other_lanes = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=2).hash(PASSWORD)
     async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (other_lanes, user["id"]))
+        await cur.execute(
+            "UPDATE users SET password_hash = %s WHERE id = %s", (PasswordHasher(**old).hash(PASSWORD), user["id"])
+        )
         await login()
         await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
         (rehashed,) = await cur.fetchone()
     assert rehashed.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    await login()
 
 
 async def test_services_get_a_users_read_token_and_may_read_any_profile(client: Any, register: Any, auth: Any) -> None:
