@@ -80,7 +80,9 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"bad response: {exc}"))
+            # A callback of ours that refused the response raised the reason.
+            reason = exc.__context__
+            self._fail(reason if isinstance(reason, UpstreamBroken) else UpstreamBroken(f"bad response: {exc}"))
             return
         if self._head is not None and not self._head.done():
             # Counted after parsing: a read that ends the head may carry a
@@ -127,6 +129,17 @@ class Connection(asyncio.Protocol):
             self.headers = []
             return
         framed = {name.lower() for name, _ in self.headers} & {"content-length", "transfer-encoding"}
+        if "transfer-encoding" in framed:
+            codings = [
+                c.strip().lower() for n, v in self.headers if n.lower() == "transfer-encoding" for c in v.split(",")
+            ]
+            if codings != ["chunked"]:
+                # Any other coding (gzip, or gzip then chunked) would still be
+                # on the body once read, and Transfer-Encoding, hop-by-hop, does
+                # not go on with it: the client would get gzip labelled as
+                # plain. The gateway never offers one (TE stays behind); nginx
+                # and HAProxy answer 502 too.
+                raise UpstreamBroken(f"a transfer coding the gateway cannot pass on: {', '.join(codings)}")
         self._until_close = not framed and self.status not in (204, 304)
         if self._head is not None and not self._head.done():
             self._head.set_result(None)

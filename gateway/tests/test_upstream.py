@@ -405,3 +405,31 @@ def test_an_ipv6_instance_gets_a_valid_host_header() -> None:
     head = request_head("GET", "::1", 8000, "/todos", [("X-A", "b")], None)
     assert head == b"GET /todos HTTP/1.1\r\nHost: [::1]:8000\r\nX-A: b\r\n\r\n"
     assert b"\r\nHost: 10.0.0.7:8000\r\n" in request_head("GET", "10.0.0.7", 8000, "/", [], None)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        # Read until the connection closes, then forwarded without its
+        # Transfer-Encoding (hop-by-hop): gzip bytes, labelled as plain.
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00", "transfer coding", id="gzip"
+        ),
+        # The chunks undone, the gzip is still there.
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+            "transfer coding",
+            id="gzip, chunked",
+        ),
+    ],
+)
+async def test_an_answer_the_gateway_cannot_pass_on_as_it_came_is_broken(
+    upstream: Upstream, answer: bytes, reason: str
+) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    async with raw_server(reply) as port:
+        with pytest.raises(UpstreamBroken, match=reason):  # a 502, at the head: not a byte of it goes on
+            await upstream.request("GET", "127.0.0.1", port, "/", [])
