@@ -123,6 +123,11 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self.status = self._parser.get_status_code()
+        if self.status == 101:
+            # The rest is another protocol, and the gateway proxies no
+            # upgrades. Refused here: else llhttp stops with HttpParserUpgrade,
+            # no HttpParserError, and asyncio logs a crash.
+            raise UpstreamBroken("101 Switching Protocols: the gateway proxies no upgrades")
         if self.status < 200:
             # "100 Continue" and friends come before the real response: skip them.
             self._informational = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -421,10 +422,16 @@ def test_an_ipv6_instance_gets_a_valid_host_header() -> None:
             "transfer coding",
             id="gzip, chunked",
         ),
+        # To a plain GET: the gateway proxies no upgrades.
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "101",
+            id="101",
+        ),
     ],
 )
 async def test_an_answer_the_gateway_cannot_pass_on_as_it_came_is_broken(
-    upstream: Upstream, answer: bytes, reason: str
+    upstream: Upstream, answer: bytes, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(answer)
@@ -433,3 +440,4 @@ async def test_an_answer_the_gateway_cannot_pass_on_as_it_came_is_broken(
     async with raw_server(reply) as port:
         with pytest.raises(UpstreamBroken, match=reason):  # a 502, at the head: not a byte of it goes on
             await upstream.request("GET", "127.0.0.1", port, "/", [])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # refused, not crashed on
