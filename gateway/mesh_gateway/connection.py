@@ -128,6 +128,10 @@ class Connection(asyncio.Protocol):
             # upgrades. Refused here: else llhttp stops with HttpParserUpgrade,
             # no HttpParserError, and asyncio logs a crash.
             raise UpstreamBroken("101 Switching Protocols: the gateway proxies no upgrades")
+        if self.status < 100:
+            # llhttp takes any three digits. Skipped as interim, such an answer
+            # would have the body it declared join the next one's.
+            raise UpstreamBroken(f"a status below 100: {self.status:03d}")
         if self.status < 200:
             # "100 Continue" and friends come before the real response: skip them.
             self._informational = True

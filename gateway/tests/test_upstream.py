@@ -428,6 +428,13 @@ def test_an_ipv6_instance_gets_a_valid_host_header() -> None:
             "101",
             id="101",
         ),
+        # Not interim, not HTTP: skipped as a 1xx, 099 would have its body join the answer.
+        pytest.param(
+            b"HTTP/1.1 099 X\r\nContent-Length: 4\r\n\r\nevilHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "below 100",
+            id="099",
+        ),
+        pytest.param(b"HTTP/1.1 000 X\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "below 100", id="000"),
     ],
 )
 async def test_an_answer_the_gateway_cannot_pass_on_as_it_came_is_broken(
