@@ -117,8 +117,14 @@ class Connection(asyncio.Protocol):
             # A chunked body's trailer fields: forwarded as headers, they would
             # appear or not depending on how the bytes happened to arrive.
             return
-        # As aiohttp decodes them: bytes that are not UTF-8 survive the round trip.
-        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        try:
+            # aiohttp writes header values as UTF-8 and nothing else: its C
+            # writer drops what it cannot encode (bytes kept by surrogateescape),
+            # its Python one raises. Bytes that are not UTF-8 cannot go on as
+            # they came, and a value changed on the way is no answer to pass on.
+            self.headers.append((name.decode(), value.decode()))
+        except UnicodeDecodeError:
+            raise UpstreamBroken(f"a header value that is not UTF-8: {name.decode(errors='replace')}") from None
 
     def on_headers_complete(self) -> None:
         self._in_head = False
