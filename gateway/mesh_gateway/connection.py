@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self._in_head = False
         self._until_close = False
         self._head_bytes = 0
+        self._body_announced = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +157,13 @@ class Connection(asyncio.Protocol):
                 # and HAProxy answer 502 too.
                 raise UpstreamBroken(f"a transfer coding the gateway cannot pass on: {', '.join(codings)}")
         self._until_close = not framed and self.status not in (204, 304)
+        if self.status == 204 and framed:
+            # A 204 ends at its head (RFC 9112 6.3); one that announces a body
+            # may send it once the connection is back in the pool, as the start
+            # of the next answer. (A 304 may announce the body it does not send.)
+            self._body_announced = any(
+                n.lower() == "transfer-encoding" or v.strip() != "0" for n, v in self.headers if n.lower() in framed
+            )
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -173,7 +181,7 @@ class Connection(asyncio.Protocol):
             return
         self._complete = True
         # Asked now: once this callback returns, llhttp resets for the next message.
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = self._parser.should_keep_alive() and not self._body_announced
         self._wake()
 
     # -- used by Upstream and UpstreamResponse

@@ -451,3 +451,38 @@ async def test_an_answer_the_gateway_cannot_pass_on_as_it_came_is_broken(
         with pytest.raises(UpstreamBroken, match=reason):  # a 502, at the head: not a byte of it goes on
             await upstream.request("GET", "127.0.0.1", port, "/", [])
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # refused, not crashed on
+
+
+async def test_a_204_that_announces_a_body_leaves_its_connection_unused(upstream: Upstream) -> None:
+    # A 204 ends at its head. This one says a body follows, and sends it once
+    # the next request has come on the same connection: reused, the
+    # connection would take that body for the next request's answer.
+    late = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+    answered = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        owed = b""
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answered += 1
+                if answered == 1:
+                    writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n" % len(late))
+                    owed = late
+                else:
+                    writer.write(owed + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                    owed = b""
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
+        port = int(server.sockets[0].getsockname()[1])
+        deleted = await upstream.request("DELETE", "127.0.0.1", port, "/", [])
+        assert (deleted.status, await deleted.read()) == (204, b"")
+        second = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await asyncio.wait_for(second.read(), 5) == b"second"
+        upstream.close()  # so that the handlers see the end
