@@ -163,6 +163,20 @@ async def test_an_index_that_does_not_move_does_not_make_the_watch_spin(aiohttp_
     assert elapsed >= 2 * MIN_POLL_GAP * 0.9, f"{answers - before} polls in {elapsed:.3f} s"
 
 
+async def test_an_index_of_0_is_sent_back_as_1_so_that_the_next_query_blocks(aiohttp_server):
+    """Consul's guidance: an index below 1 is a Consul bug, and index=0 never blocks."""
+    asked: list[str | None] = []
+
+    async def health(request: web.Request) -> web.Response:
+        asked.append(request.query.get("index"))
+        return web.json_response(consul_entries(2), headers={"X-Consul-Index": "0"})
+
+    async with watching(aiohttp_server, health) as watch:
+        assert await watch.wait_ready(5)
+        await eventually(lambda: len(asked) >= 2)
+    assert asked[1] == "1", asked
+
+
 async def test_a_query_consul_never_answers_is_given_up_and_sent_again(aiohttp_server, monkeypatch):
     # A frozen agent, or a half-open connection: the query neither answers nor fails.
     monkeypatch.setattr(discovery, "STALL_SLACK", 0.3)

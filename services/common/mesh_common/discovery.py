@@ -130,8 +130,12 @@ class ServiceWatch:
                 # must not stop the rest of the set from being seen.
                 log.warning("consul_instance_skipped", service=self.service, address=address)
         instances = tuple(sorted(found, key=lambda i: i.id))
-        # Consul may reset the index (a restart); start over rather than block forever.
-        if self.index is not None and index is not None and int(index) < int(self.index):
+        if index is not None and int(index) < 1:
+            # A Consul bug by its own docs, and index=0 never blocks: ask
+            # from 1 instead, as Consul's blocking-query guidance says.
+            index = "1"
+        elif self.index is not None and index is not None and int(index) < int(self.index):
+            # Consul may reset the index (a restart); start over rather than block forever.
             index = "0"
         if instances != self.instances:
             log.info("instances_changed", service=self.service, instances=[i.id for i in instances])
