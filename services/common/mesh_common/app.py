@@ -48,13 +48,16 @@ class Worker(Protocol):
         """Make ``run`` return soon, after the unit of work in hand."""
 
 
-def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupCtx:
+def worker_ctx(name: str, make: Callable[[web.Application], Worker], *, grace: float = 5.0) -> CleanupCtx:
     """Run ``make(app).run()`` as a task for the app's lifetime.
 
-    On shutdown the worker is told to stop, and also cancelled: cancelling
-    alone is not enough on Python 3.11, where a cancellation that arrives as a
-    query or a confirm completes can be swallowed (``asyncio.wait_for``, used
-    by aiopg), and the loop would go on forever.
+    On shutdown the worker is told to stop and given ``grace`` seconds to
+    finish the unit of work in hand: cancelled mid-batch, a relay would drop
+    publishes the broker already has, and the next instance would send them
+    again. Then it is cancelled anyway: cancelling alone is not enough on
+    Python 3.11, where a cancellation that arrives as a query or a confirm
+    completes can be swallowed (``asyncio.wait_for``, used by aiopg), and the
+    loop would go on forever.
     """
 
     @asynccontextmanager
@@ -68,6 +71,7 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker]) -> CleanupC
         finally:
             watch.stopping = True
             worker.stop()
+            await asyncio.wait({task}, timeout=grace)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 

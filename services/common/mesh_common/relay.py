@@ -65,7 +65,7 @@ class OutboxRelay:
         # change committed and before anything was published.
         self._crash_before_publish = crash_before_publish
         self._wake = asyncio.Event()
-        self._stopping = False
+        self._stopped = asyncio.Event()
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
@@ -148,14 +148,14 @@ class OutboxRelay:
 
     def stop(self) -> None:
         """Make ``run`` return after the batch in hand (see ``worker_ctx``)."""
-        self._stopping = True
+        self._stopped.set()
         self._wake.set()
 
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen(), name="outbox-listen")
         delay = 0.1
         try:
-            while not self._stopping:
+            while not self._stopped.is_set():
                 # Cleared before looking, so that a NOTIFY arriving while a
                 # batch is published wakes the next wait instead of being lost.
                 self._wake.clear()
@@ -169,7 +169,10 @@ class OutboxRelay:
                     # returned: the rows stay unsent and are tried again.
                     await self._drop_channel()
                     log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
-                    await asyncio.sleep(delay)
+                    # Woken by stop() too: a shutdown does not sit out the backoff.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._stopped.wait()
                     delay = min(delay * 2, 5.0)
                     continue
                 delay = 0.1

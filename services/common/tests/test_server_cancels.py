@@ -100,3 +100,36 @@ async def test_a_worker_that_ends_while_the_app_runs_is_logged_even_as_cancelled
     assert [(entry["event"], entry["worker"], entry["reason"]) for entry in logs] == [
         ("worker_ended", "outbox-relay", "cancelled")
     ]
+
+
+async def test_a_stopped_worker_finishes_the_batch_in_hand_before_it_is_cancelled() -> None:
+    finished = []
+
+    class Batching:
+        def __init__(self) -> None:
+            self.stopping = False
+
+        async def run(self) -> None:
+            while not self.stopping:
+                await asyncio.sleep(0.2)  # a batch: publishes and their confirms
+                finished.append("batch")
+
+        def stop(self) -> None:
+            self.stopping = True
+
+    async with worker_ctx("outbox-relay", lambda app: Batching())(web.Application()):
+        await asyncio.sleep(0.05)
+    assert finished == ["batch"]
+
+
+async def test_a_worker_that_does_not_stop_is_cancelled_after_its_grace() -> None:
+    class Deaf:
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+        def stop(self) -> None:
+            pass
+
+    async with asyncio.timeout(5):
+        async with worker_ctx("outbox-relay", lambda app: Deaf(), grace=0.1)(web.Application()):
+            pass

@@ -104,3 +104,23 @@ async def test_a_publish_that_never_settles_gives_its_rows_back_in_bounded_time(
         # Unsent, and no longer locked by a transaction left open.
         await cur.execute("SELECT published_at FROM outbox WHERE id = %s FOR UPDATE NOWAIT", (event.id,))
         assert await cur.fetchone() == (None,)
+
+
+async def test_a_relay_in_its_back_off_stops_at_once(db: aiopg.Pool) -> None:
+    """The shutdown gives a worker time to finish its batch, not to sit out a back-off."""
+    relay = OutboxRelay(db, _Connection(), poll_interval=0.05)  # type: ignore[arg-type]
+    batches = 0
+
+    async def publish_batch() -> int:
+        nonlocal batches
+        batches += 1
+        raise ConnectionError("the broker is away")
+
+    relay.publish_batch = publish_batch  # type: ignore[method-assign]
+    running = asyncio.create_task(relay.run())
+    async with asyncio.timeout(5):
+        while batches < 4:  # back-offs of 0.1, 0.2 and 0.4 s: it now waits 0.8 s
+            await asyncio.sleep(0.01)
+    relay.stop()
+    async with asyncio.timeout(0.4):
+        await running
