@@ -126,11 +126,17 @@ class OutboxRelay:
                     ),
                     return_exceptions=True,
                 )
+            # The rows the broker confirmed are marked sent even when others
+            # failed: kept back with them, a whole batch would be published
+            # again on every retry, for as long as one row keeps failing.
+            sent, failure = [], None
             for (event_id, routing_key, *_), outcome in zip(rows, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    sent.append(str(event_id))
+                    continue
                 if isinstance(outcome, aio_pika.exceptions.PublishError):
                     # Not even the alternate exchange took it: the broker lacks our definitions.
                     log.error("outbox_event_unroutable", event_id=str(event_id), routing_key=routing_key)
-            for outcome in outcomes:
                 if isinstance(outcome, asyncio.CancelledError):
                     # One publish cancelled, not this task: aiormq cancels the
                     # confirms still pending when a channel closes. Raised as
@@ -138,13 +144,14 @@ class OutboxRelay:
                     # with the outbox filling up behind it.
                     if (task := asyncio.current_task()) is not None and task.cancelling():
                         raise outcome
-                    raise ConnectionError("a publish was cancelled: its channel closed") from outcome
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            await cur.execute(
-                "UPDATE outbox SET published_at = now() WHERE id = ANY(%s::uuid[])", ([str(r[0]) for r in rows],)
-            )
-        return len(rows)
+                    cancelled, outcome = outcome, ConnectionError("a publish was cancelled: its channel closed")
+                    outcome.__cause__ = cancelled
+                failure = failure or outcome
+            if sent:
+                await cur.execute("UPDATE outbox SET published_at = now() WHERE id = ANY(%s::uuid[])", (sent,))
+        if failure is not None:
+            raise failure
+        return len(sent)
 
     def stop(self) -> None:
         """Make ``run`` return after the batch in hand (see ``worker_ctx``)."""

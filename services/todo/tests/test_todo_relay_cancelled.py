@@ -124,3 +124,30 @@ async def test_a_relay_in_its_back_off_stops_at_once(db: aiopg.Pool) -> None:
     relay.stop()
     async with asyncio.timeout(0.4):
         await running
+
+
+async def test_the_rows_the_broker_confirmed_are_marked_sent_when_others_failed(db: aiopg.Pool) -> None:
+    events = [Event(type="todo.created", user_id="u", data={"id": f"t{n}"}, correlation_id="c") for n in range(3)]
+    async with transaction(db) as cur:
+        for event in events:
+            await enqueue(cur, event)
+    failing = events[1].id
+
+    class _OneFails(_ClosingChannel):
+        async def publish(self, message: Any, *args: Any, **kwargs: Any) -> None:
+            if message.message_id == failing:
+                raise ConnectionError("this one was not confirmed")
+
+    class _OneFailsConnection(_Connection):
+        async def channel(self, **kwargs: Any) -> _ClosingChannel:
+            return _OneFails()
+
+    relay = OutboxRelay(db, _OneFailsConnection())  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError, match="not confirmed"):
+        await relay.publish_batch()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT id::text FROM outbox WHERE id = ANY(%s::uuid[]) AND published_at IS NULL", ([e.id for e in events],)
+        )
+        # Only the failed one is sent again: not the whole batch, on every retry.
+        assert await cur.fetchall() == [(failing,)]
