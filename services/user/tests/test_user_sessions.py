@@ -42,9 +42,10 @@ async def test_access_tokens_are_short_lived_eddsa_jwts(client: Any, register: A
 
 async def test_the_jwks_publishes_only_public_ed25519_keys(client: Any) -> None:
     jwks = await (await client.get("/.well-known/jwks.json")).json()
-    (key,) = jwks["keys"]
-    assert {key["kty"], key["crv"], key["alg"], key["use"]} == {"OKP", "Ed25519", "EdDSA", "sig"}
-    assert "d" not in key
+    assert len(jwks["keys"]) == 2  # the active key, and the next one
+    for key in jwks["keys"]:
+        assert {key["kty"], key["crv"], key["alg"], key["use"]} == {"OKP", "Ed25519", "EdDSA", "sig"}
+        assert "d" not in key
 
 
 async def test_refresh_rotates_the_pair_and_spends_the_old_token(client: Any, register: Any, login: Any) -> None:
@@ -224,18 +225,22 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
     old_kid = jwt.get_unverified_header(old_token)["kid"]
     verifier = client.app[VERIFIER]
 
+    published = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
     new_kid = await rotate_keys(db)
+    # Published before it signed: no verifier meets it first in a token.
+    assert new_kid in published and new_kid != old_kid
     await verifier.refresh(force=True)  # what every instance does each SIGNING_KEY_REFRESH_SECONDS
     new_token = (await login())["access_token"]
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
     kids = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
-    assert kids == {old_kid, new_kid}
+    next_kid = (kids - published).pop()
+    assert kids == {old_kid, new_kid, next_kid}
     assert (await client.get("/users/me", headers=auth(old_token))).status == 200
 
     assert await retire_keys(db) == [old_kid]
     await verifier.refresh(force=True)
     kids = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
-    assert kids == {new_kid}
+    assert kids == {new_kid, next_kid}
     assert (await client.get("/users/me", headers=auth(old_token))).status == 401
     assert (await client.get("/users/me", headers=auth(new_token))).status == 200
 
@@ -277,11 +282,19 @@ async def test_instances_starting_together_agree_on_one_signing_key(
 ) -> None:
     clients = await asyncio.gather(*(aiohttp_client(create_app(settings, register=False)) for _ in range(3)))
     documents = [await (await c.get("/.well-known/jwks.json")).json() for c in clients]
-    assert len(documents[0]["keys"]) == 1
+    assert len(documents[0]["keys"]) == 2  # the active key, and the next one
     assert all(document == documents[0] for document in documents)
     async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT count(*) FROM signing_keys WHERE state = 'active'")
-        assert await cur.fetchone() == (1,)
+        await cur.execute("SELECT state, count(*) FROM signing_keys GROUP BY state ORDER BY state")
+        assert await cur.fetchall() == [("active", 1), ("next", 1)]
+
+
+async def test_a_rotation_with_no_next_key_makes_both(client: Any, db: aiopg.Pool) -> None:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("DELETE FROM signing_keys WHERE state = 'next'")
+        kid = await rotate_keys(db)
+        await cur.execute("SELECT state, kid = %s FROM signing_keys ORDER BY state", (kid,))
+        assert await cur.fetchall() == [("active", True), ("next", False), ("retiring", False)]
 
 
 async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(

@@ -21,14 +21,14 @@ from mesh_common.settings import env_str
 
 from .app import MIGRATIONS, create_app
 from .settings import Settings
-from .signing_keys import ensure_active_key, retire_keys, rotate_keys
+from .signing_keys import ensure_keys, retire_keys, rotate_keys
 
 
 async def manage_keys(database_url: str, command: str, kid: str | None) -> None:
     async with aiopg.create_pool(database_url, minsize=1, maxsize=1) as pool:
         await migrate(pool, MIGRATIONS)
         if command == "rotate-keys":
-            await ensure_active_key(pool)
+            await ensure_keys(pool)
             print(await rotate_keys(pool))
         else:
             print("\n".join(await retire_keys(pool, kid)) or "no retiring key")

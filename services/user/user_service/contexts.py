@@ -20,7 +20,7 @@ from mesh_common.transactions import server_cancels_as_errors
 
 from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
 from .passwords import Passwords, load_common_passwords, lower_thread_priority
-from .signing_keys import KeyStore, ensure_active_key
+from .signing_keys import KeyStore, ensure_keys
 from .throttle import LoginThrottle
 from .tokens import TokenIssuer
 
@@ -62,7 +62,7 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
     @asynccontextmanager
     async def open_signing_keys(app: web.Application) -> AsyncIterator[None]:
         policy = app[SETTINGS].tokens
-        await ensure_active_key(app[DB])
+        await ensure_keys(app[DB])
         store = KeyStore(app[DB])
         await store.load()
 

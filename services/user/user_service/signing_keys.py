@@ -1,11 +1,17 @@
 """The Ed25519 keys tokens are signed with: kept in the database, cached here.
 
 Every instance signs with the one ``active`` key of the shared table, so a
-token from any instance verifies on every other. Rotation is two steps,
+token from any instance verifies on every other. The key that will sign
+next is published first: a ``next`` key is in the JWKS from when it is made,
+so every verifier has fetched it long before a token names it. (Published
+only at rotation, a new key was unknown for up to the verifiers' refresh
+cool-down to any verifier that had fetched just before: valid tokens got a
+401, and a client that sees one logs its user out.) Rotation is two steps,
 apart by at least an access-token lifetime:
 
-1. ``rotate_keys``: a new key becomes active; the old one turns ``retiring``,
-   which signs nothing but stays in the JWKS, so tokens it signed still verify.
+1. ``rotate_keys``: the next key becomes active, and a new next key is made;
+   the old active key turns ``retiring``, which signs nothing but stays in
+   the JWKS, so tokens it signed still verify.
 2. ``retire_keys``: retiring keys leave the JWKS; tokens they signed are refused.
 
 ``python -m user_service rotate-keys`` and ``retire-keys`` run these.
@@ -51,34 +57,44 @@ def _new_key_row() -> tuple[str, str]:
     return uuid.uuid4().hex[:16], pem.decode()
 
 
-INSERT_ACTIVE = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s, %s, 'active')"
+INSERT_KEY = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s, %s, %s)"
 
 
-async def ensure_active_key(pool: aiopg.Pool) -> None:
-    """Create an active key unless there is one.
+async def ensure_keys(pool: aiopg.Pool) -> None:
+    """Create the active key and the next one, unless there are.
 
     Two instances starting on an empty table both try; the partial unique
-    index lets exactly one insert win and the other do nothing.
+    indexes let exactly one insert of each win and the other do nothing.
     """
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            INSERT_ACTIVE + " ON CONFLICT (state) WHERE state = 'active' DO NOTHING RETURNING kid", _new_key_row()
-        )
-        created = await cur.fetchone()
-    if created:
-        log.info("signing_key_created", kid=created[0])
+        for state in ("active", "next"):
+            await cur.execute(
+                INSERT_KEY + " ON CONFLICT (state) WHERE state = %s DO NOTHING RETURNING kid",
+                (*_new_key_row(), state, state),
+            )
+            created = await cur.fetchone()
+            if created:
+                log.info("signing_key_created", kid=created[0], state=state)
 
 
 async def rotate_keys(pool: aiopg.Pool) -> str:
-    """Make a new active key; the active one becomes retiring. Returns the new kid."""
-    kid, pem = _new_key_row()
+    """The next key becomes active, the active one retiring; a new next key is made. Returns the active kid."""
     async with transaction(pool) as cur:
         # Two rotations at once would otherwise both retire the same key and
         # then collide on the one-active index.
         await cur.execute("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")
         await cur.execute("UPDATE signing_keys SET state = 'retiring' WHERE state = 'active'")
-        await cur.execute(INSERT_ACTIVE, (kid, pem))
-    log.info("signing_key_rotated", kid=kid)
+        await cur.execute("UPDATE signing_keys SET state = 'active' WHERE state = 'next' RETURNING kid")
+        promoted = await cur.fetchone()
+        if promoted:
+            kid = promoted[0]
+        else:
+            # No next key (its row was deleted): an unpublished key signs,
+            # which is what rotation did before next keys existed.
+            kid, pem = _new_key_row()
+            await cur.execute(INSERT_KEY, (kid, pem, "active"))
+        await cur.execute(INSERT_KEY, (*_new_key_row(), "next"))
+    log.info("signing_key_rotated", kid=kid, published_before=promoted is not None)
     return kid
 
 
@@ -96,7 +112,7 @@ async def retire_keys(pool: aiopg.Pool, kid: str | None = None) -> list[str]:
 
 
 class KeyStore:
-    """The active and retiring keys, parsed once and re-read on ``load``."""
+    """The next, active and retiring keys, parsed once and re-read on ``load``."""
 
     def __init__(self, pool: aiopg.Pool) -> None:
         self._pool = pool
@@ -108,7 +124,7 @@ class KeyStore:
             # Start-up creates the active key and rotation replaces it, so
             # only a deleted row gets here: make a new key rather than fail
             # every login until a restart.
-            await ensure_active_key(self._pool)
+            await ensure_keys(self._pool)
             rows = await self._read()
         keys = {}
         for kid, pem, state in rows:
@@ -121,7 +137,7 @@ class KeyStore:
         async with self._pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT kid, private_key_pem, state FROM signing_keys"
-                " WHERE state IN ('active', 'retiring') ORDER BY created_at"
+                " WHERE state IN ('next', 'active', 'retiring') ORDER BY created_at"
             )
             return list(await cur.fetchall())
 
