@@ -87,7 +87,7 @@ async def rotate_keys(pool: aiopg.Pool) -> str:
         await cur.execute("UPDATE signing_keys SET state = 'active' WHERE state = 'next' RETURNING kid")
         promoted = await cur.fetchone()
         if promoted:
-            kid = promoted[0]
+            kid = str(promoted[0])
         else:
             # No next key (its row was deleted): an unpublished key signs,
             # which is what rotation did before next keys existed.
