@@ -71,7 +71,11 @@ async def main(smtp_port: int, api_port: int) -> None:
     messages: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     keeper = Keeper(messages)
-    smtp = await loop.create_server(lambda: SMTP(keeper, hostname="mailsink.local"), "127.0.0.1", smtp_port)
+    # SMTPUTF8 as Mailpit offers it: without it, mail to a non-ASCII address
+    # (which the user-service takes) would be refused natively and sent in compose.
+    smtp = await loop.create_server(
+        lambda: SMTP(keeper, hostname="mailsink.local", enable_SMTPUTF8=True), "127.0.0.1", smtp_port
+    )
     app = web.Application()
     app[MESSAGES] = messages
     app.router.add_get("/api/v1/messages", list_messages)

@@ -10,7 +10,8 @@ connection or a 4xx answer mean the server does not have the message: tried
 again here with exponential backoff and full jitter, each time on a fresh
 session, then reported as ``MailServerUnavailable`` so that the event is
 retried later from the retry queues. Each attempt has ``timeout`` seconds to
-get that far. A 5xx answer is final (``MailRejected``).
+get that far. A 5xx answer is final (``MailRejected``), and so is a server
+that does not offer SMTPUTF8 for an address that needs it.
 
 From DATA on, the message may be on the server, so nothing is retried here.
 An answer still says what became of it: 250 sent, 4xx
@@ -191,6 +192,11 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         if all(_transient(code) for code in codes):
             return MailServerUnavailable(f"recipients deferred: {codes}")
         return MailRejected(f"recipients refused: {codes}")
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        # aiosmtplib's only use of it: an address is not ASCII and the server
+        # does not offer SMTPUTF8. That is the address's lot with this server,
+        # not an outage: retrying would fail the same way for a day.
+        return MailRejected("the server does not offer SMTPUTF8, which the address needs")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 552:
         # At MAIL FROM, with the SIZE we declare: this message is too big (RFC 1870).
         return MailRejected("SMTP 552: the message is too big")

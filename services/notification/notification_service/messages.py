@@ -93,7 +93,7 @@ def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str
     message = EmailMessage(policy=POLICY)
     message["From"] = sender
     try:
-        message["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
+        message["To"] = _address(recipient.name, recipient.email)
     # The email package refuses an address in several ways, not all of them
     # ValueErrors ("a@b..de" is a HeaderParseError, "a@" an IndexError); every
     # one is about this address, and would fail the same way every time.
@@ -108,3 +108,23 @@ def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str
     if rendered.html is not None:
         message.add_alternative(rendered.html, subtype="html")
     return message
+
+
+def _address(name: str, addr_spec: str) -> Address:
+    """The address, if an email can carry it (with SMTPUTF8 when it is not ASCII).
+
+    RFC 6531 allows UTF-8 in the local part ("josé@example.com"). The email
+    package parses one but flags it (``NonASCIILocalPartDefect``), and
+    ``Address(addr_spec=...)`` raises the first flag it finds, which may hide
+    a real fault. So such a local part is checked with ASCII letters in place
+    of the others, and must then be a plain dot-atom: it is used as it is,
+    where a quoted one would need unquoting first.
+    """
+    local, at, domain = addr_spec.rpartition("@")
+    if local.isascii():
+        return Address(display_name=name, addr_spec=addr_spec)
+    stand_in = "".join(c if c.isascii() else "a" for c in local)
+    checked = Address(addr_spec=f"{stand_in}{at}{domain}")
+    if checked.username != stand_in:
+        raise ValueError("a non-ASCII local part must be a dot-atom")
+    return Address(display_name=name, username=local, domain=checked.domain)

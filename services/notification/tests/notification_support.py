@@ -279,6 +279,7 @@ class SmtpSink:
     quit_delay: float = 0.0  # seconds before the answer to QUIT
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     data_gate: asyncio.Event | None = None  # when set, the answer to DATA waits for it
+    smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
 
@@ -316,7 +317,10 @@ class SmtpSink:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _SinkSession(self, hostname="sink.test", loop=loop), "127.0.0.1", self.port, reuse_address=True
+            lambda: _SinkSession(self, hostname="sink.test", enable_SMTPUTF8=self.smtputf8, loop=loop),
+            "127.0.0.1",
+            self.port,
+            reuse_address=True,
         )
 
     async def stop(self) -> None:

@@ -66,12 +66,39 @@ def test_a_title_with_line_breaks_cannot_break_the_subject_header() -> None:
 
 # Addresses the user-service's check lets through that no email can carry,
 # each refused by the email package in a different way.
-@pytest.mark.parametrize("address", ["bob@example.com.", "a@b..de", "[x]@y.de", "a@", "a b@c.de"])
+@pytest.mark.parametrize(
+    "address", ["bob@example.com.", "a@b..de", "[x]@y.de", "a@", "a b@c.de", "jo..sé@example.test", "josé@x..de"]
+)
 def test_an_address_no_email_can_carry_is_a_value_error(address: str) -> None:
     # The notifier turns a ValueError into MailRejected: the DLQ at once, not a bug retried.
     rendered = render("welcome", {"name": "Ada", "username": "ada"})
     with pytest.raises(ValueError, match="not a valid address"):
         compose(rendered, sender=SENDER, recipient=Recipient(address, "Ada"), msgid="<a@b>")
+
+
+# The user-service takes addresses with non-ASCII characters (RFC 6531),
+# in the local part as in the domain.
+@pytest.mark.parametrize("address", ["josé@example.test", "ada@exämple.test", "δοκιμή@παράδειγμα.test"])
+async def test_a_non_ascii_address_is_sent_with_smtputf8_when_the_server_offers_it(
+    smtp: SmtpSink, address: str
+) -> None:
+    smtp.smtputf8 = True  # as Mailpit and the native stack's sink
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
+    await mailer.send(an_email(address))  # type: ignore[arg-type]
+    await mailer.close()
+    [received] = smtp.received
+    assert received.recipients == [address]
+    assert str(received.message["To"]) == f"Ada <{address}>"
+
+
+async def test_a_server_without_smtputf8_refuses_a_non_ascii_address_for_good(smtp: SmtpSink) -> None:
+    # Not an outage to wait out: that server can never take this address.
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailRejected):
+        await mailer.send(an_email("ada@exämple.test"))  # type: ignore[arg-type]
+    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]  # ASCII ones still go through
+    await mailer.close()
+    assert [r.recipients for r in smtp.received] == [["ada@example.test"]]
 
 
 def test_message_ids_are_one_per_event_and_kind() -> None:
