@@ -44,6 +44,7 @@ JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
 class InvalidToken(Unauthorized):
     code = "INVALID_TOKEN"
     title = "The access token is invalid"
+    default_headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}  # RFC 6750
 
 
 # Not a 401: the token may well be valid, and a client that took a 401 for
@@ -257,7 +258,7 @@ async def authenticate(request: web.Request) -> Principal:
     """The caller behind the request's bearer token, stored as ``request[PRINCIPAL]``; or a 401."""
     token = bearer_token(request)
     if token is None:
-        raise Unauthorized("A bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("A bearer token is required")
     principal = await request.app[VERIFIER].verify(token)
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(user=principal.subject)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2
 import structlog
@@ -30,11 +30,13 @@ class Problem(Exception):
     status = 500
     code = "INTERNAL_ERROR"
     title = "Internal server error"
+    # Headers every response of this kind carries (a 401's challenge).
+    default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
-        self.headers = headers or {}
+        self.headers = {**self.default_headers, **(headers or {})}
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -50,7 +52,9 @@ class Problem(Exception):
 
 def problem(status: int, code: str, title: str) -> type[Problem]:
     """Declare a Problem subclass in one line: ``TodoNotFound = problem(404, ...)``."""
-    return type(code.title().replace("_", ""), (Problem,), {"status": status, "code": code, "title": title})
+    # A 401 is an Unauthorized, for the challenge every 401 carries.
+    base = Unauthorized if status == 401 else Problem
+    return type(code.title().replace("_", ""), (base,), {"status": status, "code": code, "title": title})
 
 
 class Unauthorized(Problem):
@@ -58,6 +62,8 @@ class Unauthorized(Problem):
     status = 401
     code = "UNAUTHORIZED"
     title = "Authentication required"
+    # RFC 9110: a 401 must carry at least one challenge.
+    default_headers = {"WWW-Authenticate": "Bearer"}
 
 
 NotFound = problem(404, "NOT_FOUND", "Not found")
@@ -83,6 +89,8 @@ def problem_response(exc: Problem) -> web.Response:
     )
 
 
+# What aiohttp's own errors say that a client needs (a 405's Allow).
+_KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 _HTTP_TO_PROBLEM: dict[int, type[Problem]] = {
     404: NotFound,
     405: MethodNotAllowed,
@@ -103,8 +111,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         kind = _HTTP_TO_PROBLEM.get(exc.status)
         if kind is None:
             kind = problem(exc.status, f"HTTP_{exc.status}", exc.reason)
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return problem_response(kind(headers=allow))
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return problem_response(kind(headers=kept))
     except web.RequestPayloadError:
         # A body that does not decompress as its Content-Encoding says, or
         # whose chunked framing breaks off: the client's doing, seen only

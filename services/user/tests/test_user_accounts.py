@@ -75,6 +75,17 @@ async def test_me_needs_a_token(client: Any) -> None:
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+async def test_every_401_carries_a_challenge(client: Any, register: Any) -> None:
+    # RFC 9110: a 401 must say how to authenticate; RFC 6750 names the error.
+    response = await client.get("/users/me", headers={"Authorization": "Bearer not-a-token"})
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    await register()
+    response = await client.post("/auth/login", json={"username": "ada", "password": "not the password"})
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
 async def test_me_returns_the_callers_profile(client: Any, register: Any, login: Any, auth: Any) -> None:
     user = await register()
     tokens = await login()
