@@ -49,3 +49,32 @@ async def test_serve_freezes_its_startup_objects_and_stops_on_sigterm() -> None:
         await asyncio.gather(server, return_exceptions=True)  # its cleanup runs, even on failure
         gc.unfreeze()
         sock.close()
+
+
+async def test_a_failed_start_unwinds_what_had_started_before_serve_returns() -> None:
+    events = []
+
+    async def opened(app: web.Application):  # type: ignore[no-untyped-def]
+        events.append("opened")
+        yield
+        events.append("closed")
+
+    async def broken(app: web.Application):  # type: ignore[no-untyped-def]
+        raise ConnectionError("Consul is away")
+        yield
+
+    app = web.Application()
+    app.cleanup_ctx.extend([opened, broken])
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        try:
+            await serve(app, sock)
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("serve() started an app whose start-up failed")
+        # In order, before serve() returned: not whenever the generator is
+        # finalized, after asyncio.run has already cancelled what it closes.
+        assert events == ["opened", "closed"]
+    finally:
+        sock.close()
