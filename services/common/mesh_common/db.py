@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import aiopg
+import psycopg2
 import structlog
 from aiohttp import web
 
@@ -84,7 +85,10 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
                     )
                     await cur.execute("COMMIT")
                 except BaseException:
-                    await cur.execute("ROLLBACK")
+                    # On a connection aiopg closed (a timeout, a cancel) the
+                    # ROLLBACK fails too, and must not hide why we got here.
+                    with suppress(psycopg2.Error):
+                        await cur.execute("ROLLBACK")
                     raise
                 applied_now.append(version)
         finally:

@@ -120,3 +120,14 @@ async def waits_for_advisory_lock(cur: Any) -> bool:
     await cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def test_a_migration_that_times_out_reports_the_timeout(
+    scratch: aiopg.Pool, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # aiopg closes the connection of a statement past its timeout; the
+    # ROLLBACK that follows fails on it, and must not replace the timeout.
+    monkeypatch.setattr("mesh_common.db.MIGRATION_TIMEOUT", 0.3)
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(2)")
+    with pytest.raises(TimeoutError):
+        await migrate(scratch, [tmp_path])
