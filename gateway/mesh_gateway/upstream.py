@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator, Iterable
 
 from multidict import CIMultiDict
 
-from .connection import HIGH_WATER, Connection, Pool, PoolTimeout, UpstreamBroken, UpstreamConnectError
+from .connection import HIGH_WATER, Connection, UpstreamBroken, UpstreamConnectError
+from .pool import Pool, PoolTimeout
 
 __all__ = [
     "HIGH_WATER",
