@@ -10,6 +10,9 @@ The steps, and what a crash after each one leaves behind:
    token, and a claim is released only with its own: a delivery that was
    taken over cannot delete its successor's claim.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
+   Just before it, a caller's ``still_wanted`` may withdraw the email
+   (a reminder whose todo was completed meanwhile): the claim is
+   released and nothing is sent.
 3. Mark the row ``sent``. Then the consumer acks the event. Crash between
    3 and the ack: the redelivered event stops at step 1. No duplicate.
 
@@ -34,7 +37,7 @@ one of the mailer's sessions, so that the wait for one does not count.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 
 import aiopg
@@ -58,6 +61,7 @@ class Outcome(Enum):
     SENT = "sent"
     ALREADY_SENT = "already_sent"
     NO_RECIPIENT = "no_recipient"
+    WITHDRAWN = "withdrawn"
 
 
 class Notifier:
@@ -76,10 +80,14 @@ class Notifier:
         user_id: str,
         values: Mapping[str, str],
         recipient: Recipient | None = None,
+        still_wanted: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send the ``kind`` email for ``event_id`` unless it was sent already.
 
         ``recipient`` is looked up from the user-service unless given.
+        ``still_wanted``, if given, is asked once the email is claimed, just
+        before it is sent: the lookup and the wait for an SMTP session can
+        take long, and what the email is about may have changed meanwhile.
         """
         # A redelivery ends here, before a user lookup or the wait for a session.
         if await repository.notification_status(self._pool, event_id, kind) == "sent":
@@ -110,7 +118,9 @@ class Notifier:
                     return Outcome.ALREADY_SENT
                 raise DeliveryInProgress(f"{kind} for {event_id}")
             try:
-                await send(email)
+                wanted = still_wanted is None or await still_wanted()
+                if wanted:
+                    await send(email)
             except MailOutcomeUnknown:
                 # The server may have it: the claim stays, to be taken over and
                 # sent again only once its lease has run out.
@@ -120,6 +130,11 @@ class Notifier:
                 # The server does not have it: the next delivery may claim it at once.
                 await repository.release_notification(self._pool, event_id, kind, token)
                 raise
+            if not wanted:
+                # Released, not kept: should it be wanted again (a todo reopened), it can be sent.
+                await repository.release_notification(self._pool, event_id, kind, token)
+                log.info("notification_withdrawn", event_id=event_id, kind=kind)
+                return Outcome.WITHDRAWN
         await repository.mark_notification_sent(self._pool, event_id, kind)
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)
         return Outcome.SENT

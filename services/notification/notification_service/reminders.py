@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -148,7 +149,11 @@ class ReminderScheduler:
 
     async def _send(self, reminder: repository.DueReminder) -> bool | None:
         """True when done with, False when it failed for now, None when another delivery holds it."""
-        if not await repository.reminder_still_due(self._pool, reminder.todo_id, reminder.event_id):
+        still_due = functools.partial(repository.reminder_still_due, self._pool, reminder.todo_id, reminder.event_id)
+        # Asked here, before the user lookup, and again by the notifier just
+        # before it sends: the lookup and the wait for an SMTP session can be
+        # long enough for the todo to be completed, deleted or moved.
+        if not await still_due():
             return True  # completed, deleted or moved since this round read it
         with structlog.contextvars.bound_contextvars(todo_id=reminder.todo_id, event_id=reminder.event_id):
             try:
@@ -157,6 +162,7 @@ class ReminderScheduler:
                     kind="reminder",
                     user_id=reminder.user_id,
                     values=reminder_values(reminder.title, reminder.due_at, datetime.now(UTC)),
+                    still_wanted=still_due,
                 )
             except (DeliveryInProgress, MailOutcomeUnknown) as exc:
                 # About this one reminder, not about a dependency: the others go on.
@@ -170,7 +176,7 @@ class ReminderScheduler:
                 outcome = Outcome.NO_RECIPIENT
         if outcome is Outcome.NO_RECIPIENT:
             await repository.cancel_reminder(self._pool, reminder.todo_id, reminder.event_id)
-        else:
+        elif outcome is not Outcome.WITHDRAWN:  # withdrawn: the change that withdrew it is in the row already
             await repository.mark_reminder_sent(self._pool, reminder.todo_id, reminder.event_id)
         return True
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,12 +23,15 @@ from notification_support import (
 )
 
 from mesh_common.events import Event
+from notification_service.directory import Recipient
 from notification_service.events import todo_snapshot
 from notification_service.failures import MalformedEvent
 from notification_service.keys import CONSUMER
+from notification_service.mailer import SESSIONS, Mailer
 from notification_service.messages import message_id
-from notification_service.notifier import Outcome
+from notification_service.notifier import Notifier, Outcome
 from notification_service.reminders import Reminders, ReminderScheduler, TodoSnapshot
+from notification_service.settings import SmtpSettings
 
 
 def todo(
@@ -244,7 +250,7 @@ class CompletingNotifier:
         self.pool = pool
         self.sent: list[str] = []
 
-    async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str]) -> Outcome:
+    async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
         self.sent.append(values["title"])
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("UPDATE reminders SET cancelled = true WHERE title <> %s", (values["title"],))
@@ -272,7 +278,7 @@ async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool)
     sent: list[str] = []
 
     class StoppingNotifier:
-        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str]) -> Outcome:
+        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
             sent.append(values["title"])
             scheduler.stop()  # a shutdown begins while the first is being sent
             return Outcome.SENT
@@ -280,6 +286,46 @@ async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool)
     scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
     await scheduler._send_due()
     assert sent == ["One"]
+
+
+class AnsweringDirectory:
+    """The user-service's answer for everyone, and a sign that it was asked."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def recipient(self, user_id: str) -> Recipient:
+        self.asked.set()
+        return Recipient("ada@example.test", "Ada")
+
+
+async def test_a_reminder_completed_while_it_waits_for_an_smtp_session_is_not_sent(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    snapshot = TodoSnapshot("w1", "u", "Wait", datetime.now(UTC) + timedelta(hours=1), False, False, 1)
+    await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
+    directory = AnsweringDirectory()
+    notifier = Notifier(pool, mailer, directory, sender=MAIL_FROM)  # type: ignore[arg-type]
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=1)
+
+    async with contextlib.AsyncExitStack() as busy:  # every SMTP session busy, as behind a slow server
+        for _ in range(SESSIONS):
+            await busy.enter_async_context(mailer.slot())
+        round_ = asyncio.create_task(scheduler._send_due())
+        await asyncio.wait_for(directory.asked.wait(), timeout=10)  # checked as due, and on its way
+        completed = replace(snapshot, completed=True, version=2)
+        await reminders.apply(completed, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    await asyncio.wait_for(round_, timeout=10)
+    await mailer.close()
+
+    assert smtp.received == []
+    row = await reminder_row(pool, "w1")
+    assert row is not None and (row["cancelled"], row["sent"]) == (True, False)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM notifications")
+        assert await cur.fetchone() == (0,)  # the claim released: reopened, the todo is reminded of after all
 
 
 @pytest.mark.parametrize("version", [None, 0, -1, "2", 2.0, True])
