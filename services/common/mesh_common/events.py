@@ -43,5 +43,8 @@ class Event:
                 id=str(uuid.UUID(str(body["id"]))),
                 occurred_at=str(body["occurred_at"]),
             )
-        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # Not ValueErrors, but as malformed: OverflowError, a version of 1e999
+        # (infinity, which int() refuses); RecursionError, arrays or objects
+        # nested thousands deep, which fit in a small body.
+        except (KeyError, TypeError, OverflowError, RecursionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed event: {type(exc).__name__}") from None

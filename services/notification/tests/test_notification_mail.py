@@ -43,6 +43,10 @@ def valid_event() -> dict[str, object]:
         (b"\xff\xfe", MalformedEvent),
         (json.dumps({**valid_event(), "id": "not-a-uuid"}).encode(), MalformedEvent),
         (json.dumps({k: v for k, v in valid_event().items() if k != "data"}).encode(), MalformedEvent),
+        # Neither is a ValueError (an OverflowError, a RecursionError), and each
+        # was retried as a bug instead of going to the DLQ.
+        (json.dumps(valid_event()).encode()[:-1] + b', "version": 1e999}', MalformedEvent),  # the last one counts
+        (b"[" * 100_000 + b"]" * 100_000, MalformedEvent),
         (json.dumps({**valid_event(), "version": 2}).encode(), UnsupportedEvent),
         (json.dumps({**valid_event(), "type": "todo.archived"}).encode(), UnsupportedEvent),
     ],

@@ -1,0 +1,34 @@
+"""Event.from_json: whatever the body, a ValueError when it is not an envelope."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mesh_common.events import Event
+
+
+def envelope(**changes: object) -> bytes:
+    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
+    return json.dumps({**json.loads(event.to_json()), **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"\xff\xfe",
+        envelope(id="not-a-uuid"),
+        envelope(version="one"),
+        # Infinity, which int() refuses with an OverflowError (of two
+        # "version" keys, the last one counts).
+        envelope()[:-1] + b', "version": 1e999}',
+        # Nested deep enough for a RecursionError, in a small body.
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"type": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
+def test_a_body_that_is_not_an_envelope_is_a_value_error(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        Event.from_json(body)
