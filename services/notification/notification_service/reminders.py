@@ -119,6 +119,7 @@ class ReminderScheduler:
 
     async def _send_due(self) -> float:
         """Send every due reminder; returns how long to sleep before the next round."""
+        await repository.expire_overdue_reminders(self._pool)
         while True:
             due = await repository.due_reminders(self._pool, limit=self._batch)
             held = failures = 0

@@ -224,11 +224,31 @@ async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueRemind
     return [DueReminder(r[0], r[1], r[2], r[3], str(r[4])) for r in rows]
 
 
-async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
+async def expire_overdue_reminders(pool: aiopg.Pool) -> None:
+    """Cancel the reminders whose todo fell due unreminded: they will never be sent.
+
+    Left pending, they would stay first in reminders_pending (the earliest
+    remind_at) and every round would walk past them again. ``remind_at <=
+    now()`` is implied by the due date having passed, and lets the index
+    find them. A later event of the todo sets ``cancelled`` afresh.
+    """
     async with _cursor(pool) as cur:
         await cur.execute(
-            # GREATEST ignores a NULL retry_at.
-            f"SELECT min(GREATEST(remind_at, retry_at)) FROM reminders WHERE {_PENDING}"
+            "UPDATE reminders SET cancelled = true"
+            " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at <= now()"
+        )
+
+
+async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
+    """When the earliest pending reminder can be sent, its retry's time included."""
+    async with _cursor(pool) as cur:
+        await cur.execute(
+            # In two parts, each read from an index: min(GREATEST(remind_at,
+            # retry_at)) over every pending reminder read them all, every round.
+            # LEAST and GREATEST ignore NULLs.
+            f"SELECT LEAST("
+            f" (SELECT remind_at FROM reminders WHERE {_PENDING} AND retry_at IS NULL ORDER BY remind_at LIMIT 1),"
+            f" (SELECT min(GREATEST(remind_at, retry_at)) FROM reminders WHERE {_PENDING} AND retry_at IS NOT NULL))"
         )
         row = await cur.fetchone()
     return row[0] if row else None
