@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 from mesh_common.auth import VERIFIER, JwksVerifier
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
-from user_service.signing_keys import KeyStore, retire_keys, rotate_keys
+from user_service.signing_keys import KeyChangeRefused, KeyStore, retire_keys, rotate_keys
 
 PASSWORD = "a long and unusual passphrase"
 SERVICE_SECRET = "notification-secret-0123456789"
@@ -226,7 +226,7 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
     verifier = client.app[VERIFIER]
 
     published = {key["kid"] for key in (await (await client.get("/.well-known/jwks.json")).json())["keys"]}
-    new_kid = await rotate_keys(db)
+    new_kid = await rotate_keys(db, min_published=0)
     # Published before it signed: no verifier meets it first in a token.
     assert new_kid in published and new_kid != old_kid
     await verifier.refresh(force=True)  # what every instance does each SIGNING_KEY_REFRESH_SECONDS
@@ -264,7 +264,7 @@ async def test_the_refresher_follows_a_rotation_made_elsewhere_reading_the_keys_
 
     monkeypatch.setattr(KeyStore, "_read", counted_read)
     monkeypatch.setattr(JwksVerifier, "refresh", counted_refresh)
-    new_kid = await rotate_keys(db)  # as another instance, or the CLI, would
+    new_kid = await rotate_keys(db, min_published=0)  # as another instance, or the CLI, would
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while client.app[KEY_STORE].active.kid != new_kid or counts["refreshes"] < 4:
@@ -289,12 +289,51 @@ async def test_instances_starting_together_agree_on_one_signing_key(
         assert await cur.fetchall() == [("active", 1), ("next", 1)]
 
 
-async def test_a_rotation_with_no_next_key_makes_both(client: Any, db: aiopg.Pool) -> None:
+async def test_a_rotation_with_no_next_key_is_refused_unless_forced(client: Any, db: aiopg.Pool) -> None:
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("DELETE FROM signing_keys WHERE state = 'next'")
-        kid = await rotate_keys(db)
+        with pytest.raises(KeyChangeRefused, match="no next key"):
+            await rotate_keys(db)
+        kid = await rotate_keys(db, force=True)
         await cur.execute("SELECT state, kid = %s FROM signing_keys ORDER BY state", (kid,))
         assert await cur.fetchall() == [("active", True), ("next", False), ("retiring", False)]
+
+
+async def test_a_second_rotation_in_a_row_is_refused(client: Any, db: aiopg.Pool) -> None:
+    # Its next key was made a moment ago: a verifier that fetched the key set
+    # just before would not know the key, and would answer its tokens 401.
+    first = await rotate_keys(db, min_published=0)
+    with pytest.raises(KeyChangeRefused, match="published 0 s ago"):
+        await rotate_keys(db)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT kid FROM signing_keys WHERE state = 'active'")
+        assert await cur.fetchall() == [(first,)]
+
+
+async def test_a_key_that_stopped_signing_just_now_is_not_retired(client: Any, db: aiopg.Pool) -> None:
+    old = client.app[KEY_STORE].active.kid
+    new = await rotate_keys(db, min_published=0)
+    with pytest.raises(KeyChangeRefused, match="stopped signing less than 630 s ago"):
+        await retire_keys(db, min_retiring=630)
+    with pytest.raises(KeyChangeRefused, match="not a retiring key"):
+        await retire_keys(db, new, min_retiring=630)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT state FROM signing_keys WHERE kid = %s", (old,))
+        assert await cur.fetchone() == ("retiring",)
+        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '11 minutes' WHERE kid = %s", (old,))
+    assert await retire_keys(db, min_retiring=630) == [old]
+
+
+async def test_with_its_active_key_deleted_the_published_next_key_signs(
+    client: Any, register: Any, login: Any, db: aiopg.Pool
+) -> None:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT kid FROM signing_keys WHERE state = 'next'")
+        (next_kid,) = await cur.fetchone()
+        await cur.execute("DELETE FROM signing_keys WHERE state = 'active'")
+    await client.app[KEY_STORE].load()
+    await register()
+    assert jwt.get_unverified_header((await login())["access_token"])["kid"] == next_kid
 
 
 async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(

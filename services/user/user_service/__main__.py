@@ -1,11 +1,13 @@
 """``python -m user_service``: the only place that reads the environment.
 
     python -m user_service                      serve
-    python -m user_service rotate-keys          new active signing key; the old one turns retiring
+    python -m user_service rotate-keys          the next signing key signs; the active one turns retiring
     python -m user_service retire-keys [--kid]  retiring keys leave the JWKS; their tokens are refused
 
-Retire at least one access-token lifetime (plus SIGNING_KEY_REFRESH_SECONDS)
-after rotating, or tokens signed just before the rotation are cut short.
+Both refuse a change that would cut valid tokens short (exit status 1):
+rotating to a next key published less than 6 minutes ago (two rotations in a
+row), and retiring a key that stopped signing less than ACCESS_TOKEN_TTL +
+SIGNING_KEY_REFRESH_SECONDS ago. ``--force`` does it anyway.
 """
 
 import argparse
@@ -17,31 +19,42 @@ import aiopg
 from mesh_common.db import migrate
 from mesh_common.logs import configure_logging
 from mesh_common.serve import bind_socket, run
-from mesh_common.settings import env_str
+from mesh_common.settings import env_float, env_int, env_str
 
 from .app import MIGRATIONS, create_app
 from .settings import Settings
-from .signing_keys import ensure_keys, retire_keys, rotate_keys
+from .signing_keys import KeyChangeRefused, ensure_keys, retire_keys, rotate_keys
 
 
-async def manage_keys(database_url: str, command: str, kid: str | None) -> None:
+async def manage_keys(database_url: str, command: str, kid: str | None, *, min_retiring: float, force: bool) -> None:
     async with aiopg.create_pool(database_url, minsize=1, maxsize=1) as pool:
         await migrate(pool, MIGRATIONS)
-        if command == "rotate-keys":
-            await ensure_keys(pool)
-            print(await rotate_keys(pool))
-        else:
-            print("\n".join(await retire_keys(pool, kid)) or "no retiring key")
+        try:
+            if command == "rotate-keys":
+                await ensure_keys(pool)
+                print(await rotate_keys(pool, force=force))
+            else:
+                print(
+                    "\n".join(await retire_keys(pool, kid, min_retiring=min_retiring, force=force)) or "no retiring key"
+                )
+        except KeyChangeRefused as exc:
+            raise SystemExit(f"{command}: refused: {exc}") from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m user_service")
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "rotate-keys", "retire-keys"])
     parser.add_argument("--kid", help="retire only this key")
+    parser.add_argument("--force", action="store_true", help="even if valid tokens are cut short")
     args = parser.parse_args()
     if args.command != "serve":
         configure_logging(env_str(os.environ, "LOG_FORMAT", "console"))
-        asyncio.run(manage_keys(env_str(os.environ, "DATABASE_URL"), args.command, args.kid))
+        # As long as a token the key signed may live, and instances re-read keys.
+        min_retiring = env_int(os.environ, "ACCESS_TOKEN_TTL", 600) + env_float(
+            os.environ, "SIGNING_KEY_REFRESH_SECONDS", 30.0
+        )
+        database_url = env_str(os.environ, "DATABASE_URL")
+        asyncio.run(manage_keys(database_url, args.command, args.kid, min_retiring=min_retiring, force=args.force))
         return
     settings = Settings.from_env(os.environ)
     configure_logging(settings.service.log_format)

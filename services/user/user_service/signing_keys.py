@@ -58,56 +58,110 @@ def _new_key_row() -> tuple[str, str]:
 
 
 INSERT_KEY = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s, %s, %s)"
+LOCK_KEYS = "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE"
+# A verifier's key set is at most 300 s old (``max_key_age``), and it fetches
+# again for an unknown kid only after a 5 s cool-down: a next key published
+# for longer than this is known to every verifier.
+NEXT_KEY_MIN_AGE = 6 * 60.0
+
+
+class KeyChangeRefused(Exception):
+    """A rotation or retirement that would cut valid tokens short (``--force`` overrides)."""
 
 
 async def ensure_keys(pool: aiopg.Pool) -> None:
-    """Create the active key and the next one, unless there are.
+    """Make sure there is an active key and a next one.
 
-    Two instances starting on an empty table both try; the partial unique
-    indexes let exactly one insert of each win and the other do nothing.
+    With no active key but a next one (the active row was deleted), the next
+    key is promoted: it is published already, where a new one is not. The
+    table lock makes instances starting together agree.
     """
-    async with pool.acquire() as conn, conn.cursor() as cur:
+    async with transaction(pool) as cur:
+        await cur.execute(LOCK_KEYS)
+        await cur.execute("SELECT state FROM signing_keys WHERE state IN ('active', 'next')")
+        states = {row[0] for row in await cur.fetchall()}
+        if "active" not in states and "next" in states:
+            await cur.execute("UPDATE signing_keys SET state = 'active' WHERE state = 'next' RETURNING kid")
+            log.warning("signing_key_promoted", kid=(await cur.fetchone())[0], reason="no active key")
+            states = {"active"}
         for state in ("active", "next"):
-            await cur.execute(
-                INSERT_KEY + " ON CONFLICT (state) WHERE state = %s DO NOTHING RETURNING kid",
-                (*_new_key_row(), state, state),
-            )
-            created = await cur.fetchone()
-            if created:
-                log.info("signing_key_created", kid=created[0], state=state)
+            if state not in states:
+                kid, pem = _new_key_row()
+                await cur.execute(INSERT_KEY, (kid, pem, state))
+                log.info("signing_key_created", kid=kid, state=state)
 
 
-async def rotate_keys(pool: aiopg.Pool) -> str:
-    """The next key becomes active, the active one retiring; a new next key is made. Returns the active kid."""
+async def rotate_keys(pool: aiopg.Pool, *, min_published: float = NEXT_KEY_MIN_AGE, force: bool = False) -> str:
+    """The next key becomes active, the active one retiring; a new next key is made. Returns the active kid.
+
+    Refused (``KeyChangeRefused``) while the next key has been published for
+    less than ``min_published`` seconds: some verifier may not have fetched
+    it yet, and would answer its tokens with a 401. Two rotations in a row
+    are refused so. ``force`` rotates anyway, an unpublished key included.
+    """
     async with transaction(pool) as cur:
         # Two rotations at once would otherwise both retire the same key and
         # then collide on the one-active index.
-        await cur.execute("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")
-        await cur.execute("UPDATE signing_keys SET state = 'retiring' WHERE state = 'active'")
-        await cur.execute("UPDATE signing_keys SET state = 'active' WHERE state = 'next' RETURNING kid")
-        promoted = await cur.fetchone()
-        if promoted:
-            kid = str(promoted[0])
+        await cur.execute(LOCK_KEYS)
+        await cur.execute(
+            "SELECT kid, extract(epoch FROM now() - created_at)::float8 FROM signing_keys WHERE state = 'next'"
+        )
+        row = await cur.fetchone()
+        if not force:
+            if row is None:
+                raise KeyChangeRefused(
+                    "there is no next key to rotate to: ensure_keys publishes one; --force rotates anyway"
+                )
+            if row[1] < min_published:
+                raise KeyChangeRefused(
+                    f"the next key was published {row[1]:.0f} s ago; verifiers may not have it yet:"
+                    f" rotate after {min_published - row[1]:.0f} s more, or --force"
+                )
+        await cur.execute("UPDATE signing_keys SET state = 'retiring', retiring_at = now() WHERE state = 'active'")
+        if row is not None:
+            kid = str(row[0])
+            await cur.execute("UPDATE signing_keys SET state = 'active' WHERE kid = %s", (kid,))
         else:
-            # No next key (its row was deleted): an unpublished key signs,
-            # which is what rotation did before next keys existed.
             kid, pem = _new_key_row()
             await cur.execute(INSERT_KEY, (kid, pem, "active"))
         await cur.execute(INSERT_KEY, (*_new_key_row(), "next"))
-    log.info("signing_key_rotated", kid=kid, published_before=promoted is not None)
+    log.info("signing_key_rotated", kid=kid, forced=force)
     return kid
 
 
-async def retire_keys(pool: aiopg.Pool, kid: str | None = None) -> list[str]:
-    """Take retiring keys (all, or just ``kid``) out of the JWKS. Returns their kids."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
+async def retire_keys(
+    pool: aiopg.Pool, kid: str | None = None, *, min_retiring: float = 0.0, force: bool = False
+) -> list[str]:
+    """Take retiring keys (all, or just ``kid``) out of the JWKS. Returns their kids.
+
+    Only keys that stopped signing ``min_retiring`` seconds ago or more (an
+    access token's lifetime, plus how long instances take to stop signing
+    with them) unless ``force``: retired sooner, they cut valid tokens short.
+    ``KeyChangeRefused`` when ``kid`` is not retiring, or when every retiring
+    key is too recent.
+    """
+    async with transaction(pool) as cur:
+        await cur.execute(LOCK_KEYS)
         await cur.execute(
-            "UPDATE signing_keys SET state = 'retired', retired_at = now()"
-            " WHERE state = 'retiring' AND (%(kid)s::text IS NULL OR kid = %(kid)s) RETURNING kid",
+            "SELECT kid, coalesce(extract(epoch FROM now() - retiring_at)::float8, 'Infinity') FROM signing_keys"
+            " WHERE state = 'retiring' AND (%(kid)s::text IS NULL OR kid = %(kid)s)",
             {"kid": kid},
         )
-        retired = [row[0] for row in await cur.fetchall()]
-    log.info("signing_keys_retired", kids=retired)
+        retiring = dict(await cur.fetchall())
+        retired = sorted(k for k, age in retiring.items() if force or age >= min_retiring)
+        if retired:
+            await cur.execute(
+                "UPDATE signing_keys SET state = 'retired', retired_at = now() WHERE kid = ANY(%s)", (retired,)
+            )
+    kept = sorted(retiring.keys() - set(retired))
+    log.info("signing_keys_retired", kids=retired, kept=kept)
+    if kid is not None and not retiring:
+        raise KeyChangeRefused(f"{kid} is not a retiring key")
+    if kept and not retired:
+        raise KeyChangeRefused(
+            f"{', '.join(kept)} stopped signing less than {min_retiring:.0f} s ago: tokens it signed may still be"
+            " valid; --force retires anyway"
+        )
     return retired
 
 
@@ -120,10 +174,10 @@ class KeyStore:
 
     async def load(self) -> None:
         rows = await self._read()
-        if not any(state == "active" for _, _, state in rows):
-            # Start-up creates the active key and rotation replaces it, so
-            # only a deleted row gets here: make a new key rather than fail
-            # every login until a restart.
+        if {"active", "next"} - {state for _, _, state in rows}:
+            # Start-up creates both and rotation replaces both, so only a
+            # deleted row gets here: repair it now rather than fail every
+            # login (or the next rotation) until a restart.
             await ensure_keys(self._pool)
             rows = await self._read()
         keys = {}
