@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from user_service.app import create_app
+from user_service.keys import PASSWORD_SLOTS
 
 PASSWORD = "a long and unusual passphrase"
 
@@ -76,3 +78,27 @@ async def test_a_spelling_postgres_folds_onto_a_name_shares_its_count_known_or_n
         statuses = [(await attempt(client, name, "wrong password!")).status for _ in range(10)]
         assert statuses == [401] * 10
         assert (await attempt(client, name.replace("i", "İ", 1), "wrong password!")).status == 429, name
+
+
+async def test_a_login_that_waits_too_long_for_the_hasher_is_a_503(
+    aiohttp_client: Any, settings: Any, db: Any, redis: Any
+) -> None:
+    passwords = dataclasses.replace(settings.passwords, queue_seconds=0.2)
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, passwords=passwords), register=False))
+    slots = client.app[PASSWORD_SLOTS]
+    held = 0
+    while not slots.locked():  # every hashing slot busy, as in a storm
+        await slots.acquire()
+        held += 1
+    try:
+        # Without a bound it waited as long as the storm lasted, and then did
+        # the work for a caller the gateway had long given up on.
+        async with asyncio.timeout(5):
+            response = await attempt(client, "ada", PASSWORD)
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "1"
+        assert (await response.json())["code"] == "TOO_BUSY"
+    finally:
+        for _ in range(held):
+            slots.release()
+    assert (await attempt(client, "ada", PASSWORD)).status == 401  # served again once a slot is free

@@ -13,3 +13,5 @@ InvalidCredentials = problem(401, "INVALID_CREDENTIALS", "The username or passwo
 InvalidRefreshToken = problem(401, "INVALID_REFRESH_TOKEN", "The refresh token is invalid or expired")
 InvalidClient = problem(401, "INVALID_CLIENT", "The client credentials are invalid")
 UserNotFound = problem(404, "USER_NOT_FOUND", "No such user")
+# Not a 429: nobody in particular is over a limit; the service is, for now.
+HashingBusy = problem(503, "TOO_BUSY", "Too many sign-ins at once; try again in a moment")

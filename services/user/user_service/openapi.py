@@ -141,6 +141,7 @@ PATHS: dict[str, Any] = {
                 "409": _problem("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
                 "413": _TOO_LARGE,
                 "422": _INVALID,
+                "503": _problem("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
             },
         }
     },
@@ -193,7 +194,10 @@ PATHS: dict[str, Any] = {
                 "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
                 "422": _INVALID,
                 "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
-                "503": _problem("SERVICE_UNAVAILABLE: the login throttle (Redis) is away; see Retry-After"),
+                "503": _problem(
+                    "SERVICE_UNAVAILABLE: the login throttle (Redis) is away; TOO_BUSY: no hashing slot came free"
+                    " in time; see Retry-After"
+                ),
             },
         }
     },

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -23,6 +24,7 @@ from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from argon2.low_level import ARGON2_VERSION
 
+from .errors import HashingBusy
 from .settings import PasswordPolicy
 
 MIN_LENGTH = 8
@@ -38,6 +40,20 @@ def lower_thread_priority(nice: int) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+@contextlib.asynccontextmanager
+async def password_slot(slots: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
+    """One of the hashing slots, waited for at most ``wait`` seconds; a 503 past that."""
+    try:
+        async with asyncio.timeout(wait):
+            await slots.acquire()
+    except TimeoutError:
+        raise HashingBusy(headers={"Retry-After": "1"}) from None
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def load_common_passwords() -> frozenset[str]:

@@ -27,6 +27,10 @@ class PasswordPolicy:
     # Hashing threads run at this nice level, so that when CPU is short the
     # event loop (every other request) wins it, and logins wait instead.
     nice: int = 19
+    # Longest a login or registration waits for a hashing slot before a 503:
+    # past that, its caller (the gateway gives up at 5 s) is likely gone,
+    # and a queue without a bound only grows under a storm.
+    queue_seconds: float = 3.0
 
     def __post_init__(self) -> None:
         if self.time_cost < ARGON2_MIN_TIME_COST or self.memory_cost_kib < ARGON2_MIN_MEMORY_KIB:
@@ -35,6 +39,8 @@ class PasswordPolicy:
             raise SettingsError("ARGON2_WORKERS and ARGON2_PARALLELISM must be at least 1")
         if not 0 <= self.nice <= 19:
             raise SettingsError("ARGON2_NICE must be a nice level from 0 to 19")
+        if not self.queue_seconds > 0:
+            raise SettingsError("PASSWORD_QUEUE_SECONDS must be more than 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ class Settings:
                 parallelism=env_int(env, "ARGON2_PARALLELISM", 1),
                 workers=env_int(env, "ARGON2_WORKERS", 1),
                 nice=env_int(env, "ARGON2_NICE", 19),
+                queue_seconds=env_float(env, "PASSWORD_QUEUE_SECONDS", 3.0),
             ),
             throttle=ThrottlePolicy(
                 max_failures=env_int(env, "LOGIN_MAX_FAILURES", 10),
