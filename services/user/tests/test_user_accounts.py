@@ -135,11 +135,14 @@ async def test_a_user_may_read_their_own_profile_by_id_but_no_other(
     ada = await register("ada")
     grace = await register("grace")
     headers = auth((await login("ada"))["access_token"])
-    own = await client.get(f"/users/{ada['id']}", headers=headers)
-    assert own.status == 200
-    assert await own.json() == ada
-    other = await client.get(f"/users/{grace['id']}", headers=headers)
-    assert other.status == 403
+    # Any spelling of their own id that the service reads is theirs too.
+    for spelling in (ada["id"], ada["id"].upper(), f"urn:uuid:{ada['id']}", ada["id"].replace("-", "")):
+        own = await client.get(f"/users/{spelling}", headers=headers)
+        assert own.status == 200, spelling
+        assert await own.json() == ada
+    for spelling in (grace["id"], grace["id"].upper(), "not-an-id"):
+        other = await client.get(f"/users/{spelling}", headers=headers)
+        assert other.status == 403, spelling
 
 
 async def test_profiles_never_contain_the_password_hash(client: Any, register: Any, login: Any, auth: Any) -> None:

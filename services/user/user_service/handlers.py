@@ -71,16 +71,18 @@ async def update_my_profile(request: web.Request) -> web.Response:
 async def get_user(request: web.Request) -> web.Response:
     """A profile for other services (scope users:read), or for its own user."""
     principal = request[PRINCIPAL]
-    user_id = request.match_info["id"]
-    # Decided before any lookup, so that a refusal says nothing about the id.
-    if not (principal.is_service and principal.has_scope(USERS_READ)) and principal.subject != user_id:
-        raise Forbidden("Only the user themself or a service with users:read may read this profile")
     try:
-        # Python reads braces, "urn:uuid:" and missing hyphens, PostgreSQL
-        # does not: the canonical form is what goes to the query.
-        canonical = str(uuid.UUID(user_id))
+        # Python reads braces, "urn:uuid:", capitals and missing hyphens,
+        # PostgreSQL does not: the canonical form is what is compared and
+        # what goes to the query.
+        canonical: str | None = str(uuid.UUID(request.match_info["id"]))
     except ValueError:
-        raise UserNotFound() from None
+        canonical = None
+    # Decided before any lookup, so that a refusal says nothing about the id.
+    if not (principal.is_service and principal.has_scope(USERS_READ)) and principal.subject != canonical:
+        raise Forbidden("Only the user themself or a service with users:read may read this profile")
+    if canonical is None:
+        raise UserNotFound()
     user = await repository.get_user(request.app[DB], canonical)
     if user is None:
         raise UserNotFound()
