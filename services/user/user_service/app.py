@@ -19,6 +19,7 @@ from mesh_common.relay import outbox_relay_ctx
 
 from .contexts import open_login_throttle, open_passwords, signing_keys_ctx
 from .keys import PASSWORD_SLOTS, SETTINGS, WRITE_SLOTS
+from .passwords import HashingSlots
 from .refresh_tokens import prune_families
 from .routes import PUBLIC_ROUTES, setup_routes
 from .settings import Settings
@@ -40,7 +41,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
     # Logins and registrations beyond what the hashing threads can absorb
     # wait here, before they cost anything: a burst of them would otherwise
     # all query Redis and PostgreSQL at once, then queue for the hasher.
-    app[PASSWORD_SLOTS] = asyncio.Semaphore(2 * settings.passwords.workers)
+    app[PASSWORD_SLOTS] = HashingSlots(2 * settings.passwords.workers, wait=settings.passwords.queue_seconds)
     # Writes wait for their commit to reach the disk; when the disk stalls
     # (hundreds of milliseconds on a busy shared disk), they must not hold
     # every connection and make every read wait too.

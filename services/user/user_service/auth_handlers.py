@@ -20,7 +20,6 @@ from mesh_common.problems import ServiceUnavailable, TooManyRequests, read_json_
 from . import refresh_tokens, repository, validation
 from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
 from .keys import KEY_STORE, PASSWORD_SLOTS, PASSWORDS, SETTINGS, THROTTLE, TOKENS, WRITE_SLOTS
-from .passwords import password_slot
 from .tokens import USERS_READ
 
 log = structlog.get_logger()
@@ -41,7 +40,7 @@ def _token_pair(request: web.Request, user_id: str, refresh_token: str) -> web.R
 
 async def log_in(request: web.Request) -> web.Response:
     login, password = validation.credentials(await read_json_object(request))
-    async with password_slot(request.app[PASSWORD_SLOTS], request.app[SETTINGS].passwords.queue_seconds):
+    async with request.app[PASSWORD_SLOTS]:
         user_id = await _authenticate(request.app, login, password)
     async with request.app[WRITE_SLOTS]:
         refresh = await refresh_tokens.start_family(request.app[DB], user_id, request.app[SETTINGS].tokens)

@@ -17,8 +17,7 @@ from mesh_common.transactions import transaction
 from . import repository, validation
 from .errors import AccountExists, UserNotFound
 from .events import user_registered
-from .keys import PASSWORD_SLOTS, PASSWORDS, SETTINGS, WRITE_SLOTS
-from .passwords import password_slot
+from .keys import PASSWORD_SLOTS, PASSWORDS, WRITE_SLOTS
 from .tokens import USERS_READ
 
 log = structlog.get_logger()
@@ -29,7 +28,7 @@ async def register_user(request: web.Request) -> web.Response:
     registration = validation.registration(await read_json_object(request), passwords)
     # Hashed before we know whether the name is free, so that a duplicate
     # takes as long to refuse as a new account takes to create.
-    async with password_slot(request.app[PASSWORD_SLOTS], request.app[SETTINGS].passwords.queue_seconds):
+    async with request.app[PASSWORD_SLOTS]:
         password_hash = await passwords.hash(registration.password)
     try:
         async with request.app[WRITE_SLOTS], transaction(request.app[DB]) as cur:

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from .passwords import Passwords
+from .passwords import HashingSlots, Passwords
 from .settings import Settings
 from .signing_keys import KeyStore
 from .throttle import LoginThrottle
@@ -19,5 +19,5 @@ TOKENS = web.AppKey("user.tokens", TokenIssuer)
 THROTTLE = web.AppKey("user.login_throttle", LoginThrottle)
 # Bulkheads (see app.py): logins and registrations in progress at once,
 # and database connections that writes may hold at once.
-PASSWORD_SLOTS = web.AppKey("user.password_slots", asyncio.Semaphore)
+PASSWORD_SLOTS = web.AppKey("user.password_slots", HashingSlots)
 WRITE_SLOTS = web.AppKey("user.write_slots", asyncio.Semaphore)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -42,18 +41,19 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
-@contextlib.asynccontextmanager
-async def password_slot(slots: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
-    """One of the hashing slots, waited for at most ``wait`` seconds; a 503 past that."""
-    try:
-        async with asyncio.timeout(wait):
-            await slots.acquire()
-    except TimeoutError:
-        raise HashingBusy(headers={"Retry-After": "1"}) from None
-    try:
-        yield
-    finally:
-        slots.release()
+class HashingSlots(asyncio.Semaphore):
+    """Logins and registrations in progress at once; ``async with`` waits ``wait`` seconds at most, then a 503."""
+
+    def __init__(self, slots: int, wait: float) -> None:
+        super().__init__(slots)
+        self.wait = wait
+
+    async def __aenter__(self) -> None:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self.acquire()
+        except TimeoutError:
+            raise HashingBusy(headers={"Retry-After": "1"}) from None
 
 
 def load_common_passwords() -> frozenset[str]:
