@@ -20,7 +20,7 @@ from mesh_common.transactions import server_cancels_as_errors
 
 from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
 from .passwords import Passwords, load_common_passwords, lower_thread_priority
-from .signing_keys import KeyStore, ensure_keys
+from .signing_keys import KeyStore
 from .throttle import LoginThrottle
 from .tokens import TokenIssuer
 
@@ -62,9 +62,8 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
     @asynccontextmanager
     async def open_signing_keys(app: web.Application) -> AsyncIterator[None]:
         policy = app[SETTINGS].tokens
-        await ensure_keys(app[DB])
         store = KeyStore(app[DB])
-        await store.load()
+        await store.load()  # which makes the keys a new table lacks
 
         async def fetch() -> dict[str, Any]:
             with server_cancels_as_errors():  # a failed fetch, which the verifier knows how to take
