@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from mesh_common.resilience import BreakerBoard, UpstreamFailure
 from mesh_common.testing import TokenFactory, eventually
@@ -105,11 +105,16 @@ async def test_breaker_opens_on_5xx_and_half_opens_after_recovery(fake_service, 
 
 async def test_4xx_never_opens_a_breaker(fake_service, gateway, tokens):
     service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "client_error"
     client = await gateway(service, breaker_failures=2)
+    breakers = client.app[BREAKERS]
     for _ in range(5):
-        async with client.get("/api/v1/nothing-here", headers=tokens.headers()) as r:
-            assert r.status == 404  # no route: the gateway's own 404
-    assert not client.app[BREAKERS].is_open(service.instances[0].service_id)
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 409  # the upstream's answer, passed on
+    assert instance.hits == 5  # every one reached the instance: nothing was cut off
+    assert breakers.failures(instance.service_id) == 0
+    assert not breakers.is_open(instance.service_id)
 
 
 async def test_upstream_timeout_is_504(fake_service, gateway, tokens):
@@ -228,17 +233,17 @@ async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_els
         busy = next(i for i in service.instances if i.service_id == stream.headers["X-Upstream-Instance"])
         (other,) = (i for i in service.instances if i is not busy)
         other.mode = "ok"
-        waited = False
+        met_full_pool = False
         for _ in range(30):  # until one pick has met the full pool: each is a coin toss
-            started = time.perf_counter()
-            # A POST without a key is retried only if it was never sent.
-            async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
-                assert r.status == 200
-                assert r.headers["X-Upstream-Instance"] == other.service_id
-            if time.perf_counter() - started >= 0.3:
-                waited = True
+            with capture_logs() as logs:
+                # A POST without a key is retried only if it was never sent.
+                async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+                    assert r.status == 200
+                    assert r.headers["X-Upstream-Instance"] == other.service_id
+            if any(e["event"] == "upstream_pool_full" and e["upstream"] == busy.service_id for e in logs):
+                met_full_pool = True
                 break
-        assert waited
+        assert met_full_pool
         assert busy.hits == 1  # nothing more was sent to it
         assert breakers.failures(busy.service_id) == 0
         busy.stop_trickle.set()
