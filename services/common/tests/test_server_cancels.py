@@ -111,14 +111,16 @@ async def test_a_stopped_worker_finishes_the_batch_in_hand_before_it_is_cancelle
 
         async def run(self) -> None:
             while not self.stopping:
+                started.set()
                 await asyncio.sleep(0.2)  # a batch: publishes and their confirms
                 finished.append("batch")
 
         def stop(self) -> None:
             self.stopping = True
 
+    started = asyncio.Event()
     async with worker_ctx("outbox-relay", lambda app: Batching())(web.Application()):
-        await asyncio.sleep(0.05)
+        await started.wait()  # stopped mid-batch
     assert finished == ["batch"]
 
 

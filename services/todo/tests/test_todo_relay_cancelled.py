@@ -118,11 +118,12 @@ async def test_a_relay_in_its_back_off_stops_at_once(db: aiopg.Pool) -> None:
 
     relay.publish_batch = publish_batch  # type: ignore[method-assign]
     running = asyncio.create_task(relay.run())
-    async with asyncio.timeout(5):
-        while batches < 4:  # back-offs of 0.1, 0.2 and 0.4 s: it now waits 0.8 s
+    async with asyncio.timeout(10):
+        while batches < 5:  # back-offs of 0.1, 0.2, 0.4 and 0.8 s: it now waits 1.6 s
             await asyncio.sleep(0.01)
     relay.stop()
-    async with asyncio.timeout(0.4):
+    # Well short of the 1.6 s, and far above what stopping takes (milliseconds).
+    async with asyncio.timeout(1.0):
         await running
 
 

@@ -132,6 +132,8 @@ async def test_a_logout_racing_a_refresh_leaves_no_token_of_the_family_alive(
             await cur.execute("ROLLBACK")
     refreshed, logged_out = await asyncio.gather(refresh, logout)
     assert logged_out.status == 204
+    # Either order is right; anything else (a 500 from the loser) is not.
+    assert refreshed.status in (200, 401), await refreshed.text()
     if refreshed.status == 200:
         child = (await refreshed.json())["refresh_token"]
         assert (await client.post("/auth/refresh", json={"refresh_token": child})).status == 401
@@ -303,7 +305,7 @@ async def test_a_second_rotation_in_a_row_is_refused(client: Any, db: aiopg.Pool
     # Its next key was made a moment ago: a verifier that fetched the key set
     # just before would not know the key, and would answer its tokens 401.
     first = await rotate_keys(db, min_published=0)
-    with pytest.raises(KeyChangeRefused, match="published 0 s ago"):
+    with pytest.raises(KeyChangeRefused, match=r"published \d+ s ago"):
         await rotate_keys(db)
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT kid FROM signing_keys WHERE state = 'active'")
