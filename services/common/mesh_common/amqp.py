@@ -45,8 +45,9 @@ def amqp_ctx(url: str, *, wait_for_broker: bool = True) -> CleanupCtx:
             if not connection.connected.is_set():
                 raise ConnectionError("AMQP connection is down")
 
-        if wait_for_broker:  # otherwise a broker outage must not take the instance out of service
-            add_health_check(app, "rabbitmq", connected)
+        # Reported either way; required only where nothing works without it:
+        # an outbox lets the rest of the instance go on while it is away.
+        add_health_check(app, "rabbitmq", connected, required=wait_for_broker)
         try:
             yield
         finally:

@@ -1,9 +1,15 @@
 """``/health``: readiness with its dependencies, and ``/health/live``.
 
-Consul calls both (see consul.py). ``/health`` fails when a dependency does,
-so an instance whose database is gone leaves every healthy set until it is
-back. ``/health/live`` only says the process answers: what Consul's reaper,
-and an orchestrator that restarts what hangs, go by.
+Consul calls both (see consul.py). ``/health`` fails when a required
+dependency does, so an instance whose database is gone leaves every healthy
+set until it is back. A dependency that only some requests need (Redis for
+the user-service's login throttle, a broker that an outbox waits for) is
+reported but not required: every instance shares it, so failing on it would
+take all of them out at once, and the requests that do not need it with
+them. Its state still shows in the check's output, in Consul's UI.
+
+``/health/live`` only says the process answers: what Consul's reaper, and an
+orchestrator that restarts what hangs, go by.
 
 Consul's checks name the instance they are for (``?instance=<id>``), and
 another instance answers them 404. A killed instance stays registered until
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -23,13 +30,21 @@ from .problems import NotFound
 from .settings import ServiceSettings
 
 Check = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    run: Check
+    required: bool = True
+
+
 SERVICE = web.AppKey("mesh.service", ServiceSettings)
-HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, Check])
+HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, HealthCheck])
 CHECK_TIMEOUT = 1.5  # below Consul's check timeout (consul.CHECK_HTTP_TIMEOUT)
 
 
-def add_health_check(app: web.Application, name: str, check: Check) -> None:
-    app[HEALTH_CHECKS][name] = check
+def add_health_check(app: web.Application, name: str, check: Check, *, required: bool = True) -> None:
+    app[HEALTH_CHECKS][name] = HealthCheck(check, required)
 
 
 async def _run(check: Check) -> str:
@@ -51,16 +66,22 @@ async def health(request: web.Request) -> web.Response:
     _check_for_another(request)
     service = request.app[SERVICE]
     checks = request.app[HEALTH_CHECKS]
-    results = dict(zip(checks, await asyncio.gather(*(_run(c) for c in checks.values())), strict=True))
-    ok = all(r == "ok" for r in results.values())
+    results = dict(zip(checks, await asyncio.gather(*(_run(c.run) for c in checks.values())), strict=True))
+    ready = all(results[name] == "ok" for name, check in checks.items() if check.required)
+    if not ready:
+        status = "unavailable"
+    elif all(result == "ok" for result in results.values()):
+        status = "ok"
+    else:
+        status = "degraded"  # in service; some requests may fail on what is missing
     body = {
-        "status": "ok" if ok else "degraded",
+        "status": status,
         "service": service.name,
         "version": service.version,
         "instance": service.instance_id,
         "checks": results,
     }
-    return web.json_response(body, status=200 if ok else 503)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def live(request: web.Request) -> web.Response:

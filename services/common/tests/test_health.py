@@ -1,0 +1,46 @@
+"""Readiness: what every request needs is required, what some requests need is only reported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh_common.app import service_app
+from mesh_common.health import add_health_check
+from mesh_common.testing import loopback_service
+
+
+async def ok() -> None:
+    pass
+
+
+async def down() -> None:
+    raise ConnectionRefusedError
+
+
+@pytest.mark.parametrize(
+    ("database", "cache", "status", "reported"),
+    [
+        (ok, ok, 200, "ok"),
+        (ok, down, 200, "degraded"),  # in service: only the requests that need the cache fail
+        (down, ok, 503, "unavailable"),
+        (down, down, 503, "unavailable"),
+    ],
+)
+async def test_only_a_required_check_takes_an_instance_out(
+    aiohttp_client: Any, database: Any, cache: Any, status: int, reported: str
+) -> None:
+    app = service_app(loopback_service("svc", "http://127.0.0.1:1"))
+    add_health_check(app, "postgres", database)
+    add_health_check(app, "redis", cache, required=False)
+    client = await aiohttp_client(app)
+
+    response = await client.get("/health")
+    assert response.status == status
+    body = await response.json()
+    assert body["status"] == reported
+    assert body["checks"] == {
+        "postgres": "ok" if database is ok else "failing: ConnectionRefusedError",
+        "redis": "ok" if cache is ok else "failing: ConnectionRefusedError",
+    }

@@ -1,0 +1,54 @@
+"""With Redis away, only logins stop: the instance stays in service for everything else.
+
+Every instance shares the one Redis, so a readiness check that failed on it
+would take them all out of discovery at once, and with them profiles,
+refreshes and the key set that every verifier fetches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from user_service.app import create_app
+
+from .conftest import PASSWORD
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A loopback Redis URL whose port refuses connections, held so that nothing else takes it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+async def test_without_redis_logins_are_503_and_the_rest_goes_on(
+    aiohttp_client: Any, settings: Any, client: Any, register: Any, login: Any, auth: Any, refused_url: str
+) -> None:
+    await register("ada")
+    session = await login("ada")  # while Redis is there
+    cut_off = await aiohttp_client(create_app(dataclasses.replace(settings, redis_url=refused_url), register=False))
+
+    health = await cut_off.get("/health")
+    assert health.status == 200, await health.text()  # still ready: Consul keeps it in the healthy set
+    body = await health.json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["redis"].startswith("failing")
+    assert body["checks"]["postgres"] == "ok"
+
+    refused = await cut_off.post("/auth/login", json={"username": "ada", "password": PASSWORD})
+    assert refused.status == 503  # never let through unthrottled
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert (await refused.json())["code"] == "SERVICE_UNAVAILABLE"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+    me = await cut_off.get("/users/me", headers=auth(session["access_token"]))
+    assert me.status == 200, await me.text()
+    refreshed = await cut_off.post("/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    assert refreshed.status == 200, await refreshed.text()
+    assert (await cut_off.get("/.well-known/jwks.json")).status == 200
