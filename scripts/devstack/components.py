@@ -285,6 +285,7 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
     env = cfg.service_env("gateway") | {
         "SERVICE_HOST": address,
         "SERVICE_PORT": str(cfg.ports.gateway),
+        # Both local stacks show which instance answered (compose.yml too).
         "GATEWAY_EXPOSE_UPSTREAM": "1",
     }
     return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env)

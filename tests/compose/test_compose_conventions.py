@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+from devstack import components
+from devstack.config import StackConfig
+
 from .conftest import (
     APPS,
     APPS_BY_NAME,
@@ -291,3 +294,9 @@ def test_each_service_starts_from_its_compose_environment(service: str, settings
     env = {k: _DEFAULTED.sub(lambda m: m.group(2), str(v)) for k, v in env_of(services()[service]).items()}
     settings = importlib.import_module(settings_path).Settings.from_env(env)
     assert settings.service.port == int(env["SERVICE_PORT"])
+
+
+def test_the_gateway_names_the_instance_that_answered_as_natively() -> None:
+    native = components.gateway(StackConfig.from_env({}), 1).env
+    compose = env_of(services()["gateway"])
+    assert compose["GATEWAY_EXPOSE_UPSTREAM"] == native["GATEWAY_EXPOSE_UPSTREAM"] == "1"
