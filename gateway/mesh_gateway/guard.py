@@ -57,10 +57,12 @@ def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
     return any(address in network for network in proxies)
 
 
-async def enforce_limits(request: web.Request, *, user: str | None) -> Decision | None:
+async def enforce_limits(request: web.Request, *, user: str | None) -> None:
     """Count the request; refuse it (429) when over a limit.
 
-    Returns ``None`` when Redis is away and the request may pass anyway.
+    The decision is kept on the request, for the ``RateLimit-*`` headers of
+    whatever answers it; there is none when Redis is away and a read passes
+    anyway.
     """
     table = request.app[ROUTE_TABLE]
     try:
@@ -74,7 +76,7 @@ async def enforce_limits(request: web.Request, *, user: str | None) -> Decision 
         raise RateLimiterDown(headers={"Retry-After": "1"}) from None
     if not decision.allowed:
         raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
-    return decision
+    request[RATE_DECISION] = decision
 
 
 @web.middleware
@@ -87,12 +89,11 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             user = (await authenticate(request)).subject
         except Unauthorized:
             # A failed authentication still counts against the caller's IP,
-            # so that guessing tokens is limited like everything else.
+            # so that guessing tokens is limited like everything else (and
+            # its 401 carries the RateLimit-* headers too).
             await enforce_limits(request, user=None)
             raise
-    decision = await enforce_limits(request, user=user)
-    if decision is not None:
-        request[RATE_DECISION] = decision
+    await enforce_limits(request, user=user)
     return await handler(request)
 
 

@@ -84,6 +84,13 @@ async def test_every_counted_response_says_where_its_caller_stands(fake_service,
     await instance.server.close()
     assert (await limit_headers())["RateLimit-Limit"]  # the gateway's own error
 
+    # A failed authentication is counted against the IP: its 401 says so too.
+    ip_limited = await gateway(service, rate_limit_ip=40)
+    async with ip_limited.get("/api/v1/things", headers={"Authorization": "Bearer not.a.token"}) as r:
+        assert r.status == 401
+        assert r.headers["RateLimit-Limit"] == "40"
+        assert int(r.headers["RateLimit-Remaining"]) < 40
+
 
 async def test_redis_down_fails_open_for_reads_and_closed_for_writes(fake_service, gateway, tokens, infra):
     service = await fake_service(1)
