@@ -117,7 +117,9 @@ async def test_an_open_breaker_degrades_the_owner_at_no_cost(
     )
     for n in range(20):
         await client.post("/todos", json={"title": f"todo {n}"}, headers=alice.headers)
-    breakers = client.app[SERVICE_CLIENT].breakers
+    # A recovery far longer than the measurement, so that the breaker stays
+    # open throughout however slow the machine (the default is 5 s).
+    breakers = client.app[SERVICE_CLIENT].breakers = BreakerBoard(recovery_timeout=300)
 
     async with fake_user_service(broken, app=client.app) as (service_id, calls):
         for _ in range(20):
@@ -128,11 +130,9 @@ async def test_an_open_breaker_degrades_the_owner_at_no_cost(
         assert breakers.is_open(service_id)
         calls_when_opened = len(calls)
 
-        # Interleaved, so that both sides see the same load on this shared machine;
-        # well within the breaker's 5 s recovery, so that it stays open throughout.
+        # Interleaved, so that both sides see the same load on this shared machine.
         with_breaker, without_lookup = [], []
-        started = time.perf_counter()
-        while len(with_breaker) < 100 and time.perf_counter() - started < 3.0:
+        for _ in range(100):
             for target, samples in ((client, with_breaker), (baseline, without_lookup)):
                 begin = time.perf_counter()
                 resp = await target.get("/todos", headers=alice.headers)
@@ -147,8 +147,7 @@ async def test_an_open_breaker_degrades_the_owner_at_no_cost(
         f"{statistics.median(with_breaker) * 1000:.2f} ms, no lookup {statistics.median(without_lookup) * 1000:.2f} ms,"
         f" added {added_ms:.2f} ms"
     )
-    assert len(with_breaker) >= 20
-    assert added_ms < 5.0
+    assert added_ms < 5.0  # the todo-service issue's bound; measured 0.1-0.5 ms
 
 
 async def test_a_hung_user_service_opens_the_breaker_after_its_deadlines(aiohttp_server):
