@@ -101,10 +101,20 @@ async def migrate(pool: aiopg.Pool, directories: Sequence[Path]) -> list[str]:
     return applied_now
 
 
+async def _in_utc(conn: aiopg.Connection) -> None:
+    # Timestamps come back in the session's time zone. A server set to
+    # another zone would hand 9999-12-31T23:59:59Z back as the year 10000,
+    # which psycopg2 cannot read: a 500 for a value it had just accepted.
+    async with conn.cursor() as cur:
+        await cur.execute("SET TIME ZONE 'UTC'")
+
+
 def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10) -> CleanupCtx:
     @asynccontextmanager
     async def open_database(app: web.Application) -> AsyncIterator[None]:
-        async with aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT) as pool:
+        async with aiopg.create_pool(
+            dsn, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc
+        ) as pool:
             await migrate(pool, migrations)
             app[DB] = pool
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import uuid
+from datetime import datetime
 
 import aiopg
 import pytest
+
+from mesh_common.testing import LeavesConsulFirst
+from todo_service.app import create_app
 
 
 async def errors_of(resp) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -37,6 +42,8 @@ async def count_todos(db: aiopg.Pool) -> int:
         ({"title": "ok", "priority": "urgent"}, "priority"),
         ({"title": "ok", "due_at": "2030-01-01"}, "due_at"),
         ({"title": "ok", "due_at": "2030-01-01T10:00:00"}, "due_at"),  # no time zone
+        ({"title": "ok", "due_at": "2030-01-31T09:00:00+00:99"}, "due_at"),  # read as +01:39, 07:21Z
+        ({"title": "ok", "due_at": "2030-01-31T09:00:00-00:60"}, "due_at"),
         ({"title": "ok", "due_at": "2030-02-30T10:00:00Z"}, "due_at"),
         ({"title": "ok", "due_at": "next tuesday"}, "due_at"),
         ({"title": "ok", "due_at": 1893456000}, "due_at"),
@@ -209,3 +216,16 @@ async def test_a_large_limit_is_still_served_as_the_maximum(client, alice):
     resp = await client.get("/todos?limit=" + "9" * 10, headers=alice.headers)
 
     assert resp.status == 200
+
+
+async def test_the_latest_due_date_is_kept_whatever_the_servers_time_zone(aiohttp_client, settings, tokens, alice, db):
+    # A server set east of UTC would hand 9999-12-31T23:59:59Z back as the
+    # year 10000, which psycopg2 cannot read: the service keeps its sessions in UTC.
+    berlin = f"{settings.database_url}?options=-c%20timezone%3DEurope/Berlin"
+    client = await aiohttp_client(
+        LeavesConsulFirst(create_app(dataclasses.replace(settings, database_url=berlin), verifier=tokens.verifier()))
+    )
+    for due in ("9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"):
+        resp = await client.post("/todos", json={"title": "far off", "due_at": due}, headers=alice.headers)
+        assert resp.status == 201, await resp.text()
+        assert datetime.fromisoformat((await resp.json())["due_at"]) == datetime.fromisoformat(due)

@@ -25,7 +25,8 @@ MAX_LIMIT = 100
 QUERY_MAX = 200
 # RFC 3339's date-time: a full date, a full time and a mandatory offset.
 # datetime.fromisoformat alone would also take dates, local times and ISO 8601's basic format.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+# Its offset's minutes run to 59: fromisoformat would read +00:99 as +01:39.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:[0-5]\d)")
 
 
 class Invalid(ValueError):
