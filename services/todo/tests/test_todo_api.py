@@ -284,3 +284,18 @@ async def test_openapi_describes_every_route_and_the_real_responses(client, alic
     validate("Problem", await missing.json())
     invalid = await client.post("/todos", json={"title": ""}, headers=alice.headers)
     validate("Problem", await invalid.json())
+
+    # The headers of a replayed create are all declared, and the documented
+    # key schema takes exactly the keys the service does.
+    create_op = document["paths"]["/todos"]["post"]
+    declared = set(create_op["responses"]["201"]["headers"])
+    key_schema = next(p["schema"] for p in create_op["parameters"] if p["name"] == "Idempotency-Key")
+    headers = {**alice.headers, "Idempotency-Key": "replay-1"}
+    for _ in range(2):
+        replayed = await client.post("/todos", json={"title": "once"}, headers=headers)
+    assert replayed.status == 201 and replayed.headers["Idempotent-Replayed"] == "true"
+    assert {"ETag", "Location", "Idempotent-Replayed"} <= declared
+    for key in ("another-key", "x" * 255, "has space", "clé-1", "x" * 256, ""):
+        documented_ok = Draft202012Validator(key_schema).is_valid(key)
+        answer = await client.post("/todos", json={"title": "k"}, headers={**alice.headers, "Idempotency-Key": key})
+        assert (answer.status == 201) == documented_ok, (key, answer.status)

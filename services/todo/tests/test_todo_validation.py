@@ -229,3 +229,10 @@ async def test_the_latest_due_date_is_kept_whatever_the_servers_time_zone(aiohtt
         resp = await client.post("/todos", json={"title": "far off", "due_at": due}, headers=alice.headers)
         assert resp.status == 201, await resp.text()
         assert datetime.fromisoformat((await resp.json())["due_at"]) == datetime.fromisoformat(due)
+
+
+async def test_a_bad_idempotency_key_is_reported_with_the_bodys_errors(client, alice, db):
+    resp = await client.post("/todos", json={}, headers={**alice.headers, "Idempotency-Key": "has space"})
+
+    assert set(await errors_of(resp)) == {"title", "Idempotency-Key"}
+    assert await count_todos(db) == 0

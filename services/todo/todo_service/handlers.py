@@ -24,7 +24,6 @@ from .todos import TodoNotFound
 from .validation import (
     canonical_uuid,
     parse_changes,
-    parse_idempotency_key,
     parse_if_match,
     parse_list_query,
     parse_new_todo,
@@ -34,8 +33,7 @@ from .validation import (
 async def create_todo(request: web.Request) -> web.Response:
     owner_id = _owner_id(request)
     body = await read_json_object(request)
-    new = parse_new_todo(body)
-    key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    new, key = parse_new_todo(body, request.headers.get("Idempotency-Key"))
     created = await request.app[TODOS].create(
         owner_id,
         new,

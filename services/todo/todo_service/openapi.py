@@ -14,7 +14,7 @@ from mesh_common.cursors import LIMIT_DIGITS_MAX
 
 from . import __version__
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX
-from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_MAX, MAX_LIMIT, QUERY_MAX
+from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_PATTERN, MAX_LIMIT, QUERY_MAX
 
 _DATE_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, with a time zone"}
 _NULLABLE_DATE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -98,7 +98,7 @@ def openapi_document() -> dict[str, Any]:
                             "name": "Idempotency-Key",
                             "in": "header",
                             "description": "A retry with the same key and body gets the same todo, never a second one",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
                         }
                     ],
                     "requestBody": {
@@ -106,7 +106,9 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _ref("schemas/NewTodo")}},
                     },
                     "responses": {
-                        "201": _todo_response("Created (or replayed for a repeated Idempotency-Key)", ("Location",)),
+                        "201": _todo_response(
+                            "Created (or replayed for a repeated Idempotency-Key)", ("Location", "Idempotent-Replayed")
+                        ),
                         "401": _UNAUTHORIZED,
                         "403": _FORBIDDEN,
                         "422": _problem("Invalid body (VALIDATION_FAILED), or a reused key (IDEMPOTENCY_KEY_REUSED)"),
@@ -194,6 +196,10 @@ def openapi_document() -> dict[str, Any]:
             "headers": {
                 "ETag": {"description": 'W/"<version>", for If-Match', "schema": {"type": "string"}},
                 "Location": {"description": "The new todo, relative to /todos", "schema": {"type": "string"}},
+                "Idempotent-Replayed": {
+                    "description": "`true` when this is the answer first given to the same Idempotency-Key",
+                    "schema": {"const": "true"},
+                },
                 "X-Degraded": {
                     "description": "`owner` when the owner's profile could not be fetched (display_name is null)",
                     "schema": {"const": "owner"},

@@ -113,8 +113,20 @@ def _parse_fields(body: Mapping[str, Any], *, required: tuple[str, ...] = ()) ->
     return values
 
 
-def parse_new_todo(body: Mapping[str, Any]) -> NewTodo:
-    return NewTodo(**_parse_fields(body, required=("title",)))
+def parse_new_todo(body: Mapping[str, Any], idempotency_key: str | None = None) -> tuple[NewTodo, str | None]:
+    """The todo a POST creates, and its Idempotency-Key header's value; any errors of both, together."""
+    errors: list[dict[str, str]] = []
+    try:
+        fields = _parse_fields(body, required=("title",))
+    except ValidationFailed as exc:
+        errors += exc.extra["errors"]
+    try:
+        key = parse_idempotency_key(idempotency_key)
+    except ValidationFailed as exc:
+        errors += exc.extra["errors"]
+    if errors:
+        raise ValidationFailed("The todo is invalid", errors=errors)
+    return NewTodo(**fields), key
 
 
 def parse_changes(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,7 +225,9 @@ def parse_if_match(lines: Sequence[str]) -> IfMatch | None:
 
 
 IDEMPOTENCY_KEY_MAX = 255
-_IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{IDEMPOTENCY_KEY_MAX}}}")
+# Visible ASCII: what a header carries unchanged. Published as is in the OpenAPI document.
+IDEMPOTENCY_KEY_PATTERN = rf"^[\x21-\x7e]{{1,{IDEMPOTENCY_KEY_MAX}}}$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def parse_idempotency_key(header: str | None) -> str | None:
