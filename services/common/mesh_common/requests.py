@@ -18,7 +18,7 @@ from .problems import Handler
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Accept only ids that are safe to log and to pass on as a header.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID = web.RequestKey("mesh.request_id", str)
 access_log = structlog.get_logger("access")
 
@@ -29,7 +29,7 @@ _QUIET_PATHS = frozenset({"/health", "/health/live", "/ready"})
 def request_id_of(request: web.Request) -> str:
     candidate = request.headers.get(REQUEST_ID_HEADER, "")
     # 128 random bits as hex, like uuid4().hex, at a third of the cost.
-    return candidate if _SAFE_ID.match(candidate) else os.urandom(16).hex()
+    return candidate if _SAFE_ID.fullmatch(candidate) else os.urandom(16).hex()
 
 
 @web.middleware
