@@ -152,6 +152,8 @@ async def test_no_forged_or_stale_token_is_accepted(user_service: Any, aiohttp_s
         "crit header": compact(eddsa(real, kid, crit=["exp"]), claims_for(sub), real.sign),
         "missing typ": compact(eddsa(real, kid, typ=None), claims_for(sub), real.sign),
         "typ JWT instead of at+jwt": compact(eddsa(real, kid, typ="JWT"), claims_for(sub), real.sign),
+        # Refresh tokens here are opaque, not JWTs, so this one fails as "not
+        # a JWT"; a signed token of another kind is what the typ cases cover.
         "refresh token used as access token": session["refresh_token"],
         "signed by a retired key": compact(eddsa(old.private_key, old.kid), claims_for(sub), old.private_key.sign),
         "not a JWT at all": "not-a-token",

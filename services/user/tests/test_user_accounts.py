@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import aiopg
 import pytest
+from argon2 import PasswordHasher
 
 from user_service.openapi import document
 
@@ -52,6 +54,32 @@ async def test_invalid_registrations_name_the_field(client: Any, body: dict[str,
     problem = await response.json()
     assert problem["code"] == "VALIDATION_FAILED"
     assert field in {error["field"] for error in problem["errors"]}
+
+
+@pytest.mark.parametrize("password", ["k3#Lq9!z", "q" * 64 + "w" * 64])  # 8 and 128 characters, the bounds
+async def test_passwords_at_the_length_bounds_are_taken(client: Any, password: str) -> None:
+    response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": password})
+    assert response.status == 201, await response.text()
+    login = await client.post("/auth/login", json={"username": "ada", "password": password})
+    assert login.status == 200
+
+
+async def test_argon2_never_runs_on_the_event_loop(client: Any, monkeypatch: Any) -> None:
+    threads: list[str] = []
+    for name in ("hash", "verify"):
+        original = getattr(PasswordHasher, name)
+
+        def spy(self: Any, *args: Any, __original: Any = original, __name: str = name) -> Any:
+            threads.append(f"{__name} in {threading.current_thread().name}")
+            return __original(self, *args)
+
+        monkeypatch.setattr(PasswordHasher, name, spy)
+    loop_thread = threading.current_thread().name
+    await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": PASSWORD})
+    assert (await client.post("/auth/login", json={"username": "ada", "password": PASSWORD})).status == 200
+    assert (await client.post("/auth/login", json={"username": "nobody", "password": PASSWORD})).status == 401
+    assert [entry.split(" in ")[0] for entry in threads] == ["hash", "verify", "verify"]
+    assert not [entry for entry in threads if entry.endswith(f" in {loop_thread}")], threads
 
 
 async def test_usernames_and_emails_are_unique_whatever_their_case(client: Any, register: Any) -> None:
