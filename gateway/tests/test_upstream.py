@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mesh_common.testing import eventually
+from mesh_common.testing import eventually, refused_port
 from mesh_gateway.upstream import (
     HIGH_WATER,
     PoolTimeout,
@@ -26,8 +26,6 @@ from mesh_gateway.upstream import (
     UpstreamConnectError,
     request_head,
 )
-
-from .conftest import free_port
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -129,8 +127,8 @@ async def test_head_ends_at_the_head_and_the_next_request_still_works(upstream: 
 
 
 async def test_a_refused_connection_was_never_sent(upstream: Upstream) -> None:
-    with pytest.raises(UpstreamConnectError):
-        await upstream.request("GET", "127.0.0.1", free_port(), "/", [])
+    with refused_port() as port, pytest.raises(UpstreamConnectError):
+        await upstream.request("GET", "127.0.0.1", port, "/", [])
 
 
 async def test_a_body_cut_short_is_broken_and_the_connection_is_dropped(upstream: Upstream) -> None:

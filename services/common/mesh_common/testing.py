@@ -9,9 +9,11 @@ through Consul) is covered by the gateway and end-to-end suites.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -125,3 +127,16 @@ async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
         await cur.execute("SELECT pg_sleep(10)")
     finally:
         await canceller
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs.
+
+    Bound and never listening: Linux answers a connection with a reset, and
+    nothing else can take the port meanwhile, as it could one found free and
+    let go (then a test of "refused" would reach whatever took it).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

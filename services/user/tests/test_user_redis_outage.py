@@ -8,12 +8,12 @@ refreshes and the key set that every verifier fetches.
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from mesh_common.testing import refused_port
 from user_service.app import create_app
 
 from .conftest import PASSWORD
@@ -21,10 +21,8 @@ from .conftest import PASSWORD
 
 @pytest.fixture
 def refused_url() -> Iterator[str]:
-    """A loopback Redis URL whose port refuses connections, held so that nothing else takes it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    with refused_port() as port:
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 async def test_without_redis_logins_are_503_and_the_rest_goes_on(
