@@ -127,8 +127,11 @@ def postgres(cfg: StackConfig) -> Proc:
             str(cfg.ports.postgres),
             "-c",
             "listen_addresses=127.0.0.1",
+            # TCP only: everything connects to 127.0.0.1, and a socket path
+            # under a deep checkout can pass the 107-byte limit of one,
+            # which stops PostgreSQL at start.
             "-c",
-            f"unix_socket_directories={base}",
+            "unix_socket_directories=",
             "-c",
             "max_connections=300",
             # Not the machine's zone, which initdb wrote into the config:

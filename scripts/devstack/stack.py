@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -69,14 +69,23 @@ def up_infra(cfg: StackConfig) -> None:
     require_free({label: port for name in missing for label, port in wanted[name].items()})
     for name in missing:
         start(cfg.run_dir, getattr(c, name)(cfg))
-    wait_until(lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), timeout=READY_TIMEOUT, what="Consul")
-    wait_until(lambda: c.postgres_ready(cfg), timeout=READY_TIMEOUT, what="PostgreSQL")
+
+    def ready(name: str, check: Callable[[], object], what: str, interval: float = 0.1) -> None:
+        def still_running() -> object:
+            # One that died at start (a bad config, a full disk) says so at
+            # once, with its log, instead of after the whole timeout.
+            if name not in running(cfg.run_dir):
+                raise Hopeless(f"{name} exited; see {log_path(cfg.run_dir, name)}")
+            return check()
+
+        wait_until(still_running, timeout=READY_TIMEOUT, what=what, interval=interval)
+
+    ready("consul", lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), "Consul")
+    ready("postgres", lambda: c.postgres_ready(cfg), "PostgreSQL")
     c.create_databases(cfg)
-    wait_until(lambda: not port_free("127.0.0.1", p.redis), timeout=READY_TIMEOUT, what="Redis")
-    wait_until(
-        lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, timeout=READY_TIMEOUT, what="the SMTP sink"
-    )
-    wait_until(lambda: c.rabbitmq_ready(cfg), timeout=READY_TIMEOUT, what="RabbitMQ", interval=1.0)
+    ready("redis", lambda: not port_free("127.0.0.1", p.redis), "Redis")
+    ready("mailsink", lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, "the SMTP sink")
+    ready("rabbitmq", lambda: c.rabbitmq_ready(cfg), "RabbitMQ", interval=1.0)
 
 
 # -- services ----------------------------------------------------------------------
