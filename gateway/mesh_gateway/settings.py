@@ -39,6 +39,10 @@ class Settings:
     # slip out of per-IP limits, so for them the TCP peer is the client.
     trusted_proxies: tuple[Network, ...] = LOOPBACK
 
+    def __post_init__(self) -> None:
+        if self.breaker_failures < 1 or not self.breaker_recovery > 0:
+            raise SettingsError("GATEWAY_BREAKER_FAILURES must be at least 1 and GATEWAY_BREAKER_RECOVERY above 0")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         return cls(

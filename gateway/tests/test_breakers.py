@@ -9,7 +9,9 @@ import pytest
 
 from mesh_common.discovery import Instance, ServiceWatch
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, UpstreamFailure
+from mesh_common.settings import SettingsError
 from mesh_common.testing import eventually
+from mesh_gateway.settings import Settings
 
 
 def watch_of(*ids: str) -> ServiceWatch:
@@ -118,3 +120,63 @@ async def test_only_the_probe_closes_a_half_open_breaker():
         fail(board, "sick")
         await half_open(board, "sick")
     assert board.state("sick") == "half_open"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_instances_that_failed_and_left_are_forgotten_and_pruning_stays_cheap(monkeypatch):
+    clock = Clock()
+    board = BreakerBoard(clock=clock)
+    for n in range(2 * BreakerBoard.PRUNE_AT):  # each failed once, then left Consul for good
+        fail(board, f"gone-{n}")
+    prunes = 0
+    prune = board._prune
+
+    def counted() -> None:
+        nonlocal prunes
+        prunes += 1
+        prune()
+
+    monkeypatch.setattr(board, "_prune", counted)
+    for n in range(1000):  # healthy instances come and go meanwhile
+        with board.breaker(f"healthy-{n}"):
+            pass
+    assert prunes <= 10  # not one a call: it waits until the board has doubled
+
+    clock.now += BreakerBoard.FORGET_AFTER + 1
+    for n in range(BreakerBoard.PRUNE_AT):
+        with board.breaker(f"later-{n}"):
+            pass
+    assert board.size <= 2 * BreakerBoard.PRUNE_AT
+    assert board.failures("gone-0") == 0  # forgotten
+
+
+def test_a_breaker_with_a_call_in_flight_is_never_forgotten():
+    board = BreakerBoard(failure_threshold=5, clock=Clock())
+    for n in range(BreakerBoard.PRUNE_AT):  # enough failed instances to make every new one prune
+        fail(board, f"gone-{n}")
+    for round_ in range(5):
+        # A's call is under way (its breaker still clean) when another
+        # request meets a new instance and the board prunes.
+        with contextlib.suppress(UpstreamFailure), board.breaker("a"):
+            for m in range(2 * BreakerBoard.PRUNE_AT):
+                with board.breaker(f"new-{round_}-{m}"):
+                    pass
+            raise UpstreamFailure("a fails")
+    assert board.is_open("a")  # every failure counted on the breaker the board holds
+
+
+@pytest.mark.parametrize("settings", [{"failure_threshold": 0}, {"recovery_timeout": 0}, {"recovery_timeout": -1}])
+def test_a_breaker_setting_of_zero_is_refused(settings):
+    # circuitbreaker would read 0 as its own default: 5 failures, 30 s open.
+    with pytest.raises(ValueError):
+        BreakerBoard(**settings)
+    env = {"REDIS_URL": "redis://127.0.0.1:1/0", "GATEWAY_BREAKER_RECOVERY": "0"}
+    with pytest.raises(SettingsError, match="GATEWAY_BREAKER_RECOVERY"):
+        Settings.from_env(env)

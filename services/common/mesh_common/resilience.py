@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -64,15 +65,17 @@ class _Breaker(Protocol):
 class _Call:
     """One call through one instance's breaker (the rules are in the module docstring)."""
 
-    __slots__ = ("_breaker", "_instance_id", "_probe", "_probing")
+    __slots__ = ("_breaker", "_in_flight", "_instance_id", "_probe", "_probing")
 
-    def __init__(self, breaker: _Breaker, instance_id: str, probing: set[str]) -> None:
+    def __init__(self, breaker: _Breaker, instance_id: str, probing: set[str], in_flight: dict[str, int]) -> None:
         self._breaker = breaker
         self._instance_id = instance_id
         self._probing = probing
+        self._in_flight = in_flight
         self._probe = False
 
     def __enter__(self) -> _Call:
+        self._in_flight[self._instance_id] = self._in_flight.get(self._instance_id, 0) + 1
         if self._instance_id not in self._probing and self._breaker.state == _HALF_OPEN:
             self._probing.add(self._instance_id)
             self._probe = True
@@ -102,6 +105,9 @@ class _Call:
         finally:
             if self._probe:
                 self._probing.discard(self._instance_id)
+            left = self._in_flight.pop(self._instance_id) - 1
+            if left:
+                self._in_flight[self._instance_id] = left
 
 
 class _NoBreaker:
@@ -118,15 +124,34 @@ class _NoBreaker:
 
 
 class BreakerBoard:
-    # Instances come and go (each scale-up or restart is a new ID), so the
-    # board forgets breakers that hold no state once it holds this many.
+    # Instances come and go (each scale-up or restart is a new ID), so once
+    # the board holds this many breakers it forgets the ones that hold no
+    # state, and the ones not called for FORGET_AFTER seconds: an instance
+    # that failed and then left Consul would otherwise be kept for ever.
     PRUNE_AT = 256
+    FORGET_AFTER = 600.0
 
-    def __init__(self, *, failure_threshold: int = 5, recovery_timeout: float = 5.0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 5.0,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # circuitbreaker reads 0 as "its own default" (5 failures, 30 s).
+        if failure_threshold < 1 or recovery_timeout <= 0:
+            raise ValueError("a breaker needs at least 1 failure to open and a recovery time above 0")
         self._threshold = failure_threshold
         self._recovery = recovery_timeout
         self._enabled = enabled
+        self._clock = clock
         self._breakers: dict[str, _Breaker] = {}
+        self._last_used: dict[str, float] = {}
+        # Calls under way per instance: their breaker is never forgotten, or
+        # their outcome would land on an object nobody looks at any more.
+        self._in_flight: dict[str, int] = {}
+        self._prune_at = self.PRUNE_AT
         # Half-open instances whose one probe is in flight.
         self._probing: set[str] = set()
 
@@ -136,7 +161,7 @@ class BreakerBoard:
             return _NoBreaker()
         breaker = self._breakers.get(instance_id)
         if breaker is None:
-            if len(self._breakers) >= self.PRUNE_AT:
+            if len(self._breakers) >= self._prune_at:
                 self._prune()
             breaker = CircuitBreaker(
                 failure_threshold=self._threshold,
@@ -145,7 +170,8 @@ class BreakerBoard:
                 name=instance_id,
             )
             self._breakers[instance_id] = breaker
-        return _Call(breaker, instance_id, self._probing)
+        self._last_used[instance_id] = self._clock()
+        return _Call(breaker, instance_id, self._probing, self._in_flight)
 
     @property
     def size(self) -> int:
@@ -153,13 +179,18 @@ class BreakerBoard:
         return len(self._breakers)
 
     def _prune(self) -> None:
-        # A closed breaker with no failures is what a new one would be; one
-        # still in use finishes its call on the old object, harmlessly.
+        # A closed breaker with no failures is what a new one would be.
+        idle_since = self._clock() - self.FORGET_AFTER
         self._breakers = {
             instance_id: breaker
             for instance_id, breaker in self._breakers.items()
-            if breaker.failure_count or not breaker.closed
+            if instance_id in self._in_flight
+            or ((breaker.failure_count or not breaker.closed) and self._last_used[instance_id] > idle_since)
         }
+        self._last_used = {instance_id: self._last_used[instance_id] for instance_id in self._breakers}
+        # Amortised: when most breakers still matter, the next pass waits
+        # until the board has doubled, instead of coming with every new one.
+        self._prune_at = max(self.PRUNE_AT, 2 * len(self._breakers))
 
     def is_open(self, instance_id: str) -> bool:
         breaker = self._breakers.get(instance_id)
