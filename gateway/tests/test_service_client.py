@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh_common.discovery import Instance, ServiceWatch
-from mesh_common.http import ServiceClient
+from mesh_common.discovery import WATCHES, Instance, ServiceWatch
+from mesh_common.http import HTTP_SESSION, ServiceClient, http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
@@ -82,3 +82,24 @@ async def test_an_answer_that_is_not_json_is_the_instances_failure(aiohttp_serve
         # Not a ValueError escaping as a bug: a failure, retried and counted like a 5xx.
         with pytest.raises(UpstreamFailure, match="JSONDecodeError"):
             await client.get_json("svc", "/x")
+
+
+async def test_waiting_for_a_pooled_connection_is_not_the_instances_failure(aiohttp_server):
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.2)  # longer than the 1 s a connection may take
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch.instances = (Instance("svc-0", "127.0.0.1", server.port),)
+    services = web.Application()
+    services[WATCHES] = {"svc": watch}
+    # The session every service uses, with a pool of two connections: the
+    # third call waits 1.2 s for one, well inside its 4 s deadline.
+    async with http_session_ctx(limit_per_host=2)(services):
+        client = ServiceClient(services[HTTP_SESSION], {"svc": watch}, deadline=4.0)
+        answers = await asyncio.gather(*(client.get_json("svc", "/x") for _ in range(3)), return_exceptions=True)
+        assert answers == [{"ok": True}] * 3
+        assert client.breakers.failures("svc-0") == 0

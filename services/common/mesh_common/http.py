@@ -134,7 +134,11 @@ def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100) -> CleanupC
     @asynccontextmanager
     async def open_http_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, keepalive_timeout=30)
-        timeout = aiohttp.ClientTimeout(total=10, connect=1)
+        # sock_connect, not connect: aiohttp's connect also covers the wait
+        # for a free connection of our own pool, and a burst of calls queued
+        # behind it would fail after 1 s and count against a healthy
+        # instance. The queue is bounded by each call's deadline instead.
+        timeout = aiohttp.ClientTimeout(total=10, sock_connect=1)
         # No cookie jar: a session shared by every caller's requests must never
         # hand one caller's cookies to the next.
         jar = aiohttp.DummyCookieJar()
