@@ -123,7 +123,7 @@ class Registration:
         """Register again whenever the agent has lost this instance; runs until cancelled."""
         while True:
             await asyncio.sleep(interval)
-            if not self.registered:  # deregistered on purpose: shutting down
+            if not self.registered:  # not yet, or no longer: shutting down
                 continue
             try:
                 async with asyncio.timeout(CALL_TIMEOUT):
@@ -136,10 +136,10 @@ class Registration:
 
     async def deregister(self) -> None:
         # Idempotent: the shutdown path calls it before draining, and the
-        # cleanup context calls it again in case shutdown went another way.
+        # cleanup context calls it again, in case shutdown went another way
+        # or the first try failed (the agent busy or briefly away).
         if not self.registered:
             return
-        self.registered = False
         if self._keeper is not None:
             # Stopped first, and waited for: a registration it was sending
             # must not reach Consul after the deregistration does.
@@ -149,9 +149,13 @@ class Registration:
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
                 await self._client.agent.service.deregister(self.service_id)
-            log.info("consul_deregistered", service_id=self.service_id)
-        except Exception as exc:  # Consul gone: its reaper removes us later
+        except consul.NotFound:
+            pass  # the agent has already forgotten us (a restart): that is the goal
+        except Exception as exc:  # still registered: the next call tries again, else Consul's reaper
             log.warning("consul_deregister_failed", service_id=self.service_id, error=type(exc).__name__)
+            return
+        self.registered = False
+        log.info("consul_deregistered", service_id=self.service_id)
 
 
 REGISTRATION = web.AppKey("mesh.registration", Registration)

@@ -54,6 +54,38 @@ async def test_only_the_liveness_check_can_get_an_instance_reaped(aiohttp_server
     assert "DeregisterCriticalServiceAfter" not in ready
 
 
+async def test_a_failed_deregistration_is_tried_again_by_the_next_call(aiohttp_server: Any) -> None:
+    # The shutdown deregisters first; the cleanup calls again as a second
+    # chance, which must not be a no-op when the first try failed.
+    deregistrations: list[str] = []
+
+    async def register(request: web.Request) -> web.Response:
+        return web.json_response(True)
+
+    async def deregister(request: web.Request) -> web.Response:
+        deregistrations.append(request.match_info["id"])
+        if len(deregistrations) == 1:
+            return web.Response(status=500, text="agent busy")
+        return web.json_response(True)
+
+    app = web.Application()
+    app.router.add_put("/v1/agent/service/register", register)
+    app.router.add_put("/v1/agent/service/deregister/{id}", deregister)
+    fake_consul = await aiohttp_server(app)
+    client = consul_client(str(fake_consul.make_url("/")))
+    try:
+        registration = Registration(client, loopback_service("leaving", "unused", port=8124))
+        await registration.register()
+        await registration.deregister()
+        assert registration.registered  # the agent still lists it
+        await registration.deregister()
+        await registration.deregister()  # done: nothing more is sent
+    finally:
+        await client.close()
+    assert deregistrations == [registration.service_id] * 2
+    assert not registration.registered
+
+
 async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(infra: StackConfig) -> None:
     # Nothing listens on its port: its checks go critical, which changes nothing here.
     service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
