@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh_common.discovery import WATCHES, Instance, ServiceWatch
+from mesh_common.discovery import Instance, ServiceWatch
 from mesh_common.http import HTTP_SESSION, ServiceClient, http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -95,7 +95,6 @@ async def test_waiting_for_a_pooled_connection_is_not_the_instances_failure(aioh
     watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
     watch.instances = (Instance("svc-0", "127.0.0.1", server.port),)
     services = web.Application()
-    services[WATCHES] = {"svc": watch}
     # The session every service uses, with a pool of two connections: the
     # third call waits 1.2 s for one, well inside its 4 s deadline.
     async with http_session_ctx(limit_per_host=2)(services):
