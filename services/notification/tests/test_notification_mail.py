@@ -6,9 +6,10 @@ import asyncio
 import json
 
 import pytest
-from notification_support import SmtpSink, free_port, new_user, registered
+from notification_support import SmtpSink, new_user, registered
 
 from mesh_common.events import Event
+from mesh_common.testing import refused_port
 from notification_service.directory import Recipient
 from notification_service.events import parse
 from notification_service.failures import (
@@ -180,9 +181,10 @@ async def test_a_send_that_ends_after_close_closes_its_session(smtp: SmtpSink) -
 
 
 async def test_a_refused_connection_is_reported_as_unavailable() -> None:
-    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=free_port(), mail_from=SENDER, attempts=2))
-    with pytest.raises(MailServerUnavailable):
-        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+    with refused_port() as port:
+        mailer = Mailer(SmtpSettings(host="127.0.0.1", port=port, mail_from=SENDER, attempts=2))
+        with pytest.raises(MailServerUnavailable):
+            await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
 
 
 def test_an_event_envelope_round_trips() -> None:

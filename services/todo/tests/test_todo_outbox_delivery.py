@@ -16,10 +16,10 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from mesh_common.consul import consul_client
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import enqueue
 from mesh_common.relay import OutboxRelay
-from mesh_common.testing import LeavesConsulFirst
+from mesh_common.testing import LeavesConsulFirst, refused_port
 from todo_service.app import create_app
 from todo_service.model import NewTodo
 from todo_service.todos import Todos
@@ -39,11 +39,12 @@ from todo_service.todos import Todos
 DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
 
 
-def unused_port() -> int:
-    """A port nothing listens on: the kernel's pick, released at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture
+def no_broker_port() -> Iterator[int]:
+    # Held for the whole test: a port found free and let go could be taken
+    # by some other listener meanwhile, and the outage would not be one.
+    with refused_port() as port:
+        yield port
 
 
 async def outbox(db: aiopg.Pool) -> dict[str, bool]:
@@ -54,9 +55,9 @@ async def outbox(db: aiopg.Pool) -> dict[str, bool]:
 
 
 async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost(
-    aiohttp_client, settings, tokens, alice, db, event_tap, amqp_url, poll
+    aiohttp_client, settings, tokens, alice, db, event_tap, amqp_url, poll, no_broker_port
 ):
-    no_broker = dataclasses.replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{unused_port()}/")
+    no_broker = dataclasses.replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{no_broker_port}/")
     client = await aiohttp_client(LeavesConsulFirst(create_app(no_broker, verifier=tokens.verifier())))
     tap = await event_tap("todo.created")
 
