@@ -6,8 +6,12 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import pytest
+
+from mesh_common.settings import SettingsError
 from user_service.app import create_app
 from user_service.keys import PASSWORD_SLOTS
+from user_service.settings import ThrottlePolicy
 
 PASSWORD = "a long and unusual passphrase"
 
@@ -102,3 +106,34 @@ async def test_a_login_that_waits_too_long_for_the_hasher_is_a_503(
         for _ in range(held):
             slots.release()
     assert (await attempt(client, "ada", PASSWORD)).status == 401  # served again once a slot is free
+
+
+async def test_the_window_slides_so_no_window_holds_more_than_ten_checked_passwords(
+    aiohttp_client: Any, settings: Any, register: Any
+) -> None:
+    # A fixed window, counted from the first failure and reset at its end,
+    # checked nineteen passwords in two seconds here: one at its start, nine
+    # just before its end and ten just after.
+    throttle = dataclasses.replace(settings.throttle, window_seconds=3)
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, throttle=throttle), register=False))
+    await register("ada")
+    loop = asyncio.get_running_loop()
+    assert (await attempt(client, "ada", "wrong password!")).status == 401
+    first_done = loop.time()
+    await asyncio.sleep(1)  # time passing is the subject here, not a wait for readiness
+    for _ in range(9):
+        assert (await attempt(client, "ada", "wrong password!")).status == 401
+    await asyncio.sleep(max(0.0, first_done + 3.05 - loop.time()))
+    # Only the first failure has left the window: one more guess, not ten.
+    assert (await attempt(client, "ada", "wrong password!")).status == 401
+    locked = await attempt(client, "ada", PASSWORD)
+    assert locked.status == 429
+    assert 1 <= int(locked.headers["Retry-After"]) <= 3
+
+
+def test_a_throttle_without_a_window_or_a_limit_is_refused() -> None:
+    # Redis drops a key given a TTL of 0: every guess would find an empty count.
+    for variable in ("LOGIN_WINDOW_SECONDS", "LOGIN_MAX_FAILURES"):
+        for value in ("0", "-5"):
+            with pytest.raises(SettingsError, match=variable):
+                ThrottlePolicy(**{variable.removeprefix("LOGIN_").lower(): int(value)})

@@ -79,6 +79,12 @@ class ThrottlePolicy:
     max_failures: int = 10
     window_seconds: int = 60
 
+    def __post_init__(self) -> None:
+        # A window of 0 would let Redis drop every slot at once: guessing
+        # without a limit, and nothing said.
+        if self.max_failures < 1 or self.window_seconds < 1:
+            raise SettingsError("LOGIN_MAX_FAILURES and LOGIN_WINDOW_SECONDS must be at least 1")
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:

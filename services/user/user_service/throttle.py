@@ -1,9 +1,15 @@
 """Login throttling per account, shared by every instance through Redis.
 
-Each attempt takes a slot *before* the password is checked, with INCR and
-EXPIRE NX in one MULTI: atomic, so concurrent attempts on any number of
-instances can never check more than ``max_failures`` passwords per window.
-A successful login gives its slot back, so only failures count.
+Each attempt takes a slot *before* the password is checked, in one Lua
+script: atomic, so concurrent attempts on any number of instances can never
+check more than ``max_failures`` passwords in any ``window_seconds``. The
+window slides: a slot is a member of a sorted set, scored with Redis's own
+clock, and it frees itself ``window_seconds`` after it was taken. A fixed
+window (INCR, and a TTL from the first failure) let through twice the limit
+across its edge: nine guesses just before the reset and ten just after. A
+successful login gives its slot back, so only failures count; an attempt
+refused with 429 takes no slot, so a guesser who keeps trying does not keep
+the account locked for longer.
 
 The key is the account, once the login name has found one: its username,
 its email and any spelling PostgreSQL folds onto them (``ADA``, or ``adİ``
@@ -20,19 +26,28 @@ their timing otherwise say nothing about which accounts exist.
 from __future__ import annotations
 
 import hashlib
+import math
+import secrets
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from .settings import ThrottlePolicy
 
-# Give a slot back only while its window lasts: a DECR on an expired key
-# would create a key without a TTL, worth one free attempt forever.
-_GIVE_BACK = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    return redis.call('DECR', KEYS[1])
+# KEYS[1]: the account's slots. ARGV: the window (ms), the limit, this slot's id.
+# Answers {1, 0} with the slot taken, or {0, ms until the oldest slot frees}.
+_TAKE_SLOT = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], window)
+    return {1, 0}
 end
-return 0
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, tonumber(oldest[2]) + window - now}
 """
 
 
@@ -41,6 +56,7 @@ class Attempt:
     allowed: bool
     retry_after: int
     key: str
+    slot: str
 
 
 class LoginThrottle:
@@ -48,25 +64,21 @@ class LoginThrottle:
         self._redis = redis
         self._policy = policy
         self._prefix = prefix
-        self._give_back = redis.register_script(_GIVE_BACK)
+        self._take_slot = redis.register_script(_TAKE_SLOT)
 
     def _key(self, folded: str, account: str | None) -> str:
         # Hashed, so that what people type (sometimes a password in the
         # username box) never lands in Redis in clear.
         subject = f"account:{account}" if account is not None else f"name:{folded}"
         digest = hashlib.sha256(subject.encode()).hexdigest()
-        return f"{self._prefix}login-failures:{digest}"
+        return f"{self._prefix}login-slots:{digest}"
 
     async def begin(self, folded: str, account: str | None) -> Attempt:
         """Take a slot for ``account`` (its id), or, when the login named none, for the login as PostgreSQL folds it."""
-        key = self._key(folded, account)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, self._policy.window_seconds, nx=True)
-            pipe.ttl(key)
-            count, _, ttl = await pipe.execute()
-        allowed = count <= self._policy.max_failures
-        return Attempt(allowed=allowed, retry_after=max(int(ttl), 1), key=key)
+        key, slot = self._key(folded, account), secrets.token_hex(8)
+        window_ms = self._policy.window_seconds * 1000
+        taken, wait_ms = await self._take_slot(keys=[key], args=[window_ms, self._policy.max_failures, slot])
+        return Attempt(allowed=bool(taken), retry_after=max(math.ceil(int(wait_ms) / 1000), 1), key=key, slot=slot)
 
     async def succeeded(self, attempt: Attempt) -> None:
-        await self._give_back(keys=[attempt.key])
+        await self._redis.zrem(attempt.key, attempt.slot)
