@@ -41,6 +41,17 @@ async def test_passwords_are_stored_as_argon2id_hashes(register: Any, db: aiopg.
         ({"username": "ada", "email": "ada@example.com", "password": "x" * 129}, "password"),
         ({"username": "ada", "email": "ada@example.com", "password": "password123"}, "password"),
         ({"username": "ada", "email": "ada@example.com", "password": "Iloveyou1"}, "password"),
+        # Compared after NFKC: "password1" in full-width letters, and four
+        # decomposed "é" (eight code points, four characters).
+        (
+            {
+                "username": "ada",
+                "email": "ada@example.com",
+                "password": "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44\uff11",
+            },
+            "password",
+        ),
+        ({"username": "ada", "email": "ada@example.com", "password": "e\u0301" * 4}, "password"),
         ({"username": "ada_lovelace", "email": "ada@example.com", "password": "Ada_Lovelace"}, "password"),
         ({"username": "ada", "email": "ada@example.com"}, "password"),
         ({"username": "ada", "email": "ada@example.com", "password": PASSWORD, "is_admin": True}, "is_admin"),
@@ -61,6 +72,14 @@ async def test_passwords_at_the_length_bounds_are_taken(client: Any, password: s
     response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": password})
     assert response.status == 201, await response.text()
     login = await client.post("/auth/login", json={"username": "ada", "password": password})
+    assert login.status == 200
+
+
+async def test_a_password_logs_in_whichever_unicode_form_it_is_typed_in(client: Any) -> None:
+    composed, decomposed = "caf\u00e9 au lait, sans sucre", "cafe\u0301 au lait, sans sucre"
+    body = {"username": "ada", "email": "ada@example.com", "password": composed}
+    assert (await client.post("/users", json=body)).status == 201
+    login = await client.post("/auth/login", json={"username": "ada", "password": decomposed})
     assert login.status == 200
 
 

@@ -185,6 +185,23 @@ async def test_an_old_hash_is_rehashed_at_login(
     await login()
 
 
+async def test_a_hash_of_a_password_as_typed_before_normalization_still_logs_in_and_is_rehashed(
+    client: Any, register: Any, login: Any, db: aiopg.Pool
+) -> None:
+    typed = "cafe\u0301 au lait, sans sucre"  # a decomposed "é", hashed as it came before NFKC
+    user = await register()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE users SET password_hash = %s WHERE id = %s",
+            (PasswordHasher(memory_cost=19456).hash(typed), user["id"]),
+        )
+        await login(password=typed)
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (rehashed,) = await cur.fetchone()
+    assert PasswordHasher().verify(rehashed, "caf\u00e9 au lait, sans sucre")  # the normalized form, from now on
+    await login(password=typed)
+
+
 async def test_services_get_a_users_read_token_and_may_read_any_profile(client: Any, register: Any, auth: Any) -> None:
     ada = await register()
     response = await client.post(

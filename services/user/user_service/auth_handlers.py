@@ -68,8 +68,8 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
         )
     # An unknown user still costs one argon2 verify (against a dummy hash),
     # so that the answer's timing does not tell whether the account exists.
-    matched = await passwords.verify(found[1] if found else None, password)
-    if found is None or not matched:
+    verdict = await passwords.verify(found[1] if found else None, password)
+    if found is None or not verdict.matched:
         log.info("login_failed", known_account=found is not None)
         raise InvalidCredentials()
     user_id, stored_hash = found
@@ -79,9 +79,9 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
         # The password was right: let the user in. The slot stays taken, so
         # this success counts as a failure until the window ends.
         log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
-    if passwords.needs_rehash(stored_hash):
+    if verdict.as_typed or passwords.needs_rehash(stored_hash):
         # The password is in hand only now: upgrade a hash made with older,
-        # weaker parameters.
+        # weaker parameters, or of the password before it was normalized.
         new_hash = await passwords.hash(password)
         async with app[WRITE_SLOTS]:
             await repository.set_password_hash(pool, user_id, new_hash)

@@ -15,7 +15,9 @@ import contextlib
 import os
 import secrets
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 
 import structlog
@@ -39,6 +41,25 @@ def lower_thread_priority(nice: int) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def normalized(password: str) -> str:
+    """The password as it is hashed and checked: NFKC (NIST SP 800-63B, 5.1.1.2).
+
+    One password typed on two devices may arrive composed (é) or decomposed
+    (e and a combining accent), or in full-width forms. NFKC makes them one
+    string, before the length and list checks too: "password1" in full-width
+    letters is "password1", and four decomposed "é" are four characters, not
+    eight.
+    """
+    return unicodedata.normalize("NFKC", password)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    matched: bool
+    # Matched a hash made before passwords were normalized: hash it again.
+    as_typed: bool = False
 
 
 class HashingSlots(asyncio.Semaphore):
@@ -81,10 +102,20 @@ class Passwords:
 
     async def hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._hasher.hash, password)
+        return await loop.run_in_executor(self._executor, self._hasher.hash, normalized(password))
 
-    async def verify(self, stored_hash: str | None, password: str) -> bool:
-        """True when ``password`` matches; ``None`` (no such user) is never a match, but costs the same."""
+    async def verify(self, stored_hash: str | None, password: str) -> Verdict:
+        """Whether ``password`` matches; ``None`` (no such user) is never a match, but costs the same."""
+        form = normalized(password)
+        if await self._verify(stored_hash, form):
+            return Verdict(matched=True)
+        if form == password:
+            return Verdict(matched=False)
+        # Hashes made before normalization hold the password as it was typed.
+        # Tried for an unknown user too, so that both cost two hashes.
+        return Verdict(matched=await self._verify(stored_hash, password), as_typed=True)
+
+    async def _verify(self, stored_hash: str | None, password: str) -> bool:
         loop = asyncio.get_running_loop()
         candidate = stored_hash or self._dummy_hash
         try:
@@ -123,6 +154,7 @@ class Passwords:
 
     def weakness(self, password: str, *, username: str = "", email: str = "") -> str | None:
         """Why ``password`` is refused, or None when it is acceptable."""
+        password = normalized(password)
         if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
             return f"must be {MIN_LENGTH} to {MAX_LENGTH} characters long"
         lowered = password.lower()
