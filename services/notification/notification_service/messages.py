@@ -93,13 +93,14 @@ def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str
     message = EmailMessage(policy=POLICY)
     message["From"] = sender
     try:
-        message["To"] = _address(recipient.name, recipient.email)
+        message["To"] = _address(_literal(recipient.name), recipient.email)
     # The email package refuses an address in several ways, not all of them
-    # ValueErrors ("a@b..de" is a HeaderParseError, "a@" an IndexError); every
-    # one is about this address, and would fail the same way every time.
-    except (ValueError, IndexError, email.errors.MessageError) as exc:
+    # ValueErrors ("a@b..de" is a HeaderParseError, "a@" an IndexError, and
+    # "a@[1.2.3.4" an AttributeError from inside it); every one is about this
+    # address, and would fail the same way every time.
+    except (ValueError, IndexError, AttributeError, email.errors.MessageError) as exc:
         raise ValueError(f"not a valid address: {recipient.email!r}") from exc
-    message["Subject"] = rendered.subject
+    message["Subject"] = _literal(rendered.subject)
     message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = msgid
     # RFC 3834: an automatic message; out-of-office replies should not answer it.
@@ -108,6 +109,18 @@ def compose(rendered: Rendered, *, sender: str, recipient: Recipient, msgid: str
     if rendered.html is not None:
         message.add_alternative(rendered.html, subtype="html")
     return message
+
+
+def _literal(text: str) -> str:
+    """``text`` for a header, where it can never be read as RFC 2047 encoded words.
+
+    The email package decodes "=?utf-8?q?...?=" when a header is set, and
+    Python 3.11.7 writes out what it decoded as it is, line breaks included:
+    a todo title or a display name could add headers to the email, or a
+    whole body of its own (CVE-2024-6923). A zero-width space after each "="
+    that opens such a word keeps it text, shown as it was typed.
+    """
+    return text.replace("=?", "=\u200b?")
 
 
 def _address(name: str, addr_spec: str) -> Address:
@@ -122,7 +135,12 @@ def _address(name: str, addr_spec: str) -> Address:
     """
     local, at, domain = addr_spec.rpartition("@")
     if local.isascii():
-        return Address(display_name=name, addr_spec=addr_spec)
+        address = Address(display_name=name, addr_spec=addr_spec)
+        # The parser drops comments: "victim(1)@example.com" would be mailed
+        # to victim@example.com, so any number of accounts to one mailbox.
+        if address.addr_spec != addr_spec:
+            raise ValueError("an address must be written as it is delivered")
+        return address
     stand_in = "".join(c if c.isascii() else "a" for c in local)
     checked = Address(addr_spec=f"{stand_in}{at}{domain}")
     if checked.username != stand_in:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from email import policy
+from email.parser import BytesParser
 
 import pytest
+from aiosmtplib.email import flatten_message
 from notification_support import SmtpSink, new_user, registered
 
 from mesh_common.events import Event
@@ -69,10 +72,34 @@ def test_a_title_with_line_breaks_cannot_break_the_subject_header() -> None:
     assert "Bcc" not in email
 
 
+# An RFC 2047 encoded word that decodes to line breaks: the email package
+# decoded it when the header was set and wrote the breaks out as they were.
+SMUGGLER = "=?utf-8?q?x=0D=0AReply-To=3A_help=40evil=2Eio=0D=0AContent-Type=3A_text/html=0D=0A=0D=0A<h1>Reset</h1>?="
+NAME_SMUGGLER = "=?utf-8?q?x=0D=0AReply-To:_a@evil.io?="  # within the user-service's 64 characters
+
+
+@pytest.mark.parametrize(("title", "name"), [(SMUGGLER, "Ada"), ("Ship", NAME_SMUGGLER)], ids=["title", "display name"])
+def test_an_encoded_word_in_a_title_or_a_name_stays_text_in_the_email_sent(title: str, name: str) -> None:
+    rendered = render("todo_completed", {"name": name, "title": title})
+    email = compose(rendered, sender=SENDER, recipient=Recipient("ada@example.test", name), msgid="<a@b>")
+    sent = BytesParser(policy=policy.default).parsebytes(flatten_message(email))
+    assert sent.get_all("Reply-To") is None
+    assert sent.get_content_type() == email.get_content_type()  # not one the title chose
+    shown = {"Subject": str(sent["Subject"]), "name": sent["To"].addresses[0].display_name}
+    assert [text.replace("\u200b", "") for text in shown.values()] == [f"Done: {title}", name]
+
+
 # Addresses the user-service's check lets through that no email can carry,
 # each refused by the email package in a different way.
 @pytest.mark.parametrize(
-    "address", ["bob@example.com.", "a@b..de", "[x]@y.de", "a@", "a b@c.de", "jo..sé@example.test", "josé@x..de"]
+    "address",
+    [
+        *("bob@example.com.", "a@b..de", "[x]@y.de", "a@", "a b@c.de", "jo..sé@example.test", "josé@x..de"),
+        # An unclosed literal, which the email package trips over itself.
+        "a@[1.2.3.4",
+        # Comments, which the parser drops: these would reach victim@example.com.
+        *("victim(1)@example.com", "victim@example.com(x)"),
+    ],
 )
 def test_an_address_no_email_can_carry_is_a_value_error(address: str) -> None:
     # The notifier turns a ValueError into MailRejected: the DLQ at once, not a bug retried.
