@@ -175,6 +175,12 @@ class ReminderScheduler:
             except UnprocessableEvent as exc:
                 log.error("reminder_undeliverable", error=type(exc).__name__, detail=str(exc))
                 outcome = Outcome.NO_RECIPIENT
+            except Exception:
+                # A bug, met on this reminder. Escaping, it failed the round,
+                # and the next round met the same reminder first: nobody's
+                # reminders went out until this todo was due.
+                log.exception("reminder_failed")
+                return False
         if outcome is Outcome.NO_RECIPIENT:
             await repository.cancel_reminder(self._pool, reminder.todo_id, reminder.event_id)
         elif outcome is not Outcome.WITHDRAWN:  # withdrawn: the change that withdrew it is in the row already

@@ -288,6 +288,28 @@ async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool)
     assert sent == ["One"]
 
 
+async def test_a_reminder_that_meets_a_bug_is_put_off_and_the_round_goes_on(pool: aiopg.Pool) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    for n, title in enumerate(("Cursed", "Fine")):
+        snapshot = TodoSnapshot(f"b{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    sent: list[str] = []
+
+    class BuggyNotifier:
+        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
+            if values["title"] == "Cursed":
+                raise AttributeError("'InvalidHeaderDefect' object has no attribute 'all_defects'")
+            sent.append(values["title"])
+            return Outcome.SENT
+
+    scheduler = ReminderScheduler(pool, BuggyNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    assert sent == ["Fine"]
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT retry_at > now(), sent_at FROM reminders WHERE todo_id = 'b0'")
+        assert await cur.fetchone() == (True, None)  # tried again later, not first in every round
+
+
 class AnsweringDirectory:
     """The user-service's answer for everyone, and a sign that it was asked."""
 
