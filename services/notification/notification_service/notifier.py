@@ -13,8 +13,9 @@ The steps, and what a crash after each one leaves behind:
    Just before it, a caller's ``still_wanted`` may withdraw the email
    (a reminder whose todo was completed meanwhile): the claim is
    released and nothing is sent.
-3. Mark the row ``sent``. Then the consumer acks the event. Crash between
-   3 and the ack: the redelivered event stops at step 1. No duplicate.
+3. Mark the row ``sent``, trying again for up to half the lease while the
+   database is away. Then the consumer acks the event. Crash between 3
+   and the ack: the redelivered event stops at step 1. No duplicate.
 
 If step 2 fails before DATA, or the server answers that it will not take
 the message, the server does not have it: the claim is released and the
@@ -37,6 +38,7 @@ one of the mailer's sessions, so that the wait for one does not count.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 
@@ -45,7 +47,7 @@ import structlog
 
 from . import repository
 from .directory import Recipient, UserDirectory
-from .failures import DeliveryInProgress, MailOutcomeUnknown, MailRejected
+from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected
 from .mailer import Mailer
 from .messages import compose, message_id, render
 
@@ -135,6 +137,27 @@ class Notifier:
                 await repository.release_notification(self._pool, event_id, kind, token)
                 log.info("notification_withdrawn", event_id=event_id, kind=kind)
                 return Outcome.WITHDRAWN
-        await repository.mark_notification_sent(self._pool, event_id, kind)
+        await self._record_sent(event_id, kind)
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)
         return Outcome.SENT
+
+    async def _record_sent(self, event_id: str, kind: str) -> None:
+        """Step 3, tried again for up to half the lease while the database is away.
+
+        The email is out. Unrecorded, the claim would run out and a later
+        delivery send it again: a database away for a moment must not make a
+        duplicate. Away for longer, it still may (at least once, above).
+        """
+        delay = 0.1
+        try:
+            async with asyncio.timeout(self.lease / 2):
+                while True:
+                    try:
+                        return await repository.mark_notification_sent(self._pool, event_id, kind)
+                    except DatabaseUnavailable as exc:
+                        log.warning("notification_sent_not_recorded_yet", event_id=event_id, kind=kind, error=str(exc))
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 2.0)
+        except TimeoutError:
+            log.error("notification_sent_unrecorded", event_id=event_id, kind=kind, resend_after=self.lease)
+            raise DatabaseUnavailable("the email went out, and could not be recorded as sent") from None
