@@ -13,10 +13,10 @@ from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import http_session_ctx
-from mesh_common.resilience import BreakerBoard, RetryBudget
+from mesh_common.resilience import BreakerBoard
 
 from .guard import add_rate_limit_headers, guard_middleware
-from .keys import BREAKERS, PROXY, RATE_LIMITER, RETRY_BUDGET, ROUTE_TABLE, SETTINGS, UPSTREAM
+from .keys import BREAKERS, PROXY, RATE_LIMITER, ROUTE_TABLE, SETTINGS, UPSTREAM
 from .proxy import Proxy
 from .ratelimit import Limits, RateLimiter
 from .routes import API, RouteTable
@@ -53,7 +53,6 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         upstream,
         app[WATCHES],
         app[BREAKERS],
-        app[RETRY_BUDGET],
         expose_upstream=settings.expose_upstream,
     )
     app[RATE_LIMITER] = limiter = RateLimiter(
@@ -89,7 +88,6 @@ def create_app(
         recovery_timeout=settings.breaker_recovery,
         enabled=not settings.passthrough,
     )
-    app[RETRY_BUDGET] = RetryBudget()
     # Built here, connecting nothing: its pools are made on first use.
     if upstream is None:
         upstream = Upstream(limit_per_host=250, connect_timeout=settings.connect_timeout)

@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from mesh_common.resilience import BreakerBoard, RetryBudget
+from mesh_common.resilience import BreakerBoard
 
 from .proxy import Proxy
 from .ratelimit import RateLimiter
@@ -12,7 +12,6 @@ from .upstream import Upstream
 
 SETTINGS = web.AppKey("gateway.settings", Settings)
 BREAKERS = web.AppKey("gateway.breakers", BreakerBoard)
-RETRY_BUDGET = web.AppKey("gateway.retry_budget", RetryBudget)
 PROXY = web.AppKey("gateway.proxy", Proxy)
 RATE_LIMITER = web.AppKey("gateway.rate_limiter", RateLimiter)
 ROUTE_TABLE = web.AppKey("gateway.route_table", RouteTable)

@@ -4,7 +4,8 @@
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do.
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
-  *different* instance; retries of requests that were sent spend a budget.
+  *different* instance; retries of requests that were sent spend the
+  service's budget.
 * Outcomes: timeout -> 504, nothing healthy or every breaker open -> 503 with
   Retry-After, unreachable or broken upstream -> 502, all problem+json. An
   upstream's own 5xx problem body is passed through when no retry helps.
@@ -126,7 +127,6 @@ class Proxy:
         upstream: Upstream,
         watches: dict[str, ServiceWatch],
         breakers: BreakerBoard,
-        budget: RetryBudget,
         *,
         expose_upstream: bool,
     ) -> None:
@@ -134,7 +134,10 @@ class Proxy:
         self._upstream = upstream
         self._watches = watches
         self._breakers = breakers
-        self._budget = budget
+        # One budget per service: shared, an outage of one service could
+        # spend the retries every other one's traffic earned, and get twice
+        # its own load.
+        self._budgets = {service: RetryBudget() for service in watches}
         self._expose_upstream = expose_upstream
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -157,8 +160,8 @@ class Proxy:
         retry_safe = method in IDEMPOTENT or (
             method == "POST" and request.path in route.idempotency_key_paths and "Idempotency-Key" in headers
         )
-        watch = self._watches[route.service]
-        self._budget.record_request()
+        watch, budget = self._watches[route.service], self._budgets[route.service]
+        budget.record_request()
         tried: set[str] = set()
         while True:
             instance = self._pick(watch, frozenset(tried))
@@ -173,7 +176,7 @@ class Proxy:
                 retry = len(tried) < MAX_ATTEMPTS and others and (not failed.sent or retry_safe)
                 # A request that never left costs no upstream anything: only
                 # retries of requests that were sent spend the budget.
-                if not retry or (failed.sent and not self._budget.try_spend()):
+                if not retry or (failed.sent and not budget.try_spend()):
                     if failed.response is not None:
                         return failed.response
                     assert failed.problem is not None

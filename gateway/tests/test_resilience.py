@@ -143,6 +143,23 @@ async def test_retry_budget_holds_when_every_instance_fails(fake_service, gatewa
     assert ratio <= 1.2
 
 
+async def test_each_service_has_a_retry_budget_of_its_own(fake_service, gateway, tokens: TokenFactory):
+    failing, healthy = await fake_service(2), await fake_service(1)
+    for instance in failing.instances:
+        instance.mode = "fail"
+    client = await gateway(failing, breaker_failures=10_000, extra_routes=(("/api/v1/other", healthy.name),))
+    # Retries the healthy service's traffic earned, with one budget for all.
+    for _ in range(100):
+        async with client.get("/api/v1/other", headers=tokens.headers()) as r:
+            assert r.status == 200
+    requests = 20
+    for _ in range(requests):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 500
+    # Its own 20%: 24 attempts, where the shared budget allowed 40.
+    assert failing.hits <= 1.2 * requests
+
+
 async def test_request_id_and_forwarded_headers_reach_the_upstream(fake_service, gateway, tokens):
     service = await fake_service(1)
     client = await gateway(service)
