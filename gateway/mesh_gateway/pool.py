@@ -18,6 +18,14 @@ class PoolTimeout(Exception):
     """No connection of our own pool came free in time: nothing was sent, and the upstream is not to blame."""
 
 
+class QueuedTimeout(TimeoutError):
+    """The deadline passed after the request was sent, but it had first waited for a connection of our own.
+
+    The upstream may have seen the request. It had only what the wait left
+    of the deadline, so the timeout does not say the instance is slow.
+    """
+
+
 class Pool:
     """The connections to one address: idle ones, and a cap on how many are open."""
 

@@ -27,7 +27,7 @@ from mesh_common.requests import REQUEST_ID
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
 from .routes import Route, RouteTable
-from .upstream import PoolTimeout, Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
+from .upstream import PoolTimeout, QueuedTimeout, Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
 
 NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
 UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
@@ -228,6 +228,10 @@ class Proxy:
                     raise _Attempt(UpstreamTimeout(), sent=False) from None
                 except UpstreamConnectError:
                     raise _Failed(BadGateway(), sent=False) from None
+                except QueuedTimeout:
+                    # Its time was spent partly in our own queue: not the instance's fault.
+                    log.warning("upstream_late_after_pool_wait", upstream=instance.id)
+                    raise _Attempt(UpstreamTimeout(), sent=True) from None
                 except TimeoutError:
                     raise _Failed(UpstreamTimeout(), sent=True) from None
                 except UpstreamBroken:

@@ -19,7 +19,9 @@ with httptools (llhttp, the parser Node.js and uvicorn use).
 * ``UpstreamConnectError`` and ``PoolTimeout`` mean nothing was sent (safe
   to retry anywhere); ``UpstreamBroken`` and ``TimeoutError`` mean the
   upstream may have seen the request. A deadline given to ``request`` says
-  which phase it ran out in; a caller's own ``asyncio.timeout`` cannot.
+  which phase it ran out in; a caller's own ``asyncio.timeout`` cannot. A
+  timeout after a wait for a free connection is a ``QueuedTimeout``: the
+  upstream had only what the wait left, so it is not to blame.
 
 Request heads are built from what aiohttp's server parsed, which rejects
 CR, LF and other control characters in the request line and headers, so
@@ -34,11 +36,12 @@ from collections.abc import AsyncIterator, Iterable
 from multidict import CIMultiDict
 
 from .connection import HIGH_WATER, Connection, UpstreamBroken, UpstreamConnectError
-from .pool import Pool, PoolTimeout
+from .pool import Pool, PoolTimeout, QueuedTimeout
 
 __all__ = [
     "HIGH_WATER",
     "PoolTimeout",
+    "QueuedTimeout",
     "Upstream",
     "UpstreamBroken",
     "UpstreamConnectError",
@@ -158,7 +161,8 @@ class Upstream:
             pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
         head = request_head(method, host, port, target, headers, body)
 
-        if pool.full:
+        queued = pool.full
+        if queued:
             # Only a full pool waits (a free slot is taken without a pause),
             # so only this path pays for a timer.
             try:
@@ -178,8 +182,10 @@ class Upstream:
             try:
                 async with asyncio.timeout_at(deadline):
                     await conn.exchange(head, body)
-            except BaseException:
+            except BaseException as exc:
                 conn.close()
+                if queued and isinstance(exc, TimeoutError):
+                    raise QueuedTimeout(f"{host}:{port}: late, after a wait for a connection") from None
                 raise
         except BaseException:
             pool.release()

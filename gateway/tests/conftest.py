@@ -106,6 +106,8 @@ async def fake_service(
                     return web.Response(body=b"e" * HUGE, status=500)
                 if upstream.mode == "hang":
                     await asyncio.sleep(5)
+                if upstream.mode == "slow":  # healthy, but 0.4 s a request
+                    await asyncio.sleep(0.4)
                 if upstream.mode == "large":  # 1 MiB with its length: streamed, not buffered
                     return web.Response(body=b"y" * (1024 * 1024))
                 if upstream.mode == "huge":

@@ -296,6 +296,25 @@ async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_els
         busy.stop_trickle.set()
 
 
+async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances_failure(
+    fake_service, gateway, tokens
+):
+    service = await fake_service(1)
+    (slow,) = service.instances
+    slow.mode = "slow"
+    client = await gateway(service, route_timeout=1.0, upstream=UpstreamClient(limit_per_host=1))
+
+    async def get() -> int:
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            return r.status
+
+    # One connection: the third request waits 0.8 s for it, and has 0.2 s
+    # left for an instance that answers every request in 0.4 s.
+    statuses = await asyncio.gather(get(), get(), get())
+    assert statuses[0] == 200 and 504 in statuses
+    assert client.app[BREAKERS].failures(slow.service_id) == 0
+
+
 async def test_a_5xx_too_large_to_hold_is_a_502_not_a_buffer(fake_service, gateway, tokens):
     service = await fake_service(1)
     (broken,) = service.instances
