@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
 from mesh_common.problems import MalformedBody, NotFound, problem
-from mesh_common.requests import REQUEST_ID
+from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
 from .routes import Route, RouteTable
@@ -110,7 +110,9 @@ def _inflated_by_aiohttp(encoding: str) -> bool:
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
     headers = _without_hop_by_hop(request.headers)
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    # From the copy: a client that names X-Forwarded-For in Connection has
+    # it dropped like any hop-by-hop header (RFC 9110, 7.6.1).
+    prior = headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     # The gateway's own view, never a client's say: Envoy passes a client's
     # X-Forwarded-Host on, and a direct caller could send either.
@@ -256,6 +258,9 @@ class Proxy:
         self, request: web.Request, resp: UpstreamResponse, instance: Instance, *, idle: float
     ) -> web.StreamResponse:
         headers = _without_hop_by_hop(resp.headers)
+        # Set now: the request middleware's own comes after the handler,
+        # when a stream's head has long gone out.
+        headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
         response = self._mark(web.StreamResponse(status=resp.status, headers=headers), instance)
         # A known length is kept (no chunking); a body cut short cuts the connection.
         response.content_length = resp.content_length

@@ -172,6 +172,24 @@ async def test_request_id_and_forwarded_headers_reach_the_upstream(fake_service,
     assert body["forwarded_for"]
 
 
+async def test_an_x_forwarded_for_the_client_names_in_connection_is_dropped(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    headers = {**tokens.headers(), "Connection": "keep-alive, X-Forwarded-For", "X-Forwarded-For": "6.6.6.6"}
+    async with client.get("/api/v1/things", headers=headers) as r:
+        body = await r.json()
+    assert body["forwarded_for"] == "127.0.0.1"  # the gateway's own entry alone
+
+
+async def test_a_streamed_answer_carries_the_request_id(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    service.instances[0].mode = "large"  # 1 MiB: streamed, from an upstream that does not echo the id
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers={**tokens.headers(), "X-Request-ID": "r-1"}) as r:
+        assert len(await r.read()) == 1024 * 1024
+        assert r.headers["X-Request-ID"] == "r-1"
+
+
 @pytest.mark.parametrize("sent", [None, "has spaces", "x" * 129, "ok\u00e9"])
 async def test_a_missing_or_unsafe_request_id_is_replaced_by_one_of_the_gateways(fake_service, gateway, tokens, sent):
     service = await fake_service(1)
@@ -296,9 +314,7 @@ async def test_a_full_pool_is_not_the_instances_failure_and_the_request_goes_els
         busy.stop_trickle.set()
 
 
-async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances_failure(
-    fake_service, gateway, tokens
-):
+async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances_failure(fake_service, gateway, tokens):
     service = await fake_service(1)
     (slow,) = service.instances
     slow.mode = "slow"
