@@ -31,6 +31,10 @@ MAX_HEAD = 64 * 1024
 class UpstreamConnectError(Exception):
     """No connection could be made: the request was never sent."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out  # the connect deadline passed, rather than a refusal
+
 
 class UpstreamBroken(Exception):
     """The connection failed or the answer was not HTTP: the request may have been seen."""

@@ -6,7 +6,7 @@
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
   service's budget.
-* Outcomes: timeout -> 504, nothing healthy or every breaker open -> 503 with
+* Outcomes: timeout (connecting or answering) -> 504, nothing healthy or every breaker open -> 503 with
   Retry-After, unreachable or broken upstream -> 502, all problem+json. An
   upstream's own 5xx problem body is passed through when no retry helps.
 """
@@ -228,8 +228,9 @@ class Proxy:
                     # nothing is known about the instance, so its breaker hears nothing.
                     log.warning("upstream_pool_full", upstream=instance.id)
                     raise _Attempt(UpstreamTimeout(), sent=False) from None
-                except UpstreamConnectError:
-                    raise _Failed(BadGateway(), sent=False) from None
+                except UpstreamConnectError as exc:
+                    # Refused is unreachable; no answer by the connect deadline is a timeout.
+                    raise _Failed(UpstreamTimeout() if exc.timed_out else BadGateway(), sent=False) from None
                 except QueuedTimeout:
                     # Its time was spent partly in our own queue: not the instance's fault.
                     log.warning("upstream_late_after_pool_wait", upstream=instance.id)

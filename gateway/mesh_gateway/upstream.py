@@ -201,7 +201,9 @@ class Upstream:
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(lambda: Connection(pool), pool.host, pool.port)
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise UpstreamConnectError(f"{pool.host}:{pool.port}: connect timed out", timed_out=True) from None
+        except OSError as exc:
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: {exc or type(exc).__name__}") from None
         return protocol
 

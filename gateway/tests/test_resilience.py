@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -78,6 +80,36 @@ async def test_connection_refused_is_retried_even_for_post(fake_service, gateway
         async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
             assert r.status == 200
             assert r.headers["X-Upstream-Instance"] == alive.service_id
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose connections hang: its accept queue is full, and never drained."""
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(3):
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+
+
+async def test_an_instance_that_never_answers_the_connect_is_a_504(fake_service, gateway, tokens, consul):
+    service = await fake_service(1)
+    (instance,) = service.instances
+    with unanswered_port() as port:
+        moved = {"Name": service.name, "ID": instance.service_id, "Address": "127.0.0.1", "Port": port}
+        async with consul.put(
+            "/v1/agent/service/register", json={**moved, "Check": {"TTL": "60s", "Status": "passing"}}
+        ):
+            pass
+        client = await gateway(service)
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 504  # a timeout, connecting: not "could not be reached"
+            assert (await r.json())["code"] == "UPSTREAM_TIMEOUT"
 
 
 async def test_breaker_opens_on_5xx_and_half_opens_after_recovery(fake_service, gateway, tokens):
