@@ -138,6 +138,8 @@ class Connection(asyncio.Protocol):
             # llhttp takes any three digits. Skipped as interim, such an answer
             # would have the body it declared join the next one's.
             raise UpstreamBroken(f"a status below 100: {self.status:03d}")
+        if self.status > 599:
+            raise UpstreamBroken(f"a status above 599: {self.status}")
         if self.status < 200:
             # "100 Continue" and friends come before the real response: skip them.
             self._informational = True

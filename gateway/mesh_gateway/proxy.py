@@ -8,7 +8,8 @@
   service's budget.
 * Outcomes: timeout (connecting or answering) -> 504, nothing healthy or every breaker open -> 503 with
   Retry-After, unreachable or broken upstream -> 502, all problem+json. An
-  upstream's own 5xx problem body is passed through when no retry helps.
+  upstream's own 5xx problem body is passed through when no retry helps;
+  any other 5xx body is not (a 502).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CI
         if token.strip():
             kept.popall(token.strip(), None)
     return kept
+
+
+def _is_problem(headers: CIMultiDict[str]) -> bool:
+    media_type = headers.get("Content-Type", "").partition(";")[0]
+    return media_type.strip().lower() == "application/problem+json"
 
 
 def _inflated_by_aiohttp(encoding: str) -> bool:
@@ -248,9 +254,14 @@ class Proxy:
                 if method == "HEAD" and resp.content_length is not None:
                     # No body, but the length a GET would have: that is what HEAD is for.
                     out["Content-Length"] = str(resp.content_length)
-                response = web.Response(status=resp.status, body=payload, headers=out)
                 if resp.status >= 500:
-                    raise _Failed(sent=True, response=response)
+                    if not _is_problem(out):
+                        # A framework's error page, a stack trace: not for a
+                        # client, and not in the shape every error has here.
+                        log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
+                        raise _Failed(BadGateway(), sent=True)
+                    raise _Failed(sent=True, response=web.Response(status=resp.status, body=payload, headers=out))
+                response = web.Response(status=resp.status, body=payload, headers=out)
                 return self._mark(response, instance)
         except _ClientGone as gone:
             return gone.response

@@ -363,6 +363,16 @@ async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances
     assert client.app[BREAKERS].failures(slow.service_id) == 0
 
 
+async def test_a_5xx_that_is_not_a_problem_is_a_502_problem(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    service.instances[0].mode = "fail_plain"
+    client = await gateway(service)
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 502
+        assert r.content_type == "application/problem+json"
+        assert (await r.json())["code"] == "BAD_GATEWAY"  # and no stack trace
+
+
 async def test_a_5xx_too_large_to_hold_is_a_502_not_a_buffer(fake_service, gateway, tokens):
     service = await fake_service(1)
     (broken,) = service.instances

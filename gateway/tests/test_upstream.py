@@ -433,6 +433,8 @@ def test_an_ipv6_instance_gets_a_valid_host_header() -> None:
             id="099",
         ),
         pytest.param(b"HTTP/1.1 000 X\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "below 100", id="000"),
+        # No status code above 599 is defined (RFC 9110, 15): aiohttp would send it on as it came.
+        pytest.param(b"HTTP/1.1 999 X\r\nContent-Length: 0\r\n\r\n", "above 599", id="999"),
         # Latin-1: aiohttp writes headers as UTF-8 only, and its C writer
         # would quietly drop the byte it cannot (X-A: caf).
         pytest.param(b"HTTP/1.1 200 OK\r\nX-A: caf\xe9\r\nContent-Length: 2\r\n\r\nok", "not UTF-8", id="latin-1"),
