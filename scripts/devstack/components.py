@@ -83,7 +83,19 @@ def consul(cfg: StackConfig) -> Proc:
 
 
 # -- PostgreSQL ------------------------------------------------------------------
-def _pg_bin(name: str) -> str:
+def _pg_bin(name: str, data: Path | None = None) -> str:
+    """``name`` of the newest installed PostgreSQL, or of the one ``data`` was made by.
+
+    A data directory is only ever read by its own major version: after
+    another one is installed beside it, the newest would refuse to start.
+    """
+    made_by = data / "PG_VERSION" if data is not None else None
+    if made_by is not None and made_by.exists():
+        version = made_by.read_text().strip()
+        wanted = f"/usr/lib/postgresql/{version}/bin/{name}"
+        if not os.access(wanted, os.X_OK):
+            raise StackError(f"{data} was made by PostgreSQL {version}, not installed here: install it or remove it")
+        return wanted
     # The newest installed major version: 15 after 9.6, so by number, not text.
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: _version(p.split("/")[4]))
     return _binary(name, *(found[-1:]))
@@ -120,7 +132,7 @@ def postgres(cfg: StackConfig) -> Proc:
     return Proc(
         "postgres",
         [
-            _pg_bin("postgres"),
+            _pg_bin("postgres", data),
             "-D",
             str(data),
             "-p",
@@ -154,6 +166,11 @@ def create_databases(cfg: StackConfig) -> None:
             str(cfg.ports.postgres),
             "-U",
             "postgres",
+            # No ~/.psqlrc (it may turn AUTOCOMMIT off), and a database named,
+            # not one a PGDATABASE of the caller's would choose.
+            "-X",
+            "-d",
+            "postgres",
             "-v",
             "ON_ERROR_STOP=1",
             "-q",
@@ -166,7 +183,10 @@ def create_databases(cfg: StackConfig) -> None:
 
 def postgres_ready(cfg: StackConfig) -> bool:
     run_checked(
-        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "postgres", "-c", "SELECT 1"],
+        [
+            *(_pg_bin("psql"), "-X", "-h", "127.0.0.1", "-p", str(cfg.ports.postgres)),
+            *("-U", "postgres", "-d", "postgres", "-c", "SELECT 1"),
+        ],
         user="postgres",
         timeout=5,
     )

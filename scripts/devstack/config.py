@@ -90,7 +90,9 @@ class StackConfig:
             raw = env.get(f"MESH_{svc.upper()}_INSTANCES")
             if raw:
                 counts[svc] = int(raw)
-        run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run" / profile))
+        # A folder per profile under MESH_RUN_DIR too: shared, `task test`
+        # would take the dev stack's pid files for its own, and stop it.
+        run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run")) / profile
         return cls(name=profile, run_dir=run_dir, ports=base.overridden(env), instances=counts)
 
     # -- where things are -------------------------------------------------
@@ -127,14 +129,22 @@ class StackConfig:
         """The notification-service's client secret at the user-service, made once per stack."""
         path = self.run_dir / "service-client-secret"
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # O_EXCL: instances started in parallel agree on the first secret written.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
+        if path.exists() and not path.read_text().strip():
+            path.unlink()  # left empty by a start that died writing it
+        if not path.exists():
+            # Written whole beside it, then linked into place: a reader never
+            # sees it half-written, and when two starts race, both use the
+            # first one linked.
+            draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as secret:
                 secret.write(secrets.token_urlsafe(32))
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass
+            finally:
+                draft.unlink()
         return path.read_text().strip()
 
     def service_env(self, service: str) -> dict[str, str]:

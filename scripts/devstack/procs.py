@@ -76,12 +76,22 @@ def rotate_log(path: Path, limit: int) -> None:
             path.replace(path.with_name(path.name + ".1"))
 
 
+def inherited_env() -> dict[str, str]:
+    """What a stack process takes from ours: all of it but libpq's own variables.
+
+    libpq reads PGSSLMODE, PGDATABASE, PGOPTIONS and the rest even beside a
+    URL, and compose's containers have none of them: a developer's own
+    settings for another database must not break this stack's, natively only.
+    """
+    return {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+
+
 def start(run_dir: Path, proc: Proc) -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     rotate_log(log_path(run_dir, proc.name), LOG_KEEP_BYTES)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
-    env = {**os.environ, **proc.env}
+    env = {**inherited_env(), **proc.env}
     run_as: _RunAs = {}
     if proc.user is not None and os.geteuid() == 0:
         entry = pwd.getpwnam(proc.user)
@@ -296,7 +306,7 @@ def run_checked(
         run_as = _run_as(pwd.getpwnam(user))
     result = subprocess.run(
         list(argv),
-        env={**os.environ, **(env or {})},
+        env={**inherited_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -108,3 +108,39 @@ def test_readme_quick_start_is_two_commands_after_installing_task() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("task test")
+
+
+def test_each_profile_has_its_own_run_dir_under_mesh_run_dir(tmp_path: Path) -> None:
+    # One for both, and `task test` took the dev stack's pid files for its own, then stopped it.
+    env = {"MESH_RUN_DIR": str(tmp_path)}
+    dev, test = StackConfig.from_env(env).run_dir, StackConfig.from_env(env, profile="test").run_dir
+    assert (dev, test) == (tmp_path / "dev", tmp_path / "test")
+
+
+def test_a_secret_file_left_empty_is_made_again(tmp_path: Path) -> None:
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "service-client-secret").write_text("")  # a start that died writing it
+    secret = cfg.service_secret()
+    assert len(secret) >= 32
+    assert cfg.service_secret() == secret
+    assert [p.name for p in cfg.run_dir.iterdir()] == ["service-client-secret"]  # no drafts left
+
+
+def test_stack_processes_do_not_inherit_libpqs_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's PGDATABASE or PGSSLMODE, meant for another server, broke this one's (natively only).
+    monkeypatch.setenv("PGSSLMODE", "require")
+    monkeypatch.setenv("MESH_KEPT", "1")
+    seen = procs.run_checked([sys.executable, "-c", "import os; print(sorted(os.environ))"])
+    assert "PGSSLMODE" not in seen and "MESH_KEPT" in seen
+
+
+def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from devstack import components
+
+    (tmp_path / "PG_VERSION").write_text("15\n")
+    monkeypatch.setattr(components.os, "access", lambda path, mode: True)
+    assert components._pg_bin("postgres", tmp_path) == "/usr/lib/postgresql/15/bin/postgres"
+    monkeypatch.setattr(components.os, "access", lambda path, mode: False)
+    with pytest.raises(StackError, match="made by PostgreSQL 15"):
+        components._pg_bin("postgres", tmp_path)
