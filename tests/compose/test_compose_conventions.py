@@ -238,6 +238,21 @@ def test_expected_config_files_are_mounted() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("name", "data"), [("postgres", "/var/lib/postgresql/data"), ("rabbitmq", "/var/lib/rabbitmq")]
+)
+def test_stateful_infrastructure_keeps_its_data_in_a_named_volume(name: str, data: str) -> None:
+    # An image's anonymous volume is not mounted again after `docker compose
+    # down`: RabbitMQ lost its queued events, retries and dead letters so.
+    compose = load_compose()
+    named = {
+        volume.split(":")[0]
+        for volume in services()[name].get("volumes", [])
+        if volume.split(":")[1] == data and not volume.startswith((".", "/"))
+    }
+    assert named and named <= set(compose["volumes"])
+
+
 def test_only_infrastructure_uis_and_the_edge_are_published() -> None:
     published = {name: svc["ports"] for name, svc in services().items() if svc.get("ports")}
     assert set(published) == {"consul", "envoy", "rabbitmq", "mailpit"}
