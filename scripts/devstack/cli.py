@@ -9,7 +9,7 @@ import threading
 
 from . import stack
 from .config import StackConfig
-from .procs import StackError, running
+from .procs import StackError, running, stop
 
 
 def _print_urls(cfg: StackConfig) -> None:
@@ -20,6 +20,7 @@ def _print_urls(cfg: StackConfig) -> None:
 
 def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
     print(f"starting the native stack in {cfg.run_dir} ...", flush=True)
+    before = set(running(cfg.run_dir))
     try:
         if args.infra_only:
             stack.up_infra(cfg)
@@ -27,7 +28,13 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
             stack.up(cfg)
     except BaseException:
         if not args.keep_on_failure:
-            stack.down(cfg)
+            # Only what this call started: a `task up TODO=3` that fails must
+            # not take down the stack that was already up.
+            if before:
+                for name in set(running(cfg.run_dir)) - before:
+                    stop(cfg.run_dir, name)
+            else:
+                stack.down(cfg)
         raise
     _print_urls(cfg)
     if args.detach:
@@ -36,12 +43,26 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    # Return when told to, or when `task down` has stopped the stack.
+    if supervise(cfg, stopping):
+        print("\nstopping ...", flush=True)
+        stack.down(cfg)
+
+
+def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
+    """Wait until told to stop (True), or until `task down` has stopped everything (False).
+
+    Not until Consul alone is gone: a crash of it looked like `task down`,
+    and the rest ran on with nobody left to stop it on Ctrl-C.
+    """
+    warned = False
     while not stopping.wait(1.0):
-        if "consul" not in running(cfg.run_dir):
-            return
-    print("\nstopping ...", flush=True)
-    stack.down(cfg)
+        alive = running(cfg.run_dir)
+        if not alive:
+            return False
+        if "consul" not in alive and not warned:
+            print("\nconsul has stopped (see its log); Ctrl-C stops the rest", file=sys.stderr, flush=True)
+            warned = True
+    return True
 
 
 def cmd_down(cfg: StackConfig, _: argparse.Namespace) -> None:

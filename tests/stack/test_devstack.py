@@ -144,3 +144,46 @@ def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monk
     monkeypatch.setattr(components.os, "access", lambda path, mode: False)
     with pytest.raises(StackError, match="made by PostgreSQL 15"):
         components._pg_bin("postgres", tmp_path)
+
+
+def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from devstack import cli, stack
+
+    monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
+    run_dir = tmp_path / "dev"
+    start(
+        run_dir, Proc("postgres", [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+    )  # the stack already up
+
+    def failing_up(cfg: StackConfig) -> None:
+        start(cfg.run_dir, Proc("todo-1", [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+        raise StackError("todo-1 did not pass its check")  # as a `task up TODO=2` may
+
+    monkeypatch.setattr(stack, "up", failing_up)
+    try:
+        assert cli.main(["up"]) == 1
+        assert set(running(run_dir)) == {"postgres"}
+    finally:
+        for name in running(run_dir):
+            stop(run_dir, name)
+
+
+def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -> None:
+    import threading
+
+    from devstack import cli
+
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    for name in ("consul", "redis"):
+        start(cfg.run_dir, Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+    outcome: list[bool] = []
+    supervisor = threading.Thread(target=lambda: outcome.append(cli.supervise(cfg, threading.Event())))
+    supervisor.start()
+    try:
+        stop(cfg.run_dir, "consul")  # a crash: Redis runs on, so Ctrl-C must still stop it
+        supervisor.join(timeout=2.5)
+        assert supervisor.is_alive()
+    finally:
+        stop(cfg.run_dir, "redis")  # what `task down` does last
+    supervisor.join(timeout=5)
+    assert outcome == [False]
