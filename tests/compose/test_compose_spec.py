@@ -104,12 +104,18 @@ def compose_check() -> Path:
     return binary
 
 
-def run_checker(binary: Path, compose_file: Path) -> subprocess.CompletedProcess[str]:
+# What `task up` sets; compose.yml has no default for it.
+SECRET = ("-env", "NOTIFICATION_CLIENT_SECRET=a-secret-of-sixteen-or-more")
+
+
+def run_checker(
+    binary: Path, compose_file: Path, env_args: tuple[str, ...] = SECRET
+) -> subprocess.CompletedProcess[str]:
     # -strict: loader warnings (obsolete `version:`, unset variables) fail too.
     # -project-directory: relative paths resolve against the repo even for
     # copies written to a temporary directory.
     return subprocess.run(
-        [str(binary), "-strict", "-project-directory", str(REPO), str(compose_file)],
+        [str(binary), "-strict", "-project-directory", str(REPO), *env_args, str(compose_file)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -131,6 +137,14 @@ def test_compose_file_is_valid(compose_check: Path) -> None:
     assert proc.returncode == 0, f"compose.yml rejected:\n{proc.stderr}"
     assert proc.stderr == ""
     assert set(proc.stdout.split()) == EXPECTED_SERVICES
+
+
+@pytest.mark.timeout(CHECKER_BUILD_TIMEOUT + 60)
+def test_compose_has_no_default_client_secret(compose_check: Path) -> None:
+    # A public default was accepted by the user-service wherever the file ran.
+    proc = run_checker(compose_check, COMPOSE_FILE, env_args=())
+    assert proc.returncode == 1
+    assert "NOTIFICATION_CLIENT_SECRET" in proc.stderr and "task up" in proc.stderr
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
