@@ -6,10 +6,10 @@
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
   service's budget.
-* Outcomes: timeout (connecting or answering) -> 504, nothing healthy or every breaker open -> 503 with
-  Retry-After, unreachable or broken upstream -> 502, all problem+json. An
-  upstream's own 5xx problem body is passed through when no retry helps;
-  any other 5xx body is not (a 502).
+* Outcomes: timeout (connecting or answering) -> 504, nothing healthy or
+  every breaker open -> 503 with Retry-After, unreachable or broken
+  upstream -> 502, all problem+json. An upstream's own 5xx problem body is
+  passed through when no retry helps; any other 5xx body is not (a 502).
 """
 
 from __future__ import annotations
