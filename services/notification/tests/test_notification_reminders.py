@@ -243,6 +243,14 @@ async def test_a_reminder_failing_for_a_reason_of_its_own_does_not_hold_up_the_o
         assert await cur.fetchone() == (True, None)  # tried again later, not given up on
 
 
+async def due_reminders(pool: aiopg.Pool, prefix: str, titles: tuple[str, ...]) -> None:
+    """A reminder due now for each title, in that order: todos ``<prefix>0``, ``<prefix>1``..., due in 1, 2... hours."""
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    for n, title in enumerate(titles):
+        snapshot = TodoSnapshot(f"{prefix}{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+
+
 class CompletingNotifier:
     """Sends nothing; while "sending" the first reminder, the other todo is completed."""
 
@@ -258,10 +266,7 @@ class CompletingNotifier:
 
 
 async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg.Pool) -> None:
-    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
-    for n, title in enumerate(("One", "Two")):
-        snapshot = TodoSnapshot(f"r{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
-        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    await due_reminders(pool, "r", ("One", "Two"))
     notifier = CompletingNotifier(pool)
     scheduler = ReminderScheduler(pool, notifier, poll_interval=1)  # type: ignore[arg-type]
 
@@ -271,10 +276,7 @@ async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg
 
 
 async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool) -> None:
-    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
-    for n, title in enumerate(("One", "Two", "Three")):
-        snapshot = TodoSnapshot(f"s{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
-        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    await due_reminders(pool, "s", ("One", "Two", "Three"))
     sent: list[str] = []
 
     class StoppingNotifier:
@@ -289,10 +291,7 @@ async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool)
 
 
 async def test_a_reminder_that_meets_a_bug_is_put_off_and_the_round_goes_on(pool: aiopg.Pool) -> None:
-    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
-    for n, title in enumerate(("Cursed", "Fine")):
-        snapshot = TodoSnapshot(f"b{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
-        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    await due_reminders(pool, "b", ("Cursed", "Fine"))
     sent: list[str] = []
 
     class BuggyNotifier:
