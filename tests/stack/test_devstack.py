@@ -16,6 +16,11 @@ from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.procs import Proc, StackError, alive, require_free, running, start, stop, wait_until
 
 
+def _sleeper(name: str) -> Proc:
+    """A stand-in for one of the stack's processes: does nothing for a minute."""
+    return Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+
+
 def test_a_taken_port_is_a_clear_error() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -72,7 +77,7 @@ def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
 
 def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
-    start(cfg.run_dir, Proc("ours", [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+    start(cfg.run_dir, _sleeper("ours"))
     pidfile = tmp_path / "pids" / "ours.pid"
     _, started = pidfile.read_text().split()
     stop(cfg.run_dir, "ours", grace=5)
@@ -151,12 +156,10 @@ def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
     run_dir = tmp_path / "dev"
-    start(
-        run_dir, Proc("postgres", [sys.executable, "-c", "import time; time.sleep(60)"], env={})
-    )  # the stack already up
+    start(run_dir, _sleeper("postgres"))  # the stack already up
 
     def failing_up(cfg: StackConfig) -> None:
-        start(cfg.run_dir, Proc("todo-1", [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+        start(cfg.run_dir, _sleeper("todo-1"))
         raise StackError("todo-1 did not pass its check")  # as a `task up TODO=2` may
 
     monkeypatch.setattr(stack, "up", failing_up)
@@ -175,7 +178,7 @@ def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -
 
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
     for name in ("consul", "redis"):
-        start(cfg.run_dir, Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={}))
+        start(cfg.run_dir, _sleeper(name))
     outcome: list[bool] = []
     supervisor = threading.Thread(target=lambda: outcome.append(cli.supervise(cfg, threading.Event())))
     supervisor.start()
