@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import MalformedBody, NotFound, problem
+from mesh_common.problems import PROBLEM_JSON, MalformedBody, NotFound, problem
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -104,7 +104,7 @@ def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CI
 
 def _is_problem(headers: CIMultiDict[str]) -> bool:
     media_type = headers.get("Content-Type", "").partition(";")[0]
-    return media_type.strip().lower() == "application/problem+json"
+    return media_type.strip().lower() == PROBLEM_JSON
 
 
 def _inflated_by_aiohttp(encoding: str) -> bool:
