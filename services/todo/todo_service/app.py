@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import DB, database_ctx
 from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import SERVICE_CLIENT, http_session_ctx
-from mesh_common.outbox import OUTBOX_MIGRATIONS, prune_published
+from mesh_common.outbox import OUTBOX_COMMITTED, OUTBOX_MIGRATIONS, prune_published
 from mesh_common.pruning import prune_ctx
 from mesh_common.relay import outbox_relay_ctx
 
@@ -33,7 +34,7 @@ MIGRATIONS = (Path(__file__).resolve().parent / "migrations", OUTBOX_MIGRATIONS)
 def todos_ctx(owners: OwnerLookup | None) -> CleanupCtx:
     @asynccontextmanager
     async def open_todos(app: web.Application) -> AsyncIterator[None]:
-        app[TODOS] = Todos(app[DB])
+        app[TODOS] = Todos(app[DB], app[OUTBOX_COMMITTED])
         app[OWNERS] = owners or OwnerDirectory(app[SERVICE_CLIENT], app[SETTINGS].user_service)
         yield
 
@@ -50,6 +51,7 @@ def create_app(
     """
     app = service_app(settings.service, middlewares=[auth_middleware()])
     app[SETTINGS] = settings
+    app[OUTBOX_COMMITTED] = asyncio.Event()
     contexts = [
         database_ctx(settings.database_url, MIGRATIONS),
         # Todos are written with their events to the outbox: serving needs no

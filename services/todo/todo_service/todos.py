@@ -10,6 +10,7 @@ its change.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +19,8 @@ from typing import Any
 import aiopg
 
 from mesh_common.cursors import encode_cursor
-from mesh_common.outbox import enqueue
+from mesh_common.outbox import enqueue, publishing
 from mesh_common.problems import PreconditionFailed, problem
-from mesh_common.transactions import transaction
 
 from . import idempotency, repository
 from .events import TODO_COMPLETED, TODO_CREATED, TODO_DELETED, TODO_REOPENED, TODO_UPDATED, todo_event
@@ -49,13 +49,15 @@ class Page:
 
 
 class Todos:
-    def __init__(self, pool: aiopg.Pool) -> None:
+    def __init__(self, pool: aiopg.Pool, committed: asyncio.Event) -> None:
         self._pool = pool
+        # Wakes the outbox relay once a change and its event have committed.
+        self._committed = committed
 
     async def create(
         self, owner_id: str, new: NewTodo, *, correlation_id: str, idempotent: IdempotentRequest | None = None
     ) -> Created:
-        async with transaction(self._pool) as cur:
+        async with publishing(self._pool, self._committed) as cur:
             while idempotent is not None and not await idempotency.claim_key(cur, owner_id, idempotent):
                 stored = await idempotency.stored_response(cur, owner_id, idempotent)
                 if stored is not None:
@@ -123,7 +125,7 @@ class Todos:
         )
 
     async def delete(self, owner_id: str, todo_id: str, *, if_match: IfMatch | None, correlation_id: str) -> None:
-        async with transaction(self._pool) as cur:
+        async with publishing(self._pool, self._committed) as cur:
             todo = await self._locked(cur, owner_id, todo_id, if_match)
             await repository.delete_todo(cur, todo)
             await enqueue(cur, todo_event(TODO_DELETED, todo, correlation_id=correlation_id))
@@ -143,7 +145,7 @@ class Todos:
         Completing a completed todo changes nothing: no new version, no
         second event (and so no second email).
         """
-        async with transaction(self._pool) as cur:
+        async with publishing(self._pool, self._committed) as cur:
             todo = await self._locked(cur, owner_id, todo_id, if_match)
             changed = change(todo)
             if changed is None:

@@ -16,6 +16,8 @@ import yaml
 from aio_pika.abc import AbstractQueue
 
 from mesh_common.events import EVENTS_EXCHANGE, Event
+from mesh_common.outbox import OUTBOX_COMMITTED
+from user_service.app import create_app
 
 PASSWORD = "a long and unusual passphrase"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
@@ -78,3 +80,29 @@ async def test_a_refused_registration_publishes_nothing(
     # Events arrive in order: the next one is grace's, nothing came in between.
     assert (await next_event(registrations)).data["username"] == "grace"
     assert first.data["username"] == "ada"
+
+
+class CountedSets(asyncio.Event):
+    """An ``asyncio.Event`` that counts who set it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+async def test_a_registration_wakes_the_outbox_relay_once_committed(
+    aiohttp_client: Any, settings: Any, db: Any, redis: Any
+) -> None:
+    app = create_app(settings, register=False)
+    app[OUTBOX_COMMITTED] = committed = CountedSets()
+    client = await aiohttp_client(app)
+    body = {"username": "ada", "email": "ada@example.com", "password": PASSWORD}
+    assert (await client.post("/users", json=body)).status == 201
+    assert committed.sets == 1
+    # A refused one commits nothing, and wakes no one.
+    assert (await client.post("/users", json=body)).status == 409
+    assert committed.sets == 1

@@ -12,7 +12,7 @@ from mesh_common.app import service_app
 from mesh_common.auth import JwksVerifier, auth_middleware
 from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
-from mesh_common.outbox import OUTBOX_MIGRATIONS, prune_published
+from mesh_common.outbox import OUTBOX_COMMITTED, OUTBOX_MIGRATIONS, prune_published
 from mesh_common.pruning import prune_ctx
 from mesh_common.redis_client import redis_ctx
 from mesh_common.relay import outbox_relay_ctx
@@ -46,6 +46,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
     # (hundreds of milliseconds on a busy shared disk), they must not hold
     # every connection and make every read wait too.
     app[WRITE_SLOTS] = asyncio.Semaphore(settings.db_write_slots)
+    app[OUTBOX_COMMITTED] = asyncio.Event()
     setup_routes(app)
     app.cleanup_ctx.extend(
         [

@@ -9,10 +9,9 @@ from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL
 from mesh_common.db import DB
-from mesh_common.outbox import enqueue
+from mesh_common.outbox import OUTBOX_COMMITTED, enqueue, publishing
 from mesh_common.problems import Forbidden, read_json_object
 from mesh_common.requests import REQUEST_ID
-from mesh_common.transactions import transaction
 
 from . import repository, validation
 from .errors import AccountExists, UserNotFound
@@ -31,7 +30,7 @@ async def register_user(request: web.Request) -> web.Response:
     async with request.app[PASSWORD_SLOTS]:
         password_hash = await passwords.hash(registration.password)
     try:
-        async with request.app[WRITE_SLOTS], transaction(request.app[DB]) as cur:
+        async with request.app[WRITE_SLOTS], publishing(request.app[DB], request.app[OUTBOX_COMMITTED]) as cur:
             user = await repository.insert_user(
                 cur,
                 username=registration.username,
