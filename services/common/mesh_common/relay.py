@@ -29,6 +29,7 @@ import os
 
 import aio_pika
 import aiopg
+import psycopg2
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
@@ -43,6 +44,16 @@ log = structlog.get_logger()
 CLAIM = (
     "SELECT id, routing_key, payload, correlation_id FROM outbox"
     " WHERE published_at IS NULL ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+# What an outage of the broker or the database raises, and goes by itself.
+# Anything else (a permission, a missing column, a bug) needs someone, and
+# is logged as an error with its traceback rather than as one more retry.
+OUTAGES = (
+    ConnectionError,
+    TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
 )
 
 
@@ -176,7 +187,12 @@ class OutboxRelay:
                 # The broker or the database is away, or an event was
                 # returned: the rows stay unsent and are tried again.
                 await self._drop_channel()
-                log.warning("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2))
+                if isinstance(exc, OUTAGES):
+                    log.warning(
+                        "outbox_publish_failed", error=type(exc).__name__, detail=str(exc), retry_in=round(delay, 2)
+                    )
+                else:
+                    log.error("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2), exc_info=exc)
                 # Woken by stop() too: a shutdown does not sit out the backoff.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
