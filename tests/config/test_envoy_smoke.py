@@ -31,6 +31,9 @@ from .conftest import REPO_ROOT, find_envoy, render_native
 
 GATEWAY_IPS = ["127.0.0.2", "127.0.0.3"]
 DEAD_GATEWAY_IP = "127.0.0.4"  # in DNS, but nothing listens: connect-failure
+# The route's idle timeout, shortened from its 15 s so that a gateway's
+# silence can be waited out.
+SILENT_ROUTE_IDLE_S = 1
 
 
 def _free_port(*hosts: str, kinds: tuple[int, ...] = (socket.SOCK_STREAM,)) -> int:
@@ -52,14 +55,24 @@ def _free_port(*hosts: str, kinds: tuple[int, ...] = (socket.SOCK_STREAM,)) -> i
 
 class _FakeGateway(BaseHTTPRequestHandler):
     paths: list[str] = []  # every path that reached a fake gateway
+    posts = 0  # POSTs that reached a fake gateway; each is answered 503
+
+    def do_POST(self) -> None:
+        type(self).posts += 1
+        self.send_response(503)
+        self.send_header("content-length", "0")
+        self.end_headers()
 
     def do_GET(self) -> None:
         self.paths.append(self.path)
+        if self.path == "/silent":
+            time.sleep(SILENT_ROUTE_IDLE_S + 1)
         body = json.dumps(
             {
                 "instance": self.server.server_address[0],
                 "x-request-id": self.headers.get("x-request-id"),
                 "x-envoy-original-path": self.headers.get("x-envoy-original-path"),
+                "x-envoy-internal": self.headers.get("x-envoy-internal"),
             }
         ).encode()
         self.send_response(200)
@@ -95,6 +108,7 @@ def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
     name = f"envoy-smoke-{uuid.uuid4().hex[:8]}"
     gateway_port = _free_port(*GATEWAY_IPS, DEAD_GATEWAY_IP)
     _FakeGateway.paths.clear()
+    _FakeGateway.posts = 0
     gateways = [ThreadingHTTPServer((ip, gateway_port), _FakeGateway) for ip in GATEWAY_IPS]
     threads = _serve(list(gateways))
     ids = [f"{name}-{ip}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]]
@@ -194,6 +208,8 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
     )
     # This test's own name, so that gateways other tests registered stay out.
     assert rendered.count("address: gateway.service.consul") == 1
+    assert rendered.count("idle_timeout: 15s") == 1
+    rendered = rendered.replace("idle_timeout: 15s", f"idle_timeout: {SILENT_ROUTE_IDLE_S}s")
     config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
     admin = f"http://127.0.0.1:{admin_port}"
     public = f"http://127.0.0.1:{envoy_port}"
@@ -217,11 +233,14 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         # Every A record from Consul became its own host (strict DNS).
         assert hosts == expected_hosts
 
-        # A caller's request id survives the trip and comes back.
-        status, headers, body = _get(f"{public}/todos", {"x-request-id": "rid-from-client"})
-        assert status == 200
-        assert json.loads(body)["x-request-id"] == "rid-from-client"
-        assert headers.get("x-request-id") == "rid-from-client"
+        # A caller's request id is replaced at the edge, whatever it looks
+        # like: the one the client gets back is the one the gateway was given.
+        client_ids = ("rid-from-client", "order 42", "0190c8a2-7d3e-7b4a-9f00-0123456789ab")
+        for client_id in client_ids:
+            status, headers, body = _get(f"{public}/todos", {"x-request-id": client_id})
+            assert status == 200
+            assert json.loads(body)["x-request-id"] == headers.get("x-request-id") != client_id
+        edge_id = headers["x-request-id"]
 
         # Without one, Envoy mints an id and hands the same one to both sides.
         # Requests landing on the dead instance are retried on a live one, so
@@ -236,6 +255,17 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
             served_by.add(payload["instance"])
         assert served_by == set(GATEWAY_IPS)
 
+        # A client is never "internal", even from loopback (a private
+        # address in compose): its x-envoy-* headers steer nothing. Trusted,
+        # these made Envoy send one POST to the gateways five times.
+        retry_me = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "4"}
+        request = urllib.request.Request(f"{public}/todos", data=b"{}", method="POST", headers=retry_me)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        refused.value.close()
+        assert (refused.value.code, _FakeGateway.posts) == (503, 1)
+        assert json.loads(_get(f"{public}/todos")[2])["x-envoy-internal"] is None
+
         # A client's x-envoy-original-path neither reaches the gateway nor
         # stands in for the path in the access log.
         status, _, body = _get(f"{public}/todos", {"x-envoy-original-path": "/forged"})
@@ -245,14 +275,15 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         # The JSON access log is written and parseable.
         deadline = time.monotonic() + 5
         lines: list[str] = []
-        while time.monotonic() < deadline and len(lines) < 14:
+        while time.monotonic() < deadline and len(lines) < 18:
             lines = access_log.read_text().splitlines() if access_log.exists() else []
             time.sleep(0.1)
         entries = [json.loads(line) for line in lines]
-        assert len(entries) >= 14
-        assert entries[0]["request_id"] == "rid-from-client"
+        assert len(entries) >= 18
+        assert entries[2]["request_id"] == edge_id
         assert {e["path"] for e in entries} == {"/todos"}
-        assert all(e["response_code"] == 200 for e in entries)
+        assert [e["response_code"] for e in entries if e["method"] == "POST"] == [503]
+        assert all(e["response_code"] == 200 for e in entries if e["method"] != "POST")
         # At least one request hit the dead instance first and was retried.
         assert any(e["upstream_attempts"] >= 2 for e in entries), entries
 
@@ -264,6 +295,12 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
             assert headers.get("content-type") == "application/problem+json"
             assert json.loads(body)["code"] == "NOT_FOUND"
         assert not {"/ready", "/health", "/health/live"} & set(_FakeGateway.paths)
+
+        # A gateway that says nothing for longer than the route allows is a
+        # gateway timeout, not the client's fault (a 408 would invite a resend).
+        status, headers, body = _get(f"{public}/silent")
+        assert (status, headers.get("content-type")) == (504, "application/problem+json")
+        assert json.loads(body)["code"] == "GATEWAY_TIMEOUT"
 
         # compose's health check of Envoy, run as it is against this Envoy's admin.
         (probe,) = [line for line in compose_envoy_healthcheck() if "/dev/tcp" in line]

@@ -167,10 +167,13 @@ def test_listener_addresses(native: dict[str, Any], compose: dict[str, Any]) -> 
 def test_request_id_and_forwarding_headers(cfg: dict[str, Any]) -> None:
     manager = hcm(cfg)
     assert manager["generate_request_id"] is True
-    assert manager["preserve_external_request_id"] is True
+    assert manager["preserve_external_request_id"] is False
     assert manager["always_set_request_id_in_response"] is True
     assert manager["use_remote_address"] is True
     assert manager["xff_num_trusted_hops"] == 0
+    # Unset, no client is internal; an explicit empty list made every
+    # loopback and private-range client internal (see the smoke test).
+    assert "internal_address_config" not in manager
 
 
 def test_json_access_log(cfg: dict[str, Any]) -> None:
