@@ -1,4 +1,5 @@
-"""Migrations: the outbox, once the user-service's own 0004_outbox, now mesh_common's shared set; missing folders."""
+"""Migrations: the outbox, once the user-service's own 0004_outbox, now mesh_common's shared set;
+missing folders; emails stored before they were normalized to NFC."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import aiopg
+import psycopg2
 import pytest
 
 from mesh_common.db import _LOCK_ID, migrate
 from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
+
+PASSWORD = "a long and unusual passphrase"
+EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
 
 
 @pytest.fixture
@@ -131,3 +136,64 @@ async def test_a_migration_that_times_out_reports_the_timeout(
     (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(2)")
     with pytest.raises(TimeoutError):
         await migrate(scratch, [tmp_path])
+
+
+async def store_email(db: aiopg.Pool, user_id: str, email: str) -> None:
+    """Store ``email`` as it is, as the service did before it normalized emails to NFC."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET email = %s WHERE id = %s", (email, user_id))
+
+
+async def emails_in_nfc(db: aiopg.Pool) -> None:
+    # The migration ran when the fixture migrated the (then empty) table:
+    # its SQL again, on rows stored since, is what it does to old rows. In a
+    # transaction of its own, as migrate() runs it.
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("BEGIN")
+        try:
+            await cur.execute(EMAILS_IN_NFC.read_text())
+            await cur.execute("COMMIT")
+        except psycopg2.Error:
+            await cur.execute("ROLLBACK")
+            raise
+
+
+async def test_an_email_stored_decomposed_is_composed_so_it_logs_in_and_stays_taken(
+    client: Any, register: Any, login: Any, db: aiopg.Pool
+) -> None:
+    decomposed, composed = "jose\u0301@example.com", "jos\u00e9@example.com"
+    jose = await register("jose", "jose-for-now@example.com")
+    await store_email(db, jose["id"], decomposed)
+
+    await emails_in_nfc(db)
+
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT email FROM users WHERE id = %s", (jose["id"],))
+        assert await cur.fetchone() == (composed,)
+    for spelling in (composed, decomposed):  # the login normalizes what is typed
+        assert (await login(spelling))["access_token"]
+    response = await client.post("/users", json={"username": "other", "email": composed, "password": PASSWORD})
+    assert response.status == 409
+    assert (await response.json())["code"] == "ACCOUNT_EXISTS"
+
+
+async def test_emails_that_become_one_address_stop_the_migration_naming_their_accounts(
+    register: Any, db: aiopg.Pool
+) -> None:
+    # Case apart too: the unique index is on lower(email). Only ASCII letters
+    # differ in case, which PostgreSQL folds whatever the database's locale.
+    ada = await register("ada", "jos\u00e9@example.com")
+    jose = await register("jose", "jose-for-now@example.com")
+    grace = await register("grace")  # not one of them
+    stored = "Jose\u0301@Example.com"
+    await store_email(db, jose["id"], stored)
+
+    with pytest.raises(psycopg2.errors.RaiseException, match="one address once NFC-normalized") as refused:
+        await emails_in_nfc(db)
+
+    message = str(refused.value)
+    assert ada["id"] in message and jose["id"] in message
+    assert grace["id"] not in message
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT email FROM users WHERE id = %s", (jose["id"],))
+        assert await cur.fetchone() == (stored,)
