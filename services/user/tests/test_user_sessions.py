@@ -12,9 +12,17 @@ import pytest
 from argon2 import PasswordHasher
 
 from mesh_common.auth import VERIFIER, JwksVerifier
+from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
-from user_service.signing_keys import KeyChangeRefused, KeyStore, retire_keys, rotate_keys
+from user_service.signing_keys import (
+    NEXT_KEY_MIN_AGE,
+    KeyChangeRefused,
+    KeyStore,
+    ensure_keys,
+    retire_keys,
+    rotate_keys,
+)
 
 PASSWORD = "a long and unusual passphrase"
 SERVICE_SECRET = "notification-secret-0123456789"
@@ -341,6 +349,57 @@ async def test_a_key_that_stopped_signing_just_now_is_not_retired(client: Any, d
         assert await cur.fetchone() == ("retiring",)
         await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '11 minutes' WHERE kid = %s", (old,))
     assert await retire_keys(db, min_retiring=630) == [old]
+
+
+async def key_states(db: aiopg.Pool) -> dict[str, str]:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT kid, state FROM signing_keys")
+        return dict(await cur.fetchall())
+
+
+async def test_rotate_keys_waits_for_instances_that_reread_the_keys_less_often(settings: Any, db: aiopg.Pool) -> None:
+    # Published 370 s ago: past the 6 minutes that suit instances re-reading
+    # the key table every 30 s. One re-reading every 120 s may have put the
+    # key in its JWKS only 250 s ago, and a verifier's key set (up to 300 s
+    # old) fetched from it just before would not have it.
+    await ensure_keys(db)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE signing_keys SET created_at = now() - interval '370 seconds' WHERE state = 'next' RETURNING kid"
+        )
+        (next_kid,) = await cur.fetchone()
+    slow = dataclasses.replace(settings.tokens, key_refresh_interval=120.0)
+
+    with pytest.raises(SystemExit, match=r"rotate-keys: refused: the next key was published \d+ s ago"):
+        await manage_keys(settings.database_url, "rotate-keys", None, tokens=slow, force=False)
+    assert (await key_states(db))[next_kid] == "next"
+
+    # At the default 30 s, the wait is still the 6 minutes it always was.
+    assert (settings.tokens.key_refresh_interval, NEXT_KEY_MIN_AGE) == (30.0, 360.0)
+    await manage_keys(settings.database_url, "rotate-keys", None, tokens=settings.tokens, force=False)
+    assert (await key_states(db))[next_kid] == "active"
+
+
+async def test_retire_keys_waits_for_service_tokens_that_outlive_access_tokens(settings: Any, db: aiopg.Pool) -> None:
+    # Service tokens for 30 minutes, user tokens for the default 10: the
+    # last service token the old key signed is valid until 30 minutes (and
+    # the instances' re-read) after the rotation.
+    tokens = dataclasses.replace(settings.tokens, service_ttl=1800)
+    await ensure_keys(db)
+    old = next(kid for kid, state in (await key_states(db)).items() if state == "active")
+    await rotate_keys(db, min_published=0)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        # Past ACCESS_TOKEN_TTL + SIGNING_KEY_REFRESH_SECONDS (630 s), all the old wait counted.
+        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '11 minutes' WHERE kid = %s", (old,))
+
+    with pytest.raises(SystemExit, match="stopped signing less than 1830 s ago"):
+        await manage_keys(settings.database_url, "retire-keys", None, tokens=tokens, force=False)
+    assert (await key_states(db))[old] == "retiring"
+
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '31 minutes' WHERE kid = %s", (old,))
+    await manage_keys(settings.database_url, "retire-keys", None, tokens=tokens, force=False)
+    assert (await key_states(db))[old] == "retired"
 
 
 async def test_with_its_active_key_deleted_the_published_next_key_signs(

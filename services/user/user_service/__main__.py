@@ -5,8 +5,9 @@
     python -m user_service retire-keys [--kid]  retiring keys leave the JWKS; their tokens are refused
 
 Both refuse a change that would cut valid tokens short (exit status 1):
-rotating to a next key published less than 6 minutes ago (two rotations in a
-row), and retiring a key that stopped signing less than ACCESS_TOKEN_TTL +
+rotating to a next key published less than SIGNING_KEY_REFRESH_SECONDS +
+330 s ago (6 minutes by default; two rotations in a row), and retiring a key
+that stopped signing less than max(ACCESS_TOKEN_TTL, SERVICE_TOKEN_TTL) +
 SIGNING_KEY_REFRESH_SECONDS ago. ``--force`` does it anyway.
 """
 
@@ -19,24 +20,24 @@ import aiopg
 from mesh_common.db import migrate
 from mesh_common.logs import configure_logging
 from mesh_common.serve import bind_socket, run
-from mesh_common.settings import env_float, env_int, env_str
+from mesh_common.settings import env_str
 
 from .app import MIGRATIONS, create_app
-from .settings import Settings
-from .signing_keys import KeyChangeRefused, ensure_keys, retire_keys, rotate_keys
+from .settings import Settings, TokenPolicy
+from .signing_keys import KeyChangeRefused, ensure_keys, next_key_min_age, retire_keys, retiring_min_age, rotate_keys
 
 
-async def manage_keys(database_url: str, command: str, kid: str | None, *, min_retiring: float, force: bool) -> None:
+async def manage_keys(database_url: str, command: str, kid: str | None, *, tokens: TokenPolicy, force: bool) -> None:
+    """``rotate-keys`` or ``retire-keys``, waiting as long as ``tokens`` (the service's settings) needs."""
     async with aiopg.create_pool(database_url, minsize=1, maxsize=1) as pool:
         await migrate(pool, MIGRATIONS)
         try:
             if command == "rotate-keys":
                 await ensure_keys(pool)
-                print(await rotate_keys(pool, force=force))
+                print(await rotate_keys(pool, min_published=next_key_min_age(tokens), force=force))
             else:
-                print(
-                    "\n".join(await retire_keys(pool, kid, min_retiring=min_retiring, force=force)) or "no retiring key"
-                )
+                retired = await retire_keys(pool, kid, min_retiring=retiring_min_age(tokens), force=force)
+                print("\n".join(retired) or "no retiring key")
         except KeyChangeRefused as exc:
             raise SystemExit(f"{command}: refused: {exc}") from None
 
@@ -49,12 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command != "serve":
         configure_logging(env_str(os.environ, "LOG_FORMAT", "console"))
-        # As long as a token the key signed may live, and instances re-read keys.
-        min_retiring = env_int(os.environ, "ACCESS_TOKEN_TTL", 600) + env_float(
-            os.environ, "SIGNING_KEY_REFRESH_SECONDS", 30.0
-        )
+        tokens = TokenPolicy.from_env(os.environ)
         database_url = env_str(os.environ, "DATABASE_URL")
-        asyncio.run(manage_keys(database_url, args.command, args.kid, min_retiring=min_retiring, force=args.force))
+        asyncio.run(manage_keys(database_url, args.command, args.kid, tokens=tokens, force=args.force))
         return
     settings = Settings.from_env(os.environ)
     configure_logging(settings.service.log_format)

@@ -60,6 +60,21 @@ class TokenPolicy:
     # made by another instance (or the CLI) reaches it.
     key_refresh_interval: float = 30.0
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TokenPolicy:
+        # Apart from Settings: the key commands (rotate-keys, retire-keys)
+        # need these, and none of the URLs a serving instance does.
+        return cls(
+            issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
+            audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
+            access_ttl=env_int(env, "ACCESS_TOKEN_TTL", 600),
+            refresh_ttl=env_int(env, "REFRESH_TOKEN_TTL", 14 * 24 * 3600),
+            refresh_session_max=env_int(env, "REFRESH_SESSION_MAX_SECONDS", 30 * DAY),
+            refresh_retention=env_int(env, "REFRESH_TOKEN_RETENTION_SECONDS", 7 * DAY),
+            service_ttl=env_int(env, "SERVICE_TOKEN_TTL", 300),
+            key_refresh_interval=env_float(env, "SIGNING_KEY_REFRESH_SECONDS", 30.0),
+        )
+
     def __post_init__(self) -> None:
         # A shorter session would quietly make REFRESH_TOKEN_TTL a lie (every
         # token would end with its session), and a family from before the
@@ -114,16 +129,7 @@ class Settings:
             amqp_url=env_str(env, "AMQP_URL"),
             db_pool_size=env_int(env, "DB_POOL_SIZE", 10),
             db_write_slots=env_int(env, "DB_WRITE_SLOTS", 3),
-            tokens=TokenPolicy(
-                issuer=env_str(env, "JWT_ISSUER", "todo-mesh"),
-                audience=env_str(env, "JWT_AUDIENCE", "todo-mesh-api"),
-                access_ttl=env_int(env, "ACCESS_TOKEN_TTL", 600),
-                refresh_ttl=env_int(env, "REFRESH_TOKEN_TTL", 14 * 24 * 3600),
-                refresh_session_max=env_int(env, "REFRESH_SESSION_MAX_SECONDS", 30 * DAY),
-                refresh_retention=env_int(env, "REFRESH_TOKEN_RETENTION_SECONDS", 7 * DAY),
-                service_ttl=env_int(env, "SERVICE_TOKEN_TTL", 300),
-                key_refresh_interval=env_float(env, "SIGNING_KEY_REFRESH_SECONDS", 30.0),
-            ),
+            tokens=TokenPolicy.from_env(env),
             passwords=PasswordPolicy(
                 time_cost=env_int(env, "ARGON2_TIME_COST", ARGON2_MIN_TIME_COST),
                 memory_cost_kib=env_int(env, "ARGON2_MEMORY_KIB", ARGON2_MIN_MEMORY_KIB),

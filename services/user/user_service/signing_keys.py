@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh_common.transactions import transaction
 
+from .settings import TokenPolicy
+
 ALGORITHM = "EdDSA"
 log = structlog.get_logger()
 
@@ -59,10 +61,38 @@ def _new_key_row() -> tuple[str, str]:
 
 INSERT_KEY = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s, %s, %s)"
 LOCK_KEYS = "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE"
-# A verifier's key set is at most 300 s old (``max_key_age``), and it fetches
-# again for an unknown kid only after a 5 s cool-down: a next key published
-# for longer than this is known to every verifier.
-NEXT_KEY_MIN_AGE = 6 * 60.0
+# Every verifier is mesh_common.auth.JwksVerifier with its defaults: its key
+# set is at most 300 s old (``max_key_age``), and it fetches again for an
+# unknown kid only after a 5 s cool-down (``refresh_cooldown``).
+VERIFIER_MAX_KEY_AGE = 300.0
+VERIFIER_COOLDOWN = 5.0
+# For an instance's re-read of the keys that is slow, or failed once.
+PUBLICATION_MARGIN = 25.0
+
+
+def next_key_min_age(policy: TokenPolicy) -> float:
+    """How long a next key must have been in the table before it may sign.
+
+    A key made elsewhere (by another instance, or the CLI) is in an
+    instance's JWKS only once that instance re-reads the table, up to
+    ``key_refresh_interval`` later; from then on, every verifier has it
+    within its key set's age and cool-down. Six minutes at the default 30 s.
+    """
+    return policy.key_refresh_interval + VERIFIER_MAX_KEY_AGE + VERIFIER_COOLDOWN + PUBLICATION_MARGIN
+
+
+def retiring_min_age(policy: TokenPolicy) -> float:
+    """How long after it stopped signing a key may be retired.
+
+    Instances sign with it until they re-read the table, up to
+    ``key_refresh_interval`` after the rotation, and what it signed last
+    lives as long as the longer-lived kind of token: a service token may
+    outlive a user's (nothing keeps SERVICE_TOKEN_TTL under ACCESS_TOKEN_TTL).
+    """
+    return max(policy.access_ttl, policy.service_ttl) + policy.key_refresh_interval
+
+
+NEXT_KEY_MIN_AGE = next_key_min_age(TokenPolicy())
 
 
 class KeyChangeRefused(Exception):
@@ -95,9 +125,10 @@ async def rotate_keys(pool: aiopg.Pool, *, min_published: float = NEXT_KEY_MIN_A
     """The next key becomes active, the active one retiring; a new next key is made. Returns the active kid.
 
     Refused (``KeyChangeRefused``) while the next key has been published for
-    less than ``min_published`` seconds: some verifier may not have fetched
-    it yet, and would answer its tokens with a 401. Two rotations in a row
-    are refused so. ``force`` rotates anyway, an unpublished key included.
+    less than ``min_published`` seconds (``next_key_min_age``): some verifier
+    may not have fetched it yet, and would answer its tokens with a 401. Two
+    rotations in a row are refused so. ``force`` rotates anyway, an
+    unpublished key included.
     """
     async with transaction(pool) as cur:
         # Two rotations at once would otherwise both retire the same key and
@@ -134,9 +165,9 @@ async def retire_keys(
 ) -> list[str]:
     """Take retiring keys (all, or just ``kid``) out of the JWKS. Returns their kids.
 
-    Only keys that stopped signing ``min_retiring`` seconds ago or more (an
-    access token's lifetime, plus how long instances take to stop signing
-    with them) unless ``force``: retired sooner, they cut valid tokens short.
+    Only keys that stopped signing ``min_retiring`` seconds ago or more
+    (``retiring_min_age``) unless ``force``: retired sooner, they cut valid
+    tokens short.
     ``KeyChangeRefused`` when ``kid`` is not retiring, or when every retiring
     key is too recent.
     """
