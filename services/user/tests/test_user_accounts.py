@@ -116,6 +116,60 @@ async def test_an_oversized_body_is_refused_with_413(client: Any) -> None:
     assert (await response.json())["code"] == "PAYLOAD_TOO_LARGE"
 
 
+# Every operation that reads a JSON body, as the document names them.
+BODY_OPERATIONS = [
+    (method, path)
+    for path, item in document()["paths"].items()
+    for method, operation in item.items()
+    if "requestBody" in operation
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_OPERATIONS)
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "code"),
+    [
+        pytest.param(
+            {"Content-Type": "application/json"},
+            b'{"username": "' + b"x" * 70_000 + b'"}',
+            413,
+            "PAYLOAD_TOO_LARGE",
+            id="too-large",
+        ),
+        pytest.param({"Content-Type": "text/plain"}, b"{}", 415, "UNSUPPORTED_MEDIA_TYPE", id="not-json"),
+        pytest.param(
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            b'{"username": "not compressed"}',
+            400,
+            "MALFORMED_BODY",
+            id="not-gzip",
+        ),
+    ],
+)
+async def test_the_openapi_document_lists_what_an_unreadable_body_gets(
+    client: Any,
+    register: Any,
+    login: Any,
+    auth: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
+) -> None:
+    await register()
+    headers = {**headers, **auth((await login())["access_token"])}  # PATCH /users/me needs it; the rest ignore it
+
+    response = await client.request(method.upper(), path, data=body, headers=headers)
+
+    assert response.status == status, await response.text()
+    assert (await response.json())["code"] == code
+    described = document()["paths"][path][method]["responses"]
+    assert str(status) in described, f"{method.upper()} {path} does not list {status}"
+    assert described[str(status)]["description"].startswith(f"{code}:")
+
+
 async def test_me_needs_a_token(client: Any) -> None:
     response = await client.get("/users/me")
     assert response.status == 401

@@ -43,7 +43,11 @@ def _object(properties: dict[str, Any], *, required: list[str] | None = None) ->
 _STRING = {"type": "string"}
 _INVALID = _problem("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
 _UNAUTHORIZED = _problem("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
+# Every operation with a body reads it through mesh_common's
+# read_json_object, behind the app's body limit: all three can answer these.
+_MALFORMED = _problem("MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says")
 _TOO_LARGE = _problem("PAYLOAD_TOO_LARGE: the body is over 64 KiB")
+_NOT_JSON = _problem("UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known")
 _USERS_ONLY = _problem("FORBIDDEN: a service token, which names no user")
 # For the JWKS and /openapi.json. Set on the operation, as for
 # /auth/service-token, not on the path item: the test that lists the
@@ -138,8 +142,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Registration"),
             "responses": {
                 "201": _json(_ref("Profile"), "The new account; user.registered is published"),
+                "400": _MALFORMED,
                 "409": _problem("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
                 "413": _TOO_LARGE,
+                "415": _NOT_JSON,
                 "422": _INVALID,
                 "503": _problem("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
             },
@@ -162,10 +168,13 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("ProfileChanges"),
             "responses": {
                 "200": _json(_ref("Profile"), "The changed profile"),
+                "400": _MALFORMED,
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
                 "404": _problem("USER_NOT_FOUND: the token's account is gone"),
                 "409": _problem("ACCOUNT_EXISTS: another account uses this email"),
+                "413": _TOO_LARGE,
+                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         },
@@ -191,7 +200,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Credentials"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "Access and refresh tokens"),
+                "400": _MALFORMED,
                 "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
+                "413": _TOO_LARGE,
+                "415": _NOT_JSON,
                 "422": _INVALID,
                 "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
                 "503": _problem(
@@ -209,7 +221,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("RefreshRequest"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
+                "400": _MALFORMED,
                 "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"),
+                "413": _TOO_LARGE,
+                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         }
@@ -220,7 +235,13 @@ PATHS: dict[str, Any] = {
             "summary": "Revoke the refresh token's family",
             "security": [],
             "requestBody": _body("RefreshRequest"),
-            "responses": {"204": {"description": "Logged out (also for unknown tokens)"}, "422": _INVALID},
+            "responses": {
+                "204": {"description": "Logged out (also for unknown tokens)"},
+                "400": _MALFORMED,
+                "413": _TOO_LARGE,
+                "415": _NOT_JSON,
+                "422": _INVALID,
+            },
         }
     },
     "/auth/service-token": {
@@ -233,7 +254,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("ClientCredentials"),
             "responses": {
                 "200": _json(_ref("ServiceToken"), "A service access token"),
+                "400": _MALFORMED,
                 "401": _problem("INVALID_CLIENT"),
+                "413": _TOO_LARGE,
+                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         }
