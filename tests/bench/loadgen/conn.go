@@ -16,6 +16,7 @@ const ioTimeout = 10 * time.Second
 // recording takes no lock.
 type result struct {
 	latencies  []time.Duration
+	last       time.Time // when the last recorded response ended
 	errors     int
 	firstError string
 }
@@ -41,11 +42,12 @@ func (r *result) run(address string, request []byte, jobs <-chan job, skip int) 
 			reader = bufio.NewReaderSize(conn, 16<<10)
 		}
 		keep, err := exchange(conn, reader, request)
-		elapsed := time.Since(j.due)
+		now := time.Now()
 		if err != nil {
 			r.fail(err)
 		} else if j.index >= skip {
-			r.latencies = append(r.latencies, elapsed)
+			r.latencies = append(r.latencies, now.Sub(j.due))
+			r.last = now
 		}
 		if err != nil || !keep {
 			conn.Close()
@@ -63,7 +65,8 @@ func (r *result) fail(err error) {
 
 // exchange writes one request and reads its whole response. It reports
 // whether the connection may carry another, and an error for anything but
-// a 2xx or 3xx answer.
+// a 2xx answer: a redirect is not followed, so counting it would time a
+// cheap answer instead of the one asked for.
 func exchange(conn net.Conn, reader *bufio.Reader, request []byte) (bool, error) {
 	conn.SetDeadline(time.Now().Add(ioTimeout))
 	if _, err := conn.Write(request); err != nil {
@@ -116,7 +119,7 @@ func exchange(conn net.Conn, reader *bufio.Reader, request []byte) (bool, error)
 	if err != nil {
 		return false, err
 	}
-	if code >= 400 {
+	if code < 200 || code >= 300 {
 		return keep, fmt.Errorf("status %d", code)
 	}
 	return keep, nil

@@ -18,6 +18,13 @@
 // The first -warmup of requests is sent at the same rate but not recorded:
 // until then the client is still opening connections and the server is still
 // warming them, which is start-up, not the steady state being measured.
+//
+// It also reports the rate it achieved: recorded responses over the span from
+// the first recorded request's due time to the last response. A server that
+// cannot keep up answers at its own pace, a queue grows, and its p50 grows
+// with it; p99 / p50 then shrinks and looks better, so the caller must know
+// that the rate asked for was not the rate served. (A server that keeps up
+// falls short only by its last response's latency over -duration.)
 // Connections are capped (-conns) like any real client pool: in a stall, a
 // request waits for a free connection (and its wait counts) instead of
 // opening yet another one, which would add accept() work to the stalled
@@ -101,16 +108,24 @@ func main() {
 	var latencies []time.Duration
 	errors := 0
 	var firstError string
+	var last time.Time // the last recorded response
 	for _, r := range results {
 		latencies = append(latencies, r.latencies...)
 		errors += r.errors // in the warm-up too: any error fails the run
 		if firstError == "" {
 			firstError = r.firstError
 		}
+		if r.last.After(last) {
+			last = r.last
+		}
+	}
+	achieved := 0.0
+	if span := last.Sub(start.Add(time.Duration(skip) * interval)); len(latencies) > 0 && span > 0 {
+		achieved = float64(len(latencies)) / span.Seconds()
 	}
 	sort.Slice(latencies, func(a, b int) bool { return latencies[a] < latencies[b] })
 	json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"recorded": len(latencies), "errors": errors,
+		"recorded": len(latencies), "errors": errors, "rate": *rate, "achieved_rps": achieved,
 		"p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
 	})
 	if errors > 0 {
