@@ -13,9 +13,10 @@ then runs, on loopback only:
 It publishes RATE events per second for SECONDS seconds, half
 ``user.registered`` (the address is in the event) and half ``todo.completed``
 (the address is looked up through Consul from the user-service), each with
-publisher confirms, and measures from the moment each event was handed to
-the broker to the moment its email (found by its Message-ID) arrived. Both
-ends are timed by the same clock, in this process.
+publisher confirms, and measures from the moment each event was due in that
+schedule (so a late send counts its lateness) to the moment its email
+(found by its Message-ID) arrived. Both ends are timed by the same clock, in
+this process.
 
 Alongside each event it sends a probe through a bare quorum queue to a
 consumer in this process: the broker's own share of the latency (a quorum
@@ -30,6 +31,7 @@ reported, like the other benchmarks' figures. Bounded: about 20 seconds in all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -68,6 +70,7 @@ SECONDS = 10.0
 WARM_UP = 20  # events sent and awaited before measuring: connections, token, caches
 TARGET_P50_MS = 20.0
 TARGET_P99_MS = 100.0
+PUBLISH_TIMEOUT = 5.0  # seconds for a publisher confirm: a broker that blocks fails the run
 
 
 class BrokerProbe:
@@ -88,7 +91,9 @@ class BrokerProbe:
     async def send(self) -> None:
         body = str(time.time()).encode()
         await self._channel.default_exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=self._name
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self._name,
+            timeout=PUBLISH_TIMEOUT,
         )
 
     async def stop(self) -> None:
@@ -120,87 +125,103 @@ async def wait_for(condition: Callable[[], bool], within: float, what: str) -> N
         await asyncio.sleep(0.01)
 
 
-async def bench(config: StackConfig) -> int:
-    management = Management(config.ports.rabbitmq_management)
-    definitions, topology = private_definitions(f"bench{uuid.uuid4().hex[:6]}")
-    management.import_definitions(definitions)
-    sink = SmtpSink()
-    await sink.start()
-    users = FakeUserService(config.consul_url, f"user-service-bench-{uuid.uuid4().hex[:6]}")
-    await users.start()
-    await users.register()
-    owner = users.add(new_user())
-    service = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "notification_service",
-        env={
-            **os.environ,
-            **config.service_env("notification"),
-            "SMTP_PORT": str(sink.port),
-            "SERVICE_CLIENT_SECRET": SECRET,
-            "USER_SERVICE_NAME": users.name,
-            "EVENTS_EXCHANGE": topology.exchange,
-            "NOTIFICATION_QUEUES": topology.namespace,
-        },
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+async def stop(service: asyncio.subprocess.Process) -> None:
+    """SIGTERM, and SIGKILL if it is still there 20 s later: it must not outlive the bench."""
+    with contextlib.suppress(ProcessLookupError):  # it has exited already
+        service.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(20):
+            await service.wait()
+    except TimeoutError:
+        service.kill()
+        await service.wait()
 
-    published: dict[str, float] = {}  # Message-ID key (the event id's hex) -> when handed to the broker
+
+async def bench(config: StackConfig) -> int:
+    published: dict[str, float] = {}  # Message-ID key (the event id's hex) -> when it was due
     kinds: dict[str, str] = {}
     sent: list[str] = []  # every event id, warm-up included
+    # Each step is undone, in reverse order, if it was done, however the bench ends.
+    async with contextlib.AsyncExitStack() as undo:
+        management = Management(config.ports.rabbitmq_management)
+        definitions, topology = private_definitions(f"bench{uuid.uuid4().hex[:6]}")
+        management.import_definitions(definitions)
+        undo.callback(management.delete_definitions, definitions)
+        sink = SmtpSink()
+        await sink.start()
+        undo.push_async_callback(sink.stop)
+        users = FakeUserService(config.consul_url, f"user-service-bench-{uuid.uuid4().hex[:6]}")
+        await users.start()
+        undo.push_async_callback(users.stop)
+        await users.register()
+        undo.push_async_callback(users.deregister)
+        owner = users.add(new_user())
+        # After the service has stopped, so that it writes no row after these go.
+        undo.push_async_callback(delete_rows, config, owner["id"], sent)
+        service = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "notification_service",
+            env={
+                **os.environ,
+                **config.service_env("notification"),
+                "SMTP_PORT": str(sink.port),
+                "SERVICE_CLIENT_SECRET": SECRET,
+                "USER_SERVICE_NAME": users.name,
+                "EVENTS_EXCHANGE": topology.exchange,
+                "NOTIFICATION_QUEUES": topology.namespace,
+            },
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        undo.push_async_callback(stop, service)
 
-    def event(n: int) -> Event:
-        if n % 2:
-            return registered(new_user())
-        return todo_event("completed", owner["id"], {"id": f"bench-{n}", "title": f"Bench {n}", "completed": True})
+        def event(n: int) -> Event:
+            if n % 2:
+                return registered(new_user())
+            return todo_event("completed", owner["id"], {"id": f"bench-{n}", "title": f"Bench {n}", "completed": True})
 
-    try:
         connection = await aio_pika.connect(config.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(topology.exchange)
-            probe = BrokerProbe(await connection.channel(publisher_confirms=True))
-            await probe.start()
+        await undo.enter_async_context(connection)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(topology.exchange)
+        probe = BrokerProbe(await connection.channel(publisher_confirms=True))
+        await probe.start()
+        undo.push_async_callback(probe.stop)
 
-            async def send(n: int, *, measure: bool) -> None:
-                e = event(n)
-                sent.append(e.id)
-                message = aio_pika.Message(
-                    e.to_json(), message_id=e.id, correlation_id=e.correlation_id, type=e.type,
-                    content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                )  # fmt: skip
-                started = time.time()
-                await exchange.publish(message, routing_key=e.type)
-                if measure:
-                    published[uuid.UUID(e.id).hex] = started
-                    kinds[uuid.UUID(e.id).hex] = e.type
-                    await probe.send()
+        async def send(n: int, due: float | None) -> None:
+            """Publish event ``n``; measure it from ``due`` (a time.time()), unless that is None."""
+            e = event(n)
+            sent.append(e.id)
+            message = aio_pika.Message(
+                e.to_json(), message_id=e.id, correlation_id=e.correlation_id, type=e.type,
+                content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )  # fmt: skip
+            await exchange.publish(message, routing_key=e.type, timeout=PUBLISH_TIMEOUT)
+            if due is not None:
+                published[uuid.UUID(e.id).hex] = due
+                kinds[uuid.UUID(e.id).hex] = e.type
+                await probe.send()
 
-            for n in range(WARM_UP):
-                await send(n, measure=False)
-            await wait_for(lambda: len(sink.received) >= WARM_UP, 60, "the service to start and warm up")
-            sink.received.clear()
+        for n in range(WARM_UP):
+            await send(n, None)
+        await wait_for(lambda: len(sink.received) >= WARM_UP, 60, "the service to start and warm up")
+        sink.received.clear()
 
-            # A fixed schedule, not back to back: each event is sent when it is due.
-            total = int(RATE * SECONDS)
-            cpu_before = cpu_seconds(service.pid)
+        # A fixed schedule, not back to back: each event is sent when it is
+        # due, and measured from then, so that a late send counts its lateness.
+        total = int(RATE * SECONDS)
+        cpu_before = cpu_seconds(service.pid)
+        async with asyncio.timeout(SECONDS + 30):  # a broker or loop that stalls fails the run
             start = time.monotonic()
             pending = []
             for n in range(total):
-                await asyncio.sleep(max(0.0, start + n / RATE - time.monotonic()))
-                pending.append(asyncio.create_task(send(WARM_UP + n, measure=True)))
+                due = start + n / RATE
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                # The sink stamps arrivals with time.time(): the due moment on that clock.
+                due_at = time.time() - (time.monotonic() - due)
+                pending.append(asyncio.create_task(send(WARM_UP + n, due_at)))
             await asyncio.gather(*pending)
-            await wait_for(lambda: len(sink.received) >= total, 30, "every email")
-            cpu_ms = (cpu_seconds(service.pid) - cpu_before) * 1000
-            await asyncio.sleep(1.0)  # let a duplicate, if any, arrive too
-            await probe.stop()
-    finally:
-        service.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(service.wait(), 20)
-        await users.stop()
-        await users.deregister()
-        await sink.stop()
-        management.delete_definitions(definitions)
-        await delete_rows(config, owner["id"], sent)
+        await wait_for(lambda: len(sink.received) >= total, 30, "every email")
+        cpu_ms = (cpu_seconds(service.pid) - cpu_before) * 1000
+        await asyncio.sleep(1.0)  # let a duplicate, if any, arrive too
 
     arrived = Counter(message_key(r.message["Message-ID"]) for r in sink.received)
     latency = {
