@@ -9,7 +9,6 @@ gateway's own, never the client's.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -25,7 +24,7 @@ from aiohttp.test_utils import TestClient
 
 from devstack.config import StackConfig
 from mesh_common.settings import SettingsError
-from mesh_common.testing import LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import LOOPBACK, Settings, networks
@@ -34,12 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 SECURITY_REDIS_DB = 5  # this suite's own Redis database, flushed per test
 PUBLIC = "/api/v1/echo/public"
 Gateway = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

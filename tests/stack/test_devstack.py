@@ -7,14 +7,14 @@ import re
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from devstack import components, procs
+from devstack import components, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.procs import Proc, StackError, alive, require_free, running, start, stop, wait_until
+from mesh_common.testing import free_port
 
 
 def _sleeper(name: str) -> Proc:
@@ -193,34 +193,19 @@ def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -
     assert outcome == [False]
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _envoy_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("envoy_shared_memory_*")}
 
 
 def test_the_native_envoy_leaves_no_shared_memory_behind(tmp_path: Path) -> None:
     # With --use-dynamic-base-id, every start left a /dev/shm segment for good.
-    ports = {"MESH_PORT_ENVOY": str(_free_loopback_port()), "MESH_PORT_ENVOY_ADMIN": str(_free_loopback_port())}
+    ports = {"MESH_PORT_ENVOY": str(free_port()), "MESH_PORT_ENVOY_ADMIN": str(free_port())}
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path), **ports}, profile="test")
     before = _envoy_segments()
     start(cfg.run_dir, components.envoy(cfg))
     try:
-        wait_until(
-            lambda: _answers(f"http://127.0.0.1:{cfg.ports.envoy_admin}/ready"), timeout=30, what="Envoy's admin"
-        )
+        admin = f"http://127.0.0.1:{cfg.ports.envoy_admin}/server_info"
+        wait_until(lambda: stack.get_json(admin), timeout=30, what="Envoy's admin")
     finally:
         stop(cfg.run_dir, "envoy")
     assert _envoy_segments() - before == set()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False

@@ -129,6 +129,13 @@ async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
         await canceller
 
 
+def free_port() -> int:
+    """A loopback port free when asked, for a server started next (``refused_port``: one kept shut)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
 def refused_port() -> Iterator[int]:
     """A loopback port that refuses connections while the block runs.
