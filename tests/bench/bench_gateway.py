@@ -35,22 +35,19 @@ Everything runs on loopback, on the test profile's ports, and stops itself.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import NamedTuple
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 
 from devstack import components as c  # noqa: E402
 from devstack import stack  # noqa: E402
@@ -83,37 +80,6 @@ BENCH_ENV = {
 Target = tuple[str, dict[str, str]]  # a URL and its request headers
 
 
-class Latency(NamedTuple):
-    """One fixed-rate run of the load generator."""
-
-    p50: float  # ms
-    p99: float  # ms
-    served: float  # requests/s answered over the recorded span
-
-    @property
-    def tail(self) -> float:
-        return self.p99 / self.p50
-
-
-def wrk(url: str, headers: dict[str, str], seconds: int = DURATION) -> float:
-    """Requests per second, from one wrk run."""
-    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s"]
-    for name, value in headers.items():
-        args += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
-    # Despite its label, wrk counts only statuses above 399 here: a 3xx is
-    # caught by check_answers() instead, before any run.
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
-    # Printed only when there are some: connections refused, reset or timed
-    # out are requests that did not count, so the rate would flatter the server.
-    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sockets and any(int(n) for n in sockets.groups()):
-        raise RuntimeError(f"{url}: socket errors\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-
 def compare(label: str, numerator: Target, denominator: Target) -> tuple[float, float]:
     """Mean requests per second of each side, over ROUNDS runs."""
     tops: list[float] = []
@@ -122,37 +88,15 @@ def compare(label: str, numerator: Target, denominator: Target) -> tuple[float, 
         # A-B, then B-A: neither side always runs first, or always right after the other.
         order = [(numerator, tops), (denominator, bottoms)]
         for (url, headers), runs in order if n % 2 == 0 else reversed(order):
-            runs.append(wrk(url, headers))
+            runs.append(wrk(url, headers, DURATION, CONNECTIONS))
     top, bottom = statistics.mean(tops), statistics.mean(bottoms)
     print(f"  {label:<16} {top:9.0f} / {bottom:9.0f} req/s = {top / bottom:.3f}", flush=True)
     return top, bottom
 
 
-def loadgen() -> Path:
-    """Our fixed-rate load generator (tests/bench/loadgen), built once into the cache."""
-    source = ROOT / "tests" / "bench" / "loadgen"
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.glob("*.go*")))).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "todo-mesh" / f"loadgen-{digest}"
-    if not cache.exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(cache), "."], cwd=source, check=True, timeout=300)
-    return cache
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def latency_at(url: str, headers: dict[str, str], rate: float) -> Latency:
-    """p50 and p99 (ms) at a fixed rate, counted from when each request was due."""
-    # The load generator's default warm-up (1 s) is sent too, not recorded.
-    args = [str(loadgen()), "-url", url, "-rate", f"{rate:.0f}", "-duration", f"{DURATION}s", "-warmup", "1s"]
-    for name, value in headers.items():
-        args += ["-H", f"{name}: {value}"]
-    result = json.loads(subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout)
-    return Latency(result["p50_ms"], result["p99_ms"], result["achieved_rps"])
+def waiting(spent: CpuTimes) -> str:
+    share = spent.waited / spent.ran
+    return f"{spent.waited * 1e3:.0f} ms ready with no CPU free, {share:.1%} of its {spent.ran:.2f} s on one"
 
 
 def tail_invalid(gateway: Latency, echo: Latency, rate: float) -> list[str]:
@@ -268,15 +212,15 @@ def main() -> int:
         asyncio.run(check_answers(measured, limited=[gateway_echo, gateway_todos]))
         # Connections, upstream pools and caches are made here, not in the first measured run.
         for url, headers in measured:
-            wrk(url, headers, seconds=WARM_UP)
+            wrk(url, headers, WARM_UP, CONNECTIONS)
         print(f"\ngateway benchmark: wrk -t1 -c{CONNECTIONS}, {DURATION}s x {ROUNDS} rounds, on {os.cpu_count()} cores")
         # The gateway's maximum is the mean of its three runs here, not one
         # more run: a single lucky run would set the tail's rate too high.
         gateway_pid = running(cfg.run_dir)[c.gateway(cfg, 0).name]
-        cpu = cpu_seconds(gateway_pid)
+        before = cpu_times(gateway_pid)
         peak, echo_peak = compare("gateway ratio", gateway_echo, echo_direct)
         # The gateway idles while the echo service is measured alone.
-        closed_cost = (cpu_seconds(gateway_pid) - cpu) / (peak * DURATION * ROUNDS)
+        closed_cost = (cpu_times(gateway_pid) - before).ran / (peak * DURATION * ROUNDS)
         pairs = {
             "todos ratio": compare("todos ratio", gateway_todos, todo_direct),
             "feature cost": compare("feature cost", gateway_echo, passthrough),
@@ -284,9 +228,10 @@ def main() -> int:
         }
         results = {"gateway ratio": peak / echo_peak} | {name: top / bottom for name, (top, bottom) in pairs.items()}
         rate = peak / 2
-        cpu = cpu_seconds(gateway_pid)
-        tail = latency_at(*gateway_echo, rate)
-        open_cost = (cpu_seconds(gateway_pid) - cpu) / (rate * (DURATION + 1))
+        before = cpu_times(gateway_pid)
+        tail = latency_at(*gateway_echo, rate, DURATION)
+        spent = cpu_times(gateway_pid) - before
+        open_cost = spent.ran / (rate * (DURATION + 1))
         results["p99 / p50"] = tail.tail
         print(
             f"  {'tail at 50%':<16} {rate:.0f} req/s (served {tail.served:.0f}):"
@@ -298,13 +243,17 @@ def main() -> int:
             f"    {'gateway CPU':<14}{closed_cost * 1e6:.0f} us a request at its maximum,"
             f" {open_cost * 1e6:.0f} us at half of it = {open_cost * rate:.0%} of a core"
         )
+        # How long its requests sat ready while the two CPUs ran something
+        # else (the echo service, the load generator, the kernel's workers):
+        # on this machine, the tail follows this figure (docs/gateway.md).
+        print(f"    {'run queue':<14}{waiting(spent)}")
         # Two floors at the same rate, for reading the figure above: the echo
         # service straight, and Envoy's admin /ready, a few microseconds of
         # C++, i.e. what the load generator and this machine give with no
         # Python at all. The first also tells a tail from a queue.
         floors = {
-            "echo direct": latency_at(*echo_direct, rate),
-            "client floor": latency_at(f"http://127.0.0.1:{cfg.ports.envoy_admin}/ready", {}, rate),
+            "echo direct": latency_at(*echo_direct, rate, DURATION),
+            "client floor": latency_at(f"http://127.0.0.1:{cfg.ports.envoy_admin}/ready", {}, rate, DURATION),
         }
         for label, floor in floors.items():
             print(
@@ -313,12 +262,16 @@ def main() -> int:
             )
         # And the same test as the target's, applied to the bare echo service:
         # what aiohttp alone scores at half of its own maximum on this machine.
-        alone = latency_at(*echo_direct, echo_peak / 2)
+        echo_pid = running(cfg.run_dir)["bench-echo"]
+        before = cpu_times(echo_pid)
+        alone = latency_at(*echo_direct, echo_peak / 2, DURATION)
+        echo_spent = cpu_times(echo_pid) - before
         half = f"{echo_peak / 2:.0f} req/s"
         print(
             f"    {'echo at half':<14}{half}, p50 {alone.p50:.2f} ms, p99 {alone.p99:.2f} ms = {alone.tail:.2f}"
             "  (reference, not a target)"
         )
+        print(f"    {'its run queue':<14}{waiting(echo_spent)}")
         # Redis away for a moment, and the gateway measured had no limiter
         # then: its figures would flatter it.
         if fail_open := fail_open_events(gateway_log, log_offset):
