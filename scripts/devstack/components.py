@@ -299,8 +299,15 @@ def mailsink(cfg: StackConfig) -> Proc:
 
 
 # -- Our services ----------------------------------------------------------------
+# What a service runs is read from the repo (editable installs): an instance
+# started before an edit runs the old code, and is started again (stack.scale).
+COMMON_SOURCE = ROOT / "services" / "common" / "mesh_common"
+
+
 def service(cfg: StackConfig, svc: str, n: int) -> Proc:
-    return Proc(f"{svc}-{n}", [cfg.python, "-m", SERVICE_PACKAGES[svc]], env=cfg.service_env(svc))
+    package = SERVICE_PACKAGES[svc]
+    sources = (COMMON_SOURCE, ROOT / "services" / svc / package)
+    return Proc(f"{svc}-{n}", [cfg.python, "-m", package], env=cfg.service_env(svc), sources=sources)
 
 
 def gateway(cfg: StackConfig, n: int) -> Proc:
@@ -311,7 +318,8 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
         # Both local stacks show which instance answered (compose.yml too).
         "GATEWAY_EXPOSE_UPSTREAM": "1",
     }
-    return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env)
+    sources = (COMMON_SOURCE, ROOT / "gateway" / "mesh_gateway")
+    return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env, sources=sources)
 
 
 def envoy(cfg: StackConfig) -> Proc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import pwd
 import signal
@@ -42,6 +43,21 @@ class Proc:
     env: Mapping[str, str]
     user: str | None = None
     cwd: Path | None = None
+    # Directories (or files) whose contents are the process's code or
+    # configuration: a process started from other contents is stale.
+    sources: tuple[Path, ...] = ()
+
+    def fingerprint(self) -> str:
+        """What this process would run: its command, environment and sources, hashed."""
+        digest = hashlib.sha256()
+        for part in (*self.argv, *sorted(f"{k}={v}" for k, v in self.env.items()), str(self.user), str(self.cwd)):
+            digest.update(part.encode() + b"\0")
+        for source in self.sources:
+            files = sorted(source.rglob("*")) if source.is_dir() else [source]
+            for file in files:
+                if file.is_file() and "__pycache__" not in file.parts:
+                    digest.update(str(file).encode() + b"\0" + file.read_bytes())
+        return digest.hexdigest()[:16]
 
 
 class _RunAs(TypedDict, total=False):
@@ -113,13 +129,13 @@ def start(run_dir: Path, proc: Proc) -> int:
     stat = _stat(child.pid)
     # The start time makes the pid file name this process, not whichever
     # process gets its pid after it is gone.
-    started = stat[_START_TIME] if stat else ""
+    started = stat[_START_TIME] if stat else "-"  # "-": unknown, and not checked
     # Written aside and renamed: ``up`` starts services in parallel threads,
     # and a ``running()`` that read a half-written file would take it for a
     # dead process's and delete it.
     pidfile = pid_dir(run_dir) / f"{proc.name}.pid"
     partial = pidfile.with_name(pidfile.name + ".partial")
-    partial.write_text(f"{child.pid} {started}".strip())
+    partial.write_text(f"{child.pid} {started} {proc.fingerprint()}")
     partial.replace(pidfile)
     return child.pid
 
@@ -164,9 +180,18 @@ def read_pid(pidfile: Path) -> int | None:
     if not alive(number):
         return None
     stat = _stat(number)
-    if started and (stat is None or stat[_START_TIME] != started[0]):
+    if started and started[0] != "-" and (stat is None or stat[_START_TIME] != started[0]):
         return None
     return number
+
+
+def started_as(run_dir: Path, name: str) -> str | None:
+    """The fingerprint ``name`` was started with, if it is running (see ``Proc.fingerprint``)."""
+    pidfile = pid_dir(run_dir) / f"{name}.pid"
+    if read_pid(pidfile) is None:
+        return None
+    fields = pidfile.read_text().split()
+    return fields[2] if len(fields) > 2 else ""
 
 
 def running(run_dir: Path) -> dict[str, int]:

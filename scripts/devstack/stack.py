@@ -11,7 +11,19 @@ from typing import Any
 
 from . import components as c
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
-from .procs import Hopeless, StackError, log_path, port_free, require_free, running, start, stop, wait_until
+from .procs import (
+    Hopeless,
+    Proc,
+    StackError,
+    log_path,
+    port_free,
+    require_free,
+    running,
+    start,
+    started_as,
+    stop,
+    wait_until,
+)
 
 INFRA = ("consul", "postgres", "redis", "rabbitmq", "mailsink")
 READY_TIMEOUT = 90.0
@@ -98,26 +110,34 @@ def instances(cfg: StackConfig, svc: str) -> list[int]:
     )
 
 
+def instance(cfg: StackConfig, svc: str, n: int) -> Proc:
+    return c.gateway(cfg, n) if svc == "gateway" else c.service(cfg, svc, n)
+
+
 def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
-    """Run exactly ``count`` instances of ``svc`` (a service or ``gateway``)."""
-    current = instances(cfg, svc)
-    for n in current:
+    """Run exactly ``count`` instances of ``svc`` (a service or ``gateway``), on today's code.
+
+    An instance left running from before an edit of its code or settings
+    (a stack left up, a test run cut short) is started again, not reused:
+    reused, it would serve, and pass tests with, the old code.
+    """
+    for n in instances(cfg, svc):
+        name = f"{svc}-{n}"
         if n >= count:
-            stop(cfg.run_dir, f"{svc}-{n}", grace=STOP_GRACE)
-    if svc == "gateway":
-        for n in range(count):
-            if n not in current:
-                address = cfg.gateway_address(n)
-                if not port_free(address, cfg.ports.gateway):
-                    raise StackError(
-                        f"port {cfg.ports.gateway} on {address} is already in use."
-                        f" Stop what holds it, or move ours: {port_variable('gateway')}=<port>"
-                    )
-                start(cfg.run_dir, c.gateway(cfg, n))
-    else:
-        for n in range(count):
-            if n not in current:
-                start(cfg.run_dir, c.service(cfg, svc, n))
+            stop(cfg.run_dir, name, grace=STOP_GRACE)
+        elif started_as(cfg.run_dir, name) != instance(cfg, svc, n).fingerprint():
+            print(f"{name} runs older code or settings: starting it again", flush=True)
+            stop(cfg.run_dir, name, grace=STOP_GRACE)
+    current = instances(cfg, svc)
+    for n in range(count):
+        if n in current:
+            continue
+        if svc == "gateway" and not port_free(address := cfg.gateway_address(n), cfg.ports.gateway):
+            raise StackError(
+                f"port {cfg.ports.gateway} on {address} is already in use."
+                f" Stop what holds it, or move ours: {port_variable('gateway')}=<port>"
+            )
+        start(cfg.run_dir, instance(cfg, svc, n))
     if wait:
         consul_name = "gateway" if svc == "gateway" else CONSUL_NAMES[svc]
 

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> N
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
     start(cfg.run_dir, _sleeper("ours"))
     pidfile = tmp_path / "pids" / "ours.pid"
-    _, started = pidfile.read_text().split()
+    _, started, _ = pidfile.read_text().split()  # pid, start time, fingerprint
     stop(cfg.run_dir, "ours", grace=5)
     # Ours is gone and someone else's process now holds "its" pid: the pid
     # file names the right number with the start time of the old process.
@@ -209,3 +210,24 @@ def test_the_native_envoy_leaves_no_shared_memory_behind(tmp_path: Path) -> None
     finally:
         stop(cfg.run_dir, "envoy")
     assert _envoy_segments() - before == set()
+
+
+def test_an_instance_left_running_from_older_code_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    code = tmp_path / "todo_service.py"
+    code.write_text("VERSION = 1\n")
+    monkeypatch.setattr(components, "service", lambda cfg, svc, n: replace(_sleeper(f"{svc}-{n}"), sources=(code,)))
+    try:
+        stack.scale(cfg, "todo", 1, wait=False)
+        first = running(cfg.run_dir)["todo-0"]
+        stack.scale(cfg, "todo", 1, wait=False)
+        assert running(cfg.run_dir)["todo-0"] == first  # the same code: reused
+        code.write_text("VERSION = 2\n")  # an edit, with the stack left up
+        stack.scale(cfg, "todo", 1, wait=False)
+        assert running(cfg.run_dir)["todo-0"] != first
+        assert not alive(first)
+    finally:
+        for name in running(cfg.run_dir):
+            stop(cfg.run_dir, name)
