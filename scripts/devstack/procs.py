@@ -8,20 +8,16 @@ and ``down`` from another terminal kills whole groups, children included.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
-
-from .config import port_variable
 
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
@@ -246,57 +242,6 @@ def _reap(pid: int) -> bool:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:
         return False
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def require_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
-    """Refuse to start on a taken port, naming what holds it and the variable that moves ours.
-
-    Each name is a field of ``Ports``, with spaces for underscores if it
-    reads better ("consul serf lan"): the variable is made from it.
-    """
-    taken = [name for name, port in ports.items() if not port_free(host, port)]
-    if taken:
-        raise StackError(
-            "ports already in use: "
-            + ", ".join(f"{name} ({ports[name]}{_held_by(ports[name])})" for name in taken)
-            + ". Stop what holds them, or move ours: "
-            + " ".join(f"{port_variable(name)}=<port>" for name in taken)
-        )
-
-
-def _held_by(port: int) -> str:
-    """ ", held by pid N: its command", for a port some process listens on, if /proc can say.
-
-    The likeliest holder is a stack left behind by a run that was killed,
-    perhaps from another checkout, whose pid files this one cannot see.
-    """
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            for line in list(lines)[1:]:
-                fields = line.split()
-                # local address "0100007F:3C28", state 0A (LISTEN), inode
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    listening.add(f"socket:[{fields[9]}]")
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        with contextlib.suppress(OSError):
-            if any(os.readlink(fd) in listening for fd in fd_dir.iterdir()):
-                pid = fd_dir.parent.name
-                command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                return f", held by pid {pid}: {command.strip()[:120]}"
-    return ""
 
 
 def wait_until(check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> object:

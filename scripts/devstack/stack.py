@@ -11,13 +11,12 @@ from typing import Any
 
 from . import components as c
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
+from .ports import port_free, require_free
 from .procs import (
     Hopeless,
     Proc,
     StackError,
     log_path,
-    port_free,
-    require_free,
     running,
     start,
     started_as,

@@ -52,7 +52,8 @@ from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 from devstack import components as c  # noqa: E402
 from devstack import stack  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
-from devstack.procs import Proc, log_path, port_free, running, start, stop, wait_until  # noqa: E402
+from devstack.ports import port_free  # noqa: E402
+from devstack.procs import Proc, log_path, running, start, stop, wait_until  # noqa: E402
 
 DURATION = 5  # seconds per wrk run
 WARM_UP = 2  # seconds of one discarded wrk run per URL, before any is measured

@@ -14,7 +14,8 @@ import pytest
 
 from devstack import components, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
-from devstack.procs import Proc, StackError, alive, require_free, running, start, stop, wait_until
+from devstack.ports import require_free
+from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
 from mesh_common.testing import free_port
 
 
