@@ -35,8 +35,8 @@ class CpuTimes(NamedTuple):
     ran: float  # on a CPU
     waited: float  # runnable, in a run queue, while something else had the CPU
 
-    def __sub__(self, earlier: tuple[float, ...]) -> CpuTimes:
-        return CpuTimes(self.ran - earlier[0], self.waited - earlier[1])
+    def __sub__(self, earlier: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.ran - earlier.ran, self.waited - earlier.waited)
 
 
 def wrk(url: str, headers: dict[str, str], seconds: int, connections: int) -> float:
