@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "services" / "notification" / "tests"))
 
+from measure import cpu_times  # noqa: E402
 from notification_support import (  # noqa: E402
     SECRET,
     FakeUserService,
@@ -99,12 +100,6 @@ class BrokerProbe:
     async def stop(self) -> None:
         await self._queue.cancel(self._tag)
         await self._queue.delete(if_unused=False, if_empty=False)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def message_key(message_id: str) -> str:
@@ -208,7 +203,7 @@ async def bench(config: StackConfig) -> int:
         # A fixed schedule, not back to back: each event is sent when it is
         # due, and measured from then, so that a late send counts its lateness.
         total = int(RATE * SECONDS)
-        cpu_before = cpu_seconds(service.pid)
+        cpu_before = cpu_times(service.pid)
         async with asyncio.timeout(SECONDS + 30):  # a broker or loop that stalls fails the run
             start = time.monotonic()
             pending = []
@@ -220,7 +215,7 @@ async def bench(config: StackConfig) -> int:
                 pending.append(asyncio.create_task(send(WARM_UP + n, due_at)))
             await asyncio.gather(*pending)
         await wait_for(lambda: len(sink.received) >= total, 30, "every email")
-        cpu_ms = (cpu_seconds(service.pid) - cpu_before) * 1000
+        cpu_ms = (cpu_times(service.pid) - cpu_before).ran * 1000
         await asyncio.sleep(1.0)  # let a duplicate, if any, arrive too
 
     arrived = Counter(message_key(r.message["Message-ID"]) for r in sink.received)
