@@ -21,6 +21,15 @@ USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 # Deliberately loose: the only real check of an address is a mail reaching it.
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_EMAIL = 254
+# PRECIS's width mapping (RFC 8264, 9.3): every full-width and half-width
+# form to the character it stands for. They all lie in U+3000 and
+# U+FF00-U+FFEF, each one character to one. Migration 0011 maps stored
+# emails with the same table.
+WIDTH_MAPPING = {
+    code: int(mapping.split()[1], 16)
+    for code in (0x3000, *range(0xFF00, 0xFFF0))
+    if (mapping := unicodedata.decomposition(chr(code))).startswith(("<wide>", "<narrow>"))
+}
 MAX_DISPLAY_NAME = 64
 
 
@@ -87,9 +96,12 @@ def _email(fields: _Fields) -> str:
 
 
 def _composed(text: str) -> str:
-    # One spelling per address: "é" typed as one character or as "e" and an
-    # accent is one account, at registration, on a change and at login.
-    return unicodedata.normalize("NFC", text)
+    # One spelling per address, at registration, on a change and at login:
+    # "é" typed as one character or as "e" and an accent is one account, and
+    # so is "john@example.com" typed in full-width letters (U+FF4A...) through
+    # an input method. Width first, since a half-width voiced mark composes
+    # with the kana before it once it is mapped.
+    return unicodedata.normalize("NFC", text.translate(WIDTH_MAPPING))
 
 
 def _display_name(fields: _Fields) -> str:
