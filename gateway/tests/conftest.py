@@ -187,8 +187,10 @@ def tokens() -> TokenFactory:
 
 @pytest.fixture
 async def gateway(
-    infra: StackConfig, tokens: TokenFactory, aiohttp_client: Callable[..., Awaitable[TestClient]]
-) -> AsyncIterator[Callable[..., Awaitable[TestClient]]]:
+    infra: StackConfig,
+    tokens: TokenFactory,
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+) -> AsyncIterator[Callable[..., Awaitable[TestClient[web.Request, web.Application]]]]:
     """Start a real gateway whose route table points /api/v1/things at ``service``."""
     redis_url = f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}"
     flusher = aioredis.from_url(redis_url)
@@ -200,7 +202,7 @@ async def gateway(
         route_timeout: float = 2.0,
         upstream: UpstreamClient | None = None,
         **overrides: Any,
-    ) -> TestClient:
+    ) -> TestClient[web.Request, web.Application]:
         name = service if isinstance(service, str) else service.name
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts

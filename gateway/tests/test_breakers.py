@@ -16,7 +16,7 @@ from mesh_gateway.settings import Settings
 
 def watch_of(*ids: str) -> ServiceWatch:
     # A watch that is never started: its instances are set by hand.
-    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch = ServiceWatch(None, "svc")
     watch.instances = tuple(Instance(i, "127.0.0.1", 1) for i in ids)
     return watch
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from mesh_common import discovery
 from mesh_common.consul import consul_client
@@ -112,7 +113,7 @@ Health = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @asynccontextmanager
-async def watching(aiohttp_server, health: Health, wait: float = 30.0) -> AsyncIterator[ServiceWatch]:  # type: ignore[no-untyped-def]
+async def watching(aiohttp_server: AiohttpServer, health: Health, wait: float = 30.0) -> AsyncIterator[ServiceWatch]:
     """A watch of "svc" against a fake Consul that answers with ``health``."""
     app = web.Application()
     app.router.add_get("/v1/health/service/{name}", health)

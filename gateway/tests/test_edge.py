@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from mesh_common.testing import TokenFactory
@@ -36,7 +36,7 @@ async def test_rate_limit_holds_across_two_gateway_instances(fake_service, gatew
     second = await gateway(service, rate_limit_ip=limit)
     headers = {**tokens.headers(), "X-Forwarded-For": "198.51.100.7"}
 
-    async def get(client: TestClient) -> ClientResponse:
+    async def get(client: TestClient[web.Request, web.Application]) -> ClientResponse:
         async with client.get("/api/v1/things", headers=headers) as response:
             await response.read()  # and released: its status and headers stay readable
             return response

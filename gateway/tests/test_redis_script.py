@@ -56,12 +56,12 @@ async def test_pipelined_calls_get_their_own_answers(url):
 
 
 async def test_an_error_reply_goes_to_its_caller_only(url):
-    script = RedisScript(url, "if ARGV[1] == 'bad' then return redis.error_reply('refused') end return 1")
+    script = RedisScript(url, "if ARGV[1] == 'bad' then return redis.error_reply('refused') end return {1}")
     try:
         bad, good = await asyncio.gather(call(script, [], ["bad"]), call(script, [], ["ok"]))
         assert isinstance(bad, RedisScriptError)
         assert "refused" in str(bad)
-        assert good == 1
+        assert good == [1]
     finally:
         script.close()
 

@@ -90,7 +90,13 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
         stop_redis(process)
 
 
-def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, Any], *, ca: bool):
+def certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name | None, ec.EllipticCurvePrivateKey],
+    *,
+    ca: bool,
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (

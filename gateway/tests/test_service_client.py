@@ -7,13 +7,16 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from mesh_common.discovery import Instance, ServiceWatch
 from mesh_common.http import HTTP_SESSION, ServiceClient, http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
-async def failing_instances(aiohttp_server, count: int, *, delay: float = 0.0) -> tuple[ServiceWatch, list[int]]:  # type: ignore[no-untyped-def]
+async def failing_instances(
+    aiohttp_server: AiohttpServer, count: int, *, delay: float = 0.0
+) -> tuple[ServiceWatch, list[int]]:
     """``count`` instances that answer 500 (after ``delay``), in a watch set by hand; and their hit counts."""
     hits = [0] * count
     instances = []
@@ -27,8 +30,9 @@ async def failing_instances(aiohttp_server, count: int, *, delay: float = 0.0) -
         app = web.Application()
         app.router.add_get("/{tail:.*}", fail)
         server = await aiohttp_server(app)
+        assert server.port is not None  # started
         instances.append(Instance(f"svc-{n}", "127.0.0.1", server.port))
-    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch = ServiceWatch(None, "svc")
     watch.instances = tuple(instances)
     return watch, hits
 
@@ -74,7 +78,7 @@ async def test_an_answer_that_is_not_json_is_the_instances_failure(aiohttp_serve
     app = web.Application()
     app.router.add_get("/{tail:.*}", garbled)
     server = await aiohttp_server(app)
-    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch = ServiceWatch(None, "svc")
     watch.instances = (Instance("svc-0", "127.0.0.1", server.port),)
     async with aiohttp.ClientSession() as session:
         breakers = BreakerBoard(failure_threshold=100)
@@ -92,7 +96,7 @@ async def test_waiting_for_a_pooled_connection_is_not_the_instances_failure(aioh
     app = web.Application()
     app.router.add_get("/{tail:.*}", slow)
     server = await aiohttp_server(app)
-    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]
+    watch = ServiceWatch(None, "svc")
     watch.instances = (Instance("svc-0", "127.0.0.1", server.port),)
     services = web.Application()
     # The session every service uses, with a pool of two connections: the

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
@@ -17,7 +18,9 @@ from .conftest import HUGE
 
 
 @asynccontextmanager
-async def raw_get(client: TestClient, tokens: TokenFactory) -> AsyncIterator[tuple[asyncio.StreamReader, int | None]]:
+async def raw_get(
+    client: TestClient[web.Request, web.Application], tokens: TokenFactory
+) -> AsyncIterator[tuple[asyncio.StreamReader, int | None]]:
     """GET /api/v1/things on a socket whose small receive buffer makes a slow reader really slow.
 
     Yields the reader, positioned after the head, and the Content-Length.
@@ -39,7 +42,7 @@ async def raw_get(client: TestClient, tokens: TokenFactory) -> AsyncIterator[tup
         writer.close()
 
 
-def logged(logs: list[dict[str, object]], event: str) -> list[dict[str, object]]:
+def logged(logs: Sequence[Mapping[str, object]], event: str) -> list[Mapping[str, object]]:
     return [e for e in logs if e["event"] == event]
 
 

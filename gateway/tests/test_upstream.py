@@ -12,10 +12,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from mesh_common.testing import eventually, refused_port
 from mesh_gateway.upstream import (
@@ -37,8 +38,8 @@ async def upstream() -> AsyncIterator[Upstream]:
     client.close()
 
 
-async def echo_server(aiohttp_server, **kwargs) -> tuple[TestServer, list[tuple[str, int]]]:  # type: ignore[no-untyped-def]
-    """An upstream that records the client port of every request it answers."""
+async def echo_server(aiohttp_server: AiohttpServer, **kwargs: Any) -> tuple[int, list[tuple[str, int]]]:
+    """An upstream that records the client port of every request it answers; its port, and those client ports."""
     peers: list[tuple[str, int]] = []
 
     async def answer(request: web.Request) -> web.StreamResponse:
@@ -59,7 +60,9 @@ async def echo_server(aiohttp_server, **kwargs) -> tuple[TestServer, list[tuple[
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    return await aiohttp_server(app, **kwargs), peers
+    server = await aiohttp_server(app, **kwargs)
+    assert server.port is not None  # started
+    return server.port, peers
 
 
 @asynccontextmanager
@@ -77,20 +80,22 @@ async def raw_server(reply: Reply) -> AsyncIterator[int]:
         yield int(server.sockets[0].getsockname()[1])
 
 
-async def test_requests_share_one_kept_alive_connection(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, peers = await echo_server(aiohttp_server)
+async def test_requests_share_one_kept_alive_connection(upstream: Upstream, aiohttp_server: AiohttpServer) -> None:
+    port, peers = await echo_server(aiohttp_server)
     for n in range(5):
-        resp = await upstream.request("POST", "127.0.0.1", server.port, "/x", [("X-A", "b")], f"body {n}".encode())
+        resp = await upstream.request("POST", "127.0.0.1", port, "/x", [("X-A", "b")], f"body {n}".encode())
         assert resp.status == 200
         assert (await resp.read()) == f'{{"method": "POST", "body": "body {n}", "a": "b"}}'.encode()
     assert len(set(peers)) == 1, peers
 
 
-async def test_a_response_finished_after_close_closes_its_connection(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_a_response_finished_after_close_closes_its_connection(
+    upstream: Upstream, aiohttp_server: AiohttpServer
+) -> None:
     # A stream that outlives the gateway's shutdown: its connection must not
     # go back to a closed pool, where nothing would ever close it.
-    server, _ = await echo_server(aiohttp_server)
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])
+    port, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", port, "/large", [])
     conn = resp._conn
     assert conn is not None and conn.transport is not None
     upstream.close()
@@ -98,11 +103,11 @@ async def test_a_response_finished_after_close_closes_its_connection(upstream: U
     assert conn.transport is None or conn.transport.is_closing()
 
 
-async def test_no_more_connections_than_the_limit(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, peers = await echo_server(aiohttp_server)
+async def test_no_more_connections_than_the_limit(upstream: Upstream, aiohttp_server: AiohttpServer) -> None:
+    port, peers = await echo_server(aiohttp_server)
 
     async def one() -> int:
-        resp = await upstream.request("GET", "127.0.0.1", server.port, "/slow", [])
+        resp = await upstream.request("GET", "127.0.0.1", port, "/slow", [])
         await resp.read()
         return resp.status
 
@@ -110,19 +115,21 @@ async def test_no_more_connections_than_the_limit(upstream: Upstream, aiohttp_se
     assert len(set(peers)) == 4, peers  # limit_per_host=4, each reused
 
 
-async def test_a_chunked_body_arrives_whole(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, _ = await echo_server(aiohttp_server)
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/chunked", [])
+async def test_a_chunked_body_arrives_whole(upstream: Upstream, aiohttp_server: AiohttpServer) -> None:
+    port, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", port, "/chunked", [])
     assert resp.content_length is None
     assert await resp.read() == b"one,two,three"
 
 
-async def test_head_ends_at_the_head_and_the_next_request_still_works(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, _ = await echo_server(aiohttp_server)
-    head = await upstream.request("HEAD", "127.0.0.1", server.port, "/x", [])
+async def test_head_ends_at_the_head_and_the_next_request_still_works(
+    upstream: Upstream, aiohttp_server: AiohttpServer
+) -> None:
+    port, _ = await echo_server(aiohttp_server)
+    head = await upstream.request("HEAD", "127.0.0.1", port, "/x", [])
     assert head.status == 200 and head.content_length is not None and head.content_length > 0
     assert await asyncio.wait_for(head.read(), 2) == b""
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+    resp = await upstream.request("GET", "127.0.0.1", port, "/x", [])
     assert resp.status == 200 and b'"GET"' in await resp.read()
 
 
@@ -184,9 +191,11 @@ async def test_informational_responses_are_skipped(upstream: Upstream) -> None:
         assert (resp.status, resp.headers["X-B"], await resp.read()) == (201, "c", b"ok")
 
 
-async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, _ = await echo_server(aiohttp_server)
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])
+async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering(
+    upstream: Upstream, aiohttp_server: AiohttpServer
+) -> None:
+    port, _ = await echo_server(aiohttp_server)
+    resp = await upstream.request("GET", "127.0.0.1", port, "/large", [])
     conn = resp._conn
     assert conn is not None and conn.transport is not None
     for _ in range(200):  # nobody reads: the socket must pause, bounded wait
@@ -198,43 +207,45 @@ async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering(upstream: 
     assert len(await resp.read()) == 5 * HIGH_WATER
 
 
-async def test_a_deadline_frees_the_connection_slot(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, _ = await echo_server(aiohttp_server)
+async def test_a_deadline_frees_the_connection_slot(aiohttp_server: AiohttpServer) -> None:
+    port, _ = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
     try:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
-                await upstream.request("GET", "127.0.0.1", server.port, "/slow", [])
-        resp = await asyncio.wait_for(upstream.request("GET", "127.0.0.1", server.port, "/x", []), 2)
+                await upstream.request("GET", "127.0.0.1", port, "/slow", [])
+        resp = await asyncio.wait_for(upstream.request("GET", "127.0.0.1", port, "/x", []), 2)
         assert resp.status == 200 and await resp.read()
     finally:
         upstream.close()
 
 
-async def test_a_connection_the_upstream_closed_while_idle_is_replaced(upstream: Upstream, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, peers = await echo_server(aiohttp_server, keepalive_timeout=0.1)
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+async def test_a_connection_the_upstream_closed_while_idle_is_replaced(
+    upstream: Upstream, aiohttp_server: AiohttpServer
+) -> None:
+    port, peers = await echo_server(aiohttp_server, keepalive_timeout=0.1)
+    resp = await upstream.request("GET", "127.0.0.1", port, "/x", [])
     await resp.read()
-    pool = upstream._pools[("127.0.0.1", server.port)]
+    pool = upstream._pools[("127.0.0.1", port)]
     for _ in range(200):  # until the upstream's keep-alive timeout closes it
         if not pool.idle:
             break
         await asyncio.sleep(0.01)
     assert not pool.idle
-    resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+    resp = await upstream.request("GET", "127.0.0.1", port, "/x", [])
     assert resp.status == 200 and await resp.read()
     assert len(set(peers)) == 2
 
 
-async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_server: AiohttpServer) -> None:
     # The upstream would keep it for 75 s: closing it is the client's job.
-    server, _ = await echo_server(aiohttp_server)
+    port, _ = await echo_server(aiohttp_server)
     upstream = Upstream(keepalive=0.1)
     try:
-        resp = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+        resp = await upstream.request("GET", "127.0.0.1", port, "/x", [])
         conn = resp._conn
         await resp.read()
-        pool = upstream._pools[("127.0.0.1", server.port)]
+        pool = upstream._pools[("127.0.0.1", port)]
         assert pool.idle == [conn]
         await eventually(lambda: not pool.idle, within=2)
         assert conn is not None
@@ -243,58 +254,58 @@ async def test_an_idle_connection_is_closed_once_its_keepalive_runs_out(aiohttp_
         upstream.close()
 
 
-async def test_the_pool_of_an_address_no_longer_used_is_forgotten(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_the_pool_of_an_address_no_longer_used_is_forgotten(aiohttp_server: AiohttpServer) -> None:
     # Instances come and go on new addresses; their pools must not pile up.
     gone, _ = await echo_server(aiohttp_server)
     busy, _ = await echo_server(aiohttp_server)
     upstream = Upstream(keepalive=0.1)
     try:
-        await (await upstream.request("GET", "127.0.0.1", gone.port, "/x", [])).read()
-        streaming = await upstream.request("GET", "127.0.0.1", busy.port, "/x", [])  # lent out, not read
-        await eventually(lambda: not upstream._pools[("127.0.0.1", gone.port)].idle, within=2)
+        await (await upstream.request("GET", "127.0.0.1", gone, "/x", [])).read()
+        streaming = await upstream.request("GET", "127.0.0.1", busy, "/x", [])  # lent out, not read
+        await eventually(lambda: not upstream._pools[("127.0.0.1", gone)].idle, within=2)
         new, _ = await echo_server(aiohttp_server)
-        await (await upstream.request("GET", "127.0.0.1", new.port, "/x", [])).read()
-        assert set(upstream._pools) == {("127.0.0.1", busy.port), ("127.0.0.1", new.port)}
+        await (await upstream.request("GET", "127.0.0.1", new, "/x", [])).read()
+        assert set(upstream._pools) == {("127.0.0.1", busy), ("127.0.0.1", new)}
         await streaming.read()  # and the pool kept for it still works
-        again = await upstream.request("GET", "127.0.0.1", busy.port, "/x", [])
+        again = await upstream.request("GET", "127.0.0.1", busy, "/x", [])
         assert again.status == 200 and b'"GET"' in await again.read()
     finally:
         upstream.close()
 
 
-async def test_a_pool_whose_slot_was_just_handed_to_a_waiter_is_kept(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_a_pool_whose_slot_was_just_handed_to_a_waiter_is_kept(aiohttp_server: AiohttpServer) -> None:
     x, _ = await echo_server(aiohttp_server)
     y, _ = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
     try:
-        held = await upstream.request("GET", "127.0.0.1", x.port, "/large", [])
-        waiter = asyncio.create_task(upstream.request("GET", "127.0.0.1", x.port, "/x", []))
-        slots = upstream._pools[("127.0.0.1", x.port)]._slots
+        held = await upstream.request("GET", "127.0.0.1", x, "/large", [])
+        waiter = asyncio.create_task(upstream.request("GET", "127.0.0.1", x, "/x", []))
+        slots = upstream._pools[("127.0.0.1", x)]._slots
         async with asyncio.timeout(2):
             while not slots._waiters:  # until it waits for the one slot
                 await asyncio.sleep(0)
         with pytest.raises(UpstreamBroken):
             await held.read(limit=1)  # its connection closed, its slot handed to the waiter...
         # ...which has not run yet, when a request to a new address sweeps the pools.
-        await (await upstream.request("GET", "127.0.0.1", y.port, "/x", [])).read()
-        assert ("127.0.0.1", x.port) in upstream._pools
+        await (await upstream.request("GET", "127.0.0.1", y, "/x", [])).read()
+        assert ("127.0.0.1", x) in upstream._pools
         await (await waiter).read()
     finally:
         upstream.close()
 
 
-async def test_a_deadline_tells_whether_the_request_left(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
-    server, peers = await echo_server(aiohttp_server)
+async def test_a_deadline_tells_whether_the_request_left(aiohttp_server: AiohttpServer) -> None:
+    port, peers = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
     loop = asyncio.get_running_loop()
     try:
-        held = await upstream.request("GET", "127.0.0.1", server.port, "/large", [])  # the one connection, unread
+        held = await upstream.request("GET", "127.0.0.1", port, "/large", [])  # the one connection, unread
         with pytest.raises(PoolTimeout):
-            await upstream.request("GET", "127.0.0.1", server.port, "/x", [], deadline=loop.time() + 0.05)
+            await upstream.request("GET", "127.0.0.1", port, "/x", [], deadline=loop.time() + 0.05)
         assert len(peers) == 1  # the second request never left
         await held.read()
         with pytest.raises(TimeoutError):
-            await upstream.request("GET", "127.0.0.1", server.port, "/slow", [], deadline=loop.time() + 0.05)
+            await upstream.request("GET", "127.0.0.1", port, "/slow", [], deadline=loop.time() + 0.05)
         await eventually(lambda: len(peers) == 2, within=2)  # this one did
     finally:
         upstream.close()
@@ -334,7 +345,9 @@ async def test_a_response_nobody_asked_for_joins_no_answer(upstream: Upstream) -
         await eventually(lambda: connections["closed"] == connections["open"] == 2)
 
 
-async def test_a_response_received_whole_but_not_read_leaves_its_connection_usable(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_a_response_received_whole_but_not_read_leaves_its_connection_usable(
+    aiohttp_server: AiohttpServer,
+) -> None:
     # Just over the high-water mark: the read that pauses the socket is the
     # one that completes the response. Its reader then goes away (a client
     # that disconnected), and the connection goes back to the pool, paused.
@@ -344,6 +357,7 @@ async def test_a_response_received_whole_but_not_read_leaves_its_connection_usab
     app = web.Application()
     app.router.add_get("/{tail:.*}", answer)
     server = await aiohttp_server(app)
+    assert server.port is not None  # started
     upstream = Upstream(limit_per_host=1)  # so that the next request gets that connection
     try:
         resp = await upstream.request("GET", "127.0.0.1", server.port, "/big", [])
@@ -374,17 +388,17 @@ async def test_trailer_fields_are_not_headers(upstream: Upstream) -> None:
         assert "Set-Cookie" not in resp.headers
 
 
-async def test_a_connection_that_came_free_too_late_is_a_pool_timeout(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+async def test_a_connection_that_came_free_too_late_is_a_pool_timeout(aiohttp_server: AiohttpServer) -> None:
     # Waiting for a busy pool is not the upstream's fault: with too little of
     # the deadline left to answer in, the request is not sent at all.
-    server, peers = await echo_server(aiohttp_server)
+    port, peers = await echo_server(aiohttp_server)
     upstream = Upstream(limit_per_host=1)
     loop = asyncio.get_running_loop()
     try:
-        busy = await upstream.request("GET", "127.0.0.1", server.port, "/x", [])
+        busy = await upstream.request("GET", "127.0.0.1", port, "/x", [])
         loop.call_later(0.25, busy.release)
         with pytest.raises(PoolTimeout):
-            await upstream.request("GET", "127.0.0.1", server.port, "/slow", [], deadline=loop.time() + 0.3)
+            await upstream.request("GET", "127.0.0.1", port, "/slow", [], deadline=loop.time() + 0.3)
         assert len(peers) == 1
     finally:
         upstream.close()
