@@ -9,6 +9,7 @@ import psycopg2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.problems import problem_middleware, read_json_object
 
@@ -18,7 +19,7 @@ async def echo(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any) -> TestClient[web.Request, web.Application]:
+async def client(aiohttp_client: AiohttpClient) -> TestClient[web.Request, web.Application]:
     app = web.Application(middlewares=[problem_middleware])
     app.router.add_post("/", echo)
     return await aiohttp_client(app)

@@ -103,7 +103,7 @@ async def test_a_worker_that_ends_while_the_app_runs_is_logged_even_as_cancelled
 
 
 async def test_a_stopped_worker_finishes_the_batch_in_hand_before_it_is_cancelled() -> None:
-    finished = []
+    finished: list[str] = []
 
     class Batching:
         def __init__(self) -> None:

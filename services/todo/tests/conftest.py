@@ -22,8 +22,10 @@ import aio_pika
 import aiopg
 import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from devstack.config import StackConfig
 from mesh_common.db import migrate
 from mesh_common.events import EVENTS_EXCHANGE
 from mesh_common.testing import LeavesConsulFirst, TokenFactory, loopback_service
@@ -34,7 +36,7 @@ VHOST = "todo-service-tests"
 
 
 @pytest.fixture(scope="session")
-def amqp_url(infra) -> str:  # type: ignore[no-untyped-def]
+def amqp_url(infra: StackConfig) -> str:
     """The broker URL of this suite's virtual host, created if need be (idempotent PUTs)."""
     api = f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api"
     auth = "Basic " + base64.b64encode(b"guest:guest").decode()
@@ -54,7 +56,7 @@ def amqp_url(infra) -> str:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def settings(infra, amqp_url: str) -> Settings:  # type: ignore[no-untyped-def]
+def settings(infra: StackConfig, amqp_url: str) -> Settings:
     service = loopback_service("todo-service-test", infra.consul_url)
     return Settings(
         service=service,
@@ -65,7 +67,7 @@ def settings(infra, amqp_url: str) -> Settings:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-async def db(infra) -> AsyncIterator[aiopg.Pool]:  # type: ignore[no-untyped-def]
+async def db(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
     """The todos database, migrated and emptied."""
     async with aiopg.create_pool(infra.database_url("todo"), minsize=1, maxsize=4) as pool:
         await migrate(pool, MIGRATIONS)
@@ -86,7 +88,7 @@ class User:
 
 
 @pytest.fixture
-def new_user(tokens: TokenFactory):  # type: ignore[no-untyped-def]
+def new_user(tokens: TokenFactory) -> Callable[[], User]:
     def make() -> User:
         user_id = str(uuid.uuid4())
         return User(user_id, tokens.headers(user_id))
@@ -95,12 +97,17 @@ def new_user(tokens: TokenFactory):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def alice(new_user) -> User:  # type: ignore[no-untyped-def]
+def alice(new_user: Callable[[], User]) -> User:
     return new_user()
 
 
 @pytest.fixture
-async def client(aiohttp_client, settings: Settings, tokens: TokenFactory, db: aiopg.Pool) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    settings: Settings,
+    tokens: TokenFactory,
+    db: aiopg.Pool,
+) -> TestClient[web.Request, web.Application]:
     return await aiohttp_client(LeavesConsulFirst(create_app(settings, verifier=tokens.verifier())))
 
 
@@ -158,7 +165,7 @@ class EventTap:
 
 
 @pytest.fixture
-async def event_tap(amqp_url: str):  # type: ignore[no-untyped-def]
+async def event_tap(amqp_url: str) -> AsyncIterator[Callable[..., Awaitable[EventTap]]]:
     """``await event_tap(*routing_keys)``: a fresh queue bound with those keys."""
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import aiopg
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator
 from multidict import CIMultiDict
@@ -13,8 +15,10 @@ from multidict import CIMultiDict
 from todo_service.events import EVENT_TYPES
 from todo_service.openapi import openapi_document
 
+from .conftest import User
 
-async def create(client: TestClient, user, **fields) -> dict:  # type: ignore[no-untyped-def]
+
+async def create(client: TestClient[web.Request, web.Application], user: User, **fields: Any) -> dict[str, Any]:
     resp = await client.post("/todos", json={"title": "Buy milk", **fields}, headers=user.headers)
     assert resp.status == 201, await resp.text()
     return await resp.json()
@@ -171,7 +175,7 @@ async def test_the_page_size_defaults_to_20_and_is_capped_at_100(client, alice, 
     seen: list[str] = []
     cursor = None
     for _ in range(10):  # bounded: 130 rows are 7 pages of 20
-        params = {"cursor": cursor} if cursor else {}
+        params: dict[str, str] = {"cursor": cursor} if cursor else {}
         page = await (await client.get("/todos", params=params, headers=alice.headers)).json()
         seen += [todo["id"] for todo in page["items"]]
         cursor = page["next_cursor"]

@@ -12,12 +12,14 @@ import dataclasses
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
+from devstack.config import StackConfig
 from mesh_common.consul import consul_client
 from mesh_common.discovery import WATCHES, Instance, ServiceWatch
 from mesh_common.http import SERVICE_CLIENT, ServiceClient
@@ -25,12 +27,17 @@ from mesh_common.resilience import BreakerBoard
 from mesh_common.testing import LeavesConsulFirst
 from todo_service.app import create_app
 from todo_service.owners import Owner, OwnerDirectory
+from todo_service.settings import Settings
+
+from .conftest import Poll
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
-def fake_user_service(aiohttp_server, infra, settings, poll):  # type: ignore[no-untyped-def]
+def fake_user_service(
+    aiohttp_server: AiohttpServer, infra: StackConfig, settings: Settings, poll: Poll
+) -> Callable[..., AbstractAsyncContextManager[tuple[str, list[web.Request]]]]:
     """``async with fake_user_service(handler, app=...) as (service_id, calls)``.
 
     Serves GET /users/{id} with ``handler``, registered in Consul until the
@@ -131,7 +138,8 @@ async def test_an_open_breaker_degrades_the_owner_at_no_cost(
         calls_when_opened = len(calls)
 
         # Interleaved, so that both sides see the same load on this shared machine.
-        with_breaker, without_lookup = [], []
+        with_breaker: list[float] = []
+        without_lookup: list[float] = []
         for _ in range(100):
             for target, samples in ((client, with_breaker), (baseline, without_lookup)):
                 begin = time.perf_counter()
@@ -164,7 +172,7 @@ async def test_a_hung_user_service_opens_the_breaker_after_its_deadlines(aiohttp
     fake.router.add_get("/users/{id}", hang)
     server = await aiohttp_server(fake)
     # A watch that is never started: its instances are set by hand.
-    watch = ServiceWatch(None, "users")  # type: ignore[arg-type]
+    watch = ServiceWatch(None, "users")
     watch.instances = (Instance("users-hung", "127.0.0.1", server.port),)
     try:
         async with aiohttp.ClientSession() as session:

@@ -10,12 +10,13 @@ from datetime import datetime
 
 import aiopg
 import pytest
+from aiohttp import ClientResponse
 
 from mesh_common.testing import LeavesConsulFirst
 from todo_service.app import create_app
 
 
-async def errors_of(resp) -> dict[str, str]:  # type: ignore[no-untyped-def]
+async def errors_of(resp: ClientResponse) -> dict[str, str]:
     assert resp.status == 422, await resp.text()
     assert resp.content_type == "application/problem+json"
     body = await resp.json()

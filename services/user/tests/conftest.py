@@ -13,8 +13,11 @@ from typing import Any
 import aiopg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
+from devstack.config import StackConfig
 from mesh_common.db import migrate
 from mesh_common.testing import loopback_service
 from user_service.app import MIGRATIONS, create_app
@@ -22,11 +25,11 @@ from user_service.settings import PasswordPolicy, Settings
 
 SERVICE_SECRET = "notification-secret-0123456789"
 PASSWORD = "a long and unusual passphrase"
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
-async def settings(infra: Any) -> Settings:
+async def settings(infra: StackConfig) -> Settings:
     return Settings(
         service=loopback_service("user-service", infra.consul_url),
         database_url=infra.database_url("user"),
@@ -63,7 +66,7 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis) -> Client:
+async def client(aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis) -> Client:
     return await aiohttp_client(create_app(settings, register=False))
 
 
@@ -77,7 +80,7 @@ def register(client: Client) -> Register:
         body = {"username": username, "email": email or f"{username}@example.com", "password": password}
         response = await client.post("/users", json=body)
         assert response.status == 201, await response.text()
-        return await response.json()  # type: ignore[no-any-return]
+        return await response.json()
 
     return register
 
@@ -87,7 +90,7 @@ def login(client: Client) -> Login:
     async def login(username: str = "ada", password: str = PASSWORD) -> dict[str, Any]:
         response = await client.post("/auth/login", json={"username": username, "password": password})
         assert response.status == 200, await response.text()
-        return await response.json()  # type: ignore[no-any-return]
+        return await response.json()
 
     return login
 

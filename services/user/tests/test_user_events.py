@@ -18,13 +18,14 @@ from aio_pika.abc import AbstractQueue
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import OUTBOX_COMMITTED
 from user_service.app import create_app
+from user_service.settings import Settings
 
 PASSWORD = "a long and unusual passphrase"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
 
 
 @pytest.fixture
-async def registrations(settings: Any) -> AsyncIterator[AbstractQueue]:
+async def registrations(settings: Settings) -> AsyncIterator[AbstractQueue]:
     """A private queue that receives every user.registered."""
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:

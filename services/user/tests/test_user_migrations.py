@@ -16,13 +16,14 @@ import pytest
 from mesh_common.db import _LOCK_ID, migrate
 from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
+from user_service.settings import Settings
 
 PASSWORD = "a long and unusual passphrase"
 EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
 
 
 @pytest.fixture
-async def scratch(settings: Any) -> AsyncIterator[aiopg.Pool]:
+async def scratch(settings: Settings) -> AsyncIterator[aiopg.Pool]:
     """A pool whose tables live in a schema of their own, dropped afterwards."""
     schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
     async with aiopg.create_pool(settings.database_url, maxsize=1, options=f"-c search_path={schema}") as pool:

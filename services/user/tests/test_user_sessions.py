@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, TypedDict
 
 import aiopg
 import jwt
@@ -168,6 +168,14 @@ async def test_refresh_tokens_are_stored_hashed(register: Any, login: Any, db: a
     assert len(bytes(stored)) == 32
 
 
+class HashParameters(TypedDict):
+    """An older hash's costs, as ``PasswordHasher`` takes them."""
+
+    time_cost: int
+    memory_cost: int
+    parallelism: int
+
+
 @pytest.mark.parametrize(
     "old",
     [
@@ -179,7 +187,7 @@ async def test_refresh_tokens_are_stored_hashed(register: Any, login: Any, db: a
     ids=["weaker", "other lanes"],
 )
 async def test_an_old_hash_is_rehashed_at_login(
-    client: Any, register: Any, login: Any, db: aiopg.Pool, old: dict[str, int]
+    client: Any, register: Any, login: Any, db: aiopg.Pool, old: HashParameters
 ) -> None:
     user = await register()
     async with db.acquire() as conn, conn.cursor() as cur:
