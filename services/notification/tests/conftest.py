@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import aio_pika
 import aiopg
 import pytest
 
+from devstack.config import StackConfig
 from mesh_common.db import migrate
 from mesh_common.settings import ServiceSettings
 from mesh_common.testing import LeavesConsulFirst, TokenFactory
@@ -45,7 +46,7 @@ from notification_support import (
 
 
 @pytest.fixture(scope="session")
-def management(infra: Any) -> Management:
+def management(infra: StackConfig) -> Management:
     return Management(infra.ports.rabbitmq_management)
 
 
@@ -87,7 +88,7 @@ def own_topology(management: Management) -> Iterator[Topology]:
 
 
 @pytest.fixture
-async def broker(infra: Any, topology: Topology) -> AsyncIterator[Broker]:
+async def broker(infra: StackConfig, topology: Topology) -> AsyncIterator[Broker]:
     connection = await aio_pika.connect(infra.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -97,7 +98,7 @@ async def broker(infra: Any, topology: Topology) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture
-async def pool(infra: Any) -> AsyncIterator[aiopg.Pool]:
+async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
     """The notifications database, migrated and emptied."""
     async with aiopg.create_pool(infra.database_url("notification"), minsize=1, maxsize=4) as pool:
         await migrate(pool, MIGRATIONS)
@@ -107,7 +108,7 @@ async def pool(infra: Any) -> AsyncIterator[aiopg.Pool]:
 
 
 @pytest.fixture
-async def users(infra: Any) -> AsyncIterator[FakeUserService]:
+async def users(infra: StackConfig) -> AsyncIterator[FakeUserService]:
     fake = FakeUserService(infra.consul_url, f"user-service-test-{uuid.uuid4().hex[:8]}")
     await fake.start()
     await fake.register()
@@ -130,7 +131,7 @@ def tokens() -> TokenFactory:
 
 
 @pytest.fixture
-def settings(infra: Any, topology: Topology, users: FakeUserService, smtp: SmtpSink) -> Settings:
+def settings(infra: StackConfig, topology: Topology, users: FakeUserService, smtp: SmtpSink) -> Settings:
     return Settings(
         service=ServiceSettings(
             # Its own name in Consul, so that a whole-stack run never routes to it.
@@ -158,13 +159,13 @@ def start_service(
     pool: aiopg.Pool,
     broker: Broker,
     tokens: TokenFactory,
-    aiohttp_client: Any,
+    aiohttp_client: Callable[..., Awaitable[Client]],
 ) -> StartService:
     """Start the app in-process, with ``settings`` changed by keyword arguments."""
 
     async def start(**changes: Any) -> Client:
         app = create_app(replace(settings, **changes), verifier=tokens.verifier())
-        return await aiohttp_client(LeavesConsulFirst(app, port=settings.service.port))  # type: ignore[no-any-return]
+        return await aiohttp_client(LeavesConsulFirst(app, port=settings.service.port))
 
     return start
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import aio_pika
 import aiohttp
@@ -43,7 +43,7 @@ DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.js
 SECRET = "notification-test-secret-0123456789"
 MAIL_FROM = "todo-mesh <no-reply@todo-mesh.test>"
 T = TypeVar("T")
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 StartService = Callable[..., Awaitable[Client]]
 
 
@@ -53,7 +53,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], *, within: float, what: str, interval: float = 0.05) -> T:
+# What comes back is truthy, so never None: a check that may give None gives its other type.
+@overload
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, within: float, what: str, interval: float = ...
+) -> T: ...
+@overload
+async def eventually(check: Callable[[], T | None], *, within: float, what: str, interval: float = ...) -> T: ...
+async def eventually(check: Callable[[], object], *, within: float, what: str, interval: float = 0.05) -> object:
     """Poll ``check`` (sync or async) until it returns something truthy, for at most ``within`` seconds."""
     deadline = time.monotonic() + within
     while True:
@@ -121,7 +128,7 @@ class Management:
                 raise
 
     def queue(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/queues/%2F/{name}")  # type: ignore[no-any-return]
+        return self.request("GET", f"/queues/%2F/{name}")
 
 
 @dataclass
@@ -266,7 +273,7 @@ class Received:
     def message(self) -> EmailMessage:
         # Parsed when asked for, not on arrival: the bench times arrivals,
         # and parsing is the costliest thing a sink does.
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+        return email.message_from_bytes(self.raw, policy=email.policy.default)
 
 
 @dataclass

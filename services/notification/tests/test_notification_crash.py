@@ -23,6 +23,7 @@ import aiohttp
 import aiopg
 from notification_support import SECRET, Broker, FakeUserService, eventually, new_user, registered
 
+from devstack.config import StackConfig
 from notification_service.consumer import CRASH_EXIT_CODE
 from notification_service.topology import Topology
 
@@ -80,7 +81,7 @@ async def running(env: dict[str, str]) -> AsyncIterator[ServiceProcess]:
 
 
 async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_restart(
-    infra: Any, topology: Topology, broker: Broker, pool: aiopg.Pool, users: FakeUserService
+    infra: StackConfig, topology: Topology, broker: Broker, pool: aiopg.Pool, users: FakeUserService
 ) -> None:
     env = {
         **infra.service_env("notification"),
@@ -125,7 +126,7 @@ async def _deregister(consul_url: str, service_id: str) -> None:
         assert resp.status == 200
 
 
-async def _sent_counts(infra: Any, newcomers: list[dict[str, str]]) -> dict[str, int]:
+async def _sent_counts(infra: StackConfig, newcomers: list[dict[str, str]]) -> dict[str, int]:
     """Emails per event id in the stack's SMTP sink, among those sent to ``newcomers``."""
     addresses = {u["email"] for u in newcomers}
     async with (
@@ -140,7 +141,7 @@ async def _sent_counts(infra: Any, newcomers: list[dict[str, str]]) -> dict[str,
     return dict(counts)
 
 
-async def _all_sent(infra: Any, newcomers: list[dict[str, str]]) -> bool:
+async def _all_sent(infra: StackConfig, newcomers: list[dict[str, str]]) -> bool:
     return len(await _sent_counts(infra, newcomers)) == len(newcomers)
 
 

@@ -19,7 +19,7 @@ def definitions() -> dict[str, Any]:
 
 def policy_for(queue: str, policies: list[dict[str, Any]]) -> dict[str, Any]:
     [policy] = [p for p in queue_policies(policies) if re.search(p["pattern"], queue)]  # exactly one applies
-    return policy["definition"]  # type: ignore[no-any-return]
+    return policy["definition"]
 
 
 def queue_policies(policies: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from notification_support import (
     todo_event,
 )
 
+from devstack.config import StackConfig
 from notification_service.directory import Recipient
 from notification_service.keys import CONSUMER, NOTIFIER
 from notification_service.mailer import Mailer
@@ -34,7 +35,7 @@ from notification_service.repository import Claim, claim_notification, release_n
 from notification_service.settings import Settings, SmtpSettings
 
 
-async def shared_sink_messages(infra: Any, recipients: set[str]) -> list[dict[str, Any]]:
+async def shared_sink_messages(infra: StackConfig, recipients: set[str]) -> list[dict[str, Any]]:
     """Messages in the stack's SMTP sink addressed to ``recipients`` (the sink is shared)."""
     async with (
         aiohttp.ClientSession() as session,
@@ -45,7 +46,7 @@ async def shared_sink_messages(infra: Any, recipients: set[str]) -> list[dict[st
 
 
 async def test_each_event_delivered_three_times_sends_one_email(
-    infra: Any, settings: Settings, start_service: StartService, broker: Broker, users: FakeUserService
+    infra: StackConfig, settings: Settings, start_service: StartService, broker: Broker, users: FakeUserService
 ) -> None:
     # Through the stack's own SMTP sink and its Mailpit-compatible API.
     client = await start_service(smtp=replace(settings.smtp, port=infra.ports.smtp))
@@ -84,8 +85,10 @@ async def test_welcome_email_has_a_text_and_an_escaped_html_part(service: Any, b
     assert message["To"].addresses[0].addr_spec == user["email"]
     assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
     assert message["Auto-Submitted"] == "auto-generated"
-    text = message.get_body(preferencelist=("plain",)).get_content()
-    html = message.get_body(preferencelist=("html",)).get_content()
+    plain, rich = message.get_body(preferencelist=("plain",)), message.get_body(preferencelist=("html",))
+    assert plain is not None and rich is not None
+    text = plain.get_content()
+    html = rich.get_content()
     assert f'Your todo-mesh account "{user["username"]}" is ready' in text
     assert "Hi Ada <b>Lovelace</b>," in text
     assert "Hi Ada &lt;b&gt;Lovelace&lt;/b&gt;," in html
@@ -104,7 +107,7 @@ async def test_completed_todo_emails_its_owner_found_through_the_user_service(
         await broker.publish(event)
 
     messages = await eventually(
-        lambda: len(smtp.to(owner["email"])) == 5 and smtp.to(owner["email"]), within=10, what="5 notices"
+        lambda: smtp.to(owner["email"]) if len(smtp.to(owner["email"])) == 5 else [], within=10, what="5 notices"
     )
     assert sorted(m["Subject"] for m in messages) == [f"Done: Write chapter {n}" for n in range(5)]
     assert not messages[0].is_multipart()  # a one-line notice needs no HTML part
@@ -257,7 +260,7 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
     mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
 
-    def welcome(user: dict[str, str], event_id: str) -> Awaitable[Outcome]:
+    def welcome(user: dict[str, str], event_id: str) -> Coroutine[Any, Any, Outcome]:
         return notifier.notify(
             event_id=event_id,
             kind="welcome",
@@ -288,4 +291,4 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
 async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT event_id::text, kind, status FROM notifications ORDER BY claimed_at")
-        return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+        return [tuple(r) for r in await cur.fetchall()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from email import policy
+from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
@@ -29,7 +30,7 @@ from notification_service.settings import SmtpSettings
 SENDER = "todo-mesh <no-reply@todo-mesh.test>"
 
 
-def an_email(to: str) -> object:
+def an_email(to: str) -> EmailMessage:
     rendered = render("todo_completed", {"name": "Ada", "title": "Ship it"})
     msgid = message_id("6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e", "todo_completed", SENDER)
     return compose(rendered, sender=SENDER, recipient=Recipient(email=to, name="Ada"), msgid=msgid)
@@ -116,7 +117,7 @@ async def test_a_non_ascii_address_is_sent_with_smtputf8_when_the_server_offers_
 ) -> None:
     smtp.smtputf8 = True  # as Mailpit and the native stack's sink
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
-    await mailer.send(an_email(address))  # type: ignore[arg-type]
+    await mailer.send(an_email(address))
     await mailer.close()
     [received] = smtp.received
     assert received.recipients == [address]
@@ -127,8 +128,8 @@ async def test_a_server_without_smtputf8_refuses_a_non_ascii_address_for_good(sm
     # Not an outage to wait out: that server can never take this address.
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
     with pytest.raises(MailRejected):
-        await mailer.send(an_email("ada@exämple.test"))  # type: ignore[arg-type]
-    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]  # ASCII ones still go through
+        await mailer.send(an_email("ada@exämple.test"))
+    await mailer.send(an_email("ada@example.test"))  # ASCII ones still go through
     await mailer.close()
     assert [r.recipients for r in smtp.received] == [["ada@example.test"]]
 
@@ -143,7 +144,7 @@ async def test_a_4xx_answer_is_retried_then_reported_as_unavailable(smtp: SmtpSi
     smtp.refuse["busy@example.test"] = "451 4.7.1 Try again later"
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
     with pytest.raises(MailServerUnavailable):
-        await mailer.send(an_email("busy@example.test"))  # type: ignore[arg-type]
+        await mailer.send(an_email("busy@example.test"))
     assert smtp.attempts == ["busy@example.test"] * 3
 
 
@@ -151,7 +152,7 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
     smtp.refuse["gone@example.test"] = "550 5.1.1 No such mailbox"
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
     with pytest.raises(MailRejected):
-        await mailer.send(an_email("gone@example.test"))  # type: ignore[arg-type]
+        await mailer.send(an_email("gone@example.test"))
     assert smtp.attempts == ["gone@example.test"]
 
 
@@ -161,7 +162,7 @@ async def test_a_5xx_refusing_the_sender_is_the_servers_problem_not_the_messages
     smtp.refuse_sender = "550 5.7.1 Sender address rejected"
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=1))
     with pytest.raises(MailServerUnavailable):
-        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+        await mailer.send(an_email("ada@example.test"))
     assert smtp.attempts == []
 
 
@@ -169,7 +170,7 @@ async def test_a_message_too_big_for_the_server_is_refused_for_good(smtp: SmtpSi
     smtp.refuse_sender = "552 5.3.4 Message size exceeds fixed limit"  # RFC 1870, at MAIL FROM
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
     with pytest.raises(MailRejected):
-        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+        await mailer.send(an_email("ada@example.test"))
 
 
 async def test_no_answer_after_data_is_reported_as_unknown_and_not_sent_again(smtp: SmtpSink) -> None:
@@ -177,7 +178,7 @@ async def test_no_answer_after_data_is_reported_as_unknown_and_not_sent_again(sm
     settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3, data_timeout=0.2)
     mailer = Mailer(settings)
     with pytest.raises(MailOutcomeUnknown):
-        await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+        await mailer.send(an_email("ada@example.test"))
     assert len(smtp.received) == 1  # not retried: a retry would have sent it again
     await mailer.close()
 
@@ -186,7 +187,7 @@ async def test_the_answer_after_data_has_its_own_longer_timeout(smtp: SmtpSink) 
     smtp.data_delay = 0.5  # longer than any other step may take
     settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=0.3, data_timeout=5.0)
     mailer = Mailer(settings)
-    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+    await mailer.send(an_email("ada@example.test"))
     assert len(smtp.received) == 1
     await mailer.close()
 
@@ -197,7 +198,7 @@ async def test_a_send_that_ends_after_close_closes_its_session(smtp: SmtpSink) -
     # where nothing would ever close it.
     smtp.data_delay = 0.3
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
-    sending = asyncio.create_task(mailer.send(an_email("ada@example.test")))  # type: ignore[arg-type]
+    sending = asyncio.create_task(mailer.send(an_email("ada@example.test")))
     async with asyncio.timeout(5):  # bounded: until the message is in DATA
         while not smtp.received:
             await asyncio.sleep(0.01)
@@ -211,7 +212,7 @@ async def test_a_refused_connection_is_reported_as_unavailable() -> None:
     with refused_port() as port:
         mailer = Mailer(SmtpSettings(host="127.0.0.1", port=port, mail_from=SENDER, attempts=2))
         with pytest.raises(MailServerUnavailable):
-            await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]
+            await mailer.send(an_email("ada@example.test"))
 
 
 def test_an_event_envelope_round_trips() -> None:
@@ -233,7 +234,7 @@ async def test_stopping_the_sink_drops_its_sessions_like_a_server_going_down(smt
 
 async def test_closing_does_not_wait_long_for_a_server_that_does_not_answer_quit(smtp: SmtpSink) -> None:
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER))
-    await mailer.send(an_email("ada@example.test"))  # type: ignore[arg-type]  # its session is kept, idle
+    await mailer.send(an_email("ada@example.test"))  # its session is kept, idle
     smtp.quit_delay = 30.0
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(mailer.close(), timeout=10)

@@ -31,6 +31,7 @@ from notification_support import (
 )
 from yarl import URL
 
+from devstack.config import StackConfig
 from mesh_common.amqp import AMQP
 from mesh_common.testing import sleep_until_cancelled_by_the_server
 from notification_service import repository
@@ -95,7 +96,7 @@ async def test_user_service_down_for_a_while_then_back_loses_no_email(
 
 
 async def test_postgresql_away_for_a_while_then_back_loses_no_email(
-    infra: Any, start_service: StartService, broker: Broker, smtp: SmtpSink
+    infra: StackConfig, start_service: StartService, broker: Broker, smtp: SmtpSink
 ) -> None:
     proxy = TcpProxy(infra.ports.postgres)
     await proxy.start()
@@ -129,7 +130,7 @@ async def test_postgresql_away_for_a_while_then_back_loses_no_email(
 
 
 async def test_postgresql_away_for_a_moment_after_the_server_took_an_email_sends_it_once(
-    infra: Any, settings: Any, start_service: StartService, broker: Broker, smtp: SmtpSink
+    infra: StackConfig, settings: Any, start_service: StartService, broker: Broker, smtp: SmtpSink
 ) -> None:
     # Short SMTP deadlines make a short claim lease (about 10 s): a takeover,
     # and the duplicate it sends, come within the test.

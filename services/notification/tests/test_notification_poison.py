@@ -10,6 +10,7 @@ from typing import Any
 import aio_pika
 from notification_support import Broker, Client, SmtpSink, eventually, new_user, registered, todo_event
 
+from devstack.config import StackConfig
 from mesh_common.events import Event
 from notification_service.consumer import EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
@@ -32,7 +33,7 @@ def poison() -> list[tuple[Event, bytes | None]]:
 
 
 async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_delivered(
-    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+    service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     bad = poison()
     good = [registered(new_user()) for _ in range(100)]
@@ -60,7 +61,7 @@ async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_de
 
 
 async def test_a_letter_that_waited_in_a_retry_queue_is_listed_with_its_last_reason(
-    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+    service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     user = new_user()
     smtp.refuse[user["email"]] = "451 4.7.1 Try again later"
@@ -87,7 +88,7 @@ class AlwaysFailing:
 
 
 async def test_an_event_failing_unexpectedly_is_dead_lettered_after_the_delivery_limit(
-    infra: Any, broker: Broker, topology: Topology, delivery_limit: int
+    infra: StackConfig, broker: Broker, topology: Topology, delivery_limit: int
 ) -> None:
     handler = AlwaysFailing()
     connection = await aio_pika.connect_robust(infra.amqp_url)
@@ -125,7 +126,7 @@ class BugThenOutage:
 
 
 async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
-    infra: Any, broker: Broker, topology: Topology
+    infra: StackConfig, broker: Broker, topology: Topology
 ) -> None:
     # A letter dead-lettered from our queue, replayed into it, then parked in
     # a retry queue: when the retry queue dead-letters it back, the broker
@@ -147,7 +148,7 @@ async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
 
 
 async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
-    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+    service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     user = new_user()
     smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"
@@ -168,7 +169,7 @@ async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
 
 
 async def test_replay_can_pick_one_event_and_leaves_the_others(
-    service: Client, broker: Broker, smtp: SmtpSink, infra: Any, topology: Topology
+    service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     users = [new_user() for _ in range(3)]
     events = [registered(u) for u in users]
@@ -196,7 +197,7 @@ async def _ready_is(broker: Broker, queue: str, count: int) -> bool:
     return await broker.ready(queue) == count
 
 
-async def _cli(*args: str, infra: Any, topology: Topology) -> str:
+async def _cli(*args: str, infra: StackConfig, topology: Topology) -> str:
     """Run ``python -m notification_service ...`` as an operator would."""
     env = {
         **os.environ,

@@ -8,13 +8,13 @@ copy as unroutable, as it would after someone deleted the queue by hand.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from notification_support import Management, eventually, new_user, publish, registered
 
+from devstack.config import StackConfig
 from mesh_common.events import Event
 from notification_service.consumer import EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
@@ -57,7 +57,7 @@ def delivery_limit(management: Management, topology: Topology) -> int:
 
 @pytest.mark.parametrize("consumer_class", [EventConsumer, FirstRequeueFails])
 async def test_an_event_whose_retry_the_broker_returns_is_redelivered_then_dead_lettered(
-    infra: Any, management: Management, own_topology: Topology, consumer_class: type[EventConsumer]
+    infra: StackConfig, management: Management, own_topology: Topology, consumer_class: type[EventConsumer]
 ) -> None:
     topology = own_topology
     handler = AlwaysDeferred()
@@ -92,7 +92,7 @@ async def test_an_event_whose_retry_the_broker_returns_is_redelivered_then_dead_
 
 
 async def test_a_replay_our_queue_cannot_take_leaves_the_letter_in_the_dlq(
-    infra: Any, management: Management, own_topology: Topology
+    infra: StackConfig, management: Management, own_topology: Topology
 ) -> None:
     topology = own_topology
     event = registered(new_user())

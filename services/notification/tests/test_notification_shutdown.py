@@ -12,6 +12,7 @@ from typing import Any
 import aio_pika
 from notification_support import Broker, FakeUserService, eventually, new_user, registered, todo_event
 
+from devstack.config import StackConfig
 from mesh_common.events import Event
 from notification_service import workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT, EventConsumer
@@ -39,7 +40,7 @@ class Stuck:
 
 
 async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_event_redelivered(
-    infra: Any, broker: Broker, topology: Topology
+    infra: StackConfig, broker: Broker, topology: Topology
 ) -> None:
     handler = Stuck()
     event = registered(new_user())
