@@ -35,6 +35,7 @@ Everything runs on loopback, on the test profile's ports, and stops itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import statistics
@@ -135,7 +136,7 @@ def start_bench_processes(cfg: StackConfig) -> None:
     start(cfg.run_dir, Proc("bench-passthrough", gateway.argv, env=passthrough_env))
     start(cfg.run_dir, c.envoy(cfg))
     for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
-        wait_until(lambda name=name: stack.passing(cfg, name), timeout=60, what=f"{name} to pass its check")
+        wait_until(functools.partial(stack.passing, cfg, name), timeout=60, what=f"{name} to pass its check")
     wait_until(lambda: stack.get_json(f"{cfg.api_url}/.well-known/jwks.json"), timeout=60, what="Envoy")
 
 

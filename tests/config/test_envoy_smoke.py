@@ -67,6 +67,7 @@ class _FakeGateway(BaseHTTPRequestHandler):
         self.paths.append(self.path)
         if self.path == "/silent":
             time.sleep(SILENT_ROUTE_IDLE_S + 1)
+        assert isinstance(self.server, ThreadingHTTPServer)  # a TCP server: its address is (host, port)
         body = json.dumps(
             {
                 "instance": self.server.server_address[0],
@@ -127,7 +128,9 @@ def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
             t.join(timeout=5)
 
 
-def _get(url: str, headers: dict[str, str] | None = None, *, body: bytes | None = None) -> tuple[int, dict, bytes]:
+def _get(
+    url: str, headers: dict[str, str] | None = None, *, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """A GET, or a POST of ``body``: status, headers and body, whatever the status."""
     request = urllib.request.Request(url, data=body, headers=headers or {})
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -117,6 +118,7 @@ def _normalised(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(node: Any, path: str = "") -> dict[str, Any]:
+    items: Iterable[tuple[object, Any]]
     if isinstance(node, dict):
         items = node.items()
     elif isinstance(node, list):

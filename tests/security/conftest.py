@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiopg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from devstack.config import StackConfig
 from mesh_common.db import migrate
@@ -18,7 +20,9 @@ from user_service.settings import Settings
 
 
 @pytest.fixture
-async def user_service(aiohttp_client: Any, infra: StackConfig) -> AsyncIterator[Any]:
+async def user_service(
+    aiohttp_client: AiohttpClient, infra: StackConfig
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     """A test client of a user-service on empty tables, outside Consul."""
     settings = Settings(
         service=loopback_service("user-service", infra.consul_url),

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpServer
 
 from devstack.config import StackConfig
 from mesh_common.settings import SettingsError
@@ -32,11 +33,11 @@ from mesh_gateway.settings import LOOPBACK, Settings, networks
 REPO = Path(__file__).resolve().parents[2]
 SECURITY_REDIS_DB = 5  # this suite's own Redis database, flushed per test
 PUBLIC = "/api/v1/echo/public"
-Gateway = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+Gateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest.fixture
-async def echo(infra: StackConfig, aiohttp_server: Any) -> AsyncIterator[str]:
+async def echo(infra: StackConfig, aiohttp_server: AiohttpServer) -> AsyncIterator[str]:
     """A service, registered in Consul, that answers with the headers it got."""
 
     async def headers(request: web.Request) -> web.Response:
@@ -62,13 +63,15 @@ async def echo(infra: StackConfig, aiohttp_server: Any) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def gateway(infra: StackConfig, echo: str, aiohttp_client: Any) -> AsyncIterator[Gateway]:
+async def gateway(
+    infra: StackConfig, echo: str, aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+) -> AsyncIterator[Gateway]:
     redis_url = f"redis://127.0.0.1:{infra.ports.redis}/{SECURITY_REDIS_DB}"
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
     tokens = TokenFactory()
 
-    async def make(**overrides: Any) -> TestClient:  # type: ignore[type-arg]
+    async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts
         port = free_port()
@@ -82,14 +85,13 @@ async def gateway(infra: StackConfig, echo: str, aiohttp_client: Any) -> AsyncIt
         )
         table = RouteTable(routes=(Route("/api/v1/echo", echo),), public=frozenset({("GET", PUBLIC)}), auth=frozenset())
         app = create_app(replace(settings, **overrides), routes=table, verifier=tokens.verifier())
-        client: TestClient = await aiohttp_client(LeavesConsulFirst(app, port=port))  # type: ignore[type-arg]
-        return client
+        return await aiohttp_client(LeavesConsulFirst(app, port=port))
 
     yield make
     await flusher.aclose()
 
 
-async def statuses(client: TestClient, forged: list[str]) -> list[int]:  # type: ignore[type-arg]
+async def statuses(client: TestClient[web.Request, web.Application], forged: list[str]) -> list[int]:
     result = []
     for address in forged:
         async with client.get(PUBLIC, headers={"X-Forwarded-For": address}) as r:

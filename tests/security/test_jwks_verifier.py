@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware
 from mesh_common.problems import Problem, problem_middleware
@@ -79,7 +81,7 @@ async def refusal(verify: Callable[[], Any]) -> Problem:
     return refused.value
 
 
-async def guarded(aiohttp_client: Any, verifier: JwksVerifier) -> Any:
+async def guarded(aiohttp_client: AiohttpClient, verifier: JwksVerifier) -> TestClient[web.Request, web.Application]:
     """A client of an app whose one route, ``/thing``, needs a token."""
 
     async def thing(request: web.Request) -> web.Response:

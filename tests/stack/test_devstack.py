@@ -147,9 +147,9 @@ def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monk
     from devstack import components
 
     (tmp_path / "PG_VERSION").write_text("15\n")
-    monkeypatch.setattr(components.os, "access", lambda path, mode: True)
+    monkeypatch.setattr(os, "access", lambda path, mode: True)  # the os that components calls
     assert components._pg_bin("postgres", tmp_path) == "/usr/lib/postgresql/15/bin/postgres"
-    monkeypatch.setattr(components.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(StackError, match="made by PostgreSQL 15"):
         components._pg_bin("postgres", tmp_path)
 
