@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import components as c
+from . import infra, mesh
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .ports import port_free, require_free
 from .procs import (
@@ -79,7 +79,7 @@ def up_infra(cfg: StackConfig) -> None:
     missing = [name for name in INFRA if name not in have]
     require_free({label: port for name in missing for label, port in wanted[name].items()})
     for name in missing:
-        start(cfg.run_dir, getattr(c, name)(cfg))
+        start(cfg.run_dir, getattr(infra, name)(cfg))
 
     def ready(name: str, check: Callable[[], object], what: str, interval: float = 0.1) -> None:
         def still_running() -> object:
@@ -92,11 +92,11 @@ def up_infra(cfg: StackConfig) -> None:
         wait_until(still_running, timeout=READY_TIMEOUT, what=what, interval=interval)
 
     ready("consul", lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), "Consul")
-    ready("postgres", lambda: c.postgres_ready(cfg), "PostgreSQL")
-    c.create_databases(cfg)
+    ready("postgres", lambda: infra.postgres_ready(cfg), "PostgreSQL")
+    infra.create_databases(cfg)
     ready("redis", lambda: not port_free("127.0.0.1", p.redis), "Redis")
     ready("mailsink", lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, "the SMTP sink")
-    ready("rabbitmq", lambda: c.rabbitmq_ready(cfg), "RabbitMQ", interval=1.0)
+    ready("rabbitmq", lambda: infra.rabbitmq_ready(cfg), "RabbitMQ", interval=1.0)
 
 
 # -- services ----------------------------------------------------------------------
@@ -110,7 +110,7 @@ def instances(cfg: StackConfig, svc: str) -> list[int]:
 
 
 def instance(cfg: StackConfig, svc: str, n: int) -> Proc:
-    return c.gateway(cfg, n) if svc == "gateway" else c.service(cfg, svc, n)
+    return mesh.gateway(cfg, n) if svc == "gateway" else mesh.service(cfg, svc, n)
 
 
 def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
@@ -163,7 +163,7 @@ def up(cfg: StackConfig) -> None:
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda s: scale(cfg, s, cfg.instances[s]), [*SERVICES, "gateway"]))
     if "envoy" not in running(cfg.run_dir):
-        start(cfg.run_dir, c.envoy(cfg))
+        start(cfg.run_dir, mesh.envoy(cfg))
     wait_until(
         lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None,
         timeout=READY_TIMEOUT,
@@ -189,7 +189,7 @@ def down(cfg: StackConfig) -> list[str]:
     for name in set(running(cfg.run_dir)) - set(stopped):  # anything unexpected
         stop(cfg.run_dir, name)
         stopped.append(name)
-    c.stop_epmd(cfg)
+    infra.stop_epmd(cfg)
     return stopped
 
 

@@ -50,8 +50,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 
-from devstack import components as c  # noqa: E402
-from devstack import stack  # noqa: E402
+from devstack import mesh, stack  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
 from devstack.ports import port_free  # noqa: E402
 from devstack.procs import Proc, log_path, running, start, stop, wait_until  # noqa: E402
@@ -121,7 +120,7 @@ def start_bench_processes(cfg: StackConfig) -> None:
         cfg.run_dir,
         Proc("bench-echo", [cfg.python, str(ROOT / "tests/bench/echo_service.py")], env=cfg.service_env("echo")),
     )
-    gateway = c.gateway(cfg, 0)
+    gateway = mesh.gateway(cfg, 0)
     start(cfg.run_dir, Proc(gateway.name, gateway.argv, env={**gateway.env, **BENCH_ENV}))
     if not port_free("127.0.0.1", PASSTHROUGH_PORT):
         raise SystemExit(f"port {PASSTHROUGH_PORT} is taken")
@@ -134,7 +133,7 @@ def start_bench_processes(cfg: StackConfig) -> None:
         "GATEWAY_PASSTHROUGH": "1",
     }
     start(cfg.run_dir, Proc("bench-passthrough", gateway.argv, env=passthrough_env))
-    start(cfg.run_dir, c.envoy(cfg))
+    start(cfg.run_dir, mesh.envoy(cfg))
     for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
         wait_until(functools.partial(stack.passing, cfg, name), timeout=60, what=f"{name} to pass its check")
     wait_until(lambda: stack.get_json(f"{cfg.api_url}/.well-known/jwks.json"), timeout=60, what="Envoy")
@@ -199,7 +198,7 @@ def main() -> int:
     try:
         start_bench_processes(cfg)
         # The log is appended across runs: only what this run adds counts.
-        gateway_log = log_path(cfg.run_dir, c.gateway(cfg, 0).name)
+        gateway_log = log_path(cfg.run_dir, mesh.gateway(cfg, 0).name)
         log_offset = gateway_log.stat().st_size
         gateway = f"http://{cfg.gateway_address(0)}:{cfg.ports.gateway}"
         auth = asyncio.run(sign_in(gateway))
@@ -218,7 +217,7 @@ def main() -> int:
         print(f"\ngateway benchmark: wrk -t1 -c{CONNECTIONS}, {DURATION}s x {ROUNDS} rounds, on {os.cpu_count()} cores")
         # The gateway's maximum is the mean of its three runs here, not one
         # more run: a single lucky run would set the tail's rate too high.
-        gateway_pid = running(cfg.run_dir)[c.gateway(cfg, 0).name]
+        gateway_pid = running(cfg.run_dir)[mesh.gateway(cfg, 0).name]
         before = cpu_times(gateway_pid)
         peak, echo_peak = compare("gateway ratio", gateway_echo, echo_direct)
         # The gateway idles while the echo service is measured alone.

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from devstack import components
+from devstack import mesh
 from devstack.config import StackConfig
 
 from .conftest import (
@@ -124,7 +124,7 @@ def _has_flags(command: list[str], *flags: str) -> bool:
 
 
 def test_the_infrastructure_runs_with_the_native_stacks_settings() -> None:
-    # What scripts/devstack/components.py passes natively, and the reason for each there.
+    # What scripts/devstack/mesh.py passes natively, and the reason for each there.
     svc = services()
     assert _has_flags(svc["redis"]["command"], "--save", "", "--appendonly", "no")
     assert _has_flags(svc["postgres"]["command"], "-c", "timezone=UTC")
@@ -320,6 +320,6 @@ def test_each_service_starts_from_its_compose_environment(service: str, settings
 
 
 def test_the_gateway_names_the_instance_that_answered_as_natively() -> None:
-    native = components.gateway(StackConfig.from_env({}), 1).env
+    native = mesh.gateway(StackConfig.from_env({}), 1).env
     compose = env_of(services()["gateway"])
     assert compose["GATEWAY_EXPOSE_UPSTREAM"] == native["GATEWAY_EXPOSE_UPSTREAM"] == "1"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import components, procs, stack
+from devstack import infra, mesh, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.ports import require_free
 from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
@@ -144,14 +144,12 @@ def test_stack_processes_do_not_inherit_libpqs_variables(monkeypatch: pytest.Mon
 
 
 def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from devstack import components
-
     (tmp_path / "PG_VERSION").write_text("15\n")
-    monkeypatch.setattr(os, "access", lambda path, mode: True)  # the os that components calls
-    assert components._pg_bin("postgres", tmp_path) == "/usr/lib/postgresql/15/bin/postgres"
+    monkeypatch.setattr(os, "access", lambda path, mode: True)  # the os that infra calls
+    assert infra._pg_bin("postgres", tmp_path) == "/usr/lib/postgresql/15/bin/postgres"
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(StackError, match="made by PostgreSQL 15"):
-        components._pg_bin("postgres", tmp_path)
+        infra._pg_bin("postgres", tmp_path)
 
 
 def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +202,7 @@ def test_the_native_envoy_leaves_no_shared_memory_behind(tmp_path: Path) -> None
     ports = {"MESH_PORT_ENVOY": str(free_port()), "MESH_PORT_ENVOY_ADMIN": str(free_port())}
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path), **ports}, profile="test")
     before = _envoy_segments()
-    start(cfg.run_dir, components.envoy(cfg))
+    start(cfg.run_dir, mesh.envoy(cfg))
     try:
         admin = f"http://127.0.0.1:{cfg.ports.envoy_admin}/server_info"
         wait_until(lambda: stack.get_json(admin), timeout=30, what="Envoy's admin")
@@ -219,7 +217,7 @@ def test_an_instance_left_running_from_older_code_is_started_again(
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
     code = tmp_path / "todo_service.py"
     code.write_text("VERSION = 1\n")
-    monkeypatch.setattr(components, "service", lambda cfg, svc, n: replace(_sleeper(f"{svc}-{n}"), sources=(code,)))
+    monkeypatch.setattr(mesh, "service", lambda cfg, svc, n: replace(_sleeper(f"{svc}-{n}"), sources=(code,)))
     try:
         stack.scale(cfg, "todo", 1, wait=False)
         first = running(cfg.run_dir)["todo-0"]

