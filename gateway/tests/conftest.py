@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from devstack.config import StackConfig
-from mesh_common.testing import LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
@@ -59,12 +58,6 @@ class FakeService:
     @property
     def hits(self) -> int:
         return sum(i.hits for i in self.instances)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mesh_common.testing import free_port
 from mesh_gateway.redis_script import RedisScript, RedisScriptError
 
 from .test_redis_script import ECHO_ARGS, call
@@ -70,12 +71,6 @@ def accepts_at(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from devstack import infra, mesh, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.ports import require_free
 from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
-from mesh_common.testing import free_port
+from mesh_common.testing import free_ports
 
 
 def _sleeper(name: str) -> Proc:
@@ -199,7 +199,8 @@ def _envoy_segments() -> set[str]:
 
 def test_the_native_envoy_leaves_no_shared_memory_behind(tmp_path: Path) -> None:
     # With --use-dynamic-base-id, every start left a /dev/shm segment for good.
-    ports = {"MESH_PORT_ENVOY": str(free_port()), "MESH_PORT_ENVOY_ADMIN": str(free_port())}
+    envoy_port, admin_port = free_ports(2)
+    ports = {"MESH_PORT_ENVOY": str(envoy_port), "MESH_PORT_ENVOY_ADMIN": str(admin_port)}
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path), **ports}, profile="test")
     before = _envoy_segments()
     start(cfg.run_dir, mesh.envoy(cfg))

@@ -131,9 +131,22 @@ async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
 
 def free_port() -> int:
     """A loopback port free when asked, for a server started next (``refused_port``: one kept shut)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` loopback ports free when asked, and never two the same.
+
+    Each is held until all are chosen: let go one at a time, the kernel may
+    hand the same port out twice.
+    """
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 @contextlib.contextmanager

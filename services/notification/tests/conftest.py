@@ -22,7 +22,7 @@ import pytest
 from devstack.config import StackConfig
 from mesh_common.db import migrate
 from mesh_common.settings import ServiceSettings
-from mesh_common.testing import LeavesConsulFirst, TokenFactory
+from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port
 from notification_service.app import MIGRATIONS, create_app
 from notification_service.settings import Settings, SmtpSettings
 from notification_service.topology import Topology
@@ -40,7 +40,6 @@ from notification_support import (
     Management,
     SmtpSink,
     StartService,
-    free_port,
     private_definitions,
 )
 

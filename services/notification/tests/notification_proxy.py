@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from notification_support import free_port
+from mesh_common.testing import free_port
 
 
 class TcpProxy:

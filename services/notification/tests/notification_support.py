@@ -20,7 +20,6 @@ import email.policy
 import functools
 import inspect
 import json
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from aiohttp.test_utils import TestClient
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mesh_common.events import Event
+from mesh_common.testing import free_port
 from notification_service.topology import Topology
 
 DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
@@ -45,12 +45,6 @@ MAIL_FROM = "todo-mesh <no-reply@todo-mesh.test>"
 T = TypeVar("T")
 Client = TestClient[web.Request, web.Application]
 StartService = Callable[..., Awaitable[Client]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # What comes back is truthy, so never None: a check that may give None gives its other type.
