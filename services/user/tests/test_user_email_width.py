@@ -84,6 +84,11 @@ async def emails_width_mapped(db: aiopg.Pool) -> None:
         except psycopg2.Error:
             await cur.execute("ROLLBACK")
             raise
+        # Its helper function is gone from the session that ran it.
+        await cur.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname = 'width_mapped' AND pronamespace = pg_my_temp_schema()"
+        )
+        assert await cur.fetchone() == (0,)
 
 
 async def stored_email(db: aiopg.Pool, user_id: str) -> str:
@@ -110,7 +115,7 @@ async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stay
         "/users", json={"username": "other", "email": "john@example.com", "password": PASSWORD}
     )
     assert response.status == 409
-    await emails_width_mapped(db)  # a second run finds nothing to do, and no function left behind
+    await emails_width_mapped(db)  # a second run finds nothing to do
 
 
 async def test_emails_that_become_one_address_stop_the_migration_naming_their_accounts(
@@ -128,3 +133,17 @@ async def test_emails_that_become_one_address_stop_the_migration_naming_their_ac
     assert john["id"] in message and wide["id"] in message
     assert grace["id"] not in message
     assert await stored_email(db, wide["id"]) == WIDE_JOHN
+
+
+async def test_an_email_that_mapping_would_make_no_address_stops_the_migration(register: Any, db: aiopg.Pool) -> None:
+    # A full-width "@" in the local part passed the old pattern; mapped, it is a second "@".
+    odd = await register("odd", "odd-for-now@example.com")
+    grace = await register("grace")
+    stored = "a\uff20b@example.com"
+    await store_email(db, odd["id"], stored)
+
+    with pytest.raises(psycopg2.errors.RaiseException, match="no longer an address") as refused:
+        await emails_width_mapped(db)
+
+    assert odd["id"] in str(refused.value) and grace["id"] not in str(refused.value)
+    assert await stored_email(db, odd["id"]) == stored

@@ -11,7 +11,10 @@
 --
 -- As in 0010: accounts that become one address are named for a person to
 -- decide, the migration stops rather than fail on the unique index, and
--- writes wait until it commits. The function lives for this session only.
+-- writes wait until it commits. So are addresses that mapping would make no
+-- address at all: a full-width "@" passed the old pattern as any other
+-- character, and mapped it is a second "@". The function lives for this
+-- session only.
 LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE;
 CREATE OR REPLACE FUNCTION pg_temp.width_mapped(email text) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -19,6 +22,7 @@ CREATE OR REPLACE FUNCTION pg_temp.width_mapped(email text) RETURNS text
 DO $$
 DECLARE
     collisions text;
+    unusable text;
 BEGIN
     SELECT string_agg(ids, '; ' ORDER BY ids) INTO collisions
     FROM (
@@ -30,6 +34,15 @@ BEGIN
     IF collisions IS NOT NULL THEN
         RAISE EXCEPTION 'emails of different accounts are one address once their widths are mapped; user ids: %', collisions
             USING HINT = 'Change the email of, or delete, all but one account of each group, then start again.';
+    END IF;
+    -- validation.EMAIL, which every address passed when it was stored.
+    SELECT string_agg(id::text, ', ' ORDER BY id) INTO unusable
+    FROM users
+    WHERE email <> pg_temp.width_mapped(email)
+        AND pg_temp.width_mapped(email) !~ '^[^@\s]+@[^@\s]+\.[^@\s]+$';
+    IF unusable IS NOT NULL THEN
+        RAISE EXCEPTION 'emails that are no longer an address once their widths are mapped; user ids: %', unusable
+            USING HINT = 'Change the email of, or delete, each of these accounts, then start again.';
     END IF;
 END
 $$;
