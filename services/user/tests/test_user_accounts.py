@@ -53,6 +53,9 @@ async def test_passwords_are_stored_as_argon2id_hashes(register: Any, db: aiopg.
         ),
         ({"username": "ada", "email": "ada@example.com", "password": "e\u0301" * 4}, "password"),
         ({"username": "ada_lovelace", "email": "ada@example.com", "password": "Ada_Lovelace"}, "password"),
+        # The email as the password, compared after NFKC on both sides: "fi" as
+        # one ligature character in the address, as two letters in the password.
+        ({"username": "ada", "email": "\ufb01sh@example.com", "password": "fish@example.com"}, "password"),
         ({"username": "ada", "email": "ada@example.com"}, "password"),
         ({"username": "ada", "email": "ada@example.com", "password": PASSWORD, "is_admin": True}, "is_admin"),
         ({"username": 7, "email": "ada@example.com", "password": PASSWORD}, "username"),

@@ -160,6 +160,7 @@ class Passwords:
         lowered = password.lower()
         if lowered in self._common:
             return "is too common; choose one that is not on lists of leaked passwords"
-        if lowered in {username.lower(), email.lower()}:
+        # The email too in NFKC: an address may hold "ﬁ", kept as typed.
+        if lowered in {username.lower(), normalized(email).lower()}:
             return "must not be your username or email"
         return None
