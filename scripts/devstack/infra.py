@@ -82,6 +82,10 @@ def consul(cfg: StackConfig) -> Proc:
 
 
 # -- PostgreSQL ------------------------------------------------------------------
+# Migration 0011 of the user-service has an SQL-standard function body.
+MIN_POSTGRES = (14,)
+
+
 def _pg_bin(name: str, data: Path | None = None) -> str:
     """``name`` of the newest installed PostgreSQL, or of the one ``data`` was made by.
 
@@ -91,6 +95,12 @@ def _pg_bin(name: str, data: Path | None = None) -> str:
     made_by = data / "PG_VERSION" if data is not None else None
     if made_by is not None and made_by.exists():
         version = made_by.read_text().strip()
+        if _version(version) < MIN_POSTGRES:
+            # scripts/setup checks the newest installed; a data directory kept
+            # from before may hold an older one.
+            raise StackError(
+                f"{data} was made by PostgreSQL {version}, and the stack needs 14 or later: upgrade it or remove it"
+            )
         wanted = f"/usr/lib/postgresql/{version}/bin/{name}"
         if not os.access(wanted, os.X_OK):
             raise StackError(f"{data} was made by PostgreSQL {version}, not installed here: install it or remove it")

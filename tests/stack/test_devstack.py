@@ -152,6 +152,16 @@ def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monk
         infra._pg_bin("postgres", tmp_path)
 
 
+def test_a_data_directory_made_by_a_postgresql_too_old_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # setup checks the newest PostgreSQL installed; one kept from before may be older.
+    (tmp_path / "PG_VERSION").write_text("13\n")
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    with pytest.raises(StackError, match="made by PostgreSQL 13, and the stack needs 14 or later"):
+        infra._pg_bin("postgres", tmp_path)
+
+
 def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from devstack import cli, stack
 
