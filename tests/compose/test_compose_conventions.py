@@ -124,7 +124,7 @@ def _has_flags(command: list[str], *flags: str) -> bool:
 
 
 def test_the_infrastructure_runs_with_the_native_stacks_settings() -> None:
-    # What scripts/devstack/mesh.py passes natively, and the reason for each there.
+    # What scripts/devstack/infra.py and mesh.py pass natively, and the reason for each there.
     svc = services()
     assert _has_flags(svc["redis"]["command"], "--save", "", "--appendonly", "no")
     assert _has_flags(svc["postgres"]["command"], "-c", "timezone=UTC")

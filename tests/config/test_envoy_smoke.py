@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from devstack.config import StackConfig
+from mesh_common.testing import free_ports
 
 from .conftest import REPO_ROOT, find_envoy, render_native
 
@@ -199,8 +200,7 @@ def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
 
 
 def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
-    envoy_port = _free_port("127.0.0.1")
-    admin_port = _free_port("127.0.0.1")
+    envoy_port, admin_port = free_ports(2)
     access_log = tmp_path / "access.log"
     config = tmp_path / "envoy.native.rendered.yaml"
     rendered = render_native(
@@ -324,8 +324,7 @@ def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path) -> None:
-    envoy_port = _free_port("127.0.0.1")
-    admin_port = _free_port("127.0.0.1")
+    envoy_port, admin_port = free_ports(2)
     rendered = render_native(
         ENVOY_PORT=str(envoy_port),
         ENVOY_ADMIN_PORT=str(admin_port),
