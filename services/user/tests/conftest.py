@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiopg
+import psycopg2
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -99,3 +100,37 @@ def login(client: Client) -> Login:
 def auth() -> Callable[[str], dict[str, str]]:
     """``auth(token)``: the Authorization header for a bearer token."""
     return lambda token: {"Authorization": f"Bearer {token}"}
+
+
+# -- Migrations that rewrite rows ------------------------------------------------------
+async def store_email(db: aiopg.Pool, user_id: str, email: str) -> None:
+    """Store ``email`` as it is, past the validation that normalizes it: a row from before."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET email = %s WHERE id = %s", (email, user_id))
+
+
+async def stored_email(db: aiopg.Pool, user_id: str) -> str:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT email FROM users WHERE id = %s", (user_id,))
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+async def run_again(db: aiopg.Pool, migration: str) -> None:
+    """A migration's SQL (``migration``) once more, in a transaction of its own as migrate() runs it.
+
+    It ran when the fixture migrated the (then empty) tables: run again, on
+    rows stored since, it does what it does to old rows. It must leave no
+    function behind in the session it ran in.
+    """
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("BEGIN")
+        try:
+            await cur.execute(migration)
+            await cur.execute("COMMIT")
+        except psycopg2.Error:
+            await cur.execute("ROLLBACK")
+            raise
+        await cur.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()")
+        assert await cur.fetchone() == (0,)

@@ -15,6 +15,8 @@ import pytest
 from user_service.app import MIGRATIONS
 from user_service.validation import WIDTH_MAPPING
 
+from .conftest import run_again, store_email, stored_email
+
 PASSWORD = "a long and unusual passphrase"
 EMAILS_WIDTH_MAPPED = MIGRATIONS[0] / "0011_users_email_width.sql"
 WIDE_JOHN = "\uff4a\uff4f\uff48\uff4e@example.com"  # "john" in full-width letters
@@ -66,39 +68,6 @@ async def test_an_email_changed_to_full_width_is_stored_mapped(
     assert (await response.json())["email"] == "john@example.com"
 
 
-async def store_email(db: aiopg.Pool, user_id: str, email: str) -> None:
-    """Store ``email`` as it is, as the service did before it mapped widths."""
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET email = %s WHERE id = %s", (email, user_id))
-
-
-async def emails_width_mapped(db: aiopg.Pool) -> None:
-    # The migration ran on the (then empty) table when the fixture migrated
-    # it: its SQL again, on rows stored since, is what it does to old rows.
-    # In a transaction of its own, as migrate() runs it.
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("BEGIN")
-        try:
-            await cur.execute(EMAILS_WIDTH_MAPPED.read_text())
-            await cur.execute("COMMIT")
-        except psycopg2.Error:
-            await cur.execute("ROLLBACK")
-            raise
-        # Its helper function is gone from the session that ran it.
-        await cur.execute(
-            "SELECT count(*) FROM pg_proc WHERE proname = 'width_mapped' AND pronamespace = pg_my_temp_schema()"
-        )
-        assert await cur.fetchone() == (0,)
-
-
-async def stored_email(db: aiopg.Pool, user_id: str) -> str:
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT email FROM users WHERE id = %s", (user_id,))
-        row = await cur.fetchone()
-        assert row is not None
-        return str(row[0])
-
-
 async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stays_taken(
     client: Any, register: Any, login: Any, db: aiopg.Pool
 ) -> None:
@@ -106,7 +75,7 @@ async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stay
     untouched = await register("ada", "\uff41\uff44\uff41-is-not-stored-wide@example.com")  # mapped at sign-up
     await store_email(db, john["id"], WIDE_JOHN)
 
-    await emails_width_mapped(db)
+    await run_again(db, EMAILS_WIDTH_MAPPED.read_text())
 
     assert await stored_email(db, john["id"]) == "john@example.com"
     assert await stored_email(db, untouched["id"]) == "ada-is-not-stored-wide@example.com"
@@ -115,7 +84,7 @@ async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stay
         "/users", json={"username": "other", "email": "john@example.com", "password": PASSWORD}
     )
     assert response.status == 409
-    await emails_width_mapped(db)  # a second run finds nothing to do
+    await run_again(db, EMAILS_WIDTH_MAPPED.read_text())  # a second run finds nothing to do
 
 
 async def test_emails_that_become_one_address_stop_the_migration_naming_their_accounts(
@@ -127,7 +96,7 @@ async def test_emails_that_become_one_address_stop_the_migration_naming_their_ac
     await store_email(db, wide["id"], WIDE_JOHN)
 
     with pytest.raises(psycopg2.errors.RaiseException, match="one address once their widths are mapped") as refused:
-        await emails_width_mapped(db)
+        await run_again(db, EMAILS_WIDTH_MAPPED.read_text())
 
     message = str(refused.value)
     assert john["id"] in message and wide["id"] in message
@@ -143,7 +112,7 @@ async def test_an_email_that_mapping_would_make_no_address_stops_the_migration(r
     await store_email(db, odd["id"], stored)
 
     with pytest.raises(psycopg2.errors.RaiseException, match="no longer an address") as refused:
-        await emails_width_mapped(db)
+        await run_again(db, EMAILS_WIDTH_MAPPED.read_text())
 
     assert odd["id"] in str(refused.value) and grace["id"] not in str(refused.value)
     assert await stored_email(db, odd["id"]) == stored

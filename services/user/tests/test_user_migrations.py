@@ -18,6 +18,8 @@ from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
 from user_service.settings import Settings
 
+from .conftest import run_again, store_email, stored_email
+
 PASSWORD = "a long and unusual passphrase"
 EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
 
@@ -139,26 +141,6 @@ async def test_a_migration_that_times_out_reports_the_timeout(
         await migrate(scratch, [tmp_path])
 
 
-async def store_email(db: aiopg.Pool, user_id: str, email: str) -> None:
-    """Store ``email`` as it is, as the service did before it normalized emails to NFC."""
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET email = %s WHERE id = %s", (email, user_id))
-
-
-async def emails_in_nfc(db: aiopg.Pool) -> None:
-    # The migration ran when the fixture migrated the (then empty) table:
-    # its SQL again, on rows stored since, is what it does to old rows. In a
-    # transaction of its own, as migrate() runs it.
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("BEGIN")
-        try:
-            await cur.execute(EMAILS_IN_NFC.read_text())
-            await cur.execute("COMMIT")
-        except psycopg2.Error:
-            await cur.execute("ROLLBACK")
-            raise
-
-
 async def test_an_email_stored_decomposed_is_composed_so_it_logs_in_and_stays_taken(
     client: Any, register: Any, login: Any, db: aiopg.Pool
 ) -> None:
@@ -166,11 +148,9 @@ async def test_an_email_stored_decomposed_is_composed_so_it_logs_in_and_stays_ta
     jose = await register("jose", "jose-for-now@example.com")
     await store_email(db, jose["id"], decomposed)
 
-    await emails_in_nfc(db)
+    await run_again(db, EMAILS_IN_NFC.read_text())
 
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT email FROM users WHERE id = %s", (jose["id"],))
-        assert await cur.fetchone() == (composed,)
+    assert await stored_email(db, jose["id"]) == composed
     for spelling in (composed, decomposed):  # the login normalizes what is typed
         assert (await login(spelling))["access_token"]
     response = await client.post("/users", json={"username": "other", "email": composed, "password": PASSWORD})
@@ -190,11 +170,9 @@ async def test_emails_that_become_one_address_stop_the_migration_naming_their_ac
     await store_email(db, jose["id"], stored)
 
     with pytest.raises(psycopg2.errors.RaiseException, match="one address once NFC-normalized") as refused:
-        await emails_in_nfc(db)
+        await run_again(db, EMAILS_IN_NFC.read_text())
 
     message = str(refused.value)
     assert ada["id"] in message and jose["id"] in message
     assert grace["id"] not in message
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT email FROM users WHERE id = %s", (jose["id"],))
-        assert await cur.fetchone() == (stored,)
+    assert await stored_email(db, jose["id"]) == stored
