@@ -45,14 +45,14 @@ def _owned_dir(path: Path, user: str) -> Path:
 
 # -- Consul --------------------------------------------------------------------
 def consul(cfg: StackConfig) -> Proc:
-    binary = subprocess.run([str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False)
-    if binary.returncode != 0:
-        raise StackError(f"no Consul binary: {binary.stderr.strip()}")
+    built = subprocess.run([str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        raise StackError(f"no Consul binary: {built.stderr.strip()}")
     p = cfg.ports
     return Proc(
         "consul",
         [
-            binary.stdout.strip(),
+            built.stdout.strip(),
             "agent",
             "-dev",
             "-ui",
@@ -99,7 +99,8 @@ def _pg_bin(name: str, data: Path | None = None) -> str:
             # scripts/setup checks the newest installed; a data directory kept
             # from before may hold an older one.
             raise StackError(
-                f"{data} was made by PostgreSQL {version}, and the stack needs 14 or later: upgrade it or remove it"
+                f"{data} was made by PostgreSQL {version}, and the stack needs"
+                f" {'.'.join(map(str, MIN_POSTGRES))} or later: upgrade it or remove it"
             )
         wanted = f"/usr/lib/postgresql/{version}/bin/{name}"
         if not os.access(wanted, os.X_OK):
