@@ -63,7 +63,7 @@ TAIL_TARGET = 4.0  # p99 / p50 at most
 # When the tail does not count: served below this share of the rate asked
 # for, or a p50 above this many times the echo service's at the same rate. A
 # healthy gateway's p50 has been 1.1-3.1 ms at that rate, against the echo
-# service's 0.7-0.8 ms (docs/gateway.md); a queue's, 28-65 ms.
+# service's 0.7-0.8 ms (docs/measurements/gateway.md); a queue's, 28-65 ms.
 MIN_SERVED = 0.98
 MAX_P50_OVER_ECHO = 5.0
 # What the gateway logs when Redis is away and a read passes unlimited (mesh_gateway/guard.py).
