@@ -129,8 +129,72 @@ async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
         await canceller
 
 
+_LOOPBACK = "127.0.0.1"
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket()
+    try:
+        # As aiohttp's test servers do: a server coming back binds its port
+        # again while connections of the one before are in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((_LOOPBACK, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HeldPort:
+    """A loopback port bound at once, and held until the server meant for it listens on it.
+
+    A port found free and let go (``free_port``) can be taken before its
+    server binds it: by an outgoing connection, as its ephemeral port. This
+    one's socket is handed to the server itself (``take`` for
+    ``loop.create_server(sock=...)`` or ``web.SockSite``, ``socket_factory``
+    for aiohttp's test servers), so there is no moment at which it is free.
+    ``close`` lets go of a socket no server took: left to the garbage
+    collector, it would fail some later test as unclosed.
+    """
+
+    def __init__(self) -> None:
+        self._held: socket.socket | None = _bind(0)
+        self.port: int = self._held.getsockname()[1]
+
+    def take(self) -> socket.socket:
+        """The socket to listen on, from then on the server's: its ``close`` closes it.
+
+        A server stopped on purpose and started again binds the port anew:
+        something may have taken it while it was down, a window that "back on
+        the same port" cannot do without.
+        """
+        held, self._held = self._held, None
+        return held if held is not None else _bind(self.port)
+
+    def socket_factory(self, host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+        """``take``, in the form aiohttp's ``BaseTestServer`` calls (give the server ``port=self.port`` too)."""
+        if (host, port, family) != (_LOOPBACK, self.port, socket.AF_INET):
+            raise ValueError(f"a server on {host}:{port} asked for the socket of {_LOOPBACK}:{self.port}")
+        return self.take()
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def free_port() -> int:
-    """A loopback port free when asked, for a server started next (``refused_port``: one kept shut)."""
+    """A loopback port free when asked, for a server another program starts and binds itself.
+
+    It may be taken before that server binds it; a server of ours takes a
+    ``HeldPort`` instead (``refused_port``: one kept shut).
+    """
     return free_ports(1)[0]
 
 
