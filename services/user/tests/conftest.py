@@ -7,8 +7,8 @@ to an app served by aiohttp's test server, kept out of Consul.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import aiopg
 import psycopg2
@@ -71,8 +71,19 @@ async def client(aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Po
     return await aiohttp_client(create_app(settings, register=False))
 
 
-Register = Callable[..., Awaitable[dict[str, Any]]]
-Login = Callable[..., Awaitable[dict[str, Any]]]
+class Register(Protocol):
+    """``register(username, email, password)``: the new account's profile, as the API answers it."""
+
+    async def __call__(self, username: str = ..., email: str | None = ..., password: str = ...) -> dict[str, Any]: ...
+
+
+class Login(Protocol):
+    """``login(username, password)``: the token pair, as the API answers it."""
+
+    async def __call__(self, username: str = ..., password: str = ...) -> dict[str, Any]: ...
+
+
+Auth = Callable[[str], dict[str, str]]
 
 
 @pytest.fixture
@@ -97,7 +108,7 @@ def login(client: Client) -> Login:
 
 
 @pytest.fixture
-def auth() -> Callable[[str], dict[str, str]]:
+def auth() -> Auth:
     """``auth(token)``: the Authorization header for a bearer token."""
     return lambda token: {"Authorization": f"Bearer {token}"}
 

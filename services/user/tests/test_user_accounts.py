@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import aiopg
@@ -11,10 +12,12 @@ from argon2 import PasswordHasher
 
 from user_service.openapi import document
 
+from .conftest import Auth, Client, Login, Register
+
 PASSWORD = "a long and unusual passphrase"
 
 
-async def test_registration_returns_the_public_profile(client: Any) -> None:
+async def test_registration_returns_the_public_profile(client: Client) -> None:
     response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": PASSWORD})
     assert response.status == 201
     body = await response.json()
@@ -22,7 +25,7 @@ async def test_registration_returns_the_public_profile(client: Any) -> None:
     assert (body["username"], body["email"], body["display_name"]) == ("ada", "ada@example.com", "ada")
 
 
-async def test_passwords_are_stored_as_argon2id_hashes(register: Any, db: aiopg.Pool) -> None:
+async def test_passwords_are_stored_as_argon2id_hashes(register: Register, db: aiopg.Pool) -> None:
     user = await register()
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
@@ -61,7 +64,7 @@ async def test_passwords_are_stored_as_argon2id_hashes(register: Any, db: aiopg.
         ({"username": 7, "email": "ada@example.com", "password": PASSWORD}, "username"),
     ],
 )
-async def test_invalid_registrations_name_the_field(client: Any, body: dict[str, Any], field: str) -> None:
+async def test_invalid_registrations_name_the_field(client: Client, body: dict[str, Any], field: str) -> None:
     response = await client.post("/users", json=body)
     assert response.status == 422
     assert response.content_type == "application/problem+json"
@@ -71,14 +74,14 @@ async def test_invalid_registrations_name_the_field(client: Any, body: dict[str,
 
 
 @pytest.mark.parametrize("password", ["k3#Lq9!z", "q" * 64 + "w" * 64])  # 8 and 128 characters, the bounds
-async def test_passwords_at_the_length_bounds_are_taken(client: Any, password: str) -> None:
+async def test_passwords_at_the_length_bounds_are_taken(client: Client, password: str) -> None:
     response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": password})
     assert response.status == 201, await response.text()
     login = await client.post("/auth/login", json={"username": "ada", "password": password})
     assert login.status == 200
 
 
-async def test_a_password_logs_in_whichever_unicode_form_it_is_typed_in(client: Any) -> None:
+async def test_a_password_logs_in_whichever_unicode_form_it_is_typed_in(client: Client) -> None:
     composed, decomposed = "caf\u00e9 au lait, sans sucre", "cafe\u0301 au lait, sans sucre"
     body = {"username": "ada", "email": "ada@example.com", "password": composed}
     assert (await client.post("/users", json=body)).status == 201
@@ -86,12 +89,12 @@ async def test_a_password_logs_in_whichever_unicode_form_it_is_typed_in(client: 
     assert login.status == 200
 
 
-async def test_argon2_never_runs_on_the_event_loop(client: Any, monkeypatch: Any) -> None:
+async def test_argon2_never_runs_on_the_event_loop(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []
     for name in ("hash", "verify"):
         original = getattr(PasswordHasher, name)
 
-        def spy(self: Any, *args: Any, __original: Any = original, __name: str = name) -> Any:
+        def spy(self: PasswordHasher, *args: Any, __original: Callable[..., Any] = original, __name: str = name) -> Any:
             threads.append(f"{__name} in {threading.current_thread().name}")
             return __original(self, *args)
 
@@ -104,7 +107,7 @@ async def test_argon2_never_runs_on_the_event_loop(client: Any, monkeypatch: Any
     assert not [entry for entry in threads if entry.endswith(f" in {loop_thread}")], threads
 
 
-async def test_usernames_and_emails_are_unique_whatever_their_case(client: Any, register: Any) -> None:
+async def test_usernames_and_emails_are_unique_whatever_their_case(client: Client, register: Register) -> None:
     await register("ada", "ada@example.com")
     for username, email in [("ADA", "other@example.com"), ("grace", "Ada@Example.COM")]:
         response = await client.post("/users", json={"username": username, "email": email, "password": PASSWORD})
@@ -112,7 +115,7 @@ async def test_usernames_and_emails_are_unique_whatever_their_case(client: Any, 
         assert (await response.json())["code"] == "ACCOUNT_EXISTS"
 
 
-async def test_an_oversized_body_is_refused_with_413(client: Any) -> None:
+async def test_an_oversized_body_is_refused_with_413(client: Client) -> None:
     body = {"username": "ada", "email": "ada@example.com", "password": PASSWORD, "display_name": "x" * 70_000}
     response = await client.post("/users", json=body)
     assert response.status == 413
@@ -150,10 +153,10 @@ BODY_OPERATIONS = [
     ],
 )
 async def test_the_openapi_document_lists_what_an_unreadable_body_gets(
-    client: Any,
-    register: Any,
-    login: Any,
-    auth: Any,
+    client: Client,
+    register: Register,
+    login: Login,
+    auth: Auth,
     method: str,
     path: str,
     headers: dict[str, str],
@@ -173,13 +176,13 @@ async def test_the_openapi_document_lists_what_an_unreadable_body_gets(
     assert described[str(status)]["description"].startswith(f"{code}:")
 
 
-async def test_me_needs_a_token(client: Any) -> None:
+async def test_me_needs_a_token(client: Client) -> None:
     response = await client.get("/users/me")
     assert response.status == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-async def test_every_401_carries_a_challenge(client: Any, register: Any) -> None:
+async def test_every_401_carries_a_challenge(client: Client, register: Register) -> None:
     # RFC 9110: a 401 must say how to authenticate; RFC 6750 names the error.
     response = await client.get("/users/me", headers={"Authorization": "Bearer not-a-token"})
     assert response.status == 401
@@ -190,7 +193,7 @@ async def test_every_401_carries_a_challenge(client: Any, register: Any) -> None
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-async def test_me_returns_the_callers_profile(client: Any, register: Any, login: Any, auth: Any) -> None:
+async def test_me_returns_the_callers_profile(client: Client, register: Register, login: Login, auth: Auth) -> None:
     user = await register()
     tokens = await login()
     response = await client.get("/users/me", headers=auth(tokens["access_token"]))
@@ -198,7 +201,9 @@ async def test_me_returns_the_callers_profile(client: Any, register: Any, login:
     assert await response.json() == user
 
 
-async def test_patch_me_changes_display_name_and_email(client: Any, register: Any, login: Any, auth: Any) -> None:
+async def test_patch_me_changes_display_name_and_email(
+    client: Client, register: Register, login: Login, auth: Auth
+) -> None:
     await register()
     headers = auth((await login())["access_token"])
     response = await client.patch(
@@ -215,7 +220,7 @@ async def test_patch_me_changes_display_name_and_email(client: Any, register: An
     [{"username": "root"}, {"password": "another long passphrase"}, {"display_name": ""}, {}, {"email": 1}],
 )
 async def test_patch_me_refuses_unknown_or_invalid_fields(
-    client: Any, register: Any, login: Any, auth: Any, body: dict[str, Any]
+    client: Client, register: Register, login: Login, auth: Auth, body: dict[str, Any]
 ) -> None:
     await register()
     response = await client.patch("/users/me", json=body, headers=auth((await login())["access_token"]))
@@ -223,7 +228,9 @@ async def test_patch_me_refuses_unknown_or_invalid_fields(
     assert (await response.json())["code"] == "VALIDATION_FAILED"
 
 
-async def test_patch_me_to_a_taken_email_is_a_conflict(client: Any, register: Any, login: Any, auth: Any) -> None:
+async def test_patch_me_to_a_taken_email_is_a_conflict(
+    client: Client, register: Register, login: Login, auth: Auth
+) -> None:
     await register("ada")
     await register("grace")
     response = await client.patch(
@@ -234,7 +241,7 @@ async def test_patch_me_to_a_taken_email_is_a_conflict(client: Any, register: An
 
 
 async def test_a_user_may_read_their_own_profile_by_id_but_no_other(
-    client: Any, register: Any, login: Any, auth: Any
+    client: Client, register: Register, login: Login, auth: Auth
 ) -> None:
     ada = await register("ada")
     grace = await register("grace")
@@ -249,7 +256,9 @@ async def test_a_user_may_read_their_own_profile_by_id_but_no_other(
         assert other.status == 403, spelling
 
 
-async def test_profiles_never_contain_the_password_hash(client: Any, register: Any, login: Any, auth: Any) -> None:
+async def test_profiles_never_contain_the_password_hash(
+    client: Client, register: Register, login: Login, auth: Auth
+) -> None:
     ada = await register()
     headers = auth((await login())["access_token"])
     for path in ("/users/me", f"/users/{ada['id']}"):
@@ -258,7 +267,7 @@ async def test_profiles_never_contain_the_password_hash(client: Any, register: A
         assert "password" not in text
 
 
-async def test_openapi_describes_every_route(client: Any) -> None:
+async def test_openapi_describes_every_route(client: Client) -> None:
     response = await client.get("/openapi.json")
     assert response.status == 200
     served = await response.json()

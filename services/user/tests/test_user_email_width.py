@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
 
 import aiopg
 import psycopg2
@@ -15,7 +14,7 @@ import pytest
 from user_service.app import MIGRATIONS
 from user_service.validation import WIDTH_MAPPING
 
-from .conftest import run_again, store_email, stored_email
+from .conftest import Auth, Client, Login, Register, run_again, store_email, stored_email
 
 PASSWORD = "a long and unusual passphrase"
 EMAILS_WIDTH_MAPPED = MIGRATIONS[0] / "0011_users_email_width.sql"
@@ -39,7 +38,7 @@ def test_the_migration_maps_with_the_same_table() -> None:
 
 
 async def test_an_email_typed_in_full_width_is_the_address_it_stands_for(
-    client: Any, register: Any, login: Any
+    client: Client, register: Register, login: Login
 ) -> None:
     john = await register("john", WIDE_JOHN)
     assert john["email"] == "john@example.com"
@@ -52,14 +51,14 @@ async def test_an_email_typed_in_full_width_is_the_address_it_stands_for(
     assert (await response.json())["code"] == "ACCOUNT_EXISTS"
 
 
-async def test_a_half_width_voiced_kana_is_composed_after_it_is_mapped(register: Any) -> None:
+async def test_a_half_width_voiced_kana_is_composed_after_it_is_mapped(register: Register) -> None:
     # Half-width "ｶﾞ" is two characters; mapped, they compose into "ガ".
     ga = await register("gaga", "\uff76\uff9e@example.com")
     assert ga["email"] == "\u30ac@example.com"
 
 
 async def test_an_email_changed_to_full_width_is_stored_mapped(
-    client: Any, register: Any, login: Any, auth: Any
+    client: Client, register: Register, login: Login, auth: Auth
 ) -> None:
     await register("ada")
     token = (await login("ada"))["access_token"]
@@ -69,7 +68,7 @@ async def test_an_email_changed_to_full_width_is_stored_mapped(
 
 
 async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stays_taken(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     john = await register("john", "john-for-now@example.com")
     untouched = await register("ada", "\uff41\uff44\uff41-is-not-stored-wide@example.com")  # mapped at sign-up
@@ -88,7 +87,7 @@ async def test_a_full_width_email_stored_before_is_mapped_so_it_logs_in_and_stay
 
 
 async def test_emails_that_become_one_address_stop_the_migration_naming_their_accounts(
-    register: Any, db: aiopg.Pool
+    register: Register, db: aiopg.Pool
 ) -> None:
     john = await register("john", "John@example.com")
     wide = await register("wide", "wide-for-now@example.com")
@@ -104,7 +103,9 @@ async def test_emails_that_become_one_address_stop_the_migration_naming_their_ac
     assert await stored_email(db, wide["id"]) == WIDE_JOHN
 
 
-async def test_an_email_that_mapping_would_make_no_address_stops_the_migration(register: Any, db: aiopg.Pool) -> None:
+async def test_an_email_that_mapping_would_make_no_address_stops_the_migration(
+    register: Register, db: aiopg.Pool
+) -> None:
     # A full-width "@" in the local part passed the old pattern; mapped, it is a second "@".
     odd = await register("odd", "odd-for-now@example.com")
     grace = await register("grace")

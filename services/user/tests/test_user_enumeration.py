@@ -5,16 +5,18 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from typing import Any
 
 import aiopg
+import pytest
+
+from .conftest import Client, Login, Register
 
 PASSWORD = "a long and unusual passphrase"
 TRIES = 200
 ACCOUNTS = 25  # 8 wrong passwords each stay under the 10-failure lock
 
 
-async def test_duplicate_username_and_duplicate_email_get_the_same_answer(client: Any, register: Any) -> None:
+async def test_duplicate_username_and_duplicate_email_get_the_same_answer(client: Client, register: Register) -> None:
     await register("ada", "ada@example.com")
     answers = []
     for body in (
@@ -27,7 +29,7 @@ async def test_duplicate_username_and_duplicate_email_get_the_same_answer(client
     assert answers[0][0] == 409
 
 
-async def test_unknown_user_and_wrong_password_get_the_same_answer(client: Any, register: Any) -> None:
+async def test_unknown_user_and_wrong_password_get_the_same_answer(client: Client, register: Register) -> None:
     await register("ada")
     answers = []
     for username in ("ada", "nobody"):
@@ -38,7 +40,7 @@ async def test_unknown_user_and_wrong_password_get_the_same_answer(client: Any, 
 
 
 async def test_every_kind_of_bad_refresh_token_gets_the_same_answer(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     await register()
     spent = (await login())["refresh_token"]
@@ -57,7 +59,9 @@ async def test_every_kind_of_bad_refresh_token_gets_the_same_answer(
     assert answers.pop()[0] == 401
 
 
-async def test_a_wrong_password_takes_as_long_as_an_unknown_user(client: Any, register: Any, capsys: Any) -> None:
+async def test_a_wrong_password_takes_as_long_as_an_unknown_user(
+    client: Client, register: Register, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Production argon2 parameters, interleaved tries, compare medians."""
     names = [f"user{n:02}" for n in range(ACCOUNTS)]
     for name in names:

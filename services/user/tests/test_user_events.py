@@ -7,18 +7,22 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aio_pika
+import aiopg
 import jsonschema
 import pytest
+import redis.asyncio as aioredis
 import yaml
 from aio_pika.abc import AbstractQueue
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import OUTBOX_COMMITTED
 from user_service.app import create_app
 from user_service.settings import Settings
+
+from .conftest import Client, Register
 
 PASSWORD = "a long and unusual passphrase"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
@@ -47,7 +51,7 @@ async def next_event(queue: AbstractQueue) -> Event:
 
 
 async def test_registration_publishes_user_registered_with_the_request_id(
-    client: Any, registrations: AbstractQueue
+    client: Client, registrations: AbstractQueue
 ) -> None:
     body = {"username": "ada", "email": "ada@example.com", "password": PASSWORD, "display_name": "Ada"}
     response = await client.post("/users", json=body, headers={"X-Request-ID": "req-register-ada"})
@@ -61,7 +65,7 @@ async def test_registration_publishes_user_registered_with_the_request_id(
 
 
 async def test_user_registered_matches_its_asyncapi_contract(
-    client: Any, register: Any, registrations: AbstractQueue
+    client: Client, register: Register, registrations: AbstractQueue
 ) -> None:
     await register("ada")
     event = await next_event(registrations)
@@ -71,7 +75,7 @@ async def test_user_registered_matches_its_asyncapi_contract(
 
 
 async def test_a_refused_registration_publishes_nothing(
-    client: Any, register: Any, registrations: AbstractQueue
+    client: Client, register: Register, registrations: AbstractQueue
 ) -> None:
     await register("ada")
     first = await next_event(registrations)
@@ -96,7 +100,7 @@ class CountedSets(asyncio.Event):
 
 
 async def test_a_registration_wakes_the_outbox_relay_once_committed(
-    aiohttp_client: Any, settings: Any, db: Any, redis: Any
+    aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis
 ) -> None:
     app = create_app(settings, register=False)
     app[OUTBOX_COMMITTED] = committed = CountedSets()

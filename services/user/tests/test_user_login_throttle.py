@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
 
+import aiopg
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import ClientResponse
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.settings import SettingsError
 from user_service.app import create_app
 from user_service.keys import PASSWORD_SLOTS
-from user_service.settings import ThrottlePolicy
+from user_service.settings import Settings, ThrottlePolicy
+
+from .conftest import Client, Register
 
 PASSWORD = "a long and unusual passphrase"
 
 
-async def attempt(client: Any, username: str, password: str) -> Any:
+async def attempt(client: Client, username: str, password: str) -> ClientResponse:
     return await client.post("/auth/login", json={"username": username, "password": password})
 
 
 async def test_ten_failures_lock_the_account_on_every_instance_and_no_other(
-    aiohttp_client: Any, settings: Any, client: Any, register: Any
+    aiohttp_client: AiohttpClient, settings: Settings, client: Client, register: Register
 ) -> None:
     other_instance = await aiohttp_client(create_app(settings, register=False))
     await register("ada")
@@ -41,14 +46,14 @@ async def test_ten_failures_lock_the_account_on_every_instance_and_no_other(
     assert (await attempt(client, "grace", PASSWORD)).status == 200
 
 
-async def test_concurrent_guesses_never_check_more_than_ten_passwords(client: Any, register: Any) -> None:
+async def test_concurrent_guesses_never_check_more_than_ten_passwords(client: Client, register: Register) -> None:
     await register("ada")
     statuses = [r.status for r in await asyncio.gather(*(attempt(client, "ada", f"guess {n:04}") for n in range(30)))]
     assert statuses.count(401) == 10
     assert statuses.count(429) == 20
 
 
-async def test_successful_logins_do_not_count(client: Any, register: Any) -> None:
+async def test_successful_logins_do_not_count(client: Client, register: Register) -> None:
     await register("ada")
     for _ in range(9):
         assert (await attempt(client, "ada", "wrong password!")).status == 401
@@ -58,12 +63,12 @@ async def test_successful_logins_do_not_count(client: Any, register: Any) -> Non
     assert (await attempt(client, "ada", PASSWORD)).status == 429
 
 
-async def test_unknown_names_are_throttled_like_real_ones(client: Any) -> None:
+async def test_unknown_names_are_throttled_like_real_ones(client: Client) -> None:
     statuses = [(await attempt(client, "nobody", "wrong password!")).status for _ in range(11)]
     assert statuses == [401] * 10 + [429]
 
 
-async def test_every_name_of_an_account_counts_against_the_account(client: Any, register: Any) -> None:
+async def test_every_name_of_an_account_counts_against_the_account(client: Client, register: Register) -> None:
     # Ten guesses in all, whichever name each one used: not ten per spelling.
     await register("ada", email="ada@example.com")
     names = ["ada", "ada@example.com", "ADA", " Ada@Example.com "]
@@ -73,7 +78,9 @@ async def test_every_name_of_an_account_counts_against_the_account(client: Any, 
         assert (await attempt(client, name, PASSWORD)).status == 429, name
 
 
-async def test_a_spelling_postgres_folds_onto_a_name_shares_its_count_known_or_not(client: Any, register: Any) -> None:
+async def test_a_spelling_postgres_folds_onto_a_name_shares_its_count_known_or_not(
+    client: Client, register: Register
+) -> None:
     # PostgreSQL lowers "İ" to "i", Python to "i̇". Counted under Python's
     # fold, an unknown name's "İ" spelling had a count of its own, where a
     # known name's shared its account's: a 401 against a 429 told them apart.
@@ -85,7 +92,7 @@ async def test_a_spelling_postgres_folds_onto_a_name_shares_its_count_known_or_n
 
 
 async def test_a_login_that_waits_too_long_for_the_hasher_is_a_503(
-    aiohttp_client: Any, settings: Any, db: Any, redis: Any
+    aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis
 ) -> None:
     passwords = dataclasses.replace(settings.passwords, queue_seconds=0.2)
     client = await aiohttp_client(create_app(dataclasses.replace(settings, passwords=passwords), register=False))
@@ -109,7 +116,7 @@ async def test_a_login_that_waits_too_long_for_the_hasher_is_a_503(
 
 
 async def test_the_window_slides_so_no_window_holds_more_than_ten_checked_passwords(
-    aiohttp_client: Any, settings: Any, register: Any
+    aiohttp_client: AiohttpClient, settings: Settings, register: Register
 ) -> None:
     # A fixed window, counted from the first failure and reset at its end,
     # checked nineteen passwords in two seconds here: one at its start, nine

@@ -7,7 +7,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiopg
 import psycopg2
@@ -18,7 +17,7 @@ from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
 from user_service.settings import Settings
 
-from .conftest import run_again, store_email, stored_email
+from .conftest import Client, Login, Register, run_again, store_email, stored_email
 
 PASSWORD = "a long and unusual passphrase"
 EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
@@ -93,7 +92,7 @@ async def test_a_missing_migration_folder_is_refused_before_anything_runs(scratc
     assert await tables(scratch) == []
 
 
-async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Any, tmp_path: Path) -> None:
+async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Settings, tmp_path: Path) -> None:
     # A pool whose statements time out after 0.3 s, as requests' do after 10:
     # waiting 0.6 s for another instance's lock, then a 0.6 s migration.
     (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(0.6); CREATE TABLE slow (id int);")
@@ -124,14 +123,14 @@ async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Any
             await cur.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-async def waits_for_advisory_lock(cur: Any) -> bool:
+async def waits_for_advisory_lock(cur: aiopg.Cursor) -> bool:
     await cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
     row = await cur.fetchone()
     return bool(row and row[0])
 
 
 async def test_a_migration_that_times_out_reports_the_timeout(
-    scratch: aiopg.Pool, tmp_path: Path, monkeypatch: Any
+    scratch: aiopg.Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # aiopg closes the connection of a statement past its timeout; the
     # ROLLBACK that follows fails on it, and must not replace the timeout.
@@ -142,7 +141,7 @@ async def test_a_migration_that_times_out_reports_the_timeout(
 
 
 async def test_an_email_stored_decomposed_is_composed_so_it_logs_in_and_stays_taken(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     decomposed, composed = "jose\u0301@example.com", "jos\u00e9@example.com"
     jose = await register("jose", "jose-for-now@example.com")
@@ -159,7 +158,7 @@ async def test_an_email_stored_decomposed_is_composed_so_it_logs_in_and_stays_ta
 
 
 async def test_emails_that_become_one_address_stop_the_migration_naming_their_accounts(
-    register: Any, db: aiopg.Pool
+    register: Register, db: aiopg.Pool
 ) -> None:
     # Case apart too: the unique index is on lower(email). Only ASCII letters
     # differ in case, which PostgreSQL folds whatever the database's locale.

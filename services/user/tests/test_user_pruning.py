@@ -7,15 +7,17 @@ import dataclasses
 import hashlib
 import uuid
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiopg
 import pytest
+import redis.asyncio as aioredis
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.pruning import DAY, Pruned, PruneSettings, prune, prune_batch
 from user_service.app import create_app
 from user_service.refresh_tokens import RefreshTokenRejected, issue, prune_families, rotate
-from user_service.settings import TokenPolicy
+from user_service.settings import Settings, TokenPolicy
 
 HOUR = 3600
 
@@ -127,7 +129,7 @@ async def test_a_batch_deletes_no_more_than_its_limit_when_a_chain_ends_with_its
 
 
 async def test_the_service_prunes_tokens_and_events_every_interval(
-    aiohttp_client: Any, settings: Any, db: aiopg.Pool, redis: Any
+    aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis
 ) -> None:
     user = await add_user(db)
     ended = await add_family(db, user, [-9 * DAY])

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.testing import refused_port
 from user_service.app import create_app
+from user_service.settings import Settings
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, Auth, Client, Login, Register
 
 
 @pytest.fixture
@@ -26,7 +27,13 @@ def refused_url() -> Iterator[str]:
 
 
 async def test_without_redis_logins_are_503_and_the_rest_goes_on(
-    aiohttp_client: Any, settings: Any, client: Any, register: Any, login: Any, auth: Any, refused_url: str
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    client: Client,
+    register: Register,
+    login: Login,
+    auth: Auth,
+    refused_url: str,
 ) -> None:
     await register("ada")
     session = await login("ada")  # while Redis is there

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiopg
 import pytest
@@ -16,6 +16,8 @@ import pytest
 from mesh_common.pruning import prune
 from user_service.refresh_tokens import RefreshTokenRejected, prune_families, rotate
 from user_service.settings import Settings
+
+from .conftest import Client, Login, Register
 
 MINUTE = 60
 TTL = 60 * MINUTE
@@ -67,14 +69,14 @@ async def update_family(db: aiopg.Pool, token: str, assignments: str) -> None:
         )
 
 
-async def refresh(client: Any, token: str) -> str:
+async def refresh(client: Client, token: str) -> str:
     response = await client.post("/auth/refresh", json={"refresh_token": token})
     assert response.status == 200, await response.text()
     return str((await response.json())["refresh_token"])
 
 
 @pytest.fixture
-async def refreshed_all_along(client: Any, register: Any, login: Any, db: aiopg.Pool) -> str:
+async def refreshed_all_along(client: Client, register: Register, login: Login, db: aiopg.Pool) -> str:
     """A session logged in 160 minutes ago and refreshed every 40: its newest token, of five."""
     await register()
     token = (await login())["refresh_token"]
@@ -85,7 +87,7 @@ async def refreshed_all_along(client: Any, register: Any, login: Any, db: aiopg.
 
 
 async def test_a_login_starts_a_session_that_ends_refresh_session_max_later(
-    register: Any, login: Any, db: aiopg.Pool
+    register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     await register()
     await login()
@@ -95,7 +97,9 @@ async def test_a_login_starts_a_session_that_ends_refresh_session_max_later(
     assert root.expires_at - root.created_at == timedelta(seconds=TTL)
 
 
-async def test_a_child_never_outlives_its_session(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+async def test_a_child_never_outlives_its_session(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
     await register()
     token = (await login())["refresh_token"]
     # Ten minutes before the session's end (and so the token's).
@@ -128,7 +132,7 @@ async def test_every_child_inherits_its_familys_session_end(
 
 
 async def test_a_refresh_after_its_session_ended_gets_the_expired_token_answer_and_revokes_nothing(
-    client: Any, settings: Settings, register: Any, login: Any, db: aiopg.Pool
+    client: Client, settings: Settings, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     await register()
     ended = (await login())["refresh_token"]
@@ -157,7 +161,7 @@ async def test_a_refresh_after_its_session_ended_gets_the_expired_token_answer_a
 
 
 async def test_a_family_from_before_session_ends_gets_one_at_its_next_rotation(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     await register()
     token = (await login())["refresh_token"]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import aiopg
 import jwt
 import pytest
+import redis.asyncio as aioredis
 from argon2 import PasswordHasher
+from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import VERIFIER, JwksVerifier
 from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
+from user_service.settings import Settings
 from user_service.signing_keys import (
     NEXT_KEY_MIN_AGE,
     KeyChangeRefused,
@@ -24,17 +27,19 @@ from user_service.signing_keys import (
     rotate_keys,
 )
 
+from .conftest import Auth, Client, Login, Register
+
 PASSWORD = "a long and unusual passphrase"
 SERVICE_SECRET = "notification-secret-0123456789"
 
 
-async def test_login_accepts_the_username_or_the_email_in_any_case(register: Any, login: Any) -> None:
+async def test_login_accepts_the_username_or_the_email_in_any_case(register: Register, login: Login) -> None:
     await register("ada", "ada@example.com")
     for name in ("ada", "ADA", "Ada@Example.com"):
         assert (await login(name))["token_type"] == "Bearer"
 
 
-async def test_access_tokens_are_short_lived_eddsa_jwts(client: Any, register: Any, login: Any) -> None:
+async def test_access_tokens_are_short_lived_eddsa_jwts(client: Client, register: Register, login: Login) -> None:
     user = await register()
     tokens = await login()
     header = jwt.get_unverified_header(tokens["access_token"])
@@ -48,7 +53,7 @@ async def test_access_tokens_are_short_lived_eddsa_jwts(client: Any, register: A
     assert "." not in tokens["refresh_token"]  # opaque, not a JWT
 
 
-async def test_the_jwks_publishes_only_public_ed25519_keys(client: Any) -> None:
+async def test_the_jwks_publishes_only_public_ed25519_keys(client: Client) -> None:
     jwks = await (await client.get("/.well-known/jwks.json")).json()
     assert len(jwks["keys"]) == 2  # the active key, and the next one
     for key in jwks["keys"]:
@@ -56,7 +61,9 @@ async def test_the_jwks_publishes_only_public_ed25519_keys(client: Any) -> None:
         assert "d" not in key
 
 
-async def test_refresh_rotates_the_pair_and_spends_the_old_token(client: Any, register: Any, login: Any) -> None:
+async def test_refresh_rotates_the_pair_and_spends_the_old_token(
+    client: Client, register: Register, login: Login
+) -> None:
     await register()
     first = await login()
     response = await client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
@@ -67,7 +74,9 @@ async def test_refresh_rotates_the_pair_and_spends_the_old_token(client: Any, re
     assert response.headers["Cache-Control"] == "no-store"
 
 
-async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(client: Any, register: Any, login: Any) -> None:
+async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(
+    client: Client, register: Register, login: Login
+) -> None:
     await register()
     first = (await login())["refresh_token"]
     second = (await (await client.post("/auth/refresh", json={"refresh_token": first})).json())["refresh_token"]
@@ -81,7 +90,7 @@ async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(client: An
     assert response.status == 401
 
 
-async def test_other_sessions_survive_a_revoked_family(client: Any, register: Any, login: Any) -> None:
+async def test_other_sessions_survive_a_revoked_family(client: Client, register: Register, login: Login) -> None:
     await register()
     phone, laptop = (await login())["refresh_token"], (await login())["refresh_token"]
     await client.post("/auth/refresh", json={"refresh_token": phone})
@@ -89,7 +98,7 @@ async def test_other_sessions_survive_a_revoked_family(client: Any, register: An
     assert (await client.post("/auth/refresh", json={"refresh_token": laptop})).status == 200
 
 
-async def test_logout_revokes_the_family(client: Any, register: Any, login: Any) -> None:
+async def test_logout_revokes_the_family(client: Client, register: Register, login: Login) -> None:
     await register()
     first = (await login())["refresh_token"]
     second = (await (await client.post("/auth/refresh", json={"refresh_token": first})).json())["refresh_token"]
@@ -115,7 +124,7 @@ async def until_waiting(db: aiopg.Pool, count: int) -> None:
 
 
 async def test_a_logout_racing_a_refresh_leaves_no_token_of_the_family_alive(
-    client: Any, register: Any, login: Any, db: aiopg.Pool, settings: Any
+    client: Client, register: Register, login: Login, db: aiopg.Pool, settings: Settings
 ) -> None:
     # The refresh reaches the token first and has to wait for it (a third
     # connection holds its row); the logout comes while it waits. Whichever
@@ -150,7 +159,9 @@ async def test_a_logout_racing_a_refresh_leaves_no_token_of_the_family_alive(
         assert await cur.fetchone() == (0,)
 
 
-async def test_an_expired_refresh_token_is_refused(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+async def test_an_expired_refresh_token_is_refused(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
     await register()
     token = (await login())["refresh_token"]
     async with db.acquire() as conn, conn.cursor() as cur:
@@ -158,7 +169,7 @@ async def test_an_expired_refresh_token_is_refused(client: Any, register: Any, l
     assert (await client.post("/auth/refresh", json={"refresh_token": token})).status == 401
 
 
-async def test_refresh_tokens_are_stored_hashed(register: Any, login: Any, db: aiopg.Pool) -> None:
+async def test_refresh_tokens_are_stored_hashed(register: Register, login: Login, db: aiopg.Pool) -> None:
     await register()
     token = (await login())["refresh_token"]
     async with db.acquire() as conn, conn.cursor() as cur:
@@ -187,7 +198,7 @@ class HashParameters(TypedDict):
     ids=["weaker", "other lanes"],
 )
 async def test_an_old_hash_is_rehashed_at_login(
-    client: Any, register: Any, login: Any, db: aiopg.Pool, old: HashParameters
+    client: Client, register: Register, login: Login, db: aiopg.Pool, old: HashParameters
 ) -> None:
     user = await register()
     async with db.acquire() as conn, conn.cursor() as cur:
@@ -202,7 +213,7 @@ async def test_an_old_hash_is_rehashed_at_login(
 
 
 async def test_a_hash_of_a_password_as_typed_before_normalization_still_logs_in_and_is_rehashed(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     typed = "cafe\u0301 au lait, sans sucre"  # a decomposed "é", hashed as it came before NFKC
     user = await register()
@@ -218,7 +229,9 @@ async def test_a_hash_of_a_password_as_typed_before_normalization_still_logs_in_
     await login(password=typed)
 
 
-async def test_services_get_a_users_read_token_and_may_read_any_profile(client: Any, register: Any, auth: Any) -> None:
+async def test_services_get_a_users_read_token_and_may_read_any_profile(
+    client: Client, register: Register, auth: Auth
+) -> None:
     ada = await register()
     response = await client.post(
         "/auth/service-token", json={"client_id": "notification-service", "client_secret": SERVICE_SECRET}
@@ -242,7 +255,7 @@ async def test_services_get_a_users_read_token_and_may_read_any_profile(client: 
     assert (await client.get("/users/me", headers=auth(issued["access_token"]))).status == 403
 
 
-async def test_wrong_client_credentials_are_refused(client: Any) -> None:
+async def test_wrong_client_credentials_are_refused(client: Client) -> None:
     for body in (
         {"client_id": "notification-service", "client_secret": "wrong-secret-0123456789"},
         {"client_id": "stranger", "client_secret": SERVICE_SECRET},
@@ -253,7 +266,7 @@ async def test_wrong_client_credentials_are_refused(client: Any) -> None:
 
 
 async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
-    client: Any, register: Any, login: Any, auth: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, auth: Auth, db: aiopg.Pool
 ) -> None:
     await register()
     old_token = (await login())["access_token"]
@@ -281,7 +294,11 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_retired(
 
 
 async def test_the_refresher_follows_a_rotation_made_elsewhere_reading_the_keys_once_a_round(
-    aiohttp_client: Any, settings: Any, db: aiopg.Pool, redis: Any, monkeypatch: Any
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    db: aiopg.Pool,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tokens = dataclasses.replace(settings.tokens, key_refresh_interval=0.05)
     client = await aiohttp_client(create_app(dataclasses.replace(settings, tokens=tokens), register=False))
@@ -313,7 +330,7 @@ async def test_the_refresher_follows_a_rotation_made_elsewhere_reading_the_keys_
 
 
 async def test_instances_starting_together_agree_on_one_signing_key(
-    aiohttp_client: Any, settings: Any, db: aiopg.Pool, redis: Any
+    aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Pool, redis: aioredis.Redis
 ) -> None:
     clients = await asyncio.gather(*(aiohttp_client(create_app(settings, register=False)) for _ in range(3)))
     documents = [await (await c.get("/.well-known/jwks.json")).json() for c in clients]
@@ -324,7 +341,7 @@ async def test_instances_starting_together_agree_on_one_signing_key(
         assert await cur.fetchall() == [("active", 1), ("next", 1)]
 
 
-async def test_a_rotation_with_no_next_key_is_refused_unless_forced(client: Any, db: aiopg.Pool) -> None:
+async def test_a_rotation_with_no_next_key_is_refused_unless_forced(client: Client, db: aiopg.Pool) -> None:
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("DELETE FROM signing_keys WHERE state = 'next'")
         with pytest.raises(KeyChangeRefused, match="no next key"):
@@ -334,7 +351,7 @@ async def test_a_rotation_with_no_next_key_is_refused_unless_forced(client: Any,
         assert await cur.fetchall() == [("active", True), ("next", False), ("retiring", False)]
 
 
-async def test_a_second_rotation_in_a_row_is_refused(client: Any, db: aiopg.Pool) -> None:
+async def test_a_second_rotation_in_a_row_is_refused(client: Client, db: aiopg.Pool) -> None:
     # Its next key was made a moment ago: a verifier that fetched the key set
     # just before would not know the key, and would answer its tokens 401.
     first = await rotate_keys(db, min_published=0)
@@ -345,7 +362,7 @@ async def test_a_second_rotation_in_a_row_is_refused(client: Any, db: aiopg.Pool
         assert await cur.fetchall() == [(first,)]
 
 
-async def test_a_key_that_stopped_signing_just_now_is_not_retired(client: Any, db: aiopg.Pool) -> None:
+async def test_a_key_that_stopped_signing_just_now_is_not_retired(client: Client, db: aiopg.Pool) -> None:
     old = client.app[KEY_STORE].active.kid
     new = await rotate_keys(db, min_published=0)
     with pytest.raises(KeyChangeRefused, match="stopped signing less than 630 s ago"):
@@ -365,7 +382,9 @@ async def key_states(db: aiopg.Pool) -> dict[str, str]:
         return dict(await cur.fetchall())
 
 
-async def test_rotate_keys_waits_for_instances_that_reread_the_keys_less_often(settings: Any, db: aiopg.Pool) -> None:
+async def test_rotate_keys_waits_for_instances_that_reread_the_keys_less_often(
+    settings: Settings, db: aiopg.Pool
+) -> None:
     # Published 370 s ago: past the 6 minutes that suit instances re-reading
     # the key table every 30 s. One re-reading every 120 s may have put the
     # key in its JWKS only 250 s ago, and a verifier's key set (up to 300 s
@@ -388,7 +407,9 @@ async def test_rotate_keys_waits_for_instances_that_reread_the_keys_less_often(s
     assert (await key_states(db))[next_kid] == "active"
 
 
-async def test_retire_keys_waits_for_service_tokens_that_outlive_access_tokens(settings: Any, db: aiopg.Pool) -> None:
+async def test_retire_keys_waits_for_service_tokens_that_outlive_access_tokens(
+    settings: Settings, db: aiopg.Pool
+) -> None:
     # Service tokens for 30 minutes, user tokens for the default 10: the
     # last service token the old key signed is valid until 30 minutes (and
     # the instances' re-read) after the rotation.
@@ -411,7 +432,7 @@ async def test_retire_keys_waits_for_service_tokens_that_outlive_access_tokens(s
 
 
 async def test_with_its_active_key_deleted_the_published_next_key_signs(
-    client: Any, register: Any, login: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT kid FROM signing_keys WHERE state = 'next'")
@@ -423,7 +444,7 @@ async def test_with_its_active_key_deleted_the_published_next_key_signs(
 
 
 async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(
-    client: Any, register: Any, login: Any, auth: Any, db: aiopg.Pool
+    client: Client, register: Register, login: Login, auth: Auth, db: aiopg.Pool
 ) -> None:
     await register()
     async with db.acquire() as conn, conn.cursor() as cur:
@@ -433,7 +454,9 @@ async def test_a_deleted_active_key_is_replaced_at_the_next_refresh(
     assert (await client.get("/users/me", headers=auth(token))).status == 200
 
 
-async def test_a_stronger_hash_is_kept_at_login(client: Any, register: Any, login: Any, db: aiopg.Pool) -> None:
+async def test_a_stronger_hash_is_kept_at_login(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
     # Made with more than the settings ask (say, before they were lowered):
     # a login must not quietly re-hash it with the weaker ones.
     user = await register()

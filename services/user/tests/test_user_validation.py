@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
+
+from .conftest import Auth, Client, Login, Register
 
 PASSWORD = "a long and unusual passphrase"
 SURROGATE = "\ud800"
 
 
-async def field_errors(response: Any) -> set[str]:
+async def field_errors(response: ClientResponse) -> set[str]:
     assert response.status == 422, await response.text()
     assert response.content_type == "application/problem+json"
     problem = await response.json()
@@ -37,7 +40,7 @@ def registration(**changes: Any) -> dict[str, Any]:
     ],
 )
 async def test_a_registration_with_unstorable_text_names_the_field(
-    client: Any, body: dict[str, Any], field: str
+    client: Client, body: dict[str, Any], field: str
 ) -> None:
     assert await field_errors(await client.post("/users", json=body)) == {field}
 
@@ -46,12 +49,14 @@ async def test_a_registration_with_unstorable_text_names_the_field(
     "email",
     ["alice\u200b@example.com", "ali\u202ece@example.com", "a\x01\x7f@example.com", "\x1b[31mx@example.com"],
 )
-async def test_an_email_with_invisible_or_control_characters_is_refused(client: Any, email: str) -> None:
+async def test_an_email_with_invisible_or_control_characters_is_refused(client: Client, email: str) -> None:
     # Each would be an account apart from the address it looks like.
     assert await field_errors(await client.post("/users", json=registration(email=email))) == {"email"}
 
 
-async def test_an_email_is_one_account_however_its_accents_are_composed(client: Any, register: Any, login: Any) -> None:
+async def test_an_email_is_one_account_however_its_accents_are_composed(
+    client: Client, register: Register, login: Login
+) -> None:
     decomposed, composed = "jose\u0301@example.com", "jos\u00e9@example.com"
     await register("jose", decomposed)
     assert (await login(composed))["access_token"]
@@ -71,7 +76,7 @@ async def test_an_email_is_one_account_however_its_accents_are_composed(client: 
     ],
 )
 async def test_credentials_with_unstorable_text_name_the_field(
-    client: Any, register: Any, path: str, body: dict[str, Any], field: str
+    client: Client, register: Register, path: str, body: dict[str, Any], field: str
 ) -> None:
     await register()
 
@@ -79,7 +84,7 @@ async def test_credentials_with_unstorable_text_name_the_field(
 
 
 async def test_a_profile_change_with_unstorable_text_names_the_field(
-    client: Any, register: Any, login: Any, auth: Any
+    client: Client, register: Register, login: Login, auth: Auth
 ) -> None:
     await register()
     headers = auth((await login())["access_token"])
@@ -90,7 +95,7 @@ async def test_a_profile_change_with_unstorable_text_names_the_field(
     assert (await (await client.get("/users/me", headers=headers)).json())["email"] == "ada@example.com"
 
 
-async def test_a_password_may_still_hold_nul_because_only_its_hash_is_stored(register: Any, login: Any) -> None:
+async def test_a_password_may_still_hold_nul_because_only_its_hash_is_stored(register: Register, login: Login) -> None:
     await register(password=PASSWORD + "\x00")
 
     assert (await login(password=PASSWORD + "\x00"))["access_token"]
