@@ -36,23 +36,6 @@ DEAD_GATEWAY_IP = "127.0.0.4"  # in DNS, but nothing listens: connect-failure
 SILENT_ROUTE_IDLE_S = 1
 
 
-def _free_port(*hosts: str, kinds: tuple[int, ...] = (socket.SOCK_STREAM,)) -> int:
-    """A port that is currently free on every host for every socket kind."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kinds[0]) as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for host in hosts:
-                for kind in kinds:
-                    with socket.socket(socket.AF_INET, kind) as s:
-                        s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port found")
-
-
 class _FakeGateway(BaseHTTPRequestHandler):
     paths: list[str] = []  # every path that reached a fake gateway
     posts = 0  # POSTs that reached a fake gateway; each is answered 503
@@ -86,6 +69,33 @@ class _FakeGateway(BaseHTTPRequestHandler):
         pass
 
 
+def _bind_gateways() -> tuple[list[ThreadingHTTPServer], socket.socket]:
+    """Stand-in gateways on GATEWAY_IPS, and a socket on DEAD_GATEWAY_IP that never listens, all on one port.
+
+    The port is the kernel's choice for the first gateway, and every socket is
+    kept from its bind on: a port found free and let go could be taken before
+    it is bound again. Bound without listening, the dead address refuses
+    connections as if nothing were there, and holds the port all the same.
+    """
+    for _ in range(50):
+        with contextlib.ExitStack() as bound:
+            first = ThreadingHTTPServer((GATEWAY_IPS[0], 0), _FakeGateway)
+            bound.callback(first.server_close)
+            port = first.server_address[1]
+            gateways = [first]
+            try:
+                for ip in GATEWAY_IPS[1:]:
+                    gateways.append(ThreadingHTTPServer((ip, port), _FakeGateway))
+                    bound.callback(gateways[-1].server_close)
+                dead = bound.enter_context(socket.socket())
+                dead.bind((DEAD_GATEWAY_IP, port))
+            except OSError:
+                continue  # taken on another address: let go of this port and ask again
+            bound.pop_all()
+            return gateways, dead
+    raise RuntimeError("no port free on every gateway address")
+
+
 def _serve(servers: list[socketserver.BaseServer]) -> list[threading.Thread]:
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}) for s in servers]
     for t in threads:
@@ -107,10 +117,10 @@ def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
     with all three, the dead one included.
     """
     name = f"envoy-smoke-{uuid.uuid4().hex[:8]}"
-    gateway_port = _free_port(*GATEWAY_IPS, DEAD_GATEWAY_IP)
     _FakeGateway.paths.clear()
     _FakeGateway.posts = 0
-    gateways = [ThreadingHTTPServer((ip, gateway_port), _FakeGateway) for ip in GATEWAY_IPS]
+    gateways, dead = _bind_gateways()
+    gateway_port = dead.getsockname()[1]
     threads = _serve(list(gateways))
     ids = [f"{name}-{ip}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]]
     try:
@@ -124,6 +134,7 @@ def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
         for server in gateways:
             server.shutdown()
             server.server_close()
+        dead.close()
         for t in threads:
             t.join(timeout=5)
 
