@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from devstack.config import StackConfig
-from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port, fresh_rate_window, loopback_service
+from mesh_common.testing import HeldPort, LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import Settings
@@ -188,6 +188,7 @@ async def gateway(
     redis_url = f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}"
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
+    ports = contextlib.ExitStack()  # what a gateway that failed to start never took
 
     async def make(
         service: FakeService | str,
@@ -199,9 +200,10 @@ async def gateway(
         name = service if isinstance(service, str) else service.name
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts
-        port = free_port()
+        # Known before the app is built: it registers in Consul as it starts, before it listens.
+        port = ports.enter_context(HeldPort())
         settings = Settings(
-            service=loopback_service("gateway", infra.consul_url, port=port),
+            service=loopback_service("gateway", infra.consul_url, port=port.port),
             redis_url=redis_url,
             jwt_issuer=tokens.issuer,
             jwt_audience=tokens.audience,
@@ -226,7 +228,8 @@ async def gateway(
             internal=("/api/v1/things/internal",),
         )
         app = create_app(settings, routes=table, verifier=tokens.verifier(), upstream=upstream)
-        return await aiohttp_client(ServedLikeProduction(app, port=port))
+        return await aiohttp_client(ServedLikeProduction(app, port=port.port, socket_factory=port.socket_factory))
 
     yield make
+    ports.close()
     await flusher.aclose()

@@ -8,6 +8,7 @@ gateway's own, never the client's.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ from pytest_aiohttp import AiohttpServer
 
 from devstack.config import StackConfig
 from mesh_common.settings import SettingsError
-from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port, fresh_rate_window, loopback_service
+from mesh_common.testing import HeldPort, LeavesConsulFirst, TokenFactory, fresh_rate_window, loopback_service
 from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import LOOPBACK, Settings, networks
@@ -70,13 +71,15 @@ async def gateway(
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
     tokens = TokenFactory()
+    ports = contextlib.ExitStack()  # what a gateway that failed to start never took
 
     async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts
-        port = free_port()
+        # Known before the app is built: it registers in Consul as it starts, before it listens.
+        port = ports.enter_context(HeldPort())
         settings = Settings(
-            service=loopback_service("gateway", infra.consul_url, port=port),
+            service=loopback_service("gateway", infra.consul_url, port=port.port),
             redis_url=redis_url,
             jwt_issuer=tokens.issuer,
             jwt_audience=tokens.audience,
@@ -85,9 +88,10 @@ async def gateway(
         )
         table = RouteTable(routes=(Route("/api/v1/echo", echo),), public=frozenset({("GET", PUBLIC)}), auth=frozenset())
         app = create_app(replace(settings, **overrides), routes=table, verifier=tokens.verifier())
-        return await aiohttp_client(LeavesConsulFirst(app, port=port))
+        return await aiohttp_client(LeavesConsulFirst(app, port=port.port, socket_factory=port.socket_factory))
 
     yield make
+    ports.close()
     await flusher.aclose()
 
 
