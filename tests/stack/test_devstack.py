@@ -16,7 +16,6 @@ from devstack import infra, mesh, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.ports import require_free
 from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
-from mesh_common.testing import free_ports
 
 
 def _sleeper(name: str) -> Proc:
@@ -209,17 +208,30 @@ def _envoy_segments() -> set[str]:
 
 def test_the_native_envoy_leaves_no_shared_memory_behind(tmp_path: Path) -> None:
     # With --use-dynamic-base-id, every start left a /dev/shm segment for good.
-    envoy_port, admin_port = free_ports(2)
-    ports = {"MESH_PORT_ENVOY": str(envoy_port), "MESH_PORT_ENVOY_ADMIN": str(admin_port)}
+    # Port 0, read back: ports chosen here could be taken before Envoy binds them.
+    ports = {"MESH_PORT_ENVOY": "0", "MESH_PORT_ENVOY_ADMIN": "0"}
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path), **ports}, profile="test")
+    admin_address = tmp_path / "envoy-admin-address"
     before = _envoy_segments()
-    start(cfg.run_dir, mesh.envoy(cfg))
+    start(cfg.run_dir, mesh.envoy(cfg, admin_address_path=admin_address))
     try:
-        admin = f"http://127.0.0.1:{cfg.ports.envoy_admin}/server_info"
-        wait_until(lambda: stack.get_json(admin), timeout=30, what="Envoy's admin")
+        # Read again at each try: the file is empty between Envoy creating it and writing to it.
+        wait_until(
+            lambda: stack.get_json(f"http://{admin_address.read_text()}/server_info"), timeout=30, what="Envoy's admin"
+        )
     finally:
         stop(cfg.run_dir, "envoy")
     assert _envoy_segments() - before == set()
+
+
+def test_the_stacks_envoy_keeps_its_fixed_ports(tmp_path: Path) -> None:
+    # Port 0 is for tests; `task up` prints and checks the ports it asked for.
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    proc = mesh.envoy(cfg)
+    rendered = (cfg.run_dir / "envoy.yaml").read_text()
+    assert "{ address: 127.0.0.1, port_value: 8080 }" in rendered
+    assert "{ address: 127.0.0.1, port_value: 9901 }" in rendered
+    assert "--admin-address-path" not in proc.argv
 
 
 def test_an_instance_left_running_from_older_code_is_started_again(
