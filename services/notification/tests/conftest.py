@@ -7,6 +7,7 @@ truncated, a fresh fake user-service in Consul and its own SMTP server.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -22,7 +23,7 @@ import pytest
 from devstack.config import StackConfig
 from mesh_common.db import migrate
 from mesh_common.settings import ServiceSettings
-from mesh_common.testing import LeavesConsulFirst, TokenFactory, free_port
+from mesh_common.testing import HeldPort, LeavesConsulFirst, TokenFactory
 from notification_service.app import MIGRATIONS, create_app
 from notification_service.settings import Settings, SmtpSettings
 from notification_service.topology import Topology
@@ -137,7 +138,7 @@ def settings(infra: StackConfig, topology: Topology, users: FakeUserService, smt
             name=f"notification-service-test-{uuid.uuid4().hex[:8]}",
             version="test",
             host="127.0.0.1",
-            port=free_port(),
+            port=0,  # each instance's own: see start_service
             advertise_address="127.0.0.1",
             consul_url=infra.consul_url,
             log_format="console",
@@ -159,14 +160,21 @@ def start_service(
     broker: Broker,
     tokens: TokenFactory,
     aiohttp_client: Callable[..., Awaitable[Client]],
-) -> StartService:
-    """Start the app in-process, with ``settings`` changed by keyword arguments."""
+) -> Iterator[StartService]:
+    """Start the app in-process, with ``settings`` changed by keyword arguments.
 
-    async def start(**changes: Any) -> Client:
-        app = create_app(replace(settings, **changes), verifier=tokens.verifier())
-        return await aiohttp_client(LeavesConsulFirst(app, port=settings.service.port))
+    Each call starts an instance of its own, on a port of its own, as
+    ``__main__`` does: bound before the app is built (it registers the port in
+    Consul as it starts, before it listens) and held until it listens.
+    """
+    with contextlib.ExitStack() as ports:  # closes what an instance that failed to start never took
 
-    return start
+        async def start(**changes: Any) -> Client:
+            port = ports.enter_context(HeldPort())
+            app = create_app(replace(settings, **changes).with_port(port.port), verifier=tokens.verifier())
+            return await aiohttp_client(LeavesConsulFirst(app, port=port.port, socket_factory=port.socket_factory))
+
+        yield start
 
 
 @pytest.fixture

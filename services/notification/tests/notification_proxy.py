@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh_common.testing import free_port
+from mesh_common.testing import HeldPort
 
 
 class TcpProxy:
@@ -16,19 +16,21 @@ class TcpProxy:
     """
 
     def __init__(self, target_port: int) -> None:
-        self.port = free_port()
+        self._port = HeldPort()
+        self.port = self._port.port
         self._target = target_port
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
+        self._server = await asyncio.start_server(self._relay, sock=self._port.take())
 
     async def cut(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
             await server.wait_closed()
+        self._port.close()  # never started: the port is let go all the same
         for writer in list(self._links):
             writer.transport.abort()
 

@@ -6,7 +6,8 @@
   ``notifications.events`` at the same time).
 - ``FakeUserService``: an aiohttp app answering ``POST /auth/service-token``
   and ``GET /users/{id}``, registered in the real Consul under a unique name,
-  and able to go down and come back on the same port.
+  and able to go down and come back on the same port (bound again as it
+  comes back: see ``HeldPort.take``).
 - ``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, which keeps
   what it receives with its arrival time, can answer DATA late, and can be
   stopped and restarted.
@@ -36,7 +37,7 @@ from aiohttp.test_utils import TestClient
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mesh_common.events import Event
-from mesh_common.testing import free_port
+from mesh_common.testing import HeldPort
 from notification_service.topology import Topology
 
 DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
@@ -188,7 +189,8 @@ def new_user(tag: str = "") -> dict[str, str]:
 class FakeUserService:
     def __init__(self, consul_url: str, name: str, *, secret: str = SECRET, token_ttl: int = 300) -> None:
         self.name = name
-        self.port = free_port()
+        self._port = HeldPort()
+        self.port = self._port.port
         self.users: dict[str, dict[str, str]] = {}
         self.token_requests = 0
         self.user_requests = 0
@@ -232,12 +234,13 @@ class FakeUserService:
         app.router.add_get("/users/{id}", self.get_user)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+        await web.SockSite(self._runner, self._port.take()).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._port.close()  # never started: the port is let go all the same
 
     async def register(self) -> None:
         # No health check: Consul keeps the instance listed while it is
@@ -272,7 +275,6 @@ class Received:
 
 @dataclass
 class SmtpSink:
-    port: int = field(default_factory=free_port)
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
@@ -283,6 +285,11 @@ class SmtpSink:
     smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
+    _port: HeldPort = field(default_factory=HeldPort)
+
+    @property
+    def port(self) -> int:
+        return self._port.port
 
     # aiosmtpd's hooks: handle_<SMTP verb>
     async def handle_MAIL(
@@ -319,9 +326,7 @@ class SmtpSink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _SinkSession(self, hostname="sink.test", enable_SMTPUTF8=self.smtputf8, loop=loop),
-            "127.0.0.1",
-            self.port,
-            reuse_address=True,
+            sock=self._port.take(),
         )
 
     async def stop(self) -> None:
@@ -334,6 +339,7 @@ class SmtpSink:
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._port.close()  # never started: the port is let go all the same
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
