@@ -122,6 +122,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     (tmp_path / "server.key").write_bytes(
         server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    # redis-server binds its ports itself and takes no socket it inherits: no HeldPort to hand it.
     port = free_port()
     process = start_redis(
         tmp_path,
