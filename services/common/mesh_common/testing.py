@@ -195,22 +195,9 @@ def free_port() -> int:
     It may be taken before that server binds it; a server of ours takes a
     ``HeldPort`` instead (``refused_port``: one kept shut).
     """
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` loopback ports free when asked, and never two the same.
-
-    Each is held until all are chosen: let go one at a time, the kernel may
-    hand the same port out twice.
-    """
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+    with socket.socket() as sock:
+        sock.bind((_LOOPBACK, 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
