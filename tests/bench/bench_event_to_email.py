@@ -55,12 +55,12 @@ from notification_support import (  # noqa: E402
     SECRET,
     FakeUserService,
     Management,
-    SmtpSink,
     new_user,
     private_definitions,
     registered,
     todo_event,
 )
+from smtp_sink import SmtpSink  # noqa: E402
 
 from devstack.config import StackConfig  # noqa: E402
 from devstack.stack import up_infra  # noqa: E402

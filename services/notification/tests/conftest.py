@@ -39,10 +39,10 @@ from notification_support import (
     Client,
     FakeUserService,
     Management,
-    SmtpSink,
     StartService,
     private_definitions,
 )
+from smtp_sink import SmtpSink
 
 
 @pytest.fixture(scope="session")

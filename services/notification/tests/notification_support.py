@@ -8,25 +8,20 @@
   and ``GET /users/{id}``, registered in the real Consul under a unique name,
   and able to go down and come back on the same port (bound again as it
   comes back: see ``HeldPort.take``).
-- ``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, which keeps
-  what it receives with its arrival time, can answer DATA late, and can be
-  stopped and restarted.
+
+The SMTP sink is in ``smtp_sink``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import functools
 import inspect
 import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -34,7 +29,6 @@ import aio_pika
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mesh_common.events import Event
 from mesh_common.testing import HeldPort
@@ -257,109 +251,3 @@ class FakeUserService:
         ):
             # Without a check, a failed deregistration would stay in Consul for good.
             assert resp.status == 200, await resp.text()
-
-
-# -- SMTP ---------------------------------------------------------------------------
-@dataclass
-class Received:
-    raw: bytes
-    recipients: list[str]
-    at: float  # time.time() when the end of DATA arrived
-
-    @functools.cached_property
-    def message(self) -> EmailMessage:
-        # Parsed when asked for, not on arrival: the bench times arrivals,
-        # and parsing is the costliest thing a sink does.
-        return email.message_from_bytes(self.raw, policy=email.policy.default)
-
-
-@dataclass
-class SmtpSink:
-    received: list[Received] = field(default_factory=list)
-    refuse: dict[str, str] = field(default_factory=dict)  # address -> SMTP reply
-    attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
-    refuse_sender: str | None = None  # the answer to every MAIL FROM, as from a server refusing us
-    quit_delay: float = 0.0  # seconds before the answer to QUIT
-    data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
-    data_gate: asyncio.Event | None = None  # when set, the answer to DATA waits for it
-    smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
-    _server: asyncio.AbstractServer | None = None
-    _sessions: set[_SinkSession] = field(default_factory=set)
-    _port: HeldPort = field(default_factory=HeldPort)
-
-    @property
-    def port(self) -> int:
-        return self._port.port
-
-    # aiosmtpd's hooks: handle_<SMTP verb>
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
-    ) -> str:
-        if self.refuse_sender:
-            return self.refuse_sender
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 OK"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
-    ) -> str:
-        self.attempts.append(address)
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await asyncio.sleep(self.quit_delay)
-        return "221 Bye"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.received.append(Received(envelope.original_content or b"", list(envelope.rcpt_tos), time.time()))
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)  # aiosmtpd cancels it if the client hangs up
-        if self.data_gate is not None:
-            await self.data_gate.wait()
-        return "250 Message accepted for delivery"
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _SinkSession(self, hostname="sink.test", enable_SMTPUTF8=self.smtputf8, loop=loop),
-            sock=self._port.take(),
-        )
-
-    async def stop(self) -> None:
-        """Stop listening and drop every session, as a server going down does.
-
-        On Python 3.11 closing a server leaves the connections it accepted
-        open, and ``wait_closed`` waits for none of them: a session left so
-        outlives the test's loop, and fails a later test as an unclosed socket.
-        """
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._port.close()  # never started: the port is let go all the same
-        for session in list(self._sessions):
-            if session.transport is not None:
-                session.transport.close()
-        await eventually(lambda: not self._sessions, within=5, what="the SMTP sessions closed")
-
-    def to(self, address: str) -> list[EmailMessage]:
-        return [r.message for r in self.received if address in r.recipients]
-
-
-class _SinkSession(SMTP):
-    """aiosmtpd's session, known to its sink until its connection is gone."""
-
-    def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
-        super().__init__(sink, **kwargs)
-        self._sink = sink
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sink._sessions.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._sink._sessions.discard(self)
-        super().connection_lost(error)

@@ -17,13 +17,13 @@ from notification_support import (
     Broker,
     Client,
     FakeUserService,
-    SmtpSink,
     StartService,
     eventually,
     new_user,
     registered,
     todo_event,
 )
+from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
 from notification_service.directory import Recipient

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
-from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, registered, todo_event
+from notification_support import Broker, Client, FakeUserService, eventually, new_user, registered, todo_event
+from smtp_sink import SmtpSink
 
 from mesh_common.testing import TokenFactory
 from notification_service import repository

@@ -10,7 +10,8 @@ from email.parser import BytesParser
 
 import pytest
 from aiosmtplib.email import flatten_message
-from notification_support import SmtpSink, new_user, registered
+from notification_support import new_user, registered
+from smtp_sink import SmtpSink
 
 from mesh_common.events import Event
 from mesh_common.testing import refused_port

@@ -22,13 +22,13 @@ from notification_support import (
     Client,
     FakeUserService,
     Management,
-    SmtpSink,
     StartService,
     eventually,
     new_user,
     registered,
     todo_event,
 )
+from smtp_sink import SmtpSink
 from yarl import URL
 
 from devstack.config import StackConfig

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 import aio_pika
-from notification_support import Broker, Client, SmtpSink, eventually, new_user, registered, todo_event
+from notification_support import Broker, Client, eventually, new_user, registered, todo_event
+from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
 from mesh_common.events import Event

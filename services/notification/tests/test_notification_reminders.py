@@ -11,16 +11,8 @@ from typing import Any
 
 import aiopg
 import pytest
-from notification_support import (
-    MAIL_FROM,
-    Broker,
-    Client,
-    FakeUserService,
-    SmtpSink,
-    eventually,
-    new_user,
-    todo_event,
-)
+from notification_support import MAIL_FROM, Broker, Client, FakeUserService, eventually, new_user, todo_event
+from smtp_sink import SmtpSink
 
 from mesh_common.events import Event
 from notification_service.directory import Recipient

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
-from notification_support import Broker, Client, FakeUserService, SmtpSink, eventually, new_user, todo_event
+from notification_support import Broker, Client, FakeUserService, eventually, new_user, todo_event
+from smtp_sink import SmtpSink
 
 from mesh_common.pruning import PruneSettings, prune
 from notification_service.keys import CONSUMER
