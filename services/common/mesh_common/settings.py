@@ -6,6 +6,7 @@ to their app factory. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -53,6 +54,34 @@ def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raise SettingsError(f"{name} must be a boolean, got {raw!r}")
 
 
+def env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    # Compared in lower case, so "JSON" is json; anything else is refused
+    # rather than quietly taken for the default.
+    raw = env_str(env, name, default).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def env_log_format(env: Mapping[str, str]) -> str:
+    """``LOG_FORMAT``: json (one JSON object a line, for collectors) or console."""
+    return env_choice(env, "LOG_FORMAT", ("console", "json"), "console")
+
+
+# Go's time.ParseDuration, which Consul reads check intervals with: "10s",
+# "1m30s", "500ms". Checked here, or Consul refuses the registration and the
+# instance fails after it has started everything else.
+_GO_DURATION = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)")
+
+
+def env_duration(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env_str(env, name, default).strip()
+    parts = _GO_DURATION.findall(raw)
+    if not raw or "".join(parts) != raw or not any(re.search(r"[1-9]", part) for part in parts):
+        raise SettingsError(f"{name} must be a positive duration such as 10s, 1m or 1m30s, got {raw!r}")
+    return raw
+
+
 def _advertise_address(host: str) -> str:
     # A wildcard bind cannot be advertised: in a container the service is
     # reached on its own interface address, which its hostname resolves to.
@@ -87,9 +116,9 @@ class ServiceSettings:
             port=env_int(env, "SERVICE_PORT", default_port),
             advertise_address=env_str(env, "SERVICE_ADVERTISE_ADDRESS", "") or _advertise_address(host),
             consul_url=env_str(env, "CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"),
-            log_format=env_str(env, "LOG_FORMAT", "console"),
-            check_interval=env_str(env, "CONSUL_CHECK_INTERVAL", "1s"),
-            deregister_after=env_str(env, "CONSUL_DEREGISTER_AFTER", "1m"),
+            log_format=env_log_format(env),
+            check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s"),
+            deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m"),
         )
 
     @property

@@ -20,7 +20,7 @@ import aiopg
 from mesh_common.db import migrate
 from mesh_common.logs import configure_logging
 from mesh_common.serve import bind_socket, run
-from mesh_common.settings import env_str
+from mesh_common.settings import env_log_format, env_str
 
 from .app import MIGRATIONS, create_app
 from .settings import Settings, TokenPolicy
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="even if valid tokens are cut short")
     args = parser.parse_args()
     if args.command != "serve":
-        configure_logging(env_str(os.environ, "LOG_FORMAT", "console"))
+        configure_logging(env_log_format(os.environ))
         tokens = TokenPolicy.from_env(os.environ)
         database_url = env_str(os.environ, "DATABASE_URL")
         asyncio.run(manage_keys(database_url, args.command, args.kid, tokens=tokens, force=args.force))
