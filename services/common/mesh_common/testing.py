@@ -135,8 +135,10 @@ _LOOPBACK = "127.0.0.1"
 def _bind(port: int) -> socket.socket:
     sock = socket.socket()
     try:
-        # As aiohttp's test servers do: a server coming back binds its port
-        # again while connections of the one before are in TIME_WAIT.
+        # On every bind, the first too: a listener's closed connections keep
+        # its port in TIME_WAIT, and Linux binds the port again beside them
+        # only if the new socket has SO_REUSEADDR and so did they (they have
+        # the listener's options, set here when it was bound).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((_LOOPBACK, port))
     except OSError:
@@ -149,10 +151,14 @@ class HeldPort:
     """A loopback port bound at once, and held until the server meant for it listens on it.
 
     A port found free and let go (``free_port``) can be taken before its
-    server binds it: by an outgoing connection, as its ephemeral port. This
-    one's socket is handed to the server itself (``take`` for
-    ``loop.create_server(sock=...)`` or ``web.SockSite``, ``socket_factory``
-    for aiohttp's test servers), so there is no moment at which it is free.
+    server binds it: by an outgoing connection, as its ephemeral port, or by
+    another ``bind(0)``. This one's socket is handed to the server itself
+    (``take`` for ``loop.create_server(sock=...)`` or ``web.SockSite``,
+    ``socket_factory`` for aiohttp's test servers), and the kernel gives
+    neither a port that is bound. What can still bind it is a socket asking
+    for this very number with SO_REUSEADDR: Linux lets it share the port with
+    the held socket, which is not listening, until one of the two listens.
+    ``hold_again`` holds the port so again while its server is down.
     ``close`` lets go of a socket no server took: left to the garbage
     collector, it would fail some later test as unclosed.
     """
@@ -164,12 +170,27 @@ class HeldPort:
     def take(self) -> socket.socket:
         """The socket to listen on, from then on the server's: its ``close`` closes it.
 
-        A server stopped on purpose and started again binds the port anew:
-        something may have taken it while it was down, a window that "back on
-        the same port" cannot do without.
+        The one held, if any (see ``hold_again``); else the port is bound anew,
+        and something may have taken it since the server before let it go.
         """
         held, self._held = self._held, None
         return held if held is not None else _bind(self.port)
+
+    def hold_again(self) -> None:
+        """Bind the port again as the server on it stops, and hold it until ``take`` (or ``close``).
+
+        For a server stopped on purpose and started again: through the
+        outage the port is bound and not listening, so a connection to it is
+        refused, as by a server that is down (and by ``refused_port``), and
+        neither an outgoing connection nor a ``bind(0)`` can take it
+        meanwhile (a socket asking for its number can: see the class). Call
+        it right after the server closed its listening socket (Linux refuses
+        to bind beside a listening one): the port is free only between the
+        two. Holding a socket already (a server never started), it keeps that
+        one.
+        """
+        if self._held is None:
+            self._held = _bind(self.port)
 
     def socket_factory(self, host: str, port: int, family: socket.AddressFamily) -> socket.socket:
         """``take``, in the form aiohttp's ``BaseTestServer`` calls (give the server ``port=self.port`` too)."""
@@ -178,6 +199,7 @@ class HeldPort:
         return self.take()
 
     def close(self) -> None:
+        """Let go of the socket held, if any: one no server took, or one held again."""
         if self._held is not None:
             self._held.close()
             self._held = None
@@ -193,7 +215,8 @@ def free_port() -> int:
     """A loopback port free when asked, for a server another program starts and binds itself.
 
     It may be taken before that server binds it; a server of ours takes a
-    ``HeldPort`` instead (``refused_port``: one kept shut).
+    ``HeldPort`` instead. For a port that must refuse connections, use
+    ``refused_port``.
     """
     with socket.socket() as sock:
         sock.bind((_LOOPBACK, 0))
