@@ -110,19 +110,25 @@ async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
 @pytest.fixture
 async def users(infra: StackConfig) -> AsyncIterator[FakeUserService]:
     fake = FakeUserService(infra.consul_url, f"user-service-test-{uuid.uuid4().hex[:8]}")
-    await fake.start()
-    await fake.register()
-    yield fake
-    await fake.stop()
-    await fake.deregister()
+    try:  # stopped even if it fails to start: its port is bound from the start
+        await fake.start()
+        await fake.register()
+        try:
+            yield fake
+        finally:
+            await fake.deregister()
+    finally:
+        await fake.stop()
 
 
 @pytest.fixture
 async def smtp() -> AsyncIterator[SmtpSink]:
     sink = SmtpSink()
-    await sink.start()
-    yield sink
-    await sink.stop()
+    try:  # stopped even if it fails to start: its port is bound from the start
+        await sink.start()
+        yield sink
+    finally:
+        await sink.stop()
 
 
 @pytest.fixture

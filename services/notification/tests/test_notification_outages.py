@@ -99,8 +99,8 @@ async def test_postgresql_away_for_a_while_then_back_loses_no_email(
     infra: StackConfig, start_service: StartService, broker: Broker, smtp: SmtpSink
 ) -> None:
     proxy = TcpProxy(infra.ports.postgres)
-    await proxy.start()
     try:
+        await proxy.start()
         through_proxy = str(URL(infra.database_url("notification")).with_port(proxy.port))
         service = await start_service(database_url=through_proxy)
         consumer = service.app[CONSUMER]
@@ -136,8 +136,8 @@ async def test_postgresql_away_for_a_moment_after_the_server_took_an_email_sends
     # and the duplicate it sends, come within the test.
     quick = replace(settings.smtp, attempts=1, timeout=1.0, data_timeout=2.0)
     proxy = TcpProxy(infra.ports.postgres)
-    await proxy.start()
     try:
+        await proxy.start()
         through_proxy = str(URL(infra.database_url("notification")).with_port(proxy.port))
         consumer = (await start_service(database_url=through_proxy, smtp=quick)).app[CONSUMER]
         smtp.data_gate = asyncio.Event()
