@@ -142,12 +142,12 @@ async def bench(config: StackConfig) -> int:
         definitions, topology = private_definitions(f"bench{uuid.uuid4().hex[:6]}")
         management.import_definitions(definitions)
         undo.callback(management.delete_definitions, definitions)
-        # Stopped whether or not they started: their ports are bound from the start.
+        # Closed whether or not they started: their ports are bound from the start.
         sink = SmtpSink()
-        undo.push_async_callback(sink.stop)
+        undo.push_async_callback(sink.close)
         await sink.start()
         users = FakeUserService(config.consul_url, f"user-service-bench-{uuid.uuid4().hex[:6]}")
-        undo.push_async_callback(users.stop)
+        undo.push_async_callback(users.close)
         await users.start()
         await users.register()
         undo.push_async_callback(users.deregister)

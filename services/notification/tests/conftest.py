@@ -110,7 +110,7 @@ async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
 @pytest.fixture
 async def users(infra: StackConfig) -> AsyncIterator[FakeUserService]:
     fake = FakeUserService(infra.consul_url, f"user-service-test-{uuid.uuid4().hex[:8]}")
-    try:  # stopped even if it fails to start: its port is bound from the start
+    try:  # closed even if it fails to start: its port is bound from the start
         await fake.start()
         await fake.register()
         try:
@@ -118,17 +118,17 @@ async def users(infra: StackConfig) -> AsyncIterator[FakeUserService]:
         finally:
             await fake.deregister()
     finally:
-        await fake.stop()
+        await fake.close()
 
 
 @pytest.fixture
 async def smtp() -> AsyncIterator[SmtpSink]:
     sink = SmtpSink()
-    try:  # stopped even if it fails to start: its port is bound from the start
+    try:  # closed even if it fails to start: its port is bound from the start
         await sink.start()
         yield sink
     finally:
-        await sink.stop()
+        await sink.close()
 
 
 @pytest.fixture

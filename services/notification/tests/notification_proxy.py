@@ -12,27 +12,37 @@ class TcpProxy:
 
     Cut, it has dropped every connection it carried and refuses new ones:
     what a PostgreSQL restart looks like to its clients, without stopping the
-    PostgreSQL other suites share.
+    PostgreSQL other suites share. It holds its port meanwhile, bound and not
+    listening, so it comes back on it; ``close`` lets it go.
     """
 
     def __init__(self, target_port: int) -> None:
-        self._port = HeldPort()
-        self.port = self._port.port
+        self._held = HeldPort()
+        self.port = self._held.port
         self._target = target_port
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, sock=self._port.take())
+        self._server = await asyncio.start_server(self._relay, sock=self._held.take())
 
     async def cut(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        # At once, after the listening socket closed; one never started holds it still.
+        self._held.hold_again()
+        if server is not None:
             await server.wait_closed()
-        self._port.close()  # never started: the port is let go all the same
         for writer in list(self._links):
             writer.transport.abort()
+
+    async def close(self) -> None:
+        """``cut``, and let go of the port: the proxy's end, whether it ever started or not."""
+        try:
+            await self.cut()
+        finally:
+            self._held.close()
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:

@@ -6,8 +6,8 @@
   ``notifications.events`` at the same time).
 - ``FakeUserService``: an aiohttp app answering ``POST /auth/service-token``
   and ``GET /users/{id}``, registered in the real Consul under a unique name,
-  and able to go down and come back on the same port (bound again as it
-  comes back: see ``HeldPort.take``).
+  and able to go down and come back on the same port (held, refusing
+  connections, while it is down: see ``HeldPort.hold_again``).
 
 The SMTP sink is in ``smtp_sink``.
 """
@@ -183,8 +183,8 @@ def new_user(tag: str = "") -> dict[str, str]:
 class FakeUserService:
     def __init__(self, consul_url: str, name: str, *, secret: str = SECRET, token_ttl: int = 300) -> None:
         self.name = name
-        self._port = HeldPort()
-        self.port = self._port.port
+        self._held = HeldPort()
+        self.port = self._held.port
         self.users: dict[str, dict[str, str]] = {}
         self.token_requests = 0
         self.user_requests = 0
@@ -194,6 +194,7 @@ class FakeUserService:
         self._token_ttl = token_ttl
         self._tokens: set[str] = set()
         self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
 
     def add(self, user: dict[str, str]) -> dict[str, str]:
         self.users[user["id"]] = user
@@ -228,13 +229,26 @@ class FakeUserService:
         app.router.add_get("/users/{id}", self.get_user)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._port.take()).start()
+        self._site = web.SockSite(self._runner, self._held.take())
+        await self._site.start()
 
     async def stop(self) -> None:
+        """Go down: the port stays bound, not listening, until ``start``, so a connection to it is refused."""
+        if self._site is not None:
+            await self._site.stop()  # closes the listening socket before it returns
+            self._site = None
+        # At once, after the listening socket closed; one never started holds it still.
+        self._held.hold_again()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        self._port.close()  # never started: the port is let go all the same
+
+    async def close(self) -> None:
+        """``stop``, and let go of the port: the fake's end, whether it ever started or not."""
+        try:
+            await self.stop()
+        finally:
+            self._held.close()
 
     async def register(self) -> None:
         # No health check: Consul keeps the instance listed while it is

@@ -1,7 +1,8 @@
 """``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, for the notification-service's tests.
 
 It keeps what it receives with its arrival time, can refuse senders or
-recipients, answer DATA late, and be stopped and started again on its port.
+recipients, answer DATA late, and be stopped and started again on its port,
+which it holds, refusing connections, while stopped (``close`` lets it go).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ class SmtpSink:
     smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
-    _port: HeldPort = field(default_factory=HeldPort)
+    _held: HeldPort = field(default_factory=HeldPort)
 
     @property
     def port(self) -> int:
-        return self._port.port
+        return self._held.port
 
     # aiosmtpd's hooks: handle_<SMTP verb>
     async def handle_MAIL(
@@ -87,11 +88,14 @@ class SmtpSink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _SinkSession(self, hostname="sink.test", enable_SMTPUTF8=self.smtputf8, loop=loop),
-            sock=self._port.take(),
+            sock=self._held.take(),
         )
 
     async def stop(self) -> None:
         """Stop listening and drop every session, as a server going down does.
+
+        The port stays bound, not listening, until ``start``: a connection to
+        it is refused, and nothing else takes it meanwhile (see ``HeldPort.hold_again``).
 
         On Python 3.11 closing a server leaves the connections it accepted
         open, and ``wait_closed`` waits for none of them: a session left so
@@ -100,11 +104,19 @@ class SmtpSink:
         if self._server is not None:
             self._server.close()
             self._server = None
-        self._port.close()  # never started: the port is let go all the same
+        # At once, after the listening socket closed; one never started holds it still.
+        self._held.hold_again()
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
         await eventually(lambda: not self._sessions, within=5, what="the SMTP sessions closed")
+
+    async def close(self) -> None:
+        """``stop``, and let go of the port: the sink's end, whether it ever started or not."""
+        try:
+            await self.stop()
+        finally:
+            self._held.close()
 
     def to(self, address: str) -> list[EmailMessage]:
         return [r.message for r in self.received if address in r.recipients]

@@ -122,7 +122,7 @@ async def test_postgresql_away_for_a_while_then_back_loses_no_email(
         await eventually(lambda: len(smtp.received) >= DB_EVENTS, within=RECOVERY_BOUND, what="every email")
         await eventually(lambda: consumer.settled["acked"] == DB_EVENTS, within=10, what="every event acked")
     finally:
-        await proxy.cut()
+        await proxy.close()
     sent = Counter(r.recipients[0] for r in smtp.received)
     assert set(sent) == {e.data["email"] for e in events}  # lost 0
     assert set(sent.values()) == {1}  # duplicates 0
@@ -151,7 +151,7 @@ async def test_postgresql_away_for_a_moment_after_the_server_took_an_email_sends
         # Within the retry queues' 1, 5 and 30 s, and the lease: the duplicate had time to go out.
         await eventually(lambda: consumer.settled["acked"] == 1, within=60, what="the event acked")
     finally:
-        await proxy.cut()
+        await proxy.close()
     assert len(smtp.to(user["email"])) == 1
 
 
