@@ -188,7 +188,7 @@ async def gateway(
     redis_url = f"redis://127.0.0.1:{infra.ports.redis}/{GATEWAY_REDIS_DB}"
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
-    ports = contextlib.ExitStack()  # what a gateway that failed to start never took
+    ports = contextlib.ExitStack()  # closes what a gateway that failed to start never took
 
     async def make(
         service: FakeService | str,
@@ -201,9 +201,9 @@ async def gateway(
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts
         # Known before the app is built: it registers in Consul as it starts, before it listens.
-        port = ports.enter_context(HeldPort())
+        held = ports.enter_context(HeldPort())
         settings = Settings(
-            service=loopback_service("gateway", infra.consul_url, port=port.port),
+            service=loopback_service("gateway", infra.consul_url, port=held.port),
             redis_url=redis_url,
             jwt_issuer=tokens.issuer,
             jwt_audience=tokens.audience,
@@ -228,7 +228,7 @@ async def gateway(
             internal=("/api/v1/things/internal",),
         )
         app = create_app(settings, routes=table, verifier=tokens.verifier(), upstream=upstream)
-        return await aiohttp_client(ServedLikeProduction(app, port=port.port, socket_factory=port.socket_factory))
+        return await aiohttp_client(ServedLikeProduction(app, port=held.port, socket_factory=held.socket_factory))
 
     yield make
     ports.close()

@@ -71,15 +71,15 @@ async def gateway(
     flusher = aioredis.from_url(redis_url)
     await flusher.flushdb()
     tokens = TokenFactory()
-    ports = contextlib.ExitStack()  # what a gateway that failed to start never took
+    ports = contextlib.ExitStack()  # closes what a gateway that failed to start never took
 
     async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
         if any(key.startswith("rate_limit") for key in overrides):
             await fresh_rate_window()  # a test of the limits expects exact counts
         # Known before the app is built: it registers in Consul as it starts, before it listens.
-        port = ports.enter_context(HeldPort())
+        held = ports.enter_context(HeldPort())
         settings = Settings(
-            service=loopback_service("gateway", infra.consul_url, port=port.port),
+            service=loopback_service("gateway", infra.consul_url, port=held.port),
             redis_url=redis_url,
             jwt_issuer=tokens.issuer,
             jwt_audience=tokens.audience,
@@ -88,7 +88,7 @@ async def gateway(
         )
         table = RouteTable(routes=(Route("/api/v1/echo", echo),), public=frozenset({("GET", PUBLIC)}), auth=frozenset())
         app = create_app(replace(settings, **overrides), routes=table, verifier=tokens.verifier())
-        return await aiohttp_client(LeavesConsulFirst(app, port=port.port, socket_factory=port.socket_factory))
+        return await aiohttp_client(LeavesConsulFirst(app, port=held.port, socket_factory=held.socket_factory))
 
     yield make
     ports.close()

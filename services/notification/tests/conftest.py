@@ -176,9 +176,9 @@ def start_service(
     with contextlib.ExitStack() as ports:  # closes what an instance that failed to start never took
 
         async def start(**changes: Any) -> Client:
-            port = ports.enter_context(HeldPort())
-            app = create_app(replace(settings, **changes).with_port(port.port), verifier=tokens.verifier())
-            return await aiohttp_client(LeavesConsulFirst(app, port=port.port, socket_factory=port.socket_factory))
+            held = ports.enter_context(HeldPort())
+            app = create_app(replace(settings, **changes).with_port(held.port), verifier=tokens.verifier())
+            return await aiohttp_client(LeavesConsulFirst(app, port=held.port, socket_factory=held.socket_factory))
 
         yield start
 
