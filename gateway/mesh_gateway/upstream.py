@@ -3,10 +3,12 @@
 Why not ``aiohttp.ClientSession``: it is built for every use (cookies,
 redirects, proxies, auth, tracing, decompression), and on the gateway's hot
 path that generality cost more CPU than everything else the gateway does
-(docs/gateway.md has the figures). A proxy needs one thing: send the
-request it was given to a known address, and hand back status, headers and
-body. So this client writes the request head itself and parses the answer
-with httptools (llhttp, the parser Node.js and uvicorn use).
+(docs/measurements/gateway.md has the figures, and
+docs/decisions/0002-gateway-upstream-client.md the choice). A proxy needs
+one thing: send the request it was given to a known address, and hand back
+status, headers and body. So this client writes the request head itself and
+parses the answer with httptools (llhttp, the parser Node.js and uvicorn
+use).
 
 * Connections are kept alive per address, at most ``limit_per_host`` at a
   time; idle ones are closed once idle for ``keepalive`` seconds, before an

@@ -239,14 +239,14 @@ def main() -> int:
             f" p50 {tail.p50:.2f} ms, p99 {tail.p99:.2f} ms = {tail.tail:.2f}"
         )
         # Why the tail is what it is: a request that arrives alone costs the
-        # gateway more CPU than one among many (see docs/gateway.md).
+        # gateway more CPU than one among many (see docs/measurements/gateway.md).
         print(
             f"    {'gateway CPU':<14}{closed_cost * 1e6:.0f} us a request at its maximum,"
             f" {open_cost * 1e6:.0f} us at half of it = {open_cost * rate:.0%} of a core"
         )
         # How long its requests sat ready while the two CPUs ran something
         # else (the echo service, the load generator, the kernel's workers):
-        # on this machine, the tail follows this figure (docs/gateway.md).
+        # on this machine, the tail follows this figure (docs/measurements/gateway.md).
         print(f"    {'run queue':<14}{waiting(spent)}")
         # Two floors at the same rate, for reading the figure above: the echo
         # service straight, and Envoy's admin /ready, a few microseconds of
