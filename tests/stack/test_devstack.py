@@ -103,14 +103,17 @@ def group(pgid: int) -> list[str]:
     return [pid for pid in members if alive(int(pid))]
 
 
-def test_readme_quick_start_is_two_commands_after_installing_task() -> None:
+def test_readme_quick_start_is_setup_then_two_tasks_as_ci_runs_them() -> None:
     readme = (ROOT / "README.md").read_text()
     quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    assert "pip install go-task-bin" in quick_start
+    assert "go-task-bin" in quick_start  # where task comes from, since setup installs it
     block = re.search(r"```sh\n(.*?)```", quick_start, re.S)
     assert block is not None
     commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
-    assert commands == ["task up", "task test"]
+    path = 'export PATH="$PWD/.venv/bin:$PATH"'
+    assert commands == ["scripts/setup", path, "task up", "task test"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci.index("scripts/setup") < ci.index(path) < ci.index("task test")  # CI is the same, less `task up`
 
 
 def test_ci_runs_the_readme_test_command() -> None:
