@@ -234,3 +234,31 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+def port_binds(port: int, *, reuse: bool = False) -> bool:
+    """Whether another loopback socket could bind ``port`` now.
+
+    Linux binds a socket with SO_REUSEADDR (``reuse``) beside one bound with
+    it too, unless that one listens; one without it, beside none. So without
+    ``reuse`` a held port, bound and not listening, shows as taken.
+    """
+    with socket.socket() as other:
+        if reuse:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind((_LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+async def refuses_connections(port: int) -> bool:
+    """Whether a connection to ``port`` on loopback is refused, as to a server that is down."""
+    try:
+        _, writer = await asyncio.open_connection(_LOOPBACK, port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False

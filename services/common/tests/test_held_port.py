@@ -9,28 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from mesh_common.testing import HeldPort
-
-
-def binds(port: int) -> bool:
-    # Without SO_REUSEADDR, with which Linux lets it share a port with a
-    # socket that is bound and not listening yet: no sign of a free port.
-    with socket.socket() as other:
-        try:
-            other.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-async def refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
+from mesh_common.testing import HeldPort, port_binds, refuses_connections
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -39,7 +18,7 @@ async def hello(request: web.Request) -> web.Response:
 
 async def test_the_port_is_never_free_from_choice_to_server_and_comes_back_after_a_stop() -> None:
     with HeldPort() as held:
-        assert not binds(held.port)
+        assert not port_binds(held.port)
         server = await asyncio.start_server(lambda r, w: w.close(), sock=held.take())
         assert server.sockets[0].getsockname()[1] == held.port
         server.close()
@@ -60,18 +39,18 @@ async def test_a_port_held_again_through_an_outage_refuses_connections_and_is_no
         server.close()
         held.hold_again()
         await server.wait_closed()
-        assert await refused(held.port)
-        assert not binds(held.port)
+        assert await refuses_connections(held.port)
+        assert not port_binds(held.port)
 
         runner = web.AppRunner(web.Application())
         await runner.setup()
         try:
             await web.SockSite(runner, held.take()).start()  # the socket held through the outage
-            assert not await refused(held.port)
+            assert not await refuses_connections(held.port)
         finally:
             await runner.cleanup()
         held.hold_again()
-    assert binds(held.port)  # closed with it
+    assert port_binds(held.port)  # closed with it
 
 
 async def test_a_port_is_held_again_beside_the_connections_its_server_closed() -> None:
@@ -84,19 +63,19 @@ async def test_a_port_is_held_again_beside_the_connections_its_server_closed() -
         server.close()
         await server.wait_closed()
         held.hold_again()
-        assert await refused(held.port)
+        assert await refuses_connections(held.port)
 
 
 def test_holding_again_a_port_no_server_took_keeps_the_one_socket() -> None:
     with HeldPort() as held:
         held.hold_again()  # as the stop of a server never started does
-    assert binds(held.port)
+    assert port_binds(held.port)
 
 
 def test_a_socket_no_server_took_is_closed_with_it() -> None:
     with HeldPort() as held:
-        assert not binds(held.port)
-    assert binds(held.port)
+        assert not port_binds(held.port)
+    assert port_binds(held.port)
 
 
 def test_a_server_asking_for_another_port_is_refused() -> None:
