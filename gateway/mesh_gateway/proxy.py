@@ -161,8 +161,9 @@ class Proxy:
                 raise MalformedBody("Content-Encoding must be sent once")
             if _inflated_by_aiohttp(encodings[0]):
                 # What goes on is plain (and was held to the body limit
-                # inflated): it must not say otherwise.
-                headers.popall("Content-Encoding")
+                # inflated): it must not say otherwise. It may be gone
+                # already: named in Connection, it is hop-by-hop.
+                headers.popall("Content-Encoding", None)
         method = request.method
         # A POST is safe to repeat only where the service deduplicates by key.
         retry_safe = method in IDEMPOTENT or (

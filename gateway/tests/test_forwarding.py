@@ -65,6 +65,37 @@ async def test_a_compressed_body_goes_on_as_the_bytes_it_was_read_as(fake_servic
     assert service.instances[0].hits == 1
 
 
+async def test_a_compressed_body_whose_encoding_the_client_names_in_connection_goes_on_plain(
+    fake_service, gateway, tokens
+):
+    # Named in Connection, Content-Encoding is hop-by-hop and already gone
+    # from the copy when the inflated body's label is taken off.
+    service = await fake_service(1)
+    client = await gateway(service)
+    body = json.dumps({"title": "buy milk"}).encode()
+    packed = gzip.compress(body)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(
+            b"POST /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
+            + b"Connection: keep-alive, Content-Encoding\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Type: application/json\r\nContent-Length: {len(packed)}\r\n\r\n".encode()
+            + packed
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
+        )
+        answer = await asyncio.wait_for(reader.readexactly(length), timeout=5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head + answer
+    seen = json.loads(answer)
+    assert seen["body"] == body.decode()
+    assert "Content-Encoding" not in seen["headers"]
+
+
 async def test_the_query_string_is_forwarded_exactly_as_sent(fake_service, gateway, tokens):
     service = await fake_service(1)
     client = await gateway(service)
