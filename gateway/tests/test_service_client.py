@@ -10,7 +10,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from mesh_common.discovery import Instance, ServiceWatch
-from mesh_common.http import HTTP_SESSION, ServiceClient, http_session_ctx
+from mesh_common.http import HTTP_SESSION, ServiceClient, UpstreamStatusError, http_session_ctx
 from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
@@ -86,6 +86,28 @@ async def test_an_answer_that_is_not_json_is_the_instances_failure(aiohttp_serve
         # Not a ValueError escaping as a bug: a failure, retried and counted like a 5xx.
         with pytest.raises(UpstreamFailure, match="JSONDecodeError"):
             await client.get_json("svc", "/x")
+
+
+async def test_a_4xx_whatever_its_body_is_the_callers_answer_not_the_instances_failure(aiohttp_server):
+    hits = 0
+
+    async def not_found(request: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        return web.Response(status=404, text="404: Not Found")  # aiohttp's own, or a proxy's
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", not_found)
+    server = await aiohttp_server(app)
+    watch = ServiceWatch(None, "svc")
+    watch.instances = (Instance("svc-0", "127.0.0.1", server.port), Instance("svc-1", "127.0.0.1", server.port))
+    async with aiohttp.ClientSession() as session:
+        client = ServiceClient(session, {"svc": watch}, breakers=BreakerBoard(failure_threshold=1))
+        with pytest.raises(UpstreamStatusError) as raised:
+            await client.get_json("svc", "/x")
+    assert (raised.value.status, raised.value.body) == (404, "404: Not Found")
+    assert hits == 1  # not retried elsewhere
+    assert client.breakers.failures("svc-0") == client.breakers.failures("svc-1") == 0
 
 
 async def test_waiting_for_a_pooled_connection_is_not_the_instances_failure(aiohttp_server):

@@ -9,6 +9,7 @@ allows), and never runs past its deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -114,15 +115,24 @@ class ServiceClient:
                     ):
                         if resp.status >= 500:
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
-                        body = await resp.json(content_type=None)
-                # ValueError: an answer that is not JSON, from an instance that is not well.
+                        raw = await resp.read()
+                        if resp.status < 400:
+                            return json.loads(raw)
+                # ValueError: a success that is not JSON, from an instance that is not well.
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     raise UpstreamFailure(f"{instance.id}: {type(exc).__name__}") from exc
-            if resp.status >= 400:
-                raise UpstreamStatusError(resp.status, body)
-            return body
+            # Outside the breaker, whatever its body: a 4xx is the caller's
+            # problem, and a proxy's plain-text 404 says nothing of the instance.
+            raise UpstreamStatusError(resp.status, _json_or_text(raw))
 
         return await attempt()
+
+
+def _json_or_text(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is one
+        return raw.decode("utf-8", "replace")
 
 
 SERVICE_CLIENT = web.AppKey("mesh.service_client", ServiceClient)
