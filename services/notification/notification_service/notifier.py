@@ -9,10 +9,10 @@ The steps, and what a crash after each one leaves behind:
    delivery takes it over and sends. Every claim and takeover has a new
    token, and a claim is released only with its own: a delivery that was
    taken over cannot delete its successor's claim.
+   Before the claim, once an SMTP session is free, a caller's
+   ``still_wanted`` may withdraw the email (a reminder whose todo was
+   completed meanwhile): nothing is claimed, and nothing is sent.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
-   Just before it, a caller's ``still_wanted`` may withdraw the email
-   (a reminder whose todo was completed meanwhile): the claim is
-   released and nothing is sent.
 3. Mark the row ``sent``, trying again for up to half the lease while the
    database is away. Then the consumer acks the event. Crash between 3
    and the ack: the redelivered event stops at step 1. No duplicate.
@@ -87,9 +87,9 @@ class Notifier:
         """Send the ``kind`` email for ``event_id`` unless it was sent already.
 
         ``recipient`` is looked up from the user-service unless given.
-        ``still_wanted``, if given, is asked once the email is claimed, just
-        before it is sent: the lookup and the wait for an SMTP session can
-        take long, and what the email is about may have changed meanwhile.
+        ``still_wanted``, if given, is asked once an SMTP session is free, just
+        before the claim: the lookup and the wait for a session can take
+        long, and what the email is about may have changed meanwhile.
         """
         # A redelivery ends here, before a user lookup or the wait for a session.
         if await repository.notification_status(self._pool, event_id, kind) == "sent":
@@ -113,6 +113,12 @@ class Notifier:
         # before it: claimed earlier, a slow server's queue could outlast the
         # lease, and another instance take the claim over and send too.
         async with self._mailer.slot() as send:
+            # Asked before the claim, which it would otherwise hold for its
+            # database round trips (seconds, with the database slow): past
+            # the lease, another delivery could take the claim over and send.
+            if still_wanted is not None and not await still_wanted():
+                log.info("notification_withdrawn", event_id=event_id, kind=kind)
+                return Outcome.WITHDRAWN
             token = await repository.claim_notification(self._pool, claim, lease=self.lease)
             if token is None:
                 if await repository.notification_status(self._pool, event_id, kind) == "sent":
@@ -120,9 +126,7 @@ class Notifier:
                     return Outcome.ALREADY_SENT
                 raise DeliveryInProgress(f"{kind} for {event_id}")
             try:
-                wanted = still_wanted is None or await still_wanted()
-                if wanted:
-                    await send(email)
+                await send(email)
             except MailOutcomeUnknown:
                 # The server may have it: the claim stays, to be taken over and
                 # sent again only once its lease has run out.
@@ -132,11 +136,6 @@ class Notifier:
                 # The server does not have it: the next delivery may claim it at once.
                 await repository.release_notification(self._pool, event_id, kind, token)
                 raise
-            if not wanted:
-                # Released, not kept: should it be wanted again (a todo reopened), it can be sent.
-                await repository.release_notification(self._pool, event_id, kind, token)
-                log.info("notification_withdrawn", event_id=event_id, kind=kind)
-                return Outcome.WITHDRAWN
         await self._record_sent(event_id, kind)
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)
         return Outcome.SENT

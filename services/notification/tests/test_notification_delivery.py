@@ -292,3 +292,43 @@ async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT event_id::text, kind, status FROM notifications ORDER BY claimed_at")
         return [tuple(r) for r in await cur.fetchall()]
+
+
+async def test_a_slow_still_wanted_check_leaves_no_claim_for_another_delivery_to_take_over(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    # The lease covers the send. A check that ran inside the claim (its
+    # database round trips can take seconds) could outlast the lease, and
+    # another delivery of the same reminder take the claim over and send too.
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    notifier.lease = 0.5
+    user, event_id = new_user(), str(uuid.uuid4())
+    checking = asyncio.Event()
+
+    async def slow_check() -> bool:
+        checking.set()
+        await asyncio.sleep(notifier.lease * 2)
+        return True
+
+    def remind() -> Coroutine[Any, Any, Outcome]:
+        return notifier.notify(
+            event_id=event_id,
+            kind="welcome",
+            user_id=user["id"],
+            values={"username": user["username"]},
+            recipient=Recipient(user["email"], user["username"]),
+            still_wanted=slow_check,
+        )
+
+    try:
+        first = asyncio.create_task(remind())
+        await asyncio.wait_for(checking.wait(), timeout=5)
+        await asyncio.sleep(notifier.lease * 1.4)  # the scenario itself: past a lease taken before the check
+        second = asyncio.create_task(remind())
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    finally:
+        await mailer.close()
+
+    assert sorted(o.value for o in outcomes) == ["already_sent", "sent"]
+    assert len(smtp.received) == 1
