@@ -1,8 +1,10 @@
 """The dead-letter queue, for people: see what is in it, and send it back.
 
 ``python -m notification_service dlq list`` shows each dead letter with why
-it died (``rejected``: refused as unprocessable; ``delivery_limit``: failed
-too many times) without taking it out of the queue. ``dlq replay`` sends
+it died (``rejected``: refused, as unprocessable or after failing too often,
+which ``FAILURES`` tells apart; ``delivery_limit``: handed back to the broker
+unsettled too often, as by a consumer that crashes on it) without taking it
+out of the queue. ``dlq replay`` sends
 dead letters back to our own queue, not to the exchange, so that other
 services bound to the same events do not receive them twice. A replayed
 event starts with a fresh retry and delivery budget; if it still cannot be
@@ -17,7 +19,6 @@ expiries, and the broker drops those.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from .consumer import DELIVERY_COUNT_HEADER, RETRIES_HEADER, republishable
+from .consumer import DELIVERY_COUNT_HEADER, FAILURES_HEADER, RETRIES_HEADER, republishable
 from .topology import Topology
 
 PREVIEW_BYTES = 60
@@ -42,6 +43,7 @@ class DeadLetter:
     routing_key: str
     reason: str
     deaths: int  # since its last replay
+    failures: int  # of our handler, since its last replay
     replays: int
     died_at: datetime | None
     preview: str
@@ -59,7 +61,8 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         routing_key=message.type or str(routing_keys[0]),
         reason=str(headers.get("x-last-death-reason") or last.get("reason") or "-"),
         deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
-        replays=_replays(headers),
+        failures=_whole(headers.get(FAILURES_HEADER)),
+        replays=_whole(headers.get(REPLAYS_HEADER)),
         died_at=last.get("time"),
         preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),
     )
@@ -107,23 +110,27 @@ async def replay_dead_letters(
 
 
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    dropped = DEATH_HEADERS | {DELIVERY_COUNT_HEADER, RETRIES_HEADER}
+    dropped = DEATH_HEADERS | {DELIVERY_COUNT_HEADER, RETRIES_HEADER, FAILURES_HEADER}
     headers = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
-    headers[REPLAYS_HEADER] = _replays(message.headers or {}) + 1
+    headers[REPLAYS_HEADER] = _whole((message.headers or {}).get(REPLAYS_HEADER)) + 1
     return republishable(message, headers)
 
 
-def _replays(headers: Mapping[str, Any]) -> int:
-    value = headers.get(REPLAYS_HEADER)
+def _whole(value: Any) -> int:
+    """A count from a header, or 0 where there is none (or something else is)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def format_table(letters: list[DeadLetter]) -> str:
-    lines = [f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'REPLAYS':>7}  {'DIED AT':<25}  BODY"]
+    lines = [
+        f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'FAILURES':>8}  {'REPLAYS':>7}"
+        f"  {'DIED AT':<25}  BODY"
+    ]
     for d in letters:
         died = d.died_at.isoformat() if d.died_at else "-"
         lines.append(
-            f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {d.replays:>7}  {died:<25}"
+            f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {d.failures:>8}  {d.replays:>7}"
+            f"  {died:<25}"
             f"  {d.preview!r}"
         )
     return "\n".join(lines)

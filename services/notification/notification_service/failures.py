@@ -1,10 +1,10 @@
 """What can go wrong with an event, sorted by what the consumer does about it.
 
 A ``TemporaryFailure`` is about our dependencies, not the event: the event is
-retried later, through the retry queues, without spending its poison budget.
+retried later, through the retry queues, without spending its budget for bugs.
 An ``UnprocessableEvent`` will fail the same way every time: it goes to the
-dead-letter queue at once. Anything else is unexpected, and is retried by the
-broker until the queue's delivery-limit sends it to the dead-letter queue.
+dead-letter queue at once. Anything else is unexpected (a bug): the event is
+delivered again at once, and dead-lettered after ``FAILURE_LIMIT`` failures.
 """
 
 from __future__ import annotations

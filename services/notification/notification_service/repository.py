@@ -5,7 +5,7 @@ restart, a dropped connection, a connection or statement timeout) into
 ``DatabaseUnavailable``, a ``TemporaryFailure``: the consumer retries the
 event later through the retry queues, as for an SMTP outage. Left as it
 was, it would count as a bug and be redelivered at once, spending the
-queue's delivery-limit in milliseconds and dead-lettering good events.
+event's few failures in milliseconds and dead-lettering good events.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ class Settings:
     prefetch: int = 32
     # How often an event that failed for a transient reason (SMTP or the
     # user-service down) may come back before it is given up on: about a day
-    # at the slowest retry tier. Poison messages have their own, small budget
-    # (the queue's delivery-limit).
+    # at the slowest retry tier. Bugs have their own, small budget
+    # (consumer.FAILURE_LIMIT).
     retry_limit: int = 2880
     reminder_lead: float = DAY
     reminder_poll_interval: float = 30.0

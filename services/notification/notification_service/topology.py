@@ -6,8 +6,9 @@ service only checks that they exist (a passive declare), so the topology has
 one source of truth. ``tests/test_notification_definitions.py`` keeps the two in step.
 
     todo-mesh.events --user.registered, todo.*--> notifications.events
-        nack/requeue, more than delivery-limit times --> notifications.dlx --> notifications.dead
-        reject (poison)                             --> notifications.dlx --> notifications.dead
+        reject (poison, or a bug met 5 times)        --> notifications.dlx --> notifications.dead
+        handed back unsettled > delivery-limit times --> notifications.dlx --> notifications.dead
+        a bug met: republished to notifications.events, counted in x-failures
         transient failure: republished to notifications.retry.<delay>,
                            which dead-letters back into notifications.events when the TTL expires
 """

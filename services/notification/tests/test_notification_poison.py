@@ -13,7 +13,7 @@ from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
 from mesh_common.events import Event
-from notification_service.consumer import EventConsumer
+from notification_service.consumer import FAILURE_LIMIT, EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
 from notification_service.failures import MailServerUnavailable
 from notification_service.keys import CONSUMER
@@ -88,7 +88,7 @@ class AlwaysFailing:
         raise RuntimeError("a bug")
 
 
-async def test_an_event_failing_unexpectedly_is_dead_lettered_after_the_delivery_limit(
+async def test_an_event_failing_unexpectedly_is_dead_lettered_after_its_failure_limit(
     infra: StackConfig, broker: Broker, topology: Topology, delivery_limit: int
 ) -> None:
     handler = AlwaysFailing()
@@ -103,9 +103,16 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_the_delivery
         finally:
             await consumer.stop()
 
-    assert handler.calls == delivery_limit + 1  # the first delivery and `delivery-limit` redeliveries
+    # Counted by the consumer, not by the broker's delivery-limit (a backstop, larger).
+    assert delivery_limit > FAILURE_LIMIT
+    assert handler.calls == FAILURE_LIMIT + 1  # the first delivery and `FAILURE_LIMIT` more
+    assert (consumer.settled["failed"], consumer.settled["dead_lettered"], consumer.settled["requeued"]) == (
+        FAILURE_LIMIT,
+        1,
+        0,
+    )
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
-    assert (letter.event_id, letter.reason) == (event.id, "delivery_limit")
+    assert (letter.event_id, letter.reason, letter.failures) == (event.id, "rejected", FAILURE_LIMIT)
 
 
 class BugThenOutage:

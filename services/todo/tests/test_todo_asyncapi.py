@@ -37,7 +37,7 @@ def test_the_asyncapi_document_lists_every_event_type_the_code_publishes():
     assert exchange["name"] == EVENTS_EXCHANGE and exchange["type"] == "topic"
     consumer = channels["notificationsEvents"]
     assert consumer["x-queue-arguments"]["x-queue-type"] == "quorum"
-    assert consumer["x-policy"] == {"delivery-limit": 5, "dead-letter-exchange": "notifications.dlx"}
+    assert consumer["x-policy"] == {"delivery-limit": 20, "dead-letter-exchange": "notifications.dlx"}
     consumed = {resolve(doc, message["$ref"])["name"] for message in consumer["messages"].values()}
     assert consumed == set(documented)
     user_data = doc["components"]["schemas"]["UserRegisteredEvent"]["allOf"][1]["properties"]["data"]
