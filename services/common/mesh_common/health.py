@@ -14,7 +14,7 @@ orchestrator that restarts what hangs, go by.
 Consul's checks name the instance they are for (``?instance=<id>``), and
 another instance answers them 404. A killed instance stays registered until
 Consul reaps it, and if another service took its address and port meanwhile
-(compose gives every service port 8080), that one's answer would otherwise
+(compose gives every service but the gateway port 8080), that one's answer would otherwise
 keep the dead entry passing, and its traffic going to the wrong service.
 """
 

@@ -148,9 +148,8 @@ class Settings:
         )
 
     def __post_init__(self) -> None:
-        # Outside the write slots: the outbox relay's LISTEN connection and
-        # its batch, and a pruning batch, one connection each at most. Reads
-        # need at least one more.
+        # Outside the write slots: the outbox relay's batch and a pruning
+        # batch, one connection each at most; reads keep at least two.
         if not 1 <= self.db_write_slots <= self.db_pool_size - 4:
             raise SettingsError("DB_WRITE_SLOTS must be from 1 to DB_POOL_SIZE - 4")
 
