@@ -168,7 +168,12 @@ def openapi_document() -> dict[str, Any]:
                         "404": _NOT_FOUND,
                     },
                 },
-                "patch": _change("Change fields of a todo", "updateTodo", "The changed todo", body=True),
+                "patch": _change(
+                    "Change fields of a todo",
+                    "updateTodo",
+                    "The todo, changed (no change if it had those values)",
+                    body=True,
+                ),
                 "delete": {
                     "summary": "Delete a todo",
                     "operationId": "deleteTodo",

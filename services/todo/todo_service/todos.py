@@ -98,7 +98,7 @@ class Todos:
         return await self._change(
             owner_id,
             todo_id,
-            lambda todo: dataclasses.replace(todo, **changes),
+            lambda todo: _with_changes(todo, changes),
             TODO_UPDATED,
             if_match=if_match,
             correlation_id=correlation_id,
@@ -142,8 +142,9 @@ class Todos:
     ) -> Todo:
         """Apply ``change`` to the locked todo; it returns None when there is nothing to do.
 
-        Completing a completed todo changes nothing: no new version, no
-        second event (and so no second email).
+        Completing a completed todo, or a PATCH of every field to the value
+        it has, changes nothing: no new version, no event (and so no second
+        email, and no todo.updated that says a todo changed when it did not).
         """
         async with publishing(self._pool, self._committed) as cur:
             todo = await self._locked(cur, owner_id, todo_id, if_match)
@@ -165,3 +166,14 @@ class Todos:
                 "The todo was changed since you read it; fetch it again", current_version=todo.version
             )
         return todo
+
+
+def _with_changes(todo: Todo, changes: dict[str, Any]) -> Todo | None:
+    """``todo`` with ``changes``, or None when it already has every one of them.
+
+    Compared as parsed: a title is trimmed and a due date is an instant, so
+    that "  a " and "a", or 09:00+01:00 and 08:00Z, are the same value.
+    """
+    if all(getattr(todo, name) == value for name, value in changes.items()):
+        return None
+    return dataclasses.replace(todo, **changes)
