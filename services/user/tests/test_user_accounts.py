@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,19 @@ async def test_a_password_logs_in_whichever_unicode_form_it_is_typed_in(client: 
     assert (await client.post("/users", json=body)).status == 201
     login = await client.post("/auth/login", json={"username": "ada", "password": decomposed})
     assert login.status == 200
+
+
+async def test_a_long_password_logs_in_in_the_unicode_form_it_registered_in(client: Client) -> None:
+    # 128 characters once normalized, as registration counts them, and 256
+    # code points as typed decomposed: login must count the same way.
+    decomposed = "e\u0301" * 128
+    body = {"username": "ada", "email": "ada@example.com", "password": decomposed}
+    assert (await client.post("/users", json=body)).status == 201
+    for typed in (decomposed, unicodedata.normalize("NFC", decomposed)):
+        login = await client.post("/auth/login", json={"username": "ada", "password": typed})
+        assert login.status == 200, await login.text()
+    too_long = await client.post("/auth/login", json={"username": "ada", "password": "e\u0301" * 129})
+    assert too_long.status == 422
 
 
 async def test_argon2_never_runs_on_the_event_loop(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:

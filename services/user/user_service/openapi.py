@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .passwords import MAX_LENGTH, MIN_LENGTH
+from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, MIN_LENGTH
 from .validation import MAX_DISPLAY_NAME, MAX_EMAIL
 
 
@@ -71,8 +71,10 @@ SCHEMAS: dict[str, Any] = {
             "password": {
                 "type": "string",
                 "minLength": MIN_LENGTH,
-                "maxLength": MAX_LENGTH,
-                "description": "Refused if it is a commonly used password, or the username or email.",
+                "maxLength": MAX_TYPED_LENGTH,
+                "description": f"{MIN_LENGTH} to {MAX_LENGTH} characters once NFKC-normalized (as typed, up to"
+                f" {MAX_TYPED_LENGTH} code points: decomposed accents count once). Refused if it is a commonly"
+                " used password, or the username or email.",
             },
             "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
         },

@@ -29,7 +29,10 @@ from .errors import HashingBusy
 from .settings import PasswordPolicy
 
 MIN_LENGTH = 8
-MAX_LENGTH = 128
+MAX_LENGTH = 128  # characters once normalized: what the limits count
+# As typed, before NFKC: decomposed, a password is up to three code points a
+# character (Hangul typed as jamo), and this bounds the work of normalizing it.
+MAX_TYPED_LENGTH = 4 * MAX_LENGTH
 log = structlog.get_logger()
 
 
@@ -154,7 +157,7 @@ class Passwords:
 
     def weakness(self, password: str, *, username: str = "", email: str = "") -> str | None:
         """Why ``password`` is refused, or None when it is acceptable."""
-        password = normalized(password)
+        password = normalized(password[: MAX_TYPED_LENGTH + 1])
         if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
             return f"must be {MIN_LENGTH} to {MAX_LENGTH} characters long"
         lowered = password.lower()

@@ -14,7 +14,7 @@ from typing import Any
 
 from mesh_common.problems import ValidationFailed
 
-from .passwords import MAX_LENGTH, Passwords
+from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, Passwords, normalized
 
 # Matched whole: "$" alone would also match before a trailing newline.
 USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,32}")
@@ -140,7 +140,11 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
     login, password = fields.string("username"), fields.string("password", nul=True)
     if login is not None and not 1 <= len(login) <= MAX_EMAIL:
         fields.error("username", "must be a username or an email")
-    if password is not None and not 1 <= len(password) <= MAX_LENGTH:
+    # Counted as registration counts it, once normalized: typed decomposed,
+    # a password that registered may be longer than MAX_LENGTH code points.
+    if password is not None and not (
+        1 <= len(password) <= MAX_TYPED_LENGTH and len(normalized(password)) <= MAX_LENGTH
+    ):
         fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
     fields.check()
     # Spaces around a name are a slip of the keyboard, never part of it.
