@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import datetime
 from typing import Any
 
 import aiopg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+
+from todo_service import repository
+from todo_service.model import Todo
 
 from .conftest import User
 
@@ -44,3 +50,34 @@ async def test_a_patch_that_changes_nothing_is_a_no_op(client: Client, alice: Us
     stale = await patch(client, alice, todo["id"], {"title": "b"}, **{"If-Match": 'W/"1"'})
     assert stale.status == 412
     assert await events_of(db, todo["id"]) == ["todo.created", "todo.updated"]
+
+
+@pytest.mark.parametrize("first", ["patch", "complete"])
+async def test_a_change_that_waited_for_the_lock_is_stamped_after_the_one_it_waited_for(
+    client: Client, alice: User, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    todo = await (await client.post("/todos", json={"title": "a"}, headers=alice.headers)).json()
+    find_todo = repository.find_todo
+    began = asyncio.Event()
+
+    async def slow_to_lock_once(cur: Any, owner_id: str, todo_id: str, *, for_update: bool = False) -> Todo | None:
+        # The first change's transaction has begun, and the second one
+        # begins, locks and commits before the first takes the row's lock.
+        if for_update and not began.is_set():
+            began.set()
+            await asyncio.sleep(0.2)
+        return await find_todo(cur, owner_id, todo_id, for_update=for_update)
+
+    monkeypatch.setattr(repository, "find_todo", slow_to_lock_once)
+    if first == "patch":
+        first_change = asyncio.create_task(patch(client, alice, todo["id"], {"title": "A"}))
+    else:
+        first_change = asyncio.create_task(client.post(f"/todos/{todo['id']}/complete", headers=alice.headers))
+    await began.wait()
+    second = await (await patch(client, alice, todo["id"], {"title": "B"})).json()
+    later = await (await first_change).json()
+
+    assert (second["version"], later["version"]) == (2, 3)
+    assert datetime.fromisoformat(later["updated_at"]) >= datetime.fromisoformat(second["updated_at"])
+    if first == "complete":
+        assert later["completed_at"] == later["updated_at"]  # one change, one time

@@ -36,11 +36,19 @@ async def find_todo(cur: Any, owner_id: str, todo_id: str, *, for_update: bool =
 
 
 async def save_todo(cur: Any, todo: Todo) -> Todo:
-    """Write ``todo``'s fields back as a new version of it."""
+    """Write ``todo``'s fields back as a new version of it; the caller holds its lock (``for_update``).
+
+    Stamped with ``clock_timestamp()``, read once the lock is held, not with
+    ``now()``: that is when the transaction began, before it waited for the
+    lock, so a change that waited for another would be stamped before it,
+    and ``updated_at`` would go backwards as the version went up. Read once,
+    so that the change that completes a todo gives it one time for both.
+    """
     await cur.execute(
         "UPDATE todos SET title = %s, description = %s, due_at = %s, priority = %s, completed = %s,"
-        " completed_at = CASE WHEN %s THEN coalesce(completed_at, now()) END,"
-        " version = version + 1, updated_at = now()"
+        " completed_at = CASE WHEN %s THEN coalesce(completed_at, clock.now) END,"
+        " version = version + 1, updated_at = clock.now"
+        " FROM (SELECT clock_timestamp() AS now) AS clock"
         f" WHERE id = %s AND owner_id = %s RETURNING {COLUMNS}",
         (
             todo.title,
