@@ -74,22 +74,14 @@ async def test_a_compressed_body_whose_encoding_the_client_names_in_connection_g
     client = await gateway(service)
     body = json.dumps({"title": "buy milk"}).encode()
     packed = gzip.compress(body)
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(
-            b"POST /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
-            + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
-            + b"Connection: keep-alive, Content-Encoding\r\nContent-Encoding: gzip\r\n"
-            + f"Content-Type: application/json\r\nContent-Length: {len(packed)}\r\n\r\n".encode()
-            + packed
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-        length = int(
-            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
-        )
-        answer = await asyncio.wait_for(reader.readexactly(length), timeout=5)
-    finally:
-        writer.close()
+    head, answer = await raw_exchange(
+        client,
+        b"POST /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
+        + b"Connection: keep-alive, Content-Encoding\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Type: application/json\r\nContent-Length: {len(packed)}\r\n\r\n".encode()
+        + packed,
+    )
     assert head.startswith(b"HTTP/1.1 200"), head + answer
     seen = json.loads(answer)
     assert seen["body"] == body.decode()
@@ -129,22 +121,14 @@ async def test_a_large_body_is_streamed_with_its_length(fake_service, gateway, t
 async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_behind(fake_service, gateway, tokens):
     service = await fake_service(1)
     client = await gateway(service)
-    # Raw, because a client library folds or rewrites Connection headers itself.
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(
-            b"GET /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
-            + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
-            + b"Connection: keep-alive, X-First\r\nConnection: X-Second\r\n"
-            b"X-First: 1\r\nX-Second: 2\r\nX-Kept: 3\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\r\n"
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-        length = int(
-            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
-        )
-        seen = json.loads(await asyncio.wait_for(reader.readexactly(length), timeout=5))["headers"]
-    finally:
-        writer.close()
+    head, answer = await raw_exchange(
+        client,
+        b"GET /api/v1/things HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: {tokens.headers()['Authorization']}\r\n".encode()
+        + b"Connection: keep-alive, X-First\r\nConnection: X-Second\r\n"
+        b"X-First: 1\r\nX-Second: 2\r\nX-Kept: 3\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\r\n",
+    )
+    seen = json.loads(answer)["headers"]
     assert head.startswith(b"HTTP/1.1 200")
     assert seen["X-Kept"] == "3"
     assert not {"X-First", "X-Second", "Keep-Alive", "Proxy-Connection"} & seen.keys()
@@ -173,3 +157,20 @@ def test_what_tells_whether_an_email_is_taken_has_the_tighter_limit():
     # Registration and a profile's new email both answer 409 for a taken one:
     # probing through either is held to the logins' limit.
     assert {("POST", "/api/v1/users"), ("PATCH", "/api/v1/users/me"), ("POST", "/api/v1/auth/login")} <= API.auth
+
+
+async def raw_exchange(client, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` as bytes and read one answer: (its head, its body).
+
+    Raw, because a client library folds or rewrites Connection headers itself.
+    """
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
+        )
+        return head, await asyncio.wait_for(reader.readexactly(length), timeout=5)
+    finally:
+        writer.close()

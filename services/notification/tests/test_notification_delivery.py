@@ -259,22 +259,12 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
     mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
-
-    def welcome(user: dict[str, str], event_id: str) -> Coroutine[Any, Any, Outcome]:
-        return notifier.notify(
-            event_id=event_id,
-            kind="welcome",
-            user_id=user["id"],
-            values={"username": user["username"]},
-            recipient=Recipient(user["email"], user["username"]),
-        )
-
-    first = asyncio.create_task(welcome(new_user(), str(uuid.uuid4())))
+    first = asyncio.create_task(welcome(notifier, new_user(), str(uuid.uuid4())))
     waiting_id = str(uuid.uuid4())
     waiting: asyncio.Task[Outcome] | None = None
     try:
         await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
-        waiting = asyncio.create_task(welcome(new_user(), waiting_id))
+        waiting = asyncio.create_task(welcome(notifier, new_user(), waiting_id))
         for _ in range(5):
             await asyncio.sleep(0.05)
             assert waiting_id not in {row[0] for row in await _notification_rows(pool)}
@@ -286,6 +276,18 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
             if task is not None and not task.done():
                 task.cancel()
         await mailer.close()
+
+
+def welcome(notifier: Notifier, user: dict[str, str], event_id: str, **options: Any) -> Coroutine[Any, Any, Outcome]:
+    """``user``'s welcome email for ``event_id``, straight through ``notifier``, their address given."""
+    return notifier.notify(
+        event_id=event_id,
+        kind="welcome",
+        user_id=user["id"],
+        values={"username": user["username"]},
+        recipient=Recipient(user["email"], user["username"]),
+        **options,
+    )
 
 
 async def _notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
@@ -311,21 +313,11 @@ async def test_a_slow_still_wanted_check_leaves_no_claim_for_another_delivery_to
         await asyncio.sleep(notifier.lease * 2)
         return True
 
-    def remind() -> Coroutine[Any, Any, Outcome]:
-        return notifier.notify(
-            event_id=event_id,
-            kind="welcome",
-            user_id=user["id"],
-            values={"username": user["username"]},
-            recipient=Recipient(user["email"], user["username"]),
-            still_wanted=slow_check,
-        )
-
     try:
-        first = asyncio.create_task(remind())
+        first = asyncio.create_task(welcome(notifier, user, event_id, still_wanted=slow_check))
         await asyncio.wait_for(checking.wait(), timeout=5)
         await asyncio.sleep(notifier.lease * 1.4)  # the scenario itself: past a lease taken before the check
-        second = asyncio.create_task(remind())
+        second = asyncio.create_task(welcome(notifier, user, event_id, still_wanted=slow_check))
         outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
     finally:
         await mailer.close()
