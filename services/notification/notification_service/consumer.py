@@ -212,7 +212,6 @@ class EventConsumer:
         except TemporaryFailure as exc:
             await self._retry_later(message, exc)
         except Exception as exc:
-            log.exception("event_failed", failures=_count(message, FAILURES_HEADER) + 1)
             await self._deliver_again(message, exc)
         else:
             if outcome is Outcome.SENT and self._crash_after_send:
@@ -241,6 +240,7 @@ class EventConsumer:
         # A copy, not a nack with requeue: the broker's count would also
         # take in every restart the message was in hand for (module docstring).
         failures = _count(message, FAILURES_HEADER) + 1
+        log.error("event_failed", failures=failures, exc_info=exc)
         if failures > self._failure_limit:
             await self._dead_letter(message, exc)
             return
