@@ -16,7 +16,8 @@ const ioTimeout = 10 * time.Second
 // recording takes no lock.
 type result struct {
 	latencies  []time.Duration
-	last       time.Time // when the last recorded response ended
+	dues       []time.Time // when each of latencies' requests was due
+	last       time.Time   // when the last recorded response ended
 	errors     int
 	firstError string
 }
@@ -47,6 +48,7 @@ func (r *result) run(address string, request []byte, jobs <-chan job, skip int) 
 			r.fail(err)
 		} else if j.index >= skip {
 			r.latencies = append(r.latencies, now.Sub(j.due))
+			r.dues = append(r.dues, j.due)
 			r.last = now
 		}
 		if err != nil || !keep {

@@ -25,6 +25,10 @@
 // with it; p99 / p50 then shrinks and looks better, so the caller must know
 // that the rate asked for was not the rate served. (A server that keeps up
 // falls short only by its last response's latency over -duration.)
+// With -trace it also lists every recorded request: when it was due (Unix
+// time, ms) and its latency (ms), so that a caller can split one steady
+// stream of requests by what else was happening at the time (a login storm
+// switched on and off, say) without restarting the client for each part.
 // Connections are capped (-conns) like any real client pool: in a stall, a
 // request waits for a free connection (and its wait counts) instead of
 // opening yet another one, which would add accept() work to the stalled
@@ -62,6 +66,7 @@ func main() {
 	warmup := flag.Duration("warmup", time.Second, "how long to send first, at the same rate, without recording")
 	conns := flag.Int("conns", 64, "most connections open at once; more requests wait for one")
 	procs := flag.Int("procs", 1, "OS threads running Go code (GOMAXPROCS): one leaves the rest to the server")
+	trace := flag.Bool("trace", false, "list every recorded request's due time and latency")
 	var extra headers
 	flag.Var(&extra, "H", "header 'Name: value' (repeatable)")
 	flag.Parse()
@@ -106,11 +111,17 @@ func main() {
 	wg.Wait()
 
 	var latencies []time.Duration
+	var samples [][2]float64
 	errors := 0
 	var firstError string
 	var last time.Time // the last recorded response
 	for _, r := range results {
 		latencies = append(latencies, r.latencies...)
+		if *trace {
+			for i, latency := range r.latencies {
+				samples = append(samples, [2]float64{milliseconds(r.dues[i].UnixNano()), milliseconds(int64(latency))})
+			}
+		}
 		errors += r.errors // in the warm-up too: any error fails the run
 		if firstError == "" {
 			firstError = r.firstError
@@ -124,10 +135,14 @@ func main() {
 		achieved = float64(len(latencies)) / span.Seconds()
 	}
 	sort.Slice(latencies, func(a, b int) bool { return latencies[a] < latencies[b] })
-	json.NewEncoder(os.Stdout).Encode(map[string]any{
+	report := map[string]any{
 		"recorded": len(latencies), "errors": errors, "rate": *rate, "achieved_rps": achieved,
 		"p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
-	})
+	}
+	if *trace {
+		report["samples"] = samples // [due (Unix ms), latency (ms)]
+	}
+	json.NewEncoder(os.Stdout).Encode(report)
 	if errors > 0 {
 		fmt.Fprintln(os.Stderr, "first error:", firstError)
 		os.Exit(1)
@@ -144,6 +159,8 @@ func buildRequest(u *url.URL, extra headers) []byte {
 	b.WriteString("\r\n")
 	return []byte(b.String())
 }
+
+func milliseconds(nanoseconds int64) float64 { return float64(nanoseconds) / 1e6 }
 
 func percentile(sorted []time.Duration, q float64) float64 {
 	if len(sorted) == 0 {

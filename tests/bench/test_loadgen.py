@@ -1,0 +1,93 @@
+"""The benchmarks' fixed-rate load generator, against a real aiohttp server on loopback.
+
+Its figures are only as good as its schedule and its clock: these check that
+requests go out when due, that each latency is counted from then, and that
+the trace (which the login-storm bench splits into calm and storm slices)
+lists exactly the requests recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import loadgen
+
+RATE = 200
+SECONDS = 1.0
+WARM_UP = 0.2  # sent at the same rate, not recorded
+SENT = int(RATE * WARM_UP) + int(RATE * SECONDS)
+
+
+async def run_loadgen(url: str, *extra: str) -> tuple[int, dict[str, object], str]:
+    args = [
+        str(loadgen()),
+        "-url",
+        url,
+        "-rate",
+        str(RATE),
+        "-duration",
+        f"{SECONDS}s",
+        "-warmup",
+        f"{WARM_UP}s",
+        *extra,
+    ]
+    child = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, err = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, json.loads(out), err.decode()
+
+
+async def test_trace_lists_every_recorded_request_when_due(aiohttp_server) -> None:
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Probe", ""))
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    server = await aiohttp_server(app)
+    started = time.time() * 1000
+
+    code, report, err = await run_loadgen(str(server.make_url("/slow")), "-trace", "-H", "X-Probe: yes")
+
+    assert code == 0, err
+    samples = report["samples"]
+    assert isinstance(samples, list)
+    assert report["recorded"] == len(samples) == RATE * SECONDS
+    assert set(seen) == {"yes"} and len(seen) == SENT
+    dues = sorted(due for due, _ in samples)
+    assert started < dues[0] < started + 5_000  # Unix ms, the caller's clock
+    gaps = [later - earlier for earlier, later in itertools.pairwise(dues)]
+    assert min(gaps) > 0.9 * 1000 / RATE and max(gaps) < 1.1 * 1000 / RATE  # the schedule, not the answers
+    # Counted from when due: never less than the handler's own 20 ms.
+    assert all(latency >= 20 for _, latency in samples)
+
+
+async def test_no_trace_unless_asked_and_an_error_status_fails_the_run(aiohttp_server) -> None:
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def gone(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/gone", gone)
+    server = await aiohttp_server(app)
+
+    code, report, _ = await run_loadgen(str(server.make_url("/ok")))
+    assert code == 0 and "samples" not in report and report["recorded"] == RATE * SECONDS
+
+    code, report, err = await run_loadgen(str(server.make_url("/gone")), "-trace")
+    assert code == 1 and report["errors"] == SENT and "status 404" in err
