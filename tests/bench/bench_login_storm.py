@@ -4,14 +4,16 @@
 
 Starts the test profile's infrastructure if needed (like the test suite),
 runs one user-service process on a loopback port, outside Consul, and
-measures from this process:
+measures:
 
-1. calm:  GET /users/me at READ_RATE per second;
+1. calm:  GET /users/me at READ_RATE per second, from our Go load generator
+   (tests/bench/loadgen) in one steady stream through the whole run;
 2. storm: the same, while STORMERS clients log in back to back (argon2id with
-   the production parameters, every one a correct password), from a second
-   process so that they do not share the reads' event loop;
+   the production parameters, every one a correct password), from a Python
+   process of their own;
 
-in ROUNDS alternating slices of SLICE seconds each.
+in ROUNDS alternating slices of SLICE seconds each, split by each read's
+due time.
 
 The reads come at a fixed rate rather than back to back, so that the calm
 phase is a realistic load and not a saturated CPU, and latencies count from
@@ -28,11 +30,13 @@ deleted at the end.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -42,6 +46,8 @@ import aiopg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from measure import loadgen  # noqa: E402
+
 from devstack.config import StackConfig  # noqa: E402
 from devstack.stack import up_infra  # noqa: E402
 
@@ -50,6 +56,10 @@ STORMERS = 32  # clients logging in back to back during the storm
 STORM_ACCOUNTS = 16
 ROUNDS = 10
 SLICE = 1.5  # seconds per calm or storm slice
+WARM_UP = 2.0  # seconds of storm and reads before the first slice
+# The reads run through the whole schedule: a storm slice's logins in flight
+# at its end take up to a second more here, and the rest is margin.
+READS_SECONDS = ROUNDS * (2 * SLICE + 1.5)
 TARGET_RATIO = 2.0  # storm p99 / calm p99 at most
 # A storm is ~60 logins/s from 32 clients here (docs/services/user.md). Each
 # storm slice must have at least half of its answers 200, and a quarter of
@@ -114,28 +124,41 @@ async def account(session: aiohttp.ClientSession) -> tuple[str, str]:
         return name, (await response.json())["access_token"]
 
 
-async def read_profiles(session: aiohttp.ClientSession, token: str, until: float, latencies: list[float]) -> None:
-    """GET /users/me at a fixed rate, whatever the answers' speed (an open loop).
+class Reads:
+    """GET /users/me at a fixed rate for the whole run, from our Go load generator.
 
-    Each latency counts from when the request was due, not from when it was
-    sent: a stall delays the requests behind it, and they count it too.
+    One steady stream, in a process that costs the machine a fraction of what
+    a Python client would: at 200 requests a second, an aiohttp client's own
+    event loop, competing for the same two CPUs as the storm, would add its
+    wake-ups to the latencies it measures. Each latency counts from when the
+    request was due (an open loop: a stall delays the requests behind it, and
+    they count it too), and the trace gives each request's due time, so that
+    the run can be split afterwards into the calm and storm spans.
     """
-    headers = {"Authorization": f"Bearer {token}"}
-    loop = asyncio.get_running_loop()
 
-    async def one(due: float) -> None:
-        async with session.get("/users/me", headers=headers) as response:
-            body = await response.read()
-            assert response.status == 200, (response.status, body[:200])
-        latencies.append(loop.time() - due)
+    def __init__(self, base_url: str, token: str, seconds: float) -> None:
+        self._args = [
+            str(loadgen()),
+            *("-url", f"{base_url}/users/me", "-rate", str(READ_RATE), "-conns", "16"),
+            *("-duration", f"{seconds:.1f}s", "-warmup", f"{WARM_UP:.1f}s", "-trace"),
+            *("-H", f"Authorization: Bearer {token}"),
+        ]
 
-    requests = []
-    due = loop.time()
-    while due < until:
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        requests.append(asyncio.create_task(one(due)))
-        due += 1 / READ_RATE
-    await asyncio.gather(*requests)
+    async def __aenter__(self) -> Reads:
+        self._child = await asyncio.create_subprocess_exec(*self._args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and self._child.returncode is None:
+            self._child.kill()
+            await self._child.wait()
+
+    async def samples(self) -> list[tuple[float, float]]:
+        """(due, latency) of every request after the warm-up, in seconds since the epoch and ms."""
+        out, err = await self._child.communicate()
+        if self._child.returncode != 0:
+            raise SystemExit(f"GET /users/me failed: {err.decode().strip()}")
+        return [(due / 1000, latency) for due, latency in json.loads(out)["samples"]]
 
 
 async def log_in_repeatedly(session: aiohttp.ClientSession, name: str, until: float, statuses: list[int]) -> None:
@@ -205,22 +228,24 @@ async def storm_process(base_url: str, names: list[str]) -> None:
             print(statuses.count(200), statuses.count(503), flush=True)
 
 
-async def phase(
-    session: aiohttp.ClientSession, token: str, storm: Storm | None = None, seconds: float = SLICE
-) -> tuple[list[float], tuple[int, int]]:
-    until = asyncio.get_running_loop().time() + seconds
-    latencies: list[float] = []
-    reads = read_profiles(session, token, until, latencies)
-    async with asyncio.timeout(seconds + 30):  # a hung service fails the run rather than stalling it
-        if storm is None:
-            await reads
-            return latencies, (0, 0)
-        _, counts = await asyncio.gather(reads, storm.blow(seconds))
-    return latencies, counts
+def within(samples: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[float]:
+    """The latencies of the requests due inside one of the spans, each span checked for a full count.
+
+    A span with too few requests is one the load generator was not running
+    through (it started late, or the run outlasted it): its p99 would be
+    another span's.
+    """
+    latencies = []
+    for start, end in spans:
+        inside = [latency for due, latency in samples if start <= due < end]
+        if len(inside) < 0.9 * READ_RATE * (end - start):
+            raise SystemExit(f"{len(inside)} reads in a {end - start:.1f} s span: the reads did not cover the run")
+        latencies += inside
+    return latencies
 
 
-def p99(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=100)[98] * 1000
+def p99(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98]
 
 
 async def bench(config: StackConfig, base_url: str) -> float:
@@ -229,18 +254,25 @@ async def bench(config: StackConfig, base_url: str) -> float:
         await wait_ready(session)
         _, token = await account(session)
         storm_names = [name for name, _ in await asyncio.gather(*(account(session) for _ in range(STORM_ACCOUNTS)))]
-        calm: list[float] = []
-        storm: list[float] = []
-        slices: list[tuple[int, int]] = []  # (logins answered 200, shed with a 503) per storm slice
-        async with Storm(base_url, storm_names) as stormers:
-            await phase(session, token, stormers, seconds=2.0)  # warm-up: connections, caches, pool threads
-            # Alternate short slices, so that whatever else the machine is
-            # doing meanwhile weighs on both sides alike.
-            for _ in range(ROUNDS):
-                calm += (await phase(session, token))[0]
-                latencies, counts = await phase(session, token, stormers)
-                storm += latencies
-                slices.append(counts)
+    calm_spans: list[tuple[float, float]] = []
+    storm_spans: list[tuple[float, float]] = []
+    slices: list[tuple[int, int]] = []  # (logins answered 200, shed with a 503) per storm slice
+    async with Storm(base_url, storm_names) as stormers, Reads(base_url, token, READS_SECONDS) as reads:
+        # Warm-up, with the reads' own (not recorded): connections, caches, pool threads.
+        await stormers.blow(WARM_UP)
+        # Alternate short slices, so that whatever else the machine is
+        # doing meanwhile weighs on both sides alike. A storm slice's logins
+        # still in flight at its end finish before the next calm slice
+        # begins; the reads due meanwhile belong to neither.
+        for _ in range(ROUNDS):
+            start = time.time()
+            await asyncio.sleep(SLICE)
+            calm_spans.append((start, start + SLICE))
+            start = time.time()
+            slices.append(await stormers.blow(SLICE))
+            storm_spans.append((start, start + SLICE))
+        samples = await reads.samples()
+    calm, storm = within(samples, calm_spans), within(samples, storm_spans)
     ratio = p99(storm) / p99(calm)
     seconds = ROUNDS * SLICE
     logins, shed = sum(ok for ok, _ in slices), sum(no for _, no in slices)
