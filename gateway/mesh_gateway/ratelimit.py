@@ -18,7 +18,8 @@ lease's worth early while another gateway holds counts it has not used.
 When Redis is unreachable, the counts in hand are still handed out; a
 request that needs a draw fails *open for reads* (GET, HEAD, OPTIONS) so
 browsing survives a cache outage, and *closed for writes*, which are the
-abuse we limit for (credential stuffing, spam). See docs/gateway.md.
+abuse we limit for (credential stuffing, spam), save the few that keep a
+session going (``RouteTable.session``). See docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from dataclasses import dataclass
 
 from .redis_script import RedisScript, Reply
 
-# KEYS: distinct counters. ARGV, per key: how many counts to draw, then when
-# the counter may expire (Unix ms). Returns each counter's new total.
+# KEYS: distinct counters. ARGV, per key: how many counts to draw, then how
+# long the counter may live (ms). Returns each counter's new total.
 _SCRIPT = """
 local totals = {}
 for i, key in ipairs(KEYS) do
   local hits = tonumber(ARGV[2 * i - 1])
   local total = redis.call('INCRBY', key, hits)
-  if total == hits then redis.call('PEXPIREAT', key, ARGV[2 * i]) end
+  if total == hits then redis.call('PEXPIRE', key, ARGV[2 * i]) end
   totals[i] = total
 end
 return totals
@@ -211,10 +212,14 @@ class RateLimiter:
                 kept.add(key)
                 draws[key] = max(needed, self._lease(key, caps[key]))
         # A counter outlives its window by another: a draw that reaches Redis
-        # late (in flight at the turn, or from a gateway whose clock is behind
-        # Redis's) must find its window's count, not start one afresh.
+        # late (in flight at the turn) must find its window's count, not start
+        # one afresh. Its lifetime is relative, measured on this gateway's
+        # clock: an expiry time told to Redis would be read on Redis's clock,
+        # and from a gateway more than a window behind it, every counter it
+        # made would expire at once, and it would never refuse anyone.
         window = self._limits.window_seconds * 1000
-        args = [arg for key in draws for arg in (draws[key], ends[key] + window)]
+        now = int(self._clock() * 1000)
+        args = [arg for key in draws for arg in (draws[key], ends[key] + window - now)]
         self._in_flight = True
         try:
             self._redis.call(list(draws), args, lambda reply: self._decide(batch, draws, ends, kept, reply))

@@ -201,3 +201,14 @@ async def test_a_draw_that_reaches_redis_after_its_window_ended_still_counts_in_
     rl = limiter(per_ip=5, clock=lambda: behind)
     allowed = [(await rl.check(ip="192.0.2.28", user=None, auth_route=False)).allowed for _ in range(10)]
     assert allowed == [True] * 5 + [False] * 5
+
+
+async def test_a_gateway_whose_clock_is_windows_behind_redis_still_limits(redis, limiter):
+    # Ten minutes slow: the end of its window, taken as a time on Redis's
+    # clock, would already be past, and its counters would expire as made.
+    prefix = f"rl-{uuid.uuid4().hex[:8]}"
+    rl = limiter(per_ip=5, prefix=prefix, clock=lambda: time.time() - 600)
+    allowed = [(await rl.check(ip="192.0.2.29", user=None, auth_route=False)).allowed for _ in range(10)]
+    assert allowed == [True] * 5 + [False] * 5
+    [key] = await redis.keys(f"{prefix}:ip:192.0.2.29:*")
+    assert 60_000 < await redis.pttl(key) <= 120_000  # the rest of its window, and one more
