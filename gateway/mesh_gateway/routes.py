@@ -7,7 +7,7 @@ as public need a valid access token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,11 @@ class RouteTable:
     # Paths (and what is under them) that services keep for one another:
     # never published, whatever prefix would otherwise carry them.
     internal: tuple[str, ...] = ()
+    # Writes that keep a session going, proven by a refresh token nobody can
+    # guess: they pass, like reads, while the rate limiter's Redis is away.
+    # Refused, every signed-in user would be signed out within an access
+    # token's lifetime (10 minutes), and a cache outage would become a full one.
+    session: frozenset[tuple[str, str]] = frozenset()
 
     def match(self, path: str) -> Route | None:
         for internal in self.internal:
@@ -57,7 +62,7 @@ class RouteTable:
 
     def extended(self, extra: tuple[tuple[str, str], ...]) -> RouteTable:
         routes = tuple(Route(prefix, service) for prefix, service in extra)
-        return RouteTable(routes=self.routes + routes, public=self.public, auth=self.auth, internal=self.internal)
+        return replace(self, routes=self.routes + routes)
 
 
 API = RouteTable(
@@ -86,4 +91,5 @@ API = RouteTable(
     # Services trade their client secret for a service token here; from
     # outside it would only be a place to guess secrets.
     internal=("/api/v1/auth/service-token",),
+    session=frozenset({("POST", "/api/v1/auth/refresh"), ("POST", "/api/v1/auth/logout")}),
 )

@@ -223,9 +223,12 @@ async def gateway(
                     idempotency_key_paths=frozenset({"/api/v1/things"}),
                 ),
             ),
-            public=frozenset({("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login")}),
+            public=frozenset(
+                {("GET", "/api/v1/things/public"), ("POST", "/api/v1/things/login"), ("POST", "/api/v1/things/refresh")}
+            ),
             auth=frozenset({("POST", "/api/v1/things/login")}),
             internal=("/api/v1/things/internal",),
+            session=frozenset({("POST", "/api/v1/things/refresh")}),
         )
         app = create_app(settings, routes=table, verifier=tokens.verifier(), upstream=upstream)
         return await aiohttp_client(ServedLikeProduction(app, port=held.port, socket_factory=held.socket_factory))

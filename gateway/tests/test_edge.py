@@ -100,6 +100,13 @@ async def test_redis_down_fails_open_for_reads_and_closed_for_writes(fake_servic
     async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
         assert r.status == 503
         assert (await r.json())["code"] == "RATE_LIMITER_UNAVAILABLE"
+    async with client.post("/api/v1/things/login", json={}) as r:
+        assert r.status == 503
+    # Keeping a session is not the abuse the limits are for: refused, every
+    # user would be signed out once their access token ran out.
+    async with client.post("/api/v1/things/refresh", json={}) as r:
+        assert r.status == 200
+    assert service.hits == 2
 
 
 async def test_oversized_body_is_413(fake_service, gateway, tokens):
