@@ -119,7 +119,14 @@ def postgres(cfg: StackConfig) -> Proc:
     base = _owned_dir(cfg.run_dir / "postgres", "postgres")
     data = base / "data"
     if not (data / "PG_VERSION").exists():
-        _owned_dir(data, "postgres")
+        # Made aside and renamed once whole: initdb writes PG_VERSION before
+        # the rest, so one cut short (Ctrl-C, its timeout) in place would
+        # leave a directory that passes for made and never starts. What such
+        # a start left aside, or in place before this, is no cluster.
+        draft = base / "data.draft"
+        for unfinished in (draft, data):
+            shutil.rmtree(unfinished, ignore_errors=True)
+        _owned_dir(draft, "postgres")
         # The locale is set, not taken from the environment (where it may be
         # one this machine lacks): it decides what lower() folds, and
         # usernames and emails are compared through it.
@@ -127,7 +134,7 @@ def postgres(cfg: StackConfig) -> Proc:
             [
                 _pg_bin("initdb"),
                 "-D",
-                str(data),
+                str(draft),
                 "-U",
                 "postgres",
                 "--auth=trust",
@@ -139,6 +146,7 @@ def postgres(cfg: StackConfig) -> Proc:
             user="postgres",
             timeout=120,
         )
+        draft.rename(data)
     return Proc(
         "postgres",
         [

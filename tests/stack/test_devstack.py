@@ -154,6 +154,28 @@ def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monk
         infra._pg_bin("postgres", tmp_path)
 
 
+def test_an_initdb_cut_short_is_made_again_by_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    real_run_checked = infra.run_checked
+
+    def cut_short(argv: list[str], **kwargs: object) -> str:
+        # What initdb has done when a Ctrl-C or its timeout stops it: PG_VERSION first.
+        target = Path(argv[argv.index("-D") + 1])
+        (target / "PG_VERSION").write_text("15\n")
+        raise StackError("initdb failed (-9)")
+
+    monkeypatch.setattr(infra, "run_checked", cut_short)
+    with pytest.raises(StackError):
+        infra.postgres(cfg)
+    monkeypatch.setattr(infra, "run_checked", real_run_checked)
+    proc = infra.postgres(cfg)  # the real initdb, this time to the end
+
+    data = tmp_path / "postgres" / "data"
+    assert proc.argv[proc.argv.index("-D") + 1] == str(data)
+    assert (data / "PG_VERSION").exists() and (data / "global" / "pg_control").exists()
+    assert sorted(p.name for p in data.parent.iterdir()) == ["data"]
+
+
 def test_a_data_directory_made_by_a_postgresql_too_old_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
