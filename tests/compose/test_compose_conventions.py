@@ -256,6 +256,9 @@ def test_stateful_infrastructure_keeps_its_data_in_a_named_volume(name: str, dat
 def test_only_infrastructure_uis_and_the_edge_are_published() -> None:
     published = {name: svc["ports"] for name, svc in services().items() if svc.get("ports")}
     assert set(published) == {"consul", "envoy", "rabbitmq", "mailpit"}
+    # On loopback by default, as natively: nothing outside the machine reaches the mesh.
+    host_addresses = {name: {_interpolated(p).split(":")[0] for p in ports} for name, ports in published.items()}
+    assert host_addresses == {name: {"127.0.0.1"} for name in published}
     container_ports = {name: {str(p).rsplit(":", 1)[-1] for p in ports} for name, ports in published.items()}
     assert container_ports == {
         "consul": {"8500"},
@@ -322,4 +325,4 @@ def test_each_service_starts_from_its_compose_environment(service: str, settings
 def test_the_gateway_names_the_instance_that_answered_as_natively() -> None:
     native = mesh.gateway(StackConfig.from_env({}), 1).env
     compose = env_of(services()["gateway"])
-    assert compose["GATEWAY_EXPOSE_UPSTREAM"] == native["GATEWAY_EXPOSE_UPSTREAM"] == "1"
+    assert _interpolated(compose["GATEWAY_EXPOSE_UPSTREAM"]) == native["GATEWAY_EXPOSE_UPSTREAM"] == "1"
