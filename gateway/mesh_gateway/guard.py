@@ -7,6 +7,7 @@ rate limiter counts the request against its client IP and its user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 
@@ -90,8 +91,11 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         except Unauthorized:
             # A failed authentication still counts against the caller's IP,
             # so that guessing tokens is limited like everything else (and
-            # its 401 carries the RateLimit-* headers too).
-            await enforce_limits(request, user=None)
+            # its 401 carries the RateLimit-* headers too). Uncounted while
+            # Redis is away, it is still a 401: a 503 would have the client
+            # retry a token that will never pass instead of signing in again.
+            with contextlib.suppress(RateLimiterDown):
+                await enforce_limits(request, user=None)
             raise
     await enforce_limits(request, user=user)
     return await handler(request)

@@ -107,6 +107,9 @@ async def test_redis_down_fails_open_for_reads_and_closed_for_writes(fake_servic
     async with client.post("/api/v1/things/refresh", json={}) as r:
         assert r.status == 200
     assert service.hits == 2
+    # A token that will never pass is told so, not to come back in a second.
+    async with client.post("/api/v1/things", json={}, headers={"Authorization": "Bearer not.a.token"}) as r:
+        assert r.status == 401
 
 
 async def test_oversized_body_is_413(fake_service, gateway, tokens):
