@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def test_postgres_runs_the_major_version_that_made_its_data(tmp_path: Path, monk
 
 def test_an_initdb_cut_short_is_made_again_by_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
-    real_run_checked = infra.run_checked
+    real_run_checked = procs.run_checked
 
     def cut_short(argv: list[str], **kwargs: object) -> str:
         # What initdb has done when a Ctrl-C or its timeout stops it: PG_VERSION first.
@@ -225,6 +226,36 @@ def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -
         stop(cfg.run_dir, "redis")  # what `task down` does last
     supervisor.join(timeout=5)
     assert outcome == [False]
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler of its own for ``sig`` (the kernel's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_a_closed_terminal_stops_the_foreground_stack_like_ctrl_c(tmp_path: Path) -> None:
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    start(cfg.run_dir, _sleeper("redis"))
+    script = (
+        "import sys; from devstack import cli; from devstack.config import StackConfig;"
+        f" cfg = StackConfig.from_env({{'MESH_RUN_DIR': {str(tmp_path)!r}}});"
+        " print('waiting', flush=True); print(cli.wait_for_stop(cfg), flush=True)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
+    supervisor = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert supervisor.stdout is not None and supervisor.stdout.readline() == "waiting\n"
+        wait_until(lambda: _catches(supervisor.pid, signal.SIGHUP), timeout=10, what="its signal handlers")
+        supervisor.send_signal(signal.SIGHUP)
+        out, _ = supervisor.communicate(timeout=10)
+        # Told to stop (True), so it would go on to stop the stack; not killed by the hang-up.
+        assert (supervisor.returncode, out) == (0, "True\n")
+    finally:
+        supervisor.kill()
+        stop(cfg.run_dir, "redis")
 
 
 def _envoy_segments() -> set[str]:
