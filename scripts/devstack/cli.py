@@ -40,12 +40,19 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
     if args.detach:
         return
     print("\nCtrl-C stops everything (or `task down` from another terminal).", flush=True)
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    if supervise(cfg, stopping):
+    if wait_for_stop(cfg):
         print("\nstopping ...", flush=True)
         stack.down(cfg)
+
+
+def wait_for_stop(cfg: StackConfig) -> bool:
+    """Until Ctrl-C, SIGTERM or a closed terminal (True), or until `task down` has stopped everything (False)."""
+    stopping = threading.Event()
+    # SIGHUP too: a closed terminal would otherwise end this process alone,
+    # and leave the stack (in sessions of its own) running with nobody to stop it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
+    return supervise(cfg, stopping)
 
 
 def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
