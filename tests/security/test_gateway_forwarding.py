@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -149,7 +150,9 @@ def test_compose_trusts_envoys_address_and_no_other_container() -> None:
     (ipam,) = compose["networks"]["default"]["ipam"]["config"]
     subnet, dynamic = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
     envoy = ipaddress.ip_address(compose["services"]["envoy"]["networks"]["default"]["ipv4_address"])
-    env = compose["services"]["gateway"]["environment"]
+    # With compose's own defaults for what the host may set (${NAME:-default}).
+    gateway = compose["services"]["gateway"]["environment"]
+    env = {name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for name, value in gateway.items()}
     trusted = Settings.from_env(env).trusted_proxies
 
     assert envoy in subnet and envoy not in dynamic
