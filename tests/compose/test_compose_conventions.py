@@ -5,6 +5,7 @@ contract."""
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import re
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from devstack import mesh
 from devstack.config import StackConfig
+from mesh_gateway import settings as gateway_settings
 
 from .conftest import (
     APPS,
@@ -320,6 +322,20 @@ def test_each_service_starts_from_its_compose_environment(service: str, settings
     env = {k: _interpolated(v) for k, v in env_of(services()[service]).items()}
     settings = importlib.import_module(settings_path).Settings.from_env(env)
     assert settings.service.port == int(env["SERVICE_PORT"])
+
+
+def test_compose_trusts_envoys_address_and_no_other_container() -> None:
+    compose = load_compose()
+    (ipam,) = compose["networks"]["default"]["ipam"]["config"]
+    subnet, dynamic = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
+    envoy = ipaddress.ip_address(compose["services"]["envoy"]["networks"]["default"]["ipv4_address"])
+    env = {name: _interpolated(value) for name, value in env_of(compose["services"]["gateway"]).items()}
+    trusted = gateway_settings.Settings.from_env(env).trusted_proxies
+
+    assert envoy in subnet and envoy not in dynamic
+    assert any(envoy in network for network in trusted)
+    # Every other container gets its address from the dynamic range: none may be trusted.
+    assert not any(network.overlaps(dynamic) for network in trusted if network.version == dynamic.version)
 
 
 def test_the_gateway_names_the_instance_that_answered_as_natively() -> None:

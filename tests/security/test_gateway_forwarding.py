@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
@@ -32,7 +29,6 @@ from mesh_gateway.app import create_app
 from mesh_gateway.routes import Route, RouteTable
 from mesh_gateway.settings import LOOPBACK, Settings, networks
 
-REPO = Path(__file__).resolve().parents[2]
 SECURITY_REDIS_DB = 5  # this suite's own Redis database, flushed per test
 PUBLIC = "/api/v1/echo/public"
 Gateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -143,19 +139,3 @@ def test_trusted_proxies_are_cidrs_read_from_the_environment() -> None:
     for wrong in ("10.1.0.1/16", "envoy", "10.1.0.0/33"):
         with pytest.raises(SettingsError, match="GATEWAY_TRUSTED_PROXIES"):
             networks(wrong)
-
-
-def test_compose_trusts_envoys_address_and_no_other_container() -> None:
-    compose = yaml.safe_load((REPO / "compose.yml").read_text())
-    (ipam,) = compose["networks"]["default"]["ipam"]["config"]
-    subnet, dynamic = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
-    envoy = ipaddress.ip_address(compose["services"]["envoy"]["networks"]["default"]["ipv4_address"])
-    # With compose's own defaults for what the host may set (${NAME:-default}).
-    gateway = compose["services"]["gateway"]["environment"]
-    env = {name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for name, value in gateway.items()}
-    trusted = Settings.from_env(env).trusted_proxies
-
-    assert envoy in subnet and envoy not in dynamic
-    assert any(envoy in network for network in trusted)
-    # Every other container gets its address from the dynamic range: none may be trusted.
-    assert not any(network.overlaps(dynamic) for network in trusted if network.version == dynamic.version)
