@@ -14,6 +14,7 @@ from argon2 import PasswordHasher
 from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import VERIFIER, JwksVerifier
+from user_service import repository
 from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
@@ -466,3 +467,33 @@ async def test_a_stronger_hash_is_kept_at_login(
         await login()
         await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
         assert await cur.fetchone() == (strong,)
+
+
+async def test_a_rehash_for_other_lanes_keeps_a_stronger_hash_strong(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
+    # Two lanes where the settings say one: rehashed for the lanes, but with
+    # its own memory and passes, not the settings' lower ones.
+    user = await register()
+    strong = PasswordHasher(time_cost=3, memory_cost=24576, parallelism=2).hash(PASSWORD)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (strong, user["id"]))
+        await login()
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (rehashed,) = await cur.fetchone()
+    assert rehashed.startswith("$argon2id$v=19$m=24576,t=3,p=1$")
+    await login()
+
+
+async def test_a_rehash_does_not_overwrite_a_hash_changed_since_it_was_verified(
+    client: Client, register: Register, db: aiopg.Pool
+) -> None:
+    user = await register()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (current,) = await cur.fetchone()
+        verified_against = PasswordHasher(time_cost=1, memory_cost=8192).hash(PASSWORD)
+        written = await repository.set_password_hash(db, user["id"], "$argon2id$stale", replacing=verified_against)
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        assert (written, await cur.fetchone()) == (False, (current,))
+        assert await repository.set_password_hash(db, user["id"], "$argon2id$new", replacing=current)

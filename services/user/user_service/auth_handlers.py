@@ -82,10 +82,11 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
     if verdict.as_typed or passwords.needs_rehash(stored_hash):
         # The password is in hand only now: upgrade a hash made with older,
         # weaker parameters, or of the password before it was normalized.
-        new_hash = await passwords.hash(password)
+        new_hash = await passwords.rehash(password, stored_hash)
         async with app[WRITE_SLOTS]:
-            await repository.set_password_hash(pool, user_id, new_hash)
-        log.info("password_rehashed", user_id=user_id)
+            replaced = await repository.set_password_hash(pool, user_id, new_hash, replacing=stored_hash)
+        if replaced:
+            log.info("password_rehashed", user_id=user_id)
     return user_id
 
 

@@ -155,6 +155,28 @@ class Passwords:
             or stored.parallelism != wanted.parallelism
         )
 
+    async def rehash(self, password: str, stored_hash: str) -> str:
+        """A new hash of ``password``, never weaker than ``stored_hash`` nor than the settings.
+
+        The lanes are always the current ones (see ``needs_rehash``); memory
+        and passes keep the higher of the two, so that a rehash for other
+        lanes or for normalization does not quietly weaken a stronger hash.
+        """
+        wanted = self._hasher
+        try:
+            stored = extract_parameters(stored_hash)
+        except InvalidHashError:
+            hasher = wanted
+        else:
+            hasher = PasswordHasher(
+                time_cost=max(stored.time_cost, wanted.time_cost),
+                memory_cost=max(stored.memory_cost, wanted.memory_cost),
+                parallelism=wanted.parallelism,
+                type=Type.ID,
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, hasher.hash, normalized(password))
+
     def weakness(self, password: str, *, username: str = "", email: str = "") -> str | None:
         """Why ``password`` is refused, or None when it is acceptable."""
         password = normalized(password[: MAX_TYPED_LENGTH + 1])

@@ -97,6 +97,16 @@ async def update_user(pool: aiopg.Pool, user_id: str, changes: dict[str, str]) -
     return User.from_row(row) if row else None
 
 
-async def set_password_hash(pool: aiopg.Pool, user_id: str, password_hash: str) -> None:
+async def set_password_hash(pool: aiopg.Pool, user_id: str, password_hash: str, *, replacing: str) -> bool:
+    """Store a rehash of the password, if the hash it was verified against is still the one stored.
+
+    A login verifies, then hashes for tens of milliseconds before it writes:
+    whatever changed the hash meanwhile (another instance with other lanes,
+    a password change) has the last word. False when it did.
+    """
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (password_hash, user_id))
+        await cur.execute(
+            "UPDATE users SET password_hash = %s WHERE id = %s AND password_hash = %s",
+            (password_hash, user_id, replacing),
+        )
+        return bool(cur.rowcount)
