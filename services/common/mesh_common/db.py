@@ -112,14 +112,19 @@ async def _in_utc(conn: aiopg.Connection) -> None:
 def database_ctx(dsn: str, migrations: Sequence[Path], *, maxsize: int = 10) -> CleanupCtx:
     @asynccontextmanager
     async def open_database(app: web.Application) -> AsyncIterator[None]:
-        async with aiopg.create_pool(
-            dsn, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc
-        ) as pool:
+        async with (
+            aiopg.create_pool(dsn, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc) as pool,
+            # The health check's own connection. From the requests' pool, a
+            # burst that held every connection for the check's 1.5 s failed
+            # it: Consul took the instance out for being busy, and, the load
+            # being the same everywhere, every other instance with it.
+            aiopg.create_pool(dsn, minsize=0, maxsize=1, timeout=STATEMENT_TIMEOUT) as probe,
+        ):
             await migrate(pool, migrations)
             app[DB] = pool
 
             async def ping() -> None:
-                async with pool.acquire() as conn, conn.cursor() as cur:
+                async with probe.acquire() as conn, conn.cursor() as cur:
                     await cur.execute("SELECT 1")
 
             add_health_check(app, "postgres", ping)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devstack.config import StackConfig
 from mesh_common.app import service_app
+from mesh_common.db import DB, database_ctx
 from mesh_common.health import add_health_check
 from mesh_common.testing import loopback_service
 
@@ -44,3 +48,20 @@ async def test_only_a_required_check_takes_an_instance_out(
         "postgres": "ok" if database is ok else "failing: ConnectionRefusedError",
         "redis": "ok" if cache is ok else "failing: ConnectionRefusedError",
     }
+
+
+async def test_a_busy_database_pool_leaves_the_instance_in_service(
+    aiohttp_client: Any, infra: StackConfig, tmp_path: Path
+) -> None:
+    # Every connection of the requests' pool taken, for longer than a check
+    # may last: the database answers, so the instance is ready. Failed for
+    # being busy, every instance under the same load would leave Consul.
+    app = service_app(loopback_service("svc", "http://127.0.0.1:1"))
+    app.cleanup_ctx.append(database_ctx(infra.database_url("todo"), [tmp_path], maxsize=2))
+    client = await aiohttp_client(app)
+    pool = client.app[DB]
+    async with pool.acquire(), pool.acquire():
+        async with asyncio.timeout(5):
+            response = await client.get("/health")
+        assert response.status == 200
+        assert (await response.json())["checks"] == {"postgres": "ok"}
