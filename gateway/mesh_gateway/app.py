@@ -78,7 +78,8 @@ def create_app(
     gateway, and ``upstream`` for a client with other limits (the app closes it).
     """
     guards = [] if settings.passthrough else [guard_middleware]
-    app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body)
+    # No service deadline: each route has its own (routes.Route.timeout).
+    app = service_app(settings.service, middlewares=guards, client_max_size=settings.max_body, deadline=None)
     if not settings.passthrough:
         app.on_response_prepare.append(add_rate_limit_headers)
     app[SETTINGS] = settings

@@ -1,7 +1,8 @@
 """The reverse proxy: pick a healthy instance at random, forward, fail well.
 
 * Instances come from the in-memory Consul watch; a request never waits on Consul.
-* One breaker per instance: refusals, timeouts and 5xx count, 4xx never do.
+* One breaker per instance: refusals, timeouts and 5xx count, 4xx never do,
+  nor does a 503 with Retry-After (an instance shedding load is alive).
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
@@ -261,7 +262,15 @@ class Proxy:
                         # client, and not in the shape every error has here.
                         log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
                         raise _Failed(BadGateway(), sent=True)
-                    raise _Failed(sent=True, response=web.Response(status=resp.status, body=payload, headers=out))
+                    answer = web.Response(status=resp.status, body=payload, headers=out)
+                    if resp.status == 503 and "Retry-After" in out:
+                        # Alive, and declining for now: shedding load (the
+                        # user-service's TOO_BUSY in a login rush) or waiting
+                        # on a dependency its health check will report. Counted,
+                        # a shed login would open the breaker and refuse that
+                        # instance's every other request too.
+                        raise _Attempt(sent=True, response=answer)
+                    raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)
                 return self._mark(response, instance)
         except _ClientGone as gone:

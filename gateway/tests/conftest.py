@@ -95,6 +95,13 @@ async def fake_service(
                     return web.json_response({"code": "BOOM"}, status=500, content_type="application/problem+json")
                 if upstream.mode == "fail_plain":  # a 500 that is not a problem: a framework's default page
                     return web.Response(text="Internal Server Error: Traceback ...", status=500)
+                if upstream.mode == "busy":  # alive, declining work for now: the user-service's TOO_BUSY
+                    return web.json_response(
+                        {"code": "TOO_BUSY"},
+                        status=503,
+                        content_type="application/problem+json",
+                        headers={"Retry-After": "1"},
+                    )
                 if upstream.mode == "client_error":  # the caller's fault, not the instance's
                     return web.json_response({"code": "CONFLICT"}, status=409, content_type="application/problem+json")
                 if upstream.mode == "fail_huge":  # a 500 with a body no gateway should hold in memory

@@ -151,6 +151,39 @@ async def test_4xx_never_opens_a_breaker(fake_service, gateway, tokens):
     assert not breakers.is_open(instance.service_id)
 
 
+async def test_a_busy_instance_passes_its_503_on_and_keeps_its_breaker_closed(fake_service, gateway, tokens):
+    # A login rush fills the user-service's hashing slots: its 503s with
+    # Retry-After shed logins. Counted as failures, they would open the
+    # instance's breaker and refuse its reads, refreshes and logouts too.
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "busy"
+    client = await gateway(service, breaker_failures=2)
+    breakers = client.app[BREAKERS]
+    for _ in range(5):
+        async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+            assert (await r.json())["code"] == "TOO_BUSY"  # the instance's own answer, not the gateway's
+    assert instance.hits == 5
+    assert breakers.failures(instance.service_id) == 0
+    assert not breakers.is_open(instance.service_id)
+
+
+async def test_a_read_a_busy_instance_declines_is_retried_on_another(fake_service, gateway, tokens):
+    service = await fake_service(2)
+    busy, free = service.instances
+    busy.mode = "busy"
+    client = await gateway(service)
+    for _ in range(50):
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            assert r.status == 200
+            assert r.headers["X-Upstream-Instance"] == free.service_id
+        if busy.hits == 3:  # the retry budget's floor: 3 retries per window
+            break
+    assert busy.hits == 3
+
+
 async def test_upstream_timeout_is_504(fake_service, gateway, tokens):
     service = await fake_service(1)
     service.instances[0].mode = "hang"

@@ -15,9 +15,12 @@ from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
 async def failing_instances(
-    aiohttp_server: AiohttpServer, count: int, *, delay: float = 0.0
+    aiohttp_server: AiohttpServer, count: int, *, delay: float = 0.0, busy: bool = False
 ) -> tuple[ServiceWatch, list[int]]:
-    """``count`` instances that answer 500 (after ``delay``), in a watch set by hand; and their hit counts."""
+    """``count`` instances that answer 500 (after ``delay``), in a watch set by hand; and their hit counts.
+
+    ``busy``: a 503 with Retry-After instead, an instance shedding load.
+    """
     hits = [0] * count
     instances = []
     for n in range(count):
@@ -25,6 +28,8 @@ async def failing_instances(
         async def fail(request: web.Request, n: int = n) -> web.Response:
             hits[n] += 1
             await asyncio.sleep(delay)
+            if busy:
+                return web.json_response({"code": "TOO_BUSY"}, status=503, headers={"Retry-After": "1"})
             return web.json_response({"code": "BOOM"}, status=500)
 
         app = web.Application()
@@ -56,6 +61,17 @@ async def test_with_no_other_instance_the_failure_itself_is_raised(aiohttp_serve
         with pytest.raises(UpstreamFailure, match="answered 500"):
             await client.get_json("svc", "/x")
     assert hits == [1]
+
+
+async def test_a_busy_instance_is_tried_past_but_its_breaker_hears_nothing(aiohttp_server):
+    watch, hits = await failing_instances(aiohttp_server, 2, busy=True)
+    async with aiohttp.ClientSession() as session:
+        breakers = BreakerBoard(failure_threshold=1)
+        client = ServiceClient(session, {"svc": watch}, breakers=breakers)
+        with pytest.raises(UpstreamFailure, match="503 with Retry-After"):
+            await client.get_json("svc", "/x")
+        assert hits == [1, 1]  # retried on the other instance, like a failure
+        assert not breakers.is_open("svc-0") and not breakers.is_open("svc-1")
 
 
 async def test_no_retry_with_too_little_of_the_deadline_left(aiohttp_server):

@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .deadlines import REQUEST_DEADLINE, deadline_middleware
 from .health import setup_health
 from .problems import Handler, problem_middleware
 from .requests import request_context_middleware
@@ -28,15 +29,17 @@ def service_app(
     *,
     middlewares: Iterable[Middleware] = (),
     client_max_size: int = DEFAULT_MAX_BODY,
+    deadline: float | None = REQUEST_DEADLINE,
 ) -> web.Application:
-    """A new app with request ids, problem+json errors and health routes.
+    """A new app with request ids, problem+json errors, a deadline per request and health routes.
 
     ``client_max_size`` makes an oversized body a 413 before it is buffered.
+    ``deadline`` (seconds) is None for the gateway, whose routes have their own.
     """
-    app = web.Application(
-        middlewares=[request_context_middleware, problem_middleware, *middlewares],
-        client_max_size=client_max_size,
-    )
+    first: list[Middleware] = [request_context_middleware, problem_middleware]
+    if deadline is not None:
+        first.append(deadline_middleware(deadline))
+    app = web.Application(middlewares=[*first, *middlewares], client_max_size=client_max_size)
     setup_health(app, service)
     return app
 

@@ -36,6 +36,15 @@ class UpstreamStatusError(Exception):
         self.body = body
 
 
+class _Declined(Exception):
+    """A 503 with Retry-After: the instance is alive and declines for now.
+
+    Retried on another instance like a failure, but raised past its breaker
+    uncounted (only ``UpstreamFailure`` counts): an instance shedding load
+    is not a broken one. The gateway's proxy follows the same rule.
+    """
+
+
 class ServiceClient:
     def __init__(
         self,
@@ -54,29 +63,43 @@ class ServiceClient:
         self._deadline = deadline
         self._attempts = attempts
 
-    async def get_json(self, service: str, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
+    async def get_json(
+        self, service: str, path: str, *, headers: Mapping[str, str] | None = None, until: float | None = None
+    ) -> Any:
         """GET ``path`` on a healthy instance of ``service``.
 
+        ``until`` (loop time) ends the call sooner than its own deadline, as
+        a ``TimeoutError``: the request it is made for has less time left
+        (``deadlines.call_deadline``). That cut is the caller's, and counts
+        against no instance's breaker; only the call's own deadline does.
         Raises ``NoInstances`` (including ``AllBreakersOpen``), ``UpstreamFailure``,
         ``TimeoutError`` or ``UpstreamStatusError``.
         """
+        if until is None:
+            return await self._get_json(service, path, headers, None)
+        async with asyncio.timeout_at(until):
+            return await self._get_json(service, path, headers, until)
+
+    async def _get_json(self, service: str, path: str, headers: Mapping[str, str] | None, until: float | None) -> Any:
         watch = self._watches[service]
         tried: set[str] = set()
         self._budget.record_request()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
+        # When the answer is no use any more, whichever comes first.
+        ends = deadline if until is None else min(deadline, until)
 
-        failed: list[UpstreamFailure] = []
+        failed: list[Exception] = []
 
         def giveup(exc: Exception) -> bool:
             # backoff 2.2.1 asks this before it checks max_tries, so after the
             # last attempt too: spend the budget only on a retry that will
             # happen, on an instance that is left.
-            if isinstance(exc, UpstreamFailure):
+            if isinstance(exc, (UpstreamFailure, _Declined)):
                 failed.append(exc)
             # Too little time left for an answer: a retry would only time
             # out, and count as a failure against an instance that is fine.
-            if len(tried) >= self._attempts or deadline - loop.time() < MIN_RETRY_SECONDS:
+            if len(tried) >= self._attempts or ends - loop.time() < MIN_RETRY_SECONDS:
                 return True
             if not self.breakers.has_candidate(watch, tried):
                 return True
@@ -87,7 +110,7 @@ class ServiceClient:
         # at the deadline.
         @backoff.on_exception(
             backoff.expo,
-            UpstreamFailure,
+            (UpstreamFailure, _Declined),
             max_tries=self._attempts,
             max_time=self._deadline,
             factor=0.02,
@@ -95,7 +118,7 @@ class ServiceClient:
             giveup=giveup,
         )
         async def attempt() -> Any:
-            if loop.time() >= deadline:
+            if loop.time() >= ends:
                 raise TimeoutError(f"{service}: the deadline passed before another attempt")
             try:
                 instance = self.breakers.pick(watch, frozenset(tried))
@@ -113,6 +136,8 @@ class ServiceClient:
                         asyncio.timeout_at(deadline),
                         self._session.get(instance.base_url + path, headers=headers) as resp,
                     ):
+                        if resp.status == 503 and "Retry-After" in resp.headers:
+                            raise _Declined(f"{instance.id} answered 503 with Retry-After")
                         if resp.status >= 500:
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
                         raw = await resp.read()
@@ -125,7 +150,11 @@ class ServiceClient:
             # problem, and a proxy's plain-text 404 says nothing of the instance.
             raise UpstreamStatusError(resp.status, _json_or_text(raw))
 
-        return await attempt()
+        try:
+            return await attempt()
+        except _Declined as exc:
+            # To the caller, no answer is no answer.
+            raise UpstreamFailure(str(exc)) from exc
 
 
 def _json_or_text(raw: bytes) -> Any:

@@ -21,6 +21,7 @@ from pytest_aiohttp import AiohttpServer
 
 from devstack.config import StackConfig
 from mesh_common.consul import consul_client
+from mesh_common.deadlines import ANSWER_MARGIN, REQUEST_DEADLINE
 from mesh_common.discovery import WATCHES, Instance, ServiceWatch
 from mesh_common.http import SERVICE_CLIENT, ServiceClient
 from mesh_common.resilience import BreakerBoard
@@ -106,7 +107,7 @@ async def test_the_owners_name_is_fetched_once_per_request_with_the_callers_toke
 class NoLookup:
     """An owner directory that answers at once: the baseline with no lookup at all."""
 
-    async def lookup(self, user_id: str, *, token: str, request_id: str) -> Owner:
+    async def lookup(self, user_id: str, *, token: str, request_id: str, until: float | None = None) -> Owner:
         return Owner(user_id, None)
 
 
@@ -194,3 +195,26 @@ async def test_a_hung_user_service_opens_the_breaker_after_its_deadlines(aiohttp
             assert reached == 3
     finally:
         release.set()
+
+
+async def test_the_lookup_ends_before_the_requests_deadline(client, alice, aiohttp_client, settings, tokens):
+    # After a commit, a slow user-service may cost the name, never the answer:
+    # the lookup is cut before the service's own deadline would turn the
+    # change that happened into a 503 (mesh_common.deadlines).
+    given: list[float | None] = []
+
+    class Recording(NoLookup):
+        async def lookup(self, user_id: str, *, token: str, request_id: str, until: float | None = None) -> Owner:
+            given.append(until)
+            return Owner(user_id, None)
+
+    named = dataclasses.replace(settings, service=dataclasses.replace(settings.service, name="todo-service-test-until"))
+    recording = await aiohttp_client(
+        LeavesConsulFirst(create_app(named, verifier=tokens.verifier(), owners=Recording()))
+    )
+    now = asyncio.get_running_loop().time()
+    resp = await recording.post("/todos", json={"title": "t"}, headers=alice.headers)
+    assert resp.status == 201
+    (until,) = given
+    assert until is not None
+    assert now < until < now + REQUEST_DEADLINE - ANSWER_MARGIN + 1

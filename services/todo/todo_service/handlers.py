@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL, InvalidToken
+from mesh_common.deadlines import call_deadline
 from mesh_common.problems import read_json_object
 from mesh_common.requests import REQUEST_ID
 
@@ -130,7 +131,11 @@ def _todo_id(request: web.Request) -> str:
 
 
 async def _owner(request: web.Request, owner_id: str) -> Owner:
-    return await request.app[OWNERS].lookup(owner_id, token=request[PRINCIPAL].token, request_id=request[REQUEST_ID])
+    # Ends before the request's deadline: after a commit, a slow user-service
+    # costs the name, never the answer.
+    return await request.app[OWNERS].lookup(
+        owner_id, token=request[PRINCIPAL].token, request_id=request[REQUEST_ID], until=call_deadline(request)
+    )
 
 
 def _view(snapshot: dict[str, Any], owner: Owner) -> dict[str, Any]:

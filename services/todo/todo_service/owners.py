@@ -35,7 +35,7 @@ class Owner:
 
 
 class OwnerLookup(Protocol):
-    async def lookup(self, user_id: str, *, token: str, request_id: str) -> Owner: ...
+    async def lookup(self, user_id: str, *, token: str, request_id: str, until: float | None = None) -> Owner: ...
 
 
 class OwnerDirectory:
@@ -43,11 +43,11 @@ class OwnerDirectory:
         self._client = client
         self._service = service
 
-    async def lookup(self, user_id: str, *, token: str, request_id: str) -> Owner:
+    async def lookup(self, user_id: str, *, token: str, request_id: str, until: float | None = None) -> Owner:
         # The caller's own token: the user-service decides what they may see.
         headers = {"Authorization": f"Bearer {token}", "X-Request-ID": request_id}
         try:
-            profile = await self._client.get_json(self._service, f"/users/{user_id}", headers=headers)
+            profile = await self._client.get_json(self._service, f"/users/{user_id}", headers=headers, until=until)
         except Exception as exc:  # any failure (no instance, open breaker, 5xx, timeout, 4xx, bad JSON) degrades
             log.warning("owner_lookup_degraded", service=self._service, error=type(exc).__name__)
             return Owner(user_id, None, degraded=True)
