@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,24 @@ class Settings:
     def __post_init__(self) -> None:
         if self.breaker_failures < 1 or not self.breaker_recovery > 0:
             raise SettingsError("GATEWAY_BREAKER_FAILURES must be at least 1 and GATEWAY_BREAKER_RECOVERY above 0")
+        # Each of these at 0 would pass for a setting and break the gateway
+        # quietly: aiohttp reads a body limit of 0 as none at all; a connect
+        # deadline of 0 times out every connection, and the breakers open on
+        # healthy instances; a limit of 0 refuses every request.
+        if not 0 < self.connect_timeout < math.inf:
+            raise SettingsError(
+                f"GATEWAY_CONNECT_TIMEOUT must be a number of seconds above 0, got {self.connect_timeout}"
+            )
+        if self.max_body < 1:
+            raise SettingsError(f"GATEWAY_MAX_BODY must be at least 1 (bytes), got {self.max_body}")
+        limits = {
+            "RATE_LIMIT_PER_IP": self.rate_limit_ip,
+            "RATE_LIMIT_PER_USER": self.rate_limit_user,
+            "RATE_LIMIT_AUTH_PER_IP": self.rate_limit_auth,
+        }
+        for name, limit in limits.items():
+            if limit < 1:
+                raise SettingsError(f"{name} must be at least 1 (requests a window), got {limit}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
