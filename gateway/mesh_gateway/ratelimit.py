@@ -75,6 +75,8 @@ class RateLimiterUnavailable(Exception):
     """Redis did not answer; the caller decides whether to fail open."""
 
 
+# The longest a request waits for Redis's count (connecting included).
+REDIS_TIMEOUT = 0.5
 LEASE_MAX = 32  # counts drawn ahead for one counter, at most
 LEASE_SHARE = 16  # and at most this fraction of what was left under its limit
 LEASES_KEPT = 50_000  # counters with a lease, per window; past that, draws are exact
@@ -133,7 +135,7 @@ class RateLimiter:
         limits: Limits,
         *,
         prefix: str = "rl",
-        timeout: float = 0.5,
+        timeout: float = REDIS_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = RedisScript(redis_url, _SCRIPT, timeout=timeout, name="gateway-rate-limiter")

@@ -11,15 +11,20 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh_common.http import CALL_DEADLINE
 from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
 from mesh_gateway.proxy import MAX_ATTEMPTS
+from mesh_gateway.ratelimit import REDIS_TIMEOUT
 from mesh_gateway.routes import API
 
 from .conftest import COMPOSE_CONFIG, SAMPLE_VALUES, render_native
 
-# The longest the gateway takes to answer: every attempt at its longest
-# route's deadline. Envoy must outlast it.
-GATEWAY_DEADLINE_S = MAX_ATTEMPTS * max(route.timeout for route in API.routes)
+# The longest the gateway takes to answer: first its own waits, for the
+# token keys (a fetch on an unknown kid) and twice for the rate limiter's
+# Redis (a request counted per IP and per user), then every attempt at its
+# longest route's deadline. Envoy must outlast it.
+BEFORE_PROXYING_S = CALL_DEADLINE + 2 * REDIS_TIMEOUT
+GATEWAY_DEADLINE_S = BEFORE_PROXYING_S + MAX_ATTEMPTS * max(route.timeout for route in API.routes)
 # aiohttp's keep-alive timeout under web.run_app; Envoy must close idle
 # upstream connections before the gateway does.
 AIOHTTP_KEEPALIVE_S = 75.0

@@ -23,6 +23,8 @@ from .discovery import WATCHES, NoInstances
 from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 HTTP_SESSION = web.AppKey("mesh.http_session", aiohttp.ClientSession)
+# The longest a call takes, retry included, unless its caller says otherwise.
+CALL_DEADLINE = 2.0
 # A retry needs at least this much of the call's deadline left.
 MIN_RETRY_SECONDS = 0.1
 
@@ -53,7 +55,7 @@ class ServiceClient:
         *,
         breakers: BreakerBoard | None = None,
         budget: RetryBudget | None = None,
-        deadline: float = 2.0,
+        deadline: float = CALL_DEADLINE,
         attempts: int = 2,
     ) -> None:
         self._session = session
