@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 import aio_pika
 import aiopg
@@ -55,6 +57,15 @@ OUTAGES = (
     psycopg2.OperationalError,
     psycopg2.InterfaceError,
 )
+
+
+def _outcome(publish: asyncio.Future[Any], late: AbstractSet[asyncio.Future[Any]]) -> Any:
+    """What one publish came to: its result, or the exception it ended with."""
+    if publish in late:
+        return TimeoutError("no confirm within the batch's bound")
+    if publish.cancelled():  # by aiormq, as a channel closed: see publish_batch
+        return asyncio.CancelledError()
+    return publish.exception() or publish.result()
 
 
 class OutboxRelay:
@@ -115,31 +126,39 @@ class OutboxRelay:
             if self._crash_before_publish:
                 log.warning("outbox_relay_crash_hook", rows=len(rows))
                 os._exit(70)
+            publishes = [
+                asyncio.ensure_future(
+                    exchange.publish(
+                        aio_pika.Message(
+                            bytes(payload),
+                            message_id=str(event_id),
+                            correlation_id=correlation_id,
+                            type=routing_key,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        routing_key=routing_key,
+                        mandatory=True,
+                        timeout=self._confirm_timeout,
+                    )
+                )
+                for event_id, routing_key, payload, correlation_id in rows
+            ]
             # Every publish settles before the batch is judged, so that none is
             # left running against a channel about to be dropped. Bounded as a
             # whole: a publish's own timeout covers its confirm, not the wait
             # for a connection that dropped mid-batch, and meanwhile this
-            # transaction holds its rows.
-            async with asyncio.timeout(2 * self._confirm_timeout):
-                outcomes = await asyncio.gather(
-                    *(
-                        exchange.publish(
-                            aio_pika.Message(
-                                bytes(payload),
-                                message_id=str(event_id),
-                                correlation_id=correlation_id,
-                                type=routing_key,
-                                content_type="application/json",
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            ),
-                            routing_key=routing_key,
-                            mandatory=True,
-                            timeout=self._confirm_timeout,
-                        )
-                        for event_id, routing_key, payload, correlation_id in rows
-                    ),
-                    return_exceptions=True,
-                )
+            # transaction holds its rows. Those still out at the bound fail
+            # alone: the confirmed ones are still marked below, where a bound
+            # on the whole batch rolled them back to be published again.
+            try:
+                _, late = await asyncio.wait(publishes, timeout=2 * self._confirm_timeout)
+            finally:
+                for publish in publishes:
+                    publish.cancel()  # nothing, for those done; all of them, if we are cancelled
+            if late:
+                await asyncio.wait(late, timeout=self._confirm_timeout)
+            outcomes = [_outcome(publish, late) for publish in publishes]
             # The rows the broker confirmed are marked sent even when others
             # failed: kept back with them, a whole batch would be published
             # again on every retry, for as long as one row keeps failing.

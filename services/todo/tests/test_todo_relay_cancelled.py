@@ -152,3 +152,32 @@ async def test_the_rows_the_broker_confirmed_are_marked_sent_when_others_failed(
         )
         # Only the failed one is sent again: not the whole batch, on every retry.
         assert await cur.fetchall() == [(failing,)]
+
+
+async def test_the_rows_the_broker_confirmed_are_marked_sent_when_another_never_settles(db: aiopg.Pool) -> None:
+    events = [Event(type="todo.created", user_id="u", data={"id": f"t{n}"}, correlation_id="c") for n in range(3)]
+    async with transaction(db) as cur:
+        for event in events:
+            await enqueue(cur, event)
+    stalled = events[1].id
+
+    class _OneStalls(_ClosingChannel):
+        async def publish(self, message: Any, *args: Any, **kwargs: Any) -> None:
+            if message.message_id == stalled:
+                await asyncio.Event().wait()
+
+    class _OneStallsConnection(_Connection):
+        async def channel(self, **kwargs: Any) -> _ClosingChannel:
+            return _OneStalls()
+
+    relay = OutboxRelay(db, _OneStallsConnection(), confirm_timeout=0.2)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        with pytest.raises(TimeoutError):
+            await relay.publish_batch()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT id::text FROM outbox WHERE id = ANY(%s::uuid[]) AND published_at IS NULL", ([e.id for e in events],)
+        )
+        # The batch's bound ran out for one publish: the two confirmed are
+        # not published again with it.
+        assert await cur.fetchall() == [(stalled,)]
