@@ -303,3 +303,31 @@ async def test_openapi_describes_every_route_and_the_real_responses(client, alic
         documented_ok = Draft202012Validator(key_schema).is_valid(key)
         answer = await client.post("/todos", json={"title": "k"}, headers={**alice.headers, "Idempotency-Key": key})
         assert (answer.status == 201) == documented_ok, (key, answer.status)
+
+
+async def test_the_shared_middlewares_answers_are_documented_where_they_can_come(client, alice):
+    document = openapi_document()
+    todo = await create(client, alice)
+    answers = {
+        # A body that is not JSON, too large, or of another media type: any operation with a body.
+        ("post", "/todos"): [
+            await client.post("/todos", data="{}", headers={**alice.headers, "Content-Type": "text/plain"}),
+            await client.post(
+                "/todos", data=b"x" * (65 * 1024), headers={**alice.headers, "Content-Type": "application/json"}
+            ),
+        ],
+        ("patch", "/todos/{todo_id}"): [
+            await client.patch(
+                f"/todos/{todo['id']}", data="{}", headers={**alice.headers, "Content-Type": "text/plain"}
+            ),
+        ],
+    }
+    for (method, path), responses in answers.items():
+        for response in responses:
+            assert response.content_type == "application/problem+json"
+            assert str(response.status) in document["paths"][path][method]["responses"], (method, path, response.status)
+    # And the database's 503 on every operation.
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method != "parameters":
+                assert "503" in operation["responses"], method

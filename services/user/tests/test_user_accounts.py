@@ -290,3 +290,11 @@ async def test_openapi_describes_every_route(client: Client) -> None:
     operations = {operation["operationId"] for path in served["paths"].values() for operation in path.values()}
     named_routes = {route.name for route in client.app.router.routes() if route.name}
     assert named_routes - {"health", "health.live"} == operations
+
+
+def test_every_operation_that_reads_the_database_documents_its_503() -> None:
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            answered_from_memory = path in {"/.well-known/jwks.json", "/openapi.json"}
+            documented = "DEPENDENCY_UNAVAILABLE" in operation["responses"].get("503", {}).get("description", "")
+            assert documented != answered_from_memory, (method, path)

@@ -9,6 +9,7 @@ every route the app serves is described here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
@@ -287,6 +288,23 @@ PATHS: dict[str, Any] = {
 }
 
 
+# Answered from memory: every other operation reads or writes the database,
+# and may get the shared middleware's 503 when it is slow or away.
+_FROM_MEMORY = frozenset({"/.well-known/jwks.json", "/openapi.json"})
+_DATABASE = "DEPENDENCY_UNAVAILABLE: the database is slow or away; see Retry-After"
+
+
+def _paths() -> dict[str, Any]:
+    paths = copy.deepcopy(PATHS)
+    for path, item in paths.items():
+        if path in _FROM_MEMORY:
+            continue
+        for operation in item.values():
+            own = operation["responses"].get("503")
+            operation["responses"]["503"] = _problem(_DATABASE if own is None else f"{_DATABASE}; {own['description']}")
+    return paths
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -297,7 +315,7 @@ def document() -> dict[str, Any]:
         },
         "servers": [{"url": "/api/v1", "description": "Through the gateway"}],
         "security": [{"bearer": []}],
-        "paths": PATHS,
+        "paths": _paths(),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
