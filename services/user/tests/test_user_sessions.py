@@ -11,6 +11,8 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import VERIFIER, JwksVerifier
@@ -497,3 +499,22 @@ async def test_a_rehash_does_not_overwrite_a_hash_changed_since_it_was_verified(
         await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
         assert (written, await cur.fetchone()) == (False, (current,))
         assert await repository.set_password_hash(db, user["id"], "$argon2id$new", replacing=current)
+
+
+async def test_a_key_replaced_under_its_kid_is_the_one_published_after_the_next_read(
+    client: Client, db: aiopg.Pool
+) -> None:
+    # A restore, or a repair after a leak: the row keeps its kid, the key is new.
+    store = client.app[KEY_STORE]
+    kid = store.active.kid
+    replacement = Ed25519PrivateKey.generate()
+    pem = replacement.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE signing_keys SET private_key_pem = %s WHERE kid = %s", (pem, kid))
+    await store.load()
+    jwks = await (await client.get("/.well-known/jwks.json")).json()
+    (published,) = [key for key in jwks["keys"] if key["kid"] == kid]
+    expected = jwt.algorithms.OKPAlgorithm.to_jwk(replacement.public_key(), as_dict=True)
+    assert published["x"] == expected["x"]

@@ -202,6 +202,7 @@ class KeyStore:
     def __init__(self, pool: aiopg.Pool) -> None:
         self._pool = pool
         self._keys: dict[str, SigningKey] = {}
+        self._pems: dict[str, str] = {}
 
     async def load(self) -> None:
         rows = await self._read()
@@ -214,9 +215,13 @@ class KeyStore:
         keys = {}
         for kid, pem, state in rows:
             known = self._keys.get(kid)
-            private_key = known.private_key if known else _parse_private_key(pem)
-            keys[kid] = SigningKey(kid, private_key, state)
+            # Reused only for the same PEM: a key replaced under its kid (a
+            # restore, a repair after a leak) signs and is published as the
+            # new one, as on an instance started since.
+            same = known is not None and self._pems.get(kid) == pem
+            keys[kid] = SigningKey(kid, known.private_key if known and same else _parse_private_key(pem), state)
         self._keys = keys
+        self._pems = {kid: pem for kid, pem, _ in rows}
 
     async def _read(self) -> list[tuple[str, str, str]]:
         async with self._pool.acquire() as conn, conn.cursor() as cur:
