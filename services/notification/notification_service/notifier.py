@@ -31,6 +31,14 @@ The copy has the same Message-ID, so mail clients that de-duplicate show
 one message. At most once would mean never resending a stale claim, and an
 email lost whenever the first copy had not arrived; we prefer a duplicate.
 
+One duplicate at most: sends with an unknown outcome are counted on the
+claim, and the second one ends it as ``unconfirmed`` (``Outcome.UNCONFIRMED``),
+sent no more. A server that takes the message and never answers in time
+would otherwise be sent it every lease for as long as the event is retried
+(a day), or, for a reminder, until the todo is due. A claim with such a send
+behind it is never released, only taken over after its lease: released, its
+count would go with it.
+
 The lease is longer than a send can take (``Mailer.longest_send``): a
 delivery still at work is not taken over. It is claimed only once it holds
 one of the mailer's sessions, so that the wait for one does not count.
@@ -39,19 +47,22 @@ one of the mailer's sessions, so that the wait for one does not count.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
+from typing import TypeVar
 
 import aiopg
 import structlog
 
-from . import repository
+from . import claims
 from .directory import Recipient, UserDirectory
 from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected
 from .mailer import Mailer
 from .messages import compose, message_id, render
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 # Added to the mailer's longest send for the claim's lease: the database
 # round trips around it. With the default SMTP settings the lease is about
@@ -64,6 +75,8 @@ class Outcome(Enum):
     ALREADY_SENT = "already_sent"
     NO_RECIPIENT = "no_recipient"
     WITHDRAWN = "withdrawn"
+    # Sent claims.UNKNOWN_SENDS_LIMIT times with no answer after DATA: not sent again.
+    UNCONFIRMED = "unconfirmed"
 
 
 class Notifier:
@@ -92,9 +105,8 @@ class Notifier:
         long, and what the email is about may have changed meanwhile.
         """
         # A redelivery ends here, before a user lookup or the wait for a session.
-        if await repository.notification_status(self._pool, event_id, kind) == "sent":
-            log.info("notification_duplicate", event_id=event_id, kind=kind)
-            return Outcome.ALREADY_SENT
+        if (ended := _ended(await claims.notification_status(self._pool, event_id, kind), event_id, kind)) is not None:
+            return ended
         if recipient is None:
             recipient = await self._directory.recipient(user_id)
             if recipient is None:
@@ -108,7 +120,7 @@ class Notifier:
         except ValueError:
             raise MailRejected("the recipient's address is not valid") from None
 
-        claim = repository.Claim(event_id, kind, user_id, recipient.email, rendered.subject, msgid)
+        claim = claims.Claim(event_id, kind, user_id, recipient.email, rendered.subject, msgid)
         # The claim's lease covers the send, not the wait for an SMTP session
         # before it: claimed earlier, a slow server's queue could outlast the
         # lease, and another instance take the claim over and send too.
@@ -119,44 +131,77 @@ class Notifier:
             if still_wanted is not None and not await still_wanted():
                 log.info("notification_withdrawn", event_id=event_id, kind=kind)
                 return Outcome.WITHDRAWN
-            token = await repository.claim_notification(self._pool, claim, lease=self.lease)
+            token = await claims.claim_notification(self._pool, claim, lease=self.lease)
             if token is None:
-                if await repository.notification_status(self._pool, event_id, kind) == "sent":
-                    log.info("notification_duplicate", event_id=event_id, kind=kind)
-                    return Outcome.ALREADY_SENT
+                status = await claims.notification_status(self._pool, event_id, kind)
+                if (ended := _ended(status, event_id, kind)) is not None:
+                    return ended
                 raise DeliveryInProgress(f"{kind} for {event_id}")
             try:
                 await send(email)
-            except MailOutcomeUnknown:
-                # The server may have it: the claim stays, to be taken over and
-                # sent again only once its lease has run out.
-                log.warning("notification_outcome_unknown", event_id=event_id, kind=kind, resend_after=self.lease)
-                raise
+            except MailOutcomeUnknown as exc:
+                unknown: MailOutcomeUnknown | None = exc  # counted below, with the session given back
             except Exception:
                 # The server does not have it: the next delivery may claim it at once.
-                await repository.release_notification(self._pool, event_id, kind, token)
+                await claims.release_notification(self._pool, event_id, kind, token)
                 raise
-        await self._record_sent(event_id, kind)
+            else:
+                unknown = None
+        if unknown is not None:
+            return await self._unknown_send(unknown, claim, token)
+        await self._recorded(
+            functools.partial(claims.mark_notification_sent, self._pool, event_id, kind), "sent", event_id, kind
+        )
         log.info("notification_sent", event_id=event_id, kind=kind, message_id=msgid)
         return Outcome.SENT
 
-    async def _record_sent(self, event_id: str, kind: str) -> None:
-        """Step 3, tried again for up to half the lease while the database is away.
+    async def _unknown_send(self, exc: MailOutcomeUnknown, claim: claims.Claim, token: str) -> Outcome:
+        """The server may have the email: the claim stays, to be taken over and sent again after its lease, once."""
+        event_id, kind = claim.event_id, claim.kind
+        record = functools.partial(claims.record_unknown_send, self._pool, event_id, kind, token)
+        if not await self._recorded(record, "unknown_send", event_id, kind):
+            log.warning("notification_outcome_unknown", event_id=event_id, kind=kind, resend_after=self.lease)
+            raise exc
+        log.error(
+            "notification_unconfirmed",
+            event_id=event_id,
+            kind=kind,
+            message_id=claim.message_id,
+            unknown_sends=claims.UNKNOWN_SENDS_LIMIT,
+            detail="no answer after DATA, again: given up on, not sent any more",
+        )
+        return Outcome.UNCONFIRMED
 
-        The email is out. Unrecorded, the claim would run out and a later
-        delivery send it again: a database away for a moment must not make a
-        duplicate. Away for longer, it still may (at least once, above).
+    async def _recorded(self, record: Callable[[], Awaitable[T]], what: str, event_id: str, kind: str) -> T:
+        """``record``, the outcome of a send, tried again for up to half the lease while the database is away.
+
+        The email is out, or may be. Unrecorded as sent, the claim would run
+        out and a later delivery send it again; unrecorded as an unknown
+        send, it could be sent more than once again. A database away for a
+        moment must not make a duplicate. Away for longer, it still may.
         """
         delay = 0.1
         try:
             async with asyncio.timeout(self.lease / 2):
                 while True:
                     try:
-                        return await repository.mark_notification_sent(self._pool, event_id, kind)
+                        return await record()
                     except DatabaseUnavailable as exc:
-                        log.warning("notification_sent_not_recorded_yet", event_id=event_id, kind=kind, error=str(exc))
+                        event = f"notification_{what}_not_recorded_yet"
+                        log.warning(event, event_id=event_id, kind=kind, error=str(exc))
                         await asyncio.sleep(delay)
                         delay = min(2 * delay, 2.0)
         except TimeoutError:
-            log.error("notification_sent_unrecorded", event_id=event_id, kind=kind, resend_after=self.lease)
-            raise DatabaseUnavailable("the email went out, and could not be recorded as sent") from None
+            log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, resend_after=self.lease)
+            raise DatabaseUnavailable(f"the email went out, and could not be recorded ({what})") from None
+
+
+def _ended(status: str | None, event_id: str, kind: str) -> Outcome | None:
+    """What a final claim's status makes of a delivery: nothing more to send."""
+    if status == "sent":
+        log.info("notification_duplicate", event_id=event_id, kind=kind)
+        return Outcome.ALREADY_SENT
+    if status == "unconfirmed":
+        log.info("notification_unconfirmed_already", event_id=event_id, kind=kind)
+        return Outcome.UNCONFIRMED
+    return None

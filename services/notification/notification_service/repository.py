@@ -1,6 +1,6 @@
-"""The SQL: sent notifications (claims and history) and scheduled reminders.
+"""The SQL: sent notifications' history and scheduled reminders (the claims are in claims.py).
 
-Every query runs through ``_cursor``, which turns PostgreSQL being away (a
+Every query runs through ``cursor``, which turns PostgreSQL being away (a
 restart, a dropped connection, a connection or statement timeout) into
 ``DatabaseUnavailable``, a ``TemporaryFailure``: the consumer retries the
 event later through the retry queues, as for an SMTP outage. Left as it
@@ -10,7 +10,6 @@ event's few failures in milliseconds and dead-lettering good events.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .failures import DatabaseUnavailable
 
 
 @asynccontextmanager
-async def _cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
+async def cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
     try:
         with server_cancels_as_errors():
             async with pool.acquire() as conn, conn.cursor() as cur:
@@ -40,17 +39,7 @@ async def _cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
         raise DatabaseUnavailable(type(exc).__name__) from exc
 
 
-# -- notifications -----------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Claim:
-    event_id: str
-    kind: str
-    user_id: str
-    recipient: str
-    subject: str
-    message_id: str
-
-
+# -- history -----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SentNotification:
     id: str
@@ -59,55 +48,6 @@ class SentNotification:
     recipient: str
     subject: str
     sent_at: datetime
-
-
-async def notification_status(pool: aiopg.Pool, event_id: str, kind: str) -> str | None:
-    async with _cursor(pool) as cur:
-        await cur.execute("SELECT status FROM notifications WHERE event_id = %s AND kind = %s", (event_id, kind))
-        row = await cur.fetchone()
-    return row[0] if row else None
-
-
-async def claim_notification(pool: aiopg.Pool, claim: Claim, *, lease: float) -> str | None:
-    """Claim (event, kind) for sending: the claim's token, or None if it is sent or held within its lease."""
-    token = str(uuid.uuid4())
-    async with _cursor(pool) as cur:
-        await cur.execute(
-            """
-            INSERT INTO notifications
-                (event_id, kind, user_id, recipient, subject, message_id, status, claim_token)
-            VALUES (%s, %s, %s, %s, %s, %s, 'sending', %s)
-            ON CONFLICT (event_id, kind) DO UPDATE
-                SET claimed_at = now(), claim_token = EXCLUDED.claim_token,
-                    recipient = EXCLUDED.recipient, subject = EXCLUDED.subject
-                WHERE notifications.status = 'sending'
-                  AND notifications.claimed_at < now() - make_interval(secs => %s)
-            RETURNING id
-            """,
-            (claim.event_id, claim.kind, claim.user_id, claim.recipient, claim.subject, claim.message_id, token, lease),
-        )
-        return token if await cur.fetchone() is not None else None
-
-
-async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> None:
-    # Whoever holds the claim now: the email did go out, so "sent" is true,
-    # and it stops a takeover that would send it yet again. The first
-    # sent_at stays.
-    async with _cursor(pool) as cur:
-        await cur.execute(
-            "UPDATE notifications SET status = 'sent', sent_at = now()"
-            " WHERE event_id = %s AND kind = %s AND status = 'sending'",
-            (event_id, kind),
-        )
-
-
-async def release_notification(pool: aiopg.Pool, event_id: str, kind: str, token: str) -> None:
-    """Give up our claim, and only ours: after our lease, another delivery may hold it."""
-    async with _cursor(pool) as cur:
-        await cur.execute(
-            "DELETE FROM notifications WHERE event_id = %s AND kind = %s AND status = 'sending' AND claim_token = %s",
-            (event_id, kind, token),
-        )
 
 
 async def sent_notifications(
@@ -119,7 +59,7 @@ async def sent_notifications(
     if before is not None:
         where += " AND (sent_at, id) < (%s, %s::uuid)"
         params.extend(before)
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             f"SELECT id, event_id, kind, recipient, subject, sent_at FROM notifications"
             f" WHERE {where} ORDER BY sent_at DESC, id DESC LIMIT %s",
@@ -165,7 +105,7 @@ async def apply_todo_state(pool: aiopg.Pool, state: TodoState) -> bool:
     completing, reopening) keeps the key, so a reminder already sent for this
     due date is not sent twice.
     """
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             """
             INSERT INTO reminders (todo_id, user_id, title, due_at, remind_at, cancelled, event_id, event_at,
@@ -213,7 +153,7 @@ _PENDING = "sent_at IS NULL AND NOT cancelled AND due_at > now()"
 
 async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueReminder]:
     """Unsent reminders whose time has come, for todos that are not overdue yet."""
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             f"SELECT todo_id, user_id, title, due_at, event_id FROM reminders WHERE {_PENDING}"
             " AND remind_at <= now() AND (retry_at IS NULL OR retry_at <= now())"
@@ -232,7 +172,7 @@ async def expire_overdue_reminders(pool: aiopg.Pool) -> None:
     now()`` is implied by the due date having passed, and lets the index
     find them. A later event of the todo sets ``cancelled`` afresh.
     """
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET cancelled = true"
             " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at <= now()"
@@ -241,7 +181,7 @@ async def expire_overdue_reminders(pool: aiopg.Pool) -> None:
 
 async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
     """When the earliest pending reminder can be sent, its retry's time included."""
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             # In two parts, each read from an index: min(GREATEST(remind_at,
             # retry_at)) over every pending reminder read them all, every round.
@@ -257,7 +197,7 @@ async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
 async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
     # Matching the event id too: if the due date changed while we were
     # sending, the new reminder stays unsent.
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET sent_at = now() WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
         )
@@ -265,7 +205,7 @@ async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> N
 
 async def reminder_still_due(pool: aiopg.Pool, todo_id: str, event_id: str) -> bool:
     """Whether the reminder is still to be sent: its todo may have changed since the round read it."""
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             f"SELECT 1 FROM reminders WHERE todo_id = %s AND event_id = %s AND {_PENDING}",
             (todo_id, event_id),
@@ -274,7 +214,7 @@ async def reminder_still_due(pool: aiopg.Pool, todo_id: str, event_id: str) -> b
 
 
 async def defer_reminder(pool: aiopg.Pool, todo_id: str, event_id: str, seconds: float) -> None:
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET retry_at = now() + make_interval(secs => %s) WHERE todo_id = %s AND event_id = %s",
             (seconds, todo_id, event_id),
@@ -282,7 +222,7 @@ async def defer_reminder(pool: aiopg.Pool, todo_id: str, event_id: str, seconds:
 
 
 async def cancel_reminder(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:
-    async with _cursor(pool) as cur:
+    async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET cancelled = true WHERE todo_id = %s AND event_id = %s", (todo_id, event_id)
         )

@@ -26,12 +26,12 @@ from notification_support import (
 from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
+from notification_service.claims import Claim, claim_notification, release_notification
 from notification_service.directory import Recipient
 from notification_service.keys import CONSUMER, NOTIFIER
 from notification_service.mailer import Mailer
 from notification_service.messages import message_id
 from notification_service.notifier import Notifier, Outcome
-from notification_service.repository import Claim, claim_notification, release_notification
 from notification_service.settings import Settings, SmtpSettings
 
 

@@ -185,5 +185,5 @@ async def test_a_statement_the_server_cancels_is_the_database_unavailable_for_no
     # aiopg reports it as a cancellation; taken for a bug, the event was
     # redelivered at once and dead-lettered within its delivery limit.
     with pytest.raises(DatabaseUnavailable):
-        async with asyncio.timeout(8), repository._cursor(pool) as cur:
+        async with asyncio.timeout(8), repository.cursor(pool) as cur:
             await sleep_until_cancelled_by_the_server(cur, pool)

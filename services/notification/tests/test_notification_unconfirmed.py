@@ -1,0 +1,132 @@
+"""An email with no answer after DATA is sent once more at most, then given up on as unconfirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import aiopg
+import pytest
+from notification_support import MAIL_FROM, Broker, StartService, eventually, new_user, registered
+from smtp_sink import SmtpSink
+
+from notification_service import repository
+from notification_service.directory import Recipient
+from notification_service.failures import DeliveryInProgress, MailOutcomeUnknown, MailServerUnavailable
+from notification_service.keys import CONSUMER, NOTIFIER
+from notification_service.mailer import Mailer
+from notification_service.notifier import Notifier, Outcome
+from notification_service.reminders import Reminders, ReminderScheduler, TodoSnapshot
+from notification_service.settings import Settings, SmtpSettings
+
+LEASE = 0.5  # longer than a send, which gives up 0.2 s after DATA
+
+
+class Ada:
+    async def recipient(self, user_id: str) -> Recipient:
+        return Recipient("ada@example.test", "Ada")
+
+
+@pytest.fixture
+async def notifier(pool: aiopg.Pool, smtp: SmtpSink) -> AsyncIterator[Notifier]:
+    """A notifier whose every email reaches the server, and whose 250 comes too late."""
+    smtp.data_delay = 2.0
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, attempts=1, data_timeout=0.2))
+    notifier = Notifier(pool, mailer, Ada(), sender=MAIL_FROM)  # type: ignore[arg-type]
+    notifier.lease = LEASE
+    try:
+        yield notifier
+    finally:
+        await mailer.close()
+
+
+async def welcome(notifier: Notifier, event_id: str) -> Outcome:
+    return await notifier.notify(
+        event_id=event_id,
+        kind="welcome",
+        user_id="u1",
+        values={"username": "ada"},
+        recipient=Recipient("ada@example.test", "Ada"),
+    )
+
+
+async def claim_row(pool: aiopg.Pool, event_id: str) -> tuple[str, int] | None:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT status, unknown_sends FROM notifications WHERE event_id = %s", (event_id,))
+        row = await cur.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+async def test_no_answer_after_data_twice_ends_unconfirmed_and_the_email_is_not_sent_a_third_time(
+    notifier: Notifier, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    event_id = str(uuid.uuid4())
+    with pytest.raises(MailOutcomeUnknown):
+        await welcome(notifier, event_id)
+    with pytest.raises(DeliveryInProgress):  # within its lease
+        await welcome(notifier, event_id)
+    await asyncio.sleep(LEASE)
+    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED  # sent again, once, with no answer either
+    await asyncio.sleep(LEASE)
+    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED  # and not again, however long after
+
+    assert len(smtp.received) == 2
+    assert await claim_row(pool, event_id) == ("unconfirmed", 2)
+    # Not in the user's history of sent emails: nobody knows that it arrived.
+    assert await repository.sent_notifications(pool, "u1", limit=10, before=None) == []
+
+
+async def test_a_resend_refused_before_data_keeps_the_count_of_unknown_sends(
+    notifier: Notifier, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    event_id = str(uuid.uuid4())
+    with pytest.raises(MailOutcomeUnknown):
+        await welcome(notifier, event_id)
+    await asyncio.sleep(LEASE)
+    smtp.refuse["ada@example.test"] = "451 4.3.0 Try again later"
+    with pytest.raises(MailServerUnavailable):
+        await welcome(notifier, event_id)
+    assert await claim_row(pool, event_id) == ("sending", 1)  # not released: the count would go with it
+
+    del smtp.refuse["ada@example.test"]
+    await asyncio.sleep(LEASE)
+    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED
+    assert len(smtp.received) == 2
+
+
+async def test_an_event_whose_email_is_unconfirmed_is_acked(
+    settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    smtp.data_delay = 2.0
+    service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
+    service.app[NOTIFIER].lease = 1.0  # so that the retry 1 s later finds it run out
+    event = registered(new_user())
+    await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 1, within=20, what="the event acked")
+    assert len(smtp.received) == 2
+    assert consumer.settled["dead_lettered"] == 0
+    assert await claim_row(pool, event.id) == ("unconfirmed", 2)
+
+
+async def test_a_reminder_whose_email_is_unconfirmed_is_done_with(
+    notifier: Notifier, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    snapshot = TodoSnapshot("x1", "u1", "Unanswered", datetime.now(UTC) + timedelta(hours=1), False, False, 1)
+    await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=1)
+
+    await scheduler._send_due()  # sent, no answer: held
+    await asyncio.sleep(LEASE)
+    await scheduler._send_due()  # sent again, no answer again: given up on
+    await scheduler._send_due()
+
+    assert len(smtp.received) == 2
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT sent_at IS NOT NULL, cancelled FROM reminders WHERE todo_id = 'x1'")
+        assert await cur.fetchone() == (True, False)  # out of the schedule, not met by every round
