@@ -2,7 +2,7 @@
 
 * Instances come from the in-memory Consul watch; a request never waits on Consul.
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do,
-  nor does a 503 with Retry-After (an instance shedding load is alive).
+  nor does a 503 that sheds load (code TOO_BUSY: the instance is well).
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
@@ -21,13 +21,14 @@ from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import PROBLEM_JSON, MalformedBody, NotFound, problem
+from mesh_common.problems import MalformedBody, NotFound, problem, sheds_load
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
+from .headers import forward_headers, inflated_by_aiohttp, is_problem, without_hop_by_hop
 from .routes import Route, RouteTable
 from .upstream import PoolTimeout, QueuedTimeout, Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
 
@@ -40,25 +41,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 # The first attempt and one retry on another instance, each with the route's
 # deadline: Envoy's route timeout must outlast all of them (tests/config).
 MAX_ATTEMPTS = 2
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        # Not in RFC 9110, but old clients send it, and it means what Connection does.
-        "Proxy-Connection",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
-        # The gateway answered any "Expect: 100-continue" itself.
-        "Expect",
-    )
-)
 # "." or ".." as a path segment, once decoded: never a published route.
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 # Responses up to this size are read whole: one write is cheaper than a stream.
@@ -89,44 +71,6 @@ class _ClientGone(Exception):
     def __init__(self, response: web.StreamResponse) -> None:
         super().__init__()
         self.response = response
-
-
-def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    # Copy whole (in C), then drop the few that must not travel: cheaper on
-    # every request than filtering each header in Python.
-    kept = CIMultiDict(headers)
-    for name in HOP_BY_HOP:
-        kept.popall(name, None)
-    for token in ",".join(headers.getall("Connection", ())).split(","):
-        if token.strip():
-            kept.popall(token.strip(), None)
-    return kept
-
-
-def _is_problem(headers: CIMultiDict[str]) -> bool:
-    media_type = headers.get("Content-Type", "").partition(";")[0]
-    return media_type.strip().lower() == PROBLEM_JSON
-
-
-def _inflated_by_aiohttp(encoding: str) -> bool:
-    # aiohttp's parser inflates a request body in these encodings as it is
-    # read (and refuses br or zstd it has no library for); its rule, exactly.
-    return encoding.isascii() and encoding.lower() in {"gzip", "deflate", "br", "zstd"}
-
-
-def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    headers = _without_hop_by_hop(request.headers)
-    peer = request.remote or ""
-    # From the copy: a client that names X-Forwarded-For in Connection has
-    # it dropped like any hop-by-hop header (RFC 9110, 7.6.1).
-    prior = headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    # The gateway's own view, never a client's say: Envoy passes a client's
-    # X-Forwarded-Host on, and a direct caller could send either.
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    headers["X-Request-ID"] = request[REQUEST_ID]
-    return headers
 
 
 class Proxy:
@@ -160,7 +104,7 @@ class Proxy:
             if len(encodings) > 1:
                 # aiohttp's parsers disagree on which of them they inflate by.
                 raise MalformedBody("Content-Encoding must be sent once")
-            if _inflated_by_aiohttp(encodings[0]):
+            if inflated_by_aiohttp(encodings[0]):
                 # What goes on is plain (and was held to the body limit
                 # inflated): it must not say otherwise. It may be gone
                 # already: named in Connection, it is hop-by-hop.
@@ -252,23 +196,19 @@ class Proxy:
                     # mid-body counts. But a good head is all a probe asks.
                     call.settle()
                     return await self._stream(request, resp, instance, idle=route.timeout)
-                out = _without_hop_by_hop(resp.headers)
+                out = without_hop_by_hop(resp.headers)
                 if method == "HEAD" and resp.content_length is not None:
                     # No body, but the length a GET would have: that is what HEAD is for.
                     out["Content-Length"] = str(resp.content_length)
                 if resp.status >= 500:
-                    if not _is_problem(out):
+                    if not is_problem(out):
                         # A framework's error page, a stack trace: not for a
                         # client, and not in the shape every error has here.
                         log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
                         raise _Failed(BadGateway(), sent=True)
                     answer = web.Response(status=resp.status, body=payload, headers=out)
-                    if resp.status == 503 and "Retry-After" in out:
-                        # Alive, and declining for now: shedding load (the
-                        # user-service's TOO_BUSY in a login rush) or waiting
-                        # on a dependency its health check will report. Counted,
-                        # a shed login would open the breaker and refuse that
-                        # instance's every other request too.
+                    if resp.status == 503 and sheds_load(payload):
+                        # Well, and declining more work for now (mesh_common.problems.LOAD_SHED).
                         raise _Attempt(sent=True, response=answer)
                     raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)
@@ -279,7 +219,7 @@ class Proxy:
     async def _stream(
         self, request: web.Request, resp: UpstreamResponse, instance: Instance, *, idle: float
     ) -> web.StreamResponse:
-        headers = _without_hop_by_hop(resp.headers)
+        headers = without_hop_by_hop(resp.headers)
         # Set now: the request middleware's own comes after the handler,
         # when a stream's head has long gone out.
         headers[REQUEST_ID_HEADER] = request[REQUEST_ID]

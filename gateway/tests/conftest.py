@@ -102,6 +102,13 @@ async def fake_service(
                         content_type="application/problem+json",
                         headers={"Retry-After": "1"},
                     )
+                if upstream.mode == "dependency_down":  # its database away: a failure like any 5xx
+                    return web.json_response(
+                        {"code": "DEPENDENCY_UNAVAILABLE"},
+                        status=503,
+                        content_type="application/problem+json",
+                        headers={"Retry-After": "1"},
+                    )
                 if upstream.mode == "client_error":  # the caller's fault, not the instance's
                     return web.json_response({"code": "CONFLICT"}, status=409, content_type="application/problem+json")
                 if upstream.mode == "fail_huge":  # a 500 with a body no gateway should hold in memory

@@ -170,6 +170,19 @@ async def test_a_busy_instance_passes_its_503_on_and_keeps_its_breaker_closed(fa
     assert not breakers.is_open(instance.service_id)
 
 
+async def test_an_instance_whose_database_is_away_opens_its_breaker(fake_service, gateway, tokens):
+    # Its 503 carries Retry-After too, but says the instance cannot serve:
+    # only a load-shedding 503 (TOO_BUSY) is let off.
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "dependency_down"
+    client = await gateway(service, breaker_failures=2)
+    for _ in range(2):
+        async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+            assert r.status == 503
+    assert client.app[BREAKERS].is_open(instance.service_id)
+
+
 async def test_a_read_a_busy_instance_declines_is_retried_on_another(fake_service, gateway, tokens):
     service = await fake_service(2)
     busy, free = service.instances

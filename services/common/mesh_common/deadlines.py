@@ -16,26 +16,35 @@ to commit what the client had been told had failed.
 At the deadline the handler is cancelled. An open transaction rolls back
 (aiopg closes a connection whose statement is cancelled), and the client
 gets 503 DEPENDENCY_UNAVAILABLE with ``Retry-After`` from the problem
-middleware. A call to another service made for the request ends by
-``call_deadline``, a little earlier, so that a courtesy lookup made after a
-commit degrades instead of turning a change that happened into a 503.
+middleware. A COMMIT is the exception (``before_commit``): once begun, it
+is let finish, and what follows it is no longer cut. A call to another
+service made for the request ends by ``call_deadline``, a little earlier
+than the request: a courtesy lookup made after a commit still ends in time,
+and degrades.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .problems import Handler
+if TYPE_CHECKING:  # problems imports transactions, which imports this
+    from .problems import Handler
 
 REQUEST_DEADLINE = 4.5  # seconds
 # What a call made for a request leaves of its deadline, to write the answer.
 ANSWER_MARGIN = 0.25
+# Less than this left, a request's transaction rolls back rather than commit.
+COMMIT_MARGIN = 0.25
 # The event loop's time (loop.time()) at which the request is cut off.
 DEADLINE = web.RequestKey("mesh.deadline", float)
+# The running request's cut-off, for ``before_commit``, deep in a repository.
+_SCOPE: ContextVar[asyncio.Timeout | None] = ContextVar("mesh.request_deadline", default=None)
 log = structlog.get_logger()
 
 
@@ -45,7 +54,11 @@ def deadline_middleware(seconds: float) -> Middleware:
         request[DEADLINE] = asyncio.get_running_loop().time() + seconds
         try:
             async with asyncio.timeout_at(request[DEADLINE]) as scope:
-                return await handler(request)
+                token = _SCOPE.set(scope)
+                try:
+                    return await handler(request)
+                finally:
+                    _SCOPE.reset(token)
         except TimeoutError:
             # Only ours is named here; a statement's own timeout is a
             # TimeoutError too, and the problem middleware logs every one.
@@ -54,6 +67,24 @@ def deadline_middleware(seconds: float) -> Middleware:
             raise
 
     return deadline
+
+
+def before_commit() -> None:
+    """From a request's COMMIT on, its deadline cuts nothing; too late for one, a TimeoutError.
+
+    Cut during COMMIT, the change may well be made (the server finishes a
+    COMMIT it has received) while the client is told 503, retry: a retried
+    refresh would count as a reuse and end the session, a retried create
+    make a second todo. So a COMMIT begins only with time left for it, and
+    is then let finish, bounded by its own statement timeout. Too late, the
+    transaction rolls back and the 503 is true.
+    """
+    scope = _SCOPE.get()
+    if scope is None or (when := scope.when()) is None:
+        return
+    if when - asyncio.get_running_loop().time() < COMMIT_MARGIN:
+        raise TimeoutError("too little of the request's deadline is left to commit")
+    scope.reschedule(None)
 
 
 def call_deadline(request: web.Request) -> float | None:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .app import CleanupCtx
 from .discovery import WATCHES, NoInstances
+from .problems import sheds_load
 from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 HTTP_SESSION = web.AppKey("mesh.http_session", aiohttp.ClientSession)
@@ -39,11 +40,11 @@ class UpstreamStatusError(Exception):
 
 
 class _Declined(Exception):
-    """A 503 with Retry-After: the instance is alive and declines for now.
+    """A 503 that sheds load (``problems.LOAD_SHED``): the instance is well, and declines for now.
 
     Retried on another instance like a failure, but raised past its breaker
-    uncounted (only ``UpstreamFailure`` counts): an instance shedding load
-    is not a broken one. The gateway's proxy follows the same rule.
+    uncounted (only ``UpstreamFailure`` counts). The gateway's proxy follows
+    the same rule.
     """
 
 
@@ -138,9 +139,9 @@ class ServiceClient:
                         asyncio.timeout_at(deadline),
                         self._session.get(instance.base_url + path, headers=headers) as resp,
                     ):
-                        if resp.status == 503 and "Retry-After" in resp.headers:
-                            raise _Declined(f"{instance.id} answered 503 with Retry-After")
                         if resp.status >= 500:
+                            if resp.status == 503 and sheds_load(await resp.read()):
+                                raise _Declined(f"{instance.id} sheds load")
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
                         raw = await resp.read()
                         if resp.status < 400:

@@ -78,6 +78,21 @@ PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has chang
 TooManyRequests = problem(429, "RATE_LIMITED", "Too many requests")
 ServiceUnavailable = problem(503, "SERVICE_UNAVAILABLE", "Service unavailable")
 DependencyUnavailable = problem(503, "DEPENDENCY_UNAVAILABLE", "A service this one needs did not answer; try again")
+# A 503 with this code sheds load: the instance is well, and declines more
+# work for now. Callers' breakers (the gateway's, ServiceClient's) do not
+# count it, where any other 5xx counts: counted, a rush of sign-ins that
+# fills the user-service's hashing slots opened its breaker, and its reads,
+# refreshes and logouts were refused with it.
+LOAD_SHED = "TOO_BUSY"
+
+
+def sheds_load(body: bytes) -> bool:
+    """Whether a 503's body is a problem with the ``LOAD_SHED`` code."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("code") == LOAD_SHED
 
 
 def problem_response(exc: Problem) -> web.Response:

@@ -1,6 +1,8 @@
 """Two things aiopg leaves to us: explicit transactions (it only runs in
 autocommit mode), and statements the server cancelled (it reports them as
-``asyncio.CancelledError``)."""
+``asyncio.CancelledError``). A transaction made for a request commits only
+with time left before the request's deadline, and is then not cut
+(``deadlines.before_commit``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import aiopg
 import psycopg2
 from psycopg2.extensions import QueryCanceledError
 
+from .deadlines import before_commit
+
 
 @asynccontextmanager
 async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
@@ -21,6 +25,7 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
         await cur.execute("BEGIN")
         try:
             yield cur
+            before_commit()
         except BaseException:
             # aiopg closes a connection whose query was cancelled; the server
             # then rolls back by itself, and a failed ROLLBACK must not hide

@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpServer
 
 from devstack.config import StackConfig
 from mesh_common.app import service_app
-from mesh_common.deadlines import ANSWER_MARGIN, DEADLINE, call_deadline
+from mesh_common.deadlines import ANSWER_MARGIN, COMMIT_MARGIN, DEADLINE, call_deadline
 from mesh_common.discovery import Instance, ServiceWatch
 from mesh_common.http import ServiceClient
 from mesh_common.resilience import BreakerBoard
@@ -50,21 +50,65 @@ async def test_a_request_past_its_deadline_is_a_503_and_its_transaction_rolls_ba
     aiohttp_client: Any, pool: aiopg.Pool, table: str
 ) -> None:
     # Each statement well inside aiopg's own timeout, the whole not: what a
-    # database answering slowly does to a request of several statements.
+    # database answering slowly does to a request of several statements. The
+    # deadline falls mid-statement, never as one ends: aiopg's wait_for
+    # could then take the answer and drop the cancellation.
     async def handler(request: web.Request) -> web.Response:
         async with transaction(pool) as cur:
             for n in range(10):
                 await cur.execute(f"INSERT INTO {table} VALUES (%s)", (n,))
-                await cur.execute("SELECT pg_sleep(0.1)")
+                await cur.execute("SELECT pg_sleep(0.5)")
         return web.json_response({})
 
-    app = service_app(SETTINGS, deadline=0.3)
+    app = service_app(SETTINGS, deadline=0.75)
     app.router.add_post("/", handler)
     client = await aiohttp_client(app)
     async with asyncio.timeout(5), client.post("/") as response:
         assert response.status == 503
         assert response.headers["Retry-After"] == "1"
         assert (await response.json(content_type="application/problem+json"))["code"] == "DEPENDENCY_UNAVAILABLE"
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT count(*) FROM {table}")
+        assert await cur.fetchone() == (0,)
+
+
+async def test_a_commit_begun_in_time_is_not_cut_by_the_deadline(
+    aiohttp_client: Any, pool: aiopg.Pool, table: str
+) -> None:
+    # Cut during or after its COMMIT, the change is made and the client told
+    # to retry it: a retried refresh ends the session, a retried create makes
+    # a second todo. Here the work after the commit runs past the deadline.
+    async def handler(request: web.Request) -> web.Response:
+        async with transaction(pool) as cur:
+            await cur.execute(f"INSERT INTO {table} VALUES (1)")
+        await asyncio.sleep(0.5)
+        return web.json_response({})
+
+    app = service_app(SETTINGS, deadline=0.3)
+    app.router.add_post("/", handler)
+    client = await aiohttp_client(app)
+    async with asyncio.timeout(5), client.post("/") as response:
+        assert response.status == 200
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT count(*) FROM {table}")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_with_too_little_time_left_to_commit_the_transaction_rolls_back(
+    aiohttp_client: Any, pool: aiopg.Pool, table: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        async with transaction(pool) as cur:
+            await cur.execute(f"INSERT INTO {table} VALUES (1)")
+            # Less than COMMIT_MARGIN left (or, on a slow minute, none).
+            await asyncio.sleep(max(0.0, request[DEADLINE] - asyncio.get_running_loop().time() - COMMIT_MARGIN / 2))
+        return web.json_response({})
+
+    app = service_app(SETTINGS, deadline=1.0)
+    app.router.add_post("/", handler)
+    client = await aiohttp_client(app)
+    async with asyncio.timeout(5), client.post("/") as response:
+        assert response.status == 503
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(f"SELECT count(*) FROM {table}")
         assert await cur.fetchone() == (0,)

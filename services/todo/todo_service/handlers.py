@@ -131,8 +131,8 @@ def _todo_id(request: web.Request) -> str:
 
 
 async def _owner(request: web.Request, owner_id: str) -> Owner:
-    # Ends before the request's deadline: after a commit, a slow user-service
-    # costs the name, never the answer.
+    # Ends before the request's deadline, which no longer cuts anything once
+    # a change has committed: a slow user-service costs the name, never the answer.
     return await request.app[OWNERS].lookup(
         owner_id, token=request[PRINCIPAL].token, request_id=request[REQUEST_ID], until=call_deadline(request)
     )

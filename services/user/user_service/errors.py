@@ -6,7 +6,7 @@ taken, or *whether* an account exists, would let anyone list the accounts.
 
 from __future__ import annotations
 
-from mesh_common.problems import problem
+from mesh_common.problems import LOAD_SHED, problem
 
 AccountExists = problem(409, "ACCOUNT_EXISTS", "An account with this username or email already exists")
 InvalidCredentials = problem(401, "INVALID_CREDENTIALS", "The username or password is incorrect")
@@ -14,4 +14,5 @@ InvalidRefreshToken = problem(401, "INVALID_REFRESH_TOKEN", "The refresh token i
 InvalidClient = problem(401, "INVALID_CLIENT", "The client credentials are invalid")
 UserNotFound = problem(404, "USER_NOT_FOUND", "No such user")
 # Not a 429: nobody in particular is over a limit; the service is, for now.
-HashingBusy = problem(503, "TOO_BUSY", "Too many sign-ins at once; try again in a moment")
+# LOAD_SHED: the callers' breakers do not count it against this instance.
+HashingBusy = problem(503, LOAD_SHED, "Too many sign-ins at once; try again in a moment")
