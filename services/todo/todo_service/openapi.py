@@ -11,6 +11,7 @@ from functools import cache
 from typing import Any
 
 from mesh_common.cursors import LIMIT_DIGITS_MAX
+from mesh_common.openapi import with_shared_answers
 
 from . import __version__
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX
@@ -40,18 +41,6 @@ _INVALID = _problem("The request is invalid (VALIDATION_FAILED, with errors: [{f
 _UNAUTHORIZED = _problem("No valid access token")
 _FORBIDDEN = _problem("A service token, which names no user (FORBIDDEN)")
 _PRECONDITION = _problem("The If-Match tag is not the todo's current one (PRECONDITION_FAILED)")
-# What the shared middlewares may answer to any request, or any with a body.
-_SHARED = {
-    "503": _problem(
-        "DEPENDENCY_UNAVAILABLE (the database, slow or away) or"
-        " TOKEN_KEYS_UNAVAILABLE (tokens cannot be checked); see Retry-After"
-    )
-}
-_SHARED_WITH_BODY = {
-    "400": _problem("MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says"),
-    "413": _problem("PAYLOAD_TOO_LARGE: the body is over 64 KiB"),
-    "415": _problem("UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known"),
-}
 _TODO_ID = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IF_MATCH = {
     "name": "If-Match",
@@ -302,9 +291,9 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
-    for item in document["paths"].values():
-        for method, operation in item.items():
-            if method != "parameters":
-                shared = _SHARED | (_SHARED_WITH_BODY if "requestBody" in operation else {})
-                operation["responses"] = shared | operation["responses"]
+    document["paths"] = with_shared_answers(
+        document["paths"],
+        unavailable="DEPENDENCY_UNAVAILABLE (the database, slow or away) or TOKEN_KEYS_UNAVAILABLE"
+        " (tokens cannot be checked); see Retry-After",
+    )
     return document

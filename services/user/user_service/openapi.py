@@ -9,10 +9,11 @@ every route the app serves is described here.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from aiohttp import web
+
+from mesh_common.openapi import with_shared_answers
 
 from . import __version__
 from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, MIN_LENGTH
@@ -44,11 +45,6 @@ def _object(properties: dict[str, Any], *, required: list[str] | None = None) ->
 _STRING = {"type": "string"}
 _INVALID = _problem("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
 _UNAUTHORIZED = _problem("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
-# Every operation with a body reads it through mesh_common's
-# read_json_object, behind the app's body limit: all three can answer these.
-_MALFORMED = _problem("MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says")
-_TOO_LARGE = _problem("PAYLOAD_TOO_LARGE: the body is over 64 KiB")
-_NOT_JSON = _problem("UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known")
 _USERS_ONLY = _problem("FORBIDDEN: a service token, which names no user")
 # For the JWKS and /openapi.json. Set on the operation, as for
 # /auth/service-token, not on the path item: the test that lists the
@@ -145,10 +141,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Registration"),
             "responses": {
                 "201": _json(_ref("Profile"), "The new account; user.registered is published"),
-                "400": _MALFORMED,
                 "409": _problem("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
                 "503": _problem("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
             },
@@ -171,13 +164,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("ProfileChanges"),
             "responses": {
                 "200": _json(_ref("Profile"), "The changed profile"),
-                "400": _MALFORMED,
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
                 "404": _problem("USER_NOT_FOUND: the token's account is gone"),
                 "409": _problem("ACCOUNT_EXISTS: another account uses this email"),
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         },
@@ -203,10 +193,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Credentials"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "Access and refresh tokens"),
-                "400": _MALFORMED,
                 "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
                 "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
                 "503": _problem(
@@ -224,10 +211,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("RefreshRequest"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
-                "400": _MALFORMED,
                 "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"),
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         }
@@ -240,9 +224,6 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("RefreshRequest"),
             "responses": {
                 "204": {"description": "Logged out (also for unknown tokens)"},
-                "400": _MALFORMED,
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         }
@@ -257,10 +238,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("ClientCredentials"),
             "responses": {
                 "200": _json(_ref("ServiceToken"), "A service access token"),
-                "400": _MALFORMED,
                 "401": _problem("INVALID_CLIENT"),
-                "413": _TOO_LARGE,
-                "415": _NOT_JSON,
                 "422": _INVALID,
             },
         }
@@ -288,21 +266,8 @@ PATHS: dict[str, Any] = {
 }
 
 
-# Answered from memory: every other operation reads or writes the database,
-# and may get the shared middleware's 503 when it is slow or away.
-_FROM_MEMORY = frozenset({"/.well-known/jwks.json", "/openapi.json"})
-_DATABASE = "DEPENDENCY_UNAVAILABLE: the database is slow or away; see Retry-After"
-
-
-def _paths() -> dict[str, Any]:
-    paths = copy.deepcopy(PATHS)
-    for path, item in paths.items():
-        if path in _FROM_MEMORY:
-            continue
-        for operation in item.values():
-            own = operation["responses"].get("503")
-            operation["responses"]["503"] = _problem(_DATABASE if own is None else f"{_DATABASE}; {own['description']}")
-    return paths
+# Answered from memory: every other operation reads or writes the database.
+_FROM_MEMORY = frozenset({"/.well-known/jwks.json", "/openapi.json", "/auth/service-token"})
 
 
 def document() -> dict[str, Any]:
@@ -315,7 +280,11 @@ def document() -> dict[str, Any]:
         },
         "servers": [{"url": "/api/v1", "description": "Through the gateway"}],
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": with_shared_answers(
+            PATHS,
+            unavailable="DEPENDENCY_UNAVAILABLE: the database is slow or away; see Retry-After",
+            answered_from_memory=_FROM_MEMORY,
+        ),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},

@@ -1,0 +1,51 @@
+"""What the shared middlewares may answer, for each service's OpenAPI document.
+
+Every service is a ``service_app``: any operation may get the problem
+middleware's 503 (a dependency slow or away, or the request's deadline),
+and any with a body its 400, 413 and 415. Each document has them added
+here, once, so that none forgets one. The problems' schema is the
+document's own ``#/components/schemas/Problem``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+from typing import Any
+
+BODY_ANSWERS = {
+    "400": "MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says",
+    "413": "PAYLOAD_TOO_LARGE: the body is over its limit (64 KiB)",
+    "415": "UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known",
+}
+
+
+def problem_response(description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+
+def with_shared_answers(
+    paths: dict[str, Any], *, unavailable: str, answered_from_memory: Collection[str] = ()
+) -> dict[str, Any]:
+    """A copy of ``paths`` with the shared answers added to each operation.
+
+    ``unavailable`` describes the 503, put before an operation's own 503 if
+    it has one; paths in ``answered_from_memory`` touch no dependency and
+    get none.
+    """
+    paths = copy.deepcopy(paths)
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            if "requestBody" in operation:
+                for status, description in BODY_ANSWERS.items():
+                    responses.setdefault(status, problem_response(description))
+            if path not in answered_from_memory:
+                own = responses.get("503")
+                description = unavailable if own is None else f"{unavailable}; {own['description']}"
+                responses["503"] = problem_response(description)
+            operation["responses"] = dict(sorted(responses.items()))
+    return paths
