@@ -62,6 +62,8 @@ OUTAGES = (
 def _outcome(publish: asyncio.Future[Any], late: AbstractSet[asyncio.Future[Any]]) -> Any:
     """What one publish came to: its result, or the exception it ended with."""
     if publish in late:
+        if publish.done() and not publish.cancelled():
+            publish.exception()  # read, or asyncio logs it as never retrieved
         return TimeoutError("no confirm within the batch's bound")
     if publish.cancelled():  # by aiormq, as a channel closed: see publish_batch
         return asyncio.CancelledError()
@@ -144,13 +146,14 @@ class OutboxRelay:
                 )
                 for event_id, routing_key, payload, correlation_id in rows
             ]
-            # Every publish settles before the batch is judged, so that none is
-            # left running against a channel about to be dropped. Bounded as a
-            # whole: a publish's own timeout covers its confirm, not the wait
-            # for a connection that dropped mid-batch, and meanwhile this
-            # transaction holds its rows. Those still out at the bound fail
-            # alone: the confirmed ones are still marked below, where a bound
-            # on the whole batch rolled them back to be published again.
+            # The batch is bounded as a whole: a publish's own timeout covers
+            # its confirm, not the wait for a connection that dropped
+            # mid-batch, and meanwhile this transaction holds its rows. Those
+            # still out at the bound are cancelled, given a moment to settle
+            # (not to be left running against a channel about to be
+            # dropped), and fail alone: the confirmed ones are still marked
+            # below, where a bound on the whole batch rolled them back to be
+            # published again.
             try:
                 _, late = await asyncio.wait(publishes, timeout=2 * self._confirm_timeout)
             finally:
