@@ -19,7 +19,11 @@ class UserServiceUnavailable(TemporaryFailure):
 
 
 class MailServerUnavailable(TemporaryFailure):
-    """The SMTP server refused the connection or answered 4xx, even after retries: it does not have the message."""
+    """The SMTP server refused the connection, deferred (4xx) even after retries, or refused us: it does not have it.
+
+    Refused us: a 5xx before any recipient, or one whose enhanced status
+    code is about us (policy, the mail system, routing), not the recipient.
+    """
 
 
 class MailOutcomeUnknown(TemporaryFailure):
@@ -51,4 +55,4 @@ class ExpiredEvent(UnprocessableEvent):
 
 
 class MailRejected(UnprocessableEvent):
-    """The SMTP server refused the message for good (a 5xx answer)."""
+    """The SMTP server refused the message for good: a 5xx about its recipient or itself (see mailer.py)."""

@@ -10,12 +10,25 @@ connection or a 4xx answer mean the server does not have the message: tried
 again here with exponential backoff and full jitter, each time on a fresh
 session, then reported as ``MailServerUnavailable`` so that the event is
 retried later from the retry queues. Each attempt has ``timeout`` seconds to
-get that far. A 5xx answer is final (``MailRejected``), and so is a server
-that does not offer SMTPUTF8 for an address that needs it.
+get that far. A 5xx answer is final, and so is a server that does not offer
+SMTPUTF8 for an address that needs it.
+
+Whose fault a 5xx is decides what becomes of the event. The recipient's or
+the message's (``MailRejected``: the DLQ, the reminder cancelled) at RCPT
+and after DATA, unless its enhanced status code (RFC 3463) says the server
+refuses us: X.7 security or policy (relaying denied, a blocklist, DMARC),
+X.3 the mail system (but X.3.4, the message too big) or X.4 the network and
+routing. Those are ``MailServerUnavailable``, as is any 5xx before RCPT: a
+configuration or a reputation to put right, with the events and reminders
+kept meanwhile, not given up on one by one. Without an enhanced code (or
+with X.0, "undefined") a 5xx says nothing more, and is taken as before: the
+recipient's or the message's at RCPT and after DATA, ours before RCPT. 552
+is the message too big (RFC 1870) whatever follows it. A 5xx that refuses
+us is not tried again at once: it would be refused alike.
 
 From DATA on, the message may be on the server, so nothing is retried here.
 An answer still says what became of it: 250 sent, 4xx
-``MailServerUnavailable``, 5xx ``MailRejected``. No answer (a timeout, a
+``MailServerUnavailable``, 5xx as above. No answer (a timeout, a
 dropped connection) does not: the server may have queued the message and
 lost the connection before its 250 reached us. That is
 ``MailOutcomeUnknown``, and the notifier keeps its claim on the email rather
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -52,6 +66,14 @@ BACKOFF_FACTOR = 0.1  # waits of up to 0.1 s, 0.2 s, 0.4 s...
 
 class _DeferredAtData(MailServerUnavailable):
     """A 4xx answer to DATA: nothing delivered, but the attempt has spent its DATA timeouts."""
+
+
+class _RefusedUs(MailServerUnavailable):
+    """A 5xx that refuses us, not the message: final for now, so not tried again at once."""
+
+
+# An enhanced status code (RFC 3463) at the start of a reply's text: class.subject.detail.
+_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
 
 
 class _Client(aiosmtplib.SMTP):
@@ -94,7 +116,7 @@ class Mailer:
             factor=BACKOFF_FACTOR,
             jitter=backoff.full_jitter,
             # One DATA exchange per send at most: that is what bounds ``longest_send``.
-            giveup=lambda exc: isinstance(exc, _DeferredAtData),
+            giveup=lambda exc: isinstance(exc, _DeferredAtData | _RefusedUs),
             on_backoff=_log_retry,
         )(self._send_once)
 
@@ -191,7 +213,10 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         codes = [r.code for r in exc.recipients]
         if all(_transient(code) for code in codes):
             return MailServerUnavailable(f"recipients deferred: {codes}")
-        return MailRejected(f"recipients refused: {codes}")
+        statuses = [_status(r.code, r.message) for r in exc.recipients]
+        if all(_transient(r.code) or _refuses_us(r.code, r.message) for r in exc.recipients):
+            return _RefusedUs(f"recipients refused, for a reason of ours: {statuses}")
+        return MailRejected(f"recipients refused: {statuses}")
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         # aiosmtplib's only use of it: an address is not ASCII and the server
         # does not offer SMTPUTF8. That is the address's lot with this server,
@@ -204,7 +229,8 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         # Any other refusal before DATA (the greeting, EHLO, STARTTLS, AUTH,
         # MAIL FROM) refuses us, whatever the message: a configuration to put
         # right, with the events kept meanwhile, not each one given up on.
-        return MailServerUnavailable(f"SMTP {exc.code}, before any recipient")
+        error = _RefusedUs if exc.code >= 500 else MailServerUnavailable
+        return error(f"SMTP {_status(exc.code, exc.message)}, before any recipient")
     # Refused, timed out or disconnected (aiosmtplib's connection errors are
     # OSErrors too, and so is the attempt's TimeoutError).
     return MailServerUnavailable(type(exc).__name__)
@@ -213,12 +239,38 @@ def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
 def _after_data(exc: Exception) -> Exception:
     """DATA had begun: only an answer says the server does not have the message."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return (_DeferredAtData if _transient(exc.code) else MailRejected)(f"SMTP {exc.code} after DATA")
+        reply = f"SMTP {_status(exc.code, exc.message)} after DATA"
+        if _transient(exc.code):
+            return _DeferredAtData(reply)
+        return (_RefusedUs if _refuses_us(exc.code, exc.message) else MailRejected)(reply)
     return MailOutcomeUnknown(f"no answer after DATA: {type(exc).__name__}")
 
 
 def _transient(code: int) -> bool:
     return 400 <= code < 500
+
+
+def _status(code: int, message: str) -> str:
+    """The reply's code, and its enhanced status code if it has one: not its text, which may name the recipient."""
+    status = _ENHANCED_STATUS.match(message.lstrip())
+    return f"{code} {status[0]}" if status else str(code)
+
+
+def _refuses_us(code: int, message: str) -> bool:
+    """Whether a 5xx's enhanced status code says it refuses us, not the recipient or the message.
+
+    False when it does not say: no enhanced code, one of another class than
+    the reply's, or X.0 (other or undefined).
+    """
+    if code == 552:  # the message too big (RFC 1870), or the mailbox full: not ours to put right
+        return False
+    status = _ENHANCED_STATUS.match(message.lstrip())
+    if status is None or status[1] != str(code)[0]:
+        return False
+    subject, detail = status[2], status[3]
+    if (subject, detail) == ("3", "4"):  # "message too big for system"
+        return False
+    return subject in {"3", "4", "7"}
 
 
 def _log_retry(details: Any) -> None:

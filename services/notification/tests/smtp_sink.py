@@ -1,7 +1,7 @@
 """``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, for the notification-service's tests.
 
-It keeps what it receives with its arrival time, can refuse senders or
-recipients, answer DATA late, and be stopped and started again on its port,
+It keeps what it receives with its arrival time, can refuse senders,
+recipients or messages, answer DATA late, and be stopped and started again on its port,
 which it holds, refusing connections, while stopped (``close`` lets it go).
 """
 
@@ -42,6 +42,7 @@ class SmtpSink:
     attempts: list[str] = field(default_factory=list)  # every RCPT TO, accepted or not
     refuse_sender: str | None = None  # the answer to every MAIL FROM, as from a server refusing us
     quit_delay: float = 0.0  # seconds before the answer to QUIT
+    refuse_data: str | None = None  # the answer to the end of DATA, as from a server refusing the message or us
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     data_gate: asyncio.Event | None = None  # when set, the answer to DATA waits for it
     smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
@@ -77,6 +78,8 @@ class SmtpSink:
         return "221 Bye"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.refuse_data:
+            return self.refuse_data  # refused: not received
         self.received.append(Received(envelope.original_content or b"", list(envelope.rcpt_tos), time.time()))
         if self.data_delay:
             await asyncio.sleep(self.data_delay)  # aiosmtpd cancels it if the client hangs up

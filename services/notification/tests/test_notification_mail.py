@@ -157,6 +157,63 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
     assert smtp.attempts == ["gone@example.test"]
 
 
+# Answers about us, not the recipient or the message: relaying, blocklists,
+# DMARC (X.7), the mail system (X.3) and routing (X.4). Dead-lettered, these
+# lost every event and cancelled every reminder until the server was fixed.
+@pytest.mark.parametrize(
+    ("at", "answer"),
+    [
+        ("RCPT", "554 5.7.1 <ada@example.test>: Relay access denied"),
+        ("RCPT", "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org"),
+        ("RCPT", "550 5.4.1 Recipient address rejected: Access denied"),
+        ("RCPT", "554 5.3.2 System not accepting network messages"),
+        ("DATA", "550 5.7.26 Unauthenticated email from todo-mesh.test is not accepted due to its DMARC policy"),
+        ("DATA", "554 5.7.1 Message rejected under policy"),
+    ],
+)
+async def test_a_5xx_whose_status_refuses_us_keeps_the_message_for_later(smtp: SmtpSink, at: str, answer: str) -> None:
+    if at == "RCPT":
+        smtp.refuse["ada@example.test"] = answer
+    else:
+        smtp.refuse_data = answer
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailServerUnavailable):
+        await mailer.send(an_email("ada@example.test"))
+    await mailer.close()
+    assert smtp.attempts == ["ada@example.test"]  # final for now: not tried again at once
+    assert smtp.received == []
+
+
+# The recipient's or the message's fault, and (without an enhanced code, or
+# with X.0) a 5xx that says no more: final, as it always was.
+@pytest.mark.parametrize(
+    ("at", "answer"),
+    [
+        ("RCPT", "550 5.1.1 <ada@example.test>: Recipient address rejected: User unknown"),
+        ("RCPT", "552 5.2.2 Mailbox full"),
+        ("RCPT", "550 No such user here"),
+        ("RCPT", "550 5.0.0 Unrouteable address"),
+        ("RCPT", "550 4.7.1 Not a 5xx's status"),  # of another class than the reply's: no status at all
+        ("DATA", "554 5.6.0 Message content rejected"),
+        ("DATA", "552 5.3.4 Message size exceeds fixed limit"),
+        ("DATA", "554 5.3.4 Message too big for system"),
+        ("DATA", "554 Transaction failed"),
+    ],
+)
+async def test_a_5xx_about_the_recipient_or_the_message_or_saying_no_more_is_refused_for_good(
+    smtp: SmtpSink, at: str, answer: str
+) -> None:
+    if at == "RCPT":
+        smtp.refuse["ada@example.test"] = answer
+    else:
+        smtp.refuse_data = answer
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
+    with pytest.raises(MailRejected):
+        await mailer.send(an_email("ada@example.test"))
+    await mailer.close()
+    assert smtp.attempts == ["ada@example.test"]
+
+
 async def test_a_5xx_refusing_the_sender_is_the_servers_problem_not_the_messages(smtp: SmtpSink) -> None:
     # A relay that does not accept our MAIL_FROM refuses every message alike:
     # events are kept for when it is fixed, not dead-lettered one by one.

@@ -67,6 +67,21 @@ async def test_smtp_down_for_a_while_then_back_loses_no_email(service: Client, b
     assert [n for n in sent.values() if n > 1] == []  # duplicates 0
 
 
+async def test_a_relay_refusing_us_for_a_while_loses_no_email(service: Client, broker: Broker, smtp: SmtpSink) -> None:
+    # A 5xx at RCPT, but about us (RFC 3463's X.7: policy): every recipient
+    # is refused alike until the relay is put right. Taken for the
+    # recipient's fault, each event went to the DLQ.
+    user = new_user()
+    smtp.refuse[user["email"]] = "554 5.7.1 <" + user["email"] + ">: Relay access denied"
+    await broker.publish(registered(user))
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
+    del smtp.refuse[user["email"]]  # the relay is put right
+    await eventually(lambda: smtp.to(user["email"]), within=15, what="the email once the relay takes it")
+    assert consumer.settled["dead_lettered"] == 0
+
+
 async def test_user_service_down_for_a_while_then_back_loses_no_email(
     service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
 ) -> None:
