@@ -12,6 +12,8 @@ handled                ack
                        bugs: given up on only after ``retry_limit``
                        retries (about a day).
 ``UnprocessableEvent`` reject: the broker dead-letters it to the DLQ now.
+``ShuttingDown``       nack with requeue: given back, untouched, for the
+                       next instance (see ``stop``).
 anything else (a bug)  republished to our own queue at once, with its
                        failures counted in ``x-failures``; then ack.
                        Rejected to the DLQ after ``failure_limit`` (5).
@@ -60,7 +62,7 @@ from aio_pika.abc import (
 from mesh_common.events import Event
 
 from .events import parse
-from .failures import TemporaryFailure, UnprocessableEvent
+from .failures import ShuttingDown, TemporaryFailure, UnprocessableEvent
 from .notifier import Outcome
 from .topology import Topology
 
@@ -137,11 +139,18 @@ class EventConsumer:
 
         Every step is bounded: a broker that does not answer must not keep
         the process from exiting. Whatever is not acked by then is redelivered.
+        A delivery that has not claimed its email when the notifier stops
+        (workers.py stops it first) gives its message back: ``ShuttingDown``.
         """
         try:
             async with asyncio.timeout(drain_timeout):
                 if self._queue is not None and self._consumer_tag is not None:
-                    await self._queue.cancel(self._consumer_tag)
+                    try:
+                        await self._queue.cancel(self._consumer_tag)
+                    except Exception as exc:
+                        # A channel or connection gone wrong: the deliveries
+                        # in hand must still end before what they use closes.
+                        log.warning("consumer_cancel_failed", error=type(exc).__name__, detail=str(exc))
                 if self._in_flight:
                     await asyncio.wait(self._in_flight)
                 if self._channel is not None:
@@ -209,6 +218,9 @@ class EventConsumer:
             outcome = await self._handler.handle(event)
         except UnprocessableEvent as exc:
             await self._dead_letter(message, exc)
+        except ShuttingDown as exc:
+            log.info("event_given_back", reason=str(exc))
+            await self._give_back(message)
         except TemporaryFailure as exc:
             await self._retry_later(message, exc)
         except Exception as exc:

@@ -5,6 +5,7 @@ retried later, through the retry queues, without spending its budget for bugs.
 An ``UnprocessableEvent`` will fail the same way every time: it goes to the
 dead-letter queue at once. Anything else is unexpected (a bug): the event is
 delivered again at once, and dead-lettered after ``FAILURE_LIMIT`` failures.
+``ShuttingDown`` gives the event back to the broker, untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class DatabaseUnavailable(TemporaryFailure):
 
 class DeliveryInProgress(TemporaryFailure):
     """Another delivery of the same event holds the claim and has not finished."""
+
+
+class ShuttingDown(Exception):
+    """The service is stopping: a delivery that has not claimed its email gives its event back.
+
+    Not a ``TemporaryFailure``: nothing is wrong with the event or our
+    dependencies, and it spends none of the event's retries.
+    """
 
 
 class UnprocessableEvent(Exception):

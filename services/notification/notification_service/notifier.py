@@ -11,7 +11,11 @@ The steps, and what a crash after each one leaves behind:
    taken over cannot delete its successor's claim.
    Before the claim, once an SMTP session is free, a caller's
    ``still_wanted`` may withdraw the email (a reminder whose todo was
-   completed meanwhile): nothing is claimed, and nothing is sent.
+   completed meanwhile): nothing is claimed, and nothing is sent. Nor is
+   anything once the service is stopping (``stop``): the delivery raises
+   ``ShuttingDown`` and its event goes back to the broker, rather than
+   start a send that the end of the shutdown's drain could cut short in
+   DATA, to be sent again after the restart.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
 3. Mark the row ``sent``, trying again for up to half the lease while the
    database is away. Then the consumer acks the event. Crash between 3
@@ -57,7 +61,7 @@ import structlog
 
 from . import claims
 from .directory import Recipient, UserDirectory
-from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected
+from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected, ShuttingDown
 from .mailer import Mailer
 from .messages import compose, message_id, render
 
@@ -86,6 +90,11 @@ class Notifier:
         self._directory = directory
         self._sender = sender
         self.lease = mailer.longest_send + CLAIM_MARGIN
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Claim nothing more: sends under way finish, and the deliveries waiting for a session give way."""
+        self._stopping = True
 
     async def notify(
         self,
@@ -125,6 +134,10 @@ class Notifier:
         # before it: claimed earlier, a slow server's queue could outlast the
         # lease, and another instance take the claim over and send too.
         async with self._mailer.slot() as send:
+            # Checked once a session is free: a shutdown's drain may well
+            # have begun during the wait for one.
+            if self._stopping:
+                raise ShuttingDown(f"{kind} for {event_id}: not claimed, the service is stopping")
             # Asked before the claim, which it would otherwise hold for its
             # database round trips (seconds, with the database slow): past
             # the lease, another delivery could take the claim over and send.

@@ -27,7 +27,7 @@ import aiopg
 import structlog
 
 from . import repository
-from .failures import DeliveryInProgress, MailOutcomeUnknown, TemporaryFailure, UnprocessableEvent
+from .failures import DeliveryInProgress, MailOutcomeUnknown, ShuttingDown, TemporaryFailure, UnprocessableEvent
 from .notifier import Notifier, Outcome
 
 log = structlog.get_logger()
@@ -168,6 +168,9 @@ class ReminderScheduler:
             except (DeliveryInProgress, MailOutcomeUnknown) as exc:
                 # About this one reminder, not about a dependency: the others go on.
                 log.info("reminder_held", error=type(exc).__name__)
+                return None
+            except ShuttingDown:
+                log.info("reminder_left_for_the_next_start")
                 return None
             except TemporaryFailure as exc:
                 log.warning("reminder_deferred", error=type(exc).__name__, detail=str(exc))

@@ -73,7 +73,12 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         crash_after_send=settings.crash_after_send,
     )
     await consumer.start()
-    app[STOPS].add("consumer", consumer.stop)
+
+    async def stop() -> None:
+        app[NOTIFIER].stop()  # before the drain: what has not claimed its email gives its event back
+        await consumer.stop()
+
+    app[STOPS].add("consumer", stop)
     try:
         yield
     finally:
@@ -89,6 +94,7 @@ async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def stop() -> None:
         ended.stopping = True
+        app[NOTIFIER].stop()
         scheduler.stop()
         _, still_running = await asyncio.wait({task}, timeout=SCHEDULER_STOP_TIMEOUT)
         for stuck in still_running:  # a round stuck on a dependency: give up on it

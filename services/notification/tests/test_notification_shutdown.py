@@ -10,12 +10,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
-from notification_support import Broker, FakeUserService, eventually, new_user, registered, todo_event
+import aiopg
+import pytest
+from notification_support import (
+    Broker,
+    FakeUserService,
+    StartService,
+    eventually,
+    new_user,
+    registered,
+    todo_event,
+)
+from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
 from mesh_common.events import Event
 from notification_service import workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT, EventConsumer
+from notification_service.keys import CONSUMER, NOTIFIER, STOPS
 from notification_service.notifier import Outcome
 from notification_service.topology import Topology
 
@@ -142,3 +154,54 @@ async def test_the_consumer_and_the_reminder_scheduler_stop_side_by_side(
         smtp.close()
     assert stops["consumer"] - stopping < 1.0, "the consumer waited for the scheduler to stop"
     assert stopped - stopping < 2.0 + 2.0 + 2.0  # the scheduler's bound, its unwinding, and slack
+
+
+async def test_a_delivery_waiting_for_an_smtp_session_at_shutdown_gives_its_event_back_unsent(
+    start_service: StartService, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool, topology: Topology
+) -> None:
+    # Waiting for a session, it took one during the drain and began its send,
+    # which the drain's end could cut short in DATA: sent again after the restart.
+    client = await start_service()
+    notifier, consumer = client.app[NOTIFIER], client.app[CONSUMER]
+    notifier._mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
+    smtp.data_gate = asyncio.Event()  # the server holds the first email until the shutdown has begun
+    sending, waiting = registered(new_user()), registered(new_user())
+    await broker.publish(sending)
+    await eventually(lambda: smtp.received, within=10, what="the first email in DATA, holding the session")
+    await broker.publish(waiting)
+    await eventually(lambda: len(consumer._in_flight) == 2, within=10, what="the second delivery under way")
+
+    closing = asyncio.create_task(client.close())
+    try:
+        await eventually(lambda: "consumer" in client.app[STOPS]._running, within=5, what="the drain begun")
+        smtp.data_gate.set()
+        await asyncio.wait_for(asyncio.shield(closing), timeout=15)
+    finally:
+        smtp.data_gate.set()
+        await closing
+
+    assert len(smtp.received) == 1  # the send under way finished; the other never began
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT event_id::text, status FROM notifications")
+        assert await cur.fetchall() == [(sending.id, "sent")]  # nothing claimed for the other
+    assert consumer.settled["requeued"] == 1
+    await eventually(lambda: broker.ready(topology.queue), within=10, what="the event given back")
+
+
+async def test_a_consumer_whose_cancel_fails_still_ends_the_deliveries_in_hand(
+    infra: StackConfig, broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = Stuck()
+    async with await aio_pika.connect_robust(infra.amqp_url) as connection:
+        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+        await consumer.start()
+        await broker.publish(registered(new_user()))
+        await asyncio.wait_for(handler.started.wait(), timeout=10)
+
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed")
+
+        monkeypatch.setattr(type(consumer._queue), "cancel", broken)  # slotted: patched on its class
+        await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
+        # Not left running on a connection about to close.
+        assert handler.cancelled
