@@ -30,6 +30,8 @@ log = structlog.get_logger()
 # Failures that mean "not now": no healthy instance, every breaker open,
 # refused, 5xx, or past the deadline.
 UNAVAILABLE = (NoInstances, UpstreamFailure, TimeoutError)
+# The problem's code in the user-service's 404 to GET /users/{id} for an id it does not know.
+USER_NOT_FOUND = "USER_NOT_FOUND"
 
 
 class TokenRejected(Exception):
@@ -147,7 +149,11 @@ class UserDirectory:
         try:
             user = await self._client.get_json(self._service, path, headers={"Authorization": f"Bearer {token}"})
         except UpstreamStatusError as exc:
-            if exc.status == 404:
+            # Only the user-service's own problem for an unknown id: a 404
+            # from a proxy, or for a path an instance does not serve, says
+            # nothing of the user, and taken so it skipped their email and
+            # cancelled their reminder for good.
+            if exc.status == 404 and isinstance(exc.body, dict) and exc.body.get("code") == USER_NOT_FOUND:
                 return None
             if exc.status == 401:
                 raise TokenRejected() from None

@@ -189,6 +189,8 @@ class FakeUserService:
         self.token_requests = 0
         self.user_requests = 0
         self.answer_empty = False  # a 200 without a body, as from a broken proxy in between
+        # The body of a 404 not about the user (a proxy's page, a path an instance lacks), if set.
+        self.other_404: str | None = None
         self._consul_url = consul_url
         self.secret = secret
         self._token_ttl = token_ttl
@@ -218,6 +220,11 @@ class FakeUserService:
             return web.json_response({"code": "INVALID_TOKEN"}, status=401)
         if self.answer_empty:
             return web.Response(status=200)
+        if self.other_404 is not None:
+            json_body = self.other_404.startswith("{")
+            return web.Response(
+                status=404, text=self.other_404, content_type="application/json" if json_body else "text/plain"
+            )
         user = self.users.get(request.match_info["id"])
         if user is None:
             return web.json_response({"code": "USER_NOT_FOUND"}, status=404)

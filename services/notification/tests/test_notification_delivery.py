@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import aiopg
+import pytest
 from notification_support import (
     MAIL_FROM,
     SECRET,
@@ -155,6 +156,25 @@ async def test_an_empty_answer_about_a_user_is_retried_not_taken_for_an_unknown_
     assert consumer.settled["acked"] == 0  # not skipped as if the user were gone
     users.answer_empty = False
     await eventually(lambda: smtp.to(owner["email"]), within=15, what="the email once the answers are whole")
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"code": "NOT_FOUND", "status": 404, "title": "Not found"}', "404 page not found"],
+    ids=["another problem", "a proxy's page"],
+)
+async def test_a_404_that_is_not_about_the_user_is_retried_not_taken_for_an_unknown_user(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, body: str
+) -> None:
+    owner = users.add(new_user())
+    users.other_404 = body
+    await broker.publish(todo_event("completed", owner["id"], {"id": "b", "title": "Kept", "completed": True}))
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
+    assert consumer.settled["acked"] == 0  # not skipped as if the user were gone
+    users.other_404 = None
+    await eventually(lambda: smtp.to(owner["email"]), within=15, what="the email once the user-service answers")
 
 
 async def test_an_event_for_an_unknown_user_is_acked_without_email(
