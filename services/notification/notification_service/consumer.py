@@ -19,6 +19,9 @@ anything else (a bug)  republished to our own queue at once, with its
                        Rejected to the DLQ after ``failure_limit`` (5).
 =====================  ==================================================
 
+A count header that holds no count (text, a negative number: headers.py)
+is no copy of ours; the message is dead-lettered when the count is read.
+
 Failures are counted by us, not by the broker: a quorum queue on RabbitMQ
 3.x counts every return of a delivery against its delivery-limit, a channel
 closing with the message in hand (a restart, a reconnect, a drain that ran
@@ -46,7 +49,6 @@ import asyncio
 import contextlib
 import os
 from collections import Counter
-from datetime import datetime
 from typing import Protocol
 
 import aio_pika
@@ -56,25 +58,20 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
-    HeadersType,
 )
 
 from mesh_common.events import Event
 
 from .events import parse
-from .failures import ShuttingDown, TemporaryFailure, UnprocessableEvent
+from .failures import MalformedCount, ShuttingDown, TemporaryFailure, UnprocessableEvent
+from .headers import FAILURES_HEADER, RETRIES_HEADER, count, counted_copy
 from .notifier import Outcome
 from .topology import Topology
 
 log = structlog.get_logger()
 
-RETRIES_HEADER = "x-retries"
-FAILURES_HEADER = "x-failures"
 # Failures of the handler itself (bugs) before an event is dead-lettered.
 FAILURE_LIMIT = 5
-# Set by quorum queues on every delivery; a republished copy must not carry
-# the old count, since the broker counts afresh.
-DELIVERY_COUNT_HEADER = "x-delivery-count"
 CRASH_EXIT_CODE = 70
 # Closing a channel waits for the broker's close-ok; a broker that does not
 # answer must not hold the delivery's task.
@@ -238,12 +235,14 @@ class EventConsumer:
         self.settled["dead_lettered"] += 1
 
     async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
-        attempt = _count(message, RETRIES_HEADER) + 1
+        attempt = await self._counted(message, RETRIES_HEADER, exc)
+        if attempt is None:
+            return
         if attempt > self._retry_limit:
             await self._dead_letter(message, exc)
             return
         queue, delay = self._topology.retry_tier(attempt)
-        await self._republish(_counted_copy(message, RETRIES_HEADER, attempt), queue)
+        await self._republish(counted_copy(message, RETRIES_HEADER, attempt), queue)
         await message.ack()
         self.settled["retried"] += 1
         log.warning("event_retry_scheduled", reason=type(exc).__name__, detail=str(exc), attempt=attempt, delay=delay)
@@ -251,14 +250,29 @@ class EventConsumer:
     async def _deliver_again(self, message: AbstractIncomingMessage, exc: Exception) -> None:
         # A copy, not a nack with requeue: the broker's count would also
         # take in every restart the message was in hand for (module docstring).
-        failures = _count(message, FAILURES_HEADER) + 1
+        failures = await self._counted(message, FAILURES_HEADER, exc)
+        if failures is None:
+            return
         log.error("event_failed", failures=failures, exc_info=exc)
         if failures > self._failure_limit:
             await self._dead_letter(message, exc)
             return
-        await self._republish(_counted_copy(message, FAILURES_HEADER, failures), self._topology.queue)
+        await self._republish(counted_copy(message, FAILURES_HEADER, failures), self._topology.queue)
         await message.ack()
         self.settled["failed"] += 1
+
+    async def _counted(self, message: AbstractIncomingMessage, header: str, exc: Exception) -> int | None:
+        """The count in ``header`` with this failure, or None, the message dead-lettered, if it holds no count.
+
+        Dead-lettered at once: raised on, the settling failed and the message
+        came straight back, the same, until the broker's delivery-limit.
+        """
+        try:
+            return count(message, header) + 1
+        except MalformedCount as malformed:
+            log.error("event_failed", exc_info=exc)
+            await self._dead_letter(message, malformed)
+            return None
 
     async def _republish(self, copy: aio_pika.Message, queue: str) -> None:
         assert self._channel is not None
@@ -270,31 +284,3 @@ async def _existing_queue(channel: AbstractRobustChannel, name: str, *, robust: 
         return await channel.declare_queue(name, passive=True, robust=robust)
     except aio_pika.exceptions.ChannelNotFoundEntity:
         raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
-
-
-def republishable(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
-    """A persistent copy of ``message`` with ``headers``, to publish again."""
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
-        timestamp=message.timestamp,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
-
-
-def _counted_copy(message: AbstractIncomingMessage, header: str, count: int) -> aio_pika.Message:
-    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-    headers[header] = count
-    return republishable(message, headers)
-
-
-def _count(message: AbstractIncomingMessage, header: str) -> int:
-    """A count kept in a header, ours or the broker's; 0 when it is absent."""
-    value = (message.headers or {}).get(header) or 0
-    if isinstance(value, list | dict | datetime):  # what ``int()`` would refuse too
-        raise TypeError(f"header {header} holds a {type(value).__name__}, not a count")
-    return int(value)

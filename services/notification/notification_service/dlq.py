@@ -26,7 +26,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from .consumer import DELIVERY_COUNT_HEADER, FAILURES_HEADER, RETRIES_HEADER, republishable
+from .headers import DELIVERY_COUNT_HEADER, FAILURES_HEADER, RETRIES_HEADER, republishable
 from .topology import Topology
 
 PREVIEW_BYTES = 60

@@ -55,6 +55,13 @@ class MalformedEvent(UnprocessableEvent):
     """The message is not a valid event, or its data lacks what we need."""
 
 
+class MalformedCount(MalformedEvent):
+    """A header that should hold one of our counts (x-retries, x-failures) holds something else.
+
+    Not a copy we made: a message that is poison, whatever its event.
+    """
+
+
 class UnsupportedEvent(UnprocessableEvent):
     """An event type or version this service does not know."""
 

@@ -8,6 +8,8 @@ import sys
 from typing import Any
 
 import aio_pika
+import pytest
+from aio_pika.abc import FieldValue
 from notification_support import Broker, Client, eventually, new_user, registered, todo_event
 from smtp_sink import SmtpSink
 
@@ -113,6 +115,50 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_its_failure_
     )
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
     assert (letter.event_id, letter.reason, letter.failures) == (event.id, "rejected", FAILURE_LIMIT)
+
+
+class Failing:
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+        self.calls = 0
+
+    async def handle(self, event: Event) -> Outcome | None:
+        self.calls += 1
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "failure"),
+    [
+        # Each failure would put the count up by one, from -100000: as many
+        # redeliveries at once, a hot loop.
+        ("x-failures", -100000, RuntimeError("a bug")),
+        # Never past the retry limit: retried for ever.
+        ("x-retries", -1_000_000_000, MailServerUnavailable("SMTP 451")),
+        # Raised on, the settling failed: back at once, until the delivery-limit.
+        ("x-failures", "many", RuntimeError("a bug")),
+        ("x-retries", [1], MailServerUnavailable("SMTP 451")),
+    ],
+)
+async def test_a_message_whose_count_header_is_no_count_is_dead_lettered_at_once(
+    infra: StackConfig, broker: Broker, topology: Topology, header: str, value: FieldValue, failure: Exception
+) -> None:
+    handler = Failing(failure)
+    event = registered(new_user())
+    message = aio_pika.Message(event.to_json(), message_id=event.id, type=event.type, headers={header: value})
+    await broker.channel.default_exchange.publish(message, routing_key=topology.queue)
+    async with await aio_pika.connect_robust(infra.amqp_url) as connection:
+        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+        await consumer.start()
+        try:
+            await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
+        finally:
+            await consumer.stop()
+
+    assert handler.calls == 1
+    assert (consumer.settled["dead_lettered"], consumer.settled["requeued"]) == (1, 0)
+    [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
+    assert (letter.event_id, letter.reason) == (event.id, "rejected")
 
 
 class BugThenOutage:

@@ -1,0 +1,58 @@
+"""The counts a message carries in its headers, and the copies that carry them on.
+
+``x-retries`` and ``x-failures`` are ours: the consumer's budgets for
+transient failures and for bugs, kept on the copies it republishes.
+``x-delivery-count`` is the broker's, which a copy must not take along.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, HeadersType
+
+from .failures import MalformedCount
+
+RETRIES_HEADER = "x-retries"
+FAILURES_HEADER = "x-failures"
+# Set by quorum queues on every delivery; a republished copy must not carry
+# the old count, since the broker counts afresh.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+def republishable(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """A persistent copy of ``message`` with ``headers``, to publish again."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def counted_copy(message: AbstractIncomingMessage, header: str, count: int) -> aio_pika.Message:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
+    headers[header] = count
+    return republishable(message, headers)
+
+
+def count(message: AbstractIncomingMessage, header: str) -> int:
+    """A count kept in a header; 0 when it is absent.
+
+    A whole number, 0 or more: an int, or its digits in a string (as the
+    management UI publishes headers). Anything else raises
+    ``MalformedCount``, never read as 0 nor taken as it is: a count read
+    as 0 restarts the event's budget, and a negative one lets it run for
+    ever (a bug's redelivery at once, x-failures -100000: a hot loop).
+    """
+    value = (message.headers or {}).get(header)
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise MalformedCount(f"header {header} holds {value!r:.40}, not a count")
