@@ -161,7 +161,8 @@ async def test_a_call_to_another_service_ends_at_the_time_it_is_given(aiohttp_se
     upstream = web.Application()
     upstream.router.add_get("/x", hang)
     server = await aiohttp_server(upstream)
-    watch = ServiceWatch(None, "svc")  # type: ignore[arg-type]  # never started: its instances are set by hand
+    assert server.port is not None  # started
+    watch = ServiceWatch(None, "svc")  # never started: its instances are set by hand
     watch.instances = (Instance("svc-hung", "127.0.0.1", server.port),)
     try:
         async with aiohttp.ClientSession() as session:
