@@ -46,6 +46,13 @@ async def table(pool: aiopg.Pool) -> AsyncIterator[str]:
             await cur.execute(f"DROP TABLE {name}")
 
 
+async def rows_in(pool: aiopg.Pool, table: str) -> int:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT count(*) FROM {table}")
+        (count,) = await cur.fetchone()
+    return int(count)
+
+
 async def test_a_request_past_its_deadline_is_a_503_and_its_transaction_rolls_back(
     aiohttp_client: Any, pool: aiopg.Pool, table: str
 ) -> None:
@@ -67,9 +74,7 @@ async def test_a_request_past_its_deadline_is_a_503_and_its_transaction_rolls_ba
         assert response.status == 503
         assert response.headers["Retry-After"] == "1"
         assert (await response.json(content_type="application/problem+json"))["code"] == "DEPENDENCY_UNAVAILABLE"
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(f"SELECT count(*) FROM {table}")
-        assert await cur.fetchone() == (0,)
+    assert await rows_in(pool, table) == 0
 
 
 async def test_a_commit_begun_in_time_is_not_cut_by_the_deadline(
@@ -89,9 +94,7 @@ async def test_a_commit_begun_in_time_is_not_cut_by_the_deadline(
     client = await aiohttp_client(app)
     async with asyncio.timeout(5), client.post("/") as response:
         assert response.status == 200
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(f"SELECT count(*) FROM {table}")
-        assert await cur.fetchone() == (1,)
+    assert await rows_in(pool, table) == 1
 
 
 async def test_with_too_little_time_left_to_commit_the_transaction_rolls_back(
@@ -109,9 +112,7 @@ async def test_with_too_little_time_left_to_commit_the_transaction_rolls_back(
     client = await aiohttp_client(app)
     async with asyncio.timeout(5), client.post("/") as response:
         assert response.status == 503
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(f"SELECT count(*) FROM {table}")
-        assert await cur.fetchone() == (0,)
+    assert await rows_in(pool, table) == 0
 
 
 async def test_a_request_within_its_deadline_is_answered(aiohttp_client: Any, pool: aiopg.Pool, table: str) -> None:
