@@ -17,7 +17,7 @@ from smtp_sink import SmtpSink
 from mesh_common.events import Event
 from notification_service.directory import Recipient
 from notification_service.events import todo_snapshot
-from notification_service.failures import MalformedEvent
+from notification_service.failures import MalformedEvent, ShuttingDown
 from notification_service.keys import CONSUMER
 from notification_service.mailer import SESSIONS, Mailer
 from notification_service.messages import message_id
@@ -286,6 +286,22 @@ async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool)
     scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
     await scheduler._send_due()
     assert sent == ["One"]
+
+
+async def test_a_reminder_met_by_the_shutdown_is_left_as_it_was_for_the_next_start(pool: aiopg.Pool) -> None:
+    # Not deferred (a retry later), not cancelled, not marked sent: nothing
+    # happened to it, and the next start sends it when it is due.
+    await due_reminders(pool, "d", ("Left",))
+
+    class StoppingNotifier:
+        async def notify(self, **_: Any) -> Outcome:
+            raise ShuttingDown()
+
+    scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT retry_at, sent_at, cancelled FROM reminders WHERE todo_id = 'd0'")
+        assert await cur.fetchone() == (None, None, False)
 
 
 async def test_a_reminder_that_meets_a_bug_is_put_off_and_the_round_goes_on(pool: aiopg.Pool) -> None:
