@@ -96,7 +96,9 @@ def create_app(
     contexts = [
         consul_ctx(settings.service.consul_url),
         watch_services_ctx(*app[ROUTE_TABLE].services()),
-        http_session_ctx(),
+        # The JWKS fetch goes through the proxy's breakers: one view of each
+        # user-service instance, with the gateway's settings, shown by /ready.
+        http_session_ctx(breakers=app[BREAKERS]),
     ]
     if verifier is None:
         contexts.append(jwks_ctx(issuer=settings.jwt_issuer, audience=settings.jwt_audience))

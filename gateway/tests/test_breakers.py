@@ -8,9 +8,11 @@ import contextlib
 import pytest
 
 from mesh_common.discovery import Instance, ServiceWatch
+from mesh_common.http import SERVICE_CLIENT
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, UpstreamFailure
 from mesh_common.settings import SettingsError
 from mesh_common.testing import eventually
+from mesh_gateway.keys import BREAKERS
 from mesh_gateway.settings import Settings
 
 
@@ -180,3 +182,10 @@ def test_a_breaker_setting_of_zero_is_refused(settings):
     env = {"REDIS_URL": "redis://127.0.0.1:1/0", "GATEWAY_BREAKER_RECOVERY": "0"}
     with pytest.raises(SettingsError, match="GATEWAY_BREAKER_RECOVERY"):
         Settings.from_env(env)
+
+
+async def test_the_gateways_own_calls_share_the_proxys_breakers(fake_service, gateway):
+    # The JWKS fetch: one view of each user-service instance, with the
+    # gateway's breaker settings, and listed by /ready.
+    client = await gateway(await fake_service(1))
+    assert client.app[SERVICE_CLIENT].breakers is client.app[BREAKERS]

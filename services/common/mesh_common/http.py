@@ -170,8 +170,14 @@ def _json_or_text(raw: bytes) -> Any:
 SERVICE_CLIENT = web.AppKey("mesh.service_client", ServiceClient)
 
 
-def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100) -> CleanupCtx:
-    """One ClientSession per app, with keep-alive, and a client for services."""
+def http_session_ctx(
+    *, limit: int = 200, limit_per_host: int = 100, breakers: BreakerBoard | None = None
+) -> CleanupCtx:
+    """One ClientSession per app, with keep-alive, and a client for services.
+
+    ``breakers``: the app's own board, where it has one (the gateway's), so
+    that what its proxy learns of an instance its calls know too.
+    """
 
     @asynccontextmanager
     async def open_http_session(app: web.Application) -> AsyncIterator[None]:
@@ -189,7 +195,7 @@ def http_session_ctx(*, limit: int = 200, limit_per_host: int = 100) -> CleanupC
             if WATCHES in app:
                 # Bound first: as an argument, mypy would want the key typed as the parameter (a Mapping).
                 watches = app[WATCHES]
-                app[SERVICE_CLIENT] = ServiceClient(session, watches)
+                app[SERVICE_CLIENT] = ServiceClient(session, watches, breakers=breakers)
             yield
 
     return open_http_session
