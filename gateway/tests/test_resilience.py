@@ -116,7 +116,8 @@ async def test_breaker_opens_on_5xx_and_half_opens_after_recovery(fake_service, 
     service = await fake_service(1)
     (instance,) = service.instances
     instance.mode = "fail"
-    client = await gateway(service, breaker_failures=3, breaker_recovery=1.0)
+    # Long enough for the next request to find it still open on a slow minute.
+    client = await gateway(service, breaker_failures=3, breaker_recovery=2.0)
     breakers = client.app[BREAKERS]
     for _ in range(3):
         async with client.get("/api/v1/things", headers=tokens.headers()) as r:

@@ -394,14 +394,18 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     with running_envoy(config) as process:
         public = f"http://127.0.0.1:{process.public_port}"
         deadline = time.monotonic() + 15
+        ready = False
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 if _get(f"http://127.0.0.1:{process.admin_port}/ready")[0] == 200:
+                    ready = True
                     break
             except OSError:
                 pass
             time.sleep(0.1)
         assert process.poll() is None, "envoy exited early"
+        # Else its 503s below could be a not-yet-ready Envoy's, not the ones asked for.
+        assert ready, "envoy was not ready within 15 s"
 
         answers = [_get(f"{public}/api/v1/todos") for _ in range(4)]
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.

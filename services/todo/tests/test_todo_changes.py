@@ -58,14 +58,15 @@ async def test_a_change_that_waited_for_the_lock_is_stamped_after_the_one_it_wai
 ) -> None:
     todo = await (await client.post("/todos", json={"title": "a"}, headers=alice.headers)).json()
     find_todo = repository.find_todo
-    began = asyncio.Event()
+    began, second_done = asyncio.Event(), asyncio.Event()
 
     async def slow_to_lock_once(cur: Any, owner_id: str, todo_id: str, *, for_update: bool = False) -> Todo | None:
         # The first change's transaction has begun, and the second one
         # begins, locks and commits before the first takes the row's lock.
         if for_update and not began.is_set():
             began.set()
-            await asyncio.sleep(0.2)
+            async with asyncio.timeout(10):
+                await second_done.wait()
         return await find_todo(cur, owner_id, todo_id, for_update=for_update)
 
     monkeypatch.setattr(repository, "find_todo", slow_to_lock_once)
@@ -73,8 +74,10 @@ async def test_a_change_that_waited_for_the_lock_is_stamped_after_the_one_it_wai
         first_change = asyncio.create_task(patch(client, alice, todo["id"], {"title": "A"}))
     else:
         first_change = asyncio.create_task(client.post(f"/todos/{todo['id']}/complete", headers=alice.headers))
-    await began.wait()
+    async with asyncio.timeout(10):
+        await began.wait()
     second = await (await patch(client, alice, todo["id"], {"title": "B"})).json()
+    second_done.set()
     later = await (await first_change).json()
 
     assert (second["version"], later["version"]) == (2, 3)
