@@ -7,7 +7,11 @@ started from Debian's packages and our pinned Consul by the same code as
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,3 +36,33 @@ def infra(stack_config: StackConfig) -> StackConfig:
     """
     up_infra(stack_config)
     return stack_config
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost(infra: StackConfig) -> Callable[[str], str]:
+    """The broker URL of a RabbitMQ virtual host of a suite's own, made if need be.
+
+    A suite whose app publishes events uses one, so that they never reach
+    the queues of the default one: the notification-service's, which
+    nothing consumes during the suites, and which the end-to-end tests'
+    notification-service would then work through first.
+    """
+
+    def make(name: str) -> str:
+        api = f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api"
+        auth = "Basic " + base64.b64encode(b"guest:guest").decode()
+        for path, body in (
+            (f"/vhosts/{name}", {}),
+            (f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"}),
+        ):
+            request = urllib.request.Request(  # idempotent PUTs
+                api + path,
+                data=json.dumps(body).encode(),
+                method="PUT",
+                headers={"Authorization": auth, "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=10):
+                pass
+        return f"amqp://guest:guest@127.0.0.1:{infra.ports.amqp}/{name}"
+
+    return make

@@ -9,10 +9,7 @@ in Consul, so that no other instance answers for it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
-import json
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,23 +33,8 @@ VHOST = "todo-service-tests"
 
 
 @pytest.fixture(scope="session")
-def amqp_url(infra: StackConfig) -> str:
-    """The broker URL of this suite's virtual host, created if need be (idempotent PUTs)."""
-    api = f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api"
-    auth = "Basic " + base64.b64encode(b"guest:guest").decode()
-    for path, body in (
-        (f"/vhosts/{VHOST}", {}),
-        (f"/permissions/{VHOST}/guest", {"configure": ".*", "write": ".*", "read": ".*"}),
-    ):
-        request = urllib.request.Request(
-            api + path,
-            data=json.dumps(body).encode(),
-            method="PUT",
-            headers={"Authorization": auth, "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-    return f"amqp://guest:guest@127.0.0.1:{infra.ports.amqp}/{VHOST}"
+def amqp_url(amqp_vhost: Callable[[str], str]) -> str:
+    return amqp_vhost(VHOST)
 
 
 @pytest.fixture

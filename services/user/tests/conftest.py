@@ -1,7 +1,8 @@
 """Fixtures for the user-service suite: the real PostgreSQL, Redis and RabbitMQ.
 
 Each test starts from empty tables and its own Redis key prefix, and talks
-to an app served by aiohttp's test server, kept out of Consul.
+to an app served by aiohttp's test server, kept out of Consul. Its events
+go to a RabbitMQ virtual host of this suite's own.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
-async def settings(infra: StackConfig) -> Settings:
+async def settings(infra: StackConfig, amqp_vhost: Callable[[str], str]) -> Settings:
     return Settings(
         service=loopback_service("user-service", infra.consul_url),
         database_url=infra.database_url("user"),
         redis_url=infra.redis_url,
-        amqp_url=infra.amqp_url,
+        # user.registered goes to a virtual host of this suite's own (see amqp_vhost).
+        amqp_url=amqp_vhost("user-service-tests"),
         service_clients=(("notification-service", SERVICE_SECRET),),
         redis_prefix=f"test-user-service-{uuid.uuid4().hex[:8]}:",
         # Tests that send many logins at once count their answers: on a slow
