@@ -20,7 +20,8 @@ BODY_ANSWERS = {
 }
 
 
-def problem_response(description: str) -> dict[str, Any]:
+def problem_answer(description: str) -> dict[str, Any]:
+    """A response of the document's: problem+json, as ``description`` says."""
     schema = {"$ref": "#/components/schemas/Problem"}
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
@@ -42,10 +43,10 @@ def with_shared_answers(
             responses = operation["responses"]
             if "requestBody" in operation:
                 for status, description in BODY_ANSWERS.items():
-                    responses.setdefault(status, problem_response(description))
+                    responses.setdefault(status, problem_answer(description))
             if path not in answered_from_memory:
                 own = responses.get("503")
                 description = unavailable if own is None else f"{unavailable}; {own['description']}"
-                responses["503"] = problem_response(description)
+                responses["503"] = problem_answer(description)
             operation["responses"] = dict(sorted(responses.items()))
     return paths

@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any
 
 from mesh_common.cursors import LIMIT_DIGITS_MAX
-from mesh_common.openapi import with_shared_answers
+from mesh_common.openapi import problem_answer, with_shared_answers
 
 from . import __version__
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX
@@ -25,10 +25,6 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/{name}"}
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {"schema": _ref("schemas/Problem")}}}
-
-
 def _todo_response(description: str, status_headers: tuple[str, ...] = ()) -> dict[str, Any]:
     headers = {"ETag": _ref("headers/ETag"), "X-Degraded": _ref("headers/X-Degraded")}
     headers |= {name: _ref(f"headers/{name}") for name in status_headers}
@@ -36,11 +32,11 @@ def _todo_response(description: str, status_headers: tuple[str, ...] = ()) -> di
     return {"description": description, "headers": headers, "content": content}
 
 
-_NOT_FOUND = _problem("No todo of yours has this id (TODO_NOT_FOUND); someone else's todo answers the same")
-_INVALID = _problem("The request is invalid (VALIDATION_FAILED, with errors: [{field, message}])")
-_UNAUTHORIZED = _problem("No valid access token")
-_FORBIDDEN = _problem("A service token, which names no user (FORBIDDEN)")
-_PRECONDITION = _problem("The If-Match tag is not the todo's current one (PRECONDITION_FAILED)")
+_NOT_FOUND = problem_answer("No todo of yours has this id (TODO_NOT_FOUND); someone else's todo answers the same")
+_INVALID = problem_answer("The request is invalid (VALIDATION_FAILED, with errors: [{field, message}])")
+_UNAUTHORIZED = problem_answer("No valid access token")
+_FORBIDDEN = problem_answer("A service token, which names no user (FORBIDDEN)")
+_PRECONDITION = problem_answer("The If-Match tag is not the todo's current one (PRECONDITION_FAILED)")
 _TODO_ID = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IF_MATCH = {
     "name": "If-Match",
@@ -112,7 +108,9 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "401": _UNAUTHORIZED,
                         "403": _FORBIDDEN,
-                        "422": _problem("Invalid body (VALIDATION_FAILED), or a reused key (IDEMPOTENCY_KEY_REUSED)"),
+                        "422": problem_answer(
+                            "Invalid body (VALIDATION_FAILED), or a reused key (IDEMPOTENCY_KEY_REUSED)"
+                        ),
                     },
                 },
                 "get": {

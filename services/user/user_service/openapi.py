@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh_common.openapi import with_shared_answers
+from mesh_common.openapi import problem_answer, with_shared_answers
 
 from . import __version__
 from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, MIN_LENGTH
@@ -28,10 +28,6 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
-
-
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
@@ -43,9 +39,9 @@ def _object(properties: dict[str, Any], *, required: list[str] | None = None) ->
 
 
 _STRING = {"type": "string"}
-_INVALID = _problem("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
-_UNAUTHORIZED = _problem("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
-_USERS_ONLY = _problem("FORBIDDEN: a service token, which names no user")
+_INVALID = problem_answer("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
+_UNAUTHORIZED = problem_answer("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
+_USERS_ONLY = problem_answer("FORBIDDEN: a service token, which names no user")
 # For the JWKS and /openapi.json. Set on the operation, as for
 # /auth/service-token, not on the path item: the test that lists the
 # operations takes every key of a path item for one.
@@ -141,9 +137,9 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Registration"),
             "responses": {
                 "201": _json(_ref("Profile"), "The new account; user.registered is published"),
-                "409": _problem("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
+                "409": problem_answer("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
                 "422": _INVALID,
-                "503": _problem("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
+                "503": problem_answer("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
             },
         }
     },
@@ -155,7 +151,7 @@ PATHS: dict[str, Any] = {
                 "200": _json(_ref("Profile"), "The profile"),
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
-                "404": _problem("USER_NOT_FOUND: the token's account is gone"),
+                "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
             },
         },
         "patch": {
@@ -166,8 +162,8 @@ PATHS: dict[str, Any] = {
                 "200": _json(_ref("Profile"), "The changed profile"),
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
-                "404": _problem("USER_NOT_FOUND: the token's account is gone"),
-                "409": _problem("ACCOUNT_EXISTS: another account uses this email"),
+                "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
+                "409": problem_answer("ACCOUNT_EXISTS: another account uses this email"),
                 "422": _INVALID,
             },
         },
@@ -180,8 +176,8 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("Profile"), "The profile"),
                 "401": _UNAUTHORIZED,
-                "403": _problem("FORBIDDEN: neither the user themself nor a service with users:read"),
-                "404": _problem("USER_NOT_FOUND"),
+                "403": problem_answer("FORBIDDEN: neither the user themself nor a service with users:read"),
+                "404": problem_answer("USER_NOT_FOUND"),
             },
         }
     },
@@ -193,10 +189,10 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("Credentials"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "Access and refresh tokens"),
-                "401": _problem("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
+                "401": problem_answer("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
                 "422": _INVALID,
-                "429": _problem("RATE_LIMITED: too many failures for this name; see Retry-After"),
-                "503": _problem(
+                "429": problem_answer("RATE_LIMITED: too many failures for this name; see Retry-After"),
+                "503": problem_answer(
                     "SERVICE_UNAVAILABLE: the login throttle (Redis) is away; TOO_BUSY: no hashing slot came free"
                     " in time; see Retry-After"
                 ),
@@ -211,7 +207,9 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("RefreshRequest"),
             "responses": {
                 "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
-                "401": _problem("INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"),
+                "401": problem_answer(
+                    "INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"
+                ),
                 "422": _INVALID,
             },
         }
@@ -238,7 +236,7 @@ PATHS: dict[str, Any] = {
             "requestBody": _body("ClientCredentials"),
             "responses": {
                 "200": _json(_ref("ServiceToken"), "A service access token"),
-                "401": _problem("INVALID_CLIENT"),
+                "401": problem_answer("INVALID_CLIENT"),
                 "422": _INVALID,
             },
         }
