@@ -78,9 +78,7 @@ class ServiceClient:
         Raises ``NoInstances`` (including ``AllBreakersOpen``), ``UpstreamFailure``,
         ``TimeoutError`` or ``UpstreamStatusError``.
         """
-        if until is None:
-            return await self._get_json(service, path, headers, None)
-        async with asyncio.timeout_at(until):
+        async with asyncio.timeout_at(until):  # None: no cut but the call's own deadline
             return await self._get_json(service, path, headers, until)
 
     async def _get_json(self, service: str, path: str, headers: Mapping[str, str] | None, until: float | None) -> Any:
