@@ -202,7 +202,10 @@ class KeyStore:
     def __init__(self, pool: aiopg.Pool) -> None:
         self._pool = pool
         self._keys: dict[str, SigningKey] = {}
-        self._pems: dict[str, str] = {}
+        # Parsed keys by their PEM, not their kid: a key replaced under its
+        # kid (a restore, a repair after a leak) signs and is published as
+        # the new one, as on an instance started since.
+        self._parsed: dict[str, Ed25519PrivateKey] = {}
 
     async def load(self) -> None:
         rows = await self._read()
@@ -212,16 +215,9 @@ class KeyStore:
             # login (or the next rotation) until a restart.
             await ensure_keys(self._pool)
             rows = await self._read()
-        keys = {}
-        for kid, pem, state in rows:
-            known = self._keys.get(kid)
-            # Reused only for the same PEM: a key replaced under its kid (a
-            # restore, a repair after a leak) signs and is published as the
-            # new one, as on an instance started since.
-            same = known is not None and self._pems.get(kid) == pem
-            keys[kid] = SigningKey(kid, known.private_key if known and same else _parse_private_key(pem), state)
-        self._keys = keys
-        self._pems = {kid: pem for kid, pem, _ in rows}
+        parsed = {pem: self._parsed.get(pem) or _parse_private_key(pem) for _, pem, _ in rows}
+        self._keys = {kid: SigningKey(kid, parsed[pem], state) for kid, pem, state in rows}
+        self._parsed = parsed
 
     async def _read(self) -> list[tuple[str, str, str]]:
         async with self._pool.acquire() as conn, conn.cursor() as cur:
