@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .procs import StackError
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("user", "todo", "notification")
 SERVICE_PACKAGES = {"user": "user_service", "todo": "todo_service", "notification": "notification_service"}
@@ -22,6 +24,22 @@ CONSUL_NAMES = {"user": "user-service", "todo": "todo-service", "notification": 
 def port_variable(name: str) -> str:
     """The variable that moves a port: ``consul_serf_lan`` or ``consul serf lan`` -> MESH_PORT_CONSUL_SERF_LAN."""
     return "MESH_PORT_" + name.upper().replace(" ", "_")
+
+
+def _env_number(env: Mapping[str, str], name: str, lowest: int, highest: int | None = None) -> int | None:
+    """``name``'s whole number, from ``lowest`` (to ``highest``); None when it is unset or empty."""
+    raw = env.get(name)
+    if not raw:
+        return None
+    bounds = f"from {lowest} to {highest}" if highest is not None else f"of {lowest} or more"
+    refused = StackError(f"{name} must be a whole number {bounds}, got {raw!r}")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise refused from None
+    if value < lowest or (highest is not None and value > highest):
+        raise refused
+    return value
 
 
 @dataclass(frozen=True)
@@ -46,9 +64,10 @@ class Ports:
     def overridden(self, env: Mapping[str, str]) -> Ports:
         changes = {}
         for f in fields(self):
-            raw = env.get(port_variable(f.name))
-            if raw:
-                changes[f.name] = int(raw)
+            # 0 too: a test's Envoy takes the port the kernel chose, and reads it back.
+            port = _env_number(env, port_variable(f.name), 0, 65535)
+            if port is not None:
+                changes[f.name] = port
         return replace(self, **changes)
 
 
@@ -87,9 +106,9 @@ class StackConfig:
         base = TEST_PORTS if profile == "test" else Ports()
         counts = {"user": 1, "todo": 1, "notification": 1, "gateway": 1}
         for svc in counts:
-            raw = env.get(f"MESH_{svc.upper()}_INSTANCES")
-            if raw:
-                counts[svc] = int(raw)
+            count = _env_number(env, f"MESH_{svc.upper()}_INSTANCES", 0)
+            if count is not None:
+                counts[svc] = count
         # A folder per profile under MESH_RUN_DIR too: shared, `task test`
         # would take the dev stack's pid files for its own, and stop it.
         run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run")) / profile

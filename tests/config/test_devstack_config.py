@@ -1,0 +1,28 @@
+"""How the native stack reads its settings (scripts/devstack/config.py); nothing is started."""
+
+from __future__ import annotations
+
+import pytest
+
+from devstack.config import StackConfig
+from devstack.procs import StackError
+
+
+@pytest.mark.parametrize("raw", ["eighty", "80 80", "-1", "65536"])
+def test_a_port_that_is_no_port_is_refused_by_its_variable(raw: str) -> None:
+    with pytest.raises(StackError, match=rf"MESH_PORT_REDIS must be a whole number from 0 to 65535, got '{raw}'"):
+        StackConfig.from_env({"MESH_PORT_REDIS": raw})
+
+
+@pytest.mark.parametrize("raw", ["three", "2.5", "-1"])
+def test_a_count_of_instances_that_is_no_count_is_refused_by_its_variable(raw: str) -> None:
+    with pytest.raises(StackError, match=rf"MESH_TODO_INSTANCES must be a whole number of 0 or more, got '{raw}'"):
+        StackConfig.from_env({"MESH_TODO_INSTANCES": raw})
+
+
+def test_ports_and_counts_that_are_numbers_are_taken() -> None:
+    # Port 0 included: a test's Envoy binds what the kernel chose and reads it back.
+    cfg = StackConfig.from_env({"MESH_PORT_REDIS": "16380", "MESH_PORT_ENVOY": "0", "MESH_TODO_INSTANCES": "3"})
+    assert (cfg.ports.redis, cfg.ports.envoy, cfg.instances["todo"]) == (16380, 0, 3)
+    # An empty variable is unset (task up's TODO= when not given).
+    assert StackConfig.from_env({"MESH_TODO_INSTANCES": ""}).instances["todo"] == 1
