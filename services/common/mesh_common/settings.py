@@ -6,10 +6,13 @@ to their app factory. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+
+from yarl import URL
 
 _MISSING = object()
 
@@ -71,22 +74,82 @@ def env_log_format(env: Mapping[str, str]) -> str:
 # Go's time.ParseDuration, which Consul reads check intervals with: "10s",
 # "1m30s", "500ms". Checked here, or Consul refuses the registration and the
 # instance fails after it has started everything else.
-_GO_DURATION = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)")
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def env_duration(env: Mapping[str, str], name: str, default: str) -> str:
+def _seconds(parts: list[tuple[str, str]]) -> float:
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def env_duration(env: Mapping[str, str], name: str, default: str, *, at_least: str | None = None) -> str:
+    """A duration in Go's syntax; ``at_least`` is a floor Consul would otherwise apply without a word."""
     raw = env_str(env, name, default).strip()
     parts = _GO_DURATION.findall(raw)
-    if not raw or "".join(parts) != raw or not any(re.search(r"[1-9]", part) for part in parts):
+    if not raw or "".join(n + u for n, u in parts) != raw or not any(re.search(r"[1-9]", n) for n, _ in parts):
         raise SettingsError(f"{name} must be a positive duration such as 10s, 1m or 1m30s, got {raw!r}")
+    if at_least is not None and _seconds(parts) < _seconds(_GO_DURATION.findall(at_least)):
+        raise SettingsError(f"{name} must be at least {at_least}, Consul's minimum, got {raw!r}")
     return raw
+
+
+# Consul raises a shorter DeregisterCriticalServiceAfter to this, silently:
+# an instance configured to be reaped after 10s would linger for a minute.
+CONSUL_MIN_DEREGISTER_AFTER = "1m"
+CONSUL_PORT = 8500
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
+def _is_host(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return all(_HOST_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
+    return True
+
+
+def env_consul_url(env: Mapping[str, str]) -> str:
+    """``CONSUL_HTTP_ADDR`` as ``scheme://host:port``.
+
+    Also in the Consul CLI's form, ``127.0.0.1:8500``, which is plain http.
+    Without a port it is Consul's, 8500, where a URL's would be 80 or 443.
+    """
+    raw = env_str(env, "CONSUL_HTTP_ADDR", f"http://127.0.0.1:{CONSUL_PORT}").strip()
+    try:
+        url: URL | None = URL(raw if "://" in raw else f"http://{raw}")
+    except ValueError:  # a port that is not a number, or out of range
+        url = None
+    if (
+        url is None
+        or url.scheme not in {"http", "https"}
+        or not _is_host(url.host)
+        or url.explicit_port == 0
+        or url.path not in {"", "/"}
+        or url.user is not None
+        or url.query_string
+        or url.fragment
+    ):
+        raise SettingsError(
+            f"CONSUL_HTTP_ADDR must be an http or https address such as http://127.0.0.1:8500 (or 127.0.0.1:8500),"
+            f" got {raw!r}"
+        )
+    return str(URL.build(scheme=url.scheme, host=url.host or "", port=url.explicit_port or CONSUL_PORT))
 
 
 def _advertise_address(host: str) -> str:
     # A wildcard bind cannot be advertised: in a container the service is
     # reached on its own interface address, which its hostname resolves to.
     if host in {"0.0.0.0", "", "::"}:
-        return socket.gethostbyname(socket.gethostname())
+        name = socket.gethostname()
+        try:
+            return socket.gethostbyname(name)
+        except OSError as exc:  # gaierror: e.g. an IPv6-only container, whose name has no IPv4 address
+            raise SettingsError(
+                f"SERVICE_ADVERTISE_ADDRESS must be set: SERVICE_HOST={host} listens on every interface,"
+                f" and this host's name {name!r} has no IPv4 address to register in its place ({exc})"
+            ) from None
     return host
 
 
@@ -115,10 +178,10 @@ class ServiceSettings:
             host=host,
             port=env_int(env, "SERVICE_PORT", default_port),
             advertise_address=env_str(env, "SERVICE_ADVERTISE_ADDRESS", "") or _advertise_address(host),
-            consul_url=env_str(env, "CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"),
+            consul_url=env_consul_url(env),
             log_format=env_log_format(env),
             check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s"),
-            deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m"),
+            deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m", at_least=CONSUL_MIN_DEREGISTER_AFTER),
         )
 
     @property

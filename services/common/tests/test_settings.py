@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from mesh_common.settings import ServiceSettings, SettingsError
@@ -27,9 +29,21 @@ def test_an_unknown_log_format_is_refused_not_taken_for_console() -> None:
 
 
 @pytest.mark.parametrize("raw", ["1s", "500ms", "1m30s", "1.5s", "2h", "10us", "3µs"])
-def test_consul_durations_in_gos_syntax_are_taken(raw: str) -> None:
-    s = settings(CONSUL_CHECK_INTERVAL=raw, CONSUL_DEREGISTER_AFTER=raw)
-    assert (s.check_interval, s.deregister_after) == (raw, raw)
+def test_check_intervals_in_gos_syntax_are_taken(raw: str) -> None:
+    assert settings(CONSUL_CHECK_INTERVAL=raw).check_interval == raw
+
+
+@pytest.mark.parametrize("raw", ["1m", "60s", "60000ms", "1m30s", "1.5m", "2h"])
+def test_a_deregistration_delay_of_a_minute_or_more_is_taken(raw: str) -> None:
+    assert settings(CONSUL_DEREGISTER_AFTER=raw).deregister_after == raw
+
+
+@pytest.mark.parametrize("raw", ["59s", "10s", "500ms", "0.9m", "59999ms"])
+def test_a_deregistration_delay_consul_would_raise_to_its_minimum_is_refused(raw: str) -> None:
+    # Consul would take it, and reap a dead instance after a minute all the same.
+    message = f"CONSUL_DEREGISTER_AFTER must be at least 1m, Consul's minimum, got '{raw}'"
+    with pytest.raises(SettingsError, match=message):
+        settings(CONSUL_DEREGISTER_AFTER=raw)
 
 
 @pytest.mark.parametrize("name", ["CONSUL_CHECK_INTERVAL", "CONSUL_DEREGISTER_AFTER"])
@@ -37,3 +51,65 @@ def test_consul_durations_in_gos_syntax_are_taken(raw: str) -> None:
 def test_a_duration_consul_cannot_read_is_refused(name: str, raw: str) -> None:
     with pytest.raises(SettingsError, match=name):
         settings(**{name: raw})
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        ("http://consul:8500", "http://consul:8500"),
+        ("https://consul.example.test:8501", "https://consul.example.test:8501"),
+        # Without a port, Consul's: a URL's own default would be 80 (or 443).
+        ("http://consul", "http://consul:8500"),
+        ("http://consul/", "http://consul:8500"),
+        ("https://consul", "https://consul:8500"),
+        # The Consul CLI's usual form, without a scheme, is plain http.
+        ("127.0.0.1:8500", "http://127.0.0.1:8500"),
+        ("consul", "http://consul:8500"),
+        ("[::1]:8500", "http://[::1]:8500"),
+        ("http://[::1]", "http://[::1]:8500"),
+        (" HTTP://Consul:8500 ", "http://consul:8500"),
+    ],
+)
+def test_the_consul_address_is_read_as_the_cli_reads_it(raw: str, url: str) -> None:
+    assert settings(CONSUL_HTTP_ADDR=raw).consul_url == url
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "ftp://consul:8500",
+        "unix:///var/run/consul.sock",
+        "http://",
+        "http://:8500",
+        "http://consul:port",
+        "http://consul:99999",
+        "http://consul:0",
+        "http://con sul:8500",
+        "http://consul:8500/v1",
+        "http://user:secret@consul:8500",
+        "http://consul:8500?dc=x",
+        "consul:8500:1",
+    ],
+)
+def test_a_consul_address_that_is_not_one_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError, match="CONSUL_HTTP_ADDR must be an http or https address"):
+        settings(CONSUL_HTTP_ADDR=raw)
+
+
+def test_a_wildcard_host_whose_name_does_not_resolve_asks_for_an_advertised_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As in a container with IPv6 only: its name has no IPv4 address.
+    def no_ipv4(name: str) -> str:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "gethostbyname", no_ipv4)
+    with pytest.raises(SettingsError, match="SERVICE_ADVERTISE_ADDRESS must be set: SERVICE_HOST=:: listens"):
+        settings(SERVICE_HOST="::")
+    # Named, it is never looked up.
+    assert settings(SERVICE_HOST="::", SERVICE_ADVERTISE_ADDRESS="fd00::5").advertise_address == "fd00::5"
+
+
+def test_loopback_is_advertised_as_it_is() -> None:
+    # The native stack registers every instance on 127.0.0.1.
+    assert settings(SERVICE_HOST="127.0.0.1").advertise_address == "127.0.0.1"
