@@ -94,7 +94,7 @@ def create_app(
         upstream = Upstream(limit_per_host=250, connect_timeout=settings.connect_timeout)
     app[UPSTREAM] = upstream
     contexts = [
-        consul_ctx(settings.service.consul_url),
+        consul_ctx(settings.service),
         watch_services_ctx(*app[ROUTE_TABLE].services()),
         # The JWKS fetch goes through the proxy's breakers: one view of each
         # user-service instance, with the gateway's settings, shown by /ready.

@@ -28,7 +28,7 @@ def create_app(settings: ServiceSettings) -> web.Application:
     # which would raise the gateway ratio for nothing the gateway did.
     app = service_app(settings, deadline=None)
     app.router.add_get("/echo/ping", ping, name="echo.ping")
-    app.cleanup_ctx.extend([consul_ctx(settings.consul_url), registration_ctx()])
+    app.cleanup_ctx.extend([consul_ctx(settings), registration_ctx()])
     return app
 
 

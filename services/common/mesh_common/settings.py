@@ -10,7 +10,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from yarl import URL
 
@@ -166,6 +166,9 @@ class ServiceSettings:
     log_format: str
     check_interval: str = "1s"
     deregister_after: str = "1m"
+    # The ACL token every call to Consul carries; None where ACLs are off.
+    # Out of the repr, which may reach a log.
+    consul_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, name: str, version: str, default_port: int = 0) -> ServiceSettings:
@@ -182,6 +185,7 @@ class ServiceSettings:
             log_format=env_log_format(env),
             check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s"),
             deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m", at_least=CONSUL_MIN_DEREGISTER_AFTER),
+            consul_token=env_str(env, "CONSUL_HTTP_TOKEN", "") or None,
         )
 
     @property

@@ -6,6 +6,7 @@ import asyncio
 import json
 import ssl
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -52,6 +53,29 @@ async def test_only_the_liveness_check_can_get_an_instance_reaped(aiohttp_server
     # never remove an instance that will be fine when it ends.
     assert ready["http"] == f"http://127.0.0.1:8123/health?instance={service.instance_id}"
     assert "DeregisterCriticalServiceAfter" not in ready
+
+
+@pytest.mark.parametrize("token", ["from-the-settings", None])
+async def test_the_acl_token_is_the_settings_never_the_environments(
+    aiohttp_server: Any, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, token: str | None
+) -> None:
+    # py-consul takes $CONSUL_HTTP_TOKEN over the token it is given: the
+    # settings, which read it in __main__, must be the one source.
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-the-environment")
+    sent: list[str | None] = []
+
+    async def agent(request: web.Request) -> web.Response:
+        sent.append(request.headers.get("X-Consul-Token"))
+        return web.json_response(True)
+
+    fake = web.Application()
+    fake.router.add_put("/v1/agent/service/{action:register|deregister/.*}", agent)
+    fake_consul = await aiohttp_server(fake)
+    service = replace(loopback_service("tokened", str(fake_consul.make_url("/"))), consul_token=token)
+    app = service_app(service)
+    app.cleanup_ctx.extend([consul_ctx(service), registration_ctx()])
+    await (await aiohttp_client(app)).close()
+    assert sent == [token, token]  # the registration and the deregistration
 
 
 async def test_a_failed_deregistration_is_tried_again_by_the_next_call(aiohttp_server: Any) -> None:
@@ -128,7 +152,7 @@ async def test_a_test_server_leaves_consul_before_it_stops_listening(infra: Stac
     # check accepted while the listener closes is left open, to fail a later test.
     service = loopback_service(f"closing-{uuid.uuid4().hex[:8]}", infra.consul_url)
     app = service_app(service)
-    app.cleanup_ctx.extend([consul_ctx(infra.consul_url), registration_ctx()])
+    app.cleanup_ctx.extend([consul_ctx(service), registration_ctx()])
     listed_when_listener_closed: list[bool] = []
 
     async def on_shutdown(app: web.Application) -> None:  # aiohttp runs it once the listener is closed

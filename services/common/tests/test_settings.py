@@ -113,3 +113,10 @@ def test_a_wildcard_host_whose_name_does_not_resolve_asks_for_an_advertised_addr
 def test_loopback_is_advertised_as_it_is() -> None:
     # The native stack registers every instance on 127.0.0.1.
     assert settings(SERVICE_HOST="127.0.0.1").advertise_address == "127.0.0.1"
+
+
+def test_the_consul_token_is_read_and_kept_out_of_the_repr() -> None:
+    assert settings().consul_token is None
+    s = settings(CONSUL_HTTP_TOKEN="c0ffee-secret")
+    assert s.consul_token == "c0ffee-secret"
+    assert "c0ffee-secret" not in repr(s)

@@ -48,7 +48,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> w
         [
             database_ctx(settings.database_url, MIGRATIONS),
             amqp_ctx(settings.amqp_url),
-            consul_ctx(settings.service.consul_url),
+            consul_ctx(settings.service),
             watch_services_ctx(settings.user_service),
             http_session_ctx(),
             verifier_ctx,

@@ -57,7 +57,7 @@ def create_app(
         # Todos are written with their events to the outbox: serving needs no
         # broker, so the instance starts and stays ready without one.
         amqp_ctx(settings.amqp_url, wait_for_broker=False),
-        consul_ctx(settings.service.consul_url),
+        consul_ctx(settings.service),
         watch_services_ctx(settings.user_service),
         http_session_ctx(),
         todos_ctx(owners),

@@ -69,5 +69,5 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
     )
     if register:
         # Last: an instance joins the healthy set only once it can serve.
-        app.cleanup_ctx.extend([consul_ctx(settings.service.consul_url), registration_ctx()])
+        app.cleanup_ctx.extend([consul_ctx(settings.service), registration_ctx()])
     return app
