@@ -9,15 +9,18 @@ so the stack can never be started here. Instead:
   revision into a cache directory outside the repository and reused
   (test_compose_spec.py).
 * The project's own conventions (scalable services, healthchecks, pinned
-  images, mounted files, the env-var contract, Dockerfile shape) are asserted
-  on the raw YAML/Dockerfile text (test_compose_conventions.py,
-  test_dockerfiles.py).
+  images, mounted files, Dockerfile shape) are asserted on the raw
+  YAML/Dockerfile text (test_compose_conventions.py, test_dockerfiles.py).
+* Each service's environment is compared with the one the native stack gives
+  it (scripts/devstack), over the variables the service reads
+  (test_compose_environment.py).
 * The wheels the images install are built with pip, offline, and checked for
-  the migrations the services apply (test_wheels.py).
+  the migrations and data files the services read (test_wheels.py).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +43,12 @@ INFRA_IMAGES = {
 class App:
     """One of the Python services built from this repository."""
 
-    def __init__(self, name: str, src: str, package: str, port: int, env: set[str]) -> None:
+    def __init__(self, name: str, src: str, package: str, port: int, native: str) -> None:
         self.name = name
         self.src = src  # project directory, relative to the repo root
         self.package = package
         self.port = port
-        self.env = env  # env vars this service must receive beyond the common ones
+        self.native = native  # its name in the native stack (scripts/devstack)
 
     @property
     def dockerfile(self) -> Path:
@@ -56,16 +59,10 @@ class App:
 
 
 APPS = [
-    App("user-service", "services/user", "user_service", 8080, {"DATABASE_URL", "REDIS_URL", "AMQP_URL"}),
-    App("todo-service", "services/todo", "todo_service", 8080, {"DATABASE_URL", "AMQP_URL"}),
-    App(
-        "notification-service",
-        "services/notification",
-        "notification_service",
-        8080,
-        {"DATABASE_URL", "AMQP_URL", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM"},
-    ),
-    App("gateway", "gateway", "mesh_gateway", 8000, {"REDIS_URL"}),
+    App("user-service", "services/user", "user_service", 8080, "user"),
+    App("todo-service", "services/todo", "todo_service", 8080, "todo"),
+    App("notification-service", "services/notification", "notification_service", 8080, "notification"),
+    App("gateway", "gateway", "mesh_gateway", 8000, "gateway"),
 ]
 APPS_BY_NAME = {app.name: app for app in APPS}
 EXPECTED_SERVICES = set(INFRA_IMAGES) | set(APPS_BY_NAME)
@@ -85,6 +82,35 @@ def load_compose() -> dict[str, Any]:
 
 def services() -> dict[str, dict[str, Any]]:
     return load_compose().get("services") or {}
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    """`environment:` as a dict, whichever of the two compose syntaxes is used."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        out: dict[str, str] = {}
+        for item in env:
+            key, _, value = str(item).partition("=")
+            out[key] = value
+        return out
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")
+# What `task up` sets for compose's required variables.
+TASK_UP_SETS = {"NOTIFICATION_CLIENT_SECRET": "a-secret-of-sixteen-or-more"}
+
+
+def interpolated(value: object) -> str:
+    """A value as compose hands it over: defaults taken, and required variables as `task up` sets them."""
+    defaulted = _DEFAULTED.sub(lambda m: m.group(2), str(value))
+    return _REQUIRED.sub(lambda m: TASK_UP_SETS[m.group(1)], defaulted)
+
+
+def compose_env(name: str) -> dict[str, str]:
+    """The environment compose gives the service ``name``, interpolated."""
+    return {key: interpolated(value) for key, value in env_of(services()[name]).items()}
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

@@ -1,19 +1,15 @@
 """The project's own conventions for compose.yml, asserted on the raw YAML:
-scalable services, healthchecks, pinned images, mounted files and the env-var
-contract."""
+scalable services, healthchecks, pinned images and mounted files. Each
+service's environment is held to the native stack's in
+test_compose_environment.py."""
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import json
-import re
-from typing import Any
 
 import pytest
 
-from devstack import mesh
-from devstack.config import StackConfig
 from mesh_gateway import settings as gateway_settings
 
 from .conftest import (
@@ -23,41 +19,17 @@ from .conftest import (
     INFRA_IMAGES,
     REPO,
     App,
+    compose_env,
     dockerfile_instructions,
     final_stage,
+    interpolated,
     load_compose,
     services,
 )
 
-COMMON_ENV = {
-    "SERVICE_HOST": "0.0.0.0",
-    "CONSUL_HTTP_ADDR": "http://consul:8500",
-    "LOG_FORMAT": "json",
-    "JWT_ISSUER": "todo-mesh",
-    "JWT_AUDIENCE": "todo-mesh-api",
-}
-DATABASES = {
-    "user-service": "postgresql://users:users@postgres:5432/users",
-    "todo-service": "postgresql://todos:todos@postgres:5432/todos",
-    "notification-service": "postgresql://notifications:notifications@postgres:5432/notifications",
-}
-
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def env_of(service: dict[str, Any]) -> dict[str, str]:
-    """`environment:` as a dict, whichever of the two compose syntaxes is used."""
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        out: dict[str, str] = {}
-        for item in env:
-            key, _, value = str(item).partition("=")
-            out[key] = value
-        return out
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
 def bind_mounts() -> list[tuple[str, str]]:
@@ -188,17 +160,14 @@ def test_depends_on_waits_for_healthy_services() -> None:
 def test_dependency_edges() -> None:
     svcs = services()
     assert set(svcs["envoy"].get("depends_on") or {}) == {"gateway"}
+    # Whom a service is told to connect to, it waits for (and what it is
+    # told, test_compose_environment.py holds to the native stack).
+    servers = {"DATABASE_URL": "postgres", "REDIS_URL": "redis", "AMQP_URL": "rabbitmq", "SMTP_HOST": "mailpit"}
     for app in APPS:
         deps = set(svcs[app.name].get("depends_on") or {})
         assert "consul" in deps, f"{app.name} registers in Consul: must wait for it"
-        if "DATABASE_URL" in app.env:
-            assert "postgres" in deps
-        if "REDIS_URL" in app.env:
-            assert "redis" in deps
-        if "AMQP_URL" in app.env:
-            assert "rabbitmq" in deps
-        if "SMTP_HOST" in app.env:
-            assert "mailpit" in deps
+        for variable in compose_env(app.name).keys() & servers.keys():
+            assert servers[variable] in deps, f"{app.name} has {variable}: must wait for {servers[variable]}"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))
@@ -259,7 +228,7 @@ def test_only_infrastructure_uis_and_the_edge_are_published() -> None:
     published = {name: svc["ports"] for name, svc in services().items() if svc.get("ports")}
     assert set(published) == {"consul", "envoy", "rabbitmq", "mailpit"}
     # On loopback by default, as natively: nothing outside the machine reaches the mesh.
-    host_addresses = {name: {_interpolated(p).split(":")[0] for p in ports} for name, ports in published.items()}
+    host_addresses = {name: {interpolated(p).split(":")[0] for p in ports} for name, ports in published.items()}
     assert host_addresses == {name: {"127.0.0.1"} for name in published}
     container_ports = {name: {str(p).rsplit(":", 1)[-1] for p in ports} for name, ports in published.items()}
     assert container_ports == {
@@ -270,75 +239,14 @@ def test_only_infrastructure_uis_and_the_edge_are_published() -> None:
     }
 
 
-@pytest.mark.parametrize("app", APPS, ids=repr)
-def test_service_environment_contract(app: App) -> None:
-    env = env_of(services()[app.name])
-    for key, value in COMMON_ENV.items():
-        assert env.get(key) == value, f"{app.name}: {key}"
-    assert env.get("SERVICE_PORT") == str(app.port)
-    # In containers the service detects its own IP; a fixed value would make
-    # every replica advertise the same address.
-    assert "SERVICE_ADVERTISE_ADDRESS" not in env
-    for key in app.env:
-        assert env.get(key), f"{app.name}: {key} missing"
-    if app.name in DATABASES:
-        assert env["DATABASE_URL"] == DATABASES[app.name]
-    else:
-        assert "DATABASE_URL" not in env
-    if "REDIS_URL" in app.env:
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
-    else:
-        assert "REDIS_URL" not in env
-    if "AMQP_URL" in app.env:
-        assert env["AMQP_URL"] == "amqp://guest:guest@rabbitmq:5672/"
-    else:
-        assert "AMQP_URL" not in env
-    if "SMTP_HOST" in app.env:
-        assert (env["SMTP_HOST"], env["SMTP_PORT"]) == ("mailpit", "1025")
-
-
-_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
-_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")
-# What `task up` sets for compose's required variables.
-TASK_UP_SETS = {"NOTIFICATION_CLIENT_SECRET": "a-secret-of-sixteen-or-more"}
-
-
-def _interpolated(value: object) -> str:
-    defaulted = _DEFAULTED.sub(lambda m: m.group(2), str(value))
-    return _REQUIRED.sub(lambda m: TASK_UP_SETS[m.group(1)], defaulted)
-
-
-@pytest.mark.parametrize(
-    ("service", "settings_path"),
-    [
-        ("user-service", "user_service.settings"),
-        ("todo-service", "todo_service.settings"),
-        ("notification-service", "notification_service.settings"),
-        ("gateway", "mesh_gateway.settings"),
-    ],
-)
-def test_each_service_starts_from_its_compose_environment(service: str, settings_path: str) -> None:
-    """Every setting a service requires is given in compose.yml, as natively."""
-    env = {k: _interpolated(v) for k, v in env_of(services()[service]).items()}
-    settings = importlib.import_module(settings_path).Settings.from_env(env)
-    assert settings.service.port == int(env["SERVICE_PORT"])
-
-
 def test_compose_trusts_envoys_address_and_no_other_container() -> None:
     compose = load_compose()
     (ipam,) = compose["networks"]["default"]["ipam"]["config"]
     subnet, dynamic = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
     envoy = ipaddress.ip_address(compose["services"]["envoy"]["networks"]["default"]["ipv4_address"])
-    env = {name: _interpolated(value) for name, value in env_of(compose["services"]["gateway"]).items()}
-    trusted = gateway_settings.Settings.from_env(env).trusted_proxies
+    trusted = gateway_settings.Settings.from_env(compose_env("gateway")).trusted_proxies
 
     assert envoy in subnet and envoy not in dynamic
     assert any(envoy in network for network in trusted)
     # Every other container gets its address from the dynamic range: none may be trusted.
     assert not any(network.overlaps(dynamic) for network in trusted if network.version == dynamic.version)
-
-
-def test_the_gateway_names_the_instance_that_answered_as_natively() -> None:
-    native = mesh.gateway(StackConfig.from_env({}), 1).env
-    compose = env_of(services()["gateway"])
-    assert _interpolated(compose["GATEWAY_EXPOSE_UPSTREAM"]) == native["GATEWAY_EXPOSE_UPSTREAM"] == "1"
