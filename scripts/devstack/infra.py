@@ -1,8 +1,8 @@
 """The infrastructure of the native stack, each part as a process description.
 
 PostgreSQL, Redis and RabbitMQ come from Debian's packages, Consul from our
-pinned build (scripts/ensure-consul), and the SMTP sink from aiosmtpd. The
-mesh's own processes are in mesh.py.
+pinned build (scripts/ensure-consul), and the SMTP sink from aiosmtpd.
+RabbitMQ is in rabbitmq.py, and the mesh's own processes are in mesh.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def binary(name: str, *candidates: str) -> str:
     raise StackError(f"{name} is not installed: run `task setup`")
 
 
-def _owned_dir(path: Path, user: str) -> Path:
+def owned_dir(path: Path, user: str) -> Path:
     """A directory that ``user`` owns, reachable through every parent.
 
     A fresh clone under a private temporary directory (mode 700) would be
@@ -116,7 +116,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def postgres(cfg: StackConfig) -> Proc:
-    base = _owned_dir(cfg.run_dir / "postgres", "postgres")
+    base = owned_dir(cfg.run_dir / "postgres", "postgres")
     data = base / "data"
     if not (data / "PG_VERSION").exists():
         # Made aside and renamed once whole: initdb writes PG_VERSION before
@@ -126,7 +126,7 @@ def postgres(cfg: StackConfig) -> Proc:
         draft = base / "data.draft"
         for unfinished in (draft, data):
             shutil.rmtree(unfinished, ignore_errors=True)
-        _owned_dir(draft, "postgres")
+        owned_dir(draft, "postgres")
         # The locale is set, not taken from the environment (where it may be
         # one this machine lacks): it decides what lower() folds, and
         # usernames and emails are compared through it.
@@ -213,7 +213,7 @@ def postgres_ready(cfg: StackConfig) -> bool:
 
 # -- Redis -----------------------------------------------------------------------
 def redis(cfg: StackConfig) -> Proc:
-    data = _owned_dir(cfg.run_dir / "redis", "redis")
+    data = owned_dir(cfg.run_dir / "redis", "redis")
     return Proc(
         "redis",
         [
@@ -234,69 +234,6 @@ def redis(cfg: StackConfig) -> Proc:
         env={},
         user="redis",
     )
-
-
-# -- RabbitMQ --------------------------------------------------------------------
-def _rabbit_env(cfg: StackConfig) -> dict[str, str]:
-    base = cfg.run_dir / "rabbitmq"
-    return {
-        "HOME": str(base),
-        "RABBITMQ_NODENAME": f"rabbit-{cfg.name}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(cfg.ports.amqp),
-        "RABBITMQ_DIST_PORT": str(cfg.ports.rabbitmq_dist),
-        # Erlang distribution (how rabbitmqctl reaches the node) listens on
-        # every interface unless told; RABBITMQ_NODE_IP_ADDRESS covers AMQP only.
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        "ERL_EPMD_PORT": str(cfg.ports.epmd),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_LOGS": "-",
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
-    }
-
-
-def rabbitmq(cfg: StackConfig) -> Proc:
-    base = _owned_dir(cfg.run_dir / "rabbitmq", "rabbitmq")
-    for sub in ("mnesia", "log"):
-        _owned_dir(base / sub, "rabbitmq")
-    # The same rabbitmq.conf as compose, with our paths and loopback ports.
-    # Every file it reads is copied beside its data: a clone made under
-    # umask 077 is closed to the rabbitmq user.
-    conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
-    conf = conf.replace("/etc/rabbitmq/definitions.json", str(base / "definitions.json"))
-    conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {cfg.ports.rabbitmq_management}")
-    conf += "management.tcp.ip = 127.0.0.1\n"
-    for name, text in (
-        ("rabbitmq.conf", conf),
-        ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text()),
-        ("definitions.json", (ROOT / "rabbitmq" / "definitions.json").read_text()),
-    ):
-        (base / name).write_text(text)
-        if os.geteuid() == 0:  # else RabbitMQ runs as us, and the files are ours already
-            shutil.chown(base / name, "rabbitmq", "rabbitmq")
-    return Proc("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_rabbit_env(cfg), user="rabbitmq")
-
-
-def rabbitmq_ready(cfg: StackConfig) -> bool:
-    run_checked(
-        ["/usr/lib/rabbitmq/bin/rabbitmq-diagnostics", "-q", "check_port_connectivity"],
-        env=_rabbit_env(cfg),
-        user="rabbitmq",
-        timeout=20,
-    )
-    return True
-
-
-def stop_epmd(cfg: StackConfig) -> None:
-    """epmd daemonizes outside our process groups; it has its own port per stack."""
-    epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None)
-    if epmd:
-        subprocess.run([epmd, "-port", str(cfg.ports.epmd), "-kill"], capture_output=True, check=False, timeout=10)
 
 
 # -- SMTP sink ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import infra, mesh
+from . import infra, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .ports import port_free, require_free
 from .procs import (
@@ -78,8 +78,15 @@ def up_infra(cfg: StackConfig) -> None:
     }
     missing = [name for name in INFRA if name not in have]
     require_free({label: port for name in missing for label, port in wanted[name].items()})
+    parts = {
+        "consul": infra.consul,
+        "postgres": infra.postgres,
+        "redis": infra.redis,
+        "rabbitmq": rabbitmq.server,
+        "mailsink": infra.mailsink,
+    }
     for name in missing:
-        start(cfg.run_dir, getattr(infra, name)(cfg))
+        start(cfg.run_dir, parts[name](cfg))
 
     def ready(name: str, check: Callable[[], object], what: str, interval: float = 0.1) -> None:
         def still_running() -> object:
@@ -96,7 +103,7 @@ def up_infra(cfg: StackConfig) -> None:
     infra.create_databases(cfg)
     ready("redis", lambda: not port_free("127.0.0.1", p.redis), "Redis")
     ready("mailsink", lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, "the SMTP sink")
-    ready("rabbitmq", lambda: infra.rabbitmq_ready(cfg), "RabbitMQ", interval=1.0)
+    ready("rabbitmq", lambda: rabbitmq.ready(cfg), "RabbitMQ", interval=1.0)
 
 
 # -- services ----------------------------------------------------------------------
@@ -189,7 +196,7 @@ def down(cfg: StackConfig) -> list[str]:
     for name in set(running(cfg.run_dir)) - set(stopped):  # anything unexpected
         stop(cfg.run_dir, name)
         stopped.append(name)
-    infra.stop_epmd(cfg)
+    rabbitmq.stop_epmd(cfg)
     return stopped
 
 

@@ -15,7 +15,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from devstack import infra, stack
+from devstack import rabbitmq, stack
 from devstack.config import StackConfig
 from devstack.procs import start, stop, wait_until
 
@@ -87,8 +87,8 @@ async def test_no_event_is_lost_while_rabbitmq_is_down(mesh: StackConfig, api: a
             what="the notification-service to report itself not ready",
         )
     finally:
-        start(mesh.run_dir, infra.rabbitmq(mesh))
-        wait_until(lambda: infra.rabbitmq_ready(mesh), timeout=120, what="RabbitMQ to come back", interval=1.0)
+        start(mesh.run_dir, rabbitmq.server(mesh))
+        wait_until(lambda: rabbitmq.ready(mesh), timeout=120, what="RabbitMQ to come back", interval=1.0)
 
     ids = await drain_audit_queue(mesh, created, within=90)
     distinct = set(ids)

@@ -1,0 +1,79 @@
+"""RabbitMQ of the native stack: Debian's rabbitmq-server, run as the rabbitmq user.
+
+A module of its own, beside infra.py: the broker is the one part with an
+environment of its own (its paths, ports and Erlang distribution), which
+its start, its readiness check and epmd's stop all share.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+from .config import ROOT, StackConfig
+from .infra import owned_dir
+from .procs import Proc, run_checked
+
+
+def _env(cfg: StackConfig) -> dict[str, str]:
+    base = cfg.run_dir / "rabbitmq"
+    return {
+        "HOME": str(base),
+        "RABBITMQ_NODENAME": f"rabbit-{cfg.name}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(cfg.ports.amqp),
+        "RABBITMQ_DIST_PORT": str(cfg.ports.rabbitmq_dist),
+        # Erlang distribution (how rabbitmqctl reaches the node) listens on
+        # every interface unless told; RABBITMQ_NODE_IP_ADDRESS covers AMQP only.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        "ERL_EPMD_PORT": str(cfg.ports.epmd),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_LOGS": "-",
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+    }
+
+
+def server(cfg: StackConfig) -> Proc:
+    base = owned_dir(cfg.run_dir / "rabbitmq", "rabbitmq")
+    for sub in ("mnesia", "log"):
+        owned_dir(base / sub, "rabbitmq")
+    # The same rabbitmq.conf as compose, with our paths and loopback ports.
+    # Every file it reads is copied beside its data: a clone made under
+    # umask 077 is closed to the rabbitmq user.
+    conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
+    conf = conf.replace("/etc/rabbitmq/definitions.json", str(base / "definitions.json"))
+    conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {cfg.ports.rabbitmq_management}")
+    conf += "management.tcp.ip = 127.0.0.1\n"
+    for name, text in (
+        ("rabbitmq.conf", conf),
+        ("enabled_plugins", (ROOT / "rabbitmq" / "enabled_plugins").read_text()),
+        ("definitions.json", (ROOT / "rabbitmq" / "definitions.json").read_text()),
+    ):
+        (base / name).write_text(text)
+        if os.geteuid() == 0:  # else RabbitMQ runs as us, and the files are ours already
+            shutil.chown(base / name, "rabbitmq", "rabbitmq")
+    return Proc("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_env(cfg), user="rabbitmq")
+
+
+def ready(cfg: StackConfig) -> bool:
+    run_checked(
+        ["/usr/lib/rabbitmq/bin/rabbitmq-diagnostics", "-q", "check_port_connectivity"],
+        env=_env(cfg),
+        user="rabbitmq",
+        timeout=20,
+    )
+    return True
+
+
+def stop_epmd(cfg: StackConfig) -> None:
+    """epmd daemonizes outside our process groups; it has its own port per stack."""
+    epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None)
+    if epmd:
+        subprocess.run([epmd, "-port", str(cfg.ports.epmd), "-kill"], capture_output=True, check=False, timeout=10)
