@@ -168,7 +168,6 @@ class StackConfig:
 
     def service_env(self, service: str) -> dict[str, str]:
         """The environment a service instance gets: the same names as in compose.yml."""
-        secret = self.service_secret()
         env = {
             "SERVICE_HOST": "127.0.0.1",
             "SERVICE_PORT": "0",
@@ -181,9 +180,13 @@ class StackConfig:
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.ports.smtp),
             "MAIL_FROM": "todo-mesh <no-reply@todo-mesh.local>",
-            "SERVICE_CLIENTS": f"notification-service:{secret}",
-            "SERVICE_CLIENT_SECRET": secret,
         }
         if service in SERVICES:
             env["DATABASE_URL"] = self.database_url(service)
+        # The client secret only where compose.yml gives it: to the
+        # notification-service, and to the user-service that checks it.
+        if service == "user":
+            env["SERVICE_CLIENTS"] = f"notification-service:{self.service_secret()}"
+        if service == "notification":
+            env["SERVICE_CLIENT_SECRET"] = self.service_secret()
         return env

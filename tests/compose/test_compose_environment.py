@@ -140,3 +140,10 @@ def test_the_notification_service_is_the_user_services_one_client(stack: str, na
     notification = NotificationSettings.from_env(env["notification"])
     clients = parse_service_clients(env["user"]["SERVICE_CLIENTS"])
     assert clients == ((notification.client_id, notification.client_secret),)
+
+
+@pytest.mark.parametrize("app", APPS, ids=repr)
+def test_the_client_secret_reaches_the_same_services_in_both_stacks(app: App, native: StackConfig) -> None:
+    # Only the notification-service and the user-service that checks it hold it.
+    secrets = {"SERVICE_CLIENTS", "SERVICE_CLIENT_SECRET"}
+    assert native_env(native, app).keys() & secrets == compose_env(app.name).keys() & secrets
