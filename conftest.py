@@ -7,10 +7,7 @@ started from Debian's packages and our pinned Consul by the same code as
 
 from __future__ import annotations
 
-import base64
-import json
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
+from devstack import rabbitmq
 from devstack.config import StackConfig
 from devstack.stack import up_infra
 
@@ -48,21 +46,4 @@ def amqp_vhost(infra: StackConfig) -> Callable[[str], str]:
     notification-service would then work through first.
     """
 
-    def make(name: str) -> str:
-        api = f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api"
-        auth = "Basic " + base64.b64encode(b"guest:guest").decode()
-        for path, body in (
-            (f"/vhosts/{name}", {}),
-            (f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"}),
-        ):
-            request = urllib.request.Request(  # idempotent PUTs
-                api + path,
-                data=json.dumps(body).encode(),
-                method="PUT",
-                headers={"Authorization": auth, "Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=10):
-                pass
-        return f"amqp://guest:guest@127.0.0.1:{infra.ports.amqp}/{name}"
-
-    return make
+    return lambda name: rabbitmq.vhost(infra, name)

@@ -7,13 +7,17 @@ its start, its readiness check and epmd's stop all share.
 
 from __future__ import annotations
 
+import base64
 import glob
+import json
 import os
 import shutil
 import subprocess
+import urllib.request
 
 from .config import ROOT, StackConfig
 from .infra import owned_dir
+from .loopback import DIRECT
 from .procs import Proc, run_checked
 
 
@@ -70,6 +74,25 @@ def ready(cfg: StackConfig) -> bool:
         timeout=20,
     )
     return True
+
+
+def vhost(cfg: StackConfig, name: str) -> str:
+    """The broker URL of virtual host ``name``, made (with guest's permissions) if need be."""
+    api = f"http://127.0.0.1:{cfg.ports.rabbitmq_management}/api"
+    auth = "Basic " + base64.b64encode(b"guest:guest").decode()
+    for path, body in (
+        (f"/vhosts/{name}", {}),
+        (f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"}),
+    ):
+        request = urllib.request.Request(  # idempotent PUTs
+            api + path,
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"Authorization": auth, "Content-Type": "application/json"},
+        )
+        with DIRECT.open(request, timeout=10):
+            pass
+    return cfg.amqp_url + name
 
 
 def stop_epmd(cfg: StackConfig) -> None:

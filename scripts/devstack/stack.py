@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import infra, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
+from .loopback import get_json as get_json  # stack.get_json to the tests and benchmarks too
 from .ports import port_free, require_free
 from .procs import (
     Hopeless,
@@ -30,16 +30,6 @@ READY_TIMEOUT = 90.0
 # What a service gets to stop, as compose's stop_grace_period: leave Consul
 # (at most 5 s), drain, finish the requests in flight (at most 10 s), close.
 STOP_GRACE = 20.0
-
-
-# Every URL the stack runner reads is on loopback: never through a proxy
-# that http_proxy names for the outside world.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def get_json(url: str, timeout: float = 2.0) -> object:
-    with _DIRECT.open(url, timeout=timeout) as resp:
-        return json.load(resp)
 
 
 def service_health(cfg: StackConfig, consul_name: str, query: str = "") -> list[dict[str, Any]]:
