@@ -76,6 +76,12 @@ def test_scalable_services_have_no_fixed_identity(app: App) -> None:
     # or (for Consul instance ids derived from it) a hostname.
     for key in ("ports", "container_name", "hostname"):
         assert key not in svc, f"{app.name} must not set `{key}` (it is scalable)"
+    # Nor a fixed address on a network: a second replica could not have it too.
+    networks = svc.get("networks") or {}
+    if isinstance(networks, dict):  # the list syntax only names networks
+        for network, config in networks.items():
+            for key in ("ipv4_address", "ipv6_address"):
+                assert key not in (config or {}), f"{app.name} must not set `networks.{network}.{key}` (it is scalable)"
 
 
 @pytest.mark.parametrize("app", APPS, ids=repr)
