@@ -1,12 +1,15 @@
-"""The wheels the images install hold every migration their services apply.
+"""The wheels the images install hold every migration their services apply,
+and every other file their packages read: the common-password list, the
+email templates.
 
 The Dockerfiles ``pip install`` mesh_common and the service as regular wheels,
 so a migration left out of a wheel is missing in the image, and its tables are
-never created. The editable install of the dev venv reads the source tree and
-cannot show it: only a built wheel can. The projects are built here as in an
-image, copied without local build debris (as .dockerignore keeps it out: a
-stale build/ or egg-info would lend files to the wheel), offline and without
-build isolation, so it takes seconds.
+never created; a template left out fails each email that needs it. The
+editable install of the dev venv reads the source tree and cannot show it:
+only a built wheel can. The projects are built here as in an image, copied
+without local build debris (as .dockerignore keeps it out: a stale build/ or
+egg-info would lend files to the wheel), offline and without build isolation,
+so it takes seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 
 from .conftest import REPO
 
-# The projects whose packages hold migrations, mesh_common's shared sets included.
+# The projects whose packages hold migrations or other files they read, mesh_common's included.
 PROJECTS = [REPO / "services" / name for name in ("common", "user", "todo", "notification")]
 SERVICE_PACKAGES = ["user_service", "todo_service", "notification_service"]
 
@@ -63,3 +66,20 @@ def test_every_migration_a_service_applies_is_in_its_wheel(package: str, wheels:
             assert name in wheels[project], f"{name} is not in the {project.name} wheel"
             # The runner checks each applied version's checksum against the file.
             assert wheels[project][name] == path.read_bytes(), f"{name} differs in the wheel"
+
+
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda project: project.name)
+def test_every_data_file_of_a_package_is_in_its_wheel(project: Path, wheels: dict[Path, dict[str, bytes]]) -> None:
+    # The packages read their files from the installed package, as resources:
+    # common_passwords.txt, templates/, the migrations (and py.typed, for mypy).
+    wheel = wheels[project]
+    packages = sorted({top for top in (name.split("/")[0] for name in wheel) if not top.endswith(".dist-info")})
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "--", *packages], cwd=project, capture_output=True, text=True, check=True
+    )
+    data = [
+        name for name in tracked.stdout.split("\0") if name and not name.endswith(".py") and (project / name).exists()
+    ]
+    assert data, f"no data file in {packages}"
+    assert [name for name in data if name not in wheel] == [], f"not in the {project.name} wheel"
+    assert [name for name in data if wheel[name] != (project / name).read_bytes()] == [], "different in the wheel"
