@@ -16,19 +16,28 @@ And a keeper, because a registration can still be lost while the process
 lives (a Consul agent restarted with its state in memory, as ``-dev`` keeps
 it): every ``KEEP_INTERVAL`` it asks the agent for the instance, and
 registers it again when the agent no longer knows it.
+
+At start, an agent that is away or failing (a 5xx) is waited for, up to
+``REGISTER_WAIT``; one that refuses (a 4xx) fails the start at once. A
+registration sent may have reached the agent whatever its answer, so a
+failed start deregisters too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import consul
 import consul.aio
 import structlog
 from aiohttp import web
+from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ClientError, NotFound
 from yarl import URL
 
 from .app import CleanupCtx
@@ -44,6 +53,13 @@ CHECK_HTTP_TIMEOUT = "2s"
 # A registration or deregistration that Consul does not answer must not
 # hold up a start or outlast a container's stop grace period.
 CALL_TIMEOUT = 5.0
+# An agent away at start (not up yet beside us under compose, restarting,
+# electing a leader) is waited for this long, with waits of up to 0.25 s,
+# doubling to CALL_TIMEOUT, with full jitter. Then the start fails, and
+# compose's restart policy starts it again. The first wait is also the
+# least time left worth another attempt.
+REGISTER_WAIT = 30.0
+REGISTER_FIRST_WAIT = 0.25
 # A restarted -dev agent has forgotten every instance, and every watch sees
 # an empty set until each has registered again: keep that short. Asking the
 # local agent for its services costs it next to nothing.
@@ -89,6 +105,9 @@ class Registration:
         self._client = client
         self._service = service
         self._tags = tags or []
+        # True from the moment a registration is sent: an answer lost on its
+        # way back (a timeout) may leave an entry, which only a deregistration
+        # is sure to remove. Consul forgetting an unknown id is no harm.
         self.registered = False
         self._keeper: asyncio.Task[None] | None = None
 
@@ -96,7 +115,50 @@ class Registration:
     def service_id(self) -> str:
         return self._service.instance_id
 
-    async def register(self) -> None:
+    async def register(self, *, within: float = REGISTER_WAIT) -> None:
+        """Register, waiting up to ``within`` seconds for an agent that is away or failing.
+
+        An agent that refuses (a 4xx: a token it denies, a definition it
+        rejects) fails the start at once: it would answer the same again.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        until = started + within
+        step = REGISTER_FIRST_WAIT
+        # A loop, not backoff's decorator: that cuts its last wait to the
+        # budget, and then tries once more with no time left to answer.
+        for attempt in itertools.count(1):
+            try:
+                await self._register_once(until)
+                break
+            except Exception as exc:
+                wait = random.uniform(0, step)  # full jitter: instances restarted together spread out
+                away = isinstance(exc, (aiohttp.ClientError, OSError, TimeoutError, consul.ConsulException))
+                if not away or _refused(exc) or until - loop.time() - wait < REGISTER_FIRST_WAIT:
+                    log.error(
+                        "consul_register_failed",
+                        service_id=self.service_id,
+                        consul=self._client.http.base_uri,
+                        error=_reason(exc),
+                        refused=_refused(exc),  # else unreachable or failing all that time
+                        attempts=attempt,
+                        seconds=round(loop.time() - started, 1),
+                    )
+                    raise
+                log.warning(
+                    "consul_register_retrying",
+                    service_id=self.service_id,
+                    consul=self._client.http.base_uri,
+                    error=_reason(exc),
+                    attempt=attempt,
+                    wait=round(wait, 2),
+                )
+                await asyncio.sleep(wait)
+                step = min(2 * step, CALL_TIMEOUT)
+        s = self._service
+        log.info("consul_registered", service_id=self.service_id, address=s.advertise_address, port=s.port)
+
+    async def _register_once(self, until: float | None = None) -> None:
         s = self._service
         base = URL.build(scheme="http", host=s.advertise_address, port=s.port)  # [brackets] for IPv6
         # For this instance only: another at its address answers 404 (health.py).
@@ -110,19 +172,24 @@ class Registration:
         ready = consul.Check.http(
             str((base / "health").with_query(mine)), interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT
         )
-        async with asyncio.timeout(CALL_TIMEOUT):
-            await self._client.agent.service.register(
-                s.name,
-                service_id=self.service_id,
-                address=s.advertise_address,
-                port=s.port,
-                tags=self._tags,
-                meta={"version": s.version},
-                check={**live, "Name": "live: the process answers"},
-                extra_checks=[{**ready, "Name": "ready: its dependencies answer"}],
-            )
-        self.registered = True
-        log.info("consul_registered", service_id=self.service_id, address=s.advertise_address, port=s.port)
+        was, self.registered = self.registered, True
+        deadline = asyncio.get_running_loop().time() + CALL_TIMEOUT
+        try:
+            async with asyncio.timeout_at(deadline if until is None else min(deadline, until)):
+                await self._client.agent.service.register(
+                    s.name,
+                    service_id=self.service_id,
+                    address=s.advertise_address,
+                    port=s.port,
+                    tags=self._tags,
+                    meta={"version": s.version},
+                    check={**live, "Name": "live: the process answers"},
+                    extra_checks=[{**ready, "Name": "ready: its dependencies answer"}],
+                )
+        except Exception as exc:
+            if _refused(exc) or isinstance(exc, aiohttp.ClientConnectorError):
+                self.registered = was  # Consul said no, or never heard: this try left nothing
+            raise
 
     def start_keeping(self, interval: float = KEEP_INTERVAL) -> None:
         """Run ``keep`` in the background until ``deregister``."""
@@ -139,7 +206,8 @@ class Registration:
                     known = await self._client.agent.services()
                 if self.service_id not in known and self.registered:
                     log.warning("consul_registration_lost", service_id=self.service_id)
-                    await self.register()
+                    await self._register_once()  # one try a round: the next round is the retry
+                    log.info("consul_registered", service_id=self.service_id)
             except Exception as exc:  # Consul away: the next round tries again
                 log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
 
@@ -167,11 +235,26 @@ class Registration:
         log.info("consul_deregistered", service_id=self.service_id)
 
 
+def _refused(exc: BaseException) -> bool:
+    # Consul's 4xx answers. The 5xx (a bare ConsulException: no leader yet,
+    # an agent restarting) and 599 (Timeout) are worth another try.
+    return isinstance(exc, (BadRequest, ACLDisabled, ACLPermissionDenied, NotFound, ClientError))
+
+
+def _reason(exc: BaseException) -> str:
+    # Consul's own words where it answered (a 403's "Permission denied"), cut short.
+    text = str(exc)[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 REGISTRATION = web.AppKey("mesh.registration", Registration)
 
 
-def registration_ctx(tags: list[str] | None = None) -> CleanupCtx:
+def registration_ctx(tags: list[str] | None = None, *, wait_for_consul: float = REGISTER_WAIT) -> CleanupCtx:
     """A cleanup context that registers the instance: add it **last**.
+
+    ``wait_for_consul`` (seconds) is how long the start waits for an agent
+    that is away or failing before it gives up.
 
     Registering last means every dependency is ready before traffic arrives;
     cleanup runs in reverse, so the instance leaves Consul before anything
@@ -181,9 +264,10 @@ def registration_ctx(tags: list[str] | None = None) -> CleanupCtx:
     @asynccontextmanager
     async def register_in_consul(app: web.Application) -> AsyncIterator[None]:
         app[REGISTRATION] = registration = Registration(app[CONSUL], app[SERVICE], tags)
-        await registration.register()
-        registration.start_keeping()
         try:
+            # In the try: a start that fails here may have left an entry.
+            await registration.register(within=wait_for_consul)
+            registration.start_keeping()
             yield
         finally:
             await registration.deregister()
