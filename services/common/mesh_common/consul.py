@@ -20,7 +20,8 @@ registers it again when the agent no longer knows it.
 At start, an agent that is away or failing (a 5xx) is waited for, up to
 ``REGISTER_WAIT``; one that refuses (a 4xx) fails the start at once. A
 registration sent may have reached the agent whatever its answer, so a
-failed start deregisters too.
+failed start deregisters too. At stop, every deregistration shares one
+``CALL_TIMEOUT``: an agent that hangs costs the stop no more than that.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Registration:
         # is sure to remove. Consul forgetting an unknown id is no harm.
         self.registered = False
         self._keeper: asyncio.Task[None] | None = None
+        self._leave_by: float | None = None
 
     @property
     def service_id(self) -> str:
@@ -173,6 +175,7 @@ class Registration:
             str((base / "health").with_query(mine)), interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT
         )
         was, self.registered = self.registered, True
+        self._leave_by = None  # a deregistration after this one has its own budget
         deadline = asyncio.get_running_loop().time() + CALL_TIMEOUT
         try:
             async with asyncio.timeout_at(deadline if until is None else min(deadline, until)):
@@ -214,8 +217,17 @@ class Registration:
     async def deregister(self) -> None:
         # Idempotent: the shutdown path calls it before draining, and the
         # cleanup context calls it again, in case shutdown went another way
-        # or the first try failed (the agent busy or briefly away).
+        # or the first try failed (the agent busy or briefly away). Every
+        # call shares one CALL_TIMEOUT from the first: an agent that hangs
+        # costs a stop 5 s, not 5 s a call, inside compose's grace period.
         if not self.registered:
+            return
+        loop = asyncio.get_running_loop()
+        if self._leave_by is None:
+            self._leave_by = loop.time() + CALL_TIMEOUT
+        leave_by = self._leave_by
+        if loop.time() >= leave_by:
+            log.warning("consul_deregister_skipped", service_id=self.service_id, why="its time is spent")
             return
         if self._keeper is not None:
             # Stopped first, and waited for: a registration it was sending
@@ -224,7 +236,7 @@ class Registration:
             await asyncio.gather(self._keeper, return_exceptions=True)
             self._keeper = None
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
+            async with asyncio.timeout_at(leave_by):
                 await self._client.agent.service.deregister(self.service_id)
         except consul.NotFound:
             pass  # the agent has already forgotten us (a restart): that is the goal

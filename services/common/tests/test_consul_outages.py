@@ -1,4 +1,4 @@
-"""An agent away, refusing or hanging as an instance starts: the start waits, or fails and leaves nothing."""
+"""An agent away, refusing or hanging as an instance starts or stops: the start waits or fails, the stop is bounded."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from mesh_common import consul as mesh_consul
 from mesh_common.app import service_app
 from mesh_common.consul import Registration, consul_client, consul_ctx, registration_ctx
 from mesh_common.testing import HeldPort, eventually, loopback_service
@@ -122,3 +123,26 @@ async def test_a_start_whose_registration_went_unanswered_deregisters(aiohttp_se
         await runner.cleanup()
         agent.release.set()
     assert agent.registrations and agent.deregistrations == [service.instance_id]
+
+
+async def test_a_hanging_agent_costs_a_stop_one_call_timeout_not_one_per_call(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serve() deregisters after SIGTERM, and the cleanup context again: two
+    # full timeouts, with the drain and the workers' grace, would overrun
+    # compose's stop_grace_period.
+    monkeypatch.setattr(mesh_consul, "CALL_TIMEOUT", 0.3)
+    agent = FakeAgent(hang_deregister=True)
+    client = consul_client(str((await aiohttp_server(agent.app)).make_url("/")))
+    registration = Registration(client, loopback_service("hung", "unused", port=8129))
+    try:
+        await registration.register()
+        with capture_logs() as logs:
+            await registration.deregister()  # as serve() does: times out
+            await registration.deregister()  # as the cleanup does: nothing left to spend
+    finally:
+        agent.release.set()
+        await client.close()
+    assert agent.deregistrations == [registration.service_id]
+    assert [e["event"] for e in logs] == ["consul_deregister_failed", "consul_deregister_skipped"]
+    assert registration.registered  # not known to be gone: Consul's reaper will see to it
