@@ -2,6 +2,12 @@
 
 The socket is bound before the app is built so that ``SERVICE_PORT=0`` works:
 the kernel picks a free port, and that port is what the instance registers.
+It listens only once the app has started, when its site starts (asyncio's
+and uvloop's ``create_server(sock=...)`` call ``listen``). Until then a
+connection is refused rather than left in a backlog through the start-up
+(the discovery watches, migrations, registration): a proxy that found the
+instance early, as Envoy does by Docker's DNS under compose, tries another
+at once.
 """
 
 from __future__ import annotations
@@ -17,21 +23,29 @@ from aiohttp import web
 from .consul import REGISTRATION
 
 log = structlog.get_logger()
+BACKLOG = 1024
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, not yet listening: ``serve`` listens on it once the app has started."""
     # "::" is every interface, IPv4 included (Linux's default dual stack).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # For a restart beside its predecessor's connections in TIME_WAIT. Linux
+    # also lets another socket with it bind the port until one listens: the
+    # other then fails in serve, at its listen, after its start-up.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _listening(sock: socket.socket) -> bool:
+    return sock.fileno() != -1 and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: float = 0.5) -> None:
@@ -49,8 +63,14 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
         # held every request in flight (68 ms once under load in the gateway).
         gc.collect()
         gc.freeze()
-        site = web.SockSite(runner, sock)
-        await site.start()
+        host, port = sock.getsockname()[:2]
+        site = web.SockSite(runner, sock, backlog=BACKLOG)
+        try:
+            await site.start()
+        except OSError as exc:  # asyncio: another process listened on the port first
+            raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if not _listening(sock):  # uvloop: the same, closed without a word
+            raise SystemExit(f"cannot listen on {host}:{port}: another process listens on it")
         log.info("serving", address=sock.getsockname())
         await stop.wait()
 

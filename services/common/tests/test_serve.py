@@ -6,18 +6,37 @@ import asyncio
 import gc
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import aiohttp
+import pytest
+import uvloop
 from aiohttp import web
 
-from mesh_common.serve import bind_socket, serve
+from mesh_common.serve import BACKLOG, bind_socket, serve
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+async def answers(port: int) -> None:
+    """Wait until a GET / on ``port`` answers hello."""
+    # One connection per request, closed by the server as it answers:
+    # none is left open at shutdown for the closing test loop to leak.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(100):  # bounded: 100 x 50 ms
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/") as resp:
+                    assert await resp.text() == "hello"
+                    return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    raise AssertionError("the server never answered")
 
 
 async def test_serve_freezes_its_startup_objects_and_stops_on_sigterm() -> None:
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
     app = web.Application()
     app.router.add_get("/", hello)
     sock = bind_socket("127.0.0.1", 0)
@@ -25,18 +44,7 @@ async def test_serve_freezes_its_startup_objects_and_stops_on_sigterm() -> None:
     gc.unfreeze()
     server = asyncio.create_task(serve(app, sock))
     try:
-        # One connection per request, closed by the server as it answers:
-        # none is left open at shutdown for the closing test loop to leak.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            for _ in range(100):  # bounded: 100 x 50 ms
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/") as resp:
-                        assert await resp.text() == "hello"
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the server never answered")
+        await answers(port)
         # A later full collection leaves the app, its routes and every module
         # alone: they are frozen, not scanned again on each pass.
         assert gc.get_freeze_count() > 1000
@@ -82,3 +90,78 @@ async def test_a_failed_start_unwinds_what_had_started_before_serve_returns() ->
         assert events == ["opened", "closed"]
     finally:
         sock.close()
+
+
+async def test_a_connection_during_the_start_up_is_refused_not_held() -> None:
+    # Held in a backlog, it would wait out the start-up (discovery, migrations,
+    # registration) and maybe a reset; refused, a proxy tries another instance.
+    starting = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_start(app: web.Application) -> AsyncIterator[None]:
+        starting.set()
+        await go_on.wait()
+        yield
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.cleanup_ctx.append(slow_start)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = asyncio.create_task(serve(app, sock))
+    try:
+        await asyncio.wait_for(starting.wait(), timeout=10)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+        go_on.set()
+        await answers(port)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, timeout=10)
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        gc.unfreeze()
+        sock.close()
+
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_the_site_listens_on_the_bound_socket_under_either_loop(run: Run) -> None:
+    # bind_socket leaves the listen to create_server(sock=...): asyncio's
+    # and uvloop's both make it, with the backlog given.
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = bind_socket("127.0.0.1", 0)
+        try:
+            await web.SockSite(runner, sock, backlog=BACKLOG).start()
+            await answers(sock.getsockname()[1])
+        finally:
+            await runner.cleanup()
+            sock.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_port_another_socket_listens_on_first_fails_the_start_by_name(run: Run) -> None:
+    # Linux lets two sockets with SO_REUSEADDR bind one port while neither
+    # listens; the second to listen fails (uvloop, without a word).
+    first = bind_socket("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    second = bind_socket("127.0.0.1", port)
+    first.listen()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
+            run(serve(web.Application(), second))
+    finally:
+        for sig, handler in handlers.items():  # as serve() found them
+            signal.signal(sig, handler)
+        gc.unfreeze()
+        first.close()
+        second.close()
