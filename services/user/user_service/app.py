@@ -14,10 +14,9 @@ from mesh_common.consul import consul_ctx, registration_ctx
 from mesh_common.db import database_ctx
 from mesh_common.outbox import OUTBOX_COMMITTED, OUTBOX_MIGRATIONS, prune_published
 from mesh_common.pruning import prune_ctx
-from mesh_common.redis_client import redis_ctx
 from mesh_common.relay import outbox_relay_ctx
 
-from .contexts import open_login_throttle, open_passwords, signing_keys_ctx
+from .contexts import open_login_throttle, open_passwords, redis_ctx, signing_keys_ctx
 from .keys import PASSWORD_SLOTS, SETTINGS, WRITE_SLOTS
 from .passwords import HashingSlots
 from .refresh_tokens import prune_families

@@ -1,4 +1,4 @@
-"""Cleanup contexts for what only the user-service has: hashing, throttling, keys."""
+"""Cleanup contexts for what only the user-service has: hashing, Redis and the login throttle, keys."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
 from mesh_common.app import CleanupCtx, WorkerEnd
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
-from mesh_common.redis_client import REDIS
+from mesh_common.health import add_health_check
 from mesh_common.transactions import server_cancels_as_errors
 
-from .keys import KEY_STORE, PASSWORDS, SETTINGS, THROTTLE, TOKENS
+from .keys import KEY_STORE, PASSWORDS, REDIS, SETTINGS, THROTTLE, TOKENS
 from .passwords import Passwords, load_common_passwords, lower_thread_priority
 from .signing_keys import KeyStore
 from .throttle import LoginThrottle
@@ -43,6 +44,22 @@ async def open_passwords(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def redis_ctx(url: str, *, required: bool = True) -> CleanupCtx:
+    """One Redis client (with its pool); ``required`` says whether an outage fails readiness (see health.py)."""
+
+    @asynccontextmanager
+    async def open_redis(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        app[REDIS] = client
+        add_health_check(app, "redis", client.ping, required=required)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    return open_redis
 
 
 @asynccontextmanager

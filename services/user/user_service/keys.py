@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from .passwords import HashingSlots, Passwords
@@ -13,6 +14,7 @@ from .throttle import LoginThrottle
 from .tokens import TokenIssuer
 
 SETTINGS = web.AppKey("user.settings", Settings)
+REDIS = web.AppKey("user.redis", aioredis.Redis)
 PASSWORDS = web.AppKey("user.passwords", Passwords)
 KEY_STORE = web.AppKey("user.key_store", KeyStore)
 TOKENS = web.AppKey("user.tokens", TokenIssuer)
