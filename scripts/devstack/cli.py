@@ -9,17 +9,49 @@ import threading
 
 from . import stack
 from .config import StackConfig
-from .procs import StackError, running, stop
+from .procs import StackError, running, say, stop
 
 
 def _print_urls(cfg: StackConfig) -> None:
-    print("\ntodo-mesh is up (native):")
+    say("\ntodo-mesh is up (native):")
     for label, url in stack.urls(cfg):
-        print(f"  {label:<28} {url}")
+        say(f"  {label:<28} {url}")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal to stop (Ctrl-C, SIGTERM or a closed terminal's SIGHUP) that came while ``up`` ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt_on_signals() -> None:
+    """Make SIGTERM and SIGHUP raise as Ctrl-C does, so that ``up`` stops what it started.
+
+    Left to their default, either ended this process alone, and the processes
+    started so far (in sessions of their own) ran on with no one to stop them.
+    """
+
+    def interrupt(signum: int, _: object) -> None:
+        _ignore_signals()  # the teardown this starts is not cut short by the next one
+        raise Interrupted(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
+
+
+def _ignore_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)
 
 
 def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
-    print(f"starting the native stack in {cfg.run_dir} ...", flush=True)
+    _interrupt_on_signals()
+    say(f"starting the native stack in {cfg.run_dir} ...")
     before = set(running(cfg.run_dir))
     try:
         if args.infra_only:
@@ -27,7 +59,9 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
         else:
             stack.up(cfg)
     except BaseException:
+        _ignore_signals()
         if not args.keep_on_failure:
+            say("stopping what this start began ...")
             # Only what this call started: a `task up TODO=3` that fails must
             # not take down the stack that was already up.
             if before:
@@ -36,13 +70,21 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
             else:
                 stack.down(cfg)
         raise
-    _print_urls(cfg)
     if args.detach:
+        _print_urls(cfg)
         return
-    print("\nCtrl-C stops everything (or `task down` from another terminal).", flush=True)
-    if wait_for_stop(cfg):
-        print("\nstopping ...", flush=True)
-        stack.down(cfg)
+    stopping = True
+    try:
+        _print_urls(cfg)
+        say("\nCtrl-C stops everything (or `task down` from another terminal).")
+        stopping = wait_for_stop(cfg)
+    finally:
+        # Down even if a line failed or a signal came before the wait began (an
+        # Interrupted): `task down` alone, which ends the wait with False, has stopped it.
+        if stopping:
+            _ignore_signals()
+            say("\nstopping ...")
+            stack.down(cfg)
 
 
 def wait_for_stop(cfg: StackConfig) -> bool:
@@ -50,7 +92,7 @@ def wait_for_stop(cfg: StackConfig) -> bool:
     stopping = threading.Event()
     # SIGHUP too: a closed terminal would otherwise end this process alone,
     # and leave the stack (in sessions of its own) running with nobody to stop it.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stopping.set())
     return supervise(cfg, stopping)
 
@@ -67,7 +109,7 @@ def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
         if not alive:
             return False
         if "consul" not in alive and not warned:
-            print("\nconsul has stopped (see its log); Ctrl-C stops the rest", file=sys.stderr, flush=True)
+            say("\nconsul has stopped (see its log); Ctrl-C stops the rest", file=sys.stderr)
             warned = True
     return True
 
@@ -124,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands[args.command](cfg, args)
     except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        say(f"stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0

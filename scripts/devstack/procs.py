@@ -13,11 +13,12 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TextIO, TypedDict
 
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
@@ -30,6 +31,24 @@ class StackError(RuntimeError):
 
 class Hopeless(StackError):
     """A condition being waited for can no longer come true (its process exited)."""
+
+
+def say(text: str, *, file: TextIO | None = None) -> None:
+    """Progress output (``file``: stdout if None) that a terminal gone away cannot break.
+
+    After a hang-up, writes to the terminal fail (EIO, or EPIPE once go-task
+    has died too). Raised, such an error skipped the teardown the line was
+    announcing; instead, the stream goes to /dev/null from then on, so that
+    neither a later line nor the flush at exit fails on it again.
+    """
+    stream = sys.stdout if file is None else file
+    try:
+        print(text, file=stream, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: no fileno (a test's capture)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
 from typing import Any
 
 from . import infra, mesh, rabbitmq
@@ -18,6 +19,7 @@ from .procs import (
     StackError,
     log_path,
     running,
+    say,
     start,
     started_as,
     stop,
@@ -110,24 +112,29 @@ def instance(cfg: StackConfig, svc: str, n: int) -> Proc:
     return mesh.gateway(cfg, n) if svc == "gateway" else mesh.service(cfg, svc, n)
 
 
-def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
+def scale(
+    cfg: StackConfig, svc: str, count: int, *, wait: bool = True, cancelled: threading.Event | None = None
+) -> None:
     """Run exactly ``count`` instances of ``svc`` (a service or ``gateway``), on today's code.
 
     An instance left running from before an edit of its code or settings
     (a stack left up, a test run cut short) is started again, not reused:
-    reused, it would serve, and pass tests with, the old code.
+    reused, it would serve, and pass tests with, the old code. Once
+    ``cancelled`` is set, it starts no more and stops waiting (Hopeless).
     """
     for n in instances(cfg, svc):
         name = f"{svc}-{n}"
         if n >= count:
             stop(cfg.run_dir, name, grace=STOP_GRACE)
         elif started_as(cfg.run_dir, name) != instance(cfg, svc, n).fingerprint():
-            print(f"{name} runs older code or settings: starting it again", flush=True)
+            say(f"{name} runs older code or settings: starting it again")
             stop(cfg.run_dir, name, grace=STOP_GRACE)
     current = instances(cfg, svc)
     for n in range(count):
         if n in current:
             continue
+        if cancelled is not None and cancelled.is_set():
+            raise Hopeless(f"{svc}: cancelled")
         if svc == "gateway" and not port_free(address := cfg.gateway_address(n), cfg.ports.gateway):
             raise StackError(
                 f"port {cfg.ports.gateway} on {address} is already in use."
@@ -139,6 +146,8 @@ def scale(cfg: StackConfig, svc: str, count: int, *, wait: bool = True) -> None:
 
         def healthy() -> bool:
             # An instance that exits will never pass: say so now, not after the timeout.
+            if cancelled is not None and cancelled.is_set():
+                raise Hopeless(f"{svc}: cancelled")
             alive = set(running(cfg.run_dir))
             for n in range(count):
                 if f"{svc}-{n}" not in alive:
@@ -157,8 +166,20 @@ def up(cfg: StackConfig) -> None:
     if "envoy" not in running(cfg.run_dir):
         require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
     cfg.service_secret()  # once, before instances start in parallel
-    with ThreadPoolExecutor() as pool:
-        list(pool.map(lambda s: scale(cfg, s, cfg.instances[s]), [*SERVICES, "gateway"]))
+    # When one fails, or a signal stops `up`, the others stop waiting for health
+    # at once, rather than for up to READY_TIMEOUT before the teardown can begin.
+    cancelled = threading.Event()
+    with futures.ThreadPoolExecutor() as pool:
+        scaling = [pool.submit(scale, cfg, s, cfg.instances[s], cancelled=cancelled) for s in (*SERVICES, "gateway")]
+        try:
+            done, _ = futures.wait(scaling, return_when=futures.FIRST_EXCEPTION)
+            for one in done:
+                one.result()  # raises the failure, if one ended the wait
+        except BaseException:
+            cancelled.set()
+            if not all(one.done() for one in scaling):
+                say("waiting for the instances still starting, so that they are stopped too ...")
+            raise
     if "envoy" not in running(cfg.run_dir):
         start(cfg.run_dir, mesh.envoy(cfg))
     wait_until(

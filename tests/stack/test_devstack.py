@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,10 +17,7 @@ from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.ports import require_free
 from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
 
-
-def _sleeper(name: str) -> Proc:
-    """A stand-in for one of the stack's processes: does nothing for a minute."""
-    return Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+from .conftest import group, sleeper
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
@@ -80,7 +76,7 @@ def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
 
 def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
-    start(cfg.run_dir, _sleeper("ours"))
+    start(cfg.run_dir, sleeper("ours"))
     pidfile = tmp_path / "pids" / "ours.pid"
     _, started, _ = pidfile.read_text().split()  # pid, start time, fingerprint
     stop(cfg.run_dir, "ours", grace=5)
@@ -96,12 +92,6 @@ def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> N
     finally:
         stranger.kill()
         stranger.wait()
-
-
-def group(pgid: int) -> list[str]:
-    """Live members of a process group (a zombie is dead, waiting for init to reap it)."""
-    members = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
-    return [pid for pid in members if alive(int(pid))]
 
 
 def test_readme_quick_start_is_setup_then_two_tasks_as_ci_runs_them() -> None:
@@ -192,10 +182,10 @@ def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
     run_dir = tmp_path / "dev"
-    start(run_dir, _sleeper("postgres"))  # the stack already up
+    start(run_dir, sleeper("postgres"))  # the stack already up
 
     def failing_up(cfg: StackConfig) -> None:
-        start(cfg.run_dir, _sleeper("todo-1"))
+        start(cfg.run_dir, sleeper("todo-1"))
         raise StackError("todo-1 did not pass its check")  # as a `task up TODO=2` may
 
     monkeypatch.setattr(stack, "up", failing_up)
@@ -205,57 +195,6 @@ def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch
     finally:
         for name in running(run_dir):
             stop(run_dir, name)
-
-
-def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -> None:
-    import threading
-
-    from devstack import cli
-
-    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
-    for name in ("consul", "redis"):
-        start(cfg.run_dir, _sleeper(name))
-    outcome: list[bool] = []
-    supervisor = threading.Thread(target=lambda: outcome.append(cli.supervise(cfg, threading.Event())))
-    supervisor.start()
-    try:
-        stop(cfg.run_dir, "consul")  # a crash: Redis runs on, so Ctrl-C must still stop it
-        supervisor.join(timeout=2.5)
-        assert supervisor.is_alive()
-    finally:
-        stop(cfg.run_dir, "redis")  # what `task down` does last
-    supervisor.join(timeout=5)
-    assert outcome == [False]
-
-
-def _catches(pid: int, sig: int) -> bool:
-    """Whether the process has a handler of its own for ``sig`` (the kernel's SigCgt mask)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    return False
-
-
-def test_a_closed_terminal_stops_the_foreground_stack_like_ctrl_c(tmp_path: Path) -> None:
-    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
-    start(cfg.run_dir, _sleeper("redis"))
-    script = (
-        "import sys; from devstack import cli; from devstack.config import StackConfig;"
-        f" cfg = StackConfig.from_env({{'MESH_RUN_DIR': {str(tmp_path)!r}}});"
-        " print('waiting', flush=True); print(cli.wait_for_stop(cfg), flush=True)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
-    supervisor = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert supervisor.stdout is not None and supervisor.stdout.readline() == "waiting\n"
-        wait_until(lambda: _catches(supervisor.pid, signal.SIGHUP), timeout=10, what="its signal handlers")
-        supervisor.send_signal(signal.SIGHUP)
-        out, _ = supervisor.communicate(timeout=10)
-        # Told to stop (True), so it would go on to stop the stack; not killed by the hang-up.
-        assert (supervisor.returncode, out) == (0, "True\n")
-    finally:
-        supervisor.kill()
-        stop(cfg.run_dir, "redis")
 
 
 def _envoy_segments() -> set[str]:
@@ -296,7 +235,7 @@ def test_an_instance_left_running_from_older_code_is_started_again(
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
     code = tmp_path / "todo_service.py"
     code.write_text("VERSION = 1\n")
-    monkeypatch.setattr(mesh, "service", lambda cfg, svc, n: replace(_sleeper(f"{svc}-{n}"), sources=(code,)))
+    monkeypatch.setattr(mesh, "service", lambda cfg, svc, n: replace(sleeper(f"{svc}-{n}"), sources=(code,)))
     try:
         stack.scale(cfg, "todo", 1, wait=False)
         first = running(cfg.run_dir)["todo-0"]

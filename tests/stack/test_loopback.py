@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,17 +11,12 @@ import pytest
 from devstack import rabbitmq
 from devstack.config import StackConfig
 
-
-def _refusing_port() -> int:
-    """A loopback port that nothing listens on: a proxy that is not there."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .conftest import unused_port
 
 
 def test_a_suites_virtual_host_is_made_past_an_http_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # CI's runner, or a developer's shell, may name a proxy for the outside world.
-    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_refusing_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{unused_port()}")
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     calls: list[str] = []

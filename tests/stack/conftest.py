@@ -1,0 +1,27 @@
+"""What the stack runner's tests share: stand-ins for the stack's processes, and ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from devstack.procs import Proc, alive
+
+
+def sleeper(name: str) -> Proc:
+    """A stand-in for one of the stack's processes: does nothing for a minute."""
+    return Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+
+
+def group(pgid: int) -> list[str]:
+    """Live members of a process group (a zombie is dead, waiting for init to reap it)."""
+    members = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    return [pid for pid in members if alive(int(pid))]
+
+
+def unused_port() -> int:
+    """A loopback port that nothing listens on (as long as no one takes it meanwhile)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
