@@ -116,7 +116,8 @@ def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
 
 def cmd_down(cfg: StackConfig, _: argparse.Namespace) -> None:
     stopped = stack.down(cfg)
-    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    # Named: `task down` stops both profiles, one line each.
+    print(f"{cfg.name} stack: " + (f"stopped {', '.join(stopped)}" if stopped else "nothing was running"))
 
 
 def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
 from devstack.ports import require_free
 from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
 
-from .conftest import group, sleeper
+from .conftest import group, sleeper, unused_port
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
@@ -109,6 +109,31 @@ def test_readme_quick_start_is_setup_then_two_tasks_as_ci_runs_them() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("task test")
+
+
+def test_task_down_stops_the_test_stack_too(tmp_path: Path) -> None:
+    # A `task test` that was killed leaves the test stack running, and the
+    # README says `task down` stops everything.
+    for profile in ("dev", "test"):
+        start(tmp_path / profile, sleeper("redis"))
+    no_docker = tmp_path / "bin"
+    no_docker.mkdir()
+    (no_docker / "docker").write_text("#!/bin/sh\nexit 1\n")  # no engine answers: compose's stack is not ours
+    (no_docker / "docker").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{no_docker}:{os.environ['PATH']}",
+        "MESH_RUN_DIR": str(tmp_path),
+        "MESH_PORT_EPMD": str(unused_port()),
+    }
+    try:
+        subprocess.run([str(ROOT / ".venv" / "bin" / "task"), "--dir", str(ROOT), "down"], env=env, check=True)
+        assert running(tmp_path / "dev") == {}
+        assert running(tmp_path / "test") == {}
+    finally:
+        for profile in ("dev", "test"):
+            for name in running(tmp_path / profile):
+                stop(tmp_path / profile, name)
 
 
 def test_each_profile_has_its_own_run_dir_under_mesh_run_dir(tmp_path: Path) -> None:
