@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypedDict
 
+from . import pidfile
+
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
 _started: dict[int, subprocess.Popen[bytes]] = {}
@@ -121,6 +123,9 @@ def start(run_dir: Path, proc: Proc) -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     rotate_log(log_path(run_dir, proc.name), LOG_KEEP_BYTES)
+    # Hashed before the start: a signal between the child's start and its pid
+    # file (an orphan, which nothing would stop) has no more time than it must.
+    fingerprint = proc.fingerprint()
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
     env = {**inherited_env(), **proc.env}
     run_as: _RunAs = {}
@@ -141,109 +146,61 @@ def start(run_dir: Path, proc: Proc) -> int:
     )
     log.close()
     _started[child.pid] = child
-    stat = _stat(child.pid)
     # The start time makes the pid file name this process, not whichever
     # process gets its pid after it is gone.
-    started = stat[_START_TIME] if stat else "-"  # "-": unknown, and not checked
-    # Written aside and renamed: ``up`` starts services in parallel threads,
-    # and a ``running()`` that read a half-written file would take it for a
-    # dead process's and delete it.
-    pidfile = pid_dir(run_dir) / f"{proc.name}.pid"
-    partial = pidfile.with_name(pidfile.name + ".partial")
-    partial.write_text(f"{child.pid} {started} {proc.fingerprint()}")
-    partial.replace(pidfile)
+    pidfile.write(pid_dir(run_dir), proc.name, pidfile.Entry(child.pid, pidfile.started_at(child.pid), fingerprint))
     return child.pid
 
 
-# In /proc/<pid>/stat after the command name: the state, and 19 fields later
-# the start time in clock ticks after boot.
-_STATE, _START_TIME = 0, 19
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def _find(run_dir: Path, name: str) -> tuple[pidfile.Found, pidfile.Entry] | None:
+    """The pid file of ``name``, and what it says, if that runs; a stale one is deleted."""
+    found = pidfile.read(pidfile.path(pid_dir(run_dir), name))
+    if found is None:
         return None
-    # The command name is in parentheses and may itself hold spaces or ")".
-    return text.rsplit(")", 1)[1].split()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is dead for every purpose here.
-    stat = _stat(pid)
-    return stat is not None and stat[_STATE] != "Z"
-
-
-def read_pid(pidfile: Path) -> int | None:
-    """The pid a pid file names, or None if that process is gone.
-
-    A pid reused by an unrelated process is "gone" too: its start time differs,
-    and ``stop`` must never signal it.
-    """
-    try:
-        pid, *started = pidfile.read_text().split()
-        number = int(pid)
-    except (OSError, ValueError):
-        return None
-    if not alive(number):
-        return None
-    stat = _stat(number)
-    if started and started[0] != "-" and (stat is None or stat[_START_TIME] != started[0]):
-        return None
-    return number
+    if found.entry is not None and pidfile.live(found.entry):
+        return found, found.entry
+    pidfile.forget(found)
+    return None
 
 
 def started_as(run_dir: Path, name: str) -> str | None:
     """The fingerprint ``name`` was started with, if it is running (see ``Proc.fingerprint``)."""
-    pidfile = pid_dir(run_dir) / f"{name}.pid"
-    if read_pid(pidfile) is None:
-        return None
-    fields = pidfile.read_text().split()
-    return fields[2] if len(fields) > 2 else ""
+    found = _find(run_dir, name)
+    return found[1].fingerprint if found is not None else None
 
 
 def running(run_dir: Path) -> dict[str, int]:
-    found = {}
-    directory = pid_dir(run_dir)
-    if directory.is_dir():
-        for pidfile in sorted(directory.glob("*.pid")):
-            pid = read_pid(pidfile)
-            if pid is not None:
-                found[pidfile.stem] = pid
-            else:
-                pidfile.unlink(missing_ok=True)
-    return found
+    """Each running process of the stack, by name, with its pid."""
+    names = {}
+    for file in sorted(pid_dir(run_dir).glob("*.pid")):
+        found = _find(run_dir, file.stem)
+        if found is not None:
+            names[file.stem] = found[1].pid
+    return names
 
 
 def stop(run_dir: Path, name: str, *, sig: int = signal.SIGTERM, grace: float = 10.0) -> bool:
     """Signal a process group, wait up to ``grace``, then SIGKILL it."""
-    pidfile = pid_dir(run_dir) / f"{name}.pid"
-    pid = read_pid(pidfile)
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
+    found = _find(run_dir, name)
+    if found is None:
         return False
+    file, entry = found
+    pid = entry.pid
     _signal_group(pid, sig)
     deadline = time.monotonic() + grace
-    while alive(pid) and time.monotonic() < deadline:
+    while pidfile.live(entry) and time.monotonic() < deadline:
         _reap(pid)
         time.sleep(0.05)
-    if alive(pid):
+    if pidfile.live(entry):
         _signal_group(pid, signal.SIGKILL)
-        wait_until(lambda: not alive(pid) or _reap(pid), timeout=5, what=f"{name} to die")
+        wait_until(lambda: not pidfile.live(entry) or _reap(pid), timeout=5, what=f"{name} to die")
     # Children that outlived their leader share its group: kill them too.
     _signal_group(pid, signal.SIGKILL)
     _reap(pid)
     child = _started.pop(pid, None)
     if child is not None:
         child.returncode = child.returncode if child.returncode is not None else -sig
-    pidfile.unlink(missing_ok=True)
+    pidfile.forget(file)
     return True
 
 

@@ -6,7 +6,8 @@ import socket
 import subprocess
 import sys
 
-from devstack.procs import Proc, alive
+from devstack.pidfile import alive
+from devstack.procs import Proc
 
 
 def sleeper(name: str) -> Proc:

@@ -14,10 +14,11 @@ import pytest
 
 from devstack import infra, mesh, procs, stack
 from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
+from devstack.pidfile import alive
 from devstack.ports import require_free
-from devstack.procs import Proc, StackError, alive, running, start, stop, wait_until
+from devstack.procs import Proc, StackError, running, start, stop, wait_until
 
-from .conftest import group, sleeper, unused_port
+from .conftest import sleeper, unused_port
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
@@ -43,19 +44,6 @@ def test_dev_and_test_ports_never_collide() -> None:
     assert len(test) == len(vars(TEST_PORTS))
 
 
-def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
-    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
-    # A parent that leaves a child behind, as a shell script might.
-    sleeper = "import time; time.sleep(60)"
-    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"
-    pid = start(cfg.run_dir, Proc("orphan-maker", [sys.executable, "-c", script], env={}))
-    assert running(cfg.run_dir) == {"orphan-maker": pid}
-    wait_until(lambda: len(group(pid)) == 2, timeout=10, what="the child to start")
-    stop(cfg.run_dir, "orphan-maker", grace=5)
-    assert running(cfg.run_dir) == {}
-    assert group(pid) == []
-
-
 def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,26 +60,6 @@ def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
     assert (logs / "small.log").read_text() == "kept\nstarted\n"
     assert (logs / "big.log.1").read_text() == "x" * 101
     assert (logs / "big.log").read_text() == "started\n"
-
-
-def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
-    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
-    start(cfg.run_dir, sleeper("ours"))
-    pidfile = tmp_path / "pids" / "ours.pid"
-    _, started, _ = pidfile.read_text().split()  # pid, start time, fingerprint
-    stop(cfg.run_dir, "ours", grace=5)
-    # Ours is gone and someone else's process now holds "its" pid: the pid
-    # file names the right number with the start time of the old process.
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    try:
-        pidfile.write_text(f"{stranger.pid} {started}")
-        assert running(cfg.run_dir) == {}
-        pidfile.write_text(f"{stranger.pid} {started}")
-        assert stop(cfg.run_dir, "ours", grace=1) is False
-        assert stranger.poll() is None, "stop() signalled a process it did not start"
-    finally:
-        stranger.kill()
-        stranger.wait()
 
 
 def test_readme_quick_start_is_setup_then_two_tasks_as_ci_runs_them() -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from devstack import cli, mesh, stack
 from devstack.config import ROOT, TEST_PORTS, StackConfig
-from devstack.procs import Hopeless, Proc, alive, running, start, stop
+from devstack.pidfile import alive
+from devstack.procs import Hopeless, Proc, running, start, stop
 
 from .conftest import sleeper, unused_port
 

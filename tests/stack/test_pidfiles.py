@@ -1,0 +1,76 @@
+"""Pid files name the stack's processes, and only those, for as long as they live."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devstack.config import TEST_PORTS, StackConfig
+from devstack.procs import Proc, running, start, stop, wait_until
+
+from .conftest import group, sleeper
+
+# A pid no process can have: past the kernel's largest pid_max (2**22).
+GONE = 2**22 + 1
+
+
+def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    # A parent that leaves a child behind, as a shell script might.
+    sleeper = "import time; time.sleep(60)"
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"
+    pid = start(cfg.run_dir, Proc("orphan-maker", [sys.executable, "-c", script], env={}))
+    assert running(cfg.run_dir) == {"orphan-maker": pid}
+    wait_until(lambda: len(group(pid)) == 2, timeout=10, what="the child to start")
+    stop(cfg.run_dir, "orphan-maker", grace=5)
+    assert running(cfg.run_dir) == {}
+    assert group(pid) == []
+
+
+def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> None:
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    start(cfg.run_dir, sleeper("ours"))
+    pidfile = tmp_path / "pids" / "ours.pid"
+    started = pidfile.read_text().split()[1]  # pid, start time, fingerprint
+    stop(cfg.run_dir, "ours", grace=5)
+    # Ours is gone and someone else's process now holds "its" pid: the pid
+    # file names the right number with the start time of the old process.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pidfile.write_text(f"{stranger.pid} {started}")
+        assert running(cfg.run_dir) == {}
+        pidfile.write_text(f"{stranger.pid} {started}")
+        assert stop(cfg.run_dir, "ours", grace=1) is False
+        assert stranger.poll() is None, "stop() signalled a process it did not start"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_pid_file_written_anew_while_running_reads_the_old_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `up` scales the services in parallel threads: one thread's running() took
+    # todo-0's file for a dead process's (a crash's, from before) just as another
+    # thread started todo-0 and wrote it anew, and deleted the new one.
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "todo-0.pid").write_text(f"{GONE} - old")
+    real_kill = os.kill
+    fresh: list[int] = []
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == GONE and not fresh:  # running() is asking whether the old one lives
+            fresh.append(start(tmp_path, sleeper("todo-0")))
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    try:
+        assert running(tmp_path) == {}  # read before the new one was written
+        assert running(tmp_path) == {"todo-0": fresh[0]}
+    finally:
+        monkeypatch.undo()
+        stop(tmp_path, "todo-0")
