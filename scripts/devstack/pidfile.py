@@ -1,8 +1,14 @@
 """Pid files: which of this machine's processes is which part of the stack.
 
-A file names its process by pid and start time (a pid reused by another
-process is not ours), with the fingerprint of what it runs (see
-``Proc.fingerprint``).
+A file names its process group by the leader's pid and start time, and a
+mark that every member carries in its environment; with them, the
+fingerprint of what the process runs (see ``Proc.fingerprint``).
+
+The stack's processes run in sessions of their own, so the leader's pid is
+also the group's id. The group can outlive its leader (RabbitMQ's wrapper
+script dead, beam.smp running), and is still ours: its id cannot be handed
+to another process while it has a member. Once all are gone, it can; so
+the members must carry our mark too.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# In /proc/<pid>/stat after the command name: the state, and 19 fields
-# later the start time in clock ticks after boot.
-_STATE, _START_TIME = 0, 19
+MARK = "DEVSTACK_PROCESS"
+
+# In /proc/<pid>/stat after the command name: the state, the group two
+# fields later, and 19 fields after the state the start time in clock
+# ticks after boot.
+_STATE, _GROUP, _START_TIME = 0, 2, 19
 
 
 @dataclass(frozen=True)
@@ -24,9 +33,10 @@ class Entry:
     pid: int
     started: str = "-"  # "-": unknown, and not checked
     fingerprint: str = ""
+    mark: str = ""  # "": a file from before marks, whose group is found by its leader alone
 
     def __str__(self) -> str:
-        return f"{self.pid} {self.started} {self.fingerprint}"
+        return f"{self.pid} {self.started} {self.fingerprint} {self.mark}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ def read(file: Path) -> Found | None:
     except OSError:
         return None
     try:
-        entry: Entry | None = Entry(int(fields[0]), *fields[1:3]) if fields else None
+        entry: Entry | None = Entry(int(fields[0]), *fields[1:4]) if fields else None
     except ValueError:
         entry = None
     return Found(file, entry, (stat.st_ino, stat.st_mtime_ns))
@@ -90,8 +100,14 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def live(entry: Entry) -> bool:
-    """Whether the process ``entry`` names still runs: not if its pid is another process's now."""
-    return alive(entry.pid) and (entry.started == "-" or started_at(entry.pid) == entry.started)
+    """Whether the group ``entry`` names still has a member running.
+
+    A leader whose pid another process has now (its start time differs) is
+    gone, and so is its group: its id was free to hand out.
+    """
+    if alive(entry.pid):
+        return entry.started == "-" or started_at(entry.pid) == entry.started
+    return bool(entry.mark) and any(_marked(member, entry.mark) for member in _members(entry.pid))
 
 
 def alive(pid: int) -> bool:
@@ -106,10 +122,26 @@ def alive(pid: int) -> bool:
     return stat is not None and stat[_STATE] != "Z"
 
 
-def _stat(pid: int) -> list[str] | None:
+def _stat(pid: int | str) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name is in parentheses and may itself hold spaces or ")".
     return text.rsplit(")", 1)[1].split()
+
+
+def _members(group: int) -> Iterator[int]:
+    """The live processes of a process group."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        stat = _stat(proc.name)
+        if stat is not None and stat[_GROUP] == str(group) and stat[_STATE] != "Z":
+            yield int(proc.name)
+
+
+def _marked(pid: int, mark: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or another user's: not known to be ours
+        return False
+    return f"{MARK}={mark}".encode() in environ.split(b"\0")

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import secrets
 import signal
 import subprocess
 import sys
@@ -126,8 +127,9 @@ def start(run_dir: Path, proc: Proc) -> int:
     # Hashed before the start: a signal between the child's start and its pid
     # file (an orphan, which nothing would stop) has no more time than it must.
     fingerprint = proc.fingerprint()
+    mark = secrets.token_hex(8)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
-    env = {**inherited_env(), **proc.env}
+    env = {**inherited_env(), **proc.env, pidfile.MARK: mark}
     run_as: _RunAs = {}
     if proc.user is not None and os.geteuid() == 0:
         entry = pwd.getpwnam(proc.user)
@@ -148,7 +150,9 @@ def start(run_dir: Path, proc: Proc) -> int:
     _started[child.pid] = child
     # The start time makes the pid file name this process, not whichever
     # process gets its pid after it is gone.
-    pidfile.write(pid_dir(run_dir), proc.name, pidfile.Entry(child.pid, pidfile.started_at(child.pid), fingerprint))
+    pidfile.write(
+        pid_dir(run_dir), proc.name, pidfile.Entry(child.pid, pidfile.started_at(child.pid), fingerprint, mark)
+    )
     return child.pid
 
 
@@ -170,7 +174,7 @@ def started_as(run_dir: Path, name: str) -> str | None:
 
 
 def running(run_dir: Path) -> dict[str, int]:
-    """Each running process of the stack, by name, with its pid."""
+    """Each running process of the stack by name, with its pid (its group's, once the leader has exited)."""
     names = {}
     for file in sorted(pid_dir(run_dir).glob("*.pid")):
         found = _find(run_dir, file.stem)

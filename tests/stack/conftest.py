@@ -9,10 +9,12 @@ import sys
 from devstack.pidfile import alive
 from devstack.procs import Proc
 
+SLEEP = "import time; time.sleep(60)"
+
 
 def sleeper(name: str) -> Proc:
     """A stand-in for one of the stack's processes: does nothing for a minute."""
-    return Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+    return Proc(name, [sys.executable, "-c", SLEEP], env={})
 
 
 def group(pgid: int) -> list[str]:

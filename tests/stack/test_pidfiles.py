@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from devstack.config import TEST_PORTS, StackConfig
+from devstack.pidfile import alive
 from devstack.procs import Proc, running, start, stop, wait_until
 
-from .conftest import group, sleeper
+from .conftest import SLEEP, group, sleeper
 
 # A pid no process can have: past the kernel's largest pid_max (2**22).
 GONE = 2**22 + 1
@@ -35,7 +38,7 @@ def test_a_pid_reused_by_another_process_is_never_signalled(tmp_path: Path) -> N
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
     start(cfg.run_dir, sleeper("ours"))
     pidfile = tmp_path / "pids" / "ours.pid"
-    started = pidfile.read_text().split()[1]  # pid, start time, fingerprint
+    started = pidfile.read_text().split()[1]  # pid, start time, fingerprint, mark
     stop(cfg.run_dir, "ours", grace=5)
     # Ours is gone and someone else's process now holds "its" pid: the pid
     # file names the right number with the start time of the old process.
@@ -74,3 +77,44 @@ def test_a_pid_file_written_anew_while_running_reads_the_old_one_is_kept(
     finally:
         monkeypatch.undo()
         stop(tmp_path, "todo-0")
+
+
+def _leader_gone_child_left(run_dir: Path) -> int:
+    """A process group whose leader has exited, leaving its child, as RabbitMQ's
+    wrapper script can leave beam.smp: the leader's pid (the group's id)."""
+    script = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SLEEP!r}])"
+    leader = start(run_dir, Proc("rabbitmq", [sys.executable, "-c", script], env={}))
+    wait_until(lambda: not alive(leader) and len(group(leader)) == 1, timeout=10, what="the leader to exit")
+    return leader
+
+
+def test_a_group_whose_leader_exited_is_still_running_and_is_stopped(tmp_path: Path) -> None:
+    # Its pid file was deleted, and `down` never stopped the group.
+    leader = _leader_gone_child_left(tmp_path)
+    try:
+        assert running(tmp_path) == {"rabbitmq": leader}
+        assert stop(tmp_path, "rabbitmq", grace=5) is True
+        assert group(leader) == []
+        assert running(tmp_path) == {}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader, signal.SIGKILL)
+
+
+def test_a_group_whose_leader_exited_is_ours_only_if_its_members_carry_our_mark(tmp_path: Path) -> None:
+    # The group's id cannot be another's while a member lives; the mark in
+    # the members' environment stands for when all of them have gone and the
+    # number was handed out again, to a group that is not ours.
+    leader = _leader_gone_child_left(tmp_path)
+    pidfile = tmp_path / "pids" / "rabbitmq.pid"
+    fields = pidfile.read_text().split()
+    try:
+        for recorded in (fields[:3], [*fields[:3], "another-start"]):  # a file from before marks; another's mark
+            pidfile.write_text(" ".join(recorded))
+            assert running(tmp_path) == {}
+            pidfile.write_text(" ".join(recorded))
+            assert stop(tmp_path, "rabbitmq", grace=1) is False
+            assert len(group(leader)) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader, signal.SIGKILL)
