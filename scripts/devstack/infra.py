@@ -11,11 +11,13 @@ import glob
 import os
 import pwd
 import shutil
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 from .config import ROOT, StackConfig
-from .procs import Proc, StackError, run_checked
+from .procs import Proc, StackError, run_checked, say
 
 
 def binary(name: str, *candidates: str) -> str:
@@ -28,18 +30,28 @@ def binary(name: str, *candidates: str) -> str:
 def owned_dir(path: Path, user: str) -> Path:
     """A directory that ``user`` owns, reachable through every parent.
 
-    A fresh clone under a private temporary directory (mode 700) would be
-    closed to the postgres and rabbitmq users, so parents get o+x: traverse
-    only, never list.
+    A clone in a private directory (/root, or a temporary one: mode 700)
+    would be closed to the postgres, redis and rabbitmq users, so parents get
+    o+x: traverse only, never list. Those directories are not the stack's,
+    so the change is said, with the way to do without it: once, since the
+    bit is there after it.
     """
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         entry = pwd.getpwnam(user)
         os.chown(path, entry.pw_uid, entry.pw_gid)
+        opened = []
         for parent in path.parents:
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(parent, mode | 0o001)
+            mode = stat.S_IMODE(parent.stat().st_mode)
+            if not mode & stat.S_IXOTH:
+                os.chmod(parent, mode | stat.S_IXOTH)
+                opened.append(str(parent))
+        if opened:
+            say(
+                f"made {', '.join(reversed(opened))} traversable (o+x) for the {user} user;"
+                " MESH_RUN_DIR=<a directory others can traverse> would have left it as it was",
+                file=sys.stderr,
+            )
     return path
 
 

@@ -170,6 +170,20 @@ def test_a_data_directory_made_by_a_postgresql_too_old_is_refused(
         infra._pg_bin("postgres", tmp_path)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the infrastructure as users of its own")
+def test_a_parent_opened_for_the_stacks_users_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A clone under /root (700): the rabbitmq user could not reach its data dir, so
+    # /root gets o+x. Needed, and kept, but not silently: it is not the stack's directory.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    infra.owned_dir(private / "run" / "rabbitmq", "nobody")
+    said = capsys.readouterr().err
+    assert re.search(rf"made .*{private} traversable \(o\+x\) for the nobody user; MESH_RUN_DIR=", said), said
+    assert private.stat().st_mode & 0o777 == 0o701
+    infra.owned_dir(private / "run" / "redis", "nobody")
+    assert capsys.readouterr().err == ""
+
+
 def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from devstack import cli, stack
 
