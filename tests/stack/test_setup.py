@@ -1,0 +1,25 @@
+"""scripts/setup's own promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from devstack.config import ROOT
+
+
+def test_setup_refuses_a_python_older_than_3_11_before_it_does_anything(tmp_path: Path) -> None:
+    # Every package asks for 3.11: an older one failed later, deep in pip's output.
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\necho 3.10\n")  # all that setup asks of it before it refuses
+    old.chmod(0o755)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "setup")],
+        env={**os.environ, "PYTHON": str(old)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1
+    assert f"setup: {old} is Python 3.10, and todo-mesh needs 3.11 or later" in result.stderr
