@@ -6,7 +6,8 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .config import port_variable
@@ -47,14 +48,7 @@ def _held_by(port: int) -> str:
     The likeliest holder is a stack left behind by a run that was killed,
     perhaps from another checkout, whose pid files this one cannot see.
     """
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            for line in list(lines)[1:]:
-                fields = line.split()
-                # local address "0100007F:3C28", state 0A (LISTEN), inode
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    listening.add(f"socket:[{fields[9]}]")
+    listening = {inode for inode, (_, bound) in _listening().items() if bound == port}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         with contextlib.suppress(OSError):
             if any(os.readlink(fd) in listening for fd in fd_dir.iterdir()):
@@ -62,3 +56,33 @@ def _held_by(port: int) -> str:
                 command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 return f", held by pid {pid}: {command.strip()[:120]}"
     return ""
+
+
+def listeners(pids: Iterable[int]) -> set[tuple[str, int]]:
+    """The addresses and ports that these processes listen on (TCP), as far as /proc can say."""
+    listening = _listening()
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if (bound := listening.get(os.readlink(fd))) is not None:
+                        found.add(bound)
+    return found
+
+
+def _listening() -> dict[str, tuple[str, int]]:
+    """Every listening TCP socket, by the name of its fd's link ("socket:[inode]"), with its address and port."""
+    found = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                # local address "0100007F:3C28" (in the host's byte order, by 32-bit words), state 0A (LISTEN), inode
+                if fields[3] == "0A":
+                    address, port = fields[1].rsplit(":", 1)
+                    packed = bytes.fromhex(address)
+                    if sys.byteorder == "little":
+                        packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+                    found[f"socket:[{fields[9]}]"] = (socket.inet_ntop(family, packed), int(port, 16))
+    return found

@@ -12,7 +12,7 @@ from typing import Any
 from . import infra, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .loopback import get_json as get_json  # stack.get_json to the tests and benchmarks too
-from .ports import port_free, require_free
+from .ports import listeners, port_free, require_free
 from .procs import (
     Hopeless,
     Proc,
@@ -148,11 +148,17 @@ def scale(
             # An instance that exits will never pass: say so now, not after the timeout.
             if cancelled is not None and cancelled.is_set():
                 raise Hopeless(f"{svc}: cancelled")
-            alive = set(running(cfg.run_dir))
+            alive = running(cfg.run_dir)
             for n in range(count):
                 if f"{svc}-{n}" not in alive:
                     raise Hopeless(f"{svc}-{n} exited; see {log_path(cfg.run_dir, f'{svc}-{n}')}")
-            return len(passing(cfg, consul_name)) == count
+            # Each passing entry must be one of these instances, listening where
+            # it registered: a killed one's entry passes until its next check fails.
+            ours = listeners(alive[f"{svc}-{n}"] for n in range(count))
+            entries = passing(cfg, consul_name)
+            return len(entries) == count and all(
+                (e["Service"]["Address"], e["Service"]["Port"]) in ours for e in entries
+            )
 
         wait_until(
             healthy,
