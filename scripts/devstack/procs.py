@@ -224,8 +224,13 @@ def _reap(pid: int) -> bool:
         return False
 
 
-def wait_until(check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> object:
-    """Poll ``check`` until it returns something truthy, for at most ``timeout`` s."""
+def wait_until(
+    check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1, log: Path | None = None
+) -> object:
+    """Poll ``check`` until it returns something truthy, for at most ``timeout`` s.
+
+    ``log``: where the reason is likelier to be than in the last error, named in the timeout's message.
+    """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -240,7 +245,8 @@ def wait_until(check: Callable[[], object], *, timeout: float, what: str, interv
                 return result
         time.sleep(interval)
     reason = f" (last error: {last_error})" if last_error else ""
-    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{reason}")
+    see = f"; see {log}" if log is not None else ""
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{reason}{see}")
 
 
 def run_checked(

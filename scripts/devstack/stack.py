@@ -80,22 +80,25 @@ def up_infra(cfg: StackConfig) -> None:
     for name in missing:
         start(cfg.run_dir, parts[name](cfg))
 
-    def ready(name: str, check: Callable[[], object], what: str, interval: float = 0.1) -> None:
-        def still_running() -> object:
-            # One that died at start (a bad config, a full disk) says so at
-            # once, with its log, instead of after the whole timeout.
-            if name not in running(cfg.run_dir):
-                raise Hopeless(f"{name} exited; see {log_path(cfg.run_dir, name)}")
-            return check()
-
-        wait_until(still_running, timeout=READY_TIMEOUT, what=what, interval=interval)
-
-    ready("consul", lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), "Consul")
-    ready("postgres", lambda: infra.postgres_ready(cfg), "PostgreSQL")
+    ready(cfg, "consul", lambda: get_json(f"{cfg.consul_url}/v1/status/leader"), "Consul")
+    ready(cfg, "postgres", lambda: infra.postgres_ready(cfg), "PostgreSQL")
     infra.create_databases(cfg)
-    ready("redis", lambda: not port_free("127.0.0.1", p.redis), "Redis")
-    ready("mailsink", lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, "the SMTP sink")
-    ready("rabbitmq", lambda: rabbitmq.ready(cfg), "RabbitMQ", interval=1.0)
+    ready(cfg, "redis", lambda: not port_free("127.0.0.1", p.redis), "Redis")
+    ready(cfg, "mailsink", lambda: get_json(f"{cfg.mail_api_url}/api/v1/messages") is not None, "the SMTP sink")
+    ready(cfg, "rabbitmq", lambda: rabbitmq.ready(cfg), "RabbitMQ", interval=1.0)
+
+
+def ready(cfg: StackConfig, name: str, check: Callable[[], object], what: str, interval: float = 0.1) -> None:
+    """Wait until ``check`` passes, or its process ``name`` exits, or the timeout; either way, name its log."""
+
+    def still_running() -> object:
+        # One that died at start (a bad config, a full disk) says so at
+        # once, with its log, instead of after the whole timeout.
+        if name not in running(cfg.run_dir):
+            raise Hopeless(f"{name} exited; see {log_path(cfg.run_dir, name)}")
+        return check()
+
+    wait_until(still_running, timeout=READY_TIMEOUT, what=what, interval=interval, log=log_path(cfg.run_dir, name))
 
 
 # -- services ----------------------------------------------------------------------
@@ -164,6 +167,7 @@ def scale(
             healthy,
             timeout=READY_TIMEOUT,
             what=f"{count} passing {consul_name} instance(s) in Consul",
+            log=log_path(cfg.run_dir, f"{svc}-*"),
         )
 
 
@@ -188,11 +192,7 @@ def up(cfg: StackConfig) -> None:
             raise
     if "envoy" not in running(cfg.run_dir):
         start(cfg.run_dir, mesh.envoy(cfg))
-    wait_until(
-        lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None,
-        timeout=READY_TIMEOUT,
-        what="the API through Envoy",
-    )
+    ready(cfg, "envoy", lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None, "the API through Envoy")
 
 
 def down(cfg: StackConfig) -> list[str]:
