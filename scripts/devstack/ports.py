@@ -48,14 +48,19 @@ def _held_by(port: int) -> str:
     The likeliest holder is a stack left behind by a run that was killed,
     perhaps from another checkout, whose pid files this one cannot see.
     """
+    held = holder(port)
+    return f", held by pid {held[0]}: {held[1][:120]}" if held is not None else ""
+
+
+def holder(port: int) -> tuple[int, str] | None:
+    """The pid and command line of a process that listens on ``port``, if /proc can say."""
     listening = {inode for inode, (_, bound) in _listening().items() if bound == port}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         with contextlib.suppress(OSError):
             if any(os.readlink(fd) in listening for fd in fd_dir.iterdir()):
-                pid = fd_dir.parent.name
                 command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                return f", held by pid {pid}: {command.strip()[:120]}"
-    return ""
+                return int(fd_dir.parent.name), command.strip()
+    return None
 
 
 def listeners(pids: Iterable[int]) -> set[tuple[str, int]]:

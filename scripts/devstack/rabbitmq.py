@@ -14,11 +14,13 @@ import os
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
-from .config import ROOT, StackConfig
+from .config import ROOT, StackConfig, port_variable
 from .infra import owned_dir
 from .loopback import DIRECT
-from .procs import Proc, run_checked
+from .ports import holder, port_free
+from .procs import Proc, StackError, run_checked
 
 
 def _env(cfg: StackConfig) -> dict[str, str]:
@@ -93,6 +95,25 @@ def vhost(cfg: StackConfig, name: str) -> str:
         with DIRECT.open(request, timeout=10):
             pass
     return cfg.amqp_url + name
+
+
+def require_epmd_port(cfg: StackConfig) -> None:
+    """Refuse to start RabbitMQ where the profile's epmd port is held by anything but an epmd.
+
+    An epmd there is fine (one left by a stack before, or another node's):
+    RabbitMQ registers with it. Anything else, and the node fails to start
+    with an Erlang error in its log.
+    """
+    port = cfg.ports.epmd
+    if port_free("127.0.0.1", port):
+        return
+    held = holder(port)
+    if held is None or Path(held[1].split(" ", 1)[0]).name == "epmd":  # None: /proc cannot say
+        return
+    raise StackError(
+        f"port {port} (epmd, for RabbitMQ) is already in use, held by pid {held[0]}: {held[1][:120]}."
+        f" Stop what holds it, or move ours: {port_variable('epmd')}=<port>"
+    )
 
 
 def stop_epmd(cfg: StackConfig) -> None:

@@ -61,7 +61,13 @@ def up_infra(cfg: StackConfig) -> None:
     have = running(cfg.run_dir)
     p = cfg.ports
     wanted = {
-        "consul": {"consul http": p.consul_http, "consul dns": p.consul_dns, "consul serf lan": p.consul_serf_lan},
+        "consul": {
+            "consul http": p.consul_http,
+            "consul dns": p.consul_dns,
+            "consul serf lan": p.consul_serf_lan,
+            "consul serf wan": p.consul_serf_wan,
+            "consul server": p.consul_server,
+        },
         "postgres": {"postgres": p.postgres},
         "redis": {"redis": p.redis},
         # The distribution port too: Debian's own rabbitmq-server holds 25672.
@@ -70,6 +76,8 @@ def up_infra(cfg: StackConfig) -> None:
     }
     missing = [name for name in INFRA if name not in have]
     require_free({label: port for name in missing for label, port in wanted[name].items()})
+    if "rabbitmq" in missing:
+        rabbitmq.require_epmd_port(cfg)
     parts = {
         "consul": infra.consul,
         "postgres": infra.postgres,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,35 +12,11 @@ from pathlib import Path
 import pytest
 
 from devstack import infra, mesh, procs, stack
-from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig
+from devstack.config import ROOT, TEST_PORTS, StackConfig
 from devstack.pidfile import alive
-from devstack.ports import require_free
 from devstack.procs import Proc, StackError, running, start, stop, wait_until
 
 from .conftest import sleeper, unused_port
-
-
-def test_a_taken_port_is_a_clear_error() -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        # Which process holds it, so that a stack a killed run left behind can be found and stopped.
-        held_by = rf"held by pid {os.getpid()}: \S*python"
-        with pytest.raises(StackError, match=rf"ports already in use: redis \({port}, {held_by}.*\).*MESH_PORT_"):
-            require_free({"redis": port})
-
-
-def test_ports_come_from_the_environment() -> None:
-    ports = Ports().overridden({"MESH_PORT_ENVOY": "9080"})
-    assert ports.envoy == 9080 and ports.consul_http == 8500
-
-
-def test_dev_and_test_ports_never_collide() -> None:
-    dev = set(vars(Ports()).values())
-    test = set(vars(TEST_PORTS).values())
-    assert not dev & test
-    assert len(test) == len(vars(TEST_PORTS))
 
 
 def test_a_log_past_its_limit_moves_aside_when_its_process_starts(
