@@ -56,15 +56,34 @@ def owned_dir(path: Path, user: str) -> Path:
 
 
 # -- Consul --------------------------------------------------------------------
-def consul(cfg: StackConfig) -> Proc:
-    built = subprocess.run([str(ROOT / "scripts" / "ensure-consul")], capture_output=True, text=True, check=False)
+ENSURE_CONSUL = ROOT / "scripts" / "ensure-consul"
+# How long ensure-consul takes when the binary is there already, with room:
+# past it, a build has begun, which takes minutes and must not look like a hang.
+QUICK_CONSUL = 3.0
+
+
+def _consul_binary() -> str:
+    with subprocess.Popen([str(ENSURE_CONSUL)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as built:
+        try:
+            try:
+                out, err = built.communicate(timeout=QUICK_CONSUL)
+            except subprocess.TimeoutExpired:
+                say("building Consul (once, into a cache outside the repo): this takes several minutes ...")
+                out, err = built.communicate()
+        except BaseException:  # Ctrl-C: not waited for, as leaving the with-block would
+            built.kill()
+            raise
     if built.returncode != 0:
-        raise StackError(f"no Consul binary: {built.stderr.strip()}")
+        raise StackError(f"no Consul binary: {err.strip()}")
+    return out.strip()
+
+
+def consul(cfg: StackConfig) -> Proc:
     p = cfg.ports
     return Proc(
         "consul",
         [
-            built.stdout.strip(),
+            _consul_binary(),
             "agent",
             "-dev",
             "-ui",

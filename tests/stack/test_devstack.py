@@ -135,6 +135,21 @@ def test_an_initdb_cut_short_is_made_again_by_the_next_start(tmp_path: Path, mon
     assert sorted(p.name for p in data.parent.iterdir()) == ["data"]
 
 
+def test_a_consul_build_says_first_that_it_takes_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A first `task up` sat silent for the several minutes of compiling Consul.
+    cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
+    ensure = tmp_path / "ensure-consul"
+    monkeypatch.setattr(infra, "ENSURE_CONSUL", ensure)
+    monkeypatch.setattr(infra, "QUICK_CONSUL", 0.2)
+    for took, building in (("0", False), ("1", True)):  # the binary cached; a build
+        ensure.write_text(f"#!/bin/sh\nsleep {took}\necho /cache/consul\n")
+        ensure.chmod(0o755)
+        assert infra.consul(cfg).argv[0] == "/cache/consul"
+        assert ("building Consul" in capsys.readouterr().out) is building
+
+
 def test_a_data_directory_made_by_a_postgresql_too_old_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
