@@ -79,8 +79,9 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
         say("\nCtrl-C stops everything (or `task down` from another terminal).")
         stopping = wait_for_stop(cfg)
     finally:
-        # Down even if a line failed or a signal came before the wait began (an
-        # Interrupted): `task down` alone, which ends the wait with False, has stopped it.
+        # Whatever ended the wait: a signal just before it began (an Interrupted)
+        # or an error in it. Only `task down`, which ends it with False, has
+        # stopped the stack already.
         if stopping:
             _ignore_signals()
             say("\nstopping ...")
