@@ -163,10 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("service")
     sc.add_argument("count", type=int)
     args = parser.parse_args(argv)
-    cfg = StackConfig.from_env(profile=args.profile)
     commands = {"up": cmd_up, "down": cmd_down, "ps": cmd_ps, "scale": cmd_scale}
     try:
-        commands[args.command](cfg, args)
+        commands[args.command](StackConfig.from_env(profile=args.profile), args)
     except StackError as exc:
         say(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from devstack.config import StackConfig
 from devstack.procs import StackError
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.mark.parametrize("raw", ["eighty", "80 80", "-1", "65536"])
@@ -26,3 +33,19 @@ def test_ports_and_counts_that_are_numbers_are_taken() -> None:
     assert (cfg.ports.redis, cfg.ports.envoy, cfg.instances["todo"]) == (16380, 0, 3)
     # An empty variable is unset (task up's TODO= when not given).
     assert StackConfig.from_env({"MESH_TODO_INSTANCES": ""}).instances["todo"] == 1
+
+
+def test_the_command_line_reports_a_bad_setting_in_one_line() -> None:
+    # A traceback ending in the message would bury it; the CLI's own error
+    # path says what to fix and exits 1.
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "MESH_PORT_REDIS": "six"}
+    done = subprocess.run(
+        [sys.executable, "-m", "devstack", "--profile", "test", "ps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: MESH_PORT_REDIS must be a whole number from 0 to 65535, got 'six'"
