@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("count", type=int)
     args = parser.parse_args(argv)
     commands = {"up": cmd_up, "down": cmd_down, "ps": cmd_ps, "scale": cmd_scale}
+    # Put back on the way out: up ignores the stop signals while it tears down,
+    # and a caller running main() in its own process (the tests) would be left
+    # deaf to Ctrl-C and SIGTERM.
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         commands[args.command](StackConfig.from_env(profile=args.profile), args)
     except StackError as exc:
@@ -172,4 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         say(f"stopped by {exc}", file=sys.stderr)
         return 128 + exc.signum
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, which cannot be put back
+                signal.signal(sig, handler)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -142,9 +143,10 @@ def test_a_consul_build_says_first_that_it_takes_minutes(
     cfg = StackConfig(name="unit", run_dir=tmp_path, ports=TEST_PORTS)
     ensure = tmp_path / "ensure-consul"
     monkeypatch.setattr(infra, "ENSURE_CONSUL", ensure)
-    monkeypatch.setattr(infra, "QUICK_CONSUL", 0.2)
-    for took, building in (("0", False), ("1", True)):  # the binary cached; a build
-        ensure.write_text(f"#!/bin/sh\nsleep {took}\necho /cache/consul\n")
+    # Far apart, so that a busy machine's slow fork cannot pass for a build.
+    monkeypatch.setattr(infra, "QUICK_CONSUL", 1.0)
+    for work, building in (("", False), ("sleep 3\n", True)):  # the binary cached; a build
+        ensure.write_text(f"#!/bin/sh\n{work}echo /cache/consul\n")
         ensure.chmod(0o755)
         assert infra.consul(cfg).argv[0] == "/cache/consul"
         assert ("building Consul" in capsys.readouterr().out) is building
@@ -186,9 +188,12 @@ def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch
         raise StackError("todo-1 did not pass its check")  # as a `task up TODO=2` may
 
     monkeypatch.setattr(stack, "up", failing_up)
+    handlers = {sig: signal.getsignal(sig) for sig in cli.STOP_SIGNALS}
     try:
         assert cli.main(["up"]) == 1
         assert set(running(run_dir)) == {"postgres"}
+        # The teardown ignored them; this process (pytest) must hear Ctrl-C again.
+        assert {sig: signal.getsignal(sig) for sig in cli.STOP_SIGNALS} == handlers
     finally:
         for name in running(run_dir):
             stop(run_dir, name)
