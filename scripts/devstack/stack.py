@@ -188,8 +188,11 @@ def up(cfg: StackConfig) -> None:
     # at once, rather than for up to READY_TIMEOUT before the teardown can begin.
     cancelled = threading.Event()
     with futures.ThreadPoolExecutor() as pool:
-        scaling = [pool.submit(scale, cfg, s, cfg.instances[s], cancelled=cancelled) for s in (*SERVICES, "gateway")]
+        scaling: list[futures.Future[None]] = []
         try:
+            # Inside the try: a signal between two submits cancels the first too.
+            for svc in (*SERVICES, "gateway"):
+                scaling.append(pool.submit(scale, cfg, svc, cfg.instances[svc], cancelled=cancelled))
             done, _ = futures.wait(scaling, return_when=futures.FIRST_EXCEPTION)
             for one in done:
                 one.result()  # raises the failure, if one ended the wait
