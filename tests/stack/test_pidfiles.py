@@ -118,3 +118,28 @@ def test_a_group_whose_leader_exited_is_ours_only_if_its_members_carry_our_mark(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leader, signal.SIGKILL)
+
+
+def test_a_member_whose_environment_cannot_be_read_keeps_its_group_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # beam.smp runs as the rabbitmq user, and root without CAP_SYS_PTRACE (a
+    # container's) may not read its environment: its group was taken for gone,
+    # its pid file deleted, and beam.smp left running with nothing to stop it.
+    leader = _leader_gone_child_left(tmp_path)
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "environ":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    try:
+        assert running(tmp_path) == {"rabbitmq": leader}
+        assert stop(tmp_path, "rabbitmq", grace=5) is True
+        assert group(leader) == []
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader, signal.SIGKILL)
