@@ -56,7 +56,9 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     try:
-        await runner.setup()
+        if not await _start_unless_stopped(runner, stop):
+            log.info("stopped_while_starting")
+            return
         # Everything alive now (modules, the app, its pools and clients) lives as
         # long as the process. Frozen, it is left out of every later collection:
         # a full one scanned these ~60k objects in about 40 ms, a pause that
@@ -86,6 +88,32 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
         # registration) is closed in order, before the process exits.
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _start_unless_stopped(runner: web.AppRunner, stop: asyncio.Event) -> bool:
+    """Start the app (True), or give up at a stop signal that comes first (False).
+
+    A start can take long: the registration waits up to 30 s for an agent
+    that is away. Held until it ended, a SIGTERM would outlast the stop grace
+    period (compose's 20 s), and the SIGKILL after it would skip the cleanup:
+    an entry possibly made in Consul would be left to its reaper. Cancelled,
+    each cleanup context closes what it had opened, and ``runner.cleanup()``
+    the ones that had finished.
+    """
+    starting = asyncio.ensure_future(runner.setup())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait({starting})
+        if starting.cancelled():
+            return False
+    # Started (then a stop already set ends the serving at once), or failed: raised here.
+    starting.result()
+    return True
 
 
 def run(app: web.Application, sock: socket.socket, *, drain_seconds: float = 0.5) -> None:

@@ -124,6 +124,41 @@ async def test_a_connection_during_the_start_up_is_refused_not_held() -> None:
         sock.close()
 
 
+async def test_a_sigterm_during_the_start_up_stops_it_and_unwinds_what_had_started() -> None:
+    # A start waits up to 30 s for a Consul agent that is away. Held until it
+    # ended, the SIGTERM outlasted compose's 20 s grace, and the SIGKILL that
+    # followed skipped every cleanup (a registration maybe made among them).
+    events: list[str] = []
+    waiting = asyncio.Event()
+
+    async def opened(app: web.Application) -> AsyncIterator[None]:
+        events.append("opened")
+        yield
+        events.append("closed")
+
+    async def waits_for_consul(app: web.Application) -> AsyncIterator[None]:
+        try:
+            waiting.set()
+            await asyncio.sleep(3600)  # an agent that never comes
+            yield
+        finally:
+            events.append("gave up")
+
+    app = web.Application()
+    app.cleanup_ctx.extend([opened, waits_for_consul])
+    sock = bind_socket("127.0.0.1", 0)
+    server = asyncio.create_task(serve(app, sock))
+    try:
+        await asyncio.wait_for(waiting.wait(), timeout=10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, timeout=10)
+        assert events == ["opened", "gave up", "closed"]
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        sock.close()
+
+
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
 
