@@ -96,7 +96,8 @@ def env_duration(env: Mapping[str, str], name: str, default: str, *, at_least: s
 # Consul raises a shorter DeregisterCriticalServiceAfter to this, silently:
 # an instance configured to be reaped after 10s would linger for a minute.
 CONSUL_MIN_DEREGISTER_AFTER = "1m"
-CONSUL_PORT = 8500
+# The agent's own ports, plain and TLS: a URL's defaults (80, 443) are never Consul's.
+CONSUL_PORTS = {"http": 8500, "https": 8501}
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
 
 
@@ -116,7 +117,7 @@ def env_consul_url(env: Mapping[str, str]) -> str:
     Also in the Consul CLI's form, ``127.0.0.1:8500``, which is plain http.
     Without a port it is Consul's, 8500, where a URL's would be 80 or 443.
     """
-    raw = env_str(env, "CONSUL_HTTP_ADDR", f"http://127.0.0.1:{CONSUL_PORT}").strip()
+    raw = env_str(env, "CONSUL_HTTP_ADDR", f"http://127.0.0.1:{CONSUL_PORTS['http']}").strip()
     try:
         url: URL | None = URL(raw if "://" in raw else f"http://{raw}")
     except ValueError:  # a port that is not a number, or out of range
@@ -135,7 +136,7 @@ def env_consul_url(env: Mapping[str, str]) -> str:
             f"CONSUL_HTTP_ADDR must be an http or https address such as http://127.0.0.1:8500 (or 127.0.0.1:8500),"
             f" got {raw!r}"
         )
-    return str(URL.build(scheme=url.scheme, host=url.host or "", port=url.explicit_port or CONSUL_PORT))
+    return str(URL.build(scheme=url.scheme, host=url.host or "", port=url.explicit_port or CONSUL_PORTS[url.scheme]))
 
 
 def _advertise_address(host: str) -> str:

@@ -58,10 +58,10 @@ def test_a_duration_consul_cannot_read_is_refused(name: str, raw: str) -> None:
     [
         ("http://consul:8500", "http://consul:8500"),
         ("https://consul.example.test:8501", "https://consul.example.test:8501"),
-        # Without a port, Consul's: a URL's own default would be 80 (or 443).
+        # Without a port, Consul's (8500, or 8501 over TLS): a URL's own default would be 80 (or 443).
         ("http://consul", "http://consul:8500"),
         ("http://consul/", "http://consul:8500"),
-        ("https://consul", "https://consul:8500"),
+        ("https://consul", "https://consul:8501"),
         # The Consul CLI's usual form, without a scheme, is plain http.
         ("127.0.0.1:8500", "http://127.0.0.1:8500"),
         ("consul", "http://consul:8500"),
@@ -70,7 +70,7 @@ def test_a_duration_consul_cannot_read_is_refused(name: str, raw: str) -> None:
         (" HTTP://Consul:8500 ", "http://consul:8500"),
     ],
 )
-def test_the_consul_address_is_read_as_the_cli_reads_it(raw: str, url: str) -> None:
+def test_the_consul_address_takes_the_clis_form_and_consuls_own_ports(raw: str, url: str) -> None:
     assert settings(CONSUL_HTTP_ADDR=raw).consul_url == url
 
 
