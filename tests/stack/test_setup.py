@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,13 @@ def test_setup_refuses_a_python_older_than_3_11_before_it_does_anything(tmp_path
     old = tmp_path / "python3.10"
     old.write_text("#!/bin/sh\necho 3.10\n")  # all that setup asks of it before it refuses
     old.chmod(0o755)
+    # A copy, alone in a scratch tree: if the check ever stopped refusing, the
+    # rest of setup would find nothing to install into, not the repo's .venv.
+    setup = tmp_path / "tree" / "scripts" / "setup"
+    setup.parent.mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "setup", setup)
     result = subprocess.run(
-        [str(ROOT / "scripts" / "setup")],
+        [str(setup)],
         env={**os.environ, "PYTHON": str(old)},
         capture_output=True,
         text=True,

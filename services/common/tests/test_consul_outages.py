@@ -131,7 +131,8 @@ async def test_a_hanging_agent_costs_a_stop_one_call_timeout_not_one_per_call(
     # serve() deregisters after SIGTERM, and the cleanup context again: two
     # full timeouts, with the drain and the workers' grace, would overrun
     # compose's stop_grace_period.
-    monkeypatch.setattr(mesh_consul, "CALL_TIMEOUT", 0.3)
+    # Long enough for the first call to reach the agent on a busy machine.
+    monkeypatch.setattr(mesh_consul, "CALL_TIMEOUT", 1.0)
     agent = FakeAgent(hang_deregister=True)
     client = consul_client(str((await aiohttp_server(agent.app)).make_url("/")))
     registration = Registration(client, loopback_service("hung", "unused", port=8129))
