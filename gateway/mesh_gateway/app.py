@@ -44,8 +44,9 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Give the watches a moment to learn the first healthy sets before we
     # register, so that a new gateway does not answer 503 for upstreams it
-    # simply has not heard of. Bounded: without Consul the registration
-    # fails next, and with it the start, which is the visible outcome.
+    # simply has not heard of. Bounded: without Consul, the registration
+    # next waits for it up to 30 s more (consul.REGISTER_WAIT), then fails
+    # the start, which is the visible outcome.
     await asyncio.gather(*(watch.wait_ready(5.0) for watch in app[WATCHES].values()))
     upstream = app[UPSTREAM]
     app[PROXY] = Proxy(
