@@ -409,10 +409,13 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
 
         answers = [_get(f"{public}/api/v1/todos") for _ in range(4)]
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.
+        # 10 kB: past the gateway's limit (8190 bytes a line), under Envoy's
+        # default (60 KiB), which let the gateway answer it with a bare 400.
         answers.append(_raw(process.public_port, b"NOT HTTP AT ALL\r\n\r\n"))
         answers.append(
-            _raw(process.public_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+            _raw(process.public_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
         )
+        answers.append(_raw(process.public_port, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
 
     expected = [
         (503, "GATEWAY_UNAVAILABLE"),
@@ -421,6 +424,7 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         (429, "RATE_LIMITED"),  # the bucket is empty
         (400, "MALFORMED_REQUEST"),
         (431, "EDGE_ERROR"),
+        (431, "EDGE_ERROR"),  # the URL counts as a header (:path)
     ]
     for (status, headers, body), (expected_status, code) in zip(answers, expected, strict=True):
         assert status == expected_status, body

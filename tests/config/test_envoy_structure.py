@@ -280,16 +280,24 @@ def test_http1_upstream_with_raised_circuit_breakers(cfg: dict[str, Any]) -> Non
 
 def test_outlier_detection(cfg: dict[str, Any]) -> None:
     outlier = gateway_cluster(cfg)["outlier_detection"]
-    for key in (
-        "consecutive_5xx",
-        "consecutive_gateway_failure",
-        "interval",
-        "base_ejection_time",
-    ):
+    for key in ("interval", "base_ejection_time", "max_ejection_time"):
         assert key in outlier, key
     assert outlier["max_ejection_percent"] == 50
-    # Envoy's default of 0 would make consecutive_gateway_failure inert.
-    assert outlier["enforcing_consecutive_gateway_failure"] > 0
+    # A gateway that cannot be reached (refused, reset, timed out) is ejected fast.
+    assert outlier["split_external_local_origin_errors"] is True
+    assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+
+
+def test_outlier_detection_does_not_eject_gateways_for_errors_they_all_return(cfg: dict[str, Any]) -> None:
+    # A service down behind them makes every gateway answer 503 in a row: ejected
+    # for that (Envoy's default enforcement of consecutive_5xx is 100), healthy
+    # gateways left the pool, up to half of them, for every route. Only a
+    # gateway failing more than the others is an outlier.
+    outlier = gateway_cluster(cfg)["outlier_detection"]
+    assert outlier["enforcing_consecutive_5xx"] == 0
+    assert outlier.get("enforcing_consecutive_gateway_failure", 0) == 0
+    assert outlier.get("enforcing_success_rate", 100) == 100
+    assert outlier["success_rate_minimum_hosts"] >= 2
 
 
 def test_no_active_health_check(cfg: dict[str, Any]) -> None:
