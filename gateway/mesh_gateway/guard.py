@@ -25,8 +25,10 @@ log = structlog.get_logger()
 RateLimiterDown = problem(503, "RATE_LIMITER_UNAVAILABLE", "Rate limiting is unavailable; writes are paused")
 # The request's standing against its limits, for the headers of its response.
 RATE_DECISION = web.RequestKey("gateway.rate_decision", Decision)
-# The gateway's own endpoints: probes must never be limited or authenticated.
-OWN_PATHS = frozenset({"/health", "/health/live", "/ready"})
+# The gateway's own endpoints, by route name: probes must never be limited or
+# authenticated. By the route the router matched, not by the decoded path:
+# "/health%2Flive" decodes to "/health/live" but is routed to the proxy.
+OWN_ROUTES = frozenset({"health", "health.live", "ready"})
 
 
 def client_ip(request: web.Request) -> str:
@@ -82,7 +84,7 @@ async def enforce_limits(request: web.Request, *, user: str | None) -> None:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OWN_PATHS:
+    if request.match_info.route.name in OWN_ROUTES:
         return await handler(request)
     user: str | None = None
     if (request.method, request.path) not in request.app[ROUTE_TABLE].public:

@@ -142,3 +142,16 @@ async def test_dot_segments_and_encoded_slashes_never_reach_other_paths(fake_ser
     # The upstream sees one path segment "a/b?x=1" (its own decoding), never a query.
     assert body["path"] == "/things/a/b?x=1"
     assert service.hits == 1
+
+
+async def test_only_the_gateways_own_probes_skip_the_token_and_the_limits(fake_service, gateway):
+    # The guard let a path through when it decoded to a probe's: "/health%2Flive"
+    # passed unauthenticated and uncounted, though the router sent it to the proxy.
+    client = await gateway(await fake_service(1))
+    for probe in ("/health", "/health/live"):
+        async with client.get(probe) as r:
+            assert r.status == 200, probe
+    for spelling in ("/health%2Flive", "/health%2flive"):
+        async with client.get(spelling) as r:
+            assert r.status == 401, spelling
+            assert (await r.json())["code"] == "UNAUTHORIZED"
