@@ -50,9 +50,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None, regi
     app.cleanup_ctx.extend(
         [
             database_ctx(settings.database_url, MIGRATIONS, maxsize=settings.db_pool_size),
-            # Only logins need Redis (their throttle), and they answer 503
-            # without it; profiles, refreshes and the key set go on.
-            redis_ctx(settings.redis_url, required=False),
+            redis_ctx(settings.redis_url),  # not required: only logins need it
             open_login_throttle,
             # It only publishes, through the outbox: logins and sign-ups
             # go on while the broker is away, and their events wait.

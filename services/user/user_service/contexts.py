@@ -46,14 +46,18 @@ async def open_passwords(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def redis_ctx(url: str, *, required: bool = True) -> CleanupCtx:
-    """One Redis client (with its pool); ``required`` says whether an outage fails readiness (see health.py)."""
+def redis_ctx(url: str) -> CleanupCtx:
+    """One Redis client (with its pool), whose outage does not fail readiness (see health.py).
+
+    Only logins need Redis (their throttle), and they answer 503 without it;
+    profiles, refreshes and the key set go on.
+    """
 
     @asynccontextmanager
     async def open_redis(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         app[REDIS] = client
-        add_health_check(app, "redis", client.ping, required=required)
+        add_health_check(app, "redis", client.ping, required=False)
         try:
             yield
         finally:
