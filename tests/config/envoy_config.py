@@ -1,0 +1,62 @@
+"""Reading the parts of a parsed Envoy config that the structure checks look at."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", str(duration))
+    assert match, f"unexpected duration {duration!r}"
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "ms" else value
+
+
+def hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = cfg["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == "envoy.filters.network.http_connection_manager"
+    return network_filter["typed_config"]
+
+
+def routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    (vhost,) = hcm(cfg)["route_config"]["virtual_hosts"]
+    return list(vhost["routes"])
+
+
+def gateway_routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes to the gateway: all but the first, the probes' 404."""
+    probes, *to_gateway = routes(cfg)
+    assert "direct_response" in probes
+    return to_gateway
+
+
+def catch_all_route(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The last route to the gateway, for every request the others do not match."""
+    return gateway_routes(cfg)[-1]
+
+
+def http_filter(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    matches = [f for f in hcm(cfg)["http_filters"] if f["name"] == name]
+    assert len(matches) == 1, f"expected exactly one {name}"
+    return matches[0]["typed_config"]
+
+
+def gateway_cluster(cfg: dict[str, Any]) -> dict[str, Any]:
+    (cluster,) = cfg["static_resources"]["clusters"]
+    assert cluster["name"] == "gateway"
+    return cluster
+
+
+def dns_settings(cluster: dict[str, Any]) -> dict[str, Any]:
+    cluster_type = cluster["cluster_type"]
+    assert cluster_type["name"] == "envoy.clusters.dns"
+    return cluster_type["typed_config"]
+
+
+def upstream_endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (lb_endpoint,) = locality["lb_endpoints"]
+    return lb_endpoint["endpoint"]["address"]["socket_address"]
