@@ -1,0 +1,63 @@
+"""Logging in by username or email, and the access tokens given to users and to services."""
+
+from __future__ import annotations
+
+import jwt
+
+from .conftest import SERVICE_SECRET, Auth, Client, Login, Register
+
+
+async def test_login_accepts_the_username_or_the_email_in_any_case(register: Register, login: Login) -> None:
+    await register("ada", "ada@example.com")
+    for name in ("ada", "ADA", "Ada@Example.com"):
+        assert (await login(name))["token_type"] == "Bearer"
+
+
+async def test_access_tokens_are_short_lived_eddsa_jwts(client: Client, register: Register, login: Login) -> None:
+    user = await register()
+    tokens = await login()
+    header = jwt.get_unverified_header(tokens["access_token"])
+    claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
+    jwks = await (await client.get("/.well-known/jwks.json")).json()
+    assert header["alg"] == "EdDSA" and header["typ"] == "at+jwt"
+    assert header["kid"] in {key["kid"] for key in jwks["keys"]}
+    assert {"iss", "aud", "exp", "iat", "nbf", "sub", "jti"} <= claims.keys()
+    assert claims["sub"] == user["id"]
+    assert claims["exp"] - claims["iat"] == tokens["expires_in"] <= 15 * 60
+    assert "." not in tokens["refresh_token"]  # opaque, not a JWT
+
+
+async def test_services_get_a_users_read_token_and_may_read_any_profile(
+    client: Client, register: Register, auth: Auth
+) -> None:
+    ada = await register()
+    response = await client.post(
+        "/auth/service-token", json={"client_id": "notification-service", "client_secret": SERVICE_SECRET}
+    )
+    assert response.status == 200
+    issued = await response.json()
+    claims = jwt.decode(issued["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == "service:notification-service"
+    assert claims["scope"] == issued["scope"] == "users:read"
+    profile = await client.get(f"/users/{ada['id']}", headers=auth(issued["access_token"]))
+    assert profile.status == 200
+    assert await profile.json() == ada
+    unknown = await client.get("/users/00000000-0000-0000-0000-000000000000", headers=auth(issued["access_token"]))
+    assert unknown.status == 404
+    assert (await unknown.json())["code"] == "USER_NOT_FOUND"
+    # Other spellings of the same id that Python reads and PostgreSQL would not.
+    for spelling in (f"urn:uuid:{ada['id']}", ada["id"].replace("-", ""), ada["id"].upper()):
+        other = await client.get(f"/users/{spelling}", headers=auth(issued["access_token"]))
+        assert (other.status, await other.json()) == (200, ada), spelling
+    # A service has no profile of its own: its token is valid, for something else.
+    assert (await client.get("/users/me", headers=auth(issued["access_token"]))).status == 403
+
+
+async def test_wrong_client_credentials_are_refused(client: Client) -> None:
+    for body in (
+        {"client_id": "notification-service", "client_secret": "wrong-secret-0123456789"},
+        {"client_id": "stranger", "client_secret": SERVICE_SECRET},
+    ):
+        response = await client.post("/auth/service-token", json=body)
+        assert response.status == 401
+        assert (await response.json())["code"] == "INVALID_CLIENT"
