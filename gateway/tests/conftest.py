@@ -250,3 +250,11 @@ async def gateway(
     yield make
     ports.close()
     await flusher.aclose()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamClient]:
+    """The gateway's own upstream client alone, for the tests of it (``test_upstream_*``)."""
+    client = UpstreamClient(limit_per_host=4, connect_timeout=0.5)
+    yield client
+    client.close()

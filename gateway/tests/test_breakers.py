@@ -181,6 +181,17 @@ def test_a_breaker_with_a_call_in_flight_is_never_forgotten():
     assert board.is_open("a")  # every failure counted on the breaker the board holds
 
 
+def test_the_breaker_board_forgets_breakers_that_hold_no_state():
+    board = BreakerBoard(failure_threshold=1)
+    with contextlib.suppress(UpstreamFailure), board.breaker("failing"):
+        raise UpstreamFailure("boom")
+    for n in range(3 * BreakerBoard.PRUNE_AT):  # instances come and go
+        with board.breaker(f"instance-{n}"):
+            pass
+    assert board.size <= BreakerBoard.PRUNE_AT
+    assert board.is_open("failing")
+
+
 @pytest.mark.parametrize("settings", [{"failure_threshold": 0}, {"recovery_timeout": 0}, {"recovery_timeout": -1}])
 def test_a_breaker_setting_of_zero_is_refused(settings):
     # circuitbreaker would read 0 as its own default: 5 failures, 30 s open.

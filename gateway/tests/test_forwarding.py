@@ -134,6 +134,15 @@ async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_
     assert not {"X-First", "X-Second", "Keep-Alive", "Proxy-Connection"} & seen.keys()
 
 
+async def test_an_x_forwarded_for_the_client_names_in_connection_is_dropped(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    headers = {**tokens.headers(), "Connection": "keep-alive, X-Forwarded-For", "X-Forwarded-For": "6.6.6.6"}
+    async with client.get("/api/v1/things", headers=headers) as r:
+        body = await r.json()
+    assert body["forwarded_for"] == "127.0.0.1"  # the gateway's own entry alone
+
+
 async def test_a_path_kept_for_services_is_never_published(fake_service, gateway, tokens):
     service = await fake_service(1)
     (instance,) = service.instances
