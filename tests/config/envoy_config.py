@@ -60,3 +60,18 @@ def upstream_endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
     (locality,) = cluster["load_assignment"]["endpoints"]
     (lb_endpoint,) = locality["lb_endpoints"]
     return lb_endpoint["endpoint"]["address"]["socket_address"]
+
+
+def local_replies(cfg: dict[str, Any]) -> dict[int | None, dict[str, Any]]:
+    """Envoy's own answers: the problem body of each mapped status, and the default's under None."""
+    config = hcm(cfg)["local_reply_config"]
+    formats: dict[int | None, dict[str, Any]] = {None: config["body_format"]}
+    for mapper in config["mappers"]:
+        comparison = mapper["filter"]["status_code_filter"]["comparison"]
+        assert comparison["op"] == "EQ"
+        formats[comparison["value"]["default_value"]] = mapper["body_format_override"]
+    for body_format in formats.values():
+        assert body_format["content_type"] == "application/problem+json"
+        assert set(body_format["json_format"]) == {"type", "title", "status", "detail", "code"}
+        assert body_format["json_format"]["status"] == "%RESPONSE_CODE%"
+    return {status: body_format["json_format"] for status, body_format in formats.items()}

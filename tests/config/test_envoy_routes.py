@@ -12,8 +12,7 @@ from mesh_gateway.proxy import IDEMPOTENT, MAX_ATTEMPTS
 from mesh_gateway.ratelimit import REDIS_TIMEOUT
 from mesh_gateway.routes import API
 
-from .envoy_config import catch_all_route, gateway_cluster, gateway_routes, hcm, routes, seconds
-from .test_envoy_structure import local_replies
+from .envoy_config import catch_all_route, gateway_cluster, gateway_routes, hcm, local_replies, routes, seconds
 
 # The longest the gateway takes to answer: first its own waits, for the
 # token keys (a fetch on an unknown kid) and twice for the rate limiter's

@@ -19,7 +19,7 @@ import yaml
 
 from devstack.config import StackConfig
 
-from .conftest import REPO_ROOT, render_native
+from .conftest import REPO_ROOT
 from .envoy_run import StandIns, config_for, fetch, running_envoy, stand_in_gateways
 
 # --------------------------------------------------------------------------
@@ -176,20 +176,14 @@ def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path) -> None:
-    rendered = render_native(
-        ENVOY_PORT="0",
-        ENVOY_ADMIN_PORT="0",
-        GATEWAY_PORT="8000",
-        CONSUL_DNS_PORT=str(infra.ports.consul_dns),
-        ACCESS_LOG_PATH=str(tmp_path / "access.log"),
-    )
-    # A gateway name nobody registered: no instance to send to. And a bucket
-    # of three requests that does not refill during the test.
+    # A gateway name nobody registered: no instance to send to.
+    nobody = StandIns(f"nobody-{uuid.uuid4().hex[:8]}", 8000)
+    rendered = config_for(nobody, infra.ports.consul_dns, tmp_path / "access.log")
+    # And a bucket of three requests that does not refill during the test.
     for old, new in [
         ("max_tokens: 5000", "max_tokens: 3"),
         ("tokens_per_fill: 5000", "tokens_per_fill: 3"),
         ("fill_interval: 1s", "fill_interval: 3600s"),
-        ("address: gateway.service.consul", f"address: nobody-{uuid.uuid4().hex[:8]}.service.consul"),
     ]:
         assert rendered.count(old) == 1, old
         rendered = rendered.replace(old, new)
@@ -197,20 +191,10 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     config.write_text(rendered)
 
     with running_envoy(config) as process:
-        public = f"http://127.0.0.1:{process.public_port}"
-        deadline = time.monotonic() + 15
-        ready = False
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if fetch(f"http://127.0.0.1:{process.admin_port}/ready")[0] == 200:
-                    ready = True
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        assert process.poll() is None, "envoy exited early"
-        # Else its 503s below could be a not-yet-ready Envoy's, not the ones asked for.
-        assert ready, "envoy was not ready within 15 s"
+        public = process.public
+        # Ready, and with no gateway at all: else its 503s below could be a
+        # not-yet-ready Envoy's, not the ones asked for.
+        process.wait_for_hosts(set())
 
         answers = [fetch(f"{public}/api/v1/todos") for _ in range(4)]
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.

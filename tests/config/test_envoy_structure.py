@@ -11,7 +11,15 @@ from typing import Any
 from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
 
 from .conftest import SAMPLE_VALUES
-from .envoy_config import dns_settings, gateway_cluster, hcm, http_filter, seconds, upstream_endpoint
+from .envoy_config import (
+    dns_settings,
+    gateway_cluster,
+    hcm,
+    http_filter,
+    local_replies,
+    seconds,
+    upstream_endpoint,
+)
 
 
 def _normalised(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -109,21 +117,6 @@ def test_json_access_log(cfg: dict[str, Any]) -> None:
     ):
         assert operator in values, f"access log lacks {operator}"
     assert any("PATH" in v for v in values)
-
-
-def local_replies(cfg: dict[str, Any]) -> dict[int | None, dict[str, Any]]:
-    """Envoy's own answers: the problem body of each mapped status, and the default's under None."""
-    config = hcm(cfg)["local_reply_config"]
-    formats: dict[int | None, dict[str, Any]] = {None: config["body_format"]}
-    for mapper in config["mappers"]:
-        comparison = mapper["filter"]["status_code_filter"]["comparison"]
-        assert comparison["op"] == "EQ"
-        formats[comparison["value"]["default_value"]] = mapper["body_format_override"]
-    for body_format in formats.values():
-        assert body_format["content_type"] == "application/problem+json"
-        assert set(body_format["json_format"]) == {"type", "title", "status", "detail", "code"}
-        assert body_format["json_format"]["status"] == "%RESPONSE_CODE%"
-    return {status: body_format["json_format"] for status, body_format in formats.items()}
 
 
 def test_envoys_own_answers_are_problems_with_stable_codes(cfg: dict[str, Any]) -> None:
