@@ -23,7 +23,9 @@ use).
   upstream may have seen the request. A deadline given to ``request`` says
   which phase it ran out in; a caller's own ``asyncio.timeout`` cannot. A
   timeout after a wait for a free connection is a ``QueuedTimeout``: the
-  upstream had only what the wait left, so it is not to blame.
+  upstream had only what the wait left, so it is not to blame; nor is it
+  for a connect that the wait left less than ``connect_timeout`` for (a
+  ``PoolTimeout``: nothing was sent).
 
 Request heads are built from what aiohttp's server parsed, which rejects
 CR, LF and other control characters in the request line and headers, so
@@ -153,6 +155,9 @@ class Upstream:
         waiting for a connection of our own, ``UpstreamConnectError`` while
         connecting (which gets at most ``connect_timeout`` of it): nothing
         was sent; ``TimeoutError`` while waiting for the head: it was.
+        After a wait for a free connection, a phase the wait cut short is
+        not the upstream's doing: ``PoolTimeout`` for a connect left less
+        than ``connect_timeout``, ``QueuedTimeout`` for the head.
 
         The caller must read the body or call ``release``: until then the
         connection is theirs.
@@ -180,7 +185,7 @@ class Upstream:
         else:
             await pool.acquire()
         try:
-            conn = await self._connection(pool, deadline)
+            conn = await self._connection(pool, deadline, queued=queued)
             try:
                 async with asyncio.timeout_at(deadline):
                     await conn.exchange(head, body)
@@ -194,7 +199,7 @@ class Upstream:
             raise
         return UpstreamResponse(pool, conn, head_only=method == "HEAD")
 
-    async def _connection(self, pool: Pool, deadline: float | None) -> Connection:
+    async def _connection(self, pool: Pool, deadline: float | None, *, queued: bool) -> Connection:
         conn = pool.take_idle()
         if conn is not None:
             return conn
@@ -204,6 +209,12 @@ class Upstream:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(lambda: Connection(pool), pool.host, pool.port)
         except TimeoutError:
+            if queued and timeout < self._connect_timeout:
+                # The slot came free without a connection to reuse (a HEAD's,
+                # a cut stream's are closed), and the wait left the connect
+                # less than its due: a busy instance slow to accept would be
+                # blamed for our queue. Nothing was sent.
+                raise PoolTimeout(f"{pool.host}:{pool.port}: a connection came free too late to connect") from None
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: connect timed out", timed_out=True) from None
         except OSError as exc:
             raise UpstreamConnectError(f"{pool.host}:{pool.port}: {exc or type(exc).__name__}") from None

@@ -6,13 +6,15 @@ The breaker board's own rules, call by call, are in ``test_breakers``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
 from mesh_common.testing import eventually
-from mesh_gateway.keys import BREAKERS
+from mesh_gateway.keys import BREAKERS, UPSTREAM
 from mesh_gateway.upstream import Upstream as UpstreamClient
 
 
@@ -188,3 +190,55 @@ async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances
     statuses = await asyncio.gather(get(), get(), get())
     assert statuses[0] == 200 and 504 in statuses
     assert client.app[BREAKERS].failures(slow.service_id) == 0
+
+
+async def test_a_connect_cut_short_by_a_wait_for_a_free_connection_is_not_the_instances_failure(
+    fake_service, gateway, tokens, consul
+):
+    # One connection to the instance, busy; the answer that frees it closes
+    # it (as a HEAD's, a cut stream's, a timed-out one's are), so the request
+    # waiting for it must connect anew, with what its wait left of the
+    # deadline: less than the 0.5 s a connect may take. The instance is slow
+    # to accept (its accept queue is full), which a connect given its own
+    # 0.5 s would be blamed for; this one had less, because of our queue.
+    service = await fake_service(1)
+    (instance,) = service.instances
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.setblocking(False)
+        port = int(listener.getsockname()[1])
+        moved = {"Name": service.name, "ID": instance.service_id, "Address": "127.0.0.1", "Port": port}
+        check = {"TTL": "60s", "Status": "passing"}
+        async with consul.put("/v1/agent/service/register", json={**moved, "Check": check}) as r:
+            assert r.status == 200
+        client = await gateway(service, route_timeout=0.6, upstream=UpstreamClient(limit_per_host=1))
+
+        async def get() -> int:
+            async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+                return r.status
+
+        first = asyncio.create_task(get())
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await asyncio.wait_for(loop.sock_recv(conn, 4096), 5)
+        for _ in range(3):  # nothing more is accepted: once the queue is full, connects hang
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        second = asyncio.create_task(get())
+        pool = client.app[UPSTREAM]._pools[("127.0.0.1", port)]
+        await eventually(lambda: bool(pool._slots._waiters))  # queued for the one connection
+
+        def answer() -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            conn.close()
+
+        # Held a while, so that the wait leaves the next connect less than its 0.5 s.
+        loop.call_later(0.25, answer)
+        assert await first == 200
+        assert await second == 504
+    assert client.app[BREAKERS].failures(instance.service_id) == 0
