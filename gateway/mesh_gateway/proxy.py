@@ -95,8 +95,15 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = self._table.match(request.path)
-        if route is None or _DOT_SEGMENT.search(request.path):
+        # Matched on the decoded path, as the guard and the upstream read it;
+        # forwarded as the client encoded it (decoding would turn %2F, %3F or
+        # %2E%2E into structure the upstream never published), so the prefix
+        # stripped must be spelled out in the raw path too.
+        target = None if route is None else route.upstream_path(request.rel_url.raw_path)
+        if route is None or target is None or _DOT_SEGMENT.search(request.path):
             raise NotFound(f"No route for {request.path}")
+        if request.rel_url.raw_query_string:
+            target += "?" + request.rel_url.raw_query_string
         body = await request.read() if request.can_read_body else None
         headers = forward_headers(request)
         encodings = request.headers.getall("Content-Encoding", ())
@@ -122,7 +129,7 @@ class Proxy:
             tried.add(instance.id)
             structlog.contextvars.bind_contextvars(upstream=instance.id)
             try:
-                return await self._attempt(request, route, instance, method, headers, body)
+                return await self._attempt(request, route, instance, method, target, headers, body)
             except _Attempt as failed:
                 if failed.response is not None and failed.response.prepared:
                     return failed.response  # a broken stream: nothing more can be sent
@@ -152,14 +159,10 @@ class Proxy:
         route: Route,
         instance: Instance,
         method: str,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes | None,
     ) -> web.StreamResponse:
-        # The raw path, as the client encoded it: decoding here would turn
-        # %2F, %3F or %2E%2E into structure the upstream never published.
-        target = route.upstream_path(request.rel_url.raw_path)
-        if request.rel_url.raw_query_string:
-            target += "?" + request.rel_url.raw_query_string
         # The route's deadline is for the answer's head (and a body small
         # enough to buffer); a streamed body gets as long between chunks.
         deadline = asyncio.get_running_loop().time() + route.timeout
@@ -176,8 +179,9 @@ class Proxy:
                         async with asyncio.timeout_at(deadline):
                             payload = await resp.read(limit=BUFFER_LIMIT)
                 except PoolTimeout:
-                    # Our own connections to it were all busy: nothing was sent, and
-                    # nothing is known about the instance, so its breaker hears nothing.
+                    # Our own connections to it were all busy (or one came free too late
+                    # to connect in): nothing was sent, and nothing is known about the
+                    # instance, so its breaker hears nothing.
                     log.warning("upstream_pool_full", upstream=instance.id)
                     raise _Attempt(UpstreamTimeout(), sent=False) from None
                 except UpstreamConnectError as exc:

@@ -20,12 +20,32 @@ class Route:
     # Idempotency-Key: there, and only there, the gateway may retry them.
     idempotency_key_paths: frozenset[str] = frozenset()
     _base: str = field(init=False, repr=False, compare=False)
+    # What is stripped: ``strip`` where the prefix is under it, else nothing
+    # (an extra route such as ``/echo`` goes on as it came).
+    _strip: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_base", self.prefix.rstrip("/"))
+        base = self.prefix.rstrip("/")
+        object.__setattr__(self, "_base", base)
+        under = bool(self.strip) and (base == self.strip or base.startswith(self.strip + "/"))
+        object.__setattr__(self, "_strip", self.strip if under else "")
 
-    def upstream_path(self, path: str) -> str:
-        return path[len(self.strip) :] if self.strip and path.startswith(self.strip) else path
+    def upstream_path(self, raw_path: str) -> str | None:
+        """The path to forward, still encoded; None if the prefix to strip is not spelled out as sent.
+
+        Routes are matched on the decoded path, so ``/api/v1%2Ftodos``
+        matches ``/api/v1/todos``; stripped as sent it would leave
+        ``%2Ftodos``, a target no server accepts. Such a path is not one the
+        API publishes, and the gateway answers 404 itself.
+        """
+        strip = self._strip
+        if not strip:
+            return raw_path
+        if raw_path == strip:
+            return "/"
+        if raw_path.startswith(strip) and raw_path[len(strip)] == "/":
+            return raw_path[len(strip) :]
+        return None
 
     def matches(self, path: str) -> bool:
         base = self._base

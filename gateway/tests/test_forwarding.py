@@ -8,7 +8,7 @@ import json
 
 from multidict import CIMultiDict
 
-from mesh_gateway.routes import API
+from mesh_gateway.routes import API, Route
 
 AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -155,6 +155,37 @@ async def test_a_path_kept_for_services_is_never_published(fake_service, gateway
     assert instance.hits == 0
     async with client.get("/api/v1/things/internally", headers=tokens.headers()) as r:
         assert r.status == 200  # a prefix of a name is not the name
+
+
+async def test_a_prefix_spelled_encoded_is_a_404_not_a_target_the_upstream_refuses(fake_service, gateway, tokens):
+    # Matched decoded, "/api/v1%2Fthings" is "/api/v1/things"; stripped as
+    # sent, it left "%2Fthings", which the upstream's parser refused with a
+    # text/plain 400 that the gateway passed on.
+    service = await fake_service(1)
+    client = await gateway(service)
+    for path in ("/api/v1%2Fthings", "/api/v1%2fthings/1", "/api%2Fv1/things"):
+        async with client.get(path, headers=tokens.headers()) as r:
+            assert r.status == 404, path
+            assert r.content_type == "application/problem+json", path
+            assert (await r.json())["code"] == "NOT_FOUND"
+    assert service.hits == 0
+    async with client.get("/api/v1/things/a%2Fb", headers=tokens.headers()) as r:
+        assert r.status == 200  # past the prefix, an encoded slash is the upstream's to read
+        assert (await r.json())["path"] == "/things/a/b"
+
+
+def test_the_prefix_is_stripped_only_where_the_client_spelled_it_out():
+    todos = API.match("/api/v1/todos")
+    assert todos is not None
+    assert todos.upstream_path("/api/v1/todos/1") == "/todos/1"
+    assert todos.upstream_path("/api/v1/to%64os") == "/to%64os"
+    assert todos.upstream_path("/api/v1%2Ftodos") is None
+    assert todos.upstream_path("/api/v1todos") is None
+    # A route outside the prefix (an extra one) goes on as it came.
+    assert Route("/echo", "echo").upstream_path("/echo/a%2Fb") == "/echo/a%2Fb"
+    assert Route("/.well-known/jwks.json", "users", strip="").upstream_path("/.well-known/jwks.json") == (
+        "/.well-known/jwks.json"
+    )
 
 
 def test_the_service_token_endpoint_is_not_published():
