@@ -1,8 +1,8 @@
 """The gateway's front door: who is calling, and are they within their limits.
 
 Public routes (``API.public`` in routes.py) pass without a token; every other proxied
-route needs a valid access token, verified locally from the JWKS. Then the
-rate limiter counts the request against its client IP and its user.
+route needs a valid access token of a user, verified locally from the JWKS.
+Then the rate limiter counts the request against its client IP and its user.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+from typing import NoReturn
 
 import structlog
 from aiohttp import web
 
 from mesh_common.auth import authenticate
-from mesh_common.problems import Handler, TooManyRequests, Unauthorized, problem
+from mesh_common.problems import Forbidden, Handler, TooManyRequests, Unauthorized, problem
 
 from .keys import RATE_LIMITER, ROUTE_TABLE, SETTINGS
 from .ratelimit import READS, Decision, RateLimiterUnavailable
@@ -78,8 +79,24 @@ async def enforce_limits(request: web.Request, *, user: str | None) -> None:
             return None
         raise RateLimiterDown(headers={"Retry-After": "1"}) from None
     if not decision.allowed:
-        raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
+        _refuse(decision)
     request[RATE_DECISION] = decision
+
+
+def _refuse(decision: Decision) -> NoReturn:
+    raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
+
+
+async def _count_refused(request: web.Request) -> None:
+    """Count a request refused for its token against the caller's IP: a 429 instead if that is over its limit.
+
+    So that guessing tokens is limited like everything else (and the
+    refusal carries the RateLimit-* headers too). Uncounted while Redis is
+    away, the refusal stands: a 503 would have the client retry a token
+    that will never pass instead of signing in again.
+    """
+    with contextlib.suppress(RateLimiterDown):
+        await enforce_limits(request, user=None)
 
 
 @web.middleware
@@ -87,18 +104,31 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.match_info.route.name in OWN_ROUTES:
         return await handler(request)
     user: str | None = None
-    if (request.method, request.path) not in request.app[ROUTE_TABLE].public:
+    table = request.app[ROUTE_TABLE]
+    if (request.method, request.path) not in table.public:
+        # Refused anyway, a client past its per-IP limit must not cost a
+        # signature check per request (failed tokens are not remembered).
+        # Only what this gateway already knows, from its leases: asking
+        # Redis here would cost a second round trip for every request whose
+        # IP and user counters both need a draw.
+        refused = request.app[RATE_LIMITER].refused_in_hand(
+            ip=client_ip(request), auth_route=(request.method, request.path) in table.auth
+        )
+        if refused is not None:
+            _refuse(refused)
         try:
-            user = (await authenticate(request)).subject
+            principal = await authenticate(request)
         except Unauthorized:
-            # A failed authentication still counts against the caller's IP,
-            # so that guessing tokens is limited like everything else (and
-            # its 401 carries the RateLimit-* headers too). Uncounted while
-            # Redis is away, it is still a 401: a 503 would have the client
-            # retry a token that will never pass instead of signing in again.
-            with contextlib.suppress(RateLimiterDown):
-                await enforce_limits(request, user=None)
+            await _count_refused(request)
             raise
+        if principal.is_service:
+            # Service tokens are for calls between services, which go to
+            # each other through Consul, never through the edge: one here
+            # has leaked, and would read any user's profile (RFC 8725 3.12).
+            await _count_refused(request)
+            log.warning("service_token_at_edge")
+            raise Forbidden("Service tokens are not accepted here; the public API is for users")
+        user = principal.subject
     await enforce_limits(request, user=user)
     return await handler(request)
 

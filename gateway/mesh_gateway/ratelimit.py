@@ -151,21 +151,10 @@ class RateLimiter:
         self._redis.close()
 
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
-        limits = self._limits
-        window = limits.window_seconds
         now = self._clock()
-        slot = int(now // window)
-        window_end = (slot + 1) * window * 1000
+        keys, caps, window_end = self._counters(now, ip, user, auth_route)
         if window_end != self._window_end:
             self._window_end, self._leases = window_end, {}  # a new window: what is left is void
-        keys = [f"{self._prefix}:ip:{ip}:{slot}"]
-        caps = [limits.per_ip]
-        if user is not None:
-            keys.append(f"{self._prefix}:user:{user}:{slot}")
-            caps.append(limits.per_user)
-        if auth_route:
-            keys.append(f"{self._prefix}:auth:{ip}:{slot}")
-            caps.append(limits.auth_per_ip)
         counts = [self._take(key, cap) for key, cap in zip(keys, caps, strict=True)]
         if 0 not in counts:
             return _judge(caps, counts, window_end, now)
@@ -177,6 +166,44 @@ class RateLimiter:
             loop.call_soon(self._send)
         self._pending.append(_Check(keys, caps, counts, window_end, answer))
         return await answer
+
+    def refused_in_hand(self, *, ip: str, auth_route: bool) -> Decision | None:
+        """The refusal of a client already past a per-IP limit, as this gateway's leases tell; else None.
+
+        Decided without Redis, and before anything costly is done for the
+        request (a token's signature): a client past its limit must not
+        have that work done for every request it is refused. It takes no
+        count that could be allowed, so a request it lets by is counted by
+        ``check`` exactly once; one it refuses counts, as every refusal does.
+        """
+        now = self._clock()
+        keys, caps, window_end = self._counters(now, ip, None, auth_route)
+        if window_end != self._window_end:
+            return None  # a new window: nothing in hand yet
+        over = [
+            (key, cap)
+            for key, cap in zip(keys, caps, strict=True)
+            if (lease := self._leases.get(key)) is not None and lease.next > cap
+        ]
+        if not over:
+            return None
+        # Past its cap, a lease hands out counts without Redis, all refused.
+        return _judge([cap for _, cap in over], [self._take(key, cap) for key, cap in over], window_end, now)
+
+    def _counters(self, now: float, ip: str, user: str | None, auth_route: bool) -> tuple[list[str], list[int], int]:
+        """The counters a request counts against, their limits, and the end of their window (Unix ms)."""
+        limits = self._limits
+        window = limits.window_seconds
+        slot = int(now // window)
+        keys = [f"{self._prefix}:ip:{ip}:{slot}"]
+        caps = [limits.per_ip]
+        if user is not None:
+            keys.append(f"{self._prefix}:user:{user}:{slot}")
+            caps.append(limits.per_user)
+        if auth_route:
+            keys.append(f"{self._prefix}:auth:{ip}:{slot}")
+            caps.append(limits.auth_per_ip)
+        return keys, caps, (slot + 1) * window * 1000
 
     def _take(self, key: str, cap: int) -> int:
         """The next count of the lease in hand, or 0 if there is none."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
+from mesh_common.auth import VERIFIER, Principal
 from mesh_common.testing import TokenFactory
 
 
@@ -155,3 +157,46 @@ async def test_only_the_gateways_own_probes_skip_the_token_and_the_limits(fake_s
         async with client.get(spelling) as r:
             assert r.status == 401, spelling
             assert (await r.json())["code"] == "UNAUTHORIZED"
+
+
+async def test_a_client_past_its_ip_limit_costs_no_signature_check(fake_service, gateway, tokens, monkeypatch):
+    # A token with a known kid and a forged signature: a PyJWT parse and an
+    # Ed25519 check each time (a token that failed is not remembered), which
+    # a client refused anyway must not be able to make the gateway do.
+    client = await gateway(await fake_service(1), rate_limit_ip=1)
+    verifier = client.app[VERIFIER]
+    checked = 0
+    verify = verifier._verify
+
+    async def counting(token: str) -> Principal:
+        nonlocal checked
+        checked += 1
+        return await verify(token)
+
+    monkeypatch.setattr(verifier, "_verify", counting)
+    signed, _, signature = tokens.token().rpartition(".")
+    forged = f"{signed}.{signature[:20]}{'B' if signature[20] == 'A' else 'A'}{signature[21:]}"
+    statuses = []
+    for _ in range(3):
+        async with client.get("/api/v1/things", headers={"Authorization": f"Bearer {forged}"}) as r:
+            statuses.append(r.status)
+            assert r.headers["RateLimit-Limit"] == "1"
+    assert statuses == [401, 429, 429]  # as before: a failed token counts, and past the limit is refused
+    assert checked == 1
+
+
+async def test_a_service_token_is_refused_at_the_edge(fake_service, gateway, tokens):
+    # Services call each other through Consul, never through the gateway: a
+    # service token at the edge has leaked, and its users:read would read
+    # any user's profile.
+    service = await fake_service(1)
+    client = await gateway(service, rate_limit_ip=40)
+    profile = f"/api/v1/things/{uuid.uuid4()}"
+    async with client.get(profile, headers=tokens.headers("service:notification-service", scope="users:read")) as r:
+        assert r.status == 403
+        assert r.content_type == "application/problem+json"
+        assert (await r.json())["code"] == "FORBIDDEN"
+        assert r.headers["RateLimit-Limit"] == "40"  # counted against the caller's IP, like a failed token
+    assert service.hits == 0
+    async with client.get(profile, headers=tokens.headers(scope="users:read")) as r:
+        assert r.status == 200  # a user's token, as ever
