@@ -73,6 +73,20 @@ async def client(aiohttp_client: AiohttpClient, settings: Settings, db: aiopg.Po
     return await aiohttp_client(create_app(settings, register=False))
 
 
+@pytest.fixture
+async def scratch(settings: Settings) -> AsyncIterator[aiopg.Pool]:
+    """A pool whose tables live in a schema of their own, dropped afterwards."""
+    schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
+    async with aiopg.create_pool(settings.database_url, maxsize=1, options=f"-c search_path={schema}") as pool:
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield pool
+        finally:
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 class Register(Protocol):
     """``register(username, email, password)``: the new account's profile, as the API answers it."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiopg
@@ -21,20 +20,6 @@ from .conftest import Client, Login, Register, run_again, store_email, stored_em
 
 PASSWORD = "a long and unusual passphrase"
 EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
-
-
-@pytest.fixture
-async def scratch(settings: Settings) -> AsyncIterator[aiopg.Pool]:
-    """A pool whose tables live in a schema of their own, dropped afterwards."""
-    schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
-    async with aiopg.create_pool(settings.database_url, maxsize=1, options=f"-c search_path={schema}") as pool:
-        async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(f"CREATE SCHEMA {schema}")
-        try:
-            yield pool
-        finally:
-            async with pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def tables(pool: aiopg.Pool) -> list[str]:

@@ -22,7 +22,7 @@ from mesh_common.transactions import server_cancels_as_errors
 from .keys import KEY_STORE, PASSWORDS, REDIS, SETTINGS, THROTTLE, TOKENS
 from .passwords import Passwords, load_common_passwords, lower_thread_priority
 from .signing_keys import KeyStore
-from .throttle import LoginThrottle
+from .throttle import LoginThrottle, load_throttle_key
 from .tokens import TokenIssuer
 
 log = structlog.get_logger()
@@ -69,7 +69,8 @@ def redis_ctx(url: str) -> CleanupCtx:
 @asynccontextmanager
 async def open_login_throttle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[THROTTLE] = LoginThrottle(app[REDIS], settings.throttle, settings.redis_prefix)
+    secret = await load_throttle_key(app[DB])
+    app[THROTTLE] = LoginThrottle(app[REDIS], settings.throttle, settings.redis_prefix, secret)
     yield
 
 

@@ -21,15 +21,20 @@ count, and unknown names are throttled exactly like real ones.
 What that tells a guesser: that a username and an email share an account,
 if they already have both and spend ten guesses on them. The answers and
 their timing otherwise say nothing about which accounts exist.
+
+The Redis key is an HMAC of the subject, keyed with a secret kept in
+PostgreSQL (``load_throttle_key``), the same for every instance.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import secrets
 from dataclasses import dataclass
 
+import aiopg
 import redis.asyncio as aioredis
 
 from .settings import ThrottlePolicy
@@ -59,18 +64,39 @@ class Attempt:
     slot: str
 
 
+async def load_throttle_key(pool: aiopg.Pool) -> bytes:
+    """The secret every instance keys the throttle's hashes with; the first to ask makes it.
+
+    Instances starting together agree: the losing INSERT waits for the
+    winner's to commit, does nothing, and the SELECT after it (a statement
+    of its own, so a snapshot taken since) reads the winner's secret.
+    """
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "INSERT INTO login_throttle_key (secret) VALUES (%s) ON CONFLICT DO NOTHING", (secrets.token_bytes(32),)
+        )
+        await cur.execute("SELECT secret FROM login_throttle_key")
+        row = await cur.fetchone()
+    if row is None:  # deleted between the two statements, by hand
+        raise RuntimeError("login_throttle_key has no row")
+    return bytes(row[0])
+
+
 class LoginThrottle:
-    def __init__(self, redis: aioredis.Redis, policy: ThrottlePolicy, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, policy: ThrottlePolicy, prefix: str, secret: bytes) -> None:
         self._redis = redis
         self._policy = policy
         self._prefix = prefix
+        self._secret = secret
         self._take_slot = redis.register_script(_TAKE_SLOT)
 
     def _key(self, folded: str, account: str | None) -> str:
-        # Hashed, so that what people type (sometimes a password in the
-        # username box) never lands in Redis in clear.
+        # Keyed, not a bare SHA-256: what people type is sometimes a password
+        # in the username box, and a bare hash of a common one is found again
+        # by hashing common passwords. Without the secret, which never goes
+        # to Redis, a key read from Redis tells nothing of what was typed.
         subject = f"account:{account}" if account is not None else f"name:{folded}"
-        digest = hashlib.sha256(subject.encode()).hexdigest()
+        digest = hmac.new(self._secret, subject.encode(), hashlib.sha256).hexdigest()
         return f"{self._prefix}login-slots:{digest}"
 
     async def begin(self, folded: str, account: str | None) -> Attempt:
