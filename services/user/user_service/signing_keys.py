@@ -14,7 +14,11 @@ apart by at least an access-token lifetime:
    the JWKS, so tokens it signed still verify.
 2. ``retire_keys``: retiring keys leave the JWKS; tokens they signed are refused.
 
-``python -m user_service rotate-keys`` and ``retire-keys`` run these.
+After a leak of the table, neither will do: the next key leaked too, and
+rotating makes the attacker's copy of it sign. ``replace_compromised_keys``
+retires every key at once, the next one included, and makes new ones.
+
+``python -m user_service rotate-keys [--compromised]`` and ``retire-keys`` run these.
 """
 
 from __future__ import annotations
@@ -157,6 +161,31 @@ async def rotate_keys(pool: aiopg.Pool, *, min_published: float = NEXT_KEY_MIN_A
             await cur.execute(INSERT_KEY, (kid, pem, "active"))
         await cur.execute(INSERT_KEY, (*_new_key_row(), "next"))
     log.info("signing_key_rotated", kid=kid, forced=force)
+    return kid
+
+
+async def replace_compromised_keys(pool: aiopg.Pool) -> str:
+    """Retire every key that may have leaked, then make a new active and next key. Returns the active kid.
+
+    Any copy of the table holds the next key, published already: rotating to
+    it, or deleting the active row (``ensure_keys`` promotes it), would make
+    the copy sign for real, any subject a service's included. So the next
+    and retiring keys go with the active one, in one transaction, and every
+    token signed before is refused. The new active key signs unpublished:
+    there is no waiting for verifiers to fetch it while a leaked key signs.
+    """
+    async with transaction(pool) as cur:
+        # The lock ensure_keys and rotate_keys take: an instance starting
+        # meanwhile finds the new keys, and makes none of its own.
+        await cur.execute(LOCK_KEYS)
+        await cur.execute(
+            "UPDATE signing_keys SET state = 'retired', retired_at = now() WHERE state <> 'retired' RETURNING kid"
+        )
+        withdrawn = sorted(str(row[0]) for row in await cur.fetchall())
+        kid, pem = _new_key_row()
+        await cur.execute(INSERT_KEY, (kid, pem, "active"))
+        await cur.execute(INSERT_KEY, (*_new_key_row(), "next"))
+    log.warning("signing_keys_replaced", kid=kid, retired=withdrawn, reason="compromised")
     return kid
 
 
