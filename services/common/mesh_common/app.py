@@ -57,10 +57,12 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker], *, grace: f
     On shutdown the worker is told to stop and given ``grace`` seconds to
     finish the unit of work in hand: cancelled mid-batch, a relay would drop
     publishes the broker already has, and the next instance would send them
-    again. Then it is cancelled anyway: cancelling alone is not enough on
-    Python 3.11, where a cancellation that arrives as a query or a confirm
-    completes can be swallowed (``asyncio.wait_for``, used by aiopg), and the
-    loop would go on forever.
+    again. So ``grace`` is the longest that unit may take: the relay's is
+    derived from its batch's bound (``outbox_relay_ctx``), which the default
+    would cut short. Then it is cancelled anyway: cancelling alone is not
+    enough on Python 3.11, where a cancellation that arrives as a query or a
+    confirm completes can be swallowed (``asyncio.wait_for``, used by aiopg),
+    and the loop would go on forever.
     """
 
     @asynccontextmanager

@@ -9,6 +9,13 @@ when this process commits a change with events (``OUTBOX_COMMITTED``, see
 outbox.py), and polls every second for the rest: events committed by an
 instance that stopped before it published them.
 
+Or froze holding a claim: paused, stopped by SIGSTOP, or cut off from
+PostgreSQL. The server sees a session idle in its transaction, whose locks
+keep the rows from every other relay until TCP's keepalive gives up (about
+two hours at Linux's defaults; a paused process's kernel answers it anyway).
+So each claim has the server end its session once idle in the transaction
+for ``claim_limit``, twice the batch's own bound: 30 s by default.
+
 A confirm alone does not mean that a queue has the event: the broker confirms
 a message it could route nowhere, and drops it. So events are published
 ``mandatory`` on a channel that raises on a return. Where no queue is bound
@@ -37,7 +44,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from .amqp import AMQP
 from .app import CleanupCtx, worker_ctx
-from .db import DB
+from .db import DB, STATEMENT_TIMEOUT
 from .events import EVENTS_EXCHANGE
 from .outbox import OUTBOX_COMMITTED
 from .transactions import server_cancels_as_errors, transaction
@@ -47,6 +54,7 @@ CLAIM = (
     "SELECT id, routing_key, payload, correlation_id FROM outbox"
     " WHERE published_at IS NULL ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
+CONFIRM_TIMEOUT = 5.0
 # What an outage of the broker or the database raises, and goes by itself.
 # Anything else (a permission, a missing column, a bug) needs someone, and
 # is logged as an error with its traceback rather than as one more retry.
@@ -57,6 +65,15 @@ OUTAGES = (
     psycopg2.OperationalError,
     psycopg2.InterfaceError,
 )
+
+
+def batch_bound(confirm_timeout: float) -> float:
+    """The longest a batch waits on the broker between its claim and its marking.
+
+    Its publishes get twice the confirm timeout, then those still out are
+    given one more to settle (see ``publish_batch``).
+    """
+    return 3 * confirm_timeout
 
 
 def _outcome(publish: asyncio.Future[Any], late: AbstractSet[asyncio.Future[Any]]) -> Any:
@@ -78,7 +95,7 @@ class OutboxRelay:
         *,
         batch_size: int = 100,
         poll_interval: float = 1.0,
-        confirm_timeout: float = 5.0,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
         committed: asyncio.Event | None = None,
         crash_before_publish: bool = False,
     ) -> None:
@@ -87,6 +104,11 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._confirm_timeout = confirm_timeout
+        # Idle this long in a claim's transaction, the session is ended by the
+        # server, and its locks with it. Twice the batch's bound, which is
+        # kept by this process's clock and loop, and a busy loop stretches:
+        # a working batch cut off fails, and its confirmed rows go out again.
+        self.claim_limit = 2 * batch_bound(confirm_timeout)
         # A fault-injection hook for the no-lost-events test: die after the
         # change committed and before anything was published.
         self._crash_before_publish = crash_before_publish
@@ -96,11 +118,23 @@ class OutboxRelay:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
-    async def _get_exchange(self) -> AbstractExchange:
+    async def _get_exchange(self) -> AbstractExchange | None:
+        """The exchange to publish to, once the broker is there; None if stopped first."""
         if self._exchange is None:
             # While the broker is away there is nothing to do but wait: the
             # rows stay in the outbox, and the robust connection reconnects.
-            await self._connection.ready()
+            # A stop ends the wait, with nothing in hand to finish: held
+            # here, a shutdown would sit out the grace meant for a batch.
+            ready = asyncio.ensure_future(self._connection.ready())
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            try:
+                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                stopped.cancel()
+            if not ready.done() or ready.cancelled():
+                return None
+            ready.result()
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._channel.declare_exchange(
                 EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -119,8 +153,11 @@ class OutboxRelay:
         """Publish one batch of unsent rows; returns how many were sent."""
         # The channel first: no rows are locked, and no transaction is held
         # open, while the broker cannot be reached.
-        exchange = await self._get_exchange()
+        if (exchange := await self._get_exchange()) is None:
+            return 0
         async with transaction(self._pool) as cur:
+            # Before the claim: its rows are never locked without the limit.
+            await cur.execute("SET LOCAL idle_in_transaction_session_timeout = %s", (round(self.claim_limit * 1000),))
             await cur.execute(CLAIM, (self._batch_size,))
             rows = await cur.fetchall()
             if not rows:
@@ -231,10 +268,17 @@ class OutboxRelay:
 
 
 def outbox_relay_ctx(*, crash_before_publish: bool = False) -> CleanupCtx:
-    """Run the relay for the app's lifetime. Needs the database and AMQP contexts first, and ``OUTBOX_COMMITTED``."""
+    """Run the relay for the app's lifetime. Needs the database and AMQP contexts first, and ``OUTBOX_COMMITTED``.
+
+    Stopped, it has the time its batch in hand may take to finish: its bound
+    for the broker, then one statement of the database's for the marking.
+    Cut short, the batch rolls back, and what the broker confirmed meanwhile
+    is published again by the next relay to claim it.
+    """
     return worker_ctx(
         "outbox-relay",
         lambda app: OutboxRelay(
             app[DB], app[AMQP], committed=app[OUTBOX_COMMITTED], crash_before_publish=crash_before_publish
         ),
+        grace=batch_bound(CONFIRM_TIMEOUT) + STATEMENT_TIMEOUT,
     )

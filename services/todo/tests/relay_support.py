@@ -1,0 +1,43 @@
+"""A broker double for the outbox relay, and a look at the outbox's rows."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aiopg
+
+
+class FakeBroker:
+    """The robust connection, channel and exchange the relay uses, in one; ``confirm`` is what a publish does.
+
+    A publish that returns was confirmed; one that raises was not. For what
+    a real broker cannot be made to do on cue: confirm late, stall, or take
+    the instance down with it.
+    """
+
+    def __init__(self, confirm: Callable[[aio_pika.Message], Awaitable[None]]) -> None:
+        self._confirm = confirm
+
+    async def ready(self) -> None:
+        pass
+
+    async def channel(self, **kwargs: Any) -> FakeBroker:
+        return self
+
+    async def declare_exchange(self, *args: Any, **kwargs: Any) -> FakeBroker:
+        return self
+
+    async def publish(self, message: aio_pika.Message, *args: Any, **kwargs: Any) -> None:
+        await self._confirm(message)
+
+    async def close(self) -> None:
+        pass
+
+
+async def unsent(db: aiopg.Pool) -> set[str]:
+    """The ids of the outbox's rows not marked sent."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT id::text FROM outbox WHERE published_at IS NULL")
+        return {event_id for (event_id,) in await cur.fetchall()}
