@@ -7,9 +7,10 @@ import signal
 import sys
 import threading
 
-from . import stack
+from . import lock, stack
 from .config import StackConfig
 from .procs import StackError, running, say, stop
+from .signals import STOP_SIGNALS, Interrupted, ignore_signals, interrupt_on_signals
 
 
 def _print_urls(cfg: StackConfig) -> None:
@@ -18,48 +19,47 @@ def _print_urls(cfg: StackConfig) -> None:
         say(f"  {label:<28} {url}")
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal to stop (Ctrl-C, SIGTERM or a closed terminal's SIGHUP) that came while ``up`` ran."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt_on_signals() -> None:
-    """Make SIGTERM and SIGHUP raise as Ctrl-C does, so that ``up`` stops what it started.
-
-    Left to their default, either ended this process alone, and the processes
-    started so far (in sessions of their own) ran on with no one to stop them.
-    """
-
-    def interrupt(signum: int, _: object) -> None:
-        _ignore_signals()  # the teardown this starts is not cut short by the next one
-        raise Interrupted(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, interrupt)
-
-
-def _ignore_signals() -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: None)
-
-
 def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
-    _interrupt_on_signals()
-    say(f"starting the native stack in {cfg.run_dir} ...")
-    before = set(running(cfg.run_dir))
+    interrupt_on_signals()
+    supervising = False
+    try:
+        with lock.held(cfg.run_dir, "up"):
+            say(f"starting the native stack in {cfg.run_dir} ...")
+            before = set(running(cfg.run_dir))
+            _start(cfg, args, before)
+            # Only the `up` that started the stack stays with it. Another, from a
+            # second terminal, stayed too, and its Ctrl-C stopped the whole stack,
+            # what the first terminal's `up` had started as well.
+            supervising = not (args.detach or before)
+        _print_urls(cfg)
+        if not supervising:
+            if not args.detach:
+                say("\nIt ran before this `up`, which leaves it running: `task down` stops it.")
+            return
+        say("\nCtrl-C stops everything (or `task down` from another terminal).")
+        supervising = wait_for_stop(cfg)
+    finally:
+        # Whatever ended the wait: a signal just before it began (an Interrupted)
+        # or an error in it. Only `task down`, which ends it with False, has
+        # stopped the stack already.
+        if supervising:
+            ignore_signals()
+            say("\nstopping ...")
+            # Not the lock's refusal: a `task scale` at work from another terminal
+            # ends within its timeout, and then the stack stops.
+            with lock.held(cfg.run_dir, "down", wait=True):
+                stack.down(cfg)
+
+
+def _start(cfg: StackConfig, args: argparse.Namespace, before: set[str]) -> None:
+    """``up``'s start; failed or interrupted, it stops what it has started (unless --keep-on-failure)."""
     try:
         if args.infra_only:
             stack.up_infra(cfg)
         else:
             stack.up(cfg)
     except BaseException:
-        _ignore_signals()
+        ignore_signals()
         if not args.keep_on_failure:
             say("stopping what this start began ...")
             # Only what this call started: a `task up TODO=3` that fails must
@@ -70,22 +70,6 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
             else:
                 stack.down(cfg)
         raise
-    if args.detach:
-        _print_urls(cfg)
-        return
-    stopping = True
-    try:
-        _print_urls(cfg)
-        say("\nCtrl-C stops everything (or `task down` from another terminal).")
-        stopping = wait_for_stop(cfg)
-    finally:
-        # Whatever ended the wait: a signal just before it began (an Interrupted)
-        # or an error in it. Only `task down`, which ends it with False, has
-        # stopped the stack already.
-        if stopping:
-            _ignore_signals()
-            say("\nstopping ...")
-            stack.down(cfg)
 
 
 def wait_for_stop(cfg: StackConfig) -> bool:
@@ -116,7 +100,8 @@ def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
 
 
 def cmd_down(cfg: StackConfig, _: argparse.Namespace) -> None:
-    stopped = stack.down(cfg)
+    with lock.held(cfg.run_dir, "down"):
+        stopped = stack.down(cfg)
     # Named: `task down` stops both profiles, one line each.
     print(f"{cfg.name} stack: " + (f"stopped {', '.join(stopped)}" if stopped else "nothing was running"))
 
@@ -145,7 +130,9 @@ def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:
     )
     if svc not in ("user", "todo", "notification", "gateway"):
         raise StackError(f"unknown service {args.service!r}: use user, todo, notification or gateway")
-    stack.scale(cfg, svc, args.count)
+    with lock.held(cfg.run_dir, f"scale {svc} {args.count}"):
+        stack.keep_ports(cfg)
+        stack.scale(cfg, svc, args.count)
     print(f"{svc}: {args.count} instance(s) passing in Consul")
 
 

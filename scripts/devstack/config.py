@@ -100,19 +100,27 @@ class StackConfig:
     ports: Ports
     instances: dict[str, int] = field(default_factory=lambda: {"user": 1, "todo": 1, "notification": 1, "gateway": 1})
     python: str = str(ROOT / ".venv" / "bin" / "python")
+    # Whose count no variable gave (`task up` without TODO=): `up` keeps as
+    # many as run, and ``instances`` (1) is for where none does. Set back to
+    # one, a `task scale SERVICE=todo N=3` was quietly undone by the next `up`.
+    counts_unset: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, *, profile: str = "dev") -> StackConfig:
         base = TEST_PORTS if profile == "test" else Ports()
         counts = {"user": 1, "todo": 1, "notification": 1, "gateway": 1}
+        unset = set()
         for svc in counts:
             count = _env_number(env, f"MESH_{svc.upper()}_INSTANCES", 0)
-            if count is not None:
+            if count is None:
+                unset.add(svc)
+            else:
                 counts[svc] = count
         # A folder per profile under MESH_RUN_DIR too: shared, `task test`
         # would take the dev stack's pid files for its own, and stop it.
         run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run")) / profile
-        return cls(name=profile, run_dir=run_dir, ports=base.overridden(env), instances=counts)
+        ports = base.overridden(env)
+        return cls(name=profile, run_dir=run_dir, ports=ports, instances=counts, counts_unset=frozenset(unset))
 
     # -- where things are -------------------------------------------------
     @property

@@ -8,8 +8,8 @@ The stack's processes run in sessions of their own, so the leader's pid is
 also the group's id. The group can outlive its leader (RabbitMQ's wrapper
 script dead, beam.smp running), and is still ours: its id cannot be handed
 to another process while it has a member. Once all are gone, it can; so
-the members must carry our mark too (or hide their environment from us,
-as another user's may).
+the members must carry our mark too (or, from root, hide their
+environment, as another user's may).
 """
 
 from __future__ import annotations
@@ -144,11 +144,14 @@ def _marked(pid: int, mark: str) -> bool:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except PermissionError:
-        # Another user's (beam.smp runs as rabbitmq), and root without
-        # CAP_SYS_PTRACE, as in a container, may not read it. A live member
-        # keeps the group's id from being handed out, so it is ours unless the
-        # id was freed, reused, and its new leader died too: taken as ours.
-        return True
+        # As root: another user's (beam.smp runs as rabbitmq), which root
+        # without CAP_SYS_PTRACE, as in a container, may not read. A live
+        # member keeps the group's id from being handed out, so it is ours
+        # unless the id was freed, reused, and its new leader died too: taken
+        # as ours. Anyone else runs the whole stack as themselves, and reads
+        # its environment: one hidden from them is another user's (after a
+        # reboot, a pid file's group id can be anyone's), never ours.
+        return os.geteuid() == 0
     except OSError:  # gone
         return False
     return f"{MARK}={mark}".encode() in environ.split(b"\0")

@@ -1,16 +1,18 @@
-"""Ports: is one free, and if not, who holds it and how to move ours."""
+"""Ports: is one free, and if not, who holds it and how to move ours; and which a running stack has."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import port_variable
+from .config import Ports, port_variable
 from .procs import StackError
 
 
@@ -91,3 +93,39 @@ def _listening() -> dict[str, tuple[str, int]]:
                         packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
                     found[f"socket:[{fields[9]}]"] = (socket.inet_ntop(family, packed), int(port, 16))
     return found
+
+
+# In the run directory: the ports the stack there was started on.
+RECORD = "ports.json"
+
+
+def record(run_dir: Path, ports: Ports) -> None:
+    """Note the ports a stack starts on, for the commands after to be held to them."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = run_dir / f"{RECORD}.partial"
+    partial.write_text(json.dumps(asdict(ports)) + "\n")
+    partial.replace(run_dir / RECORD)
+
+
+def require_recorded(run_dir: Path, ports: Ports) -> None:
+    """Refuse ports other than those the running stack was started on.
+
+    Its Envoy and infrastructure are reused as they are: what started on the
+    new ports waited 90 s for them there, in vain, and then failed. A stack
+    started before ports were recorded has nothing to be held to.
+    """
+    try:
+        started_on = json.loads((run_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return
+    changed = [
+        f"{name.replace('_', ' ')} on {port} (it runs on {started_on[name]}; {port_variable(name)})"
+        for name, port in asdict(ports).items()
+        if name in started_on and started_on[name] != port
+    ]
+    if changed:
+        raise StackError(
+            f"the stack in {run_dir} runs on other ports than this asks for: {'; '.join(changed)}."
+            " A running stack keeps its ports: give the same MESH_PORT_* values as the start did,"
+            " or `task down` first to move them"
+        )

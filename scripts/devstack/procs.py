@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO, TypedDict
 
 from . import pidfile
+from .signals import held_back
 
 # Children we started, kept so that Popen does not warn that they outlive it:
 # outliving this process is the point (``down`` finds them by pid file).
@@ -124,8 +125,7 @@ def start(run_dir: Path, proc: Proc) -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     rotate_log(log_path(run_dir, proc.name), LOG_KEEP_BYTES)
-    # Hashed before the start: a signal between the child's start and its pid
-    # file (an orphan, which nothing would stop) has no more time than it must.
+    # Hashed before the start, which holds back the stop signals: not for longer than it must.
     fingerprint = proc.fingerprint()
     mark = secrets.token_hex(8)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
@@ -136,23 +136,25 @@ def start(run_dir: Path, proc: Proc) -> int:
         run_as = _run_as(entry)
         env["HOME"] = str(proc.env.get("HOME", entry.pw_dir))
         env["USER"] = env["LOGNAME"] = proc.user
-    child = subprocess.Popen(
-        list(proc.argv),
-        env=env,
-        cwd=proc.cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **run_as,
-    )
-    log.close()
-    _started[child.pid] = child
-    # The start time makes the pid file name this process, not whichever
-    # process gets its pid after it is gone.
-    pidfile.write(
-        pid_dir(run_dir), proc.name, pidfile.Entry(child.pid, pidfile.started_at(child.pid), fingerprint, mark)
-    )
+    # A Ctrl-C from the child's start to its pid file orphaned it: it waits until after.
+    with held_back():
+        child = subprocess.Popen(
+            list(proc.argv),
+            env=env,
+            cwd=proc.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **run_as,
+        )
+        log.close()
+        _started[child.pid] = child
+        # The start time makes the pid file name this process, not whichever
+        # process gets its pid after it is gone.
+        pidfile.write(
+            pid_dir(run_dir), proc.name, pidfile.Entry(child.pid, pidfile.started_at(child.pid), fingerprint, mark)
+        )
     return child.pid
 
 
@@ -214,7 +216,9 @@ def _signal_group(pid: int, sig: int) -> None:
     except ProcessLookupError:
         pass
     except PermissionError:
-        os.kill(pid, sig)
+        # Members of another user's: the leader alone may be ours to signal, and gone.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _reap(pid: int) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from . import infra, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .loopback import get_json as get_json  # stack.get_json to the tests and benchmarks too
-from .ports import listeners, port_free, require_free
+from .ports import listeners, port_free, record, require_free, require_recorded
 from .procs import (
     Hopeless,
     Proc,
@@ -56,8 +56,17 @@ def health(cfg: StackConfig) -> dict[str, str]:
 
 
 # -- infrastructure --------------------------------------------------------------
+def keep_ports(cfg: StackConfig) -> None:
+    """Record the ports of a stack that starts from nothing; on one that runs, refuse any others."""
+    if running(cfg.run_dir):
+        require_recorded(cfg.run_dir, cfg.ports)
+    else:
+        record(cfg.run_dir, cfg.ports)
+
+
 def up_infra(cfg: StackConfig) -> None:
     """Start whatever infrastructure is not running yet, and wait for it."""
+    keep_ports(cfg)
     have = running(cfg.run_dir)
     p = cfg.ports
     wanted = {
@@ -117,6 +126,16 @@ def instances(cfg: StackConfig, svc: str) -> list[int]:
         for name in running(cfg.run_dir)
         if name.startswith(prefix) and name[len(prefix) :].isdigit()
     )
+
+
+def wanted(cfg: StackConfig, svc: str) -> int:
+    """How many instances of ``svc`` `up` runs: its count, if one was given; else as many as run, or the default.
+
+    As many as run: up to the highest number running, so that one that
+    crashed below it is started again.
+    """
+    have = instances(cfg, svc) if svc in cfg.counts_unset else []
+    return max(have) + 1 if have else cfg.instances[svc]
 
 
 def instance(cfg: StackConfig, svc: str, n: int) -> Proc:
@@ -184,6 +203,7 @@ def up(cfg: StackConfig) -> None:
     if "envoy" not in running(cfg.run_dir):
         require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
     cfg.service_secret()  # once, before instances start in parallel
+    counts = {svc: wanted(cfg, svc) for svc in (*SERVICES, "gateway")}  # read before any scale changes them
     # When one fails, or a signal stops `up`, the others stop waiting for health
     # at once, rather than for up to READY_TIMEOUT before the teardown can begin.
     cancelled = threading.Event()
@@ -191,8 +211,8 @@ def up(cfg: StackConfig) -> None:
         scaling: list[futures.Future[None]] = []
         try:
             # Inside the try: a signal between two submits cancels the first too.
-            for svc in (*SERVICES, "gateway"):
-                scaling.append(pool.submit(scale, cfg, svc, cfg.instances[svc], cancelled=cancelled))
+            for svc, count in counts.items():
+                scaling.append(pool.submit(scale, cfg, svc, count, cancelled=cancelled))
             done, _ = futures.wait(scaling, return_when=futures.FIRST_EXCEPTION)
             for one in done:
                 one.result()  # raises the failure, if one ended the wait

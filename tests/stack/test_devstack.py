@@ -16,6 +16,7 @@ from devstack import infra, mesh, procs, stack
 from devstack.config import ROOT, TEST_PORTS, StackConfig
 from devstack.pidfile import alive
 from devstack.procs import Proc, StackError, running, start, stop, wait_until
+from devstack.signals import STOP_SIGNALS
 
 from .conftest import sleeper, unused_port
 
@@ -188,12 +189,12 @@ def test_an_up_that_fails_stops_only_what_it_started(tmp_path: Path, monkeypatch
         raise StackError("todo-1 did not pass its check")  # as a `task up TODO=2` may
 
     monkeypatch.setattr(stack, "up", failing_up)
-    handlers = {sig: signal.getsignal(sig) for sig in cli.STOP_SIGNALS}
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         assert cli.main(["up"]) == 1
         assert set(running(run_dir)) == {"postgres"}
         # The teardown ignored them; this process (pytest) must hear Ctrl-C again.
-        assert {sig: signal.getsignal(sig) for sig in cli.STOP_SIGNALS} == handlers
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == handlers
     finally:
         for name in running(run_dir):
             stop(run_dir, name)

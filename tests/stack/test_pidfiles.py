@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from devstack.config import TEST_PORTS, StackConfig
+from devstack.config import ROOT, TEST_PORTS, StackConfig
 from devstack.pidfile import alive
 from devstack.procs import Proc, running, start, stop, wait_until
 
-from .conftest import SLEEP, group, sleeper
+from .conftest import SLEEP, group, sleeper, unused_port
 
 # A pid no process can have: past the kernel's largest pid_max (2**22).
 GONE = 2**22 + 1
@@ -143,3 +145,50 @@ def test_a_member_whose_environment_cannot_be_read_keeps_its_group_ours(
         monkeypatch.undo()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leader, signal.SIGKILL)
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not SYSTEM_PYTHON.exists(), reason="needs root, to run `down` as another user (nobody)"
+)
+def test_down_by_a_user_leaves_a_group_of_another_users_alone_without_a_traceback(tmp_path: Path) -> None:
+    # After a reboot, a pid file's group id can be any user's. To a user who
+    # is not root, that group's hidden environment was taken for ours: `down`
+    # signalled its gone leader's pid, and crashed with a traceback.
+    nobody = pwd.getpwnam("nobody")
+    # Run by root here, and so another user's to nobody; in a run directory
+    # nobody may use (pytest's own tmp_path is closed to other users).
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:
+        run_dir = Path(shared) / "dev"
+        leader = _leader_gone_child_left(run_dir)
+        os.waitpid(leader, 0)  # reaped: as after a reboot, its pid is no process's
+        try:
+            # As if nobody had made them: the run directory, and the pid files' lock.
+            for mine in (Path(shared), run_dir, run_dir / "pids", run_dir / "pids" / ".lock"):
+                mine.chmod(0o777)
+            env = {
+                "PATH": os.environ["PATH"],
+                "PYTHONPATH": str(ROOT / "scripts"),
+                "MESH_RUN_DIR": shared,
+                "MESH_PORT_EPMD": str(unused_port()),
+            }
+            # The system's Python: the venv's may live where nobody cannot reach (/root).
+            down = subprocess.run(
+                [str(SYSTEM_PYTHON), "-m", "devstack", "down"],
+                env=env,
+                user=nobody.pw_uid,
+                group=nobody.pw_gid,
+                extra_groups=[],
+                cwd="/",
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert (down.returncode, down.stderr) == (0, "")
+            assert down.stdout == "dev stack: nothing was running\n"
+            assert len(group(leader)) == 1  # not signalled: it could not be
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader, signal.SIGKILL)

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,47 @@ def test_the_foreground_stack_outlives_a_crash_of_consul_alone(tmp_path: Path) -
         stop(cfg.run_dir, "redis")  # what `task down` does last
     supervisor.join(timeout=5)
     assert outcome == [False]
+
+
+class _Stopped(Exception):
+    """What the test's SIGTERM handler raises, as `up`'s raises Interrupted."""
+
+
+def _blocked(pid: int) -> int:
+    """The signals a process has blocked, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("SigBlk:")[1].split()[0], 16)
+
+
+def test_a_signal_just_after_a_process_starts_still_leaves_its_pid_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ctrl-C between the child's start and its pid file orphaned it: it
+    # ran on, and nothing could find it to stop it.
+    real_popen = subprocess.Popen
+    children: list[subprocess.Popen[bytes]] = []
+
+    def popen_then_signal(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        children.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this (the main) thread
+        return children[-1]
+
+    def stopped(signum: int, _: object) -> None:
+        raise _Stopped
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_signal)
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        with pytest.raises(_Stopped):
+            start(tmp_path, sleeper("redis"))
+        (child,) = children
+        assert running(tmp_path) == {"redis": child.pid}
+        # Nor held back in the child: it hears what `stop` sends it.
+        assert _blocked(child.pid) & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1)) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.undo()
+        for child in children:
+            child.kill()
+            child.wait()
+        stop(tmp_path, "redis")
