@@ -29,3 +29,29 @@ def test_setup_refuses_a_python_older_than_3_11_before_it_does_anything(tmp_path
     )
     assert result.returncode == 1
     assert f"setup: {old} is Python 3.10, and todo-mesh needs 3.11 or later" in result.stderr
+
+
+def _units_started_on_install(systemd: Path, *packages: str) -> list[str]:
+    """What setup stops and disables after installing ``packages``, systemd's runtime directory being ``systemd``."""
+    call = 'source "$1" && shift && units_started_on_install "$@"'
+    done = subprocess.run(
+        ["bash", "-c", call, "-", str(ROOT / "scripts" / "setup"), str(systemd), *packages],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_setup_stops_the_daemons_that_the_packages_it_installs_start_where_systemd_runs(tmp_path: Path) -> None:
+    # Debian's packages start their PostgreSQL, Redis and RabbitMQ on install,
+    # on the stack's ports: the first `task up` stopped at "ports already in use".
+    systemd = tmp_path / "run-systemd-system"
+    systemd.mkdir()
+    installed = ("postgresql", "curl", "redis-server", "jq", "rabbitmq-server")
+    assert _units_started_on_install(systemd, *installed) == ["postgresql", "redis-server", "rabbitmq-server"]
+    # One that was here before setup is not among those installed: left alone.
+    assert _units_started_on_install(systemd, "curl", "redis-server") == ["redis-server"]
+    # No systemd (a container's init), no daemon started on install.
+    assert _units_started_on_install(tmp_path / "none", *installed) == []
