@@ -1,8 +1,12 @@
 """The event consumer: every message ends acked, retried later, or dead-lettered.
 
-Each delivery is handled in its own task (up to ``prefetch`` at a time), with
-manual acknowledgement and the message's correlation id bound as the log
-``request_id``. What happens to it depends on how handling ended:
+Each delivery is handled in a task of ours (up to ``prefetch`` at a time),
+with manual acknowledgement and the message's correlation id bound as the
+log ``request_id``. Not in the task aiormq runs the callback in: aiormq
+cancels those when their channel closes (a broker restart, a blip, our reset
+in ``_give_back``), and a send cancelled in DATA went out again, uncounted,
+once its claim's lease ran out. Only the end of a shutdown's drain cancels
+ours. What happens to a message depends on how handling ended:
 
 =====================  ==================================================
 handled                ack
@@ -40,7 +44,10 @@ the broker's consumer_timeout.
 
 The connection is ``connect_robust``: after a broker restart it reconnects
 and restores this channel, its QoS and the consumer by itself. Messages in
-flight at the time are redelivered, and idempotency makes that harmless.
+flight then are redelivered while their first deliveries go on: the email's
+claim keeps the two from both sending it, and a delivery whose channel is
+gone settles nothing (``channel_lost``): the broker has its message back,
+and a copy for a retry queue would be one more.
 """
 
 from __future__ import annotations
@@ -53,12 +60,7 @@ from typing import Protocol
 
 import aio_pika
 import structlog
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
 from mesh_common.events import Event
 
@@ -66,7 +68,7 @@ from .events import parse
 from .failures import MalformedCount, ShuttingDown, TemporaryFailure, UnprocessableEvent
 from .headers import FAILURES_HEADER, RETRIES_HEADER, count, counted_copy
 from .notifier import Outcome
-from .topology import Topology
+from .topology import Topology, existing_queue
 
 log = structlog.get_logger()
 
@@ -78,10 +80,6 @@ CRASH_EXIT_CODE = 70
 CHANNEL_CLOSE_TIMEOUT = 5.0
 # How long deliveries cancelled at the end of a drain get to unwind.
 STUCK_CANCEL_TIMEOUT = 5.0
-
-
-class TopologyMissing(RuntimeError):
-    """A queue we need was not declared on the broker."""
 
 
 class Handler(Protocol):
@@ -111,7 +109,8 @@ class EventConsumer:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        # How deliveries ended: acked, retried, failed, dead_lettered, requeued.
+        # How deliveries ended: acked, retried, failed, dead_lettered, requeued,
+        # channel_lost (the channel closed under it: redelivered).
         self.settled: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -126,8 +125,8 @@ class EventConsumer:
         # The retry queues are checked once, not at every channel recovery: a
         # retry queue lost later must not keep the consumer from coming back.
         for name in self._topology.retry_queues:
-            await _existing_queue(channel, name, robust=False)
-        self._queue = await _existing_queue(channel, self._topology.queue)
+            await existing_queue(channel, name, robust=False)
+        self._queue = await existing_queue(channel, self._topology.queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
 
@@ -155,7 +154,8 @@ class EventConsumer:
         except TimeoutError:
             log.warning("consumer_stop_timed_out", in_flight=len(self._in_flight))
             # Not left running past the resources they use, which close next:
-            # cancelled, they leave their messages unacked, to be redelivered.
+            # cancelled, they leave their messages unacked, to be redelivered,
+            # and a send cut short is counted or released (notifier.py).
             stuck = set(self._in_flight)
             for task in stuck:
                 task.cancel()
@@ -164,31 +164,31 @@ class EventConsumer:
         log.info("consumer_stopped", queue=self._topology.queue)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        # Handed to a task of ours, which aiormq does not cancel with the channel (module docstring).
+        task = asyncio.create_task(self._handle(message), name=f"delivery-{message.message_id}")
         self._in_flight.add(task)
-        try:
-            with structlog.contextvars.bound_contextvars(
-                request_id=message.correlation_id or message.message_id,
-                event_id=message.message_id,
-                event_type=message.type,
-            ):
-                try:
-                    await self._process(message)
-                except Exception as exc:
-                    log.warning("event_settle_failed", error=type(exc).__name__, detail=str(exc))
-                    await self._give_back(message)
-        finally:
-            self._in_flight.discard(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        with structlog.contextvars.bound_contextvars(
+            request_id=message.correlation_id or message.message_id,
+            event_id=message.message_id,
+            event_type=message.type,
+        ):
+            try:
+                await self._process(message)
+            except Exception as exc:
+                log.warning("event_settle_failed", error=type(exc).__name__, detail=str(exc))
+                await self._give_back(message)
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         """Hand a message we could not settle back to the broker, to be delivered again.
 
         A nack with requeue first (it spends one of the message's
         delivery-limit). If that fails too, closing the channel it came on
-        returns it, with whatever else is unacked there (idempotency makes
-        their redelivery harmless), and the robust connection opens a new
-        channel and consumes again. If the channel is closed already, the
+        returns it, with whatever else is unacked there (their deliveries go
+        on, and settle nothing: ``_channel_lost``), and the robust connection
+        opens a new channel and consumes again. If the channel is closed already, the
         broker has the message back: nothing to do.
         """
         try:
@@ -210,24 +210,40 @@ class EventConsumer:
         self.settled["requeued"] += 1
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        failure: Exception | None = None
         try:
             event = parse(message.body)
             outcome = await self._handler.handle(event)
-        except UnprocessableEvent as exc:
-            await self._dead_letter(message, exc)
-        except ShuttingDown as exc:
-            log.info("event_given_back", reason=str(exc))
-            await self._give_back(message)
-        except TemporaryFailure as exc:
-            await self._retry_later(message, exc)
         except Exception as exc:
-            await self._deliver_again(message, exc)
+            failure = exc
         else:
             if outcome is Outcome.SENT and self._crash_after_send:
                 log.warning("crash_hook_exit", stage="after_send_before_ack")
                 os._exit(CRASH_EXIT_CODE)
+        if self._channel_lost(message):
+            return
+        if failure is None:
             await message.ack()
             self.settled["acked"] += 1
+        elif isinstance(failure, UnprocessableEvent):
+            await self._dead_letter(message, failure)
+        elif isinstance(failure, ShuttingDown):
+            log.info("event_given_back", reason=str(failure))
+            await self._give_back(message)
+        elif isinstance(failure, TemporaryFailure):
+            await self._retry_later(message, failure)
+        else:
+            await self._deliver_again(message, failure)
+
+    def _channel_lost(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the channel the message came on has closed since: the broker has it back, to redeliver."""
+        try:
+            message.channel  # noqa: B018 - raises once the channel has closed
+        except aio_pika.exceptions.ChannelInvalidStateError:
+            log.info("event_channel_lost")
+            self.settled["channel_lost"] += 1
+            return True
+        return False
 
     async def _dead_letter(self, message: AbstractIncomingMessage, exc: Exception) -> None:
         log.error("event_dead_lettered", reason=type(exc).__name__, detail=str(exc), queue=self._topology.dead_letters)
@@ -277,10 +293,3 @@ class EventConsumer:
     async def _republish(self, copy: aio_pika.Message, queue: str) -> None:
         assert self._channel is not None
         await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True, timeout=10)
-
-
-async def _existing_queue(channel: AbstractRobustChannel, name: str, *, robust: bool = True) -> AbstractQueue:
-    try:
-        return await channel.declare_queue(name, passive=True, robust=robust)
-    except aio_pika.exceptions.ChannelNotFoundEntity:
-        raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None

@@ -35,6 +35,10 @@ lost the connection before its 250 reached us. That is
 than let another delivery send it at once (see notifier.py). Servers often
 check a message before they answer, so DATA has its own, longer timeout
 (``data_timeout``; RFC 5321 allows a client up to 10 minutes).
+
+A send cancelled under way (a shutdown's drain that ran out) raises the
+cancellation, which says nothing of how far it got: the ``Send`` a slot
+yields tells whether its last attempt had begun DATA.
 """
 
 from __future__ import annotations
@@ -103,6 +107,21 @@ class _Client(aiosmtplib.SMTP):
         return await super().data(message, timeout=self._data_timeout)
 
 
+class Send:
+    """A slot's ``send``: hands a message to the server, and keeps whether its last attempt began DATA.
+
+    Read after a cancellation: from DATA on, the server may have the message.
+    """
+
+    def __init__(self, send: Callable[[EmailMessage, Send], Awaitable[None]]) -> None:
+        self._send = send
+        self.data_started = False
+
+    async def __call__(self, message: EmailMessage) -> None:
+        self.data_started = False
+        await self._send(message, self)
+
+
 class Mailer:
     def __init__(self, settings: SmtpSettings) -> None:
         self._settings = settings
@@ -138,7 +157,7 @@ class Mailer:
             await send(message)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Callable[[EmailMessage], Awaitable[None]]]:
+    async def slot(self) -> AsyncIterator[Send]:
         """A session slot, held across the caller's own steps and the ``send`` it yields.
 
         Waiting for a slot is no attempt's time, and may be long when the
@@ -146,7 +165,7 @@ class Mailer:
         ``longest_send`` takes the claim inside the slot, not before it.
         """
         async with self._slots:
-            yield self._send_with_retries
+            yield Send(self._send_with_retries)
 
     async def close(self) -> None:
         # From now on a send that ends closes its session instead of keeping
@@ -165,7 +184,7 @@ class Mailer:
         # hold up a shutdown that has a grace period to keep.
         await asyncio.gather(*(say_goodbye(client) for client, _ in idle))
 
-    async def _send_once(self, message: EmailMessage) -> None:
+    async def _send_once(self, message: EmailMessage, progress: Send) -> None:
         """One attempt, on a session of its own: reused if fresh, new otherwise.
 
         After any error the session is closed, not reused: its state is
@@ -180,11 +199,13 @@ class Mailer:
         except BaseException as exc:
             if client is not None:
                 client.close()
+                progress.data_started = client.data_started
             if client is not None and client.data_started and isinstance(exc, Exception):
                 raise _after_data(exc) from None
             if isinstance(exc, aiosmtplib.SMTPException | OSError):
                 raise _before_data(exc) from None
             raise
+        progress.data_started = True
         if self._closed:
             client.close()
         else:

@@ -17,9 +17,10 @@ The steps, and what a crash after each one leaves behind:
    start a send that the end of the shutdown's drain could cut short in
    DATA, to be sent again after the restart.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
-3. Mark the row ``sent``, trying again for up to half the lease while the
-   database is away. Then the consumer acks the event. Crash between 3
-   and the ack: the redelivered event stops at step 1. No duplicate.
+3. Mark the row ``sent``, trying again for up to half the lease, from the
+   end of the send, while the database is away. Then the consumer acks the
+   event. Crash between 3 and the ack: the redelivered event stops at step
+   1. No duplicate.
 
 If step 2 fails before DATA, or the server answers that it will not take
 the message, the server does not have it: the claim is released and the
@@ -43,6 +44,14 @@ would otherwise be sent it every lease for as long as the event is retried
 behind it is never released, only taken over after its lease: released, its
 count would go with it.
 
+A delivery cut short (cancelled by a shutdown whose drain ran out) leaves
+its claim as its send left the server, within ``CUT_SHORT_GRACE``: released
+if DATA had not begun, counted as a send with an unknown outcome if it had.
+One cut short while it records a send's outcome lets the write under way
+finish. Left as they were, such claims were taken over after their lease
+and the email sent again, uncounted. A broker connection dropping does not
+cut a delivery short: the consumer runs them in tasks of its own.
+
 The lease is longer than a send can take (``Mailer.longest_send``): a
 delivery still at work is not taken over. It is claimed only once it holds
 one of the mailer's sessions, so that the wait for one does not count.
@@ -52,9 +61,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiopg
 import structlog
@@ -72,6 +81,10 @@ T = TypeVar("T")
 # round trips around it. With the default SMTP settings the lease is about
 # 80 s, which is how long a crashed delivery waits to be resent.
 CLAIM_MARGIN = 5.0
+# How long a delivery cut short (a shutdown's drain that ran out) may still
+# take to record what its send left behind: well within the time the
+# consumer gives the deliveries it cancels (consumer.STUCK_CANCEL_TIMEOUT).
+CUT_SHORT_GRACE = 3.0
 
 
 class Outcome(Enum):
@@ -154,6 +167,9 @@ class Notifier:
                 await send(email)
             except MailOutcomeUnknown as exc:
                 unknown: MailOutcomeUnknown | None = exc  # counted below, with the session given back
+            except asyncio.CancelledError:
+                await self._cut_short(claim, token, data_started=send.data_started)
+                raise
             except Exception:
                 # The server does not have it: the next delivery may claim it at once.
                 await claims.release_notification(self._pool, event_id, kind, token)
@@ -185,20 +201,52 @@ class Notifier:
         )
         return Outcome.UNCONFIRMED
 
+    async def _cut_short(self, claim: claims.Claim, token: str, *, data_started: bool) -> None:
+        """A send cancelled under way (a shutdown's drain ran out): leave the claim as the send left the server.
+
+        Before DATA the server does not have the email: released, the next
+        delivery may send it at once. From DATA on it may: counted as a send
+        with no answer, so that it is sent once more at most. Left as it was,
+        the claim was taken over after its lease and the email sent again,
+        uncounted.
+        """
+        event_id, kind = claim.event_id, claim.kind
+        write: Coroutine[Any, Any, object]
+        if data_started:
+            write = claims.record_unknown_send(self._pool, event_id, kind, token)
+        else:
+            write = claims.release_notification(self._pool, event_id, kind, token)
+        written = await _given_a_moment(asyncio.ensure_future(write))
+        log.warning("notification_cut_short", event_id=event_id, kind=kind, data_started=data_started, recorded=written)
+
     async def _recorded(self, record: Callable[[], Awaitable[T]], what: str, event_id: str, kind: str) -> T:
         """``record``, the outcome of a send, tried again for up to half the lease while the database is away.
 
         The email is out, or may be. Unrecorded as sent, the claim would run
         out and a later delivery send it again; unrecorded as an unknown
         send, it could be sent more than once again. A database away for a
-        moment must not make a duplicate. Away for longer, it still may.
+        moment must not make a duplicate. Away for longer, it still may; and
+        so may one away when the lease runs out, which it can soon after a
+        slow send (the lease runs from the claim), if another delivery of the
+        event is at hand to take the claim over. Bounded from the claim
+        instead, this would give up sooner, and a late record still stops a
+        resend when no other delivery is at hand.
+
+        A cancellation (a shutdown's drain ran out) does not cut an attempt
+        short: cut in the middle, a write may or may not be made, and the
+        count of unknown sends is no write to make twice.
         """
         delay = 0.1
         try:
             async with asyncio.timeout(self.lease / 2):
                 while True:
+                    attempt = asyncio.ensure_future(record())
                     try:
-                        return await record()
+                        return await asyncio.shield(attempt)
+                    except asyncio.CancelledError:
+                        if not await _given_a_moment(attempt):
+                            log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, cut_short=True)
+                        raise
                     except DatabaseUnavailable as exc:
                         event = f"notification_{what}_not_recorded_yet"
                         log.warning(event, event_id=event_id, kind=kind, error=str(exc))
@@ -207,6 +255,30 @@ class Notifier:
         except TimeoutError:
             log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, resend_after=self.lease)
             raise DatabaseUnavailable(f"the email went out, and could not be recorded ({what})") from None
+
+
+async def _given_a_moment(write: asyncio.Future[Any]) -> bool:
+    """Wait for ``write``, of a delivery being cut short, ``CUT_SHORT_GRACE`` s at most: whether it was made.
+
+    Cancelled once more meanwhile, or not done by then, it is cut short too.
+    """
+    write.add_done_callback(_retrieved)
+    try:
+        await asyncio.wait({write}, timeout=CUT_SHORT_GRACE)
+    finally:
+        write.cancel()  # nothing to cancel once it is done
+    if write.cancelled() or not write.done():
+        return False
+    if (exc := write.exception()) is not None:
+        log.warning("notification_record_failed", error=type(exc).__name__, detail=str(exc))
+        return False
+    return True
+
+
+def _retrieved(write: asyncio.Future[Any]) -> None:
+    """Its error read, so that asyncio does not log it as never retrieved: one cut short may end in one."""
+    if not write.cancelled():
+        write.exception()
 
 
 def _ended(status: str | None, event_id: str, kind: str) -> Outcome | None:

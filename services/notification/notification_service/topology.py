@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import aio_pika
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel
+
 from mesh_common.events import EVENTS_EXCHANGE
 
 # One queue per delay, each with a fixed x-message-ttl: a single queue with
@@ -46,3 +49,15 @@ class Topology:
         """The retry queue and its delay for the ``attempt``-th retry (from 1): exponential, then flat."""
         index = min(max(attempt, 1), len(RETRY_DELAYS)) - 1
         return self.retry_queues[index], RETRY_DELAYS[index][1]
+
+
+class TopologyMissing(RuntimeError):
+    """A queue we need was not declared on the broker."""
+
+
+async def existing_queue(channel: AbstractRobustChannel, name: str, *, robust: bool = True) -> AbstractQueue:
+    """The queue ``name``, passively declared: one missing is ``TopologyMissing``."""
+    try:
+        return await channel.declare_queue(name, passive=True, robust=robust)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None

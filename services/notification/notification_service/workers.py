@@ -28,6 +28,15 @@ from .mailer import Mailer
 from .notifier import Notifier
 from .reminders import Reminders, ReminderScheduler
 
+# How long the consumer's drain, and the scheduler's last round, may take at
+# shutdown before what they still have in hand is cut short. Shorter than a
+# send can take (Mailer.longest_send, about 75 s with the defaults) on
+# purpose: each, with the unwinding after it, must end within compose's 20 s
+# stop_grace_period, after which SIGKILL would cut the send short with no
+# chance to record it. Cut short by us, a send in DATA is counted as one
+# whose outcome is unknown (sent once more at most), one before DATA
+# released (notifier.py), and its event or reminder waits for the next start.
+DRAIN_TIMEOUT = 10.0
 SCHEDULER_STOP_TIMEOUT = 10.0
 
 
@@ -76,7 +85,7 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def stop() -> None:
         app[NOTIFIER].stop()  # before the drain: what has not claimed its email gives its event back
-        await consumer.stop()
+        await consumer.stop(drain_timeout=DRAIN_TIMEOUT)
 
     app[STOPS].add("consumer", stop)
     try:

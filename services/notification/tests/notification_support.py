@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, overload
+from urllib.parse import quote
 
 import aio_pika
 import aiohttp
@@ -118,6 +119,28 @@ class Management:
 
     def queue(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/queues/%2F/{name}")
+
+
+async def amqp_connection(management: Management, name: str) -> str:
+    """The broker's name for the AMQP connection whose client named it ``name``.
+
+    The management API lists a connection only at its next statistics round
+    (a few seconds): looked up ahead of the moment a test drops it.
+    """
+
+    async def named() -> str | None:
+        connections: list[dict[str, Any]] = await asyncio.to_thread(management.request, "GET", "/connections")
+        for c in connections:
+            if (c.get("client_properties") or {}).get("connection_name") == name:
+                return str(c["name"])
+        return None
+
+    return await eventually(named, within=15, what=f"the AMQP connection {name}")
+
+
+async def drop_amqp_connection(management: Management, connection: str) -> None:
+    """Close ``connection`` (the broker's name for it) from the broker's side: what a broker restart looks like."""
+    await asyncio.to_thread(management.request, "DELETE", f"/connections/{quote(connection, safe='')}")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote
 
 import aiopg
 import pytest
@@ -23,6 +22,8 @@ from notification_support import (
     FakeUserService,
     Management,
     StartService,
+    amqp_connection,
+    drop_amqp_connection,
     eventually,
     new_user,
     registered,
@@ -175,25 +176,13 @@ async def test_the_consumer_comes_back_after_the_broker_drops_its_connection(
 ) -> None:
     reconnected = asyncio.Event()
     service.app[AMQP].reconnect_callbacks.add(lambda *_: reconnected.set())
-    name = service.app[SETTINGS].service.instance_id
-    connection = await eventually(
-        lambda: _connection_named(management, name), within=15, what="the service's AMQP connection"
-    )
-    # What a broker restart looks like from the client: the socket closes.
-    await asyncio.to_thread(management.request, "DELETE", f"/connections/{quote(connection, safe='')}")
+    connection = await amqp_connection(management, service.app[SETTINGS].service.instance_id)
+    await drop_amqp_connection(management, connection)
 
     user = new_user()
     await broker.publish(registered(user))
     await eventually(lambda: smtp.to(user["email"]), within=20, what="the email after the reconnection")
     assert reconnected.is_set()
-
-
-async def _connection_named(management: Management, name: str) -> str | None:
-    connections: list[dict[str, Any]] = await asyncio.to_thread(management.request, "GET", "/connections")
-    for c in connections:
-        if (c.get("client_properties") or {}).get("connection_name") == name:
-            return str(c["name"])
-    return None
 
 
 async def test_a_statement_the_server_cancels_is_the_database_unavailable_for_now(pool: aiopg.Pool) -> None:
