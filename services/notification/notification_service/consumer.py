@@ -147,8 +147,10 @@ class EventConsumer:
                         # A channel or connection gone wrong: the deliveries
                         # in hand must still end before what they use closes.
                         log.warning("consumer_cancel_failed", error=type(exc).__name__, detail=str(exc))
-                if self._in_flight:
-                    await asyncio.wait(self._in_flight)
+                # Until none is left: one may start after a wait began (a
+                # delivery dispatched before the cancel took effect).
+                while self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
                 if self._channel is not None:
                     await self._channel.close()
         except TimeoutError:

@@ -216,8 +216,11 @@ class Notifier:
             write = claims.record_unknown_send(self._pool, event_id, kind, token)
         else:
             write = claims.release_notification(self._pool, event_id, kind, token)
-        written = await _given_a_moment(asyncio.ensure_future(write))
+        future = asyncio.ensure_future(write)
+        written = await _given_a_moment(future)
         log.warning("notification_cut_short", event_id=event_id, kind=kind, data_started=data_started, recorded=written)
+        if data_started and written and future.result() is True:
+            log.error("notification_unconfirmed", event_id=event_id, kind=kind, message_id=claim.message_id)
 
     async def _recorded(self, record: Callable[[], Awaitable[T]], what: str, event_id: str, kind: str) -> T:
         """``record``, the outcome of a send, tried again for up to half the lease while the database is away.
@@ -238,12 +241,15 @@ class Notifier:
         """
         delay = 0.1
         try:
-            async with asyncio.timeout(self.lease / 2):
+            async with asyncio.timeout(self.lease / 2) as bound:
                 while True:
                     attempt = asyncio.ensure_future(record())
                     try:
                         return await asyncio.shield(attempt)
                     except asyncio.CancelledError:
+                        if bound.expired():  # our own bound, not a shutdown: given up on below
+                            attempt.cancel()
+                            raise
                         if not await _given_a_moment(attempt):
                             log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, cut_short=True)
                         raise
