@@ -12,6 +12,10 @@ from .config import StackConfig
 from .procs import StackError, running, say, stop
 from .signals import STOP_SIGNALS, Interrupted, ignore_signals, interrupt_on_signals
 
+# How long a foreground `up`'s teardown waits for a command at work from
+# another terminal (a `task scale`: a start, then a stop, each bounded).
+TEARDOWN_LOCK_WAIT = stack.READY_TIMEOUT + stack.STOP_GRACE
+
 
 def _print_urls(cfg: StackConfig) -> None:
     say("\ntodo-mesh is up (native):")
@@ -45,9 +49,9 @@ def cmd_up(cfg: StackConfig, args: argparse.Namespace) -> None:
         if supervising:
             ignore_signals()
             say("\nstopping ...")
-            # Not the lock's refusal: a `task scale` at work from another terminal
-            # ends within its timeout, and then the stack stops.
-            with lock.held(cfg.run_dir, "down", wait=True):
+            # Not the lock's refusal at once: a `task scale` at work from another
+            # terminal ends within its own timeouts, and then the stack stops.
+            with lock.held(cfg.run_dir, "down", wait=TEARDOWN_LOCK_WAIT):
                 stack.down(cfg)
 
 

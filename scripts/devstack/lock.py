@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -19,6 +20,7 @@ from typing import TextIO
 from .procs import StackError, say
 
 LOCK_FILE = "command.lock"
+POLL_SECONDS = 0.2
 
 
 class Busy(StackError):
@@ -26,26 +28,38 @@ class Busy(StackError):
 
 
 @contextlib.contextmanager
-def held(run_dir: Path, command: str, *, wait: bool = False) -> Iterator[None]:
-    """The stack's lock, for the block, as ``command``; held by another, refused (or with ``wait``, waited for)."""
+def held(run_dir: Path, command: str, *, wait: float = 0.0) -> Iterator[None]:
+    """The stack's lock, for the block, as ``command``; held by another, refused (after ``wait`` seconds)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / LOCK_FILE).open("a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _take(lock):
             holder = _holder(lock)
-            if not wait:
-                raise Busy(
-                    f"{holder} is at work on the stack in {run_dir}: wait for it to end,"
-                    " or stop it (Ctrl-C where it runs), then try again"
-                ) from None
-            say(f"waiting for {holder} to end ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if wait > 0:
+                say(f"waiting for {holder} to end ...")
+            # Polled, not a blocking flock: a holder suspended (Ctrl-Z) or
+            # hung would keep the waiter, deaf to signals as it tears down,
+            # for good.
+            deadline = time.monotonic() + wait
+            while not _take(lock):
+                if time.monotonic() >= deadline:
+                    raise Busy(
+                        f"{_holder(lock)} is at work on the stack in {run_dir}: wait for it to end,"
+                        " or stop it (Ctrl-C where it runs), then try again"
+                    ) from None
+                time.sleep(POLL_SECONDS)
         # Written once the lock is ours, for a refused command to name us.
         lock.truncate(0)
         lock.write(f"{os.getpid()} {command}\n")
         lock.flush()
         yield
+
+
+def _take(lock: TextIO) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _holder(lock: TextIO) -> str:

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from devstack import cli, infra, mesh, rabbitmq, stack
+from devstack import cli, infra, lock, mesh, rabbitmq, stack
 from devstack.config import ROOT, SERVICES, Ports, StackConfig, port_variable
 from devstack.pidfile import alive
 from devstack.procs import Proc, log_path, running, start, stop
@@ -189,3 +190,32 @@ def test_an_up_asking_for_other_ports_than_the_running_stacks_is_refused_and_nam
         assert cli.main(["up", "--infra-only", "--detach"]) == 0
     finally:
         _stop_all(run_dir)
+
+
+def test_a_teardown_waits_for_the_stacks_lock_a_bounded_time(tmp_path: Path) -> None:
+    # A foreground `up` tears down deaf to signals; a blocking wait for a
+    # holder suspended with Ctrl-Z kept it so until SIGKILL.
+    outcome: list[BaseException | None] = []
+
+    def teardown() -> None:
+        try:
+            with lock.held(tmp_path, "down", wait=0.5):
+                outcome.append(None)
+        except BaseException as exc:  # what ended the wait is the result
+            outcome.append(exc)
+
+    with lock.held(tmp_path, "scale todo 3"):
+        waiter = threading.Thread(target=teardown, daemon=True)
+        waiter.start()
+        waiter.join(timeout=10)
+        assert not waiter.is_alive(), "the wait for the lock did not end"
+    assert len(outcome) == 1 and isinstance(outcome[0], lock.Busy)
+    assert "`scale todo 3`" in str(outcome[0])
+
+    # And one that is let go within the wait is taken.
+    with lock.held(tmp_path, "scale todo 3"):
+        waiter = threading.Thread(target=teardown, daemon=True)
+        outcome.clear()
+        waiter.start()
+    waiter.join(timeout=10)
+    assert outcome == [None]
