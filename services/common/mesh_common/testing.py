@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +83,23 @@ async def eventually(condition: Callable[[], object], *, within: float = 5.0, in
     async with asyncio.timeout(within):
         while not condition():
             await asyncio.sleep(interval)
+
+
+async def run_module(module: str, *args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """``python -m module args...``, with ``env`` over ours: exit status, stdout, stderr (30 s at most)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 def loopback_service(name: str, consul_url: str, *, port: int = 0) -> ServiceSettings:

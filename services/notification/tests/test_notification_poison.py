@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from typing import Any
 
 import aio_pika
@@ -15,6 +12,7 @@ from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
 from mesh_common.events import Event
+from mesh_common.testing import run_module
 from notification_service.consumer import FAILURE_LIMIT, EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
 from notification_service.failures import MailServerUnavailable
@@ -254,21 +252,10 @@ async def _ready_is(broker: Broker, queue: str, count: int) -> bool:
 async def _cli(*args: str, infra: StackConfig, topology: Topology) -> str:
     """Run ``python -m notification_service ...`` as an operator would."""
     env = {
-        **os.environ,
         "AMQP_URL": infra.amqp_url,
         "EVENTS_EXCHANGE": topology.exchange,
         "NOTIFICATION_QUEUES": topology.namespace,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "notification_service", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode == 0, err.decode()
-    return out.decode()
+    status, out, err = await run_module("notification_service", *args, env=env)
+    assert status == 0, err
+    return out

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 import uuid
 
@@ -14,6 +12,7 @@ import redis.asyncio as aioredis
 from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import VERIFIER
+from mesh_common.testing import run_module
 from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.settings import Settings, TokenPolicy
@@ -132,20 +131,7 @@ async def test_a_recovery_racing_instances_that_start_leaves_one_active_and_one_
 
 async def run_cli(*args: str, database_url: str) -> tuple[int, str, str]:
     """``python -m user_service ...`` as an operator runs it: exit status, stdout, stderr."""
-    env = {**os.environ, "DATABASE_URL": database_url}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "user_service", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_module("user_service", *args, env={"DATABASE_URL": database_url})
 
 
 async def test_rotate_keys_compromised_from_the_command_line(settings: Settings, db: aiopg.Pool) -> None:
