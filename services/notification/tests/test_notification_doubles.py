@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from notification_proxy import TcpProxy
 from notification_support import FakeUserService
 from smtp_sink import SmtpSink
 
 from mesh_common.testing import port_binds, refuses_connections
+from mesh_common.testing.proxy import TcpProxy
 
 Double = SmtpSink | FakeUserService | TcpProxy
 

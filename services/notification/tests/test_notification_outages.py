@@ -15,7 +15,6 @@ from typing import Any
 
 import aiopg
 import pytest
-from notification_proxy import TcpProxy
 from notification_support import (
     Broker,
     Client,
@@ -35,6 +34,7 @@ from yarl import URL
 from devstack.config import StackConfig
 from mesh_common.amqp import AMQP
 from mesh_common.testing import sleep_until_cancelled_by_the_server
+from mesh_common.testing.proxy import TcpProxy
 from notification_service import repository
 from notification_service.failures import DatabaseUnavailable
 from notification_service.keys import CONSUMER, SETTINGS

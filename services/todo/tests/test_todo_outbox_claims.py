@@ -17,10 +17,10 @@ from devstack.config import StackConfig
 from mesh_common.events import Event
 from mesh_common.outbox import enqueue
 from mesh_common.relay import OutboxRelay, batch_bound
+from mesh_common.testing.proxy import TcpProxy
 from mesh_common.transactions import transaction
 
 from .conftest import Poll
-from .freezing_proxy import FreezingProxy
 from .relay_support import FakeBroker, unsent
 
 CONFIRM = 0.5  # seconds: a short bound, so a claim's limit (derived from it) runs out in the test
@@ -47,7 +47,7 @@ async def test_a_frozen_instances_claim_goes_back_to_the_other_relays_in_bounded
     infra: StackConfig, db: aiopg.Pool, poll: Poll
 ) -> None:
     [event_id] = await _enqueue(db, 1)
-    proxy = FreezingProxy(infra.ports.postgres)
+    proxy = TcpProxy(infra.ports.postgres)
     await proxy.start()
     claimed = asyncio.Event()
 

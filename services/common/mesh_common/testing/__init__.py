@@ -22,9 +22,9 @@ import jwt
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .auth import ACCESS_TOKEN_TYPE, JwksVerifier
-from .consul import REGISTRATION
-from .settings import ServiceSettings
+from ..auth import ACCESS_TOKEN_TYPE, JwksVerifier
+from ..consul import REGISTRATION
+from ..settings import ServiceSettings
 
 
 class LeavesConsulFirst(TestServer):
