@@ -61,8 +61,8 @@ def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
     return any(address in network for network in proxies)
 
 
-async def enforce_limits(request: web.Request, *, user: str | None) -> None:
-    """Count the request; refuse it (429) when over a limit.
+async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> None:
+    """Count the request from ``ip`` (``client_ip``); refuse it (429) when over a limit.
 
     The decision is kept on the request, for the ``RateLimit-*`` headers of
     whatever answers it; there is none when Redis is away and a read passes
@@ -71,7 +71,7 @@ async def enforce_limits(request: web.Request, *, user: str | None) -> None:
     table = request.app[ROUTE_TABLE]
     try:
         decision = await request.app[RATE_LIMITER].check(
-            ip=client_ip(request), user=user, auth_route=(request.method, request.path) in table.auth
+            ip=ip, user=user, auth_route=(request.method, request.path) in table.auth
         )
     except RateLimiterUnavailable as exc:
         if request.method in READS or (request.method, request.path) in table.session:
@@ -87,7 +87,7 @@ def _refuse(decision: Decision) -> NoReturn:
     raise TooManyRequests("Slow down", headers={**decision.headers(), "Retry-After": str(decision.reset_seconds)})
 
 
-async def _count_refused(request: web.Request) -> None:
+async def _count_refused(request: web.Request, ip: str) -> None:
     """Count a request refused for its token against the caller's IP: a 429 instead if that is over its limit.
 
     So that guessing tokens is limited like everything else (and the
@@ -96,7 +96,7 @@ async def _count_refused(request: web.Request) -> None:
     that will never pass instead of signing in again.
     """
     with contextlib.suppress(RateLimiterDown):
-        await enforce_limits(request, user=None)
+        await enforce_limits(request, ip=ip, user=None)
 
 
 @web.middleware
@@ -104,6 +104,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.match_info.route.name in OWN_ROUTES:
         return await handler(request)
     user: str | None = None
+    ip = client_ip(request)
     table = request.app[ROUTE_TABLE]
     if (request.method, request.path) not in table.public:
         # Refused anyway, a client past its per-IP limit must not cost a
@@ -112,24 +113,24 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         # Redis here would cost a second round trip for every request whose
         # IP and user counters both need a draw.
         refused = request.app[RATE_LIMITER].refused_in_hand(
-            ip=client_ip(request), auth_route=(request.method, request.path) in table.auth
+            ip=ip, auth_route=(request.method, request.path) in table.auth
         )
         if refused is not None:
             _refuse(refused)
         try:
             principal = await authenticate(request)
         except Unauthorized:
-            await _count_refused(request)
+            await _count_refused(request, ip)
             raise
         if principal.is_service:
             # Service tokens are for calls between services, which go to
             # each other through Consul, never through the edge: one here
             # has leaked, and would read any user's profile (RFC 8725 3.12).
-            await _count_refused(request)
+            await _count_refused(request, ip)
             log.warning("service_token_at_edge")
             raise Forbidden("Service tokens are not accepted here; the public API is for users")
         user = principal.subject
-    await enforce_limits(request, user=user)
+    await enforce_limits(request, ip=ip, user=user)
     return await handler(request)
 
 
