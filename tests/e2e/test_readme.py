@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from devstack.config import StackConfig
+from mesh_common.testing import communicate_within
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- readme-session -->"
@@ -48,8 +49,7 @@ async def test_the_readmes_first_session_does_what_it_says(mesh: StackConfig) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    async with asyncio.timeout(60):
-        out, _ = await shell.communicate()
+    out, _ = await communicate_within(shell, 60)
     output = out.decode()
     print(output)
     assert shell.returncode == 0, output

@@ -91,15 +91,24 @@ async def run_module(module: str, *args: str, env: dict[str, str]) -> tuple[int,
         sys.executable, "-m", module, *args, env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    out, err = await communicate_within(process, 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def communicate_within(process: asyncio.subprocess.Process, seconds: float) -> tuple[bytes, bytes]:
+    """``process.communicate()``, bounded: on overrun the process is killed and reaped, then TimeoutError.
+
+    Left running, it would outlive the test, and its transport, collected
+    later, warns as unclosed in whatever test runs then.
+    """
     try:
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
+        async with asyncio.timeout(seconds):
+            return await process.communicate()
     except TimeoutError:
         process.kill()
         await process.wait()
         raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def loopback_service(name: str, consul_url: str, *, port: int = 0) -> ServiceSettings:
