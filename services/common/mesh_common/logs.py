@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
@@ -13,7 +14,9 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     """JSON lines in containers, a readable console elsewhere.
 
     ``merge_contextvars`` comes first so the ``request_id`` bound by the
-    request middleware (or by a consumer) reaches every line.
+    request middleware (or by a consumer) reaches every line: ours and the
+    libraries' (aio-pika, asyncio, aiohttp), which log through the standard
+    library and are rendered here by the same processors.
     """
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -21,16 +24,20 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor
+    foreign_renderer: structlog.types.Processor
     factory: structlog.types.WrappedLogger
     if fmt == "json":
         # orjson renders straight to bytes, written to the raw stream: the
         # access line is on every request's path, so this is structlog's
         # own recipe for speed.
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        # A logging.Formatter must return str; library records are rare.
+        foreign_renderer = structlog.processors.JSONRenderer(serializer=_orjson_str)
+        # The traceback goes inside the object, as one string, not over lines.
         shared.append(structlog.processors.format_exc_info)
         factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = foreign_renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[*shared, renderer],
@@ -38,5 +45,20 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    # Ours go straight to the stream (above); the standard library's records
+    # are rendered alike, with the name of the logger that made them.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, foreign_renderer],
+        )
+    )
     # Libraries log through the standard library; keep their warnings visible.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # Python's warnings too, which would otherwise print several raw lines.
+    logging.captureWarnings(True)
+
+
+def _orjson_str(obj: Any, **kwargs: Any) -> str:
+    return orjson.dumps(obj, **kwargs).decode()
