@@ -7,6 +7,7 @@ to their app factory. Nothing here runs at import time.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 from collections.abc import Mapping
@@ -41,9 +42,14 @@ def env_int(env: Mapping[str, str], name: str, default: object = _MISSING) -> in
 def env_float(env: Mapping[str, str], name: str, default: object = _MISSING) -> float:
     raw = env_str(env, name, default)
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    # float() takes "nan", "inf" and "1e999": a NaN passes every "<= 0" check
+    # a caller makes, and an infinite interval switches its work off.
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -96,6 +102,8 @@ def env_duration(env: Mapping[str, str], name: str, default: str, *, at_least: s
 # Consul raises a shorter DeregisterCriticalServiceAfter to this, silently:
 # an instance configured to be reaped after 10s would linger for a minute.
 CONSUL_MIN_DEREGISTER_AFTER = "1m"
+# And a shorter check interval to this, with a warning in its own log only.
+CONSUL_MIN_CHECK_INTERVAL = "1s"
 # The agent's own ports, plain and TLS: a URL's defaults (80, 443) are never Consul's.
 CONSUL_PORTS = {"http": 8500, "https": 8501}
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
@@ -139,6 +147,14 @@ def env_consul_url(env: Mapping[str, str]) -> str:
     return str(URL.build(scheme=url.scheme, host=url.host or "", port=url.explicit_port or CONSUL_PORTS[url.scheme]))
 
 
+def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
+    # 0 is a port the kernel picks (tests, and a second instance natively).
+    port = env_int(env, name, default)
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name} must be a port number, 0 to 65535, got {port}")
+    return port
+
+
 def _advertise_address(host: str) -> str:
     # A wildcard bind cannot be advertised: in a container the service is
     # reached on its own interface address, which its hostname resolves to.
@@ -180,11 +196,11 @@ class ServiceSettings:
             name=name,
             version=version,
             host=host,
-            port=env_int(env, "SERVICE_PORT", default_port),
+            port=_env_port(env, "SERVICE_PORT", default_port),
             advertise_address=env_str(env, "SERVICE_ADVERTISE_ADDRESS", "") or _advertise_address(host),
             consul_url=env_consul_url(env),
             log_format=env_log_format(env),
-            check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s"),
+            check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s", at_least=CONSUL_MIN_CHECK_INTERVAL),
             deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m", at_least=CONSUL_MIN_DEREGISTER_AFTER),
             consul_token=env_str(env, "CONSUL_HTTP_TOKEN", "") or None,
         )

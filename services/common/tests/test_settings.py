@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from mesh_common.settings import ServiceSettings, SettingsError
+from mesh_common.settings import ServiceSettings, SettingsError, env_float
 
 
 def settings(**env: str) -> ServiceSettings:
@@ -28,9 +28,30 @@ def test_an_unknown_log_format_is_refused_not_taken_for_console() -> None:
         settings(LOG_FORMAT="jsonl")
 
 
-@pytest.mark.parametrize("raw", ["1s", "500ms", "1m30s", "1.5s", "2h", "10us", "3µs"])
+@pytest.mark.parametrize("raw", ["1s", "1000ms", "1m30s", "1.5s", "2h", "1000000us", "1000000µs"])
 def test_check_intervals_in_gos_syntax_are_taken(raw: str) -> None:
     assert settings(CONSUL_CHECK_INTERVAL=raw).check_interval == raw
+
+
+@pytest.mark.parametrize("raw", ["500ms", "0.9s", "999ms", "10us", "3µs"])
+def test_a_check_interval_consul_would_raise_to_its_minimum_is_refused(raw: str) -> None:
+    # Consul would take it, and call the checks every second all the same.
+    with pytest.raises(
+        SettingsError, match=f"CONSUL_CHECK_INTERVAL must be at least 1s, Consul's minimum, got '{raw}'"
+    ):
+        settings(CONSUL_CHECK_INTERVAL=raw)
+
+
+@pytest.mark.parametrize("raw", ["-1", "65536", "70000"])
+def test_a_port_out_of_range_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError, match="SERVICE_PORT must be a port number, 0 to 65535"):
+        settings(SERVICE_PORT=raw)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e999"])
+def test_a_number_that_is_not_finite_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError, match=f"X must be a finite number, got '{raw}'"):
+        env_float({"X": raw}, "X")
 
 
 @pytest.mark.parametrize("raw", ["1m", "60s", "60000ms", "1m30s", "1.5m", "2h"])
