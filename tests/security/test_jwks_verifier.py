@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
@@ -175,6 +176,28 @@ async def test_stale_keys_are_refreshed_in_the_background_while_requests_go_on(
     users.held.set()
     await verifier.refresh()  # waits for the fetch in flight (the lock), then skips it: the cool-down
     assert (await refusal(lambda: verifier.verify(old_token))).status == 401
+
+
+async def test_a_background_refresh_runs_outside_the_context_of_the_request_that_started_it(
+    tokens: TokenFactory, clock: Clock
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def fetch() -> dict[str, Any]:
+        seen.append(structlog.contextvars.get_contextvars())
+        return tokens.jwks()
+
+    verifier = JwksVerifier(fetch, issuer=tokens.issuer, audience=tokens.audience, max_key_age=MAX_KEY_AGE, clock=clock)
+    try:
+        token = tokens.token()
+        await verifier.verify(token)
+        clock.now += MAX_KEY_AGE * 0.75  # stale: the next verify starts a fetch and does not wait for it
+        with structlog.contextvars.bound_contextvars(request_id="someone-elses"):
+            await verifier.verify(token)
+        await eventually(lambda: len(seen) == 2)
+    finally:
+        await verifier.close()
+    assert seen[1] == {}  # its log lines are its own, not under that request's id
 
 
 async def test_a_retired_key_stops_verifying_within_max_key_age_even_after_a_quiet_spell(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -183,7 +184,10 @@ class JwksVerifier:
         if self._background is None or self._background.done():
             if self._clock() - self._attempted_at < self._cooldown:
                 return None
-            self._background = asyncio.create_task(self._refresh_quietly())
+            # In a context of its own, not the request's that happened to start
+            # it: its log lines would carry that request's id, and its work
+            # would run under that request's deadline.
+            self._background = asyncio.create_task(self._refresh_quietly(), context=contextvars.Context())
         return self._background
 
     async def _refresh_quietly(self) -> None:
