@@ -214,6 +214,22 @@ class Registration:
             except Exception as exc:  # Consul away: the next round tries again
                 log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
 
+    async def disown(self) -> None:
+        """Leave the entry to the process that listens on our address and port: its id is ours too.
+
+        For a start that fails at its listen. That process registered under
+        this same id (an instance's id is its address and port), and a
+        deregistration would take it out of Consul until its keeper noticed.
+        If it is no instance of ours, its checks fail ours (they name the
+        instance), and Consul reaps the entry after ``deregister_after``.
+        """
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+        self.registered = False
+        log.warning("consul_entry_left_to_the_listener", service_id=self.service_id)
+
     async def deregister(self) -> None:
         # Idempotent: the shutdown path calls it before draining, and the
         # cleanup context calls it again, in case shutdown went another way

@@ -67,12 +67,18 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
         gc.freeze()
         host, port = sock.getsockname()[:2]
         site = web.SockSite(runner, sock, backlog=BACKLOG)
+        refused: str | None = None
         try:
             await site.start()
         except OSError as exc:  # asyncio: another process listened on the port first
-            raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if not _listening(sock):  # uvloop: the same, closed without a word
-            raise SystemExit(f"cannot listen on {host}:{port}: another process listens on it")
+            refused = exc.strerror
+        if refused is None and not _listening(sock):  # uvloop: the same, closed without a word
+            refused = "another process listens on it"
+        if refused is not None:
+            registration = app.get(REGISTRATION)
+            if registration is not None:
+                await registration.disown()
+            raise SystemExit(f"cannot listen on {host}:{port}: {refused}")
         log.info("serving", address=sock.getsockname())
         await stop.wait()
 

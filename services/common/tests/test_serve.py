@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import signal
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -14,7 +15,11 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from devstack.config import StackConfig
+from mesh_common.app import service_app
+from mesh_common.consul import Registration, consul_client, consul_ctx, registration_ctx
 from mesh_common.serve import BACKLOG, bind_socket, serve
+from mesh_common.testing import loopback_service
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -196,6 +201,41 @@ def test_a_port_another_socket_listens_on_first_fails_the_start_by_name(run: Run
             run(serve(web.Application(), second))
     finally:
         for sig, handler in handlers.items():  # as serve() found them
+            signal.signal(sig, handler)
+        gc.unfreeze()
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_start_that_fails_at_its_listen_leaves_the_listeners_entry_in_consul(run: Run, infra: StackConfig) -> None:
+    # Two instances started at once on one fixed port: both bind, both
+    # register the same id (address and port), and one listens first.
+    first = bind_socket("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    second = bind_socket("127.0.0.1", port)
+    first.listen()
+    service = loopback_service(f"twin-{uuid.uuid4().hex[:8]}", infra.consul_url, port=port)
+
+    async def main() -> None:
+        client = consul_client(infra.consul_url)
+        listener = Registration(client, service)  # the instance on `first`
+        await listener.register()
+        try:
+            app = service_app(service)
+            app.cleanup_ctx.extend([consul_ctx(service), registration_ctx()])
+            with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
+                await serve(app, second)
+            assert service.instance_id in await client.agent.services()  # still there, for the listener
+        finally:
+            await listener.deregister()
+            await client.close()
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(main())
+    finally:
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
         gc.unfreeze()
         first.close()
