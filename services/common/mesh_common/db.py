@@ -51,7 +51,11 @@ def _migrations(directories: Sequence[Path]) -> list[tuple[str, str]]:
     # wheel that left its SQL behind.
     if missing := [str(directory) for directory in directories if not directory.is_dir()]:
         raise RuntimeError(f"migration folders not found: {missing}")
-    found = [(p.stem, p.read_text()) for directory in directories for p in sorted(directory.glob("*.sql"))]
+    # UTF-8 whatever the locale says: under a legacy one, a file with an "é"
+    # would read as other text, and fail its checksum or apply as other SQL.
+    found = [
+        (p.stem, p.read_text(encoding="utf-8")) for directory in directories for p in sorted(directory.glob("*.sql"))
+    ]
     versions = [version for version, _ in found]
     if shared := sorted({version for version in versions if versions.count(version) > 1}):
         raise RuntimeError(f"migrations in more than one directory: {shared}")

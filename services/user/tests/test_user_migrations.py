@@ -4,6 +4,10 @@ missing folders; emails stored before they were normalized to NFC."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import aiopg
 import psycopg2
 import pytest
 
-from mesh_common.db import _LOCK_ID, migrate
+from mesh_common.db import _LOCK_ID, _migrations, migrate
 from mesh_common.outbox import OUTBOX_MIGRATIONS
 from user_service.app import MIGRATIONS
 from user_service.settings import Settings
@@ -160,3 +164,15 @@ async def test_emails_that_become_one_address_stop_the_migration_naming_their_ac
     assert ada["id"] in message and jose["id"] in message
     assert grace["id"] not in message
     assert await stored_email(db, jose["id"]) == stored
+
+
+def test_migrations_are_read_as_utf8_whatever_the_locale() -> None:
+    # Some of ours are not ASCII (0011's comments). Read in a legacy locale's
+    # encoding, their text, and so their checksums, would change.
+    assert any(not text.isascii() for _, text in _migrations(MIGRATIONS))
+    script = "import json, sys; from mesh_common.db import _migrations; from user_service.app import MIGRATIONS;"
+    script += " json.dump(_migrations(MIGRATIONS), sys.stdout)"
+    legacy = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    child = subprocess.run([sys.executable, "-c", script], env=legacy, capture_output=True, text=True, timeout=30)
+    assert child.returncode == 0, child.stderr
+    assert [tuple(pair) for pair in json.loads(child.stdout)] == _migrations(MIGRATIONS)
