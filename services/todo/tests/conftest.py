@@ -162,3 +162,10 @@ async def event_tap(amqp_url: str) -> AsyncIterator[Callable[..., Awaitable[Even
             return tapped
 
         yield tap
+
+
+async def create(client: TestClient[web.Request, web.Application], user: User, **fields: Any) -> dict[str, Any]:
+    """A todo of ``user``'s, made through the API: its JSON."""
+    resp = await client.post("/todos", json={"title": "Buy milk", **fields}, headers=user.headers)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()

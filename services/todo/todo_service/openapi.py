@@ -220,7 +220,9 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "minProperties": 1,
                     "additionalProperties": False,
-                    "properties": todo_fields,
+                    # No default here: a field left out keeps its value, and a
+                    # generated client fills a schema's default in.
+                    "properties": {**todo_fields, "priority": {"enum": list(PRIORITIES)}},
                 },
                 "Todo": {
                     "type": "object",
