@@ -32,6 +32,7 @@ class TcpProxy:
         self._flowing.set()
         self._links: set[asyncio.StreamWriter] = set()
         self._relays: set[asyncio.Task[None]] = set()
+        self._cuts = 0  # so far: a connection accepted before the last one is cut with it
 
     async def start(self) -> None:
         self._flowing.set()
@@ -41,6 +42,7 @@ class TcpProxy:
         self._flowing.clear()
 
     async def cut(self) -> None:
+        self._cuts += 1
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -64,10 +66,15 @@ class TcpProxy:
         if (task := asyncio.current_task()) is not None:
             self._relays.add(task)
             task.add_done_callback(self._relays.discard)
+        cuts = self._cuts
         try:
             server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._target)
         except OSError:
             client_writer.transport.abort()
+            return
+        if self._cuts != cuts:  # cut while it connected, after the cut aborted what it knew
+            client_writer.transport.abort()
+            server_writer.transport.abort()
             return
         links = {client_writer, server_writer}
         self._links |= links
