@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from . import HeldPort
 
@@ -32,11 +33,14 @@ class TcpProxy:
         self._flowing.set()
         self._links: set[asyncio.StreamWriter] = set()
         self._relays: set[asyncio.Task[None]] = set()
-        self._cuts = 0  # so far: a connection accepted before the last one is cut with it
+        self._cuts = 0
 
     async def start(self) -> None:
         self._flowing.set()
-        self._server = await asyncio.start_server(self._relay, sock=self._held.take())
+        # Each connection knows the cuts before its server started: one
+        # accepted by a server cut since is dropped, however late it runs.
+        relay = functools.partial(self._relay, self._cuts)
+        self._server = await asyncio.start_server(relay, sock=self._held.take())
 
     def freeze(self) -> None:
         self._flowing.clear()
@@ -62,17 +66,16 @@ class TcpProxy:
         finally:
             self._held.close()
 
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, cuts: int, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if (task := asyncio.current_task()) is not None:
             self._relays.add(task)
             task.add_done_callback(self._relays.discard)
-        cuts = self._cuts
         try:
             server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._target)
         except OSError:
             client_writer.transport.abort()
             return
-        if self._cuts != cuts:  # cut while it connected, after the cut aborted what it knew
+        if self._cuts != cuts:  # cut since it was accepted, after the cut aborted what it knew of
             client_writer.transport.abort()
             server_writer.transport.abort()
             return
