@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiopg
 import pytest
@@ -21,14 +21,14 @@ from user_service.settings import Settings
 
 @pytest.fixture
 async def user_service(
-    aiohttp_client: AiohttpClient, infra: StackConfig
+    aiohttp_client: AiohttpClient, infra: StackConfig, amqp_vhost: Callable[[str], str]
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     """A test client of a user-service on empty tables, outside Consul."""
     settings = Settings(
         service=loopback_service("user-service", infra.consul_url),
         database_url=infra.database_url("user"),
         redis_url=infra.redis_url,
-        amqp_url=infra.amqp_url,
+        amqp_url=amqp_vhost("security-tests"),
         redis_prefix=f"test-security-{uuid.uuid4().hex[:8]}:",
     )
     async with aiopg.create_pool(settings.database_url, minsize=1, maxsize=1) as pool:
