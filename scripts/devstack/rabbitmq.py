@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from .config import ROOT, StackConfig, port_variable
 from .infra import owned_dir
@@ -78,22 +79,27 @@ def ready(cfg: StackConfig) -> bool:
     return True
 
 
+def management(cfg: StackConfig, method: str, path: str, body: object = None) -> Any:
+    """A call to the broker's management API (``path`` after ``/api``), as guest: its JSON answer, if any."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{cfg.ports.rabbitmq_management}/api{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
+            "Content-Type": "application/json",
+        },
+    )
+    with DIRECT.open(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
 def vhost(cfg: StackConfig, name: str) -> str:
     """The broker URL of virtual host ``name``, made (with guest's permissions) if need be."""
-    api = f"http://127.0.0.1:{cfg.ports.rabbitmq_management}/api"
-    auth = "Basic " + base64.b64encode(b"guest:guest").decode()
-    for path, body in (
-        (f"/vhosts/{name}", {}),
-        (f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"}),
-    ):
-        request = urllib.request.Request(  # idempotent PUTs
-            api + path,
-            data=json.dumps(body).encode(),
-            method="PUT",
-            headers={"Authorization": auth, "Content-Type": "application/json"},
-        )
-        with DIRECT.open(request, timeout=10):
-            pass
+    # Idempotent PUTs.
+    management(cfg, "PUT", f"/vhosts/{name}", {})
+    management(cfg, "PUT", f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
     return cfg.amqp_url + name
 
 

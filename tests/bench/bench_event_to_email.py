@@ -138,7 +138,7 @@ async def bench(config: StackConfig) -> int:
     sent: list[str] = []  # every event id, warm-up included
     # Each step is undone, in reverse order, if it was done, however the bench ends.
     async with contextlib.AsyncExitStack() as undo:
-        management = Management(config.ports.rabbitmq_management)
+        management = Management(config)
         definitions, topology = private_definitions(f"bench{uuid.uuid4().hex[:6]}")
         management.import_definitions(definitions)
         undo.callback(management.delete_definitions, definitions)

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from devstack.loopback import DIRECT
+
 from .conftest import find_envoy, render_native
 
 
@@ -63,7 +65,7 @@ def _bind(
 
 def _consul(consul_url: str, method: str, path: str, body: Any = None) -> None:
     data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{consul_url}{path}", data, method=method), timeout=5):
+    with DIRECT.open(urllib.request.Request(f"{consul_url}{path}", data, method=method), timeout=5):
         pass
 
 
@@ -124,7 +126,7 @@ def fetch(
     """A GET, or a POST of ``body``, or ``method``: status, headers and body, whatever the status."""
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with DIRECT.open(request, timeout=5) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         with error:

@@ -19,6 +19,7 @@ import pytest
 
 from devstack import stack
 from devstack.config import StackConfig
+from devstack.loopback import DIRECT
 from devstack.procs import running, wait_until
 
 from .conftest import register_and_login
@@ -131,9 +132,7 @@ def test_sigterm_deregisters_within_two_seconds(mesh: StackConfig, three_todos: 
 
 
 def test_consul_ui_answers_and_lists_the_services(mesh: StackConfig) -> None:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{mesh.consul_url}/ui/", timeout=5) as resp:
+    with DIRECT.open(f"{mesh.consul_url}/ui/", timeout=5) as resp:
         page = resp.read().decode()
     assert resp.status == 200 and "consul-ui" in page.lower()
     services = stack.get_json(f"{mesh.consul_url}/v1/catalog/services")

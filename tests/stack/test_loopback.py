@@ -34,3 +34,18 @@ def test_a_suites_virtual_host_is_made_past_an_http_proxy(tmp_path: Path, monkey
         cfg = StackConfig.from_env(env, profile="test")
         assert rabbitmq.vhost(cfg, "suite") == f"amqp://guest:guest@127.0.0.1:{cfg.ports.amqp}/suite"
     assert calls == ["/api/vhosts/suite", "/api/permissions/suite/guest"]
+
+
+def test_nothing_calls_loopback_through_urllibs_default_opener() -> None:
+    # The default opener honours http_proxy, so a test helper using it fails
+    # for a developer whose shell names a proxy (CI's .ci/run sets no_proxy,
+    # which would hide it). devstack.loopback.DIRECT is the way.
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for top in ("services", "gateway", "tests", "scripts")
+        for path in (root / top).rglob("*.py")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "urlopen(" in line and path != Path(__file__).resolve()
+    ]
+    assert offenders == []

@@ -47,7 +47,7 @@ from smtp_sink import SmtpSink
 
 @pytest.fixture(scope="session")
 def management(infra: StackConfig) -> Management:
-    return Management(infra.ports.rabbitmq_management)
+    return Management(infra)
 
 
 @pytest.fixture(scope="session")

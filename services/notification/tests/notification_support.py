@@ -31,6 +31,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from devstack import rabbitmq
+from devstack.config import StackConfig
 from mesh_common.events import Event
 from mesh_common.testing import HeldPort
 from notification_service.topology import Topology
@@ -82,19 +84,11 @@ def private_definitions(prefix: str) -> tuple[dict[str, Any], Topology]:
 class Management:
     """The broker's management API (synchronous: used from session fixtures)."""
 
-    def __init__(self, port: int) -> None:
-        self._base = f"http://127.0.0.1:{port}/api"
+    def __init__(self, infra: StackConfig) -> None:
+        self._infra = infra
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        import urllib.request
-
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self._base}{path}", data=data, method=method)
-        req.add_header("Authorization", aiohttp.encode_basic_auth("guest", "guest"))
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+        return rabbitmq.management(self._infra, method, path, body)
 
     def import_definitions(self, definitions: dict[str, Any]) -> None:
         self.request("POST", "/definitions", definitions)

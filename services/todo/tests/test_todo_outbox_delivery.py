@@ -10,14 +10,12 @@ that).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ import aio_pika
 import aiopg
 import pytest
 
+from devstack import rabbitmq
 from mesh_common.consul import consul_client
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import enqueue
@@ -184,31 +183,17 @@ async def test_an_event_the_broker_returns_as_unroutable_stays_in_the_outbox_unt
     assert await outbox(db) == {event_id: True}
 
 
-def management(infra, method: str, path: str, body: Any = None) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{infra.ports.rabbitmq_management}/api{path}",
-        data=json.dumps(body).encode() if body is not None else None,
-        method=method,
-        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
-    )
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None
-
-
 @pytest.fixture
 def defined_vhost(infra):
     """A virtual host of its own with rabbitmq/definitions.json's topology: what the stack's broker loads at boot."""
     vhost = f"relay-{uuid.uuid4().hex[:8]}"
-    management(infra, "PUT", f"/vhosts/{vhost}", {})
-    management(infra, "PUT", f"/permissions/{vhost}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
+    rabbitmq.vhost(infra, vhost)
     full = json.loads(DEFINITIONS.read_text())
     kinds = ("exchanges", "queues", "bindings", "policies")
     ours = {kind: [{**item, "vhost": vhost} for item in full[kind]] for kind in kinds}
-    management(infra, "POST", "/definitions", ours)
+    rabbitmq.management(infra, "POST", "/definitions", ours)
     yield vhost
-    management(infra, "DELETE", f"/vhosts/{vhost}")
+    rabbitmq.management(infra, "DELETE", f"/vhosts/{vhost}")
 
 
 async def test_with_our_definitions_an_event_no_one_subscribes_to_is_parked_and_the_relay_goes_on(
@@ -232,7 +217,7 @@ async def test_with_our_definitions_an_event_no_one_subscribes_to_is_parked_and_
 
 
 async def _policy_of(infra, path: str) -> str | None:
-    exchange = await asyncio.to_thread(management, infra, "GET", path)
+    exchange = await asyncio.to_thread(rabbitmq.management, infra, "GET", path)
     return exchange.get("policy")
 
 
