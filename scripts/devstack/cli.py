@@ -6,11 +6,16 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from . import lock, stack
 from .config import StackConfig
 from .procs import StackError, running, say, stop
 from .signals import STOP_SIGNALS, Interrupted, ignore_signals, interrupt_on_signals
+
+# `status`'s answer when nothing of the stack runs: LSB's "program is not
+# running", as `systemctl status` gives it; 1 is an error.
+NOT_RUNNING = 3
 
 # How long a foreground `up`'s teardown waits for a command at work from
 # another terminal (a `task scale`: a start, then a stop, each bounded).
@@ -128,6 +133,13 @@ def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:
         print(f"  {service_id:<48} {status}")
 
 
+def cmd_status(cfg: StackConfig, _: argparse.Namespace) -> int:
+    """Whether the stack runs, by its exit status: what scripts/compose-stack asks before it takes compose's."""
+    procs = running(cfg.run_dir)
+    print(f"{cfg.name} stack: " + (f"running ({', '.join(sorted(procs))})" if procs else "not running"))
+    return 0 if procs else NOT_RUNNING
+
+
 def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:
     svc = {"user-service": "user", "todo-service": "todo", "notification-service": "notification"}.get(
         args.service, args.service
@@ -150,17 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--keep-on-failure", action="store_true", help="leave processes running for inspection")
     sub.add_parser("down", help="stop everything")
     sub.add_parser("ps", help="what runs, and what Consul thinks of it")
+    sub.add_parser("status", help=f"exit 0 if any of the stack runs, {NOT_RUNNING} if none does")
     sc = sub.add_parser("scale", help="run N instances of a service")
     sc.add_argument("service")
     sc.add_argument("count", type=int)
     args = parser.parse_args(argv)
-    commands = {"up": cmd_up, "down": cmd_down, "ps": cmd_ps, "scale": cmd_scale}
+    commands: dict[str, Callable[[StackConfig, argparse.Namespace], int | None]] = {
+        "up": cmd_up,
+        "down": cmd_down,
+        "ps": cmd_ps,
+        "status": cmd_status,
+        "scale": cmd_scale,
+    }
     # Put back on the way out: up ignores the stop signals while it tears down,
     # and a caller running main() in its own process (the tests) would be left
     # deaf to Ctrl-C and SIGTERM.
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        commands[args.command](StackConfig.from_env(profile=args.profile), args)
+        code = commands[args.command](StackConfig.from_env(profile=args.profile), args)
     except StackError as exc:
         say(f"error: {exc}", file=sys.stderr)
         return 1
@@ -171,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in handlers.items():
             if handler is not None:  # None: set outside Python, which cannot be put back
                 signal.signal(sig, handler)
-    return 0
+    return code or 0
