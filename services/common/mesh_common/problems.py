@@ -16,7 +16,7 @@ import psycopg2
 import structlog
 from aiohttp import web
 
-from .transactions import server_cancels_as_errors
+from .transactions import CommitOutcomeUnknown, server_cancels_as_errors
 
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger()
@@ -78,6 +78,11 @@ PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has chang
 TooManyRequests = problem(429, "RATE_LIMITED", "Too many requests")
 ServiceUnavailable = problem(503, "SERVICE_UNAVAILABLE", "Service unavailable")
 DependencyUnavailable = problem(503, "DEPENDENCY_UNAVAILABLE", "A service this one needs did not answer; try again")
+# No Retry-After, and not a 503: the change may have been made, and sent
+# again it could be made twice. What to do is to read it back.
+OutcomeUnknown = problem(
+    500, "OUTCOME_UNKNOWN", "The change may or may not have been made; read it back before sending it again"
+)
 # A 503 with this code sheds load: the instance is well, and declines more
 # work for now. Callers' breakers (the gateway's, ServiceClient's) do not
 # count it, where any other 5xx counts: counted, a rush of sign-ins that
@@ -144,6 +149,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # 503 says and 500 does not.
         log.warning("dependency_unavailable", path=request.path, method=request.method, error=type(exc).__name__)
         return problem_response(DependencyUnavailable(headers={"Retry-After": "1"}))
+    except CommitOutcomeUnknown:
+        return problem_response(OutcomeUnknown())
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return problem_response(Problem())

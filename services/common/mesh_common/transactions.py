@@ -2,7 +2,8 @@
 autocommit mode), and statements the server cancelled (it reports them as
 ``asyncio.CancelledError``). A transaction made for a request commits only
 with time left before the request's deadline, and is then not cut
-(``deadlines.before_commit``)."""
+(``deadlines.before_commit``); a COMMIT that fails on its way is asked
+after, so that a change that was made is not reported as failed."""
 
 from __future__ import annotations
 
@@ -13,14 +14,34 @@ from typing import Any
 
 import aiopg
 import psycopg2
+import structlog
 from psycopg2.extensions import QueryCanceledError
 
 from .deadlines import before_commit
 
+log = structlog.get_logger()
+
+# How long the outcome of a COMMIT whose answer was lost is asked after:
+# seconds, on another connection. Past it, the outcome is unknown.
+COMMIT_CHECK_TIMEOUT = 2.0
+COMMIT_CHECK_INTERVAL = 0.05
+
+
+class CommitOutcomeUnknown(Exception):
+    """A COMMIT's answer was lost, and asking after it failed too: the change may have been made."""
+
 
 @asynccontextmanager
 async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
-    """A cursor inside BEGIN ... COMMIT, rolled back on any exception."""
+    """A cursor inside BEGIN ... COMMIT, rolled back on any exception.
+
+    A COMMIT that fails without an answer (aiopg's timeout, a dropped
+    connection) may have been made all the same: the server finishes a
+    COMMIT it has received. Told "failed, try again", a client would make a
+    second todo. So the transaction's id is asked after on another
+    connection: committed, the block has succeeded; rolled back, the error
+    stands; neither within ``COMMIT_CHECK_TIMEOUT``, ``CommitOutcomeUnknown``.
+    """
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("BEGIN")
         try:
@@ -34,7 +55,47 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
             with suppress(psycopg2.Error):
                 await cur.execute("ROLLBACK")
             raise
-        await cur.execute("COMMIT")
+        # One round trip more, to know what to ask after; none is assigned
+        # to a transaction that wrote nothing, whose COMMIT changes nothing.
+        await cur.execute("SELECT txid_current_if_assigned()")
+        (xid,) = await cur.fetchone()
+        try:
+            await cur.execute("COMMIT")
+            return
+        except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            # Not an error the server answered with (a deferred constraint):
+            # that COMMIT rolled back, and says so.
+            if xid is None:
+                raise
+            lost = exc
+    # Out of the block: the failed connection is back in the pool, and closed.
+    await _settled(pool, xid, lost)
+
+
+async def _settled(pool: aiopg.Pool, xid: int, lost: BaseException) -> None:
+    """Return if transaction ``xid`` committed; raise ``lost`` if it rolled back, else CommitOutcomeUnknown."""
+    # "in progress": the server is still at the COMMIT (waiting for its disk),
+    # or cannot be asked yet (restarting): asked again until the time is up.
+    status: str | None = "in progress"
+    with suppress(TimeoutError):
+        async with asyncio.timeout(COMMIT_CHECK_TIMEOUT):
+            while True:
+                with suppress(psycopg2.Error):
+                    async with pool.acquire() as conn, conn.cursor() as cur:
+                        await cur.execute("SELECT txid_status(%s)", (xid,))
+                        (status,) = await cur.fetchone()
+                    if status != "in progress":  # None: too old to know, never the case this soon
+                        break
+                await asyncio.sleep(COMMIT_CHECK_INTERVAL)
+    if status == "committed":
+        log.warning("commit_answer_lost_but_committed", error=type(lost).__name__)
+        return
+    if status == "aborted":
+        raise lost
+    log.error("commit_outcome_unknown", error=type(lost).__name__, status=status)
+    raise CommitOutcomeUnknown(
+        f"the COMMIT's answer was lost ({type(lost).__name__}), and its outcome is unknown"
+    ) from lost
 
 
 @contextmanager

@@ -1,0 +1,122 @@
+"""A COMMIT whose answer is lost: asked after, so a change that was made is not reported as failed.
+
+Against the real PostgreSQL. A deferred constraint trigger that sleeps holds
+each test's COMMIT at the server while aiopg's own timeout (short here) gives
+up on its answer: what a COMMIT waiting for a slow disk looks like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiopg
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+from yarl import URL
+
+from devstack.config import StackConfig
+from mesh_common.problems import problem_middleware
+from mesh_common.testing.proxy import TcpProxy
+from mesh_common.transactions import CommitOutcomeUnknown, transaction
+
+ANSWER_TIMEOUT = 0.5  # aiopg's, per statement: shorter than the COMMIT's sleep
+COMMIT_SLEEP = 1.5
+
+
+@pytest.fixture
+async def table(infra: StackConfig) -> AsyncIterator[str]:
+    """A table whose rows' COMMIT sleeps as long as the row says, then fails if it says so."""
+    name = f"commit_probe_{uuid.uuid4().hex[:8]}"
+    async with aiopg.connect(infra.database_url("todo")) as conn, conn.cursor() as cur:
+        await cur.execute(
+            f"CREATE TABLE {name} (id text PRIMARY KEY, sleep float NOT NULL, fail boolean NOT NULL);"
+            f" CREATE FUNCTION {name}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            "  PERFORM pg_sleep(NEW.sleep);"
+            "  IF NEW.fail THEN RAISE EXCEPTION 'refused at commit'; END IF;"
+            "  RETURN NULL; END $$;"
+            f" CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {name} DEFERRABLE INITIALLY DEFERRED"
+            f"  FOR EACH ROW EXECUTE FUNCTION {name}_slow()"
+        )
+        try:
+            yield name
+        finally:
+            await cur.execute(f"DROP TABLE {name}; DROP FUNCTION {name}_slow()")
+
+
+async def rows(infra: StackConfig, table: str) -> list[str]:
+    async with aiopg.connect(infra.database_url("todo")) as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT id FROM {table}")
+        return [row[0] for row in await cur.fetchall()]
+
+
+async def insert(pool: aiopg.Pool, table: str, *, sleep: float = COMMIT_SLEEP, fail: bool = False) -> None:
+    async with transaction(pool) as cur:
+        await cur.execute(f"INSERT INTO {table} (id, sleep, fail) VALUES ('x', %s, %s)", (sleep, fail))
+
+
+async def test_a_commit_made_though_its_answer_was_lost_is_a_success(infra: StackConfig, table: str) -> None:
+    async with aiopg.create_pool(infra.database_url("todo"), maxsize=2, timeout=ANSWER_TIMEOUT) as pool:
+        with capture_logs() as logs:
+            await insert(pool, table)  # used to raise TimeoutError: a 503, "try again"
+    assert await rows(infra, table) == ["x"]
+    assert [entry["event"] for entry in logs] == ["commit_answer_lost_but_committed"]
+
+
+async def test_a_commit_that_rolled_back_after_its_answer_was_lost_keeps_its_error(
+    infra: StackConfig, table: str
+) -> None:
+    async with aiopg.create_pool(infra.database_url("todo"), maxsize=2, timeout=ANSWER_TIMEOUT) as pool:
+        with pytest.raises(TimeoutError):
+            await insert(pool, table, fail=True)
+    assert await rows(infra, table) == []
+
+
+async def test_a_commit_whose_outcome_cannot_be_asked_is_unknown_not_failed(infra: StackConfig, table: str) -> None:
+    proxy = TcpProxy(infra.ports.postgres)
+    try:
+        await proxy.start()
+        dsn = str(URL(infra.database_url("todo")).with_port(proxy.port))
+        # The answer is lost to the cut alone, made while the COMMIT sleeps
+        # (long here: the cut must come first on a busy machine too).
+        async with aiopg.create_pool(dsn, maxsize=2, timeout=30) as pool:
+            inserting = asyncio.create_task(insert(pool, table, sleep=5))
+            await committing(infra)
+            await proxy.cut()  # and PostgreSQL cannot be reached to ask
+            with pytest.raises(CommitOutcomeUnknown):
+                async with asyncio.timeout(10):
+                    await inserting
+    finally:
+        await proxy.close()
+    async with asyncio.timeout(10):  # it was made: a retry would have made it twice
+        while await rows(infra, table) != ["x"]:
+            await asyncio.sleep(0.05)
+
+
+async def committing(infra: StackConfig) -> None:
+    async with aiopg.connect(infra.database_url("todo")) as conn, conn.cursor() as cur, asyncio.timeout(5):
+        while True:  # bounded by the timeout; every 10 ms
+            # In our trigger's sleep: other suites' COMMITs may be running too.
+            await cur.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE query = 'COMMIT' AND state = 'active' AND wait_event = 'PgSleep'"
+            )
+            if (await cur.fetchone())[0] >= 1:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_an_unknown_outcome_is_a_500_that_says_to_read_it_back_with_no_retry_after(aiohttp_client: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise CommitOutcomeUnknown("lost")
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_post("/", handler)
+    client = await aiohttp_client(app)
+    resp = await client.post("/")
+    assert resp.status == 500 and resp.content_type == "application/problem+json"
+    assert (await resp.json())["code"] == "OUTCOME_UNKNOWN"
+    assert "Retry-After" not in resp.headers
