@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -97,7 +96,6 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         confirm_timeout: float = CONFIRM_TIMEOUT,
         committed: asyncio.Event | None = None,
-        crash_before_publish: bool = False,
     ) -> None:
         self._pool = pool
         self._connection = connection
@@ -109,9 +107,6 @@ class OutboxRelay:
         # kept by this process's clock and loop, and a busy loop stretches:
         # a working batch cut off fails, and its confirmed rows go out again.
         self.claim_limit = 2 * batch_bound(confirm_timeout)
-        # A fault-injection hook for the no-lost-events test: die after the
-        # change committed and before anything was published.
-        self._crash_before_publish = crash_before_publish
         # Set by ``publishing`` when a change with events commits, and by stop().
         self._wake = committed if committed is not None else asyncio.Event()
         self._stopped = asyncio.Event()
@@ -162,9 +157,6 @@ class OutboxRelay:
             rows = await cur.fetchall()
             if not rows:
                 return 0
-            if self._crash_before_publish:
-                log.warning("outbox_relay_crash_hook", rows=len(rows))
-                os._exit(70)
             publishes = [
                 asyncio.ensure_future(
                     exchange.publish(
@@ -267,7 +259,7 @@ class OutboxRelay:
                     await self._wake.wait()
 
 
-def outbox_relay_ctx(*, crash_before_publish: bool = False) -> CleanupCtx:
+def outbox_relay_ctx() -> CleanupCtx:
     """Run the relay for the app's lifetime. Needs the database and AMQP contexts first, and ``OUTBOX_COMMITTED``.
 
     Stopped, it has the time its batch in hand may take to finish: its bound
@@ -277,8 +269,6 @@ def outbox_relay_ctx(*, crash_before_publish: bool = False) -> CleanupCtx:
     """
     return worker_ctx(
         "outbox-relay",
-        lambda app: OutboxRelay(
-            app[DB], app[AMQP], committed=app[OUTBOX_COMMITTED], crash_before_publish=crash_before_publish
-        ),
+        lambda app: OutboxRelay(app[DB], app[AMQP], committed=app[OUTBOX_COMMITTED]),
         grace=batch_bound(CONFIRM_TIMEOUT) + STATEMENT_TIMEOUT,
     )

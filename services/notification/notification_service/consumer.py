@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections import Counter
 from typing import Protocol
 
@@ -74,7 +73,6 @@ log = structlog.get_logger()
 
 # Failures of the handler itself (bugs) before an event is dead-lettered.
 FAILURE_LIMIT = 5
-CRASH_EXIT_CODE = 70
 # Closing a channel waits for the broker's close-ok; a broker that does not
 # answer must not hold the delivery's task.
 CHANNEL_CLOSE_TIMEOUT = 5.0
@@ -96,7 +94,6 @@ class EventConsumer:
         prefetch: int,
         retry_limit: int,
         failure_limit: int = FAILURE_LIMIT,
-        crash_after_send: bool = False,
     ) -> None:
         self._connection = connection
         self._handler = handler
@@ -104,7 +101,6 @@ class EventConsumer:
         self._prefetch = prefetch
         self._retry_limit = retry_limit
         self._failure_limit = failure_limit
-        self._crash_after_send = crash_after_send
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -214,14 +210,9 @@ class EventConsumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         failure: Exception | None = None
         try:
-            event = parse(message.body)
-            outcome = await self._handler.handle(event)
+            await self._handler.handle(parse(message.body))
         except Exception as exc:
             failure = exc
-        else:
-            if outcome is Outcome.SENT and self._crash_after_send:
-                log.warning("crash_hook_exit", stage="after_send_before_ack")
-                os._exit(CRASH_EXIT_CODE)
         if self._channel_lost(message):
             return
         if failure is None:

@@ -54,9 +54,6 @@ class Settings:
     # and what only guarded against their redelivery is pruned.
     retention: int = 30 * DAY
     prune: PruneSettings = field(default_factory=PruneSettings)
-    # Fault injection for the crash test: exit right after an email was sent
-    # and recorded, before its event is acknowledged.
-    crash_after_send: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -85,7 +82,6 @@ class Settings:
             reminder_poll_interval=env_float(env, "REMINDER_POLL_SECONDS", 30.0),
             retention=env_int(env, "EVENT_RETENTION_SECONDS", 30 * DAY),
             prune=PruneSettings.from_env(env),
-            crash_after_send=env_bool(env, "NOTIFICATION_CRASH_AFTER_SEND", False),
         )
         smtp = settings.smtp
         if min(settings.prefetch, smtp.attempts) < 1 or min(settings.reminder_poll_interval, smtp.timeout) <= 0:

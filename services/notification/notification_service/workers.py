@@ -79,7 +79,6 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.topology,
         prefetch=settings.prefetch,
         retry_limit=settings.retry_limit,
-        crash_after_send=settings.crash_after_send,
     )
     await consumer.start()
 

@@ -1,10 +1,12 @@
 """A process killed after sending and before acking: on restart, no email goes out twice.
 
 The service runs as a real subprocess, ``python -m notification_service``,
-with the stack's environment, our private queues and the stack's SMTP sink.
-``NOTIFICATION_CRASH_AFTER_SEND=1`` makes it ``os._exit`` right after its
-first email was accepted by the SMTP server and recorded as sent, before the
-event is acknowledged; the broker then redelivers that event to the next run.
+with the stack's environment, our private queues and this test's SMTP
+server. Its AMQP connection goes through a TCP proxy to the real broker.
+The server holds its first email in DATA; the test freezes the proxy, lets
+the server answer, waits until PostgreSQL has the email recorded as sent,
+and kills the process with SIGKILL: its ack is held in the frozen proxy,
+and goes nowhere. The broker then redelivers that event to the next run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import json
 import signal
 import sys
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,9 +23,11 @@ from typing import Any
 import aiohttp
 import aiopg
 from notification_support import SECRET, Broker, FakeUserService, eventually, new_user, registered
+from smtp_sink import SmtpSink
+from yarl import URL
 
 from devstack.config import StackConfig
-from notification_service.consumer import CRASH_EXIT_CODE
+from mesh_common.testing.proxy import TcpProxy
 from notification_service.topology import Topology
 
 
@@ -45,8 +48,7 @@ class ServiceProcess:
     async def _read(self) -> None:
         assert self.process is not None and self.process.stderr is not None
         async for line in self.process.stderr:
-            with contextlib.suppress(ValueError):
-                self.logs.append(json.loads(line))
+            self.logs.append(json.loads(line))  # LOG_FORMAT=json: a line that is not JSON is a failure of its own
 
     def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [e for e in self.logs if e.get("event") == event and fields.items() <= e.items()]
@@ -57,6 +59,12 @@ class ServiceProcess:
             code = await self.process.wait()
             await self._reader
         return code
+
+    async def kill(self) -> int:
+        """SIGKILL: nothing of the process runs after, its ack and its goodbye to Consul included. Its exit code."""
+        assert self.process is not None
+        self.process.kill()
+        return await self.wait(within=10)
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -81,7 +89,7 @@ async def running(env: dict[str, str]) -> AsyncIterator[ServiceProcess]:
 
 
 async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_restart(
-    infra: StackConfig, topology: Topology, broker: Broker, pool: aiopg.Pool, users: FakeUserService
+    infra: StackConfig, topology: Topology, broker: Broker, pool: aiopg.Pool, users: FakeUserService, smtp: SmtpSink
 ) -> None:
     env = {
         **infra.service_env("notification"),
@@ -90,32 +98,57 @@ async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_rest
         "USER_SERVICE_NAME": users.name,
         "EVENTS_EXCHANGE": topology.exchange,
         "NOTIFICATION_QUEUES": topology.namespace,
+        "SMTP_PORT": str(smtp.port),
         "LOG_FORMAT": "json",
     }
     newcomers = [new_user() for _ in range(5)]
     events = [registered(u) for u in newcomers]
+    by_address = {u["email"]: e.id for u, e in zip(newcomers, events, strict=True)}
     for event in events:
         await broker.publish(event)
 
-    async with running({**env, "NOTIFICATION_CRASH_AFTER_SEND": "1", "AMQP_PREFETCH": "1"}) as first:
-        assert await first.wait(within=30) == CRASH_EXIT_CODE
-    [crash] = first.logged("crash_hook_exit")
-    crashed_on = crash["event_id"]
-    # A crashed instance cannot leave Consul; do it for it (Consul's reaper would, a minute later).
+    proxy = TcpProxy(infra.ports.amqp)
+    await proxy.start()
+    proxied = str(URL(env["AMQP_URL"]).with_port(proxy.port))
+    smtp.data_gate = asyncio.Event()  # the server holds the first email until the broker cannot hear of it
+    try:
+        async with running({**env, "AMQP_URL": proxied, "AMQP_PREFETCH": "1"}) as first:
+            [held] = await eventually(lambda: smtp.received, within=30, what="the first email in DATA")
+            [crashed_on] = [by_address[address] for address in held.recipients]
+            proxy.freeze()  # from here the ack is held, neither sent nor dropped
+            smtp.data_gate.set()
+            await eventually(lambda: _sent(pool, crashed_on), within=10, what="the email recorded as sent")
+            assert await first.kill() == -signal.SIGKILL
+        await proxy.cut()  # the held ack goes nowhere; the broker takes the delivery back
+    finally:
+        smtp.data_gate.set()
+        await proxy.close()
+    # A killed instance cannot leave Consul; do it for it (Consul's reaper would, a minute later).
     [registered_as] = first.logged("consul_registered")
     await _deregister(infra.consul_url, registered_as["service_id"])
-    assert await _sent_counts(infra, newcomers) == {crashed_on: 1}  # the email went out; its ack did not
+    assert _sent_counts(smtp, by_address) == {crashed_on: 1}  # the email went out; its ack did not
 
     async with running(env) as second:
+        # Found sent, as it should be; or sent again, for the count below to catch.
         await eventually(
-            lambda: second.logged("notification_duplicate", event_id=crashed_on), within=30, what="the redelivery"
+            lambda: (
+                second.logged("notification_duplicate", event_id=crashed_on)
+                or _sent_counts(smtp, by_address)[crashed_on] > 1
+            ),
+            within=30,
+            what="the redelivery handled",
         )
         await eventually(
-            lambda: _all_sent(infra, newcomers), within=30, what="the other events' emails after the restart"
+            lambda: len(_sent_counts(smtp, by_address)) == len(events),
+            within=30,
+            what="the other events' emails after the restart",
         )
 
-    counts = await _sent_counts(infra, newcomers)
-    assert counts == {e.id: 1 for e in events}  # duplicates 0, lost 0
+    assert _sent_counts(smtp, by_address) == {e.id: 1 for e in events}  # duplicates 0, lost 0
+    assert second.logged("notification_duplicate", event_id=crashed_on)
+    # Every delivery acked: one left unacked would be back in the queue now that the instance stopped.
+    for queue in (topology.queue, *topology.retry_queues, topology.dead_letters):
+        assert await broker.ready(queue) == 0
 
 
 async def _deregister(consul_url: str, service_id: str) -> None:
@@ -126,25 +159,16 @@ async def _deregister(consul_url: str, service_id: str) -> None:
         assert resp.status == 200
 
 
-async def _sent_counts(infra: StackConfig, newcomers: list[dict[str, str]]) -> dict[str, int]:
-    """Emails per event id in the stack's SMTP sink, among those sent to ``newcomers``."""
-    addresses = {u["email"] for u in newcomers}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{infra.mail_api_url}/api/v1/messages", params={"limit": "5000"}) as resp,
-    ):
-        messages = (await resp.json())["messages"]
+async def _sent(pool: aiopg.Pool, event_id: str) -> bool:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT status FROM notifications WHERE event_id = %s", (event_id,))
+        return await cur.fetchone() == ("sent",)
+
+
+def _sent_counts(smtp: SmtpSink, by_address: dict[str, str]) -> dict[str, int]:
+    """Emails per event id that the SMTP server took, by their recipient."""
     counts: Counter[str] = Counter()
-    for m in messages:
-        if {to["Address"] for to in m["To"]} & addresses:
-            counts[_event_id(m["MessageID"])] += 1
+    for received in smtp.received:
+        for address in received.recipients:
+            counts[by_address[address]] += 1
     return dict(counts)
-
-
-async def _all_sent(infra: StackConfig, newcomers: list[dict[str, str]]) -> bool:
-    return len(await _sent_counts(infra, newcomers)) == len(newcomers)
-
-
-def _event_id(message_id: str) -> str:
-    # <hex.kind@domain>, see notification_service.messages.message_id
-    return str(uuid.UUID(message_id.strip("<>").split(".", 1)[0]))

@@ -28,7 +28,6 @@ def test_defaults_are_those_of_the_stack() -> None:
     assert settings.topology == Topology("todo-mesh.events", "notifications")
     assert settings.topology.queue == "notifications.events"
     assert settings.prefetch == 32
-    assert settings.crash_after_send is False
     assert (settings.smtp.timeout, settings.smtp.data_timeout, settings.smtp.attempts) == (5.0, 30.0, 3)
 
 
@@ -44,7 +43,6 @@ def test_nonsense_numbers_are_refused() -> None:
 def test_events_are_remembered_for_longer_than_they_can_be_retried() -> None:
     settings = Settings.from_env(REQUIRED)
     assert settings.retention == 30 * 24 * 3600
-    # RETRY_LIMIT 2880 at the 30 s tier: an event may come back a day after it happened.
     # RETRY_LIMIT 2880 at the 30 s tier: an event may come back a day after it happened.
     with pytest.raises(SettingsError, match="EVENT_RETENTION_SECONDS"):
         Settings.from_env({**REQUIRED, "EVENT_RETENTION_SECONDS": "86400"})

@@ -1,21 +1,18 @@
 """No lost events: a committed todo's event reaches the broker, whatever happens in between.
 
 Two ways to lose an event without an outbox: commit while the broker is
-unreachable, or crash between the commit and the publish. Both are staged
-here against the real PostgreSQL and RabbitMQ (in this suite's own virtual
-host; the shared broker itself is never stopped: the end-to-end suite does
-that).
+unreachable, or crash between the commit and the publish. The first is
+staged here against the real PostgreSQL and RabbitMQ (in this suite's own
+virtual host; the shared broker itself is never stopped: the end-to-end
+suite does that); the second, a real process killed, in
+test_todo_outbox_crash.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import os
-import signal
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +23,6 @@ import aiopg
 import pytest
 
 from devstack import rabbitmq
-from mesh_common.consul import consul_client
 from mesh_common.events import EVENTS_EXCHANGE, Event
 from mesh_common.outbox import enqueue
 from mesh_common.relay import OutboxRelay
@@ -219,101 +215,3 @@ async def test_with_our_definitions_an_event_no_one_subscribes_to_is_parked_and_
 async def _policy_of(infra, path: str) -> str | None:
     exchange = await asyncio.to_thread(rabbitmq.management, infra, "GET", path)
     return exchange.get("policy")
-
-
-class ServiceProcess:
-    """``python -m todo_service`` as a real process, with its JSON log read as it comes."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self._env = env
-        self.log: list[dict[str, Any]] = []
-        self._logged = asyncio.Condition()
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "todo_service",
-            env=self._env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        async for line in self.process.stderr:
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                async with self._logged:
-                    self.log.append(entry)
-                    self._logged.notify_all()
-
-    async def logged(self, event: str, within: float = 30.0) -> dict[str, Any]:
-        async with asyncio.timeout(within), self._logged:
-            await self._logged.wait_for(lambda: any(e.get("event") == event for e in self.log))
-        return next(e for e in self.log if e.get("event") == event)
-
-    async def exit_code(self, within: float = 30.0) -> int:
-        assert self.process is not None
-        async with asyncio.timeout(within):
-            code = await self.process.wait()
-        await self._reader
-        return code
-
-    async def stop(self) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        return await self.exit_code()
-
-    async def kill(self) -> None:
-        # Also called from a finally: a process that never started is fine.
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
-async def test_a_relay_that_dies_before_publishing_loses_no_event(infra, amqp_url, alice, db, event_tap, poll):
-    tap = await event_tap("todo.created")
-    env = {
-        **infra.service_env("todo"),
-        "PATH": os.environ.get("PATH", ""),
-        "AMQP_URL": amqp_url,
-        "SERVICE_PORT": "0",
-        "LOG_FORMAT": "json",
-    }
-    crashing = ServiceProcess({**env, "OUTBOX_RELAY_CRASH_BEFORE_PUBLISH": "1"})
-    restarted = ServiceProcess(env)
-    consul = consul_client(infra.consul_url)
-    try:
-        await crashing.start()
-        await crashing.logged("serving")
-
-        # The change commits through the service's own code path, transaction and outbox included.
-        created = await Todos(db, asyncio.Event()).create(
-            alice.id, NewTodo("Survive the crash"), correlation_id="crash-" + uuid.uuid4().hex
-        )
-        todo_id = created.snapshot["id"]
-
-        assert await crashing.exit_code() == 70
-        assert await crashing.logged("outbox_relay_crash_hook")
-        pending = await outbox(db)
-        assert list(pending.values()) == [False], "the event must still be waiting in the outbox"
-
-        await restarted.start()
-        message = await tap.next(within=30)
-        event = json.loads(message.body)
-        assert message.message_id == event["id"] == next(iter(pending))
-        assert event["type"] == "todo.created" and event["data"]["id"] == todo_id
-        await poll(lambda: _all_published(db))
-        assert await restarted.stop() == 0
-    finally:
-        await crashing.kill()
-        await restarted.kill()
-        # The crashed instance could not leave Consul by itself.
-        if crashing.log and (serving := [e for e in crashing.log if e.get("event") == "serving"]):
-            host, port = serving[0]["address"]
-            await consul.agent.service.deregister(f"todo-service-{host}-{port}")
-        await consul.close()

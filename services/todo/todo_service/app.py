@@ -69,7 +69,7 @@ def create_app(
     else:
         app[VERIFIER] = verifier
     contexts += [
-        outbox_relay_ctx(crash_before_publish=settings.relay_crash_before_publish),
+        outbox_relay_ctx(),
         prune_ctx(
             settings.prune,
             [prune_published(settings.prune.outbox_retention), prune_expired(settings.idempotency_key_ttl)],

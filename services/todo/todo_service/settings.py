@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from mesh_common.pruning import DAY, PruneSettings
-from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_int, env_str
+from mesh_common.settings import ServiceSettings, SettingsError, env_int, env_str
 
 from . import __version__
 
@@ -24,9 +24,6 @@ class Settings:
     # response for at least this long; afterwards the key is deleted.
     idempotency_key_ttl: int = DAY
     prune: PruneSettings = field(default_factory=PruneSettings)
-    # Fault injection for the no-lost-events test: the relay exits (code 70)
-    # after claiming committed events and before publishing them.
-    relay_crash_before_publish: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -39,7 +36,6 @@ class Settings:
             user_service=env_str(env, "USER_SERVICE_NAME", "user-service"),
             idempotency_key_ttl=env_int(env, "IDEMPOTENCY_KEY_TTL", DAY),
             prune=PruneSettings.from_env(env),
-            relay_crash_before_publish=env_bool(env, "OUTBOX_RELAY_CRASH_BEFORE_PUBLISH", False),
         )
 
     def __post_init__(self) -> None:
