@@ -50,3 +50,28 @@ async def test_a_connection_the_proxy_was_still_making_when_cut_is_dropped_too(
         await proxy.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_cut_with_connections_open_returns() -> None:
+    # From Python 3.12.1 on, a server's wait_closed also waits for the
+    # connections it accepted: the cut must have ended them first.
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = TcpProxy(server.sockets[0].getsockname()[1])
+    try:
+        await proxy.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"open")
+        assert await reader.read(1024) == b"open"
+        async with asyncio.timeout(5):
+            await proxy.cut()
+            assert await reader.read(1024) == b""
+        writer.close()
+    finally:
+        await proxy.close()
+        server.close()
+        await server.wait_closed()

@@ -52,13 +52,15 @@ class TcpProxy:
             server.close()
         # At once, after the listening socket closed; one never started holds it still.
         self._held.hold_again()
-        if server is not None:
-            await server.wait_closed()
         for writer in list(self._links):
             writer.transport.abort()
         self._flowing.set()  # frozen pipes wake to find their connections gone
         # Ended here, not left to the loop's close, which would cancel them and log it.
         await asyncio.gather(*self._relays, return_exceptions=True)
+        if server is not None:
+            # Last: from Python 3.12.1 on it also waits for every connection
+            # the server accepted to close, which the aborts above did.
+            await server.wait_closed()
 
     async def close(self) -> None:
         try:
