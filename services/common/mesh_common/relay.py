@@ -46,7 +46,7 @@ from .app import CleanupCtx, worker_ctx
 from .db import DB, STATEMENT_TIMEOUT
 from .events import EVENTS_EXCHANGE
 from .outbox import OUTBOX_COMMITTED
-from .transactions import server_cancels_as_errors, transaction
+from .transactions import CommitOutcomeUnknown, server_cancels_as_errors, transaction
 
 log = structlog.get_logger()
 CLAIM = (
@@ -63,6 +63,9 @@ OUTAGES = (
     aio_pika.exceptions.AMQPError,
     psycopg2.OperationalError,
     psycopg2.InterfaceError,
+    # A COMMIT's answer lost, and the database unreachable to ask: rows not
+    # marked are published again, which consumers drop.
+    CommitOutcomeUnknown,
 )
 
 

@@ -46,6 +46,11 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
         await cur.execute("BEGIN")
         try:
             yield cur
+            # One round trip more, to know what to ask after if the COMMIT's
+            # answer is lost; none is assigned to a transaction that wrote
+            # nothing. Before before_commit, under the request's deadline.
+            await cur.execute("SELECT txid_current_if_assigned()")
+            (xid,) = await cur.fetchone()
             before_commit()
         except BaseException:
             # aiopg closes a connection whose query was cancelled; the server
@@ -55,10 +60,6 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
             with suppress(psycopg2.Error):
                 await cur.execute("ROLLBACK")
             raise
-        # One round trip more, to know what to ask after; none is assigned
-        # to a transaction that wrote nothing, whose COMMIT changes nothing.
-        await cur.execute("SELECT txid_current_if_assigned()")
-        (xid,) = await cur.fetchone()
         try:
             await cur.execute("COMMIT")
             return
@@ -75,18 +76,32 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[Any]:
 async def _settled(pool: aiopg.Pool, xid: int, lost: BaseException) -> None:
     """Return if transaction ``xid`` committed; raise ``lost`` if it rolled back, else CommitOutcomeUnknown."""
     # "in progress": the server is still at the COMMIT (waiting for its disk),
-    # or cannot be asked yet (restarting): asked again until the time is up.
+    # or could not be asked (restarting, a check timed out): asked again until
+    # the time is up, on one connection kept for it, so that requests queued
+    # for the pool do not take it between two checks.
     status: str | None = "in progress"
-    with suppress(TimeoutError):
-        async with asyncio.timeout(COMMIT_CHECK_TIMEOUT):
-            while True:
-                with suppress(psycopg2.Error):
-                    async with pool.acquire() as conn, conn.cursor() as cur:
-                        await cur.execute("SELECT txid_status(%s)", (xid,))
-                        (status,) = await cur.fetchone()
+    conn: Any = None
+    try:
+        with suppress(TimeoutError):  # the overall bound's; one check's own is suppressed below
+            async with asyncio.timeout(COMMIT_CHECK_TIMEOUT):
+                while True:
+                    try:
+                        if conn is None:
+                            conn = await pool.acquire()
+                        async with conn.cursor() as cur:
+                            await cur.execute("SELECT txid_status(%s)", (xid,))
+                            (status,) = await cur.fetchone()
+                    except (psycopg2.Error, TimeoutError) as exc:
+                        log.info("commit_check_failed", error=type(exc).__name__)
+                        if conn is not None:
+                            await pool.release(conn)  # closed by aiopg: dropped from the pool
+                            conn = None
                     if status != "in progress":  # None: too old to know, never the case this soon
                         break
-                await asyncio.sleep(COMMIT_CHECK_INTERVAL)
+                    await asyncio.sleep(COMMIT_CHECK_INTERVAL)
+    finally:
+        if conn is not None:
+            await pool.release(conn)
     if status == "committed":
         log.warning("commit_answer_lost_but_committed", error=type(lost).__name__)
         return

@@ -8,6 +8,7 @@ up on its answer: what a COMMIT waiting for a slow disk looks like.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +20,10 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from devstack.config import StackConfig
+from mesh_common.deadlines import deadline_middleware
 from mesh_common.problems import problem_middleware
 from mesh_common.testing.proxy import TcpProxy
-from mesh_common.transactions import CommitOutcomeUnknown, transaction
+from mesh_common.transactions import CommitOutcomeUnknown, _settled, transaction
 
 ANSWER_TIMEOUT = 0.5  # aiopg's, per statement: shorter than the COMMIT's sleep
 COMMIT_SLEEP = 1.5
@@ -120,3 +122,101 @@ async def test_an_unknown_outcome_is_a_500_that_says_to_read_it_back_with_no_ret
     assert resp.status == 500 and resp.content_type == "application/problem+json"
     assert (await resp.json())["code"] == "OUTCOME_UNKNOWN"
     assert "Retry-After" not in resp.headers
+
+
+class AskedPool:
+    """A pool whose connections answer txid_status with ``answers`` in turn; a TimeoutError answer is raised."""
+
+    def __init__(self, *answers: str | type[TimeoutError]) -> None:
+        self._answers = list(answers)
+        self.acquired = self.released = 0
+
+    async def acquire(self) -> AskedPool:
+        self.acquired += 1
+        return self
+
+    async def release(self, conn: object) -> None:
+        self.released += 1
+
+    @contextlib.asynccontextmanager
+    async def cursor(self) -> AsyncIterator[AskedPool]:
+        yield self
+
+    async def execute(self, statement: str, args: tuple[int]) -> None:
+        assert statement == "SELECT txid_status(%s)" and args == (7,)
+        if self._answers[0] is TimeoutError:
+            self._answers.pop(0)
+            raise TimeoutError
+
+    async def fetchone(self) -> tuple[object]:
+        return (self._answers.pop(0),)
+
+
+async def test_the_outcome_is_asked_on_one_connection_until_it_is_known() -> None:
+    # Given back between checks, a connection went to a request queued for
+    # the pool, and the next check waited behind it past its time.
+    pool = AskedPool("in progress", "in progress", "committed")
+    await _settled(pool, 7, TimeoutError())  # type: ignore[arg-type]
+    assert (pool.acquired, pool.released) == (1, 1)
+
+
+async def test_a_check_that_times_out_is_asked_again() -> None:
+    # aiopg's own timeout, on one check: it used to end the checking.
+    pool = AskedPool(TimeoutError, "committed")
+    await _settled(pool, 7, TimeoutError())  # type: ignore[arg-type]
+    assert pool.acquired == 2
+
+
+async def test_a_rolled_back_commit_raises_what_lost_its_answer() -> None:
+    lost = TimeoutError("aiopg's")
+    with pytest.raises(TimeoutError) as raised:
+        await _settled(AskedPool("aborted"), 7, lost)  # type: ignore[arg-type]
+    assert raised.value is lost
+
+
+async def test_the_query_that_names_the_transaction_runs_under_the_requests_deadline(
+    infra: StackConfig, table: str, aiohttp_client: Any
+) -> None:
+    # After before_commit the deadline cuts nothing: a slow statement there
+    # went on to commit what the client had been told (504) had failed.
+    async def handler(request: web.Request) -> web.Response:
+        await insert(SlowToName(request.app[POOL]), table, sleep=0)  # type: ignore[arg-type]
+        return web.Response(status=201)
+
+    app = web.Application(middlewares=[problem_middleware, deadline_middleware(0.6)])
+    app.router.add_post("/", handler)
+    async with aiopg.create_pool(infra.database_url("todo"), maxsize=2) as pool:
+        app[POOL] = pool
+        client = await aiohttp_client(app)
+        resp = await client.post("/")
+        assert resp.status == 503
+    assert await rows(infra, table) == []
+
+
+POOL = web.AppKey("pool", aiopg.Pool)
+
+
+class SlowToName:
+    """A pool whose cursors take a second over ``SELECT txid_current_if_assigned()``."""
+
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self._pool = pool
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[SlowToName]:
+        async with self._pool.acquire() as conn:
+            self._conn = conn
+            yield self
+
+    @contextlib.asynccontextmanager
+    async def cursor(self) -> AsyncIterator[Any]:
+        async with self._conn.cursor() as cur:
+            execute = cur.execute
+
+            async def slow(statement: str, *args: Any) -> None:
+                if statement == "SELECT txid_current_if_assigned()":
+                    await asyncio.sleep(1)
+                await execute(statement, *args)
+
+            cur.execute = slow  # type: ignore[method-assign,assignment]
+            yield cur
