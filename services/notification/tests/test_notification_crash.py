@@ -13,79 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import aiopg
 from notification_support import SECRET, Broker, FakeUserService, eventually, new_user, registered
 from smtp_sink import SmtpSink
 from yarl import URL
 
 from devstack.config import StackConfig
+from mesh_common.consul import consul_client
+from mesh_common.testing.process import ServiceProcess
 from mesh_common.testing.proxy import TcpProxy
 from notification_service.topology import Topology
 
 
-class ServiceProcess:
-    def __init__(self, env: dict[str, str]) -> None:
-        self._env = env
-        self.logs: list[dict[str, Any]] = []
-        self.process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "notification_service", env=self._env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        async for line in self.process.stderr:
-            self.logs.append(json.loads(line))  # LOG_FORMAT=json: a line that is not JSON is a failure of its own
-
-    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [e for e in self.logs if e.get("event") == event and fields.items() <= e.items()]
-
-    async def wait(self, within: float) -> int:
-        assert self.process is not None and self._reader is not None
-        async with asyncio.timeout(within):
-            code = await self.process.wait()
-            await self._reader
-        return code
-
-    async def kill(self) -> int:
-        """SIGKILL: nothing of the process runs after, its ack and its goodbye to Consul included. Its exit code."""
-        assert self.process is not None
-        self.process.kill()
-        return await self.wait(within=10)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await self.wait(within=20)
-            except TimeoutError:
-                # Never left consuming from the suite's queues, stealing later tests' messages.
-                self.process.kill()
-                await self.wait(within=10)
-                raise
-
-
 @contextlib.asynccontextmanager
 async def running(env: dict[str, str]) -> AsyncIterator[ServiceProcess]:
-    service = ServiceProcess(env)
+    service = ServiceProcess("notification_service", env)
     await service.start()
     try:
         yield service
     finally:
+        # Never left consuming from the suite's queues, stealing later tests' messages.
         await service.stop()
+    assert service.not_json == []  # LOG_FORMAT=json: every line
 
 
 async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_restart(
@@ -124,8 +77,11 @@ async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_rest
         smtp.data_gate.set()
         await proxy.close()
     # A killed instance cannot leave Consul; do it for it (Consul's reaper would, a minute later).
-    [registered_as] = first.logged("consul_registered")
-    await _deregister(infra.consul_url, registered_as["service_id"])
+    consul = consul_client(infra.consul_url)
+    try:
+        await first.leave_consul(consul)
+    finally:
+        await consul.close()
     assert _sent_counts(smtp, by_address) == {crashed_on: 1}  # the email went out; its ack did not
 
     async with running(env) as second:
@@ -149,14 +105,6 @@ async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_rest
     # Every delivery acked: one left unacked would be back in the queue now that the instance stopped.
     for queue in (topology.queue, *topology.retry_queues, topology.dead_letters):
         assert await broker.ready(queue) == 0
-
-
-async def _deregister(consul_url: str, service_id: str) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.put(f"{consul_url}/v1/agent/service/deregister/{service_id}") as resp,
-    ):
-        assert resp.status == 200
 
 
 async def _sent(pool: aiopg.Pool, event_id: str) -> bool:

@@ -12,11 +12,10 @@ straight to the broker, must then publish the event.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,67 +31,10 @@ from yarl import URL
 from devstack.config import StackConfig
 from mesh_common.consul import consul_client
 from mesh_common.testing import TokenFactory
+from mesh_common.testing.process import ServiceProcess
 from mesh_common.testing.proxy import TcpProxy
 
 from .conftest import EventTap, Poll, User
-
-
-class ServiceProcess:
-    """``python -m todo_service`` as a real process, with its JSON log read as it comes."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self._env = env
-        self.log: list[dict[str, Any]] = []
-        self._logged = asyncio.Condition()
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "todo_service",
-            env=self._env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        async for line in self.process.stderr:
-            entry = json.loads(line)  # LOG_FORMAT=json: a line that is not JSON is a failure of its own
-            async with self._logged:
-                self.log.append(entry)
-                self._logged.notify_all()
-
-    async def logged(self, event: str, within: float = 30.0) -> dict[str, Any]:
-        async with asyncio.timeout(within), self._logged:
-            await self._logged.wait_for(lambda: any(e.get("event") == event for e in self.log))
-        return next(e for e in self.log if e.get("event") == event)
-
-    async def url(self) -> str:
-        host, port = (await self.logged("serving"))["address"]
-        return f"http://{host}:{port}"
-
-    async def exit_code(self, within: float = 30.0) -> int:
-        assert self.process is not None
-        async with asyncio.timeout(within):
-            code = await self.process.wait()
-        await self._reader
-        return code
-
-    async def stop(self) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        return await self.exit_code()
-
-    async def kill(self) -> int | None:
-        """SIGKILL, and its exit code; None if it never started or had ended already (also called from a finally)."""
-        if self.process is None or self.process.returncode is not None:
-            return None
-        self.process.kill()
-        return await self.exit_code(within=10)
 
 
 @pytest.fixture
@@ -177,8 +119,8 @@ async def test_a_relay_that_dies_before_publishing_loses_no_event(
         "USER_SERVICE_NAME": user_service,
         "LOG_FORMAT": "json",
     }
-    killed = ServiceProcess({**env, "AMQP_URL": str(URL(amqp_url).with_port(proxy.port))})
-    restarted = ServiceProcess(env)
+    killed = ServiceProcess("todo_service", {**env, "AMQP_URL": str(URL(amqp_url).with_port(proxy.port))})
+    restarted = ServiceProcess("todo_service", env)
     consul = consul_client(infra.consul_url)
     try:
         await killed.start()
@@ -216,10 +158,12 @@ async def test_a_relay_that_dies_before_publishing_loses_no_event(
         assert await outbox(db) == {first: True, event_id: True}
         assert await restarted.stop() == 0
     finally:
-        await killed.kill()
-        await restarted.kill()
-        await proxy.close()
-        # The killed instance could not leave Consul by itself.
-        if registered := [e for e in killed.log if e.get("event") == "consul_registered"]:
-            await consul.agent.service.deregister(registered[0]["service_id"])
-        await consul.close()
+        async with contextlib.AsyncExitStack() as cleanup:  # each step whatever the one before did
+            cleanup.push_async_callback(consul.close)
+            # A killed instance could not leave Consul by itself.
+            cleanup.push_async_callback(restarted.leave_consul, consul)
+            cleanup.push_async_callback(killed.leave_consul, consul)
+            cleanup.push_async_callback(proxy.close)
+            cleanup.push_async_callback(restarted.kill)
+            cleanup.push_async_callback(killed.kill)
+    assert killed.not_json == restarted.not_json == []  # LOG_FORMAT=json: every line
