@@ -7,6 +7,7 @@ from typing import Any
 
 import aio_pika
 import aiopg
+import psycopg2.errors
 
 
 class FakeBroker:
@@ -41,3 +42,13 @@ async def unsent(db: aiopg.Pool) -> set[str]:
     async with db.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT id::text FROM outbox WHERE published_at IS NULL")
         return {event_id for (event_id,) in await cur.fetchall()}
+
+
+async def locked(db: aiopg.Pool, event_id: str) -> bool:
+    """Whether some transaction holds the outbox row: a relay's claim."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        try:
+            await cur.execute("SELECT 1 FROM outbox WHERE id = %s FOR UPDATE NOWAIT", (event_id,))
+        except psycopg2.errors.LockNotAvailable:
+            return True
+        return False

@@ -10,7 +10,6 @@ import asyncio
 
 import aio_pika
 import aiopg
-import psycopg2.errors
 import pytest
 
 from devstack.config import StackConfig
@@ -21,7 +20,7 @@ from mesh_common.testing.proxy import TcpProxy
 from mesh_common.transactions import transaction
 
 from .conftest import Poll
-from .relay_support import FakeBroker, unsent
+from .relay_support import FakeBroker, locked, unsent
 
 CONFIRM = 0.5  # seconds: a short bound, so a claim's limit (derived from it) runs out in the test
 
@@ -32,15 +31,6 @@ async def _enqueue(db: aiopg.Pool, count: int) -> list[str]:
         for event in events:
             await enqueue(cur, event)
     return [event.id for event in events]
-
-
-async def _locked(db: aiopg.Pool, event_id: str) -> bool:
-    async with db.acquire() as conn, conn.cursor() as cur:
-        try:
-            await cur.execute("SELECT 1 FROM outbox WHERE id = %s FOR UPDATE NOWAIT", (event_id,))
-        except psycopg2.errors.LockNotAvailable:
-            return True
-        return False
 
 
 async def test_a_frozen_instances_claim_goes_back_to_the_other_relays_in_bounded_time(
@@ -71,7 +61,7 @@ async def test_a_frozen_instances_claim_goes_back_to_the_other_relays_in_bounded
         try:
             async with asyncio.timeout(5):
                 await claimed.wait()
-            assert await _locked(db, event_id)  # held, by a session the server still thinks alive
+            assert await locked(db, event_id)  # held, by a session the server still thinks alive
             running = asyncio.create_task(other.run())
             # Without a limit of its own, the claim was held until TCP gave up: about two hours.
             await poll(lambda: published, within=frozen.claim_limit + 3)

@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import aiopg
-import psycopg2.errors
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
@@ -35,6 +34,7 @@ from mesh_common.testing.process import ServiceProcess
 from mesh_common.testing.proxy import TcpProxy
 
 from .conftest import EventTap, Poll, User
+from .relay_support import locked
 
 
 @pytest.fixture
@@ -72,16 +72,6 @@ async def published(db: aiopg.Pool) -> list[str]:
 
 async def all_published(db: aiopg.Pool) -> bool:
     return all((await outbox(db)).values())
-
-
-async def locked(db: aiopg.Pool, event_id: str) -> bool:
-    """Whether some transaction holds the row: a relay's claim."""
-    async with db.acquire() as conn, conn.cursor() as cur:
-        try:
-            await cur.execute("SELECT 1 FROM outbox WHERE id = %s FOR UPDATE NOWAIT", (event_id,))
-        except psycopg2.errors.LockNotAvailable:
-            return True
-        return False
 
 
 async def unlocked(db: aiopg.Pool, event_id: str) -> bool:
