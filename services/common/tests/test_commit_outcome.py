@@ -111,19 +111,6 @@ async def committing(infra: StackConfig) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_an_unknown_outcome_is_a_500_that_says_to_read_it_back_with_no_retry_after(aiohttp_client: Any) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        raise CommitOutcomeUnknown("lost")
-
-    app = web.Application(middlewares=[problem_middleware])
-    app.router.add_post("/", handler)
-    client = await aiohttp_client(app)
-    resp = await client.post("/")
-    assert resp.status == 500 and resp.content_type == "application/problem+json"
-    assert (await resp.json())["code"] == "OUTCOME_UNKNOWN"
-    assert "Retry-After" not in resp.headers
-
-
 class AskedPool:
     """A pool whose connections answer txid_status with ``answers`` in turn; a TimeoutError answer is raised."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from typing import Any
 
 import psycopg2
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from mesh_common.problems import problem_middleware, read_json_object
+from mesh_common.transactions import CommitOutcomeUnknown
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -73,11 +75,9 @@ async def test_a_body_that_does_not_decompress_is_a_400(
         assert response.status == 200
 
 
-@pytest.mark.parametrize(
-    "failure",
-    [TimeoutError(), psycopg2.OperationalError("server closed the connection"), psycopg2.InterfaceError("closed")],
-)
-async def test_a_database_away_or_too_slow_is_a_503_to_retry(aiohttp_client: Any, failure: Exception) -> None:
+async def answer_to(aiohttp_client: Any, failure: Exception) -> tuple[int, dict[str, str], str]:
+    """What the problem middleware makes of a handler that raises ``failure``: status, headers, body."""
+
     async def handler(request: web.Request) -> web.Response:
         raise failure
 
@@ -85,20 +85,33 @@ async def test_a_database_away_or_too_slow_is_a_503_to_retry(aiohttp_client: Any
     app.router.add_get("/", handler)
     client = await aiohttp_client(app)
     async with client.get("/") as response:
-        assert response.status == 503
-        assert response.headers["Retry-After"] == "1"
-        body = await response.json(content_type="application/problem+json")
-        assert body["code"] == "DEPENDENCY_UNAVAILABLE"
-        assert "closed" not in body["detail"]
+        assert response.content_type == "application/problem+json"
+        return response.status, dict(response.headers), await response.text()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [TimeoutError(), psycopg2.OperationalError("server closed the connection"), psycopg2.InterfaceError("closed")],
+)
+async def test_a_database_away_or_too_slow_is_a_503_to_retry(aiohttp_client: Any, failure: Exception) -> None:
+    status, headers, text = await answer_to(aiohttp_client, failure)
+    assert status == 503
+    assert headers["Retry-After"] == "1"
+    body = json.loads(text)
+    assert body["code"] == "DEPENDENCY_UNAVAILABLE"
+    assert "closed" not in body["detail"]
+
+
+async def test_a_commit_of_unknown_outcome_is_a_500_that_says_to_read_it_back_with_no_retry_after(
+    aiohttp_client: Any,
+) -> None:
+    status, headers, text = await answer_to(aiohttp_client, CommitOutcomeUnknown("lost"))
+    assert status == 500
+    assert json.loads(text)["code"] == "OUTCOME_UNKNOWN"
+    assert "Retry-After" not in headers
 
 
 async def test_anything_else_is_a_500_that_says_nothing(aiohttp_client: Any) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        raise KeyError("secret detail")
-
-    app = web.Application(middlewares=[problem_middleware])
-    app.router.add_get("/", handler)
-    client = await aiohttp_client(app)
-    async with client.get("/") as response:
-        assert response.status == 500
-        assert "secret" not in await response.text()
+    status, _, text = await answer_to(aiohttp_client, KeyError("secret detail"))
+    assert status == 500
+    assert "secret" not in text
