@@ -8,10 +8,12 @@ which it holds, refusing connections, while stopped (``close`` lets it go).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import functools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -139,3 +141,28 @@ class _SinkSession(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._sessions.discard(self)
         super().connection_lost(error)
+
+
+@dataclass
+class Silent:
+    """An SMTP server that takes connections and never greets: what a hung one looks like to a client."""
+
+    port: int
+    accepted: list[asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def silent_smtp() -> AsyncIterator[Silent]:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(take, "127.0.0.1", 0)
+    try:
+        yield Silent(server.sockets[0].getsockname()[1], accepted)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()

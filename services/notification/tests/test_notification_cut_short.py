@@ -31,7 +31,7 @@ from notification_support import (
     registered,
     todo_event,
 )
-from smtp_sink import SmtpSink
+from smtp_sink import SmtpSink, silent_smtp
 
 from notification_service import claims, workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT
@@ -134,25 +134,13 @@ async def test_a_send_cut_short_before_data_releases_its_claim(
     # A server that takes the connection and never greets: the drain runs out
     # before DATA. Left claimed, the email waited for the lease to run out.
     monkeypatch.setattr(workers, "DRAIN_TIMEOUT", 0.5)
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
     event = registered(new_user())
-    try:
-        port = server.sockets[0].getsockname()[1]
-        client = await start_service(smtp=quick_smtp(settings, port=port, timeout=30.0))
+    async with silent_smtp() as silent:
+        client = await start_service(smtp=quick_smtp(settings, port=silent.port, timeout=30.0))
         await broker.publish(event)
-        await eventually(lambda: accepted, within=10, what="the SMTP connection")
+        await eventually(lambda: silent.accepted, within=10, what="the SMTP connection")
         await eventually(lambda: claim_row(pool, event.id), within=5, what="the claim")
         await asyncio.wait_for(client.close(), timeout=0.5 + STUCK_CANCEL_TIMEOUT + 5)
-    finally:
-        for writer in accepted:
-            writer.close()
-        server.close()
     assert await claim_row(pool, event.id) is None  # the next start sends it at once
 
 

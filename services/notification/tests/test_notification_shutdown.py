@@ -21,7 +21,7 @@ from notification_support import (
     registered,
     todo_event,
 )
-from smtp_sink import SmtpSink
+from smtp_sink import SmtpSink, silent_smtp
 
 from devstack.config import StackConfig
 from mesh_common.events import Event
@@ -122,13 +122,6 @@ async def test_the_consumer_and_the_reminder_scheduler_stop_side_by_side(
     # other, the consumer's drain began only then (20 s in all with the
     # default bounds, past compose's grace period).
     monkeypatch.setattr(workers, "SCHEDULER_STOP_TIMEOUT", 2.0)
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()
-
-    smtp = await asyncio.start_server(silent, "127.0.0.1", 0)
     stops: dict[str, float] = {}
     consumer_stop = EventConsumer.stop
 
@@ -137,21 +130,17 @@ async def test_the_consumer_and_the_reminder_scheduler_stop_side_by_side(
         await consumer_stop(consumer, **kwargs)
 
     monkeypatch.setattr(EventConsumer, "stop", timed_stop)
-    try:
-        hung = dataclasses.replace(settings.smtp, port=smtp.sockets[0].getsockname()[1], timeout=30.0)
+    async with silent_smtp() as silent:
+        hung = dataclasses.replace(settings.smtp, port=silent.port, timeout=30.0)
         client = await start_service(smtp=hung)
         owner = users.add(new_user())
         due = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
         todo = {"id": "t-stop", "title": "Stop", "due_at": due, "completed": False, "version": 1}
         await broker.publish(todo_event("created", owner["id"], todo))
-        await eventually(lambda: accepted, within=10, what="the reminder's SMTP connection")
+        await eventually(lambda: silent.accepted, within=10, what="the reminder's SMTP connection")
         stopping = time.monotonic()
         await client.close()
         stopped = time.monotonic()
-    finally:
-        for writer in accepted:
-            writer.close()
-        smtp.close()
     assert stops["consumer"] - stopping < 1.0, "the consumer waited for the scheduler to stop"
     assert stopped - stopping < 2.0 + 2.0 + 2.0  # the scheduler's bound, its unwinding, and slack
 
