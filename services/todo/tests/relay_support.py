@@ -37,6 +37,17 @@ class FakeBroker:
         pass
 
 
+async def outbox(db: aiopg.Pool) -> dict[str, bool]:
+    """Event id -> published, for every event in the outbox."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT id, published_at IS NOT NULL FROM outbox")
+        return {str(event_id): published for event_id, published in await cur.fetchall()}
+
+
+async def all_published(db: aiopg.Pool) -> bool:
+    return all((await outbox(db)).values())
+
+
 async def unsent(db: aiopg.Pool) -> set[str]:
     """The ids of the outbox's rows not marked sent."""
     async with db.acquire() as conn, conn.cursor() as cur:

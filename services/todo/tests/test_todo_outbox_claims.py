@@ -20,7 +20,7 @@ from mesh_common.testing.proxy import TcpProxy
 from mesh_common.transactions import transaction
 
 from .conftest import Poll
-from .relay_support import FakeBroker, locked, unsent
+from .relay_support import FakeBroker, all_published, locked, unsent
 
 CONFIRM = 0.5  # seconds: a short bound, so a claim's limit (derived from it) runs out in the test
 
@@ -66,7 +66,7 @@ async def test_a_frozen_instances_claim_goes_back_to_the_other_relays_in_bounded
             # Without a limit of its own, the claim was held until TCP gave up: about two hours.
             await poll(lambda: published, within=frozen.claim_limit + 3)
             assert published == [event_id]
-            await poll(lambda: _unsent_is_empty(db), within=3)
+            await poll(lambda: all_published(db), within=3)
             assert not stuck.done()  # the frozen relay never ran again: the server let go by itself
         finally:
             other.stop()
@@ -76,10 +76,6 @@ async def test_a_frozen_instances_claim_goes_back_to_the_other_relays_in_bounded
             stuck.cancel()
             await asyncio.gather(stuck, return_exceptions=True)
             await proxy.close()
-
-
-async def _unsent_is_empty(db: aiopg.Pool) -> bool:
-    return not await unsent(db)
 
 
 async def test_a_batch_slow_to_the_end_of_its_bound_keeps_its_claim_and_marks_what_was_confirmed(

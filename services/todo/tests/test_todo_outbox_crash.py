@@ -34,7 +34,7 @@ from mesh_common.testing.process import ServiceProcess
 from mesh_common.testing.proxy import TcpProxy
 
 from .conftest import EventTap, Poll, User
-from .relay_support import locked
+from .relay_support import all_published, locked, outbox
 
 
 @pytest.fixture
@@ -58,20 +58,9 @@ async def user_service(aiohttp_server: AiohttpServer, infra: StackConfig, tokens
         await consul.close()
 
 
-async def outbox(db: aiopg.Pool) -> dict[str, bool]:
-    """Event id -> published, for every event in the outbox."""
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT id, published_at IS NOT NULL FROM outbox")
-        return {str(event_id): published for event_id, published in await cur.fetchall()}
-
-
 async def published(db: aiopg.Pool) -> list[str]:
     """The ids of the outbox's events marked sent."""
     return [event_id for event_id, sent in (await outbox(db)).items() if sent]
-
-
-async def all_published(db: aiopg.Pool) -> bool:
-    return all((await outbox(db)).values())
 
 
 async def unlocked(db: aiopg.Pool, event_id: str) -> bool:

@@ -31,6 +31,8 @@ from todo_service.app import create_app
 from todo_service.model import NewTodo
 from todo_service.todos import Todos
 
+from .relay_support import all_published, outbox
+
 DEFINITIONS = Path(__file__).resolve().parents[3] / "rabbitmq" / "definitions.json"
 
 
@@ -40,13 +42,6 @@ def no_broker_port() -> Iterator[int]:
     # by some other listener meanwhile, and the outage would not be one.
     with refused_port() as port:
         yield port
-
-
-async def outbox(db: aiopg.Pool) -> dict[str, bool]:
-    """Event id -> published, for every event in the outbox."""
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT id, published_at IS NOT NULL FROM outbox")
-        return {str(event_id): published for event_id, published in await cur.fetchall()}
 
 
 async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost(
@@ -73,7 +68,7 @@ async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost
     relay = OutboxRelay(db, connection)
     running = asyncio.create_task(relay.run())
     try:
-        await poll(lambda: _all_published(db), within=30)
+        await poll(lambda: all_published(db), within=30)
     finally:
         relay.stop()
         running.cancel()
@@ -89,10 +84,6 @@ async def test_todos_commit_while_the_broker_is_unreachable_and_no_event_is_lost
     )
     assert lost == set()
     assert consumed == set(committed)
-
-
-async def _all_published(db: aiopg.Pool) -> bool:
-    return all((await outbox(db)).values())
 
 
 class WatchedRelay(OutboxRelay):
