@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -36,6 +37,10 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         # The traceback goes inside the object, as one string, not over lines.
         shared.append(structlog.processors.format_exc_info)
         factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        # A crash outside any logger (a port already taken at start-up, say)
+        # would print a bare traceback, which a collector reads as one record
+        # a line; it becomes one object, like the rest.
+        sys.excepthook = _log_uncaught
     else:
         renderer = foreign_renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         factory = structlog.PrintLoggerFactory(sys.stderr)
@@ -58,6 +63,10 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # Python's warnings too, which would otherwise print several raw lines.
     logging.captureWarnings(True)
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    structlog.get_logger().critical("uncaught_exception", exc_info=(kind, value, tb))
 
 
 def _orjson_str(obj: Any, **kwargs: Any) -> str:

@@ -39,14 +39,26 @@ structlog.get_logger().info("started", port=8080)
 """
 
 
-async def run_child(fmt: str) -> tuple[str, str]:
-    """Stdout and stderr of CHILD, which configures logging as ``fmt``."""
+# A process that dies of an exception nothing caught: a port already taken
+# at start-up, say.
+CRASHING = """
+import sys
+
+from mesh_common.logs import configure_logging
+
+configure_logging(sys.argv[1])
+raise OSError(98, "address already in use")
+"""
+
+
+async def run_child(fmt: str, code: str = CHILD, *, exit_status: int = 0) -> tuple[str, str]:
+    """Stdout and stderr of ``code``, which configures logging as ``fmt``."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-W", "always::DeprecationWarning", "-c", CHILD, fmt,
+        sys.executable, "-W", "always::DeprecationWarning", "-c", code, fmt,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await communicate_within(process, 30)
-    assert process.returncode == 0, err.decode()
+    assert process.returncode == exit_status, err.decode()
     return out.decode(), err.decode()
 
 
@@ -91,3 +103,20 @@ async def test_console_renders_library_records_as_ours() -> None:
     assert "[info" in started and "request_id=req-1" in started
     # The traceback is still printed in full, for a reader, under its record.
     assert "Traceback (most recent call last):" in err and "ValueError: boom" in err
+
+
+async def test_json_reports_an_uncaught_exception_as_one_object_and_the_process_still_fails() -> None:
+    out, err = await run_child("json", CRASHING, exit_status=1)
+    assert out == ""
+    (line,) = err.splitlines()  # not a traceback over several lines
+    crash = json.loads(line)
+    assert crash["event"] == "uncaught_exception" and crash["level"] == "critical"
+    assert crash["exception"].startswith("Traceback (most recent call last):")
+    assert crash["exception"].endswith("OSError: [Errno 98] address already in use")
+
+
+async def test_console_leaves_an_uncaught_exception_to_python() -> None:
+    out, err = await run_child("console", CRASHING, exit_status=1)
+    assert out == ""
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.rstrip().endswith("OSError: [Errno 98] address already in use")
