@@ -2,7 +2,8 @@
 
 * Instances come from the in-memory Consul watch; a request never waits on Consul.
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do,
-  nor does a 503 that sheds load (code TOO_BUSY: the instance is well).
+  nor does a 503 whose code says the instance is well (TOO_BUSY, which
+  sheds load, or FEATURE_UNAVAILABLE: mesh_common.problems.instance_is_well).
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
@@ -24,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import MalformedBody, NotFound, problem, sheds_load
+from mesh_common.problems import MalformedBody, NotFound, instance_is_well, problem
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -211,8 +212,8 @@ class Proxy:
                         log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
                         raise _Failed(BadGateway(), sent=True)
                     answer = web.Response(status=resp.status, body=payload, headers=out)
-                    if resp.status == 503 and sheds_load(payload):
-                        # Well, and declining more work for now (mesh_common.problems.LOAD_SHED).
+                    if resp.status == 503 and instance_is_well(payload):
+                        # Well, and declining some work for now (mesh_common.problems.instance_is_well).
                         raise _Attempt(sent=True, response=answer)
                     raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)

@@ -102,6 +102,13 @@ async def fake_service(
                         content_type="application/problem+json",
                         headers={"Retry-After": "1"},
                     )
+                if upstream.mode == "feature_down":  # well, but logins wait on its throttle's Redis
+                    return web.json_response(
+                        {"code": "FEATURE_UNAVAILABLE"},
+                        status=503,
+                        content_type="application/problem+json",
+                        headers={"Retry-After": "5"},
+                    )
                 if upstream.mode == "dependency_down":  # its database away: a failure like any 5xx
                     return web.json_response(
                         {"code": "DEPENDENCY_UNAVAILABLE"},

@@ -58,28 +58,38 @@ async def test_4xx_never_opens_a_breaker(fake_service, gateway, tokens):
     assert not breakers.is_open(instance.service_id)
 
 
-async def test_a_busy_instance_passes_its_503_on_and_keeps_its_breaker_closed(fake_service, gateway, tokens):
-    # A login rush fills the user-service's hashing slots: its 503s with
-    # Retry-After shed logins. Counted as failures, they would open the
+@pytest.mark.parametrize(
+    ("mode", "code", "retry_after"), [("busy", "TOO_BUSY", "1"), ("feature_down", "FEATURE_UNAVAILABLE", "5")]
+)
+async def test_a_well_instance_passes_its_503_on_and_keeps_its_breaker_closed(
+    fake_service, gateway, tokens, mode, code, retry_after
+):
+    # TOO_BUSY: a login rush fills the user-service's hashing slots, and its
+    # 503s shed logins. FEATURE_UNAVAILABLE: its throttle's Redis is away,
+    # and only logins are refused. Counted as failures, either would open the
     # instance's breaker and refuse its reads, refreshes and logouts too.
     service = await fake_service(1)
     (instance,) = service.instances
-    instance.mode = "busy"
+    instance.mode = mode
     client = await gateway(service, breaker_failures=2)
     breakers = client.app[BREAKERS]
     for _ in range(5):
         async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
             assert r.status == 503
-            assert r.headers["Retry-After"] == "1"
-            assert (await r.json())["code"] == "TOO_BUSY"  # the instance's own answer, not the gateway's
+            assert r.headers["Retry-After"] == retry_after
+            assert (await r.json())["code"] == code  # the instance's own answer, not the gateway's
     assert instance.hits == 5
     assert breakers.failures(instance.service_id) == 0
     assert not breakers.is_open(instance.service_id)
+    instance.mode = "ok"
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 200  # its other routes still reach it
+    assert instance.hits == 6
 
 
 async def test_an_instance_whose_database_is_away_opens_its_breaker(fake_service, gateway, tokens):
     # Its 503 carries Retry-After too, but says the instance cannot serve:
-    # only a load-shedding 503 (TOO_BUSY) is let off.
+    # only a 503 whose code says the instance is well is let off.
     service = await fake_service(1)
     (instance,) = service.instances
     instance.mode = "dependency_down"

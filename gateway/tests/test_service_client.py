@@ -15,11 +15,11 @@ from mesh_common.resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 
 async def failing_instances(
-    aiohttp_server: AiohttpServer, count: int, *, delay: float = 0.0, busy: bool = False
+    aiohttp_server: AiohttpServer, count: int, *, delay: float = 0.0, well: str | None = None
 ) -> tuple[ServiceWatch, list[int]]:
     """``count`` instances that answer 500 (after ``delay``), in a watch set by hand; and their hit counts.
 
-    ``busy``: a 503 that sheds load (TOO_BUSY) instead.
+    ``well``: a 503 with that code instead, one that says the instance is well.
     """
     hits = [0] * count
     instances = []
@@ -28,8 +28,8 @@ async def failing_instances(
         async def fail(request: web.Request, n: int = n) -> web.Response:
             hits[n] += 1
             await asyncio.sleep(delay)
-            if busy:
-                return web.json_response({"code": "TOO_BUSY"}, status=503, headers={"Retry-After": "1"})
+            if well:
+                return web.json_response({"code": well}, status=503, headers={"Retry-After": "1"})
             return web.json_response({"code": "BOOM"}, status=500)
 
         app = web.Application()
@@ -63,12 +63,13 @@ async def test_with_no_other_instance_the_failure_itself_is_raised(aiohttp_serve
     assert hits == [1]
 
 
-async def test_a_busy_instance_is_tried_past_but_its_breaker_hears_nothing(aiohttp_server):
-    watch, hits = await failing_instances(aiohttp_server, 2, busy=True)
+@pytest.mark.parametrize("code", ["TOO_BUSY", "FEATURE_UNAVAILABLE"])
+async def test_a_well_instance_declining_is_tried_past_but_its_breaker_hears_nothing(aiohttp_server, code):
+    watch, hits = await failing_instances(aiohttp_server, 2, well=code)
     async with aiohttp.ClientSession() as session:
         breakers = BreakerBoard(failure_threshold=1)
         client = ServiceClient(session, {"svc": watch}, breakers=breakers)
-        with pytest.raises(UpstreamFailure, match="sheds load"):
+        with pytest.raises(UpstreamFailure, match="declines for now"):
             await client.get_json("svc", "/x")
         assert hits == [1, 1]  # retried on the other instance, like a failure
         assert not breakers.is_open("svc-0") and not breakers.is_open("svc-1")

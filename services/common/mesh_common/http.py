@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .app import CleanupCtx
 from .discovery import WATCHES, NoInstances
-from .problems import sheds_load
+from .problems import instance_is_well
 from .resilience import BreakerBoard, RetryBudget, UpstreamFailure
 
 HTTP_SESSION = web.AppKey("mesh.http_session", aiohttp.ClientSession)
@@ -40,7 +40,7 @@ class UpstreamStatusError(Exception):
 
 
 class _Declined(Exception):
-    """A 503 that sheds load (``problems.LOAD_SHED``): the instance is well, and declines for now.
+    """A 503 whose code says the instance is well (``problems.instance_is_well``), and declines for now.
 
     Retried on another instance like a failure, but raised past its breaker
     uncounted (only ``UpstreamFailure`` counts). The gateway's proxy follows
@@ -138,8 +138,8 @@ class ServiceClient:
                         self._session.get(instance.base_url + path, headers=headers) as resp,
                     ):
                         if resp.status >= 500:
-                            if resp.status == 503 and sheds_load(await resp.read()):
-                                raise _Declined(f"{instance.id} sheds load")
+                            if resp.status == 503 and instance_is_well(await resp.read()):
+                                raise _Declined(f"{instance.id} declines for now")
                             raise UpstreamFailure(f"{instance.id} answered {resp.status}")
                         raw = await resp.read()
                         if resp.status < 400:

@@ -76,28 +76,34 @@ UnsupportedMediaType = problem(415, "UNSUPPORTED_MEDIA_TYPE", "Expected applicat
 ValidationFailed = problem(422, "VALIDATION_FAILED", "The request body is invalid")
 PreconditionFailed = problem(412, "PRECONDITION_FAILED", "The resource has changed")
 TooManyRequests = problem(429, "RATE_LIMITED", "Too many requests")
-ServiceUnavailable = problem(503, "SERVICE_UNAVAILABLE", "Service unavailable")
 DependencyUnavailable = problem(503, "DEPENDENCY_UNAVAILABLE", "A service this one needs did not answer; try again")
 # No Retry-After, and not a 503: the change may have been made, and sent
 # again it could be made twice. What to do is to read it back.
 OutcomeUnknown = problem(
     500, "OUTCOME_UNKNOWN", "The change may or may not have been made; read it back before sending it again"
 )
-# A 503 with this code sheds load: the instance is well, and declines more
-# work for now. Callers' breakers (the gateway's, ServiceClient's) do not
-# count it, where any other 5xx counts: counted, a rush of sign-ins that
-# fills the user-service's hashing slots opened its breaker, and its reads,
-# refreshes and logouts were refused with it.
+# A 503 with one of these codes says the instance is well, and declines
+# some work for now: callers' breakers (the gateway's, ServiceClient's) do
+# not count it, where any other 5xx counts. Counted, a rush of sign-ins that
+# filled the user-service's hashing slots (LOAD_SHED), or a few logins while
+# its throttle's Redis was away (FEATURE_UNAVAILABLE), opened its breaker,
+# and its reads, refreshes and JWKS were refused with it.
 LOAD_SHED = "TOO_BUSY"
+FEATURE_UNAVAILABLE = "FEATURE_UNAVAILABLE"
+_WELL = frozenset({LOAD_SHED, FEATURE_UNAVAILABLE})
+# One feature waits on something only it needs; the rest of the service
+# works. Not DependencyUnavailable, which is counted: without its database an
+# instance can answer nothing.
+FeatureUnavailable = problem(503, FEATURE_UNAVAILABLE, "This feature is unavailable for a moment; try again")
 
 
-def sheds_load(body: bytes) -> bool:
-    """Whether a 503's body is a problem with the ``LOAD_SHED`` code."""
+def instance_is_well(body: bytes) -> bool:
+    """Whether a 503's body is a problem whose code says the instance is well: it declines some work for now."""
     try:
         parsed = json.loads(body)
     except ValueError:
         return False
-    return isinstance(parsed, dict) and parsed.get("code") == LOAD_SHED
+    return isinstance(parsed, dict) and parsed.get("code") in _WELL
 
 
 def problem_response(exc: Problem) -> web.Response:

@@ -1,4 +1,4 @@
-"""read_json_object: every body that is not a JSON object is a problem, never a 500."""
+"""read_json_object: every body that is not a JSON object is a problem, never a 500; and which 503s a breaker counts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from mesh_common.problems import problem_middleware, read_json_object
+from mesh_common.problems import instance_is_well, problem_middleware, read_json_object
 from mesh_common.transactions import CommitOutcomeUnknown
 
 
@@ -115,3 +115,19 @@ async def test_anything_else_is_a_500_that_says_nothing(aiohttp_client: Any) -> 
     status, _, text = await answer_to(aiohttp_client, KeyError("secret detail"))
     assert status == 500
     assert "secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "well"),
+    [
+        (b'{"code": "TOO_BUSY"}', True),
+        (b'{"code": "FEATURE_UNAVAILABLE"}', True),
+        # Without its database an instance can answer nothing: counted.
+        (b'{"code": "DEPENDENCY_UNAVAILABLE"}', False),
+        (b'{"code": "SERVICE_UNAVAILABLE"}', False),
+        (b'["TOO_BUSY"]', False),
+        (b"Service Unavailable", False),
+    ],
+)
+def test_only_a_503_whose_code_says_so_leaves_the_instance_well(body: bytes, well: bool) -> None:
+    assert instance_is_well(body) is well

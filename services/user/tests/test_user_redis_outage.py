@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from pytest_aiohttp import AiohttpClient
 
+from mesh_common.problems import instance_is_well
 from mesh_common.testing import refused_port
 from user_service.app import create_app
 from user_service.settings import Settings
@@ -49,7 +50,9 @@ async def test_without_redis_logins_are_503_and_the_rest_goes_on(
     refused = await cut_off.post("/auth/login", json={"username": "ada", "password": PASSWORD})
     assert refused.status == 503  # never let through unthrottled
     assert refused.headers["Content-Type"] == "application/problem+json"
-    assert (await refused.json())["code"] == "SERVICE_UNAVAILABLE"
+    # A code that callers' breakers do not count: logins are down, the instance is not.
+    assert (await refused.json())["code"] == "FEATURE_UNAVAILABLE"
+    assert instance_is_well(await refused.read())
     assert int(refused.headers["Retry-After"]) >= 1
 
     me = await cut_off.get("/users/me", headers=auth(session["access_token"]))

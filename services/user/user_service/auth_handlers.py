@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from mesh_common.db import DB
-from mesh_common.problems import ServiceUnavailable, TooManyRequests, read_json_object
+from mesh_common.problems import FeatureUnavailable, TooManyRequests, read_json_object
 
 from . import refresh_tokens, repository, validation
 from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
@@ -58,9 +58,10 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
         attempt = await throttle.begin(folded, found[0] if found else None)
     except redis.exceptions.RedisError as exc:
         # Without the counter we cannot bound guessing: refuse rather than
-        # let logins through unthrottled.
+        # let logins through unthrottled. Only logins: the instance is well,
+        # and its callers' breakers must not count this against it.
         log.error("login_throttle_unavailable", error=type(exc).__name__)
-        raise ServiceUnavailable("Logins are unavailable for a moment", headers={"Retry-After": "5"}) from None
+        raise FeatureUnavailable("Logins are unavailable for a moment", headers={"Retry-After": "5"}) from None
     if not attempt.allowed:
         raise TooManyRequests(
             "Too many failed logins for this account; try again later",

@@ -193,7 +193,7 @@ PATHS: dict[str, Any] = {
                 "422": _INVALID,
                 "429": problem_answer("RATE_LIMITED: too many failures for this name; see Retry-After"),
                 "503": problem_answer(
-                    "SERVICE_UNAVAILABLE: the login throttle (Redis) is away; TOO_BUSY: no hashing slot came free"
+                    "FEATURE_UNAVAILABLE: the login throttle (Redis) is away; TOO_BUSY: no hashing slot came free"
                     " in time; see Retry-After"
                 ),
             },
