@@ -1,15 +1,25 @@
-"""The reminder scheduler's rounds: what it takes out of the schedule, and when it wakes up next."""
+"""The reminder scheduler's rounds: what it takes out of the schedule and sends, and when it wakes up next."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
+from notification_support import MAIL_FROM
+from smtp_sink import SmtpSink
 
 from notification_service import repository
+from notification_service.directory import Recipient
+from notification_service.failures import ShuttingDown
+from notification_service.mailer import SESSIONS, Mailer
+from notification_service.notifier import Notifier, Outcome
 from notification_service.reminders import Reminders, ReminderScheduler, TodoSnapshot
+from notification_service.settings import SmtpSettings
 
 
 class NoSends:
@@ -51,3 +61,125 @@ async def test_an_overdue_reminder_leaves_the_schedule_and_the_next_one_is_still
     moved = TodoSnapshot("overdue", "u", "overdue", now + timedelta(days=3), False, False, 2)
     await reminders.apply(moved, event_id=str(uuid.uuid4()), event_at=now)
     assert await pending(pool) == ["later", "overdue"]
+
+
+async def due_reminders(pool: aiopg.Pool, prefix: str, titles: tuple[str, ...]) -> None:
+    """A reminder due now for each title, in that order: todos ``<prefix>0``, ``<prefix>1``..., due in 1, 2... hours."""
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    for n, title in enumerate(titles):
+        snapshot = TodoSnapshot(f"{prefix}{n}", "u", title, datetime.now(UTC) + timedelta(hours=n + 1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+
+
+class CompletingNotifier:
+    """Sends nothing; while "sending" the first reminder, the other todo is completed."""
+
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self.pool = pool
+        self.sent: list[str] = []
+
+    async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
+        self.sent.append(values["title"])
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("UPDATE reminders SET cancelled = true WHERE title <> %s", (values["title"],))
+        return Outcome.SENT
+
+
+async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg.Pool) -> None:
+    await due_reminders(pool, "r", ("One", "Two"))
+    notifier = CompletingNotifier(pool)
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=1)  # type: ignore[arg-type]
+
+    await scheduler._send_due()  # one round: both were due when it read them
+
+    assert notifier.sent == ["One"]
+
+
+async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool) -> None:
+    await due_reminders(pool, "s", ("One", "Two", "Three"))
+    sent: list[str] = []
+
+    class StoppingNotifier:
+        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
+            sent.append(values["title"])
+            scheduler.stop()  # a shutdown begins while the first is being sent
+            return Outcome.SENT
+
+    scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    assert sent == ["One"]
+
+
+async def test_a_reminder_met_by_the_shutdown_is_left_as_it_was_for_the_next_start(pool: aiopg.Pool) -> None:
+    # Not deferred (a retry later), not cancelled, not marked sent: nothing
+    # happened to it, and the next start sends it when it is due.
+    await due_reminders(pool, "d", ("Left",))
+
+    class StoppingNotifier:
+        async def notify(self, **_: Any) -> Outcome:
+            raise ShuttingDown()
+
+    scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT retry_at, sent_at, cancelled FROM reminders WHERE todo_id = 'd0'")
+        assert await cur.fetchone() == (None, None, False)
+
+
+async def test_a_reminder_that_meets_a_bug_is_put_off_and_the_round_goes_on(pool: aiopg.Pool) -> None:
+    await due_reminders(pool, "b", ("Cursed", "Fine"))
+    sent: list[str] = []
+
+    class BuggyNotifier:
+        async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
+            if values["title"] == "Cursed":
+                raise AttributeError("'InvalidHeaderDefect' object has no attribute 'all_defects'")
+            sent.append(values["title"])
+            return Outcome.SENT
+
+    scheduler = ReminderScheduler(pool, BuggyNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    assert sent == ["Fine"]
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT retry_at > now(), sent_at FROM reminders WHERE todo_id = 'b0'")
+        assert await cur.fetchone() == (True, None)  # tried again later, not first in every round
+
+
+class AnsweringDirectory:
+    """The user-service's answer for everyone, and a sign that it was asked."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def recipient(self, user_id: str) -> Recipient:
+        self.asked.set()
+        return Recipient("ada@example.test", "Ada")
+
+
+async def test_a_reminder_completed_while_it_waits_for_an_smtp_session_is_not_sent(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    snapshot = TodoSnapshot("w1", "u", "Wait", datetime.now(UTC) + timedelta(hours=1), False, False, 1)
+    await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
+    directory = AnsweringDirectory()
+    notifier = Notifier(pool, mailer, directory, sender=MAIL_FROM)  # type: ignore[arg-type]
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=1)
+
+    async with contextlib.AsyncExitStack() as busy:  # every SMTP session busy, as behind a slow server
+        for _ in range(SESSIONS):
+            await busy.enter_async_context(mailer.slot())
+        round_ = asyncio.create_task(scheduler._send_due())
+        await asyncio.wait_for(directory.asked.wait(), timeout=10)  # checked as due, and on its way
+        completed = replace(snapshot, completed=True, version=2)
+        await reminders.apply(completed, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC))
+    await asyncio.wait_for(round_, timeout=10)
+    await mailer.close()
+
+    assert smtp.received == []
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT cancelled, sent_at FROM reminders WHERE todo_id = 'w1'")
+        assert await cur.fetchone() == (True, None)
+        await cur.execute("SELECT count(*) FROM notifications")
+        assert await cur.fetchone() == (0,)  # the claim released: reopened, the todo is reminded of after all
