@@ -9,6 +9,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from user_service import repository
+from user_service.passwords import normalized
 
 from .conftest import PASSWORD, Client, Login, Register
 
@@ -61,6 +62,28 @@ async def test_a_hash_of_a_password_as_typed_before_normalization_still_logs_in_
         (rehashed,) = await cur.fetchone()
     assert PasswordHasher().verify(rehashed, "caf\u00e9 au lait, sans sucre")  # the normalized form, from now on
     await login(password=typed)
+
+
+async def test_a_password_as_typed_that_normalization_lengthens_past_the_limit_still_logs_in(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
+    # Eight characters as typed, as registration counted them before NFKC;
+    # 144 once normalized, which the login once refused with a 422 before
+    # it could try the hash as typed.
+    typed = "\ufdfa" * 8
+    user = await register()
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "UPDATE users SET password_hash = %s WHERE id = %s",
+            (PasswordHasher(memory_cost=19456).hash(typed), user["id"]),
+        )
+        await login(password=typed)
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
+        (rehashed,) = await cur.fetchone()
+    assert PasswordHasher().verify(rehashed, normalized(typed))
+    await login(password=typed)
+    response = await client.post("/auth/login", json={"username": "ada", "password": "\ufdfa" * 7})
+    assert response.status == 401
 
 
 async def test_a_stronger_hash_is_kept_at_login(

@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
+from mesh_common.problems import ValidationFailed
+from user_service.passwords import normalized
+from user_service.validation import credentials
+
 from .conftest import Auth, Client, Login, Register
 
 PASSWORD = "a long and unusual passphrase"
@@ -99,3 +103,17 @@ async def test_a_password_may_still_hold_nul_because_only_its_hash_is_stored(reg
     await register(password=PASSWORD + "\x00")
 
     assert (await login(password=PASSWORD + "\x00"))["access_token"]
+
+
+def test_a_login_password_may_be_128_characters_as_typed_or_once_normalized() -> None:
+    # Eight "\ufdfa" are 144 characters once normalized: registered before
+    # normalization, when the limit counted them as typed, they are a hash
+    # as typed that only the login's second try (Passwords.verify) matches.
+    legacy, decomposed = "\ufdfa" * 8, "e\u0301" * 128
+    assert (len(legacy), len(normalized(legacy)), len(decomposed), len(normalized(decomposed))) == (8, 144, 256, 128)
+    for password in (legacy, decomposed):
+        assert credentials({"username": "ada", "password": password}) == ("ada", password)
+    for too_long in ("\ufdfa" * 129, "e\u0301" * 129, "x" * 129, "\u0301" * 513):
+        with pytest.raises(ValidationFailed) as refused:
+            credentials({"username": "ada", "password": too_long})
+        assert [error["field"] for error in refused.value.extra["errors"]] == ["password"]

@@ -109,6 +109,10 @@ class Passwords:
 
     async def verify(self, stored_hash: str | None, password: str) -> Verdict:
         """Whether ``password`` matches; ``None`` (no such user) is never a match, but costs the same."""
+        # A login may be over MAX_LENGTH once normalized (a typed one from
+        # before normalization, see validation.credentials): up to 18 times
+        # its 128 characters, which only argon2's first BLAKE2b pass reads,
+        # so it costs what any other verify costs, and does not match.
         form = normalized(password)
         if await self._verify(stored_hash, form):
             return Verdict(matched=True)

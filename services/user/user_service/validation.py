@@ -142,8 +142,12 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
         fields.error("username", "must be a username or an email")
     # Counted as registration counts it, once normalized: typed decomposed,
     # a password that registered may be longer than MAX_LENGTH code points.
+    # Or as typed: a hash from before normalization (see Passwords.verify)
+    # holds a password registration counted so, and NFKC may lengthen it
+    # past MAX_LENGTH ("\ufdfa" is 18 characters).
     if password is not None and not (
-        1 <= len(password) <= MAX_TYPED_LENGTH and len(normalized(password)) <= MAX_LENGTH
+        1 <= len(password) <= MAX_TYPED_LENGTH
+        and (len(password) <= MAX_LENGTH or len(normalized(password)) <= MAX_LENGTH)
     ):
         fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
     fields.check()
