@@ -47,11 +47,12 @@ async def add_family(db: aiopg.Pool, user_id: str, expires_in: Sequence[int]) ->
     parent_id = None
     async with db.acquire() as conn, conn.cursor() as cur:
         for seconds in expires_in:
-            token = await issue(
-                cur, user_id, TokenPolicy(refresh_ttl=seconds), family_id=family.id, parent_id=parent_id
-            )
+            # Issued live, then moved: a policy refuses a lifetime of 0 or less.
+            token = await issue(cur, user_id, TokenPolicy(), family_id=family.id, parent_id=parent_id)
             await cur.execute(
-                "SELECT id FROM refresh_tokens WHERE token_hash = %s", (hashlib.sha256(token.encode()).digest(),)
+                "UPDATE refresh_tokens SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE token_hash = %s RETURNING id",
+                (seconds, hashlib.sha256(token.encode()).digest()),
             )
             (parent_id,) = await cur.fetchone()
             family.tokens.append(token)

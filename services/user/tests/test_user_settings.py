@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from mesh_common.settings import SettingsError
-from user_service.settings import Settings, parse_service_clients
+from user_service.settings import Settings, TokenPolicy, parse_service_clients
 
 ENV = {
     "DATABASE_URL": "postgresql://users:users@127.0.0.1/users",
@@ -96,3 +98,30 @@ def test_a_refresh_session_lasts_30_days_at_most_unless_told_otherwise() -> None
 def test_a_refresh_session_shorter_than_one_refresh_token_is_refused(shorter: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match="REFRESH_SESSION_MAX_SECONDS must be at least REFRESH_TOKEN_TTL"):
         Settings.from_env({**ENV, **shorter})
+
+
+@pytest.mark.parametrize(
+    "unusable",
+    [
+        {"ACCESS_TOKEN_TTL": "0"},
+        {"ACCESS_TOKEN_TTL": "-600"},
+        {"REFRESH_TOKEN_TTL": "0"},
+        {"REFRESH_TOKEN_TTL": "-1"},
+        {"SERVICE_TOKEN_TTL": "0"},
+        {"SERVICE_TOKEN_TTL": "-300"},
+        {"SIGNING_KEY_REFRESH_SECONDS": "0"},
+        {"SIGNING_KEY_REFRESH_SECONDS": "-30"},
+    ],
+)
+def test_token_lifetimes_and_the_key_refresh_interval_must_be_more_than_0(unusable: dict[str, str]) -> None:
+    # A token would be expired when issued; an interval of 0 would re-read
+    # the key table in a loop without a pause.
+    with pytest.raises(SettingsError, match=next(iter(unusable))):
+        Settings.from_env({**ENV, **unusable})
+
+
+@pytest.mark.parametrize("interval", [0.0, math.nan, math.inf])
+def test_a_token_policy_built_without_the_environment_refuses_an_unusable_refresh_interval(interval: float) -> None:
+    # env_float refuses NaN and inf already; a policy made in code does not pass through it.
+    with pytest.raises(SettingsError, match="SIGNING_KEY_REFRESH_SECONDS"):
+        TokenPolicy(key_refresh_interval=interval)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -76,6 +77,18 @@ class TokenPolicy:
         )
 
     def __post_init__(self) -> None:
+        # A token of a lifetime of 0 or less is expired when it is issued, and
+        # a refresh interval of 0 makes _keep_keys_fresh re-read the key table
+        # without a pause. "not 0 < x" refuses a NaN too; an infinite interval
+        # would never re-read it.
+        for name, seconds in (
+            ("ACCESS_TOKEN_TTL", self.access_ttl),
+            ("REFRESH_TOKEN_TTL", self.refresh_ttl),
+            ("SERVICE_TOKEN_TTL", self.service_ttl),
+            ("SIGNING_KEY_REFRESH_SECONDS", self.key_refresh_interval),
+        ):
+            if not 0 < seconds < math.inf:
+                raise SettingsError(f"{name} must be a number of seconds more than 0")
         # A shorter session would quietly make REFRESH_TOKEN_TTL a lie (every
         # token would end with its session), and a family from before the
         # session limit could get a child expiring before its parent, which
