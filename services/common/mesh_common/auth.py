@@ -37,6 +37,10 @@ ACCESS_TOKEN_TYPE = "at+jwt"
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "x5t", "crit"})
 SERVICE_SUBJECT_PREFIX = "service:"
+# Seconds of clock difference between the signer and a verifier that exp,
+# nbf and iat allow for. The user-service counts it too: a key is retired
+# only once the last token it signed is past exp by this much.
+LEEWAY = 5
 log = structlog.get_logger()
 
 JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
@@ -231,7 +235,7 @@ class JwksVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 options={"require": REQUIRED_CLAIMS, "verify_nbf": True},
-                leeway=5,
+                leeway=LEEWAY,
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(_reason(exc)) from None

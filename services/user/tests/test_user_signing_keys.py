@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from typing import Any
 
 import aiopg
 import jwt
@@ -13,17 +15,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_aiohttp import AiohttpClient
 
-from mesh_common.auth import VERIFIER, JwksVerifier
+from mesh_common.auth import ACCESS_TOKEN_TYPE, VERIFIER, InvalidToken, JwksVerifier
 from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
-from user_service.settings import Settings
+from user_service.settings import Settings, TokenPolicy
 from user_service.signing_keys import (
+    ALGORITHM,
     NEXT_KEY_MIN_AGE,
+    PUBLICATION_MARGIN,
+    VERIFIER_LEEWAY,
     KeyChangeRefused,
     KeyStore,
+    SigningKey,
     ensure_keys,
     retire_keys,
+    retiring_min_age,
     rotate_keys,
 )
 
@@ -191,17 +198,53 @@ async def test_retire_keys_waits_for_service_tokens_that_outlive_access_tokens(
     old = next(kid for kid, state in (await key_states(db)).items() if state == "active")
     await rotate_keys(db, min_published=0)
     async with db.acquire() as conn, conn.cursor() as cur:
-        # Past ACCESS_TOKEN_TTL + SIGNING_KEY_REFRESH_SECONDS (630 s), all the old wait counted.
-        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '11 minutes' WHERE kid = %s", (old,))
+        # Past what ACCESS_TOKEN_TTL alone would ask (660 s), all the old wait counted.
+        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '12 minutes' WHERE kid = %s", (old,))
 
-    with pytest.raises(SystemExit, match="stopped signing less than 1830 s ago"):
+    with pytest.raises(SystemExit, match="stopped signing less than 1860 s ago"):
         await manage_keys(settings.database_url, "retire-keys", None, tokens=tokens, force=False)
     assert (await key_states(db))[old] == "retiring"
 
     async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '31 minutes' WHERE kid = %s", (old,))
+        await cur.execute("UPDATE signing_keys SET retiring_at = now() - interval '32 minutes' WHERE kid = %s", (old,))
     await manage_keys(settings.database_url, "retire-keys", None, tokens=tokens, force=False)
     assert (await key_states(db))[old] == "retired"
+
+
+def test_a_retiring_key_outlasts_its_last_token_by_the_margin_and_the_verifiers_leeway() -> None:
+    # The last token an instance signs before it re-reads the table may be
+    # signed late (a slow re-read: the margin), and verifiers take it for
+    # their leeway past its exp: retired sooner, it is refused while valid.
+    assert (PUBLICATION_MARGIN, VERIFIER_LEEWAY) == (25.0, 5.0)
+    assert retiring_min_age(TokenPolicy()) == 600 + 30 + PUBLICATION_MARGIN + VERIFIER_LEEWAY == 660
+    assert retiring_min_age(TokenPolicy(service_ttl=1800)) == 1800 + 30 + 25 + 5
+
+
+@pytest.mark.parametrize(("expired_ago", "accepted"), [(VERIFIER_LEEWAY - 1, True), (VERIFIER_LEEWAY + 1, False)])
+async def test_the_leeway_counted_is_the_one_verifiers_give(expired_ago: float, accepted: bool) -> None:
+    # The verifier is given the leeway the retiring wait counts on.
+    key = SigningKey("leeway", Ed25519PrivateKey.generate(), "active")
+    policy = TokenPolicy()
+
+    async def fetch() -> dict[str, Any]:
+        return {"keys": [key.public_jwk()]}
+
+    verifier = JwksVerifier(fetch, issuer=policy.issuer, audience=policy.audience)
+    now = int(time.time())
+    claims = {"iss": policy.issuer, "aud": policy.audience, "sub": "ada", "jti": "j", "iat": now - 600}
+    token = jwt.encode(
+        {**claims, "nbf": now - 600, "exp": now - int(expired_ago)},
+        key.private_key,
+        algorithm=ALGORITHM,
+        headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYPE},
+    )
+    await verifier.refresh(force=True)
+    if accepted:
+        assert (await verifier.verify(token)).subject == "ada"
+    else:
+        with pytest.raises(InvalidToken, match="expired"):
+            await verifier.verify(token)
+    await verifier.close()
 
 
 async def test_with_its_active_key_deleted_the_published_next_key_signs(

@@ -10,7 +10,8 @@ The first two refuse a change that would cut valid tokens short (exit
 status 1): rotating to a next key published less than
 SIGNING_KEY_REFRESH_SECONDS + 330 s ago (6 minutes by default; two rotations
 in a row), and retiring a key that stopped signing less than
-max(ACCESS_TOKEN_TTL, SERVICE_TOKEN_TTL) + SIGNING_KEY_REFRESH_SECONDS ago.
+max(ACCESS_TOKEN_TTL, SERVICE_TOKEN_TTL) + SIGNING_KEY_REFRESH_SECONDS + 30 s
+ago (11 minutes by default).
 ``--force`` does it anyway. ``--compromised`` refuses nothing: cutting every
 token short is what it is for.
 """

@@ -33,6 +33,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mesh_common.auth import LEEWAY
 from mesh_common.transactions import transaction
 
 from .settings import TokenPolicy
@@ -67,9 +68,11 @@ INSERT_KEY = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s,
 LOCK_KEYS = "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE"
 # Every verifier is mesh_common.auth.JwksVerifier with its defaults: its key
 # set is at most 300 s old (``max_key_age``), and it fetches again for an
-# unknown kid only after a 5 s cool-down (``refresh_cooldown``).
+# unknown kid only after a 5 s cool-down (``refresh_cooldown``). It takes a
+# token up to ``LEEWAY`` (5 s) past its ``exp``.
 VERIFIER_MAX_KEY_AGE = 300.0
 VERIFIER_COOLDOWN = 5.0
+VERIFIER_LEEWAY = float(LEEWAY)
 # For an instance's re-read of the keys that is slow, or failed once.
 PUBLICATION_MARGIN = 25.0
 
@@ -89,11 +92,14 @@ def retiring_min_age(policy: TokenPolicy) -> float:
     """How long after it stopped signing a key may be retired.
 
     Instances sign with it until they re-read the table, up to
-    ``key_refresh_interval`` after the rotation, and what it signed last
-    lives as long as the longer-lived kind of token: a service token may
-    outlive a user's (nothing keeps SERVICE_TOKEN_TTL under ACCESS_TOKEN_TTL).
+    ``key_refresh_interval`` after the rotation, or the margin more when that
+    re-read is slow or fails once; what it signed last lives as long as the
+    longer-lived kind of token (a service token may outlive a user's: nothing
+    keeps SERVICE_TOKEN_TTL under ACCESS_TOKEN_TTL), and verifiers take it
+    for their leeway past its ``exp``. 11 minutes at the defaults.
     """
-    return max(policy.access_ttl, policy.service_ttl) + policy.key_refresh_interval
+    longest = max(policy.access_ttl, policy.service_ttl)
+    return longest + policy.key_refresh_interval + PUBLICATION_MARGIN + VERIFIER_LEEWAY
 
 
 NEXT_KEY_MIN_AGE = next_key_min_age(TokenPolicy())
