@@ -8,16 +8,16 @@ started from Debian's packages and our pinned Consul by the same code as
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
-from devstack import rabbitmq
+from devstack import rabbitmq, sessions
 from devstack.config import StackConfig
-from devstack.stack import up_infra
+from mesh_common.testing.database import MigratedDatabase, migrate_test_database
 
 
 @pytest.fixture(scope="session")
@@ -26,14 +26,15 @@ def stack_config() -> StackConfig:
 
 
 @pytest.fixture(scope="session")
-def infra(stack_config: StackConfig) -> StackConfig:
+def infra(stack_config: StackConfig) -> Iterator[StackConfig]:
     """PostgreSQL, Redis, RabbitMQ, Consul and the SMTP sink, running.
 
     Idempotent: parts already running are left as they are. ``task test``
-    stops them all at the end of the run.
+    stops them all at the end of the run, unless other test runs still use
+    them; several may run at once (see devstack.sessions).
     """
-    up_infra(stack_config)
-    return stack_config
+    with sessions.session(stack_config):
+        yield stack_config
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,27 @@ def amqp_vhost(infra: StackConfig) -> Callable[[str], str]:
     """
 
     return lambda name: rabbitmq.vhost(infra, name)
+
+
+@pytest.fixture(scope="session")
+def migrated_database(infra: StackConfig, pytestconfig: pytest.Config) -> MigratedDatabase:
+    """``await migrated_database(service, migrations)``: the URL of a service's test database, migrated.
+
+    One whose applied migrations were edited since (or a branch switched) is
+    dropped and made again, and the terminal says so: see mesh_common.testing.database.
+    """
+    # The test stack's superuser: initdb's, trusted on loopback (devstack.infra).
+    admin_url = f"postgresql://postgres@127.0.0.1:{infra.ports.postgres}/postgres"
+    terminal = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    async def migrated(service: str, migrations: Sequence[Path]) -> str:
+        url = infra.database_url(service)
+        if (remade := await migrate_test_database(url, migrations, admin_url=admin_url)) is not None:
+            # Not warnings.warn: filterwarnings = error would fail the test that recovered.
+            if terminal is not None:
+                terminal.write_line(f"warning: {remade}", yellow=True)
+            else:
+                print(f"warning: {remade}", file=sys.stderr)
+        return url
+
+    return migrated

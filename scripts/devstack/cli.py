@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from . import lock, stack
 from .config import StackConfig
@@ -108,9 +111,15 @@ def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
     return True
 
 
-def cmd_down(cfg: StackConfig, _: argparse.Namespace) -> None:
-    with lock.held(cfg.run_dir, "down"):
-        stopped = stack.down(cfg)
+def cmd_down(cfg: StackConfig, args: argparse.Namespace) -> None:
+    try:
+        # --unless-in-use (the end of `task test`, `task bench`): another run
+        # may be starting the stack; it waits for that, then finds it in use.
+        with lock.held(cfg.run_dir, "down", wait=TEARDOWN_LOCK_WAIT if args.unless_in_use else 0.0):
+            stopped = stack.down(cfg, unless_in_use=args.unless_in_use)
+    except stack.InUse as exc:
+        say(f"{cfg.name} stack: {exc}", file=sys.stderr)
+        return
     # Named: `task down` stops both profiles, one line each.
     print(f"{cfg.name} stack: " + (f"stopped {', '.join(stopped)}" if stopped else "nothing was running"))
 
@@ -152,6 +161,36 @@ def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:
     print(f"{svc}: {args.count} instance(s) passing in Consul")
 
 
+def not_ours(cfg: StackConfig, exc: PermissionError) -> str | None:
+    """What to do about a file of the run directory that another user made, if ``exc`` is about one.
+
+    A stack run as root, then a command as yourself: the run directory and its
+    lock are root's, and opening them was a traceback.
+    """
+    if exc.filename is None:
+        return None
+    path = Path(os.fsdecode(exc.filename))
+    if path not in (cfg.run_dir, *cfg.run_dir.parents) and cfg.run_dir not in path.parents:
+        return None
+    there = next((p for p in (path, *path.parents) if p.exists()), path)
+    try:
+        uid = there.stat().st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return f"{path}: permission denied, though {there} is yours: see its mode (ls -ld {there})"
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = f"user {uid}"
+    stop = "`sudo .venv/bin/task down`" if uid == 0 else f"`task down` as {owner}"
+    return (
+        f"{path}: permission denied, and {there} is {owner}'s (a stack run as {owner}?):"
+        f" stop it ({stop}), then remove {cfg.run_dir} as {owner};"
+        " or give this one a run directory of its own: MESH_RUN_DIR=<dir>"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="devstack", description=__doc__)
     parser.add_argument("--profile", choices=["dev", "test"], default="dev")
@@ -160,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--detach", action="store_true", help="return once everything is healthy")
     up.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Redis, RabbitMQ, Consul, SMTP")
     up.add_argument("--keep-on-failure", action="store_true", help="leave processes running for inspection")
-    sub.add_parser("down", help="stop everything")
+    down = sub.add_parser("down", help="stop everything")
+    down.add_argument(
+        "--unless-in-use", action="store_true", help="leave it running while other test runs use it (task test's end)"
+    )
     sub.add_parser("ps", help="what runs, and what Consul thinks of it")
     sub.add_parser("status", help=f"exit 0 if any of the stack runs, {NOT_RUNNING} if none does")
     sc = sub.add_parser("scale", help="run N instances of a service")
@@ -179,9 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     # deaf to Ctrl-C and SIGTERM.
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        code = commands[args.command](StackConfig.from_env(profile=args.profile), args)
+        cfg = StackConfig.from_env(profile=args.profile)
+        code = commands[args.command](cfg, args)
     except StackError as exc:
         say(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        if (said := not_ours(cfg, exc)) is None:
+            raise
+        say(f"error: {said}", file=sys.stderr)
         return 1
     except Interrupted as exc:
         say(f"stopped by {exc}", file=sys.stderr)

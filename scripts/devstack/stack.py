@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import Any
 
-from . import infra, mesh, rabbitmq
+from . import infra, lock, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .loopback import get_json as get_json  # stack.get_json to the tests and benchmarks too
 from .ports import listeners, port_free, record, require_free, require_recorded
@@ -226,22 +226,44 @@ def up(cfg: StackConfig) -> None:
     ready(cfg, "envoy", lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None, "the API through Envoy")
 
 
-def down(cfg: StackConfig) -> list[str]:
-    """Stop everything, in the reverse order of ``up``."""
+class InUse(StackError):
+    """Other test sessions use the stack: a ``down`` that yields to them has left it running."""
+
+
+def stop_mesh(cfg: StackConfig) -> list[str]:
+    """Stop all but the infrastructure, in the reverse order of ``up``: Envoy, the gateways, the services."""
     have = running(cfg.run_dir)
     order = [
         "envoy",
         *sorted(n for n in have if n.startswith("gateway-")),
         *sorted(n for n in have if n.split("-")[0] in SERVICES),
-        *reversed(INFRA),
+        *sorted(set(have) - set(INFRA)),  # a benchmark's own, left by one killed
     ]
     stopped = []
-    for name in order:
+    for name in dict.fromkeys(order):
+        if name in have:
+            stop(cfg.run_dir, name, grace=STOP_GRACE)
+            stopped.append(name)
+    return stopped
+
+
+def down(cfg: StackConfig, *, unless_in_use: bool = False) -> list[str]:
+    """Stop everything, in the reverse order of ``up``.
+
+    ``unless_in_use``: the end of one test session (`task test`'s) leaves the
+    stack to the others that still run, which it stopped under their tests.
+    """
+    if unless_in_use and (users := lock.in_use(cfg.run_dir, lock.SESSIONS)) is not None:
+        whose = f" (pid {', '.join(map(str, users))})" if users else ""
+        raise InUse(f"left running: test sessions still use it{whose}")
+    stopped = stop_mesh(cfg)
+    have = running(cfg.run_dir)
+    for name in reversed(INFRA):
         if name in have:
             sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: fast shutdown
             stop(cfg.run_dir, name, sig=sig, grace=STOP_GRACE)
             stopped.append(name)
-    for name in set(running(cfg.run_dir)) - set(stopped):  # anything unexpected
+    for name in set(running(cfg.run_dir)) - set(stopped):  # anything started meanwhile
         stop(cfg.run_dir, name)
         stopped.append(name)
     rabbitmq.stop_epmd(cfg)

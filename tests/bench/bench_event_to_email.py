@@ -62,8 +62,8 @@ from notification_support import (  # noqa: E402
 )
 from smtp_sink import SmtpSink  # noqa: E402
 
+from devstack import sessions  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
-from devstack.stack import up_infra  # noqa: E402
 from mesh_common.events import Event  # noqa: E402
 
 RATE = 50  # events per second
@@ -259,8 +259,9 @@ async def delete_rows(config: StackConfig, owner_id: str, event_ids: list[str]) 
 
 def main() -> None:
     config = StackConfig.from_env(profile="test")
-    up_infra(config)
-    raise SystemExit(uvloop.run(bench(config)))
+    # As a test session: a `task test` ending meanwhile leaves the stack running.
+    with sessions.session(config, "benchmark"):
+        raise SystemExit(uvloop.run(bench(config)))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 
-from devstack import mesh, stack  # noqa: E402
+from devstack import mesh, sessions, stack  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
 from devstack.ports import port_free  # noqa: E402
 from devstack.procs import Proc, log_path, running, start, stop, wait_until  # noqa: E402
@@ -194,7 +194,12 @@ def main() -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (task bench does it)")
     cfg = StackConfig.from_env(os.environ, profile="test")
-    stack.up_infra(cfg)
+    # As a test session: a `task test` ending meanwhile leaves the stack running.
+    with sessions.session(cfg, "benchmark"):
+        return bench(cfg)
+
+
+def bench(cfg: StackConfig) -> int:
     try:
         start_bench_processes(cfg)
         # The log is appended across runs: only what this run adds counts.

@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from measure import loadgen  # noqa: E402
 
+from devstack import sessions  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
-from devstack.stack import up_infra  # noqa: E402
 
 READ_RATE = 200  # GET /users/me per second, in both phases
 STORMERS = 32  # clients logging in back to back during the storm
@@ -307,18 +307,19 @@ async def delete_bench_accounts(config: StackConfig) -> None:
 
 def main() -> None:
     config = StackConfig.from_env(profile="test")
-    up_infra(config)
-    child, base_url = start_service(config)
-    try:
-        asyncio.run(bench(config, base_url))
-    finally:
-        child.terminate()
+    # As a test session: a `task test` ending meanwhile leaves the stack running.
+    with sessions.session(config, "benchmark"):
+        child, base_url = start_service(config)
         try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()  # a service that does not stop must not outlive the bench
-            child.wait()
-        asyncio.run(delete_bench_accounts(config))
+            asyncio.run(bench(config, base_url))
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()  # a service that does not stop must not outlive the bench
+                child.wait()
+            asyncio.run(delete_bench_accounts(config))
 
 
 if __name__ == "__main__":

@@ -9,24 +9,20 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devstack import stack
-from devstack.config import SERVICES, StackConfig
-from devstack.procs import stop
+from devstack import sessions
+from devstack.config import StackConfig
 
 
 @pytest.fixture(scope="package")
 def mesh(infra: StackConfig) -> Iterator[StackConfig]:
     """Every service, the gateway and Envoy, one instance each, all healthy.
 
-    Stopped when the end-to-end tests end, whatever runs after them: its
-    outbox relays would otherwise publish the rows other suites' tests write.
+    Stopped when the end-to-end tests end, whatever runs after them (unless
+    another test run's end-to-end tests use them still): their outbox relays
+    would otherwise publish the rows other suites' tests write.
     """
-    stack.up(infra)
-    yield infra
-    # Leave the infrastructure to `task test`; stop what this fixture started.
-    for svc in (*SERVICES, "gateway"):
-        stack.scale(infra, svc, 0, wait=False)
-    stop(infra.run_dir, "envoy")
+    with sessions.mesh(infra):
+        yield infra
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import aiopg
 import pytest
 
 from devstack.config import StackConfig
-from mesh_common.db import migrate
 from mesh_common.settings import ServiceSettings
 from mesh_common.testing import HeldPort, LeavesConsulFirst, TokenFactory
+from mesh_common.testing.database import MigratedDatabase
 from notification_service.app import MIGRATIONS, create_app
 from notification_service.settings import Settings, SmtpSettings
 from notification_service.topology import Topology
@@ -98,10 +98,9 @@ async def broker(infra: StackConfig, topology: Topology) -> AsyncIterator[Broker
 
 
 @pytest.fixture
-async def pool(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
+async def pool(migrated_database: MigratedDatabase) -> AsyncIterator[aiopg.Pool]:
     """The notifications database, migrated and emptied."""
-    async with aiopg.create_pool(infra.database_url("notification"), minsize=1, maxsize=4) as pool:
-        await migrate(pool, MIGRATIONS)
+    async with aiopg.create_pool(await migrated_database("notification", MIGRATIONS), minsize=1, maxsize=4) as pool:
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("TRUNCATE notifications, reminders")
         yield pool

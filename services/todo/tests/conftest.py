@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from devstack.config import StackConfig
-from mesh_common.db import migrate
 from mesh_common.events import EVENTS_EXCHANGE
 from mesh_common.testing import LeavesConsulFirst, TokenFactory, loopback_service
+from mesh_common.testing.database import MigratedDatabase
 from todo_service.app import MIGRATIONS, create_app
 from todo_service.settings import Settings
 
@@ -49,10 +49,9 @@ def settings(infra: StackConfig, amqp_url: str) -> Settings:
 
 
 @pytest.fixture
-async def db(infra: StackConfig) -> AsyncIterator[aiopg.Pool]:
+async def db(migrated_database: MigratedDatabase) -> AsyncIterator[aiopg.Pool]:
     """The todos database, migrated and emptied."""
-    async with aiopg.create_pool(infra.database_url("todo"), minsize=1, maxsize=4) as pool:
-        await migrate(pool, MIGRATIONS)
+    async with aiopg.create_pool(await migrated_database("todo", MIGRATIONS), minsize=1, maxsize=4) as pool:
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("TRUNCATE todos, idempotency_keys, outbox")
         yield pool

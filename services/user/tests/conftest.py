@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from devstack.config import StackConfig
-from mesh_common.db import migrate
 from mesh_common.testing import loopback_service
+from mesh_common.testing.database import MigratedDatabase
 from user_service.app import MIGRATIONS, create_app
 from user_service.settings import PasswordPolicy, Settings
 
@@ -49,10 +49,9 @@ async def settings(infra: StackConfig, amqp_vhost: Callable[[str], str]) -> Sett
 
 
 @pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[aiopg.Pool]:
-    """A pool on the users database, emptied before the test."""
-    async with aiopg.create_pool(settings.database_url, minsize=1, maxsize=2) as pool:
-        await migrate(pool, MIGRATIONS)
+async def db(migrated_database: MigratedDatabase) -> AsyncIterator[aiopg.Pool]:
+    """A pool on the users database, migrated, and emptied before the test."""
+    async with aiopg.create_pool(await migrated_database("user", MIGRATIONS), minsize=1, maxsize=2) as pool:
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("TRUNCATE users, refresh_tokens, signing_keys, outbox")
         yield pool
