@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -24,11 +25,28 @@ from .ports import holder, port_free
 from .procs import Proc, StackError, run_checked
 
 
+def node_name(cfg: StackConfig) -> str:
+    """The broker's Erlang node name: one per run directory, kept for as long as its data is.
+
+    Two clones' stacks may share an epmd (one there is taken as fine, and
+    no message says to move MESH_PORT_EPMD), where a name of the profile
+    alone was taken twice, and the second broker did not start. The node's
+    data directory is named after the node: one made before (under
+    ``rabbit-<profile>@localhost``, or in a directory since moved) keeps its
+    name, and with it its queues, and any broker of it still running.
+    """
+    made = sorted(p.name for p in (cfg.run_dir / "rabbitmq" / "mnesia").glob(f"rabbit-{cfg.name}*@localhost"))
+    if made:
+        return made[0]
+    digest = hashlib.sha256(str(cfg.run_dir.resolve()).encode()).hexdigest()[:6]
+    return f"rabbit-{cfg.name}-{digest}@localhost"
+
+
 def _env(cfg: StackConfig) -> dict[str, str]:
     base = cfg.run_dir / "rabbitmq"
     return {
         "HOME": str(base),
-        "RABBITMQ_NODENAME": f"rabbit-{cfg.name}@localhost",
+        "RABBITMQ_NODENAME": node_name(cfg),
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(cfg.ports.amqp),
         "RABBITMQ_DIST_PORT": str(cfg.ports.rabbitmq_dist),
