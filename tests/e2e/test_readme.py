@@ -39,6 +39,10 @@ async def test_the_readmes_first_session_does_what_it_says(mesh: StackConfig) ->
     script = re.sub(r"\bada\b", name, session_block(README.read_text()))
     assert name in script and "Idempotency-Key" in script  # the block is the one this test knows
     env = {**os.environ, "API": f"{mesh.api_url}/api/v1", "MAIL": f"{mesh.mail_api_url}/api/v1"}
+    # curl sends 127.0.0.1 to a developer's http_proxy too (CI's .ci/run sets
+    # no_proxy, which hid it): the README tells its reader the same.
+    for variable in ("no_proxy", "NO_PROXY"):
+        env[variable] = ",".join(filter(None, ("127.0.0.1,localhost,::1", os.environ.get(variable))))
     shell = await asyncio.create_subprocess_exec(
         "bash",
         "-euo",
