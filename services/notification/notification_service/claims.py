@@ -17,6 +17,8 @@ from .repository import cursor
 # Sends whose outcome was unknown before the email is given up on: the
 # first, and the one resend that may make a duplicate of it.
 UNKNOWN_SENDS_LIMIT = 2
+# Names the token a claim holds once a send of its holder's has been counted.
+_COUNTED = uuid.UUID("0e2b4b1c-5f0a-4c53-9d7e-5a3f6c1d8e42")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +75,26 @@ async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> 
 async def record_unknown_send(pool: aiopg.Pool, event_id: str, kind: str, token: str) -> bool:
     """Count a send of ours whose outcome is unknown; True if that makes the email ``unconfirmed``.
 
-    Only with our token: a claim taken over from us is its new holder's to count.
+    Only with our token: a claim taken over from us is its new holder's to
+    count. Counted once however often it is written: the write hands the
+    claim a token derived from ours, and a write that finds that token
+    already there counts nothing. A write whose answer is lost (aiopg's
+    timeout closes the connection, and PostgreSQL commits it all the same)
+    is made again (notifier.py): counted twice, one send with no answer
+    ended the email as unconfirmed, never sent again.
     """
+    counted = str(uuid.uuid5(_COUNTED, token))
     async with cursor(pool) as cur:
         await cur.execute(
-            "UPDATE notifications SET unknown_sends = unknown_sends + 1,"
-            " status = CASE WHEN unknown_sends + 1 >= %s THEN 'unconfirmed' ELSE status END"
-            " WHERE event_id = %s AND kind = %s AND status = 'sending' AND claim_token = %s"
+            # SET reads the row as it was: the count and the token before this write.
+            "UPDATE notifications SET claim_token = %(counted)s,"
+            " unknown_sends = unknown_sends + CASE WHEN claim_token = %(token)s THEN 1 ELSE 0 END,"
+            " status = CASE WHEN claim_token = %(token)s AND unknown_sends + 1 >= %(limit)s"
+            " THEN 'unconfirmed' ELSE status END"
+            " WHERE event_id = %(event_id)s AND kind = %(kind)s"
+            " AND (claim_token = %(counted)s OR (claim_token = %(token)s AND status = 'sending'))"
             " RETURNING status",
-            (UNKNOWN_SENDS_LIMIT, event_id, kind, token),
+            {"counted": counted, "token": token, "limit": UNKNOWN_SENDS_LIMIT, "event_id": event_id, "kind": kind},
         )
         row = await cur.fetchone()
     return row is not None and row[0] == "unconfirmed"

@@ -13,39 +13,38 @@ retried later from the retry queues. Each attempt has ``timeout`` seconds to
 get that far. A 5xx answer is final, and so is a server that does not offer
 SMTPUTF8 for an address that needs it.
 
-Whose fault a 5xx is decides what becomes of the event. The recipient's or
-the message's (``MailRejected``: the DLQ, the reminder cancelled) at RCPT
-and after DATA, unless its enhanced status code (RFC 3463) says the server
-refuses us: X.7 security or policy (relaying denied, a blocklist, DMARC),
-X.3 the mail system (but X.3.4, the message too big) or X.4 the network and
-routing. Those are ``MailServerUnavailable``, as is any 5xx before RCPT: a
-configuration or a reputation to put right, with the events and reminders
-kept meanwhile, not given up on one by one. Without an enhanced code (or
-with X.0, "undefined") a 5xx says nothing more, and is taken as before: the
-recipient's or the message's at RCPT and after DATA, ours before RCPT. 552
-is the message too big (RFC 1870) whatever follows it. A 5xx that refuses
-us is not tried again at once: it would be refused alike.
+Whose fault a 5xx is decides what becomes of the event: see replies.py. A
+5xx that refuses us is not tried again at once: it would be refused alike.
 
-From DATA on, the message may be on the server, so nothing is retried here.
-An answer still says what became of it: 250 sent, 4xx
-``MailServerUnavailable``, 5xx as above. No answer (a timeout, a
+The message itself goes out only once the server has answered the DATA
+command with 354. No answer to DATA (a timeout, a dropped connection) is
+still a server that does not have the message: ``MailServerUnavailable``,
+but not tried again at once, since the attempt may have spent its DATA
+timeout. Once the message has begun to go out it may be on the server, so
+nothing is retried here. An answer still says what became of it: 250 sent,
+4xx ``MailServerUnavailable``, 5xx as above. No answer (a timeout, a
 dropped connection) does not: the server may have queued the message and
 lost the connection before its 250 reached us. That is
 ``MailOutcomeUnknown``, and the notifier keeps its claim on the email rather
 than let another delivery send it at once (see notifier.py). Servers often
 check a message before they answer, so DATA has its own, longer timeout
-(``data_timeout``; RFC 5321 allows a client up to 10 minutes).
+(``data_timeout``, for the 354 and again for the answer to the message;
+RFC 5321 allows a client up to 10 minutes for the latter).
+
+After a refusal aiosmtplib resets the session with RSET, and a timeout
+waiting for the answer to that replaced the refusal: a 550 to the message
+became an unknown outcome, one at RCPT an outage retried for a day. A
+session is never reused after an error, so RSET is not sent at all.
 
 A send cancelled under way (a shutdown's drain that ran out) raises the
 cancellation, which says nothing of how far it got: the ``Send`` a slot
-yields tells whether its last attempt had begun DATA.
+yields tells whether its last attempt had begun to send the message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -57,7 +56,8 @@ import backoff
 import structlog
 from aiosmtplib.typing import Default
 
-from .failures import MailOutcomeUnknown, MailRejected, MailServerUnavailable
+from .failures import MailServerUnavailable
+from .replies import RefusedUs, UnavailableAtData, at_data, before_data
 from .settings import SmtpSettings
 
 log = structlog.get_logger()
@@ -68,29 +68,20 @@ MAX_IDLE = 30.0
 BACKOFF_FACTOR = 0.1  # waits of up to 0.1 s, 0.2 s, 0.4 s...
 
 
-class _DeferredAtData(MailServerUnavailable):
-    """A 4xx answer to DATA: nothing delivered, but the attempt has spent its DATA timeouts."""
-
-
-class _RefusedUs(MailServerUnavailable):
-    """A 5xx that refuses us, not the message: final for now, so not tried again at once."""
-
-
-# An enhanced status code (RFC 3463) at the start of a reply's text: class.subject.detail.
-_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
-
-
 class _Client(aiosmtplib.SMTP):
-    """aiosmtplib's client, which knows when DATA begins, and times it on its own.
+    """aiosmtplib's client, which knows when DATA and the message begin, and times DATA on its own.
 
-    ``send_message`` runs MAIL, RCPT and DATA with one timeout; ``data`` is
-    the step from which a failure no longer proves that nothing was sent.
+    ``send_message`` runs MAIL, RCPT and DATA with one timeout. ``data`` sends
+    the DATA command, waits for the server's 354, and only then writes the
+    message: from that write on, a failure no longer proves that nothing was
+    sent (``body_started``).
     """
 
     def __init__(self, *, data_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._data_timeout = data_timeout
-        self.data_started = False
+        self.at_data = False
+        self.body_started = False
         self.until_data: asyncio.Timeout | None = None
 
     # aiosmtplib's own signature, which ``sendmail`` calls with its timeout.
@@ -101,24 +92,55 @@ class _Client(aiosmtplib.SMTP):
         *,
         timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
     ) -> aiosmtplib.SMTPResponse:
-        self.data_started = True
+        self.at_data = True
         if self.until_data is not None:
             self.until_data.reschedule(None)  # the attempt's deadline ends here: DATA has its own
-        return await super().data(message, timeout=self._data_timeout)
+        protocol = self.protocol
+        if protocol is None:  # disconnected: aiosmtplib raises for it
+            return await super().data(message, timeout=self._data_timeout)
+        # The protocol writes the DATA command, then the message after the
+        # 354: the one point that tells them apart, with no hook of its own.
+        write = protocol.write
+
+        def write_noting_the_message(data: bytes) -> None:
+            if data != b"DATA\r\n":
+                self.body_started = True
+            write(data)
+
+        protocol.write = write_noting_the_message  # type: ignore[method-assign]
+        try:
+            return await super().data(message, timeout=self._data_timeout)
+        finally:
+            del protocol.write  # the method again, for the session's next message
+
+    async def rset(
+        self,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
+    ) -> aiosmtplib.SMTPResponse:
+        """Not sent: the session is closed instead, as after any error.
+
+        Only ``sendmail`` calls it, after a refusal, to reuse the session. It
+        lets through anything but a disconnection or an answer, and a server
+        slow to answer RSET turned the refusal into a timeout. The
+        disconnection it swallows, and raises the refusal.
+        """
+        self.close()
+        raise aiosmtplib.SMTPServerDisconnected("closed, not reset: a session is not reused after an error")
 
 
 class Send:
-    """A slot's ``send``: hands a message to the server, and keeps whether its last attempt began DATA.
+    """A slot's ``send``: hands a message to the server, and keeps whether its last attempt began to send it.
 
-    Read after a cancellation: from DATA on, the server may have the message.
+    Read after a cancellation: once the message has begun to go out, the server may have it.
     """
 
     def __init__(self, send: Callable[[EmailMessage, Send], Awaitable[None]]) -> None:
         self._send = send
-        self.data_started = False
+        self.body_started = False
 
     async def __call__(self, message: EmailMessage) -> None:
-        self.data_started = False
+        self.body_started = False
         await self._send(message, self)
 
 
@@ -135,7 +157,7 @@ class Mailer:
             factor=BACKOFF_FACTOR,
             jitter=backoff.full_jitter,
             # One DATA exchange per send at most: that is what bounds ``longest_send``.
-            giveup=lambda exc: isinstance(exc, _DeferredAtData | _RefusedUs),
+            giveup=lambda exc: isinstance(exc, UnavailableAtData | RefusedUs),
             on_backoff=_log_retry,
         )(self._send_once)
 
@@ -194,18 +216,19 @@ class Mailer:
         try:
             async with asyncio.timeout(self._settings.timeout) as until_data:
                 client = self._reuse() or await self._connect()
-                client.data_started, client.until_data = False, until_data
+                client.at_data = client.body_started = False
+                client.until_data = until_data
                 await client.send_message(message)
         except BaseException as exc:
             if client is not None:
                 client.close()
-                progress.data_started = client.data_started
-            if client is not None and client.data_started and isinstance(exc, Exception):
-                raise _after_data(exc) from None
+                progress.body_started = client.body_started
+            if client is not None and client.at_data and isinstance(exc, Exception):
+                raise at_data(exc, body_started=client.body_started) from None
             if isinstance(exc, aiosmtplib.SMTPException | OSError):
-                raise _before_data(exc) from None
+                raise before_data(exc) from None
             raise
-        progress.data_started = True
+        progress.body_started = True
         if self._closed:
             client.close()
         else:
@@ -226,72 +249,6 @@ class Mailer:
         )
         await client.connect()
         return client
-
-
-def _before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
-    """The server does not have the message: an answer says whether to try again."""
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        codes = [r.code for r in exc.recipients]
-        if all(_transient(code) for code in codes):
-            return MailServerUnavailable(f"recipients deferred: {codes}")
-        statuses = [_status(r.code, r.message) for r in exc.recipients]
-        if all(_transient(r.code) or _refuses_us(r.code, r.message) for r in exc.recipients):
-            return _RefusedUs(f"recipients refused, for a reason of ours: {statuses}")
-        return MailRejected(f"recipients refused: {statuses}")
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        # aiosmtplib's only use of it: an address is not ASCII and the server
-        # does not offer SMTPUTF8. That is the address's lot with this server,
-        # not an outage: retrying would fail the same way for a day.
-        return MailRejected("the server does not offer SMTPUTF8, which the address needs")
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 552:
-        # At MAIL FROM, with the SIZE we declare: this message is too big (RFC 1870).
-        return MailRejected("SMTP 552: the message is too big")
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        # Any other refusal before DATA (the greeting, EHLO, STARTTLS, AUTH,
-        # MAIL FROM) refuses us, whatever the message: a configuration to put
-        # right, with the events kept meanwhile, not each one given up on.
-        error = _RefusedUs if exc.code >= 500 else MailServerUnavailable
-        return error(f"SMTP {_status(exc.code, exc.message)}, before any recipient")
-    # Refused, timed out or disconnected (aiosmtplib's connection errors are
-    # OSErrors too, and so is the attempt's TimeoutError).
-    return MailServerUnavailable(type(exc).__name__)
-
-
-def _after_data(exc: Exception) -> Exception:
-    """DATA had begun: only an answer says the server does not have the message."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        reply = f"SMTP {_status(exc.code, exc.message)} after DATA"
-        if _transient(exc.code):
-            return _DeferredAtData(reply)
-        return (_RefusedUs if _refuses_us(exc.code, exc.message) else MailRejected)(reply)
-    return MailOutcomeUnknown(f"no answer after DATA: {type(exc).__name__}")
-
-
-def _transient(code: int) -> bool:
-    return 400 <= code < 500
-
-
-def _status(code: int, message: str) -> str:
-    """The reply's code, and its enhanced status code if it has one: not its text, which may name the recipient."""
-    status = _ENHANCED_STATUS.match(message.lstrip())
-    return f"{code} {status[0]}" if status else str(code)
-
-
-def _refuses_us(code: int, message: str) -> bool:
-    """Whether a 5xx's enhanced status code says it refuses us, not the recipient or the message.
-
-    False when it does not say: no enhanced code, one of another class than
-    the reply's, or X.0 (other or undefined).
-    """
-    if code == 552:  # the message too big (RFC 1870), or the mailbox full: not ours to put right
-        return False
-    status = _ENHANCED_STATUS.match(message.lstrip())
-    if status is None or status[1] != str(code)[0]:
-        return False
-    subject, detail = status[2], status[3]
-    if (subject, detail) == ("3", "4"):  # "message too big for system"
-        return False
-    return subject in {"3", "4", "7"}
 
 
 def _log_retry(details: Any) -> None:

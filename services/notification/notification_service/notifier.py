@@ -22,14 +22,15 @@ The steps, and what a crash after each one leaves behind:
    event. Crash between 3 and the ack: the redelivered event stops at step
    1. No duplicate.
 
-If step 2 fails before DATA, or the server answers that it will not take
-the message, the server does not have it: the claim is released and the
-next delivery may send at once.
+If step 2 fails before the message goes out (the server's 354 to DATA
+comes first), or the server answers that it will not take the message,
+the server does not have it: the claim is released and the next delivery
+may send at once.
 
-From DATA until the commit of step 3, delivery is at least once. The
-server's 250 may never reach us (a timeout or a dropped connection while
-waiting for it: ``MailOutcomeUnknown``), or we may crash between the 250
-and the commit. Either way the claim stays: no delivery sends again while
+From the message going out until the commit of step 3, delivery is at
+least once. The server's 250 may never reach us (a timeout or a dropped
+connection while waiting for it: ``MailOutcomeUnknown``), or we may crash
+between the 250 and the commit. Either way the claim stays: no delivery sends again while
 it is within its lease, and once the lease has run out a later delivery
 takes it over and sends again, a duplicate if the first copy had arrived.
 The copy has the same Message-ID, so mail clients that de-duplicate show
@@ -46,11 +47,12 @@ count would go with it.
 
 A delivery cut short (cancelled by a shutdown whose drain ran out) leaves
 its claim as its send left the server, within ``CUT_SHORT_GRACE``: released
-if DATA had not begun, counted as a send with an unknown outcome if it had.
-One cut short while it records a send's outcome lets the write under way
-finish. Left as they were, such claims were taken over after their lease
-and the email sent again, uncounted. A broker connection dropping does not
-cut a delivery short: the consumer runs them in tasks of its own.
+if the message had not begun to go out, counted as a send with an unknown
+outcome if it had. One cut short while it records a send's outcome lets the
+write under way finish. Left as they were, such claims were taken over after
+their lease and the email sent again, uncounted. A broker connection
+dropping does not cut a delivery short: the consumer runs them in tasks of
+its own.
 
 The lease is longer than a send can take (``Mailer.longest_send``): a
 delivery still at work is not taken over. It is claimed only once it holds
@@ -168,7 +170,7 @@ class Notifier:
             except MailOutcomeUnknown as exc:
                 unknown: MailOutcomeUnknown | None = exc  # counted below, with the session given back
             except asyncio.CancelledError:
-                await self._cut_short(claim, token, data_started=send.data_started)
+                await self._cut_short(claim, token, body_started=send.body_started)
                 raise
             except Exception:
                 # The server does not have it: the next delivery may claim it at once.
@@ -201,25 +203,25 @@ class Notifier:
         )
         return Outcome.UNCONFIRMED
 
-    async def _cut_short(self, claim: claims.Claim, token: str, *, data_started: bool) -> None:
+    async def _cut_short(self, claim: claims.Claim, token: str, *, body_started: bool) -> None:
         """A send cancelled under way (a shutdown's drain ran out): leave the claim as the send left the server.
 
-        Before DATA the server does not have the email: released, the next
-        delivery may send it at once. From DATA on it may: counted as a send
-        with no answer, so that it is sent once more at most. Left as it was,
-        the claim was taken over after its lease and the email sent again,
-        uncounted.
+        Before the message began to go out (after the server's 354 to DATA)
+        the server does not have the email: released, the next delivery may
+        send it at once. From then on it may: counted as a send with no
+        answer, so that it is sent once more at most. Left as it was, the
+        claim was taken over after its lease and the email sent again.
         """
         event_id, kind = claim.event_id, claim.kind
         write: Coroutine[Any, Any, object]
-        if data_started:
+        if body_started:
             write = claims.record_unknown_send(self._pool, event_id, kind, token)
         else:
             write = claims.release_notification(self._pool, event_id, kind, token)
         future = asyncio.ensure_future(write)
         written = await _given_a_moment(future)
-        log.warning("notification_cut_short", event_id=event_id, kind=kind, data_started=data_started, recorded=written)
-        if data_started and written and future.result() is True:
+        log.warning("notification_cut_short", event_id=event_id, kind=kind, body_started=body_started, recorded=written)
+        if body_started and written and future.result() is True:
             log.error("notification_unconfirmed", event_id=event_id, kind=kind, message_id=claim.message_id)
 
     async def _recorded(self, record: Callable[[], Awaitable[T]], what: str, event_id: str, kind: str) -> T:

@@ -1,7 +1,8 @@
 """``SmtpSink``: a real SMTP server (aiosmtpd) on a loopback port, for the notification-service's tests.
 
 It keeps what it receives with its arrival time, can refuse senders,
-recipients or messages, answer DATA late, and be stopped and started again on its port,
+recipients or messages, answer DATA late, leave the DATA command or RSET
+unanswered or hang up at DATA, and be stopped and started again on its port,
 which it holds, refusing connections, while stopped (``close`` lets it go).
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from notification_support import eventually
 
 from mesh_common.testing import HeldPort
@@ -48,6 +49,12 @@ class SmtpSink:
     data_delay: float = 0.0  # seconds between the end of DATA and the answer, as a server checking the message
     data_gate: asyncio.Event | None = None  # when set, the answer to DATA waits for it
     smtputf8: bool = False  # offer SMTPUTF8 (RFC 6531) to the sessions that start from now on, as Mailpit does
+    # How many of the next DATA commands get no answer (no 354), or a hang-up:
+    # the client never gets to send the message.
+    silent_at_data: int = 0
+    hang_up_at_data: int = 0
+    silent_at_rset: bool = False  # never answer RSET
+    unanswered: list[str] = field(default_factory=list)  # the commands left unanswered, or hung up on
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
     _held: HeldPort = field(default_factory=HeldPort)
@@ -73,6 +80,12 @@ class SmtpSink:
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.silent_at_rset:
+            self.unanswered.append("RSET")
+            await asyncio.Event().wait()  # until the client hangs up: aiosmtpd cancels it then
         return "250 OK"
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -141,6 +154,22 @@ class _SinkSession(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._sessions.discard(self)
         super().connection_lost(error)
+
+    # aiosmtpd answers the DATA command (354) before any hook: held back here.
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        sink = self._sink
+        if sink.hang_up_at_data:
+            sink.hang_up_at_data -= 1
+            sink.unanswered.append("DATA")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if sink.silent_at_data:
+            sink.silent_at_data -= 1
+            sink.unanswered.append("DATA")
+            await asyncio.Event().wait()  # until the client hangs up: aiosmtpd cancels it then
+        await super().smtp_DATA(arg)
 
 
 @dataclass

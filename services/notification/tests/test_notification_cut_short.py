@@ -144,6 +144,36 @@ async def test_a_send_cut_short_before_data_releases_its_claim(
     assert await claim_row(pool, event.id) is None  # the next start sends it at once
 
 
+async def test_a_send_cut_short_waiting_for_the_answer_to_data_releases_its_claim(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    # The message goes out only after the server's 354: counted as a send
+    # with no answer, the email was held for a lease and could end
+    # unconfirmed without ever having been sent.
+    smtp.silent_at_data = 1
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, data_timeout=30.0))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    event_id = str(uuid.uuid4())
+    try:
+        delivery = asyncio.create_task(
+            notifier.notify(
+                event_id=event_id,
+                kind="welcome",
+                user_id="u1",
+                values={"username": "ada"},
+                recipient=Recipient("ada@example.test", "Ada"),
+            )
+        )
+        await eventually(lambda: smtp.unanswered, within=10, what="the DATA command, unanswered")
+        delivery.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(delivery, timeout=CUT_SHORT_GRACE + 2)
+    finally:
+        await mailer.close()
+    assert await claim_row(pool, event_id) is None  # the next delivery sends it at once
+    assert smtp.received == []
+
+
 async def test_a_reminder_in_data_when_the_scheduler_stops_is_counted_as_one_with_no_answer(
     settings: Settings,
     start_service: StartService,

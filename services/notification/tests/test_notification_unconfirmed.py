@@ -5,19 +5,27 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
 
 import aiopg
 import pytest
 from notification_support import MAIL_FROM, Broker, StartService, eventually, new_user, registered
 from smtp_sink import SmtpSink
 
-from notification_service import repository
+from notification_service import claims, repository
 from notification_service.directory import Recipient
-from notification_service.failures import DeliveryInProgress, MailOutcomeUnknown, MailServerUnavailable
+from notification_service.failures import (
+    DatabaseUnavailable,
+    DeliveryInProgress,
+    MailOutcomeUnknown,
+    MailServerUnavailable,
+)
 from notification_service.keys import CONSUMER, NOTIFIER
-from notification_service.mailer import Mailer
+from notification_service.mailer import Mailer, Send
 from notification_service.notifier import Notifier, Outcome
 from notification_service.reminders import Reminders, ReminderScheduler, TodoSnapshot
 from notification_service.settings import Settings, SmtpSettings
@@ -134,3 +142,66 @@ async def test_a_reminder_whose_email_is_unconfirmed_is_done_with(
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT sent_at IS NOT NULL, cancelled FROM reminders WHERE todo_id = 'x1'")
         assert await cur.fetchone() == (True, False)  # out of the schedule, not met by every round
+
+
+async def test_a_server_silent_at_the_data_command_twice_still_gets_the_email_once(
+    settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
+) -> None:
+    # No 354, so no message sent: counted as a send with no answer, the claim
+    # was held for its lease and then given up on as unconfirmed, never sent.
+    smtp.silent_at_data = 2
+    service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
+    event = registered(new_user())
+    await broker.publish(event)
+
+    consumer = service.app[CONSUMER]
+    ended = await eventually(lambda: _final(pool, event.id), within=30, what="the email sent, or given up on")
+    assert ended == ("sent", 0)
+    assert smtp.unanswered == ["DATA", "DATA"]
+    assert len(smtp.received) == 1
+    await eventually(lambda: consumer.settled["acked"] == 1, within=5, what="the event acked")
+
+
+async def _final(pool: aiopg.Pool, event_id: str) -> tuple[str, int] | None:
+    row = await claim_row(pool, event_id)
+    return row if row is not None and row[0] != "sending" else None
+
+
+class NoAnswer:
+    """A mailer whose every send goes out with no answer after DATA."""
+
+    longest_send = 1.0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Send]:
+        async def send(message: EmailMessage, progress: Send) -> None:
+            progress.body_started = True
+            raise MailOutcomeUnknown("no answer after DATA: SMTPReadTimeoutError")
+
+        yield Send(send)
+
+
+async def test_an_unknown_send_recorded_twice_over_a_lost_answer_counts_once(
+    pool: aiopg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database takes the write and the answer never comes (aiopg's
+    # timeout closes the socket; PostgreSQL commits all the same): written
+    # again, the count reached 2 after one send, and the one resend never came.
+    record = claims.record_unknown_send
+    calls = 0
+
+    async def answer_lost_once(*args: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        made_unconfirmed = await record(*args)
+        if calls == 1:
+            raise DatabaseUnavailable("TimeoutError")
+        return made_unconfirmed
+
+    monkeypatch.setattr(claims, "record_unknown_send", answer_lost_once)
+    notifier = Notifier(pool, NoAnswer(), Ada(), sender=MAIL_FROM)  # type: ignore[arg-type]
+    event_id = str(uuid.uuid4())
+    with pytest.raises(MailOutcomeUnknown):
+        await welcome(notifier, event_id)
+    assert calls == 2
+    assert await claim_row(pool, event_id) == ("sending", 1)  # sent once more, after the lease

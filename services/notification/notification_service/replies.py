@@ -1,0 +1,110 @@
+"""What an SMTP answer, or its absence, says about the message: whether the server has it, and whose fault a refusal is.
+
+Before DATA, and at DATA until the server's 354, the server does not have
+the message. A 4xx, a timeout or a dropped connection are
+``MailServerUnavailable``: tried again. A 5xx is final.
+
+Whose fault a 5xx is decides what becomes of the event. The recipient's or
+the message's (``MailRejected``: the DLQ, the reminder cancelled) at RCPT
+and after DATA, unless its enhanced status code (RFC 3463) says the server
+refuses us: X.7 security or policy (relaying denied, a blocklist, DMARC),
+X.3 the mail system (but X.3.4, the message too big) or X.4 the network and
+routing. Those are ``MailServerUnavailable`` (``RefusedUs``), as is any 5xx
+before RCPT: a configuration or a reputation to put right, with the events
+and reminders kept meanwhile, not given up on one by one. Without an
+enhanced code (or with X.0, "undefined") a 5xx says nothing more, and is
+taken as before: the recipient's or the message's at RCPT and after DATA,
+ours before RCPT. 552 is the message too big (RFC 1870) whatever follows it.
+
+Once the message has begun to go out, an answer still says what became of
+it, and no answer (a timeout, a dropped connection) does not:
+``MailOutcomeUnknown``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiosmtplib
+
+from .failures import MailOutcomeUnknown, MailRejected, MailServerUnavailable
+
+
+class UnavailableAtData(MailServerUnavailable):
+    """DATA refused for now (4xx), or not answered: nothing delivered, but the attempt has spent its DATA timeouts."""
+
+
+class RefusedUs(MailServerUnavailable):
+    """A 5xx that refuses us, not the message: final for now, so not tried again at once."""
+
+
+# An enhanced status code (RFC 3463) at the start of a reply's text: class.subject.detail.
+_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+
+
+def before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
+    """The server does not have the message: an answer says whether to try again."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        if all(_transient(code) for code in codes):
+            return MailServerUnavailable(f"recipients deferred: {codes}")
+        statuses = [_status(r.code, r.message) for r in exc.recipients]
+        if all(_transient(r.code) or _refuses_us(r.code, r.message) for r in exc.recipients):
+            return RefusedUs(f"recipients refused, for a reason of ours: {statuses}")
+        return MailRejected(f"recipients refused: {statuses}")
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        # aiosmtplib's only use of it: an address is not ASCII and the server
+        # does not offer SMTPUTF8. That is the address's lot with this server,
+        # not an outage: retrying would fail the same way for a day.
+        return MailRejected("the server does not offer SMTPUTF8, which the address needs")
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 552:
+        # At MAIL FROM, with the SIZE we declare: this message is too big (RFC 1870).
+        return MailRejected("SMTP 552: the message is too big")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        # Any other refusal before DATA (the greeting, EHLO, STARTTLS, AUTH,
+        # MAIL FROM) refuses us, whatever the message: a configuration to put
+        # right, with the events kept meanwhile, not each one given up on.
+        error = RefusedUs if exc.code >= 500 else MailServerUnavailable
+        return error(f"SMTP {_status(exc.code, exc.message)}, before any recipient")
+    # Refused, timed out or disconnected (aiosmtplib's connection errors are
+    # OSErrors too, and so is the attempt's TimeoutError).
+    return MailServerUnavailable(type(exc).__name__)
+
+
+def at_data(exc: Exception, *, body_started: bool) -> Exception:
+    """DATA had begun: once the message has begun to go out, only an answer says the server does not have it."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        reply = f"SMTP {_status(exc.code, exc.message)} after DATA"
+        if _transient(exc.code):
+            return UnavailableAtData(reply)
+        return (RefusedUs if _refuses_us(exc.code, exc.message) else MailRejected)(reply)
+    if not body_started:  # no 354: the message never left
+        return UnavailableAtData(f"no answer to DATA: {type(exc).__name__}")
+    return MailOutcomeUnknown(f"no answer after DATA: {type(exc).__name__}")
+
+
+def _transient(code: int) -> bool:
+    return 400 <= code < 500
+
+
+def _status(code: int, message: str) -> str:
+    """The reply's code, and its enhanced status code if it has one: not its text, which may name the recipient."""
+    status = _ENHANCED_STATUS.match(message.lstrip())
+    return f"{code} {status[0]}" if status else str(code)
+
+
+def _refuses_us(code: int, message: str) -> bool:
+    """Whether a 5xx's enhanced status code says it refuses us, not the recipient or the message.
+
+    False when it does not say: no enhanced code, one of another class than
+    the reply's, or X.0 (other or undefined).
+    """
+    if code == 552:  # the message too big (RFC 1870), or the mailbox full: not ours to put right
+        return False
+    status = _ENHANCED_STATUS.match(message.lstrip())
+    if status is None or status[1] != str(code)[0]:
+        return False
+    subject, detail = status[2], status[3]
+    if (subject, detail) == ("3", "4"):  # "message too big for system"
+        return False
+    return subject in {"3", "4", "7"}
