@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import email.errors
+import email.policy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from email.headerregistry import AddressHeader
+from email.utils import getaddresses
+
+from aiosmtplib.email import parse_address
 
 from mesh_common.events import EVENTS_EXCHANGE
 from mesh_common.pruning import DAY, PruneSettings
@@ -64,7 +70,7 @@ class Settings:
             smtp=SmtpSettings(
                 host=env_str(env, "SMTP_HOST", "127.0.0.1"),
                 port=env_int(env, "SMTP_PORT", 1025),
-                mail_from=env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>"),
+                mail_from=mailbox(env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>")),
                 start_tls=env_bool(env, "SMTP_STARTTLS", False),
                 timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
                 data_timeout=env_float(env, "SMTP_DATA_TIMEOUT", 30.0),
@@ -86,8 +92,22 @@ class Settings:
         smtp = settings.smtp
         if min(settings.prefetch, smtp.attempts) < 1 or min(settings.reminder_poll_interval, smtp.timeout) <= 0:
             raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS, SMTP_TIMEOUT and REMINDER_POLL_SECONDS must be positive")
-        if smtp.data_timeout <= 0:
-            raise SettingsError("SMTP_DATA_TIMEOUT must be positive")
+        # Each of these failed only later, or quietly: a port out of range at
+        # the first send; a lead of 0 or less made every reminder due only
+        # once its todo was overdue, so none was ever sent; a negative retry
+        # limit dead-lettered every passing failure, and passed the retention
+        # check below whatever the retention.
+        for name, value in [
+            ("SMTP_DATA_TIMEOUT", smtp.data_timeout),
+            ("REMINDER_LEAD_SECONDS", settings.reminder_lead),
+            ("EVENT_RETENTION_SECONDS", settings.retention),
+        ]:
+            if value <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if not 1 <= smtp.port <= 65535:
+            raise SettingsError(f"SMTP_PORT must be a TCP port (1-65535), got {smtp.port}")
+        if settings.retry_limit < 0:
+            raise SettingsError("RETRY_LIMIT must not be negative")
         # An event may come back from the retry queues this long after it
         # happened, and later still, since every attempt takes time of its
         # own (an SMTP timeout, a lookup): twice that, or good events still
@@ -102,6 +122,34 @@ class Settings:
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
+
+
+def mailbox(mail_from: str) -> str:
+    """``MAIL_FROM``, if it is one mailbox with a local part and a domain; ``SettingsError`` if not.
+
+    It is the From header of every email, its envelope sender and the
+    domain of every Message-ID, each parsed from it in its own way.
+    "Acme, Inc. <noreply@acme.test>" is two mailboxes, the first "Acme":
+    the envelope's MAIL FROM:<Acme>, and Message-IDs @Acme. "a@" made
+    composing every email fail, "a@b..c" wrote From: <>.
+    """
+    refused = SettingsError(f"MAIL_FROM must be one mailbox, such as 'Name <user@example.com>', got {mail_from!r}")
+    try:
+        header = email.policy.default.header_factory("From", mail_from)
+        envelope = parse_address(mail_from)
+    # The email package refuses a header in several ways, not all ValueErrors (see messages.compose).
+    except (ValueError, IndexError, AttributeError, email.errors.MessageError):
+        raise refused from None
+    parsed = getaddresses([mail_from])
+    if not isinstance(header, AddressHeader) or len(header.groups) != 1 or len(parsed) != 1:
+        raise refused
+    [group] = header.groups
+    if group.display_name is not None or len(group.addresses) != 1:  # a group ("team: a@b;") is no mailbox
+        raise refused
+    [address] = group.addresses
+    if not (address.username and address.domain and address.addr_spec == parsed[0][1] == envelope):
+        raise refused
+    return mail_from
 
 
 def topology_from_env(env: Mapping[str, str]) -> Topology:
