@@ -143,10 +143,10 @@ class ReminderScheduler:
                 return min(self._poll_interval, HELD_RECHECK_SECONDS)
             if len(due) < self._batch:
                 break
-        next_at = await repository.next_reminder_at(self._pool)
-        if next_at is None:
+        wait = await repository.seconds_to_next_reminder(self._pool)
+        if wait is None:
             return self._poll_interval
-        return min(self._poll_interval, max(0.01, (next_at - datetime.now(UTC)).total_seconds()))
+        return min(self._poll_interval, max(0.01, wait))
 
     async def _send(self, reminder: repository.DueReminder) -> bool | None:
         """True when done with, False when it failed for now, None when another delivery holds it."""

@@ -179,19 +179,26 @@ async def expire_overdue_reminders(pool: aiopg.Pool) -> None:
         )
 
 
-async def next_reminder_at(pool: aiopg.Pool) -> datetime | None:
-    """When the earliest pending reminder can be sent, its retry's time included."""
+async def seconds_to_next_reminder(pool: aiopg.Pool) -> float | None:
+    """How long until the earliest pending reminder can be sent, its retry's time included, by the database's clock.
+
+    Negative when it can be sent already. Counted here, not against this
+    instance's clock: one ahead of the database's by a few seconds saw the
+    reminder due that long before ``due_reminders`` did, and ran rounds back
+    to back meanwhile.
+    """
     async with cursor(pool) as cur:
         await cur.execute(
             # In two parts, each read from an index: min(GREATEST(remind_at,
             # retry_at)) over every pending reminder read them all, every round.
             # LEAST and GREATEST ignore NULLs.
-            f"SELECT LEAST("
+            f"SELECT EXTRACT(EPOCH FROM LEAST("
             f" (SELECT remind_at FROM reminders WHERE {_PENDING} AND retry_at IS NULL ORDER BY remind_at LIMIT 1),"
-            f" (SELECT min(GREATEST(remind_at, retry_at)) FROM reminders WHERE {_PENDING} AND retry_at IS NOT NULL))"
+            f" (SELECT min(GREATEST(remind_at, retry_at)) FROM reminders WHERE {_PENDING} AND retry_at IS NOT NULL)"
+            f") - now())"
         )
         row = await cur.fetchone()
-    return row[0] if row else None
+    return None if row is None or row[0] is None else float(row[0])
 
 
 async def mark_reminder_sent(pool: aiopg.Pool, todo_id: str, event_id: str) -> None:

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import aiopg
-from notification_support import MAIL_FROM
+import pytest
+from notification_support import MAIL_FROM, eventually
 from smtp_sink import SmtpSink
 
+from notification_service import reminders as reminders_module
 from notification_service import repository
 from notification_service.directory import Recipient
 from notification_service.failures import ShuttingDown
@@ -54,8 +56,8 @@ async def test_an_overdue_reminder_leaves_the_schedule_and_the_next_one_is_still
     assert await pending(pool) == ["later", "retrying"]
     assert 590 < delay <= 600  # woken for the retry, the earliest
     await repository.mark_reminder_sent(pool, "retrying", events["retrying"])
-    next_at = await repository.next_reminder_at(pool)
-    assert next_at is not None and abs((next_at - (now + timedelta(hours=1))).total_seconds()) < 1
+    wait = await repository.seconds_to_next_reminder(pool)
+    assert wait is not None and abs(wait - (now + timedelta(hours=1) - datetime.now(UTC)).total_seconds()) < 1
 
     # A new due date for the overdue todo puts it back in the schedule.
     moved = TodoSnapshot("overdue", "u", "overdue", now + timedelta(days=3), False, False, 2)
@@ -183,3 +185,48 @@ async def test_a_reminder_completed_while_it_waits_for_an_smtp_session_is_not_se
         assert await cur.fetchone() == (True, None)
         await cur.execute("SELECT count(*) FROM notifications")
         assert await cur.fetchone() == (0,)  # the claim released: reopened, the todo is reminded of after all
+
+
+class AheadOfTheDatabase(datetime):
+    """This instance's clock, 2 s ahead of PostgreSQL's."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> AheadOfTheDatabase:
+        ahead = datetime.now(tz) + timedelta(seconds=2)
+        return cls.fromtimestamp(ahead.timestamp(), tz)
+
+
+async def test_a_clock_ahead_of_the_databases_does_not_make_the_scheduler_spin(
+    pool: aiopg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wait was the database's remind_at less the local time: negative
+    # here, so clamped to 10 ms, and rounds ran back to back until the
+    # reminder was due by the database's clock.
+    monkeypatch.setattr(reminders_module, "datetime", AheadOfTheDatabase)
+    rounds = 0
+    read_due = repository.due_reminders
+
+    async def counted(*args: Any, **kwargs: Any) -> list[repository.DueReminder]:
+        nonlocal rounds
+        rounds += 1
+        return await read_due(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "due_reminders", counted)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT now() + interval '1.5 seconds'")
+        (remind_at,) = await cur.fetchone()
+    lead = 3600.0
+    snapshot = TodoSnapshot("c1", "u", "Clock", remind_at + timedelta(seconds=lead), False, False, 1)
+    await Reminders(pool, lead=lead, wake_window=1, wake=lambda: None).apply(
+        snapshot, event_id=str(uuid.uuid4()), event_at=datetime.now(UTC)
+    )
+    notifier = CompletingNotifier(pool)
+    scheduler = ReminderScheduler(pool, notifier, poll_interval=5)  # type: ignore[arg-type]
+    running = asyncio.create_task(scheduler.run())
+    try:
+        await eventually(lambda: notifier.sent, within=10, what="the reminder sent")
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(running, timeout=10)
+    assert notifier.sent == ["Clock"]
+    assert rounds <= 4  # one to find it not due yet, one to send it: not a hundred
