@@ -35,16 +35,25 @@ class Event:
         try:
             body = json.loads(raw)
             return cls(
-                type=str(body["type"]),
-                user_id=str(body["user_id"]),
+                type=_string(body, "type"),
+                user_id=_string(body, "user_id"),
                 data=dict(body["data"]),
-                correlation_id=str(body["correlation_id"]),
+                correlation_id=_string(body, "correlation_id"),
                 version=int(body["version"]),
                 id=str(uuid.UUID(str(body["id"]))),
-                occurred_at=str(body["occurred_at"]),
+                occurred_at=_string(body, "occurred_at"),
             )
         # Not ValueErrors, but as malformed: OverflowError, a version of 1e999
         # (infinity, which int() refuses); RecursionError, arrays or objects
         # nested thousands deep, which fit in a small body.
         except (KeyError, TypeError, OverflowError, RecursionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed event: {type(exc).__name__}") from None
+
+
+def _string(body: dict[str, Any], key: str) -> str:
+    # Not str(value): a null user_id became the user "None", whom nobody
+    # knows, and the event was handled as one whose user was deleted.
+    value = body[key]
+    if not isinstance(value, str):
+        raise ValueError(f"malformed event: {key} is not a string")
+    return value

@@ -32,3 +32,17 @@ def envelope(**changes: object) -> bytes:
 def test_a_body_that_is_not_an_envelope_is_a_value_error(body: bytes) -> None:
     with pytest.raises(ValueError):
         Event.from_json(body)
+
+
+@pytest.mark.parametrize("field", ["type", "user_id", "correlation_id", "occurred_at"])
+@pytest.mark.parametrize("value", [None, 42, ["u"], {"id": "u"}, True])
+def test_a_field_that_is_not_a_string_is_a_value_error_not_its_repr(field: str, value: object) -> None:
+    # str(None) is "None": a null user_id was a user of that name, not found,
+    # and the event handled as one whose user was deleted.
+    with pytest.raises(ValueError):
+        Event.from_json(envelope(**{field: value}))
+
+
+def test_an_envelope_round_trips() -> None:
+    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
+    assert Event.from_json(event.to_json()) == event

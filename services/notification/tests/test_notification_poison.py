@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import FieldValue
-from notification_support import Broker, Client, eventually, new_user, registered, todo_event
+from notification_support import Broker, Client, FakeUserService, eventually, new_user, registered, todo_event
 from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
@@ -75,6 +76,20 @@ async def test_a_letter_that_waited_in_a_retry_queue_is_listed_with_its_last_rea
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
     # It expired from the retry queue first, then was refused: the latter is why it is dead.
     assert (letter.event_id, letter.reason) == (event.id, "rejected")
+
+
+async def test_an_envelope_with_a_null_user_id_is_dead_lettered_not_taken_for_a_deleted_user(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
+) -> None:
+    owner = users.add(new_user())
+    event = todo_event("completed", owner["id"], {"id": "t-null", "title": "Null", "completed": True})
+    body = json.dumps({**json.loads(event.to_json()), "user_id": None}).encode()
+    await broker.publish(event, body=body)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["dead_lettered"] == 1, within=10, what="the event dead-lettered")
+    assert consumer.settled["acked"] == 0
+    assert smtp.received == []
 
 
 class AlwaysFailing:
