@@ -46,6 +46,9 @@ MAX_ATTEMPTS = 2
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 # Responses up to this size are read whole: one write is cheaper than a stream.
 BUFFER_LIMIT = 256 * 1024
+# nginx's "client closed request": never sent, only what the access log
+# records for a request whose client left first, which is no server error.
+CLIENT_GONE = 499
 log = structlog.get_logger()
 
 
@@ -105,7 +108,14 @@ class Proxy:
             raise NotFound(f"No route for {request.path}")
         if request.rel_url.raw_query_string:
             target += "?" + request.rel_url.raw_query_string
-        body = await request.read() if request.can_read_body else None
+        try:
+            body = await request.read() if request.can_read_body else None
+        except ConnectionError:
+            # Gone before its body was in (a cancelled upload, or Envoy's
+            # slow-client guard cutting it off): no one is left to answer.
+            log.info("client_gone_before_body")
+            _hang_up(request)
+            return web.Response(status=CLIENT_GONE, reason="Client Closed Request")
         headers = forward_headers(request)
         encodings = request.headers.getall("Content-Encoding", ())
         if body is not None and encodings:

@@ -103,3 +103,23 @@ async def test_a_client_that_hangs_up_mid_stream_is_not_an_error(fake_service, g
     instance.mode = "ok"
     async with client.get("/api/v1/things", headers=tokens.headers()) as r:
         assert r.status == 200
+
+
+async def test_a_client_that_hangs_up_mid_upload_is_not_an_error(fake_service, gateway, tokens):
+    service = await fake_service(1)
+    client = await gateway(service)
+    auth = tokens.headers()["Authorization"]
+    with capture_logs() as logs:
+        _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        # A body promised at 100 bytes, 10 sent, then gone: a cancelled upload,
+        # or Envoy's slow-client guard cutting the connection mid-body.
+        head = f"POST /api/v1/things HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nContent-Length: 100\r\n\r\n"
+        writer.write(head.encode() + b"x" * 10)
+        await writer.drain()
+        writer.close()
+        await eventually(lambda: logged(logs, "request"), within=5)
+    assert not logged(logs, "unhandled_error")
+    assert logged(logs, "client_gone_before_body")
+    (access,) = logged(logs, "request")
+    assert access["status"] == 499  # the client's doing, as nginx counts it: not a 5xx
+    assert service.hits == 0
