@@ -14,9 +14,11 @@ order of what is still to come can no longer be trusted; the next call
 connects again.
 
 It takes the same URLs as redis-py: ``redis://``, ``rediss://`` (TLS,
-verified against the system's CAs or ``?ssl_ca_certs=<file>``) and
-``unix://``. Anything else is refused when the gateway starts, not found
-out on the first request.
+verified against the system's CAs or ``?ssl_ca_certs=<file>``; redis-py's
+``ssl_cert_reqs`` and ``ssl_check_hostname`` are honoured as it honours
+them) and ``unix://``. Any other scheme or option (a client certificate, a
+socket timeout, a pool size) is refused when the gateway starts: ignored,
+it would be found out on the first request, or never.
 """
 
 from __future__ import annotations
@@ -52,9 +54,44 @@ def _command(*parts: str | int | bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
 
 
+# What a URL may say, each honoured here (connection_class is its scheme).
+_OPTIONS = frozenset({"host", "port", "path", "db", "username", "password", "connection_class"})
+_TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname"})
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _parse(url: str) -> tuple[dict[str, Any], ssl.SSLContext | None]:
+    """The URL's options, and the TLS context it asks for, if any; ValueError for what is not honoured."""
+    options = dict(parse_url(url))  # ValueError for an unknown scheme
+    tls = options.get("connection_class") is SSLConnection
+    if unknown := sorted(options.keys() - (_OPTIONS | _TLS_OPTIONS if tls else _OPTIONS)):
+        # Named, never the URL itself: it may hold a password.
+        raise ValueError(
+            f"REDIS_URL: {', '.join(unknown)} not honoured by the gateway's rate limiter, which takes a user,"
+            " a password and a database, and with rediss:// ssl_ca_certs, ssl_cert_reqs and ssl_check_hostname"
+        )
+    return options, _tls_context(options) if tls else None
+
+
 def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
-    # parse_url passes query arguments it does not type (ssl_ca_certs) through.
-    return ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    # parse_url passes query arguments it does not type (ssl_ca_certs, ssl_cert_reqs) through.
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    reqs = options.get("ssl_cert_reqs", "required")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"REDIS_URL option ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    context.check_hostname = False  # first: no verify_mode of CERT_NONE while it is on
+    context.verify_mode = _CERT_REQS[reqs]
+    # As in redis-py: on unless turned off, and never without a certificate to check.
+    context.check_hostname = reqs != "none" and options.get("ssl_check_hostname") is not False
+    return context
+
+
+def _unnamed(reply: Reply) -> None:
+    """Take CLIENT SETNAME's answer, and ignore it.
+
+    A name makes the connection findable in CLIENT LIST, but a user the ACL
+    denies CLIENT (or a hosted Redis that disables it) must still run the script.
+    """
 
 
 class _Protocol(asyncio.Protocol):
@@ -80,8 +117,7 @@ class RedisScript:
     """Calls one Lua script by its SHA1; ``call`` never blocks or awaits."""
 
     def __init__(self, url: str, script: str, *, timeout: float = 0.5, name: str = "todo-mesh-script") -> None:
-        self._options = parse_url(url)  # ValueError for an unknown scheme
-        self._ssl = _tls_context(self._options) if self._options.get("connection_class") is SSLConnection else None
+        self._options, self._ssl = _parse(url)
         self._name = name
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
@@ -145,19 +181,20 @@ class RedisScript:
             self._fail(failed)
             return
         self._transport, self._protocol = transport, protocol
-        # Set-up goes first on the wire; its answers are checked like any other.
-        setup = []
+        # Set-up goes first on the wire, its answers checked like any other's:
+        # a failure is fatal (None), but for the connection's name.
+        setup: list[tuple[bytes, OnReply | None]] = []
         if options.get("password"):
-            setup.append(_command(b"AUTH", *[p for p in (options.get("username"), options["password"]) if p]))
+            auth = [p for p in (options.get("username"), options["password"]) if p]
+            setup.append((_command(b"AUTH", *auth), None))
         if options.get("db"):
-            setup.append(_command(b"SELECT", options["db"]))
-        # A name makes the connection findable in CLIENT LIST.
-        setup.append(_command(b"CLIENT", b"SETNAME", self._name))
-        setup.append(_command(b"SCRIPT", b"LOAD", self._script))
+            setup.append((_command(b"SELECT", options["db"]), None))
+        setup.append((_command(b"CLIENT", b"SETNAME", self._name), _unnamed))
+        setup.append((_command(b"SCRIPT", b"LOAD", self._script), None))
         deadline = asyncio.get_running_loop().time() + self._timeout
-        for _ in setup:
-            self._waiting.appendleft(((), None, deadline))
-        transport.write(b"".join([*setup, *self._unsent]))
+        for _, on_reply in reversed(setup):
+            self._waiting.appendleft(((), on_reply, deadline))
+        transport.write(b"".join([*(command for command, _ in setup), *self._unsent]))
         self._unsent.clear()
 
     def _answered(self, reply: Any) -> None:

@@ -85,6 +85,18 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
         stop_redis(process)
 
 
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[Path]:
+    """A Redis whose user ``limiter`` may run anything but CLIENT, as a least-privilege ACL or a hosted Redis has it."""
+    path = tmp_path / "redis.sock"
+    acl = ("--user", "limiter", "on", ">secret", "~*", "+@all", "-client")
+    process = start_redis(tmp_path, "--unixsocket", str(path), *acl, ready=lambda: accepts_on(path))
+    try:
+        yield path
+    finally:
+        stop_redis(process)
+
+
 def certificate(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
@@ -162,6 +174,16 @@ async def test_a_failed_set_up_fails_the_call_and_the_rest_of_that_read_is_dropp
         script.close()
 
 
+async def test_a_user_denied_client_setname_still_runs_the_script(acl_redis: Path) -> None:
+    script = RedisScript(f"unix://limiter:secret@{acl_redis}?db=2", ECHO_ARGS)
+    try:
+        # The name is refused (NOPERM); the connection serves all the same.
+        assert await call(script, ["k"], [1]) == [b"k", b"1"]
+        assert await call(script, ["k"], [2]) == [b"k", b"2"]
+    finally:
+        script.close()
+
+
 async def test_a_rediss_url_speaks_tls_and_verifies_the_server(tls_redis: tuple[int, Path]) -> None:
     port, ca = tls_redis
     script = RedisScript(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", ECHO_ARGS)
@@ -182,3 +204,39 @@ async def test_a_rediss_url_speaks_tls_and_verifies_the_server(tls_redis: tuple[
 def test_an_unknown_scheme_is_refused_when_the_limiter_is_built() -> None:
     with pytest.raises(ValueError):
         RedisScript("http://127.0.0.1:6379/0", ECHO_ARGS)
+
+
+async def test_the_tls_options_redis_py_honours_are_honoured(tls_redis: tuple[int, Path]) -> None:
+    port, ca = tls_redis
+    # The certificate is for 127.0.0.1: by the name localhost, trusted but not matched.
+    urls = {
+        f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none": True,  # nothing verified, as asked
+        f"rediss://localhost:{port}/0?ssl_ca_certs={ca}": False,
+        f"rediss://localhost:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname=false": True,
+        f"rediss://localhost:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required": False,
+    }
+    for url, connects in urls.items():
+        script = RedisScript(url, ECHO_ARGS)
+        try:
+            reply = await call(script, ["k"], [3])
+        finally:
+            script.close()
+        assert (reply == [b"k", b"3"]) is connects, (url, reply)
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        # A client certificate.
+        ("rediss://:hunter2@redis:6380/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem", "ssl_certfile"),
+        ("rediss://redis:6380/0?ssl_ca_path=/etc/ssl/certs", "ssl_ca_path"),
+        ("redis://:hunter2@redis:6379/0?socket_timeout=3", "socket_timeout"),
+        ("redis://redis:6379/0?protocol=3", "protocol"),
+        ("redis://redis:6379/0?ssl_cert_reqs=none", "ssl_cert_reqs"),  # TLS asked of no TLS
+        ("rediss://redis:6380/0?ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
+    ],
+)
+def test_an_option_the_limiter_would_not_honour_is_refused_when_it_is_built(url: str, option: str) -> None:
+    with pytest.raises(ValueError, match=option) as refused:
+        RedisScript(url, ECHO_ARGS)
+    assert "hunter2" not in str(refused.value)
