@@ -19,7 +19,8 @@ from mesh_common.auth import authenticate
 from mesh_common.problems import Forbidden, Handler, TooManyRequests, Unauthorized, problem
 
 from .keys import RATE_LIMITER, ROUTE_TABLE, SETTINGS
-from .ratelimit import READS, Decision, RateLimiterUnavailable
+from .outage import RateLimiterUnavailable
+from .ratelimit import READS, Decision
 from .settings import Network
 
 log = structlog.get_logger()
@@ -68,14 +69,15 @@ async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> 
     whatever answers it; there is none when Redis is away and a read passes
     anyway.
     """
-    table = request.app[ROUTE_TABLE]
+    table, limiter = request.app[ROUTE_TABLE], request.app[RATE_LIMITER]
     try:
-        decision = await request.app[RATE_LIMITER].check(
-            ip=ip, user=user, auth_route=(request.method, request.path) in table.auth
-        )
+        decision = await limiter.check(ip=ip, user=user, auth_route=(request.method, request.path) in table.auth)
     except RateLimiterUnavailable as exc:
         if request.method in READS or (request.method, request.path) in table.session:
-            log.warning("rate_limiter_unavailable_failing_open", error=str(exc))
+            # Once an outage, not per request: thousands a second otherwise.
+            # The limiter logs when it ends, with how many passed.
+            if limiter.outage.passed_unchecked():
+                log.warning("rate_limiter_unavailable_failing_open", error=str(exc))
             return None
         raise RateLimiterDown(headers={"Retry-After": "1"}) from None
     if not decision.allowed:

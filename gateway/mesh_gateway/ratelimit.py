@@ -19,7 +19,9 @@ When Redis is unreachable, the counts in hand are still handed out; a
 request that needs a draw fails *open for reads* (GET, HEAD, OPTIONS) so
 browsing survives a cache outage, and *closed for writes*, which are the
 abuse we limit for (credential stuffing, spam), save the few that keep a
-session going (``RouteTable.session``). See docs/gateway.md.
+session going (``RouteTable.session``). See docs/gateway.md. Once a call
+has failed, checks that need a draw fail at once until a probe finds Redis
+back (outage.py): no request waits on a Redis known to be down.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .outage import Outage, RateLimiterUnavailable
 from .redis_script import RedisScript, Reply
 
 # KEYS: distinct counters. ARGV, per key: how many counts to draw, then how
@@ -71,12 +74,13 @@ class Decision:
         }
 
 
-class RateLimiterUnavailable(Exception):
-    """Redis did not answer; the caller decides whether to fail open."""
-
-
-# The longest a request waits for Redis's count (connecting included).
+# How long Redis has to answer a call, and to take a connection: a call that
+# connects first may wait twice this (its set-up gets a deadline of its own).
 REDIS_TIMEOUT = 0.5
+# The longest a check waits: behind a batch in flight that had to connect,
+# then for its own draw on the connection that batch proved. A failed batch
+# fails what queued behind it, and while Redis is down nothing waits at all.
+LONGEST_CHECK = 3 * REDIS_TIMEOUT
 LEASE_MAX = 32  # counts drawn ahead for one counter, at most
 LEASE_SHARE = 16  # and at most this fraction of what was left under its limit
 LEASES_KEPT = 50_000  # counters with a lease, per window; past that, draws are exact
@@ -146,8 +150,13 @@ class RateLimiter:
         self._in_flight = False
         self._window_end = 0  # of the window the leases below were drawn in, Unix ms
         self._leases: dict[str, _Lease] = {}
+        # A probe draws nothing from a counter of its own, but is a write like
+        # any draw: a Redis refusing writes (out of memory, a replica) is down.
+        probe = [f"{prefix}:probe"]
+        self.outage = Outage(lambda on_reply: self._redis.call(probe, [0, 60_000], on_reply))
 
     def close(self) -> None:
+        self.outage.close()
         self._redis.close()
 
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
@@ -158,6 +167,8 @@ class RateLimiter:
         counts = [self._take(key, cap) for key, cap in zip(keys, caps, strict=True)]
         if 0 not in counts:
             return _judge(caps, counts, window_end, now)
+        if self.outage.down:
+            raise self.outage.unavailable()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Decision] = loop.create_future()
         if not self._pending and not self._in_flight:
@@ -260,10 +271,15 @@ class RateLimiter:
     ) -> None:
         self._in_flight = False
         if isinstance(reply, Exception):
-            for check in batch:
+            # What queued meanwhile fails too: sent now, it would only wait
+            # again on a Redis that has just failed.
+            failed, self._pending = [*batch, *self._pending], []
+            for check in failed:
                 if not check.answer.done():  # else its caller has gone (the client disconnected)
                     check.answer.set_exception(RateLimiterUnavailable(str(reply)))
+            self.outage.failed(reply, unchecked=len(failed))
         else:
+            self.outage.answered()
             # The first count each counter drew, and the last.
             totals = [int(total) for total in reply]
             firsts = {key: total - draws[key] + 1 for key, total in zip(draws, totals, strict=True)}

@@ -259,6 +259,38 @@ async def gateway(
     await flusher.aclose()
 
 
+@dataclass
+class SilentServer:
+    """A TCP server that accepts connections and never sends a byte: a Redis stopped by SIGSTOP, or paused."""
+
+    port: int = 0
+    accepted: int = 0
+    given_up: int = 0  # connections the client has closed
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[SilentServer]:
+    silent = SilentServer()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.accepted += 1
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up
+        silent.given_up += 1
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    silent.port = server.sockets[0].getsockname()[1]
+    yield silent
+    server.close()
+    for writer in writers:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    await server.wait_closed()
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[UpstreamClient]:
     """The gateway's own upstream client alone, for the tests of it (``test_upstream_*``)."""

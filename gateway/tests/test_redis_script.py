@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,7 +12,7 @@ import redis.asyncio as aioredis
 from devstack.config import StackConfig
 from mesh_gateway.redis_script import RedisScript, RedisScriptError, Reply
 
-from .conftest import GATEWAY_REDIS_DB
+from .conftest import GATEWAY_REDIS_DB, SilentServer
 
 ECHO_ARGS = "return {KEYS[1], ARGV[1]}"
 
@@ -97,16 +96,8 @@ async def test_a_dropped_connection_fails_what_was_outstanding_and_the_next_call
         script.close()
 
 
-async def test_a_silent_server_fails_calls_at_the_deadline_and_is_dropped():
-    connections: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        await reader.read()  # until the client gives up; never a byte back
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    script = RedisScript(f"redis://127.0.0.1:{port}/0", ECHO_ARGS, timeout=0.2)
+async def test_a_silent_server_fails_calls_at_the_deadline_and_is_dropped(silent_server: SilentServer) -> None:
+    script = RedisScript(f"redis://127.0.0.1:{silent_server.port}/0", ECHO_ARGS, timeout=0.2)
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -116,15 +107,9 @@ async def test_a_silent_server_fails_calls_at_the_deadline_and_is_dropped():
         assert 0.2 <= loop.time() - started < 2
         # The next call does not trust the old connection: it opens another.
         assert isinstance(await call(script, ["a"], [1]), RedisScriptError)
-        assert len(connections) == 2
+        assert silent_server.accepted == 2
     finally:
         script.close()
-        server.close()
-        for writer in connections:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        await server.wait_closed()
 
 
 async def test_an_unreachable_redis_fails_the_call_at_once():

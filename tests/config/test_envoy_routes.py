@@ -9,16 +9,20 @@ from typing import Any
 
 from mesh_common.http import CALL_DEADLINE
 from mesh_gateway.proxy import IDEMPOTENT, MAX_ATTEMPTS
-from mesh_gateway.ratelimit import REDIS_TIMEOUT
+from mesh_gateway.ratelimit import LONGEST_CHECK
 from mesh_gateway.routes import API
 
 from .envoy_config import catch_all_route, gateway_cluster, gateway_routes, hcm, local_replies, routes, seconds
 
 # The longest the gateway takes to answer: first its own waits, for the
-# token keys (a fetch on an unknown kid) and twice for the rate limiter's
-# Redis (a request counted per IP and per user), then every attempt at its
-# longest route's deadline. Envoy must outlast it.
-BEFORE_PROXYING_S = CALL_DEADLINE + 2 * REDIS_TIMEOUT
+# token keys (a fetch on an unknown kid) and for the rate limiter's Redis,
+# then every attempt at its longest route's deadline. Envoy must outlast it.
+# The limiter's is one check a request (its IP's and user's counters go in
+# one call), and at worst three times Redis's deadline (1.5 s): queued
+# behind a call in flight that had to connect first (the connect, then the
+# call, each with a deadline of its own), then its own draw. A failed call
+# fails what queued behind it, and while Redis is known down no check waits.
+BEFORE_PROXYING_S = CALL_DEADLINE + LONGEST_CHECK
 GATEWAY_DEADLINE_S = BEFORE_PROXYING_S + MAX_ATTEMPTS * max(route.timeout for route in API.routes)
 # aiohttp's keep-alive timeout under web.run_app; Envoy must close idle
 # upstream connections before the gateway does.

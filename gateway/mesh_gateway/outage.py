@@ -1,0 +1,99 @@
+"""What the rate limiter remembers of its Redis being down, so no request waits to find out again.
+
+Without it, every check that needed a draw went to Redis anyway: against a
+Redis that accepts connections and never answers (a stopped process, a
+paused container, a balancer in front of a dead one), each waited out the
+deadline, connecting afresh, and each read let through logged a line of its
+own. Once a call fails, checks fail at once instead, while one probe at a
+time (a draw of nothing, which no request waits for) tells when Redis is
+back: the first straight away, since a dropped connection mostly heals by
+connecting again, then after 1 s, doubling up to 5 s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+
+from .redis_script import OnReply, Reply
+
+FIRST_WAIT = 1.0  # between the failed probes of one outage, at first
+LONGEST_WAIT = 5.0  # and at most, however long it lasts
+
+log = structlog.get_logger()
+
+
+class RateLimiterUnavailable(Exception):
+    """Redis did not answer; the caller decides whether to fail open."""
+
+
+class Outage:
+    """Whether Redis is down, when to probe it next, and what went unchecked meanwhile.
+
+    Logged when it goes and when it comes back (at the same level, so the
+    pair is seen together), never per request.
+    """
+
+    def __init__(self, probe: Callable[[OnReply], None]) -> None:
+        self._probe = probe  # sends a call that counts nothing; its answer goes to the callback it is given
+        self._since: float | None = None  # monotonic; None while Redis answers
+        self._next_probe = 0.0
+        self._wait = FIRST_WAIT
+        self._probing = False
+        self._closed = False
+        self._error = ""  # what the last failed call said
+        self._unchecked = 0  # checks answered without Redis this outage
+        self._passed = 0  # of which let through anyway
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def close(self) -> None:
+        self._closed = True  # what closing fails is no outage
+
+    def unavailable(self) -> RateLimiterUnavailable:
+        """The answer to a check while Redis is down; it sends the probe, when one is due."""
+        self._unchecked += 1
+        if not self._probing and time.monotonic() >= self._next_probe:
+            self._probing = True
+            try:
+                self._probe(self._probed)
+            except Exception as exc:  # nothing went out; left probing, no probe would go again
+                self._probed(exc)
+        return RateLimiterUnavailable(self._error)
+
+    def failed(self, error: Exception, *, unchecked: int) -> None:
+        """A batch of ``unchecked`` checks failed."""
+        self._unchecked += unchecked
+        self._probed(error)
+
+    def answered(self) -> None:
+        """A batch was answered: Redis is there."""
+        self._probed([])
+
+    def passed_unchecked(self) -> bool:
+        """Count a request let through without a check; True for the first of the outage, the one to log."""
+        self._passed += 1
+        return self._passed == 1
+
+    def _probed(self, reply: Reply) -> None:
+        self._probing = False
+        now = time.monotonic()
+        if not isinstance(reply, Exception):
+            if self._since is not None:
+                down_s, unchecked, passed = round(now - self._since, 1), self._unchecked, self._passed
+                log.warning("rate_limiter_back", down_s=down_s, unchecked=unchecked, failed_open=passed)
+            self._since, self._wait, self._unchecked, self._passed = None, FIRST_WAIT, 0, 0
+            return
+        if self._closed:
+            return
+        self._error = str(reply)
+        if self._since is None:
+            self._since = self._next_probe = now  # the first probe may go at once
+            log.warning("rate_limiter_down", error=self._error)
+        else:
+            self._next_probe = now + self._wait
+            self._wait = min(2 * self._wait, LONGEST_WAIT)
