@@ -35,25 +35,16 @@ async def migrate_test_database(url: str, migrations: Sequence[Path], *, admin_u
     that drops the database (with the connections to it) and creates it
     again, owned by ``url``'s user. Returns what was done and why, or None.
     """
-    try:
-        await _migrate(url, migrations)
+    if await _edited(url, migrations) is None:
         return None
-    except RuntimeError as exc:
-        if not CHANGED.fullmatch(str(exc)):
-            raise
     params = parse_dsn(url)
     database, owner = sql.Identifier(params["dbname"]), sql.Identifier(params["user"])
     async with aiopg.connect(admin_url) as admin, admin.cursor() as cur:
         # Another test run of the same checkout meets the same edit: one of
         # them makes it again, and the other finds it migrated already.
         await cur.execute("SELECT pg_advisory_lock(%s)", (_REMAKE_LOCK,))
-        try:
-            await _migrate(url, migrations)
+        if (reason := await _edited(url, migrations)) is None:
             return None
-        except RuntimeError as exc:
-            if not CHANGED.fullmatch(str(exc)):
-                raise
-            reason = str(exc)
         for statement in (
             sql.SQL("DROP DATABASE {} WITH (FORCE)").format(database),
             sql.SQL("CREATE DATABASE {} OWNER {}").format(database, owner),
@@ -61,6 +52,17 @@ async def migrate_test_database(url: str, migrations: Sequence[Path], *, admin_u
             await cur.execute(statement.as_string(admin.raw))
         await _migrate(url, migrations)
     return f"the test database {params['dbname']} was dropped and made again: {reason}"
+
+
+async def _edited(url: str, migrations: Sequence[Path]) -> str | None:
+    """Migrate the database at ``url``; what ``migrate`` said if an applied migration was edited since."""
+    try:
+        await _migrate(url, migrations)
+    except RuntimeError as exc:
+        if not CHANGED.fullmatch(str(exc)):
+            raise
+        return str(exc)
+    return None
 
 
 async def _migrate(url: str, migrations: Sequence[Path]) -> None:
