@@ -28,7 +28,6 @@ from urllib.parse import quote
 
 import aio_pika
 import aiohttp
-import aiopg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -198,13 +197,6 @@ def new_user(tag: str = "") -> dict[str, str]:
 
 
 # -- user-service --------------------------------------------------------------------
-async def notification_rows(pool: aiopg.Pool) -> list[tuple[str, str, str]]:
-    """(event id, kind, status) of every email claimed or sent, oldest claim first."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT event_id::text, kind, status FROM notifications ORDER BY claimed_at")
-        return [tuple(r) for r in await cur.fetchall()]
-
-
 class FakeUserService:
     def __init__(self, consul_url: str, name: str, *, secret: str = SECRET, token_ttl: int = 300) -> None:
         self.name = name

@@ -5,24 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
 import aiopg
+from direct_sends import notification_rows, welcome
 from notification_support import (
     MAIL_FROM,
     Broker,
     StartService,
     eventually,
     new_user,
-    notification_rows,
     registered,
 )
 from smtp_sink import SmtpSink
 
 from notification_service.claims import Claim, claim_notification, release_notification
-from notification_service.directory import Recipient
 from notification_service.keys import CONSUMER, NOTIFIER
 from notification_service.mailer import Mailer
 from notification_service.messages import message_id
@@ -120,12 +118,12 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
     mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
-    first = asyncio.create_task(welcome(notifier, new_user(), str(uuid.uuid4())))
+    first = asyncio.create_task(welcome(notifier, str(uuid.uuid4()), new_user()))
     waiting_id = str(uuid.uuid4())
     waiting: asyncio.Task[Outcome] | None = None
     try:
         await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
-        waiting = asyncio.create_task(welcome(notifier, new_user(), waiting_id))
+        waiting = asyncio.create_task(welcome(notifier, waiting_id, new_user()))
         for _ in range(5):
             await asyncio.sleep(0.05)
             assert waiting_id not in {row[0] for row in await notification_rows(pool)}
@@ -137,18 +135,6 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
             if task is not None and not task.done():
                 task.cancel()
         await mailer.close()
-
-
-def welcome(notifier: Notifier, user: dict[str, str], event_id: str, **options: Any) -> Coroutine[Any, Any, Outcome]:
-    """``user``'s welcome email for ``event_id``, straight through ``notifier``, their address given."""
-    return notifier.notify(
-        event_id=event_id,
-        kind="welcome",
-        user_id=user["id"],
-        values={"username": user["username"]},
-        recipient=Recipient(user["email"], user["username"]),
-        **options,
-    )
 
 
 async def test_a_slow_still_wanted_check_leaves_no_claim_for_another_delivery_to_take_over(
@@ -169,10 +155,10 @@ async def test_a_slow_still_wanted_check_leaves_no_claim_for_another_delivery_to
         return True
 
     try:
-        first = asyncio.create_task(welcome(notifier, user, event_id, still_wanted=slow_check))
+        first = asyncio.create_task(welcome(notifier, event_id, user, still_wanted=slow_check))
         await asyncio.wait_for(checking.wait(), timeout=5)
         await asyncio.sleep(notifier.lease * 1.4)  # the scenario itself: past a lease taken before the check
-        second = asyncio.create_task(welcome(notifier, user, event_id, still_wanted=slow_check))
+        second = asyncio.create_task(welcome(notifier, event_id, user, still_wanted=slow_check))
         outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
     finally:
         await mailer.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiopg
 import pytest
+from direct_sends import claim_row, welcome
 from notification_support import (
     MAIL_FROM,
     Broker,
@@ -35,7 +36,6 @@ from smtp_sink import SmtpSink, silent_smtp
 
 from notification_service import claims, workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT
-from notification_service.directory import Recipient
 from notification_service.keys import CONSUMER, SETTINGS
 from notification_service.mailer import Mailer
 from notification_service.notifier import CUT_SHORT_GRACE, Notifier
@@ -49,13 +49,6 @@ HELD_IN_DATA = 2.0
 def quick_smtp(settings: Settings, **changes: Any) -> SmtpSettings:
     """SMTP settings for a short lease (about 16 s): a takeover, and the duplicate it sends, come within the test."""
     return dataclasses.replace(settings.smtp, **{"attempts": 1, "timeout": 1.0, "data_timeout": 5.0, **changes})
-
-
-async def claim_row(pool: aiopg.Pool, event_id: str) -> tuple[str, int] | None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT status, unknown_sends FROM notifications WHERE event_id = %s", (event_id,))
-        row = await cur.fetchone()
-    return None if row is None else (row[0], row[1])
 
 
 async def status_is(pool: aiopg.Pool, event_id: str, status: str) -> bool:
@@ -155,15 +148,7 @@ async def test_a_send_cut_short_waiting_for_the_answer_to_data_releases_its_clai
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
     event_id = str(uuid.uuid4())
     try:
-        delivery = asyncio.create_task(
-            notifier.notify(
-                event_id=event_id,
-                kind="welcome",
-                user_id="u1",
-                values={"username": "ada"},
-                recipient=Recipient("ada@example.test", "Ada"),
-            )
-        )
+        delivery = asyncio.create_task(welcome(notifier, event_id))
         await eventually(lambda: smtp.unanswered, within=10, what="the DATA command, unanswered")
         delivery.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -216,15 +201,7 @@ async def test_a_delivery_cancelled_while_it_records_its_email_sent_still_record
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
     event_id = str(uuid.uuid4())
     try:
-        delivery = asyncio.create_task(
-            notifier.notify(
-                event_id=event_id,
-                kind="welcome",
-                user_id="u1",
-                values={"username": "ada"},
-                recipient=Recipient("ada@example.test", "Ada"),
-            )
-        )
+        delivery = asyncio.create_task(welcome(notifier, event_id))
         await asyncio.wait_for(recording.wait(), timeout=10)
         delivery.cancel()
         with pytest.raises(asyncio.CancelledError):

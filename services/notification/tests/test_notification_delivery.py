@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import aiopg
 import pytest
+from direct_sends import notification_rows
 from notification_support import (
     MAIL_FROM,
     SECRET,
@@ -18,7 +19,6 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    notification_rows,
     registered,
     todo_event,
 )

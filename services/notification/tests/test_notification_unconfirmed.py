@@ -13,6 +13,7 @@ from typing import Any
 
 import aiopg
 import pytest
+from direct_sends import claim_row, welcome
 from notification_support import MAIL_FROM, Broker, StartService, eventually, new_user, registered
 from smtp_sink import SmtpSink
 
@@ -49,23 +50,6 @@ async def notifier(pool: aiopg.Pool, smtp: SmtpSink) -> AsyncIterator[Notifier]:
         yield notifier
     finally:
         await mailer.close()
-
-
-async def welcome(notifier: Notifier, event_id: str) -> Outcome:
-    return await notifier.notify(
-        event_id=event_id,
-        kind="welcome",
-        user_id="u1",
-        values={"username": "ada"},
-        recipient=Recipient("ada@example.test", "Ada"),
-    )
-
-
-async def claim_row(pool: aiopg.Pool, event_id: str) -> tuple[str, int] | None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT status, unknown_sends FROM notifications WHERE event_id = %s", (event_id,))
-        row = await cur.fetchone()
-    return None if row is None else (row[0], row[1])
 
 
 async def test_no_answer_after_data_twice_ends_unconfirmed_and_the_email_is_not_sent_a_third_time(
