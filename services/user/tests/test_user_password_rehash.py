@@ -22,6 +22,16 @@ class HashParameters(TypedDict):
     parallelism: int
 
 
+async def hash_after_login(db: aiopg.Pool, login: Login, user_id: str, stored: str, password: str = PASSWORD) -> str:
+    """The hash in ``user_id``'s row after a login with ``password``, ``stored`` there before it."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (stored, user_id))
+        await login(password=password)
+        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user_id,))
+        (after,) = await cur.fetchone()
+    return str(after)
+
+
 @pytest.mark.parametrize(
     "old",
     [
@@ -36,13 +46,7 @@ async def test_an_old_hash_is_rehashed_at_login(
     client: Client, register: Register, login: Login, db: aiopg.Pool, old: HashParameters
 ) -> None:
     user = await register()
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            "UPDATE users SET password_hash = %s WHERE id = %s", (PasswordHasher(**old).hash(PASSWORD), user["id"])
-        )
-        await login()
-        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
-        (rehashed,) = await cur.fetchone()
+    rehashed = await hash_after_login(db, login, user["id"], PasswordHasher(**old).hash(PASSWORD))
     assert rehashed.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     await login()
 
@@ -52,14 +56,7 @@ async def test_a_hash_of_a_password_as_typed_before_normalization_still_logs_in_
 ) -> None:
     typed = "cafe\u0301 au lait, sans sucre"  # a decomposed "é", hashed as it came before NFKC
     user = await register()
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            "UPDATE users SET password_hash = %s WHERE id = %s",
-            (PasswordHasher(memory_cost=19456).hash(typed), user["id"]),
-        )
-        await login(password=typed)
-        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
-        (rehashed,) = await cur.fetchone()
+    rehashed = await hash_after_login(db, login, user["id"], PasswordHasher(memory_cost=19456).hash(typed), typed)
     assert PasswordHasher().verify(rehashed, "caf\u00e9 au lait, sans sucre")  # the normalized form, from now on
     await login(password=typed)
 
@@ -72,14 +69,7 @@ async def test_a_password_as_typed_that_normalization_lengthens_past_the_limit_s
     # it could try the hash as typed.
     typed = "\ufdfa" * 8
     user = await register()
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            "UPDATE users SET password_hash = %s WHERE id = %s",
-            (PasswordHasher(memory_cost=19456).hash(typed), user["id"]),
-        )
-        await login(password=typed)
-        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
-        (rehashed,) = await cur.fetchone()
+    rehashed = await hash_after_login(db, login, user["id"], PasswordHasher(memory_cost=19456).hash(typed), typed)
     assert PasswordHasher().verify(rehashed, normalized(typed))
     await login(password=typed)
     response = await client.post("/auth/login", json={"username": "ada", "password": "\ufdfa" * 7})
@@ -93,11 +83,7 @@ async def test_a_stronger_hash_is_kept_at_login(
     # a login must not quietly re-hash it with the weaker ones.
     user = await register()
     strong = PasswordHasher(time_cost=3, memory_cost=24576, parallelism=1).hash(PASSWORD)
-    async with db.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (strong, user["id"]))
-        await login()
-        await cur.execute("SELECT password_hash FROM users WHERE id = %s", (user["id"],))
-        assert await cur.fetchone() == (strong,)
+    assert await hash_after_login(db, login, user["id"], strong) == strong
 
 
 async def test_a_rehash_for_other_lanes_keeps_a_stronger_hash_strong(
