@@ -147,11 +147,15 @@ def env_consul_url(env: Mapping[str, str]) -> str:
     return str(URL.build(scheme=url.scheme, host=url.host or "", port=url.explicit_port or CONSUL_PORTS[url.scheme]))
 
 
-def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
-    # 0 is a port the kernel picks (tests, and a second instance natively).
+def env_port(env: Mapping[str, str], name: str, default: int, *, lowest: int = 0) -> int:
+    """A TCP port, ``lowest`` to 65535.
+
+    0 is one the kernel picks, to listen on (tests, and a second instance
+    natively); a port to connect to starts at 1.
+    """
     port = env_int(env, name, default)
-    if not 0 <= port <= 65535:
-        raise SettingsError(f"{name} must be a port number, 0 to 65535, got {port}")
+    if not lowest <= port <= 65535:
+        raise SettingsError(f"{name} must be a port number, {lowest} to 65535, got {port}")
     return port
 
 
@@ -196,7 +200,7 @@ class ServiceSettings:
             name=name,
             version=version,
             host=host,
-            port=_env_port(env, "SERVICE_PORT", default_port),
+            port=env_port(env, "SERVICE_PORT", default_port),
             advertise_address=env_str(env, "SERVICE_ADVERTISE_ADDRESS", "") or _advertise_address(host),
             consul_url=env_consul_url(env),
             log_format=env_log_format(env),

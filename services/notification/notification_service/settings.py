@@ -13,7 +13,7 @@ from aiosmtplib.email import parse_address
 
 from mesh_common.events import EVENTS_EXCHANGE
 from mesh_common.pruning import DAY, PruneSettings
-from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_str
+from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_port, env_str
 
 from . import __version__
 from .topology import RETRY_DELAYS, Topology
@@ -69,7 +69,7 @@ class Settings:
             amqp_url=env_str(env, "AMQP_URL"),
             smtp=SmtpSettings(
                 host=env_str(env, "SMTP_HOST", "127.0.0.1"),
-                port=env_int(env, "SMTP_PORT", 1025),
+                port=env_port(env, "SMTP_PORT", 1025, lowest=1),
                 mail_from=mailbox(env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>")),
                 start_tls=env_bool(env, "SMTP_STARTTLS", False),
                 timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
@@ -92,11 +92,11 @@ class Settings:
         smtp = settings.smtp
         if min(settings.prefetch, smtp.attempts) < 1 or min(settings.reminder_poll_interval, smtp.timeout) <= 0:
             raise SettingsError("AMQP_PREFETCH, SMTP_ATTEMPTS, SMTP_TIMEOUT and REMINDER_POLL_SECONDS must be positive")
-        # Each of these failed only later, or quietly: a port out of range at
-        # the first send; a lead of 0 or less made every reminder due only
-        # once its todo was overdue, so none was ever sent; a negative retry
-        # limit dead-lettered every passing failure, and passed the retention
-        # check below whatever the retention.
+        # Each of these failed only later, or quietly (as SMTP_PORT out of
+        # range did, at the first send, before env_port): a lead of 0 or less
+        # made every reminder due only once its todo was overdue, so none was
+        # ever sent; a negative retry limit dead-lettered every passing
+        # failure, and passed the retention check below whatever the retention.
         for name, value in [
             ("SMTP_DATA_TIMEOUT", smtp.data_timeout),
             ("REMINDER_LEAD_SECONDS", settings.reminder_lead),
@@ -104,8 +104,6 @@ class Settings:
         ]:
             if value <= 0:
                 raise SettingsError(f"{name} must be positive")
-        if not 1 <= smtp.port <= 65535:
-            raise SettingsError(f"SMTP_PORT must be a TCP port (1-65535), got {smtp.port}")
         if settings.retry_limit < 0:
             raise SettingsError("RETRY_LIMIT must not be negative")
         # An event may come back from the retry queues this long after it
