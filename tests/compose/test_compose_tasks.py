@@ -159,6 +159,14 @@ def test_the_first_up_keeps_a_secret_of_its_own_in_dotenv_and_starts_the_counts_
     ]
 
 
+def test_a_count_on_the_command_line_wins_over_one_exported_in_the_shell(tree: Tree) -> None:
+    # In the Taskfile's env:, the shell's MESH_TODO_INSTANCES won over TODO=3.
+    tree.task("up", "TODO=3", MESH_TODO_INSTANCES="2", MESH_GATEWAY_INSTANCES="2")
+    assert compose_up(tree.calls())["argv"][-6:] == [
+        *("--scale", "todo-service=3", "--scale", "notification-service=1", "--scale", "gateway=2")
+    ]
+
+
 def test_a_second_up_keeps_the_secret_and_one_set_in_the_shell_wins(tree: Tree) -> None:
     tree.task("up")
     first = tree.dotenv.read_text()
