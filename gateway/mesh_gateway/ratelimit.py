@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .leases import Leases
 from .outage import Outage, RateLimiterUnavailable
 from .redis_script import RedisScript, Reply
 
@@ -81,17 +82,6 @@ REDIS_TIMEOUT = 0.5
 # then for its own draw on the connection that batch proved. A failed batch
 # fails what queued behind it, and while Redis is down nothing waits at all.
 LONGEST_CHECK = 3 * REDIS_TIMEOUT
-LEASE_MAX = 32  # counts drawn ahead for one counter, at most
-LEASE_SHARE = 16  # and at most this fraction of what was left under its limit
-LEASES_KEPT = 50_000  # counters with a lease, per window; past that, draws are exact
-
-
-@dataclass(slots=True)
-class _Lease:
-    """Counts of one counter drawn by this gateway: ``next`` to ``end`` are still to hand out."""
-
-    next: int
-    end: int
 
 
 @dataclass(slots=True, eq=False)
@@ -148,8 +138,7 @@ class RateLimiter:
         self._clock = clock
         self._pending: list[_Check] = []
         self._in_flight = False
-        self._window_end = 0  # of the window the leases below were drawn in, Unix ms
-        self._leases: dict[str, _Lease] = {}
+        self._leases = Leases()
         # A probe draws nothing from a counter of its own, but is a write like
         # any draw: a Redis refusing writes (out of memory, a replica) is down.
         probe = [f"{prefix}:probe"]
@@ -162,9 +151,8 @@ class RateLimiter:
     async def check(self, *, ip: str, user: str | None, auth_route: bool) -> Decision:
         now = self._clock()
         keys, caps, window_end = self._counters(now, ip, user, auth_route)
-        if window_end != self._window_end:
-            self._window_end, self._leases = window_end, {}  # a new window: what is left is void
-        counts = [self._take(key, cap) for key, cap in zip(keys, caps, strict=True)]
+        self._leases.enter(window_end)
+        counts = [self._leases.take(key, cap) for key, cap in zip(keys, caps, strict=True)]
         if 0 not in counts:
             return _judge(caps, counts, window_end, now)
         if self.outage.down:
@@ -189,17 +177,13 @@ class RateLimiter:
         """
         now = self._clock()
         keys, caps, window_end = self._counters(now, ip, None, auth_route)
-        if window_end != self._window_end:
+        if window_end != self._leases.window_end:
             return None  # a new window: nothing in hand yet
-        over = [
-            (key, cap)
-            for key, cap in zip(keys, caps, strict=True)
-            if (lease := self._leases.get(key)) is not None and lease.next > cap
-        ]
+        over = [(key, cap) for key, cap in zip(keys, caps, strict=True) if self._leases.past(key, cap)]
         if not over:
             return None
         # Past its cap, a lease hands out counts without Redis, all refused.
-        return _judge([cap for _, cap in over], [self._take(key, cap) for key, cap in over], window_end, now)
+        return _judge([cap for _, cap in over], [self._leases.take(key, cap) for key, cap in over], window_end, now)
 
     def _counters(self, now: float, ip: str, user: str | None, auth_route: bool) -> tuple[list[str], list[int], int]:
         """The counters a request counts against, their limits, and the end of their window (Unix ms)."""
@@ -216,21 +200,6 @@ class RateLimiter:
             caps.append(limits.auth_per_ip)
         return keys, caps, (slot + 1) * window * 1000
 
-    def _take(self, key: str, cap: int) -> int:
-        """The next count of the lease in hand, or 0 if there is none."""
-        lease = self._leases.get(key)
-        # Past the limit, every further count is refused anyway: no need to draw it.
-        if lease is None or (lease.next > lease.end and lease.end < cap):
-            return 0
-        lease.next += 1
-        return lease.next - 1
-
-    def _lease(self, key: str, cap: int) -> int:
-        """How many counts to draw ahead for a counter that may keep them."""
-        lease = self._leases.get(key)
-        drawn = lease.end if lease is not None else 0
-        return max(1, min(LEASE_MAX, (cap - drawn) // LEASE_SHARE))
-
     def _send(self) -> None:
         batch, self._pending = self._pending, []
         draws: dict[str, int] = {}
@@ -241,16 +210,7 @@ class RateLimiter:
                 if count == 0:
                     draws[key] = draws.get(key, 0) + 1
                     ends[key], caps[key] = check.window_end, cap
-        # Only counters that can keep a lease draw one: what a full table
-        # could not keep would be lost, and its client refused early.
-        room = LEASES_KEPT - len(self._leases)
-        kept: set[str] = set()
-        for key, needed in draws.items():
-            if key in self._leases or room > 0:
-                if key not in self._leases:
-                    room -= 1
-                kept.add(key)
-                draws[key] = max(needed, self._lease(key, caps[key]))
+        kept = self._leases.ahead(draws, caps)
         # A counter outlives its window by another: a draw that reaches Redis
         # late (in flight at the turn) must find its window's count, not start
         # one afresh. Its lifetime is relative, measured on this gateway's
@@ -290,14 +250,13 @@ class RateLimiter:
                         firsts[key] += 1
                 self._answer(check)
             for key, total in zip(draws, totals, strict=True):
-                if ends[key] == self._window_end and (key in kept or key in self._leases):
-                    self._leases[key] = _Lease(firsts[key], total)
+                self._leases.keep(key, ends[key], kept, firsts[key], total)
             # Checks that queued meanwhile may find their counts in what was just drawn.
             waiting, self._pending = self._pending, []
             for check in waiting:
                 for i, (key, cap) in enumerate(zip(check.keys, check.caps, strict=True)):
                     if check.counts[i] == 0:
-                        check.counts[i] = self._take(key, cap)
+                        check.counts[i] = self._leases.take(key, cap)
                 if 0 in check.counts:
                     self._pending.append(check)
                 else:

@@ -12,8 +12,9 @@ import redis.asyncio as aioredis
 
 from devstack.config import StackConfig
 from mesh_common.testing import fresh_rate_window
-from mesh_gateway import ratelimit
-from mesh_gateway.ratelimit import LEASE_MAX, Limits, RateLimiter
+from mesh_gateway import leases
+from mesh_gateway.leases import LEASE_MAX
+from mesh_gateway.ratelimit import Limits, RateLimiter
 
 from .conftest import GATEWAY_REDIS_DB
 
@@ -185,7 +186,7 @@ async def test_a_client_address_that_is_not_utf8_is_counted_like_any_other(limit
 
 
 async def test_a_full_lease_table_loses_no_counts(limiter, monkeypatch):
-    monkeypatch.setattr(ratelimit, "LEASES_KEPT", 2)
+    monkeypatch.setattr(leases, "LEASES_KEPT", 2)
     limit = 600
     rl = limiter(per_ip=limit)
     await rl.check(ip="192.0.2.25", user=None, auth_route=False)  # one lease; room for one more
