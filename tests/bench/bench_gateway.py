@@ -35,7 +35,6 @@ Everything runs on loopback, on the test profile's ports, and stops itself.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import shutil
 import statistics
@@ -48,12 +47,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_stack import PASSTHROUGH_PORT, instance_url, start_bench_processes, stop_bench_processes  # noqa: E402
 from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 
-from devstack import mesh, sessions, stack  # noqa: E402
+from devstack import mesh, sessions  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
-from devstack.ports import port_free  # noqa: E402
-from devstack.procs import Proc, log_path, running, start, stop, wait_until  # noqa: E402
+from devstack.procs import log_path, running  # noqa: E402
 
 DURATION = 5  # seconds per wrk run
 WARM_UP = 2  # seconds of one discarded wrk run per URL, before any is measured
@@ -68,14 +67,6 @@ MIN_SERVED = 0.98
 MAX_P50_OVER_ECHO = 5.0
 # What the gateway logs when Redis is away and a read passes unlimited (mesh_gateway/guard.py).
 FAIL_OPEN_EVENT = b"rate_limiter_unavailable_failing_open"
-PASSTHROUGH_PORT = 18090
-BENCH_ENV = {
-    "GATEWAY_EXTRA_ROUTES": "/api/v1/echo=bench-echo",
-    # The limits would (rightly) throttle a benchmark: raise them, keep the work.
-    "RATE_LIMIT_PER_IP": str(10**9),
-    "RATE_LIMIT_PER_USER": str(10**9),
-    "LOG_FORMAT": "json",
-}
 
 
 Target = tuple[str, dict[str, str]]  # a URL and its request headers
@@ -111,39 +102,6 @@ def tail_invalid(gateway: Latency, echo: Latency, rate: float) -> list[str]:
             f" {echo.p50:.2f} ms at the same rate"
         )
     return reasons
-
-
-def start_bench_processes(cfg: StackConfig) -> None:
-    for svc in ("user", "todo"):
-        stack.scale(cfg, svc, 1)
-    start(
-        cfg.run_dir,
-        Proc("bench-echo", [cfg.python, str(ROOT / "tests/bench/echo_service.py")], env=cfg.service_env("echo")),
-    )
-    gateway = mesh.gateway(cfg, 0)
-    start(cfg.run_dir, Proc(gateway.name, gateway.argv, env={**gateway.env, **BENCH_ENV}))
-    if not port_free("127.0.0.1", PASSTHROUGH_PORT):
-        raise SystemExit(f"port {PASSTHROUGH_PORT} is taken")
-    passthrough_env = {
-        **gateway.env,
-        **BENCH_ENV,
-        "SERVICE_HOST": "127.0.0.1",
-        "SERVICE_PORT": str(PASSTHROUGH_PORT),
-        "GATEWAY_SERVICE_NAME": "gateway-passthrough",
-        "GATEWAY_PASSTHROUGH": "1",
-    }
-    start(cfg.run_dir, Proc("bench-passthrough", gateway.argv, env=passthrough_env))
-    start(cfg.run_dir, mesh.envoy(cfg))
-    for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
-        wait_until(functools.partial(stack.passing, cfg, name), timeout=60, what=f"{name} to pass its check")
-    wait_until(lambda: stack.get_json(f"{cfg.api_url}/.well-known/jwks.json"), timeout=60, what="Envoy")
-
-
-def stop_bench_processes(cfg: StackConfig) -> None:
-    for name in ("envoy", "bench-passthrough", "bench-echo"):
-        stop(cfg.run_dir, name)
-    for svc in ("gateway", "user", "todo"):
-        stack.scale(cfg, svc, 0, wait=False)
 
 
 async def sign_in(gateway_url: str) -> dict[str, str]:
@@ -183,11 +141,6 @@ def fail_open_events(log: Path, offset: int) -> int:
     with log.open("rb") as lines:
         lines.seek(offset)
         return sum(FAIL_OPEN_EVENT in line for line in lines)
-
-
-def instance_url(cfg: StackConfig, consul_name: str) -> str:
-    entry = stack.passing(cfg, consul_name)[0]["Service"]
-    return f"http://{entry['Address']}:{entry['Port']}"
 
 
 def main() -> int:

@@ -46,13 +46,13 @@ import aiopg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from login_storm import PASSWORD, Storm  # noqa: E402
 from measure import loadgen  # noqa: E402
 
 from devstack import sessions  # noqa: E402
 from devstack.config import StackConfig  # noqa: E402
 
 READ_RATE = 200  # GET /users/me per second, in both phases
-STORMERS = 32  # clients logging in back to back during the storm
 STORM_ACCOUNTS = 16
 ROUNDS = 10
 SLICE = 1.5  # seconds per calm or storm slice
@@ -67,7 +67,6 @@ TARGET_RATIO = 2.0  # storm p99 / calm p99 at most
 EXPECTED_LOGINS_PER_SECOND = 60
 MIN_LOGIN_SHARE = 0.5
 MIN_LOGINS_PER_SLICE = int(EXPECTED_LOGINS_PER_SECOND * SLICE / 4)
-PASSWORD = "bench passphrase that is long enough"
 PREFIX = "bench_"
 
 
@@ -159,73 +158,6 @@ class Reads:
         if self._child.returncode != 0:
             raise SystemExit(f"GET /users/me failed: {err.decode().strip()}")
         return [(due / 1000, latency) for due, latency in json.loads(out)["samples"]]
-
-
-async def log_in_repeatedly(session: aiohttp.ClientSession, name: str, until: float, statuses: list[int]) -> None:
-    while asyncio.get_running_loop().time() < until:
-        async with session.post("/auth/login", json={"username": name, "password": PASSWORD}) as response:
-            body = await response.read()
-            # 503: no hashing slot came free in PASSWORD_QUEUE_SECONDS, a login shed.
-            assert response.status in (200, 503), (response.status, body[:200])
-        statuses.append(response.status)
-
-
-class Storm:
-    """The logins, from a process of their own.
-
-    Sharing this process's event loop, 32 clients' logins would delay the
-    reads' own callbacks: the client's contention would be measured as the
-    service's. The storm process gets its orders on stdin (a duration) and
-    answers with how many logins it made, and how many were shed (503).
-    """
-
-    def __init__(self, base_url: str, names: list[str]) -> None:
-        self._args = [sys.executable, __file__, "--storm", base_url, ",".join(names)]
-
-    async def __aenter__(self) -> Storm:
-        self._child = await asyncio.create_subprocess_exec(
-            *self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ}
-        )
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        assert self._child.stdin is not None
-        self._child.stdin.close()
-        try:
-            if exc_type is not None:
-                raise TimeoutError  # no clean end to wait for: the bench failed
-            async with asyncio.timeout(15):
-                await self._child.wait()
-        except TimeoutError:
-            # Never leave it logging in against the stack.
-            self._child.kill()
-            await self._child.wait()
-
-    async def blow(self, seconds: float) -> tuple[int, int]:
-        assert self._child.stdin is not None and self._child.stdout is not None
-        self._child.stdin.write(f"{seconds}\n".encode())
-        await self._child.stdin.drain()
-        async with asyncio.timeout(seconds + 30):
-            answer = await self._child.stdout.readline()
-        logins, _, shed = answer.decode().strip().partition(" ")
-        if not (logins.isdigit() and shed.isdigit()):
-            raise SystemExit("the storm process failed")
-        return int(logins), int(shed)
-
-
-async def storm_process(base_url: str, names: list[str]) -> None:
-    """The child: on each line of stdin, STORMERS clients log in for that many seconds."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    async with aiohttp.ClientSession(base_url, connector=aiohttp.TCPConnector(limit=0)) as session:
-        while line := await reader.readline():
-            until = loop.time() + float(line)
-            statuses: list[int] = []
-            await asyncio.gather(
-                *(log_in_repeatedly(session, names[n % len(names)], until, statuses) for n in range(STORMERS))
-            )
-            print(statuses.count(200), statuses.count(503), flush=True)
 
 
 def within(samples: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[float]:
@@ -325,7 +257,5 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         serve()
-    elif sys.argv[1:2] == ["--storm"]:
-        asyncio.run(storm_process(sys.argv[2], sys.argv[3].split(",")))
     else:
         main()
