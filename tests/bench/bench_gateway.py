@@ -47,7 +47,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_stack import PASSTHROUGH_PORT, instance_url, start_bench_processes, stop_bench_processes  # noqa: E402
+from gateway_stack import PASSTHROUGH_PORT, instance_url, start_bench_processes, stop_bench_processes  # noqa: E402
 from measure import CpuTimes, Latency, cpu_times, latency_at, wrk  # noqa: E402
 
 from devstack import mesh, sessions  # noqa: E402
