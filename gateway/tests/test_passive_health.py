@@ -116,7 +116,9 @@ async def test_a_half_open_instance_gets_one_probe_not_every_request(fake_servic
     service = await fake_service(1)
     (instance,) = service.instances
     instance.mode = "fail"
-    client = await gateway(service, breaker_failures=2, breaker_recovery=0.5, route_timeout=0.5)
+    # A recovery long enough that the breaker the failed probe opens again is
+    # still open when the statuses are in, on a slow minute too.
+    client = await gateway(service, breaker_failures=2, breaker_recovery=2.0, route_timeout=0.5)
     breakers = client.app[BREAKERS]
     for _ in range(2):
         async with client.get("/api/v1/things", headers=tokens.headers()) as r:
