@@ -1,9 +1,10 @@
 """Sending over SMTP: a few reused sessions, and quick retries only while nothing can have been delivered.
 
 Sessions stay open between messages, up to ``SESSIONS`` at a time: a new
-connection per email would cost a TCP (and, with STARTTLS, a TLS) handshake
-and an EHLO every time. A session that has been idle for longer than
+connection per email would cost a TCP (and, with TLS, a TLS) handshake, an
+EHLO and a login every time. A session that has been idle for longer than
 ``MAX_IDLE`` is closed rather than reused, since servers drop idle clients.
+How a session is opened (TLS, AUTH) is smtp_options.py's.
 
 Before the DATA command, a refused connection, a timeout, a dropped
 connection or a 4xx answer mean the server does not have the message: tried
@@ -15,6 +16,9 @@ SMTPUTF8 for an address that needs it.
 
 Whose fault a 5xx is decides what becomes of the event: see replies.py. A
 5xx that refuses us is not tried again at once: it would be refused alike.
+Nor is a login the server refuses, or TLS that fails (a certificate that
+does not verify, STARTTLS not offered): our settings or the server's
+certificate to put right, not the server busy.
 
 The message itself goes out only once the server has answered the DATA
 command with 354. No answer to DATA (a timeout, a dropped connection) is
@@ -59,6 +63,7 @@ from aiosmtplib.typing import Default
 from .failures import MailServerUnavailable
 from .replies import RefusedUs, UnavailableAtData, at_data, before_data
 from .settings import SmtpSettings
+from .smtp_options import client_options
 
 log = structlog.get_logger()
 
@@ -147,6 +152,7 @@ class Send:
 class Mailer:
     def __init__(self, settings: SmtpSettings) -> None:
         self._settings = settings
+        self._options = client_options(settings)
         self._slots = asyncio.Semaphore(SESSIONS)
         self._idle: list[tuple[_Client, float]] = []
         self._closed = False
@@ -243,10 +249,8 @@ class Mailer:
         return None
 
     async def _connect(self) -> _Client:
-        s = self._settings
-        client = _Client(
-            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=s.start_tls, data_timeout=s.data_timeout
-        )
+        # Connected, through TLS, and logged in: aiosmtplib closes the session if any of it fails.
+        client = _Client(data_timeout=self._settings.data_timeout, **self._options)
         await client.connect()
         return client
 

@@ -16,6 +16,15 @@ enhanced code (or with X.0, "undefined") a 5xx says nothing more, and is
 taken as before: the recipient's or the message's at RCPT and after DATA,
 ours before RCPT. 552 is the message too big (RFC 1870) whatever follows it.
 
+Opening the session can fail for a reason of ours too, the same for every
+message until the settings or the server's certificate are put right:
+``LoginRefused`` (a 5xx to AUTH, 535 above all; or a server that does not
+offer AUTH, or no mechanism aiosmtplib knows) and ``TlsFailed`` (a
+certificate that does not verify, a handshake that fails, STARTTLS not
+offered). Both are ``RefusedUs``: final for now, retried only through the
+retry queues. A 4xx to AUTH (454) is the server busy, like any 4xx; a
+timeout or a dropped connection during the handshake is an outage.
+
 Once the message has begun to go out, an answer still says what became of
 it, and no answer (a timeout, a dropped connection) does not:
 ``MailOutcomeUnknown``.
@@ -24,6 +33,7 @@ it, and no answer (a timeout, a dropped connection) does not:
 from __future__ import annotations
 
 import re
+import ssl
 
 import aiosmtplib
 
@@ -36,6 +46,14 @@ class UnavailableAtData(MailServerUnavailable):
 
 class RefusedUs(MailServerUnavailable):
     """A 5xx that refuses us, not the message: final for now, so not tried again at once."""
+
+
+class LoginRefused(RefusedUs):
+    """The server refused our login, or offers none we can use: SMTP_USERNAME, SMTP_PASSWORD or SMTP_TLS to fix."""
+
+
+class TlsFailed(RefusedUs):
+    """TLS with the server failed: its certificate (SMTP_CA_FILE, SMTP_HOST), no STARTTLS, or SMTP_TLS wrong."""
 
 
 # An enhanced status code (RFC 3463) at the start of a reply's text: class.subject.detail.
@@ -57,6 +75,9 @@ def before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         # does not offer SMTPUTF8. That is the address's lot with this server,
         # not an outage: retrying would fail the same way for a day.
         return MailRejected("the server does not offer SMTPUTF8, which the address needs")
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and not _transient(exc.code):
+        # Its text is dropped as any reply's, and may name the account.
+        return LoginRefused(f"SMTP {_status(exc.code, exc.message)} to AUTH: the server refuses our login")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 552:
         # At MAIL FROM, with the SIZE we declare: this message is too big (RFC 1870).
         return MailRejected("SMTP 552: the message is too big")
@@ -66,9 +87,33 @@ def before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         # right, with the events kept meanwhile, not each one given up on.
         error = RefusedUs if exc.code >= 500 else MailServerUnavailable
         return error(f"SMTP {_status(exc.code, exc.message)}, before any recipient")
+    tls = _tls_error(exc)
+    if tls is not None:
+        # CERTIFICATE_VERIFY_FAILED and why: "unable to get local issuer certificate", "Hostname mismatch..."
+        why = ": ".join(str(part) for part in (tls.reason, getattr(tls, "verify_message", None)) if part)
+        return TlsFailed(f"TLS with the server failed: {why or type(tls).__name__}")
+    if type(exc) is aiosmtplib.SMTPException:
+        # aiosmtplib's own refusal to go on while opening the session: the
+        # server does not offer AUTH or a mechanism it knows ("The SMTP AUTH
+        # extension...", "No suitable authentication method..."), or STARTTLS.
+        # Its text is its own, never the server's.
+        failure = LoginRefused if "auth" in str(exc).lower() else TlsFailed
+        return failure(f"the server does not offer what the settings need: {exc}")
     # Refused, timed out or disconnected (aiosmtplib's connection errors are
     # OSErrors too, and so is the attempt's TimeoutError).
     return MailServerUnavailable(type(exc).__name__)
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error ``exc`` is, or wraps (implicit TLS fails in aiosmtplib's ``SMTPConnectError``).
+
+    Not the server closing the connection during the handshake: that is a
+    disconnection like any other.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return error
+    return None
 
 
 def at_data(exc: Exception, *, body_started: bool) -> Exception:

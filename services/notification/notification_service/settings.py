@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import email.errors
 import email.policy
+import ipaddress
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from email.headerregistry import AddressHeader
 from email.utils import getaddresses
+from typing import Literal, cast
 
 from aiosmtplib.email import parse_address
 
 from mesh_common.events import EVENTS_EXCHANGE
 from mesh_common.pruning import DAY, PruneSettings
-from mesh_common.settings import ServiceSettings, SettingsError, env_bool, env_float, env_int, env_port, env_str
+from mesh_common.settings import (
+    ServiceSettings,
+    SettingsError,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_port,
+    env_str,
+)
 
 from . import __version__
 from .topology import RETRY_DELAYS, Topology
+
+TlsMode = Literal["none", "starttls", "implicit"]
+TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "implicit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +39,17 @@ class SmtpSettings:
     host: str
     port: int
     mail_from: str
-    start_tls: bool = False
-    # Seconds an attempt may take to reach DATA: connecting, EHLO, MAIL, RCPT.
+    # No TLS, STARTTLS after the greeting, or TLS from the first byte
+    # (SMTPS, port 465). With either TLS the server's certificate and name
+    # are always verified: against ca_file (a PEM bundle) if set, else the
+    # system's CAs.
+    tls: TlsMode = "none"
+    ca_file: str | None = None
+    # SMTP AUTH once per session, both or neither. The password stays out of
+    # the repr, which may reach a log (as mesh_common's consul_token).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # Seconds an attempt may take to reach DATA: connecting, TLS, EHLO, AUTH, MAIL, RCPT.
     timeout: float = 5.0
     # Seconds to wait for each answer once DATA has begun, the server's 250
     # above all: it may check the message first, and giving up on it early
@@ -42,7 +66,7 @@ class Settings:
     database_url: str
     amqp_url: str
     smtp: SmtpSettings
-    client_secret: str
+    client_secret: str = field(repr=False)  # out of the repr, which may reach a log
     client_id: str = "notification-service"
     user_service: str = "user-service"
     jwt_issuer: str = "todo-mesh"
@@ -67,15 +91,7 @@ class Settings:
             service=ServiceSettings.from_env(env, name="notification-service", version=__version__),
             database_url=env_str(env, "DATABASE_URL"),
             amqp_url=env_str(env, "AMQP_URL"),
-            smtp=SmtpSettings(
-                host=env_str(env, "SMTP_HOST", "127.0.0.1"),
-                port=env_port(env, "SMTP_PORT", 1025, lowest=1),
-                mail_from=mailbox(env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>")),
-                start_tls=env_bool(env, "SMTP_STARTTLS", False),
-                timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
-                data_timeout=env_float(env, "SMTP_DATA_TIMEOUT", 30.0),
-                attempts=env_int(env, "SMTP_ATTEMPTS", 3),
-            ),
+            smtp=smtp_from_env(env),
             client_id=env_str(env, "SERVICE_CLIENT_ID", "notification-service"),
             client_secret=env_str(env, "SERVICE_CLIENT_SECRET"),
             user_service=env_str(env, "USER_SERVICE_NAME", "user-service"),
@@ -120,6 +136,75 @@ class Settings:
 
     def with_port(self, port: int) -> Settings:
         return replace(self, service=self.service.with_port(port))
+
+
+def smtp_from_env(env: Mapping[str, str]) -> SmtpSettings:
+    host = env_str(env, "SMTP_HOST", "127.0.0.1")
+    tls = tls_mode(env)
+    username = env_str(env, "SMTP_USERNAME", "") or None
+    password = env_str(env, "SMTP_PASSWORD", "") or None
+    if (username is None) != (password is None):
+        raise SettingsError("SMTP_USERNAME and SMTP_PASSWORD must be set together, or neither")
+    # Read even when it does not apply: a typo is refused, not ignored.
+    insecure = env_bool(env, "SMTP_AUTH_INSECURE", False)
+    if password is not None and tls == "none" and not is_loopback(host) and not insecure:
+        raise SettingsError(
+            f"SMTP_PASSWORD would be sent in clear to SMTP_HOST={host}: set SMTP_TLS to starttls or implicit"
+            " (or SMTP_AUTH_INSECURE=true, for a development server only)"
+        )
+    return SmtpSettings(
+        host=host,
+        port=env_port(env, "SMTP_PORT", 1025, lowest=1),
+        mail_from=mailbox(env_str(env, "MAIL_FROM", "todo-mesh <no-reply@todo-mesh.local>")),
+        tls=tls,
+        ca_file=ca_file(env, tls),
+        username=username,
+        password=password,
+        timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
+        data_timeout=env_float(env, "SMTP_DATA_TIMEOUT", 30.0),
+        attempts=env_int(env, "SMTP_ATTEMPTS", 3),
+    )
+
+
+def tls_mode(env: Mapping[str, str]) -> TlsMode:
+    """``SMTP_TLS``, or ``SMTP_STARTTLS``, its older spelling: refused if the two disagree."""
+    starttls = env_bool(env, "SMTP_STARTTLS") if env.get("SMTP_STARTTLS", "").strip() else None
+    if not env.get("SMTP_TLS", "").strip():
+        return "starttls" if starttls else "none"
+    mode = cast(TlsMode, env_choice(env, "SMTP_TLS", TLS_MODES, "none"))
+    if starttls is not None and starttls != (mode == "starttls"):
+        raise SettingsError(
+            f"SMTP_STARTTLS={env['SMTP_STARTTLS']} contradicts SMTP_TLS={mode}: set SMTP_TLS only"
+            " (SMTP_STARTTLS=true is the older spelling of SMTP_TLS=starttls)"
+        )
+    return mode
+
+
+def ca_file(env: Mapping[str, str], tls: TlsMode) -> str | None:
+    """``SMTP_CA_FILE``, checked now: a missing or unreadable bundle would fail every send, each its own way."""
+    path = env_str(env, "SMTP_CA_FILE", "") or None
+    if path is None:
+        return None
+    if tls == "none":
+        raise SettingsError("SMTP_CA_FILE is only used with TLS: set SMTP_TLS to starttls or implicit")
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # missing, unreadable, a directory; ssl.SSLError: no PEM certificate in it
+        raise SettingsError(f"SMTP_CA_FILE must be a readable PEM bundle of CA certificates: {path}: {exc}") from None
+    return path
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine by its name or address: a password sent there never crosses a network.
+
+    Only what says so itself; a name that resolves to loopback today may not tomorrow.
+    """
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def mailbox(mail_from: str) -> str:

@@ -4,6 +4,10 @@ It keeps what it receives with its arrival time, can refuse senders,
 recipients or messages, answer DATA late, leave the DATA command or RSET
 unanswered or hang up at DATA, and be stopped and started again on its port,
 which it holds, refusing connections, while stopped (``close`` lets it go).
+
+As a relay, it can want a login (AUTH PLAIN and LOGIN, and MAIL refused
+until then), and speak TLS with a certificate of the test's (see
+``tls_certs``): offered with STARTTLS, or from the first byte (SMTPS).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import contextlib
 import email
 import email.policy
 import functools
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from notification_support import eventually
 
 from mesh_common.testing import HeldPort
@@ -36,6 +41,13 @@ class Received:
         # Parsed when asked for, not on arrival: the bench times arrivals,
         # and parsing is the costliest thing a sink does.
         return email.message_from_bytes(self.raw, policy=email.policy.default)
+
+
+@dataclass(frozen=True)
+class Login:
+    username: str
+    password: str
+    tls: bool  # whether it came over TLS
 
 
 @dataclass
@@ -55,6 +67,13 @@ class SmtpSink:
     hang_up_at_data: int = 0
     silent_at_rset: bool = False  # never answer RSET
     unanswered: list[str] = field(default_factory=list)  # the commands left unanswered, or hung up on
+    # Set, AUTH is offered (after STARTTLS, when there is one) and MAIL
+    # refused until a session logs in with these.
+    credentials: tuple[str, str] | None = None
+    logins: list[Login] = field(default_factory=list)  # every AUTH, right or wrong
+    tls: ssl.SSLContext | None = None  # offered with STARTTLS, or from the first byte if implicit_tls
+    implicit_tls: bool = False
+    connections: int = 0  # every connection accepted, its TLS handshake done or not
     _server: asyncio.AbstractServer | None = None
     _sessions: set[_SinkSession] = field(default_factory=set)
     _held: HeldPort = field(default_factory=HeldPort)
@@ -67,6 +86,8 @@ class SmtpSink:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if self.credentials is not None and not session.authenticated:
+            return "530 5.7.0 Authentication required"
         if self.refuse_sender:
             return self.refuse_sender
         envelope.mail_from = address
@@ -102,11 +123,36 @@ class SmtpSink:
             await self.data_gate.wait()
         return "250 Message accepted for delivery"
 
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: LoginPassword
+    ) -> AuthResult:
+        assert server.transport is not None
+        login = Login(
+            data.login.decode(), data.password.decode(), server.transport.get_extra_info("ssl_object") is not None
+        )
+        self.logins.append(login)
+        # handled=False: aiosmtpd answers 535 5.7.8 to a wrong one.
+        return AuthResult(success=(login.username, login.password) == self.credentials, handled=False)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _SinkSession(self, hostname="sink.test", enable_SMTPUTF8=self.smtputf8, loop=loop),
-            sock=self._held.take(),
+            lambda: self._session(loop), sock=self._held.take(), ssl=self.tls if self.implicit_tls else None
+        )
+
+    def _session(self, loop: asyncio.AbstractEventLoop) -> _SinkSession:
+        """A connection's session, as the sink is set now (``implicit_tls`` only takes at ``start``)."""
+        starttls = None if self.implicit_tls else self.tls
+        return _SinkSession(
+            self,
+            hostname="sink.test",
+            enable_SMTPUTF8=self.smtputf8,
+            tls_context=starttls,
+            authenticator=self.authenticate if self.credentials else None,
+            # aiosmtpd knows TLS only by STARTTLS: with none, or from the
+            # first byte, a login has to be allowed without it.
+            auth_require_tls=self.credentials is None or starttls is not None,
+            loop=loop,
         )
 
     async def stop(self) -> None:
@@ -146,6 +192,7 @@ class _SinkSession(SMTP):
     def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
         super().__init__(sink, **kwargs)
         self._sink = sink
+        sink.connections += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sink._sessions.add(self)
@@ -154,6 +201,15 @@ class _SinkSession(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._sessions.discard(self)
         super().connection_lost(error)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        # asyncio ends a handshake cut short by a close (``stop``'s, before
+        # the client's own hang-up arrived) as if it had succeeded, and tells
+        # the session nothing: it would wait for a command forever.
+        if self.transport is not None and self.transport.is_closing():
+            self.connection_lost(None)
 
     # aiosmtpd answers the DATA command (354) before any hook: held back here.
     @syntax("DATA")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from aiosmtplib.email import extract_sender
+from tls_certs import Authority
 
 from mesh_common.settings import SettingsError
 from notification_service.directory import Recipient
@@ -16,6 +19,7 @@ REQUIRED = {
     "AMQP_URL": "amqp://guest:guest@127.0.0.1/",
     "SERVICE_CLIENT_SECRET": "s" * 32,
 }
+PASSWORD = "smtp-password-0123456789"
 
 
 def test_the_client_secret_and_the_urls_are_required() -> None:
@@ -119,3 +123,75 @@ def test_retries_back_off_then_stay_at_the_slowest_tier() -> None:
         ("notifications.retry.30s", 30.0),
         ("notifications.retry.30s", 30.0),
     ]
+
+
+def test_the_smtp_connection_is_plain_unless_told_and_smtp_starttls_still_means_starttls() -> None:
+    assert Settings.from_env(REQUIRED).smtp.tls == "none"
+    for env, mode in [
+        ({"SMTP_STARTTLS": "true"}, "starttls"),  # the older setting, still honoured
+        ({"SMTP_STARTTLS": "false"}, "none"),
+        ({"SMTP_TLS": "implicit"}, "implicit"),
+        ({"SMTP_TLS": "STARTTLS"}, "starttls"),
+        ({"SMTP_TLS": "starttls", "SMTP_STARTTLS": "true"}, "starttls"),
+        ({"SMTP_TLS": "implicit", "SMTP_STARTTLS": "false"}, "implicit"),  # no STARTTLS: true of implicit TLS
+    ]:
+        assert Settings.from_env({**REQUIRED, **env}).smtp.tls == mode, env
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SMTP_TLS": "ssl"},
+        {"SMTP_TLS": "implicit", "SMTP_STARTTLS": "true"},
+        {"SMTP_TLS": "none", "SMTP_STARTTLS": "true"},
+        {"SMTP_TLS": "starttls", "SMTP_STARTTLS": "false"},
+    ],
+)
+def test_a_tls_mode_unknown_or_contradicted_is_refused(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="SMTP_TLS"):
+        Settings.from_env({**REQUIRED, **env})
+
+
+@pytest.mark.parametrize("given", ["SMTP_USERNAME", "SMTP_PASSWORD"])
+def test_a_login_needs_both_its_username_and_its_password(given: str) -> None:
+    with pytest.raises(SettingsError, match="SMTP_USERNAME and SMTP_PASSWORD") as refused:
+        Settings.from_env({**REQUIRED, given: PASSWORD})
+    assert PASSWORD not in str(refused.value)
+
+
+@pytest.mark.parametrize("host", ["smtp.example.test", "10.0.0.5", "mailpit"])
+def test_a_password_is_not_sent_in_clear_across_a_network_unless_allowed(host: str) -> None:
+    env = {**REQUIRED, "SMTP_HOST": host, "SMTP_USERNAME": "todo-mesh", "SMTP_PASSWORD": PASSWORD}
+    with pytest.raises(SettingsError, match="SMTP_TLS") as refused:
+        Settings.from_env(env)
+    assert PASSWORD not in str(refused.value)
+    assert Settings.from_env({**env, "SMTP_TLS": "starttls"}).smtp.password == PASSWORD
+    assert Settings.from_env({**env, "SMTP_TLS": "implicit"}).smtp.password == PASSWORD
+    assert Settings.from_env({**env, "SMTP_AUTH_INSECURE": "true"}).smtp.password == PASSWORD  # a dev server's
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "localhost"])
+def test_a_password_may_go_in_clear_to_this_machine(host: str) -> None:
+    env = {**REQUIRED, "SMTP_HOST": host, "SMTP_USERNAME": "todo-mesh", "SMTP_PASSWORD": PASSWORD}
+    assert Settings.from_env(env).smtp.username == "todo-mesh"
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    env = {**REQUIRED, "SMTP_TLS": "implicit", "SMTP_USERNAME": "todo-mesh", "SMTP_PASSWORD": PASSWORD}
+    settings = Settings.from_env(env)
+    assert settings.smtp.password == PASSWORD
+    assert "todo-mesh" in repr(settings.smtp)
+    assert PASSWORD not in repr(settings)
+    assert REQUIRED["SERVICE_CLIENT_SECRET"] not in repr(settings)
+
+
+def test_the_ca_file_is_read_at_start(tmp_path: Path) -> None:
+    env = {**REQUIRED, "SMTP_TLS": "implicit"}
+    ca_file = Authority.new("todo-mesh test CA").write(tmp_path / "ca.pem")
+    assert Settings.from_env({**env, "SMTP_CA_FILE": ca_file}).smtp.ca_file == ca_file
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a certificate\n-----END PRIVATE KEY-----\n")
+    for path in [tmp_path / "missing.pem", tmp_path, tmp_path / "key.pem"]:
+        with pytest.raises(SettingsError, match="SMTP_CA_FILE"):
+            Settings.from_env({**env, "SMTP_CA_FILE": str(path)})
+    with pytest.raises(SettingsError, match="SMTP_CA_FILE is only used with TLS"):
+        Settings.from_env({**REQUIRED, "SMTP_CA_FILE": ca_file})
