@@ -18,7 +18,10 @@ Whose fault a 5xx is decides what becomes of the event: see replies.py. A
 5xx that refuses us is not tried again at once: it would be refused alike.
 Nor is a login the server refuses, or TLS that fails (a certificate that
 does not verify, STARTTLS not offered): our settings or the server's
-certificate to put right, not the server busy.
+certificate to put right, not the server busy. Nor is either tried again
+for the next message: no new session opens for a while after one
+(session_cooldown.py), since each would be refused alike, and a relay locks
+an account after a few failed logins.
 
 The message itself goes out only once the server has answered the DATA
 command with 354. No answer to DATA (a timeout, a dropped connection) is
@@ -62,6 +65,7 @@ from aiosmtplib.typing import Default
 
 from .failures import MailServerUnavailable
 from .replies import RefusedUs, UnavailableAtData, at_data, before_data
+from .session_cooldown import SessionCooldown
 from .settings import SmtpSettings
 from .smtp_options import client_options
 
@@ -155,6 +159,7 @@ class Mailer:
         self._options = client_options(settings)
         self._slots = asyncio.Semaphore(SESSIONS)
         self._idle: list[tuple[_Client, float]] = []
+        self._cooldown = SessionCooldown()
         self._closed = False
         self._send_with_retries = backoff.on_exception(
             backoff.expo,
@@ -250,9 +255,14 @@ class Mailer:
 
     async def _connect(self) -> _Client:
         # Connected, through TLS, and logged in: aiosmtplib closes the session if any of it fails.
-        client = _Client(data_timeout=self._settings.data_timeout, **self._options)
-        await client.connect()
-        return client
+        # What it failed with is read here, for the cooldown to know a refusal.
+        async with self._cooldown.opening():
+            client = _Client(data_timeout=self._settings.data_timeout, **self._options)
+            try:
+                await client.connect()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise before_data(exc) from None
+            return client
 
 
 def _log_retry(details: Any) -> None:

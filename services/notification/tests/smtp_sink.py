@@ -71,6 +71,7 @@ class SmtpSink:
     # refused until a session logs in with these.
     credentials: tuple[str, str] | None = None
     logins: list[Login] = field(default_factory=list)  # every AUTH, right or wrong
+    answer_login: str | None = None  # the answer to every AUTH, right or wrong, as from a server busy ("454 ...")
     tls: ssl.SSLContext | None = None  # offered with STARTTLS, or from the first byte if implicit_tls
     implicit_tls: bool = False
     connections: int = 0  # every connection accepted, its TLS handshake done or not
@@ -131,6 +132,8 @@ class SmtpSink:
             data.login.decode(), data.password.decode(), server.transport.get_extra_info("ssl_object") is not None
         )
         self.logins.append(login)
+        if self.answer_login is not None:
+            return AuthResult(success=False, handled=False, message=self.answer_login)
         # handled=False: aiosmtpd answers 535 5.7.8 to a wrong one.
         return AuthResult(success=(login.username, login.password) == self.credentials, handled=False)
 

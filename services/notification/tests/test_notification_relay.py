@@ -9,51 +9,17 @@ server busy for a moment (not tried again at once).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
-from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import pytest
-from notification_support import Broker, StartService, eventually, new_user, registered
+from smtp_relay import PASSWORD, USER, WRONG, an_email, relay, settings_for
 from smtp_sink import Login, SmtpSink
 from structlog.testing import capture_logs
 from tls_certs import Authority
 
-from notification_service.directory import Recipient
 from notification_service.failures import MailServerUnavailable
-from notification_service.keys import CONSUMER
 from notification_service.mailer import Mailer
-from notification_service.messages import compose, message_id, render
 from notification_service.replies import LoginRefused, TlsFailed
-from notification_service.settings import Settings, SmtpSettings
-
-SENDER = "todo-mesh <no-reply@todo-mesh.test>"
-USER, PASSWORD = "todo-mesh", "correct-horse-battery-staple"
-WRONG = "an-old-password-4711"
-
-
-def an_email(to: str) -> EmailMessage:
-    rendered = render("todo_completed", {"name": "Ada", "title": "Ship it"})
-    msgid = message_id("6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e", "todo_completed", SENDER)
-    return compose(rendered, sender=SENDER, recipient=Recipient(email=to, name="Ada"), msgid=msgid)
-
-
-def settings_for(sink: SmtpSink, **changes: Any) -> SmtpSettings:
-    return SmtpSettings(host="127.0.0.1", port=sink.port, mail_from=SENDER, **changes)
-
-
-@asynccontextmanager
-async def relay(**options: Any) -> AsyncIterator[SmtpSink]:
-    """A sink of its own, for TLS from the first byte, which only takes at its start."""
-    sink = SmtpSink(**options)
-    try:
-        await sink.start()
-        yield sink
-    finally:
-        await sink.close()
 
 
 @pytest.fixture
@@ -92,25 +58,6 @@ async def test_a_refused_login_is_ours_to_fix_tried_once_and_its_password_never_
     assert smtp.received == []
     for shown in (str(refused.value), repr(refused.value), repr(settings), repr(logs), caplog.text):
         assert WRONG not in shown
-
-
-async def test_a_wrong_password_keeps_the_events_until_it_is_put_right(
-    settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink
-) -> None:
-    smtp.credentials = (USER, PASSWORD)
-    service = await start_service(smtp=replace(settings.smtp, username=USER, password=WRONG))
-    consumer = service.app[CONSUMER]
-    user = new_user()
-    await broker.publish(registered(user))
-    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
-    logins = len(smtp.logins)  # read before the count of retries, which only follows them
-    # One session per delivery at most (two mechanisms tried on it), not the mailer's quick retries.
-    assert 0 < logins <= 2 * consumer.settled["retried"]
-    assert {login.password for login in smtp.logins} == {WRONG}
-    smtp.credentials = (USER, WRONG)  # the relay's account is set to the password we have
-    await eventually(lambda: smtp.to(user["email"]), within=15, what="the email once the login is taken")
-    assert consumer.settled["dead_lettered"] == 0
-    assert await broker.ready(broker.topology.dead_letters) == 0
 
 
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])
