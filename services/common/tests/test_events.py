@@ -21,9 +21,14 @@ def envelope(**changes: object) -> bytes:
         b"\xff\xfe",
         envelope(id="not-a-uuid"),
         envelope(version="one"),
-        # Infinity, which int() refuses with an OverflowError (of two
-        # "version" keys, the last one counts).
+        # Infinity (of two "version" keys, the last one counts).
         envelope()[:-1] + b', "version": 1e999}',
+        envelope()[:-1] + b', "version": NaN}',
+        # What int() read as 1: a shape the event never said it had.
+        envelope(version="1"),
+        envelope(version=True),
+        envelope(version=1.9),
+        envelope(version=None),
         # Nested deep enough for a RecursionError, in a small body.
         b"[" * 100_000 + b"]" * 100_000,
         b'{"type": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
@@ -41,6 +46,11 @@ def test_a_field_that_is_not_a_string_is_a_value_error_not_its_repr(field: str, 
     # and the event handled as one whose user was deleted.
     with pytest.raises(ValueError):
         Event.from_json(envelope(**{field: value}))
+
+
+def test_a_version_of_1_point_0_is_the_integer_1() -> None:
+    # JSON Schema's integer: a number without a fraction, whatever its spelling.
+    assert Event.from_json(envelope()[:-1] + b', "version": 1.0}').version == 1
 
 
 def test_an_envelope_round_trips() -> None:
