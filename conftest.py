@@ -7,8 +7,9 @@ started from Debian's packages and our pinned Consul by the same code as
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 from devstack import rabbitmq, sessions
 from devstack.config import StackConfig
+from devstack.procs import StackError
 from mesh_common.testing.database import MigratedDatabase, migrate_test_database
 
 
@@ -30,11 +32,32 @@ def infra(stack_config: StackConfig) -> Iterator[StackConfig]:
     """PostgreSQL, Redis, RabbitMQ, Consul and the SMTP sink, running.
 
     Idempotent: parts already running are left as they are. ``task test``
-    stops them all at the end of the run, unless other test runs still use
-    them; several may run at once (see devstack.sessions).
+    stops them all at the end of the run, unless another test run waits to
+    use them: runs take turns, as they share the data (see devstack.sessions).
     """
     with sessions.session(stack_config):
         yield stack_config
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """The test stack's turn, taken before the first test, if any test uses it, and held to the last.
+
+    Not in ``infra`` (whose session re-enters it): a wait there for another
+    run's turn (7 minutes or more) would count towards the first test's
+    timeout, and pytest-timeout would fail it at 300 s, and every test after
+    it that uses the stack.
+    """
+    if session.config.option.collectonly or not any(
+        "infra" in getattr(item, "fixturenames", ()) for item in session.items
+    ):
+        return (yield)
+    with contextlib.ExitStack() as turn:
+        try:
+            turn.enter_context(sessions.turn(StackConfig.from_env(profile="test")))
+        except StackError as exc:  # another run's turn, the wait's bound reached (lock.Busy)
+            pytest.exit(f"test stack: {exc}", returncode=pytest.ExitCode.INTERRUPTED)
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def supervise(cfg: StackConfig, stopping: threading.Event) -> bool:
 def cmd_down(cfg: StackConfig, args: argparse.Namespace) -> None:
     try:
         # --unless-in-use (the end of `task test`, `task bench`): another run
-        # may be starting the stack; it waits for that, then finds it in use.
+        # may be joining the stack's users; it waits for that, then finds it in use.
         with lock.held(cfg.run_dir, "down", wait=TEARDOWN_LOCK_WAIT if args.unless_in_use else 0.0):
             stopped = stack.down(cfg, unless_in_use=args.unless_in_use)
     except stack.InUse as exc:

@@ -6,9 +6,11 @@ for good, and its initdb deleted the first's half-made data directory. A
 second command now refuses at once, naming the one at work. The lock is
 an flock: a holder killed outright (SIGKILL, a power cut) holds it no more.
 
-Test sessions (pytest's, a benchmark's) that use a stack hold a shared
-flock of their own on it for as long as they run (``Users``): what the end
-of one asks (``in_use``) before it stops a stack that others still use.
+Test sessions (pytest's, a benchmark's) take turns at a stack (``turn``):
+they share its data, which each test empties (see devstack.sessions). Each
+also holds a shared flock of its own on it (``Users``), from the start of
+its wait to its end: what the end of one asks (``in_use``) before it stops
+a stack that another uses, or waits to use.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -25,14 +28,18 @@ from .procs import StackError, say
 
 LOCK_FILE = "command.lock"
 POLL_SECONDS = 0.2
-# Held shared by each test session that uses the stack, and by those of them
-# that use its services too (the end-to-end tests).
+# Held shared by each test session that uses the stack or waits for its turn.
 SESSIONS = "sessions.lock"
-MESH_USERS = "mesh.lock"
+# Held exclusively by the test session whose turn it is.
+RUNS = "runs.lock"
+
+# The turns this process holds, by run directory and thread: a session in one
+# (pytest's fixture, in the turn its hook took) is the same run, not one to wait for.
+_turns: set[tuple[Path, int]] = set()
 
 
 class Busy(StackError):
-    """Another command holds the stack's lock."""
+    """Another command holds the stack's lock, or another test session its turn."""
 
 
 @contextlib.contextmanager
@@ -40,35 +47,45 @@ def held(run_dir: Path, command: str, *, wait: float = 0.0) -> Iterator[None]:
     """The stack's lock, for the block, as ``command``; held by another, refused (after ``wait`` seconds)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / LOCK_FILE).open("a+") as lock:
-        if not _take(lock):
-            holder = _holder(lock)
-            if wait > 0:
-                say(f"waiting for {holder} to end ...")
-            # Polled, not a blocking flock: a holder suspended (Ctrl-Z) or
-            # hung would keep the waiter, deaf to signals as it tears down,
-            # for good.
-            deadline = time.monotonic() + wait
-            while not _take(lock):
-                if time.monotonic() >= deadline:
-                    raise Busy(
-                        f"{_holder(lock)} is at work on the stack in {run_dir}: wait for it to end,"
-                        " or stop it (Ctrl-C where it runs), then try again"
-                    ) from None
-                time.sleep(POLL_SECONDS)
-        # Written once the lock is ours, for a refused command to name us.
-        lock.truncate(0)
-        lock.write(f"{os.getpid()} {command}\n")
-        lock.flush()
+        if not _wait_for(lock, wait, _holder):
+            raise Busy(
+                f"{_holder(lock)} is at work on the stack in {run_dir}: wait for it to end,"
+                " or stop it (Ctrl-C where it runs), then try again"
+            )
+        _sign(lock, command)
         yield
 
 
-class Users:
-    """This process's use of the stack (or of its services): a shared flock on ``name`` while it lasts.
+@contextlib.contextmanager
+def turn(run_dir: Path, what: str, *, wait: float) -> Iterator[None]:
+    """The stack's turn, for the block, as ``what`` ("test session"); another's, waited for up to ``wait`` seconds.
 
-    ``join`` and ``leave`` are called under ``held()``: no other user and no
-    ``down`` acts between the question (am I the only one?) and what is done
-    on its answer, nor while flock turns one kind of lock into the other, which
-    it does not do atomically.
+    Re-entered by the thread that holds it, it is that thread's still.
+    """
+    key = (run_dir.resolve(), threading.get_ident())
+    if key in _turns:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / RUNS).open("a+") as lock:
+        if not _wait_for(lock, wait, _run):
+            raise Busy(
+                f"{_run(lock)} still has its turn at the stack in {run_dir}, after {_duration(wait)} of waiting:"
+                " wait for it to end, or stop it (Ctrl-C where it runs), then try again"
+            )
+        _sign(lock, what)
+        _turns.add(key)
+        try:
+            yield
+        finally:
+            _turns.discard(key)
+
+
+class Users:
+    """This process's use of the stack: a shared flock on ``name`` while it lasts.
+
+    ``join`` is called under ``held()``: ``in_use``, called there too, takes
+    the flock exclusively for a moment, and a join then would be refused.
     """
 
     def __init__(self, run_dir: Path, name: str) -> None:
@@ -81,19 +98,11 @@ class Users:
     def __exit__(self, *_: object) -> None:
         self._file.close()
 
-    def join(self) -> bool:
-        """Become a user: whether this is the only one."""
-        alone = _take(self._file)
+    def join(self) -> None:
+        """Become a user."""
         if not _take(self._file, fcntl.LOCK_SH):
-            # Only a `down` or a user leaving holds it exclusively, and only under held().
+            # Only in_use() holds it exclusively, and only under held().
             raise Busy(f"{self._file.name} is held exclusively by a command that does not hold {LOCK_FILE}")
-        return alone
-
-    def leave(self) -> bool:
-        """Be a user no more: whether this was the last one."""
-        last = _take(self._file)
-        self._file.close()
-        return last
 
 
 def in_use(run_dir: Path, name: str) -> list[int] | None:
@@ -127,8 +136,46 @@ def _take(lock: TextIO, kind: int = fcntl.LOCK_EX) -> bool:
     return True
 
 
+def _wait_for(lock: TextIO, wait: float, holder: Callable[[TextIO], str]) -> bool:
+    """Whether ``lock`` is taken within ``wait`` seconds; a wait says once whom it is for."""
+    if _take(lock):
+        return True
+    if wait > 0:
+        say(f"waiting for {holder(lock)} to end ...")
+    # Polled, not a blocking flock: a holder suspended (Ctrl-Z) or hung would
+    # keep the waiter, deaf to signals (Ctrl-C, or those it tears down on), for good.
+    deadline = time.monotonic() + wait
+    while not _take(lock):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def _sign(lock: TextIO, what: str) -> None:
+    """Write who holds ``lock`` now, for one refused or waiting to name it."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} {what}\n")
+    lock.flush()
+
+
+def _signed(lock: TextIO) -> tuple[str, str]:
+    lock.seek(0)
+    pid, _, what = lock.read().strip().partition(" ")
+    return (pid, what) if pid.isdigit() and what else ("", "")
+
+
 def _holder(lock: TextIO) -> str:
     """What the holder wrote of itself ("`up` (pid 123)"), if it has yet."""
-    lock.seek(0)
-    pid, _, command = lock.read().strip().partition(" ")
-    return f"`{command}` (pid {pid})" if pid.isdigit() and command else "another devstack command"
+    pid, command = _signed(lock)
+    return f"`{command}` (pid {pid})" if pid else "another devstack command"
+
+
+def _run(lock: TextIO) -> str:
+    """The test session whose turn it is ("the benchmark (pid 123)"), as it wrote itself, if it has yet."""
+    pid, what = _signed(lock)
+    return f"the {what} (pid {pid})" if pid else "another test session"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"

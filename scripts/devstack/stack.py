@@ -251,7 +251,8 @@ def down(cfg: StackConfig, *, unless_in_use: bool = False) -> list[str]:
     """Stop everything, in the reverse order of ``up``.
 
     ``unless_in_use``: the end of one test session (`task test`'s) leaves the
-    stack to the others that still run, which it stopped under their tests.
+    stack to the next, waiting for its turn (devstack.sessions), rather than
+    stop what that one would start again at once.
     """
     if unless_in_use and (users := lock.in_use(cfg.run_dir, lock.SESSIONS)) is not None:
         whose = f" (pid {', '.join(map(str, users))})" if users else ""

@@ -17,9 +17,8 @@ from devstack.config import StackConfig
 def mesh(infra: StackConfig) -> Iterator[StackConfig]:
     """Every service, the gateway and Envoy, one instance each, all healthy.
 
-    Stopped when the end-to-end tests end, whatever runs after them (unless
-    another test run's end-to-end tests use them still): their outbox relays
-    would otherwise publish the rows other suites' tests write.
+    Stopped when the end-to-end tests end, whatever runs after them: their
+    outbox relays would otherwise publish the rows other suites' tests write.
     """
     with sessions.mesh(infra):
         yield infra

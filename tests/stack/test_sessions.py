@@ -1,103 +1,21 @@
-"""Test runs that share one test stack: each start's parts once, stops nothing under another, cleans up alone."""
+"""Test runs that use one test stack: each part starts once, nothing stops under a run, a run cleans up alone."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import yaml
 
-from devstack import cli, infra, lock, rabbitmq, sessions, stack
-from devstack.config import ROOT, Ports, StackConfig, port_variable
-from devstack.procs import Proc, running, start, stop
+from devstack import cli, infra, lock, sessions, stack
+from devstack.config import ROOT, StackConfig
+from devstack.procs import Proc, running, start
 
-from .conftest import sleeper, unused_port
+from .conftest import INFRA, other_session, sleeper
 
-INFRA = set(stack.INFRA)
 LEFT_BY_A_KILLED_RUN = ("envoy", "gateway-0", "todo-0", "notification-0", "bench-echo")
-
-# A test session in a process of its own, its infrastructure stand-ins: it
-# says when it has joined, then holds on until its stdin closes.
-SESSION = """
-import sys
-from devstack import infra, rabbitmq, sessions, stack
-from devstack.config import StackConfig
-from devstack.procs import Proc
-
-def stand_in(name):
-    return Proc(name, [sys.executable, "-c", "import time; time.sleep(60)"], env={})
-
-for part in ("consul", "postgres", "redis", "mailsink"):
-    setattr(infra, part, lambda cfg, name=part: stand_in(name))
-rabbitmq.server = lambda cfg: stand_in("rabbitmq")
-infra.create_databases = lambda cfg: None
-stack.ready = lambda *args, **kwargs: None
-with sessions.session(StackConfig.from_env(profile="test")):
-    print("joined", flush=True)
-    sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A test stack of its own: its run directory, and ports nothing holds (the shared test stack's are taken)."""
-    return {
-        "MESH_RUN_DIR": str(tmp_path),
-        **{port_variable(f.name): str(unused_port()) for f in fields(Ports)},
-    }
-
-
-@pytest.fixture
-def cfg(env: dict[str, str]) -> Iterator[StackConfig]:
-    cfg = StackConfig.from_env(env, profile="test")
-    yield cfg
-    for name in running(cfg.run_dir):
-        stop(cfg.run_dir, name)
-
-
-@pytest.fixture
-def stand_ins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The infrastructure's parts as stand-ins, ready at once: the names of those started, in order."""
-    started: list[str] = []
-
-    def part(name: str) -> Proc:
-        started.append(name)
-        return sleeper(name)
-
-    for module, name in ((infra, "consul"), (infra, "postgres"), (infra, "redis"), (infra, "mailsink")):
-        monkeypatch.setattr(module, name, lambda cfg, name=name: part(name))
-    monkeypatch.setattr(rabbitmq, "server", lambda cfg: part("rabbitmq"))
-    monkeypatch.setattr(infra, "create_databases", lambda cfg: None)
-    monkeypatch.setattr(stack, "ready", lambda *args, **kwargs: None)
-    return started
-
-
-@contextlib.contextmanager
-def other_session(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """Another test run's session, joined, for the block (or until the test kills it)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", SESSION],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "scripts")},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline() == "joined\n", child.stderr.read() if child.stderr else ""
-        yield child
-    finally:
-        child.kill()
-        child.communicate(timeout=30)
 
 
 def test_a_run_that_ends_leaves_the_stack_to_another_still_running(env: dict[str, str], cfg: StackConfig) -> None:
@@ -163,7 +81,7 @@ def _leave_running(cfg: StackConfig, names: tuple[str, ...]) -> dict[str, int]:
     return running(cfg.run_dir)
 
 
-def test_the_only_run_stops_the_services_a_killed_one_left_and_keeps_the_infrastructure(
+def test_a_run_stops_the_services_a_killed_one_left_and_keeps_the_infrastructure(
     cfg: StackConfig, stand_ins: list[str]
 ) -> None:
     # A todo-service left running by a killed `task test` published, from its
@@ -174,20 +92,10 @@ def test_the_only_run_stops_the_services_a_killed_one_left_and_keeps_the_infrast
     assert stand_ins == []
 
 
-def test_a_run_beside_another_leaves_that_ones_services_running(
-    env: dict[str, str], cfg: StackConfig, stand_ins: list[str]
-) -> None:
-    with other_session(env):
-        before = _leave_running(cfg, LEFT_BY_A_KILLED_RUN)  # as its end-to-end tests have them
-        with sessions.session(cfg):
-            assert running(cfg.run_dir) == before
-    assert stand_ins == []
-
-
-def test_end_to_end_tests_that_end_leave_the_services_to_another_runs(
+def test_the_end_to_end_services_stop_when_their_tests_end(
     cfg: StackConfig, stand_ins: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The first run's to end stopped them under the other's.
+    # Left running, their outbox relays published the rows later suites' tests wrote.
     def up(cfg: StackConfig) -> None:
         stack.up_infra(cfg)
         for name in ("todo-0", "gateway-0", "envoy"):
@@ -195,12 +103,10 @@ def test_end_to_end_tests_that_end_leave_the_services_to_another_runs(
                 start(cfg.run_dir, sleeper(name))
 
     monkeypatch.setattr(stack, "up", up)
-    with sessions.session(cfg), sessions.mesh(cfg):
-        services = running(cfg.run_dir)
+    with sessions.session(cfg):
         with sessions.mesh(cfg):
-            pass
-        assert running(cfg.run_dir) == services
-    assert set(running(cfg.run_dir)) == INFRA  # the last to end stops them, as ever
+            assert set(running(cfg.run_dir)) == INFRA | {"todo-0", "gateway-0", "envoy"}
+        assert set(running(cfg.run_dir)) == INFRA
 
 
 def test_task_test_and_task_bench_end_with_a_down_that_yields_to_other_runs() -> None:
