@@ -2,9 +2,11 @@
 
 Every service is a ``service_app``: any operation may get the problem
 middleware's 503 (a dependency slow or away, or the request's deadline),
-and any with a body its 400, 413 and 415. Each document has them added
-here, once, so that none forgets one. The problems' schema is the
-document's own ``#/components/schemas/Problem``.
+and any with a body its 400, 413 and 415. One that commits a transaction
+(``mesh_common.transactions``) may get its 500 ``OUTCOME_UNKNOWN``, which
+tells the client to read the change back rather than send it again. Each
+document has them added here, once, so that none forgets one. The problems'
+schema is the document's own ``#/components/schemas/Problem``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ BODY_ANSWERS = {
     "413": "PAYLOAD_TOO_LARGE: the body is over its limit (64 KiB)",
     "415": "UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known",
 }
+OUTCOME_UNKNOWN_ANSWER = (
+    "OUTCOME_UNKNOWN: the commit's answer was lost and its outcome could not be asked; the change may or may"
+    " not have been made: read it back before sending it again (no Retry-After)"
+)
 
 
 def problem_answer(description: str) -> dict[str, Any]:
@@ -27,20 +33,29 @@ def problem_answer(description: str) -> dict[str, Any]:
 
 
 def with_shared_answers(
-    paths: dict[str, Any], *, unavailable: str, answered_from_memory: Collection[str] = ()
+    paths: dict[str, Any],
+    *,
+    unavailable: str,
+    answered_from_memory: Collection[str] = (),
+    committing: Collection[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """A copy of ``paths`` with the shared answers added to each operation.
 
     ``unavailable`` describes the 503, put before an operation's own 503 if
     it has one; paths in ``answered_from_memory`` touch no dependency and
-    get none.
+    get none. The operations in ``committing``, as (method, path), get the
+    500 ``OUTCOME_UNKNOWN``; one that is not in ``paths`` is an error.
     """
     paths = copy.deepcopy(paths)
+    if unknown := sorted(set(committing) - {(m, p) for p, item in paths.items() for m in item}):
+        raise ValueError(f"committing operations not in the paths: {unknown}")
     for path, item in paths.items():
         for method, operation in item.items():
             if method == "parameters":
                 continue
             responses = operation["responses"]
+            if (method, path) in committing:
+                responses["500"] = problem_answer(OUTCOME_UNKNOWN_ANSWER)
             if "requestBody" in operation:
                 for status, description in BODY_ANSWERS.items():
                     responses.setdefault(status, problem_answer(description))

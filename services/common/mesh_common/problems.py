@@ -3,7 +3,8 @@
 Every error a client sees is ``application/problem+json`` with a stable
 UPPER_SNAKE ``code``. A database that is away or too slow is a 503 with
 ``Retry-After``; other unexpected exceptions become a 500. Neither leaks
-``str(exc)``.
+``str(exc)``. A client that hung up before its body was in is no error of
+ours: logged at info, and recorded as a 499.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def problem_response(exc: Problem) -> web.Response:
     )
 
 
+# nginx's "client closed request": never sent, only what the access log
+# records for a request whose client left first, which is no server error
+# (the gateway's proxy records the same).
+CLIENT_GONE = 499
 # What aiohttp's own errors say that a client needs (a 405's Allow).
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 _HTTP_TO_PROBLEM: dict[int, type[Problem]] = {
@@ -150,16 +155,33 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except (TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # Refused, dropped or shut down, a statement past aiopg's timeout (it
-        # closes that connection) or cancelled by the server, a pool with
-        # none free: the request may well work in a moment, which is what
-        # 503 says and 500 does not.
+        # closes that connection) or cancelled by the server, a lock not
+        # granted in time, a transaction the server ended as idle (the
+        # limits of db.SessionLimits; each rolled back), a pool with none
+        # free: the request may well work in a moment, which is what 503
+        # says and 500 does not.
         log.warning("dependency_unavailable", path=request.path, method=request.method, error=type(exc).__name__)
         return problem_response(DependencyUnavailable(headers={"Retry-After": "1"}))
     except CommitOutcomeUnknown:
         return problem_response(OutcomeUnknown())
+    except ConnectionResetError:
+        # aiohttp fails a body still being read with this once its client has
+        # hung up (a cancelled upload, a proxy's slow-client guard): no one is
+        # left to answer. From anything else, with the client still there, it
+        # is the bug it looks like.
+        if request.transport is not None and not request.transport.is_closing():
+            return _unhandled(request)
+        log.info("client_gone_before_body", path=request.path, method=request.method)
+        response = web.Response(status=CLIENT_GONE, reason="Client Closed Request")
+        response.force_close()
+        return response
     except Exception:
-        log.exception("unhandled_error", path=request.path, method=request.method)
-        return problem_response(Problem())
+        return _unhandled(request)
+
+
+def _unhandled(request: web.Request) -> web.Response:
+    log.exception("unhandled_error", path=request.path, method=request.method)
+    return problem_response(Problem())
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -91,8 +91,13 @@ async def test_the_shared_middlewares_answers_are_documented_where_they_can_come
         for response in responses:
             assert response.content_type == "application/problem+json"
             assert str(response.status) in document["paths"][path][method]["responses"], (method, path, response.status)
-    # And the database's 503 on every operation.
-    for item in document["paths"].values():
+    # And the database's 503 on every operation; a lost COMMIT's 500 on every
+    # change (each commits with its event), never on a read.
+    changes = {("post", "/todos"), ("patch", "/todos/{todo_id}"), ("delete", "/todos/{todo_id}")}
+    changes |= {("post", "/todos/{todo_id}/complete"), ("post", "/todos/{todo_id}/reopen")}
+    for path, item in document["paths"].items():
         for method, operation in item.items():
             if method != "parameters":
                 assert "503" in operation["responses"], method
+                lost = operation["responses"].get("500", {}).get("description", "")
+                assert lost.startswith("OUTCOME_UNKNOWN:") == ((method, path) in changes), (method, path)

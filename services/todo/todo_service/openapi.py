@@ -19,6 +19,7 @@ from .validation import DEFAULT_LIMIT, IDEMPOTENCY_KEY_PATTERN, MAX_LIMIT, QUERY
 
 _DATE_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, with a time zone"}
 _NULLABLE_DATE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_CHANGES = ("post", "patch", "delete")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -291,9 +292,12 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    paths = document["paths"]
     document["paths"] = with_shared_answers(
-        document["paths"],
+        paths,
         unavailable="DEPENDENCY_UNAVAILABLE (the database, slow or away) or TOKEN_KEYS_UNAVAILABLE"
         " (tokens cannot be checked); see Retry-After",
+        # Every change commits with its event (todos.py), and may lose the COMMIT's answer.
+        committing=[(method, path) for path, item in paths.items() for method in item if method in _CHANGES],
     )
     return document

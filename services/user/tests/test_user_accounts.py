@@ -16,6 +16,8 @@ from user_service.openapi import document
 from .conftest import Auth, Client, Login, Register
 
 PASSWORD = "a long and unusual passphrase"
+# Where a transaction commits, and may lose its answer: a 500 OUTCOME_UNKNOWN documented.
+COMMITTING = {("post", "/users"), ("post", "/auth/refresh"), ("post", "/auth/logout")}
 
 
 async def test_registration_returns_the_public_profile(client: Client) -> None:
@@ -299,3 +301,5 @@ def test_every_operation_that_reads_the_database_documents_its_503() -> None:
             answered_from_memory = path in {"/.well-known/jwks.json", "/openapi.json", "/auth/service-token"}
             documented = "DEPENDENCY_UNAVAILABLE" in operation["responses"].get("503", {}).get("description", "")
             assert documented != answered_from_memory, (method, path)
+            lost = operation["responses"].get("500", {}).get("description", "")
+            assert lost.startswith("OUTCOME_UNKNOWN:") == ((method, path) in COMMITTING), (method, path)

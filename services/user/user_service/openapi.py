@@ -266,6 +266,10 @@ PATHS: dict[str, Any] = {
 
 # Answered from memory: every other operation reads or writes the database.
 _FROM_MEMORY = frozenset({"/.well-known/jwks.json", "/openapi.json", "/auth/service-token"})
+# In a transaction (mesh_common.transactions), whose COMMIT's answer may be
+# lost; the rest write, if at all, one statement at a time, whose lost
+# answer is a 503 (a login's new session, a profile's change: either harmless twice).
+_COMMITTING = frozenset({("post", "/users"), ("post", "/auth/refresh"), ("post", "/auth/logout")})
 
 
 def document() -> dict[str, Any]:
@@ -282,6 +286,7 @@ def document() -> dict[str, Any]:
             PATHS,
             unavailable="DEPENDENCY_UNAVAILABLE: the database is slow or away; see Retry-After",
             answered_from_memory=_FROM_MEMORY,
+            committing=_COMMITTING,
         ),
         "components": {
             "schemas": SCHEMAS,
