@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import MalformedBody, NotFound, instance_is_well, problem
+from mesh_common.problems import CLIENT_GONE, MalformedBody, NotFound, instance_is_well, problem
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -46,9 +46,6 @@ MAX_ATTEMPTS = 2
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 # Responses up to this size are read whole: one write is cheaper than a stream.
 BUFFER_LIMIT = 256 * 1024
-# nginx's "client closed request": never sent, only what the access log
-# records for a request whose client left first, which is no server error.
-CLIENT_GONE = 499
 log = structlog.get_logger()
 
 
