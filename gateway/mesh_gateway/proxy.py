@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
-from mesh_common.problems import CLIENT_GONE, MalformedBody, NotFound, instance_is_well, problem
+from mesh_common.problems import MalformedBody, NotFound, instance_is_well, problem
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
@@ -105,14 +105,9 @@ class Proxy:
             raise NotFound(f"No route for {request.path}")
         if request.rel_url.raw_query_string:
             target += "?" + request.rel_url.raw_query_string
-        try:
-            body = await request.read() if request.can_read_body else None
-        except ConnectionError:
-            # Gone before its body was in (a cancelled upload, or Envoy's
-            # slow-client guard cutting it off): no one is left to answer.
-            log.info("client_gone_before_body")
-            _hang_up(request)
-            return web.Response(status=CLIENT_GONE, reason="Client Closed Request")
+        # A client gone before its body was in (a cancelled upload, Envoy's
+        # slow-client guard) fails this read: mesh_common.problems records a 499.
+        body = await request.read() if request.can_read_body else None
         headers = forward_headers(request)
         encodings = request.headers.getall("Content-Encoding", ())
         if body is not None and encodings:

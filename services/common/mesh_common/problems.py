@@ -118,7 +118,7 @@ def problem_response(exc: Problem) -> web.Response:
 
 # nginx's "client closed request": never sent, only what the access log
 # records for a request whose client left first, which is no server error
-# (the gateway's proxy records it too).
+# (every service's, the gateway's among them).
 CLIENT_GONE = 499
 # What aiohttp's own errors say that a client needs (a 405's Allow).
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
