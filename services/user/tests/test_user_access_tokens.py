@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import aiohttp
 import jwt
 
 from .conftest import SERVICE_SECRET, Auth, Client, Login, Register
+
+CREDENTIALS = {"client_id": "notification-service", "client_secret": SERVICE_SECRET}
 
 
 async def test_login_accepts_the_username_or_the_email_in_any_case(register: Register, login: Login) -> None:
@@ -31,9 +34,7 @@ async def test_services_get_a_users_read_token_and_may_read_any_profile(
     client: Client, register: Register, auth: Auth
 ) -> None:
     ada = await register()
-    response = await client.post(
-        "/auth/service-token", json={"client_id": "notification-service", "client_secret": SERVICE_SECRET}
-    )
+    response = await client.post("/auth/service-token", json=CREDENTIALS)
     assert response.status == 200
     issued = await response.json()
     claims = jwt.decode(issued["access_token"], options={"verify_signature": False})
@@ -61,3 +62,31 @@ async def test_wrong_client_credentials_are_refused(client: Client) -> None:
         response = await client.post("/auth/service-token", json=body)
         assert response.status == 401
         assert (await response.json())["code"] == "INVALID_CLIENT"
+
+
+async def test_client_secrets_are_throttled_per_client_and_address(client: Client) -> None:
+    # Only the network reaches this endpoint, but a secret an operator chose
+    # can be a word: without a count, a dictionary against it went unbounded.
+    wrong = {**CREDENTIALS, "client_secret": "wrong-secret-0123456789"}
+    statuses = [(await client.post("/auth/service-token", json=wrong)).status for _ in range(10)]
+    assert statuses == [401] * 10
+    refused = await client.post("/auth/service-token", json=CREDENTIALS)
+    assert refused.status == 429, "the right secret too, from the guessing address"
+    assert (await refused.json())["code"] == "RATE_LIMITED"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # The real service, calling from its own address, is not locked out by
+    # someone else's guesses (an account's count is per account alone).
+    url = client.make_url("/auth/service-token")
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as session, session.post(url, json=CREDENTIALS) as response:
+        assert response.status == 200, await response.text()
+
+
+async def test_right_client_secrets_do_not_count(client: Client) -> None:
+    wrong = {**CREDENTIALS, "client_secret": "wrong-secret-0123456789"}
+    for _ in range(9):
+        assert (await client.post("/auth/service-token", json=wrong)).status == 401
+    for _ in range(3):
+        assert (await client.post("/auth/service-token", json=CREDENTIALS)).status == 200
+    assert (await client.post("/auth/service-token", json=wrong)).status == 401
+    assert (await client.post("/auth/service-token", json=CREDENTIALS)).status == 429

@@ -18,7 +18,7 @@ from mesh_common.testing import refused_port
 from user_service.app import create_app
 from user_service.settings import Settings
 
-from .conftest import PASSWORD, Auth, Client, Login, Register
+from .conftest import PASSWORD, SERVICE_SECRET, Auth, Client, Login, Register
 
 
 @pytest.fixture
@@ -60,3 +60,9 @@ async def test_without_redis_logins_are_503_and_the_rest_goes_on(
     refreshed = await cut_off.post("/auth/refresh", json={"refresh_token": session["refresh_token"]})
     assert refreshed.status == 200, await refreshed.text()
     assert (await cut_off.get("/.well-known/jwks.json")).status == 200
+    # Services inside the network keep getting their tokens: their calls to
+    # this one need them, and a refusal would spread the outage to them.
+    issued = await cut_off.post(
+        "/auth/service-token", json={"client_id": "notification-service", "client_secret": SERVICE_SECRET}
+    )
+    assert issued.status == 200, await issued.text()

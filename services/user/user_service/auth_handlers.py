@@ -113,6 +113,19 @@ async def log_out(request: web.Request) -> web.Response:
 async def issue_service_token(request: web.Request) -> web.Response:
     """OAuth 2.0 client credentials for other services (SERVICE_CLIENTS)."""
     client_id, secret = validation.client_credentials(await read_json_object(request))
+    throttle = request.app[THROTTLE]
+    attempt = None
+    try:
+        attempt = await throttle.begin_client(client_id, request.remote or "")
+    except redis.exceptions.RedisError as exc:
+        # Unlike a login, let it through: only services inside the network
+        # reach this (the gateway does not route it), and their calls to us
+        # need the token, so refusing would make a Redis outage theirs too.
+        log.error("service_token_throttle_unavailable", error=type(exc).__name__)
+    if attempt is not None and not attempt.allowed:
+        raise TooManyRequests(
+            "Too many wrong client secrets; try again later", headers={"Retry-After": str(attempt.retry_after)}
+        )
     expected = dict(request.app[SETTINGS].service_clients).get(client_id)
     # compare_digest takes as long for a wrong secret as for a nearly right
     # one. An unknown client pays for a comparison too.
@@ -120,6 +133,11 @@ async def issue_service_token(request: web.Request) -> web.Response:
     if expected is None or not matched:
         log.warning("service_token_refused", client_id=client_id[:64])
         raise InvalidClient()
+    if attempt is not None:
+        try:
+            await throttle.succeeded(attempt)
+        except redis.exceptions.RedisError as exc:
+            log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
     issued = request.app[TOKENS].for_service(client_id)
     body = {
         "access_token": issued.token,

@@ -238,6 +238,7 @@ PATHS: dict[str, Any] = {
                 "200": _json(_ref("ServiceToken"), "A service access token"),
                 "401": problem_answer("INVALID_CLIENT"),
                 "422": _INVALID,
+                "429": problem_answer("RATE_LIMITED: too many wrong secrets for this client from this address"),
             },
         }
     },

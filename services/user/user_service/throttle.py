@@ -90,18 +90,29 @@ class LoginThrottle:
         self._secret = secret
         self._take_slot = redis.register_script(_TAKE_SLOT)
 
-    def _key(self, folded: str, account: str | None) -> str:
+    def _key(self, subject: str) -> str:
         # Keyed, not a bare SHA-256: what people type is sometimes a password
         # in the username box, and a bare hash of a common one is found again
         # by hashing common passwords. Without the secret, which never goes
         # to Redis, a key read from Redis tells nothing of what was typed.
-        subject = f"account:{account}" if account is not None else f"name:{folded}"
         digest = hmac.new(self._secret, subject.encode(), hashlib.sha256).hexdigest()
         return f"{self._prefix}login-slots:{digest}"
 
     async def begin(self, folded: str, account: str | None) -> Attempt:
         """Take a slot for ``account`` (its id), or, when the login named none, for the login as PostgreSQL folds it."""
-        key, slot = self._key(folded, account), secrets.token_hex(8)
+        return await self._begin(f"account:{account}" if account is not None else f"name:{folded}")
+
+    async def begin_client(self, client_id: str, peer: str) -> Attempt:
+        """Take a slot for a service client's secret, guessed from ``peer`` (an address).
+
+        Per client *and* address, unlike an account's: ten wrong secrets
+        from anyone must not lock the real service out of its tokens, and
+        with it every call it makes to this one.
+        """
+        return await self._begin(f"client:{client_id}\n{peer}")
+
+    async def _begin(self, subject: str) -> Attempt:
+        key, slot = self._key(subject), secrets.token_hex(8)
         window_ms = self._policy.window_seconds * 1000
         taken, wait_ms = await self._take_slot(keys=[key], args=[window_ms, self._policy.max_failures, slot])
         return Attempt(allowed=bool(taken), retry_after=max(math.ceil(int(wait_ms) / 1000), 1), key=key, slot=slot)
