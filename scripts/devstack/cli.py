@@ -6,12 +6,13 @@ import argparse
 import os
 import pwd
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from . import lock, stack
+from . import lock, sessions, stack
 from .config import StackConfig
 from .procs import StackError, running, say, stop
 from .signals import STOP_SIGNALS, Interrupted, ignore_signals, interrupt_on_signals
@@ -191,6 +192,15 @@ def not_ours(cfg: StackConfig, exc: PermissionError) -> str | None:
     )
 
 
+def cmd_turn(cfg: StackConfig, args: argparse.Namespace) -> int:
+    """Run a command in one turn at the stack: its test sessions, however many, are that turn's."""
+    if not args.argv:
+        raise StackError("turn: no command given (devstack turn -- CMD ...)")
+    with sessions.turn(cfg, args.what):
+        env = {**os.environ, lock.TURN_ENV: str(cfg.run_dir.resolve())}
+        return subprocess.run(args.argv, env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="devstack", description=__doc__)
     parser.add_argument("--profile", choices=["dev", "test"], default="dev")
@@ -208,13 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("scale", help="run N instances of a service")
     sc.add_argument("service")
     sc.add_argument("count", type=int)
+    tu = sub.add_parser("turn", help="run a command (task bench's benchmarks) in one turn at the test stack")
+    tu.add_argument("--what", default="benchmark", help="what others waiting for the turn are told it is")
+    tu.add_argument("argv", nargs=argparse.REMAINDER, help="-- and the command")
     args = parser.parse_args(argv)
+    if args.command == "turn" and args.argv[:1] == ["--"]:
+        args.argv = args.argv[1:]
     commands: dict[str, Callable[[StackConfig, argparse.Namespace], int | None]] = {
         "up": cmd_up,
         "down": cmd_down,
         "ps": cmd_ps,
         "status": cmd_status,
         "scale": cmd_scale,
+        "turn": cmd_turn,
     }
     # Put back on the way out: up ignores the stop signals while it tears down,
     # and a caller running main() in its own process (the tests) would be left

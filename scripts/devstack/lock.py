@@ -36,6 +36,10 @@ RUNS = "runs.lock"
 # The turns this process holds, by run directory and thread: a session in one
 # (pytest's fixture, in the turn its hook took) is the same run, not one to wait for.
 _turns: set[tuple[Path, int]] = set()
+# Set by `devstack turn` for the command it runs, to the run directory whose
+# turn it holds: the sessions of that command's processes (each of `task
+# bench`'s benchmarks) are in its turn, not runs that wait for it.
+TURN_ENV = "MESH_TURN_RUN_DIR"
 
 
 class Busy(StackError):
@@ -63,7 +67,7 @@ def turn(run_dir: Path, what: str, *, wait: float) -> Iterator[None]:
     Re-entered by the thread that holds it, it is that thread's still.
     """
     key = (run_dir.resolve(), threading.get_ident())
-    if key in _turns:
+    if key in _turns or _handed_down(run_dir):
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,36 @@ def turn(run_dir: Path, what: str, *, wait: float) -> Iterator[None]:
             yield
         finally:
             _turns.discard(key)
+
+
+def _handed_down(run_dir: Path) -> bool:
+    """Whether a process this one descends from holds the turn and handed it down (``TURN_ENV``).
+
+    The variable alone is not trusted: one left in a shell, or a turn whose
+    holder has ended, would let a run in beside another.
+    """
+    if os.environ.get(TURN_ENV) != str(run_dir.resolve()) or not (run_dir / RUNS).exists():
+        return False
+    with (run_dir / RUNS).open("a+") as lock:
+        if _take(lock):  # nobody holds it (and closing the file lets it go again)
+            return False
+        pid, _ = _signed(lock)
+    return pid.isdigit() and int(pid) in _ancestors()
+
+
+def _ancestors() -> set[int]:
+    """This process's parent, its parent's, and so on (from /proc)."""
+    found: set[int] = set()
+    pid = os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        pid = int(stat.rpartition(")")[2].split()[1])
+    return found
 
 
 class Users:

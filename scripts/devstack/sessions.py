@@ -10,9 +10,10 @@ its rows truncated mid-measurement, its figures disturbed besides. So a
 session holds the stack's turn (``lock.turn``) from its start to its end,
 and another waits for it, saying for whom, up to ``TURN_WAIT``. The turn is
 an flock: a holder killed outright (SIGKILL) holds it no more. A pytest run
-takes its turn before its first test (the root conftest.py); each of `task
-bench`'s benchmarks is a session of its own, and a test run that waits may
-have its turn between two of them.
+takes its turn before its first test (the root conftest.py). `task bench`
+takes one turn for all its benchmarks (`devstack turn`), each a process and
+a session of its own in it, so that a test run waiting for its turn comes
+after the last of them, not between two.
 
 A session is a user of the stack (``lock.Users``) from the start of its
 wait: the end of `task test` or `task bench` (``down --unless-in-use``)
@@ -37,9 +38,9 @@ from .procs import say
 # How long a session waits for the stack's lock: another's start of the
 # infrastructure or of the services, or a `down`, ends within it as a rule.
 WAIT = 2 * stack.READY_TIMEOUT
-# How long a session waits for its turn: a whole `task test` takes about 7
-# minutes here and each of `task bench`'s about 8, so a run or two queued
-# ahead end within it; a holder suspended (Ctrl-Z) or hung keeps it no longer.
+# How long a session waits for its turn: a whole `task test` takes about 8
+# minutes here and `task bench` about 8, so a run or two queued ahead end
+# within it; a holder suspended (Ctrl-Z) or hung keeps it no longer.
 TURN_WAIT = 30 * 60.0
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,17 @@ from .conftest import INFRA, other_session, session_process
 # Long enough for what the tests do while a waiter waits; a waiter a failed
 # test leaves gives up within it.
 WAITER_BOUND = 30.0
+# A session, in a process of its own, that waits for no one's turn: it says
+# so once in it, or fails naming the one whose turn it is.
+SESSION_IN_TURN = shlex.join(
+    [
+        sys.executable,
+        "-c",
+        "from devstack import lock; from devstack.config import StackConfig;"
+        " cfg = StackConfig.from_env(profile='test');"
+        " lock.turn(cfg.run_dir, 'benchmark', wait=0).__enter__(); print('in the turn')",
+    ]
+)
 
 
 @contextlib.contextmanager
@@ -174,3 +188,32 @@ def test_a_pytest_run_that_waits_out_the_bound_ends_naming_the_one_at_work(
         tests = _runtestloop(pytestconfig)(_run_of("infra"))
         with pytest.raises(pytest.exit.Exception, match=re.escape(f"the benchmark (pid {other.pid}) still has")):
             next(tests)
+
+
+def test_a_turn_handed_down_covers_every_session_of_the_command_and_no_other(
+    env: dict[str, str], cfg: StackConfig, stand_ins: list[str]
+) -> None:
+    # `task bench`: three benchmarks, each a process with a session of its
+    # own. Each took its own turn, and a test run waiting for one could have
+    # its turn between two of them.
+    one_then_another = f"{SESSION_IN_TURN} && {SESSION_IN_TURN}"
+    turn = subprocess.run(
+        [sys.executable, "-m", "devstack", "--profile", "test", "turn", "--", "sh", "-c", one_then_another],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "scripts")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert turn.returncode == 0, turn.stderr
+    assert turn.stdout == "in the turn\n" * 2
+    assert lock.in_use(cfg.run_dir, lock.RUNS) is None  # given back at the end
+
+    # Handed down only to the holder's own descendants: the variable, left
+    # in a shell, lets no run in beside another.
+    with other_session(env) as other:
+        handed = {**env, lock.TURN_ENV: str(cfg.run_dir.resolve()), "PYTHONPATH": str(ROOT / "scripts")}
+        outsider = subprocess.run(
+            ["sh", "-c", SESSION_IN_TURN], env={**os.environ, **handed}, capture_output=True, text=True, timeout=120
+        )
+        assert outsider.returncode != 0
+        assert f"the test session (pid {other.pid}) still has its turn" in outsider.stderr
