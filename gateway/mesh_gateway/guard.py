@@ -67,13 +67,22 @@ async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> 
 
     The decision is kept on the request, for the ``RateLimit-*`` headers of
     whatever answers it; there is none when Redis is away and a read passes
-    anyway.
+    anyway: what this gateway alone let through is no count of the limit's.
     """
     table, limiter = request.app[ROUTE_TABLE], request.app[RATE_LIMITER]
     try:
         decision = await limiter.check(ip=ip, user=user, auth_route=(request.method, request.path) in table.auth)
     except RateLimiterUnavailable as exc:
-        if request.method in READS or (request.method, request.path) in table.session:
+        session = (request.method, request.path) in table.session
+        if request.method in READS or session:
+            # Open, but not to a flood: the session writes are proven by a
+            # token only the service can check, so each junk one would take
+            # a transaction there, unbounded, from the users it is open for.
+            refused = limiter.unchecked_refusal(ip=ip, session=session)
+            if refused is not None:
+                if limiter.outage.refused_unchecked():
+                    log.warning("rate_limiter_unavailable_refusing", ip=ip)
+                _refuse(refused)
             # Once an outage, not per request: thousands a second otherwise.
             # The limiter logs when it ends, with how many passed.
             if limiter.outage.passed_unchecked():

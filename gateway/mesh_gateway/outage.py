@@ -8,12 +8,19 @@ own. Once a call fails, checks fail at once instead, while one probe at a
 time (a draw of nothing, which no request waits for) tells when Redis is
 back: the first straight away, since a dropped connection mostly heals by
 connecting again, then after 1 s, doubling up to 5 s.
+
+What is let through meanwhile (reads, and the writes that keep a session
+going) is still bounded per client, by the gateway alone: a token bucket
+per client IP (``Buckets``), so that no one client floods the services
+behind while nothing shared counts it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -21,12 +28,59 @@ from .redis_script import OnReply, Reply
 
 FIRST_WAIT = 1.0  # between the failed probes of one outage, at first
 LONGEST_WAIT = 5.0  # and at most, however long it lasts
+# Clients with a bucket, per table; past that, the one seen longest ago goes.
+# A bucket idle for a window is full again, the same as none, so this is
+# lossless unless a gateway sees more clients than this within one window
+# (the figure its leases keep, too); a client evicted early only gets its
+# burst back early. About 250 bytes a bucket: 12 MB for a full table.
+BUCKETS_KEPT = 50_000
 
 log = structlog.get_logger()
 
 
 class RateLimiterUnavailable(Exception):
     """Redis did not answer; the caller decides whether to fail open."""
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """A token bucket's shape: ``burst`` requests at once, then ``per_second``."""
+
+    burst: int
+    per_second: float
+
+
+class Buckets:
+    """One token bucket per client, in this process only, the least recently seen evicted past ``kept``."""
+
+    def __init__(self, allowance: Allowance, *, kept: int = BUCKETS_KEPT, clock: Callable[[], float] = time.monotonic):
+        self.allowance = allowance
+        self._kept = kept
+        self._clock = clock
+        self._table: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, as of when (clock)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def take(self, client: str) -> float:
+        """Take a token for ``client``: 0 if there was one, else the seconds until there is.
+
+        A refusal takes nothing: a client sending faster than the refill
+        gets exactly the refill through, however hard it hammers.
+        """
+        burst, per_second = self.allowance.burst, self.allowance.per_second
+        now = self._clock()
+        tokens, then = self._table.get(client, (burst, now))
+        tokens = min(burst, tokens + (now - then) * per_second)
+        if tokens >= 1:
+            tokens, wait = tokens - 1, 0.0
+        else:
+            wait = (1 - tokens) / per_second
+        self._table[client] = (tokens, now)
+        self._table.move_to_end(client)
+        if len(self._table) > self._kept:
+            self._table.popitem(last=False)
+        return wait
 
 
 class Outage:
@@ -46,6 +100,7 @@ class Outage:
         self._error = ""  # what the last failed call said
         self._unchecked = 0  # checks answered without Redis this outage
         self._passed = 0  # of which let through anyway
+        self._refused = 0  # and refused, past a client's in-process allowance
 
     @property
     def down(self) -> bool:
@@ -79,14 +134,22 @@ class Outage:
         self._passed += 1
         return self._passed == 1
 
+    def refused_unchecked(self) -> bool:
+        """Count a request refused past its client's allowance; True for the first of the outage, the one to log."""
+        self._refused += 1
+        return self._refused == 1
+
     def _probed(self, reply: Reply) -> None:
         self._probing = False
         now = time.monotonic()
         if not isinstance(reply, Exception):
             if self._since is not None:
-                down_s, unchecked, passed = round(now - self._since, 1), self._unchecked, self._passed
-                log.warning("rate_limiter_back", down_s=down_s, unchecked=unchecked, failed_open=passed)
-            self._since, self._wait, self._unchecked, self._passed = None, FIRST_WAIT, 0, 0
+                down_s, unchecked = round(now - self._since, 1), self._unchecked
+                passed, refused = self._passed, self._refused
+                log.warning(
+                    "rate_limiter_back", down_s=down_s, unchecked=unchecked, failed_open=passed, refused=refused
+                )
+            self._since, self._wait, self._unchecked, self._passed, self._refused = None, FIRST_WAIT, 0, 0, 0
             return
         if self._closed:
             return

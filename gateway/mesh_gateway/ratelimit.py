@@ -19,9 +19,11 @@ When Redis is unreachable, the counts in hand are still handed out; a
 request that needs a draw fails *open for reads* (GET, HEAD, OPTIONS) so
 browsing survives a cache outage, and *closed for writes*, which are the
 abuse we limit for (credential stuffing, spam), save the few that keep a
-session going (``RouteTable.session``). See docs/gateway.md. Once a call
-has failed, checks that need a draw fail at once until a probe finds Redis
-back (outage.py): no request waits on a Redis known to be down.
+session going (``RouteTable.session``), though never past an allowance
+each gateway keeps per client IP itself (``unchecked_refusal``). See
+docs/gateway.md. Once a call has failed, checks that need a draw fail at
+once until a probe finds Redis back (outage.py): no request waits on a
+Redis known to be down.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .leases import Leases
-from .outage import Outage, RateLimiterUnavailable
+from .outage import Allowance, Buckets, Outage, RateLimiterUnavailable
 from .redis_script import RedisScript, Reply
 
 # KEYS: distinct counters. ARGV, per key: how many counts to draw, then how
@@ -143,6 +145,16 @@ class RateLimiter:
         # any draw: a Redis refusing writes (out of memory, a replica) is down.
         probe = [f"{prefix}:probe"]
         self.outage = Outage(lambda on_reply: self._redis.call(probe, [0, 60_000], on_reply))
+        # What a client IP gets through unchecked, from each gateway: a bucket
+        # of the limit, refilled over a window, so never more than the limit
+        # lets through (a fixed window also lets all of it go at once). Session
+        # writes get the auth routes' limit, since a junk refresh token is a
+        # guessed credential that costs the service a transaction: by default
+        # 30 at once, then one every 2 s. A user refreshing every few minutes,
+        # or a few hundred behind one NAT, never notice; a flood is cut short.
+        window = limits.window_seconds
+        self._unchecked_reads = Buckets(Allowance(limits.per_ip, limits.per_ip / window))
+        self._unchecked_sessions = Buckets(Allowance(limits.auth_per_ip, limits.auth_per_ip / window))
 
     def close(self) -> None:
         self.outage.close()
@@ -184,6 +196,18 @@ class RateLimiter:
             return None
         # Past its cap, a lease hands out counts without Redis, all refused.
         return _judge([cap for _, cap in over], [self._leases.take(key, cap) for key, cap in over], window_end, now)
+
+    def unchecked_refusal(self, *, ip: str, session: bool) -> Decision | None:
+        """While Redis is down, the refusal of a read or ``session`` write from ``ip`` past its allowance; else None.
+
+        Decided by this gateway alone, so each of N gateways grants it:
+        a client spread over them gets N times as much through.
+        """
+        buckets = self._unchecked_sessions if session else self._unchecked_reads
+        wait = buckets.take(ip)
+        if not wait:
+            return None
+        return Decision(allowed=False, limit=buckets.allowance.burst, remaining=0, reset_seconds=math.ceil(wait))
 
     def _counters(self, now: float, ip: str, user: str | None, auth_route: bool) -> tuple[list[str], list[int], int]:
         """The counters a request counts against, their limits, and the end of their window (Unix ms)."""

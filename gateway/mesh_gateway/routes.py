@@ -66,6 +66,8 @@ class RouteTable:
     # guess: they pass, like reads, while the rate limiter's Redis is away.
     # Refused, every signed-in user would be signed out within an access
     # token's lifetime (10 minutes), and a cache outage would become a full one.
+    # Only the service can check that proof, though, so they pass within the
+    # auth routes' limit, per IP, kept by each gateway itself (ratelimit.py).
     session: frozenset[tuple[str, str]] = frozenset()
 
     def match(self, path: str) -> Route | None:
