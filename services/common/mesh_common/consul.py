@@ -15,7 +15,10 @@ must only ever see the process itself:
 And a keeper, because a registration can still be lost while the process
 lives (a Consul agent restarted with its state in memory, as ``-dev`` keeps
 it): every ``KEEP_INTERVAL`` it asks the agent for the instance, and
-registers it again when the agent no longer knows it.
+registers it again when the agent no longer knows it. Until then every
+watch sees the instance gone: so while the agent is away it asks every
+``AWAY_INTERVAL``, and it registers the checks as the instance knows them
+(``health.readiness``), not critical as Consul would start them.
 
 At start, an agent that is away or failing (a 5xx) is waited for, up to
 ``REGISTER_WAIT``; one that refuses (a 4xx) fails the start at once. A
@@ -30,8 +33,9 @@ import asyncio
 import itertools
 import random
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import aiohttp
 import consul
@@ -42,10 +46,12 @@ from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, Clie
 from yarl import URL
 
 from .app import CleanupCtx
-from .health import SERVICE
+from .health import SERVICE, readiness
 from .settings import ServiceSettings
 
 CONSUL = web.AppKey("mesh.consul", consul.aio.Consul)
+# Whether the instance is ready now; None while it may not listen yet.
+Readiness = Callable[[], Awaitable[bool | None]]
 log = structlog.get_logger()
 # Consul waits this long for a check's answer; /health gives its own
 # dependency checks less (health.CHECK_TIMEOUT), so that a slow one is
@@ -65,6 +71,9 @@ REGISTER_FIRST_WAIT = 0.25
 # an empty set until each has registered again: keep that short. Asking the
 # local agent for its services costs it next to nothing.
 KEEP_INTERVAL = 2.0
+# How often the keeper asks while the agent is away (with jitter): an agent
+# back from a restart has the instance again within a fraction of a second.
+AWAY_INTERVAL = 0.25
 
 
 def consul_client(url: str, *, token: str | None = None) -> consul.aio.Consul:
@@ -102,10 +111,18 @@ def consul_ctx(service: ServiceSettings) -> CleanupCtx:
 class Registration:
     """This instance's entry in Consul's catalog, with its health check."""
 
-    def __init__(self, client: consul.aio.Consul, service: ServiceSettings, tags: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        service: ServiceSettings,
+        tags: list[str] | None = None,
+        *,
+        readiness: Readiness | None = None,
+    ) -> None:
         self._client = client
         self._service = service
         self._tags = tags or []
+        self._readiness = readiness
         # True from the moment a registration is sent: an answer lost on its
         # way back (a timeout) may leave an entry, which only a deregistration
         # is sure to remove. Consul forgetting an unknown id is no harm.
@@ -174,6 +191,14 @@ class Registration:
         ready = consul.Check.http(
             str((base / "health").with_query(mine)), interval=s.check_interval, timeout=CHECK_HTTP_TIMEOUT
         )
+        # Consul starts a check critical and first calls it up to an interval
+        # later: an instance registered again while it serves would be out of
+        # every healthy set (and Consul's DNS) that long. One starting stays
+        # critical: it listens only once its start-up, this included, is over.
+        ready_now = await self._readiness() if self._readiness is not None else None
+        if ready_now is not None:
+            live["Status"] = "passing"
+            ready["Status"] = "passing" if ready_now else "critical"
         was, self.registered = self.registered, True
         self._leave_by = None  # a deregistration after this one has its own budget
         deadline = asyncio.get_running_loop().time() + CALL_TIMEOUT
@@ -200,19 +225,31 @@ class Registration:
 
     async def keep(self, interval: float = KEEP_INTERVAL) -> None:
         """Register again whenever the agent has lost this instance; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        away_since: float | None = None  # the agent's first failure in a row, unless it refused
         while True:
-            await asyncio.sleep(interval)
+            soon = random.uniform(0.5, 1.5) * AWAY_INTERVAL  # instances told apart, not in step
+            await asyncio.sleep(interval if away_since is None else min(interval, soon))
             if not self.registered:  # not yet, or no longer: shutting down
                 continue
             try:
                 async with asyncio.timeout(CALL_TIMEOUT):
                     known = await self._client.agent.services()
+                if away_since is not None:
+                    log.info("consul_agent_back", service_id=self.service_id, away=round(loop.time() - away_since, 2))
+                    away_since = None
                 if self.service_id not in known and self.registered:
                     log.warning("consul_registration_lost", service_id=self.service_id)
                     await self._register_once()  # one try a round: the next round is the retry
                     log.info("consul_registered", service_id=self.service_id)
-            except Exception as exc:  # Consul away: the next round tries again
-                log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
+            except Exception as exc:  # the next round tries again
+                refused = _refused(exc)  # a 4xx: the agent is there, and would answer the same at once
+                if away_since is None or refused:  # once an outage: its rounds come four a second
+                    log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
+                if refused:
+                    away_since = None
+                elif away_since is None:
+                    away_since = loop.time()
 
     async def disown(self) -> None:
         """Leave the entry to the process that listens on our address and port: its id is ours too.
@@ -291,7 +328,8 @@ def registration_ctx(tags: list[str] | None = None, *, wait_for_consul: float = 
 
     @asynccontextmanager
     async def register_in_consul(app: web.Application) -> AsyncIterator[None]:
-        app[REGISTRATION] = registration = Registration(app[CONSUL], app[SERVICE], tags)
+        registration = Registration(app[CONSUL], app[SERVICE], tags, readiness=partial(readiness, app))
+        app[REGISTRATION] = registration
         try:
             # In the try: a start that fails here may have left an entry.
             await registration.register(within=wait_for_consul)

@@ -16,6 +16,9 @@ another instance answers them 404. A killed instance stays registered until
 Consul reaps it, and if another service took its address and port meanwhile
 (compose gives every service but the gateway port 8080), that one's answer would otherwise
 keep the dead entry passing, and its traffic going to the wrong service.
+
+``readiness`` is what the instance tells Consul when it registers again
+while it serves (consul.py): Consul would start both checks critical.
 """
 
 from __future__ import annotations
@@ -38,8 +41,16 @@ class HealthCheck:
     required: bool = True
 
 
+@dataclass(slots=True)
+class Answered:
+    """Whether the instance has answered a check: then it listens, which it does only after its start-up."""
+
+    yet: bool = False
+
+
 SERVICE = web.AppKey("mesh.service", ServiceSettings)
 HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, HealthCheck])
+ANSWERED = web.AppKey("mesh.health_answered", Answered)
 CHECK_TIMEOUT = 1.5  # below Consul's check timeout (consul.CHECK_HTTP_TIMEOUT)
 
 
@@ -62,8 +73,21 @@ def _check_for_another(request: web.Request) -> None:
         raise NotFound("This check is for another instance")
 
 
+async def readiness(app: web.Application) -> bool | None:
+    """Whether the instance is ready, by its required checks run now; None while it may not listen yet.
+
+    Until it has answered a check it may still be starting: ``serve`` listens
+    only once the start-up, its registration included, is over.
+    """
+    if not app[ANSWERED].yet:
+        return None
+    required = [check.run for check in app[HEALTH_CHECKS].values() if check.required]
+    return all(result == "ok" for result in await asyncio.gather(*map(_run, required)))
+
+
 async def health(request: web.Request) -> web.Response:
     _check_for_another(request)
+    request.app[ANSWERED].yet = True
     service = request.app[SERVICE]
     checks = request.app[HEALTH_CHECKS]
     results = dict(zip(checks, await asyncio.gather(*(_run(c.run) for c in checks.values())), strict=True))
@@ -86,6 +110,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def live(request: web.Request) -> web.Response:
     _check_for_another(request)
+    request.app[ANSWERED].yet = True
     service = request.app[SERVICE]
     return web.json_response({"status": "ok", "service": service.name, "version": service.version})
 
@@ -93,5 +118,6 @@ async def live(request: web.Request) -> web.Response:
 def setup_health(app: web.Application, service: ServiceSettings) -> None:
     app[SERVICE] = service
     app[HEALTH_CHECKS] = {}
+    app[ANSWERED] = Answered()
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/health/live", live, name="health.live")

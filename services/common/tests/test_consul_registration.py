@@ -198,3 +198,37 @@ async def test_a_check_meant_for_another_instance_at_this_address_fails(aiohttp_
             assert r.status == 200, path
         async with client.get(path) as r:  # probes that name no instance (compose's, Envoy's)
             assert r.status == 200, path
+
+
+@pytest.mark.parametrize(
+    ("ready", "statuses"),
+    [
+        (None, [None, None]),  # starting, not listening yet: Consul's critical is the truth
+        (True, ["passing", "passing"]),
+        (False, ["passing", "critical"]),  # its database away: live, and out of every healthy set
+    ],
+)
+async def test_an_instance_registered_while_it_serves_gives_its_checks_as_it_knows_them(
+    aiohttp_server: Any, ready: bool | None, statuses: list[str | None]
+) -> None:
+    # Consul starts a check critical and first calls it up to an interval
+    # later: registered again after a restarted agent forgot it, an instance
+    # that serves would be out of every healthy set (and Consul's DNS) that long.
+    registered: list[dict[str, Any]] = []
+
+    async def register(request: web.Request) -> web.Response:
+        registered.append(json.loads(await request.read()))
+        return web.json_response(True)
+
+    async def readiness() -> bool | None:
+        return ready
+
+    app = web.Application()
+    app.router.add_put("/v1/agent/service/register", register)
+    client = consul_client(str((await aiohttp_server(app)).make_url("/")))
+    try:
+        await Registration(client, loopback_service("known", "unused", port=8130), readiness=readiness).register()
+    finally:
+        await client.close()
+    [payload] = registered
+    assert [check.get("Status") for check in payload["checks"]] == statuses

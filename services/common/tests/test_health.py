@@ -11,7 +11,7 @@ import pytest
 from devstack.config import StackConfig
 from mesh_common.app import service_app
 from mesh_common.db import DB, database_ctx
-from mesh_common.health import add_health_check
+from mesh_common.health import add_health_check, readiness
 from mesh_common.testing import loopback_service
 
 
@@ -65,3 +65,24 @@ async def test_a_busy_database_pool_leaves_the_instance_in_service(
             response = await client.get("/health")
         assert response.status == 200
         assert (await response.json())["checks"] == {"postgres": "ok"}
+
+
+@pytest.mark.parametrize("cache", [ok, down])
+@pytest.mark.parametrize("database", [ok, down])
+@pytest.mark.parametrize("path", ["/health", "/health/live"])
+async def test_an_instance_knows_its_readiness_once_it_has_answered_a_check(
+    aiohttp_client: Any, database: Any, cache: Any, path: str
+) -> None:
+    # What it registers its checks with when a restarted agent forgot it.
+    # Before any check is answered it may still be starting, not listening.
+    app = service_app(loopback_service("svc", "http://127.0.0.1:1"))
+    add_health_check(app, "postgres", database)
+    add_health_check(app, "redis", cache, required=False)
+    client = await aiohttp_client(app)
+    assert await readiness(app) is None
+    async with client.get(path, params={"instance": "another-instance"}) as response:
+        assert response.status == 404
+    assert await readiness(app) is None  # another instance's check: this one's port may be taken
+    async with client.get(path):
+        pass
+    assert await readiness(app) is (database is ok)  # the cache is not required
