@@ -21,7 +21,8 @@ COMMON_SOURCE = ROOT / "services" / "common" / "mesh_common"
 def service(cfg: StackConfig, svc: str, n: int) -> Proc:
     package = SERVICE_PACKAGES[svc]
     sources = (COMMON_SOURCE, ROOT / "services" / svc / package)
-    return Proc(f"{svc}-{n}", [cfg.python, "-m", package], env=cfg.service_env(svc), sources=sources)
+    argv = [cfg.python, "-m", package]
+    return Proc(f"{svc}-{n}", argv, env=cfg.service_env(svc), sources=sources, settings=f"{package}.settings")
 
 
 def gateway(cfg: StackConfig, n: int) -> Proc:
@@ -33,7 +34,8 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
         "GATEWAY_EXPOSE_UPSTREAM": "1",
     }
     sources = (COMMON_SOURCE, ROOT / "gateway" / "mesh_gateway")
-    return Proc(f"gateway-{n}", [cfg.python, "-m", "mesh_gateway"], env=env, sources=sources)
+    argv = [cfg.python, "-m", "mesh_gateway"]
+    return Proc(f"gateway-{n}", argv, env=env, sources=sources, settings="mesh_gateway.settings")
 
 
 def envoy(cfg: StackConfig, *, admin_address_path: Path | None = None) -> Proc:

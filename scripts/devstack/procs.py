@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypedDict
 
-from . import pidfile
+from . import pidfile, reads
 from .signals import held_back
 
 # Children we started, kept so that Popen does not warn that they outlive it:
@@ -65,6 +65,9 @@ class Proc:
     # Directories (or files) whose contents are the process's code or
     # configuration: a process started from other contents is stale.
     sources: tuple[Path, ...] = ()
+    # Ours (a service, a gateway): the module whose ``Settings.from_env`` it
+    # reads its settings with. None of the variables read is inherited.
+    settings: str | None = None
 
     def fingerprint(self) -> str:
         """What this process would run: its command, environment and sources, hashed."""
@@ -111,14 +114,15 @@ def rotate_log(path: Path, limit: int) -> None:
             path.replace(path.with_name(path.name + ".1"))
 
 
-def inherited_env() -> dict[str, str]:
-    """What a stack process takes from ours: all of it but libpq's own variables.
+def inherited_env(without: Collection[str] = ()) -> dict[str, str]:
+    """What a stack process takes from ours: all of it but libpq's own variables, and ``without``.
 
     libpq reads PGSSLMODE, PGDATABASE, PGOPTIONS and the rest even beside a
     URL, and compose's containers have none of them: a developer's own
     settings for another database must not break this stack's, natively only.
+    ``without``: the settings a service reads (see reads.py), for the same reason.
     """
-    return {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+    return {name: value for name, value in os.environ.items() if not name.startswith("PG") and name not in without}
 
 
 def start(run_dir: Path, proc: Proc) -> int:
@@ -129,7 +133,8 @@ def start(run_dir: Path, proc: Proc) -> int:
     fingerprint = proc.fingerprint()
     mark = secrets.token_hex(8)
     log = open(log_path(run_dir, proc.name), "ab")  # noqa: SIM115 - handed to the child
-    env = {**inherited_env(), **proc.env, pidfile.MARK: mark}
+    own = reads.read_by(proc.settings, proc.env) if proc.settings is not None else ()
+    env = {**inherited_env(without=own), **proc.env, pidfile.MARK: mark}
     run_as: _RunAs = {}
     if proc.user is not None and os.geteuid() == 0:
         entry = pwd.getpwnam(proc.user)

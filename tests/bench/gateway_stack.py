@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,9 @@ def start_bench_processes(cfg: StackConfig) -> None:
         Proc("bench-echo", [cfg.python, str(ROOT / "tests/bench/echo_service.py")], env=cfg.service_env("echo")),
     )
     gateway = mesh.gateway(cfg, 0)
-    start(cfg.run_dir, Proc(gateway.name, gateway.argv, env={**gateway.env, **BENCH_ENV}))
+    # replace(), not a Proc of our own: it keeps what the stack's gateway has
+    # beside its command (its settings, which the shell must not set).
+    start(cfg.run_dir, replace(gateway, env={**gateway.env, **BENCH_ENV}))
     if not port_free("127.0.0.1", PASSTHROUGH_PORT):
         raise SystemExit(f"port {PASSTHROUGH_PORT} is taken")
     passthrough_env = {
@@ -49,7 +52,7 @@ def start_bench_processes(cfg: StackConfig) -> None:
         "GATEWAY_SERVICE_NAME": "gateway-passthrough",
         "GATEWAY_PASSTHROUGH": "1",
     }
-    start(cfg.run_dir, Proc("bench-passthrough", gateway.argv, env=passthrough_env))
+    start(cfg.run_dir, replace(gateway, name="bench-passthrough", env=passthrough_env))
     start(cfg.run_dir, mesh.envoy(cfg))
     for name in ("bench-echo", "gateway", "gateway-passthrough", "user-service", "todo-service"):
         wait_until(functools.partial(stack.passing, cfg, name), timeout=60, what=f"{name} to pass its check")
