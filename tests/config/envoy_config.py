@@ -44,6 +44,18 @@ def http_filter(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return matches[0]["typed_config"]
 
 
+def local_rate_limit(cfg: dict[str, Any]) -> dict[str, Any]:
+    return http_filter(cfg, "envoy.filters.http.local_ratelimit")
+
+
+def client_bucket(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The local rate limit's bucket for each client address: a descriptor with no value, a wildcard."""
+    (descriptor,) = local_rate_limit(cfg)["descriptors"]
+    assert descriptor["entries"] == [{"key": "remote_address"}]
+    bucket: dict[str, Any] = descriptor["token_bucket"]
+    return bucket
+
+
 def gateway_cluster(cfg: dict[str, Any]) -> dict[str, Any]:
     (cluster,) = cfg["static_resources"]["clusters"]
     assert cluster["name"] == "gateway"

@@ -13,17 +13,19 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from devstack.loopback import DIRECT
 
 from .conftest import find_envoy, render_native
+from .envoy_config import gateway_routes
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,18 @@ def stand_in_gateways(
             thread.join(timeout=5)
 
 
-def config_for(stand_ins: StandIns, dns_port: int, access_log: Path, *, route_idle_s: int | None = None) -> str:
-    """The native config, rendered to send to ``stand_ins`` and nothing else, on ports Envoy picks."""
+def edited(rendered: str, edit: Callable[[dict[str, Any]], None]) -> str:
+    """``rendered`` with ``edit`` made to it, parsed."""
+    cfg = yaml.safe_load(rendered)
+    edit(cfg)
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def config_for(stand_ins: StandIns, dns_port: int, access_log: Path, *, route_idle_s: float | None = None) -> str:
+    """The native config, rendered to send to ``stand_ins`` and nothing else, on ports Envoy picks.
+
+    ``route_idle_s`` replaces the idle timeout of every route to the gateway.
+    """
     rendered = render_native(
         ENVOY_PORT="0",
         ENVOY_ADMIN_PORT="0",
@@ -115,18 +127,27 @@ def config_for(stand_ins: StandIns, dns_port: int, access_log: Path, *, route_id
     assert rendered.count("address: gateway.service.consul") == 1
     rendered = rendered.replace("gateway.service.consul", f"{stand_ins.name}.service.consul")
     if route_idle_s is not None:
-        assert rendered.count("idle_timeout: 15s") >= 1
-        rendered = rendered.replace("idle_timeout: 15s", f"idle_timeout: {route_idle_s}s")
+
+        def shorten(cfg: dict[str, Any]) -> None:
+            for route in gateway_routes(cfg):
+                route["route"]["idle_timeout"] = f"{route_idle_s:.3f}s"
+
+        rendered = edited(rendered, shorten)
     return rendered
 
 
 def fetch(
-    url: str, headers: dict[str, str] | None = None, *, body: bytes | None = None, method: str | None = None
+    url: str,
+    headers: dict[str, str] | None = None,
+    *,
+    body: bytes | None = None,
+    method: str | None = None,
+    timeout: float = 5,
 ) -> tuple[int, dict[str, str], bytes]:
     """A GET, or a POST of ``body``, or ``method``: status, headers and body, whatever the status."""
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
-        with DIRECT.open(request, timeout=5) as response:
+        with DIRECT.open(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         with error:

@@ -20,14 +20,15 @@ import yaml
 from devstack.config import StackConfig
 
 from .conftest import REPO_ROOT
-from .envoy_run import StandIns, config_for, fetch, running_envoy, stand_in_gateways
+from .envoy_config import client_bucket, local_rate_limit
+from .envoy_run import StandIns, config_for, edited, fetch, running_envoy, stand_in_gateways
 
 # --------------------------------------------------------------------------
 # smoke run: native config, the real Consul's DNS, two stand-in gateways, one dead one
 
 GATEWAY_IPS = ["127.0.0.2", "127.0.0.3"]
 DEAD_GATEWAY_IP = "127.0.0.4"  # in DNS, but nothing listens: connect-failure
-# The route's idle timeout, shortened from its 15 s so that a gateway's
+# The routes' idle timeout, shortened from their 30 s so that a gateway's
 # silence can be waited out.
 SILENT_ROUTE_IDLE_S = 1
 
@@ -179,16 +180,14 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     # A gateway name nobody registered: no instance to send to.
     nobody = StandIns(f"nobody-{uuid.uuid4().hex[:8]}", 8000)
     rendered = config_for(nobody, infra.ports.consul_dns, tmp_path / "access.log")
-    # And a bucket of three requests that does not refill during the test.
-    for old, new in [
-        ("max_tokens: 5000", "max_tokens: 3"),
-        ("tokens_per_fill: 5000", "tokens_per_fill: 3"),
-        ("fill_interval: 1s", "fill_interval: 3600s"),
-    ]:
-        assert rendered.count(old) == 1, old
-        rendered = rendered.replace(old, new)
+
+    # And buckets of three requests that do not refill during the test.
+    def three_an_hour(cfg: dict[str, Any]) -> None:
+        for bucket in (local_rate_limit(cfg)["token_bucket"], client_bucket(cfg)):
+            bucket.update(max_tokens=3, tokens_per_fill=3, fill_interval="3600s")
+
     config = tmp_path / "envoy.yaml"
-    config.write_text(rendered)
+    config.write_text(edited(rendered, three_an_hour))
 
     with running_envoy(config) as process:
         public = process.public

@@ -12,10 +12,11 @@ from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
 
 from .conftest import SAMPLE_VALUES
 from .envoy_config import (
+    client_bucket,
     dns_settings,
     gateway_cluster,
     hcm,
-    http_filter,
+    local_rate_limit,
     local_replies,
     seconds,
     upstream_endpoint,
@@ -168,16 +169,47 @@ def test_no_active_health_check(cfg: dict[str, Any]) -> None:
     assert "health_checks" not in gateway_cluster(cfg)
 
 
-def test_local_rate_limit_is_a_generous_enforced_shield(cfg: dict[str, Any]) -> None:
-    limit = http_filter(cfg, "envoy.filters.http.local_ratelimit")
+def _per_second(bucket: dict[str, Any]) -> float:
+    return float(bucket["tokens_per_fill"]) / seconds(bucket["fill_interval"])
+
+
+def test_local_rate_limit_is_a_generous_enforced_shield_for_each_client(cfg: dict[str, Any]) -> None:
+    limit = local_rate_limit(cfg)
     assert limit["status"]["code"] == "TooManyRequests"
-    bucket = limit["token_bucket"]
-    assert bucket["max_tokens"] >= 2000
-    assert bucket["tokens_per_fill"] >= 2000
-    assert seconds(bucket["fill_interval"]) <= 1.0
+    # A bucket for each client address, the TCP peer's (the action reads the
+    # address Envoy trusts, which use_remote_address and no trusted hops make
+    # the peer's), above what a benchmark drives from its one address.
+    assert limit["rate_limits"] == [{"actions": [{"remote_address": {}}]}]
+    per_client = client_bucket(cfg)
+    assert per_client["max_tokens"] >= 2000
+    assert _per_second(per_client) >= 2000
+    # Under a ceiling for all of them, which no client reaches alone: each
+    # request a client's bucket lets through takes from it too.
+    ceiling = limit["token_bucket"]
+    assert limit["always_consume_default_token_bucket"] is True
+    assert ceiling["max_tokens"] >= 2 * per_client["max_tokens"]
+    assert _per_second(ceiling) >= 2 * _per_second(per_client)
+    # Envoy refuses a client's fill interval that is not a multiple of the ceiling's.
+    assert seconds(per_client["fill_interval"]) % seconds(ceiling["fill_interval"]) == 0
+    # A bucket is kept for every address that can hold a connection at once.
+    (connections,) = cfg["overload_manager"]["resource_monitors"]
+    assert limit["max_dynamic_descriptors"] >= connections["typed_config"]["max_active_downstream_connections"]
     full = {"numerator": 100, "denominator": "HUNDRED"}
     assert limit["filter_enabled"]["default_value"] == full
     assert limit["filter_enforced"]["default_value"] == full
+
+
+def test_a_connection_must_start_its_request_as_soon_as_its_headers_must_end(cfg: dict[str, Any]) -> None:
+    # request_headers_timeout starts at the first byte: a connection that
+    # never sends one is closed by the listener's wait for it, or it held a
+    # place under the connection cap for the whole idle timeout.
+    (listener,) = cfg["static_resources"]["listeners"]
+    (inspector,) = listener["listener_filters"]
+    assert inspector["name"] == "envoy.filters.listener.http_inspector"
+    assert listener["continue_on_listener_filters_timeout"] is False
+    first_byte = seconds(listener["listener_filters_timeout"])
+    assert 0 < first_byte <= seconds(hcm(cfg)["request_headers_timeout"])
+    assert first_byte < seconds(hcm(cfg)["common_http_protocol_options"]["idle_timeout"])
 
 
 def test_strict_dns_discovery(native: dict[str, Any], compose: dict[str, Any]) -> None:
