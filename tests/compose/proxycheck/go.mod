@@ -1,0 +1,3 @@
+module todo-mesh/tests/compose/proxycheck
+
+go 1.24
