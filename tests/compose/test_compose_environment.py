@@ -15,13 +15,14 @@ for.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from devstack import mesh
 from devstack.config import Ports, StackConfig
+from devstack.reads import Reads
 from notification_service.settings import Settings as NotificationSettings
 from user_service.settings import parse_service_clients
 
@@ -49,24 +50,6 @@ COMPOSE_ADDRESSES = {
     "amqp": ("rabbitmq", 5672),
     "smtp": ("mailpit", 1025),
 }
-
-
-class Reads(Mapping[str, str]):
-    """An environment that notes the name of each variable read from it."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.names: set[str] = set()
-
-    def __getitem__(self, name: str) -> str:
-        self.names.add(name)
-        return self.env[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.env)
-
-    def __len__(self) -> int:
-        return len(self.env)
 
 
 def settings_of(app: App, env: Mapping[str, str]) -> Any:
