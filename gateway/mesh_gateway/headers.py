@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from mesh_common.deadlines import BUDGET_HEADER
 from mesh_common.problems import PROBLEM_JSON
 from mesh_common.requests import REQUEST_ID
 
@@ -68,4 +69,7 @@ def forward_headers(request: web.Request) -> CIMultiDict[str]:
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
     headers["X-Request-ID"] = request[REQUEST_ID]
+    # The gateway's own, set as the request leaves (upstream.BudgetHeader):
+    # a client's could only ever shorten its own request, but is not its say.
+    headers.popall(BUDGET_HEADER, None)
     return headers

@@ -3,15 +3,19 @@
 * Instances come from the in-memory Consul watch; a request never waits on Consul.
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do,
   nor does a 503 whose code says the instance is well (TOO_BUSY, which
-  sheds load, or FEATURE_UNAVAILABLE: mesh_common.problems.instance_is_well).
+  sheds load, or FEATURE_UNAVAILABLE: mesh_common.problems.instance_is_well),
+  or that came after a wait for a connection of our own.
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
   service's budget.
+* The service is told how long the gateway will wait (``BUDGET``): it
+  gives up first, with its 503, rather than commit after the gateway's 504.
 * Outcomes: timeout (connecting or answering) -> 504, nothing healthy or
   every breaker open -> 503 with Retry-After, unreachable or broken
   upstream -> 502, all problem+json. An upstream's own 5xx problem body is
   passed through when no retry helps; any other 5xx body is not (a 502).
+  A timeout once a request not safe to repeat was sent: its outcome is unknown.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from mesh_common.deadlines import BUDGET_HEADER, MIN_BUDGET
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
 from mesh_common.problems import MalformedBody, NotFound, instance_is_well, problem
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
@@ -31,11 +36,24 @@ from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, U
 
 from .headers import forward_headers, inflated_by_aiohttp, is_problem, without_hop_by_hop
 from .routes import Route, RouteTable
-from .upstream import PoolTimeout, QueuedTimeout, Upstream, UpstreamBroken, UpstreamConnectError, UpstreamResponse
+from .upstream import (
+    BudgetHeader,
+    PoolTimeout,
+    QueuedTimeout,
+    Upstream,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamResponse,
+)
 
 NoHealthyUpstream = problem(503, "NO_HEALTHY_UPSTREAM", "No healthy instance of the service is available")
 UpstreamCircuitOpen = problem(503, "UPSTREAM_CIRCUIT_OPEN", "The service is failing; calls are paused")
 UpstreamTimeout = problem(504, "UPSTREAM_TIMEOUT", "The service did not answer in time")
+# Sent, not safe to repeat: the service may yet make the change (a COMMIT it
+# let finish, a loop that started its clock late). No Retry-After, as OUTCOME_UNKNOWN.
+UpstreamOutcomeUnknown = problem(
+    504, "UPSTREAM_OUTCOME_UNKNOWN", "The service did not answer in time: read the change back before sending it again"
+)
 BadGateway = problem(502, "BAD_GATEWAY", "The service could not be reached or answered badly")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -46,6 +64,11 @@ MAX_ATTEMPTS = 2
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 # Responses up to this size are read whole: one write is cheaper than a stream.
 BUFFER_LIMIT = 256 * 1024
+# Of an attempt's deadline, what a service is not told of (mesh_common.deadlines):
+# for its answer to come back (a 503 at its deadline, a COMMIT begun just in
+# time), and its loop's lag in starting its clock. 5 s routes leave it 4.5 s.
+RETURN_MARGIN = 0.5
+BUDGET = BudgetHeader(BUDGET_HEADER, margin=RETURN_MARGIN, least=MIN_BUDGET)
 log = structlog.get_logger()
 
 
@@ -143,6 +166,8 @@ class Proxy:
                 if not retry or (failed.sent and not budget.try_spend()):
                     if failed.response is not None:
                         return failed.response
+                    if failed.sent and not retry_safe and isinstance(failed.problem, UpstreamTimeout):
+                        raise UpstreamOutcomeUnknown() from None
                     assert failed.problem is not None
                     raise failed.problem from None
                 log.info("upstream_retry", service=route.service, failed=instance.id)
@@ -173,7 +198,14 @@ class Proxy:
             with self._breakers.breaker(instance.id) as call:
                 try:
                     resp = await self._upstream.request(
-                        method, instance.address, instance.port, target, headers.items(), body, deadline=deadline
+                        method,
+                        instance.address,
+                        instance.port,
+                        target,
+                        headers.items(),
+                        body,
+                        deadline=deadline,
+                        budget=BUDGET,
                     )
                     payload = None
                     if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
@@ -214,8 +246,9 @@ class Proxy:
                         log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
                         raise _Failed(BadGateway(), sent=True)
                     answer = web.Response(status=resp.status, body=payload, headers=out)
-                    if resp.status == 503 and instance_is_well(payload):
-                        # Well, and declining some work for now (mesh_common.problems.instance_is_well).
+                    if resp.status == 503 and (resp.queued or instance_is_well(payload)):
+                        # Well, and declining some work for now (mesh_common.problems.instance_is_well);
+                        # or out of the budget our own queue left it, as a QueuedTimeout.
                         raise _Attempt(sent=True, response=answer)
                     raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)

@@ -26,6 +26,9 @@ use).
   upstream had only what the wait left, so it is not to blame; nor is it
   for a connect that the wait left less than ``connect_timeout`` for (a
   ``PoolTimeout``: nothing was sent).
+* A ``BudgetHeader`` tells the upstream how long it has, measured as the
+  request leaves; a wait for a connection that would leave it too little
+  is given up (a ``PoolTimeout``).
 
 Request heads are built from what aiohttp's server parsed, which rejects
 CR, LF and other control characters in the request line and headers, so
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
@@ -44,6 +48,7 @@ from .pool import Pool, PoolTimeout, QueuedTimeout
 
 __all__ = [
     "HIGH_WATER",
+    "BudgetHeader",
     "PoolTimeout",
     "QueuedTimeout",
     "Upstream",
@@ -58,12 +63,30 @@ __all__ = [
 MIN_UPSTREAM_SECONDS = 0.1
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetHeader:
+    """The deadline, told to the upstream in header ``name`` as the milliseconds it has.
+
+    Relative, since clocks differ; measured as the request leaves, after any
+    wait for a connection and the connect; less ``margin``, kept for the
+    answer's way back. After a wait for a connection, a request that would
+    be told less than ``least`` is not sent: the upstream could do nothing
+    useful in it.
+    """
+
+    name: str
+    margin: float
+    least: float
+
+
 class UpstreamResponse:
     """Status and headers as received; the body is read once: ``read``, ``iter_chunks`` or ``next_chunk``."""
 
-    def __init__(self, pool: Pool, conn: Connection, *, head_only: bool) -> None:
+    def __init__(self, pool: Pool, conn: Connection, *, head_only: bool, queued: bool = False) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
+        # Sent after a wait for a connection: the upstream had only what it left.
+        self.queued = queued
         self.status = conn.status
         self.headers = CIMultiDict(conn.headers)
         length = self.headers.get("Content-Length")
@@ -147,6 +170,7 @@ class Upstream:
         body: bytes | None = None,
         *,
         deadline: float | None = None,
+        budget: BudgetHeader | None = None,
     ) -> UpstreamResponse:
         """Send a request; return once the response's head has arrived.
 
@@ -155,9 +179,12 @@ class Upstream:
         waiting for a connection of our own, ``UpstreamConnectError`` while
         connecting (which gets at most ``connect_timeout`` of it): nothing
         was sent; ``TimeoutError`` while waiting for the head: it was.
-        After a wait for a free connection, a phase the wait cut short is
-        not the upstream's doing: ``PoolTimeout`` for a connect left less
-        than ``connect_timeout``, ``QueuedTimeout`` for the head.
+        A request that waited for a free connection is sent only with
+        ``MIN_UPSTREAM_SECONDS`` left, or a ``budget`` of its ``least``;
+        a phase the wait cut short is not the upstream's doing:
+        ``PoolTimeout`` for the wait or a connect left less than
+        ``connect_timeout``, ``QueuedTimeout`` for the head. ``budget``
+        needs a ``deadline``.
 
         The caller must read the body or call ``release``: until then the
         connection is theirs.
@@ -167,25 +194,33 @@ class Upstream:
             self._forget_unused()
             pool = self._pools[(host, port)] = Pool(host, port, self._limit, self._keepalive)
         head = request_head(method, host, port, target, headers, body)
+        loop = asyncio.get_running_loop()
 
         queued = pool.full
+        send_by = deadline
         if queued:
+            if deadline is not None:
+                # Sent later, the upstream could not answer (and its timeout would
+                # count against an instance that was only busy), or could do
+                # nothing useful in its budget: not worth a wait, nor a connect.
+                send_by = deadline - MIN_UPSTREAM_SECONDS if budget is None else deadline - budget.margin - budget.least
             # Only a full pool waits (a free slot is taken without a pause),
             # so only this path pays for a timer.
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(send_by):
                     await pool.acquire()
             except TimeoutError:
                 raise PoolTimeout(f"{host}:{port}: all {self._limit} connections stayed busy") from None
-            if deadline is not None and deadline - asyncio.get_running_loop().time() < MIN_UPSTREAM_SECONDS:
-                # Too little left for the upstream to answer in: its timeout
-                # would count against an instance that was only busy.
-                pool.release()
+            if send_by is not None and loop.time() >= send_by:
+                pool.release()  # handed over as the wait ran out: too late all the same
                 raise PoolTimeout(f"{host}:{port}: a connection came free too late")
         else:
             await pool.acquire()
         try:
-            conn = await self._connection(pool, deadline, queued=queued)
+            conn = await self._connection(pool, send_by, queued=queued)
+            if deadline is not None and budget is not None:
+                told = max(0, int((deadline - budget.margin - loop.time()) * 1000))
+                head = head[:-2] + f"{budget.name}: {told}\r\n\r\n".encode()
             try:
                 async with asyncio.timeout_at(deadline):
                     await conn.exchange(head, body)
@@ -197,14 +232,14 @@ class Upstream:
         except BaseException:
             pool.release()
             raise
-        return UpstreamResponse(pool, conn, head_only=method == "HEAD")
+        return UpstreamResponse(pool, conn, head_only=method == "HEAD", queued=queued)
 
-    async def _connection(self, pool: Pool, deadline: float | None, *, queued: bool) -> Connection:
+    async def _connection(self, pool: Pool, send_by: float | None, *, queued: bool) -> Connection:
         conn = pool.take_idle()
         if conn is not None:
             return conn
         loop = asyncio.get_running_loop()
-        timeout = self._connect_timeout if deadline is None else min(self._connect_timeout, deadline - loop.time())
+        timeout = self._connect_timeout if send_by is None else min(self._connect_timeout, send_by - loop.time())
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(lambda: Connection(pool), pool.host, pool.port)

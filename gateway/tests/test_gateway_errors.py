@@ -41,9 +41,27 @@ async def test_upstream_timeout_is_504(fake_service, gateway, tokens):
     service = await fake_service(1)
     service.instances[0].mode = "hang"
     client = await gateway(service, route_timeout=0.3)
-    async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
-        assert r.status == 504
-        assert (await r.json())["code"] == "UPSTREAM_TIMEOUT"
+    key = {"Idempotency-Key": "k-1"}
+    for method, headers in (("GET", {}), ("POST", key)):  # safe to send again
+        async with client.request(method, "/api/v1/things", json={}, headers={**tokens.headers(), **headers}) as r:
+            assert r.status == 504
+            assert (await r.json())["code"] == "UPSTREAM_TIMEOUT"
+
+
+async def test_a_timeout_once_a_request_not_safe_to_repeat_was_sent_is_an_unknown_outcome(
+    fake_service, gateway, tokens
+):
+    # The service may yet make the change (a COMMIT it let finish): a client
+    # that sent it again on a plain 504 could make it twice.
+    service = await fake_service(1)
+    service.instances[0].mode = "hang"
+    client = await gateway(service, route_timeout=0.3)
+    key = {"Idempotency-Key": "k-2"}
+    for path, headers in (("/api/v1/things", {}), ("/api/v1/things/1/complete", key)):  # a key not honoured there
+        async with client.post(path, json={}, headers={**tokens.headers(), **headers}) as r:
+            assert r.status == 504
+            assert "Retry-After" not in r.headers
+            assert (await r.json())["code"] == "UPSTREAM_OUTCOME_UNKNOWN"
 
 
 async def test_a_5xx_that_is_not_a_problem_is_a_502_problem(fake_service, gateway, tokens):

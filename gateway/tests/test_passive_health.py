@@ -197,8 +197,9 @@ async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances
         async with client.get("/api/v1/things", headers=tokens.headers()) as r:
             return r.status
 
-    # One connection: the third request waits 0.8 s for it, and has 0.2 s
-    # left for an instance that answers every request in 0.4 s.
+    # One connection: the others wait for it, but a wait that leaves less
+    # than the least budget a service is told, and its way back (1 s), is
+    # given up, unsent. (A timeout once one was sent, in test_deadline_budget.)
     statuses = await asyncio.gather(get(), get(), get())
     assert statuses[0] == 200 and 504 in statuses
     assert client.app[BREAKERS].failures(slow.service_id) == 0
@@ -209,10 +210,12 @@ async def test_a_connect_cut_short_by_a_wait_for_a_free_connection_is_not_the_in
 ):
     # One connection to the instance, busy; the answer that frees it closes
     # it (as a HEAD's, a cut stream's, a timed-out one's are), so the request
-    # waiting for it must connect anew, with what its wait left of the
-    # deadline: less than the 0.5 s a connect may take. The instance is slow
-    # to accept (its accept queue is full), which a connect given its own
-    # 0.5 s would be blamed for; this one had less, because of our queue.
+    # waiting for it must connect anew, with what its wait left before it
+    # must be sent (the deadline less the budget a service is told at
+    # least, and its way back: 1 s): less than the 1.5 s a connect may take
+    # here. The instance is slow to accept (its accept queue is full), which
+    # a connect given its own 1.5 s would be blamed for; this one had less,
+    # because of our queue.
     service = await fake_service(1)
     (instance,) = service.instances
     loop = asyncio.get_running_loop()
@@ -225,7 +228,8 @@ async def test_a_connect_cut_short_by_a_wait_for_a_free_connection_is_not_the_in
         check = {"TTL": "60s", "Status": "passing"}
         async with consul.put("/v1/agent/service/register", json={**moved, "Check": check}) as r:
             assert r.status == 200
-        client = await gateway(service, route_timeout=0.6, upstream=UpstreamClient(limit_per_host=1))
+        upstream = UpstreamClient(limit_per_host=1, connect_timeout=1.5)
+        client = await gateway(service, route_timeout=2.0, upstream=upstream)
 
         async def get() -> int:
             async with client.get("/api/v1/things", headers=tokens.headers()) as r:
