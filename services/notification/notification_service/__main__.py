@@ -40,10 +40,13 @@ def dead_letters(args: argparse.Namespace) -> None:
     topology = topology_from_env(os.environ)
     try:
         if args.action == "list":
-            letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit))
+            letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit, reason=args.reason))
             done = f"shown from {topology.dead_letters}"
         else:
-            letters = asyncio.run(dlq.replay_dead_letters(amqp_url, topology, limit=args.limit, event_id=args.event_id))
+            replay = dlq.replay_dead_letters(
+                amqp_url, topology, limit=args.limit, event_id=args.event_id, reason=args.reason
+            )
+            letters = asyncio.run(replay)
             done = f"replayed to {topology.queue}"
     except (AMQPConnectionError, ConnectionError) as exc:
         raise SystemExit(f"cannot reach the broker at {URL(amqp_url).with_password(None)}: {exc}") from None
@@ -61,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     actions = dlq_parser.add_subparsers(dest="action", required=True)
     list_parser = actions.add_parser("list", help="show dead letters, leaving them in the queue")
     list_parser.add_argument("--limit", type=int, default=100)
+    list_parser.add_argument("--reason", help="only the letters of this reason (REASON), as retries_exhausted")
     replay_parser = actions.add_parser("replay", help="send dead letters back to the service's queue")
     replay_parser.add_argument("--limit", type=int, default=1000)
     replay_parser.add_argument("--event-id", help="replay this event only")
+    replay_parser.add_argument("--reason", help="replay the letters of this reason (REASON) only, as retries_exhausted")
     args = parser.parse_args(argv)
     try:
         if args.command == "dlq":

@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, verifier: JwksVerifier | None = None) -> w
         [
             database_ctx(settings.database_url, MIGRATIONS),
             amqp_ctx(settings.amqp_url),
+            amqp_ctx(settings.amqp_url, publishing=True),  # the consumer's copies: publisher.py
             consul_ctx(settings.service),
             watch_services_ctx(settings.user_service),
             http_session_ctx(),

@@ -2,11 +2,10 @@
 
 Each delivery is handled in a task of ours (up to ``prefetch`` at a time),
 with manual acknowledgement and the message's correlation id bound as the
-log ``request_id``. Not in the task aiormq runs the callback in: aiormq
-cancels those when their channel closes (a broker restart, a blip, our reset
-in ``_give_back``), and a send cancelled in DATA went out again, uncounted,
-once its claim's lease ran out. Only the end of a shutdown's drain cancels
-ours. What happens to a message depends on how handling ended:
+log ``request_id``; not in aiormq's, which it cancels when their channel
+closes (a send cancelled in DATA went out again, uncounted, once its claim's
+lease ran out). Only the end of a shutdown's drain cancels ours. What
+happens to a message depends on how handling ended:
 
 =====================  ==================================================
 handled                ack
@@ -15,39 +14,30 @@ handled                ack
                        then ack. Counted in ``x-retries``, apart from
                        bugs: given up on only after ``retry_limit``
                        retries (about a day).
-``UnprocessableEvent`` reject: the broker dead-letters it to the DLQ now.
+``UnprocessableEvent`` dead-lettered now.
 ``ShuttingDown``       nack with requeue: given back, untouched, for the
                        next instance (see ``stop``).
 anything else (a bug)  republished to our own queue at once, with its
                        failures counted in ``x-failures``; then ack.
-                       Rejected to the DLQ after ``failure_limit`` (5).
+                       Dead-lettered after ``failure_limit`` (5).
 =====================  ==================================================
 
-A count header that holds no count (text, a negative number: headers.py)
-is no copy of ours; the message is dead-lettered when the count is read.
+Dead-lettered: a copy saying why (``x-dead-reason``: the failure's
+``reason``, ``retries_exhausted`` or ``failures_exhausted``) is published to
+the dead-letter exchange, then the message acked; a reject has the broker
+record ``rejected`` for every cause alike. If the copy cannot be published
+(returned, nacked, not confirmed in time), the message is rejected after
+all: dead-lettered by the broker, without its reason. A copy for a retry
+queue that cannot be published gives its message back (``_give_back``).
+Every copy goes out on a connection of its own, which a resource alarm may
+block while the consumer goes on (publisher.py). Failures are counted by
+us, not by the broker (headers.py).
 
-Failures are counted by us, not by the broker: a quorum queue on RabbitMQ
-3.x counts every return of a delivery against its delivery-limit, a channel
-closing with the message in hand (a restart, a reconnect, a drain that ran
-out of time) as much as a nack. Measured on 3.10.8: ``x-delivery-count``
-1, 2 and 3 after three channel closes, and the message dead-lettered at the
-limit without ever failing. RabbitMQ 4.0 stopped counting those returns.
-So the queue's delivery-limit (definitions.json) is only a backstop, sized
-for restarts: it dead-letters what keeps coming back unsettled, a message
-that crashes the process before it can be settled.
-
-If settling itself fails (the copy for a retry queue or the DLQ is returned
-as unroutable, nacked or not confirmed in time), the message is given back
-to the broker: nack with requeue, or, if even that fails, by closing the
-channel it came on. Left unacked on a live channel it would sit there until
-the broker's consumer_timeout.
-
-The connection is ``connect_robust``: after a broker restart it reconnects
-and restores this channel, its QoS and the consumer by itself. Messages in
-flight then are redelivered while their first deliveries go on: the email's
-claim keeps the two from both sending it, and a delivery whose channel is
-gone settles nothing (``channel_lost``): the broker has its message back,
-and a copy for a retry queue would be one more.
+The connection is ``connect_robust``: after a broker restart it restores
+this channel, its QoS and the consumer by itself. Messages in flight then
+are redelivered while their first deliveries go on: the email's claim keeps
+the two from both sending it, and a delivery whose channel is gone settles
+nothing (``channel_lost``): the broker has its message back.
 """
 
 from __future__ import annotations
@@ -65,14 +55,18 @@ from mesh_common.events import Event
 
 from .events import parse
 from .failures import MalformedCount, ShuttingDown, TemporaryFailure, UnprocessableEvent
-from .headers import FAILURES_HEADER, RETRIES_HEADER, count, counted_copy
+from .headers import FAILURES_HEADER, RETRIES_HEADER, count, counted_copy, dead_copy
 from .notifier import Outcome
-from .topology import Topology, existing_queue
+from .publisher import CopyPublisher, PublishingStopped
+from .topology import Topology, existing_exchange, existing_queue
 
 log = structlog.get_logger()
 
 # Failures of the handler itself (bugs) before an event is dead-lettered.
 FAILURE_LIMIT = 5
+# Our reasons for a dead letter, besides an UnprocessableEvent's own (failures.py).
+RETRIES_EXHAUSTED = "retries_exhausted"  # still failing for a passing reason after retry_limit retries
+FAILURES_EXHAUSTED = "failures_exhausted"  # our handler failed on it (a bug) more than failure_limit times
 # Closing a channel waits for the broker's close-ok; a broker that does not
 # answer must not hold the delivery's task.
 CHANNEL_CLOSE_TIMEOUT = 5.0
@@ -85,12 +79,15 @@ class Handler(Protocol):
 
 
 class EventConsumer:
+    """Consumes on ``connection``; publishes its copies on ``publishing``, another (publisher.py)."""
+
     def __init__(
         self,
         connection: AbstractRobustConnection,
         handler: Handler,
         topology: Topology,
         *,
+        publishing: AbstractRobustConnection,
         prefetch: int,
         retry_limit: int,
         failure_limit: int = FAILURE_LIMIT,
@@ -98,6 +95,7 @@ class EventConsumer:
         self._connection = connection
         self._handler = handler
         self._topology = topology
+        self.copies = CopyPublisher(publishing)
         self._prefetch = prefetch
         self._retry_limit = retry_limit
         self._failure_limit = failure_limit
@@ -110,11 +108,7 @@ class EventConsumer:
         self.settled: Counter[str] = Counter()
 
     async def start(self) -> None:
-        # Publisher confirms, because the same channel republishes retries
-        # and must know they are safe before it acks the original. Returns
-        # raised too: with aio-pika's default, a copy the broker could not
-        # route (its queue is gone) is returned and reported as a success.
-        self._channel = channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         # Passive declarations: the topology comes from definitions.json, and
         # a missing queue should stop us at start-up, not on the first retry.
@@ -122,18 +116,22 @@ class EventConsumer:
         # retry queue lost later must not keep the consumer from coming back.
         for name in self._topology.retry_queues:
             await existing_queue(channel, name, robust=False)
+        await existing_exchange(channel, self._topology.dead_letter_exchange)
+        await self.copies.open()
         self._queue = await existing_queue(channel, self._topology.queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
 
     async def stop(self, *, drain_timeout: float = 10.0) -> None:
-        """Stop taking messages, let those in hand finish, then close the channel.
+        """Stop taking messages, let those in hand finish, then close the channels.
 
         Every step is bounded: a broker that does not answer must not keep
         the process from exiting. Whatever is not acked by then is redelivered.
         A delivery that has not claimed its email when the notifier stops
-        (workers.py stops it first) gives its message back: ``ShuttingDown``.
+        (workers.py stops it first) gives its message back: ``ShuttingDown``;
+        so does one held while the broker blocks its copy (publisher.py).
         """
+        self.copies.stop()
         try:
             async with asyncio.timeout(drain_timeout):
                 if self._queue is not None and self._consumer_tag is not None:
@@ -149,6 +147,7 @@ class EventConsumer:
                     await asyncio.wait(set(self._in_flight))
                 if self._channel is not None:
                     await self._channel.close()
+                await self.copies.close()
         except TimeoutError:
             log.warning("consumer_stop_timed_out", in_flight=len(self._in_flight))
             # Not left running past the resources they use, which close next:
@@ -182,12 +181,13 @@ class EventConsumer:
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         """Hand a message we could not settle back to the broker, to be delivered again.
 
-        A nack with requeue first (it spends one of the message's
-        delivery-limit). If that fails too, closing the channel it came on
-        returns it, with whatever else is unacked there (their deliveries go
-        on, and settle nothing: ``_channel_lost``), and the robust connection
-        opens a new channel and consumes again. If the channel is closed already, the
-        broker has the message back: nothing to do.
+        Left unacked on a live channel, it would sit there until the broker's
+        consumer_timeout. A nack with requeue first (it spends one of the
+        message's delivery-limit). If that fails too, closing the channel it
+        came on returns it, with whatever else is unacked there (their
+        deliveries go on, and settle nothing: ``_channel_lost``), and the
+        robust connection opens a new channel and consumes again. If the
+        channel is closed already, the broker has the message back.
         """
         try:
             await self._requeue(message)
@@ -219,7 +219,7 @@ class EventConsumer:
             await message.ack()
             self.settled["acked"] += 1
         elif isinstance(failure, UnprocessableEvent):
-            await self._dead_letter(message, failure)
+            await self._dead_letter(message, failure.reason, failure)
         elif isinstance(failure, ShuttingDown):
             log.info("event_given_back", reason=str(failure))
             await self._give_back(message)
@@ -238,9 +238,21 @@ class EventConsumer:
             return True
         return False
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, exc: Exception) -> None:
-        log.error("event_dead_lettered", reason=type(exc).__name__, detail=str(exc), queue=self._topology.dead_letters)
-        await message.reject(requeue=False)
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, exc: Exception) -> None:
+        log.error("event_dead_lettered", reason=reason, error=type(exc).__name__, detail=str(exc))
+        exchange, routing_key = self._topology.dead_letter_exchange, message.routing_key or ""
+        try:
+            if not await self._publish(message, dead_copy(message, reason), exchange, routing_key):
+                return
+        except PublishingStopped:
+            raise
+        except Exception as failed:
+            # Dead-lettered by the broker instead: listed as "rejected", but
+            # in the DLQ. A copy that arrives after all makes the letter twice.
+            log.warning("event_dead_letter_copy_failed", error=type(failed).__name__, detail=str(failed))
+            await message.reject(requeue=False)
+        else:
+            await message.ack()
         self.settled["dead_lettered"] += 1
 
     async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
@@ -248,10 +260,11 @@ class EventConsumer:
         if attempt is None:
             return
         if attempt > self._retry_limit:
-            await self._dead_letter(message, exc)
+            await self._dead_letter(message, RETRIES_EXHAUSTED, exc)
             return
         queue, delay = self._topology.retry_tier(attempt)
-        await self._republish(counted_copy(message, RETRIES_HEADER, attempt), queue)
+        if not await self._publish(message, counted_copy(message, RETRIES_HEADER, attempt), "", queue):
+            return
         await message.ack()
         self.settled["retried"] += 1
         log.warning("event_retry_scheduled", reason=type(exc).__name__, detail=str(exc), attempt=attempt, delay=delay)
@@ -264,25 +277,31 @@ class EventConsumer:
             return
         log.error("event_failed", failures=failures, exc_info=exc)
         if failures > self._failure_limit:
-            await self._dead_letter(message, exc)
+            await self._dead_letter(message, FAILURES_EXHAUSTED, exc)
             return
-        await self._republish(counted_copy(message, FAILURES_HEADER, failures), self._topology.queue)
+        if not await self._publish(message, counted_copy(message, FAILURES_HEADER, failures), "", self._topology.queue):
+            return
         await message.ack()
         self.settled["failed"] += 1
 
     async def _counted(self, message: AbstractIncomingMessage, header: str, exc: Exception) -> int | None:
         """The count in ``header`` with this failure, or None, the message dead-lettered, if it holds no count.
 
-        Dead-lettered at once: raised on, the settling failed and the message
-        came straight back, the same, until the broker's delivery-limit.
+        Dead-lettered at once: raised on, the message came straight back, until the broker's delivery-limit.
         """
         try:
             return count(message, header) + 1
         except MalformedCount as malformed:
             log.error("event_failed", exc_info=exc)
-            await self._dead_letter(message, malformed)
+            await self._dead_letter(message, malformed.reason, malformed)
             return None
 
-    async def _republish(self, copy: aio_pika.Message, queue: str) -> None:
-        assert self._channel is not None
-        await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True, timeout=10)
+    async def _publish(
+        self, message: AbstractIncomingMessage, copy: aio_pika.Message, exchange: str, routing_key: str
+    ) -> bool:
+        """Publish ``copy``; False, nothing published, if ``message``'s channel closed while it was held
+        (past the broker's consumer_timeout): its message is to be delivered again."""
+        if await self.copies.hold() and self._channel_lost(message):
+            return False
+        await self.copies.publish(copy, exchange=exchange, routing_key=routing_key)
+        return True

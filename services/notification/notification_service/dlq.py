@@ -1,20 +1,23 @@
 """The dead-letter queue, for people: see what is in it, and send it back.
 
 ``python -m notification_service dlq list`` shows each dead letter with why
-it died (``rejected``: refused, as unprocessable or after failing too often,
-which ``FAILURES`` tells apart; ``delivery_limit``: handed back to the broker
-unsettled too often, as by a consumer that crashes on it) without taking it
-out of the queue. ``dlq replay`` sends
-dead letters back to our own queue, not to the exchange, so that other
-services bound to the same events do not receive them twice. A replayed
-event starts with a fresh retry and delivery budget; if it still cannot be
-handled, it comes back here.
+it died, without taking it out of the queue. Its ``REASON`` is the
+consumer's ``x-dead-reason`` (``malformed``, ``unsupported``, ``too_old``,
+``mail_rejected``, ``retries_exhausted``, ``failures_exhausted``: see
+consumer.py), or else the broker's: ``delivery_limit``, handed back
+unsettled too often, as by a consumer that crashes on it; ``rejected``, a
+letter the consumer could not publish a copy of (or older than the copies).
+``RETRIES`` and ``FAILURES`` are its counts when it died. ``dlq replay``
+sends dead letters back to our own queue, not to the exchange, so that
+other services bound to the same events do not receive them twice; those
+of one reason only, with ``reason``. A replayed event starts with a fresh
+retry and delivery budget; if it still cannot be handled, it comes back here.
 
-A replayed copy carries none of the broker's death headers, only how often
-it was replayed (``x-replays``). With its old ``x-death`` (died in our
-queue), a copy that later waits in a retry queue would look to the broker,
-when that queue dead-letters it back, like a message going round a loop of
-expiries, and the broker drops those.
+A replayed copy carries none of the death headers, the broker's or ours,
+nor the counts, only how often it was replayed (``x-replays``). With its old
+``x-death`` (died in our queue), a copy that later waits in a retry queue
+would look to the broker, when that queue dead-letters it back, like a
+message going round a loop of expiries, and the broker drops those.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from .headers import DELIVERY_COUNT_HEADER, FAILURES_HEADER, RETRIES_HEADER, republishable
+from .headers import (
+    DEAD_AT_HEADER,
+    DEAD_REASON_HEADER,
+    DELIVERY_COUNT_HEADER,
+    FAILURES_HEADER,
+    RETRIES_HEADER,
+    republishable,
+)
 from .topology import Topology
 
 PREVIEW_BYTES = 60
 CONNECT_TIMEOUT = 10.0
 REPLAYS_HEADER = "x-replays"
-# What the broker writes when it dead-letters a message.
+# What the broker writes when it dead-letters a message, and what the consumer does.
 DEATH_HEADERS = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-                           "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"})  # fmt: skip
+                           "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
+                           DEAD_REASON_HEADER, DEAD_AT_HEADER})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +53,8 @@ class DeadLetter:
     event_id: str
     routing_key: str
     reason: str
-    deaths: int  # since its last replay
+    deaths: int  # by the broker (retry queues' expiries included), since its last replay
+    retries: int  # for a passing reason, since its last replay
     failures: int  # of our handler, since its last replay
     replays: int
     died_at: datetime | None
@@ -56,20 +68,29 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     # "expired" for every event that ever waited in a retry queue.
     last = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     routing_keys = last.get("routing-keys") or [message.routing_key or ""]
+    # Ours first: a letter the consumer dead-lettered may carry the broker's
+    # deaths too, from the retry queues it waited in.
+    reason = (
+        _text(headers.get(DEAD_REASON_HEADER)) or _text(headers.get("x-last-death-reason")) or _text(last.get("reason"))
+    )
+    died_at = headers.get(DEAD_AT_HEADER)
     return DeadLetter(
         event_id=message.message_id or "-",
         routing_key=message.type or str(routing_keys[0]),
-        reason=str(headers.get("x-last-death-reason") or last.get("reason") or "-"),
+        reason=reason or "-",
         deaths=sum(int(d.get("count", 0)) for d in deaths if isinstance(d, dict)),
+        retries=_whole(headers.get(RETRIES_HEADER)),
         failures=_whole(headers.get(FAILURES_HEADER)),
         replays=_whole(headers.get(REPLAYS_HEADER)),
-        died_at=last.get("time"),
+        died_at=died_at if isinstance(died_at, datetime) else last.get("time"),
         preview=message.body[:PREVIEW_BYTES].decode("utf-8", "replace"),
     )
 
 
-async def list_dead_letters(amqp_url: str, topology: Topology, *, limit: int) -> list[DeadLetter]:
-    """Up to ``limit`` dead letters, left in the queue."""
+async def list_dead_letters(
+    amqp_url: str, topology: Topology, *, limit: int, reason: str | None = None
+) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters (of ``reason`` only, if given), left in the queue."""
     connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel()
@@ -77,14 +98,16 @@ async def list_dead_letters(amqp_url: str, topology: Topology, *, limit: int) ->
         letters: list[DeadLetter] = []
         # Fetched without ack: closing the channel puts them all back.
         while len(letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
-            letters.append(describe(message))
+            letter = describe(message)
+            if reason is None or letter.reason == reason:
+                letters.append(letter)
     return letters
 
 
 async def replay_dead_letters(
-    amqp_url: str, topology: Topology, *, limit: int, event_id: str | None = None
+    amqp_url: str, topology: Topology, *, limit: int, event_id: str | None = None, reason: str | None = None
 ) -> list[DeadLetter]:
-    """Move up to ``limit`` dead letters (those of ``event_id`` only, if given) back to our queue."""
+    """Move up to ``limit`` dead letters (only those of ``event_id``, of ``reason``, if given) back to our queue."""
     connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         # A return raised, not reported as a success: a copy the broker
@@ -101,11 +124,14 @@ async def replay_dead_letters(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            if event_id is not None and message.message_id != event_id:
+            letter = describe(message)
+            if (event_id is not None and letter.event_id != event_id) or (
+                reason is not None and letter.reason != reason
+            ):
                 continue  # left unacked: back in the queue when the channel closes
             await channel.default_exchange.publish(_fresh_copy(message), routing_key=topology.queue, mandatory=True)
             await message.ack()
-            replayed.append(describe(message))
+            replayed.append(letter)
     return replayed
 
 
@@ -116,6 +142,13 @@ def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     return republishable(message, headers)
 
 
+def _text(value: Any) -> str:
+    """A header's text (AMQP strings may come as bytes), or "" where there is none."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
 def _whole(value: Any) -> int:
     """A count from a header, or 0 where there is none (or something else is)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -123,14 +156,13 @@ def _whole(value: Any) -> int:
 
 def format_table(letters: list[DeadLetter]) -> str:
     lines = [
-        f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<14}  {'DEATHS':>6}  {'FAILURES':>8}  {'REPLAYS':>7}"
-        f"  {'DIED AT':<25}  BODY"
+        f"{'EVENT ID':<36}  {'TYPE':<16}  {'REASON':<18}  {'DEATHS':>6}  {'RETRIES':>7}  {'FAILURES':>8}"
+        f"  {'REPLAYS':>7}  {'DIED AT':<25}  BODY"
     ]
     for d in letters:
         died = d.died_at.isoformat() if d.died_at else "-"
         lines.append(
-            f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<14}  {d.deaths:>6}  {d.failures:>8}  {d.replays:>7}"
-            f"  {died:<25}"
-            f"  {d.preview!r}"
+            f"{d.event_id:<36}  {d.routing_key:<16}  {d.reason:<18}  {d.deaths:>6}  {d.retries:>7}  {d.failures:>8}"
+            f"  {d.replays:>7}  {died:<25}  {d.preview!r}"
         )
     return "\n".join(lines)

@@ -6,9 +6,16 @@ An ``UnprocessableEvent`` will fail the same way every time: it goes to the
 dead-letter queue at once. Anything else is unexpected (a bug): the event is
 delivered again at once, and dead-lettered after ``FAILURE_LIMIT`` failures.
 ``ShuttingDown`` gives the event back to the broker, untouched.
+
+Each ``UnprocessableEvent`` has a ``reason``: the stable code its dead letter
+carries in ``x-dead-reason`` (consumer.py), which ``dlq list`` shows and
+``dlq replay --reason`` selects by. Not ``expired`` for an event too old:
+that is what the broker writes for a message whose TTL ran out.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class TemporaryFailure(Exception):
@@ -50,9 +57,13 @@ class ShuttingDown(Exception):
 class UnprocessableEvent(Exception):
     """The event can never be handled as it is; a person has to look at it."""
 
+    reason: ClassVar[str] = "unprocessable"
+
 
 class MalformedEvent(UnprocessableEvent):
     """The message is not a valid event, or its data lacks what we need."""
+
+    reason = "malformed"
 
 
 class MalformedCount(MalformedEvent):
@@ -65,10 +76,16 @@ class MalformedCount(MalformedEvent):
 class UnsupportedEvent(UnprocessableEvent):
     """An event type or version this service does not know."""
 
+    reason = "unsupported"
+
 
 class ExpiredEvent(UnprocessableEvent):
     """Older than the retention: the rows that would keep its handling idempotent may be gone."""
 
+    reason = "too_old"
+
 
 class MailRejected(UnprocessableEvent):
     """The SMTP server refused the message for good: a 5xx about its recipient or itself (see mailer.py)."""
+
+    reason = "mail_rejected"

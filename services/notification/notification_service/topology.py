@@ -6,7 +6,7 @@ service only checks that they exist (a passive declare), so the topology has
 one source of truth. ``tests/test_notification_definitions.py`` keeps the two in step.
 
     todo-mesh.events --user.registered, todo.*--> notifications.events
-        reject (poison, or a bug met 5 times)        --> notifications.dlx --> notifications.dead
+        dead: a copy with x-dead-reason, published to notifications.dlx --> notifications.dead
         handed back unsettled > delivery-limit times --> notifications.dlx --> notifications.dead
         a bug met: republished to notifications.events, counted in x-failures
         transient failure: republished to notifications.retry.<delay>,
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractQueue, AbstractRobustChannel
+from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustChannel
 
 from mesh_common.events import EVENTS_EXCHANGE
 
@@ -42,6 +42,11 @@ class Topology:
         return f"{self.namespace}.dead"
 
     @property
+    def dead_letter_exchange(self) -> str:
+        """Where our queue's policy dead-letters, and the consumer publishes its dead letters: to ``dead_letters``."""
+        return f"{self.namespace}.dlx"
+
+    @property
     def retry_queues(self) -> tuple[str, ...]:
         return tuple(f"{self.namespace}.retry.{suffix}" for suffix, _ in RETRY_DELAYS)
 
@@ -52,7 +57,7 @@ class Topology:
 
 
 class TopologyMissing(RuntimeError):
-    """A queue we need was not declared on the broker."""
+    """A queue or exchange we need was not declared on the broker."""
 
 
 async def existing_queue(channel: AbstractRobustChannel, name: str, *, robust: bool = True) -> AbstractQueue:
@@ -61,3 +66,11 @@ async def existing_queue(channel: AbstractRobustChannel, name: str, *, robust: b
         return await channel.declare_queue(name, passive=True, robust=robust)
     except aio_pika.exceptions.ChannelNotFoundEntity:
         raise TopologyMissing(f"queue {name!r} does not exist: load rabbitmq/definitions.json") from None
+
+
+async def existing_exchange(channel: AbstractRobustChannel, name: str) -> AbstractExchange:
+    """The exchange ``name``, passively declared: one missing is ``TopologyMissing`` (and closes ``channel``)."""
+    try:
+        return await channel.declare_exchange(name, passive=True, robust=False)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing(f"exchange {name!r} does not exist: load rabbitmq/definitions.json") from None

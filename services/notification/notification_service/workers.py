@@ -1,8 +1,9 @@
 """The background work, as cleanup contexts: delivery, the consumer, the reminder scheduler.
 
-``create_app`` adds them after the database, AMQP, Consul and HTTP contexts
-they use, and before the Consul registration; cleanup runs in reverse, so
-the consumer has stopped (and drained) before the AMQP connection closes.
+``create_app`` adds them after the database, AMQP (one connection to
+consume on, one to publish on: publisher.py), Consul and HTTP contexts they
+use, and before the Consul registration; cleanup runs in reverse, so the
+consumer has stopped (and drained) before the AMQP connections close.
 The consumer's and the scheduler's stops begin together, though (``Stops``).
 """
 
@@ -14,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from mesh_common.amqp import AMQP
+from mesh_common.amqp import AMQP, AMQP_PUBLISHING
 from mesh_common.app import WorkerEnd
 from mesh_common.db import DB
 from mesh_common.discovery import WATCHES
@@ -77,6 +78,7 @@ async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         app[AMQP],
         EventHandler(app[NOTIFIER], reminders, retention=settings.retention),
         settings.topology,
+        publishing=app[AMQP_PUBLISHING],
         prefetch=settings.prefetch,
         retry_limit=settings.retry_limit,
     )

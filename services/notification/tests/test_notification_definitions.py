@@ -40,6 +40,7 @@ def test_definitions_declare_the_topology_the_service_expects() -> None:
     main = policy_for(topology.queue, doc["policies"])
     assert main["delivery-limit"] >= 1
     assert (main["dead-letter-exchange"], topology.dead_letters, "") in bindings
+    assert main["dead-letter-exchange"] == topology.dead_letter_exchange  # where the consumer's letters go too
     assert (main["dead-letter-strategy"], main["overflow"]) == ("at-least-once", "reject-publish")
 
     # Retries: each queue holds its messages for its delay, then hands them back to ours.

@@ -14,7 +14,7 @@ from smtp_sink import SmtpSink
 from devstack.config import StackConfig
 from mesh_common.events import Event
 from mesh_common.testing import run_module
-from notification_service.consumer import FAILURE_LIMIT, EventConsumer
+from notification_service.consumer import FAILURE_LIMIT, FAILURES_EXHAUSTED, EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
 from notification_service.failures import MailServerUnavailable
 from notification_service.keys import CONSUMER
@@ -22,16 +22,16 @@ from notification_service.notifier import Outcome
 from notification_service.topology import Topology
 
 
-def poison() -> list[tuple[Event, bytes | None]]:
-    """Messages that can never be handled, each with the body to send (None: the event's own)."""
+def poison() -> list[tuple[Event, bytes | None, str]]:
+    """Messages that can never be handled, each with the body to send (None: the event's own) and its reason."""
     user = new_user()
     malformed = registered(user)
     not_an_object = registered(user)
     future = Event(type="user.registered", user_id=user["id"], data={}, correlation_id="c", version=2)
     unknown = todo_event("archived", user["id"], {"id": "t", "title": "Old"})
     no_email = Event(type="user.registered", user_id=user["id"], data={"user_id": user["id"]}, correlation_id="c")
-    return [(malformed, b'{"type": "user.registered", "id": '), (not_an_object, b"[1, 2, 3]"),
-            (future, None), (unknown, None), (no_email, None)]  # fmt: skip
+    return [(malformed, b'{"type": "user.registered", "id": ', "malformed"), (not_an_object, b"[1, 2, 3]", "malformed"),
+            (future, None, "unsupported"), (unknown, None, "unsupported"), (no_email, None, "malformed")]  # fmt: skip
 
 
 async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_delivered(
@@ -42,7 +42,7 @@ async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_de
     for n, event in enumerate(good):
         await broker.publish(event)
         if n % 20 == 10:
-            poisoned, body = bad[n // 20]
+            poisoned, body, _ = bad[n // 20]
             await broker.publish(poisoned, body=body)
 
     consumer = service.app[CONSUMER]
@@ -56,8 +56,8 @@ async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_de
     letters = await eventually(
         lambda: _all_letters(infra.amqp_url, topology, len(bad)), within=10, what="the dead letters listed"
     )
-    assert sorted(d.event_id for d in letters) == sorted(e.id for e, _ in bad)
-    assert {d.reason for d in letters} == {"rejected"}  # refused at once: no retries wasted on them
+    # Each with why, refused at once: no retries wasted on them.
+    assert {d.event_id: (d.reason, d.retries) for d in letters} == {e.id: (reason, 0) for e, _, reason in bad}
     # Listing left them in the queue (the broker puts them back when the listing's channel closes).
     await eventually(lambda: _ready_is(broker, topology.dead_letters, len(bad)), within=10, what="letters back")
 
@@ -75,7 +75,7 @@ async def test_a_letter_that_waited_in_a_retry_queue_is_listed_with_its_last_rea
 
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
     # It expired from the retry queue first, then was refused: the latter is why it is dead.
-    assert (letter.event_id, letter.reason) == (event.id, "rejected")
+    assert (letter.event_id, letter.reason, letter.retries) == (event.id, "mail_rejected", 1)
 
 
 async def test_an_envelope_with_a_null_user_id_is_dead_lettered_not_taken_for_a_deleted_user(
@@ -107,9 +107,11 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_its_failure_
     infra: StackConfig, broker: Broker, topology: Topology, delivery_limit: int
 ) -> None:
     handler = AlwaysFailing()
-    connection = await aio_pika.connect_robust(infra.amqp_url)
-    async with connection:
-        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
             event = registered(new_user())
@@ -127,7 +129,7 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_its_failure_
         0,
     )
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
-    assert (letter.event_id, letter.reason, letter.failures) == (event.id, "rejected", FAILURE_LIMIT)
+    assert (letter.event_id, letter.reason, letter.failures) == (event.id, FAILURES_EXHAUSTED, FAILURE_LIMIT)
 
 
 class Failing:
@@ -160,8 +162,11 @@ async def test_a_message_whose_count_header_is_no_count_is_dead_lettered_at_once
     event = registered(new_user())
     message = aio_pika.Message(event.to_json(), message_id=event.id, type=event.type, headers={header: value})
     await broker.channel.default_exchange.publish(message, routing_key=topology.queue)
-    async with await aio_pika.connect_robust(infra.amqp_url) as connection:
-        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
             await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
@@ -171,7 +176,7 @@ async def test_a_message_whose_count_header_is_no_count_is_dead_lettered_at_once
     assert handler.calls == 1
     assert (consumer.settled["dead_lettered"], consumer.settled["requeued"]) == (1, 0)
     [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
-    assert (letter.event_id, letter.reason) == (event.id, "rejected")
+    assert (letter.event_id, letter.reason) == (event.id, "malformed")
 
 
 class BugThenOutage:
@@ -199,9 +204,11 @@ async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
     # a retry queue: when the retry queue dead-letters it back, the broker
     # must not take the old death for a loop of expiries and drop it.
     handler = BugThenOutage()
-    connection = await aio_pika.connect_robust(infra.amqp_url)
-    async with connection:
-        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
             await broker.publish(registered(new_user()))
@@ -224,7 +231,7 @@ async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
     await eventually(lambda: broker.ready(topology.dead_letters), within=10, what="the refused email dead-lettered")
 
     listed = await _cli("dlq", "list", infra=infra, topology=topology)
-    assert event.id in listed and "rejected" in listed
+    assert event.id in listed and "mail_rejected" in listed
 
     del smtp.refuse[user["email"]]  # the mailbox exists now
     replayed = await replay_dead_letters(infra.amqp_url, topology, limit=10)

@@ -65,9 +65,10 @@ async def test_an_event_whose_retry_the_broker_returns_is_redelivered_then_dead_
     # declaration from its cache, with a stale message count.
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
         await aio_pika.connect(infra.amqp_url) as ours,
     ):
-        consumer = consumer_class(connection, handler, topology, prefetch=4, retry_limit=10)
+        consumer = consumer_class(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
             # The first retry tier is gone: the copy for it is unroutable.

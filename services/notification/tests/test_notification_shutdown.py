@@ -56,9 +56,11 @@ async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_eve
 ) -> None:
     handler = Stuck()
     event = registered(new_user())
-    connection = await aio_pika.connect_robust(infra.amqp_url)
-    async with connection:
-        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         await broker.publish(event)
         await asyncio.wait_for(handler.started.wait(), timeout=10)
@@ -94,16 +96,22 @@ async def test_an_event_in_hand_at_more_restarts_than_the_old_delivery_limit_is_
     restarts = 6
     for _ in range(restarts):
         handler = Stuck()
-        async with await aio_pika.connect_robust(infra.amqp_url) as connection:
-            consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+        async with (
+            await aio_pika.connect_robust(infra.amqp_url) as connection,
+            await aio_pika.connect_robust(infra.amqp_url) as publishing,
+        ):
+            consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
             await consumer.start()
             await asyncio.wait_for(handler.started.wait(), timeout=10)
             await consumer.stop(drain_timeout=0.1)
         assert handler.cancelled  # handed back unsettled, by the channel closing
 
     handled = Handled()
-    async with await aio_pika.connect_robust(infra.amqp_url) as connection:
-        consumer = EventConsumer(connection, handled, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handled, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
             await eventually(lambda: handled.events, within=10, what="the event, after the restarts")
@@ -181,8 +189,11 @@ async def test_a_consumer_whose_cancel_fails_still_ends_the_deliveries_in_hand(
     infra: StackConfig, broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handler = Stuck()
-    async with await aio_pika.connect_robust(infra.amqp_url) as connection:
-        consumer = EventConsumer(connection, handler, topology, prefetch=4, retry_limit=10)
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         await broker.publish(registered(new_user()))
         await asyncio.wait_for(handler.started.wait(), timeout=10)
