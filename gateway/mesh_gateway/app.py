@@ -10,9 +10,10 @@ from aiohttp import web
 
 from mesh_common.app import service_app
 from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
-from mesh_common.consul import consul_ctx, registration_ctx
+from mesh_common.consul import consul_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import http_session_ctx
+from mesh_common.registration import registration_ctx
 from mesh_common.resilience import BreakerBoard
 
 from .guard import add_rate_limit_headers, guard_middleware

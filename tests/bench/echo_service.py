@@ -12,8 +12,9 @@ import os
 from aiohttp import web
 
 from mesh_common.app import service_app
-from mesh_common.consul import consul_ctx, registration_ctx
+from mesh_common.consul import consul_ctx
 from mesh_common.logs import configure_logging
+from mesh_common.registration import registration_ctx
 from mesh_common.serve import bind_socket, run
 from mesh_common.settings import ServiceSettings
 

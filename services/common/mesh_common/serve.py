@@ -20,7 +20,7 @@ import socket
 import structlog
 from aiohttp import web
 
-from .consul import REGISTRATION
+from .registration import REGISTRATION
 
 log = structlog.get_logger()
 BACKLOG = 1024

@@ -10,7 +10,8 @@ from structlog.testing import capture_logs
 
 from devstack.config import StackConfig
 from mesh_common.app import service_app
-from mesh_common.consul import consul_client, consul_ctx, registration_ctx
+from mesh_common.consul import consul_client, consul_ctx
+from mesh_common.registration import registration_ctx
 from mesh_common.testing import HeldPort, LeavesConsulFirst, eventually, loopback_service
 from mesh_common.testing.proxy import TcpProxy
 

@@ -11,9 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from mesh_common import consul as mesh_consul
+from mesh_common import registration as mesh_registration
 from mesh_common.app import service_app
-from mesh_common.consul import Registration, consul_client, consul_ctx, registration_ctx
+from mesh_common.consul import consul_client, consul_ctx
+from mesh_common.registration import Registration, registration_ctx
 from mesh_common.testing import HeldPort, eventually, loopback_service
 
 
@@ -132,7 +133,7 @@ async def test_a_hanging_agent_costs_a_stop_one_call_timeout_not_one_per_call(
     # full timeouts, with the drain and the workers' grace, would overrun
     # compose's stop_grace_period.
     # Long enough for the first call to reach the agent on a busy machine.
-    monkeypatch.setattr(mesh_consul, "CALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(mesh_registration, "CALL_TIMEOUT", 1.0)
     agent = FakeAgent(hang_deregister=True)
     client = consul_client(str((await aiohttp_server(agent.app)).make_url("/")))
     registration = Registration(client, loopback_service("hung", "unused", port=8129))

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestServer
 
 from devstack.config import StackConfig
 from mesh_common.app import service_app
-from mesh_common.consul import CONSUL, REGISTRATION, Registration, consul_client, consul_ctx, registration_ctx
+from mesh_common.consul import CONSUL, consul_client, consul_ctx
+from mesh_common.registration import REGISTRATION, Registration, registration_ctx
 from mesh_common.testing import LeavesConsulFirst, loopback_service
 
 

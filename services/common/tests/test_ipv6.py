@@ -15,9 +15,10 @@ from aiohttp import web
 
 from devstack.config import StackConfig
 from mesh_common.app import service_app
-from mesh_common.consul import Registration, consul_client
+from mesh_common.consul import consul_client
 from mesh_common.discovery import Instance, ServiceWatch
 from mesh_common.http import ServiceClient
+from mesh_common.registration import Registration
 from mesh_common.serve import bind_socket
 from mesh_common.testing import eventually, loopback_service
 

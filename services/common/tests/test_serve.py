@@ -17,7 +17,8 @@ from aiohttp import web
 
 from devstack.config import StackConfig
 from mesh_common.app import service_app
-from mesh_common.consul import Registration, consul_client, consul_ctx, registration_ctx
+from mesh_common.consul import consul_client, consul_ctx
+from mesh_common.registration import Registration, registration_ctx
 from mesh_common.serve import BACKLOG, bind_socket, serve
 from mesh_common.testing import loopback_service
 

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..auth import ACCESS_TOKEN_TYPE, JwksVerifier
-from ..consul import REGISTRATION
+from ..registration import REGISTRATION
 from ..settings import ServiceSettings
 
 
