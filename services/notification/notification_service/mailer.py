@@ -18,10 +18,10 @@ Whose fault a 5xx is decides what becomes of the event: see replies.py. A
 5xx that refuses us is not tried again at once: it would be refused alike.
 Nor is a login the server refuses, or TLS that fails (a certificate that
 does not verify, STARTTLS not offered): our settings or the server's
-certificate to put right, not the server busy. Nor is either tried again
-for the next message: no new session opens for a while after one
-(session_cooldown.py), since each would be refused alike, and a relay locks
-an account after a few failed logins.
+certificate to put right, not the server busy. Nor, before DATA, is any of
+them tried again for the next message: no new session opens for a while
+after one (session_cooldown.py), since each would be refused alike, and a
+relay locks an account, or blocks an address, that keeps coming back.
 
 The message itself goes out only once the server has answered the DATA
 command with 354. No answer to DATA (a timeout, a dropped connection) is
@@ -65,7 +65,7 @@ from aiosmtplib.typing import Default
 
 from .failures import MailServerUnavailable
 from .replies import RefusedUs, UnavailableAtData, at_data, before_data
-from .session_cooldown import SessionCooldown
+from .session_cooldown import SessionCooldown, Taken
 from .settings import SmtpSettings
 from .smtp_options import client_options
 
@@ -92,6 +92,7 @@ class _Client(aiosmtplib.SMTP):
         self.at_data = False
         self.body_started = False
         self.until_data: asyncio.Timeout | None = None
+        self.envelope_taken: Taken | None = None  # told when DATA begins: the server took MAIL and RCPT
 
     # aiosmtplib's own signature, which ``sendmail`` calls with its timeout.
     async def data(
@@ -102,6 +103,8 @@ class _Client(aiosmtplib.SMTP):
         timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
     ) -> aiosmtplib.SMTPResponse:
         self.at_data = True
+        if self.envelope_taken is not None:
+            self.envelope_taken()
         if self.until_data is not None:
             self.until_data.reschedule(None)  # the attempt's deadline ends here: DATA has its own
         protocol = self.protocol
@@ -184,6 +187,11 @@ class Mailer:
         waits = BACKOFF_FACTOR * (2.0 ** (s.attempts - 1) - 1)
         return s.attempts * s.timeout + waits + 2 * s.data_timeout
 
+    @property
+    def recipient_hourly_limit(self) -> int:
+        """Emails to one address in a rolling hour: a mail setting, which the notifier enforces (recipient_cap.py)."""
+        return self._settings.recipient_hourly_limit
+
     async def send(self, message: EmailMessage) -> None:
         """Hand ``message`` to the SMTP server, or raise why it could not be."""
         async with self.slot() as send:
@@ -226,17 +234,20 @@ class Mailer:
         client: _Client | None = None
         try:
             async with asyncio.timeout(self._settings.timeout) as until_data:
-                client = self._reuse() or await self._connect()
-                client.at_data = client.body_started = False
-                client.until_data = until_data
-                await client.send_message(message)
+                if (client := self._reuse()) is not None:
+                    with self._cooldown.reusing() as taken:
+                        await _transact(client, message, until_data, taken)
+                else:
+                    # A new session, held back during a cooldown: how its
+                    # opening and its envelope went decides the next ones.
+                    async with self._cooldown.opening() as taken:
+                        client = await self._connect()
+                        await _transact(client, message, until_data, taken)
         except BaseException as exc:
             if client is not None:
                 client.close()
                 progress.body_started = client.body_started
-            if client is not None and client.at_data and isinstance(exc, Exception):
-                raise at_data(exc, body_started=client.body_started) from None
-            if isinstance(exc, aiosmtplib.SMTPException | OSError):
+            if isinstance(exc, aiosmtplib.SMTPException | OSError):  # the attempt's timeout, before DATA
                 raise before_data(exc) from None
             raise
         progress.body_started = True
@@ -256,13 +267,28 @@ class Mailer:
     async def _connect(self) -> _Client:
         # Connected, through TLS, and logged in: aiosmtplib closes the session if any of it fails.
         # What it failed with is read here, for the cooldown to know a refusal.
-        async with self._cooldown.opening():
-            client = _Client(data_timeout=self._settings.data_timeout, **self._options)
-            try:
-                await client.connect()
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                raise before_data(exc) from None
-            return client
+        client = _Client(data_timeout=self._settings.data_timeout, **self._options)
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise before_data(exc) from None
+        return client
+
+
+async def _transact(client: _Client, message: EmailMessage, until_data: asyncio.Timeout, taken: Taken) -> None:
+    """MAIL, RCPT and DATA on ``client``: what a failure says, read here, for the cooldown to know a refusal."""
+    client.at_data = client.body_started = False
+    client.until_data, client.envelope_taken = until_data, taken
+    try:
+        await client.send_message(message)
+    except Exception as exc:
+        if client.at_data:
+            raise at_data(exc, body_started=client.body_started) from None
+        if isinstance(exc, aiosmtplib.SMTPException | OSError):
+            raise before_data(exc) from None
+        raise
+    finally:
+        client.envelope_taken = None  # the cooldown's, for this send only
 
 
 def _log_retry(details: Any) -> None:

@@ -9,12 +9,22 @@ the message's (``MailRejected``: the DLQ, the reminder cancelled) at RCPT
 and after DATA, unless its enhanced status code (RFC 3463) says the server
 refuses us: X.7 security or policy (relaying denied, a blocklist, DMARC),
 X.3 the mail system (but X.3.4, the message too big) or X.4 the network and
-routing. Those are ``MailServerUnavailable`` (``RefusedUs``), as is any 5xx
-before RCPT: a configuration or a reputation to put right, with the events
-and reminders kept meanwhile, not given up on one by one. Without an
-enhanced code (or with X.0, "undefined") a 5xx says nothing more, and is
-taken as before: the recipient's or the message's at RCPT and after DATA,
-ours before RCPT. 552 is the message too big (RFC 1870) whatever follows it.
+routing (but X.4.1 at RCPT, below). Those are ``MailServerUnavailable``
+(``RefusedUs``), as is any 5xx before RCPT: a configuration or a reputation
+to put right, with the events and reminders kept meanwhile, not given up on
+one by one. Without an enhanced code (or with X.0, "undefined") a 5xx says
+nothing more, and is taken as before: the recipient's or the message's at
+RCPT and after DATA, ours before RCPT. 552 is the message too big (RFC 1870)
+whatever follows it.
+
+5.4.1 at RCPT is the recipient's. RFC 3463 has X.4.1 as "no answer from
+host", a network failure, but a server that answers our RCPT is no host
+that did not answer: what it means there is Exchange Online's "550 5.4.1
+Recipient address rejected: Access denied", its directory-based edge
+blocking of an address that does not exist (or another relay's callout to
+the recipient's own host, unanswered). Taken as ours, a welcome email to a
+mistyped address was tried for a day. Only X.4.1, and only at RCPT: the
+other X.4 codes, and X.4.1 anywhere else, stay ours.
 
 Opening the session can fail for a reason of ours too, the same for every
 message until the settings or the server's certificate are put right:
@@ -23,7 +33,9 @@ offer AUTH, or no mechanism aiosmtplib knows) and ``TlsFailed`` (a
 certificate that does not verify, a handshake that fails, STARTTLS not
 offered). Both are ``RefusedUs``: final for now, retried only through the
 retry queues. A 4xx to AUTH (454) is the server busy, like any 4xx; a
-timeout or a dropped connection during the handshake is an outage.
+timeout or a dropped connection during the handshake is an outage. Any
+``RefusedUs`` before DATA may hold back the sessions that follow it: see
+session_cooldown.py.
 
 Once the message has begun to go out, an answer still says what became of
 it, and no answer (a timeout, a dropped connection) does not:
@@ -37,6 +49,7 @@ import ssl
 
 import aiosmtplib
 
+from .addresses import mailbox_key
 from .failures import MailOutcomeUnknown, MailRejected, MailServerUnavailable
 
 
@@ -45,7 +58,18 @@ class UnavailableAtData(MailServerUnavailable):
 
 
 class RefusedUs(MailServerUnavailable):
-    """A 5xx that refuses us, not the message: final for now, so not tried again at once."""
+    """A 5xx that refuses us, not the message: final for now, so not tried again at once.
+
+    ``recipients``: the mailboxes refused (``addresses.mailbox_key``), when
+    it came at RCPT. A block of ours refuses every recipient alike, while a
+    policy about one may carry the same status: session_cooldown.py tells
+    them apart by it. Kept in memory only, never in a log, as the reply's
+    text is not.
+    """
+
+    def __init__(self, reason: str, *, recipients: frozenset[str] = frozenset()) -> None:
+        super().__init__(reason)
+        self.recipients = recipients
 
 
 class LoginRefused(RefusedUs):
@@ -67,8 +91,9 @@ def before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         if all(_transient(code) for code in codes):
             return MailServerUnavailable(f"recipients deferred: {codes}")
         statuses = [_status(r.code, r.message) for r in exc.recipients]
-        if all(_transient(r.code) or _refuses_us(r.code, r.message) for r in exc.recipients):
-            return RefusedUs(f"recipients refused, for a reason of ours: {statuses}")
+        if all(_transient(r.code) or _refuses_us(r.code, r.message, at_rcpt=True) for r in exc.recipients):
+            refused = frozenset(mailbox_key(r.recipient) for r in exc.recipients)
+            return RefusedUs(f"recipients refused, for a reason of ours: {statuses}", recipients=refused)
         return MailRejected(f"recipients refused: {statuses}")
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         # aiosmtplib's only use of it: an address is not ASCII and the server
@@ -138,11 +163,12 @@ def _status(code: int, message: str) -> str:
     return f"{code} {status[0]}" if status else str(code)
 
 
-def _refuses_us(code: int, message: str) -> bool:
+def _refuses_us(code: int, message: str, *, at_rcpt: bool = False) -> bool:
     """Whether a 5xx's enhanced status code says it refuses us, not the recipient or the message.
 
     False when it does not say: no enhanced code, one of another class than
-    the reply's, or X.0 (other or undefined).
+    the reply's, or X.0 (other or undefined); and for X.4.1 at RCPT (the
+    module's docstring).
     """
     if code == 552:  # the message too big (RFC 1870), or the mailbox full: not ours to put right
         return False
@@ -151,5 +177,7 @@ def _refuses_us(code: int, message: str) -> bool:
         return False
     subject, detail = status[2], status[3]
     if (subject, detail) == ("3", "4"):  # "message too big for system"
+        return False
+    if at_rcpt and (subject, detail) == ("4", "1"):  # the recipient unknown to the relay's directory
         return False
     return subject in {"3", "4", "7"}

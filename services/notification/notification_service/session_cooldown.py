@@ -1,37 +1,61 @@
-"""After the server refuses to open a session with us, no new session for a while: a cooldown.
+"""After the server refuses us before DATA, no new session for a while: a cooldown.
 
-A login refused (``LoginRefused``) or TLS that fails (``TlsFailed``) is our
-settings or the server's certificate to put right, and the next session
-would be refused alike, a second or a minute later. Tried again for every
-event of a backlog (32 in hand, and the retry queues bringing them back
-after 1, 5 and 30 s), a wrong password cost hundreds of failed logins a
-minute (two each: aiosmtplib tries every mechanism offered). Relays lock an
-account after a few, some block the client's address too: the service
-turned a typo in a password into a lockout that outlasted its fix.
+A login refused (``LoginRefused``), TLS that fails (``TlsFailed``), or a
+5xx of ours to the envelope (a blocklist: "550 5.7.1 ... client blocked
+using zen.spamhaus.org"; a quota: "550 5.4.5 Daily user sending limit
+exceeded") is our settings, our certificate or our standing with the relay
+to put right, and the next session would be refused alike, a second or a
+minute later. Tried again for every event of a backlog (32 in hand, and the
+retry queues bringing them back after 1, 5 and 30 s), a wrong password cost
+hundreds of failed logins a minute (two each: aiosmtplib tries every
+mechanism offered), and a blocked account as many sessions a second, each
+connecting, logging in and naming a recipient. Relays lock an account after
+a few, some block the client's address too: the service turned a typo in a
+password into a lockout that outlasted its fix.
 
 So after such a refusal every send that needs a new session fails at once
 with the same kind of error, without connecting: its event takes the path
 it took before (the retry queues, a reminder deferred), only without a
-login. When the cooldown is over, one send tries again: a session opened
-ends it; refused, another begins, twice as long, up to ``LONGEST_COOLDOWN``.
+session. When the cooldown is over, one send tries again: a session whose
+envelope the server takes (its DATA begins) ends it; refused, another
+begins, twice as long, up to ``LONGEST_COOLDOWN``.
 
-One session opens at a time until one has opened: at start, and once a
-cooldown is over. The other sends wait for it (within their attempt's
-timeout, holding their session slot, which they could use for nothing
-else), then open their own or fail as it did. Otherwise a backlog at start
-would make ``SESSIONS`` failed logins at once, and so would the sends
-waiting when a cooldown ends. Once a session has opened, sessions open side
-by side; if the server refuses them from then on (the account's password
-changed under a running service), those already opening may be refused too
-(``SESSIONS`` at most) before the cooldown holds the others back.
+Which refusals begin one: any ``RefusedUs`` while the session opens (the
+greeting, EHLO, STARTTLS, AUTH) or to MAIL FROM, which names no recipient,
+at once. At RCPT, once two mailboxes have been refused so with no envelope
+taken in between: a block of ours refuses every recipient, while a
+relay's policy about one address (or one domain) may carry the same status
+(Postfix's access maps answer "554 5.7.1 ... Recipient address rejected:
+Access denied"), and one user's address must not hold back everyone's
+email. Once the relay has taken an envelope after refusing a mailbox, with
+no cooldown between, that mailbox is known to be refused alone, and counts
+no more: retried for a day, two such addresses would otherwise begin a
+cooldown whenever they came up one after the other. (After a cooldown, the
+envelope taken may be a block lifted: nothing is learnt then.) Two such
+addresses, new and one right after the other, still begin one, as a
+block's first refusals do. A refusal at DATA, about the message (DMARC,
+content policy), begins none.
+
+One session opens at a time until one has had its envelope taken: at start,
+and once a cooldown is over. The other sends wait for it (within their
+attempt's timeout, holding their session slot, which they could use for
+nothing else), then open their own or fail as it did. Otherwise a backlog at
+start would make ``SESSIONS`` failed logins at once, and so would the sends
+waiting when a cooldown ends. A send that fails otherwise (an outage, a
+recipient refused for good) hands the turn to the next. Once one has had
+its envelope taken, sessions open side by side; if the server refuses them
+from then on (the account's password changed under a running service),
+those already opening may be refused too (``SESSIONS`` at most) before
+the cooldown holds the others back.
 
 Sessions already open go on being used, cooldown or not: they are logged
-in, and reusing one makes no login the server could count against us.
-Only a session opening is held back.
+in, and reusing one makes no login the server could count against us. Only
+a session opening is held back; one refused is closed, so a block costs
+each open session one refusal at most.
 
-A transient failure (a refused connection, a timeout, 454 to AUTH) neither
-begins a cooldown nor ends one: the server may be busy, not refusing us,
-and the next send tries again.
+A transient failure (a refused connection, a timeout, a 4xx) neither begins
+a cooldown nor ends one: the server may be busy, not refusing us, and the
+next send tries again.
 """
 
 from __future__ import annotations
@@ -39,12 +63,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import structlog
 
-from .replies import LoginRefused, TlsFailed
+from .replies import LoginRefused, RefusedUs, TlsFailed
 
 log = structlog.get_logger()
 
@@ -57,65 +82,124 @@ COOLDOWN = 60.0
 # count failures over 15 to 30 minutes, and a password that stays wrong
 # overnight then costs four sessions an hour, not sixty.
 LONGEST_COOLDOWN = 900.0
+# Mailboxes kept of each kind (refused since an envelope was taken; known
+# to be refused alone): more than a block lets through between two
+# cooldowns, or than the addresses a relay refuses alone in a day, and few
+# enough to hold.
+MAILBOXES_KEPT = 1000
 
-Refusal = LoginRefused | TlsFailed
+# Called when the server takes the envelope: DATA begins.
+Taken = Callable[[], None]
 
 
 class SessionCooldown:
     """Whether a session may be opened now, from how the last ones went: see the module's docstring."""
 
     def __init__(self) -> None:
-        self._refusal: Refusal | None = None  # what began the cooldown, kept until a session opens
+        self._refusal: RefusedUs | None = None  # what began the cooldown, kept until an envelope is taken
         self._until = 0.0  # time.monotonic() when the cooldown is over
         self._length = 0.0
-        self._opened = False  # a session has opened since the start or the last refusal
-        self._trying: asyncio.Event | None = None  # the one session opening, set when it ends
+        self._proven = False  # a new session has had its envelope taken since the start or the last refusal
+        self._trying: asyncio.Event | None = None  # the one session opening, set when its turn ends
+        self._suspects: set[str] = set()  # mailboxes refused at RCPT, for a reason of ours, since an envelope
+        self._blocked = False  # the suspects began a cooldown, or had a part in one: a block, not each alone
+        self._refused_alone: OrderedDict[str, None] = OrderedDict()  # refused while others' envelopes were taken
 
     @asynccontextmanager
-    async def opening(self) -> AsyncIterator[None]:
-        """Around opening a session: refused at once during a cooldown, one at a time until one opens.
+    async def opening(self) -> AsyncIterator[Taken]:
+        """Around a new session, from opening it to DATA: refused at once during a cooldown, one at a time until proven.
 
-        The block raises what the session's opening failed with, as
-        ``replies.before_data`` makes it: a ``LoginRefused`` or a
-        ``TlsFailed`` begins a cooldown.
+        Yields what to call when the server takes the envelope. The block
+        raises what the send failed with, as ``replies.before_data`` makes
+        it: a ``RefusedUs`` until then may begin a cooldown.
         """
-        while not self._opened:
+        while not self._proven:
             self._refuse_while_cooling_down()
             if self._trying is None:
                 break
             await self._trying.wait()
         trying = None
-        if not self._opened:
+        if not self._proven:
             self._trying = trying = asyncio.Event()
+        taken = False
+
+        def envelope_taken() -> None:
+            nonlocal taken, trying
+            taken = True
+            self._envelope_taken()
+            if trying is not None:  # only the send whose turn it was proves the server takes us
+                self._proven = True
+                if self._refusal is not None:
+                    log.info("smtp_cooldown_ended", reason=type(self._refusal).__name__)
+                    self._refusal = None
+                self._end_turn(trying)
+                trying = None
+
         try:
-            yield
-        except (LoginRefused, TlsFailed) as exc:
-            self._refused(exc)
+            yield envelope_taken
+        except RefusedUs as exc:
+            if not taken:
+                self._refused(exc)
             raise
-        else:
-            self._open()
         finally:
             if trying is not None:
-                self._trying = None
-                trying.set()
+                self._end_turn(trying)
+
+    @contextmanager
+    def reusing(self) -> Iterator[Taken]:
+        """Around a send on a session already open, to DATA: it opens nothing, but what it meets counts."""
+        taken = False
+
+        def envelope_taken() -> None:
+            nonlocal taken
+            taken = True
+            self._envelope_taken()
+
+        try:
+            yield envelope_taken
+        except RefusedUs as exc:
+            if not taken:
+                self._refused(exc)
+            raise
+
+    def _envelope_taken(self) -> None:
+        # The relay takes others' envelopes: the suspects are refused alone,
+        # unless a cooldown came between, when it may just have lifted a block.
+        if not self._blocked:
+            for mailbox in self._suspects:
+                self._refused_alone[mailbox] = None
+                self._refused_alone.move_to_end(mailbox)
+            while len(self._refused_alone) > MAILBOXES_KEPT:
+                self._refused_alone.popitem(last=False)
+        self._suspects.clear()
+        self._blocked = False
+
+    def _end_turn(self, trying: asyncio.Event) -> None:
+        self._trying = None
+        trying.set()
 
     def _refuse_while_cooling_down(self) -> None:
         if self._refusal is None:
             return
         left = self._until - time.monotonic()
         if left > 0:
-            raise type(self._refusal)(f"{self._refusal} (no new session for another {math.ceil(left)} s)")
+            # Of the same kind, for the event's retry log: LoginRefused, TlsFailed, or a bare RefusedUs.
+            kind = type(self._refusal) if isinstance(self._refusal, LoginRefused | TlsFailed) else RefusedUs
+            raise kind(f"{self._refusal} (no new session for another {math.ceil(left)} s)")
 
-    def _refused(self, exc: Refusal) -> None:
+    def _refused(self, exc: RefusedUs) -> None:
+        if exc.recipients:
+            suspects = exc.recipients - self._refused_alone.keys()
+            others = self._suspects - suspects
+            if len(self._suspects) < MAILBOXES_KEPT:
+                self._suspects |= suspects
+            if not (suspects and others):
+                return  # perhaps a policy about this recipient alone: its event is retried, nobody else's held
+            self._blocked = True
         now = time.monotonic()
         if self._refusal is not None and now < self._until:
             return  # a session that was opening when the cooldown began: refused alike, and part of it
         self._length = COOLDOWN if self._refusal is None else min(2 * self._length, LONGEST_COOLDOWN)
-        self._refusal, self._until, self._opened = exc, now + self._length, False
+        self._refusal, self._until, self._proven = exc, now + self._length, False
         # Once for the cooldown: the events it fails each log their own retry.
         log.warning("smtp_cooldown_started", reason=type(exc).__name__, detail=str(exc), seconds=self._length)
-
-    def _open(self) -> None:
-        if self._refusal is not None:
-            log.info("smtp_cooldown_ended", reason=type(self._refusal).__name__)
-        self._refusal, self._opened = None, True
