@@ -16,6 +16,8 @@ The steps, and what a crash after each one leaves behind:
    ``ShuttingDown`` and its event goes back to the broker, rather than
    start a send that the end of the shutdown's drain could cut short in
    DATA, to be sent again after the restart.
+   Once claimed, the email counts against its recipient's hourly cap
+   (recipient_cap.py); over it, the claim ends as ``capped``, sent never.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
 3. Mark the row ``sent``, trying again for up to half the lease, from the
    end of the send, while the database is away. Then the consumer acks the
@@ -70,7 +72,7 @@ from typing import Any, TypeVar
 import aiopg
 import structlog
 
-from . import claims
+from . import claims, recipient_cap
 from .directory import Recipient, UserDirectory
 from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected, ShuttingDown
 from .mailer import Mailer
@@ -96,6 +98,8 @@ class Outcome(Enum):
     WITHDRAWN = "withdrawn"
     # Sent claims.UNKNOWN_SENDS_LIMIT times with no answer after DATA: not sent again.
     UNCONFIRMED = "unconfirmed"
+    # Over its recipient's hourly cap (recipient_cap.py): not sent, and never will be.
+    CAPPED = "capped"
 
 
 class Notifier:
@@ -105,6 +109,7 @@ class Notifier:
         self._directory = directory
         self._sender = sender
         self.lease = mailer.longest_send + CLAIM_MARGIN
+        self._recipient_limit = mailer.recipient_hourly_limit
         self._stopping = False
 
     def stop(self) -> None:
@@ -166,6 +171,8 @@ class Notifier:
                     return ended
                 raise DeliveryInProgress(f"{kind} for {event_id}")
             try:
+                if not await recipient_cap.within_cap(self._pool, claim, token, limit=self._recipient_limit):
+                    return Outcome.CAPPED
                 await send(email)
             except MailOutcomeUnknown as exc:
                 unknown: MailOutcomeUnknown | None = exc  # counted below, with the session given back
@@ -173,7 +180,7 @@ class Notifier:
                 await self._cut_short(claim, token, body_started=send.body_started)
                 raise
             except Exception:
-                # The server does not have it: the next delivery may claim it at once.
+                # Not sent (the server does not have it, or counting it failed): the next delivery may claim it.
                 await claims.release_notification(self._pool, event_id, kind, token)
                 raise
             else:
@@ -297,4 +304,7 @@ def _ended(status: str | None, event_id: str, kind: str) -> Outcome | None:
     if status == "unconfirmed":
         log.info("notification_unconfirmed_already", event_id=event_id, kind=kind)
         return Outcome.UNCONFIRMED
+    if status == "capped":
+        log.info("notification_capped_already", event_id=event_id, kind=kind)
+        return Outcome.CAPPED
     return None

@@ -1,7 +1,8 @@
 """The SQL: sent notifications' history and scheduled reminders (the claims are in claims.py).
 
-Every query runs through ``cursor``, which turns PostgreSQL being away (a
-restart, a dropped connection, a connection or statement timeout) into
+Every query runs through ``cursor`` (or ``transaction``, for more than one
+statement), which turns PostgreSQL being away (a restart, a dropped
+connection, a connection or statement timeout) into
 ``DatabaseUnavailable``, a ``TemporaryFailure``: the consumer retries the
 event later through the retry queues, as for an SMTP outage. Left as it
 was, it would count as a bug and be redelivered at once, spending the
@@ -19,7 +20,8 @@ from typing import Any
 import aiopg
 import psycopg2
 
-from mesh_common.transactions import server_cancels_as_errors
+from mesh_common import transactions
+from mesh_common.transactions import CommitOutcomeUnknown, server_cancels_as_errors
 
 from .failures import DatabaseUnavailable
 
@@ -36,6 +38,19 @@ async def cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
     # connect or statement timeout. Errors in the SQL or the data
     # (ProgrammingError, DataError...) stay bugs.
     except (psycopg2.OperationalError, psycopg2.InterfaceError, TimeoutError) as exc:
+        raise DatabaseUnavailable(type(exc).__name__) from exc
+
+
+@asynccontextmanager
+async def transaction(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
+    """``cursor``, inside BEGIN ... COMMIT: rolled back on any error, a COMMIT whose answer was lost asked after."""
+    try:
+        with server_cancels_as_errors():
+            async with transactions.transaction(pool) as cur:
+                yield cur
+    # CommitOutcomeUnknown: made or not, nobody knows. Retried as an outage,
+    # which is safe only for a write that can be found made, or made again.
+    except (psycopg2.OperationalError, psycopg2.InterfaceError, TimeoutError, CommitOutcomeUnknown) as exc:
         raise DatabaseUnavailable(type(exc).__name__) from exc
 
 

@@ -58,6 +58,11 @@ class SmtpSettings:
     # Tries per message before the event goes to a retry queue: enough to
     # ride out a dropped connection, short enough not to hold a delivery slot.
     attempts: int = 3
+    # Emails to one address in a rolling hour, of every kind (recipient_cap.py):
+    # addresses are not verified, and anyone can give us someone else's. Ten
+    # is more than a person completing todos or reminded of them gets in an
+    # hour, and bounds what one account can send a stranger to 240 a day.
+    recipient_hourly_limit: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,9 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if settings.retry_limit < 0:
             raise SettingsError("RETRY_LIMIT must not be negative")
+        # 0 would send no email at all, and quietly: every one capped, acked, gone.
+        if smtp.recipient_hourly_limit < 1:
+            raise SettingsError("NOTIFY_RECIPIENT_HOURLY_LIMIT must be at least 1")
         # An event may come back from the retry queues this long after it
         # happened, and later still, since every attempt takes time of its
         # own (an SMTP timeout, a lookup): twice that, or good events still
@@ -163,6 +171,7 @@ def smtp_from_env(env: Mapping[str, str]) -> SmtpSettings:
         timeout=env_float(env, "SMTP_TIMEOUT", 5.0),
         data_timeout=env_float(env, "SMTP_DATA_TIMEOUT", 30.0),
         attempts=env_int(env, "SMTP_ATTEMPTS", 3),
+        recipient_hourly_limit=env_int(env, "NOTIFY_RECIPIENT_HOURLY_LIMIT", 10),
     )
 
 

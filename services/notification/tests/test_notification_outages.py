@@ -38,6 +38,7 @@ from mesh_common.testing.proxy import TcpProxy
 from notification_service import repository
 from notification_service.failures import DatabaseUnavailable
 from notification_service.keys import CONSUMER, SETTINGS
+from notification_service.settings import Settings
 
 OUTAGE_SECONDS = 30.0
 EVENTS = 100
@@ -84,8 +85,10 @@ async def test_a_relay_refusing_us_for_a_while_loses_no_email(service: Client, b
 
 
 async def test_user_service_down_for_a_while_then_back_loses_no_email(
-    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService
+    settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink, users: FakeUserService
 ) -> None:
+    # One owner's hundred emails: each an email that must not be lost, not a stranger flooded (recipient_cap.py).
+    service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=EVENTS))
     owner = users.add(new_user())
     await users.stop()
     down_since = time.monotonic()

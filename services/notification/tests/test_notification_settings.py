@@ -36,6 +36,7 @@ def test_defaults_are_those_of_the_stack() -> None:
     assert settings.topology.queue == "notifications.events"
     assert settings.prefetch == 32
     assert (settings.smtp.timeout, settings.smtp.data_timeout, settings.smtp.attempts) == (5.0, 30.0, 3)
+    assert settings.smtp.recipient_hourly_limit == 10
 
 
 def test_nonsense_numbers_are_refused() -> None:
@@ -58,6 +59,9 @@ def test_nonsense_numbers_are_refused() -> None:
         ("RETRY_LIMIT", "-1"),  # every passing failure dead-lettered, and the retention unchecked
         ("EVENT_RETENTION_SECONDS", "0"),
         ("EVENT_RETENTION_SECONDS", "-1"),
+        ("NOTIFY_RECIPIENT_HOURLY_LIMIT", "0"),  # every email capped, acked and gone, quietly
+        ("NOTIFY_RECIPIENT_HOURLY_LIMIT", "-5"),
+        ("NOTIFY_RECIPIENT_HOURLY_LIMIT", "ten"),
     ],
 )
 def test_numbers_that_would_fail_later_are_refused_at_start(name: str, value: str) -> None:
@@ -83,6 +87,10 @@ def test_numbers_that_would_fail_later_are_refused_at_start(name: str, value: st
 def test_a_mail_from_that_is_not_one_mailbox_is_refused(mail_from: str) -> None:
     with pytest.raises(SettingsError, match="MAIL_FROM"):
         Settings.from_env({**REQUIRED, "MAIL_FROM": mail_from})
+
+
+def test_the_recipient_cap_is_read_from_the_environment() -> None:
+    assert Settings.from_env({**REQUIRED, "NOTIFY_RECIPIENT_HOURLY_LIMIT": "25"}).smtp.recipient_hourly_limit == 25
 
 
 def test_a_display_name_with_a_comma_is_fine_quoted() -> None:

@@ -155,6 +155,7 @@ class NoAnswer:
     """A mailer whose every send goes out with no answer after DATA."""
 
     longest_send = 1.0
+    recipient_hourly_limit = 10
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Send]:

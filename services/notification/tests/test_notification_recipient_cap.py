@@ -1,0 +1,157 @@
+"""At most NOTIFY_RECIPIENT_HOURLY_LIMIT emails to one address an hour, whoever asks for them.
+
+Addresses are not verified: an account set to a stranger's address, and a
+todo completed and reopened in a loop, emailed that stranger some 600 times
+a minute; registering the address again replayed the welcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections import Counter
+from dataclasses import replace
+
+import aiopg
+import pytest
+from direct_sends import welcome
+from notification_support import (
+    MAIL_FROM,
+    Broker,
+    FakeUserService,
+    StartService,
+    eventually,
+    new_user,
+    registered,
+    todo_event,
+)
+from smtp_sink import SmtpSink
+from structlog.testing import capture_logs
+
+from notification_service.addresses import mailbox_key
+from notification_service.failures import MailServerUnavailable
+from notification_service.keys import CONSUMER
+from notification_service.mailer import Mailer
+from notification_service.notifier import Notifier, Outcome
+from notification_service.settings import Settings, SmtpSettings
+
+LIMIT = 3
+
+
+async def statuses(pool: aiopg.Pool, recipient: str) -> Counter[str]:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT status FROM notifications WHERE recipient = %s", (recipient,))
+        return Counter(row[0] for row in await cur.fetchall())
+
+
+async def test_an_address_gets_at_most_the_limit_an_hour_and_the_rest_are_recorded_capped(
+    settings: Settings,
+    start_service: StartService,
+    broker: Broker,
+    smtp: SmtpSink,
+    users: FakeUserService,
+    pool: aiopg.Pool,
+) -> None:
+    service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
+    victim = users.add(new_user())  # an account whose address is someone else's
+    bystander = users.add(new_user())
+    # The welcome counts too: registering the address again replays it.
+    again = {**new_user(), "email": victim["email"]}
+    events = [registered(victim), registered(again)]
+    events += [
+        todo_event("completed", victim["id"], {"id": f"t{n}", "title": f"Task {n}", "completed": True})
+        for n in range(LIMIT + 3 - len(events))
+    ]
+    others = [
+        todo_event("completed", bystander["id"], {"id": f"b{n}", "title": f"Other {n}", "completed": True})
+        for n in range(LIMIT)
+    ]
+    with capture_logs() as logs:
+        for event in [*events, *others]:
+            await broker.publish(event)
+        consumer = service.app[CONSUMER]
+        total = len(events) + len(others)
+        await eventually(lambda: consumer.settled["acked"] == total, within=15, what="every event acked")
+
+        await eventually(lambda: len(smtp.received) >= 2 * LIMIT, within=5, what="the emails within the cap")
+        assert len(smtp.to(victim["email"])) == LIMIT
+        assert len(smtp.to(bystander["email"])) == LIMIT  # another address is not held back
+        assert await statuses(pool, victim["email"]) == {"sent": LIMIT, "capped": 3}
+
+        # Redelivered, a capped email is not sent either.
+        for event in events:
+            await broker.publish(event)
+        await eventually(lambda: consumer.settled["acked"] == total + len(events), within=15, what="redeliveries")
+    assert len(smtp.received) == 2 * LIMIT
+    assert consumer.settled["dead_lettered"] == 0
+
+    capped = [entry for entry in logs if entry["event"] == "recipient_capped"]
+    key = mailbox_key(victim["email"])
+    assert len(capped) == 3
+    assert {(e["log_level"], e["recipient_domain"], e["limit"]) for e in capped} == {("warning", "example.test", LIMIT)}
+    assert {e["recipient_hash"] for e in capped} == {hashlib.sha256(key.encode()).hexdigest()[:16]}
+    assert victim["email"].split("@")[0] not in repr(logs)  # never the address
+
+
+async def test_sends_side_by_side_cannot_each_find_room_for_one_more(pool: aiopg.Pool, smtp: SmtpSink) -> None:
+    # Eight sessions an instance: counted one by one, each could see the
+    # same count under the limit and send.
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, recipient_hourly_limit=LIMIT))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    user = new_user()
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(welcome(notifier, str(uuid.uuid4()), user) for _ in range(4 * LIMIT))), timeout=20
+        )
+    finally:
+        await mailer.close()
+    assert Counter(outcomes) == {Outcome.SENT: LIMIT, Outcome.CAPPED: 3 * LIMIT}
+    assert len(smtp.received) == LIMIT
+
+
+async def test_case_and_a_plus_tag_do_not_make_another_address(pool: aiopg.Pool, smtp: SmtpSink) -> None:
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, recipient_hourly_limit=LIMIT))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    user = new_user()
+    local, domain = user["email"].split("@")
+    spellings = [user["email"], f"{local.upper()}@{domain}", f"{local}+1@{domain.upper()}", f"{local}+2@{domain}"]
+    try:
+        outcomes = [await welcome(notifier, str(uuid.uuid4()), {**user, "email": email}) for email in spellings]
+    finally:
+        await mailer.close()
+    assert outcomes == [Outcome.SENT] * LIMIT + [Outcome.CAPPED]
+    assert len(smtp.received) == LIMIT
+
+
+async def test_an_email_the_server_did_not_take_does_not_count(pool: aiopg.Pool, smtp: SmtpSink) -> None:
+    # An outage retried for a day must not spend the address's hour: the
+    # claim released when the server does not have the email takes its count.
+    user = new_user()
+    smtp.refuse[user["email"]] = "451 4.3.0 Try again later"
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, attempts=1, recipient_hourly_limit=1)
+    mailer = Mailer(settings)
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    event_id = str(uuid.uuid4())
+    try:
+        for _ in range(3):
+            with pytest.raises(MailServerUnavailable, match="deferred"):
+                await welcome(notifier, event_id, user)
+        del smtp.refuse[user["email"]]
+        assert await welcome(notifier, event_id, user) is Outcome.SENT
+        assert await welcome(notifier, str(uuid.uuid4()), user) is Outcome.CAPPED  # that one did count
+    finally:
+        await mailer.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("Ada.Lovelace@Example.TEST", "ada.lovelace@example.test"),
+        ("ada+todo-mesh@example.test", "ada@example.test"),
+        ("ada@exämple.test", "ada@xn--exmple-cua.test"),
+        ("+only-a-tag@example.test", "+only-a-tag@example.test"),
+    ],
+)
+def test_an_address_is_counted_as_one_mailbox_however_it_is_spelt(address: str, key: str) -> None:
+    assert mailbox_key(address) == key
