@@ -15,7 +15,7 @@ from pathlib import Path
 from . import lock, sessions, stack
 from .config import StackConfig
 from .procs import StackError, running, say, stop
-from .signals import STOP_SIGNALS, Interrupted, ignore_signals, interrupt_on_signals
+from .signals import STOP_SIGNALS, Interrupted, held_back, ignore_signals, interrupt_on_signals
 
 # `status`'s answer when nothing of the stack runs: LSB's "program is not
 # running", as `systemctl status` gives it; 1 is an error.
@@ -198,7 +198,21 @@ def cmd_turn(cfg: StackConfig, args: argparse.Namespace) -> int:
         raise StackError("turn: no command given (devstack turn -- CMD ...)")
     with sessions.turn(cfg, args.what):
         env = {**os.environ, lock.TURN_ENV: str(cfg.run_dir.resolve())}
-        return subprocess.run(args.argv, env=env).returncode
+        with held_back():
+            child = subprocess.Popen(args.argv, env=env)
+
+        # The turn is given back only once the command has ended, its own
+        # teardown included (a benchmark stops its processes, deletes its
+        # rows): a test run waiting for the turn must not start beside it.
+        # Ctrl-C reaches the command from the terminal, as it reaches us;
+        # a SIGTERM or SIGHUP sent to us alone is passed on.
+        def pass_on(signum: int, _: object) -> None:
+            if signum != signal.SIGINT:
+                child.send_signal(signum)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, pass_on)
+        return child.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,3 +217,45 @@ def test_a_turn_handed_down_covers_every_session_of_the_command_and_no_other(
         )
         assert outsider.returncode != 0
         assert f"the test session (pid {other.pid}) still has its turn" in outsider.stderr
+
+
+# A command that tears down for a moment when told to stop, and says
+# whether the turn was still held for it as it did.
+TEARS_DOWN = """
+import signal, sys, time
+from devstack import lock
+from devstack.config import StackConfig
+
+run_dir = StackConfig.from_env(profile="test").run_dir
+
+def stop(*_):
+    time.sleep(0.5)
+    print("held" if lock.in_use(run_dir, lock.RUNS) is not None else "given back", flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+print("running", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_turn_lasts_until_its_command_has_torn_down(env: dict[str, str], cfg: StackConfig) -> None:
+    # A SIGTERM ended the holder at once and gave the turn back while the
+    # benchmark still stopped its processes and deleted its rows: a waiting
+    # test run would have started beside that.
+    turn = subprocess.Popen(
+        [sys.executable, "-m", "devstack", "--profile", "test", "turn", "--", sys.executable, "-c", TEARS_DOWN],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "scripts")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert turn.stdout is not None
+        assert turn.stdout.readline() == "running\n"
+        turn.send_signal(signal.SIGTERM)
+        out, _ = turn.communicate(timeout=30)
+    finally:
+        turn.kill()
+    assert out == "held\n"
+    assert turn.returncode == 0
+    assert lock.in_use(cfg.run_dir, lock.RUNS) is None
