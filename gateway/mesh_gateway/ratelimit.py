@@ -62,6 +62,25 @@ class Limits:
     window_seconds: int = 60
 
 
+# Of a client IP's limit, the share its session writes may take while Redis
+# is away (see session_allowance).
+SESSION_SHARE = 10
+
+
+def session_allowance(limits: Limits) -> Allowance:
+    """What refreshes and logouts from one IP get through a gateway while Redis is away.
+
+    Counted against the IP's limit alone when Redis is there (they are not
+    logins), but a tighter share of it meanwhile: a junk refresh token costs
+    the user-service a transaction, and only it can tell one from a real
+    token. A tenth: by default 600 at once and 10 a second, which some 6,000
+    users behind one NAT, each refreshing every 10 minutes, stay below; the
+    auth routes' 30 a minute would have signed out all but a few dozen.
+    """
+    share = max(1, limits.per_ip // SESSION_SHARE)
+    return Allowance(share, share / limits.window_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
@@ -147,14 +166,9 @@ class RateLimiter:
         self.outage = Outage(lambda on_reply: self._redis.call(probe, [0, 60_000], on_reply))
         # What a client IP gets through unchecked, from each gateway: a bucket
         # of the limit, refilled over a window, so never more than the limit
-        # lets through (a fixed window also lets all of it go at once). Session
-        # writes get the auth routes' limit, since a junk refresh token is a
-        # guessed credential that costs the service a transaction: by default
-        # 30 at once, then one every 2 s. A user refreshing every few minutes,
-        # or a few hundred behind one NAT, never notice; a flood is cut short.
-        window = limits.window_seconds
-        self._unchecked_reads = Buckets(Allowance(limits.per_ip, limits.per_ip / window))
-        self._unchecked_sessions = Buckets(Allowance(limits.auth_per_ip, limits.auth_per_ip / window))
+        # lets through (a fixed window also lets all of it go at once).
+        self._unchecked_reads = Buckets(Allowance(limits.per_ip, limits.per_ip / limits.window_seconds))
+        self._unchecked_sessions = Buckets(session_allowance(limits))
 
     def close(self) -> None:
         self.outage.close()

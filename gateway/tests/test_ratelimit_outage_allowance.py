@@ -10,10 +10,12 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from mesh_gateway.outage import Allowance, Buckets
+from mesh_gateway.ratelimit import SESSION_SHARE, Limits, session_allowance
 
 # Nothing listens there: Redis is away from the first request on.
 REDIS_AWAY = "redis://127.0.0.1:1/0"
-AUTH_LIMIT = 30  # RATE_LIMIT_AUTH_PER_IP's default: the session writes' allowance, per window (60 s)
+AUTH_LIMIT = 30  # the session writes' allowance, per window (60 s): a tenth of the IP's limit
+IP_LIMIT = SESSION_SHARE * AUTH_LIMIT
 JUNK = 500
 
 
@@ -60,7 +62,7 @@ async def test_junk_refreshes_from_one_ip_reach_the_service_only_within_an_allow
     # The refreshes used to pass uncounted, all of them: each a transaction
     # on the user-service, queueing every real user's refresh behind it.
     service = await fake_service(1)
-    client = await gateway(service, redis_url=REDIS_AWAY, rate_limit_auth=AUTH_LIMIT)
+    client = await gateway(service, redis_url=REDIS_AWAY, rate_limit_ip=IP_LIMIT)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with capture_logs() as logs:
@@ -105,6 +107,22 @@ async def test_reads_while_redis_is_away_are_bounded_per_ip_by_the_ip_limit(fake
     assert limit <= service.hits <= limit + math.ceil(took * limit / 60)
     async with client.get("/api/v1/things", headers={**tokens.headers(), "X-Forwarded-For": "198.51.100.21"}) as r:
         assert r.status == 200
+
+
+def test_thousands_of_users_behind_one_address_keep_refreshing_by_default():
+    # The auth routes' 30 a minute, which the allowance first was, refused
+    # all but a few dozen of a thousand users behind one NAT: signed out, the
+    # outcome the session writes' fail-open is there to prevent.
+    clock = Clock()
+    buckets = Buckets(session_allowance(Limits(per_ip=6000, per_user=1200, auth_per_ip=30)), clock=clock)
+    per_second = 5000 / 600  # 5,000 users, each refreshing once an access token (10 minutes)
+    for second in range(3600):  # an hour of them, spread evenly over each second
+        due = math.floor((second + 1) * per_second) - math.floor(second * per_second)
+        for _ in range(due):
+            assert buckets.take("203.0.113.80") == 0, f"refused at {second} s"
+            clock.now += 1 / due
+    # A flood from one address still gets no more than the allowance.
+    assert sum(buckets.take("203.0.113.81") == 0 for _ in range(10_000)) == 6000 // SESSION_SHARE
 
 
 def test_a_user_refreshing_every_few_minutes_is_never_refused_whatever_floods_beside():
