@@ -24,6 +24,7 @@ while it serves (consul.py): Consul would start both checks critical.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -43,15 +44,22 @@ class HealthCheck:
 
 @dataclass(slots=True)
 class Answered:
-    """Whether the instance has answered a check: then it listens, which it does only after its start-up."""
+    """When the instance last answered a check (monotonic): then it listened, which it does only after its start-up."""
 
-    yet: bool = False
+    at: float | None = None
+
+    def lately(self) -> bool:
+        return self.at is not None and time.monotonic() - self.at < ANSWERED_LATELY
 
 
 SERVICE = web.AppKey("mesh.service", ServiceSettings)
 HEALTH_CHECKS = web.AppKey("mesh.health_checks", dict[str, HealthCheck])
 ANSWERED = web.AppKey("mesh.health_answered", Answered)
 CHECK_TIMEOUT = 1.5  # below Consul's check timeout (consul.CHECK_HTTP_TIMEOUT)
+# A check answered within this long says the instance listens now: longer
+# than an agent's restart, shorter than the minute of failed live checks
+# after which Consul reaps an instance that still runs but no longer answers.
+ANSWERED_LATELY = 30.0
 
 
 def add_health_check(app: web.Application, name: str, check: Check, *, required: bool = True) -> None:
@@ -79,7 +87,7 @@ async def readiness(app: web.Application) -> bool | None:
     Until it has answered a check it may still be starting: ``serve`` listens
     only once the start-up, its registration included, is over.
     """
-    if not app[ANSWERED].yet:
+    if not app[ANSWERED].lately():
         return None
     required = [check.run for check in app[HEALTH_CHECKS].values() if check.required]
     return all(result == "ok" for result in await asyncio.gather(*map(_run, required)))
@@ -87,7 +95,7 @@ async def readiness(app: web.Application) -> bool | None:
 
 async def health(request: web.Request) -> web.Response:
     _check_for_another(request)
-    request.app[ANSWERED].yet = True
+    request.app[ANSWERED].at = time.monotonic()
     service = request.app[SERVICE]
     checks = request.app[HEALTH_CHECKS]
     results = dict(zip(checks, await asyncio.gather(*(_run(c.run) for c in checks.values())), strict=True))
@@ -110,7 +118,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def live(request: web.Request) -> web.Response:
     _check_for_another(request)
-    request.app[ANSWERED].yet = True
+    request.app[ANSWERED].at = time.monotonic()
     service = request.app[SERVICE]
     return web.json_response({"status": "ok", "service": service.name, "version": service.version})
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from devstack.config import StackConfig
+from mesh_common import health
 from mesh_common.app import service_app
 from mesh_common.db import DB, database_ctx
 from mesh_common.health import add_health_check, readiness
@@ -86,3 +87,18 @@ async def test_an_instance_knows_its_readiness_once_it_has_answered_a_check(
     async with client.get(path):
         pass
     assert await readiness(app) is (database is ok)  # the cache is not required
+
+
+async def test_a_check_answered_long_ago_says_nothing_of_now(aiohttp_client: Any) -> None:
+    # An instance Consul reaped after a minute of failed live checks, whose
+    # loop still runs: registered again as passing on the strength of a check
+    # answered before all that, it went back into every healthy set.
+    app = service_app(loopback_service("svc", "http://127.0.0.1:1"))
+    client = await aiohttp_client(app)
+    async with client.get("/health/live"):
+        pass
+    assert await readiness(app) is True
+    answered = app[health.ANSWERED]
+    assert answered.at is not None
+    answered.at -= health.ANSWERED_LATELY + 1  # as long ago as that
+    assert await readiness(app) is None
