@@ -299,9 +299,12 @@ class EventConsumer:
     async def _publish(
         self, message: AbstractIncomingMessage, copy: aio_pika.Message, exchange: str, routing_key: str
     ) -> bool:
-        """Publish ``copy``; False, nothing published, if ``message``'s channel closed while it was held
-        (past the broker's consumer_timeout): its message is to be delivered again."""
+        """Publish ``copy``; False, ``message`` not to be settled, if its channel closed while it was held
+        (past the broker's consumer_timeout): the broker has it back, to deliver again."""
         if await self.copies.hold() and self._channel_lost(message):
             return False
         await self.copies.publish(copy, exchange=exchange, routing_key=routing_key)
-        return True
+        # Held after the copy went out, the channel may have closed since:
+        # an ack would fail. The copy and the original both come again (a
+        # dead letter twice, an event retried twice), at least once still.
+        return not self._channel_lost(message)

@@ -31,15 +31,22 @@ clears. So the confirm's timeout counts only time the connection is not
 blocked. Given up on sooner, the delivery would be given back while its
 copy still arrived later, the event twice.
 
-A hold ends when the consumer stops: ``PublishingStopped``, and the delivery
-gives its message back, for the next instance. A copy already sent may
-still arrive when the alarm clears: the event twice, which its email's
-claim keeps to one email.
+While this connection reconnects (closed by an operator, or back later
+than the consuming one after a broker restart), a copy waits for it as
+well, within its timeout, rather than fail at once. The copy's delivery,
+given back, would come straight back and fail again, its delivery-limit
+spent in a second.
+
+A hold, and a wait for the reconnect, end when the consumer stops:
+``PublishingStopped``, and the delivery gives its message back, for the
+next instance. A copy already sent may still arrive when the alarm
+clears: the event twice, which its email's claim keeps to one email.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aio_pika
@@ -52,6 +59,8 @@ log = structlog.get_logger()
 
 # How long a copy's confirm may take while the connection is not blocked.
 PUBLISH_TIMEOUT = 10.0
+# How often a wait for the connection's reconnect looks again at the channel.
+READY_CHECK_INTERVAL = 0.1
 
 
 class PublishingStopped(Exception):
@@ -97,9 +106,12 @@ class CopyPublisher:
         return True
 
     async def publish(self, copy: aio_pika.Message, *, exchange: str, routing_key: str) -> None:
-        """Publish ``copy`` and wait for its confirm, held while the connection is blocked."""
-        await self.hold()
+        """Publish ``copy`` and wait for its confirm, held while the connection is blocked or reconnecting."""
         assert self._channel is not None
+        deadline = time.monotonic() + self._timeout
+        await self._until_ready(self._channel, deadline)
+        if await self.hold():
+            deadline = time.monotonic() + self._timeout
         target = (
             self._channel.default_exchange if not exchange else await self._channel.get_exchange(exchange, ensure=False)
         )
@@ -107,7 +119,6 @@ class CopyPublisher:
         try:
             # Looked at every second: the broker blocks the connection just
             # after it has read the copy, and says so.
-            deadline = time.monotonic() + self._timeout
             while not (await asyncio.wait({publishing}, timeout=UNBLOCKED_CHECK_INTERVAL))[0]:
                 if self.blocked:
                     self.held += 1
@@ -119,6 +130,28 @@ class CopyPublisher:
             publishing.result()
         finally:
             publishing.cancel()
+
+    async def _until_ready(self, channel: AbstractRobustChannel, deadline: float) -> None:
+        """Wait, until ``deadline``, while the connection reconnects and the channel is restored.
+
+        aio-pika's publish does not wait for a reconnect: on a channel not
+        yet restored it raises at once. A copy failing at once gave its
+        delivery back, which came straight back, failed again, and spent its
+        delivery-limit within a second, dead-lettered for a reconnect of this
+        connection alone (an operator closing it, the two connections
+        recovering out of step after a broker restart).
+        """
+        while channel.is_closed:
+            if self._stopping.is_set():
+                raise PublishingStopped("the consumer is stopping, and the connection for its copies is down")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the connection for copies was not back within {self._timeout} s")
+            # Polled, not channel.ready(): that may answer while the channel
+            # is still closed (its close callbacks not yet run), and spin.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, READY_CHECK_INTERVAL)):
+                    await self._stopping.wait()
 
     async def _until_unblocked(self) -> None:
         waits = [asyncio.ensure_future(wait_unblocked(self._connection)), asyncio.ensure_future(self._stopping.wait())]
