@@ -9,22 +9,23 @@ the message's (``MailRejected``: the DLQ, the reminder cancelled) at RCPT
 and after DATA, unless its enhanced status code (RFC 3463) says the server
 refuses us: X.7 security or policy (relaying denied, a blocklist, DMARC),
 X.3 the mail system (but X.3.4, the message too big) or X.4 the network and
-routing (but X.4.1 at RCPT, below). Those are ``MailServerUnavailable``
-(``RefusedUs``), as is any 5xx before RCPT: a configuration or a reputation
-to put right, with the events and reminders kept meanwhile, not given up on
-one by one. Without an enhanced code (or with X.0, "undefined") a 5xx says
-nothing more, and is taken as before: the recipient's or the message's at
-RCPT and after DATA, ours before RCPT. 552 is the message too big (RFC 1870)
-whatever follows it.
+routing. Those are ``MailServerUnavailable`` (``RefusedUs``), as is any 5xx
+before RCPT: a configuration or a reputation to put right, with the events
+and reminders kept meanwhile, not given up on one by one. Without an
+enhanced code (or with X.0, "undefined") a 5xx says nothing more, and is
+taken as before: the recipient's or the message's at RCPT and after DATA,
+ours before RCPT. 552 is the message too big (RFC 1870) whatever follows it.
 
-5.4.1 at RCPT is the recipient's. RFC 3463 has X.4.1 as "no answer from
-host", a network failure, but a server that answers our RCPT is no host
-that did not answer: what it means there is Exchange Online's "550 5.4.1
-Recipient address rejected: Access denied", its directory-based edge
-blocking of an address that does not exist (or another relay's callout to
-the recipient's own host, unanswered). Taken as ours, a welcome email to a
-mistyped address was tried for a day. Only X.4.1, and only at RCPT: the
-other X.4 codes, and X.4.1 anywhere else, stay ours.
+X.4.1 at RCPT is ours too, whatever the reply's text: "550 5.4.1 Relay
+Access Denied" is what Exchange Online Protection answers every RCPT while
+the sender's connector is missing or wrong. Taken as the recipient's, it
+dead-lettered every welcome and completion and cancelled every reminder
+for a relay's configuration. The same status is also its directory-based
+edge blocking of an address that does not exist ("550 5.4.1 Recipient
+address rejected: Access denied"), but only the reply's free text tells
+the two apart, and no text is a contract: a mistyped address is retried
+(counted as refused alone by session_cooldown.py, holding nobody back)
+rather than risk losing everyone's email.
 
 Opening the session can fail for a reason of ours too, the same for every
 message until the settings or the server's certificate are put right:
@@ -91,7 +92,7 @@ def before_data(exc: aiosmtplib.SMTPException | OSError) -> Exception:
         if all(_transient(code) for code in codes):
             return MailServerUnavailable(f"recipients deferred: {codes}")
         statuses = [_status(r.code, r.message) for r in exc.recipients]
-        if all(_transient(r.code) or _refuses_us(r.code, r.message, at_rcpt=True) for r in exc.recipients):
+        if all(_transient(r.code) or _refuses_us(r.code, r.message) for r in exc.recipients):
             refused = frozenset(mailbox_key(r.recipient) for r in exc.recipients)
             return RefusedUs(f"recipients refused, for a reason of ours: {statuses}", recipients=refused)
         return MailRejected(f"recipients refused: {statuses}")
@@ -163,12 +164,11 @@ def _status(code: int, message: str) -> str:
     return f"{code} {status[0]}" if status else str(code)
 
 
-def _refuses_us(code: int, message: str, *, at_rcpt: bool = False) -> bool:
+def _refuses_us(code: int, message: str) -> bool:
     """Whether a 5xx's enhanced status code says it refuses us, not the recipient or the message.
 
     False when it does not say: no enhanced code, one of another class than
-    the reply's, or X.0 (other or undefined); and for X.4.1 at RCPT (the
-    module's docstring).
+    the reply's, or X.0 (other or undefined).
     """
     if code == 552:  # the message too big (RFC 1870), or the mailbox full: not ours to put right
         return False
@@ -177,7 +177,5 @@ def _refuses_us(code: int, message: str, *, at_rcpt: bool = False) -> bool:
         return False
     subject, detail = status[2], status[3]
     if (subject, detail) == ("3", "4"):  # "message too big for system"
-        return False
-    if at_rcpt and (subject, detail) == ("4", "1"):  # the recipient unknown to the relay's directory
         return False
     return subject in {"3", "4", "7"}

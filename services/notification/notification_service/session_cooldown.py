@@ -30,11 +30,19 @@ Access denied"), and one user's address must not hold back everyone's
 email. Once the relay has taken an envelope after refusing a mailbox, with
 no cooldown between, that mailbox is known to be refused alone, and counts
 no more: retried for a day, two such addresses would otherwise begin a
-cooldown whenever they came up one after the other. (After a cooldown, the
-envelope taken may be a block lifted: nothing is learnt then.) Two such
-addresses, new and one right after the other, still begin one, as a
-block's first refusals do. A refusal at DATA, about the message (DMARC,
-content policy), begins none.
+cooldown whenever they came up one after the other. Two such addresses,
+new and one right after the other, still begin one, as a block's first
+refusals do; but the mailboxes that began a cooldown begin no other
+between them, and refusals during one make no suspects. Otherwise two
+users' addresses refused alone, retried every 30 s, began cooldown after
+cooldown, doubled, for a day: the trial send after each, refused alone,
+was the second of two. After a cooldown, a mailbox not among those that
+began it, refused, begins the next (a block refuses everyone); those that
+did, tried again first (a backlog retried in its order), cost a block one
+session each more: both are refused alike, by a block or each alone. The
+envelope taken after a cooldown may be a block lifted: nothing is learnt
+of the mailboxes from before it, only of those refused since.
+A refusal at DATA, about the message (DMARC, content policy), begins none.
 
 One session opens at a time until one has had its envelope taken: at start,
 and once a cooldown is over. The other sends wait for it (within their
@@ -101,8 +109,9 @@ class SessionCooldown:
         self._length = 0.0
         self._proven = False  # a new session has had its envelope taken since the start or the last refusal
         self._trying: asyncio.Event | None = None  # the one session opening, set when its turn ends
-        self._suspects: set[str] = set()  # mailboxes refused at RCPT, for a reason of ours, since an envelope
-        self._blocked = False  # the suspects began a cooldown, or had a part in one: a block, not each alone
+        # Mailboxes refused at RCPT, for a reason of ours, since an envelope was taken or a cooldown began.
+        self._suspects: set[str] = set()
+        self._cooled: set[str] = set()  # the new suspects that began the last cooldown, until an envelope is taken
         self._refused_alone: OrderedDict[str, None] = OrderedDict()  # refused while others' envelopes were taken
 
     @asynccontextmanager
@@ -163,16 +172,16 @@ class SessionCooldown:
             raise
 
     def _envelope_taken(self) -> None:
-        # The relay takes others' envelopes: the suspects are refused alone,
-        # unless a cooldown came between, when it may just have lifted a block.
-        if not self._blocked:
-            for mailbox in self._suspects:
-                self._refused_alone[mailbox] = None
-                self._refused_alone.move_to_end(mailbox)
-            while len(self._refused_alone) > MAILBOXES_KEPT:
-                self._refused_alone.popitem(last=False)
+        # The relay takes others' envelopes: the suspects are refused alone.
+        # None of them is from before a cooldown (emptied when it began): the
+        # envelope taken then may be a block lifted.
+        for mailbox in self._suspects:
+            self._refused_alone[mailbox] = None
+            self._refused_alone.move_to_end(mailbox)
+        while len(self._refused_alone) > MAILBOXES_KEPT:
+            self._refused_alone.popitem(last=False)
         self._suspects.clear()
-        self._blocked = False
+        self._cooled.clear()
 
     def _end_turn(self, trying: asyncio.Event) -> None:
         self._trying = None
@@ -188,18 +197,30 @@ class SessionCooldown:
             raise kind(f"{self._refusal} (no new session for another {math.ceil(left)} s)")
 
     def _refused(self, exc: RefusedUs) -> None:
-        if exc.recipients:
-            suspects = exc.recipients - self._refused_alone.keys()
-            others = self._suspects - suspects
-            if len(self._suspects) < MAILBOXES_KEPT:
-                self._suspects |= suspects
-            if not (suspects and others):
-                return  # perhaps a policy about this recipient alone: its event is retried, nobody else's held
-            self._blocked = True
         now = time.monotonic()
         if self._refusal is not None and now < self._until:
-            return  # a session that was opening when the cooldown began: refused alike, and part of it
+            # A session that was opening when the cooldown began, or one open
+            # reused: refused alike, and part of it. Not a suspect either:
+            # kept, a mailbox refused alone would make the trial send after
+            # the cooldown, refused alone too, the second of two.
+            return
+        if exc.recipients:
+            suspects = exc.recipients - self._refused_alone.keys()
+            # Those that began the last cooldown count as refused, but only a
+            # new one begins the next: refused again, each may be refused alone.
+            others = (self._suspects | self._cooled) - suspects
+            if len(self._suspects) < MAILBOXES_KEPT:
+                self._suspects |= suspects
+            if not (suspects - self._cooled and others):
+                return  # perhaps a policy about this recipient alone: its event is retried, nobody else's held
         self._length = COOLDOWN if self._refusal is None else min(2 * self._length, LONGEST_COOLDOWN)
         self._refusal, self._until, self._proven = exc, now + self._length, False
+        # Those that began it begin no other between them: after it, two
+        # mailboxes each refused alone, retried every 30 s, would otherwise
+        # begin the next one with a single refusal, and again, doubled, for a
+        # day. Only those new to this one: the others have had their turn,
+        # and a block tried again in the same order would cost ever more.
+        self._cooled = self._suspects - self._cooled
+        self._suspects = set()
         # Once for the cooldown: the events it fails each log their own retry.
         log.warning("smtp_cooldown_started", reason=type(exc).__name__, detail=str(exc), seconds=self._length)

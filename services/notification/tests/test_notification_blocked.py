@@ -12,16 +12,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiopg
 import pytest
-from notification_support import Broker, StartService, eventually, new_user, registered
+from notification_support import (
+    Broker,
+    Client,
+    FakeUserService,
+    StartService,
+    eventually,
+    new_user,
+    registered,
+    todo_event,
+)
 from smtp_relay import an_email, settings_for
 from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 
 from notification_service import session_cooldown
-from notification_service.failures import MailRejected
 from notification_service.keys import CONSUMER
 from notification_service.mailer import SESSIONS, Mailer
 from notification_service.replies import RefusedUs
@@ -30,6 +40,7 @@ COOLDOWN = 0.3
 SPAMHAUS = "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org"
 QUOTA = "550 5.4.5 Daily user sending limit exceeded"
 ONE_RECIPIENT = "554 5.7.1 <{}>: Recipient address rejected: Access denied"  # Postfix's access maps
+RELAY_ACCESS_DENIED = "550 5.4.1 Relay Access Denied ATTR36 [DB5EUR03FT012.eop-EUR03.prod.protection.outlook.com]"
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +79,13 @@ async def test_a_relay_blocking_us_at_rcpt_is_asked_once_per_cooldown_not_once_p
         assert smtp.connections == 2
         assert smtp.attempts == addresses[:2]
 
+        # Tried again by a mailbox new to the relay's refusals, as a block's
+        # backlog is: refused, it begins the next cooldown at once. (One of
+        # those that began this one would cost a session more: it may be
+        # refused alone.)
         async def asked_again() -> bool:
             with pytest.raises(RefusedUs):
-                await mailer.send(an_email(addresses[0]))
+                await mailer.send(an_email("w@example.test"))
             return smtp.connections > 2
 
         await eventually(asked_again, within=5, what="the relay asked again once the cooldown is over")
@@ -166,14 +181,40 @@ async def test_mailboxes_refused_alone_hold_back_nobody_else_but_a_block_does(sm
     assert cooldowns(logs) == [("smtp_cooldown_started", COOLDOWN)]
 
 
-async def test_an_address_unknown_to_exchange_onlines_directory_is_the_recipients_fault(smtp: SmtpSink) -> None:
-    # Directory-based edge blocking: the mailbox does not exist. Taken as
-    # ours, a welcome email to a mistyped address was tried for a day.
-    smtp.refuse["ada@contoso.test"] = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+async def test_exchange_onlines_relay_access_denied_is_ours_and_begins_a_cooldown(smtp: SmtpSink) -> None:
+    # EOP's answer to every RCPT while our connector is missing or wrong.
+    # Taken as the recipient's (5.4.1 is also its unknown-address block),
+    # every email was dead-lettered and every reminder cancelled.
+    smtp.refuse = Everyone(RELAY_ACCESS_DENIED)
     mailer = Mailer(settings_for(smtp))
-    with pytest.raises(MailRejected, match=r"550 5\.4\.1"):
-        await mailer.send(an_email("ada@contoso.test"))
+    with capture_logs() as logs:
+        for address in ["ada@contoso.test", "bob@contoso.test", "cy@contoso.test"]:
+            with pytest.raises(RefusedUs, match=r"550 5\.4\.1"):
+                await mailer.send(an_email(address))
     await mailer.close()
+    assert cooldowns(logs) == [("smtp_cooldown_started", COOLDOWN)]
+    assert smtp.connections == 2  # the third held back by the cooldown
+
+
+async def test_exchange_onlines_relay_access_denied_loses_no_event_and_cancels_no_reminder(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    smtp.refuse = Everyone(RELAY_ACCESS_DENIED)
+    owner = users.add(new_user())
+    due_at = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    await broker.publish(registered(owner))
+    await broker.publish(todo_event("created", owner["id"], {"id": "r1", "title": "Renew", "due_at": due_at}))
+
+    async def reminder_deferred() -> bool:
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT retry_at > now(), cancelled, sent_at FROM reminders WHERE todo_id = 'r1'")
+            return await cur.fetchone() == (True, False, None)
+
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="the welcome kept for a retry")
+    await eventually(reminder_deferred, within=10, what="the reminder deferred, not cancelled")
+    assert consumer.settled["dead_lettered"] == 0
+    assert await broker.ready(broker.topology.dead_letters) == 0
 
 
 async def test_a_backlog_at_a_relay_blocking_us_makes_few_sessions_and_is_delivered_once_it_lifts(
@@ -192,8 +233,10 @@ async def test_a_backlog_at_a_relay_blocking_us_makes_few_sessions_and_is_delive
     # Each event failed twice: at once, then back from the 1 s retry queue.
     await eventually(lambda: consumer.settled["retried"] >= 2 * len(users), within=15, what="two rounds of retries")
     sessions, elapsed = smtp.connections, time.monotonic() - began
-    # Two sessions at start, then one each time a cooldown is over: not one per delivery (40).
-    assert 0 < sessions <= 2 + elapsed / cooldown
+    # Two sessions at start, then one to three each time a cooldown is over
+    # (the two that began it are tried again first: either may be refused
+    # alone), not one per delivery (40).
+    assert 0 < sessions <= 2 + 3 * (elapsed / cooldown)
     smtp.refuse = {}  # the relay lifts the block
 
     def delivered() -> Any:
@@ -203,3 +246,47 @@ async def test_a_backlog_at_a_relay_blocking_us_makes_few_sessions_and_is_delive
     assert len(smtp.received) == len(users)
     assert consumer.settled["dead_lettered"] == 0
     assert await broker.ready(broker.topology.dead_letters) == 0
+
+
+class Clock:
+    """``time.monotonic`` for session_cooldown, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def refused(cooldown: session_cooldown.SessionCooldown, mailbox: str) -> None:
+    with pytest.raises(RefusedUs):
+        async with cooldown.opening():
+            raise RefusedUs("recipients refused", recipients=frozenset({mailbox}))
+
+
+async def taken(cooldown: session_cooldown.SessionCooldown) -> None:
+    async with cooldown.opening() as envelope_taken:
+        envelope_taken()
+
+
+async def test_two_mailboxes_refused_alone_begin_one_cooldown_not_one_after_another_for_a_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(session_cooldown, "time", clock)
+    cooldown = session_cooldown.SessionCooldown()
+    with capture_logs() as logs:
+        await refused(cooldown, "x@example.test")
+        await refused(cooldown, "z@example.test")  # new, right after the other: a block's first refusals, perhaps
+        assert cooldowns(logs) == [("smtp_cooldown_started", COOLDOWN)]
+        with pytest.raises(RefusedUs), cooldown.reusing():  # a session still open, during the cooldown
+            raise RefusedUs("recipients refused", recipients=frozenset({"z@example.test"}))
+
+        clock.now += COOLDOWN + 1
+        await refused(cooldown, "x@example.test")  # the trial send, refused alone again
+        await taken(cooldown)  # another's envelope: x is refused alone
+        for _ in range(3):  # both retried, one right after the other, with others' email between
+            await refused(cooldown, "z@example.test")
+            await taken(cooldown)
+            await refused(cooldown, "x@example.test")
+    assert cooldowns(logs) == [("smtp_cooldown_started", COOLDOWN), ("smtp_cooldown_ended", None)]
