@@ -17,7 +17,8 @@ The steps, and what a crash after each one leaves behind:
    start a send that the end of the shutdown's drain could cut short in
    DATA, to be sent again after the restart.
    Once claimed, the email counts against its recipient's hourly cap
-   (recipient_cap.py); over it, the claim ends as ``capped``, sent never.
+   (recipient_cap.py); over it, the claim ends as ``capped``, sent never,
+   or, for a caller that defers (reminders), is released.
 2. SMTP transaction, with the Message-ID derived from (event, kind).
 3. Mark the row ``sent``, trying again for up to half the lease, from the
    end of the send, while the database is away. Then the consumer acks the
@@ -125,6 +126,7 @@ class Notifier:
         values: Mapping[str, str],
         recipient: Recipient | None = None,
         still_wanted: Callable[[], Awaitable[bool]] | None = None,
+        defer_over_cap: bool = False,
     ) -> Outcome:
         """Send the ``kind`` email for ``event_id`` unless it was sent already.
 
@@ -132,6 +134,8 @@ class Notifier:
         ``still_wanted``, if given, is asked once an SMTP session is free, just
         before the claim: the lookup and the wait for a session can take
         long, and what the email is about may have changed meanwhile.
+        ``defer_over_cap``: over its recipient's cap, the claim is released
+        and ``recipient_cap.CapDeferred`` raised, rather than end capped.
         """
         # A redelivery ends here, before a user lookup or the wait for a session.
         if (ended := _ended(await claims.notification_status(self._pool, event_id, kind), event_id, kind)) is not None:
@@ -171,7 +175,8 @@ class Notifier:
                     return ended
                 raise DeliveryInProgress(f"{kind} for {event_id}")
             try:
-                if not await recipient_cap.within_cap(self._pool, claim, token, limit=self._recipient_limit):
+                limit = self._recipient_limit
+                if not await recipient_cap.within_cap(self._pool, claim, token, limit=limit, defer=defer_over_cap):
                     return Outcome.CAPPED
                 await send(email)
             except MailOutcomeUnknown as exc:
@@ -180,7 +185,8 @@ class Notifier:
                 await self._cut_short(claim, token, body_started=send.body_started)
                 raise
             except Exception:
-                # Not sent (the server does not have it, or counting it failed): the next delivery may claim it.
+                # Not sent (the server does not have it, counting it failed, or
+                # it is deferred over the cap): the next delivery may claim it.
                 await claims.release_notification(self._pool, event_id, kind, token)
                 raise
             else:

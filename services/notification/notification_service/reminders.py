@@ -29,6 +29,7 @@ import structlog
 from . import repository
 from .failures import DeliveryInProgress, MailOutcomeUnknown, ShuttingDown, TemporaryFailure, UnprocessableEvent
 from .notifier import Notifier, Outcome
+from .recipient_cap import CapDeferred
 
 log = structlog.get_logger()
 # How soon a round starts again after one found a reminder held by another
@@ -164,11 +165,17 @@ class ReminderScheduler:
                     user_id=reminder.user_id,
                     values=reminder_values(reminder.title, reminder.due_at, datetime.now(UTC)),
                     still_wanted=still_due,
+                    defer_over_cap=True,
                 )
             except (DeliveryInProgress, MailOutcomeUnknown) as exc:
                 # About this one reminder, not about a dependency: the others go on.
                 log.info("reminder_held", error=type(exc).__name__)
                 return None
+            except CapDeferred as exc:
+                # The user's own reminder, due once: sent when the hour frees a
+                # slot rather than dropped. No failure of a dependency either.
+                await repository.defer_reminder(self._pool, reminder.todo_id, reminder.event_id, exc.retry_after)
+                return True
             except ShuttingDown:
                 log.info("reminder_left_for_the_next_start")
                 return None

@@ -58,7 +58,8 @@ class SmtpSettings:
     # Tries per message before the event goes to a retry queue: enough to
     # ride out a dropped connection, short enough not to hold a delivery slot.
     attempts: int = 3
-    # Emails to one address in a rolling hour, of every kind (recipient_cap.py):
+    # Emails from one account to one mailbox in a rolling hour, of every kind,
+    # and recipient_cap.MAILBOX_ACCOUNTS times that from all accounts:
     # addresses are not verified, and anyone can give us someone else's. Ten
     # is more than a person completing todos or reminded of them gets in an
     # hour, and bounds what one account can send a stranger to 240 a day.

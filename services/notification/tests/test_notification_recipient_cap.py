@@ -1,8 +1,9 @@
-"""At most NOTIFY_RECIPIENT_HOURLY_LIMIT emails to one address an hour, whoever asks for them.
+"""At most NOTIFY_RECIPIENT_HOURLY_LIMIT emails an hour from one account to one address, and 5 times that from all.
 
 Addresses are not verified: an account set to a stranger's address, and a
 todo completed and reopened in a loop, emailed that stranger some 600 times
-a minute; registering the address again replayed the welcome.
+a minute; registering the address again replayed the welcome. Counted per
+mailbox alone, an account set to ``ada+x@`` used up Ada's own hour.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import uuid
 from collections import Counter
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import aiopg
 import pytest
@@ -29,6 +31,7 @@ from notification_support import (
 from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 
+from notification_service import recipient_cap
 from notification_service.addresses import mailbox_key
 from notification_service.failures import MailServerUnavailable
 from notification_service.keys import CONSUMER
@@ -56,9 +59,8 @@ async def test_an_address_gets_at_most_the_limit_an_hour_and_the_rest_are_record
     service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
     victim = users.add(new_user())  # an account whose address is someone else's
     bystander = users.add(new_user())
-    # The welcome counts too: registering the address again replays it.
-    again = {**new_user(), "email": victim["email"]}
-    events = [registered(victim), registered(again)]
+    # The welcome counts too.
+    events = [registered(victim)]
     events += [
         todo_event("completed", victim["id"], {"id": f"t{n}", "title": f"Task {n}", "completed": True})
         for n in range(LIMIT + 3 - len(events))
@@ -142,6 +144,79 @@ async def test_an_email_the_server_did_not_take_does_not_count(pool: aiopg.Pool,
         assert await welcome(notifier, str(uuid.uuid4()), user) is Outcome.CAPPED  # that one did count
     finally:
         await mailer.close()
+
+
+async def test_another_account_on_the_same_mailbox_does_not_use_up_its_owners_hour(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    # The user-service keeps lower(email) unique: ada+x@ is another account's
+    # to take, and it folds to ada@.
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, recipient_hourly_limit=LIMIT))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    owner = new_user()
+    local, domain = owner["email"].split("@")
+    stranger = {**new_user(), "email": f"{local}+x@{domain}"}
+    try:
+        outcomes = [await welcome(notifier, str(uuid.uuid4()), stranger) for _ in range(LIMIT + 1)]
+        assert outcomes == [Outcome.SENT] * LIMIT + [Outcome.CAPPED]
+        assert await welcome(notifier, str(uuid.uuid4()), owner) is Outcome.SENT
+    finally:
+        await mailer.close()
+    assert len(smtp.to(owner["email"])) == 1
+
+
+async def test_many_accounts_on_one_mailbox_get_the_mailbox_ceiling_between_them(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, recipient_hourly_limit=LIMIT))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    victim = new_user()
+    local, domain = victim["email"].split("@")
+    accounts = [{**new_user(), "email": f"{local}+{n}@{domain}"} for n in range(recipient_cap.MAILBOX_ACCOUNTS + 1)]
+    try:
+        outcomes = [await welcome(notifier, str(uuid.uuid4()), a) for a in accounts for _ in range(LIMIT)]
+    finally:
+        await mailer.close()
+    ceiling = recipient_cap.MAILBOX_ACCOUNTS * LIMIT
+    assert outcomes == [Outcome.SENT] * ceiling + [Outcome.CAPPED] * LIMIT
+    assert len(smtp.received) == ceiling
+
+
+async def test_a_reminder_over_the_cap_is_deferred_until_the_hour_frees_a_slot_not_dropped(
+    settings: Settings,
+    start_service: StartService,
+    broker: Broker,
+    smtp: SmtpSink,
+    users: FakeUserService,
+    pool: aiopg.Pool,
+) -> None:
+    service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
+    owner = users.add(new_user())
+    for n in range(LIMIT):  # the hour's emails used up by completions
+        await broker.publish(todo_event("completed", owner["id"], {"id": f"c{n}", "title": "Done", "completed": True}))
+    await eventually(lambda: len(smtp.to(owner["email"])) == LIMIT, within=15, what="the completions sent")
+    due_at = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    with capture_logs() as logs:
+        await broker.publish(todo_event("created", owner["id"], {"id": "r1", "title": "Renew", "due_at": due_at}))
+
+        async def deferred() -> tuple[float, bool, object] | None:
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT extract(epoch FROM retry_at - now())::float, cancelled, sent_at"
+                    " FROM reminders WHERE todo_id = 'r1' AND retry_at IS NOT NULL"
+                )
+                row = await cur.fetchone()
+            return None if row is None else (row[0], row[1], row[2])
+
+        retry_in, cancelled, sent_at = await eventually(deferred, within=10, what="the reminder deferred")
+    assert (cancelled, sent_at) == (False, None)  # neither dropped nor marked sent
+    # When the first completion leaves the hour, not in a minute as after a failure.
+    assert recipient_cap.WINDOW - 120 < retry_in <= recipient_cap.WINDOW
+    assert await statuses(pool, owner["email"]) == {"sent": LIMIT}  # its claim released, not capped
+    [capped] = [entry for entry in logs if entry["event"] == "recipient_capped"]
+    assert capped["kind"] == "reminder"
+    assert len(smtp.to(owner["email"])) == LIMIT
+    assert service.app[CONSUMER].settled["dead_lettered"] == 0
 
 
 @pytest.mark.parametrize(
