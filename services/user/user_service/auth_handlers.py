@@ -74,12 +74,7 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
         log.info("login_failed", known_account=found is not None)
         raise InvalidCredentials()
     user_id, stored_hash = found
-    try:
-        await throttle.succeeded(attempt)
-    except redis.exceptions.RedisError as exc:
-        # The password was right: let the user in. The slot stays taken, so
-        # this success counts as a failure until the window ends.
-        log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
+    await throttle.succeeded(attempt)
     if verdict.as_typed or passwords.needs_rehash(stored_hash):
         # The password is in hand only now: upgrade a hash made with older,
         # weaker parameters, or of the password before it was normalized.
@@ -134,10 +129,7 @@ async def issue_service_token(request: web.Request) -> web.Response:
         log.warning("service_token_refused", client_id=client_id[:64])
         raise InvalidClient()
     if attempt is not None:
-        try:
-            await throttle.succeeded(attempt)
-        except redis.exceptions.RedisError as exc:
-            log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
+        await throttle.succeeded(attempt)
     issued = request.app[TOKENS].for_service(client_id)
     body = {
         "access_token": issued.token,

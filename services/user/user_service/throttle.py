@@ -36,8 +36,12 @@ from dataclasses import dataclass
 
 import aiopg
 import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
 
 from .settings import ThrottlePolicy
+
+log = structlog.get_logger()
 
 # KEYS[1]: the account's slots. ARGV: the window (ms), the limit, this slot's id.
 # Answers {1, 0} with the slot taken, or {0, ms until the oldest slot frees}.
@@ -118,4 +122,9 @@ class LoginThrottle:
         return Attempt(allowed=bool(taken), retry_after=max(math.ceil(int(wait_ms) / 1000), 1), key=key, slot=slot)
 
     async def succeeded(self, attempt: Attempt) -> None:
-        await self._redis.zrem(attempt.key, attempt.slot)
+        """Give the slot back: only failures count. Best effort, as the caller is let in either way."""
+        try:
+            await self._redis.zrem(attempt.key, attempt.slot)
+        except redis.exceptions.RedisError as exc:
+            # The slot stays taken: this success counts as a failure until the window ends.
+            log.warning("login_throttle_give_back_failed", error=type(exc).__name__)
