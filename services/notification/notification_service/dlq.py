@@ -32,7 +32,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from .headers import (
     DEAD_AT_HEADER,
     DEAD_REASON_HEADER,
-    DELIVERY_COUNT_HEADER,
     FAILURES_HEADER,
     RETRIES_HEADER,
     republishable,
@@ -136,7 +135,7 @@ async def replay_dead_letters(
 
 
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    dropped = DEATH_HEADERS | {DELIVERY_COUNT_HEADER, RETRIES_HEADER, FAILURES_HEADER}
+    dropped = DEATH_HEADERS | {RETRIES_HEADER, FAILURES_HEADER}  # and the delivery count: republishable
     headers = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
     headers[REPLAYS_HEADER] = _whole((message.headers or {}).get(REPLAYS_HEADER)) + 1
     return republishable(message, headers)

@@ -40,10 +40,10 @@ DEAD_AT_HEADER = "x-dead-at"
 
 
 def republishable(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
-    """A persistent copy of ``message`` with ``headers``, to publish again."""
+    """A persistent copy of ``message`` with ``headers``, but never the broker's delivery count, to publish again."""
     return aio_pika.Message(
         message.body,
-        headers=headers,
+        headers={k: v for k, v in headers.items() if k != DELIVERY_COUNT_HEADER},
         content_type=message.content_type,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
@@ -54,17 +54,14 @@ def republishable(message: AbstractIncomingMessage, headers: HeadersType) -> aio
 
 
 def counted_copy(message: AbstractIncomingMessage, header: str, count: int) -> aio_pika.Message:
-    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-    headers[header] = count
-    return republishable(message, headers)
+    return republishable(message, {**(message.headers or {}), header: count})
 
 
 def dead_copy(message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
     """The copy for the dead-letter exchange, saying why and when, with the counts as they were."""
-    headers = {k: v for k, v in (message.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-    headers[DEAD_REASON_HEADER] = reason
-    headers[DEAD_AT_HEADER] = datetime.now(UTC)
-    return republishable(message, headers)
+    return republishable(
+        message, {**(message.headers or {}), DEAD_REASON_HEADER: reason, DEAD_AT_HEADER: datetime.now(UTC)}
+    )
 
 
 def count(message: AbstractIncomingMessage, header: str) -> int:
