@@ -39,7 +39,7 @@ async def user_service(
         pool.acquire() as conn,
         conn.cursor() as cur,
     ):
-        await cur.execute("TRUNCATE users, refresh_tokens, signing_keys, outbox")
+        await cur.execute("TRUNCATE users, refresh_tokens, email_verifications, signing_keys, outbox")
     yield await aiohttp_client(create_app(settings, register=False))
     redis = aioredis.from_url(settings.redis_url)
     keys = [key async for key in redis.scan_iter(match=f"{settings.redis_prefix}*")]

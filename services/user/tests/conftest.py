@@ -53,7 +53,7 @@ async def db(migrated_database: MigratedDatabase) -> AsyncIterator[aiopg.Pool]:
     """A pool on the users database, migrated, and emptied before the test."""
     async with aiopg.create_pool(await migrated_database("user", MIGRATIONS), minsize=1, maxsize=2) as pool:
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("TRUNCATE users, refresh_tokens, signing_keys, outbox")
+            await cur.execute("TRUNCATE users, refresh_tokens, email_verifications, signing_keys, outbox")
         yield pool
 
 

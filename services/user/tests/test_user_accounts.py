@@ -17,15 +17,23 @@ from .conftest import Auth, Client, Login, Register
 
 PASSWORD = "a long and unusual passphrase"
 # Where a transaction commits, and may lose its answer: a 500 OUTCOME_UNKNOWN documented.
-COMMITTING = {("post", "/users"), ("post", "/auth/refresh"), ("post", "/auth/logout")}
+COMMITTING = {
+    ("post", "/users"),
+    ("patch", "/users/me"),
+    ("post", "/users/me/email/verification"),
+    ("post", "/auth/refresh"),
+    ("post", "/auth/logout"),
+    ("post", "/auth/verify-email"),
+}
 
 
 async def test_registration_returns_the_public_profile(client: Client) -> None:
     response = await client.post("/users", json={"username": "ada", "email": "ada@example.com", "password": PASSWORD})
     assert response.status == 201
     body = await response.json()
-    assert set(body) == {"id", "username", "email", "display_name", "created_at"}
+    assert set(body) == {"id", "username", "email", "display_name", "created_at", "email_verified"}
     assert (body["username"], body["email"], body["display_name"]) == ("ada", "ada@example.com", "ada")
+    assert body["email_verified"] is False
 
 
 async def test_passwords_are_stored_as_argon2id_hashes(register: Register, db: aiopg.Pool) -> None:

@@ -16,3 +16,12 @@ UserNotFound = problem(404, "USER_NOT_FOUND", "No such user")
 # Not a 429: nobody in particular is over a limit; the service is, for now.
 # LOAD_SHED: the callers' breakers do not count it against this instance.
 HashingBusy = problem(503, LOAD_SHED, "Too many sign-ins at once; try again in a moment")
+# One body for a code that is unknown, expired, spent, or for an address the
+# account no longer has: which one it was goes to nobody.
+InvalidVerificationToken = problem(
+    400, "INVALID_VERIFICATION_TOKEN", "The verification code is invalid, expired or already used"
+)
+EmailAlreadyVerified = problem(409, "EMAIL_ALREADY_VERIFIED", "The email address is verified already")
+VerificationRecentlySent = problem(
+    429, "VERIFICATION_RECENTLY_SENT", "A verification code was sent a moment ago; see Retry-After"
+)

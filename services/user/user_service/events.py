@@ -1,16 +1,28 @@
-"""What the user-service publishes. Contracts: docs/services/user.md.
+"""What the user-service publishes. Contracts: docs/services/user.md, docs/asyncapi.yaml.
 
-``user.registered`` (version 1), published once per new account through the
-transactional outbox; ``data`` holds user_id, username, email, display_name.
+Both version 1, through the transactional outbox:
+
+- ``user.registered``, once per new account; ``data`` holds user_id,
+  username, email, display_name.
+- ``user.email_verification_requested``, whenever a code is issued (an
+  account created, its address changed, a code asked for again); ``data``
+  adds the code (``token``), its ``expires_at`` and the ``reason``. The
+  notification-service mails the code to ``email``. The code is a secret:
+  event bodies are never logged.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from mesh_common.events import Event
 
 from .repository import User
+from .verification import Issued
 
 USER_REGISTERED = "user.registered"
+EMAIL_VERIFICATION_REQUESTED = "user.email_verification_requested"
+Reason = Literal["registered", "email_changed", "requested"]
 
 
 def user_registered(user: User, *, correlation_id: str) -> Event:
@@ -22,6 +34,25 @@ def user_registered(user: User, *, correlation_id: str) -> Event:
             "username": user.username,
             "email": user.email,
             "display_name": user.display_name,
+        },
+        correlation_id=correlation_id,
+    )
+
+
+def email_verification_requested(user: User, issued: Issued, reason: Reason, *, correlation_id: str) -> Event:
+    return Event(
+        type=EMAIL_VERIFICATION_REQUESTED,
+        user_id=user.id,
+        data={
+            "user_id": user.id,
+            "username": user.username,
+            "display_name": user.display_name,
+            # The address the code proves, which the mail goes to: the
+            # account's own when it was issued.
+            "email": issued.email,
+            "token": issued.token,
+            "expires_at": issued.expires_at_iso(),
+            "reason": reason,
         },
         correlation_id=correlation_id,
     )

@@ -18,6 +18,7 @@ from .errors import AccountExists, UserNotFound
 from .events import user_registered
 from .keys import PASSWORD_SLOTS, PASSWORDS, WRITE_SLOTS
 from .tokens import USERS_READ
+from .verification_handlers import send_code
 
 log = structlog.get_logger()
 
@@ -39,6 +40,9 @@ async def register_user(request: web.Request) -> web.Response:
                 password_hash=password_hash,
             )
             await enqueue(cur, user_registered(user, correlation_id=request[REQUEST_ID]))
+            # The welcome mail is this code's: nothing else goes to the
+            # address until it is proven.
+            await send_code(cur, user, "registered", correlation_id=request[REQUEST_ID])
     except repository.AccountTaken:
         raise AccountExists("Choose another username, or log in if this is your account") from None
     log.info("user_registered", user_id=user.id)
@@ -56,14 +60,19 @@ async def update_my_profile(request: web.Request) -> web.Response:
     user_id = request[PRINCIPAL].user_id
     changes = validation.profile_changes(await read_json_object(request))
     try:
-        async with request.app[WRITE_SLOTS]:
-            user = await repository.update_user(request.app[DB], user_id, changes)
+        async with request.app[WRITE_SLOTS], publishing(request.app[DB], request.app[OUTBOX_COMMITTED]) as cur:
+            # Locked, so that two changes at once cannot both see the old
+            # address and leave a code for one that is no longer the account's.
+            user = await repository.locked_user(cur, user_id)
+            if user is None:
+                raise UserNotFound()
+            changed = await repository.update_user(cur, user, changes)
+            if changed.email != user.email:
+                await send_code(cur, changed, "email_changed", correlation_id=request[REQUEST_ID])
     except repository.AccountTaken:
         raise AccountExists("Another account uses this email") from None
-    if user is None:
-        raise UserNotFound()
-    log.info("user_updated", user_id=user_id, fields=sorted(changes))
-    return web.json_response(user.profile())
+    log.info("user_updated", user_id=user_id, fields=sorted(changes), email_changed=changed.email != user.email)
+    return web.json_response(changed.profile())
 
 
 async def get_user(request: web.Request) -> web.Response:

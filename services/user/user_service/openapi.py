@@ -4,7 +4,8 @@ Paths are the service's own; the gateway publishes them under /api/v1 (the
 document's server). Three name a server of their own: /auth/service-token,
 for the other services only; the JWKS, which the gateway publishes at the
 root; and /openapi.json, which only an instance serves. A test checks that
-every route the app serves is described here.
+every route the app serves is described here. The schemas are in
+openapi_schemas.py.
 """
 
 from __future__ import annotations
@@ -16,29 +17,9 @@ from aiohttp import web
 from mesh_common.openapi import problem_answer, with_shared_answers
 
 from . import __version__
-from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, MIN_LENGTH
-from .validation import MAX_DISPLAY_NAME, MAX_EMAIL
+from .openapi_schemas import SCHEMAS, body, json_answer, ref
+from .verification import RESEND_INTERVAL
 
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _body(name: str) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
-
-
-def _object(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
-    schema["required"] = list(properties) if required is None else required
-    return schema
-
-
-_STRING = {"type": "string"}
 _INVALID = problem_answer("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
 _UNAUTHORIZED = problem_answer("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
 _USERS_ONLY = problem_answer("FORBIDDEN: a service token, which names no user")
@@ -47,96 +28,19 @@ _USERS_ONLY = problem_answer("FORBIDDEN: a service token, which names no user")
 # operations takes every key of a path item for one.
 _ROOT = [{"url": "/", "description": "No /api/v1 prefix"}]
 
-SCHEMAS: dict[str, Any] = {
-    "Profile": _object(
-        {
-            "id": {"type": "string", "format": "uuid"},
-            "username": _STRING,
-            "email": {"type": "string", "format": "email"},
-            "display_name": _STRING,
-            "created_at": {"type": "string", "format": "date-time"},
-        }
-    ),
-    "Registration": _object(
-        {
-            "username": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,32}$"},
-            "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL},
-            "password": {
-                "type": "string",
-                "minLength": MIN_LENGTH,
-                "maxLength": MAX_TYPED_LENGTH,
-                "description": f"{MIN_LENGTH} to {MAX_LENGTH} characters once NFKC-normalized (as typed, up to"
-                f" {MAX_TYPED_LENGTH} code points: decomposed accents count once). Refused if it is a commonly"
-                " used password, or the username or email.",
-            },
-            "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
-        },
-        required=["username", "email", "password"],
-    ),
-    "ProfileChanges": {
-        **_object(
-            {
-                "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
-                "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL},
-            },
-            required=[],
-        ),
-        "minProperties": 1,
-    },
-    "Credentials": _object(
-        {"username": {"type": "string", "description": "The username or the email"}, "password": _STRING}
-    ),
-    "RefreshRequest": _object({"refresh_token": _STRING}),
-    "ClientCredentials": _object({"client_id": _STRING, "client_secret": _STRING}),
-    "TokenPair": _object(
-        {
-            "access_token": {"type": "string", "description": "An EdDSA JWT (typ at+jwt)"},
-            "token_type": {"const": "Bearer"},
-            "expires_in": {"type": "integer", "description": "Seconds"},
-            "refresh_token": {
-                "type": "string",
-                "description": "Opaque; single use. Lives REFRESH_TOKEN_TTL (14 days by default), never past the"
-                " session's end: REFRESH_SESSION_MAX_SECONDS (30 days by default) after the login, however"
-                " often it is refreshed",
-            },
-        }
-    ),
-    "ServiceToken": _object(
-        {
-            "access_token": _STRING,
-            "token_type": {"const": "Bearer"},
-            "expires_in": {"type": "integer"},
-            "scope": {"const": "users:read"},
-        }
-    ),
-    "Jwks": {"type": "object", "properties": {"keys": {"type": "array", "items": {"type": "object"}}}},
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457 problem details with a stable `code`",
-        "properties": {
-            "type": _STRING,
-            "title": _STRING,
-            "status": {"type": "integer"},
-            "detail": _STRING,
-            "code": _STRING,
-            "errors": {
-                "type": "array",
-                "items": {"type": "object", "properties": {"field": _STRING, "message": _STRING}},
-            },
-        },
-        "required": ["type", "title", "status", "code"],
-    },
-}
-
 PATHS: dict[str, Any] = {
     "/users": {
         "post": {
             "operationId": "users.create",
             "summary": "Register an account",
             "security": [],
-            "requestBody": _body("Registration"),
+            "requestBody": body("Registration"),
             "responses": {
-                "201": _json(_ref("Profile"), "The new account; user.registered is published"),
+                "201": json_answer(
+                    ref("Profile"),
+                    "The new account; user.registered and user.email_verification_requested"
+                    " (reason `registered`) are published",
+                ),
                 "409": problem_answer("ACCOUNT_EXISTS: the username or the email is taken (which one is not said)"),
                 "422": _INVALID,
                 "503": problem_answer("TOO_BUSY: no hashing slot came free in time; see Retry-After"),
@@ -148,7 +52,7 @@ PATHS: dict[str, Any] = {
             "operationId": "users.me",
             "summary": "The caller's profile",
             "responses": {
-                "200": _json(_ref("Profile"), "The profile"),
+                "200": json_answer(ref("Profile"), "The profile"),
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
                 "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
@@ -157,9 +61,9 @@ PATHS: dict[str, Any] = {
         "patch": {
             "operationId": "users.update_me",
             "summary": "Change the caller's display name or email",
-            "requestBody": _body("ProfileChanges"),
+            "requestBody": body("ProfileChanges"),
             "responses": {
-                "200": _json(_ref("Profile"), "The changed profile"),
+                "200": json_answer(ref("Profile"), "The changed profile"),
                 "401": _UNAUTHORIZED,
                 "403": _USERS_ONLY,
                 "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
@@ -168,13 +72,31 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/users/me/email/verification": {
+        "post": {
+            "operationId": "users.email_verification",
+            "summary": "Mail a new verification code to the caller's address; earlier codes stop working",
+            "description": "Publishes user.email_verification_requested (reason `requested`). Registration and an"
+            " email change mail a code by themselves.",
+            "responses": {
+                "202": json_answer(ref("VerificationSent"), "A code is on its way"),
+                "401": _UNAUTHORIZED,
+                "403": _USERS_ONLY,
+                "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
+                "409": problem_answer("EMAIL_ALREADY_VERIFIED: the address is verified already"),
+                "429": problem_answer(
+                    f"VERIFICATION_RECENTLY_SENT: a code was issued less than {RESEND_INTERVAL} s ago; see Retry-After"
+                ),
+            },
+        }
+    },
     "/users/{id}": {
         "get": {
             "operationId": "users.get",
             "summary": "A profile, for its own user or a service token with scope users:read",
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {
-                "200": _json(_ref("Profile"), "The profile"),
+                "200": json_answer(ref("Profile"), "The profile"),
                 "401": _UNAUTHORIZED,
                 "403": problem_answer("FORBIDDEN: neither the user themself nor a service with users:read"),
                 "404": problem_answer("USER_NOT_FOUND"),
@@ -186,9 +108,9 @@ PATHS: dict[str, Any] = {
             "operationId": "auth.login",
             "summary": "Exchange a username (or email) and password for tokens",
             "security": [],
-            "requestBody": _body("Credentials"),
+            "requestBody": body("Credentials"),
             "responses": {
-                "200": _json(_ref("TokenPair"), "Access and refresh tokens"),
+                "200": json_answer(ref("TokenPair"), "Access and refresh tokens"),
                 "401": problem_answer("INVALID_CREDENTIALS: the same answer for an unknown user and a wrong password"),
                 "422": _INVALID,
                 "429": problem_answer("RATE_LIMITED: too many failures for this name; see Retry-After"),
@@ -204,9 +126,9 @@ PATHS: dict[str, Any] = {
             "operationId": "auth.refresh",
             "summary": "Spend a refresh token for a new pair; a reused token revokes its whole family",
             "security": [],
-            "requestBody": _body("RefreshRequest"),
+            "requestBody": body("RefreshRequest"),
             "responses": {
-                "200": _json(_ref("TokenPair"), "A new pair; the old refresh token is spent"),
+                "200": json_answer(ref("TokenPair"), "A new pair; the old refresh token is spent"),
                 "401": problem_answer(
                     "INVALID_REFRESH_TOKEN: unknown, expired, spent or revoked, or its session ended"
                 ),
@@ -219,9 +141,29 @@ PATHS: dict[str, Any] = {
             "operationId": "auth.logout",
             "summary": "Revoke the refresh token's family",
             "security": [],
-            "requestBody": _body("RefreshRequest"),
+            "requestBody": body("RefreshRequest"),
             "responses": {
                 "204": {"description": "Logged out (also for unknown tokens)"},
+                "422": _INVALID,
+            },
+        }
+    },
+    "/auth/verify-email": {
+        "post": {
+            "operationId": "auth.verify_email",
+            "summary": "Prove the account's email address with the code mailed to it",
+            "description": "Needs no access token: the code is the proof. Single use.",
+            "security": [],
+            "requestBody": body("VerificationToken"),
+            "responses": {
+                "204": {"description": "Verified (also when it was verified already)"},
+                # Begins with the shared answer's code: a test reads that an
+                # unreadable body's 400 is documented.
+                "400": problem_answer(
+                    "MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says;"
+                    " INVALID_VERIFICATION_TOKEN: the code is unknown, expired, already used, or for an address"
+                    " the account no longer has (one answer for all)"
+                ),
                 "422": _INVALID,
             },
         }
@@ -233,9 +175,9 @@ PATHS: dict[str, Any] = {
             "description": "Internal: reached by services directly, never through the gateway (a 404 there).",
             "servers": [{"url": "/", "description": "The service itself, from another service"}],
             "security": [],
-            "requestBody": _body("ClientCredentials"),
+            "requestBody": body("ClientCredentials"),
             "responses": {
-                "200": _json(_ref("ServiceToken"), "A service access token"),
+                "200": json_answer(ref("ServiceToken"), "A service access token"),
                 "401": problem_answer("INVALID_CLIENT"),
                 "422": _INVALID,
                 "429": problem_answer("RATE_LIMITED: too many wrong secrets for this client from this address"),
@@ -249,7 +191,7 @@ PATHS: dict[str, Any] = {
             "description": "Published by the gateway at this path, without /api/v1.",
             "servers": _ROOT,
             "security": [],
-            "responses": {"200": _json(_ref("Jwks"), "The JSON Web Key Set")},
+            "responses": {"200": json_answer(ref("Jwks"), "The JSON Web Key Set")},
         }
     },
     "/openapi.json": {
@@ -269,8 +211,17 @@ PATHS: dict[str, Any] = {
 _FROM_MEMORY = frozenset({"/.well-known/jwks.json", "/openapi.json", "/auth/service-token"})
 # In a transaction (mesh_common.transactions), whose COMMIT's answer may be
 # lost; the rest write, if at all, one statement at a time, whose lost
-# answer is a 503 (a login's new session, a profile's change: either harmless twice).
-_COMMITTING = frozenset({("post", "/users"), ("post", "/auth/refresh"), ("post", "/auth/logout")})
+# answer is a 503 (a login's new session: harmless twice).
+_COMMITTING = frozenset(
+    {
+        ("post", "/users"),
+        ("patch", "/users/me"),
+        ("post", "/users/me/email/verification"),
+        ("post", "/auth/refresh"),
+        ("post", "/auth/logout"),
+        ("post", "/auth/verify-email"),
+    }
+)
 
 
 def document() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import aiopg
 from psycopg2 import errors
 
-PROFILE = "id, username, email, display_name, created_at"
+PROFILE = "id, username, email, display_name, created_at, email_verified_at"
 UPDATABLE = frozenset({"display_name", "email"})
 
 
@@ -24,13 +24,18 @@ class User:
     email: str
     display_name: str
     created_at: datetime
+    email_verified_at: datetime | None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> User:
-        user_id, username, email, display_name, created_at = row
-        return cls(str(user_id), username, email, display_name, created_at)
+        user_id, username, email, display_name, created_at, email_verified_at = row
+        return cls(str(user_id), username, email, display_name, created_at, email_verified_at)
 
-    def profile(self) -> dict[str, str]:
+    @property
+    def email_verified(self) -> bool:
+        return self.email_verified_at is not None
+
+    def profile(self) -> dict[str, str | bool]:
         """What a client may see: never the password hash, which is not even loaded."""
         return {
             "id": self.id,
@@ -38,6 +43,7 @@ class User:
             "email": self.email,
             "display_name": self.display_name,
             "created_at": self.created_at.isoformat(),
+            "email_verified": self.email_verified,
         }
 
 
@@ -75,26 +81,36 @@ async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, tuple[str
 
 async def get_user(pool: aiopg.Pool, user_id: str) -> User | None:
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(f"SELECT {PROFILE} FROM users WHERE id = %s", (user_id,))
-        row = await cur.fetchone()
+        return await locked_user(cur, user_id, lock=False)
+
+
+async def locked_user(cur: Any, user_id: str, *, lock: bool = True) -> User | None:
+    """The account, locked until the transaction ``cur`` is in ends (unless not ``lock``)."""
+    await cur.execute(f"SELECT {PROFILE} FROM users WHERE id = %s{' FOR UPDATE' if lock else ''}", (user_id,))
+    row = await cur.fetchone()
     return User.from_row(row) if row else None
 
 
-async def update_user(pool: aiopg.Pool, user_id: str, changes: dict[str, str]) -> User | None:
-    """Apply ``changes`` (display_name and/or email, already validated)."""
+async def update_user(cur: Any, user: User, changes: dict[str, str]) -> User:
+    """Apply ``changes`` (display_name and/or email, already validated) to ``user``, locked by ``locked_user``.
+
+    A new address is unverified: whatever proved the old one does not prove
+    it. Any textual change counts, case too: the verified spelling is the
+    one mail went to.
+    """
     if not changes.keys() <= UPDATABLE:
         raise ValueError(f"not updatable: {sorted(changes.keys() - UPDATABLE)}")
-    assignments = ", ".join(f"{column} = %({column})s" for column in sorted(changes))
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        try:
-            await cur.execute(
-                f"UPDATE users SET {assignments}, updated_at = now() WHERE id = %(id)s RETURNING {PROFILE}",
-                {**changes, "id": user_id},
-            )
-        except errors.UniqueViolation:
-            raise AccountTaken() from None
-        row = await cur.fetchone()
-    return User.from_row(row) if row else None
+    assignments = [f"{column} = %({column})s" for column in sorted(changes)]
+    if changes.get("email", user.email) != user.email:
+        assignments.append("email_verified_at = NULL")
+    try:
+        await cur.execute(
+            f"UPDATE users SET {', '.join(assignments)}, updated_at = now() WHERE id = %(id)s RETURNING {PROFILE}",
+            {**changes, "id": user.id},
+        )
+    except errors.UniqueViolation:
+        raise AccountTaken() from None
+    return User.from_row(await cur.fetchone())
 
 
 async def set_password_hash(pool: aiopg.Pool, user_id: str, password_hash: str, *, replacing: str) -> bool:

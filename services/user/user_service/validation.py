@@ -15,6 +15,7 @@ from typing import Any
 from mesh_common.problems import ValidationFailed
 
 from .passwords import MAX_LENGTH, MAX_TYPED_LENGTH, Passwords, normalized
+from .verification import MAX_TOKEN_LENGTH
 
 # Matched whole: "$" alone would also match before a trailing newline.
 USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,32}")
@@ -173,6 +174,16 @@ def refresh_token(body: dict[str, Any]) -> str:
     token = fields.string("refresh_token", nul=True)
     if token is not None and not 1 <= len(token) <= 256:
         fields.error("refresh_token", "is not a refresh token")
+    fields.check()
+    return token or ""
+
+
+def verification_token(body: dict[str, Any]) -> str:
+    fields = _Fields(body, required={"token"})
+    # Only hashed, never stored: NUL does no harm, and finds no code.
+    token = fields.string("token", nul=True)
+    if token is not None and len(token) > MAX_TOKEN_LENGTH:
+        fields.error("token", f"must be at most {MAX_TOKEN_LENGTH} characters long")
     fields.check()
     return token or ""
 
