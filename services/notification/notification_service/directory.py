@@ -42,6 +42,9 @@ class TokenRejected(Exception):
 class Recipient:
     email: str
     name: str
+    # Whether the user-service says its owner proved they read it. Unverified
+    # unless it says so: a user-service that does not say blocks, not leaks.
+    verified: bool = False
 
 
 class ServiceTokens:
@@ -119,7 +122,11 @@ class UserDirectory:
         self._service = service
 
     async def recipient(self, user_id: str) -> Recipient | None:
-        """The user's address, or ``None`` if the user-service does not know them (any more)."""
+        """The user's address, and whether it is verified; ``None`` if the user-service does not know them (any more).
+
+        One lookup for both, so that the flag is the one of this address:
+        read apart, an address changed in between could pass as verified.
+        """
         try:
             user = await self._get_user(user_id)
         except UNAVAILABLE as exc:
@@ -127,7 +134,11 @@ class UserDirectory:
         if user is None:
             return None
         try:
-            return Recipient(email=str(user["email"]), name=str(user.get("display_name") or user["username"]))
+            return Recipient(
+                email=str(user["email"]),
+                name=str(user.get("display_name") or user["username"]),
+                verified=user.get("email_verified") is True,
+            )
         except (KeyError, TypeError):
             raise UserServiceUnavailable("the user-service answered without an email") from None
 

@@ -1,9 +1,17 @@
 """The events this service consumes, and what each one does.
 
-``user.registered``  a welcome email; the address is in the event.
+``user.email_verification_requested``
+                     the code that proves an address, sent to the address
+                     in the event (on registration it is the welcome);
+                     not sent once it has expired.
+``user.registered``  nothing any more (the verification email welcomes):
+                     still bound, so that queued ones are acked, not dead.
 ``todo.completed``   a short notice to the todo's owner; cancels its reminder.
 ``todo.*``           keeps the todo's reminder in step with its snapshot
                      (created, updated, reopened, deleted).
+
+Every email but the code goes only to an address its owner verified
+(notifier.py): the user-service's profile says so.
 
 Only version 1 of each is understood: anything else, or an event that lacks
 what we need, is refused (``UnprocessableEvent``) rather than guessed at.
@@ -27,7 +35,17 @@ log = structlog.get_logger()
 
 SUPPORTED_VERSION = 1
 TODO_EVENTS = frozenset({"todo.created", "todo.updated", "todo.completed", "todo.reopened", "todo.deleted"})
-HANDLED = TODO_EVENTS | {"user.registered"}
+VERIFICATION_REQUESTED = "user.email_verification_requested"
+HANDLED = TODO_EVENTS | {"user.registered", VERIFICATION_REQUESTED}
+# Why a code was sent: the first lines of its email. Another reason is refused, not guessed at.
+REASONS = {
+    "registered": 'Welcome to todo-mesh! Your account "{username}" is ready. Confirm that this address is yours',
+    "email_changed": 'The email address of your todo-mesh account "{username}" was changed to this one. Confirm it',
+    "requested": 'You asked for a new code for your todo-mesh account "{username}". Confirm this address',
+}
+# A token as the user-service writes them (secrets.token_urlsafe): on a line of its own, nothing to escape.
+TOKEN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+TOKEN_MAX_LENGTH = 200
 
 
 def parse(body: bytes) -> Event:
@@ -53,8 +71,10 @@ class EventHandler:
             # The rows that make handling it idempotent may be pruned: it
             # could send an email twice, or bring back a deleted todo's reminder.
             raise ExpiredEvent(f"occurred at {event.occurred_at}, before the retention")
+        if event.type == VERIFICATION_REQUESTED:
+            return await self._verification(event)
         if event.type == "user.registered":
-            return await self._welcome(event)
+            return None  # welcomed by its verification email
         await self._reminders.apply(todo_snapshot(event), event_id=event.id, event_at=occurred_at(event))
         if event.type == "todo.completed":
             return await self._notifier.notify(
@@ -65,14 +85,28 @@ class EventHandler:
             )
         return None
 
-    async def _welcome(self, event: Event) -> Outcome:
-        username = text(event.data, "username")
-        recipient = Recipient(email=text(event.data, "email"), name=str(event.data.get("display_name") or username))
+    async def _verification(self, event: Event) -> Outcome:
+        data = event.data
+        username, token = text(data, "username"), text(data, "token")
+        if len(token) > TOKEN_MAX_LENGTH or not set(token) <= TOKEN_CHARACTERS:
+            raise MalformedEvent("data.token must be a URL-safe token")  # never the token itself: it is a secret
+        reason = REASONS.get(text(data, "reason"))
+        if reason is None:
+            raise MalformedEvent("data.reason must be registered, email_changed or requested")
+        expires_at = timestamp(data.get("expires_at"), "data.expires_at")
+        if expires_at <= datetime.now(UTC):
+            log.info("notification_skipped", event_id=event.id, kind="verify_email", reason="expired")
+            return Outcome.EXPIRED
+        recipient = Recipient(email=text(data, "email"), name=str(data.get("display_name") or username))
         return await self._notifier.notify(
             event_id=event.id,
-            kind="welcome",
-            user_id=text(event.data, "user_id"),
-            values={"username": username},
+            kind="verify_email",
+            user_id=text(data, "user_id"),
+            values={
+                "reason": reason.format(username=username),
+                "token": token,
+                "expires_at": expires_at.astimezone(UTC).strftime("%a %d %b %Y, %H:%M UTC"),
+            },
             recipient=recipient,
         )
 

@@ -74,6 +74,7 @@ import aiopg
 import structlog
 
 from . import claims, recipient_cap
+from .cut_short import given_a_moment
 from .directory import Recipient, UserDirectory
 from .failures import DatabaseUnavailable, DeliveryInProgress, MailOutcomeUnknown, MailRejected, ShuttingDown
 from .mailer import Mailer
@@ -86,10 +87,6 @@ T = TypeVar("T")
 # round trips around it. With the default SMTP settings the lease is about
 # 80 s, which is how long a crashed delivery waits to be resent.
 CLAIM_MARGIN = 5.0
-# How long a delivery cut short (a shutdown's drain that ran out) may still
-# take to record what its send left behind: well within the time the
-# consumer gives the deliveries it cancels (consumer.STUCK_CANCEL_TIMEOUT).
-CUT_SHORT_GRACE = 3.0
 
 
 class Outcome(Enum):
@@ -101,6 +98,10 @@ class Outcome(Enum):
     UNCONFIRMED = "unconfirmed"
     # Over its recipient's hourly cap (recipient_cap.py): not sent, and never will be.
     CAPPED = "capped"
+    # The user's address is not verified (their profile's email_verified is not true): not sent.
+    UNVERIFIED = "unverified"
+    # A verification code past its expiry when handled (events.py): not sent, it could not be used.
+    EXPIRED = "expired"
 
 
 class Notifier:
@@ -130,7 +131,8 @@ class Notifier:
     ) -> Outcome:
         """Send the ``kind`` email for ``event_id`` unless it was sent already.
 
-        ``recipient`` is looked up from the user-service unless given.
+        ``recipient`` is looked up from the user-service unless given, and
+        then sent to only if the user-service says the address is verified.
         ``still_wanted``, if given, is asked once an SMTP session is free, just
         before the claim: the lookup and the wait for a session can take
         long, and what the email is about may have changed meanwhile.
@@ -145,6 +147,10 @@ class Notifier:
             if recipient is None:
                 log.info("notification_skipped", event_id=event_id, kind=kind, reason="unknown_user")
                 return Outcome.NO_RECIPIENT
+            # Read with the address: until its owner proves they read it, it gets nothing but a code.
+            if not recipient.verified:
+                log.info("notification_skipped", event_id=event_id, kind=kind, reason="unverified")
+                return Outcome.UNVERIFIED
 
         msgid = message_id(event_id, kind, self._sender)
         rendered = render(kind, {"name": recipient.name, **values})
@@ -232,7 +238,7 @@ class Notifier:
         else:
             write = claims.release_notification(self._pool, event_id, kind, token)
         future = asyncio.ensure_future(write)
-        written = await _given_a_moment(future)
+        written = await given_a_moment(future)
         log.warning("notification_cut_short", event_id=event_id, kind=kind, body_started=body_started, recorded=written)
         if body_started and written and future.result() is True:
             log.error("notification_unconfirmed", event_id=event_id, kind=kind, message_id=claim.message_id)
@@ -265,7 +271,7 @@ class Notifier:
                         if bound.expired():  # our own bound, not a shutdown: given up on below
                             attempt.cancel()
                             raise
-                        if not await _given_a_moment(attempt):
+                        if not await given_a_moment(attempt):
                             log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, cut_short=True)
                         raise
                     except DatabaseUnavailable as exc:
@@ -276,30 +282,6 @@ class Notifier:
         except TimeoutError:
             log.error(f"notification_{what}_unrecorded", event_id=event_id, kind=kind, resend_after=self.lease)
             raise DatabaseUnavailable(f"the email went out, and could not be recorded ({what})") from None
-
-
-async def _given_a_moment(write: asyncio.Future[Any]) -> bool:
-    """Wait for ``write``, of a delivery being cut short, ``CUT_SHORT_GRACE`` s at most: whether it was made.
-
-    Cancelled once more meanwhile, or not done by then, it is cut short too.
-    """
-    write.add_done_callback(_retrieved)
-    try:
-        await asyncio.wait({write}, timeout=CUT_SHORT_GRACE)
-    finally:
-        write.cancel()  # nothing to cancel once it is done
-    if write.cancelled() or not write.done():
-        return False
-    if (exc := write.exception()) is not None:
-        log.warning("notification_record_failed", error=type(exc).__name__, detail=str(exc))
-        return False
-    return True
-
-
-def _retrieved(write: asyncio.Future[Any]) -> None:
-    """Its error read, so that asyncio does not log it as never retrieved: one cut short may end in one."""
-    if not write.cancelled():
-        write.exception()
 
 
 def _ended(status: str | None, event_id: str, kind: str) -> Outcome | None:

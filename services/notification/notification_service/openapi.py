@@ -57,7 +57,11 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "id": {"type": "string", "format": "uuid"},
                     "event_id": {"type": "string", "format": "uuid", "description": "The event that caused it"},
-                    "kind": {"type": "string", "enum": ["welcome", "todo_completed", "reminder"]},
+                    "kind": {
+                        "type": "string",
+                        "enum": ["verify_email", "todo_completed", "reminder", "welcome"],
+                        "description": "welcome: sent on registration before addresses were verified, no longer",
+                    },
                     "recipient": {"type": "string", "format": "email"},
                     "subject": {"type": "string"},
                     "sent_at": {"type": "string", "format": "date-time"},

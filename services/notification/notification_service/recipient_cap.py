@@ -1,12 +1,12 @@
 """At most so many emails to one address an hour, from each account and from all of them: the recipient cap.
 
-Addresses are never verified: anyone can set theirs to someone else's
-(``PATCH /users/me``) and have us email that person, once per completed
-todo (complete, reopen, complete again: some 600 a minute, only the
-gateway's per-user limit in the way), once per reminder, and once per
-welcome by registering the address again. So every email, whatever its kind
-(the welcome too: it is the one replayed), counts against its recipient's
-address, twice over:
+Anyone can set their address to someone else's (``PATCH /users/me``).
+Unverified, it gets only the verification code (notifier.py), but that
+once per registration, change or resend; before verification, it got
+every todo notice too (some 600 a minute, only the gateway's per-user
+limit in the way), every reminder, and a welcome per registration. So
+every email, whatever its kind (the code too: it is the one replayed),
+counts against its recipient's address, twice over:
 
 - per account: ``NOTIFY_RECIPIENT_HOURLY_LIMIT`` in a rolling hour from one
   user id to one mailbox. Per account, not per mailbox alone: an address

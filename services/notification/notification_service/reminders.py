@@ -194,8 +194,9 @@ class ReminderScheduler:
         if outcome is Outcome.NO_RECIPIENT:
             await repository.cancel_reminder(self._pool, reminder.todo_id, reminder.event_id)
         elif outcome is not Outcome.WITHDRAWN:  # withdrawn: the change that withdrew it is in the row already
-            # Unconfirmed too: it is sent no more, and left pending, every
-            # round would meet it again.
+            # Unconfirmed and unverified too: it is sent no more (an address
+            # verified later gets the todo's next due date), and left
+            # pending, every round would meet it again.
             await repository.mark_reminder_sent(self._pool, reminder.todo_id, reminder.event_id)
         return True
 

@@ -5,7 +5,7 @@ boot, together with the policies that give them their behaviour: this
 service only checks that they exist (a passive declare), so the topology has
 one source of truth. ``tests/test_notification_definitions.py`` keeps the two in step.
 
-    todo-mesh.events --user.registered, todo.*--> notifications.events
+    todo-mesh.events --ROUTING_KEYS--> notifications.events
         dead: a copy with x-dead-reason, published to notifications.dlx --> notifications.dead
         handed back unsettled > delivery-limit times --> notifications.dlx --> notifications.dead
         a bug met: republished to notifications.events, counted in x-failures
@@ -22,6 +22,10 @@ from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustChannel
 
 from mesh_common.events import EVENTS_EXCHANGE
 
+# What our queue is bound to on the events exchange. user.registered sends
+# nothing any more, and stays bound: one still queued, or from an older
+# publisher, is acked rather than left unrouted.
+ROUTING_KEYS = ("user.email_verification_requested", "user.registered", "todo.*")
 # One queue per delay, each with a fixed x-message-ttl: a single queue with
 # per-message TTLs would hold a short delay behind a long one, since a queue
 # only expires the message at its head.

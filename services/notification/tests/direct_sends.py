@@ -11,17 +11,19 @@ from notification_service.directory import Recipient
 from notification_service.notifier import Notifier, Outcome
 
 ADA = {"id": "u1", "username": "ada", "email": "ada@example.test"}
+# What events.py fills the verification email with.
+CODE_VALUES = {"reason": "Confirm this address", "token": "c0de", "expires_at": "Tue 01 Dec 2026, 12:00 UTC"}
 
 
-def welcome(
+def verify_email(
     notifier: Notifier, event_id: str, user: dict[str, str] = ADA, **options: Any
 ) -> Coroutine[Any, Any, Outcome]:
-    """``user``'s welcome email for ``event_id``, straight through ``notifier``, their address given."""
+    """``user``'s verification email for ``event_id``, straight through ``notifier``, their address given."""
     return notifier.notify(
         event_id=event_id,
-        kind="welcome",
+        kind="verify_email",
         user_id=user["id"],
-        values={"username": user["username"]},
+        values=CODE_VALUES,
         recipient=Recipient(user["email"], user["username"]),
         **options,
     )

@@ -5,8 +5,8 @@
   policies on the shared broker (a whole-stack run may be consuming the real
   ``notifications.events`` at the same time).
 - ``FakeUserService``: an aiohttp app answering ``POST /auth/service-token``
-  and ``GET /users/{id}``, registered in the real Consul under a unique name,
-  and able to go down and come back on the same port (held, refusing
+  and ``GET /users/{id}`` (``email_verified: true`` unless told otherwise),
+  registered in the real Consul under a unique name, and able to go down and come back on the same port (held, refusing
   connections, while it is down: see ``HeldPort.hold_again``).
 
 The SMTP sink is in ``smtp_sink``.
@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 from urllib.parse import quote
@@ -171,6 +172,26 @@ async def publish(
     )
 
 
+def verification_requested(
+    user: dict[str, str], *, token: str | None = None, expires_in: float = 86400.0, reason: str = "registered"
+) -> Event:
+    """A ``user.email_verification_requested`` event for ``user``'s address, as the user-service writes it."""
+    return Event(
+        type="user.email_verification_requested",
+        user_id=user["id"],
+        data={
+            "user_id": user["id"],
+            "username": user["username"],
+            "display_name": user["display_name"],
+            "email": user["email"],
+            "token": token or secrets.token_urlsafe(32),
+            "expires_at": (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(),
+            "reason": reason,
+        },
+        correlation_id=uuid.uuid4().hex,
+    )
+
+
 def registered(user: dict[str, str]) -> Event:
     return Event(
         type="user.registered",
@@ -203,6 +224,7 @@ class FakeUserService:
         self._held = HeldPort()
         self.port = self._held.port
         self.users: dict[str, dict[str, str]] = {}
+        self.verified: dict[str, bool | None] = {}  # user id -> their profile's email_verified (None: not in it)
         self.token_requests = 0
         self.user_requests = 0
         self.answer_empty = False  # a 200 without a body, as from a broken proxy in between
@@ -215,8 +237,10 @@ class FakeUserService:
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
 
-    def add(self, user: dict[str, str]) -> dict[str, str]:
+    def add(self, user: dict[str, str], *, verified: bool | None = True) -> dict[str, str]:
+        """Know ``user``; their profile's ``email_verified`` is ``verified``, or missing if that is None."""
         self.users[user["id"]] = user
+        self.verified[user["id"]] = verified
         return user
 
     def revoke_tokens(self) -> None:
@@ -245,7 +269,8 @@ class FakeUserService:
         user = self.users.get(request.match_info["id"])
         if user is None:
             return web.json_response({"code": "USER_NOT_FOUND"}, status=404)
-        return web.json_response(user)
+        verified = self.verified.get(user["id"], True)
+        return web.json_response(user if verified is None else {**user, "email_verified": verified})
 
     async def start(self) -> None:
         app = web.Application()

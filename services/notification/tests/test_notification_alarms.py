@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-from notification_support import Broker, StartService, eventually, new_user, registered
+from notification_support import Broker, StartService, eventually, new_user, verification_requested
 from smtp_sink import SmtpSink
 
 from devstack import rabbitmq
@@ -74,8 +74,8 @@ async def test_a_retry_during_a_disk_alarm_holds_its_event_and_the_good_ones_are
     deferred = new_user()
     smtp.refuse[deferred["email"]] = "451 4.3.0 Try again later"
     smtp.data_delay = 0.2
-    good = [registered(new_user()) for _ in range(GOOD)]
-    await broker.publish(registered(deferred))
+    good = [verification_requested(new_user()) for _ in range(GOOD)]
+    await broker.publish(verification_requested(deferred))
     for event in good:
         await broker.publish(event)
 
@@ -104,7 +104,7 @@ async def test_a_delivery_held_by_an_alarm_is_given_back_at_once_when_the_servic
 ) -> None:  # fmt: skip
     deferred = new_user()
     smtp.refuse[deferred["email"]] = "451 4.3.0 Try again later"
-    await broker.publish(registered(deferred))
+    await broker.publish(verification_requested(deferred))
 
     async with disk_alarm(infra):
         service = await start_service(smtp=replace(settings.smtp, attempts=1))

@@ -24,8 +24,8 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_relay import an_email, settings_for
 from smtp_sink import SmtpSink
@@ -202,7 +202,7 @@ async def test_exchange_onlines_relay_access_denied_loses_no_event_and_cancels_n
     smtp.refuse = Everyone(RELAY_ACCESS_DENIED)
     owner = users.add(new_user())
     due_at = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
-    await broker.publish(registered(owner))
+    await broker.publish(verification_requested(owner))
     await broker.publish(todo_event("created", owner["id"], {"id": "r1", "title": "Renew", "due_at": due_at}))
 
     async def reminder_deferred() -> bool:
@@ -211,7 +211,9 @@ async def test_exchange_onlines_relay_access_denied_loses_no_event_and_cancels_n
             return await cur.fetchone() == (True, False, None)
 
     consumer = service.app[CONSUMER]
-    await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="the welcome kept for a retry")
+    await eventually(
+        lambda: consumer.settled["retried"] >= 1, within=10, what="the verification email kept for a retry"
+    )
     await eventually(reminder_deferred, within=10, what="the reminder deferred, not cancelled")
     assert consumer.settled["dead_lettered"] == 0
     assert await broker.ready(broker.topology.dead_letters) == 0
@@ -226,7 +228,7 @@ async def test_a_backlog_at_a_relay_blocking_us_makes_few_sessions_and_is_delive
     users = [new_user() for _ in range(20)]
     smtp.refuse = Everyone()
     for user in users:
-        await broker.publish(registered(user))
+        await broker.publish(verification_requested(user))
     began = time.monotonic()
     service = await start_service()
     consumer = service.app[CONSUMER]

@@ -9,14 +9,14 @@ from dataclasses import replace
 from typing import Any
 
 import aiopg
-from direct_sends import notification_rows, welcome
+from direct_sends import notification_rows, verify_email
 from notification_support import (
     MAIL_FROM,
     Broker,
     StartService,
     eventually,
     new_user,
-    registered,
+    verification_requested,
 )
 from smtp_sink import SmtpSink
 
@@ -35,14 +35,14 @@ async def test_a_stale_claim_is_sent_again_with_the_same_message_id(
     # leaves behind: a claim older than its lease. It is resent, and the
     # copy carries the first attempt's Message-ID.
     user = new_user()
-    event = registered(user)
-    await _insert_claim(pool, event.id, "welcome", user, claimed_ago="10 minutes")
+    event = verification_requested(user)
+    await _insert_claim(pool, event.id, "verify_email", user, claimed_ago="10 minutes")
     await broker.publish(event)
 
     [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the resend")
-    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.verify_email@todo-mesh.test>"
     # Recorded once the SMTP server's answer is back, a moment after the sink has the message.
-    sent = [(event.id, "welcome", "sent")]
+    sent = [(event.id, "verify_email", "sent")]
     await eventually(lambda: _rows_are(pool, sent), within=5, what="the claim marked sent")
 
 
@@ -50,8 +50,8 @@ async def test_an_event_claimed_by_a_live_delivery_waits_for_it_instead_of_sendi
     service: Any, broker: Broker, smtp: SmtpSink, pool: aiopg.Pool
 ) -> None:
     user = new_user()
-    event = registered(user)
-    await _insert_claim(pool, event.id, "welcome", user, claimed_ago="1 second")
+    event = verification_requested(user)
+    await _insert_claim(pool, event.id, "verify_email", user, claimed_ago="1 second")
     await broker.publish(event)
 
     consumer = service.app[CONSUMER]
@@ -67,7 +67,7 @@ async def test_an_email_whose_250_never_came_keeps_its_claim_and_is_not_sent_aga
 ) -> None:
     smtp.data_delay = 2.0  # the server has the message, and answers after we gave up
     service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
-    event = registered(new_user())
+    event = verification_requested(new_user())
     published = time.monotonic()
     await broker.publish(event)
 
@@ -78,22 +78,24 @@ async def test_an_email_whose_250_never_came_keeps_its_claim_and_is_not_sent_aga
     await eventually(lambda: consumer.settled["retried"] >= 3, within=15, what="three retries")
     assert time.monotonic() - published < service.app[NOTIFIER].lease
     assert len(smtp.received) == 1
-    assert await notification_rows(pool) == [(event.id, "welcome", "sending")]  # the claim is kept
+    assert await notification_rows(pool) == [(event.id, "verify_email", "sending")]  # the claim is kept
 
 
 async def test_a_claim_taken_over_after_its_lease_cannot_be_released_by_its_former_holder(pool: aiopg.Pool) -> None:
     user = new_user()
-    event_id = registered(user).id
-    claim = Claim(event_id, "welcome", user["id"], user["email"], "Welcome", message_id(event_id, "welcome", MAIL_FROM))
+    event_id = verification_requested(user).id
+    claim = Claim(
+        event_id, "verify_email", user["id"], user["email"], "Confirm", message_id(event_id, "verify_email", MAIL_FROM)
+    )
     first = await claim_notification(pool, claim, lease=60)
     assert first is not None
     assert await claim_notification(pool, claim, lease=60) is None  # held
     second = await claim_notification(pool, claim, lease=0)  # its lease has run out: taken over
     assert second is not None and second != first
 
-    await release_notification(pool, event_id, "welcome", first)  # the former holder gives up, late
-    assert await notification_rows(pool) == [(event_id, "welcome", "sending")]  # still the new holder's
-    await release_notification(pool, event_id, "welcome", second)
+    await release_notification(pool, event_id, "verify_email", first)  # the former holder gives up, late
+    assert await notification_rows(pool) == [(event_id, "verify_email", "sending")]  # still the new holder's
+    await release_notification(pool, event_id, "verify_email", second)
     assert await notification_rows(pool) == []
 
 
@@ -101,7 +103,7 @@ async def _insert_claim(pool: aiopg.Pool, event_id: str, kind: str, user: dict[s
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "INSERT INTO notifications (event_id, kind, user_id, recipient, subject, message_id, status, claimed_at)"
-            " VALUES (%s, %s, %s, %s, 'Welcome', %s, 'sending', now() - %s::interval)",
+            " VALUES (%s, %s, %s, %s, 'Confirm', %s, 'sending', now() - %s::interval)",
             (event_id, kind, user["id"], user["email"], message_id(event_id, kind, MAIL_FROM), claimed_ago),
         )
 
@@ -118,12 +120,12 @@ async def test_a_claim_is_taken_only_once_an_smtp_session_is_free(pool: aiopg.Po
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM))
     mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
-    first = asyncio.create_task(welcome(notifier, str(uuid.uuid4()), new_user()))
+    first = asyncio.create_task(verify_email(notifier, str(uuid.uuid4()), new_user()))
     waiting_id = str(uuid.uuid4())
     waiting: asyncio.Task[Outcome] | None = None
     try:
         await eventually(lambda: smtp.received, within=5, what="the first email in DATA, holding the session")
-        waiting = asyncio.create_task(welcome(notifier, waiting_id, new_user()))
+        waiting = asyncio.create_task(verify_email(notifier, waiting_id, new_user()))
         for _ in range(5):
             await asyncio.sleep(0.05)
             assert waiting_id not in {row[0] for row in await notification_rows(pool)}
@@ -155,10 +157,10 @@ async def test_a_slow_still_wanted_check_leaves_no_claim_for_another_delivery_to
         return True
 
     try:
-        first = asyncio.create_task(welcome(notifier, event_id, user, still_wanted=slow_check))
+        first = asyncio.create_task(verify_email(notifier, event_id, user, still_wanted=slow_check))
         await asyncio.wait_for(checking.wait(), timeout=5)
         await asyncio.sleep(notifier.lease * 1.4)  # the scenario itself: past a lease taken before the check
-        second = asyncio.create_task(welcome(notifier, event_id, user, still_wanted=slow_check))
+        second = asyncio.create_task(verify_email(notifier, event_id, user, still_wanted=slow_check))
         outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
     finally:
         await mailer.close()

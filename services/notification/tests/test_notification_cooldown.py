@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from notification_support import Broker, StartService, eventually, new_user, registered
+from notification_support import Broker, StartService, eventually, new_user, verification_requested
 from smtp_relay import PASSWORD, USER, WRONG, an_email, relay, settings_for
 from smtp_sink import Login, SmtpSink
 from structlog.testing import capture_logs
@@ -195,7 +195,7 @@ async def test_a_backlog_with_a_wrong_password_makes_few_logins_and_is_delivered
     smtp.credentials = (USER, PASSWORD)
     users = [new_user() for _ in range(20)]
     for user in users:
-        await broker.publish(registered(user))
+        await broker.publish(verification_requested(user))
     began = time.monotonic()
     service = await start_service(smtp=replace(settings.smtp, username=USER, password=WRONG))
     consumer = service.app[CONSUMER]

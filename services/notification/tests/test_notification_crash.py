@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiopg
-from notification_support import SECRET, Broker, FakeUserService, eventually, new_user, registered
+from notification_support import SECRET, Broker, FakeUserService, eventually, new_user, verification_requested
 from smtp_sink import SmtpSink
 from yarl import URL
 
@@ -55,7 +55,7 @@ async def test_killed_after_sending_and_before_acking_sends_no_duplicate_on_rest
         "LOG_FORMAT": "json",
     }
     newcomers = [new_user() for _ in range(5)]
-    events = [registered(u) for u in newcomers]
+    events = [verification_requested(u) for u in newcomers]
     by_address = {u["email"]: e.id for u, e in zip(newcomers, events, strict=True)}
     for event in events:
         await broker.publish(event)

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiopg
 import pytest
-from direct_sends import claim_row, welcome
+from direct_sends import claim_row, verify_email
 from notification_support import (
     MAIL_FROM,
     Broker,
@@ -29,16 +29,17 @@ from notification_support import (
     drop_amqp_connection,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_sink import SmtpSink, silent_smtp
 
 from notification_service import claims, workers
 from notification_service.consumer import STUCK_CANCEL_TIMEOUT
+from notification_service.cut_short import CUT_SHORT_GRACE
 from notification_service.keys import CONSUMER, SETTINGS
 from notification_service.mailer import Mailer
-from notification_service.notifier import CUT_SHORT_GRACE, Notifier
+from notification_service.notifier import Notifier
 from notification_service.settings import Settings, SmtpSettings
 from notification_service.topology import Topology
 
@@ -106,7 +107,7 @@ async def test_a_send_in_data_when_the_drain_runs_out_is_counted_as_one_with_no_
     monkeypatch.setattr(workers, "DRAIN_TIMEOUT", 0.5)
     client = await start_service(smtp=quick_smtp(settings))
     smtp.data_gate = asyncio.Event()  # the server answers after the drain has run out
-    event = registered(new_user())
+    event = verification_requested(new_user())
     try:
         await broker.publish(event)
         await eventually(lambda: smtp.received, within=10, what="the email in DATA")
@@ -127,7 +128,7 @@ async def test_a_send_cut_short_before_data_releases_its_claim(
     # A server that takes the connection and never greets: the drain runs out
     # before DATA. Left claimed, the email waited for the lease to run out.
     monkeypatch.setattr(workers, "DRAIN_TIMEOUT", 0.5)
-    event = registered(new_user())
+    event = verification_requested(new_user())
     async with silent_smtp() as silent:
         client = await start_service(smtp=quick_smtp(settings, port=silent.port, timeout=30.0))
         await broker.publish(event)
@@ -148,7 +149,7 @@ async def test_a_send_cut_short_waiting_for_the_answer_to_data_releases_its_clai
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
     event_id = str(uuid.uuid4())
     try:
-        delivery = asyncio.create_task(welcome(notifier, event_id))
+        delivery = asyncio.create_task(verify_email(notifier, event_id))
         await eventually(lambda: smtp.unanswered, within=10, what="the DATA command, unanswered")
         delivery.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -201,7 +202,7 @@ async def test_a_delivery_cancelled_while_it_records_its_email_sent_still_record
     notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
     event_id = str(uuid.uuid4())
     try:
-        delivery = asyncio.create_task(welcome(notifier, event_id))
+        delivery = asyncio.create_task(verify_email(notifier, event_id))
         await asyncio.wait_for(recording.wait(), timeout=10)
         delivery.cancel()
         with pytest.raises(asyncio.CancelledError):

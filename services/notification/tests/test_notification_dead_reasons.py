@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from notification_support import Broker, StartService, eventually, new_user, registered
+from notification_support import Broker, StartService, eventually, new_user, verification_requested
 from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
@@ -48,7 +48,11 @@ async def test_letters_are_listed_with_their_reasons_and_replayed_by_reason(
     refused, deferred = new_user(), new_user()
     smtp.refuse[refused["email"]] = "550 5.1.1 No such mailbox"
     smtp.refuse[deferred["email"]] = "451 4.3.0 Try again later"
-    events = {"refused": registered(refused), "deferred": registered(deferred), "malformed": registered(new_user())}
+    events = {
+        "refused": verification_requested(refused),
+        "deferred": verification_requested(deferred),
+        "malformed": verification_requested(new_user()),
+    }
     service = await start_service(smtp=replace(settings.smtp, attempts=1), retry_limit=1)
     await broker.publish(events["refused"])
     await broker.publish(events["deferred"])
@@ -86,7 +90,7 @@ async def test_a_replayed_letter_leaves_the_reason_and_the_counts_behind(
     infra: StackConfig, broker: Broker, topology: Topology
 ) -> None:
     handler = Deferred()
-    event = registered(new_user())
+    event = verification_requested(new_user())
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
         await aio_pika.connect_robust(infra.amqp_url) as publishing,
@@ -129,7 +133,7 @@ async def test_a_dead_letter_whose_copy_fails_is_dead_lettered_by_the_broker_wit
     infra: StackConfig, broker: Broker, topology: Topology
 ) -> None:
     handler = Deferred()
-    event = registered(new_user())
+    event = verification_requested(new_user())
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
         await aio_pika.connect_robust(infra.amqp_url) as publishing,

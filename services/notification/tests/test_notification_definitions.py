@@ -10,7 +10,7 @@ from typing import Any
 from notification_support import DEFINITIONS, Management
 
 from mesh_common.events import EVENTS_EXCHANGE
-from notification_service.topology import RETRY_DELAYS, Topology
+from notification_service.topology import RETRY_DELAYS, ROUTING_KEYS, Topology
 
 
 def definitions() -> dict[str, Any]:
@@ -34,7 +34,8 @@ def test_definitions_declare_the_topology_the_service_expects() -> None:
 
     for name in (topology.queue, topology.dead_letters, *topology.retry_queues):
         assert queues[name]["x-queue-type"] == "quorum", name
-    assert {(topology.exchange, topology.queue, key) for key in ("user.registered", "todo.*")} <= bindings
+    ours = {(source, key) for source, destination, key in bindings if destination == topology.queue}
+    assert ours == {(topology.exchange, key) for key in ROUTING_KEYS}  # the service's own list, no more, no less
 
     # Poison: delivery-limit, then the dead-letter exchange, which routes to the DLQ, losing nothing.
     main = policy_for(topology.queue, doc["policies"])

@@ -19,8 +19,8 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_sink import SmtpSink
 
@@ -46,7 +46,7 @@ async def test_each_event_delivered_three_times_sends_one_email(
     client = await start_service(smtp=replace(settings.smtp, port=infra.ports.smtp))
     owner = users.add(new_user())
     newcomers = [new_user() for _ in range(3)]
-    events = [registered(u) for u in newcomers] + [
+    events = [verification_requested(u) for u in newcomers] + [
         todo_event("completed", owner["id"], {"id": f"todo-{n}", "title": f"Task {n}", "completed": True})
         for n in range(3)
     ]
@@ -61,29 +61,32 @@ async def test_each_event_delivered_three_times_sends_one_email(
     messages = await shared_sink_messages(infra, recipients)
     by_message_id = sorted(m["MessageID"] for m in messages)
     expected = sorted(
-        [f"<{uuid.UUID(e.id).hex}.welcome@todo-mesh.test>" for e in events[:3]]
+        [f"<{uuid.UUID(e.id).hex}.verify_email@todo-mesh.test>" for e in events[:3]]
         + [f"<{uuid.UUID(e.id).hex}.todo_completed@todo-mesh.test>" for e in events[3:]]
     )
     assert by_message_id == expected  # one email per event: duplicates 0, lost 0
 
 
-async def test_welcome_email_has_a_text_and_an_escaped_html_part(service: Any, broker: Broker, smtp: SmtpSink) -> None:
+async def test_verification_email_has_a_text_and_an_escaped_html_part(
+    service: Any, broker: Broker, smtp: SmtpSink
+) -> None:
     user = new_user()
     user["display_name"] = "Ada <b>Lovelace</b>"
-    event = registered(user)
+    event = verification_requested(user)
     await broker.publish(event)
 
-    [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the welcome email")
-    assert message["Subject"] == "Welcome to todo-mesh, Ada <b>Lovelace</b>"
+    [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the verification email")
+    assert message["Subject"] == "Confirm your email address for todo-mesh"
     assert message["From"] == MAIL_FROM
     assert message["To"].addresses[0].addr_spec == user["email"]
-    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.welcome@todo-mesh.test>"
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.verify_email@todo-mesh.test>"
     assert message["Auto-Submitted"] == "auto-generated"
     plain, rich = message.get_body(preferencelist=("plain",)), message.get_body(preferencelist=("html",))
     assert plain is not None and rich is not None
     text = plain.get_content()
     html = rich.get_content()
-    assert f'Your todo-mesh account "{user["username"]}" is ready' in text
+    assert f'Welcome to todo-mesh! Your account "{user["username"]}" is ready' in text
+    assert f"Code: <code>{event.data['token']}</code>" in html
     assert "Hi Ada <b>Lovelace</b>," in text
     assert "Hi Ada &lt;b&gt;Lovelace&lt;/b&gt;," in html
     assert "<b>Lovelace</b>" not in html

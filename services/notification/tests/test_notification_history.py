@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
-from notification_support import Broker, Client, FakeUserService, eventually, new_user, registered, todo_event
+from notification_support import (
+    Broker,
+    Client,
+    FakeUserService,
+    eventually,
+    new_user,
+    todo_event,
+    verification_requested,
+)
 from smtp_sink import SmtpSink
 
 from mesh_common.testing import TokenFactory
@@ -38,12 +46,12 @@ async def test_history_lists_the_users_own_notifications_newest_first(
 ) -> None:
     me = users.add(new_user())
     someone_else = new_user()
-    welcome = registered(me)
-    await broker.publish(welcome)
-    await eventually(lambda: smtp.to(me["email"]), within=10, what="the welcome email")
+    code = verification_requested(me)
+    await broker.publish(code)
+    await eventually(lambda: smtp.to(me["email"]), within=10, what="the verification email")
     done = todo_event("completed", me["id"], {"id": "t1", "title": "Ship it", "completed": True})
     await broker.publish(done)
-    await broker.publish(registered(someone_else))
+    await broker.publish(verification_requested(someone_else))
     await eventually(lambda: service.app[CONSUMER].settled["acked"] == 3, within=10, what="all events handled")
 
     async with service.get("/notifications", headers=tokens.headers(me["id"])) as resp:
@@ -53,7 +61,7 @@ async def test_history_lists_the_users_own_notifications_newest_first(
     assert body["next_cursor"] is None
     assert [(n["kind"], n["event_id"], n["subject"]) for n in body["items"]] == [
         ("todo_completed", done.id, "Done: Ship it"),
-        ("welcome", welcome.id, f"Welcome to todo-mesh, {me['display_name']}"),
+        ("verify_email", code.id, "Confirm your email address for todo-mesh"),
     ]
     assert {n["recipient"] for n in body["items"]} == {me["email"]}
     assert all(datetime.fromisoformat(n["sent_at"]).tzinfo for n in body["items"])

@@ -10,7 +10,7 @@ from email.parser import BytesParser
 
 import pytest
 from aiosmtplib.email import flatten_message
-from notification_support import new_user, registered
+from notification_support import new_user, verification_requested
 from smtp_sink import SmtpSink
 
 from mesh_common.events import Event
@@ -38,7 +38,7 @@ def an_email(to: str) -> EmailMessage:
 
 
 def valid_event() -> dict[str, object]:
-    return json.loads(registered(new_user()).to_json())
+    return json.loads(verification_requested(new_user()).to_json())
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_events_we_cannot_handle_are_refused_not_guessed_at(body: bytes, failure
 
 
 def test_a_valid_event_parses() -> None:
-    event = registered(new_user())
+    event = verification_requested(new_user())
     assert parse(event.to_json()) == event
 
 
@@ -105,7 +105,7 @@ def test_an_encoded_word_in_a_title_or_a_name_stays_text_in_the_email_sent(title
 )
 def test_an_address_no_email_can_carry_is_a_value_error(address: str) -> None:
     # The notifier turns a ValueError into MailRejected: the DLQ at once, not a bug retried.
-    rendered = render("welcome", {"name": "Ada", "username": "ada"})
+    rendered = render("todo_completed", {"name": "Ada", "title": "Ship it"})
     with pytest.raises(ValueError, match="not a valid address"):
         compose(rendered, sender=SENDER, recipient=Recipient(address, "Ada"), msgid="<a@b>")
 
@@ -137,8 +137,10 @@ async def test_a_server_without_smtputf8_refuses_a_non_ascii_address_for_good(sm
 
 def test_message_ids_are_one_per_event_and_kind() -> None:
     event_id = "6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e"
-    assert message_id(event_id, "welcome", SENDER) == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.welcome@todo-mesh.test>"
-    assert message_id(event_id, "welcome", SENDER) != message_id(event_id, "reminder", SENDER)
+    assert (
+        message_id(event_id, "verify_email", SENDER) == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.verify_email@todo-mesh.test>"
+    )
+    assert message_id(event_id, "verify_email", SENDER) != message_id(event_id, "reminder", SENDER)
 
 
 async def test_a_4xx_answer_is_retried_then_reported_as_unavailable(smtp: SmtpSink) -> None:

@@ -25,8 +25,8 @@ from notification_support import (
     drop_amqp_connection,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_sink import SmtpSink
 from yarl import URL
@@ -50,7 +50,7 @@ RECOVERY_BOUND = 45.0
 async def test_smtp_down_for_a_while_then_back_loses_no_email(service: Client, broker: Broker, smtp: SmtpSink) -> None:
     await smtp.stop()
     down_since = time.monotonic()
-    events = [registered(new_user()) for _ in range(EVENTS)]
+    events = [verification_requested(new_user()) for _ in range(EVENTS)]
     for event in events:
         await broker.publish(event)
 
@@ -75,7 +75,7 @@ async def test_a_relay_refusing_us_for_a_while_loses_no_email(service: Client, b
     # recipient's fault, each event went to the DLQ.
     user = new_user()
     smtp.refuse[user["email"]] = "554 5.7.1 <" + user["email"] + ">: Relay access denied"
-    await broker.publish(registered(user))
+    await broker.publish(verification_requested(user))
 
     consumer = service.app[CONSUMER]
     await eventually(lambda: consumer.settled["retried"] >= 1, within=10, what="a retry")
@@ -124,7 +124,7 @@ async def test_postgresql_away_for_a_while_then_back_loses_no_email(
         service = await start_service(database_url=through_proxy)
         consumer = service.app[CONSUMER]
         await proxy.cut()  # as in a restart: connections dropped, new ones refused
-        events = [registered(new_user()) for _ in range(DB_EVENTS)]
+        events = [verification_requested(new_user()) for _ in range(DB_EVENTS)]
         for event in events:
             await broker.publish(event)
 
@@ -161,7 +161,7 @@ async def test_postgresql_away_for_a_moment_after_the_server_took_an_email_sends
         consumer = (await start_service(database_url=through_proxy, smtp=quick)).app[CONSUMER]
         smtp.data_gate = asyncio.Event()
         user = new_user()
-        await broker.publish(registered(user))
+        await broker.publish(verification_requested(user))
         await eventually(lambda: smtp.to(user["email"]), within=10, what="the email's DATA")
         await proxy.cut()  # PostgreSQL goes away while the server checks the email...
         smtp.data_gate.set()  # ...which it then takes: the email is out, not yet recorded
@@ -183,7 +183,7 @@ async def test_the_consumer_comes_back_after_the_broker_drops_its_connection(
     await drop_amqp_connection(management, connection)
 
     user = new_user()
-    await broker.publish(registered(user))
+    await broker.publish(verification_requested(user))
     await eventually(lambda: smtp.to(user["email"]), within=20, what="the email after the reconnection")
     assert reconnected.is_set()
 

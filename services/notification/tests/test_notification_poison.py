@@ -8,7 +8,15 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import FieldValue
-from notification_support import Broker, Client, FakeUserService, eventually, new_user, registered, todo_event
+from notification_support import (
+    Broker,
+    Client,
+    FakeUserService,
+    eventually,
+    new_user,
+    todo_event,
+    verification_requested,
+)
 from smtp_sink import SmtpSink
 
 from devstack.config import StackConfig
@@ -25,11 +33,13 @@ from notification_service.topology import Topology
 def poison() -> list[tuple[Event, bytes | None, str]]:
     """Messages that can never be handled, each with the body to send (None: the event's own) and its reason."""
     user = new_user()
-    malformed = registered(user)
-    not_an_object = registered(user)
+    malformed = verification_requested(user)
+    not_an_object = verification_requested(user)
     future = Event(type="user.registered", user_id=user["id"], data={}, correlation_id="c", version=2)
     unknown = todo_event("archived", user["id"], {"id": "t", "title": "Old"})
-    no_email = Event(type="user.registered", user_id=user["id"], data={"user_id": user["id"]}, correlation_id="c")
+    no_email = Event(
+        type="user.email_verification_requested", user_id=user["id"], data={"user_id": user["id"]}, correlation_id="c"
+    )
     return [(malformed, b'{"type": "user.registered", "id": ', "malformed"), (not_an_object, b"[1, 2, 3]", "malformed"),
             (future, None, "unsupported"), (unknown, None, "unsupported"), (no_email, None, "malformed")]  # fmt: skip
 
@@ -38,7 +48,7 @@ async def test_poison_goes_to_the_dlq_while_100_good_events_around_it_are_all_de
     service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     bad = poison()
-    good = [registered(new_user()) for _ in range(100)]
+    good = [verification_requested(new_user()) for _ in range(100)]
     for n, event in enumerate(good):
         await broker.publish(event)
         if n % 20 == 10:
@@ -67,7 +77,7 @@ async def test_a_letter_that_waited_in_a_retry_queue_is_listed_with_its_last_rea
 ) -> None:
     user = new_user()
     smtp.refuse[user["email"]] = "451 4.7.1 Try again later"
-    event = registered(user)
+    event = verification_requested(user)
     await broker.publish(event)
     await eventually(lambda: service.app[CONSUMER].settled["retried"] >= 1, within=10, what="a retry")
     smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"  # when the retry queue hands it back
@@ -114,7 +124,7 @@ async def test_an_event_failing_unexpectedly_is_dead_lettered_after_its_failure_
         consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
-            event = registered(new_user())
+            event = verification_requested(new_user())
             await broker.publish(event)
             await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
         finally:
@@ -159,7 +169,7 @@ async def test_a_message_whose_count_header_is_no_count_is_dead_lettered_at_once
     infra: StackConfig, broker: Broker, topology: Topology, header: str, value: FieldValue, failure: Exception
 ) -> None:
     handler = Failing(failure)
-    event = registered(new_user())
+    event = verification_requested(new_user())
     message = aio_pika.Message(event.to_json(), message_id=event.id, type=event.type, headers={header: value})
     await broker.channel.default_exchange.publish(message, routing_key=topology.queue)
     async with (
@@ -211,7 +221,7 @@ async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
         consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
-            await broker.publish(registered(new_user()))
+            await broker.publish(verification_requested(new_user()))
             await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
             handler.fixed = True
             assert len(await replay_dead_letters(infra.amqp_url, topology, limit=10)) == 1
@@ -226,7 +236,7 @@ async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
 ) -> None:
     user = new_user()
     smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"
-    event = registered(user)
+    event = verification_requested(user)
     await broker.publish(event)
     await eventually(lambda: broker.ready(topology.dead_letters), within=10, what="the refused email dead-lettered")
 
@@ -238,7 +248,7 @@ async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
     assert [d.event_id for d in replayed] == [event.id]
 
     [message] = await eventually(lambda: smtp.to(user["email"]), within=10, what="the replayed email")
-    assert message["Subject"].startswith("Welcome to todo-mesh")
+    assert message["Subject"] == "Confirm your email address for todo-mesh"
     assert await broker.ready(topology.dead_letters) == 0
 
 
@@ -246,7 +256,7 @@ async def test_replay_can_pick_one_event_and_leaves_the_others(
     service: Client, broker: Broker, smtp: SmtpSink, infra: StackConfig, topology: Topology
 ) -> None:
     users = [new_user() for _ in range(3)]
-    events = [registered(u) for u in users]
+    events = [verification_requested(u) for u in users]
     for user, event in zip(users, events, strict=True):
         smtp.refuse[user["email"]] = "550 5.1.1 No such mailbox"
         await broker.publish(event)

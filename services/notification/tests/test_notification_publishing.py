@@ -14,7 +14,7 @@ import time
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from notification_support import eventually, new_user, publish, registered
+from notification_support import eventually, new_user, publish, verification_requested
 from yarl import URL
 
 from devstack.config import StackConfig
@@ -78,7 +78,7 @@ async def test_copies_wait_while_the_publishing_connection_reconnects_and_nothin
                 await cut(proxy, publishing)
                 exchange = await channel.get_exchange(topology.exchange)
                 for _ in range(EVENTS):
-                    await publish(exchange, registered(new_user()))
+                    await publish(exchange, verification_requested(new_user()))
                 await eventually(lambda: handler.calls >= EVENTS, within=10, what="every event handled")
                 await proxy.start()
 
@@ -111,7 +111,7 @@ async def test_a_copy_waiting_for_the_reconnect_gives_its_event_back_at_once_whe
             await consumer.start()
             channel = await ours.channel()
             await cut(proxy, publishing)  # and not back before the consumer stops
-            await publish(await channel.get_exchange(topology.exchange), registered(new_user()))
+            await publish(await channel.get_exchange(topology.exchange), verification_requested(new_user()))
             await eventually(lambda: handler.calls, within=10, what="the event handled")
 
             stopping = time.monotonic()
@@ -160,7 +160,7 @@ async def test_a_delivery_whose_channel_closed_while_its_copy_went_out_is_not_ac
         await consumer.start()
         try:
             channel = await ours.channel()
-            await publish(await channel.get_exchange(topology.exchange), registered(new_user()))
+            await publish(await channel.get_exchange(topology.exchange), verification_requested(new_user()))
             # Both come again, the original and its retry: at least once.
             await eventually(lambda: consumer.settled["acked"] == 2, within=20, what="the event handled twice")
         finally:

@@ -2,7 +2,7 @@
 
 Addresses are not verified: an account set to a stranger's address, and a
 todo completed and reopened in a loop, emailed that stranger some 600 times
-a minute; registering the address again replayed the welcome. Counted per
+a minute; registering the address again replayed the welcome (now the verification email). Counted per
 mailbox alone, an account set to ``ada+x@`` used up Ada's own hour.
 """
 
@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiopg
 import pytest
-from direct_sends import welcome
+from direct_sends import verify_email
 from notification_support import (
     MAIL_FROM,
     Broker,
@@ -25,8 +25,8 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
@@ -59,8 +59,8 @@ async def test_an_address_gets_at_most_the_limit_an_hour_and_the_rest_are_record
     service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
     victim = users.add(new_user())  # an account whose address is someone else's
     bystander = users.add(new_user())
-    # The welcome counts too.
-    events = [registered(victim)]
+    # The verification email counts too.
+    events = [verification_requested(victim)]
     events += [
         todo_event("completed", victim["id"], {"id": f"t{n}", "title": f"Task {n}", "completed": True})
         for n in range(LIMIT + 3 - len(events))
@@ -104,7 +104,7 @@ async def test_sends_side_by_side_cannot_each_find_room_for_one_more(pool: aiopg
     user = new_user()
     try:
         outcomes = await asyncio.wait_for(
-            asyncio.gather(*(welcome(notifier, str(uuid.uuid4()), user) for _ in range(4 * LIMIT))), timeout=20
+            asyncio.gather(*(verify_email(notifier, str(uuid.uuid4()), user) for _ in range(4 * LIMIT))), timeout=20
         )
     finally:
         await mailer.close()
@@ -119,7 +119,7 @@ async def test_case_and_a_plus_tag_do_not_make_another_address(pool: aiopg.Pool,
     local, domain = user["email"].split("@")
     spellings = [user["email"], f"{local.upper()}@{domain}", f"{local}+1@{domain.upper()}", f"{local}+2@{domain}"]
     try:
-        outcomes = [await welcome(notifier, str(uuid.uuid4()), {**user, "email": email}) for email in spellings]
+        outcomes = [await verify_email(notifier, str(uuid.uuid4()), {**user, "email": email}) for email in spellings]
     finally:
         await mailer.close()
     assert outcomes == [Outcome.SENT] * LIMIT + [Outcome.CAPPED]
@@ -138,10 +138,10 @@ async def test_an_email_the_server_did_not_take_does_not_count(pool: aiopg.Pool,
     try:
         for _ in range(3):
             with pytest.raises(MailServerUnavailable, match="deferred"):
-                await welcome(notifier, event_id, user)
+                await verify_email(notifier, event_id, user)
         del smtp.refuse[user["email"]]
-        assert await welcome(notifier, event_id, user) is Outcome.SENT
-        assert await welcome(notifier, str(uuid.uuid4()), user) is Outcome.CAPPED  # that one did count
+        assert await verify_email(notifier, event_id, user) is Outcome.SENT
+        assert await verify_email(notifier, str(uuid.uuid4()), user) is Outcome.CAPPED  # that one did count
     finally:
         await mailer.close()
 
@@ -157,9 +157,9 @@ async def test_another_account_on_the_same_mailbox_does_not_use_up_its_owners_ho
     local, domain = owner["email"].split("@")
     stranger = {**new_user(), "email": f"{local}+x@{domain}"}
     try:
-        outcomes = [await welcome(notifier, str(uuid.uuid4()), stranger) for _ in range(LIMIT + 1)]
+        outcomes = [await verify_email(notifier, str(uuid.uuid4()), stranger) for _ in range(LIMIT + 1)]
         assert outcomes == [Outcome.SENT] * LIMIT + [Outcome.CAPPED]
-        assert await welcome(notifier, str(uuid.uuid4()), owner) is Outcome.SENT
+        assert await verify_email(notifier, str(uuid.uuid4()), owner) is Outcome.SENT
     finally:
         await mailer.close()
     assert len(smtp.to(owner["email"])) == 1
@@ -174,7 +174,7 @@ async def test_many_accounts_on_one_mailbox_get_the_mailbox_ceiling_between_them
     local, domain = victim["email"].split("@")
     accounts = [{**new_user(), "email": f"{local}+{n}@{domain}"} for n in range(recipient_cap.MAILBOX_ACCOUNTS + 1)]
     try:
-        outcomes = [await welcome(notifier, str(uuid.uuid4()), a) for a in accounts for _ in range(LIMIT)]
+        outcomes = [await verify_email(notifier, str(uuid.uuid4()), a) for a in accounts for _ in range(LIMIT)]
     finally:
         await mailer.close()
     ceiling = recipient_cap.MAILBOX_ACCOUNTS * LIMIT

@@ -155,7 +155,7 @@ class AnsweringDirectory:
 
     async def recipient(self, user_id: str) -> Recipient:
         self.asked.set()
-        return Recipient("ada@example.test", "Ada")
+        return Recipient("ada@example.test", "Ada", verified=True)
 
 
 async def test_a_reminder_completed_while_it_waits_for_an_smtp_session_is_not_sent(

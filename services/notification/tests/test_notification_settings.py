@@ -97,14 +97,14 @@ def test_a_display_name_with_a_comma_is_fine_quoted() -> None:
     settings = Settings.from_env({**REQUIRED, "MAIL_FROM": '"Acme, Inc." <noreply@acme.test>'})
     sender = settings.smtp.mail_from
     event_id = "6f1c2a52-7d0e-4a43-9a55-3d1c8c1d2b9e"
-    msgid = message_id(event_id, "welcome", sender)
-    rendered = render("welcome", {"name": "Ada", "username": "ada"})
+    msgid = message_id(event_id, "todo_completed", sender)
+    rendered = render("todo_completed", {"name": "Ada", "title": "Ship it"})
     email = compose(rendered, sender=sender, recipient=Recipient("ada@example.test", "Ada"), msgid=msgid)
 
     [author] = email["From"].addresses
     assert (author.display_name, author.addr_spec) == ("Acme, Inc.", "noreply@acme.test")
     assert extract_sender(email) == "noreply@acme.test"  # the envelope's MAIL FROM
-    assert msgid == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.welcome@acme.test>"
+    assert msgid == "<6f1c2a527d0e4a439a553d1c8c1d2b9e.todo_completed@acme.test>"
 
 
 def test_events_are_remembered_for_longer_than_they_can_be_retried() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from notification_support import Management, eventually, new_user, publish, registered
+from notification_support import Management, eventually, new_user, publish, verification_requested
 
 from devstack.config import StackConfig
 from mesh_common.events import Event
@@ -74,7 +74,7 @@ async def test_an_event_whose_retry_the_broker_returns_is_redelivered_then_dead_
             # The first retry tier is gone: the copy for it is unroutable.
             await asyncio.to_thread(management.delete, f"/queues/%2F/{topology.retry_queues[0]}")
             channel = await ours.channel()
-            event = registered(new_user())
+            event = verification_requested(new_user())
             await publish(await channel.get_exchange(topology.exchange), event)
 
             # Not acked as if the retry were queued (the event would be lost),
@@ -96,7 +96,7 @@ async def test_a_replay_our_queue_cannot_take_leaves_the_letter_in_the_dlq(
     infra: StackConfig, management: Management, own_topology: Topology
 ) -> None:
     topology = own_topology
-    event = registered(new_user())
+    event = verification_requested(new_user())
     async with await aio_pika.connect(infra.amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
         await publish(channel.default_exchange, event, routing_key=topology.dead_letters)

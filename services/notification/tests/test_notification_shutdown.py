@@ -18,8 +18,8 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    registered,
     todo_event,
+    verification_requested,
 )
 from smtp_sink import SmtpSink, silent_smtp
 
@@ -55,7 +55,7 @@ async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_eve
     infra: StackConfig, broker: Broker, topology: Topology
 ) -> None:
     handler = Stuck()
-    event = registered(new_user())
+    event = verification_requested(new_user())
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
         await aio_pika.connect_robust(infra.amqp_url) as publishing,
@@ -91,7 +91,7 @@ async def test_an_event_in_hand_at_more_restarts_than_the_old_delivery_limit_is_
     # against the queue's delivery-limit, as it counts a nack. With a limit of
     # 5 (what a nack per bug needed), the sixth restart of a consumer holding
     # a good event dead-lettered it; bugs are counted by the consumer now.
-    event = registered(new_user())
+    event = verification_requested(new_user())
     await broker.publish(event)
     restarts = 6
     for _ in range(restarts):
@@ -162,7 +162,7 @@ async def test_a_delivery_waiting_for_an_smtp_session_at_shutdown_gives_its_even
     notifier, consumer = client.app[NOTIFIER], client.app[CONSUMER]
     notifier._mailer._slots = asyncio.Semaphore(1)  # every session busy but this one
     smtp.data_gate = asyncio.Event()  # the server holds the first email until the shutdown has begun
-    sending, waiting = registered(new_user()), registered(new_user())
+    sending, waiting = verification_requested(new_user()), verification_requested(new_user())
     await broker.publish(sending)
     await eventually(lambda: smtp.received, within=10, what="the first email in DATA, holding the session")
     await broker.publish(waiting)
@@ -195,7 +195,7 @@ async def test_a_consumer_whose_cancel_fails_still_ends_the_deliveries_in_hand(
     ):
         consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
-        await broker.publish(registered(new_user()))
+        await broker.publish(verification_requested(new_user()))
         await asyncio.wait_for(handler.started.wait(), timeout=10)
 
         async def broken(*args: Any, **kwargs: Any) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiopg
 import pytest
-from direct_sends import claim_row, welcome
-from notification_support import MAIL_FROM, Broker, StartService, eventually, new_user, registered
+from direct_sends import claim_row, verify_email
+from notification_support import MAIL_FROM, Broker, StartService, eventually, new_user, verification_requested
 from smtp_sink import SmtpSink
 
 from notification_service import claims, repository
@@ -36,7 +36,7 @@ LEASE = 0.5  # longer than a send, which gives up 0.2 s after DATA
 
 class Ada:
     async def recipient(self, user_id: str) -> Recipient:
-        return Recipient("ada@example.test", "Ada")
+        return Recipient("ada@example.test", "Ada", verified=True)
 
 
 @pytest.fixture
@@ -57,17 +57,17 @@ async def test_no_answer_after_data_twice_ends_unconfirmed_and_the_email_is_not_
 ) -> None:
     event_id = str(uuid.uuid4())
     with pytest.raises(MailOutcomeUnknown):
-        await welcome(notifier, event_id)
+        await verify_email(notifier, event_id)
     # Within its lease: the lease a claim is judged by is the caller's, made
     # long here so that a slow minute cannot let this one take it over.
     notifier.lease = 60
     with pytest.raises(DeliveryInProgress):
-        await welcome(notifier, event_id)
+        await verify_email(notifier, event_id)
     notifier.lease = LEASE
     await asyncio.sleep(LEASE)
-    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED  # sent again, once, with no answer either
+    assert await verify_email(notifier, event_id) is Outcome.UNCONFIRMED  # sent again, once, with no answer either
     await asyncio.sleep(LEASE)
-    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED  # and not again, however long after
+    assert await verify_email(notifier, event_id) is Outcome.UNCONFIRMED  # and not again, however long after
 
     assert len(smtp.received) == 2
     assert await claim_row(pool, event_id) == ("unconfirmed", 2)
@@ -80,16 +80,16 @@ async def test_a_resend_refused_before_data_keeps_the_count_of_unknown_sends(
 ) -> None:
     event_id = str(uuid.uuid4())
     with pytest.raises(MailOutcomeUnknown):
-        await welcome(notifier, event_id)
+        await verify_email(notifier, event_id)
     await asyncio.sleep(LEASE)
     smtp.refuse["ada@example.test"] = "451 4.3.0 Try again later"
     with pytest.raises(MailServerUnavailable):
-        await welcome(notifier, event_id)
+        await verify_email(notifier, event_id)
     assert await claim_row(pool, event_id) == ("sending", 1)  # not released: the count would go with it
 
     del smtp.refuse["ada@example.test"]
     await asyncio.sleep(LEASE)
-    assert await welcome(notifier, event_id) is Outcome.UNCONFIRMED
+    assert await verify_email(notifier, event_id) is Outcome.UNCONFIRMED
     assert len(smtp.received) == 2
 
 
@@ -99,7 +99,7 @@ async def test_an_event_whose_email_is_unconfirmed_is_acked(
     smtp.data_delay = 2.0
     service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
     service.app[NOTIFIER].lease = 1.0  # so that the retry 1 s later finds it run out
-    event = registered(new_user())
+    event = verification_requested(new_user())
     await broker.publish(event)
 
     consumer = service.app[CONSUMER]
@@ -135,7 +135,7 @@ async def test_a_server_silent_at_the_data_command_twice_still_gets_the_email_on
     # was held for its lease and then given up on as unconfirmed, never sent.
     smtp.silent_at_data = 2
     service = await start_service(smtp=replace(settings.smtp, data_timeout=0.3))
-    event = registered(new_user())
+    event = verification_requested(new_user())
     await broker.publish(event)
 
     consumer = service.app[CONSUMER]
@@ -187,6 +187,6 @@ async def test_an_unknown_send_recorded_twice_over_a_lost_answer_counts_once(
     notifier = Notifier(pool, NoAnswer(), Ada(), sender=MAIL_FROM)  # type: ignore[arg-type]
     event_id = str(uuid.uuid4())
     with pytest.raises(MailOutcomeUnknown):
-        await welcome(notifier, event_id)
+        await verify_email(notifier, event_id)
     assert calls == 2
     assert await claim_row(pool, event_id) == ("sending", 1)  # sent once more, after the lease
