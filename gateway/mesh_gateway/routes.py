@@ -104,6 +104,9 @@ API = RouteTable(
             # Like refresh, proven by the refresh token in its body: a user
             # whose access token has run out must still be able to end the session.
             ("POST", "/api/v1/auth/logout"),
+            # The code from the confirmation email is the proof: whoever
+            # reads it may not be signed in on that device.
+            ("POST", "/api/v1/auth/verify-email"),
             ("GET", "/.well-known/jwks.json"),
         }
     ),

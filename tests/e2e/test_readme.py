@@ -59,6 +59,7 @@ async def test_the_readmes_first_session_does_what_it_says(mesh: StackConfig) ->
     assert shell.returncode == 0, output
 
     assert f'"username": "{name}"' in output  # registered: the profile came back
+    assert re.search(r"^204$", output, re.MULTILINE), "the emailed code did not confirm the address"
     assert len(re.findall(r"^HTTP/1\.1 201", output, re.MULTILINE | re.IGNORECASE)) == 2
     assert len(re.findall(r"^idempotent-replayed: true", output, re.MULTILINE | re.IGNORECASE)) == 1
     assert len(re.findall(r"^x-upstream-instance: todo-service", output, re.MULTILINE | re.IGNORECASE)) == 2
