@@ -63,15 +63,16 @@ async def update_my_profile(request: web.Request) -> web.Response:
         async with request.app[WRITE_SLOTS], publishing(request.app[DB], request.app[OUTBOX_COMMITTED]) as cur:
             # Locked, so that two changes at once cannot both see the old
             # address and leave a code for one that is no longer the account's.
-            user = await repository.locked_user(cur, user_id)
+            user = await repository.fetch_user(cur, user_id, for_update=True)
             if user is None:
                 raise UserNotFound()
             changed = await repository.update_user(cur, user, changes)
-            if changed.email != user.email:
+            email_changed = changed.email != user.email
+            if email_changed:
                 await send_code(cur, changed, "email_changed", correlation_id=request[REQUEST_ID])
     except repository.AccountTaken:
         raise AccountExists("Another account uses this email") from None
-    log.info("user_updated", user_id=user_id, fields=sorted(changes), email_changed=changed.email != user.email)
+    log.info("user_updated", user_id=user_id, fields=sorted(changes), email_changed=email_changed)
     return web.json_response(changed.profile())
 
 

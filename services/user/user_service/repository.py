@@ -81,18 +81,18 @@ async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, tuple[str
 
 async def get_user(pool: aiopg.Pool, user_id: str) -> User | None:
     async with pool.acquire() as conn, conn.cursor() as cur:
-        return await locked_user(cur, user_id, lock=False)
+        return await fetch_user(cur, user_id)
 
 
-async def locked_user(cur: Any, user_id: str, *, lock: bool = True) -> User | None:
-    """The account, locked until the transaction ``cur`` is in ends (unless not ``lock``)."""
-    await cur.execute(f"SELECT {PROFILE} FROM users WHERE id = %s{' FOR UPDATE' if lock else ''}", (user_id,))
+async def fetch_user(cur: Any, user_id: str, *, for_update: bool = False) -> User | None:
+    """The account; ``for_update``, locked until the transaction ``cur`` is in ends."""
+    await cur.execute(f"SELECT {PROFILE} FROM users WHERE id = %s{' FOR UPDATE' if for_update else ''}", (user_id,))
     row = await cur.fetchone()
     return User.from_row(row) if row else None
 
 
 async def update_user(cur: Any, user: User, changes: dict[str, str]) -> User:
-    """Apply ``changes`` (display_name and/or email, already validated) to ``user``, locked by ``locked_user``.
+    """Apply ``changes`` (display_name and/or email, already validated) to ``user``, locked by ``fetch_user``.
 
     A new address is unverified: whatever proved the old one does not prove
     it. Any textual change counts, case too: the verified spelling is the

@@ -9,7 +9,6 @@ the caller's transaction, with the event that mails the code.
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,4 +82,5 @@ async def resend_wait(cur: Any, user_id: str) -> int:
         (RESEND_INTERVAL, user_id),
     )
     (wait,) = await cur.fetchone()
-    return 0 if wait is None or wait <= 0 else max(1, math.ceil(wait))
+    # Whole seconds already (ceil), so any wait left is at least 1.
+    return 0 if wait is None or wait <= 0 else int(wait)

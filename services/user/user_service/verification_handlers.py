@@ -52,7 +52,7 @@ async def request_verification(request: web.Request) -> web.Response:
     user_id = request[PRINCIPAL].user_id
     async with request.app[WRITE_SLOTS], publishing(request.app[DB], request.app[OUTBOX_COMMITTED]) as cur:
         # Locked: two requests at once would otherwise both find no recent code.
-        user = await repository.locked_user(cur, user_id)
+        user = await repository.fetch_user(cur, user_id, for_update=True)
         if user is None:  # a valid token for an account that is gone
             raise UserNotFound()
         if user.email_verified:
