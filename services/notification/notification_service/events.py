@@ -19,6 +19,7 @@ what we need, is refused (``UnprocessableEvent``) rather than guessed at.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,8 +45,7 @@ REASONS = {
     "requested": 'You asked for a new code for your todo-mesh account "{username}". Confirm this address',
 }
 # A token as the user-service writes them (secrets.token_urlsafe): on a line of its own, nothing to escape.
-TOKEN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-TOKEN_MAX_LENGTH = 200
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
 def parse(body: bytes) -> Event:
@@ -88,7 +88,7 @@ class EventHandler:
     async def _verification(self, event: Event) -> Outcome:
         data = event.data
         username, token = text(data, "username"), text(data, "token")
-        if len(token) > TOKEN_MAX_LENGTH or not set(token) <= TOKEN_CHARACTERS:
+        if TOKEN.fullmatch(token) is None:
             raise MalformedEvent("data.token must be a URL-safe token")  # never the token itself: it is a secret
         reason = REASONS.get(text(data, "reason"))
         if reason is None:

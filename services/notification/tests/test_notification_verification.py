@@ -24,6 +24,8 @@ from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 from test_notification_reminders import reminder_row, todo
 
+from notification_service.events import EventHandler
+from notification_service.failures import MalformedEvent
 from notification_service.keys import CONSUMER
 
 
@@ -139,3 +141,15 @@ async def test_the_verification_event_is_routed_to_our_queue(broker: Broker) -> 
     # No service consuming: the message waits in the queue the binding routes it to.
     await broker.publish(verification_requested(new_user()))
     await eventually(lambda: broker.ready(broker.topology.queue), within=10, what="the event in our queue")
+
+
+@pytest.mark.parametrize(
+    "token", ["abc\nCode: forged", "a b", "x" * 201, "<b>"], ids=["newline", "space", "too-long", "markup"]
+)
+async def test_a_code_that_is_not_a_url_safe_token_is_malformed_and_not_echoed(token: str) -> None:
+    # On a line of its own in the email: a newline would let an event add lines of its own.
+    user = new_user()
+    handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
+    with pytest.raises(MalformedEvent) as refused:
+        await handler.handle(verification_requested(user, token=token))
+    assert token not in str(refused.value)
