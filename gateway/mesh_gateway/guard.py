@@ -31,6 +31,8 @@ RATE_DECISION = web.RequestKey("gateway.rate_decision", Decision)
 # authenticated. By the route the router matched, not by the decoded path:
 # "/health%2Flive" decodes to "/health/live" but is routed to the proxy.
 OWN_ROUTES = frozenset({"health", "health.live", "ready"})
+# The prefix an IPv6 client is counted by (``counted_as``): a host's own network.
+IPV6_CLIENT_PREFIX = 64
 
 
 def client_ip(request: web.Request) -> str:
@@ -49,6 +51,26 @@ def client_ip(request: web.Request) -> str:
     return peer
 
 
+@functools.lru_cache(maxsize=4096)
+def counted_as(ip: str) -> str:
+    """What the per-IP limits count ``ip`` as: an IPv4 address itself, an IPv6 address its /64.
+
+    A host on IPv6 is handed a whole /64 (SLAAC, privacy addresses): counted
+    by its full address, one client could take a fresh address, and a fresh
+    allowance, for every request, and the tight limit on logins would hold
+    no one. Envoy's buckets group addresses the same way (envoy/).
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:  # "unknown", or whatever a trusted proxy wrote
+        return ip
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ip
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)  # one client, whichever socket saw it
+    return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
     # Cached: the gateway sees a handful of peers (the Envoys), and parsing an
@@ -63,7 +85,7 @@ def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
 
 
 async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> None:
-    """Count the request from ``ip`` (``client_ip``); refuse it (429) when over a limit.
+    """Count the request from ``ip`` (``counted_as(client_ip(...))``); refuse it (429) when over a limit.
 
     The decision is kept on the request, for the ``RateLimit-*`` headers of
     whatever answers it; there is none when Redis is away and a read passes
@@ -115,7 +137,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.match_info.route.name in OWN_ROUTES:
         return await handler(request)
     user: str | None = None
-    ip = client_ip(request)
+    ip = counted_as(client_ip(request))
     table = request.app[ROUTE_TABLE]
     if (request.method, request.path) not in table.public:
         # Refused anyway, a client past its per-IP limit must not cost a

@@ -68,6 +68,23 @@ async def test_login_has_a_tighter_limit(fake_service, gateway):
     assert statuses == [200, 200, 200, 429, 429]
 
 
+async def test_an_ipv6_client_is_counted_by_its_64_not_by_each_address(fake_service, gateway):
+    # A host holds a whole /64: a fresh address for each login must not
+    # bring a fresh allowance. Another /64 is another client.
+    service = await fake_service(1)
+    client = await gateway(service, rate_limit_auth=3)
+
+    async def login(address: str) -> int:
+        async with client.post("/api/v1/things/login", json={}, headers={"X-Forwarded-For": address}) as r:
+            return r.status
+
+    one_host = [f"2001:db8:1:2::{n:x}" for n in range(1, 5)] + ["2001:db8:1:2:ffff:ffff:ffff:ffff"]
+    assert [await login(address) for address in one_host] == [200, 200, 200, 429, 429]
+    assert await login("2001:db8:1:3::1") == 200
+    # An IPv4 client seen through a dual-stack socket is the same client.
+    assert [await login(a) for a in ("192.0.2.9", "192.0.2.9", "::ffff:192.0.2.9", "192.0.2.9")] == [200, 200, 200, 429]
+
+
 async def test_every_counted_response_says_where_its_caller_stands(fake_service, gateway, tokens):
     service = await fake_service(1)
     (instance,) = service.instances

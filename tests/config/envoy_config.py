@@ -51,7 +51,7 @@ def local_rate_limit(cfg: dict[str, Any]) -> dict[str, Any]:
 def client_bucket(cfg: dict[str, Any]) -> dict[str, Any]:
     """The local rate limit's bucket for each client address: a descriptor with no value, a wildcard."""
     (descriptor,) = local_rate_limit(cfg)["descriptors"]
-    assert descriptor["entries"] == [{"key": "remote_address"}]
+    assert descriptor["entries"] == [{"key": "masked_remote_address"}]
     bucket: dict[str, Any] = descriptor["token_bucket"]
     return bucket
 

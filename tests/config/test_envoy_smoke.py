@@ -181,10 +181,12 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     nobody = StandIns(f"nobody-{uuid.uuid4().hex[:8]}", 8000)
     rendered = config_for(nobody, infra.ports.consul_dns, tmp_path / "access.log")
 
-    # And buckets of three requests that do not refill during the test.
+    # And a client's bucket of three requests that does not refill during the
+    # test, under a ceiling of a hundred: the 429 is the client's bucket (its
+    # descriptor matched what the action made of the address), not the ceiling.
     def three_an_hour(cfg: dict[str, Any]) -> None:
-        for bucket in (local_rate_limit(cfg)["token_bucket"], client_bucket(cfg)):
-            bucket.update(max_tokens=3, tokens_per_fill=3, fill_interval="3600s")
+        local_rate_limit(cfg)["token_bucket"].update(max_tokens=100, tokens_per_fill=100, fill_interval="3600s")
+        client_bucket(cfg).update(max_tokens=3, tokens_per_fill=3, fill_interval="3600s")
 
     config = tmp_path / "envoy.yaml"
     config.write_text(edited(rendered, three_an_hour))
@@ -207,7 +209,7 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         (503, "GATEWAY_UNAVAILABLE"),
         (503, "GATEWAY_UNAVAILABLE"),
         (503, "GATEWAY_UNAVAILABLE"),
-        (429, "RATE_LIMITED"),  # the bucket is empty
+        (429, "RATE_LIMITED"),  # the client's bucket is empty
         (400, "MALFORMED_REQUEST"),
         (431, "EDGE_ERROR"),
         (431, "EDGE_ERROR"),  # the URL counts as a header (:path)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
+from mesh_gateway.guard import IPV6_CLIENT_PREFIX
 
 from .conftest import SAMPLE_VALUES
 from .envoy_config import (
@@ -178,8 +179,10 @@ def test_local_rate_limit_is_a_generous_enforced_shield_for_each_client(cfg: dic
     assert limit["status"]["code"] == "TooManyRequests"
     # A bucket for each client address, the TCP peer's (the action reads the
     # address Envoy trusts, which use_remote_address and no trusted hops make
-    # the peer's), above what a benchmark drives from its one address.
-    assert limit["rate_limits"] == [{"actions": [{"remote_address": {}}]}]
+    # the peer's), above what a benchmark drives from its one address; an
+    # IPv6 client's /64, as the gateway counts it (guard.counted_as).
+    masked = {"v4_prefix_mask_len": 32, "v6_prefix_mask_len": IPV6_CLIENT_PREFIX}
+    assert limit["rate_limits"] == [{"actions": [{"masked_remote_address": masked}]}]
     per_client = client_bucket(cfg)
     assert per_client["max_tokens"] >= 2000
     assert _per_second(per_client) >= 2000
