@@ -4,7 +4,7 @@
 it died, without taking it out of the queue. Its ``REASON`` is the
 consumer's ``x-dead-reason`` (``malformed``, ``unsupported``, ``too_old``,
 ``mail_rejected``, ``retries_exhausted``, ``failures_exhausted``: see
-consumer.py), or else the broker's: ``delivery_limit``, handed back
+settling.py), or else the broker's: ``delivery_limit``, handed back
 unsettled too often, as by a consumer that crashes on it; ``rejected``, a
 letter the consumer could not publish a copy of (or older than the copies).
 ``RETRIES`` and ``FAILURES`` are its counts when it died. ``dlq replay``

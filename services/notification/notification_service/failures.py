@@ -8,7 +8,7 @@ delivered again at once, and dead-lettered after ``FAILURE_LIMIT`` failures.
 ``ShuttingDown`` gives the event back to the broker, untouched.
 
 Each ``UnprocessableEvent`` has a ``reason``: the stable code its dead letter
-carries in ``x-dead-reason`` (consumer.py), which ``dlq list`` shows and
+carries in ``x-dead-reason`` (settling.py), which ``dlq list`` shows and
 ``dlq replay --reason`` selects by. Not ``expired`` for an event too old:
 that is what the broker writes for a message whose TTL ran out.
 """

@@ -17,12 +17,13 @@ from smtp_sink import SmtpSink
 from devstack.config import StackConfig
 from mesh_common.events import Event
 from mesh_common.testing import run_module
-from notification_service.consumer import RETRIES_EXHAUSTED, EventConsumer
+from notification_service.consumer import EventConsumer
 from notification_service.dlq import list_dead_letters, replay_dead_letters
 from notification_service.failures import MailServerUnavailable
 from notification_service.keys import CONSUMER
 from notification_service.notifier import Outcome
 from notification_service.settings import Settings
+from notification_service.settling import RETRIES_EXHAUSTED
 from notification_service.topology import Topology
 
 
