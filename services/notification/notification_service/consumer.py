@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from .publisher import CopyPublisher
 from .settling import FAILURE_LIMIT, Handler, Settling
-from .topology import Topology, existing_exchange, existing_queue
+from .topology import ROUTING_KEYS, Topology, existing_exchange, existing_queue
 
 log = structlog.get_logger()
 
@@ -73,7 +73,13 @@ class EventConsumer(Settling):
             await existing_queue(channel, name, robust=False)
         await existing_exchange(channel, self._topology.dead_letter_exchange)
         await self.copies.open()
-        self._queue = await existing_queue(channel, self._topology.queue)
+        self._queue = queue = await existing_queue(channel, self._topology.queue)
+        # The bindings are ours to make too (idempotent): a broker that kept
+        # its definitions from before a new event was bound (a container not
+        # recreated) would park that event as unrouted, and no one would know.
+        await existing_exchange(channel, self._topology.exchange)
+        for key in ROUTING_KEYS:
+            await queue.bind(self._topology.exchange, key)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer_started", queue=self._topology.queue, prefetch=self._prefetch)
 

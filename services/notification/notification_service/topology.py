@@ -3,7 +3,10 @@
 They are declared in rabbitmq/definitions.json, which the broker loads at
 boot, together with the policies that give them their behaviour: this
 service only checks that they exist (a passive declare), so the topology has
-one source of truth. ``tests/test_notification_definitions.py`` keeps the two in step.
+one source of truth. Its queue's bindings it also makes at start, which
+changes nothing on a broker that loaded the definitions, and on one that
+loaded older ones (a new event type) keeps the new events from going
+unrouted. ``tests/test_notification_definitions.py`` keeps the two in step.
 
     todo-mesh.events --ROUTING_KEYS--> notifications.events
         dead: a copy with x-dead-reason, published to notifications.dlx --> notifications.dead
