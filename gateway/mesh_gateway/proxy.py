@@ -4,7 +4,8 @@
 * One breaker per instance: refusals, timeouts and 5xx count, 4xx never do,
   nor does a 503 whose code says the instance is well (TOO_BUSY, which
   sheds load, or FEATURE_UNAVAILABLE: mesh_common.problems.instance_is_well),
-  or that came after a wait for a connection of our own.
+  or that came, after a wait for a connection of our own, once the budget
+  the wait left it had run out.
 * A request that was never sent, or an idempotent one (GET, HEAD, PUT,
   DELETE, OPTIONS, or a POST with an Idempotency-Key), is retried once on a
   *different* instance; retries of requests that were sent spend the
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
@@ -34,6 +34,7 @@ from mesh_common.problems import MalformedBody, NotFound, instance_is_well, prob
 from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
+from .downstream import ClientGone, hang_up, to_client
 from .headers import forward_headers, inflated_by_aiohttp, is_problem, without_hop_by_hop
 from .routes import Route, RouteTable
 from .upstream import (
@@ -69,6 +70,8 @@ BUFFER_LIMIT = 256 * 1024
 # time), and its loop's lag in starting its clock. 5 s routes leave it 4.5 s.
 RETURN_MARGIN = 0.5
 BUDGET = BudgetHeader(BUDGET_HEADER, margin=RETURN_MARGIN, least=MIN_BUDGET)
+# A 503 this close to the end of its budget is taken as cut by it: timers' granularity.
+BUDGET_SLACK = 0.001
 log = structlog.get_logger()
 
 
@@ -84,17 +87,6 @@ class _Attempt(Exception):
 
 class _Failed(_Attempt, UpstreamFailure):
     """A failed attempt that is the instance's doing: raised inside its breaker, it counts."""
-
-
-class _ClientGone(Exception):
-    """Our client hung up or stopped reading mid-stream: nothing the upstream did.
-
-    Not an ``UpstreamFailure``: it leaves the breaker as it found it.
-    """
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__()
-        self.response = response
 
 
 class Proxy:
@@ -246,14 +238,16 @@ class Proxy:
                         log.warning("upstream_error_not_a_problem", upstream=instance.id, status=resp.status)
                         raise _Failed(BadGateway(), sent=True)
                     answer = web.Response(status=resp.status, body=payload, headers=out)
-                    if resp.status == 503 and (resp.queued or instance_is_well(payload)):
-                        # Well, and declining some work for now (mesh_common.problems.instance_is_well);
-                        # or out of the budget our own queue left it, as a QueuedTimeout.
+                    # Out of the budget our own queue left it, as a QueuedTimeout (but a 503 with
+                    # some left is the instance's, its database away); or well, and declining some
+                    # work for now (mesh_common.problems.instance_is_well).
+                    spent = resp.queued and resp.budget_left <= BUDGET_SLACK
+                    if resp.status == 503 and (spent or instance_is_well(payload)):
                         raise _Attempt(sent=True, response=answer)
                     raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)
                 return self._mark(response, instance)
-        except _ClientGone as gone:
+        except ClientGone as gone:
             return gone.response
 
     async def _stream(
@@ -267,7 +261,7 @@ class Proxy:
         # A known length is kept (no chunking); a body cut short cuts the connection.
         response.content_length = resp.content_length
         try:
-            await _to_client(request, response, response.prepare(request), idle)
+            await to_client(request, response, response.prepare(request), idle)
             while True:
                 try:
                     async with asyncio.timeout(idle):
@@ -276,12 +270,12 @@ class Proxy:
                     # The status line is already out: the only honest signal left to
                     # the client is a cut connection, never a second response.
                     log.warning("upstream_stream_broken", upstream=instance.id, error=type(exc).__name__)
-                    _hang_up(request)
+                    hang_up(request)
                     raise _Failed(sent=True, response=response) from None
                 if chunk is None:
                     break
-                await _to_client(request, response, response.write(chunk), idle)
-            await _to_client(request, response, response.write_eof(), idle)
+                await to_client(request, response, response.write(chunk), idle)
+            await to_client(request, response, response.write_eof(), idle)
         finally:
             resp.release()  # closes the upstream connection unless its body was read to the end
         return response
@@ -290,22 +284,3 @@ class Proxy:
         if self._expose_upstream:
             response.headers["X-Upstream-Instance"] = instance.id
         return response
-
-
-async def _to_client(request: web.Request, response: web.StreamResponse, write: Awaitable[object], idle: float) -> None:
-    """Write to our client; a client that is gone or takes nothing for ``idle`` seconds is cut.
-
-    Either is the client's doing, never the upstream's, so it raises ``_ClientGone``.
-    """
-    try:
-        async with asyncio.timeout(idle):
-            await write
-    except (ConnectionError, TimeoutError) as exc:
-        log.info("client_gone_mid_stream", error=type(exc).__name__)
-        _hang_up(request)
-        raise _ClientGone(response) from None
-
-
-def _hang_up(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.close()

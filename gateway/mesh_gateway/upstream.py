@@ -28,7 +28,8 @@ use).
   ``PoolTimeout``: nothing was sent).
 * A ``BudgetHeader`` tells the upstream how long it has, measured as the
   request leaves; a wait for a connection that would leave it too little
-  is given up (a ``PoolTimeout``).
+  is given up (a ``PoolTimeout``). The response says how much of it was
+  left as its head came back (``budget_left``).
 
 Request heads are built from what aiohttp's server parsed, which rejects
 CR, LF and other control characters in the request line and headers, so
@@ -38,6 +39,7 @@ nothing a client sends can split the head.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -82,11 +84,18 @@ class BudgetHeader:
 class UpstreamResponse:
     """Status and headers as received; the body is read once: ``read``, ``iter_chunks`` or ``next_chunk``."""
 
-    def __init__(self, pool: Pool, conn: Connection, *, head_only: bool, queued: bool = False) -> None:
+    def __init__(
+        self, pool: Pool, conn: Connection, *, head_only: bool, queued: bool = False, budget_left: float = math.inf
+    ) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
         # Sent after a wait for a connection: the upstream had only what it left.
         self.queued = queued
+        # Seconds of the budget it was told still to run as its head came back
+        # (0 or less: it had run out); told none, it had no end. The upstream's
+        # clock starts once the request is in, so nothing it cut by the budget
+        # can come back while any is left.
+        self.budget_left = budget_left
         self.status = conn.status
         self.headers = CIMultiDict(conn.headers)
         length = self.headers.get("Content-Length")
@@ -218,9 +227,12 @@ class Upstream:
             await pool.acquire()
         try:
             conn = await self._connection(pool, send_by, queued=queued)
+            budget_ends = math.inf
             if deadline is not None and budget is not None:
-                told = max(0, int((deadline - budget.margin - loop.time()) * 1000))
+                sent = loop.time()
+                told = max(0, int((deadline - budget.margin - sent) * 1000))
                 head = head[:-2] + f"{budget.name}: {told}\r\n\r\n".encode()
+                budget_ends = sent + told / 1000
             try:
                 async with asyncio.timeout_at(deadline):
                     await conn.exchange(head, body)
@@ -232,7 +244,8 @@ class Upstream:
         except BaseException:
             pool.release()
             raise
-        return UpstreamResponse(pool, conn, head_only=method == "HEAD", queued=queued)
+        left = budget_ends - loop.time()
+        return UpstreamResponse(pool, conn, head_only=method == "HEAD", queued=queued, budget_left=left)
 
     async def _connection(self, pool: Pool, send_by: float | None, *, queued: bool) -> Connection:
         conn = pool.take_idle()

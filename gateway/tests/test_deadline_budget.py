@@ -22,6 +22,7 @@ from aiohttp import web
 
 from mesh_common.app import service_app
 from mesh_common.deadlines import BUDGET_HEADER, DEADLINE, before_commit
+from mesh_common.problems import DependencyUnavailable
 from mesh_common.testing import eventually, loopback_service
 from mesh_gateway.keys import BREAKERS
 from mesh_gateway.proxy import BUDGET, RETURN_MARGIN
@@ -46,7 +47,10 @@ class Ledger:
 
 @pytest.fixture
 async def committing_service(consul: aiohttp.ClientSession) -> AsyncIterator[tuple[str, Ledger]]:
-    """A service: ``GET /things/hold?s=`` holds its connection, ``POST /things`` commits after ``work`` seconds."""
+    """A service: ``GET /things/hold?s=`` holds its connection, ``POST /things`` commits after ``work`` seconds.
+
+    ``POST /things?dependency_down`` answers 503 DEPENDENCY_UNAVAILABLE at once.
+    """
     ledger = Ledger()
     loop = asyncio.get_running_loop()
 
@@ -61,6 +65,8 @@ async def committing_service(consul: aiohttp.ClientSession) -> AsyncIterator[tup
     async def change(request: web.Request) -> web.Response:
         ledger.received.append((loop.time(), request.headers.getall(BUDGET_HEADER, []), request[DEADLINE]))
         try:
+            if "dependency_down" in request.query:  # its database away: a 503 at once, whatever the budget
+                raise DependencyUnavailable(headers={"Retry-After": "1"})
             if "slow_commit" in request.query:
                 before_commit()  # a COMMIT begun in time, and slow: let finish, whatever the deadline
             await asyncio.sleep(float(request.query.get("work", WORK)))
@@ -122,6 +128,28 @@ async def test_a_change_that_waited_for_a_connection_is_cut_by_the_service_not_c
     assert ledger.commits == []
     # Out of what our own queue left it: no more the instance's failure than a QueuedTimeout is.
     assert client.app[BREAKERS].failures(f"{name}-0") == 0
+
+
+async def test_a_503_to_a_request_that_waited_for_a_connection_counts_if_it_came_before_its_budget_ran_out(
+    committing_service, gateway, tokens
+):
+    # Its database away, the service answers at once, with most of the budget
+    # our queue left it still to run: that cannot be the budget's doing, and
+    # exempt, a failing instance that is busy too would never be routed around.
+    name, ledger = committing_service
+    client = await gateway(name, route_timeout=ROUTE, upstream=UpstreamClient(limit_per_host=1))
+    async with asyncio.timeout(15):
+        held = asyncio.create_task(client.get("/api/v1/things/hold?s=0.5", headers=tokens.headers()))
+        await eventually(lambda: ledger.holding == 1)
+        async with client.post("/api/v1/things?dependency_down", json={}, headers=tokens.headers()) as r:
+            assert r.status == 503
+            assert (await r.json())["code"] == "DEPENDENCY_UNAVAILABLE"
+        async with await held as r:
+            assert r.status == 200
+    ((_, told, _),) = ledger.received
+    # It waited (told less than the 2.5 s it would have been), and answered with over 1.5 s left.
+    assert 1500 < int(told[0]) < (ROUTE - RETURN_MARGIN - 0.3) * 1000
+    assert client.app[BREAKERS].failures(f"{name}-0") == 1
 
 
 async def test_a_request_a_wait_for_a_connection_left_too_little_is_not_sent(committing_service, gateway, tokens):
