@@ -9,13 +9,12 @@ must only ever see the process itself:
   leaves every healthy set, and comes back when they do: a database outage
   of any length must not remove instances that are fine.
 
-And a keeper, because a registration can still be lost while the process
-lives (a Consul agent restarted with its state in memory, as ``-dev`` keeps
-it): every ``KEEP_INTERVAL`` it asks the agent for the instance, and
-registers it again when the agent no longer knows it. Until then every
-watch sees the instance gone: so while the agent is away it asks every
-``AWAY_INTERVAL``, and it registers the checks as the instance knows them
-(``health.readiness``), not critical as Consul would start them.
+And a keeper (keeper.py), because a registration can still be lost while
+the process lives (a Consul agent restarted with its state in memory, as
+``-dev`` keeps it): it holds a blocking query on the instance's entry at
+the agent, and registers it again the moment the agent no longer knows
+it, with the checks as the instance knows them (``health.readiness``),
+not critical as Consul would start them.
 
 At start, an agent that is away or failing (a 5xx) is waited for, up to
 ``REGISTER_WAIT``; one that refuses (a 4xx) fails the start at once. A
@@ -38,12 +37,13 @@ import consul
 import consul.aio
 import structlog
 from aiohttp import web
-from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ClientError, NotFound
 from yarl import URL
 
 from .app import CleanupCtx
 from .consul import CONSUL
 from .health import SERVICE, readiness
+from .keeper import KEEP_WAIT, keep
+from .keeper import refused as _refused
 from .settings import ServiceSettings
 
 # Whether the instance is ready now; None while it may not listen yet.
@@ -63,13 +63,6 @@ CALL_TIMEOUT = 5.0
 # least time left worth another attempt.
 REGISTER_WAIT = 30.0
 REGISTER_FIRST_WAIT = 0.25
-# A restarted -dev agent has forgotten every instance, and every watch sees
-# an empty set until each has registered again: keep that short. Asking the
-# local agent for its services costs it next to nothing.
-KEEP_INTERVAL = 2.0
-# How often the keeper asks while the agent is away (with jitter): an agent
-# back from a restart has the instance again within a fraction of a second.
-AWAY_INTERVAL = 0.25
 
 
 class Registration:
@@ -183,37 +176,19 @@ class Registration:
                 self.registered = was  # Consul said no, or never heard: this try left nothing
             raise
 
-    def start_keeping(self, interval: float = KEEP_INTERVAL) -> None:
-        """Run ``keep`` in the background until ``deregister``."""
-        self._keeper = asyncio.create_task(self.keep(interval), name="consul-keep")
-
-    async def keep(self, interval: float = KEEP_INTERVAL) -> None:
-        """Register again whenever the agent has lost this instance; runs until cancelled."""
-        loop = asyncio.get_running_loop()
-        away_since: float | None = None  # the agent's first failure in a row, unless it refused
-        while True:
-            soon = random.uniform(0.5, 1.5) * AWAY_INTERVAL  # instances told apart, not in step
-            await asyncio.sleep(interval if away_since is None else min(interval, soon))
-            if not self.registered:  # not yet, or no longer: shutting down
-                continue
-            try:
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    known = await self._client.agent.services()
-                if away_since is not None:
-                    log.info("consul_agent_back", service_id=self.service_id, away=round(loop.time() - away_since, 2))
-                    away_since = None
-                if self.service_id not in known and self.registered:
-                    log.warning("consul_registration_lost", service_id=self.service_id)
-                    await self._register_once()  # one try a round: the next round is the retry
-                    log.info("consul_registered", service_id=self.service_id)
-            except Exception as exc:  # the next round tries again
-                refused = _refused(exc)  # a 4xx: the agent is there, and would answer the same at once
-                if away_since is None or refused:  # once an outage: its rounds come four a second
-                    log.warning("consul_keep_failed", service_id=self.service_id, error=type(exc).__name__)
-                if refused:
-                    away_since = None
-                elif away_since is None:
-                    away_since = loop.time()
+    def start_keeping(self, wait: float = KEEP_WAIT) -> None:
+        """Keep the instance registered in the background (keeper.py) until ``deregister`` or ``disown``."""
+        self._keeper = asyncio.create_task(
+            keep(
+                self._client,
+                self.service_id,
+                register=self._register_once,
+                registered=lambda: self.registered,
+                call_timeout=CALL_TIMEOUT,
+                wait=wait,
+            ),
+            name="consul-keep",
+        )
 
     async def disown(self) -> None:
         """Leave the entry to the process that listens on our address and port: its id is ours too.
@@ -262,12 +237,6 @@ class Registration:
             return
         self.registered = False
         log.info("consul_deregistered", service_id=self.service_id)
-
-
-def _refused(exc: BaseException) -> bool:
-    # Consul's 4xx answers. The 5xx (a bare ConsulException: no leader yet,
-    # an agent restarting) and 599 (Timeout) are worth another try.
-    return isinstance(exc, (BadRequest, ACLDisabled, ACLPermissionDenied, NotFound, ClientError))
 
 
 def _reason(exc: BaseException) -> str:

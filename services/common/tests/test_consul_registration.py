@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import ssl
 import uuid
@@ -13,12 +14,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 from devstack.config import StackConfig
+from mesh_common import keeper
 from mesh_common.app import service_app
 from mesh_common.consul import CONSUL, consul_client, consul_ctx
 from mesh_common.registration import REGISTRATION, Registration, registration_ctx
-from mesh_common.testing import LeavesConsulFirst, loopback_service
+from mesh_common.testing import LeavesConsulFirst, eventually, loopback_service
 
 
 async def poll(condition: Any, *, within: float = 10.0) -> None:
@@ -64,20 +67,26 @@ async def test_the_acl_token_is_the_settings_never_the_environments(
     # py-consul takes $CONSUL_HTTP_TOKEN over the token it is given: the
     # settings, which read it in __main__, must be the one source.
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-the-environment")
-    sent: list[str | None] = []
+    sent: dict[str, list[str | None]] = {}
 
     async def agent(request: web.Request) -> web.Response:
-        sent.append(request.headers.get("X-Consul-Token"))
+        sent.setdefault(request.method, []).append(request.headers.get("X-Consul-Token"))
+        if request.method == "GET":  # the keeper's question: the entry, as it is
+            return web.json_response({}, headers={"X-Consul-ContentHash": "same"})
         return web.json_response(True)
 
     fake = web.Application()
     fake.router.add_put("/v1/agent/service/{action:register|deregister/.*}", agent)
+    fake.router.add_get("/v1/agent/service/{id}", agent)
     fake_consul = await aiohttp_server(fake)
     service = replace(loopback_service("tokened", str(fake_consul.make_url("/"))), consul_token=token)
     app = service_app(service)
     app.cleanup_ctx.extend([consul_ctx(service), registration_ctx()])
-    await (await aiohttp_client(app)).close()
-    assert sent == [token, token]  # the registration and the deregistration
+    client = await aiohttp_client(app)
+    await eventually(lambda: "GET" in sent)  # the keeper's too
+    await client.close()
+    assert sent["PUT"] == [token, token]  # the registration and the deregistration
+    assert set(sent["GET"]) == {token}
 
 
 async def test_a_failed_deregistration_is_tried_again_by_the_next_call(aiohttp_server: Any) -> None:
@@ -121,39 +130,81 @@ async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(in
     async def known() -> bool:
         return registration.service_id in await client.agent.services()
 
-    # A keeper round lands while the deregistration is in flight, if a keeper
-    # still runs then: the deregistration returns only after the next look
-    # at the agent's list (or 3 rounds without one). Else a round would have
-    # to fall in the few milliseconds of the call, about one run in fifty.
-    looked = asyncio.Event()
-    services, deregister = client.agent.services, client.agent.service.deregister
-
-    async def services_seen(*args: Any, **kwargs: Any) -> Any:
-        listed = await services(*args, **kwargs)
-        looked.set()
-        return listed
-
-    async def deregister_then_a_round(*args: Any, **kwargs: Any) -> Any:
-        answer = await deregister(*args, **kwargs)
-        looked.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(looked.wait(), 0.3)
-        return answer
-
     try:
         await registration.register()
-        registration.start_keeping(interval=0.1)
+        registration.start_keeping()
         # The agent forgets the instance, as one restarted with its state in memory does.
         await client.agent.service.deregister(registration.service_id)
         await poll(known)
 
-        client.agent.services, client.agent.service.deregister = services_seen, deregister_then_a_round
         await registration.deregister()  # on purpose, as at shutdown
-        await asyncio.sleep(0.5)  # five keeper rounds, any of which would put it back
+        # A keeper still running would hear the 404 at once, and register again within milliseconds.
+        with contextlib.suppress(TimeoutError):
+            await poll(known, within=0.5)
         assert not await known()
     finally:
         await registration.deregister()  # stops the keeper too
         await client.close()
+
+
+async def test_a_lost_registration_is_back_at_once_not_on_a_round(infra: StackConfig) -> None:
+    # The keeper holds a query on the entry open: the agent answers it the
+    # moment it forgets the instance. Every watch saw the instance gone
+    # until the keeper's next round: up to 2 s, when it asked every 2 s.
+    service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
+    client = consul_client(infra.consul_url)
+    registration = Registration(client, service)
+
+    async def known() -> bool:
+        return registration.service_id in await client.agent.services()
+
+    try:
+        with capture_logs() as logs:
+            await registration.register()
+            registration.start_keeping()
+            for _ in range(3):  # the first as the keeper starts, the next while it waits on its query
+                await client.agent.service.deregister(registration.service_id)
+                await poll(known, within=1.0)
+        assert [e["event"] for e in logs].count("consul_registration_lost") == 3
+    finally:
+        await registration.deregister()
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "gap"),
+    [
+        (200, keeper.AWAY_INTERVAL / 2),  # an agent that does not hold the query: it answers at once
+        (500, keeper.AWAY_INTERVAL / 2),  # failing: asked four times a second, with jitter
+        (403, 0.5),  # refusing: asked again after REFUSED_INTERVAL (shortened here)
+    ],
+)
+async def test_an_agent_that_answers_at_once_is_not_asked_in_a_loop(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch, status: int, gap: float
+) -> None:
+    monkeypatch.setattr(keeper, "REFUSED_INTERVAL", 0.5)
+    asked: list[float] = []
+
+    async def register(request: web.Request) -> web.Response:
+        return web.json_response(True)
+
+    async def entry(request: web.Request) -> web.Response:
+        asked.append(asyncio.get_running_loop().time())
+        return web.json_response({}, status=status, headers={"X-Consul-ContentHash": "same"})
+
+    app = web.Application()
+    app.router.add_put("/v1/agent/service/{action:register|deregister/.*}", register)
+    app.router.add_get("/v1/agent/service/{id}", entry)
+    client = consul_client(str((await aiohttp_server(app)).make_url("/")))
+    registration = Registration(client, loopback_service("pressed", "unused", port=8131))
+    try:
+        await registration.register()
+        registration.start_keeping()
+        await eventually(lambda: len(asked) >= 4, within=5)
+    finally:
+        await registration.deregister()
+        await client.close()
+    assert min(b - a for a, b in itertools.pairwise(asked)) >= gap * 0.9
 
 
 async def test_an_https_agent_has_its_certificate_verified() -> None:
