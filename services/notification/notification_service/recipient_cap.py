@@ -24,7 +24,7 @@ until the hour frees a slot, its claim released: it is the user's own
 email, and comes due once. Any other email's claim ends as ``capped``,
 final like ``sent``, so a redelivery sends nothing either; the event is
 acked. Either way ``recipient_capped`` is logged, with the address's domain
-and a hash of it, never the address.
+and the account, never the address nor anything made from it.
 
 Counted on the claim, in our own table, after the email is claimed and
 before it is sent: ``counted_at`` marks the claims that count. A claim
@@ -42,8 +42,6 @@ One address is one mailbox however it is spelt: in lower case, without a
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import aiopg
 import structlog
@@ -133,7 +131,9 @@ async def within_cap(pool: aiopg.Pool, claim: Claim, token: str, *, limit: int, 
         event_id=claim.event_id,
         kind=claim.kind,
         recipient_domain=key.rpartition("@")[2],
-        recipient_hash=hashlib.sha256(key.encode()).hexdigest()[:16],
+        # The account, not a hash of the address: a list of likely addresses
+        # reverses an unkeyed hash. The address is in our table, by event_id.
+        user_id=claim.user_id,
         limit=limit,
         mailbox_limit=MAILBOX_ACCOUNTS * limit,
         window_seconds=WINDOW,
