@@ -3,7 +3,11 @@
 ``enqueue`` inserts into ``outbox`` on the caller's cursor, inside the
 caller's transaction, so an event exists exactly when its change committed.
 The relay (relay.py) publishes rows with publisher confirms and marks them sent;
-``prune_published`` deletes them once past their retention.
+``prune_published`` deletes them once past their retention. A row enqueued
+with ``keep=False`` is deleted by the relay instead of marked: for an event
+that carries a secret (a verification code), which would otherwise stay in
+the table, its backups and its replicas for the whole retention. Until it is
+published it stays, like any other row.
 
 A change with events runs in ``publishing`` rather than ``transaction``: once
 it has committed, this process's relay wakes (``OUTBOX_COMMITTED``). Not a
@@ -51,11 +55,14 @@ async def publishing(pool: aiopg.Pool, committed: asyncio.Event) -> AsyncIterato
     committed.set()
 
 
-async def enqueue(cur: Any, event: Event) -> None:
-    """Add ``event`` to the outbox in the transaction ``cur`` is in (see ``publishing``)."""
+async def enqueue(cur: Any, event: Event, *, keep: bool = True) -> None:
+    """Add ``event`` to the outbox in the transaction ``cur`` is in (see ``publishing``).
+
+    ``keep=False``: its row is deleted once published, not kept for the retention.
+    """
     await cur.execute(
-        "INSERT INTO outbox (id, routing_key, payload, correlation_id) VALUES (%s, %s, %s, %s)",
-        (event.id, event.type, event.to_json(), event.correlation_id),
+        "INSERT INTO outbox (id, routing_key, payload, correlation_id, keep_published) VALUES (%s, %s, %s, %s, %s)",
+        (event.id, event.type, event.to_json(), event.correlation_id, keep),
     )
 
 

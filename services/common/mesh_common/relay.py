@@ -3,8 +3,9 @@
 It claims a batch with ``FOR UPDATE SKIP LOCKED`` (so several instances never
 publish the same row in the normal case), publishes each row persistently and
 waits for the broker's confirm, then marks the batch sent in the same
-transaction. A crash between confirm and commit publishes the batch again:
-consumers are idempotent by event id, so a duplicate is harmless. It wakes
+transaction (or deletes the rows not to be kept: see outbox.py). A crash
+between confirm and commit publishes the batch again: consumers are
+idempotent by event id, so a duplicate is harmless. It wakes
 when this process commits a change with events (``OUTBOX_COMMITTED``, see
 outbox.py), and polls every second for the rest: events committed by an
 instance that stopped before it published them.
@@ -52,6 +53,13 @@ log = structlog.get_logger()
 CLAIM = (
     "SELECT id, routing_key, payload, correlation_id FROM outbox"
     " WHERE published_at IS NULL ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+# The confirmed rows marked sent, or deleted if not to be kept (enqueue's
+# ``keep``), in one statement: a row that carries a secret never outlives
+# its publishing's transaction.
+SETTLE = (
+    "WITH gone AS (DELETE FROM outbox WHERE id = ANY(%(sent)s::uuid[]) AND NOT keep_published)"
+    " UPDATE outbox SET published_at = now() WHERE id = ANY(%(sent)s::uuid[]) AND keep_published"
 )
 CONFIRM_TIMEOUT = 5.0
 # What an outage of the broker or the database raises, and goes by itself.
@@ -216,7 +224,7 @@ class OutboxRelay:
                     outcome.__cause__ = cancelled
                 failure = failure or outcome
             if sent:
-                await cur.execute("UPDATE outbox SET published_at = now() WHERE id = ANY(%s::uuid[])", (sent,))
+                await cur.execute(SETTLE, {"sent": sent})
         if failure is not None:
             raise failure
         return len(sent)
