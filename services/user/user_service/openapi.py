@@ -18,7 +18,7 @@ from mesh_common.openapi import problem_answer, with_shared_answers
 
 from . import __version__
 from .openapi_schemas import SCHEMAS, body, json_answer, ref
-from .verification import RESEND_INTERVAL
+from .verification import RESEND_INTERVAL, RESENDS_PER_HOUR
 
 _INVALID = problem_answer("VALIDATION_FAILED: the body is invalid; `errors` lists each field")
 _UNAUTHORIZED = problem_answer("UNAUTHORIZED or INVALID_TOKEN: no valid access token")
@@ -75,9 +75,10 @@ PATHS: dict[str, Any] = {
     "/users/me/email/verification": {
         "post": {
             "operationId": "users.email_verification",
-            "summary": "Mail a new verification code to the caller's address; earlier codes stop working",
+            "summary": "Mail another verification code to the caller's address; earlier codes stay good",
             "description": "Publishes user.email_verification_requested (reason `requested`). Registration and an"
-            " email change mail a code by themselves.",
+            " email change mail a code by themselves. Every code mailed to the current address verifies it until"
+            " it expires or one of them is used.",
             "responses": {
                 "202": json_answer(ref("VerificationSent"), "A code is on its way"),
                 "401": _UNAUTHORIZED,
@@ -85,7 +86,8 @@ PATHS: dict[str, Any] = {
                 "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
                 "409": problem_answer("EMAIL_ALREADY_VERIFIED: the address is verified already"),
                 "429": problem_answer(
-                    f"VERIFICATION_RECENTLY_SENT: a code was issued less than {RESEND_INTERVAL} s ago; see Retry-After"
+                    f"VERIFICATION_RECENTLY_SENT: a code was issued less than {RESEND_INTERVAL} s ago, or"
+                    f" {RESENDS_PER_HOUR} were asked for in the last hour; see Retry-After"
                 ),
             },
         }

@@ -29,8 +29,9 @@ log = structlog.get_logger()
 
 async def send_code(cur: Any, user: User, reason: Reason, *, correlation_id: str) -> verification.Issued:
     """Issue a code for the user's current address and enqueue the mail of it, in the transaction ``cur`` is in."""
-    issued = await verification.issue(cur, user.id, user.email)
-    await enqueue(cur, email_verification_requested(user, issued, reason, correlation_id=correlation_id))
+    issued = await verification.issue(cur, user.id, user.email, requested=reason == "requested")
+    # Not kept once published: the event holds the code itself (outbox.py).
+    await enqueue(cur, email_verification_requested(user, issued, reason, correlation_id=correlation_id), keep=False)
     log.info("email_verification_issued", user_id=user.id, reason=reason)
     return issued
 
@@ -59,6 +60,10 @@ async def request_verification(request: web.Request) -> web.Response:
             raise EmailAlreadyVerified()
         wait = await verification.resend_wait(cur, user_id)
         if wait:
-            raise VerificationRecentlySent(headers={"Retry-After": str(wait)})
+            raise VerificationRecentlySent(
+                f"At most one code a minute and {verification.RESENDS_PER_HOUR} an hour; the codes sent"
+                " already stay good. See Retry-After",
+                headers={"Retry-After": str(wait)},
+            )
         issued = await send_code(cur, user, "requested", correlation_id=request[REQUEST_ID])
     return web.json_response({"email": issued.email, "expires_at": issued.expires_at_iso()}, status=202)
