@@ -60,14 +60,11 @@ def counted_as(ip: str) -> str:
     allowance, for every request, and the tight limit on logins would hold
     no one. Envoy's buckets group addresses the same way (envoy/).
     """
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:  # "unknown", or whatever a trusted proxy wrote
+    address = _address(ip)
+    if address is None:  # "unknown", or whatever a trusted proxy wrote
         return ip
-    if not isinstance(address, ipaddress.IPv6Address):
-        return ip
-    if address.ipv4_mapped:
-        return str(address.ipv4_mapped)  # one client, whichever socket saw it
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)  # one client, whichever socket saw it
     return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
 
 
@@ -75,13 +72,19 @@ def counted_as(ip: str) -> str:
 def _is_trusted(peer: str, proxies: tuple[Network, ...]) -> bool:
     # Cached: the gateway sees a handful of peers (the Envoys), and parsing an
     # address on every request is measurable at its rates.
+    address = _address(peer)  # None: "unknown", or a unix socket
+    return address is not None and any(address in network for network in proxies)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address, an IPv4 one seen through a dual-stack socket (``::ffff:a.b.c.d``) as itself."""
     try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:  # "unknown", or a unix socket
-        return False
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
-    return any(address in network for network in proxies)
+        return address.ipv4_mapped
+    return address
 
 
 async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> None:
