@@ -78,13 +78,18 @@ async def _settled(pool: aiopg.Pool, xid: int, lost: BaseException) -> None:
     # "in progress": the server is still at the COMMIT (waiting for its disk),
     # or could not be asked (restarting, a check timed out): asked again until
     # the time is up, on one connection kept for it, so that requests queued
-    # for the pool do not take it between two checks.
+    # for the pool do not take it between two checks. The loop reads the
+    # clock as well as being cut: on Python 3.11 aiopg (its wait_for) can
+    # swallow the cut, turned into the error a connect failed with at the
+    # same moment, and the checks went on for ever.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COMMIT_CHECK_TIMEOUT
     status: str | None = "in progress"
     conn: Any = None
     try:
         with suppress(TimeoutError):  # the overall bound's; one check's own is suppressed below
-            async with asyncio.timeout(COMMIT_CHECK_TIMEOUT):
-                while True:
+            async with asyncio.timeout_at(deadline):
+                while loop.time() < deadline:
                     try:
                         if conn is None:
                             conn = await pool.acquire()

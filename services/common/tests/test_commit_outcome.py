@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiopg
+import psycopg2
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
 from devstack.config import StackConfig
+from mesh_common import transactions
 from mesh_common.deadlines import deadline_middleware
 from mesh_common.problems import problem_middleware
 from mesh_common.testing.proxy import TcpProxy
@@ -152,6 +154,41 @@ async def test_a_check_that_times_out_is_asked_again() -> None:
     pool = AskedPool(TimeoutError, "committed")
     await _settled(pool, 7, TimeoutError())  # type: ignore[arg-type]
     assert pool.acquired == 2
+
+
+class SwallowingPool(AskedPool):
+    """Always "in progress", slowly; the first cancellation comes out as the error a connect failed with.
+
+    What aiopg does on Python 3.11 when a cancellation arrives as the
+    connection's answer does (its ``asyncio.wait_for``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swallowed = 0
+
+    async def execute(self, statement: str, args: tuple[int]) -> None:
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+            raise psycopg2.OperationalError("connection refused") from None
+
+    async def fetchone(self) -> tuple[object]:
+        return ("in progress",)
+
+
+async def test_a_swallowed_cancellation_does_not_keep_the_checks_going(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in CI: the overall bound's cancellation, lost inside aiopg,
+    # left the checks going past any caller's patience.
+    monkeypatch.setattr(transactions, "COMMIT_CHECK_TIMEOUT", 0.3)
+    pool = SwallowingPool()
+    with pytest.raises(CommitOutcomeUnknown):
+        async with asyncio.timeout(5):
+            await _settled(pool, 7, TimeoutError())  # type: ignore[arg-type]
+    assert pool.swallowed == 1
 
 
 async def test_a_rolled_back_commit_raises_what_lost_its_answer() -> None:
