@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_aiohttp import AiohttpClient
 
 from mesh_common.auth import ACCESS_TOKEN_TYPE, VERIFIER, InvalidToken, JwksVerifier
+from user_service import contexts
 from user_service.__main__ import manage_keys
 from user_service.app import create_app
 from user_service.keys import KEY_STORE
@@ -287,3 +288,40 @@ async def test_a_key_replaced_under_its_kid_is_the_one_published_after_the_next_
     (published,) = [key for key in jwks["keys"] if key["kid"] == kid]
     expected = jwt.algorithms.OKPAlgorithm.to_jwk(replacement.public_key(), as_dict=True)
     assert published["x"] == expected["x"]
+
+
+async def test_a_refresh_that_swallows_the_shutdowns_cancellation_does_not_hold_the_shutdown(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Python 3.11 aiopg turns a cancellation that arrives as its answer
+    # does into that answer (asyncio.wait_for): the refresher, stopped by a
+    # cancellation alone, went back to sleep, and the shutdown waited on it
+    # for ever.
+    monkeypatch.setattr(contexts, "KEY_REFRESH_GRACE", 0.2)
+    tokens = dataclasses.replace(settings.tokens, key_refresh_interval=0.05)
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, tokens=tokens), register=False))
+    refreshing, swallowed = asyncio.Event(), asyncio.Event()
+
+    async def swallowing_refresh(verifier: JwksVerifier, *, force: bool = False) -> None:
+        refreshing.set()
+        try:
+            await asyncio.Event().wait()  # held until cancelled
+        except asyncio.CancelledError:
+            if swallowed.is_set():
+                raise
+            swallowed.set()
+
+    monkeypatch.setattr(JwksVerifier, "refresh", swallowing_refresh)
+    async with asyncio.timeout(5):
+        await refreshing.wait()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The shutdown's own cancellation by this bound was swallowed too (by
+    # the old cleanup's suppress), so it is the time taken that tells.
+    async with asyncio.timeout(5):
+        await client.close()
+    assert loop.time() - started < 3, "the shutdown waited for the refresher"
+    assert swallowed.is_set()

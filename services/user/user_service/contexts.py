@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from mesh_common.app import CleanupCtx, WorkerEnd
+from mesh_common.app import CleanupCtx, worker_ctx
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
 from mesh_common.health import add_health_check
@@ -26,6 +26,10 @@ from .throttle import LoginThrottle, load_throttle_key
 from .tokens import TokenIssuer
 
 log = structlog.get_logger()
+
+# How long a refresh under way on shutdown may take to end: one read of the
+# key table.
+KEY_REFRESH_GRACE = 5.0
 
 
 @asynccontextmanager
@@ -96,35 +100,54 @@ def signing_keys_ctx(verifier: JwksVerifier | None = None) -> CleanupCtx:
         app[TOKENS] = TokenIssuer(store, policy)
         app[VERIFIER] = verifier or JwksVerifier(fetch, issuer=policy.issuer, audience=policy.audience)
         await app[VERIFIER].refresh(force=True)
-        ended = WorkerEnd("signing-keys-refresh")
-        task = asyncio.create_task(
-            _keep_keys_fresh(store, app[VERIFIER], policy.key_refresh_interval, own=verifier is None)
+        refreshing = worker_ctx(
+            "signing-keys-refresh",
+            lambda _: KeyRefresher(store, app[VERIFIER], policy.key_refresh_interval, own=verifier is None),
+            grace=KEY_REFRESH_GRACE,
         )
-        task.add_done_callback(ended)
         try:
-            yield
+            async with refreshing(app):
+                yield
         finally:
-            ended.stopping = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await app[VERIFIER].close()
 
     return open_signing_keys
 
 
-async def _keep_keys_fresh(store: KeyStore, verifier: JwksVerifier, interval: float, *, own: bool) -> None:
-    # A rotation or retirement made by another instance (or the CLI) reaches
-    # this one within ``interval``: new tokens are signed with the new key,
-    # and a retired key stops verifying.
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            with server_cancels_as_errors():
-                if not own:
-                    # An injected verifier fetches elsewhere; our own reads
-                    # the key table through the store, so once is enough.
-                    await store.load()
-                await verifier.refresh(force=True)
-        except Exception as exc:  # the database is briefly gone: keep the keys we have
-            log.warning("signing_keys_refresh_failed", error=type(exc).__name__)
+class KeyRefresher:
+    """Reads the key table again every ``interval``, until told to stop.
+
+    A rotation or retirement made by another instance (or the CLI) reaches
+    this one within ``interval``: new tokens are signed with the new key, and
+    a retired key stops verifying.
+    """
+
+    def __init__(self, store: KeyStore, verifier: JwksVerifier, interval: float, *, own: bool) -> None:
+        self._store = store
+        self._verifier = verifier
+        self._interval = interval
+        self._own = own
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        # A flag as well as the cancellation that follows it: on Python 3.11
+        # aiopg can swallow a cancellation that arrives as a read of the key
+        # table completes, and the loop went on, holding up the shutdown.
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                with server_cancels_as_errors():
+                    if not self._own:
+                        # An injected verifier fetches elsewhere; our own
+                        # reads the key table through the store, so once is enough.
+                        await self._store.load()
+                    await self._verifier.refresh(force=True)
+            except Exception as exc:  # the database is briefly gone: keep the keys we have
+                log.warning("signing_keys_refresh_failed", error=type(exc).__name__)

@@ -78,7 +78,7 @@ class TokenPolicy:
 
     def __post_init__(self) -> None:
         # A token of a lifetime of 0 or less is expired when it is issued, and
-        # a refresh interval of 0 makes _keep_keys_fresh re-read the key table
+        # a refresh interval of 0 makes KeyRefresher re-read the key table
         # without a pause. "not 0 < x" refuses a NaN too; an infinite interval
         # would never re-read it.
         for name, seconds in (
