@@ -200,6 +200,38 @@ async def test_a_background_refresh_runs_outside_the_context_of_the_request_that
     assert seen[1] == {}  # its log lines are its own, not under that request's id
 
 
+async def test_closing_is_cancelled_by_its_callers_cancellation(tokens: TokenFactory, clock: Clock) -> None:
+    # A fetch that outlives its cancellation (on Python 3.11 one through
+    # aiopg can): close() waited for it under suppress(CancelledError), which
+    # swallowed the cancellation of the shutdown that called it too.
+    fetching, swallowing, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def fetch() -> dict[str, Any]:
+        if fetching.is_set():  # the second: started in the background
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                swallowing.set()
+                await release.wait()  # swallowed, and on
+        fetching.set()
+        return tokens.jwks()
+
+    verifier = JwksVerifier(fetch, issuer=tokens.issuer, audience=tokens.audience, max_key_age=MAX_KEY_AGE, clock=clock)
+    token = tokens.token()
+    await verifier.verify(token)
+    clock.now += MAX_KEY_AGE * 0.75  # stale: the next verify starts a fetch in the background
+    await verifier.verify(token)
+    closing = asyncio.create_task(verifier.close())
+    try:
+        await eventually(swallowing.is_set)  # close() cancelled the fetch, and waits for it
+        closing.cancel()
+        await asyncio.wait({closing}, timeout=5)
+        assert closing.cancelled()
+    finally:
+        release.set()
+        await verifier.close()
+
+
 async def test_a_retired_key_stops_verifying_within_max_key_age_even_after_a_quiet_spell(
     tokens: TokenFactory, users: UserService, clock: Clock, verifier: JwksVerifier
 ) -> None:

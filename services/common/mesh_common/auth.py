@@ -14,7 +14,6 @@ required claims. Headers that point at other keys (``jku``, ``x5u``, ``jwk``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import math
 import time
@@ -204,8 +203,9 @@ class JwksVerifier:
         """Stop a background fetch still running (at shutdown)."""
         if self._background is not None:
             self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+            # Waited for, not awaited under suppress(CancelledError), which
+            # would swallow a cancellation of the shutdown itself too.
+            await asyncio.wait({self._background})
 
     async def _verify(self, token: str) -> Principal:
         try:
