@@ -102,6 +102,13 @@ class _Client(aiosmtplib.SMTP):
         *,
         timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
     ) -> aiosmtplib.SMTPResponse:
+        if self.until_data is not None and self.until_data.expired():
+            # The attempt's time ran out as RCPT was answered, and aiosmtplib
+            # (its wait_for, on Python 3.11) swallowed the cut: an attempt
+            # timed out before DATA, as it would have been had the cut come
+            # through (rescheduling it raised RuntimeError, taken for a
+            # failure at DATA and not retried).
+            raise TimeoutError("the attempt's time ran out before DATA")
         self.at_data = True
         if self.envelope_taken is not None:
             self.envelope_taken()
