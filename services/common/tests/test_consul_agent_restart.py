@@ -22,7 +22,7 @@ async def poll(condition: Callable[[], Awaitable[bool]], *, within: float) -> No
             await asyncio.sleep(0.05)
 
 
-async def test_an_instance_is_back_passing_within_a_second_of_a_restarted_agents_return(infra: StackConfig) -> None:
+async def test_an_instance_is_back_passing_soon_after_a_restarted_agents_return(infra: StackConfig) -> None:
     # The shared agent must not restart: the instance reaches it through a
     # proxy, whose cut is the restart seen from the instance, and the agent
     # forgets the instance meanwhile, as a restarted -dev agent has. Until it
@@ -53,7 +53,10 @@ async def test_an_instance_is_back_passing_within_a_second_of_a_restarted_agents
                 # query held open dropped with the connection (it took up to 2 s).
                 await eventually(lambda: any(e["event"] == "consul_keep_failed" for e in logs), within=1)
             await proxy.start()
-            await poll(passing, within=1.0)
+            # About 0.4 s on a quiet machine (a question within 0.375 s, then
+            # the registration); 1.5 leaves a busy one room, and is still
+            # short of the 2 to 4 s this took before.
+            await poll(passing, within=1.5)
         finally:
             await server.close()  # deregisters, through the proxy: before it closes
             await proxy.close()

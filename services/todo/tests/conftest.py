@@ -103,13 +103,19 @@ def poll() -> Poll:
     """
 
     async def wait(condition: Callable[[], Any], *, within: float = 10.0, interval: float = 0.02) -> Any:
-        async with asyncio.timeout(within):
+        # The clock as well as the cut: on Python 3.11 aiopg (its wait_for)
+        # can swallow the cut, and a failing test hung until pytest's timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        async with asyncio.timeout_at(deadline):
             while True:
                 result = condition()
                 if inspect.isawaitable(result):
                     result = await result
                 if result:
                     return result
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"not true within {within} s; last: {result!r}")
                 await asyncio.sleep(interval)
 
     return wait

@@ -82,13 +82,14 @@ async def test_a_missing_migration_folder_is_refused_before_anything_runs(scratc
 
 
 async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Settings, tmp_path: Path) -> None:
-    # A pool whose statements time out after 0.3 s, as requests' do after 10:
-    # waiting 0.6 s for another instance's lock, then a 0.6 s migration.
-    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(0.6); CREATE TABLE slow (id int);")
+    # A pool whose statements time out after 1 s, as requests' do after 10:
+    # waiting 1.5 s for another instance's lock, then a 1.5 s migration. Not
+    # shorter: the same timeout bounds the pool's first connect.
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(1.5); CREATE TABLE slow (id int);")
     schema = f"test_migrations_{uuid.uuid4().hex[:8]}"
     options = f"-c search_path={schema}"
     async with (
-        aiopg.create_pool(settings.database_url, maxsize=1, timeout=0.3, options=options) as pool,
+        aiopg.create_pool(settings.database_url, maxsize=1, timeout=1.0, options=options) as pool,
         aiopg.connect(settings.database_url, options=options) as other,
         other.cursor() as cur,
     ):
@@ -101,7 +102,7 @@ async def test_a_migration_may_outlast_the_pools_statement_timeout(settings: Set
                 async with asyncio.timeout(10):  # bounded: polled every 50 ms
                     while not await waits_for_advisory_lock(cur):
                         await asyncio.sleep(0.05)
-                await asyncio.sleep(0.6)  # the other instance's migration, holding the lock
+                await asyncio.sleep(1.5)  # the other instance's migration, holding the lock
                 await cur.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
                 assert await asyncio.wait_for(migrating, timeout=30) == ["0001_slow"]
                 assert await tables(pool) == ["schema_migrations", "slow"]
