@@ -99,15 +99,7 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
     ],
 )
 async def test_a_5xx_whose_status_refuses_us_keeps_the_message_for_later(smtp: SmtpSink, at: str, answer: str) -> None:
-    if at == "RCPT":
-        smtp.refuse["ada@example.test"] = answer
-    else:
-        smtp.refuse_data = answer
-    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
-    with pytest.raises(MailServerUnavailable):
-        await mailer.send(an_email("ada@example.test"))
-    await mailer.close()
-    assert smtp.attempts == ["ada@example.test"]  # final for now: not tried again at once
+    await refused(smtp, at, answer, MailServerUnavailable)  # final for now: not tried again at once
     assert smtp.received == []
 
 
@@ -130,12 +122,17 @@ async def test_a_5xx_whose_status_refuses_us_keeps_the_message_for_later(smtp: S
 async def test_a_5xx_about_the_recipient_or_the_message_or_saying_no_more_is_refused_for_good(
     smtp: SmtpSink, at: str, answer: str
 ) -> None:
+    await refused(smtp, at, answer, MailRejected)
+
+
+async def refused(smtp: SmtpSink, at: str, answer: str, failure: type[Exception]) -> None:
+    """Send to ada@example.test, refused with ``answer`` at RCPT or DATA: ``failure``, after one attempt."""
     if at == "RCPT":
         smtp.refuse["ada@example.test"] = answer
     else:
         smtp.refuse_data = answer
     mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, attempts=3))
-    with pytest.raises(MailRejected):
+    with pytest.raises(failure):
         await mailer.send(an_email("ada@example.test"))
     await mailer.close()
     assert smtp.attempts == ["ada@example.test"]
