@@ -102,18 +102,18 @@ class _Client(aiosmtplib.SMTP):
         *,
         timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
     ) -> aiosmtplib.SMTPResponse:
-        if self.until_data is not None and self.until_data.expired():
-            # The attempt's time ran out as RCPT was answered, and aiosmtplib
-            # (its wait_for, on Python 3.11) swallowed the cut: an attempt
-            # timed out before DATA, as it would have been had the cut come
-            # through (rescheduling it raised RuntimeError, taken for a
-            # failure at DATA and not retried).
-            raise TimeoutError("the attempt's time ran out before DATA")
-        self.at_data = True
         if self.envelope_taken is not None:
-            self.envelope_taken()
+            self.envelope_taken()  # the server took MAIL and RCPT
         if self.until_data is not None:
+            if self.until_data.expired():
+                # The attempt's time ran out as RCPT was answered, and
+                # aiosmtplib (its wait_for, on Python 3.11) swallowed the cut:
+                # an attempt timed out before DATA, as it would have been had
+                # the cut come through (rescheduling it raised RuntimeError,
+                # taken for a failure at DATA and not retried).
+                raise TimeoutError("the attempt's time ran out before DATA")
             self.until_data.reschedule(None)  # the attempt's deadline ends here: DATA has its own
+        self.at_data = True
         protocol = self.protocol
         if protocol is None:  # disconnected: aiosmtplib raises for it
             return await super().data(message, timeout=self._data_timeout)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from notification_support import MAIL_FROM
 from smtp_sink import SmtpSink
+from structlog.testing import capture_logs
 
 from mesh_common.events import Event
 from mesh_common.testing import refused_port
@@ -100,7 +101,6 @@ async def test_a_5xx_answer_is_final_and_not_retried(smtp: SmtpSink) -> None:
 )
 async def test_a_5xx_whose_status_refuses_us_keeps_the_message_for_later(smtp: SmtpSink, at: str, answer: str) -> None:
     await refused(smtp, at, answer, MailServerUnavailable)  # final for now: not tried again at once
-    assert smtp.received == []
 
 
 # The recipient's or the message's fault, and (without an enhanced code, or
@@ -136,6 +136,7 @@ async def refused(smtp: SmtpSink, at: str, answer: str, failure: type[Exception]
         await mailer.send(an_email("ada@example.test"))
     await mailer.close()
     assert smtp.attempts == ["ada@example.test"]
+    assert smtp.received == []
 
 
 async def test_a_5xx_refusing_the_sender_is_the_servers_problem_not_the_messages(smtp: SmtpSink) -> None:
@@ -174,28 +175,55 @@ async def test_the_answer_after_data_has_its_own_longer_timeout(smtp: SmtpSink) 
     await mailer.close()
 
 
-async def test_an_attempt_whose_cut_was_swallowed_at_rcpt_is_retried_as_timed_out_before_data(
-    smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def swallow_a_cut_after_rcpt(monkeypatch: pytest.MonkeyPatch, to: str) -> list[str]:
+    """The first RCPT for ``to`` is answered, then held until the attempt's cut, which is swallowed.
+
+    What aiosmtplib's wait_for does on Python 3.11 when the cut comes as the
+    answer does: it returns the answer. The list returned is filled then.
+    """
     real_rcpt = _Client.rcpt
     swallowed: list[str] = []
 
-    async def rcpt_then_swallowed_cut(self: _Client, *args: Any, **kwargs: Any) -> Any:
-        answer = await real_rcpt(self, *args, **kwargs)
-        if not swallowed:
-            # What aiosmtplib's wait_for does on Python 3.11 when the
-            # attempt's cut comes as the answer does: returns the answer.
+    async def rcpt_then_swallowed_cut(self: _Client, recipient: str, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_rcpt(self, recipient, *args, **kwargs)
+        if recipient == to and not swallowed:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(5)
-            swallowed.append("RCPT")
+            swallowed.append(recipient)
         return answer
 
     monkeypatch.setattr(_Client, "rcpt", rcpt_then_swallowed_cut)
-    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=0.3, attempts=2)
+    return swallowed
+
+
+async def test_an_attempt_whose_cut_was_swallowed_at_rcpt_is_retried_as_timed_out_before_data(
+    smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swallowed = swallow_a_cut_after_rcpt(monkeypatch, "ada@example.test")
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=1.0, attempts=2)
     mailer = Mailer(settings)
     await mailer.send(an_email("ada@example.test"))  # was UnavailableAtData, not retried
-    assert (swallowed, len(smtp.received)) == (["RCPT"], 1)
+    assert (swallowed, len(smtp.received)) == (["ada@example.test"], 1)
     await mailer.close()
+
+
+async def test_an_envelope_taken_before_a_swallowed_cut_still_counts_for_the_cooldown(
+    smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server took bob's MAIL and RCPT: ada's refusal and carol's are
+    # each their own mailbox's, not two in a row that refuse us.
+    swallowed = swallow_a_cut_after_rcpt(monkeypatch, "bob@example.test")
+    for mailbox in ("ada", "carol"):
+        smtp.refuse[f"{mailbox}@example.test"] = "550 5.4.1 Relay Access Denied ATTR36"
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=1.0, attempts=1)
+    mailer = Mailer(settings)
+    with capture_logs() as logs:
+        for to in ("ada@example.test", "bob@example.test", "carol@example.test"):
+            with pytest.raises(MailServerUnavailable):
+                await mailer.send(an_email(to))
+    await mailer.close()
+    assert swallowed == ["bob@example.test"]
+    assert "smtp_cooldown_started" not in [entry["event"] for entry in logs]
 
 
 async def test_a_send_that_ends_after_close_closes_its_session(smtp: SmtpSink) -> None:
