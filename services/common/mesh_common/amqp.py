@@ -20,7 +20,6 @@ connection that only consumes is never blocked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,7 +28,7 @@ from aio_pika.abc import AbstractConnection, AbstractRobustConnection, FieldValu
 from aiohttp import web
 from yarl import URL
 
-from .app import CleanupCtx
+from .app import CleanupCtx, wait_event
 from .health import SERVICE, add_health_check
 
 AMQP = web.AppKey("mesh.amqp", AbstractRobustConnection)
@@ -93,9 +92,7 @@ def blocked(connection: AbstractConnection) -> bool:
 async def wait_unblocked(connection: AbstractConnection) -> None:
     """Return once ``connection`` is not ``blocked``: at once, or when the alarm clears."""
     while (unblocked := _unblocked_event(connection)) is not None and not unblocked.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(UNBLOCKED_CHECK_INTERVAL):
-                await unblocked.wait()
+        await wait_event(unblocked, UNBLOCKED_CHECK_INTERVAL)
 
 
 def _unblocked_event(connection: AbstractConnection) -> asyncio.Event | None:

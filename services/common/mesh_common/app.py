@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Protocol
 
 import structlog
@@ -83,6 +83,18 @@ def worker_ctx(name: str, make: Callable[[web.Application], Worker], *, grace: f
     return run_worker
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until ``event`` is set or ``seconds`` pass; whether it was set.
+
+    ``threading.Event.wait(timeout)`` for asyncio: how a worker sleeps
+    between rounds, so that a stop or a wake-up ends the sleep at once.
+    """
+    with suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
 class WorkerEnd:
     """A background task's done callback: logs its end unless it was told to stop.
 
@@ -105,4 +117,13 @@ class WorkerEnd:
             log.error("worker_ended", worker=self.name, reason="returned")
 
 
-__all__ = ["DEFAULT_MAX_BODY", "CleanupCtx", "Handler", "Worker", "WorkerEnd", "service_app", "worker_ctx"]
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "CleanupCtx",
+    "Handler",
+    "Worker",
+    "WorkerEnd",
+    "service_app",
+    "wait_event",
+    "worker_ctx",
+]

@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from .app import CleanupCtx
+from .app import CleanupCtx, wait_event
 from .consul import CONSUL
 
 log = structlog.get_logger()
@@ -74,12 +74,7 @@ class ServiceWatch:
 
     async def wait_ready(self, seconds: float) -> bool:
         """Wait for the first answer from Consul, for at most ``seconds``."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._ready.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._ready, seconds)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -17,7 +17,6 @@ transaction-scoped, it cannot outlive a cancelled batch on a pooled connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import aiopg
 import structlog
 
-from .app import CleanupCtx, worker_ctx
+from .app import CleanupCtx, wait_event, worker_ctx
 from .db import DB
 from .settings import SettingsError, env_float, env_int
 from .transactions import server_cancels_as_errors, transaction
@@ -150,9 +149,7 @@ class Pruner:
         # The first round waits an interval too: start-up (migrations, a
         # deploy's instances all starting) is busy enough without it.
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.interval):
-                    await self._wake.wait()
+            await wait_event(self._wake, self._settings.interval)
             if not self._stopping:
                 await self.run_round()
 

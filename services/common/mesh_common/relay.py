@@ -43,7 +43,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from .amqp import AMQP
-from .app import CleanupCtx, worker_ctx
+from .app import CleanupCtx, wait_event, worker_ctx
 from .db import DB, STATEMENT_TIMEOUT
 from .events import EVENTS_EXCHANGE
 from .outbox import OUTBOX_COMMITTED
@@ -256,18 +256,14 @@ class OutboxRelay:
                 else:
                     log.error("outbox_publish_failed", error=type(exc).__name__, retry_in=round(delay, 2), exc_info=exc)
                 # Woken by stop() too: a shutdown does not sit out the backoff.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._stopped.wait()
+                await wait_event(self._stopped, delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
             if sent:
                 log.debug("outbox_published", count=sent)
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval):
-                    await self._wake.wait()
+            await wait_event(self._wake, self._poll_interval)
 
 
 def outbox_relay_ctx() -> CleanupCtx:

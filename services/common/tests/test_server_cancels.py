@@ -19,7 +19,7 @@ from psycopg2.extensions import QueryCanceledError
 from structlog.testing import capture_logs
 
 from devstack.config import StackConfig
-from mesh_common.app import worker_ctx
+from mesh_common.app import wait_event, worker_ctx
 from mesh_common.problems import problem_middleware
 from mesh_common.testing import sleep_until_cancelled_by_the_server
 from mesh_common.transactions import server_cancels_as_errors
@@ -135,3 +135,11 @@ async def test_a_worker_that_does_not_stop_is_cancelled_after_its_grace() -> Non
     async with asyncio.timeout(5):
         async with worker_ctx("outbox-relay", lambda app: Deaf(), grace=0.1)(web.Application()):
             pass
+
+
+async def test_a_workers_sleep_ends_as_its_event_is_set_and_says_whether_it_was() -> None:
+    event = asyncio.Event()
+    assert not await wait_event(event, 0.01)
+    asyncio.get_running_loop().call_later(0.05, event.set)
+    async with asyncio.timeout(5):  # not the 60 s asked for
+        assert await wait_event(event, 60)

@@ -46,7 +46,6 @@ clears: the event twice, which its email's claim keeps to one email.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import aio_pika
@@ -54,6 +53,7 @@ import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from mesh_common.amqp import UNBLOCKED_CHECK_INTERVAL, blocked, wait_unblocked
+from mesh_common.app import wait_event
 
 log = structlog.get_logger()
 
@@ -149,9 +149,7 @@ class CopyPublisher:
                 raise TimeoutError(f"the connection for copies was not back within {self._timeout} s")
             # Polled, not channel.ready(): that may answer while the channel
             # is still closed (its close callbacks not yet run), and spin.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, READY_CHECK_INTERVAL)):
-                    await self._stopping.wait()
+            await wait_event(self._stopping, min(remaining, READY_CHECK_INTERVAL))
 
     async def _until_unblocked(self) -> None:
         waits = [asyncio.ensure_future(wait_unblocked(self._connection)), asyncio.ensure_future(self._stopping.wait())]

@@ -17,7 +17,6 @@ reminder due sooner than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 
 import aiopg
 import structlog
+
+from mesh_common.app import wait_event
 
 from . import repository
 from .failures import DeliveryInProgress, MailOutcomeUnknown, ShuttingDown, TemporaryFailure, UnprocessableEvent
@@ -114,9 +115,7 @@ class ReminderScheduler:
             except Exception as exc:  # the database is away: try again next round
                 log.warning("reminders_round_failed", error=type(exc).__name__)
                 delay = self._poll_interval
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._woken.wait()
+            await wait_event(self._woken, delay)
 
     async def _send_due(self) -> float:
         """Send every due reminder; returns how long to sleep before the next round."""

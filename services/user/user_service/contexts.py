@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,7 +12,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from mesh_common.app import CleanupCtx, worker_ctx
+from mesh_common.app import CleanupCtx, wait_event, worker_ctx
 from mesh_common.auth import VERIFIER, JwksVerifier
 from mesh_common.db import DB
 from mesh_common.health import add_health_check
@@ -136,12 +135,7 @@ class KeyRefresher:
         self._stopping.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._stopping.wait()
-            if self._stopping.is_set():
-                return
+        while not await wait_event(self._stopping, self._interval):
             try:
                 with server_cancels_as_errors():
                     if not self._own:
