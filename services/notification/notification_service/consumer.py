@@ -93,8 +93,10 @@ class EventConsumer(Settling):
         so does one held while the broker blocks its copy (publisher.py).
         """
         self.copies.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
         try:
-            async with asyncio.timeout(drain_timeout):
+            async with asyncio.timeout_at(deadline):
                 if self._queue is not None and self._consumer_tag is not None:
                     try:
                         await self._queue.cancel(self._consumer_tag)
@@ -103,9 +105,14 @@ class EventConsumer(Settling):
                         # in hand must still end before what they use closes.
                         log.warning("consumer_cancel_failed", error=type(exc).__name__, detail=str(exc))
                 # Until none is left: one may start after a wait began (a
-                # delivery dispatched before the cancel took effect).
+                # delivery dispatched before the cancel took effect). On the
+                # clock as well as cut: on Python 3.11 aiormq can swallow the
+                # cut, coming as the cancel above is answered, into that
+                # answer or its error, and no other cut would come.
                 while self._in_flight:
-                    await asyncio.wait(set(self._in_flight))
+                    if loop.time() >= deadline:
+                        raise TimeoutError
+                    await asyncio.wait(set(self._in_flight), timeout=deadline - loop.time())
                 if self._channel is not None:
                     await self._channel.close()
                 await self.copies.close()

@@ -205,3 +205,29 @@ async def test_a_consumer_whose_cancel_fails_still_ends_the_deliveries_in_hand(
         await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
         # Not left running on a connection about to close.
         assert handler.cancelled
+
+
+async def test_a_consumer_whose_cancel_swallows_the_drains_cut_still_ends_the_deliveries_in_hand(
+    infra: StackConfig, broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = Stuck()
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
+        await consumer.start()
+        await broker.publish(verification_requested(new_user()))
+        await asyncio.wait_for(handler.started.wait(), timeout=10)
+
+        async def swallowing(*args: Any, **kwargs: Any) -> None:
+            try:
+                await asyncio.sleep(DRAIN * 10)  # the broker slow to answer
+            except asyncio.CancelledError:
+                # As asyncio.wait_for does on Python 3.11 when the answer
+                # lands with the cut: the cut comes out as the answer's error.
+                raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed") from None
+
+        monkeypatch.setattr(type(consumer._queue), "cancel", swallowing)
+        await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
+        assert handler.cancelled
