@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -99,6 +101,20 @@ async def committing_service(consul: aiohttp.ClientSession) -> AsyncIterator[tup
         await server.close()
 
 
+@asynccontextmanager
+async def connection_held(client: Any, ledger: Ledger, tokens: Any, seconds: float) -> AsyncIterator[None]:
+    """The gateway's one connection to the instance, held ``seconds`` by a read that must end 200."""
+    held = asyncio.create_task(client.get(f"/api/v1/things/hold?s={seconds}", headers=tokens.headers()))
+    try:
+        await eventually(lambda: ledger.holding == 1)
+        yield
+    except BaseException:
+        held.cancel()
+        raise
+    async with await held as r:
+        assert r.status == 200
+
+
 async def test_a_change_that_waited_for_a_connection_is_cut_by_the_service_not_committed_after_a_504(
     committing_service, gateway, tokens
 ):
@@ -110,13 +126,10 @@ async def test_a_change_that_waited_for_a_connection_is_cut_by_the_service_not_c
     client = await gateway(name, route_timeout=ROUTE, upstream=UpstreamClient(limit_per_host=1))
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(15):
-        held = asyncio.create_task(client.get("/api/v1/things/hold?s=1.5", headers=tokens.headers()))
-        await eventually(lambda: ledger.holding == 1)
-        sent_at = loop.time()
-        async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
-            status, body = r.status, await r.json(content_type=None)
-        async with await held as r:
-            assert r.status == 200
+        async with connection_held(client, ledger, tokens, 1.5):
+            sent_at = loop.time()
+            async with client.post("/api/v1/things", json={}, headers=tokens.headers()) as r:
+                status, body = r.status, await r.json(content_type=None)
         await eventually(lambda: ledger.ended == 1, within=10)  # the service is done with it, however
     assert not (status == 504 and ledger.commits), f"the gateway answered 504, and the service committed: {body}"
     ((received_at, told, deadline),) = ledger.received
@@ -139,13 +152,12 @@ async def test_a_503_to_a_request_that_waited_for_a_connection_counts_if_it_came
     name, ledger = committing_service
     client = await gateway(name, route_timeout=ROUTE, upstream=UpstreamClient(limit_per_host=1))
     async with asyncio.timeout(15):
-        held = asyncio.create_task(client.get("/api/v1/things/hold?s=0.5", headers=tokens.headers()))
-        await eventually(lambda: ledger.holding == 1)
-        async with client.post("/api/v1/things?dependency_down", json={}, headers=tokens.headers()) as r:
+        async with (
+            connection_held(client, ledger, tokens, 0.5),
+            client.post("/api/v1/things?dependency_down", json={}, headers=tokens.headers()) as r,
+        ):
             assert r.status == 503
             assert (await r.json())["code"] == "DEPENDENCY_UNAVAILABLE"
-        async with await held as r:
-            assert r.status == 200
     ((_, told, _),) = ledger.received
     # It waited (told less than the 2.5 s it would have been), and answered with over 1.5 s left.
     assert 1500 < int(told[0]) < (ROUTE - RETURN_MARGIN - 0.3) * 1000
@@ -159,13 +171,12 @@ async def test_a_request_a_wait_for_a_connection_left_too_little_is_not_sent(com
     name, ledger = committing_service
     client = await gateway(name, route_timeout=ROUTE, upstream=UpstreamClient(limit_per_host=1))
     async with asyncio.timeout(15):
-        held = asyncio.create_task(client.get("/api/v1/things/hold?s=2.2", headers=tokens.headers()))
-        await eventually(lambda: ledger.holding == 1)
-        async with client.post("/api/v1/things?work=0", json={}, headers=tokens.headers()) as r:
+        async with (
+            connection_held(client, ledger, tokens, 2.2),
+            client.post("/api/v1/things?work=0", json={}, headers=tokens.headers()) as r,
+        ):
             assert r.status == 504
             assert (await r.json())["code"] == "UPSTREAM_TIMEOUT"  # nothing was sent: its outcome is known
-        async with await held as r:
-            assert r.status == 200
     assert ledger.received == []
 
 
@@ -192,15 +203,14 @@ async def test_a_change_the_gateway_gave_up_on_after_a_wait_is_an_unknown_outcom
     name, ledger = committing_service
     client = await gateway(name, route_timeout=ROUTE, upstream=UpstreamClient(limit_per_host=1))
     async with asyncio.timeout(15):
-        held = asyncio.create_task(client.get("/api/v1/things/hold?s=0.5", headers=tokens.headers()))
-        await eventually(lambda: ledger.holding == 1)
-        async with client.post("/api/v1/things?slow_commit&work=3", json={}, headers=tokens.headers()) as r:
+        async with (
+            connection_held(client, ledger, tokens, 0.5),
+            client.post("/api/v1/things?slow_commit&work=3", json={}, headers=tokens.headers()) as r,
+        ):
             assert r.status == 504
             problem = await r.json()
             assert problem["code"] == "UPSTREAM_OUTCOME_UNKNOWN"
             assert "Retry-After" not in r.headers
-        async with await held as r:
-            assert r.status == 200
         await eventually(lambda: ledger.ended == 1, within=10)
     assert len(ledger.commits) == 1  # as it may: the client was told to read it back
     assert client.app[BREAKERS].failures(f"{name}-0") == 0
