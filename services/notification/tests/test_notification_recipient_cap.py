@@ -184,6 +184,36 @@ async def test_many_accounts_on_one_mailbox_get_the_mailbox_ceiling_between_them
     assert len(smtp.received) == ceiling
 
 
+async def test_a_code_is_held_back_by_its_accounts_codes_alone_and_notices_by_everything(
+    settings: Settings,
+    start_service: StartService,
+    broker: Broker,
+    smtp: SmtpSink,
+    users: FakeUserService,
+    pool: aiopg.Pool,
+) -> None:
+    # A user whose hour of notices is used up changes to another spelling
+    # of the mailbox: counted against the notices, the code was capped, for
+    # good, and every resend's too, while the user-service answered 202.
+    service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
+    owner = users.add(new_user())
+    for n in range(LIMIT):
+        await broker.publish(todo_event("completed", owner["id"], {"id": f"c{n}", "title": "Done", "completed": True}))
+    await eventually(lambda: len(smtp.to(owner["email"])) == LIMIT, within=15, what="the completions sent")
+    local, domain = owner["email"].split("@")
+    changed = f"{local.upper()}+todo@{domain}"
+    assert mailbox_key(changed) == mailbox_key(owner["email"])
+    await broker.publish(verification_requested({**owner, "email": changed}, reason="email_changed"))
+    await eventually(lambda: len(smtp.to(changed)) == 1, within=15, what="the code sent")
+    # A notice is still held back by every email of the hour, the code included.
+    await broker.publish(todo_event("completed", owner["id"], {"id": "c9", "title": "Done", "completed": True}))
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == LIMIT + 2, within=15, what="every event acked")
+    assert await statuses(pool, owner["email"]) == {"sent": LIMIT, "capped": 1}
+    assert await statuses(pool, changed) == {"sent": 1}
+    assert len(smtp.received) == LIMIT + 1
+
+
 async def test_a_reminder_over_the_cap_is_deferred_until_the_hour_frees_a_slot_not_dropped(
     settings: Settings,
     start_service: StartService,
