@@ -38,11 +38,6 @@ check a message before they answer, so DATA has its own, longer timeout
 (``data_timeout``, for the 354 and again for the answer to the message;
 RFC 5321 allows a client up to 10 minutes for the latter).
 
-After a refusal aiosmtplib resets the session with RSET, and a timeout
-waiting for the answer to that replaced the refusal: a 550 to the message
-became an unknown outcome, one at RCPT an outage retried for a day. A
-session is never reused after an error, so RSET is not sent at all.
-
 A send cancelled under way (a shutdown's drain that ran out) raises the
 cancellation, which says nothing of how far it got: the ``Send`` a slot
 yields tells whether its last attempt had begun to send the message.
@@ -56,17 +51,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
-from typing import Any, Literal
+from typing import Any
 
 import aiosmtplib
 import backoff
 import structlog
-from aiosmtplib.typing import Default
 
 from .failures import MailServerUnavailable
-from .replies import RefusedUs, UnavailableAtData, at_data, before_data
-from .session_cooldown import SessionCooldown, Taken
+from .replies import RefusedUs, UnavailableAtData, before_data
+from .session_cooldown import SessionCooldown
 from .settings import SmtpSettings
+from .smtp_client import SmtpClient, cut_since, transact
 from .smtp_options import client_options
 
 log = structlog.get_logger()
@@ -75,77 +70,6 @@ SESSIONS = 8
 QUIT_TIMEOUT = 1.0
 MAX_IDLE = 30.0
 BACKOFF_FACTOR = 0.1  # waits of up to 0.1 s, 0.2 s, 0.4 s...
-
-
-class _Client(aiosmtplib.SMTP):
-    """aiosmtplib's client, which knows when DATA and the message begin, and times DATA on its own.
-
-    ``send_message`` runs MAIL, RCPT and DATA with one timeout. ``data`` sends
-    the DATA command, waits for the server's 354, and only then writes the
-    message: from that write on, a failure no longer proves that nothing was
-    sent (``body_started``).
-    """
-
-    def __init__(self, *, data_timeout: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._data_timeout = data_timeout
-        self.at_data = False
-        self.body_started = False
-        self.until_data: asyncio.Timeout | None = None
-        self.envelope_taken: Taken | None = None  # told when DATA begins: the server took MAIL and RCPT
-
-    # aiosmtplib's own signature, which ``sendmail`` calls with its timeout.
-    async def data(
-        self,
-        message: str | bytes,
-        /,
-        *,
-        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
-    ) -> aiosmtplib.SMTPResponse:
-        if self.envelope_taken is not None:
-            self.envelope_taken()  # the server took MAIL and RCPT
-        if self.until_data is not None:
-            if self.until_data.expired():
-                # The attempt's time ran out as RCPT was answered, and
-                # aiosmtplib (its wait_for, on Python 3.11) swallowed the cut:
-                # an attempt timed out before DATA, as it would have been had
-                # the cut come through (rescheduling it raised RuntimeError,
-                # taken for a failure at DATA and not retried).
-                raise TimeoutError("the attempt's time ran out before DATA")
-            self.until_data.reschedule(None)  # the attempt's deadline ends here: DATA has its own
-        self.at_data = True
-        protocol = self.protocol
-        if protocol is None:  # disconnected: aiosmtplib raises for it
-            return await super().data(message, timeout=self._data_timeout)
-        # The protocol writes the DATA command, then the message after the
-        # 354: the one point that tells them apart, with no hook of its own.
-        write = protocol.write
-
-        def write_noting_the_message(data: bytes) -> None:
-            if data != b"DATA\r\n":
-                self.body_started = True
-            write(data)
-
-        protocol.write = write_noting_the_message  # type: ignore[method-assign]
-        try:
-            return await super().data(message, timeout=self._data_timeout)
-        finally:
-            del protocol.write  # the method again, for the session's next message
-
-    async def rset(
-        self,
-        *,
-        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
-    ) -> aiosmtplib.SMTPResponse:
-        """Not sent: the session is closed instead, as after any error.
-
-        Only ``sendmail`` calls it, after a refusal, to reuse the session. It
-        lets through anything but a disconnection or an answer, and a server
-        slow to answer RSET turned the refusal into a timeout. The
-        disconnection it swallows, and raises the refusal.
-        """
-        self.close()
-        raise aiosmtplib.SMTPServerDisconnected("closed, not reset: a session is not reused after an error")
 
 
 class Send:
@@ -157,9 +81,12 @@ class Send:
     def __init__(self, send: Callable[[EmailMessage, Send], Awaitable[None]]) -> None:
         self._send = send
         self.body_started = False
+        self.cuts = 0
 
     async def __call__(self, message: EmailMessage) -> None:
         self.body_started = False
+        task = asyncio.current_task()
+        self.cuts = 0 if task is None else task.cancelling()
         await self._send(message, self)
 
 
@@ -168,7 +95,7 @@ class Mailer:
         self._settings = settings
         self._options = client_options(settings)
         self._slots = asyncio.Semaphore(SESSIONS)
-        self._idle: list[tuple[_Client, float]] = []
+        self._idle: list[tuple[SmtpClient, float]] = []
         self._cooldown = SessionCooldown()
         self._closed = False
         self._send_with_retries = backoff.on_exception(
@@ -222,7 +149,7 @@ class Mailer:
         self._closed = True
         idle, self._idle = self._idle, []
 
-        async def say_goodbye(client: _Client) -> None:
+        async def say_goodbye(client: SmtpClient) -> None:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
                 async with asyncio.timeout(QUIT_TIMEOUT):
                     await client.quit()
@@ -238,18 +165,20 @@ class Mailer:
         After any error the session is closed, not reused: its state is
         unknown, and a retry gets a fresh one.
         """
-        client: _Client | None = None
+        if cut_since(progress.cuts):  # swallowed by the attempt before, and taken for its failure
+            raise asyncio.CancelledError
+        client: SmtpClient | None = None
         try:
             async with asyncio.timeout(self._settings.timeout) as until_data:
                 if (client := self._reuse()) is not None:
                     with self._cooldown.reusing() as taken:
-                        await _transact(client, message, until_data, taken)
+                        await transact(client, message, until_data, taken, progress.cuts)
                 else:
                     # A new session, held back during a cooldown: how its
                     # opening and its envelope went decides the next ones.
                     async with self._cooldown.opening() as taken:
                         client = await self._connect()
-                        await _transact(client, message, until_data, taken)
+                        await transact(client, message, until_data, taken, progress.cuts)
         except BaseException as exc:
             if client is not None:
                 client.close()
@@ -263,7 +192,7 @@ class Mailer:
         else:
             self._idle.append((client, time.monotonic()))
 
-    def _reuse(self) -> _Client | None:
+    def _reuse(self) -> SmtpClient | None:
         while self._idle:
             client, since = self._idle.pop()
             if client.is_connected and time.monotonic() - since < MAX_IDLE:
@@ -271,31 +200,15 @@ class Mailer:
             client.close()
         return None
 
-    async def _connect(self) -> _Client:
+    async def _connect(self) -> SmtpClient:
         # Connected, through TLS, and logged in: aiosmtplib closes the session if any of it fails.
         # What it failed with is read here, for the cooldown to know a refusal.
-        client = _Client(data_timeout=self._settings.data_timeout, **self._options)
+        client = SmtpClient(data_timeout=self._settings.data_timeout, **self._options)
         try:
             await client.connect()
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise before_data(exc) from None
         return client
-
-
-async def _transact(client: _Client, message: EmailMessage, until_data: asyncio.Timeout, taken: Taken) -> None:
-    """MAIL, RCPT and DATA on ``client``: what a failure says, read here, for the cooldown to know a refusal."""
-    client.at_data = client.body_started = False
-    client.until_data, client.envelope_taken = until_data, taken
-    try:
-        await client.send_message(message)
-    except Exception as exc:
-        if client.at_data:
-            raise at_data(exc, body_started=client.body_started) from None
-        if isinstance(exc, aiosmtplib.SMTPException | OSError):
-            raise before_data(exc) from None
-        raise
-    finally:
-        client.envelope_taken = None  # the cooldown's, for this send only
 
 
 def _log_retry(details: Any) -> None:

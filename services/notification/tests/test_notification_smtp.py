@@ -20,9 +20,10 @@ from notification_service.failures import (
     MailRejected,
     MailServerUnavailable,
 )
-from notification_service.mailer import Mailer, _Client
+from notification_service.mailer import Mailer
 from notification_service.messages import compose, message_id, render
 from notification_service.settings import SmtpSettings
+from notification_service.smtp_client import SmtpClient
 
 SENDER = MAIL_FROM
 
@@ -175,24 +176,26 @@ async def test_the_answer_after_data_has_its_own_longer_timeout(smtp: SmtpSink) 
     await mailer.close()
 
 
-def swallow_a_cut_after_rcpt(monkeypatch: pytest.MonkeyPatch, to: str) -> list[str]:
-    """The first RCPT for ``to`` is answered, then held until the attempt's cut, which is swallowed.
+def swallow_a_cut_after_rcpt(monkeypatch: pytest.MonkeyPatch, to: str, held: asyncio.Event | None = None) -> list[str]:
+    """The first RCPT for ``to`` is answered, then held (``held`` set) until a cut, which is swallowed.
 
     What aiosmtplib's wait_for does on Python 3.11 when the cut comes as the
     answer does: it returns the answer. The list returned is filled then.
     """
-    real_rcpt = _Client.rcpt
+    real_rcpt = SmtpClient.rcpt
     swallowed: list[str] = []
 
-    async def rcpt_then_swallowed_cut(self: _Client, recipient: str, *args: Any, **kwargs: Any) -> Any:
+    async def rcpt_then_swallowed_cut(self: SmtpClient, recipient: str, *args: Any, **kwargs: Any) -> Any:
         answer = await real_rcpt(self, recipient, *args, **kwargs)
         if recipient == to and not swallowed:
+            if held is not None:
+                held.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(5)
             swallowed.append(recipient)
         return answer
 
-    monkeypatch.setattr(_Client, "rcpt", rcpt_then_swallowed_cut)
+    monkeypatch.setattr(SmtpClient, "rcpt", rcpt_then_swallowed_cut)
     return swallowed
 
 
@@ -204,6 +207,25 @@ async def test_an_attempt_whose_cut_was_swallowed_at_rcpt_is_retried_as_timed_ou
     mailer = Mailer(settings)
     await mailer.send(an_email("ada@example.test"))  # was UnavailableAtData, not retried
     assert (swallowed, len(smtp.received)) == (["ada@example.test"], 1)
+    await mailer.close()
+
+
+async def test_a_send_whose_callers_cut_was_swallowed_at_rcpt_ends_cancelled_and_unsent(
+    smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shutdown's drain that ran out cancels the delivery as RCPT is
+    # answered: it sent the message anyway, after the consumer had given up.
+    held = asyncio.Event()
+    swallowed = swallow_a_cut_after_rcpt(monkeypatch, "ada@example.test", held)
+    settings = SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=SENDER, timeout=30.0, attempts=2)
+    mailer = Mailer(settings)
+    sending = asyncio.create_task(mailer.send(an_email("ada@example.test")))
+    async with asyncio.timeout(5):
+        await held.wait()
+    sending.cancel()
+    await asyncio.wait({sending}, timeout=5)
+    assert sending.cancelled()
+    assert (swallowed, smtp.received) == (["ada@example.test"], [])
     await mailer.close()
 
 
