@@ -95,6 +95,14 @@ class EventConsumer(Settling):
         self.copies.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
+
+        def in_time() -> None:
+            # On the clock as well as cut: on Python 3.11 aiormq can swallow
+            # the cut, coming as a step below is answered, into that answer or
+            # its error, and no other cut would come.
+            if loop.time() >= deadline:
+                raise TimeoutError
+
         try:
             async with asyncio.timeout_at(deadline):
                 if self._queue is not None and self._consumer_tag is not None:
@@ -105,16 +113,14 @@ class EventConsumer(Settling):
                         # in hand must still end before what they use closes.
                         log.warning("consumer_cancel_failed", error=type(exc).__name__, detail=str(exc))
                 # Until none is left: one may start after a wait began (a
-                # delivery dispatched before the cancel took effect). On the
-                # clock as well as cut: on Python 3.11 aiormq can swallow the
-                # cut, coming as the cancel above is answered, into that
-                # answer or its error, and no other cut would come.
+                # delivery dispatched before the cancel took effect).
                 while self._in_flight:
-                    if loop.time() >= deadline:
-                        raise TimeoutError
+                    in_time()
                     await asyncio.wait(set(self._in_flight), timeout=deadline - loop.time())
                 if self._channel is not None:
+                    in_time()
                     await self._channel.close()
+                in_time()
                 await self.copies.close()
         except TimeoutError:
             log.warning("consumer_stop_timed_out", in_flight=len(self._in_flight))

@@ -4,6 +4,7 @@ and the service's workers stop side by side, not one after the other."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from datetime import UTC, datetime, timedelta
@@ -231,3 +232,28 @@ async def test_a_consumer_whose_cancel_swallows_the_drains_cut_still_ends_the_de
         monkeypatch.setattr(type(consumer._queue), "cancel", swallowing)
         await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
         assert handler.cancelled
+
+
+async def test_a_consumer_whose_cancel_swallows_the_drains_cut_does_not_wait_for_ever_to_close(
+    infra: StackConfig, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        await aio_pika.connect_robust(infra.amqp_url) as connection,
+        await aio_pika.connect_robust(infra.amqp_url) as publishing,
+    ):
+        consumer = EventConsumer(connection, Stuck(), topology, publishing=publishing, prefetch=4, retry_limit=10)
+        await consumer.start()
+
+        async def swallowing(*args: Any, **kwargs: Any) -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # the answer came with the cut, and won
+                await asyncio.sleep(DRAIN * 10)
+
+        async def unanswered(*args: Any, **kwargs: Any) -> None:
+            await asyncio.sleep(60)  # aiormq's own bound on a close is the heartbeat's: 60 s by default
+
+        monkeypatch.setattr(type(consumer._queue), "cancel", swallowing)
+        monkeypatch.setattr(type(consumer._channel), "close", unanswered)
+        started = time.monotonic()
+        await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + 5)
+        assert time.monotonic() - started < DRAIN + 1
+        monkeypatch.undo()  # the connections' own closes close the channels
