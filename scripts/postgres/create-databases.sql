@@ -11,3 +11,9 @@ SELECT 'CREATE DATABASE ' || d || ' OWNER ' || d
 FROM unnest(ARRAY['users', 'todos', 'notifications']) AS d
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = d)
 \gexec
+
+-- The text of a statement that fails is not logged for the user-service's
+-- role, only its error: psycopg2 sends parameters inside the text, and one
+-- may be a verification code (an outbox INSERT cut by statement_timeout)
+-- or a password's hash, which would then outlive them in the server's log.
+ALTER ROLE users SET log_min_error_statement = 'panic';
