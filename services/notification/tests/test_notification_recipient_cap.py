@@ -48,6 +48,13 @@ async def statuses(pool: aiopg.Pool, recipient: str) -> Counter[str]:
         return Counter(row[0] for row in await cur.fetchall())
 
 
+async def use_up_the_hour(broker: Broker, smtp: SmtpSink, owner: dict[str, str]) -> None:
+    """``LIMIT`` completions mailed to ``owner``: the hour's emails from that account used up."""
+    for n in range(LIMIT):
+        await broker.publish(todo_event("completed", owner["id"], {"id": f"c{n}", "title": "Done", "completed": True}))
+    await eventually(lambda: len(smtp.to(owner["email"])) == LIMIT, within=15, what="the completions sent")
+
+
 async def test_an_address_gets_at_most_the_limit_an_hour_and_the_rest_are_recorded_capped(
     settings: Settings,
     start_service: StartService,
@@ -197,9 +204,7 @@ async def test_a_code_is_held_back_by_its_accounts_codes_alone_and_notices_by_ev
     # good, and every resend's too, while the user-service answered 202.
     service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
     owner = users.add(new_user())
-    for n in range(LIMIT):
-        await broker.publish(todo_event("completed", owner["id"], {"id": f"c{n}", "title": "Done", "completed": True}))
-    await eventually(lambda: len(smtp.to(owner["email"])) == LIMIT, within=15, what="the completions sent")
+    await use_up_the_hour(broker, smtp, owner)
     local, domain = owner["email"].split("@")
     changed = f"{local.upper()}+todo@{domain}"
     assert mailbox_key(changed) == mailbox_key(owner["email"])
@@ -224,9 +229,7 @@ async def test_a_reminder_over_the_cap_is_deferred_until_the_hour_frees_a_slot_n
 ) -> None:
     service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
     owner = users.add(new_user())
-    for n in range(LIMIT):  # the hour's emails used up by completions
-        await broker.publish(todo_event("completed", owner["id"], {"id": f"c{n}", "title": "Done", "completed": True}))
-    await eventually(lambda: len(smtp.to(owner["email"])) == LIMIT, within=15, what="the completions sent")
+    await use_up_the_hour(broker, smtp, owner)
     due_at = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     with capture_logs() as logs:
         await broker.publish(todo_event("created", owner["id"], {"id": "r1", "title": "Renew", "due_at": due_at}))

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,17 +54,24 @@ class Stuck:
         return None
 
 
-async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_event_redelivered(
-    infra: StackConfig, broker: Broker, topology: Topology
-) -> None:
-    handler = Stuck()
-    event = verification_requested(new_user())
+@asynccontextmanager
+async def consuming(infra: StackConfig, handler: Any, topology: Topology) -> AsyncIterator[EventConsumer]:
+    """A consumer started on connections of its own, closed after."""
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
         await aio_pika.connect_robust(infra.amqp_url) as publishing,
     ):
         consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
+        yield consumer
+
+
+async def test_a_delivery_still_running_after_the_drain_is_cancelled_and_its_event_redelivered(
+    infra: StackConfig, broker: Broker, topology: Topology
+) -> None:
+    handler = Stuck()
+    event = verification_requested(new_user())
+    async with consuming(infra, handler, topology) as consumer:
         await broker.publish(event)
         await asyncio.wait_for(handler.started.wait(), timeout=10)
 
@@ -97,23 +106,13 @@ async def test_an_event_in_hand_at_more_restarts_than_the_old_delivery_limit_is_
     restarts = 6
     for _ in range(restarts):
         handler = Stuck()
-        async with (
-            await aio_pika.connect_robust(infra.amqp_url) as connection,
-            await aio_pika.connect_robust(infra.amqp_url) as publishing,
-        ):
-            consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
-            await consumer.start()
+        async with consuming(infra, handler, topology) as consumer:
             await asyncio.wait_for(handler.started.wait(), timeout=10)
             await consumer.stop(drain_timeout=0.1)
         assert handler.cancelled  # handed back unsettled, by the channel closing
 
     handled = Handled()
-    async with (
-        await aio_pika.connect_robust(infra.amqp_url) as connection,
-        await aio_pika.connect_robust(infra.amqp_url) as publishing,
-    ):
-        consumer = EventConsumer(connection, handled, topology, publishing=publishing, prefetch=4, retry_limit=10)
-        await consumer.start()
+    async with consuming(infra, handled, topology) as consumer:
         try:
             await eventually(lambda: handled.events, within=10, what="the event, after the restarts")
         finally:
@@ -186,63 +185,41 @@ async def test_a_delivery_waiting_for_an_smtp_session_at_shutdown_gives_its_even
     await eventually(lambda: broker.ready(topology.queue), within=10, what="the event given back")
 
 
+async def refused(*args: Any, **kwargs: Any) -> None:
+    raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed")
+
+
+async def cut_swallowed_into_an_error(*args: Any, **kwargs: Any) -> None:
+    try:
+        await asyncio.sleep(DRAIN * 10)  # the broker slow to answer
+    except asyncio.CancelledError:
+        # As asyncio.wait_for does on Python 3.11 when the answer lands
+        # with the cut: the cut comes out as the answer's error.
+        raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed") from None
+
+
+@pytest.mark.parametrize("cancel", [refused, cut_swallowed_into_an_error])
 async def test_a_consumer_whose_cancel_fails_still_ends_the_deliveries_in_hand(
-    infra: StackConfig, broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
+    infra: StackConfig,
+    broker: Broker,
+    topology: Topology,
+    monkeypatch: pytest.MonkeyPatch,
+    cancel: Callable[..., Awaitable[None]],
 ) -> None:
     handler = Stuck()
-    async with (
-        await aio_pika.connect_robust(infra.amqp_url) as connection,
-        await aio_pika.connect_robust(infra.amqp_url) as publishing,
-    ):
-        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
-        await consumer.start()
+    async with consuming(infra, handler, topology) as consumer:
         await broker.publish(verification_requested(new_user()))
         await asyncio.wait_for(handler.started.wait(), timeout=10)
-
-        async def broken(*args: Any, **kwargs: Any) -> None:
-            raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed")
-
-        monkeypatch.setattr(type(consumer._queue), "cancel", broken)  # slotted: patched on its class
+        monkeypatch.setattr(type(consumer._queue), "cancel", cancel)  # slotted: patched on its class
         await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
         # Not left running on a connection about to close.
-        assert handler.cancelled
-
-
-async def test_a_consumer_whose_cancel_swallows_the_drains_cut_still_ends_the_deliveries_in_hand(
-    infra: StackConfig, broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    handler = Stuck()
-    async with (
-        await aio_pika.connect_robust(infra.amqp_url) as connection,
-        await aio_pika.connect_robust(infra.amqp_url) as publishing,
-    ):
-        consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
-        await consumer.start()
-        await broker.publish(verification_requested(new_user()))
-        await asyncio.wait_for(handler.started.wait(), timeout=10)
-
-        async def swallowing(*args: Any, **kwargs: Any) -> None:
-            try:
-                await asyncio.sleep(DRAIN * 10)  # the broker slow to answer
-            except asyncio.CancelledError:
-                # As asyncio.wait_for does on Python 3.11 when the answer
-                # lands with the cut: the cut comes out as the answer's error.
-                raise aio_pika.exceptions.ChannelInvalidStateError("the channel is closed") from None
-
-        monkeypatch.setattr(type(consumer._queue), "cancel", swallowing)
-        await asyncio.wait_for(consumer.stop(drain_timeout=DRAIN), timeout=DRAIN + STUCK_CANCEL_TIMEOUT + 5)
         assert handler.cancelled
 
 
 async def test_a_consumer_whose_cancel_swallows_the_drains_cut_does_not_wait_for_ever_to_close(
     infra: StackConfig, topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with (
-        await aio_pika.connect_robust(infra.amqp_url) as connection,
-        await aio_pika.connect_robust(infra.amqp_url) as publishing,
-    ):
-        consumer = EventConsumer(connection, Stuck(), topology, publishing=publishing, prefetch=4, retry_limit=10)
-        await consumer.start()
+    async with consuming(infra, Stuck(), topology) as consumer:
 
         async def swallowing(*args: Any, **kwargs: Any) -> None:
             with contextlib.suppress(asyncio.CancelledError):  # the answer came with the cut, and won
