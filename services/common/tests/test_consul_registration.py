@@ -8,9 +8,11 @@ import itertools
 import json
 import ssl
 import uuid
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
+import consul.aio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -121,54 +123,56 @@ async def test_a_failed_deregistration_is_tried_again_by_the_next_call(aiohttp_s
     assert not registration.registered
 
 
-async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(infra: StackConfig) -> None:
+@dataclass
+class Kept:
+    """An instance registered with the test stack's agent, its keeper running; nothing listens on its port."""
+
+    registration: Registration
+    client: consul.aio.Consul
+
+    async def known(self) -> bool:
+        return self.registration.service_id in await self.client.agent.services()
+
+    async def forget(self) -> None:
+        """As an agent restarted with its state in memory does."""
+        await self.client.agent.service.deregister(self.registration.service_id)
+
+
+@pytest.fixture
+async def kept(infra: StackConfig) -> AsyncIterator[Kept]:
     # Nothing listens on its port: its checks go critical, which changes nothing here.
     service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
     client = consul_client(infra.consul_url)
     registration = Registration(client, service)
-
-    async def known() -> bool:
-        return registration.service_id in await client.agent.services()
-
     try:
         await registration.register()
         registration.start_keeping()
-        # The agent forgets the instance, as one restarted with its state in memory does.
-        await client.agent.service.deregister(registration.service_id)
-        await poll(known)
-
-        await registration.deregister()  # on purpose, as at shutdown
-        # A keeper still running would hear the 404 at once, and register again within milliseconds.
-        with contextlib.suppress(TimeoutError):
-            await poll(known, within=0.5)
-        assert not await known()
+        yield Kept(registration, client)
     finally:
         await registration.deregister()  # stops the keeper too
         await client.close()
 
 
-async def test_a_lost_registration_is_back_at_once_not_on_a_round(infra: StackConfig) -> None:
+async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(kept: Kept) -> None:
+    await kept.forget()
+    await poll(kept.known)
+
+    await kept.registration.deregister()  # on purpose, as at shutdown
+    # A keeper still running would hear the 404 at once, and register again within milliseconds.
+    with contextlib.suppress(TimeoutError):
+        await poll(kept.known, within=0.5)
+    assert not await kept.known()
+
+
+async def test_a_lost_registration_is_back_at_once_not_on_a_round(kept: Kept) -> None:
     # The keeper holds a query on the entry open: the agent answers it the
     # moment it forgets the instance. Every watch saw the instance gone
     # until the keeper's next round: up to 2 s, when it asked every 2 s.
-    service = loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9)
-    client = consul_client(infra.consul_url)
-    registration = Registration(client, service)
-
-    async def known() -> bool:
-        return registration.service_id in await client.agent.services()
-
-    try:
-        with capture_logs() as logs:
-            await registration.register()
-            registration.start_keeping()
-            for _ in range(3):  # the first as the keeper starts, the next while it waits on its query
-                await client.agent.service.deregister(registration.service_id)
-                await poll(known, within=1.0)
-        assert [e["event"] for e in logs].count("consul_registration_lost") == 3
-    finally:
-        await registration.deregister()
-        await client.close()
+    with capture_logs() as logs:
+        for _ in range(3):  # the first as the keeper starts, the next while it waits on its query
+            await kept.forget()
+            await poll(kept.known, within=1.0)
+    assert [e["event"] for e in logs].count("consul_registration_lost") == 3
 
 
 @pytest.mark.parametrize(
