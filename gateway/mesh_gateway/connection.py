@@ -169,6 +169,11 @@ class Connection(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._informational:
+            # An interim response ends at its head (RFC 9110, 15.2), but llhttp
+            # reads the body a 1xx other than 100, 102 or 103 declares: kept,
+            # it would join the real answer's.
+            raise UpstreamBroken(f"an interim {self.status} response with a body")
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:

@@ -202,6 +202,19 @@ def test_an_ipv6_instance_gets_a_valid_host_header() -> None:
             id="099",
         ),
         pytest.param(b"HTTP/1.1 000 X\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "below 100", id="000"),
+        # Interim, but with a body, which llhttp reads for a 1xx other than
+        # 100, 102 and 103: skipped with the head, it joined the real answer's.
+        pytest.param(
+            b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\nEVIL!HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "interim 150",
+            id="150 with a length",
+        ),
+        pytest.param(
+            b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nEVIL!\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "interim 199",
+            id="199 chunked",
+        ),
         # No status code above 599 is defined (RFC 9110, 15): aiohttp would send it on as it came.
         pytest.param(b"HTTP/1.1 999 X\r\nContent-Length: 0\r\n\r\n", "above 599", id="999"),
         # Latin-1: aiohttp writes headers as UTF-8 only, and its C writer
