@@ -188,6 +188,7 @@ class Proxy:
         deadline = asyncio.get_running_loop().time() + route.timeout
         try:
             with self._breakers.breaker(instance.id) as call:
+                queued = False  # whether it waited for a connection of ours: known with the head
                 try:
                     resp = await self._upstream.request(
                         method,
@@ -199,6 +200,7 @@ class Proxy:
                         deadline=deadline,
                         budget=BUDGET,
                     )
+                    queued = resp.queued
                     payload = None
                     if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
                         # A 5xx is held whole, to be returned if no retry
@@ -214,11 +216,12 @@ class Proxy:
                 except UpstreamConnectError as exc:
                     # Refused is unreachable; no answer by the connect deadline is a timeout.
                     raise _Failed(UpstreamTimeout() if exc.timed_out else BadGateway(), sent=False) from None
-                except QueuedTimeout:
-                    # Its time was spent partly in our own queue: not the instance's fault.
-                    log.warning("upstream_late_after_pool_wait", upstream=instance.id)
-                    raise _Attempt(UpstreamTimeout(), sent=True) from None
-                except TimeoutError:
+                except TimeoutError as exc:
+                    if isinstance(exc, QueuedTimeout) or queued:
+                        # Its time was spent partly in our own queue, whether the head or
+                        # the buffered body was late: not the instance's fault.
+                        log.warning("upstream_late_after_pool_wait", upstream=instance.id)
+                        raise _Attempt(UpstreamTimeout(), sent=True) from None
                     raise _Failed(UpstreamTimeout(), sent=True) from None
                 except UpstreamBroken:
                     raise _Failed(BadGateway(), sent=True) from None
@@ -242,7 +245,11 @@ class Proxy:
                     # some left is the instance's, its database away); or well, and declining some
                     # work for now (mesh_common.problems.instance_is_well).
                     spent = resp.queued and resp.budget_left <= BUDGET_SLACK
-                    if resp.status == 503 and (spent or instance_is_well(payload)):
+                    # A HEAD's 503 has no body to tell a well instance's from a failing
+                    # one's. Counted, a monitor's HEADs alone opened the breaker of an
+                    # instance shedding logins; let off, its other answers still tell.
+                    untold = method == "HEAD"
+                    if resp.status == 503 and (spent or untold or instance_is_well(payload)):
                         raise _Attempt(sent=True, response=answer)
                     raise _Failed(sent=True, response=answer)
                 response = web.Response(status=resp.status, body=payload, headers=out)

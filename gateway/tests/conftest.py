@@ -139,6 +139,14 @@ async def fake_service(
                                 await asyncio.sleep(0.02)
                         await response.write_eof()
                     return response
+                if upstream.mode == "late_body":  # the head at once, the small body's end late: 0.5 s, then 3 s
+                    response = web.StreamResponse(headers={"Content-Length": "2"})
+                    await response.prepare(request)
+                    with contextlib.suppress(ConnectionError):
+                        await response.write(b"o")  # the head goes out with a body's first bytes
+                        await asyncio.sleep(0.5 if upstream.hits == 1 else 3)
+                        await response.write(b"k")
+                    return response
                 if upstream.mode == "truncate":  # promise 1 MiB, send a third, then drop the connection
                     response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
                     await response.prepare(request)

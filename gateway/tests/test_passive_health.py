@@ -87,6 +87,23 @@ async def test_a_well_instance_passes_its_503_on_and_keeps_its_breaker_closed(
     assert instance.hits == 6
 
 
+async def test_a_well_instances_503_to_a_head_keeps_its_breaker_closed(fake_service, gateway, tokens):
+    # A HEAD's answer has no body, so no code to read: a monitor's HEADs to
+    # an instance shedding logins opened its breaker, and its reads were refused.
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "busy"
+    client = await gateway(service, breaker_failures=2)
+    for _ in range(5):
+        async with client.head("/api/v1/things", headers=tokens.headers()) as r:
+            assert (r.status, r.headers["Retry-After"]) == (503, "1")  # the instance's, passed on
+    assert instance.hits == 5
+    assert client.app[BREAKERS].failures(instance.service_id) == 0
+    instance.mode = "ok"
+    async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+        assert r.status == 200
+
+
 async def test_an_instance_whose_database_is_away_opens_its_breaker(fake_service, gateway, tokens):
     # Its 503 carries Retry-After too, but says the instance cannot serve:
     # only a 503 whose code says the instance is well is let off.
@@ -203,6 +220,27 @@ async def test_a_timeout_after_a_wait_for_a_free_connection_is_not_the_instances
     statuses = await asyncio.gather(get(), get(), get())
     assert statuses[0] == 200 and 504 in statuses
     assert client.app[BREAKERS].failures(slow.service_id) == 0
+
+
+async def test_a_body_late_after_a_wait_for_a_free_connection_is_not_the_instances_failure(
+    fake_service, gateway, tokens
+):
+    # As a late head is, above: this head came in time, but the small body
+    # read with it did not, within what the wait for our connection had left.
+    service = await fake_service(1)
+    (instance,) = service.instances
+    instance.mode = "late_body"
+    client = await gateway(service, route_timeout=2.0, upstream=UpstreamClient(limit_per_host=1))
+
+    async def get() -> int:
+        async with client.get("/api/v1/things", headers=tokens.headers()) as r:
+            return r.status
+
+    first = asyncio.ensure_future(get())
+    await eventually(lambda: instance.hits == 1)  # it holds the one connection, for 0.5 s
+    # The second waits that long for it, leaving 1.5 s: enough to be sent, not for a 3 s body.
+    assert [*await asyncio.gather(first, get())] == [200, 504]
+    assert client.app[BREAKERS].failures(instance.service_id) == 0
 
 
 async def test_a_connect_cut_short_by_a_wait_for_a_free_connection_is_not_the_instances_failure(
