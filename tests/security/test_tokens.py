@@ -131,6 +131,7 @@ async def test_no_forged_or_stale_token_is_accepted(user_service: Any, aiohttp_s
         "expired": compact(eddsa(real, kid), claims_for(sub, exp=int(time.time()) - 60), real.sign),
         "not valid yet (future nbf)": compact(eddsa(real, kid), claims_for(sub, nbf=int(time.time()) + 120), real.sign),
         "missing exp": compact(eddsa(real, kid), claims_for(sub, exp=None), real.sign),
+        "missing nbf": compact(eddsa(real, kid), claims_for(sub, nbf=None), real.sign),
         "missing sub": compact(eddsa(real, kid), claims_for(sub, sub=None), real.sign),
         "wrong audience": compact(eddsa(real, kid), claims_for(sub, aud="someone-else"), real.sign),
         "wrong issuer": compact(eddsa(real, kid), claims_for(sub, iss="https://evil.example"), real.sign),

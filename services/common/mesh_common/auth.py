@@ -33,7 +33,7 @@ from .problems import Forbidden, Handler, Unauthorized, problem
 
 ALGORITHMS = ["EdDSA"]
 ACCESS_TOKEN_TYPE = "at+jwt"
-REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
+REQUIRED_CLAIMS = ["exp", "nbf", "iat", "iss", "aud", "sub", "jti"]
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "x5t", "crit"})
 SERVICE_SUBJECT_PREFIX = "service:"
 # Seconds of clock difference between the signer and a verifier that exp,

@@ -68,6 +68,7 @@ class TokenFactory:
             "aud": self.audience,
             "sub": subject or str(uuid.uuid4()),
             "iat": now,
+            "nbf": now,
             "exp": now + ttl,
             "jti": uuid.uuid4().hex,
             **claims,
