@@ -6,6 +6,7 @@ import asyncio
 
 import aiopg
 
+from user_service.keys import WRITE_SLOTS
 from user_service.settings import Settings
 
 from .conftest import Client, Login, Register
@@ -46,6 +47,34 @@ async def test_other_sessions_survive_a_revoked_family(client: Client, register:
     await client.post("/auth/refresh", json={"refresh_token": phone})
     await client.post("/auth/refresh", json={"refresh_token": phone})
     assert (await client.post("/auth/refresh", json={"refresh_token": laptop})).status == 200
+
+
+async def test_made_up_refresh_tokens_never_wait_for_a_write_slot(
+    client: Client, register: Register, login: Login
+) -> None:
+    # Refresh and logout are public: a flood of made-up tokens, from many
+    # addresses, held the slots that logins and registrations wait for.
+    await register()
+    issued = (await login())["refresh_token"]
+    slots = client.app[WRITE_SLOTS]
+    held = 0
+    while not slots.locked():  # every slot taken, as by other writes in progress
+        await slots.acquire()
+        held += 1
+    try:
+        async with asyncio.timeout(5):
+            refreshed = await client.post("/auth/refresh", json={"refresh_token": "never-issued"})
+            logged_out = await client.post("/auth/logout", json={"refresh_token": "never-issued"})
+        assert (refreshed.status, (await refreshed.json())["code"]) == (401, "INVALID_REFRESH_TOKEN")
+        assert logged_out.status == 204
+        # An issued token still waits its turn for a slot.
+        waiting = asyncio.ensure_future(client.post("/auth/refresh", json={"refresh_token": issued}))
+        await asyncio.sleep(0.2)  # not a wait for readiness: a span in which it must NOT finish
+        assert not waiting.done()
+    finally:
+        for _ in range(held):
+            slots.release()
+    assert (await waiting).status == 200
 
 
 async def test_logout_revokes_the_family(client: Client, register: Register, login: Login) -> None:

@@ -8,6 +8,7 @@ reason goes to the log only.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 import redis.exceptions
@@ -88,9 +89,12 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
 
 async def refresh_session(request: web.Request) -> web.Response:
     token = validation.refresh_token(await read_json_object(request))
+    db = request.app[DB]
     try:
+        if not await refresh_tokens.known(db, token):
+            raise refresh_tokens.RefreshTokenRejected("unknown")
         async with request.app[WRITE_SLOTS]:
-            rotated = await refresh_tokens.rotate(request.app[DB], token, request.app[SETTINGS].tokens)
+            rotated = await refresh_tokens.rotate(db, token, request.app[SETTINGS].tokens)
     except refresh_tokens.RefreshTokenRejected as exc:
         log.info("refresh_rejected", reason=exc.reason)
         raise InvalidRefreshToken() from None
@@ -100,8 +104,10 @@ async def refresh_session(request: web.Request) -> web.Response:
 async def log_out(request: web.Request) -> web.Response:
     # Idempotent, and silent about tokens it does not know.
     token = validation.refresh_token(await read_json_object(request))
-    async with request.app[WRITE_SLOTS]:
-        await refresh_tokens.revoke_family(request.app[DB], token)
+    db = request.app[DB]
+    if await refresh_tokens.known(db, token):
+        async with request.app[WRITE_SLOTS]:
+            await refresh_tokens.revoke_family(db, token)
     return web.Response(status=204)
 
 
@@ -123,8 +129,9 @@ async def issue_service_token(request: web.Request) -> web.Response:
         )
     expected = dict(request.app[SETTINGS].service_clients).get(client_id)
     # compare_digest takes as long for a wrong secret as for a nearly right
-    # one. An unknown client pays for a comparison too.
-    matched = hmac.compare_digest(secret.encode(), (expected or secret).encode())
+    # one, but not for one of another length: so digests, all of one length,
+    # are compared. An unknown client pays for a comparison too.
+    matched = hmac.compare_digest(_digest(secret), _digest(expected or secret))
     if expected is None or not matched:
         log.warning("service_token_refused", client_id=client_id[:64])
         raise InvalidClient()
@@ -142,3 +149,7 @@ async def issue_service_token(request: web.Request) -> web.Response:
 
 async def get_jwks(request: web.Request) -> web.Response:
     return web.json_response(request.app[KEY_STORE].jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()

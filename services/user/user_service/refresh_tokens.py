@@ -109,6 +109,18 @@ class _Stored(NamedTuple):
         return None
 
 
+async def known(pool: aiopg.Pool, token: str) -> bool:
+    """Whether ``token`` was issued and is still stored: one read, outside any transaction.
+
+    Asked before a rotation or a logout takes a write slot: the two routes
+    are public, and made-up tokens, from any number of addresses, would
+    otherwise hold the slots that logins and registrations wait for.
+    """
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT 1 FROM refresh_tokens WHERE token_hash = %s", (_digest(token),))
+        return await cur.fetchone() is not None
+
+
 async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
     """Spend ``token`` and return its child, or raise ``RefreshTokenRejected``."""
     async with transaction(pool) as cur:
