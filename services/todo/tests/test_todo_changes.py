@@ -12,7 +12,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from todo_service import repository
+from mesh_common.problems import DependencyUnavailable
+from todo_service import idempotency, repository
+from todo_service.idempotency import IdempotentRequest
+from todo_service.keys import OWNERS, TODOS
 from todo_service.model import Todo
 
 from .conftest import User
@@ -84,3 +87,60 @@ async def test_a_change_that_waited_for_the_lock_is_stamped_after_the_one_it_wai
     assert datetime.fromisoformat(later["updated_at"]) >= datetime.fromisoformat(second["updated_at"])
     if first == "complete":
         assert later["completed_at"] == later["updated_at"]  # one change, one time
+
+
+async def test_a_create_that_waited_is_stamped_after_the_todos_committed_meanwhile(
+    client: Client, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stamped when its transaction began, before it waited on its key, it
+    # sorted behind a todo committed meanwhile: below a cursor a client
+    # holding the newest page had, so paging on never showed it.
+    claim_key = idempotency.claim_key
+    began, other_done = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_claim_once(cur: Any, owner_id: str, request: IdempotentRequest) -> bool:
+        if not began.is_set():
+            began.set()
+            async with asyncio.timeout(10):
+                await other_done.wait()
+        return await claim_key(cur, owner_id, request)
+
+    monkeypatch.setattr(idempotency, "claim_key", slow_to_claim_once)
+    keyed = {**alice.headers, "Idempotency-Key": "late-1"}
+    late_create = asyncio.create_task(client.post("/todos", json={"title": "late"}, headers=keyed))
+    async with asyncio.timeout(10):
+        await began.wait()
+    on_time = await (await client.post("/todos", json={"title": "on time"}, headers=alice.headers)).json()
+    other_done.set()
+    late = await (await late_create).json()
+
+    assert datetime.fromisoformat(late["created_at"]) > datetime.fromisoformat(on_time["created_at"])
+    assert late["updated_at"] == late["created_at"]
+    newest = await (await client.get("/todos?limit=1", headers=alice.headers)).json()
+    assert [t["title"] for t in newest["items"]] == ["late"]
+
+
+async def test_a_list_that_fails_drops_its_owner_lookup(
+    client: Client, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Asked for at once with the page, the owner's name went on being looked
+    # up, at the user-service, after the list had failed and been answered.
+    dropped = asyncio.Event()
+
+    async def slow_lookup(*args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            dropped.set()
+            raise
+
+    async def database_away(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)  # the lookup has begun
+        raise DependencyUnavailable(headers={"Retry-After": "1"})
+
+    monkeypatch.setattr(client.app[OWNERS], "lookup", slow_lookup)
+    monkeypatch.setattr(client.app[TODOS], "page", database_away)
+    response = await client.get("/todos", headers=alice.headers)
+    assert response.status == 503
+    async with asyncio.timeout(5):
+        await dropped.wait()

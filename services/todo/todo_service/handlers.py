@@ -53,8 +53,16 @@ async def create_todo(request: web.Request) -> web.Response:
 async def list_todos(request: web.Request) -> web.Response:
     owner_id = _owner_id(request)
     query = parse_list_query(request.query)
-    # The page and the owner's name do not depend on each other: ask for both at once.
-    page, owner = await asyncio.gather(request.app[TODOS].page(owner_id, query), _owner(request, owner_id))
+    # The page and the owner's name do not depend on each other: ask for both
+    # at once. Without a page there is no answer to name: the lookup is
+    # dropped, not left to call the user-service until the deadline.
+    lookup = asyncio.ensure_future(_owner(request, owner_id))
+    try:
+        page = await request.app[TODOS].page(owner_id, query)
+    except BaseException:
+        lookup.cancel()
+        raise
+    owner = await lookup
     body = {"items": [_view(todo.snapshot(), owner) for todo in page.items], "next_cursor": page.next_cursor}
     return _mark_degraded(web.json_response(body), owner)
 

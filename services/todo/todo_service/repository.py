@@ -20,8 +20,16 @@ def _todo(row: tuple[Any, ...]) -> Todo:
 
 
 async def insert_todo(cur: Any, owner_id: str, new: NewTodo) -> Todo:
+    """Stamped with ``clock_timestamp()``, as ``save_todo`` is, not ``now()``.
+
+    ``now()`` is when the transaction began: a create that first waited on an
+    idempotency key's lock would sort among todos committed before it, into
+    a page a client has already read (mesh_common.cursors). Read once, for
+    both ``created_at`` and ``updated_at``.
+    """
     await cur.execute(
-        "INSERT INTO todos (owner_id, title, description, due_at, priority) VALUES (%s, %s, %s, %s, %s)"
+        "INSERT INTO todos (owner_id, title, description, due_at, priority, created_at, updated_at)"
+        " SELECT %s, %s, %s, %s, %s, clock.now, clock.now FROM (SELECT clock_timestamp() AS now) AS clock"
         f" RETURNING {COLUMNS}",
         (owner_id, new.title, new.description, new.due_at, new.priority),
     )
