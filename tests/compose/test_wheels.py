@@ -74,8 +74,13 @@ def test_every_data_file_of_a_package_is_in_its_wheel(project: Path, wheels: dic
     # common_passwords.txt, templates/, the migrations (and py.typed, for mypy).
     wheel = wheels[project]
     packages = sorted({top for top in (name.split("/")[0] for name in wheel) if not top.endswith(".dist-info")})
+    # safe.directory: git refuses a checkout another user owns (a CI agent's, run as root) as "dubious".
     tracked = subprocess.run(
-        ["git", "ls-files", "-z", "--", *packages], cwd=project, capture_output=True, text=True, check=True
+        ["git", "-c", f"safe.directory={REPO}", "ls-files", "-z", "--", *packages],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     data = [
         name for name in tracked.stdout.split("\0") if name and not name.endswith(".py") and (project / name).exists()

@@ -42,7 +42,10 @@ def tracked(root: Path) -> frozenset[str] | None:
     """The files git tracks under ``root``, and the folders holding them; None without a .git."""
     if not (root / ".git").exists():
         return None
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True, text=True)
+    # safe.directory: git refuses a checkout another user owns (a CI agent's, run as root) as "dubious".
+    listed = subprocess.run(
+        ["git", "-c", f"safe.directory={root}", "ls-files", "-z"], cwd=root, check=True, capture_output=True, text=True
+    )
     names = set()
     for name in listed.stdout.split("\0"):
         if name:
