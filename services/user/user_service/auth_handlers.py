@@ -8,7 +8,6 @@ reason goes to the log only.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 import redis.exceptions
@@ -19,6 +18,7 @@ from mesh_common.db import DB
 from mesh_common.problems import FeatureUnavailable, TooManyRequests, read_json_object
 
 from . import refresh_tokens, repository, validation
+from .digests import sha256
 from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
 from .keys import KEY_STORE, PASSWORD_SLOTS, PASSWORDS, SETTINGS, THROTTLE, TOKENS, WRITE_SLOTS
 from .tokens import USERS_READ
@@ -131,7 +131,7 @@ async def issue_service_token(request: web.Request) -> web.Response:
     # compare_digest takes as long for a wrong secret as for a nearly right
     # one, but not for one of another length: so digests, all of one length,
     # are compared. An unknown client pays for a comparison too.
-    matched = hmac.compare_digest(_digest(secret), _digest(expected or secret))
+    matched = hmac.compare_digest(sha256(secret), sha256(expected or secret))
     if expected is None or not matched:
         log.warning("service_token_refused", client_id=client_id[:64])
         raise InvalidClient()
@@ -149,7 +149,3 @@ async def issue_service_token(request: web.Request) -> web.Response:
 
 async def get_jwks(request: web.Request) -> web.Response:
     return web.json_response(request.app[KEY_STORE].jwks(), headers={"Cache-Control": "public, max-age=60"})
-
-
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()

@@ -18,7 +18,6 @@ A family is deleted whole (``prune_families``), once its last token expired.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import structlog
 from mesh_common.pruning import PruneJob
 from mesh_common.transactions import transaction
 
+from .digests import sha256
 from .settings import TokenPolicy
 
 log = structlog.get_logger()
@@ -49,10 +49,6 @@ class Rotated:
     refresh_token: str
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
 async def issue(
     cur: Any, user_id: str, policy: TokenPolicy, *, family_id: str | None = None, parent_id: str | None = None
 ) -> str:
@@ -69,7 +65,7 @@ async def issue(
         " FROM (SELECT COALESCE((SELECT session_expires_at FROM refresh_tokens WHERE id = %(parent)s::uuid),"
         " now() + make_interval(secs => %(max)s)) AS ends) AS session",
         {
-            "hash": _digest(token),
+            "hash": sha256(token),
             "user": user_id,
             "family": family_id or str(uuid.uuid4()),
             "parent": parent_id,
@@ -117,7 +113,7 @@ async def known(pool: aiopg.Pool, token: str) -> bool:
     otherwise hold the slots that logins and registrations wait for.
     """
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT 1 FROM refresh_tokens WHERE token_hash = %s", (_digest(token),))
+        await cur.execute("SELECT 1 FROM refresh_tokens WHERE token_hash = %s", (sha256(token),))
         return await cur.fetchone() is not None
 
 
@@ -131,7 +127,7 @@ async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
             "SELECT id::text, user_id::text, family_id::text, spent_at IS NOT NULL, revoked_at IS NOT NULL,"
             " expires_at <= now(), COALESCE(session_expires_at <= now(), false)"
             " FROM refresh_tokens WHERE token_hash = %s FOR UPDATE",
-            (_digest(token),),
+            (sha256(token),),
         )
         row = await cur.fetchone()
         stored = _Stored(*row) if row else None
@@ -167,7 +163,7 @@ async def _lock_family_of(cur: Any, token: str) -> str | None:
     await cur.execute(
         "SELECT family_id::text, pg_advisory_xact_lock(hashtextextended('refresh-family:' || family_id::text, 0))"
         " FROM refresh_tokens WHERE token_hash = %s",
-        (_digest(token),),
+        (sha256(token),),
     )
     row = await cur.fetchone()
     return row[0] if row else None

@@ -16,13 +16,13 @@ so that two side by side wait for each other rather than deadlock.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from . import repository
+from .digests import sha256
 
 VERIFICATION_TTL = 24 * 60 * 60  # seconds
 # A resend within this many seconds of the last code is refused: each one
@@ -48,10 +48,6 @@ class Issued:
         return self.expires_at.astimezone(UTC).isoformat()
 
 
-def _hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
 async def issue(cur: Any, user_id: str, email: str, *, requested: bool = False) -> Issued:
     """A new code for ``email``, the account's address, locked by the caller; ``requested``: a resend.
 
@@ -69,7 +65,7 @@ async def issue(cur: Any, user_id: str, email: str, *, requested: bool = False) 
     await cur.execute(
         "INSERT INTO email_verifications (token_hash, user_id, email, expires_at, requested)"
         " VALUES (%s, %s, %s, now() + make_interval(secs => %s), %s) RETURNING expires_at",
-        (_hash(token), user_id, email, VERIFICATION_TTL, requested),
+        (sha256(token), user_id, email, VERIFICATION_TTL, requested),
     )
     (expires_at,) = await cur.fetchone()
     return Issued(token, email, expires_at)
@@ -83,7 +79,7 @@ async def spend(cur: Any, token: str) -> str | None:
     have nothing left to prove. An address verified already keeps the time
     it was first verified at.
     """
-    token_hash = _hash(token)
+    token_hash = sha256(token)
     # Whose code it is, read without a lock: the account is locked before
     # its code, as an address change and a resend lock them.
     await cur.execute("SELECT user_id FROM email_verifications WHERE token_hash = %s", (token_hash,))
