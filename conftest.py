@@ -7,9 +7,12 @@ started from Debian's packages and our pinned Consul by the same code as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sys
-from collections.abc import Callable, Generator, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,48 @@ def amqp_vhost(infra: StackConfig) -> Callable[[str], str]:
     """
 
     return lambda name: rabbitmq.vhost(infra, name)
+
+
+# How long the broker may take to raise or clear a resource alarm.
+ALARM_BOUND = 60.0
+DiskAlarm = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+@pytest.fixture
+def disk_alarm(infra: StackConfig) -> DiskAlarm:
+    """``async with disk_alarm():`` the broker's disk alarm on for the block; its limit put back after.
+
+    RabbitMQ blocks every connection that publishes while a memory or disk
+    alarm is on, by no longer reading from it. The alarm is raised by
+    setting ``disk_free_limit`` above the free space, and the limit is put
+    back, and the alarm seen cleared, however the block ends.
+    """
+
+    def status() -> dict[str, object]:
+        answer: dict[str, object] = json.loads(rabbitmq.rabbitmqctl(infra, "status", "--formatter", "json"))
+        return answer
+
+    async def alarms_are(*, on: bool) -> None:
+        deadline = time.monotonic() + ALARM_BOUND
+        while bool((await asyncio.to_thread(status))["alarms"]) != on:
+            assert time.monotonic() < deadline, f"the broker's alarm never went {'on' if on else 'off'}"
+            await asyncio.sleep(0.5)
+
+    @contextlib.asynccontextmanager
+    async def alarm() -> AsyncIterator[None]:
+        before = await asyncio.to_thread(status)
+        assert not before["alarms"], f"an alarm is on already: {before['alarms']}"
+        limit = str(before["disk_free_limit"])
+        try:
+            above = str(10 * int(str(before["disk_free"])))
+            await asyncio.to_thread(rabbitmq.rabbitmqctl, infra, "set_disk_free_limit", above)
+            await alarms_are(on=True)
+            yield
+        finally:
+            await asyncio.to_thread(rabbitmq.rabbitmqctl, infra, "set_disk_free_limit", limit)
+            await alarms_are(on=False)
+
+    return alarm
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,12 @@ def ready(cfg: StackConfig) -> bool:
     return True
 
 
+def rabbitmqctl(cfg: StackConfig, *args: str, timeout: float = 30) -> str:
+    """``rabbitmqctl`` against the stack's node, as the stack runs it: the rabbitmq user, the node's environment."""
+    argv = ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", *args]
+    return run_checked(argv, env=_env(cfg), user="rabbitmq", timeout=timeout)
+
+
 def management(cfg: StackConfig, method: str, path: str, body: object = None) -> Any:
     """A call to the broker's management API (``path`` after ``/api``), as guest: its JSON answer, if any."""
     request = urllib.request.Request(

@@ -27,12 +27,18 @@ row is marked sent. Only a broker without our definitions returns an event:
 then the returned events are not marked (the rest of the batch is), the relay
 logs ``outbox_event_unroutable`` and tries again with backoff, and the events wait in the outbox until the
 topology is loaded. Nothing is dropped silently either way.
+
+During a resource alarm (memory or disk low) the broker reads nothing more
+from a connection that publishes, not even a channel's close, until the
+alarm clears. The batch that meets it fails by its bound; then the relay
+claims nothing, and waits for the alarm's end or a stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -42,7 +48,7 @@ import psycopg2
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from .amqp import AMQP
+from .amqp import AMQP, wait_unblocked
 from .app import CleanupCtx, wait_event, worker_ctx
 from .db import DB, STATEMENT_TIMEOUT
 from .events import EVENTS_EXCHANGE
@@ -125,35 +131,53 @@ class OutboxRelay:
         self._exchange: AbstractExchange | None = None
 
     async def _get_exchange(self) -> AbstractExchange | None:
-        """The exchange to publish to, once the broker is there; None if stopped first."""
+        """The exchange to publish to, once the broker takes what we send; None if stopped first."""
+        # While the broker is away there is nothing to do but wait: the rows
+        # stay in the outbox, and the robust connection reconnects. So too
+        # while it blocks this connection in a resource alarm (it reads
+        # nothing from a connection that published until the alarm clears):
+        # a channel opened, or a batch claimed, would only wait out its
+        # timeout. A stop ends the wait, with nothing in hand to finish:
+        # held here, a shutdown would sit out the grace meant for a batch.
+        if not await self._until_stopped(self._usable()):
+            return None
         if self._exchange is None:
-            # While the broker is away there is nothing to do but wait: the
-            # rows stay in the outbox, and the robust connection reconnects.
-            # A stop ends the wait, with nothing in hand to finish: held
-            # here, a shutdown would sit out the grace meant for a batch.
-            ready = asyncio.ensure_future(self._connection.ready())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            try:
-                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-                stopped.cancel()
-            if not ready.done() or ready.cancelled():
-                return None
-            ready.result()
-            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._exchange = await self._channel.declare_exchange(
-                EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-            )
+            # Bounded all the same: blocked at any moment, the broker would
+            # never answer the open.
+            async with asyncio.timeout(self._confirm_timeout):
+                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._exchange = await self._channel.declare_exchange(
+                    EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
         return self._exchange
+
+    async def _usable(self) -> None:
+        await self._connection.ready()
+        await wait_unblocked(self._connection)
+
+    async def _until_stopped(self, waiting: Awaitable[object], within: float | None = None) -> bool:
+        """Wait for ``waiting`` until stop() or ``within`` seconds; whether it ended first (its error is raised)."""
+        task = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()
+            stopped.cancel()
+        if not task.done() or task.cancelled():
+            return False
+        task.result()
+        return True
 
     async def _drop_channel(self) -> None:
         # A failed publish may leave the channel unusable; a new one is opened
-        # for the next batch, and this one is closed rather than leaked.
+        # for the next batch, and this one is closed rather than leaked. Not
+        # waited for past a stop or the confirm timeout: a broker that blocks
+        # the connection answers no close until its alarm clears.
         channel, self._channel, self._exchange = self._channel, None, None
         if channel is not None:
             with contextlib.suppress(Exception):
-                await channel.close()
+                await self._until_stopped(channel.close(), within=self._confirm_timeout)
 
     async def publish_batch(self) -> int:
         """Publish one batch of unsent rows; returns how many were sent."""

@@ -27,6 +27,8 @@ SECRET = "a-verification-code-nobody-else-may-read"
 class Broker:
     """The robust connection, channel and exchange the relay uses, in one; confirms every publish, or refuses it."""
 
+    transport = None  # aio-pika's: where the broker's blocking shows, and a double's never blocked
+
     def __init__(self, *, up: bool = True) -> None:
         self.up = up
         self.published: list[str] = []

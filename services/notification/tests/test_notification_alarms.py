@@ -2,71 +2,31 @@
 
 RabbitMQ blocks a connection that publishes while a memory or disk alarm is
 on, by no longer reading from it, acks included; a connection that only
-consumes goes on. These tests raise a disk alarm on the test broker (its
-``disk_free_limit`` set above the free space) and always put the limit back.
+consumes goes on. These tests raise a disk alarm on the test broker (the root conftest's
+``disk_alarm``) and always put it back.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
-from typing import Any
 
 from notification_support import Broker, StartService, eventually, new_user, verification_requested
 from smtp_sink import SmtpSink
 
-from devstack import rabbitmq
-from devstack.config import StackConfig
-from devstack.procs import run_checked
 from mesh_common.amqp import AMQP, AMQP_PUBLISHING, blocked
 from notification_service.keys import CONSUMER
 from notification_service.settings import Settings
 from notification_service.topology import Topology
 
+DiskAlarm = Callable[[], AbstractAsyncContextManager[None]]  # the root conftest's fixture
 GOOD = 40  # more than the prefetch window (32): the last ones come only once the first are acked
-ALARM_BOUND = 60.0  # how long the broker may take to raise or clear the alarm
-
-
-def rabbitmqctl(infra: StackConfig, *args: str) -> str:
-    # As the stack runs it: the rabbitmq user, with the node's environment (devstack.rabbitmq).
-    return run_checked(
-        ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", *args], env=rabbitmq._env(infra), user="rabbitmq", timeout=30
-    )
-
-
-def status(infra: StackConfig) -> dict[str, Any]:
-    answer: dict[str, Any] = json.loads(rabbitmqctl(infra, "status", "--formatter", "json"))
-    return answer
-
-
-@asynccontextmanager
-async def disk_alarm(infra: StackConfig) -> AsyncIterator[None]:
-    """The broker's disk alarm on, for the block; its limit put back after, and the alarm seen cleared."""
-    before = await asyncio.to_thread(status, infra)
-    assert not before["alarms"], f"an alarm is on already: {before['alarms']}"
-    limit = str(before["disk_free_limit"])
-    try:
-        await asyncio.to_thread(rabbitmqctl, infra, "set_disk_free_limit", str(10 * int(before["disk_free"])))
-        await _alarms_are(infra, on=True)
-        yield
-    finally:
-        await asyncio.to_thread(rabbitmqctl, infra, "set_disk_free_limit", limit)
-        await _alarms_are(infra, on=False)
-
-
-async def _alarms_are(infra: StackConfig, *, on: bool) -> None:
-    deadline = time.monotonic() + ALARM_BOUND
-    while bool((await asyncio.to_thread(status, infra))["alarms"]) != on:
-        assert time.monotonic() < deadline, f"the broker's alarm never went {'on' if on else 'off'}"
-        await asyncio.sleep(0.5)
 
 
 async def test_a_retry_during_a_disk_alarm_holds_its_event_and_the_good_ones_are_all_sent(
-    infra: StackConfig, settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink
+    disk_alarm: DiskAlarm, settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink
 ) -> None:
     # On one connection, the first copy for a retry queue got it blocked: the
     # good events' acks went unread, and the 9 past the prefetch window never
@@ -79,7 +39,7 @@ async def test_a_retry_during_a_disk_alarm_holds_its_event_and_the_good_ones_are
     for event in good:
         await broker.publish(event)
 
-    async with disk_alarm(infra):
+    async with disk_alarm():
         service = await start_service(smtp=replace(settings.smtp, attempts=1))
         consumer = service.app[CONSUMER]
         await eventually(lambda: len(smtp.received) == GOOD, within=30, what="every good email, during the alarm")
@@ -99,14 +59,14 @@ async def test_a_retry_during_a_disk_alarm_holds_its_event_and_the_good_ones_are
 
 
 async def test_a_delivery_held_by_an_alarm_is_given_back_at_once_when_the_service_stops(
-    infra: StackConfig, settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink,
+    disk_alarm: DiskAlarm, settings: Settings, start_service: StartService, broker: Broker, smtp: SmtpSink,
     topology: Topology,
 ) -> None:  # fmt: skip
     deferred = new_user()
     smtp.refuse[deferred["email"]] = "451 4.3.0 Try again later"
     await broker.publish(verification_requested(deferred))
 
-    async with disk_alarm(infra):
+    async with disk_alarm():
         service = await start_service(smtp=replace(settings.smtp, attempts=1))
         consumer = service.app[CONSUMER]
         # Its copy went out, and the broker blocked the connection it went out on.

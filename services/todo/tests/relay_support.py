@@ -18,6 +18,8 @@ class FakeBroker:
     the instance down with it.
     """
 
+    transport = None  # aio-pika's: where the broker's blocking shows, and a double's never blocked
+
     def __init__(self, confirm: Callable[[aio_pika.Message], Awaitable[None]]) -> None:
         self._confirm = confirm
 

@@ -33,6 +33,8 @@ class _ClosingChannel:
 
 
 class _Connection:
+    transport = None  # aio-pika's: where the broker's blocking shows, and a double's never blocked
+
     async def ready(self) -> None:
         pass
 
