@@ -63,10 +63,12 @@ async def mark_notification_sent(pool: aiopg.Pool, event_id: str, kind: str) -> 
     # Whoever holds the claim now: the email did go out, so "sent" is true,
     # and it stops a takeover that would send it yet again. True of an
     # 'unconfirmed' one too, should the 250 of a late delivery come after it.
-    # The first sent_at stays.
+    # The first sent_at stays. Stamped as the row is written, not when the
+    # statement began (now()), which a wait for the row's lock would put
+    # before rows committed meanwhile: GET /notifications pages by it.
     async with cursor(pool) as cur:
         await cur.execute(
-            "UPDATE notifications SET status = 'sent', sent_at = now()"
+            "UPDATE notifications SET status = 'sent', sent_at = clock_timestamp()"
             " WHERE event_id = %s AND kind = %s AND status IN ('sending', 'unconfirmed')",
             (event_id, kind),
         )

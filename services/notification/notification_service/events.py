@@ -123,10 +123,13 @@ def timestamp(raw: object, what: str) -> datetime:
         raise MalformedEvent(f"{what} must be an ISO 8601 string")
     try:
         moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise MalformedEvent(f"{what} must be an ISO 8601 string") from None
-    # Producers write UTC; a timestamp without an offset is read as UTC too.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        # Producers write UTC; a timestamp without an offset is read as UTC
+        # too. Made UTC here, where the last day of 9999 west of Greenwich,
+        # past datetime's range, is refused as malformed, not met later as
+        # a bug to retry.
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise MalformedEvent(f"{what} must be an ISO 8601 string within years 1-9999") from None
 
 
 def occurred_at(event: Event) -> datetime:

@@ -153,3 +153,15 @@ async def test_a_code_that_is_not_a_url_safe_token_is_malformed_and_not_echoed(t
     with pytest.raises(MalformedEvent) as refused:
         await handler.handle(verification_requested(user, token=token))
     assert token not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "expires_at", ["9999-12-31T23:59:59-01:00", "tomorrow"], ids=["past-year-9999-in-utc", "no-date"]
+)
+async def test_an_expiry_that_is_no_instant_in_utc_is_malformed(expires_at: str) -> None:
+    # Not an error to retry: the same event fails the same way every time.
+    handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
+    event = verification_requested(new_user())
+    event.data["expires_at"] = expires_at
+    with pytest.raises(MalformedEvent, match=r"data\.expires_at"):
+        await handler.handle(event)
