@@ -144,10 +144,14 @@ async def sleep_until_cancelled_by_the_server(cur: Any, pool: Any) -> None:
 
     async def cancel() -> None:
         async with pool.acquire() as conn, conn.cursor() as other:
-            for _ in range(100):  # until the statement is running
+            # Until the statement runs: a cancel that came before would be
+            # lost on an idle session, and the statement run its 10 s.
+            deadline = time.monotonic() + 5
+            while True:
                 await other.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
                 if (await other.fetchone()) == ("active",):
                     break
+                assert time.monotonic() < deadline, "the statement to cancel never ran"
                 await asyncio.sleep(0.02)
             await other.execute("SELECT pg_cancel_backend(%s)", (pid,))
 
