@@ -45,6 +45,10 @@ with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
     log.write(json.dumps({{"argv": ["docker", *args], "env": {{k: os.environ.get(k) for k in watched}}}}) + "\\n")
 if args == ["info"]:
     sys.exit(0 if os.environ["FAKE_DOCKER_ENGINE"] == "up" else 1)
+if args[:1] == ["compose"] and os.environ.get("FAKE_DOCKER_COMPOSE") == "missing":
+    sys.exit("docker: 'compose' is not a docker command.")
+if args[:2] == ["compose", "down"] and os.environ.get("FAKE_DOCKER_COMPOSE_DOWN") == "fails":
+    sys.exit("service redis refused to stop")
 if args[:2] == ["compose", "port"]:
     print(json.loads(os.environ.get("FAKE_DOCKER_PORTS", "{{}}")).get(" ".join(args[2:]), "127.0.0.1:" + args[3]))
 """
@@ -75,7 +79,7 @@ class Tree:
     def dotenv(self) -> Path:
         return self.root / ".env"
 
-    def task(self, *args: str, engine: str = "up", **env: str) -> subprocess.CompletedProcess[str]:
+    def task(self, *args: str, engine: str = "up", ok: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if k not in CLEARED and not k.startswith("MESH_")}
         base |= {
             "PATH": f"{self.bin}:{os.environ['PATH']}",
@@ -90,7 +94,7 @@ class Tree:
             text=True,
             timeout=TASK_TIMEOUT,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert (result.returncode == 0) == ok, result.stdout + result.stderr
         return result
 
     def calls(self) -> list[dict[str, Any]]:
@@ -103,8 +107,9 @@ class Tree:
 
 
 def acting(calls: list[dict[str, Any]]) -> list[list[str]]:
-    """The calls that do something: not `docker info`, asked to choose."""
-    return [call["argv"] for call in calls if call["argv"] != ["docker", "info"]]
+    """The calls that do something: not `docker info` or `docker compose version`, asked to choose."""
+    asked = (["docker", "info"], ["docker", "compose", "version"])
+    return [call["argv"] for call in calls if call["argv"] not in asked]
 
 
 def compose_up(calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,3 +222,19 @@ def test_scale_acts_on_the_native_stack_while_it_runs_and_on_compose_otherwise(
 
     tree.task(*scale, engine="down")
     assert acting(tree.calls()) == [["devstack", "scale", "todo", "3"]]
+
+
+def test_a_docker_without_compose_leaves_scale_to_the_native_stack(tree: Tree) -> None:
+    # Debian's docker.io: `docker info` answers, `docker compose` is no command.
+    tree.task("scale", "SERVICE=todo", "N=3", f"DEVSTACK={tree.bin / 'devstack'}", FAKE_DOCKER_COMPOSE="missing")
+    assert acting(tree.calls()) == [["devstack", "scale", "todo", "3"]]
+
+
+def test_down_stops_the_native_stacks_even_when_compose_fails(tree: Tree) -> None:
+    down = ("down", f"DEVSTACK={tree.bin / 'devstack'}")
+    tree.task(*down, FAKE_DOCKER_COMPOSE="missing")
+    natives = [["devstack", "down"], ["devstack", "--profile", "test", "down"]]
+    assert acting(tree.calls()) == natives
+    # A compose that answers and fails to stop its stack fails the task, after the native ones stopped.
+    tree.task(*down, ok=False, FAKE_DOCKER_COMPOSE_DOWN="fails")
+    assert acting(tree.calls()) == [*natives, ["docker", "compose", "down"]]
