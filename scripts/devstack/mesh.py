@@ -14,7 +14,7 @@ import yaml
 
 from .config import ROOT, SERVICE_PACKAGES, StackConfig
 from .infra import binary
-from .procs import LOG_KEEP_BYTES, Proc, rotate_log
+from .procs import LOG_KEEP_BYTES, Proc, rotate_log, running
 
 # -- Our services ----------------------------------------------------------------
 # What a service runs is read from the repo (editable installs): an instance
@@ -54,9 +54,11 @@ def envoy(
     kernel chose, which no one else can take before Envoy binds it. ``edit``,
     if given, changes the parsed config in place before Envoy reads it.
     """
-    # Envoy appends its access log itself, not through start()'s stdout.
+    # Envoy appends its access log itself, not through start()'s stdout;
+    # moved aside under a running Envoy, it would go on writing the old one.
     access_log = cfg.run_dir / "logs" / "envoy-access.log"
-    rotate_log(access_log, LOG_KEEP_BYTES)
+    if "envoy" not in running(cfg.run_dir):
+        rotate_log(access_log, LOG_KEEP_BYTES)
     template = string.Template((ROOT / "envoy" / "envoy.native.yaml").read_text())
     rendered = template.substitute(
         ENVOY_PORT=cfg.ports.envoy,
@@ -82,4 +84,5 @@ def envoy(
     # Envoy from the wheel stops when the process that started it exits, so a
     # small shell stays as its parent and passes SIGTERM on.
     keeper = 'trap \'kill -TERM "$child" 2>/dev/null\' TERM INT; "$@" & child=$!; wait "$child"; wait "$child"'
-    return Proc("envoy", ["/bin/sh", "-c", keeper, "envoy", *argv], env={})
+    # The rendered config is its source: an Envoy started from another one is stale.
+    return Proc("envoy", ["/bin/sh", "-c", keeper, "envoy", *argv], env={}, sources=(path,))

@@ -198,8 +198,22 @@ def scale(
         )
 
 
+def current_envoy(cfg: StackConfig) -> Proc:
+    """Envoy as ``up`` starts it, its config rendered; one running from another config is stopped.
+
+    As with the instances (``scale``): kept, an Envoy started before an edit
+    of envoy/envoy.native.yaml would serve the old routes and timeouts.
+    """
+    envoy = mesh.envoy(cfg)
+    if "envoy" in running(cfg.run_dir) and started_as(cfg.run_dir, "envoy") != envoy.fingerprint():
+        say("envoy runs an older config: starting it again")
+        stop(cfg.run_dir, "envoy", grace=STOP_GRACE)
+    return envoy
+
+
 def up(cfg: StackConfig) -> None:
     up_infra(cfg)
+    envoy = current_envoy(cfg)
     if "envoy" not in running(cfg.run_dir):
         require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
     cfg.service_secret()  # once, before instances start in parallel
@@ -222,7 +236,7 @@ def up(cfg: StackConfig) -> None:
                 say("waiting for the instances still starting, so that they are stopped too ...")
             raise
     if "envoy" not in running(cfg.run_dir):
-        start(cfg.run_dir, mesh.envoy(cfg))
+        start(cfg.run_dir, envoy)
     ready(cfg, "envoy", lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None, "the API through Envoy")
 
 

@@ -251,3 +251,30 @@ def test_an_instance_left_running_from_older_code_is_started_again(
     finally:
         for name in running(cfg.run_dir):
             stop(cfg.run_dir, name)
+
+
+def test_an_envoy_left_running_from_an_older_config_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
+    flush = {"interval": "5s"}  # what an edit of envoy/envoy.native.yaml changes
+    real_envoy = mesh.envoy
+
+    def stand_in(cfg: StackConfig) -> Proc:
+        # A sleeper in Envoy's place, with the real Envoy's rendered config as its source.
+        rendered = real_envoy(cfg, edit=lambda config: config.update(stats_flush_interval=flush["interval"]))
+        return replace(sleeper("envoy"), sources=rendered.sources)
+
+    monkeypatch.setattr(mesh, "envoy", stand_in)
+    try:
+        start(cfg.run_dir, stack.current_envoy(cfg))
+        first = running(cfg.run_dir)["envoy"]
+        stack.current_envoy(cfg)
+        assert running(cfg.run_dir).get("envoy") == first  # the same config: kept
+        flush["interval"] = "10s"  # an edit, with the stack left up
+        stack.current_envoy(cfg)
+        assert "envoy" not in running(cfg.run_dir)  # stopped, for `up` to start anew
+        assert not alive(first)
+    finally:
+        for name in running(cfg.run_dir):
+            stop(cfg.run_dir, name)
