@@ -59,6 +59,7 @@ CHECK_TIMEOUT = 1.5  # below Consul's check timeout (consul.CHECK_HTTP_TIMEOUT)
 # A check answered within this long says the instance listens now: longer
 # than an agent's restart, shorter than the minute of failed live checks
 # after which Consul reaps an instance that still runs but no longer answers.
+# Checks are called at least three times as often (settings.CHECK_INTERVAL_MAX).
 ANSWERED_LATELY = 30.0
 
 

@@ -88,14 +88,27 @@ def _seconds(parts: list[tuple[str, str]]) -> float:
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
-def env_duration(env: Mapping[str, str], name: str, default: str, *, at_least: str | None = None) -> str:
-    """A duration in Go's syntax; ``at_least`` is a floor Consul would otherwise apply without a word."""
+def env_duration(
+    env: Mapping[str, str],
+    name: str,
+    default: str,
+    *,
+    at_least: str | None = None,
+    at_most: tuple[str, str] | None = None,
+) -> str:
+    """A duration in Go's syntax.
+
+    ``at_least`` is a floor Consul would otherwise apply without a word;
+    ``at_most``, a ceiling and the reason for it.
+    """
     raw = env_str(env, name, default).strip()
     parts = _GO_DURATION.findall(raw)
     if not raw or "".join(n + u for n, u in parts) != raw or not any(re.search(r"[1-9]", n) for n, _ in parts):
         raise SettingsError(f"{name} must be a positive duration such as 10s, 1m or 1m30s, got {raw!r}")
     if at_least is not None and _seconds(parts) < _seconds(_GO_DURATION.findall(at_least)):
         raise SettingsError(f"{name} must be at least {at_least}, Consul's minimum, got {raw!r}")
+    if at_most is not None and _seconds(parts) > _seconds(_GO_DURATION.findall(at_most[0])):
+        raise SettingsError(f"{name} must be at most {at_most[0]} ({at_most[1]}), got {raw!r}")
     return raw
 
 
@@ -104,6 +117,11 @@ def env_duration(env: Mapping[str, str], name: str, default: str, *, at_least: s
 CONSUL_MIN_DEREGISTER_AFTER = "1m"
 # And a shorter check interval to this, with a warning in its own log only.
 CONSUL_MIN_CHECK_INTERVAL = "1s"
+# Re-registering after an agent's restart, an instance tells Consul its
+# checks pass if one was answered in the last 30 s (health.ANSWERED_LATELY);
+# checks called less often than this would have it start them critical,
+# out of the healthy set, for an interval.
+CHECK_INTERVAL_MAX = ("10s", "checks answered within 30 s keep an instance passing through an agent's restart")
 # The agent's own ports, plain and TLS: a URL's defaults (80, 443) are never Consul's.
 CONSUL_PORTS = {"http": 8500, "https": 8501}
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
@@ -204,7 +222,9 @@ class ServiceSettings:
             advertise_address=env_str(env, "SERVICE_ADVERTISE_ADDRESS", "") or _advertise_address(host),
             consul_url=env_consul_url(env),
             log_format=env_log_format(env),
-            check_interval=env_duration(env, "CONSUL_CHECK_INTERVAL", "1s", at_least=CONSUL_MIN_CHECK_INTERVAL),
+            check_interval=env_duration(
+                env, "CONSUL_CHECK_INTERVAL", "1s", at_least=CONSUL_MIN_CHECK_INTERVAL, at_most=CHECK_INTERVAL_MAX
+            ),
             deregister_after=env_duration(env, "CONSUL_DEREGISTER_AFTER", "1m", at_least=CONSUL_MIN_DEREGISTER_AFTER),
             consul_token=env_str(env, "CONSUL_HTTP_TOKEN", "") or None,
         )

@@ -28,7 +28,7 @@ def test_an_unknown_log_format_is_refused_not_taken_for_console() -> None:
         settings(LOG_FORMAT="jsonl")
 
 
-@pytest.mark.parametrize("raw", ["1s", "1000ms", "1m30s", "1.5s", "2h", "1000000us", "1000000µs"])
+@pytest.mark.parametrize("raw", ["1s", "1000ms", "1s500ms", "1.5s", "10s", "0.1m", "1000000us", "1000000µs"])
 def test_check_intervals_in_gos_syntax_are_taken(raw: str) -> None:
     assert settings(CONSUL_CHECK_INTERVAL=raw).check_interval == raw
 
@@ -39,6 +39,13 @@ def test_a_check_interval_consul_would_raise_to_its_minimum_is_refused(raw: str)
     with pytest.raises(
         SettingsError, match=f"CONSUL_CHECK_INTERVAL must be at least 1s, Consul's minimum, got '{raw}'"
     ):
+        settings(CONSUL_CHECK_INTERVAL=raw)
+
+
+@pytest.mark.parametrize("raw", ["11s", "30s", "1m"])
+def test_a_check_interval_too_long_for_a_re_registration_to_pass_is_refused(raw: str) -> None:
+    # A re-registration after an agent's restart would start the checks critical.
+    with pytest.raises(SettingsError, match=f"CONSUL_CHECK_INTERVAL must be at most 10s .*, got '{raw}'"):
         settings(CONSUL_CHECK_INTERVAL=raw)
 
 
