@@ -213,7 +213,6 @@ def current_envoy(cfg: StackConfig) -> Proc:
 
 def up(cfg: StackConfig) -> None:
     up_infra(cfg)
-    envoy = current_envoy(cfg)
     if "envoy" not in running(cfg.run_dir):
         require_free({"envoy": cfg.ports.envoy, "envoy admin": cfg.ports.envoy_admin})
     cfg.service_secret()  # once, before instances start in parallel
@@ -235,6 +234,9 @@ def up(cfg: StackConfig) -> None:
             if not all(one.done() for one in scaling):
                 say("waiting for the instances still starting, so that they are stopped too ...")
             raise
+    # Only now: an `up` that fails before this leaves a stack that was up
+    # as it was, its Envoy included.
+    envoy = current_envoy(cfg)
     if "envoy" not in running(cfg.run_dir):
         start(cfg.run_dir, envoy)
     ready(cfg, "envoy", lambda: get_json(f"{cfg.api_url}/.well-known/jwks.json") is not None, "the API through Envoy")

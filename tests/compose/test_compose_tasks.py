@@ -60,6 +60,7 @@ FAKE_DEVSTACK = """#!{python}
 import json, os, sys
 with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
     log.write(json.dumps({{"argv": ["devstack", *sys.argv[1:]], "env": {{}}}}) + "\\n")
+sys.exit(os.environ.get("FAKE_DEVSTACK") == "refuses")  # as it does while another holds the stack's lock
 """
 
 # Variables of the caller's shell that would change what is tested (go-task
@@ -235,6 +236,9 @@ def test_down_stops_the_native_stacks_even_when_compose_fails(tree: Tree) -> Non
     tree.task(*down, FAKE_DOCKER_COMPOSE="missing")
     natives = [["devstack", "down"], ["devstack", "--profile", "test", "down"]]
     assert acting(tree.calls()) == natives
-    # A compose that answers and fails to stop its stack fails the task, after the native ones stopped.
+    # A compose that answers and fails to stop its stack fails the task, and the native ones are stopped all the same.
     tree.task(*down, ok=False, FAKE_DOCKER_COMPOSE_DOWN="fails")
-    assert acting(tree.calls()) == [*natives, ["docker", "compose", "down"]]
+    assert acting(tree.calls()) == [["docker", "compose", "down"], *natives]
+    # And a native stack that refuses (its lock held) leaves no other running.
+    tree.task(*down, ok=False, FAKE_DEVSTACK="refuses")
+    assert acting(tree.calls()) == [["docker", "compose", "down"], *natives]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Protocol
 
@@ -95,6 +95,26 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
+async def until_set(event: asyncio.Event, waiting: Awaitable[object], within: float | None = None) -> bool:
+    """Wait for ``waiting`` until ``event`` is set or ``within`` seconds pass; whether it ended first.
+
+    Its error, if it ended with one, is raised. Otherwise it is cancelled
+    and not waited for: what it waits on (a broker that reads nothing,
+    say) may not let even its cancellation end soon.
+    """
+    task = asyncio.ensure_future(waiting)
+    setting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, setting}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        setting.cancel()
+    if not task.done() or task.cancelled():
+        return False
+    task.result()
+    return True
+
+
 class WorkerEnd:
     """A background task's done callback: logs its end unless it was told to stop.
 
@@ -124,6 +144,7 @@ __all__ = [
     "Worker",
     "WorkerEnd",
     "service_app",
+    "until_set",
     "wait_event",
     "worker_ctx",
 ]

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -48,8 +47,8 @@ import psycopg2
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from .amqp import AMQP, wait_unblocked
-from .app import CleanupCtx, wait_event, worker_ctx
+from .amqp import AMQP, blocked, wait_unblocked
+from .app import CleanupCtx, until_set, wait_event, worker_ctx
 from .db import DB, STATEMENT_TIMEOUT
 from .events import EVENTS_EXCHANGE
 from .outbox import OUTBOX_COMMITTED
@@ -139,35 +138,30 @@ class OutboxRelay:
         # a channel opened, or a batch claimed, would only wait out its
         # timeout. A stop ends the wait, with nothing in hand to finish:
         # held here, a shutdown would sit out the grace meant for a batch.
-        if not await self._until_stopped(self._usable()):
+        if not await until_set(self._stopped, self._usable()):
             return None
-        if self._exchange is None:
-            # Bounded all the same: blocked at any moment, the broker would
-            # never answer the open.
-            async with asyncio.timeout(self._confirm_timeout):
-                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                self._exchange = await self._channel.declare_exchange(
-                    EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-                )
+        # Bounded all the same, and ended by a stop: blocked at any moment,
+        # the broker would never answer the open.
+        if self._exchange is None and not await until_set(self._stopped, self._open(), within=self._confirm_timeout):
+            if self._stopped.is_set():
+                return None
+            raise TimeoutError("the broker opened no channel within the confirm timeout")
         return self._exchange
 
     async def _usable(self) -> None:
         await self._connection.ready()
-        await wait_unblocked(self._connection)
+        if blocked(self._connection):
+            # Said once a wait: the outbox grows meanwhile, and this is why.
+            log.warning("outbox_relay_blocked", why="the broker's resource alarm (memory or disk low)")
+            await wait_unblocked(self._connection)
+            log.info("outbox_relay_unblocked")
 
-    async def _until_stopped(self, waiting: Awaitable[object], within: float | None = None) -> bool:
-        """Wait for ``waiting`` until stop() or ``within`` seconds; whether it ended first (its error is raised)."""
-        task = asyncio.ensure_future(waiting)
-        stopped = asyncio.ensure_future(self._stopped.wait())
-        try:
-            await asyncio.wait({task, stopped}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            task.cancel()
-            stopped.cancel()
-        if not task.done() or task.cancelled():
-            return False
-        task.result()
-        return True
+    async def _open(self) -> None:
+        self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Kept from here on, for _drop_channel to close should the declare fail.
+        self._exchange = await self._channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
 
     async def _drop_channel(self) -> None:
         # A failed publish may leave the channel unusable; a new one is opened
@@ -177,7 +171,7 @@ class OutboxRelay:
         channel, self._channel, self._exchange = self._channel, None, None
         if channel is not None:
             with contextlib.suppress(Exception):
-                await self._until_stopped(channel.close(), within=self._confirm_timeout)
+                await until_set(self._stopped, channel.close(), within=self._confirm_timeout)
 
     async def publish_batch(self) -> int:
         """Publish one batch of unsent rows; returns how many were sent."""
