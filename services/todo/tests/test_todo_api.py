@@ -6,6 +6,7 @@ import json
 import uuid
 
 import aiopg
+import pytest
 from multidict import CIMultiDict
 
 from todo_service.events import EVENT_TYPES
@@ -93,6 +94,31 @@ async def test_if_match_on_several_lines_is_one_list(client, alice):
     resp = await client.patch(f"/todos/{todo['id']}", json={"title": "v3"}, headers=headers)
     assert resp.status == 200, await resp.text()
     assert resp.headers["ETag"] == 'W/"3"'
+
+
+async def test_if_match_with_empty_members_and_a_comma_in_a_tag_is_read_as_a_list(client, alice):
+    todo = await create(client, alice)
+    resp = await client.patch(
+        f"/todos/{todo['id']}", json={"title": "v2"}, headers={**alice.headers, "If-Match": ', "a,b" ,, W/"1" ,'}
+    )
+    assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize("if_match", ["1", "W/1", 'w/"1"', '"1" "2"', '"1', '*, W/"1"'])
+async def test_an_if_match_that_is_no_entity_tag_is_refused_and_nothing_changes(client, alice, if_match):
+    # Read as matching nothing, it made a 412 "changed since you read it",
+    # which the same request, after fetching the todo, met again for ever.
+    todo = await create(client, alice)
+    for method, path, body in (("PATCH", "", {"title": "v2"}), ("POST", "/complete", None), ("DELETE", "", None)):
+        resp = await client.request(
+            method, f"/todos/{todo['id']}{path}", json=body, headers={**alice.headers, "If-Match": if_match}
+        )
+        assert resp.status == 422, method + path
+        problem = await resp.json()
+        assert problem["code"] == "VALIDATION_FAILED"
+        assert [e["field"] for e in problem["errors"]] == ["If-Match"]
+    current = await (await client.get(f"/todos/{todo['id']}", headers=alice.headers)).json()
+    assert (current["version"], current["title"]) == (1, todo["title"])
 
 
 async def test_completing_twice_changes_the_todo_once(client, alice):

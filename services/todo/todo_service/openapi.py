@@ -38,11 +38,13 @@ _INVALID = problem_answer("The request is invalid (VALIDATION_FAILED, with error
 _UNAUTHORIZED = problem_answer("No valid access token")
 _FORBIDDEN = problem_answer("A service token, which names no user (FORBIDDEN)")
 _PRECONDITION = problem_answer("The If-Match tag is not the todo's current one (PRECONDITION_FAILED)")
+_PUBLISHED = "Published by the gateway, which adds answers of its own (429, 502-504: docs/gateway.md)"
+_IDEMPOTENT = "A retry with the same key and body gets the same todo while the key is kept (a day by default)"
 _TODO_ID = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IF_MATCH = {
     "name": "If-Match",
     "in": "header",
-    "description": 'The ETag you last saw (W/"<version>"); the change is refused with 412 if it is stale',
+    "description": 'The ETag you last saw (W/"<version>"): 412 if it is stale, 422 if it is no entity tag',
     "schema": {"type": "string"},
 }
 
@@ -58,6 +60,7 @@ def _change(summary: str, operation_id: str, ok: str, *, body: bool = False) -> 
             "403": _FORBIDDEN,
             "404": _NOT_FOUND,
             "412": _PRECONDITION,
+            "422": _INVALID,
         },
     }
     if body:
@@ -65,7 +68,6 @@ def _change(summary: str, operation_id: str, ok: str, *, body: bool = False) -> 
             "required": True,
             "content": {"application/json": {"schema": _ref("schemas/TodoChanges")}},
         }
-        operation["responses"]["422"] = _INVALID
     return operation
 
 
@@ -84,7 +86,9 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": "Each user's todos. Every operation is scoped to the caller's own todos.",
         },
-        "servers": [{"url": "/api/v1", "description": "Published by the gateway"}],
+        "servers": [
+            {"url": "/api/v1", "description": "Published by the gateway, which adds answers of its own (429, 502-504)"}
+        ],
         "security": [{"bearer": []}],
         "paths": {
             "/todos": {
@@ -95,7 +99,7 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
-                            "description": "A retry with the same key and body gets the same todo, never a second one",
+                            "description": _IDEMPOTENT,
                             "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
                         }
                     ],
@@ -184,6 +188,7 @@ def openapi_document() -> dict[str, Any]:
                         "403": _FORBIDDEN,
                         "404": _NOT_FOUND,
                         "412": _PRECONDITION,
+                        "422": _INVALID,
                     },
                 },
             },

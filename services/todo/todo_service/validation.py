@@ -209,19 +209,40 @@ class IfMatch:
         return self.versions is None or str(version) in self.versions
 
 
-_ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
+# One member of the list (RFC 9110 §8.8.3), and the separator after it; a
+# tag may hold a comma, so the list is read tag by tag, not split on commas.
+_LISTED_TAG = re.compile(r'[ \t]*(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|$)')
 
 
 def parse_if_match(lines: Sequence[str]) -> IfMatch | None:
-    """The If-Match header from all its lines, which RFC 9110 reads as one list."""
+    """The If-Match header from all its lines, which RFC 9110 reads as one list.
+
+    A tag that is not one (``3`` for ``"3"``) is refused: read as matching
+    nothing, it made a 412 that a client, fetching the todo and sending the
+    same again, met for ever.
+    """
     if not lines:
         return None
     header = ",".join(lines)
     if header.strip() == "*":
         return IfMatch(None)
-    # A malformed tag matches nothing: the precondition fails, as it should.
-    tags = (_ENTITY_TAG.fullmatch(part) for part in header.split(","))
-    return IfMatch(frozenset(tag.group(1) for tag in tags if tag))
+    versions, at = set(), _past_empty_members(header, 0)
+    while at < len(header):
+        if (tag := _LISTED_TAG.match(header, at)) is None:
+            raise ValidationFailed(
+                "The If-Match header is invalid",
+                errors=[_error("If-Match", 'must be * or entity tags, such as W/"3" from the ETag')],
+            )
+        versions.add(tag.group(1))
+        at = _past_empty_members(header, tag.end())
+    return IfMatch(frozenset(versions))
+
+
+def _past_empty_members(header: str, at: int) -> int:
+    # A list may have empty members ("a, , b"): RFC 9110 §5.6.1 has them skipped.
+    while at < len(header) and header[at] in " \t,":
+        at += 1
+    return at
 
 
 IDEMPOTENCY_KEY_MAX = 255
