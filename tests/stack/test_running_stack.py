@@ -137,6 +137,8 @@ def test_an_up_without_counts_keeps_the_instances_that_run(tmp_path: Path, monke
     monkeypatch.setattr(
         mesh, "service", lambda cfg, svc, n: Proc(f"{svc}-{n}", [sys.executable, "-c", LISTENER], env={})
     )
+    # The Envoy `up` would start is the one running: kept, as the instances are.
+    monkeypatch.setattr(mesh, "envoy", lambda cfg: sleeper("envoy"))
     with serving(ConsulAndEnvoy) as port:
         # The todo-service's count left out, as `task up` renders it; none of the others.
         counts = {f"MESH_{svc.upper()}_INSTANCES": "" if svc == "todo" else "0" for svc in (*SERVICES, "gateway")}
