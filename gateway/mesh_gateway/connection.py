@@ -46,6 +46,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._parser = httptools.HttpResponseParser(self)
+        # Made inside the loop's create_connection: its loop, asked once, not per request.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self._reset()
@@ -207,15 +209,31 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, head: bytes, body: bytes | None) -> None:
-        """Send one request and wait for the response's head."""
+    async def exchange(self, head: bytes, body: bytes | None, deadline: float | None = None) -> None:
+        """Send one request and wait for the response's head: ``TimeoutError`` once ``deadline`` passes."""
         if self.transport is None or self.transport.is_closing():
             # Closed before a byte of this request left: as good as never connected.
             raise UpstreamConnectError("the connection closed before the request was sent")
         self._reset()
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = head_ = self._loop.create_future()
         self.transport.write(head + body if body else head)
-        await self._head
+        # A timer that fails the wait itself, not an asyncio.timeout: that
+        # costs a cancellation's machinery (2.7 us against 1), on every request.
+        timer = None if deadline is None else self._loop.call_at(deadline, self._late, head_)
+        try:
+            await head_
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _late(head: asyncio.Future[None]) -> None:
+        if not head.done():
+            head.set_exception(TimeoutError())
+
+    def body_in_hand(self) -> list[bytes] | None:
+        """The unread rest of the body if all of it is in, so that no wait is needed; else None."""
+        return list(self._chunks) if self._complete else None
 
     async def next_chunk(self) -> bytes | None:
         while not self._chunks:
@@ -223,7 +241,7 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return None
-            self._wakeup = asyncio.get_running_loop().create_future()
+            self._wakeup = self._loop.create_future()
             await self._wakeup
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)

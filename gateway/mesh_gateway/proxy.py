@@ -205,8 +205,7 @@ class Proxy:
                     if resp.status >= 500 or (resp.content_length is not None and resp.content_length <= BUFFER_LIMIT):
                         # A 5xx is held whole, to be returned if no retry
                         # works out, but never more of it than a small body.
-                        async with asyncio.timeout_at(deadline):
-                            payload = await resp.read(limit=BUFFER_LIMIT)
+                        payload = await resp.read(limit=BUFFER_LIMIT, deadline=deadline)
                 except PoolTimeout:
                     # Our own connections to it were all busy (or one came free too late
                     # to connect in): nothing was sent, and nothing is known about the

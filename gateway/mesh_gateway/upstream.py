@@ -106,17 +106,36 @@ class UpstreamResponse:
             conn.close()
             self._done(reuse=False)
 
-    async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; ``UpstreamBroken`` (and the connection closed) past ``limit`` bytes."""
+    async def read(self, limit: int | None = None, *, deadline: float | None = None) -> bytes:
+        """The whole body; ``UpstreamBroken`` (and the connection closed) past ``limit`` bytes.
+
+        ``TimeoutError`` once ``deadline`` (event-loop time) passes, with the
+        body still coming; one already in whole is read without a timer.
+        """
+        # Most answers are in whole by the time their head is: no wait, no timer.
+        in_hand = None if self._conn is None else self._conn.body_in_hand()
+        if in_hand is not None:
+            self._within(limit, sum(map(len, in_hand)))
+            self.release()
+            return b"".join(in_hand)
+        if deadline is None:
+            return await self._read(limit)
+        async with asyncio.timeout_at(deadline):
+            return await self._read(limit)
+
+    async def _read(self, limit: int | None) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while (chunk := await self.next_chunk()) is not None:
             size += len(chunk)
-            if limit is not None and size > limit:
-                self._done(reuse=False)
-                raise UpstreamBroken(f"a body over the {limit} bytes it may hold")
+            self._within(limit, size)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _within(self, limit: int | None, size: int) -> None:
+        if limit is not None and size > limit:
+            self._done(reuse=False)
+            raise UpstreamBroken(f"a body over the {limit} bytes it may hold")
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -234,8 +253,7 @@ class Upstream:
                 head = head[:-2] + f"{budget.name}: {told}\r\n\r\n".encode()
                 budget_ends = sent + told / 1000
             try:
-                async with asyncio.timeout_at(deadline):
-                    await conn.exchange(head, body)
+                await conn.exchange(head, body, deadline)
             except BaseException as exc:
                 conn.close()
                 if queued and isinstance(exc, TimeoutError):

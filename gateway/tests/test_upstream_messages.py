@@ -268,3 +268,35 @@ async def test_a_204_that_announces_a_body_leaves_its_connection_unused(upstream
         second = await upstream.request("GET", "127.0.0.1", port, "/", [])
         assert await asyncio.wait_for(second.read(), 5) == b"second"
         upstream.close()  # so that the handlers see the end
+
+
+async def test_a_body_still_coming_at_its_deadline_times_out_and_its_connection_goes(upstream: Upstream) -> None:
+    answered = asyncio.Event()
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf ")
+        await writer.drain()
+        answered.set()
+        await reader.read()  # holds the rest back until the client hangs up
+
+    async with raw_server(reply) as port:
+        loop = asyncio.get_running_loop()
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        await answered.wait()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(resp.read(deadline=loop.time() + 0.1), 5)
+        # Half read, the connection cannot carry another answer: none is idle.
+        assert all(not pool.idle for pool in upstream._pools.values())
+
+
+async def test_a_body_in_whole_is_read_at_its_deadline_too(upstream: Upstream) -> None:
+    # The deadline bounds a wait for the body, and one that came with its head needs none.
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+        await reader.read()
+
+    async with raw_server(reply) as port:
+        loop = asyncio.get_running_loop()
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        assert await resp.read(deadline=loop.time()) == b"whole"
+        upstream.close()  # so that the handler sees the end
