@@ -28,11 +28,14 @@ class Leases:
     def __init__(self) -> None:
         self.window_end = 0  # of the window the leases were drawn in, Unix ms
         self._table: dict[str, _Lease] = {}
+        # Whether a draw in this window has reached a counter's limit: until
+        # one has, no counter can be past its limit, and nobody asks which.
+        self.capped = False
 
     def enter(self, window_end: int) -> None:
         """Move to the window ending at ``window_end``, if it is a new one."""
         if window_end != self.window_end:
-            self.window_end, self._table = window_end, {}
+            self.window_end, self._table, self.capped = window_end, {}, False
 
     def take(self, key: str, cap: int) -> int:
         """The next count of the lease in hand, or 0 if there is none."""
@@ -67,7 +70,12 @@ class Leases:
             draws[key] = max(needed, 1, min(LEASE_MAX, (caps[key] - drawn) // LEASE_SHARE))
         return kept
 
-    def keep(self, key: str, window_end: int, kept: set[str], first: int, last: int) -> None:
-        """Keeps counts ``first`` to ``last``, drawn for ``window_end``, if that is still this window."""
-        if window_end == self.window_end and (key in kept or key in self._table):
-            self._table[key] = _Lease(first, last)
+    def keep(self, key: str, window_end: int, kept: set[str], first: int, last: int, cap: int) -> None:
+        """Keeps counts ``first`` to ``last``, drawn for ``window_end``, if that is still this window.
+
+        ``cap`` is the counter's limit: a draw that reaches it marks the window ``capped``.
+        """
+        if window_end == self.window_end:
+            self.capped = self.capped or last >= cap
+            if key in kept or key in self._table:
+                self._table[key] = _Lease(first, last)

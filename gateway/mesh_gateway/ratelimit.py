@@ -201,6 +201,8 @@ class RateLimiter:
         count that could be allowed, so a request it lets by is counted by
         ``check`` exactly once; one it refuses counts, as every refusal does.
         """
+        if not self._leases.capped:
+            return None  # no count drawn yet reached a limit: the common case, at no cost
         now = self._clock()
         keys, caps, window_end = self._counters(now, ip, None, auth_route)
         if window_end != self._leases.window_end:
@@ -260,12 +262,18 @@ class RateLimiter:
         args = [arg for key in draws for arg in (draws[key], ends[key] + window - now)]
         self._in_flight = True
         try:
-            self._redis.call(list(draws), args, lambda reply: self._decide(batch, draws, ends, kept, reply))
+            self._redis.call(list(draws), args, lambda reply: self._decide(batch, draws, ends, caps, kept, reply))
         except Exception as exc:  # nothing went out; left in flight, the limiter would wait forever
-            self._decide(batch, draws, ends, kept, exc)
+            self._decide(batch, draws, ends, caps, kept, exc)
 
     def _decide(
-        self, batch: list[_Check], draws: dict[str, int], ends: dict[str, int], kept: set[str], reply: Reply
+        self,
+        batch: list[_Check],
+        draws: dict[str, int],
+        ends: dict[str, int],
+        caps: dict[str, int],
+        kept: set[str],
+        reply: Reply,
     ) -> None:
         self._in_flight = False
         if isinstance(reply, Exception):
@@ -288,7 +296,7 @@ class RateLimiter:
                         firsts[key] += 1
                 self._answer(check)
             for key, total in zip(draws, totals, strict=True):
-                self._leases.keep(key, ends[key], kept, firsts[key], total)
+                self._leases.keep(key, ends[key], kept, firsts[key], total, caps[key])
             # Checks that queued meanwhile may find their counts in what was just drawn.
             waiting, self._pending = self._pending, []
             for check in waiting:
