@@ -283,20 +283,36 @@ async def test_a_body_still_coming_at_its_deadline_times_out_and_its_connection_
         loop = asyncio.get_running_loop()
         resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
         await answered.wait()
+        started = loop.time()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(resp.read(deadline=loop.time() + 0.1), 5)
+            await asyncio.wait_for(resp.read(deadline=started + 0.1), 5)
+        assert loop.time() - started < 1  # its own deadline, not wait_for's bound
         # Half read, the connection cannot carry another answer: none is idle.
         assert all(not pool.idle for pool in upstream._pools.values())
 
 
-async def test_a_body_in_whole_is_read_at_its_deadline_too(upstream: Upstream) -> None:
-    # The deadline bounds a wait for the body, and one that came with its head needs none.
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
-        await reader.read()
+async def whole_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One write, head and body: the body is in by the time the head is."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+    await reader.read()
 
-    async with raw_server(reply) as port:
+
+async def test_a_body_in_whole_is_read_without_a_timer(upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deadline bounds a wait for the body, and one that came with its head needs none.
+    async with raw_server(whole_answer) as port:
         loop = asyncio.get_running_loop()
         resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
-        assert await resp.read(deadline=loop.time()) == b"whole"
+        with monkeypatch.context() as patched:
+            patched.setattr(asyncio, "timeout_at", lambda _: pytest.fail("a timer for a body already in"))
+            assert await resp.read(deadline=loop.time()) == b"whole"
+        assert len(upstream._pools[("127.0.0.1", port)].idle) == 1  # read to its end: back in the pool
         upstream.close()  # so that the handler sees the end
+
+
+async def test_a_body_in_whole_past_the_limit_is_broken_and_its_connection_goes(upstream: Upstream) -> None:
+    async with raw_server(whole_answer) as port:
+        resp = await upstream.request("GET", "127.0.0.1", port, "/", [])
+        with pytest.raises(UpstreamBroken):
+            await resp.read(limit=4)
+        pool = upstream._pools[("127.0.0.1", port)]
+        assert pool.unused  # closed, and its slot given back
