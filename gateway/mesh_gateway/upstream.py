@@ -118,9 +118,7 @@ class UpstreamResponse:
             self._within(limit, sum(map(len, in_hand)))
             self.release()
             return b"".join(in_hand)
-        if deadline is None:
-            return await self._read(limit)
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(deadline):  # None: no end
             return await self._read(limit)
 
     async def _read(self, limit: int | None) -> bytes:
