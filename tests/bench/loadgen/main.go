@@ -69,16 +69,17 @@ func main() {
 	duration := flag.Duration("duration", 5*time.Second, "how long to send")
 	warmup := flag.Duration("warmup", time.Second, "how long to send first, at the same rate, without recording")
 	conns := flag.Int("conns", 64, "most connections open at once; more requests wait for one")
-	// Two: the dispatcher holds one through each of its sleeps, and the
-	// connections need the other meanwhile. It costs no more CPU than one did.
-	procs := flag.Int("procs", 2, "OS threads running Go code at once (GOMAXPROCS)")
+	// Two at least: the dispatcher holds one through each of its sleeps, and
+	// the connections need another meanwhile (with one, requests waited up to
+	// 10 ms for it). It costs no more CPU than one did.
+	procs := flag.Int("procs", 2, "OS threads running Go code at once (GOMAXPROCS), at least 2")
 	trace := flag.Bool("trace", false, "list every recorded request's due time and latency")
 	var extra headers
 	flag.Var(&extra, "H", "header 'Name: value' (repeatable)")
 	flag.Parse()
 	parsed, err := url.Parse(*target)
-	if *target == "" || *rate <= 0 || err != nil || parsed.Scheme != "http" {
-		fmt.Fprintln(os.Stderr, "usage: loadgen -url http://HOST:PORT/PATH -rate N [-duration 5s] [-H 'Name: value']")
+	if *target == "" || *rate <= 0 || *procs < 2 || err != nil || parsed.Scheme != "http" {
+		fmt.Fprintln(os.Stderr, "usage: loadgen -url http://HOST:PORT/PATH -rate N [-duration 5s] [-procs N, 2 or more] [-H 'Name: value']")
 		os.Exit(2)
 	}
 	runtime.GOMAXPROCS(*procs)
