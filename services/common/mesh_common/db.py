@@ -30,6 +30,7 @@ from aiohttp import web
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from .app import CleanupCtx
+from .fair_pool import fair_pool
 from .health import add_health_check
 
 DB = web.AppKey("mesh.db", aiopg.Pool)
@@ -193,9 +194,9 @@ def database_ctx(
         async with aiopg.create_pool(dsn, minsize=0, maxsize=1, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc) as own:
             await migrate(own, migrations)
         async with (
-            aiopg.create_pool(
-                limited, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc
-            ) as pool,
+            # First come, first served (fair_pool.py): aiopg's own pool let a
+            # few requests wait for seconds under load, behind newer ones.
+            fair_pool(limited, minsize=1, maxsize=maxsize, timeout=STATEMENT_TIMEOUT, on_connect=_in_utc) as pool,
             # The health check's own connection. From the requests' pool, a
             # burst that held every connection for the check's 1.5 s failed
             # it: Consul took the instance out for being busy, and, the load

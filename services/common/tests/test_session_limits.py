@@ -20,6 +20,7 @@ from psycopg2.extensions import make_dsn
 from devstack.config import StackConfig
 from mesh_common.app import service_app
 from mesh_common.db import DB, STATEMENT_TIMEOUT, SessionLimits, database_ctx
+from mesh_common.fair_pool import FairPool
 from mesh_common.testing import loopback_service
 from mesh_common.transactions import transaction
 
@@ -70,6 +71,7 @@ async def test_the_requests_sessions_have_the_servers_limits_and_the_migrations_
     app = service_app(loopback_service("svc", "http://127.0.0.1:1"))
     app.cleanup_ctx.append(database_ctx(scratch.dsn, [tmp_path]))
     client = await aiohttp_client(app)
+    assert isinstance(client.app[DB], FairPool)  # first come, first served
     async with client.app[DB].acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),"
