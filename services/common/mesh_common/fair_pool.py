@@ -11,9 +11,10 @@ STATEMENT_TIMEOUT, 4 s) would have failed such a request with a 503 while
 the others were served in 15 ms.
 
 So a request first queues for a turn, in an ``asyncio.Semaphore`` (first
-come, first served) with as many turns as the pool has connections. Whoever
-holds a turn finds a connection free, or room to open one, and no newcomer
-can pass a waiter.
+come, first served) with one turn for each of the ``maxsize`` connections.
+Whoever holds a turn finds a connection free, or room to open one, and no
+newcomer can pass a waiter. The pool may open one connection more, for
+``acquire_out_of_turn``: for what must not wait behind the queue.
 """
 
 from __future__ import annotations
@@ -29,26 +30,46 @@ import aiopg
 class FairPool(aiopg.Pool):
     """An ``aiopg.Pool`` whose ``acquire`` queues first come, first served."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.maxsize is None:  # aiopg's maxsize=0: unbounded, with no turns to take
+    def __init__(self, dsn: str, minsize: int, maxsize: int, timeout: float, **kwargs: Any) -> None:
+        if maxsize < 1:  # aiopg's 0 is unbounded: there would be no turns to take
             raise ValueError("a FairPool needs a maxsize: it has as many turns as connections")
-        self._turns = asyncio.Semaphore(self.maxsize)
+        # The one more is out of turn's alone: the turns never hold more than maxsize.
+        super().__init__(dsn, minsize, maxsize + 1, timeout, **kwargs)
+        self._turns = asyncio.Semaphore(maxsize)
+        # The connections handed out on a turn, each to give it back. Kept
+        # here, not read from aiopg's own lists: its release can raise once it
+        # has taken a connection back (a ResourceWarning made an error).
+        self._on_turns: set[aiopg.Connection] = set()
 
     async def _acquire(self) -> aiopg.Connection:
         # One deadline for the queue and the pool together: the pool's own.
         async with asyncio.timeout(self.timeout):
             await self._turns.acquire()
             try:
-                return await super()._acquire()
-            except BaseException:
+                conn = await super()._acquire()
+            except BaseException:  # the deadline's cancellation too, mid-connect
                 self._turns.release()
                 raise
+        self._on_turns.add(conn)
+        return conn
+
+    async def acquire_out_of_turn(self) -> aiopg.Connection:
+        """A connection without queueing for a turn, for a request that has had one; ``release`` it.
+
+        The check of a COMMIT whose answer was lost (mesh_common.transactions):
+        its request's connection has just been closed and its turn handed on.
+        At the back of the queue, when the database is slow and the queue
+        long, the check would spend its time there and report the outcome
+        unknown. Out of turn it takes the connection kept beyond the turns,
+        at once (two at the same time share it).
+        """
+        return await super()._acquire()
 
     def release(self, conn: aiopg.Connection) -> asyncio.Future[None]:
-        released = super().release(conn)  # raises for a connection not ours: no turn is given back
-        self._turns.release()
-        return released
+        if conn in self._on_turns:
+            self._on_turns.remove(conn)
+            self._turns.release()
+        return super().release(conn)
 
 
 @asynccontextmanager

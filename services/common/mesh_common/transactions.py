@@ -18,6 +18,7 @@ import structlog
 from psycopg2.extensions import QueryCanceledError
 
 from .deadlines import before_commit
+from .fair_pool import FairPool
 
 log = structlog.get_logger()
 
@@ -92,7 +93,8 @@ async def _settled(pool: aiopg.Pool, xid: int, lost: BaseException) -> None:
                 while loop.time() < deadline:
                     try:
                         if conn is None:
-                            conn = await pool.acquire()
+                            # Not behind the requests queued for the pool: this one has had its turn.
+                            conn = await (pool.acquire_out_of_turn() if isinstance(pool, FairPool) else pool.acquire())
                         async with conn.cursor() as cur:
                             await cur.execute("SELECT txid_status(%s)", (xid,))
                             (status,) = await cur.fetchone()

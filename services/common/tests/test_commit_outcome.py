@@ -23,6 +23,7 @@ from yarl import URL
 from devstack.config import StackConfig
 from mesh_common import transactions
 from mesh_common.deadlines import deadline_middleware
+from mesh_common.fair_pool import fair_pool
 from mesh_common.problems import problem_middleware
 from mesh_common.testing.proxy import TcpProxy
 from mesh_common.transactions import CommitOutcomeUnknown, _settled, transaction
@@ -88,6 +89,37 @@ async def test_a_commit_that_rolled_back_after_its_answer_was_lost_keeps_its_err
         with pytest.raises(TimeoutError):
             await insert(pool, table, fail=True)
     assert await rows(infra, table) == []
+
+
+async def test_a_lost_commits_check_does_not_wait_behind_the_requests_queued_for_the_pool(
+    infra: StackConfig, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its request's turn goes to the next in the queue, which holds it: in
+    # the queue, the check would wait past its time and say "unknown".
+    monkeypatch.setattr(transactions, "COMMIT_CHECK_TIMEOUT", CHECK_TIMEOUT)
+    done = asyncio.Event()
+
+    async def next_request(pool: aiopg.Pool) -> None:
+        async with asyncio.timeout(3 * CHECK_TIMEOUT):  # asks again each time the pool's timeout cuts it
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    conn = await pool.acquire()
+                    break
+            try:
+                await done.wait()
+            finally:
+                await pool.release(conn)
+
+    async with fair_pool(infra.database_url("todo"), minsize=1, maxsize=1, timeout=ANSWER_TIMEOUT) as pool:
+        inserting = asyncio.create_task(insert(pool, table))
+        await asyncio.sleep(0)  # one turn of the loop: the insert has its turn
+        queued = asyncio.create_task(next_request(pool))
+        try:
+            await inserting
+        finally:
+            done.set()
+            await queued
+    assert await rows(infra, table) == ["x"]
 
 
 async def test_a_commit_whose_outcome_cannot_be_asked_is_unknown_not_failed(infra: StackConfig, table: str) -> None:

@@ -97,3 +97,68 @@ async def test_a_pool_without_a_size_is_refused() -> None:
             on_connect=None,
             pool_recycle=-1.0,
         )
+
+
+async def test_a_connection_out_of_turn_goes_before_the_queue_and_gives_no_turn_back(infra: StackConfig) -> None:
+    # For the check of a lost COMMIT (mesh_common.transactions): its request has had its turn.
+    async with fair_pool(infra.database_url("todo"), minsize=1, maxsize=1, timeout=BOUND / 2) as pool:
+        held = await pool.acquire()
+        queued = asyncio.create_task(acquire(pool))
+        try:
+            await one_turn()
+            checking = await asyncio.wait_for(pool.acquire_out_of_turn(), BOUND)
+            assert not queued.done()
+            await pool.release(checking)
+            await one_turn()
+            assert not queued.done()  # no turn came back with it: the one is held
+        finally:
+            await pool.release(held)
+            await pool.release(await asyncio.wait_for(queued, BOUND))
+
+
+class Silent:
+    """A loopback listener that accepts connections and never says a word: a connect to it hangs."""
+
+    def __init__(self) -> None:
+        self.accepted: list[asyncio.StreamWriter] = []
+        self.dsn = ""
+
+    async def __aenter__(self) -> Silent:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted.append(writer)
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        self.dsn = f"postgresql://nobody:nothing@127.0.0.1:{self._server.sockets[0].getsockname()[1]}/nothing"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.accepted:
+            writer.close()
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def connected(self, count: int) -> None:
+        """Return once ``count`` connections were made, failing after the tests' bound."""
+        async with asyncio.timeout(BOUND):
+            while len(self.accepted) < count:  # every 10 ms
+                await asyncio.sleep(0.01)
+
+
+async def test_a_connect_cut_by_the_deadline_gives_its_turn_back() -> None:
+    async with Silent() as silent, fair_pool(silent.dsn, minsize=0, maxsize=1, timeout=0.2) as pool:
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(acquire(pool), BOUND)
+        # The second connected too, so it had the turn: not cut in the queue.
+        assert len(silent.accepted) == 2
+
+
+async def test_a_request_cancelled_while_it_connects_gives_its_turn_back() -> None:
+    # As aiohttp cancels a handler whose client hung up: a CancelledError, no Exception.
+    async with Silent() as silent, fair_pool(silent.dsn, minsize=0, maxsize=1, timeout=BOUND) as pool:
+        for count in (1, 2):  # the second connects only if the first gave its turn back
+            connecting = asyncio.create_task(acquire(pool))
+            await silent.connected(count)
+            connecting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await connecting
