@@ -14,7 +14,8 @@ So a request first queues for a turn, in an ``asyncio.Semaphore`` (first
 come, first served) with one turn for each of the ``maxsize`` connections.
 Whoever holds a turn finds a connection free, or room to open one, and no
 newcomer can pass a waiter. The pool may open one connection more, for
-``acquire_out_of_turn``: for what must not wait behind the queue.
+``acquire_out_of_turn``: for what must not wait behind the queue. Decision 5
+in docs/decisions has the measurements.
 """
 
 from __future__ import annotations
