@@ -6,7 +6,7 @@ takes it first; the waiter it passed goes to the back of the queue again.
 Above the pool's size most requests wait a few milliseconds and a few wait
 for seconds: 32 clients of one todo-service (10 connections) saw a mean of
 about 100 ms, 77 to 110 requests in 5 s over 100 ms, and a worst of 1.6 to 2.5 s
-that outlasted wrk's 2 s timeout. The pool's own timeout (the services'
+(by the service's log), past wrk's 2 s timeout. The pool's own timeout (the services'
 STATEMENT_TIMEOUT, 4 s) would have failed such a request with a 503 while
 the others were served in 15 ms.
 
@@ -62,7 +62,7 @@ class FairPool(aiopg.Pool):
         At the back of the queue, when the database is slow and the queue
         long, the check would spend its time there and report the outcome
         unknown. Out of turn it takes the connection kept beyond the turns,
-        at once (two at the same time share it).
+        at once; a second at the same time waits for it in aiopg's own queue.
         """
         return await super()._acquire()
 
