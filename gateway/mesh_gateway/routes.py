@@ -112,7 +112,14 @@ API = RouteTable(
     ),
     # The tighter limits: whatever hashes a password, and whatever tells
     # whether an email is taken (a profile's new email answers 409 if it is).
-    auth=frozenset({("POST", "/api/v1/users"), ("POST", "/api/v1/auth/login"), ("PATCH", "/api/v1/users/me")}),
+    auth=frozenset(
+        {
+            ("POST", "/api/v1/users"),
+            ("POST", "/api/v1/auth/login"),
+            ("PATCH", "/api/v1/users/me"),
+            ("POST", "/api/v1/users/me/password"),
+        }
+    ),
     # Services trade their client secret for a service token here; from
     # outside it would only be a place to guess secrets.
     internal=("/api/v1/auth/service-token",),

@@ -193,10 +193,16 @@ def test_the_service_token_endpoint_is_not_published():
     assert API.match("/api/v1/auth/login") is not None
 
 
-def test_what_tells_whether_an_email_is_taken_has_the_tighter_limit():
+def test_what_tells_whether_an_email_is_taken_or_checks_a_password_has_the_tighter_limit():
     # Registration and a profile's new email both answer 409 for a taken one:
-    # probing through either is held to the logins' limit.
-    assert {("POST", "/api/v1/users"), ("PATCH", "/api/v1/users/me"), ("POST", "/api/v1/auth/login")} <= API.auth
+    # probing through either is held to the logins' limit, and so is a
+    # password change, which checks the current password as a login does.
+    assert {
+        ("POST", "/api/v1/users"),
+        ("PATCH", "/api/v1/users/me"),
+        ("POST", "/api/v1/auth/login"),
+        ("POST", "/api/v1/users/me/password"),
+    } <= API.auth
 
 
 async def raw_exchange(client, request: bytes) -> tuple[bytes, bytes]:

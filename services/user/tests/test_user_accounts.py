@@ -20,6 +20,7 @@ PASSWORD = "a long and unusual passphrase"
 COMMITTING = {
     ("post", "/users"),
     ("patch", "/users/me"),
+    ("post", "/users/me/password"),
     ("post", "/users/me/email/verification"),
     ("post", "/auth/refresh"),
     ("post", "/auth/logout"),

@@ -48,7 +48,7 @@ async def add_family(db: aiopg.Pool, user_id: str, expires_in: Sequence[int]) ->
     async with db.acquire() as conn, conn.cursor() as cur:
         for seconds in expires_in:
             # Issued live, then moved: a policy refuses a lifetime of 0 or less.
-            token = await issue(cur, user_id, TokenPolicy(), family_id=family.id, parent_id=parent_id)
+            token = await issue(cur, user_id, TokenPolicy(), 0, family_id=family.id, parent_id=parent_id)
             await cur.execute(
                 "UPDATE refresh_tokens SET expires_at = now() + make_interval(secs => %s)"
                 " WHERE token_hash = %s RETURNING id",

@@ -1,4 +1,4 @@
-"""Tokens: log in, refresh, log out, service credentials, and the JWKS.
+"""Tokens: log in, refresh, log out (here or everywhere), a new password, service credentials, and the JWKS.
 
 Every refusal here is one body per kind, whatever the reason behind it: an
 unknown user and a wrong password are the same 401, and so are an unknown,
@@ -9,18 +9,22 @@ reason goes to the log only.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable
 
 import redis.exceptions
 import structlog
 from aiohttp import web
 
+from mesh_common.auth import PRINCIPAL
 from mesh_common.db import DB
-from mesh_common.problems import FeatureUnavailable, TooManyRequests, read_json_object
+from mesh_common.problems import Conflict, FeatureUnavailable, TooManyRequests, read_json_object
+from mesh_common.transactions import transaction
 
 from . import refresh_tokens, repository, validation
 from .digests import sha256
-from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken
+from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken, UserNotFound, WrongPassword
 from .keys import KEY_STORE, PASSWORD_SLOTS, PASSWORDS, SETTINGS, THROTTLE, TOKENS, WRITE_SLOTS
+from .throttle import Attempt
 from .tokens import USERS_READ
 
 log = structlog.get_logger()
@@ -42,25 +46,48 @@ def _token_pair(request: web.Request, user_id: str, refresh_token: str) -> web.R
 async def log_in(request: web.Request) -> web.Response:
     login, password = validation.credentials(await read_json_object(request))
     async with request.app[PASSWORD_SLOTS]:
-        user_id = await _authenticate(request.app, login, password)
+        account = await _authenticate(request.app, login, password)
     async with request.app[WRITE_SLOTS]:
-        refresh = await refresh_tokens.start_family(request.app[DB], user_id, request.app[SETTINGS].tokens)
-    log.info("login_succeeded", user_id=user_id)
-    return _token_pair(request, user_id, refresh)
+        refresh = await refresh_tokens.start_family(
+            request.app[DB], account.user_id, request.app[SETTINGS].tokens, account.session_epoch
+        )
+    log.info("login_succeeded", user_id=account.user_id)
+    return _token_pair(request, account.user_id, refresh)
 
 
-async def _authenticate(app: web.Application, login: str, password: str) -> str:
-    """The id of the account ``login`` names if ``password`` is right; else a 401 or 429."""
+async def _authenticate(app: web.Application, login: str, password: str) -> repository.Credentials:
+    """The account ``login`` names if ``password`` is right; else a 401 or 429."""
     throttle, passwords, pool = app[THROTTLE], app[PASSWORDS], app[DB]
     # Looked up first, so that every spelling of one account counts against
     # it. An unknown name costs the same query and the same Redis call.
     folded, found = await repository.find_credentials(pool, login)
+    attempt = await _take_throttle_slot(throttle.begin(folded, found.user_id if found else None))
+    # An unknown user still costs one argon2 verify (against a dummy hash),
+    # so that the answer's timing does not tell whether the account exists.
+    verdict = await passwords.verify(found.password_hash if found else None, password)
+    if found is None or not verdict.matched:
+        log.info("login_failed", known_account=found is not None)
+        raise InvalidCredentials()
+    await throttle.succeeded(attempt)
+    if verdict.as_typed or passwords.needs_rehash(found.password_hash):
+        # The password is in hand only now: upgrade a hash made with older,
+        # weaker parameters, or of the password before it was normalized.
+        new_hash = await passwords.rehash(password, found.password_hash)
+        async with app[WRITE_SLOTS]:
+            replaced = await repository.set_password_hash(pool, found.user_id, new_hash, replacing=found.password_hash)
+        if replaced:
+            log.info("password_rehashed", user_id=found.user_id)
+    return found
+
+
+async def _take_throttle_slot(begin: Awaitable[Attempt]) -> Attempt:
+    """The slot of a password check, or the 503 or 429 that refuses the check."""
     try:
-        attempt = await throttle.begin(folded, found[0] if found else None)
+        attempt = await begin
     except redis.exceptions.RedisError as exc:
         # Without the counter we cannot bound guessing: refuse rather than
-        # let logins through unthrottled. Only logins: the instance is well,
-        # and its callers' breakers must not count this against it.
+        # let passwords be checked unthrottled. Only these: the instance is
+        # well, and its callers' breakers must not count this against it.
         log.error("login_throttle_unavailable", error=type(exc).__name__)
         raise FeatureUnavailable("Logins are unavailable for a moment", headers={"Retry-After": "5"}) from None
     if not attempt.allowed:
@@ -68,23 +95,53 @@ async def _authenticate(app: web.Application, login: str, password: str) -> str:
             "Too many failed logins for this account; try again later",
             headers={"Retry-After": str(attempt.retry_after)},
         )
-    # An unknown user still costs one argon2 verify (against a dummy hash),
-    # so that the answer's timing does not tell whether the account exists.
-    verdict = await passwords.verify(found[1] if found else None, password)
-    if found is None or not verdict.matched:
-        log.info("login_failed", known_account=found is not None)
-        raise InvalidCredentials()
-    user_id, stored_hash = found
-    await throttle.succeeded(attempt)
-    if verdict.as_typed or passwords.needs_rehash(stored_hash):
-        # The password is in hand only now: upgrade a hash made with older,
-        # weaker parameters, or of the password before it was normalized.
-        new_hash = await passwords.rehash(password, stored_hash)
-        async with app[WRITE_SLOTS]:
-            replaced = await repository.set_password_hash(pool, user_id, new_hash, replacing=stored_hash)
-        if replaced:
-            log.info("password_rehashed", user_id=user_id)
-    return user_id
+    return attempt
+
+
+async def change_password(request: web.Request) -> web.Response:
+    """A new password, proven by the current one: every session ends, and this one starts afresh.
+
+    The current password is asked for because an access token alone, left
+    in a shared browser or copied, must not be enough to take the account
+    over; guesses at it count against the account's login throttle, as a
+    login's do. The answer is a new token pair, so that only the device
+    that made the change stays signed in.
+    """
+    app, user_id = request.app, request[PRINCIPAL].user_id
+    body = await read_json_object(request)
+    found = await repository.credentials_of(app[DB], user_id)
+    if found is None:
+        raise UserNotFound()
+    profile, account = found
+    current, new = validation.password_change(body, app[PASSWORDS], username=profile.username, email=profile.email)
+    attempt = await _take_throttle_slot(app[THROTTLE].begin("", user_id))
+    async with app[PASSWORD_SLOTS]:
+        if not (await app[PASSWORDS].verify(account.password_hash, current)).matched:
+            log.info("password_change_refused", user_id=user_id)
+            raise WrongPassword()
+        await app[THROTTLE].succeeded(attempt)
+        new_hash = await app[PASSWORDS].hash(new)
+    async with app[WRITE_SLOTS], transaction(app[DB]) as cur:
+        epoch = await repository.change_password(cur, user_id, new_hash, replacing=account.password_hash)
+        if epoch is None:
+            raise Conflict("The password was changed meanwhile; sign in with the new one")
+        refresh = await refresh_tokens.issue(cur, user_id, app[SETTINGS].tokens, epoch)
+    log.info("password_changed", user_id=user_id)
+    return _token_pair(request, user_id, refresh)
+
+
+async def log_out_everywhere(request: web.Request) -> web.Response:
+    """End every session of the caller's account, this one's too: no refresh token of theirs works after it.
+
+    Access tokens already issued live on until they expire (ACCESS_TOKEN_TTL):
+    they are verified without asking this service.
+    """
+    user_id = request[PRINCIPAL].user_id
+    async with request.app[WRITE_SLOTS]:
+        if not await repository.end_sessions(request.app[DB], user_id):
+            raise UserNotFound()
+    log.info("sessions_ended", user_id=user_id)
+    return web.Response(status=204)
 
 
 async def refresh_session(request: web.Request) -> web.Response:

@@ -11,6 +11,8 @@ from mesh_common.problems import LOAD_SHED, problem
 AccountExists = problem(409, "ACCOUNT_EXISTS", "An account with this username or email already exists")
 InvalidCredentials = problem(401, "INVALID_CREDENTIALS", "The username or password is incorrect")
 InvalidRefreshToken = problem(401, "INVALID_REFRESH_TOKEN", "The refresh token is invalid or expired")
+# Not a 401: the access token is good, and a client would take a 401 for its expiry.
+WrongPassword = problem(403, "INVALID_CURRENT_PASSWORD", "The current password is incorrect")
 InvalidClient = problem(401, "INVALID_CLIENT", "The client credentials are invalid")
 UserNotFound = problem(404, "USER_NOT_FOUND", "No such user")
 # Not a 429: nobody in particular is over a limit; the service is, for now.

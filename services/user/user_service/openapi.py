@@ -72,6 +72,42 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/users/me/password": {
+        "post": {
+            "operationId": "users.password",
+            "summary": "Change the caller's password, proven by the current one; every session ends",
+            "description": "Every refresh token of the account stops working, this device's too; the answer is a"
+            " new pair, so that the device that made the change stays signed in. Access tokens already issued"
+            " work until they expire. A wrong current password counts against the account's login throttle.",
+            "requestBody": body("PasswordChange"),
+            "responses": {
+                "200": json_answer(ref("TokenPair"), "The new password is set; a new session"),
+                "401": _UNAUTHORIZED,
+                "403": problem_answer("INVALID_CURRENT_PASSWORD; or FORBIDDEN: a service token, which names no user"),
+                "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
+                "409": problem_answer("CONFLICT: the password was changed by another request meanwhile"),
+                "422": _INVALID,
+                "429": problem_answer("RATE_LIMITED: too many failures for this account; see Retry-After"),
+                "503": problem_answer(
+                    "FEATURE_UNAVAILABLE: the login throttle (Redis) is away; TOO_BUSY: no hashing slot came free"
+                    " in time; see Retry-After"
+                ),
+            },
+        }
+    },
+    "/users/me/sessions": {
+        "delete": {
+            "operationId": "users.sessions",
+            "summary": "Sign out everywhere: every refresh token of the caller's account stops working",
+            "description": "This device's too. Access tokens already issued work until they expire.",
+            "responses": {
+                "204": {"description": "Every session ended"},
+                "401": _UNAUTHORIZED,
+                "403": _USERS_ONLY,
+                "404": problem_answer("USER_NOT_FOUND: the token's account is gone"),
+            },
+        }
+    },
     "/users/me/email/verification": {
         "post": {
             "operationId": "users.email_verification",
@@ -218,6 +254,7 @@ _COMMITTING = frozenset(
     {
         ("post", "/users"),
         ("patch", "/users/me"),
+        ("post", "/users/me/password"),
         ("post", "/users/me/email/verification"),
         ("post", "/auth/refresh"),
         ("post", "/auth/logout"),

@@ -30,6 +30,16 @@ def object_schema(properties: dict[str, Any], *, required: list[str] | None = No
 STRING = {"type": "string"}
 
 
+NEW_PASSWORD: dict[str, Any] = {
+    "type": "string",
+    "minLength": MIN_LENGTH,
+    "maxLength": MAX_TYPED_LENGTH,
+    "description": f"{MIN_LENGTH} to {MAX_LENGTH} characters once NFKC-normalized (as typed, up to"
+    f" {MAX_TYPED_LENGTH} code points: decomposed accents count once). Refused if it is a commonly"
+    " used password, or the username or email.",
+}
+
+
 SCHEMAS: dict[str, Any] = {
     "Profile": object_schema(
         {
@@ -49,14 +59,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "username": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,32}$"},
             "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL},
-            "password": {
-                "type": "string",
-                "minLength": MIN_LENGTH,
-                "maxLength": MAX_TYPED_LENGTH,
-                "description": f"{MIN_LENGTH} to {MAX_LENGTH} characters once NFKC-normalized (as typed, up to"
-                f" {MAX_TYPED_LENGTH} code points: decomposed accents count once). Refused if it is a commonly"
-                " used password, or the username or email.",
-            },
+            "password": NEW_PASSWORD,
             "display_name": {"type": "string", "minLength": 1, "maxLength": MAX_DISPLAY_NAME},
         },
         required=["username", "email", "password"],
@@ -73,6 +76,12 @@ SCHEMAS: dict[str, Any] = {
     },
     "Credentials": object_schema(
         {"username": {"type": "string", "description": "The username or the email"}, "password": STRING}
+    ),
+    "PasswordChange": object_schema(
+        {
+            "current_password": STRING,
+            "new_password": {**NEW_PASSWORD, "description": NEW_PASSWORD["description"] + " Not the current one."},
+        }
     ),
     "RefreshRequest": object_schema({"refresh_token": STRING}),
     "VerificationToken": object_schema(

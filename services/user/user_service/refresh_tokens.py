@@ -13,6 +13,11 @@ rotated by the thief, still ends. A family from before that column has
 none until its next rotation, which gives it now + the maximum (see the
 migration ``0006_refresh_token_session_end``).
 
+A family is also started under its account's *session epoch*, and every
+token of it carries that epoch: a password change, or "sign out
+everywhere", moves the account's epoch on, and a token of an earlier one is
+refused (migration ``0015_session_epoch`` says why not by revoking rows).
+
 A family is deleted whole (``prune_families``), once its last token expired.
 """
 
@@ -50,17 +55,24 @@ class Rotated:
 
 
 async def issue(
-    cur: Any, user_id: str, policy: TokenPolicy, *, family_id: str | None = None, parent_id: str | None = None
+    cur: Any,
+    user_id: str,
+    policy: TokenPolicy,
+    epoch: int,
+    *,
+    family_id: str | None = None,
+    parent_id: str | None = None,
 ) -> str:
-    """A new refresh token for ``user_id``: a new family unless ``family_id`` is given.
+    """A new refresh token for ``user_id`` under session ``epoch``: a new family unless ``family_id`` is given.
 
     It ends with its parent's session, or (a root, or the child of a token
     from before session ends were stored) one starting now.
     """
     token = secrets.token_urlsafe(32)
     await cur.execute(
-        "INSERT INTO refresh_tokens (token_hash, user_id, family_id, parent_id, session_expires_at, expires_at)"
-        " SELECT %(hash)s, %(user)s::uuid, %(family)s::uuid, %(parent)s::uuid, session.ends,"
+        "INSERT INTO refresh_tokens"
+        " (token_hash, user_id, family_id, parent_id, session_epoch, session_expires_at, expires_at)"
+        " SELECT %(hash)s, %(user)s::uuid, %(family)s::uuid, %(parent)s::uuid, %(epoch)s, session.ends,"
         " LEAST(now() + make_interval(secs => %(ttl)s), session.ends)"
         " FROM (SELECT COALESCE((SELECT session_expires_at FROM refresh_tokens WHERE id = %(parent)s::uuid),"
         " now() + make_interval(secs => %(max)s)) AS ends) AS session",
@@ -69,6 +81,7 @@ async def issue(
             "user": user_id,
             "family": family_id or str(uuid.uuid4()),
             "parent": parent_id,
+            "epoch": epoch,
             "ttl": policy.refresh_ttl,
             "max": policy.refresh_session_max,
         },
@@ -76,17 +89,20 @@ async def issue(
     return token
 
 
-async def start_family(pool: aiopg.Pool, user_id: str, policy: TokenPolicy) -> str:
+async def start_family(pool: aiopg.Pool, user_id: str, policy: TokenPolicy, epoch: int) -> str:
+    """A new session for ``user_id``, under the ``epoch`` read with the password that proved it."""
     async with pool.acquire() as conn, conn.cursor() as cur:
-        return await issue(cur, user_id, policy)
+        return await issue(cur, user_id, policy, epoch)
 
 
 class _Stored(NamedTuple):
     id: str
     user_id: str
     family_id: str
+    epoch: int
     spent: bool
     revoked: bool
+    signed_out: bool  # the account's epoch moved on since the family started
     expired: bool
     session_ended: bool
 
@@ -94,6 +110,9 @@ class _Stored(NamedTuple):
     def rejection(self) -> str | None:
         if self.revoked:
             return "revoked"
+        # Before a reuse: the family is over already, there is nothing to revoke.
+        if self.signed_out:
+            return "signed_out"
         if self.spent:
             return "reused"
         # A token never outlives its session, so an ended session is also an
@@ -124,7 +143,9 @@ async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
         # FOR UPDATE: two refreshes with the same token run one after the
         # other, and the second one finds it spent.
         await cur.execute(
-            "SELECT id::text, user_id::text, family_id::text, spent_at IS NOT NULL, revoked_at IS NOT NULL,"
+            "SELECT id::text, user_id::text, family_id::text, session_epoch, spent_at IS NOT NULL,"
+            " revoked_at IS NOT NULL,"
+            " session_epoch IS DISTINCT FROM (SELECT u.session_epoch FROM users u WHERE u.id = user_id),"
             " expires_at <= now(), COALESCE(session_expires_at <= now(), false)"
             " FROM refresh_tokens WHERE token_hash = %s FOR UPDATE",
             (sha256(token),),
@@ -134,7 +155,9 @@ async def rotate(pool: aiopg.Pool, token: str, policy: TokenPolicy) -> Rotated:
         reason = stored.rejection if stored else "unknown"
         if stored and reason is None:
             await cur.execute("UPDATE refresh_tokens SET spent_at = now() WHERE id = %s", (stored.id,))
-            child = await issue(cur, stored.user_id, policy, family_id=stored.family_id, parent_id=stored.id)
+            child = await issue(
+                cur, stored.user_id, policy, stored.epoch, family_id=stored.family_id, parent_id=stored.id
+            )
             return Rotated(user_id=stored.user_id, refresh_token=child)
         if stored and reason == "reused":
             await _revoke(cur, stored.family_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiopg
 from psycopg2 import errors
@@ -15,6 +15,16 @@ UPDATABLE = frozenset({"display_name", "email"})
 
 class AccountTaken(Exception):
     """The username or the email is already taken (which one is not said)."""
+
+
+class Credentials(NamedTuple):
+    """What a password is checked against, and the sessions it would start."""
+
+    user_id: str
+    password_hash: str
+    # Moved on to end every session of the account (migration 0015): a
+    # session started under an earlier epoch refreshes no more.
+    session_epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +69,8 @@ async def insert_user(cur: Any, *, username: str, email: str, display_name: str,
     return User.from_row(await cur.fetchone())
 
 
-async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, tuple[str, str] | None]:
-    """``login`` as PostgreSQL folds its case, and (user id, password hash) of the account it names, if any.
+async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, Credentials | None]:
+    """``login`` as PostgreSQL folds its case, and the credentials of the account it names, if any.
 
     The fold comes from PostgreSQL because it decides which spellings find
     an account: Python's ``lower()`` differs on "İ", and an unknown name
@@ -70,13 +80,24 @@ async def find_credentials(pool: aiopg.Pool, login: str) -> tuple[str, tuple[str
     async with pool.acquire() as conn, conn.cursor() as cur:
         # Usernames cannot contain "@" and emails must, so at most one row matches.
         await cur.execute(
-            "SELECT lower(%(login)s), found.id, found.password_hash FROM (VALUES (1)) AS one"
-            " LEFT JOIN LATERAL (SELECT id, password_hash FROM users WHERE lower(username) = lower(%(login)s)"
-            " OR lower(email) = lower(%(login)s) LIMIT 1) AS found ON true",
+            "SELECT lower(%(login)s), found.id, found.password_hash, found.session_epoch"
+            " FROM (VALUES (1)) AS one LEFT JOIN LATERAL (SELECT id, password_hash, session_epoch FROM users"
+            " WHERE lower(username) = lower(%(login)s) OR lower(email) = lower(%(login)s) LIMIT 1) AS found ON true",
             {"login": login},
         )
-        folded, user_id, password_hash = await cur.fetchone()
-    return folded, ((str(user_id), password_hash) if user_id is not None else None)
+        folded, user_id, password_hash, epoch = await cur.fetchone()
+    return folded, (Credentials(str(user_id), password_hash, epoch) if user_id is not None else None)
+
+
+async def credentials_of(pool: aiopg.Pool, user_id: str) -> tuple[User, Credentials] | None:
+    """The account and its credentials, for a change that the current password must prove."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(f"SELECT {PROFILE}, password_hash, session_epoch FROM users WHERE id = %s", (user_id,))
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    user = User.from_row(row[:-2])
+    return user, Credentials(user.id, row[-2], row[-1])
 
 
 async def get_user(pool: aiopg.Pool, user_id: str) -> User | None:
@@ -125,4 +146,26 @@ async def set_password_hash(pool: aiopg.Pool, user_id: str, password_hash: str, 
             "UPDATE users SET password_hash = %s WHERE id = %s AND password_hash = %s",
             (password_hash, user_id, replacing),
         )
+        return bool(cur.rowcount)
+
+
+async def change_password(cur: Any, user_id: str, password_hash: str, *, replacing: str) -> int | None:
+    """Store a new password, ending every session: the new session epoch, or None if the hash changed meanwhile.
+
+    ``replacing`` is the hash the current password was checked against:
+    another change in between (on any instance) is not overwritten unseen.
+    """
+    await cur.execute(
+        "UPDATE users SET password_hash = %s, session_epoch = session_epoch + 1, updated_at = now()"
+        " WHERE id = %s AND password_hash = %s RETURNING session_epoch",
+        (password_hash, user_id, replacing),
+    )
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def end_sessions(pool: aiopg.Pool, user_id: str) -> bool:
+    """Move the account's session epoch on, so that no refresh token issued before it works; False if it is gone."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = %s", (user_id,))
         return bool(cur.rowcount)

@@ -28,6 +28,8 @@ def setup_routes(app: web.Application) -> None:
     # /users/me before /users/{id}, which would otherwise take "me" for an id.
     router.add_get("/users/me", handlers.get_my_profile, name="users.me")
     router.add_patch("/users/me", handlers.update_my_profile, name="users.update_me")
+    router.add_post("/users/me/password", auth_handlers.change_password, name="users.password")
+    router.add_delete("/users/me/sessions", auth_handlers.log_out_everywhere, name="users.sessions")
     router.add_post(
         "/users/me/email/verification", verification_handlers.request_verification, name="users.email_verification"
     )

@@ -138,9 +138,18 @@ def registration(body: dict[str, Any], passwords: Passwords) -> Registration:
 def credentials(body: dict[str, Any]) -> tuple[str, str]:
     """(login name or email, password) of a login."""
     fields = _Fields(body, required={"username", "password"})
-    login, password = fields.string("username"), fields.string("password", nul=True)
+    login = fields.string("username")
     if login is not None and not 1 <= len(login) <= MAX_EMAIL:
         fields.error("username", "must be a username or an email")
+    password = _password(fields, "password")
+    fields.check()
+    # Spaces around a name are a slip of the keyboard, never part of it.
+    return _composed((login or "").strip()), password or ""
+
+
+def _password(fields: _Fields, name: str) -> str | None:
+    """A password to check against a stored hash."""
+    password = fields.string(name, nul=True)
     # Counted as registration counts it, once normalized: typed decomposed,
     # a password that registered may be longer than MAX_LENGTH code points.
     # Or as typed: a hash from before normalization (see Passwords.verify)
@@ -150,10 +159,24 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
         1 <= len(password) <= MAX_TYPED_LENGTH
         and (len(password) <= MAX_LENGTH or len(normalized(password)) <= MAX_LENGTH)
     ):
-        fields.error("password", f"must be 1 to {MAX_LENGTH} characters long")
+        fields.error(name, f"must be 1 to {MAX_LENGTH} characters long")
+        return None
+    return password
+
+
+def password_change(body: dict[str, Any], passwords: Passwords, *, username: str, email: str) -> tuple[str, str]:
+    """(current password, new password), the new one held to registration's rules."""
+    fields = _Fields(body, required={"current_password", "new_password"})
+    current, new = _password(fields, "current_password"), fields.string("new_password", nul=True)
+    if new is not None:
+        weakness = passwords.weakness(new, username=username, email=email)
+        if weakness:
+            fields.error("new_password", weakness)
+        elif current is not None and normalized(new) == normalized(current):
+            # To end the other sessions without a new password: DELETE /users/me/sessions.
+            fields.error("new_password", "must differ from the current password")
     fields.check()
-    # Spaces around a name are a slip of the keyboard, never part of it.
-    return _composed((login or "").strip()), password or ""
+    return current or "", new or ""
 
 
 def profile_changes(body: dict[str, Any]) -> dict[str, str]:
