@@ -147,6 +147,9 @@ async def fake_service(
                         await asyncio.sleep(0.5 if upstream.hits == 1 else 3)
                         await response.write(b"k")
                     return response
+                if upstream.mode == "hop_headers":  # names one of its own in Connection; ?size= bytes of body
+                    hop = {"Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5", "X-Kept": "3"}
+                    return web.Response(body=b"h" * int(request.query["size"]), headers=hop)
                 if upstream.mode == "truncate":  # promise 1 MiB, send a third, then drop the connection
                     response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
                     await response.prepare(request)

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 
+import pytest
 from multidict import CIMultiDict
 
 from mesh_gateway.routes import API, Route
@@ -132,6 +133,19 @@ async def test_hop_by_hop_headers_and_those_named_in_any_connection_header_stay_
     assert head.startswith(b"HTTP/1.1 200")
     assert seen["X-Kept"] == "3"
     assert not {"X-First", "X-Second", "Keep-Alive", "Proxy-Connection"} & seen.keys()
+
+
+@pytest.mark.parametrize("size", [2, 1024 * 1024], ids=["buffered", "streamed"])
+async def test_an_answers_hop_by_hop_headers_and_those_its_connection_names_stay_behind(
+    fake_service, gateway, tokens, size
+):
+    service = await fake_service(1)
+    service.instances[0].mode = "hop_headers"
+    client = await gateway(service)
+    async with client.get(f"/api/v1/things?size={size}", headers=tokens.headers()) as r:
+        assert (r.status, len(await r.read())) == (200, size)
+        assert r.headers["X-Kept"] == "3"
+        assert [name for name in ("X-Hop", "Keep-Alive") if name in r.headers] == []
 
 
 async def test_an_x_forwarded_for_the_client_names_in_connection_is_dropped(fake_service, gateway, tokens):

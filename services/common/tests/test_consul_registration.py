@@ -158,10 +158,48 @@ async def test_a_lost_registration_comes_back_and_a_deregistered_one_does_not(ke
     await poll(kept.known)
 
     await kept.registration.deregister()  # on purpose, as at shutdown
-    # A keeper still running would hear the 404 at once, and register again within milliseconds.
+    # Not registered again: the keeper asks whether the instance means to be
+    # listed before it registers. One caught mid-registration is the next test's.
     with contextlib.suppress(TimeoutError):
         await poll(kept.known, within=0.5)
     assert not await kept.known()
+
+
+async def test_a_registration_the_keeper_was_sending_never_follows_the_deregistration(infra: StackConfig) -> None:
+    # The keeper heard the loss and is registering again as the instance
+    # shuts down: deregister must stop it and wait, or its registration
+    # reaches Consul after the deregistration, and a stopped instance stays
+    # listed until its checks have been critical for a minute.
+    client = consul_client(infra.consul_url)
+    registration = Registration(client, loopback_service(f"kept-{uuid.uuid4().hex[:8]}", infra.consul_url, port=9))
+    kept = Kept(registration, client)
+    sending, go_on = asyncio.Event(), asyncio.Event()
+    send = registration._register_once
+
+    async def held(until: float | None = None) -> None:
+        sending.set()
+        await go_on.wait()
+        await send(until)
+
+    try:
+        await registration.register()
+        registration._register_once = held  # type: ignore[method-assign]
+        registration.start_keeping()
+        await kept.forget()
+        async with asyncio.timeout(5):
+            await sending.wait()
+
+        await registration.deregister()
+        go_on.set()
+
+        with contextlib.suppress(TimeoutError):
+            await poll(kept.known, within=0.5)
+        assert not await kept.known()
+    finally:
+        go_on.set()
+        await registration.deregister()
+        await client.agent.service.deregister(registration.service_id)
+        await client.close()
 
 
 async def test_a_lost_registration_is_back_at_once_not_on_a_round(kept: Kept) -> None:

@@ -177,6 +177,11 @@ async def test_a_key_pruned_between_its_failed_claim_and_the_read_is_claimed_ane
 
     assert (second.status, second.replayed) == (201, False)
     assert second.snapshot["id"] != first.snapshot["id"]
+    # Claimed anew, and its answer stored: the key now replays the second todo.
+    # Made without a claim, the second would leave no key, and a retry would make a third.
+    monkeypatch.undo()
+    retried = await todos.create(alice.id, NewTodo("Once"), correlation_id="race-3", idempotent=request)
+    assert (retried.replayed, retried.snapshot["id"]) == (True, second.snapshot["id"])
 
 
 async def test_a_background_worker_that_crashes_is_logged_when_it_crashes_not_at_shutdown():
