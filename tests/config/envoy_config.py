@@ -79,9 +79,13 @@ def local_replies(cfg: dict[str, Any]) -> dict[int | None, dict[str, Any]]:
     config = hcm(cfg)["local_reply_config"]
     formats: dict[int | None, dict[str, Any]] = {None: config["body_format"]}
     for mapper in config["mappers"]:
-        comparison = mapper["filter"]["status_code_filter"]["comparison"]
+        # A status alone, or with response flags (and_filter): keyed by the status answered.
+        filters = mapper["filter"].get("and_filter", {"filters": [mapper["filter"]]})["filters"]
+        (comparison,) = [f["status_code_filter"]["comparison"] for f in filters if "status_code_filter" in f]
         assert comparison["op"] == "EQ"
-        formats[comparison["value"]["default_value"]] = mapper["body_format_override"]
+        status = mapper.get("status_code", comparison["value"]["default_value"])
+        assert status not in formats, f"two mappers answer {status}"
+        formats[status] = mapper["body_format_override"]
     for body_format in formats.values():
         assert body_format["content_type"] == "application/problem+json"
         assert set(body_format["json_format"]) == {"type", "title", "status", "detail", "code"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mesh_gateway.__main__ import DRAIN_SECONDS as GATEWAY_DRAIN_SECONDS
 from mesh_gateway.proxy import IDEMPOTENT
 from mesh_gateway.routes import API
 
@@ -117,3 +118,5 @@ def test_timeouts_never_beat_the_gateway(cfg: dict[str, Any]) -> None:
     options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     upstream_idle = seconds(options["common_http_protocol_options"]["idle_timeout"])
     assert 0 < upstream_idle < AIOHTTP_KEEPALIVE_S
+    # Closed by Envoy within a leaving gateway's drain, not by the gateway after it.
+    assert upstream_idle < GATEWAY_DRAIN_SECONDS

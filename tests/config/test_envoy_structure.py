@@ -126,6 +126,7 @@ def test_envoys_own_answers_are_problems_with_stable_codes(cfg: dict[str, Any]) 
     assert codes == {
         404: "NOT_FOUND",
         429: "RATE_LIMITED",
+        502: "GATEWAY_OUTCOME_UNKNOWN",
         503: "GATEWAY_UNAVAILABLE",
         504: "GATEWAY_TIMEOUT",
         408: "REQUEST_TIMEOUT",

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 from .deadlines import REQUEST_DEADLINE, deadline_middleware
 from .health import setup_health
 from .problems import Handler, problem_middleware
-from .requests import request_context_middleware
+from .requests import LEAVING, Leaving, request_context_middleware
 from .settings import ServiceSettings
 
 DEFAULT_MAX_BODY = 64 * 1024
@@ -36,10 +36,12 @@ def service_app(
     ``client_max_size`` makes an oversized body a 413 before it is buffered.
     ``deadline`` (seconds) is None for the gateway, whose routes have their own.
     """
-    first: list[Middleware] = [request_context_middleware, problem_middleware]
+    leaving = Leaving()  # set by mesh_common.serve when the instance is told to stop
+    first: list[Middleware] = [request_context_middleware(leaving), problem_middleware]
     if deadline is not None:
         first.append(deadline_middleware(deadline))
     app = web.Application(middlewares=[*first, *middlewares], client_max_size=client_max_size)
+    app[LEAVING] = leaving
     setup_health(app, service)
     return app
 

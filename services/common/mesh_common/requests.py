@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .problems import Handler
 
@@ -32,28 +34,56 @@ def request_id_of(request: web.Request) -> str:
     return candidate if _SAFE_ID.fullmatch(candidate) else os.urandom(16).hex()
 
 
-@web.middleware
-async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request_id_of(request)
-    request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        if request.path not in _QUIET_PATHS:
-            access_log.info(
-                "request",
-                method=request.method,
-                path=request.path,
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+@dataclass(slots=True)
+class Leaving:
+    """Whether the instance has been told to stop: its connections then close after each answer."""
+
+    now: bool = False
+
+
+LEAVING = web.AppKey("mesh.leaving", Leaving)
+
+
+def request_context_middleware(leaving: Leaving) -> Middleware:
+    """Request ids and the access log; and, once ``leaving.now``, ``Connection: close`` on every answer.
+
+    A leaving instance keeps serving while its callers learn it is gone
+    (mesh_common.serve), and then closes its idle keep-alive connections.
+    A caller can write a request onto one just as it closes, and cannot tell
+    whether it was read: not safe to send again, unless idempotent. Told to
+    close with each answer instead, a caller opens a new connection for the
+    next request, and once the listener has closed, that connect is refused,
+    which is safe to retry on another instance whatever the request.
+    """
+
+    @web.middleware
+    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        request[REQUEST_ID] = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers[REQUEST_ID_HEADER] = request_id
+            if leaving.now:
+                # Before its head is written, the head says so; a stream, already
+                # under way, closes after its end without a word.
+                response.force_close()
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if request.path not in _QUIET_PATHS:
+                access_log.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                )
+
+    return request_context

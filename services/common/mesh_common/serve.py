@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from .registration import REGISTRATION
+from .requests import LEAVING
 
 log = structlog.get_logger()
 BACKLOG = 1024
@@ -84,7 +85,12 @@ async def serve(app: web.Application, sock: socket.socket, *, drain_seconds: flo
 
         # Leave the healthy set first, so that watchers stop sending us work,
         # then give in-flight requests (and requests already routed here) a
-        # moment before the listener closes.
+        # moment before the listener closes. Meanwhile every answer closes its
+        # connection: a caller that still finds us (compose's DNS lists a
+        # container until it exits) never has one closed under its next request.
+        leaving = app.get(LEAVING)
+        if leaving is not None:
+            leaving.now = True
         registration = app.get(REGISTRATION)
         if registration is not None:
             await registration.deregister()
