@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from mesh_common.deadlines import BUDGET_HEADER, MIN_BUDGET
 from mesh_common.discovery import Instance, NoInstances, ServiceWatch
 from mesh_common.problems import MalformedBody, NotFound, instance_is_well, problem
-from mesh_common.requests import REQUEST_ID, REQUEST_ID_HEADER
+from mesh_common.requests import LEAVING, REQUEST_ID, REQUEST_ID_HEADER
 from mesh_common.resilience import AllBreakersOpen, BreakerBoard, RetryBudget, UpstreamFailure
 
 from .downstream import ClientGone, hang_up, to_client
@@ -266,6 +266,9 @@ class Proxy:
         response = self._mark(web.StreamResponse(status=resp.status, headers=headers), instance)
         # A known length is kept (no chunking); a body cut short cuts the connection.
         response.content_length = resp.content_length
+        if request.app[LEAVING].now:
+            # Said in the head, as the request middleware says it in a buffered answer's.
+            response.force_close()
         try:
             await to_client(request, response, response.prepare(request), idle)
             while True:

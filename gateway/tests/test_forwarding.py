@@ -9,6 +9,7 @@ import json
 import pytest
 from multidict import CIMultiDict
 
+from mesh_common.requests import LEAVING
 from mesh_gateway.routes import API, Route
 
 AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -146,6 +147,23 @@ async def test_an_answers_hop_by_hop_headers_and_those_its_connection_names_stay
         assert (r.status, len(await r.read())) == (200, size)
         assert r.headers["X-Kept"] == "3"
         assert [name for name in ("X-Hop", "Keep-Alive") if name in r.headers] == []
+
+
+@pytest.mark.parametrize("size", [2, 1024 * 1024], ids=["buffered", "streamed"])
+async def test_a_leaving_gateway_says_in_each_answers_head_that_it_closes_the_connection(
+    fake_service, gateway, tokens, size
+):
+    # Unsaid, Envoy could hand the connection its next request before the close arrives.
+    service = await fake_service(1)
+    service.instances[0].mode = "hop_headers"
+    client = await gateway(service)
+    async with client.get(f"/api/v1/things?size={size}", headers=tokens.headers()) as r:
+        assert "close" not in r.headers.get("Connection", "").lower()
+        await r.read()
+    client.app[LEAVING].now = True  # as mesh_common.serve sets it on SIGTERM
+    async with client.get(f"/api/v1/things?size={size}", headers=tokens.headers()) as r:
+        assert (r.status, len(await r.read())) == (200, size)
+        assert r.headers["Connection"].lower() == "close"
 
 
 async def test_an_x_forwarded_for_the_client_names_in_connection_is_dropped(fake_service, gateway, tokens):

@@ -69,8 +69,9 @@ def request_context_middleware(leaving: Leaving) -> Middleware:
             status = response.status
             response.headers[REQUEST_ID_HEADER] = request_id
             if leaving.now:
-                # Before its head is written, the head says so; a stream, already
-                # under way, closes after its end without a word.
+                # Its head not yet written, it says so. A handler that streams has
+                # written its head already: it must do this before it prepares
+                # (the gateway's proxy does), or the connection closes unannounced.
                 response.force_close()
             return response
         except web.HTTPException as exc:

@@ -7,12 +7,14 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiopg
 import pytest
 from aiohttp import ClientResponse
+from argon2 import PasswordHasher
 from pytest_aiohttp import AiohttpClient
 
 from user_service.app import create_app
-from user_service.keys import PASSWORDS
+from user_service.keys import PASSWORD_SLOTS, PASSWORDS
 from user_service.passwords import Verdict
 from user_service.settings import Settings, ThrottlePolicy
 
@@ -195,6 +197,46 @@ async def test_two_changes_at_once_one_wins_and_the_other_is_told(
     assert (late.status, (await late.json())["code"]) == (409, "CONFLICT")
     await login(password=NEW_PASSWORD)
     assert (await client.post("/auth/login", json={"username": "ada", "password": third})).status == 401
+
+
+async def test_a_login_upgrading_the_hash_meanwhile_is_no_conflict(
+    client: Client, register: Register, login: Login, db: aiopg.Pool
+) -> None:
+    # A login rehashes a password stored with weaker parameters: the hash
+    # changes, the password does not, and the change still goes through.
+    await register()
+    tokens = await login()
+    weak = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE users SET password_hash = %s WHERE username = 'ada'", (weak,))
+
+    late = await while_held(client, change(client, tokens["access_token"], PASSWORD, NEW_PASSWORD), login)
+
+    assert late.status == 200, await late.text()
+    await login(password=NEW_PASSWORD)
+
+
+async def test_a_change_refused_as_too_busy_is_no_failed_login(
+    aiohttp_client: AiohttpClient, settings: Settings, register: Register
+) -> None:
+    busy = dataclasses.replace(settings.passwords, queue_seconds=0.05)
+    app = create_app(dataclasses.replace(settings, throttle=ThrottlePolicy(max_failures=2), passwords=busy))
+    client = await aiohttp_client(app)
+    await register()
+    tokens = await (await client.post("/auth/login", json={"username": "ada", "password": PASSWORD})).json()
+    slots, held = client.app[PASSWORD_SLOTS], 0
+    while not slots.locked():  # every hashing slot taken, as by a storm of logins
+        await slots.acquire()
+        held += 1
+    try:
+        for _ in range(2):
+            refused = await change(client, tokens["access_token"], PASSWORD, NEW_PASSWORD)
+            assert (refused.status, (await refused.json())["code"]) == (503, "TOO_BUSY")
+    finally:
+        for _ in range(held):
+            slots.release()
+
+    assert (await change(client, tokens["access_token"], PASSWORD, NEW_PASSWORD)).status == 200
 
 
 async def test_a_service_token_can_neither_change_a_password_nor_end_sessions(client: Client, auth: Auth) -> None:

@@ -114,20 +114,41 @@ async def change_password(request: web.Request) -> web.Response:
         raise UserNotFound()
     profile, account = found
     current, new = validation.password_change(body, app[PASSWORDS], username=profile.username, email=profile.email)
-    attempt = await _take_throttle_slot(app[THROTTLE].begin("", user_id))
     async with app[PASSWORD_SLOTS]:
+        # The throttle's slot is taken once a hashing slot is, as a login's
+        # is: a change refused TOO_BUSY, its password never checked, must
+        # not count as a wrong guess, or retries lock the account's logins.
+        attempt = await _take_throttle_slot(app[THROTTLE].begin("", user_id))
         if not (await app[PASSWORDS].verify(account.password_hash, current)).matched:
             log.info("password_change_refused", user_id=user_id)
             raise WrongPassword()
         await app[THROTTLE].succeeded(attempt)
         new_hash = await app[PASSWORDS].hash(new)
-    async with app[WRITE_SLOTS], transaction(app[DB]) as cur:
-        epoch = await repository.change_password(cur, user_id, new_hash, replacing=account.password_hash)
-        if epoch is None:
-            raise Conflict("The password was changed meanwhile; sign in with the new one")
-        refresh = await refresh_tokens.issue(cur, user_id, app[SETTINGS].tokens, epoch)
+    refresh = await _replace_password(app, user_id, current, new_hash, account.password_hash)
     log.info("password_changed", user_id=user_id)
     return _token_pair(request, user_id, refresh)
+
+
+async def _replace_password(app: web.Application, user_id: str, current: str, new_hash: str, checked: str) -> str:
+    """Store ``new_hash`` in place of ``checked``, the hash ``current`` was proven against; a new session's token.
+
+    The hash may have changed since: another change (409), or a login's
+    upgrade of the same password to stronger parameters, which ``current``
+    still matches, and which must not pass for a change by someone else.
+    """
+    for _ in range(2):
+        async with app[WRITE_SLOTS], transaction(app[DB]) as cur:
+            epoch = await repository.change_password(cur, user_id, new_hash, replacing=checked)
+            if epoch is not None:
+                return await refresh_tokens.issue(cur, user_id, app[SETTINGS].tokens, epoch)
+        found = await repository.credentials_of(app[DB], user_id)
+        if found is None:
+            raise UserNotFound()
+        async with app[PASSWORD_SLOTS]:
+            if not (await app[PASSWORDS].verify(found[1].password_hash, current)).matched:
+                break
+        checked = found[1].password_hash
+    raise Conflict("The password was changed meanwhile; sign in with the new one")
 
 
 async def log_out_everywhere(request: web.Request) -> web.Response:

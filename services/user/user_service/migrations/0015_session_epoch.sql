@@ -12,3 +12,10 @@
 -- 11 and later): every row from before is epoch 0, as its account is.
 ALTER TABLE users ADD COLUMN session_epoch integer NOT NULL DEFAULT 0;
 ALTER TABLE refresh_tokens ADD COLUMN session_epoch integer NOT NULL DEFAULT 0;
+--
+-- While instances of the version before run beside new ones (a rolling
+-- upgrade), the old ones neither check nor carry the epoch: a session
+-- ended through a new instance still refreshes on an old one, and a
+-- session an old one starts or refreshes is epoch 0, which a new one
+-- refuses once the account's epoch has moved on. Upgrade every instance
+-- before relying on sign-out everywhere.
