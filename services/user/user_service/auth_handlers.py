@@ -144,10 +144,10 @@ async def _replace_password(app: web.Application, user_id: str, current: str, ne
         found = await repository.credentials_of(app[DB], user_id)
         if found is None:
             raise UserNotFound()
-        async with app[PASSWORD_SLOTS]:
-            if not (await app[PASSWORDS].verify(found[1].password_hash, current)).matched:
-                break
         checked = found[1].password_hash
+        async with app[PASSWORD_SLOTS]:
+            if not (await app[PASSWORDS].verify(checked, current)).matched:
+                break
     raise Conflict("The password was changed meanwhile; sign in with the new one")
 
 
