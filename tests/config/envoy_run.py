@@ -39,25 +39,23 @@ def _bind(
 ) -> tuple[list[ThreadingHTTPServer], socket.socket | None, int]:
     """Servers on ``ips``, and a socket on ``dead_ip`` that never listens, all on the port returned.
 
-    The port is the kernel's choice for the first server, and every socket is
+    The port is the kernel's choice for the first socket, and every socket is
     kept bound from the start: a port found free and let go could be taken
     before it is bound again. Bound without listening, the dead address refuses
     connections as if nothing were there, and holds the port all the same.
     """
     for _ in range(50):
         with contextlib.ExitStack() as bound:
-            first = ThreadingHTTPServer((ips[0], 0), handler)
-            bound.callback(first.server_close)
-            port = first.server_address[1]
-            servers = [first]
-            dead = None
+            port, servers, dead = 0, [], None  # 0 until the first socket has the kernel's choice
             try:
-                for ip in ips[1:]:
+                for ip in ips:
                     servers.append(ThreadingHTTPServer((ip, port), handler))
                     bound.callback(servers[-1].server_close)
+                    port = servers[-1].server_address[1]
                 if dead_ip is not None:
                     dead = bound.enter_context(socket.socket())
                     dead.bind((dead_ip, port))
+                    port = dead.getsockname()[1]
             except OSError:
                 continue  # taken on another address: let go of this port and ask again
             bound.pop_all()

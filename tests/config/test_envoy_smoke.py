@@ -223,3 +223,26 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         assert problem["type"] and problem["title"] and problem["detail"]
         if status in (429, 503):
             assert headers["retry-after"] == "1"
+
+
+def test_a_request_no_gateway_accepted_is_unavailable_not_of_unknown_outcome(
+    infra: StackConfig, tmp_path: Path
+) -> None:
+    # Every gateway in DNS refuses the connection (flag UF): nothing was sent,
+    # so even a POST that is not safe to repeat may be sent again. The mapper
+    # that makes a cut connection (UC, UR) a 502 without Retry-After must not
+    # catch this one too.
+    with stand_in_gateways(infra.consul_url, _FakeGateway, [], DEAD_GATEWAY_IP) as refusing:
+        config = tmp_path / "envoy.yaml"
+        config.write_text(config_for(refusing, infra.ports.consul_dns, tmp_path / "access.log"))
+        with running_envoy(config) as process:
+            process.wait_for_hosts({f"{DEAD_GATEWAY_IP}:{refusing.port}"})
+            answers = [
+                fetch(f"{process.public}/api/v1/todos", body=b"{}"),
+                fetch(f"{process.public}/api/v1/todos"),
+            ]
+
+    for status, headers, body in answers:
+        assert status == 503, body
+        assert json.loads(body)["code"] == "GATEWAY_UNAVAILABLE"
+        assert headers["retry-after"] == "1"
