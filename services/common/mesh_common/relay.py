@@ -25,8 +25,11 @@ policy in rabbitmq/definitions.json) routes it to ``todo-mesh.unrouted``,
 where it waits, visibly, for someone to look; the broker confirms it and the
 row is marked sent. Only a broker without our definitions returns an event:
 then the returned events are not marked (the rest of the batch is), the relay
-logs ``outbox_event_unroutable`` and tries again with backoff, and the events wait in the outbox until the
-topology is loaded. Nothing is dropped silently either way.
+logs ``outbox_events_unroutable``, and the events wait in the outbox until the
+topology is loaded. Each is held back for ``returned_hold`` (its row's
+``held_until``) before it is tried again: else, the oldest rows, they would
+head every claim, and a batch of them would stop every event behind them.
+Nothing is dropped silently either way.
 
 During a resource alarm (memory or disk low) the broker reads nothing more
 from a connection that publishes, not even a channel's close, until the
@@ -57,8 +60,10 @@ from .transactions import CommitOutcomeUnknown, server_cancels_as_errors, transa
 log = structlog.get_logger()
 CLAIM = (
     "SELECT id, routing_key, payload, correlation_id FROM outbox"
-    " WHERE published_at IS NULL ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
+    " WHERE published_at IS NULL AND (held_until IS NULL OR held_until <= now())"
+    " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
+HOLD = "UPDATE outbox SET held_until = now() + make_interval(secs => %(hold)s) WHERE id = ANY(%(returned)s::uuid[])"
 # The confirmed rows marked sent, or deleted if not to be kept (enqueue's
 # ``keep``), in one statement: a row that carries a secret never outlives
 # its publishing's transaction.
@@ -67,6 +72,9 @@ SETTLE = (
     " UPDATE outbox SET published_at = now() WHERE id = ANY(%(sent)s::uuid[]) AND keep_published"
 )
 CONFIRM_TIMEOUT = 5.0
+# How long an event the broker returned waits before it is tried again:
+# until someone loads the topology, which takes minutes at best.
+RETURNED_HOLD = 30.0
 # What an outage of the broker or the database raises, and goes by itself.
 # Anything else (a permission, a missing column, a bug) needs someone, and
 # is logged as an error with its traceback rather than as one more retry.
@@ -111,6 +119,7 @@ class OutboxRelay:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         confirm_timeout: float = CONFIRM_TIMEOUT,
+        returned_hold: float = RETURNED_HOLD,
         committed: asyncio.Event | None = None,
     ) -> None:
         self._pool = pool
@@ -118,6 +127,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._confirm_timeout = confirm_timeout
+        self._returned_hold = returned_hold
         # Idle this long in a claim's transaction, the session is ended by the
         # server, and its locks with it. Twice the batch's bound, which is
         # kept by this process's clock and loop, and a busy loop stretches:
@@ -223,14 +233,16 @@ class OutboxRelay:
             # The rows the broker confirmed are marked sent even when others
             # failed: kept back with them, a whole batch would be published
             # again on every retry, for as long as one row keeps failing.
-            sent, failure = [], None
+            sent, returned, failure = [], {}, None
             for (event_id, routing_key, *_), outcome in zip(rows, outcomes, strict=True):
                 if not isinstance(outcome, BaseException):
                     sent.append(str(event_id))
                     continue
                 if isinstance(outcome, aio_pika.exceptions.PublishError):
-                    # Not even the alternate exchange took it: the broker lacks our definitions.
-                    log.error("outbox_event_unroutable", event_id=str(event_id), routing_key=routing_key)
+                    # Not even the alternate exchange took it: the broker lacks our
+                    # definitions. Not a failure of the relay's: the rest go on.
+                    returned[str(event_id)] = routing_key
+                    continue
                 if isinstance(outcome, asyncio.CancelledError):
                     # One publish cancelled, not this task: aiormq cancels the
                     # confirms still pending when a channel closes. Raised as
@@ -243,6 +255,15 @@ class OutboxRelay:
                 failure = failure or outcome
             if sent:
                 await cur.execute(SETTLE, {"sent": sent})
+            if returned:
+                await cur.execute(HOLD, {"returned": list(returned), "hold": self._returned_hold})
+        if returned:
+            log.error(
+                "outbox_events_unroutable",
+                event_ids=list(returned),
+                routing_keys=sorted(set(returned.values())),
+                retry_in=self._returned_hold,
+            )
         if failure is not None:
             raise failure
         return len(sent)
@@ -264,8 +285,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The broker or the database is away, or an event was
-                # returned: the rows stay unsent and are tried again.
+                # The broker or the database is away: the rows stay unsent and are tried again.
                 await self._drop_channel()
                 if isinstance(exc, OUTAGES):
                     log.warning(

@@ -21,6 +21,7 @@ from typing import Any
 import aio_pika
 import aiopg
 import pytest
+from structlog.testing import capture_logs
 
 from devstack import rabbitmq
 from mesh_common.events import EVENTS_EXCHANGE, Event
@@ -159,15 +160,35 @@ async def test_an_event_the_broker_returns_as_unroutable_stays_in_the_outbox_unt
     event_id = await enqueue_event(db, routing_key)
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
-        relay = OutboxRelay(db, connection)
-        with pytest.raises(aio_pika.exceptions.PublishError):
-            await relay.publish_batch()
+        relay = OutboxRelay(db, connection, returned_hold=0.5)
+        with capture_logs() as logs:
+            assert await relay.publish_batch() == 0
         assert await outbox(db) == {event_id: False}  # not marked sent: it would be lost
+        [unroutable] = [e for e in logs if e["event"] == "outbox_events_unroutable"]
+        assert (unroutable["event_ids"], unroutable["routing_keys"]) == ([event_id], [routing_key])
 
         tap = await event_tap(routing_key)
-        assert await relay.publish_batch() == 1
+        assert await relay.publish_batch() == 0  # held back for now
+        async with asyncio.timeout(5):
+            while not await relay.publish_batch():  # until the hold is over
+                await asyncio.sleep(0.05)
         assert (await tap.next()).message_id == event_id
     assert await outbox(db) == {event_id: True}
+
+
+async def test_a_batch_of_returned_events_holds_up_no_event_behind_it(db, amqp_url, event_tap):
+    # The returned rows are the oldest: claimed first every time, a batch of
+    # them kept the relay from ever reaching the events after them.
+    returned = [await enqueue_event(db, f"test.unrouted.{uuid.uuid4().hex}") for _ in range(3)]
+    routed_key = f"test.routed.{uuid.uuid4().hex}"
+    tap = await event_tap(routed_key)
+    routed = await enqueue_event(db, routed_key)
+    async with await aio_pika.connect_robust(amqp_url) as connection:
+        relay = OutboxRelay(db, connection, batch_size=len(returned))
+        assert await relay.publish_batch() == 0
+        assert await relay.publish_batch() == 1
+        assert (await tap.next()).message_id == routed
+    assert await outbox(db) == {**dict.fromkeys(returned, False), routed: True}
 
 
 @pytest.fixture

@@ -47,7 +47,12 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
     applied = await migrate(scratch, MIGRATIONS)
 
     assert "0004_outbox" not in applied
-    assert applied[-3:] == ["outbox_0001_table", "outbox_0002_published", "outbox_0003_keep_published"]
+    assert applied[-4:] == [
+        "outbox_0001_table",
+        "outbox_0002_published",
+        "outbox_0003_keep_published",
+        "outbox_0004_held_until",
+    ]
     assert await migrate(scratch, MIGRATIONS) == []
     async with scratch.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
@@ -57,7 +62,12 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
 async def test_a_new_database_gets_the_outbox_from_the_shared_set(scratch: aiopg.Pool) -> None:
     applied = await migrate(scratch, MIGRATIONS)
 
-    assert applied[-3:] == ["outbox_0001_table", "outbox_0002_published", "outbox_0003_keep_published"]
+    assert applied[-4:] == [
+        "outbox_0001_table",
+        "outbox_0002_published",
+        "outbox_0003_keep_published",
+        "outbox_0004_held_until",
+    ]
     async with scratch.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'outbox' ORDER BY 1"
