@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from mesh_common.events import Event
 
+USER_ID = str(uuid.uuid4())
+
 
 def envelope(**changes: object) -> bytes:
-    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
+    event = Event(type="todo.completed", user_id=USER_ID, data={"id": "t"}, correlation_id="c")
     return json.dumps({**json.loads(event.to_json()), **changes}).encode()
 
 
@@ -20,6 +23,10 @@ def envelope(**changes: object) -> bytes:
         b"not json",
         b"\xff\xfe",
         envelope(id="not-a-uuid"),
+        # Looked up by it: "" or a path made a 404 about no user, taken for an outage.
+        envelope(user_id=""),
+        envelope(user_id="../health"),
+        envelope(user_id="not-a-uuid"),
         envelope(version="one"),
         # Infinity (of two "version" keys, the last one counts).
         envelope()[:-1] + b', "version": 1e999}',
@@ -54,5 +61,5 @@ def test_a_version_of_1_point_0_is_the_integer_1() -> None:
 
 
 def test_an_envelope_round_trips() -> None:
-    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
+    event = Event(type="todo.completed", user_id=USER_ID, data={"id": "t"}, correlation_id="c")
     assert Event.from_json(event.to_json()) == event

@@ -12,7 +12,6 @@ from notification_support import MAIL_FROM
 from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 
-from mesh_common.events import Event
 from mesh_common.testing import refused_port
 from notification_service.directory import Recipient
 from notification_service.failures import (
@@ -269,11 +268,6 @@ async def test_a_refused_connection_is_reported_as_unavailable() -> None:
         mailer = Mailer(SmtpSettings(host="127.0.0.1", port=port, mail_from=SENDER, attempts=2))
         with pytest.raises(MailServerUnavailable):
             await mailer.send(an_email("ada@example.test"))
-
-
-def test_an_event_envelope_round_trips() -> None:
-    event = Event(type="todo.completed", user_id="u", data={"id": "t"}, correlation_id="c")
-    assert Event.from_json(event.to_json()) == event
 
 
 async def test_stopping_the_sink_drops_its_sessions_like_a_server_going_down(smtp: SmtpSink) -> None:
