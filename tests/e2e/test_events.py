@@ -24,6 +24,7 @@ from .conftest import register_and_login
 pytestmark = pytest.mark.e2e
 TODOS_DURING_OUTAGE = 200
 AUDIT_QUEUE = "e2e.audit.todo-created"
+PASSWORD_NOTICE = "Your todo-mesh password was changed"
 
 
 async def declare_audit_queue(cfg: StackConfig) -> None:
@@ -125,7 +126,7 @@ def in_queue(cfg: StackConfig, queue: str) -> int:
     return counts[queue]
 
 
-async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed(
+async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed_and_when_the_password_changes(
     mesh: StackConfig, api: aiohttp.ClientSession
 ) -> None:
     name = f"e2e_{uuid.uuid4().hex[:12]}"
@@ -153,6 +154,10 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed(
             todo = await r.json()
         async with api.post(f"/api/v1/todos/{todo['id']}/complete", headers=headers) as r:
             assert r.status == 200, await r.text()
+        # From the user-service's outbox this time: its owner must hear of it.
+        change = {"current_password": password, "new_password": f"new-{password}"}
+        async with api.post("/api/v1/users/me/password", json=change, headers=headers) as r:
+            assert r.status == 200, await r.text()
 
         async def subjects() -> list[str]:
             async with mail.get("/api/v1/messages") as r:
@@ -162,7 +167,7 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed(
         # Seconds, when an earlier test has just restarted the broker and
         # the todo-service's relay is still reconnecting.
         async with asyncio.timeout(30):
-            while not any("water the plants" in s for s in await subjects()):
+            while not {"Done: water the plants", PASSWORD_NOTICE} <= set(await subjects()):
                 await asyncio.sleep(0.2)
             # A second copy, redelivered or published again, would come
             # through the queue: read the mailbox once it is empty and
@@ -171,5 +176,5 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed(
                 await asyncio.sleep(0.2)
         received = await subjects()
     print(f"\nmail for {email}: {received}")
-    assert sum("water the plants" in s for s in received) == 1  # exactly one notice
-    assert len(received) == 2  # and the confirmation: registering sends no welcome of its own
+    assert received.count("Done: water the plants") == received.count(PASSWORD_NOTICE) == 1  # one of each
+    assert len(received) == 3  # and the confirmation: registering sends no welcome of its own

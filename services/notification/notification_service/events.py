@@ -6,6 +6,9 @@
                      not sent once it has expired.
 ``user.registered``  nothing any more (the verification email welcomes):
                      still bound, so that queued ones are acked, not dead.
+``user.password_changed``
+                     a security notice to the account's owner: if the
+                     change was not theirs, someone else has their account.
 ``todo.completed``   a short notice to the todo's owner; cancels its reminder.
 ``todo.*``           keeps the todo's reminder in step with its snapshot
                      (created, updated, reopened, deleted).
@@ -37,13 +40,16 @@ log = structlog.get_logger()
 SUPPORTED_VERSION = 1
 TODO_EVENTS = frozenset({"todo.created", "todo.updated", "todo.completed", "todo.reopened", "todo.deleted"})
 VERIFICATION_REQUESTED = "user.email_verification_requested"
-HANDLED = TODO_EVENTS | {"user.registered", VERIFICATION_REQUESTED}
+PASSWORD_CHANGED = "user.password_changed"
+HANDLED = TODO_EVENTS | {"user.registered", VERIFICATION_REQUESTED, PASSWORD_CHANGED}
 # Why a code was sent: the first lines of its email. Another reason is refused, not guessed at.
 REASONS = {
     "registered": 'Welcome to todo-mesh! Your account "{username}" is ready. Confirm that this address is yours',
     "email_changed": 'The email address of your todo-mesh account "{username}" was changed to this one. Confirm it',
     "requested": 'You asked for a new code for your todo-mesh account "{username}". Confirm this address',
 }
+# A moment in an email: timestamp() makes every one UTC.
+WHEN = "%a %d %b %Y, %H:%M UTC"
 # A token as the user-service writes them (secrets.token_urlsafe): on a line of its own, nothing to escape.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -75,6 +81,11 @@ class EventHandler:
             return await self._verification(event)
         if event.type == "user.registered":
             return None  # welcomed by its verification email
+        if event.type == PASSWORD_CHANGED:
+            values = {"username": text(event.data, "username"), "changed_at": occurred_at(event).strftime(WHEN)}
+            return await self._notifier.notify(
+                event_id=event.id, kind="password_changed", user_id=event.user_id, values=values
+            )
         await self._reminders.apply(todo_snapshot(event), event_id=event.id, event_at=occurred_at(event))
         if event.type == "todo.completed":
             return await self._notifier.notify(
@@ -105,7 +116,7 @@ class EventHandler:
             values={
                 "reason": reason.format(username=username),
                 "token": token,
-                "expires_at": expires_at.astimezone(UTC).strftime("%a %d %b %Y, %H:%M UTC"),
+                "expires_at": expires_at.strftime(WHEN),
             },
             recipient=recipient,
         )

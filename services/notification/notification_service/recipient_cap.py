@@ -15,7 +15,8 @@ counts against its recipient's address, twice over:
   account set to ``ada+x@gmail.com`` used up Ada's own budget, and her
   reminders and completions went unsent for the hour. Now it uses its own.
   A code counts against the account's other emails, but only the
-  account's codes count against a code (``CODE_KIND``).
+  account's codes count against a code, and only its password notices
+  against a password notice (``COUNTED_APART``).
 - per mailbox: ``MAILBOX_ACCOUNTS`` times that from every account together,
   which bounds what registering many accounts to one stranger's address
   can make us send (50 an hour by default), while leaving the mailbox's
@@ -61,7 +62,10 @@ WINDOW = 3600.0  # seconds: the rolling hour
 # address, would otherwise drop the code for a new one (another case, a
 # "+tag") for good, and each resend's too, while the user-service, whose cap
 # counts codes only, answered 202. A notice is held back by all of them.
-CODE_KIND = "verify_email"
+# A password notice likewise by its own kind alone: whoever changed the
+# password can complete todos by the dozen, and with the notices they cause
+# would keep the one that tells the owner from being sent.
+COUNTED_APART = frozenset({"verify_email", "password_changed"})
 # The per-mailbox ceiling, as a multiple of the per-account limit: room for
 # the mailbox's owner and a few accounts sharing it (a family's, a team's),
 # and a bound on many accounts pointed at a stranger.
@@ -75,7 +79,7 @@ WITH hour AS (
     SELECT count(*) AS counted, count(*) FILTER (WHERE mine) AS own,
            min(counted_at) AS oldest, min(counted_at) FILTER (WHERE mine) AS own_oldest
     FROM (
-        SELECT counted_at, user_id = %(user_id)s AND (kind = %(code)s OR %(kind)s <> %(code)s) AS mine
+        SELECT counted_at, user_id = %(user_id)s AND (kind = %(kind)s OR NOT %(apart)s) AS mine
         FROM notifications
         WHERE recipient_key = %(key)s AND counted_at > now() - make_interval(secs => %(window)s)
     ) AS recent
@@ -117,7 +121,7 @@ async def within_cap(pool: aiopg.Pool, claim: Claim, token: str, *, limit: int, 
     params = {
         "key": key,
         "user_id": claim.user_id,
-        "code": CODE_KIND,
+        "apart": claim.kind in COUNTED_APART,
         "window": WINDOW,
         "limit": limit,
         "ceiling": MAILBOX_ACCOUNTS * limit,

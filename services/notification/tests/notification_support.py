@@ -206,6 +206,16 @@ def registered(user: dict[str, str]) -> Event:
     )
 
 
+def password_changed(user: dict[str, str]) -> Event:
+    """A ``user.password_changed`` event for ``user``, as the user-service writes it."""
+    return Event(
+        type="user.password_changed",
+        user_id=user["id"],
+        data={"user_id": user["id"], "username": user["username"]},
+        correlation_id=uuid.uuid4().hex,
+    )
+
+
 def todo_event(kind: str, user_id: str, todo: dict[str, Any], **envelope: Any) -> Event:
     """A todo event; its snapshot is at version 1 unless it says otherwise."""
     data = {"version": 1, **todo}

@@ -1,8 +1,9 @@
-"""user.registered leaves through the outbox and reaches RabbitMQ."""
+"""user.registered and user.password_changed leave through the outbox and reach RabbitMQ."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -28,15 +29,21 @@ PASSWORD = "a long and unusual passphrase"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
 
 
-@pytest.fixture
-async def registrations(settings: Settings) -> AsyncIterator[AbstractQueue]:
-    """A private queue that receives every user.registered."""
+@contextlib.asynccontextmanager
+async def bound_queue(settings: Settings, routing_key: str) -> AsyncIterator[AbstractQueue]:
+    """A private queue that receives every event published with ``routing_key``."""
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(f"test-user-registered-{uuid.uuid4().hex[:8]}", exclusive=True)
-        await queue.bind(exchange, routing_key="user.registered")
+        queue = await channel.declare_queue(f"test-{routing_key}-{uuid.uuid4().hex[:8]}", exclusive=True)
+        await queue.bind(exchange, routing_key=routing_key)
+        yield queue
+
+
+@pytest.fixture
+async def registrations(settings: Settings) -> AsyncIterator[AbstractQueue]:
+    async with bound_queue(settings, "user.registered") as queue:
         yield queue
 
 
@@ -62,6 +69,27 @@ async def test_registration_publishes_user_registered_with_the_request_id(
     assert event.correlation_id == "req-register-ada"
     assert event.user_id == user["id"]
     assert event.data == {"user_id": user["id"], "username": "ada", "email": "ada@example.com", "display_name": "Ada"}
+
+
+async def test_a_password_change_publishes_user_password_changed_matching_its_contract(
+    client: Client, register: Register, settings: Settings
+) -> None:
+    ada = await register("ada")
+    tokens = await (await client.post("/auth/login", json={"username": "ada", "password": PASSWORD})).json()
+    async with bound_queue(settings, "user.password_changed") as changes:
+        response = await client.post(
+            "/users/me/password",
+            json={"current_password": PASSWORD, "new_password": "another long passphrase"},
+            headers={"Authorization": f"Bearer {tokens['access_token']}", "X-Request-ID": "req-new-password"},
+        )
+        assert response.status == 200, await response.text()
+        event = await next_event(changes)
+
+    assert (event.type, event.user_id, event.correlation_id) == ("user.password_changed", ada["id"], "req-new-password")
+    assert event.data == {"user_id": ada["id"], "username": "ada"}
+    contract = yaml.safe_load(ASYNCAPI.read_text())
+    schema = {"$ref": "#/components/schemas/UserPasswordChangedEvent", "components": contract["components"]}
+    jsonschema.Draft202012Validator(schema).validate(json.loads(event.to_json()))
 
 
 async def test_user_registered_matches_its_asyncapi_contract(

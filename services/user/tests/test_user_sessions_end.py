@@ -13,6 +13,7 @@ from aiohttp import ClientResponse
 from argon2 import PasswordHasher
 from pytest_aiohttp import AiohttpClient
 
+from mesh_common.events import Event
 from user_service.app import create_app
 from user_service.keys import PASSWORD_SLOTS, PASSWORDS
 from user_service.passwords import Verdict
@@ -33,6 +34,13 @@ async def change(client: Client, access: str, current: str, new: str) -> ClientR
         json={"current_password": current, "new_password": new},
         headers={"Authorization": f"Bearer {access}"},
     )
+
+
+async def password_notices(db: aiopg.Pool) -> list[dict[str, Any]]:
+    """The data of every user.password_changed in the outbox: published or not, it is kept."""
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT payload FROM outbox WHERE routing_key = 'user.password_changed'")
+        return [Event.from_json(bytes(payload)).data for (payload,) in await cur.fetchall()]
 
 
 def held_verify(client: Client) -> tuple[asyncio.Event, asyncio.Event]:
@@ -68,9 +76,9 @@ async def while_held(client: Client, first: Awaitable[ClientResponse], meanwhile
 
 
 async def test_a_new_password_ends_every_session_and_starts_one(
-    client: Client, register: Register, login: Login
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
-    await register()
+    ada = await register()
     phone, laptop = await login(), await login()
     spent = phone["refresh_token"]
     phone = await (await refresh(client, spent)).json()
@@ -79,6 +87,8 @@ async def test_a_new_password_ends_every_session_and_starts_one(
 
     assert response.status == 200, await response.text()
     assert response.headers["Cache-Control"] == "no-store"
+    # Its owner is told, with the change (test_user_events.py follows it to the broker).
+    assert await password_notices(db) == [{"user_id": ada["id"], "username": "ada"}]
     fresh = await response.json()
     for ended in (phone["refresh_token"], laptop["refresh_token"]):
         answer = await refresh(client, ended)
@@ -94,7 +104,7 @@ async def test_a_new_password_ends_every_session_and_starts_one(
 
 
 async def test_a_wrong_current_password_changes_nothing_and_counts_as_a_failed_login(
-    aiohttp_client: AiohttpClient, settings: Settings, register: Register
+    aiohttp_client: AiohttpClient, settings: Settings, register: Register, db: aiopg.Pool
 ) -> None:
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, throttle=ThrottlePolicy(max_failures=3)), register=False)
@@ -112,6 +122,7 @@ async def test_a_wrong_current_password_changes_nothing_and_counts_as_a_failed_l
     login = await client.post("/auth/login", json={"username": "ada", "password": PASSWORD})
     assert login.status == 429
     assert (await refresh(client, tokens["refresh_token"])).status == 200
+    assert await password_notices(db) == []
 
 
 @pytest.mark.parametrize(
@@ -129,7 +140,7 @@ async def test_a_wrong_current_password_changes_nothing_and_counts_as_a_failed_l
     ],
 )
 async def test_a_refused_new_password_is_a_422_and_changes_nothing(
-    client: Client, register: Register, login: Login, body: dict[str, Any], fields: list[str]
+    client: Client, register: Register, login: Login, db: aiopg.Pool, body: dict[str, Any], fields: list[str]
 ) -> None:
     await register()
     tokens = await login()
@@ -141,6 +152,7 @@ async def test_a_refused_new_password_is_a_422_and_changes_nothing(
     assert (problem["code"], [error["field"] for error in problem["errors"]]) == ("VALIDATION_FAILED", fields)
     assert (await refresh(client, tokens["refresh_token"])).status == 200
     await login()
+    assert await password_notices(db) == []
 
 
 async def test_signing_out_everywhere_ends_every_session_this_one_too(
@@ -183,7 +195,7 @@ async def test_a_login_checked_before_the_sessions_ended_starts_none_that_outliv
 
 
 async def test_two_changes_at_once_one_wins_and_the_other_is_told(
-    client: Client, register: Register, login: Login
+    client: Client, register: Register, login: Login, db: aiopg.Pool
 ) -> None:
     await register()
     tokens = await login()
@@ -197,6 +209,7 @@ async def test_two_changes_at_once_one_wins_and_the_other_is_told(
     assert (late.status, (await late.json())["code"]) == (409, "CONFLICT")
     await login(password=NEW_PASSWORD)
     assert (await client.post("/auth/login", json={"username": "ada", "password": third})).status == 401
+    assert len(await password_notices(db)) == 1  # the loser's is rolled back with its change
 
 
 async def test_a_login_upgrading_the_hash_meanwhile_is_no_conflict(
@@ -214,6 +227,7 @@ async def test_a_login_upgrading_the_hash_meanwhile_is_no_conflict(
 
     assert late.status == 200, await late.text()
     await login(password=NEW_PASSWORD)
+    assert len(await password_notices(db)) == 1  # one change, told once, though written on a second try
 
 
 async def test_a_change_refused_as_too_busy_is_no_failed_login(

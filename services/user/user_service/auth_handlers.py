@@ -17,12 +17,15 @@ from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL
 from mesh_common.db import DB
+from mesh_common.events import Event
+from mesh_common.outbox import OUTBOX_COMMITTED, enqueue, publishing
 from mesh_common.problems import Conflict, FeatureUnavailable, TooManyRequests, read_json_object
-from mesh_common.transactions import transaction
+from mesh_common.requests import REQUEST_ID
 
 from . import refresh_tokens, repository, validation
 from .digests import sha256
 from .errors import InvalidClient, InvalidCredentials, InvalidRefreshToken, UserNotFound, WrongPassword
+from .events import password_changed
 from .keys import KEY_STORE, PASSWORD_SLOTS, PASSWORDS, SETTINGS, THROTTLE, TOKENS, WRITE_SLOTS
 from .throttle import Attempt
 from .tokens import USERS_READ
@@ -124,22 +127,28 @@ async def change_password(request: web.Request) -> web.Response:
             raise WrongPassword()
         await app[THROTTLE].succeeded(attempt)
         new_hash = await app[PASSWORDS].hash(new)
-    refresh = await _replace_password(app, user_id, current, new_hash, account.password_hash)
+    notice = password_changed(profile, correlation_id=request[REQUEST_ID])
+    refresh = await _replace_password(app, user_id, current, new_hash, account.password_hash, notice)
     log.info("password_changed", user_id=user_id)
     return _token_pair(request, user_id, refresh)
 
 
-async def _replace_password(app: web.Application, user_id: str, current: str, new_hash: str, checked: str) -> str:
+async def _replace_password(
+    app: web.Application, user_id: str, current: str, new_hash: str, checked: str, notice: Event
+) -> str:
     """Store ``new_hash`` in place of ``checked``, the hash ``current`` was proven against; a new session's token.
+
+    ``notice`` (user.password_changed) is published with the change, once, and never without it.
 
     The hash may have changed since: another change (409), or a login's
     upgrade of the same password to stronger parameters, which ``current``
     still matches, and which must not pass for a change by someone else.
     """
     for _ in range(2):
-        async with app[WRITE_SLOTS], transaction(app[DB]) as cur:
+        async with app[WRITE_SLOTS], publishing(app[DB], app[OUTBOX_COMMITTED]) as cur:
             epoch = await repository.change_password(cur, user_id, new_hash, replacing=checked)
             if epoch is not None:
+                await enqueue(cur, notice)
                 return await refresh_tokens.issue(cur, user_id, app[SETTINGS].tokens, epoch)
         found = await repository.credentials_of(app[DB], user_id)
         if found is None:

@@ -1,6 +1,6 @@
 """What the user-service publishes. Contracts: docs/services/user.md, docs/asyncapi.yaml.
 
-Both version 1, through the transactional outbox:
+All version 1, through the transactional outbox:
 
 - ``user.registered``, once per new account; ``data`` holds user_id,
   username, email, display_name.
@@ -9,6 +9,11 @@ Both version 1, through the transactional outbox:
   adds the code (``token``), its ``expires_at`` and the ``reason``. The
   notification-service mails the code to ``email``. The code is a secret:
   event bodies are never logged.
+- ``user.password_changed``, in the transaction that stores a new password
+  (and so ends every session); ``data`` holds user_id and username. The
+  notification-service tells the account's owner, at their verified
+  address: if it was not them, they learn that their account is no longer
+  theirs alone.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .verification import Issued
 
 USER_REGISTERED = "user.registered"
 EMAIL_VERIFICATION_REQUESTED = "user.email_verification_requested"
+PASSWORD_CHANGED = "user.password_changed"
 Reason = Literal["registered", "email_changed", "requested"]
 
 
@@ -54,5 +60,14 @@ def email_verification_requested(user: User, issued: Issued, reason: Reason, *, 
             "expires_at": issued.expires_at_iso(),
             "reason": reason,
         },
+        correlation_id=correlation_id,
+    )
+
+
+def password_changed(user: User, *, correlation_id: str) -> Event:
+    return Event(
+        type=PASSWORD_CHANGED,
+        user_id=user.id,
+        data={"user_id": user.id, "username": user.username},
         correlation_id=correlation_id,
     )

@@ -78,7 +78,8 @@ PATHS: dict[str, Any] = {
             "summary": "Change the caller's password, proven by the current one; every session ends",
             "description": "Every refresh token of the account stops working, this device's too; the answer is a"
             " new pair, so that the device that made the change stays signed in. Access tokens already issued"
-            " work until they expire. A wrong current password counts against the account's login throttle.",
+            " work until they expire. A wrong current password counts against the account's login throttle."
+            " The owner is emailed a notice of the change, at the account's address once it is verified.",
             "requestBody": body("PasswordChange"),
             "responses": {
                 "200": json_answer(ref("TokenPair"), "The new password is set; a new session"),

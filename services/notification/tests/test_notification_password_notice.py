@@ -1,0 +1,95 @@
+"""A changed password is told to the account's owner, once, at their verified address, whatever else they were sent."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import aiopg
+import pytest
+from direct_sends import notification_rows
+from notification_support import Broker, Client, FakeUserService, StartService, eventually, new_user, password_changed
+from smtp_sink import SmtpSink
+from test_notification_recipient_cap import LIMIT, statuses, use_up_the_hour
+
+from notification_service.events import EventHandler
+from notification_service.failures import MalformedEvent
+from notification_service.keys import CONSUMER
+from notification_service.settings import Settings
+
+
+async def test_the_owner_is_told_once_however_often_the_event_is_delivered(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    owner = users.add(new_user())
+    event = password_changed(owner)
+    for _ in range(3):
+        await broker.publish(event)
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 3, within=15, what="every copy acked")
+
+    assert len(smtp.received) == 1
+    [message] = smtp.to(owner["email"])  # the profile's address, looked up
+    assert message["To"] == f"{owner['display_name']} <{owner['email']}>"
+    assert message["Subject"] == "Your todo-mesh password was changed"
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.password_changed@todo-mesh.test>"
+    plain = message.get_body(preferencelist=("plain",))
+    assert plain is not None
+    text = " ".join(plain.get_content().split())
+    when = datetime.fromisoformat(event.occurred_at).astimezone(UTC).strftime("%a %d %b %Y, %H:%M UTC")
+    assert f"Hi {owner['display_name']}," in text
+    assert f'account "{owner["username"]}" was changed on {when}' in text
+    assert "every device signed in to the account was signed out" in text
+    assert "If it was not, someone else knows your password" in text
+    assert await notification_rows(pool) == [(event.id, "password_changed", "sent")]
+    # (Copies that came while the first was being sent were retried later, as any event's.)
+    assert consumer.settled["dead_lettered"] == 0
+
+
+async def test_an_unverified_address_is_not_told(
+    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    # It may be anyone's: the rule for every email but the code holds for this one too.
+    owner = users.add(new_user(), verified=False)
+    await broker.publish(password_changed(owner))
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the event acked")
+    assert smtp.received == []
+    assert await notification_rows(pool) == []
+
+
+async def test_todo_notices_that_used_up_the_hour_do_not_hold_the_notice_back(
+    settings: Settings,
+    start_service: StartService,
+    broker: Broker,
+    smtp: SmtpSink,
+    users: FakeUserService,
+    pool: aiopg.Pool,
+) -> None:
+    # Whoever changed the password can complete the owner's todos by the
+    # dozen: counted against their notices, the one that matters was capped.
+    service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
+    owner = users.add(new_user())
+    await use_up_the_hour(broker, smtp, owner)
+    for _ in range(LIMIT + 1):
+        await broker.publish(password_changed(owner))
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 2 * LIMIT + 1, within=15, what="every event acked")
+    # Counted by their own kind, they are capped at the limit all the same.
+    assert await statuses(pool, owner["email"]) == {"sent": 2 * LIMIT, "capped": 1}
+    assert len(smtp.to(owner["email"])) == 2 * LIMIT
+
+
+async def test_the_password_event_is_routed_to_our_queue(broker: Broker) -> None:
+    # No service consuming: the message waits in the queue the binding routes it to.
+    await broker.publish(password_changed(new_user()))
+    await eventually(lambda: broker.ready(broker.topology.queue), within=10, what="the event in our queue")
+
+
+async def test_a_notice_without_the_username_is_malformed() -> None:
+    handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
+    event = password_changed(new_user())
+    del event.data["username"]
+    with pytest.raises(MalformedEvent, match=r"data\.username"):
+        await handler.handle(event)
