@@ -229,12 +229,15 @@ def parse_if_match(lines: Sequence[str]) -> IfMatch | None:
     versions, at = set(), _past_empty_members(header, 0)
     while at < len(header):
         if (tag := _LISTED_TAG.match(header, at)) is None:
-            raise ValidationFailed(
-                "The If-Match header is invalid",
-                errors=[_error("If-Match", 'must be * or entity tags, such as W/"3" from the ETag')],
-            )
+            break
         versions.add(tag.group(1))
         at = _past_empty_members(header, tag.end())
+    # Nor is an empty one, which a client sends that fills in an ETag it does not have yet.
+    if at < len(header) or not versions:
+        raise ValidationFailed(
+            "The If-Match header is invalid",
+            errors=[_error("If-Match", 'must be * or entity tags, such as W/"3" from the ETag')],
+        )
     return IfMatch(frozenset(versions))
 
 
