@@ -89,7 +89,9 @@ async def test_a_password_change_publishes_user_password_changed_matching_its_co
     assert event.data == {"user_id": ada["id"], "username": "ada"}
     contract = yaml.safe_load(ASYNCAPI.read_text())
     schema = {"$ref": "#/components/schemas/UserPasswordChangedEvent", "components": contract["components"]}
-    jsonschema.Draft202012Validator(schema).validate(json.loads(event.to_json()))
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(
+        json.loads(event.to_json())
+    )
 
 
 async def test_user_registered_matches_its_asyncapi_contract(
@@ -99,7 +101,9 @@ async def test_user_registered_matches_its_asyncapi_contract(
     event = await next_event(registrations)
     contract = yaml.safe_load(ASYNCAPI.read_text())
     schema = {"$ref": "#/components/schemas/UserRegisteredEvent", "components": contract["components"]}
-    jsonschema.Draft202012Validator(schema).validate(json.loads(event.to_json()))
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(
+        json.loads(event.to_json())
+    )
 
 
 async def test_a_refused_registration_publishes_nothing(
