@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("user", "todo", "notification")
 SERVICE_PACKAGES = {"user": "user_service", "todo": "todo_service", "notification": "notification_service"}
 CONSUL_NAMES = {"user": "user-service", "todo": "todo-service", "notification": "notification-service"}
+# Each service's own database, named for its role too; a service without one is not listed.
+DATABASES = {"user": "users", "todo": "todos", "notification": "notifications"}
 
 
 def port_variable(name: str) -> str:
@@ -144,7 +146,7 @@ class StackConfig:
         return f"http://127.0.0.1:{self.ports.mail_api}"
 
     def database_url(self, service: str) -> str:
-        db = {"user": "users", "todo": "todos", "notification": "notifications"}[service]
+        db = DATABASES[service]
         return f"postgresql://{db}:{db}@127.0.0.1:{self.ports.postgres}/{db}"
 
     def gateway_address(self, n: int) -> str:
@@ -189,7 +191,7 @@ class StackConfig:
             "SMTP_PORT": str(self.ports.smtp),
             "MAIL_FROM": "todo-mesh <no-reply@todo-mesh.local>",
         }
-        if service in SERVICES:
+        if service in DATABASES:
             env["DATABASE_URL"] = self.database_url(service)
         # The client secret only where compose.yml gives it: to the
         # notification-service, and to the user-service that checks it.

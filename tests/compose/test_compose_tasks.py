@@ -31,7 +31,7 @@ import pytest
 
 from devstack.procs import Proc, running, start, stop
 
-from .conftest import REPO
+from .conftest import APPS, REPO
 
 TASK = REPO / ".venv" / "bin" / "task"
 TASK_TIMEOUT = 60  # seconds; every docker call is the fake's, answered at once
@@ -157,20 +157,25 @@ def test_the_first_up_keeps_a_secret_of_its_own_in_dotenv_and_starts_the_counts_
     tree.task("up", "TODO=3", "GATEWAY=2")
     assert SECRET_LINE.fullmatch(tree.dotenv.read_text().rstrip("\n"))
     assert stat.S_IMODE(tree.dotenv.stat().st_mode) == 0o600
-    up = compose_up(tree.calls())
-    assert up["argv"] == [
-        *("docker", "compose", "up", "-d", "--build", "--wait"),
-        *("--scale", "user-service=1", "--scale", "todo-service=3"),
-        *("--scale", "notification-service=1", "--scale", "gateway=2"),
-    ]
+    argv = compose_up(tree.calls())["argv"]
+    assert argv[:6] == ["docker", "compose", "up", "-d", "--build", "--wait"]
+    # Every app, in whatever order the script lists them: one each but those asked for.
+    assert scales(argv[6:]) == {app.name: 1 for app in APPS} | {"todo-service": 3, "gateway": 2}
 
 
 def test_a_count_on_the_command_line_wins_over_one_exported_in_the_shell(tree: Tree) -> None:
     # In the Taskfile's env:, the shell's MESH_TODO_INSTANCES won over TODO=3.
     tree.task("up", "TODO=3", MESH_TODO_INSTANCES="2", MESH_GATEWAY_INSTANCES="2")
-    assert compose_up(tree.calls())["argv"][-6:] == [
-        *("--scale", "todo-service=3", "--scale", "notification-service=1", "--scale", "gateway=2")
-    ]
+    assert scales(compose_up(tree.calls())["argv"][6:]) == {app.name: 1 for app in APPS} | {
+        "todo-service": 3,
+        "gateway": 2,
+    }
+
+
+def scales(args: list[str]) -> dict[str, int]:
+    """``--scale name=n`` pairs, and nothing else, as {name: n}."""
+    assert args[::2] == ["--scale"] * (len(args) // 2) and len(args) % 2 == 0, args
+    return {name: int(n) for name, _, n in (pair.partition("=") for pair in args[1::2])}
 
 
 def test_a_second_up_keeps_the_secret_and_one_set_in_the_shell_wins(tree: Tree) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack import config
 from devstack.config import StackConfig
 from devstack.procs import StackError
 
@@ -49,3 +50,13 @@ def test_the_command_line_reports_a_bad_setting_in_one_line() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "error: MESH_PORT_REDIS must be a whole number from 0 to 65535, got 'six'"
+
+
+def test_a_service_is_given_a_database_url_only_if_it_has_a_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One added without a database (docs/adding-a-service.md allows it) made
+    # every start fail with a KeyError building its environment.
+    monkeypatch.setattr(config, "SERVICES", (*config.SERVICES, "tag"))
+    cfg = StackConfig.from_env({})
+    assert "DATABASE_URL" not in cfg.service_env("tag")
+    for service, database in config.DATABASES.items():
+        assert cfg.service_env(service)["DATABASE_URL"].endswith(f"/{database}")
