@@ -1,7 +1,7 @@
 -- One database and one role per service: a service can reach only its own data.
--- Runs as the superuser, from the native stack and from the postgres image's
--- /docker-entrypoint-initdb.d. Dev-only passwords: each equals the role name.
--- Idempotent (psql's \gexec), so the native stack can run it at every start.
+-- Runs as the superuser, at every start: from the native stack, and from
+-- compose's postgres-init. Dev-only passwords: each equals the role name.
+-- Idempotent (psql's \gexec), for that.
 SELECT 'CREATE ROLE ' || r || ' LOGIN PASSWORD ' || quote_literal(r)
 FROM unnest(ARRAY['users', 'todos', 'notifications']) AS r
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)

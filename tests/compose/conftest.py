@@ -35,6 +35,7 @@ INFRA_IMAGES = {
     "envoy": "envoyproxy/envoy",
     "rabbitmq": "rabbitmq",
     "postgres": "postgres",
+    "postgres-init": "postgres",
     "redis": "redis",
     "mailpit": "axllent/mailpit",
 }
@@ -65,6 +66,8 @@ APPS = [
     App("gateway", "gateway", "mesh_gateway", 8000, "gateway"),
 ]
 APPS_BY_NAME = {app.name: app for app in APPS}
+# Services that run, do their work and exit: what waits for one waits for it to succeed.
+ONE_SHOTS = {"postgres-init"}
 EXPECTED_SERVICES = set(INFRA_IMAGES) | set(APPS_BY_NAME)
 
 

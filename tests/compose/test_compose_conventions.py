@@ -18,6 +18,7 @@ from .conftest import (
     APPS_BY_NAME,
     EXPECTED_SERVICES,
     INFRA_IMAGES,
+    ONE_SHOTS,
     REPO,
     App,
     compose_env,
@@ -147,6 +148,10 @@ def test_scalable_services_are_built_from_their_dockerfile(app: App) -> None:
 def test_every_service_has_a_healthcheck(name: str) -> None:
     svc = services()[name]
     hc = svc.get("healthcheck")
+    if name in ONE_SHOTS:
+        # It exits when done: never healthy, and never started again by Docker.
+        assert hc is None and svc["restart"] == "no"
+        return
     if hc is not None:
         assert not hc.get("disable"), f"{name}: healthcheck disabled"
         test = hc.get("test")
@@ -172,9 +177,8 @@ def test_depends_on_waits_for_healthy_services() -> None:
         assert isinstance(deps, dict), f"{name}: use the long depends_on syntax with conditions"
         for dep, spec in deps.items():
             assert dep in svcs, f"{name} depends on unknown service {dep}"
-            assert (spec or {}).get("condition") == "service_healthy", (
-                f"{name} -> {dep}: condition must be service_healthy"
-            )
+            condition = "service_completed_successfully" if dep in ONE_SHOTS else "service_healthy"
+            assert (spec or {}).get("condition") == condition, f"{name} -> {dep}: condition must be {condition}"
 
 
 def test_dependency_edges() -> None:
@@ -188,6 +192,26 @@ def test_dependency_edges() -> None:
         assert "consul" in deps, f"{app.name} registers in Consul: must wait for it"
         for variable in compose_env(app.name).keys() & servers.keys():
             assert servers[variable] in deps, f"{app.name} has {variable}: must wait for {servers[variable]}"
+        if "DATABASE_URL" in compose_env(app.name):
+            assert "postgres-init" in deps, f"{app.name} has a database: must wait for it to be made"
+
+
+def test_the_databases_are_made_at_every_up_as_natively() -> None:
+    # The image's docker-entrypoint-initdb.d runs on an empty volume only: a
+    # change to the script never reached a stack made before it.
+    svcs = services()
+    assert not any("docker-entrypoint-initdb.d" in str(volume) for volume in svcs["postgres"].get("volumes", []))
+    init = svcs["postgres-init"]
+    assert init["image"] == svcs["postgres"]["image"]
+    assert init["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    [mount] = init["volumes"]
+    source, target, _ = mount.split(":")
+    assert source == "./scripts/postgres/create-databases.sql"
+    command = init["command"]
+    assert _has_flags(command, "-h", "postgres") and _has_flags(command, "-U", "postgres")
+    assert _has_flags(command, "-v", "ON_ERROR_STOP=1") and _has_flags(command, "-f", target)
+    # The superuser's password, as the postgres service sets it.
+    assert init["environment"]["PGPASSWORD"] == svcs["postgres"]["environment"]["POSTGRES_PASSWORD"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))
