@@ -7,8 +7,9 @@
 ``user.registered``  nothing any more (the verification email welcomes):
                      still bound, so that queued ones are acked, not dead.
 ``user.password_changed``
-                     a security notice to the account's owner: if the
-                     change was not theirs, someone else has their account.
+                     a security notice to the address the account had
+                     then, if verified: if the change was not its owner's,
+                     someone else has their account.
 ``todo.completed``   a short notice to the todo's owner; cancels its reminder.
 ``todo.*``           keeps the todo's reminder in step with its snapshot
                      (created, updated, reopened, deleted).
@@ -82,10 +83,7 @@ class EventHandler:
         if event.type == "user.registered":
             return None  # welcomed by its verification email
         if event.type == PASSWORD_CHANGED:
-            values = {"username": text(event.data, "username"), "changed_at": occurred_at(event).strftime(WHEN)}
-            return await self._notifier.notify(
-                event_id=event.id, kind="password_changed", user_id=event.user_id, values=values
-            )
+            return await self._password_changed(event)
         await self._reminders.apply(todo_snapshot(event), event_id=event.id, event_at=occurred_at(event))
         if event.type == "todo.completed":
             return await self._notifier.notify(
@@ -95,6 +93,23 @@ class EventHandler:
                 values={"title": text(event.data, "title")},
             )
         return None
+
+    async def _password_changed(self, event: Event) -> Outcome:
+        # To the address the account had when its password changed, not the
+        # one it has when this is handled: whoever changed the password may
+        # have set their own since. And only if it was verified then.
+        data = event.data
+        username, email = text(data, "username"), text(data, "email")
+        if data.get("email_verified") is not True:
+            log.info("notification_skipped", event_id=event.id, kind="password_changed", reason="unverified")
+            return Outcome.UNVERIFIED
+        return await self._notifier.notify(
+            event_id=event.id,
+            kind="password_changed",
+            user_id=event.user_id,
+            values={"username": username, "changed_at": occurred_at(event).strftime(WHEN)},
+            recipient=Recipient(email=email, name=str(data.get("display_name") or username), verified=True),
+        )
 
     async def _verification(self, event: Event) -> Outcome:
         data = event.data

@@ -21,6 +21,8 @@ counts against its recipient's address, twice over:
   which bounds what registering many accounts to one stranger's address
   can make us send (50 an hour by default), while leaving the mailbox's
   owner room for their own, and a few accounts sharing one mailbox theirs.
+  A password notice, sent only to a verified address, is not held to it
+  (``PAST_THE_CEILING``).
 
 An email over either is not sent. A reminder is deferred (``CapDeferred``)
 until the hour frees a slot, its claim released: it is the user's own
@@ -66,6 +68,11 @@ WINDOW = 3600.0  # seconds: the rolling hour
 # password can complete todos by the dozen, and with the notices they cause
 # would keep the one that tells the owner from being sent.
 COUNTED_APART = frozenset({"verify_email", "password_changed"})
+# Nor is a password notice held back by the mailbox's ceiling: accounts
+# registered at spellings of the owner's address could fill its hour with
+# codes. It goes only to an address verified (by whoever reads the mailbox),
+# so the ceiling's stranger is not at risk, and its own count bounds it.
+PAST_THE_CEILING = frozenset({"password_changed"})
 # The per-mailbox ceiling, as a multiple of the per-account limit: room for
 # the mailbox's owner and a few accounts sharing it (a family's, a team's),
 # and a bound on many accounts pointed at a stranger.
@@ -84,7 +91,7 @@ WITH hour AS (
         WHERE recipient_key = %(key)s AND counted_at > now() - make_interval(secs => %(window)s)
     ) AS recent
 ), room AS (
-    SELECT hour.*, own < %(limit)s AND counted < %(ceiling)s AS fits FROM hour
+    SELECT hour.*, own < %(limit)s AND (counted < %(ceiling)s OR NOT %(ceilinged)s) AS fits FROM hour
 )
 UPDATE notifications AS n SET
     recipient_key = %(key)s,
@@ -96,7 +103,7 @@ FROM room
 WHERE n.event_id = %(event_id)s AND n.kind = %(kind)s AND n.claim_token = %(token)s AND n.status = 'sending'
 RETURNING n.counted_at IS NOT NULL, extract(epoch FROM GREATEST(
     CASE WHEN room.own >= %(limit)s THEN room.own_oldest END,
-    CASE WHEN room.counted >= %(ceiling)s THEN room.oldest END
+    CASE WHEN room.counted >= %(ceiling)s AND %(ceilinged)s THEN room.oldest END
 ) + make_interval(secs => %(window)s) - now())
 """
 
@@ -122,6 +129,7 @@ async def within_cap(pool: aiopg.Pool, claim: Claim, token: str, *, limit: int, 
         "key": key,
         "user_id": claim.user_id,
         "apart": claim.kind in COUNTED_APART,
+        "ceilinged": claim.kind not in PAST_THE_CEILING,
         "window": WINDOW,
         "limit": limit,
         "ceiling": MAILBOX_ACCOUNTS * limit,

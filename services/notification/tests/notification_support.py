@@ -206,12 +206,18 @@ def registered(user: dict[str, str]) -> Event:
     )
 
 
-def password_changed(user: dict[str, str]) -> Event:
-    """A ``user.password_changed`` event for ``user``, as the user-service writes it."""
+def password_changed(user: dict[str, str], *, verified: bool = True) -> Event:
+    """A ``user.password_changed`` for ``user``, as the user-service writes it: their address ``verified`` or not."""
     return Event(
         type="user.password_changed",
         user_id=user["id"],
-        data={"user_id": user["id"], "username": user["username"]},
+        data={
+            "user_id": user["id"],
+            "username": user["username"],
+            "display_name": user["display_name"],
+            "email": user["email"],
+            "email_verified": verified,
+        },
         correlation_id=uuid.uuid4().hex,
     )
 

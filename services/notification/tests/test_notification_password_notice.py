@@ -8,29 +8,46 @@ from datetime import UTC, datetime
 
 import aiopg
 import pytest
-from direct_sends import notification_rows
-from notification_support import Broker, Client, FakeUserService, StartService, eventually, new_user, password_changed
+from direct_sends import notification_rows, verify_email
+from notification_support import (
+    MAIL_FROM,
+    Broker,
+    Client,
+    FakeUserService,
+    StartService,
+    eventually,
+    new_user,
+    password_changed,
+)
 from smtp_sink import SmtpSink
 from test_notification_recipient_cap import LIMIT, statuses, use_up_the_hour
 
+from notification_service import recipient_cap
+from notification_service.directory import Recipient
 from notification_service.events import EventHandler
 from notification_service.failures import MalformedEvent
 from notification_service.keys import CONSUMER
-from notification_service.settings import Settings
+from notification_service.mailer import Mailer
+from notification_service.notifier import Notifier, Outcome
+from notification_service.settings import Settings, SmtpSettings
 
 
 async def test_the_owner_is_told_once_however_often_the_event_is_delivered(
     service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
-    owner = users.add(new_user())
+    owner = new_user()
     event = password_changed(owner)
+    # Whoever changed the password has set an address of their own since:
+    # the notice goes to the one the account had at the change.
+    users.add({**owner, "email": "taker@example.test"})
     for _ in range(3):
         await broker.publish(event)
     consumer = service.app[CONSUMER]
     await eventually(lambda: consumer.settled["acked"] == 3, within=15, what="every copy acked")
 
     assert len(smtp.received) == 1
-    [message] = smtp.to(owner["email"])  # the profile's address, looked up
+    [message] = smtp.to(owner["email"])
+    assert users.user_requests == 0  # the address is in the event
     assert message["To"] == f"{owner['display_name']} <{owner['email']}>"
     assert message["Subject"] == "Your todo-mesh password was changed"
     assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.password_changed@todo-mesh.test>"
@@ -47,12 +64,13 @@ async def test_the_owner_is_told_once_however_often_the_event_is_delivered(
     assert consumer.settled["dead_lettered"] == 0
 
 
-async def test_an_unverified_address_is_not_told(
+async def test_an_address_unverified_at_the_change_is_not_told(
     service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
-    # It may be anyone's: the rule for every email but the code holds for this one too.
-    owner = users.add(new_user(), verified=False)
-    await broker.publish(password_changed(owner))
+    # It may be anyone's: the rule for every email but the code holds for this
+    # one too, whatever the profile says of the address by the time it is handled.
+    owner = users.add(new_user(), verified=True)
+    await broker.publish(password_changed(owner, verified=False))
     consumer = service.app[CONSUMER]
     await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the event acked")
     assert smtp.received == []
@@ -87,9 +105,38 @@ async def test_the_password_event_is_routed_to_our_queue(broker: Broker) -> None
     await eventually(lambda: broker.ready(broker.topology.queue), within=10, what="the event in our queue")
 
 
-async def test_a_notice_without_the_username_is_malformed() -> None:
+async def test_codes_that_filled_the_mailboxs_hour_do_not_hold_the_notice_back(
+    pool: aiopg.Pool, smtp: SmtpSink
+) -> None:
+    # Accounts registered at spellings of the owner's address, each asking for
+    # codes, filled the mailbox's ceiling: the owner's notice was capped for good.
+    mailer = Mailer(SmtpSettings(host="127.0.0.1", port=smtp.port, mail_from=MAIL_FROM, recipient_hourly_limit=LIMIT))
+    notifier = Notifier(pool, mailer, None, sender=MAIL_FROM)  # type: ignore[arg-type]
+    owner = new_user()
+    local, domain = owner["email"].split("@")
+    others = [{**new_user(), "email": f"{local}+{n}@{domain}"} for n in range(recipient_cap.MAILBOX_ACCOUNTS)]
+    notice = {"username": owner["username"], "changed_at": "Tue 24 Nov 2026, 12:00 UTC"}
+    try:
+        for other in others:
+            for _ in range(LIMIT):
+                assert await verify_email(notifier, str(uuid.uuid4()), other) is Outcome.SENT
+        assert await verify_email(notifier, str(uuid.uuid4()), owner) is Outcome.CAPPED  # the ceiling is reached
+        outcome = await notifier.notify(
+            event_id=str(uuid.uuid4()),
+            kind="password_changed",
+            user_id=owner["id"],
+            values=notice,
+            recipient=Recipient(owner["email"], owner["username"], verified=True),
+        )
+    finally:
+        await mailer.close()
+    assert outcome is Outcome.SENT
+
+
+@pytest.mark.parametrize("field", ["username", "email"])
+async def test_a_notice_without_whom_it_is_for_is_malformed(field: str) -> None:
     handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
     event = password_changed(new_user())
-    del event.data["username"]
-    with pytest.raises(MalformedEvent, match=r"data\.username"):
+    del event.data[field]
+    with pytest.raises(MalformedEvent, match=rf"data\.{field}"):
         await handler.handle(event)

@@ -86,7 +86,13 @@ async def test_a_password_change_publishes_user_password_changed_matching_its_co
         event = await next_event(changes)
 
     assert (event.type, event.user_id, event.correlation_id) == ("user.password_changed", ada["id"], "req-new-password")
-    assert event.data == {"user_id": ada["id"], "username": "ada"}
+    assert event.data == {
+        "user_id": ada["id"],
+        "username": "ada",
+        "display_name": ada["display_name"],
+        "email": "ada@example.com",
+        "email_verified": False,
+    }
     contract = yaml.safe_load(ASYNCAPI.read_text())
     schema = {"$ref": "#/components/schemas/UserPasswordChangedEvent", "components": contract["components"]}
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(

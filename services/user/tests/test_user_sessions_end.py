@@ -88,7 +88,8 @@ async def test_a_new_password_ends_every_session_and_starts_one(
     assert response.status == 200, await response.text()
     assert response.headers["Cache-Control"] == "no-store"
     # Its owner is told, with the change (test_user_events.py follows it to the broker).
-    assert await password_notices(db) == [{"user_id": ada["id"], "username": "ada"}]
+    [notice] = await password_notices(db)
+    assert (notice["user_id"], notice["username"], notice["email"]) == (ada["id"], "ada", "ada@example.com")
     fresh = await response.json()
     for ended in (phone["refresh_token"], laptop["refresh_token"]):
         answer = await refresh(client, ended)

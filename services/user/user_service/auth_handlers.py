@@ -17,7 +17,6 @@ from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL
 from mesh_common.db import DB
-from mesh_common.events import Event
 from mesh_common.outbox import OUTBOX_COMMITTED, enqueue, publishing
 from mesh_common.problems import Conflict, FeatureUnavailable, TooManyRequests, read_json_object
 from mesh_common.requests import REQUEST_ID
@@ -127,18 +126,19 @@ async def change_password(request: web.Request) -> web.Response:
             raise WrongPassword()
         await app[THROTTLE].succeeded(attempt)
         new_hash = await app[PASSWORDS].hash(new)
-    notice = password_changed(profile, correlation_id=request[REQUEST_ID])
-    refresh = await _replace_password(app, user_id, current, new_hash, account.password_hash, notice)
+    refresh = await _replace_password(app, user_id, current, new_hash, account.password_hash, request[REQUEST_ID])
     log.info("password_changed", user_id=user_id)
     return _token_pair(request, user_id, refresh)
 
 
 async def _replace_password(
-    app: web.Application, user_id: str, current: str, new_hash: str, checked: str, notice: Event
+    app: web.Application, user_id: str, current: str, new_hash: str, checked: str, request_id: str
 ) -> str:
     """Store ``new_hash`` in place of ``checked``, the hash ``current`` was proven against; a new session's token.
 
-    ``notice`` (user.password_changed) is published with the change, once, and never without it.
+    user.password_changed is published with the change, once, and never
+    without it, naming the address the account had then: looked up when the
+    notice is mailed, it could be one set since by whoever changed the password.
 
     The hash may have changed since: another change (409), or a login's
     upgrade of the same password to stronger parameters, which ``current``
@@ -148,7 +148,10 @@ async def _replace_password(
         async with app[WRITE_SLOTS], publishing(app[DB], app[OUTBOX_COMMITTED]) as cur:
             epoch = await repository.change_password(cur, user_id, new_hash, replacing=checked)
             if epoch is not None:
-                await enqueue(cur, notice)
+                # Read after the change's UPDATE, whose lock holds off a change of address.
+                user = await repository.fetch_user(cur, user_id)
+                assert user is not None  # just updated, in this transaction
+                await enqueue(cur, password_changed(user, correlation_id=request_id))
                 return await refresh_tokens.issue(cur, user_id, app[SETTINGS].tokens, epoch)
         found = await repository.credentials_of(app[DB], user_id)
         if found is None:

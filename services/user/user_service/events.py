@@ -10,9 +10,10 @@ All version 1, through the transactional outbox:
   notification-service mails the code to ``email``. The code is a secret:
   event bodies are never logged.
 - ``user.password_changed``, in the transaction that stores a new password
-  (and so ends every session); ``data`` holds user_id and username. The
-  notification-service tells the account's owner, at their verified
-  address: if it was not them, they learn that their account is no longer
+  (and so ends every session); ``data`` holds user_id, username,
+  display_name, and the account's email and email_verified as they were
+  then. The notification-service tells the owner at that address, if it was
+  verified: if it was not them, they learn that their account is no longer
   theirs alone.
 """
 
@@ -68,6 +69,14 @@ def password_changed(user: User, *, correlation_id: str) -> Event:
     return Event(
         type=PASSWORD_CHANGED,
         user_id=user.id,
-        data={"user_id": user.id, "username": user.username},
+        data={
+            "user_id": user.id,
+            "username": user.username,
+            "display_name": user.display_name,
+            # As they are when the password changes: mailed later to the
+            # address of the moment, the notice could go to one its taker set.
+            "email": user.email,
+            "email_verified": user.email_verified,
+        },
         correlation_id=correlation_id,
     )
