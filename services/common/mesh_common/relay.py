@@ -60,8 +60,8 @@ from .transactions import CommitOutcomeUnknown, server_cancels_as_errors, transa
 log = structlog.get_logger()
 CLAIM = (
     "SELECT id, routing_key, payload, correlation_id FROM outbox"
-    " WHERE published_at IS NULL AND (held_until IS NULL OR held_until <= now())"
-    " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED"
+    " WHERE published_at IS NULL AND coalesce(held_until, '-infinity') <= now()"
+    " ORDER BY coalesce(held_until, '-infinity'), created_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 HOLD = "UPDATE outbox SET held_until = now() + make_interval(secs => %(hold)s) WHERE id = ANY(%(returned)s::uuid[])"
 # The confirmed rows marked sent, or deleted if not to be kept (enqueue's

@@ -47,11 +47,12 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
     applied = await migrate(scratch, MIGRATIONS)
 
     assert "0004_outbox" not in applied
-    assert applied[-4:] == [
+    assert applied[-5:] == [
         "outbox_0001_table",
         "outbox_0002_published",
         "outbox_0003_keep_published",
         "outbox_0004_held_until",
+        "outbox_0005_claimable",
     ]
     assert await migrate(scratch, MIGRATIONS) == []
     async with scratch.acquire() as conn, conn.cursor() as cur:
@@ -62,17 +63,18 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
 async def test_a_new_database_gets_the_outbox_from_the_shared_set(scratch: aiopg.Pool) -> None:
     applied = await migrate(scratch, MIGRATIONS)
 
-    assert applied[-4:] == [
+    assert applied[-5:] == [
         "outbox_0001_table",
         "outbox_0002_published",
         "outbox_0003_keep_published",
         "outbox_0004_held_until",
+        "outbox_0005_claimable",
     ]
     async with scratch.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'outbox' ORDER BY 1"
         )
-        assert [row[0] for row in await cur.fetchall()] == ["outbox_pkey", "outbox_published", "outbox_unpublished"]
+        assert [row[0] for row in await cur.fetchall()] == ["outbox_claimable", "outbox_pkey", "outbox_published"]
 
 
 async def test_a_version_in_two_directories_is_refused(scratch: aiopg.Pool, tmp_path: Path) -> None:
