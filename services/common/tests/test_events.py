@@ -27,6 +27,10 @@ def envelope(**changes: object) -> bytes:
         envelope(user_id=""),
         envelope(user_id="../health"),
         envelope(user_id="not-a-uuid"),
+        # What uuid.UUID reads as another id than the one written.
+        envelope(user_id=" " + USER_ID[1:]),
+        envelope(user_id="+" + USER_ID[1:]),
+        envelope(user_id=USER_ID.replace("-", "")),
         envelope(version="one"),
         # Infinity (of two "version" keys, the last one counts).
         envelope()[:-1] + b', "version": 1e999}',
