@@ -26,6 +26,16 @@ PASSWORD = "a long and unusual passphrase"
 EMAILS_IN_NFC = MIGRATIONS[0] / "0010_users_email_nfc.sql"
 
 
+# The outbox's migrations (mesh_common.outbox), applied after the service's own.
+SHARED_SET = [
+    "outbox_0001_table",
+    "outbox_0002_published",
+    "outbox_0003_keep_published",
+    "outbox_0004_held_until",
+    "outbox_0005_claimable",
+]
+
+
 async def tables(pool: aiopg.Pool) -> list[str]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1")
@@ -47,13 +57,7 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
     applied = await migrate(scratch, MIGRATIONS)
 
     assert "0004_outbox" not in applied
-    assert applied[-5:] == [
-        "outbox_0001_table",
-        "outbox_0002_published",
-        "outbox_0003_keep_published",
-        "outbox_0004_held_until",
-        "outbox_0005_claimable",
-    ]
+    assert applied[-len(SHARED_SET) :] == SHARED_SET
     assert await migrate(scratch, MIGRATIONS) == []
     async with scratch.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
@@ -63,13 +67,7 @@ async def test_a_database_migrated_before_the_outbox_moved_keeps_its_outbox(
 async def test_a_new_database_gets_the_outbox_from_the_shared_set(scratch: aiopg.Pool) -> None:
     applied = await migrate(scratch, MIGRATIONS)
 
-    assert applied[-5:] == [
-        "outbox_0001_table",
-        "outbox_0002_published",
-        "outbox_0003_keep_published",
-        "outbox_0004_held_until",
-        "outbox_0005_claimable",
-    ]
+    assert applied[-len(SHARED_SET) :] == SHARED_SET
     async with scratch.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'outbox' ORDER BY 1"
