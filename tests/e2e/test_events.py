@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 TODOS_DURING_OUTAGE = 200
 AUDIT_QUEUE = "e2e.audit.todo-created"
 PASSWORD_NOTICE = "Your todo-mesh password was changed"
+EMAIL_NOTICE = "Your todo-mesh email address was changed"
 
 
 async def declare_audit_queue(cfg: StackConfig) -> None:
@@ -126,7 +127,7 @@ def in_queue(cfg: StackConfig, queue: str) -> int:
     return counts[queue]
 
 
-async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed_and_when_the_password_changes(
+async def test_a_confirmed_owner_is_emailed_on_a_completed_todo_a_new_password_and_a_new_address(
     mesh: StackConfig, api: aiohttp.ClientSession
 ) -> None:
     name = f"e2e_{uuid.uuid4().hex[:12]}"
@@ -158,6 +159,10 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed_and_when_th
         change = {"current_password": password, "new_password": f"new-{password}"}
         async with api.post("/api/v1/users/me/password", json=change, headers=headers) as r:
             assert r.status == 200, await r.text()
+            headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+        # And the account moved to another address: told at the old one.
+        async with api.patch("/api/v1/users/me", json={"email": f"moved-{email}"}, headers=headers) as r:
+            assert r.status == 200, await r.text()
 
         async def subjects() -> list[str]:
             async with mail.get("/api/v1/messages") as r:
@@ -167,7 +172,7 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed_and_when_th
         # Seconds, when an earlier test has just restarted the broker and
         # the todo-service's relay is still reconnecting.
         async with asyncio.timeout(30):
-            while not {"Done: water the plants", PASSWORD_NOTICE} <= set(await subjects()):
+            while not {"Done: water the plants", PASSWORD_NOTICE, EMAIL_NOTICE} <= set(await subjects()):
                 await asyncio.sleep(0.2)
             # A second copy, redelivered or published again, would come
             # through the queue: read the mailbox once it is empty and
@@ -177,4 +182,5 @@ async def test_a_confirmed_owner_is_emailed_when_a_todo_is_completed_and_when_th
         received = await subjects()
     print(f"\nmail for {email}: {received}")
     assert received.count("Done: water the plants") == received.count(PASSWORD_NOTICE) == 1  # one of each
-    assert len(received) == 3  # and the confirmation: registering sends no welcome of its own
+    assert received.count(EMAIL_NOTICE) == 1
+    assert len(received) == 4  # and the confirmation: registering sends no welcome of its own

@@ -10,6 +10,10 @@
                      a security notice to the address the account had
                      then, if verified: if the change was not its owner's,
                      someone else has their account.
+``user.email_changed``
+                     the same notice, to the address the account had
+                     before, if verified: whoever has the password could
+                     otherwise move the account to their own address first.
 ``todo.completed``   a short notice to the todo's owner; cancels its reminder.
 ``todo.*``           keeps the todo's reminder in step with its snapshot
                      (created, updated, reopened, deleted).
@@ -42,7 +46,10 @@ SUPPORTED_VERSION = 1
 TODO_EVENTS = frozenset({"todo.created", "todo.updated", "todo.completed", "todo.reopened", "todo.deleted"})
 VERIFICATION_REQUESTED = "user.email_verification_requested"
 PASSWORD_CHANGED = "user.password_changed"
-HANDLED = TODO_EVENTS | {"user.registered", VERIFICATION_REQUESTED, PASSWORD_CHANGED}
+EMAIL_CHANGED = "user.email_changed"
+# The security notices: the kind of email each one sends.
+NOTICES = {PASSWORD_CHANGED: "password_changed", EMAIL_CHANGED: "email_changed"}
+HANDLED = TODO_EVENTS | {"user.registered", VERIFICATION_REQUESTED} | NOTICES.keys()
 # Why a code was sent: the first lines of its email. Another reason is refused, not guessed at.
 REASONS = {
     "registered": 'Welcome to todo-mesh! Your account "{username}" is ready. Confirm that this address is yours',
@@ -82,8 +89,8 @@ class EventHandler:
             return await self._verification(event)
         if event.type == "user.registered":
             return None  # welcomed by its verification email
-        if event.type == PASSWORD_CHANGED:
-            return await self._password_changed(event)
+        if event.type in NOTICES:
+            return await self._notice(event, NOTICES[event.type])
         await self._reminders.apply(todo_snapshot(event), event_id=event.id, event_at=occurred_at(event))
         if event.type == "todo.completed":
             return await self._notifier.notify(
@@ -94,18 +101,18 @@ class EventHandler:
             )
         return None
 
-    async def _password_changed(self, event: Event) -> Outcome:
-        # To the address the account had when its password changed, not the
-        # one it has when this is handled: whoever changed the password may
+    async def _notice(self, event: Event, kind: str) -> Outcome:
+        # To the address the event names, the account's at the change, not
+        # the one it has when this is handled: whoever made the change may
         # have set their own since. And only if it was verified then.
         data = event.data
         username, email = text(data, "username"), text(data, "email")
         if data.get("email_verified") is not True:
-            log.info("notification_skipped", event_id=event.id, kind="password_changed", reason="unverified")
+            log.info("notification_skipped", event_id=event.id, kind=kind, reason="unverified")
             return Outcome.UNVERIFIED
         return await self._notifier.notify(
             event_id=event.id,
-            kind="password_changed",
+            kind=kind,
             user_id=event.user_id,
             values={"username": username, "changed_at": occurred_at(event).strftime(WHEN)},
             recipient=Recipient(email=email, name=str(data.get("display_name") or username), verified=True),

@@ -59,7 +59,14 @@ OPENAPI: dict[str, Any] = {
                     "event_id": {"type": "string", "format": "uuid", "description": "The event that caused it"},
                     "kind": {
                         "type": "string",
-                        "enum": ["verify_email", "password_changed", "todo_completed", "reminder", "welcome"],
+                        "enum": [
+                            "verify_email",
+                            "password_changed",
+                            "email_changed",
+                            "todo_completed",
+                            "reminder",
+                            "welcome",
+                        ],
                         "description": "welcome: sent on registration before addresses were verified, no longer",
                     },
                     "recipient": {"type": "string", "format": "email"},

@@ -15,13 +15,14 @@ counts against its recipient's address, twice over:
   account set to ``ada+x@gmail.com`` used up Ada's own budget, and her
   reminders and completions went unsent for the hour. Now it uses its own.
   A code counts against the account's other emails, but only the
-  account's codes count against a code, and only its password notices
-  against a password notice (``COUNTED_APART``).
+  account's codes count against a code, and only its security notices
+  of one kind (a changed password, a changed address) against such a
+  notice (``COUNTED_APART``).
 - per mailbox: ``MAILBOX_ACCOUNTS`` times that from every account together,
   which bounds what registering many accounts to one stranger's address
   can make us send (50 an hour by default), while leaving the mailbox's
   owner room for their own, and a few accounts sharing one mailbox theirs.
-  A password notice, sent only to a verified address, is not held to it
+  A security notice, sent only to a verified address, is not held to it
   (``PAST_THE_CEILING``).
 
 An email over either is not sent. A reminder is deferred (``CapDeferred``)
@@ -64,15 +65,16 @@ WINDOW = 3600.0  # seconds: the rolling hour
 # address, would otherwise drop the code for a new one (another case, a
 # "+tag") for good, and each resend's too, while the user-service, whose cap
 # counts codes only, answered 202. A notice is held back by all of them.
-# A password notice likewise by its own kind alone: whoever changed the
-# password can complete todos by the dozen, and with the notices they cause
-# would keep the one that tells the owner from being sent.
-COUNTED_APART = frozenset({"verify_email", "password_changed"})
-# Nor is a password notice held back by the mailbox's ceiling: accounts
+# A security notice likewise by its own kind alone: whoever changed the
+# password or the address can complete todos by the dozen, and with the
+# notices they cause would keep the one that tells the owner from being sent.
+SECURITY_NOTICES = frozenset({"password_changed", "email_changed"})
+COUNTED_APART = frozenset({"verify_email"}) | SECURITY_NOTICES
+# Nor is a security notice held back by the mailbox's ceiling: accounts
 # registered at spellings of the owner's address could fill its hour with
 # codes. It goes only to an address verified (by whoever reads the mailbox),
 # so the ceiling's stranger is not at risk, and its own count bounds it.
-PAST_THE_CEILING = frozenset({"password_changed"})
+PAST_THE_CEILING = SECURITY_NOTICES
 # The per-mailbox ceiling, as a multiple of the per-account limit: room for
 # the mailbox's owner and a few accounts sharing it (a family's, a team's),
 # and a bound on many accounts pointed at a stranger.

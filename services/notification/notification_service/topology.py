@@ -28,7 +28,13 @@ from mesh_common.events import EVENTS_EXCHANGE
 # What our queue is bound to on the events exchange. user.registered sends
 # nothing any more, and stays bound: one still queued, or from an older
 # publisher, is acked rather than left unrouted.
-ROUTING_KEYS = ("user.email_verification_requested", "user.password_changed", "user.registered", "todo.*")
+ROUTING_KEYS = (
+    "user.email_verification_requested",
+    "user.password_changed",
+    "user.email_changed",
+    "user.registered",
+    "todo.*",
+)
 # One queue per delay, each with a fixed x-message-ttl: a single queue with
 # per-message TTLs would hold a short delay behind a long one, since a queue
 # only expires the message at its head.

@@ -206,10 +206,13 @@ def registered(user: dict[str, str]) -> Event:
     )
 
 
-def password_changed(user: dict[str, str], *, verified: bool = True) -> Event:
-    """A ``user.password_changed`` for ``user``, as the user-service writes it: their address ``verified`` or not."""
+def security_notice(event_type: str, user: dict[str, str], *, verified: bool = True) -> Event:
+    """A ``user.password_changed`` or ``user.email_changed`` for ``user``, as the user-service writes it.
+
+    ``user``'s address is the one the account had at the change, ``verified`` or not.
+    """
     return Event(
-        type="user.password_changed",
+        type=event_type,
         user_id=user["id"],
         data={
             "user_id": user["id"],

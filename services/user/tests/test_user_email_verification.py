@@ -20,6 +20,7 @@ from user_service.openapi import document
 from .conftest import Auth, Client, Login, Register
 
 VERIFICATION = "user.email_verification_requested"
+EMAIL_CHANGED = "user.email_changed"
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
 
 
@@ -170,6 +171,42 @@ async def test_changing_the_email_unverifies_it_and_mails_a_code_to_the_new_one(
     assert (await me(client, headers))["email_verified"] is True
 
 
+async def test_changing_the_email_tells_the_old_address_as_the_account_had_it(
+    client: Client, register: Register, login: Login, auth: Auth, db: aiopg.Pool
+) -> None:
+    # Whoever has the password moves the account to an address of theirs,
+    # and renames it in the same breath: the owner is told at the old
+    # address, greeted by the old name.
+    ada = await register("ada")
+    assert (await verify(client, await latest_code(db)))[0] == 204
+    headers = {**auth((await login("ada"))["access_token"]), "X-Request-ID": "req-move-ada"}
+
+    body = {"email": "taker@example.org", "display_name": "Not Ada"}
+    assert (await client.patch("/users/me", json=body, headers=headers)).status == 200
+
+    [event] = await outbox(db, EMAIL_CHANGED)
+    assert (event.type, event.user_id, event.correlation_id) == (EMAIL_CHANGED, ada["id"], "req-move-ada")
+    assert event.data == {
+        "user_id": ada["id"],
+        "username": "ada",
+        "display_name": ada["display_name"],
+        "email": "ada@example.com",
+        "email_verified": True,
+    }
+    contract = yaml.safe_load(ASYNCAPI.read_text())
+    schema = {"$ref": "#/components/schemas/UserEmailChangedEvent", "components": contract["components"]}
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(
+        json.loads(event.to_json())
+    )
+    # From the taker's unverified address on, the event says so: the
+    # notification-service mails no one.
+    assert (await client.patch("/users/me", json={"email": "ada@example.com"}, headers=headers)).status == 200
+    assert [(e.data["email"], e.data["email_verified"]) for e in await outbox(db, EMAIL_CHANGED)] == [
+        ("ada@example.com", True),
+        ("taker@example.org", False),
+    ]
+
+
 async def test_a_patch_that_keeps_the_email_keeps_it_verified_and_mails_nothing(
     client: Client, register: Register, login: Login, auth: Auth, db: aiopg.Pool
 ) -> None:
@@ -183,6 +220,7 @@ async def test_a_patch_that_keeps_the_email_keeps_it_verified_and_mails_nothing(
         assert (await response.json())["email_verified"] is True
     assert len(await outbox(db)) == 1
     assert await codes(db) == []
+    assert await outbox(db, EMAIL_CHANGED) == []
 
 
 async def test_a_patch_to_a_taken_email_writes_nothing(
@@ -198,6 +236,7 @@ async def test_a_patch_to_a_taken_email_writes_nothing(
 
     assert response.status == 409
     assert (await outbox(db), await codes(db)) == before
+    assert await outbox(db, EMAIL_CHANGED) == []
     assert (await me(client, headers))["email_verified"] is True
 
 

@@ -15,6 +15,12 @@ All version 1, through the transactional outbox:
   then. The notification-service tells the owner at that address, if it was
   verified: if it was not them, they learn that their account is no longer
   theirs alone.
+- ``user.email_changed``, in the transaction that sets a new address; ``data``
+  holds what ``user.password_changed`` does, of the account as it was
+  before: the old address, and whether it was verified. The notification-
+  service tells the owner there: whoever has the password could otherwise
+  move the account to an address of theirs first, and every notice after
+  it, the password's included, would go to them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .verification import Issued
 USER_REGISTERED = "user.registered"
 EMAIL_VERIFICATION_REQUESTED = "user.email_verification_requested"
 PASSWORD_CHANGED = "user.password_changed"
+EMAIL_CHANGED = "user.email_changed"
 Reason = Literal["registered", "email_changed", "requested"]
 
 
@@ -66,15 +73,24 @@ def email_verification_requested(user: User, issued: Issued, reason: Reason, *, 
 
 
 def password_changed(user: User, *, correlation_id: str) -> Event:
+    return _security_notice(PASSWORD_CHANGED, user, correlation_id=correlation_id)
+
+
+def email_changed(before: User, *, correlation_id: str) -> Event:
+    """To the address ``before`` the change, whose owner may not have made it."""
+    return _security_notice(EMAIL_CHANGED, before, correlation_id=correlation_id)
+
+
+def _security_notice(event_type: str, user: User, *, correlation_id: str) -> Event:
     return Event(
-        type=PASSWORD_CHANGED,
+        type=event_type,
         user_id=user.id,
         data={
             "user_id": user.id,
             "username": user.username,
             "display_name": user.display_name,
-            # As they are when the password changes: mailed later to the
-            # address of the moment, the notice could go to one its taker set.
+            # As they are at the change: mailed later to the address of the
+            # moment, the notice could go to one whoever made it set since.
             "email": user.email,
             "email_verified": user.email_verified,
         },

@@ -15,7 +15,7 @@ from mesh_common.requests import REQUEST_ID
 
 from . import repository, validation
 from .errors import AccountExists, UserNotFound
-from .events import user_registered
+from .events import email_changed, user_registered
 from .keys import PASSWORD_SLOTS, PASSWORDS, WRITE_SLOTS
 from .tokens import USERS_READ
 from .verification_handlers import send_code
@@ -67,12 +67,15 @@ async def update_my_profile(request: web.Request) -> web.Response:
             if user is None:
                 raise UserNotFound()
             changed = await repository.update_user(cur, user, changes)
-            email_changed = changed.email != user.email
-            if email_changed:
+            address_changed = changed.email != user.email
+            if address_changed:
                 await send_code(cur, changed, "email_changed", correlation_id=request[REQUEST_ID])
+                # Told to the old address, as it was: the greeting too, in
+                # case whoever moved the account renamed it in the same PATCH.
+                await enqueue(cur, email_changed(user, correlation_id=request[REQUEST_ID]))
     except repository.AccountTaken:
         raise AccountExists("Another account uses this email") from None
-    log.info("user_updated", user_id=user_id, fields=sorted(changes), email_changed=email_changed)
+    log.info("user_updated", user_id=user_id, fields=sorted(changes), email_changed=address_changed)
     return web.json_response(changed.profile())
 
 

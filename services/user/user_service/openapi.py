@@ -61,6 +61,8 @@ PATHS: dict[str, Any] = {
         "patch": {
             "operationId": "users.update_me",
             "summary": "Change the caller's display name or email",
+            "description": "A new email is unverified until the code mailed to it comes back; the address it"
+            " replaces, if verified, is told of the change.",
             "requestBody": body("ProfileChanges"),
             "responses": {
                 "200": json_answer(ref("Profile"), "The changed profile"),

@@ -1,4 +1,4 @@
-"""A changed password is told to the account's owner, once, at their verified address, whatever else they were sent."""
+"""A changed password or address is told to the owner, once, at their verified address, whatever else they were sent."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from notification_support import (
     StartService,
     eventually,
     new_user,
-    password_changed,
+    security_notice,
 )
 from smtp_sink import SmtpSink
 from test_notification_recipient_cap import LIMIT, statuses, use_up_the_hour
@@ -31,14 +31,30 @@ from notification_service.mailer import Mailer
 from notification_service.notifier import Notifier, Outcome
 from notification_service.settings import Settings, SmtpSettings
 
+# Each event, the subject of its email and a line only its email has.
+NOTICES = {
+    "user.password_changed": (
+        "Your todo-mesh password was changed",
+        "every device signed in to the account was signed out. If this was you",
+    ),
+    "user.email_changed": (
+        "Your todo-mesh email address was changed",
+        "Its mail no longer comes to this address. If this was you",
+    ),
+}
+EVENT_TYPES = pytest.mark.parametrize("event_type", NOTICES)
 
+
+@EVENT_TYPES
 async def test_the_owner_is_told_once_however_often_the_event_is_delivered(
-    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+    event_type: str, service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
     owner = new_user()
-    event = password_changed(owner)
-    # Whoever changed the password has set an address of their own since:
-    # the notice goes to the one the account had at the change.
+    event = security_notice(event_type, owner)
+    kind = event_type.removeprefix("user.")
+    subject, only_its_own = NOTICES[event_type]
+    # Whoever made the change has set an address of their own since: the
+    # notice goes to the one the account had at the change.
     users.add({**owner, "email": "taker@example.test"})
     for _ in range(3):
         await broker.publish(event)
@@ -49,35 +65,38 @@ async def test_the_owner_is_told_once_however_often_the_event_is_delivered(
     [message] = smtp.to(owner["email"])
     assert users.user_requests == 0  # the address is in the event
     assert message["To"] == f"{owner['display_name']} <{owner['email']}>"
-    assert message["Subject"] == "Your todo-mesh password was changed"
-    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.password_changed@todo-mesh.test>"
+    assert message["Subject"] == subject
+    assert message["Message-ID"] == f"<{uuid.UUID(event.id).hex}.{kind}@todo-mesh.test>"
     plain = message.get_body(preferencelist=("plain",))
     assert plain is not None
     text = " ".join(plain.get_content().split())
     when = datetime.fromisoformat(event.occurred_at).astimezone(UTC).strftime("%a %d %b %Y, %H:%M UTC")
     assert f"Hi {owner['display_name']}," in text
     assert f'account "{owner["username"]}" was changed on {when}' in text
-    assert "every device signed in to the account was signed out" in text
-    assert "If it was not, someone else knows your password" in text
-    assert await notification_rows(pool) == [(event.id, "password_changed", "sent")]
+    assert only_its_own in text
+    assert "If it was not, someone else" in text
+    assert await notification_rows(pool) == [(event.id, kind, "sent")]
     # (Copies that came while the first was being sent were retried later, as any event's.)
     assert consumer.settled["dead_lettered"] == 0
 
 
+@EVENT_TYPES
 async def test_an_address_unverified_at_the_change_is_not_told(
-    service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+    event_type: str, service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
 ) -> None:
     # It may be anyone's: the rule for every email but the code holds for this
     # one too, whatever the profile says of the address by the time it is handled.
     owner = users.add(new_user(), verified=True)
-    await broker.publish(password_changed(owner, verified=False))
+    await broker.publish(security_notice(event_type, owner, verified=False))
     consumer = service.app[CONSUMER]
     await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the event acked")
     assert smtp.received == []
     assert await notification_rows(pool) == []
 
 
+@EVENT_TYPES
 async def test_todo_notices_that_used_up_the_hour_do_not_hold_the_notice_back(
+    event_type: str,
     settings: Settings,
     start_service: StartService,
     broker: Broker,
@@ -85,13 +104,13 @@ async def test_todo_notices_that_used_up_the_hour_do_not_hold_the_notice_back(
     users: FakeUserService,
     pool: aiopg.Pool,
 ) -> None:
-    # Whoever changed the password can complete the owner's todos by the
-    # dozen: counted against their notices, the one that matters was capped.
+    # Whoever has the password can complete the owner's todos by the dozen:
+    # counted against their notices, the one that matters was capped.
     service = await start_service(smtp=replace(settings.smtp, recipient_hourly_limit=LIMIT))
     owner = users.add(new_user())
     await use_up_the_hour(broker, smtp, owner)
     for _ in range(LIMIT + 1):
-        await broker.publish(password_changed(owner))
+        await broker.publish(security_notice(event_type, owner))
     consumer = service.app[CONSUMER]
     await eventually(lambda: consumer.settled["acked"] == 2 * LIMIT + 1, within=15, what="every event acked")
     # Counted by their own kind, they are capped at the limit all the same.
@@ -99,14 +118,16 @@ async def test_todo_notices_that_used_up_the_hour_do_not_hold_the_notice_back(
     assert len(smtp.to(owner["email"])) == 2 * LIMIT
 
 
-async def test_the_password_event_is_routed_to_our_queue(broker: Broker) -> None:
+@EVENT_TYPES
+async def test_the_event_is_routed_to_our_queue(event_type: str, broker: Broker) -> None:
     # No service consuming: the message waits in the queue the binding routes it to.
-    await broker.publish(password_changed(new_user()))
+    await broker.publish(security_notice(event_type, new_user()))
     await eventually(lambda: broker.ready(broker.topology.queue), within=10, what="the event in our queue")
 
 
+@pytest.mark.parametrize("kind", ["password_changed", "email_changed"])
 async def test_codes_that_filled_the_mailboxs_hour_do_not_hold_the_notice_back(
-    pool: aiopg.Pool, smtp: SmtpSink
+    kind: str, pool: aiopg.Pool, smtp: SmtpSink
 ) -> None:
     # Accounts registered at spellings of the owner's address, each asking for
     # codes, filled the mailbox's ceiling: the owner's notice was capped for good.
@@ -123,7 +144,7 @@ async def test_codes_that_filled_the_mailboxs_hour_do_not_hold_the_notice_back(
         assert await verify_email(notifier, str(uuid.uuid4()), owner) is Outcome.CAPPED  # the ceiling is reached
         outcome = await notifier.notify(
             event_id=str(uuid.uuid4()),
-            kind="password_changed",
+            kind=kind,
             user_id=owner["id"],
             values=notice,
             recipient=Recipient(owner["email"], owner["username"], verified=True),
@@ -133,10 +154,11 @@ async def test_codes_that_filled_the_mailboxs_hour_do_not_hold_the_notice_back(
     assert outcome is Outcome.SENT
 
 
+@EVENT_TYPES
 @pytest.mark.parametrize("field", ["username", "email"])
-async def test_a_notice_without_whom_it_is_for_is_malformed(field: str) -> None:
+async def test_a_notice_without_whom_it_is_for_is_malformed(event_type: str, field: str) -> None:
     handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
-    event = password_changed(new_user())
+    event = security_notice(event_type, new_user())
     del event.data[field]
     with pytest.raises(MalformedEvent, match=rf"data\.{field}"):
         await handler.handle(event)
