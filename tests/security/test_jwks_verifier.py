@@ -42,6 +42,7 @@ class UserService:
         self.up = True
         self.fetches = 0
         self.held: asyncio.Event | None = None
+        self.answer: dict[str, Any] | None = None  # what it answers instead of its key set
 
     async def fetch(self) -> dict[str, Any]:
         self.fetches += 1
@@ -49,7 +50,7 @@ class UserService:
             await self.held.wait()
         if not self.up:
             raise ConnectionRefusedError("user-service is down")
-        return self.tokens.jwks()
+        return self.tokens.jwks() if self.answer is None else self.answer
 
 
 @pytest.fixture
@@ -114,6 +115,40 @@ async def test_a_valid_token_is_a_503_not_a_401_while_the_key_set_cannot_be_fetc
 
     users.up = True
     clock.now += 5  # the cool-down
+    assert (await client.get("/thing", headers=tokens.headers())).status == 200
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"keys": []},
+        {},
+        {"keys": "none"},
+        {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "k1", "use": "sig"}]},  # no "alg"
+        {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "k1", "alg": "Ed25519"}]},  # RFC 9864's name
+    ],
+    ids=["empty", "no-keys", "not-a-list", "no-alg", "other-alg"],
+)
+async def test_a_key_set_without_a_usable_key_keeps_the_keys_in_hand(
+    answer: dict[str, Any],
+    aiohttp_client: Any,
+    tokens: TokenFactory,
+    users: UserService,
+    clock: Clock,
+    verifier: JwksVerifier,
+) -> None:
+    client = await guarded(aiohttp_client, verifier)
+    assert (await client.get("/thing", headers=tokens.headers())).status == 200
+
+    # Something else answers under the user-service's name: taken as the key
+    # set, it would make every token's key unknown, a 401 for every user.
+    users.answer = answer
+    clock.now += MAX_KEY_AGE + 1
+    with structlog.testing.capture_logs() as logs:
+        response = await client.get("/thing", headers=tokens.headers())  # a new token: none remembered
+    assert response.status == 200  # the keys in hand still verify
+    assert [entry["event"] for entry in logs].count("jwks_refresh_failed") == 1
+    clock.now += 5  # the cool-down: and it counts as failing, so requests do not wait for the next fetch
     assert (await client.get("/thing", headers=tokens.headers())).status == 200
 
 

@@ -56,6 +56,10 @@ class InvalidToken(Unauthorized):
 KeysUnavailable = problem(503, "TOKEN_KEYS_UNAVAILABLE", "Access tokens cannot be verified at the moment")
 
 
+class UnusableKeySet(ValueError):
+    """A JWKS that was fetched but holds no key we could verify with."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: a user (``sub`` is their id) or another service."""
@@ -95,7 +99,8 @@ class JwksVerifier:
     key set past ``max_key_age`` whose latest fetch succeeded (after a quiet
     spell) makes a request wait for the fetch, so a retired key stops
     verifying, cached tokens included, within ``max_key_age`` whenever the
-    JWKS can be fetched. While it cannot, the keys at hand are kept.
+    JWKS can be fetched. While it cannot, the keys at hand are kept; so they
+    are when what is fetched holds no key we can use.
 
     "Signed by an unknown key" (401) needs a key set to say so: with none
     ever fetched, or the latest fetch failed, the answer is a 503.
@@ -151,6 +156,13 @@ class JwksVerifier:
                     keys[kid] = jwt.PyJWK(entry, algorithm=entry["alg"])
                 except jwt.PyJWTError:  # one bad key must not take the good ones with it
                     log.warning("jwks_key_skipped", kid=kid)
+            if not keys:
+                # The user-service always publishes the key that signs: a set
+                # without one is not its (a stranger under its name, keys
+                # without "alg"), and taken as the truth it would call every
+                # token's key unknown, a 401 that logs every user out.
+                self._failing = True
+                raise UnusableKeySet(f"no usable key among {len(document.get('keys', []))}")
             self._fetched_at = self._clock()
             self._failing = False
             # Whole entries, not only kids: a key replaced under the same kid
