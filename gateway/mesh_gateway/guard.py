@@ -7,7 +7,6 @@ Then the rate limiter counts the request against its client IP and its user.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 from typing import NoReturn
@@ -87,27 +86,32 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-async def enforce_limits(request: web.Request, *, ip: str, user: str | None) -> None:
+async def enforce_limits(request: web.Request, *, ip: str, user: str | None, token_refused: bool = False) -> None:
     """Count the request from ``ip`` (``counted_as(client_ip(...))``); refuse it (429) when over a limit.
 
     The decision is kept on the request, for the ``RateLimit-*`` headers of
     whatever answers it; there is none when Redis is away and a read passes
     anyway: what this gateway alone let through is no count of the limit's.
+    A request whose token was refused (``token_refused``) is refused anyway:
+    it is only counted.
     """
     table, limiter = request.app[ROUTE_TABLE], request.app[RATE_LIMITER]
     try:
         decision = await limiter.check(ip=ip, user=user, auth_route=(request.method, request.path) in table.auth)
     except RateLimiterUnavailable as exc:
         session = (request.method, request.path) in table.session
-        if request.method in READS or session:
+        if request.method in READS or session or token_refused:
             # Open, but not to a flood: the session writes are proven by a
             # token only the service can check, so each junk one would take
             # a transaction there, unbounded, from the users it is open for.
+            # And a refused token, whatever it asked for, cost a signature
+            # check: uncounted, writes with junk tokens were unbounded.
             refused = limiter.unchecked_refusal(ip=ip, session=session)
             if refused is not None:
-                if limiter.outage.refused_unchecked():
-                    log.warning("rate_limiter_unavailable_refusing", ip=ip)
+                limiter.outage.refused_unchecked(ip)
                 _refuse(refused)
+            if token_refused:
+                return None
             # Once an outage, not per request: thousands a second otherwise.
             # The limiter logs when it ends, with how many passed.
             if limiter.outage.passed_unchecked():
@@ -127,12 +131,12 @@ async def _count_refused(request: web.Request, ip: str) -> None:
     """Count a request refused for its token against the caller's IP: a 429 instead if that is over its limit.
 
     So that guessing tokens is limited like everything else (and the
-    refusal carries the RateLimit-* headers too). Uncounted while Redis is
-    away, the refusal stands: a 503 would have the client retry a token
-    that will never pass instead of signing in again.
+    refusal carries the RateLimit-* headers too). While Redis is away it
+    takes from the IP's unchecked allowance, whatever its method, and is
+    never a 503: that would have the client retry a token that will never
+    pass instead of signing in again.
     """
-    with contextlib.suppress(RateLimiterDown):
-        await enforce_limits(request, ip=ip, user=None)
+    await enforce_limits(request, ip=ip, user=None, token_refused=True)
 
 
 @web.middleware
@@ -143,8 +147,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     ip = counted_as(client_ip(request))
     table = request.app[ROUTE_TABLE]
     if (request.method, request.path) not in table.public:
-        # Refused anyway, a client past its per-IP limit must not cost a
-        # signature check per request (failed tokens are not remembered).
+        # Refused anyway, a client past its per-IP limit (or, while Redis is
+        # down, its allowance) must not cost a signature check per request
+        # (failed tokens are not remembered).
         # Only what this gateway already knows, from its leases: asking
         # Redis here would cost a second round trip for every request whose
         # IP and user counters both need a draw.

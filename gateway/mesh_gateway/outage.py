@@ -50,6 +50,25 @@ class Allowance:
     per_second: float
 
 
+# Of a client IP's limit, the share its session writes may take while Redis
+# is away (see session_allowance).
+SESSION_SHARE = 10
+
+
+def session_allowance(per_ip: int, window_seconds: int) -> Allowance:
+    """What refreshes and logouts from one IP get through a gateway while Redis is away.
+
+    Counted against the IP's limit alone when Redis is there (they are not
+    logins), but a tighter share of it meanwhile: a junk refresh token costs
+    the user-service a transaction, and only it can tell one from a real
+    token. A tenth: by default 600 at once and 10 a second, which some 6,000
+    users behind one NAT, each refreshing every 10 minutes, stay below; the
+    auth routes' 30 a minute would have signed out all but a few dozen.
+    """
+    share = max(1, per_ip // SESSION_SHARE)
+    return Allowance(share, share / window_seconds)
+
+
 class Buckets:
     """One token bucket per client, in this process only, the least recently seen evicted past ``kept``."""
 
@@ -62,16 +81,19 @@ class Buckets:
     def __len__(self) -> int:
         return len(self._table)
 
+    def wait(self, client: str) -> float:
+        """The seconds until ``client`` has a token, 0 if it has one now; nothing taken."""
+        tokens, _ = self._tokens(client)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.allowance.per_second
+
     def take(self, client: str) -> float:
         """Take a token for ``client``: 0 if there was one, else the seconds until there is.
 
         A refusal takes nothing: a client sending faster than the refill
         gets exactly the refill through, however hard it hammers.
         """
-        burst, per_second = self.allowance.burst, self.allowance.per_second
-        now = self._clock()
-        tokens, then = self._table.get(client, (burst, now))
-        tokens = min(burst, tokens + (now - then) * per_second)
+        per_second = self.allowance.per_second
+        tokens, now = self._tokens(client)
         if tokens >= 1:
             tokens, wait = tokens - 1, 0.0
         else:
@@ -81,6 +103,12 @@ class Buckets:
         if len(self._table) > self._kept:
             self._table.popitem(last=False)
         return wait
+
+    def _tokens(self, client: str) -> tuple[float, float]:
+        """``client``'s tokens now, refilled since it was last seen, and now."""
+        burst, now = self.allowance.burst, self._clock()
+        tokens, then = self._table.get(client, (burst, now))
+        return min(burst, tokens + (now - then) * self.allowance.per_second), now
 
 
 class Outage:
@@ -134,10 +162,11 @@ class Outage:
         self._passed += 1
         return self._passed == 1
 
-    def refused_unchecked(self) -> bool:
-        """Count a request refused past its client's allowance; True for the first of the outage, the one to log."""
+    def refused_unchecked(self, ip: str) -> None:
+        """Count a request from ``ip`` refused past its client's allowance; the first of the outage is logged."""
         self._refused += 1
-        return self._refused == 1
+        if self._refused == 1:
+            log.warning("rate_limiter_unavailable_refusing", ip=ip)
 
     def _probed(self, reply: Reply) -> None:
         self._probing = False

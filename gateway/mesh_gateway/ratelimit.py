@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .leases import Leases
-from .outage import Allowance, Buckets, Outage, RateLimiterUnavailable
+from .outage import Allowance, Buckets, Outage, RateLimiterUnavailable, session_allowance
 from .redis_script import RedisScript, Reply
 
 # KEYS: distinct counters. ARGV, per key: how many counts to draw, then how
@@ -60,25 +60,6 @@ class Limits:
     per_user: int
     auth_per_ip: int
     window_seconds: int = 60
-
-
-# Of a client IP's limit, the share its session writes may take while Redis
-# is away (see session_allowance).
-SESSION_SHARE = 10
-
-
-def session_allowance(limits: Limits) -> Allowance:
-    """What refreshes and logouts from one IP get through a gateway while Redis is away.
-
-    Counted against the IP's limit alone when Redis is there (they are not
-    logins), but a tighter share of it meanwhile: a junk refresh token costs
-    the user-service a transaction, and only it can tell one from a real
-    token. A tenth: by default 600 at once and 10 a second, which some 6,000
-    users behind one NAT, each refreshing every 10 minutes, stay below; the
-    auth routes' 30 a minute would have signed out all but a few dozen.
-    """
-    share = max(1, limits.per_ip // SESSION_SHARE)
-    return Allowance(share, share / limits.window_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +149,7 @@ class RateLimiter:
         # of the limit, refilled over a window, so never more than the limit
         # lets through (a fixed window also lets all of it go at once).
         self._unchecked_reads = Buckets(Allowance(limits.per_ip, limits.per_ip / limits.window_seconds))
-        self._unchecked_sessions = Buckets(session_allowance(limits))
+        self._unchecked_sessions = Buckets(session_allowance(limits.per_ip, limits.window_seconds))
 
     def close(self) -> None:
         self.outage.close()
@@ -200,7 +181,11 @@ class RateLimiter:
         have that work done for every request it is refused. It takes no
         count that could be allowed, so a request it lets by is counted by
         ``check`` exactly once; one it refuses counts, as every refusal does.
+        While Redis is down, the limit is the IP's unchecked allowance.
         """
+        if self.outage.down and (refused := self.unchecked_refusal(ip=ip, session=False, take=False)):
+            self.outage.refused_unchecked(ip)
+            return refused
         if not self._leases.capped:
             return None  # no count drawn yet reached a limit: the common case, at no cost
         now = self._clock()
@@ -213,14 +198,18 @@ class RateLimiter:
         # Past its cap, a lease hands out counts without Redis, all refused.
         return _judge([cap for _, cap in over], [self._leases.take(key, cap) for key, cap in over], window_end, now)
 
-    def unchecked_refusal(self, *, ip: str, session: bool) -> Decision | None:
-        """While Redis is down, the refusal of a read or ``session`` write from ``ip`` past its allowance; else None.
+    def unchecked_refusal(self, *, ip: str, session: bool, take: bool = True) -> Decision | None:
+        """While Redis is down, the refusal of a request from ``ip`` past its allowance; else None.
+
+        A ``session`` write takes from an allowance of its own; anything
+        else (a read, a request refused for its token) from the IP's. Not
+        ``take``, it only looks.
 
         Decided by this gateway alone, so each of N gateways grants it:
         a client spread over them gets N times as much through.
         """
         buckets = self._unchecked_sessions if session else self._unchecked_reads
-        wait = buckets.take(ip)
+        wait = buckets.take(ip) if take else buckets.wait(ip)
         if not wait:
             return None
         return Decision(allowed=False, limit=buckets.allowance.burst, remaining=0, reset_seconds=math.ceil(wait))

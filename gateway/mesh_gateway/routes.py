@@ -67,7 +67,7 @@ class RouteTable:
     # Refused, every signed-in user would be signed out within an access
     # token's lifetime (10 minutes), and a cache outage would become a full one.
     # Only the service can check that proof, though, so they pass within a
-    # share of the IP's limit, kept by each gateway (ratelimit.session_allowance).
+    # share of the IP's limit, kept by each gateway (outage.session_allowance).
     session: frozenset[tuple[str, str]] = frozenset()
 
     def match(self, path: str) -> Route | None:

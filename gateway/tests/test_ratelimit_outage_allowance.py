@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from mesh_gateway.outage import Allowance, Buckets
-from mesh_gateway.ratelimit import SESSION_SHARE, Limits, session_allowance
+from mesh_common.auth import JwksVerifier, Principal
+from mesh_gateway.outage import SESSION_SHARE, Allowance, Buckets, session_allowance
 
 # Nothing listens there: Redis is away from the first request on.
 REDIS_AWAY = "redis://127.0.0.1:1/0"
@@ -109,12 +110,50 @@ async def test_reads_while_redis_is_away_are_bounded_per_ip_by_the_ip_limit(fake
         assert r.status == 200
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_refused_tokens_while_redis_is_away_cost_a_check_only_within_the_ip_allowance(
+    method: str, fake_service, gateway, tokens, monkeypatch
+):
+    # Before, a refused token was never turned away before its signature was
+    # checked, and a write's was not even counted: a flood of them cost a
+    # signature check each (some 90 us of the loop), unbounded.
+    checked = 0
+    verify = JwksVerifier._verify
+
+    async def counted(self: JwksVerifier, token: str) -> Principal:
+        nonlocal checked
+        checked += 1
+        return await verify(self, token)
+
+    monkeypatch.setattr(JwksVerifier, "_verify", counted)
+    service = await fake_service(1)
+    limit = 20
+    client = await gateway(service, redis_url=REDIS_AWAY, rate_limit_ip=limit)
+    expired = {"Authorization": f"Bearer {tokens.token(ttl=-60)}"}  # signed by a known key: the signature is checked
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with capture_logs() as logs:
+        statuses = await flood(
+            client, method, "/api/v1/things", "203.0.113.68", 5 * limit, limit=limit, headers=expired
+        )
+    took = loop.time() - started
+    allowance = limit + math.ceil(took * limit / 60)
+    assert statuses[:limit] == [401] * limit
+    assert limit <= statuses.count(401) == checked <= allowance
+    assert statuses.count(429) == 5 * limit - checked
+    assert service.hits == 0
+    assert [e["event"] for e in logs].count("rate_limiter_unavailable_refusing") == 1
+    # The flood's allowance is its own: another client's read goes on.
+    async with client.get("/api/v1/things", headers={**tokens.headers(), "X-Forwarded-For": "198.51.100.22"}) as r:
+        assert r.status == 200
+
+
 def test_thousands_of_users_behind_one_address_keep_refreshing_by_default():
     # The auth routes' 30 a minute, which the allowance first was, refused
     # all but a few dozen of a thousand users behind one NAT: signed out, the
     # outcome the session writes' fail-open is there to prevent.
     clock = Clock()
-    buckets = Buckets(session_allowance(Limits(per_ip=6000, per_user=1200, auth_per_ip=30)), clock=clock)
+    buckets = Buckets(session_allowance(6000, 60), clock=clock)
     per_second = 5000 / 600  # 5,000 users, each refreshing once an access token (10 minutes)
     for second in range(3600):  # an hour of them, spread evenly over each second
         due = math.floor((second + 1) * per_second) - math.floor(second * per_second)
