@@ -147,3 +147,7 @@ async def test_rotate_keys_compromised_from_the_command_line(settings: Settings,
     status, _, err = await run_cli("retire-keys", "--compromised", database_url=settings.database_url)
     assert status == 2 and "--compromised goes with rotate-keys" in err
     assert await key_states(db) == states
+    # Nor is a kid given to rotate-keys ignored: it rotates whatever key signs.
+    status, _, err = await run_cli("rotate-keys", "--kid", out.strip(), database_url=settings.database_url)
+    assert status == 2 and "--kid goes with retire-keys" in err
+    assert await key_states(db) == states

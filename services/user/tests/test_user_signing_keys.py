@@ -325,3 +325,37 @@ async def test_a_refresh_that_swallows_the_shutdowns_cancellation_does_not_hold_
         await client.close()
     assert loop.time() - started < 3, "the shutdown waited for the refresher"
     assert swallowed.is_set()
+
+
+async def test_a_failed_reread_of_the_keys_is_tried_again_within_seconds_not_an_interval() -> None:
+    # A retirement's margin allows for a re-read that failed for a few
+    # seconds: one left for a whole interval more kept signing with the old
+    # key past the point retire-keys counts on.
+    loop = asyncio.get_running_loop()
+    reads: list[float] = []
+    done = asyncio.Event()
+
+    class Store:
+        async def load(self) -> None:
+            reads.append(loop.time())
+            if len(reads) == 1:
+                raise ConnectionError("the database is briefly gone")
+            if len(reads) == 3:
+                done.set()
+
+    class Verifier:
+        async def refresh(self, *, force: bool = False) -> None:
+            pass
+
+    interval = 1.0
+    refresher = contexts.KeyRefresher(Store(), Verifier(), interval, own=False, retry=0.05)  # type: ignore[arg-type]
+    running = asyncio.create_task(refresher.run())
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        refresher.stop()
+        await running
+    failed, again, next_round = reads
+    assert again - failed < interval / 2
+    assert next_round - again >= interval * 0.9  # and once it succeeded, back to the interval

@@ -70,6 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.compromised and args.command != "rotate-keys":
         parser.error("--compromised goes with rotate-keys")
+    if args.kid is not None and args.command != "retire-keys":
+        # Ignored, "rotate-keys --kid K" would rotate whatever key signs, K or not.
+        parser.error("--kid goes with retire-keys")
     if args.command != "serve":
         configure_logging(env_log_format(os.environ))
         tokens = TokenPolicy.from_env(os.environ)

@@ -29,6 +29,8 @@ log = structlog.get_logger()
 # How long a refresh under way on shutdown may take to end: one read of the
 # key table.
 KEY_REFRESH_GRACE = 5.0
+# How soon a failed re-read of the key table is tried again (at most the interval).
+REFRESH_RETRY = 5.0
 
 
 @asynccontextmanager
@@ -121,10 +123,13 @@ class KeyRefresher:
     a retired key stops verifying.
     """
 
-    def __init__(self, store: KeyStore, verifier: JwksVerifier, interval: float, *, own: bool) -> None:
+    def __init__(
+        self, store: KeyStore, verifier: JwksVerifier, interval: float, *, own: bool, retry: float = REFRESH_RETRY
+    ) -> None:
         self._store = store
         self._verifier = verifier
         self._interval = interval
+        self._retry = min(retry, interval)
         self._own = own
         self._stopping = asyncio.Event()
 
@@ -135,7 +140,9 @@ class KeyRefresher:
         self._stopping.set()
 
     async def run(self) -> None:
-        while not await wait_event(self._stopping, self._interval):
+        wait = self._interval
+        while not await wait_event(self._stopping, wait):
+            wait = self._interval
             try:
                 with server_cancels_as_errors():
                     if not self._own:
@@ -145,3 +152,7 @@ class KeyRefresher:
                     await self._verifier.refresh(force=True)
             except Exception as exc:  # the database is briefly gone: keep the keys we have
                 log.warning("signing_keys_refresh_failed", error=type(exc).__name__)
+                # Again soon, not an interval on: a retirement's margin
+                # (signing_keys.PUBLICATION_MARGIN) allows for a re-read that
+                # failed for seconds, not for another whole interval.
+                wait = self._retry

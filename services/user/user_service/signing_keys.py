@@ -73,7 +73,8 @@ LOCK_KEYS = "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE"
 VERIFIER_MAX_KEY_AGE = 300.0
 VERIFIER_COOLDOWN = 5.0
 VERIFIER_LEEWAY = float(LEEWAY)
-# For an instance's re-read of the keys that is slow, or failed once.
+# For an instance's re-read of the keys that is slow, or failed a few times
+# (a failed one is tried again within 5 s: contexts.REFRESH_RETRY).
 PUBLICATION_MARGIN = 25.0
 
 
@@ -93,7 +94,7 @@ def retiring_min_age(policy: TokenPolicy) -> float:
 
     Instances sign with it until they re-read the table, up to
     ``key_refresh_interval`` after the rotation, or the margin more when that
-    re-read is slow or fails once; what it signed last lives as long as the
+    re-read is slow or fails for a few seconds; what it signed last lives as long as the
     longer-lived kind of token (a service token may outlive a user's: nothing
     keeps SERVICE_TOKEN_TTL under ACCESS_TOKEN_TTL), and verifiers take it
     for their leeway past its ``exp``. 11 minutes at the defaults.
