@@ -42,6 +42,8 @@ HELD_RECHECK_SECONDS = 5.0
 # as FAILURES_IN_A_ROW mean a dependency is down for everyone: the round ends.
 RETRY_SECONDS = 60.0
 FAILURES_IN_A_ROW = 3
+# Of the reminders given up in a round, the todos named in its log line.
+MISSED_LOGGED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,11 @@ class ReminderScheduler:
 
     async def _send_due(self) -> float:
         """Send every due reminder; returns how long to sleep before the next round."""
-        await repository.expire_overdue_reminders(self._pool)
+        missed = await repository.expire_overdue_reminders(self._pool)
+        if missed:
+            # Lost for good: kept from going out until their todo fell due, by
+            # an outage, the recipient cap, or this service not running.
+            log.warning("reminders_given_up", count=len(missed), todo_ids=missed[:MISSED_LOGGED])
         while True:
             due = await repository.due_reminders(self._pool, limit=self._batch)
             held = failures = 0

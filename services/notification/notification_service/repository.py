@@ -179,19 +179,24 @@ async def due_reminders(pool: aiopg.Pool, *, limit: int = 100) -> list[DueRemind
     return [DueReminder(r[0], r[1], r[2], r[3], str(r[4])) for r in rows]
 
 
-async def expire_overdue_reminders(pool: aiopg.Pool) -> None:
+async def expire_overdue_reminders(pool: aiopg.Pool) -> list[str]:
     """Cancel the reminders whose todo fell due unreminded: they will never be sent.
 
     Left pending, they would stay first in reminders_pending (the earliest
     remind_at) and every round would walk past them again. ``remind_at <=
     now()`` is implied by the due date having passed, and lets the index
     find them. A later event of the todo sets ``cancelled`` afresh.
+
+    Returns the todos of those that were missed: armed before their todo fell
+    due (a todo given a due date already past was never to be reminded of).
     """
     async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET cancelled = true"
             " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at <= now()"
+            " RETURNING todo_id, event_at < due_at"
         )
+        return [todo_id for todo_id, missed in await cur.fetchall() if missed]
 
 
 async def seconds_to_next_reminder(pool: aiopg.Pool) -> float | None:

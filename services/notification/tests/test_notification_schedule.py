@@ -13,6 +13,7 @@ import aiopg
 import pytest
 from notification_support import MAIL_FROM, eventually
 from smtp_sink import SmtpSink
+from structlog.testing import capture_logs
 
 from notification_service import reminders as reminders_module
 from notification_service import repository
@@ -50,10 +51,13 @@ async def test_an_overdue_reminder_leaves_the_schedule_and_the_next_one_is_still
     await repository.defer_reminder(pool, "retrying", events["retrying"], 600)
     scheduler = ReminderScheduler(pool, NoSends(), poll_interval=3600)  # type: ignore[arg-type]
 
-    delay = await scheduler._send_due()
+    with capture_logs() as logs:
+        delay = await scheduler._send_due()
 
     # Left pending, it stayed first in line, and every round walked past it again.
     assert await pending(pool) == ["later", "retrying"]
+    # Never to be reminded of, it was not missed: nothing to warn of.
+    assert [e for e in logs if e["event"] == "reminders_given_up"] == []
     assert 590 < delay <= 600  # woken for the retry, the earliest
     await repository.mark_reminder_sent(pool, "retrying", events["retrying"])
     wait = await repository.seconds_to_next_reminder(pool)
@@ -63,6 +67,26 @@ async def test_an_overdue_reminder_leaves_the_schedule_and_the_next_one_is_still
     moved = TodoSnapshot("overdue", "u", "overdue", now + timedelta(days=3), False, False, 2)
     await reminders.apply(moved, event_id=str(uuid.uuid4()), event_at=now)
     assert await pending(pool) == ["later", "overdue"]
+
+
+async def test_a_reminder_kept_from_going_out_until_its_todo_fell_due_is_given_up_aloud(pool: aiopg.Pool) -> None:
+    # Deferred past the due date (an outage, the recipient cap), or this
+    # service down meanwhile: the reminder was cancelled and nothing said so.
+    reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
+    now = datetime.now(UTC)
+    for n in range(12):
+        snapshot = TodoSnapshot(f"missed{n}", "u", "missed", now - timedelta(minutes=1), False, False, 1)
+        await reminders.apply(snapshot, event_id=str(uuid.uuid4()), event_at=now - timedelta(hours=2))
+    scheduler = ReminderScheduler(pool, NoSends(), poll_interval=3600)  # type: ignore[arg-type]
+
+    with capture_logs() as logs:
+        await scheduler._send_due()
+
+    assert await pending(pool) == []
+    [given_up] = [e for e in logs if e["event"] == "reminders_given_up"]
+    assert given_up["log_level"] == "warning"
+    assert given_up["count"] == 12
+    assert len(given_up["todo_ids"]) == 10 and set(given_up["todo_ids"]) <= {f"missed{n}" for n in range(12)}
 
 
 async def due_reminders(pool: aiopg.Pool, prefix: str, titles: tuple[str, ...]) -> None:
