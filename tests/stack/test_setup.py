@@ -125,3 +125,32 @@ def test_setup_stops_the_daemons_that_the_packages_it_installs_start_where_syste
     assert _units_started_on_install(systemd, "curl", "redis-server") == ["redis-server"]
     # No systemd (a container's init), no daemon started on install.
     assert _units_started_on_install(tmp_path / "none", *installed) == []
+
+
+def _asked_to_install(systemd: Path, *packages: str) -> str:
+    """What setup, run by a user whose sudo asks for a password, tells them to run for ``packages``."""
+    not_root = "id() { echo 1000; } && sudo() { return 1; }"
+    call = f'source "$1" && SYSTEMD_RUNTIME=$2 && shift 2 && {not_root} && apt_install "$@"'
+    done = subprocess.run(
+        ["bash", "-c", call, "-", str(ROOT / "scripts" / "setup"), str(systemd), *packages],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    [line] = [line for line in done.stderr.splitlines() if "install them as root" in line]
+    return line.partition("install them as root: ")[2]
+
+
+def test_a_person_asked_to_install_the_packages_is_asked_to_stop_their_daemons_too(tmp_path: Path) -> None:
+    # Left running, they stopped the first `task up` at "ports already in
+    # use", and setup, run again with nothing missing, never stopped them.
+    systemd = tmp_path / "run-systemd-system"
+    systemd.mkdir()
+    assert _asked_to_install(systemd, "postgresql", "redis-server", "jq") == (
+        "sudo apt-get update && sudo apt-get install -y postgresql redis-server jq"
+        " && sudo systemctl disable --now postgresql redis-server"
+    )
+    assert _asked_to_install(tmp_path / "none", "postgresql", "jq") == (
+        "sudo apt-get update && sudo apt-get install -y postgresql jq"
+    )
