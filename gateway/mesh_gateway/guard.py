@@ -146,7 +146,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     user: str | None = None
     ip = counted_as(client_ip(request))
     table = request.app[ROUTE_TABLE]
-    if (request.method, request.path) not in table.public:
+    # A HEAD is public where its GET is: the service answers one as the other.
+    method = "GET" if request.method == "HEAD" else request.method
+    if (method, request.path) not in table.public:
         # Refused anyway, a client past its per-IP limit (or, while Redis is
         # down, its allowance) must not cost a signature check per request
         # (failed tokens are not remembered).

@@ -27,6 +27,10 @@ async def test_routes_need_a_token_unless_listed_public(fake_service, gateway, t
         assert r.status == 401
     async with client.get("/api/v1/things/public") as r:
         assert r.status == 200
+    async with client.head("/api/v1/things/public") as r:
+        assert r.status == 200  # as its GET: a monitor checking the JWKS with HEAD was told to sign in
+    async with client.head("/api/v1/things") as r:
+        assert r.status == 401
     async with client.get("/api/v1/things", headers=tokens.headers()) as r:
         assert r.status == 200
 

@@ -290,13 +290,19 @@ def auth_middleware(public: Collection[tuple[str, str]] = ()) -> Middleware:
 
     ``public`` holds (method, route name) pairs, so that the list survives
     path changes and is checked against the resolved route, not a prefix.
+    A HEAD is public where its GET is, as aiohttp serves one for the other.
+    A request no route takes gets the router's 404 or 405 (with ``Allow``),
+    token or not: told to sign in, a client would not learn that it used
+    the wrong method.
     """
     open_routes = {"health", "health.live", "openapi"}
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_name = request.match_info.route.name
-        if not (route_name in open_routes or (request.method, route_name) in public):
+        method = "GET" if request.method == "HEAD" else request.method
+        routed = request.match_info.http_exception is None
+        if routed and not (route_name in open_routes or (method, route_name) in public):
             await authenticate(request)
         return await handler(request)
 

@@ -117,3 +117,31 @@ def test_a_login_password_may_be_128_characters_as_typed_or_once_normalized() ->
         with pytest.raises(ValidationFailed) as refused:
             credentials({"username": "ada", "password": too_long})
         assert [error["field"] for error in refused.value.extra["errors"]] == ["password"]
+
+
+async def test_a_head_is_public_where_its_get_is(client: Client) -> None:
+    # A monitor checking the JWKS with HEAD was told to sign in.
+    assert (await client.head("/.well-known/jwks.json")).status == 200
+    assert (await client.head("/users/me")).status == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/.well-known/jwks.json", {"GET", "HEAD"}),
+        ("GET", "/auth/login", {"POST"}),
+        ("GET", "/users", {"POST"}),
+    ],
+)
+async def test_a_wrong_method_is_a_405_with_allow_not_a_call_to_sign_in(
+    client: Client, method: str, path: str, allow: set[str]
+) -> None:
+    response = await client.request(method, path)
+    assert response.status == 405
+    assert response.content_type == "application/problem+json"
+    assert {m.strip() for m in response.headers["Allow"].split(",")} == allow
+
+
+async def test_a_path_no_route_takes_is_a_404_token_or_not(client: Client) -> None:
+    response = await client.get("/no/such/thing")
+    assert (response.status, response.content_type) == (404, "application/problem+json")
