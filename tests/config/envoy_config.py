@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -27,9 +28,15 @@ def routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def gateway_routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The routes to the gateway: all but the first, the probes' 404."""
-    probes, *to_gateway = routes(cfg)
-    assert "direct_response" in probes
+    """The routes to the gateway: all but Envoy's own answers, which come first.
+
+    Those are the probes' 404 and the refusals of what the gateway's HTTP
+    parser would answer with bare text.
+    """
+    every = routes(cfg)
+    answered = sum(1 for _ in itertools.takewhile(lambda route: "direct_response" in route, every))
+    to_gateway = every[answered:]
+    assert answered and all("route" in route for route in to_gateway)
     return to_gateway
 
 

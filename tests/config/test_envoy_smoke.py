@@ -181,15 +181,15 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     nobody = StandIns(f"nobody-{uuid.uuid4().hex[:8]}", 8000)
     rendered = config_for(nobody, infra.ports.consul_dns, tmp_path / "access.log")
 
-    # And a client's bucket of three requests that does not refill during the
+    # And a client's bucket of seven requests that does not refill during the
     # test, under a ceiling of a hundred: the 429 is the client's bucket (its
     # descriptor matched what the action made of the address), not the ceiling.
-    def three_an_hour(cfg: dict[str, Any]) -> None:
+    def seven_an_hour(cfg: dict[str, Any]) -> None:
         local_rate_limit(cfg)["token_bucket"].update(max_tokens=100, tokens_per_fill=100, fill_interval="3600s")
-        client_bucket(cfg).update(max_tokens=3, tokens_per_fill=3, fill_interval="3600s")
+        client_bucket(cfg).update(max_tokens=7, tokens_per_fill=7, fill_interval="3600s")
 
     config = tmp_path / "envoy.yaml"
-    config.write_text(edited(rendered, three_an_hour))
+    config.write_text(edited(rendered, seven_an_hour))
 
     with running_envoy(config) as process:
         public = process.public
@@ -197,7 +197,15 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         # not-yet-ready Envoy's, not the ones asked for.
         process.wait_for_hosts(set())
 
-        answers = [fetch(f"{public}/api/v1/todos") for _ in range(4)]
+        answers = [fetch(f"{public}/api/v1/todos") for _ in range(3)]
+        # What the gateway's HTTP parser would answer with bare text: a body
+        # in a coding it cannot read, and an expectation it does not know.
+        for encoding in ("br", "gzip, deflate"):
+            answers.append(fetch(f"{public}/api/v1/todos", {"Content-Encoding": encoding}, body=b"{}"))
+        answers.append(fetch(f"{public}/api/v1/todos", {"Expect": "200-ok"}))
+        # A coding it reads goes on to the gateway (there is none).
+        answers.append(fetch(f"{public}/api/v1/todos", {"Content-Encoding": "GZIP"}, body=b"{}"))
+        answers.append(fetch(f"{public}/api/v1/todos"))
         # Malformed HTTP, and headers past Envoy's limit: refused before any filter.
         # 10 kB: past the gateway's limit (8190 bytes a line), under Envoy's
         # default (60 KiB), which let the gateway answer it with a bare 400.
@@ -208,6 +216,10 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
     expected = [
         (503, "GATEWAY_UNAVAILABLE"),
         (503, "GATEWAY_UNAVAILABLE"),
+        (503, "GATEWAY_UNAVAILABLE"),
+        (415, "UNSUPPORTED_MEDIA_TYPE"),
+        (415, "UNSUPPORTED_MEDIA_TYPE"),
+        (417, "EXPECTATION_FAILED"),
         (503, "GATEWAY_UNAVAILABLE"),
         (429, "RATE_LIMITED"),  # the client's bucket is empty
         (400, "MALFORMED_REQUEST"),
@@ -223,6 +235,8 @@ def test_envoys_own_answers_are_problem_json(infra: StackConfig, tmp_path: Path)
         assert problem["type"] and problem["title"] and problem["detail"]
         if status in (429, 503):
             assert headers["retry-after"] == "1"
+        if status == 415:
+            assert headers["accept-encoding"] == "gzip, deflate"  # RFC 9110 15.5.16: the codings it takes
 
 
 def test_a_request_no_gateway_accepted_is_unavailable_not_of_unknown_outcome(

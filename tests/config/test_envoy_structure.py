@@ -131,6 +131,8 @@ def test_envoys_own_answers_are_problems_with_stable_codes(cfg: dict[str, Any]) 
         504: "GATEWAY_TIMEOUT",
         408: "REQUEST_TIMEOUT",
         400: "MALFORMED_REQUEST",
+        415: "UNSUPPORTED_MEDIA_TYPE",
+        417: "EXPECTATION_FAILED",
         None: "EDGE_ERROR",
     }
 

@@ -18,7 +18,8 @@ from typing import Any
 BODY_ANSWERS = {
     "400": "MALFORMED_BODY: the body does not decode as its Content-Encoding or framing says",
     "413": "PAYLOAD_TOO_LARGE: the body is over its limit (64 KiB)",
-    "415": "UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset not known",
+    "415": "UNSUPPORTED_MEDIA_TYPE: the body is not application/json, or in a charset, or at the edge a content"
+    " coding, not known",
 }
 OUTCOME_UNKNOWN_ANSWER = (
     "OUTCOME_UNKNOWN: the commit's answer was lost and its outcome could not be asked; the change may or may"
