@@ -146,9 +146,11 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     user: str | None = None
     ip = counted_as(client_ip(request))
     table = request.app[ROUTE_TABLE]
-    # A HEAD is public where its GET is: the service answers one as the other.
-    method = "GET" if request.method == "HEAD" else request.method
-    if (method, request.path) not in table.public:
+    # Any method of a public path passes untokened: the service behind it
+    # answers one it does not take with a 405 and its Allow (a HEAD as its
+    # GET), and one it takes only with a token with its own 401. Refused
+    # here, a client that used the wrong method was told to sign in.
+    if request.path not in table.public_paths:
         # Refused anyway, a client past its per-IP limit (or, while Redis is
         # down, its allowance) must not cost a signature check per request
         # (failed tokens are not remembered).

@@ -1,7 +1,7 @@
 """The public API surface: which prefix goes to which service.
 
 The gateway strips ``/api/v1`` and forwards the rest, so services own plain
-paths (``/todos``) and never see how they are published. Routes not listed
+paths (``/todos``) and never see how they are published. Paths not listed
 as public need a valid access token.
 """
 
@@ -69,6 +69,12 @@ class RouteTable:
     # Only the service can check that proof, though, so they pass within a
     # share of the IP's limit, kept by each gateway (outage.session_allowance).
     session: frozenset[tuple[str, str]] = frozenset()
+    # The paths of ``public``: reached under another method, the service
+    # answers (a 405 with Allow, or its own 401), not the gateway's 401.
+    public_paths: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_paths", frozenset(path for _, path in self.public))
 
     def match(self, path: str) -> Route | None:
         for internal in self.internal:

@@ -31,6 +31,12 @@ async def test_routes_need_a_token_unless_listed_public(fake_service, gateway, t
         assert r.status == 200  # as its GET: a monitor checking the JWKS with HEAD was told to sign in
     async with client.head("/api/v1/things") as r:
         assert r.status == 401
+    # Another method of a public path is the service's to answer (its 405
+    # and Allow), not a call to sign in; the fake service answers anything.
+    hits = service.hits
+    async with client.delete("/api/v1/things/public") as r:
+        assert r.status == 200
+    assert service.hits == hits + 1
     async with client.get("/api/v1/things", headers=tokens.headers()) as r:
         assert r.status == 200
 

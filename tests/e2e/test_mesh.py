@@ -138,3 +138,19 @@ def test_consul_ui_answers_and_lists_the_services(mesh: StackConfig) -> None:
     services = stack.get_json(f"{mesh.consul_url}/v1/catalog/services")
     assert isinstance(services, dict)
     assert {"gateway", "user-service", "todo-service", "notification-service"} <= set(services)
+
+
+async def test_a_wrong_method_through_the_edge_is_a_405_with_allow_not_a_call_to_sign_in(
+    api: aiohttp.ClientSession,
+) -> None:
+    # Envoy, the gateway and the user-service each had their say first: the
+    # gateway answered 401 for any method of a public path but its own.
+    for method, path, allow in [
+        ("GET", "/api/v1/auth/login", {"POST"}),
+        ("POST", "/.well-known/jwks.json", {"GET", "HEAD"}),
+    ]:
+        async with api.request(method, path) as r:
+            assert (r.status, r.content_type) == (405, "application/problem+json"), await r.text()
+            assert {m.strip() for m in r.headers["Allow"].split(",")} == allow
+    async with api.head("/.well-known/jwks.json") as r:
+        assert r.status == 200

@@ -187,14 +187,16 @@ async def expire_overdue_reminders(pool: aiopg.Pool) -> list[str]:
     now()`` is implied by the due date having passed, and lets the index
     find them. A later event of the todo sets ``cancelled`` afresh.
 
-    Returns the todos of those that were missed: armed before their todo fell
-    due (a todo given a due date already past was never to be reminded of).
+    Returns the todos of those that were missed: tried and put off, or armed
+    before their todo fell due (a todo given a due date already past was
+    never to be reminded of). Both, since a later event of the todo, a new
+    title, moves ``event_at`` on and keeps ``retry_at``.
     """
     async with cursor(pool) as cur:
         await cur.execute(
             "UPDATE reminders SET cancelled = true"
             " WHERE sent_at IS NULL AND NOT cancelled AND remind_at <= now() AND due_at <= now()"
-            " RETURNING todo_id, event_at < due_at"
+            " RETURNING todo_id, retry_at IS NOT NULL OR event_at < due_at"
         )
         return [todo_id for todo_id, missed in await cur.fetchall() if missed]
 

@@ -39,7 +39,7 @@ NOTICES = {
     ),
     "user.email_changed": (
         "Your todo-mesh email address was changed",
-        "Its mail no longer comes to this address. If this was you",
+        "from this one to another. If this was you",
     ),
 }
 EVENT_TYPES = pytest.mark.parametrize("event_type", NOTICES)
