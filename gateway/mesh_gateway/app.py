@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from mesh_common.app import service_app
-from mesh_common.auth import VERIFIER, JwksVerifier, jwks_ctx
+from mesh_common.auth import VERIFIER, jwks_ctx
 from mesh_common.consul import consul_ctx
 from mesh_common.discovery import WATCHES, watch_services_ctx
 from mesh_common.http import http_session_ctx
+from mesh_common.jwks import JwksVerifier
 from mesh_common.registration import registration_ctx
 from mesh_common.resilience import BreakerBoard
 

@@ -9,7 +9,8 @@ import uuid
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from mesh_common.auth import VERIFIER, Principal
+from mesh_common.auth import VERIFIER
+from mesh_common.jwks import Principal
 from mesh_common.testing import TokenFactory
 
 

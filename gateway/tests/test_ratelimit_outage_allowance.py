@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from mesh_common.auth import JwksVerifier, Principal
+from mesh_common.jwks import JwksVerifier, Principal
 from mesh_gateway.outage import SESSION_SHARE, Allowance, Buckets, session_allowance
 
 # Nothing listens there: Redis is away from the first request on.

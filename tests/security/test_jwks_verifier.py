@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware
+from mesh_common.auth import VERIFIER, auth_middleware
+from mesh_common.jwks import JwksVerifier
 from mesh_common.problems import Problem, problem_middleware
 from mesh_common.testing import TokenFactory, eventually
 

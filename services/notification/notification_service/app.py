@@ -10,11 +10,12 @@ from aiohttp import web
 
 from mesh_common.amqp import amqp_ctx
 from mesh_common.app import CleanupCtx, service_app
-from mesh_common.auth import VERIFIER, JwksVerifier, auth_middleware, jwks_ctx
+from mesh_common.auth import VERIFIER, auth_middleware, jwks_ctx
 from mesh_common.consul import consul_ctx
 from mesh_common.db import database_ctx
 from mesh_common.discovery import watch_services_ctx
 from mesh_common.http import http_session_ctx
+from mesh_common.jwks import JwksVerifier
 from mesh_common.pruning import prune_ctx
 from mesh_common.registration import registration_ctx
 

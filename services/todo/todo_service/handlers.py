@@ -11,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh_common.auth import PRINCIPAL, InvalidToken
+from mesh_common.auth import PRINCIPAL
 from mesh_common.deadlines import call_deadline
+from mesh_common.jwks import InvalidToken
 from mesh_common.problems import read_json_object
 from mesh_common.requests import REQUEST_ID
 

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_aiohttp import AiohttpClient
 
-from mesh_common.auth import ACCESS_TOKEN_TYPE, VERIFIER, InvalidToken, JwksVerifier
+from mesh_common.auth import VERIFIER
+from mesh_common.jwks import ACCESS_TOKEN_TYPE, InvalidToken, JwksVerifier
 from user_service import contexts
 from user_service.__main__ import manage_keys
 from user_service.app import create_app

@@ -9,9 +9,10 @@ from aiohttp import web
 
 from mesh_common.amqp import amqp_ctx
 from mesh_common.app import service_app
-from mesh_common.auth import JwksVerifier, auth_middleware
+from mesh_common.auth import auth_middleware
 from mesh_common.consul import consul_ctx
 from mesh_common.db import database_ctx
+from mesh_common.jwks import JwksVerifier
 from mesh_common.outbox import OUTBOX_COMMITTED, OUTBOX_MIGRATIONS, prune_published
 from mesh_common.pruning import prune_ctx
 from mesh_common.registration import registration_ctx

@@ -13,9 +13,10 @@ import structlog
 from aiohttp import web
 
 from mesh_common.app import CleanupCtx, wait_event, worker_ctx
-from mesh_common.auth import VERIFIER, JwksVerifier
+from mesh_common.auth import VERIFIER
 from mesh_common.db import DB
 from mesh_common.health import add_health_check
+from mesh_common.jwks import JwksVerifier
 from mesh_common.transactions import server_cancels_as_errors
 
 from .keys import KEY_STORE, PASSWORDS, REDIS, SETTINGS, THROTTLE, TOKENS

@@ -33,7 +33,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh_common.auth import LEEWAY
+from mesh_common.jwks import LEEWAY
 from mesh_common.transactions import transaction
 
 from .settings import TokenPolicy
@@ -66,7 +66,7 @@ def _new_key_row() -> tuple[str, str]:
 
 INSERT_KEY = "INSERT INTO signing_keys (kid, private_key_pem, state) VALUES (%s, %s, %s)"
 LOCK_KEYS = "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE"
-# Every verifier is mesh_common.auth.JwksVerifier with its defaults: its key
+# Every verifier is mesh_common.jwks.JwksVerifier with its defaults: its key
 # set is at most 300 s old (``max_key_age``), and it fetches again for an
 # unknown kid only after a 5 s cool-down (``refresh_cooldown``). It takes a
 # token up to ``LEEWAY`` (5 s) past its ``exp``.

@@ -1,6 +1,6 @@
 """Access tokens: short-lived EdDSA JWTs, for users and for other services.
 
-What a verifier demands (mesh_common.auth) is what is issued here: header
+What a verifier demands (mesh_common.jwks) is what is issued here: header
 ``alg`` EdDSA, ``typ`` at+jwt (RFC 9068) and the ``kid`` of the signing key;
 claims iss, aud, sub, iat, nbf, exp and a unique jti.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import jwt
 
-from mesh_common.auth import ACCESS_TOKEN_TYPE, SERVICE_SUBJECT_PREFIX
+from mesh_common.jwks import ACCESS_TOKEN_TYPE, SERVICE_SUBJECT_PREFIX
 
 from .settings import TokenPolicy
 from .signing_keys import ALGORITHM, KeyStore

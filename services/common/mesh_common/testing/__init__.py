@@ -22,7 +22,7 @@ import jwt
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..auth import ACCESS_TOKEN_TYPE, JwksVerifier
+from ..jwks import ACCESS_TOKEN_TYPE, JwksVerifier
 from ..registration import REGISTRATION
 from ..settings import ServiceSettings
 
