@@ -7,19 +7,24 @@ go to a RabbitMQ virtual host of this suite's own.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiopg
+import jsonschema
 import psycopg2
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from devstack.config import StackConfig
+from mesh_common.events import Event
 from mesh_common.testing import loopback_service
 from mesh_common.testing.database import MigratedDatabase
 from user_service.app import MIGRATIONS, create_app
@@ -160,3 +165,15 @@ async def run_again(db: aiopg.Pool, migration: str) -> None:
             raise
         await cur.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()")
         assert await cur.fetchone() == (0,)
+
+
+ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
+
+
+def assert_matches_contract(event: Event, schema: str) -> None:
+    """``event``, as it is written to the broker, is valid against ``schema`` of docs/asyncapi.yaml."""
+    contract = yaml.safe_load(ASYNCAPI.read_text())
+    document = {"$ref": f"#/components/schemas/{schema}", "components": contract["components"]}
+    jsonschema.Draft202012Validator(document, format_checker=jsonschema.FormatChecker()).validate(
+        json.loads(event.to_json())
+    )
