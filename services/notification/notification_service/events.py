@@ -8,12 +8,14 @@
                      still bound, so that queued ones are acked, not dead.
 ``user.password_changed``
                      a security notice to the address the account had
-                     then, if verified: if the change was not its owner's,
+                     then, if verified, or else to the last address it
+                     proved, if any: if the change was not its owner's,
                      someone else has their account.
 ``user.email_changed``
                      the same notice, to the address the account had
-                     before, if verified: whoever has the password could
-                     otherwise move the account to their own address first.
+                     before (or the last it proved): whoever has the
+                     password could otherwise move the account to their
+                     own address first.
 ``todo.completed``   a short notice to the todo's owner; cancels its reminder.
 ``todo.*``           keeps the todo's reminder in step with its snapshot
                      (created, updated, reopened, deleted).
@@ -56,6 +58,12 @@ REASONS = {
     "email_changed": 'The email address of your todo-mesh account "{username}" was changed to this one. Confirm it',
     "requested": 'You asked for a new code for your todo-mesh account "{username}". Confirm this address',
 }
+# A notice's paragraph when it goes to the last address the account proved,
+# not to the one it has: the reader may have changed it long ago.
+WHY_HERE = (
+    "\n\nThis mail comes to this address because it is the last one the account"
+    "\nconfirmed: the one the account had at the change was not confirmed."
+)
 # A moment in an email: timestamp() makes every one UTC.
 WHEN = "%a %d %b %Y, %H:%M UTC"
 # A token as the user-service writes them (secrets.token_urlsafe): on a line of its own, nothing to escape.
@@ -102,19 +110,27 @@ class EventHandler:
         return None
 
     async def _notice(self, event: Event, kind: str) -> Outcome:
-        # To the address the event names, the account's at the change, not
+        # To an address the event names, the account's at the change, not
         # the one it has when this is handled: whoever made the change may
-        # have set their own since. And only if it was verified then.
+        # have set their own since. And only to one proven by then: the
+        # account's, if verified, or else the last it proved, which a change
+        # of case (unverifying the owner's) cannot take from the owner.
         data = event.data
         username, email = text(data, "username"), text(data, "email")
-        if data.get("email_verified") is not True:
+        values = {"username": username, "changed_at": occurred_at(event).strftime(WHEN)}
+        if data.get("email_verified") is True:
+            values |= {"previous": "this one", "why_here": ""}
+        elif data.get("last_verified_email") is not None:
+            email = text(data, "last_verified_email")
+            values |= {"previous": "one not confirmed", "why_here": WHY_HERE}
+        else:
             log.info("notification_skipped", event_id=event.id, kind=kind, reason="unverified")
             return Outcome.UNVERIFIED
         return await self._notifier.notify(
             event_id=event.id,
             kind=kind,
             user_id=event.user_id,
-            values={"username": username, "changed_at": occurred_at(event).strftime(WHEN)},
+            values=values,
             recipient=Recipient(email=email, name=str(data.get("display_name") or username), verified=True),
         )
 

@@ -206,23 +206,24 @@ def registered(user: dict[str, str]) -> Event:
     )
 
 
-def security_notice(event_type: str, user: dict[str, str], *, verified: bool = True) -> Event:
+def security_notice(
+    event_type: str, user: dict[str, str], *, verified: bool = True, last_verified: str | None = None
+) -> Event:
     """A ``user.password_changed`` or ``user.email_changed`` for ``user``, as the user-service writes it.
 
-    ``user``'s address is the one the account had at the change, ``verified`` or not.
+    ``user``'s address is the one the account had at the change, ``verified``
+    or not; ``last_verified``, the last address it proved before, if any.
     """
-    return Event(
-        type=event_type,
-        user_id=user["id"],
-        data={
-            "user_id": user["id"],
-            "username": user["username"],
-            "display_name": user["display_name"],
-            "email": user["email"],
-            "email_verified": verified,
-        },
-        correlation_id=uuid.uuid4().hex,
-    )
+    data: dict[str, Any] = {
+        "user_id": user["id"],
+        "username": user["username"],
+        "display_name": user["display_name"],
+        "email": user["email"],
+        "email_verified": verified,
+    }
+    if last_verified is not None:
+        data["last_verified_email"] = last_verified
+    return Event(type=event_type, user_id=user["id"], data=data, correlation_id=uuid.uuid4().hex)
 
 
 def todo_event(kind: str, user_id: str, todo: dict[str, Any], **envelope: Any) -> Event:

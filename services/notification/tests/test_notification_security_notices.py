@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import aiopg
 import pytest
@@ -95,6 +96,33 @@ async def test_an_address_unverified_at_the_change_is_not_told(
 
 
 @EVENT_TYPES
+async def test_while_the_address_is_unverified_the_last_one_proven_is_told(
+    event_type: str, service: Client, broker: Broker, smtp: SmtpSink, users: FakeUserService, pool: aiopg.Pool
+) -> None:
+    # The taker changed the case of the owner's address (unverifying it),
+    # then moved the account to theirs, then changed its password: each
+    # notice after the first goes to the owner's proven address, not to the
+    # unproven one the account had at the change.
+    owner = users.add(new_user(), verified=True)
+    at_the_change = {**owner, "email": "taker@example.test"}
+    event = security_notice(event_type, at_the_change, verified=False, last_verified=owner["email"])
+    await broker.publish(event)
+    consumer = service.app[CONSUMER]
+    await eventually(lambda: consumer.settled["acked"] == 1, within=10, what="the event acked")
+
+    assert len(smtp.received) == 1
+    [message] = smtp.to(owner["email"])
+    assert message["To"] == f"{owner['display_name']} <{owner['email']}>"
+    plain = message.get_body(preferencelist=("plain",))
+    assert plain is not None
+    text = " ".join(plain.get_content().split())
+    assert "because it is the last one the account confirmed" in text
+    if event_type == "user.email_changed":
+        assert "from one not confirmed to another." in text
+    assert await notification_rows(pool) == [(event.id, event_type.removeprefix("user."), "sent")]
+
+
+@EVENT_TYPES
 async def test_todo_notices_that_used_up_the_hour_do_not_hold_the_notice_back(
     event_type: str,
     settings: Settings,
@@ -137,6 +165,7 @@ async def test_codes_that_filled_the_mailboxs_hour_do_not_hold_the_notice_back(
     local, domain = owner["email"].split("@")
     others = [{**new_user(), "email": f"{local}+{n}@{domain}"} for n in range(recipient_cap.MAILBOX_ACCOUNTS)]
     notice = {"username": owner["username"], "changed_at": "Tue 24 Nov 2026, 12:00 UTC"}
+    notice |= {"previous": "this one", "why_here": ""}
     try:
         for other in others:
             for _ in range(LIMIT):
@@ -161,4 +190,13 @@ async def test_a_notice_without_whom_it_is_for_is_malformed(event_type: str, fie
     event = security_notice(event_type, new_user())
     del event.data[field]
     with pytest.raises(MalformedEvent, match=rf"data\.{field}"):
+        await handler.handle(event)
+
+
+@EVENT_TYPES
+@pytest.mark.parametrize("last_verified", ["", 7, ["ada@example.test"]])
+async def test_a_last_verified_address_that_is_no_address_is_malformed(event_type: str, last_verified: Any) -> None:
+    handler = EventHandler(None, None, retention=3600)  # type: ignore[arg-type]  # refused before either is used
+    event = security_notice(event_type, new_user(), verified=False, last_verified=last_verified)
+    with pytest.raises(MalformedEvent, match=r"data\.last_verified_email"):
         await handler.handle(event)

@@ -13,10 +13,11 @@ from structlog.testing import capture_logs
 from mesh_common.events import Event
 from user_service.openapi import document
 
-from .conftest import Auth, Client, Login, Register, assert_matches_contract
+from .conftest import PASSWORD, Auth, Client, Login, Register, assert_matches_contract
 
 VERIFICATION = "user.email_verification_requested"
 EMAIL_CHANGED = "user.email_changed"
+PASSWORD_CHANGED = "user.password_changed"
 
 
 async def outbox(db: aiopg.Pool, routing_key: str = VERIFICATION) -> list[Event]:
@@ -191,6 +192,51 @@ async def test_changing_the_email_tells_the_old_address_as_the_account_had_it(
     assert [(e.data["email"], e.data["email_verified"]) for e in await outbox(db, EMAIL_CHANGED)] == [
         ("ada@example.com", True),
         ("taker@example.org", False),
+    ]
+
+
+async def test_while_the_address_is_unverified_notices_name_the_last_one_proven(
+    client: Client, register: Register, login: Login, auth: Auth, db: aiopg.Pool
+) -> None:
+    # The taker, with the password, changes the case of the owner's address
+    # (which unverifies it), then moves the account to theirs, then changes
+    # the password. Every notice names the owner's proven address, until the
+    # taker proves theirs.
+    await register("ada")
+    assert (await verify(client, await latest_code(db)))[0] == 204
+    headers = auth((await login("ada"))["access_token"])
+    for email in ("Ada@example.com", "taker@example.org"):
+        assert (await client.patch("/users/me", json={"email": email}, headers=headers)).status == 200
+    body = {"current_password": PASSWORD, "new_password": "the taker's own passphrase, long"}
+    response = await client.post("/users/me/password", json=body, headers=headers)
+    assert response.status == 200
+    headers = auth((await response.json())["access_token"])
+
+    told = [("ada@example.com", True, None), ("Ada@example.com", False, "ada@example.com")]
+    assert await notices(db, EMAIL_CHANGED) == told
+    assert await notices(db, PASSWORD_CHANGED) == [("taker@example.org", False, "ada@example.com")]
+    for event in await outbox(db, EMAIL_CHANGED) + await outbox(db, PASSWORD_CHANGED):
+        assert_matches_contract(
+            event, "UserPasswordChangedEvent" if event.type == PASSWORD_CHANGED else "UserEmailChangedEvent"
+        )
+    assert "last_verified_email" not in await me(client, headers)
+
+    # Proven, the taker's address is the last one proven: the owner was told twice.
+    assert (await verify(client, await latest_code(db)))[0] == 204
+    body = {"current_password": body["new_password"], "new_password": "and another passphrase, longer"}
+    assert (await client.post("/users/me/password", json=body, headers=headers)).status == 200
+    assert (await notices(db, PASSWORD_CHANGED))[-1] == ("taker@example.org", True, None)
+    # Nor is the owner's address kept any longer than it is needed.
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT last_verified_email FROM users")
+        assert await cur.fetchall() == [(None,)]
+
+
+async def notices(db: aiopg.Pool, routing_key: str) -> list[tuple[str, bool, str | None]]:
+    """(email, email_verified, last_verified_email) of each notice of ``routing_key``, oldest first."""
+    return [
+        (e.data["email"], e.data["email_verified"], e.data.get("last_verified_email"))
+        for e in await outbox(db, routing_key)
     ]
 
 

@@ -21,11 +21,14 @@ All version 1, through the transactional outbox:
   service tells the owner there: whoever has the password could otherwise
   move the account to an address of theirs first, and every notice after
   it, the password's included, would go to them.
+
+Both notices add ``last_verified_email`` while the address is unverified and
+the account proved another before: the owner is told there instead.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from mesh_common.events import Event
 
@@ -82,17 +85,17 @@ def email_changed(before: User, *, correlation_id: str) -> Event:
 
 
 def _security_notice(event_type: str, user: User, *, correlation_id: str) -> Event:
-    return Event(
-        type=event_type,
-        user_id=user.id,
-        data={
-            "user_id": user.id,
-            "username": user.username,
-            "display_name": user.display_name,
-            # As they are at the change: mailed later to the address of the
-            # moment, the notice could go to one whoever made it set since.
-            "email": user.email,
-            "email_verified": user.email_verified,
-        },
-        correlation_id=correlation_id,
-    )
+    data: dict[str, Any] = {
+        "user_id": user.id,
+        "username": user.username,
+        "display_name": user.display_name,
+        # As they are at the change: mailed later to the address of the
+        # moment, the notice could go to one whoever made it set since.
+        "email": user.email,
+        "email_verified": user.email_verified,
+    }
+    if not user.email_verified and user.last_verified_email is not None:
+        # Where the owner is told while the address is unproven: it may be
+        # the taker's, set after a change of case unverified the owner's.
+        data["last_verified_email"] = user.last_verified_email
+    return Event(type=event_type, user_id=user.id, data=data, correlation_id=correlation_id)

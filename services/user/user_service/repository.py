@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import aiopg
 from psycopg2 import errors
 
-PROFILE = "id, username, email, display_name, created_at, email_verified_at"
+PROFILE = "id, username, email, display_name, created_at, email_verified_at, last_verified_email"
 UPDATABLE = frozenset({"display_name", "email"})
 
 
@@ -35,15 +35,23 @@ class User:
     display_name: str
     created_at: datetime
     email_verified_at: datetime | None
+    # The last address the account proved, while ``email`` is unverified
+    # (migration 0016); never shown to a client, only told of changes.
+    last_verified_email: str | None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> User:
-        user_id, username, email, display_name, created_at, email_verified_at = row
-        return cls(str(user_id), username, email, display_name, created_at, email_verified_at)
+        user_id, username, email, display_name, created_at, verified_at, last_verified = row
+        return cls(str(user_id), username, email, display_name, created_at, verified_at, last_verified)
 
     @property
     def email_verified(self) -> bool:
         return self.email_verified_at is not None
+
+    @property
+    def proven_email(self) -> str | None:
+        """Where the owner can be told of a change: the address, if verified, or else the last one that was."""
+        return self.email if self.email_verified else self.last_verified_email
 
     def profile(self) -> dict[str, str | bool]:
         """What a client may see: never the password hash, which is not even loaded."""
@@ -117,13 +125,19 @@ async def update_user(cur: Any, user: User, changes: dict[str, str]) -> User:
 
     A new address is unverified: whatever proved the old one does not prove
     it. Any textual change counts, case too: the verified spelling is the
-    one mail went to.
+    one mail went to. The old address, if it was verified, is kept as the
+    last one proven, and one kept already stays through changes between
+    unverified addresses: the owner is told there.
     """
     if not changes.keys() <= UPDATABLE:
         raise ValueError(f"not updatable: {sorted(changes.keys() - UPDATABLE)}")
     assignments = [f"{column} = %({column})s" for column in sorted(changes)]
     if changes.get("email", user.email) != user.email:
-        assignments.append("email_verified_at = NULL")
+        # The right-hand sides read the row as it was before this UPDATE.
+        assignments.append(
+            "email_verified_at = NULL, last_verified_email ="
+            " CASE WHEN email_verified_at IS NULL THEN last_verified_email ELSE email END"
+        )
     try:
         await cur.execute(
             f"UPDATE users SET {', '.join(assignments)}, updated_at = now() WHERE id = %(id)s RETURNING {PROFILE}",

@@ -102,7 +102,10 @@ async def spend(cur: Any, token: str) -> str | None:
     if not live or email != user.email:
         return None
     await cur.execute(
-        "UPDATE users SET email_verified_at = coalesce(email_verified_at, now()) WHERE id = %s", (user_id,)
+        # The one kept is needed no more, and is not kept longer than needed.
+        "UPDATE users SET email_verified_at = coalesce(email_verified_at, now()), last_verified_email = NULL"
+        " WHERE id = %s",
+        (user_id,),
     )
     await cur.execute("DELETE FROM email_verifications WHERE user_id = %s", (user_id,))
     return user_id

@@ -1,0 +1,16 @@
+-- The last address the account proved, while the one it has now is not
+-- proven: security notices go there. Without it, a change away from an
+-- unverified address told no one, so two changes moved an account quietly:
+-- first the case of the owner's address (which unverifies it, and is told
+-- to the owner as a change of spelling), then an address of the taker's.
+--
+-- Set when a verified address is replaced, kept through changes between
+-- unverified ones, and cleared when the account proves its address again
+-- (that one is then the last proven). No CHECK that it is NULL while the
+-- address is verified: instances of the version before, during a rolling
+-- upgrade, verify without clearing it, and the current address, verified,
+-- is what a notice goes to then anyway.
+--
+-- A nullable column without a default changes only the catalog: no rewrite,
+-- and accounts from before start with none.
+ALTER TABLE users ADD COLUMN last_verified_email text;
