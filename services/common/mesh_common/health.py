@@ -76,17 +76,28 @@ async def _run(check: Check) -> str:
     return "ok"
 
 
-def _check_for_another(request: web.Request) -> None:
+def _take_check(request: web.Request) -> None:
+    """Refuse a check for another instance; note when Consul's check for this one was answered.
+
+    Only Consul's checks count, which name the instance: a probe on the
+    loopback (Docker's HEALTHCHECK, every 10 s) says nothing of whether Consul
+    reaches it, and counted, it vouched for an instance Consul had just
+    reaped for failing its checks.
+    """
     asked = request.query.get("instance")
-    if asked is not None and asked != request.app[SERVICE].instance_id:
+    if asked is None:
+        return
+    if asked != request.app[SERVICE].instance_id:
         raise NotFound("This check is for another instance")
+    request.app[ANSWERED].at = time.monotonic()
 
 
 async def readiness(app: web.Application) -> bool | None:
     """Whether the instance is ready, by its required checks run now; None while it may not listen yet.
 
-    Until it has answered a check it may still be starting: ``serve`` listens
-    only once the start-up, its registration included, is over.
+    Until it has answered one of Consul's checks lately it may still be
+    starting (``serve`` listens only once the start-up, its registration
+    included, is over), or Consul may not reach it.
     """
     if not app[ANSWERED].lately():
         return None
@@ -95,8 +106,7 @@ async def readiness(app: web.Application) -> bool | None:
 
 
 async def health(request: web.Request) -> web.Response:
-    _check_for_another(request)
-    request.app[ANSWERED].at = time.monotonic()
+    _take_check(request)
     service = request.app[SERVICE]
     checks = request.app[HEALTH_CHECKS]
     results = dict(zip(checks, await asyncio.gather(*(_run(c.run) for c in checks.values())), strict=True))
@@ -118,8 +128,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def live(request: web.Request) -> web.Response:
-    _check_for_another(request)
-    request.app[ANSWERED].at = time.monotonic()
+    _take_check(request)
     service = request.app[SERVICE]
     return web.json_response({"status": "ok", "service": service.name, "version": service.version})
 
