@@ -2,10 +2,12 @@
 
 A cursor names the last item of a page; the next page starts strictly after
 it in the list's order. Unlike an offset, it neither skips nor repeats rows
-when items are added or deleted between two pages, provided that a row's
-timestamp is taken as it is written (``clock_timestamp()``, not ``now()``,
-the start of its transaction): a row stamped early and committed late can
-sort into a page already read. It is opaque to clients
+when items are added or deleted between two pages, provided that the rows
+of one list commit in the order of their timestamps: a row stamped early and
+committed late can sort into a page already read. So a row's timestamp is
+taken as it is written (``clock_timestamp()``, not ``now()``, the start of
+its transaction), and writers that could commit out of turn take a lock
+until their commit (todo_service.repository.insert_todo). It is opaque to clients
 (base64url of JSON) so that its contents may change without breaking them.
 """
 

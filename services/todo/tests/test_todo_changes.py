@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mesh_common.problems import DependencyUnavailable
-from todo_service import idempotency, repository
+from todo_service import idempotency, repository, todos
 from todo_service.idempotency import IdempotentRequest
 from todo_service.keys import OWNERS, TODOS
 from todo_service.model import Todo
@@ -118,6 +118,53 @@ async def test_a_create_that_waited_is_stamped_after_the_todos_committed_meanwhi
     assert late["updated_at"] == late["created_at"]
     newest = await (await client.get("/todos?limit=1", headers=alice.headers)).json()
     assert [t["title"] for t in newest["items"]] == ["late"]
+
+
+async def test_a_page_read_while_two_creates_commit_skips_neither(
+    client: Client, alice: User, db: aiopg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A create stamped before another but committed after it sorted behind
+    # the cursor of a page read between the two commits: paging on from
+    # that page never showed it.
+    for title in ("w", "z"):
+        assert (await client.post("/todos", json={"title": title}, headers=alice.headers)).status == 201
+    enqueue = todos.enqueue
+    inserted, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_before_commit_once(cur: Any, event: Any) -> None:
+        if not inserted.is_set():
+            inserted.set()  # stamped, not yet committed
+            async with asyncio.timeout(10):
+                await go_on.wait()
+        await enqueue(cur, event)
+
+    monkeypatch.setattr(todos, "enqueue", held_before_commit_once)
+    x = asyncio.create_task(client.post("/todos", json={"title": "x"}, headers=alice.headers))
+    async with asyncio.timeout(10):
+        await inserted.wait()
+    y = asyncio.create_task(client.post("/todos", json={"title": "y"}, headers=alice.headers))
+    async with asyncio.timeout(10):  # y committed, or waits for x to
+        while not y.done() and not await waiting_for_a_lock(db):
+            await asyncio.sleep(0.01)
+    first = await (await client.get("/todos?limit=2", headers=alice.headers)).json()
+    go_on.set()
+    assert (await x).status == (await y).status == 201
+
+    every = [t["title"] for t in (await (await client.get("/todos", headers=alice.headers)).json())["items"]]
+    shown = [t["title"] for t in first["items"]]
+    # Rows committed since come before the page, never among or after its rows.
+    start = every.index(shown[0])
+    assert every[start : start + len(shown)] == shown, (every, shown)
+
+
+async def waiting_for_a_lock(db: aiopg.Pool) -> bool:
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        (waiting,) = await cur.fetchone()
+    return bool(waiting)
 
 
 async def test_a_list_that_fails_drops_its_owner_lookup(

@@ -20,13 +20,22 @@ def _todo(row: tuple[Any, ...]) -> Todo:
 
 
 async def insert_todo(cur: Any, owner_id: str, new: NewTodo) -> Todo:
-    """Stamped with ``clock_timestamp()``, as ``save_todo`` is, not ``now()``.
+    """Stamped with ``clock_timestamp()``, as ``save_todo`` is, not ``now()``, under the owner's create lock.
 
     ``now()`` is when the transaction began: a create that first waited on an
     idempotency key's lock would sort among todos committed before it, into
     a page a client has already read (mesh_common.cursors). Read once, for
     both ``created_at`` and ``updated_at``.
+
+    The stamp is still taken before the commit (the event, the stored
+    response and the commit's flush come between), so two creates of one
+    owner could commit in the other order than they were stamped: a page
+    read between the two commits shows the later stamp, and the earlier,
+    committed after, sorts behind its cursor, never shown. Held until the
+    commit, the owner's lock makes each create of an owner stamp after the
+    last one committed; a list only ever shows one owner's todos.
     """
+    await cur.execute("SELECT pg_advisory_xact_lock(hashtextextended('todo-owner-creates:' || %s, 0))", (owner_id,))
     await cur.execute(
         "INSERT INTO todos (owner_id, title, description, due_at, priority, created_at, updated_at)"
         " SELECT %s, %s, %s, %s, %s, clock.now, clock.now FROM (SELECT clock_timestamp() AS now) AS clock"
