@@ -223,6 +223,49 @@ async def test_after_consul_restarts_the_watch_sees_its_new_set_at_once(aiohttp_
         await eventually(lambda: len(watch.instances) == 2, within=5)
 
 
+@pytest.mark.parametrize("comes_back", [True, False])
+async def test_a_restarted_agents_empty_set_is_not_believed_until_its_instances_could_register(
+    aiohttp_server, monkeypatch, comes_back: bool
+):
+    # A -dev agent back from a restart answers an empty set until the
+    # keepers have registered their instances again: believed, every route
+    # was a 503 meanwhile. An instance that does not come back is dropped
+    # once the grace is over.
+    monkeypatch.setattr(discovery, "REJOIN_GRACE", 1.0)
+    answers: list[str | None] = []
+    empty_seen, registered = asyncio.Event(), asyncio.Event()
+
+    async def health(request: web.Request) -> web.Response:
+        answers.append(request.query.get("index"))
+        if len(answers) == 1:
+            return web.json_response(consul_entries(2), headers={"X-Consul-Index": "70"})
+        if len(answers) == 2:
+            raise web.HTTPServiceUnavailable()  # the restart
+        if request.query.get("index") is None:
+            empty_seen.set()
+            return web.json_response([], headers={"X-Consul-Index": "3"})
+        # Blocking on index 3, for no longer than the grace's rest.
+        assert float(request.query["wait"].rstrip("s")) <= 1.0
+        if comes_back:
+            await registered.wait()
+            return web.json_response(consul_entries(3), headers={"X-Consul-Index": "5"})
+        await asyncio.sleep(float(request.query["wait"].rstrip("s")))
+        return web.json_response([], headers={"X-Consul-Index": "3"})
+
+    async with watching(aiohttp_server, health) as watch:
+        assert await watch.wait_ready(5)
+        known = watch.instances
+        async with asyncio.timeout(10):
+            await empty_seen.wait()
+        await eventually(lambda: len(answers) >= 4)  # the query after the empty answer
+        assert watch.instances == known  # kept, the empty answer not believed
+        if comes_back:
+            registered.set()
+            await eventually(lambda: len(watch.instances) == 3, within=5)
+        else:
+            await eventually(lambda: watch.instances == (), within=5)
+
+
 async def test_an_address_that_is_no_host_is_skipped_not_the_whole_set(aiohttp_server):
     # Consul takes any string as a service's address.
     async def health(request: web.Request) -> web.Response:

@@ -7,6 +7,12 @@ Consul is unreachable, or sends an answer that cannot be read, the last
 known set is kept and the watch retries with backoff. An index that does not
 move would make every query return at once, so such polls are spaced by
 ``MIN_POLL_GAP``.
+
+An agent back after a failure may have restarted with its state in memory
+(``-dev``): it answers an empty set until the instances' keepers have
+registered them again, a few hundred milliseconds. For ``REJOIN_GRACE``
+after its return, an empty answer does not replace a set that was not
+empty: believed, it made every route a 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ MIN_POLL_GAP = 0.1
 # sixteenth of the wait as jitter; the rest is the round trip's slack.
 # Without it the HTTP client's own default (300 s) froze the set that long.
 STALL_SLACK = 5.0
+# How long after Consul's return from a failure an empty answer is not taken
+# for the truth: several times the keepers' quarter-second poll
+# (registration.py), so that every instance is registered again by then. A
+# service that is really gone is still chosen that long; its breakers and
+# the retries take its failures meanwhile.
+REJOIN_GRACE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,9 @@ class ServiceWatch:
         self._wait = wait
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        # Until when (loop time) an empty answer is not believed: Consul is back from a failure.
+        self._rejoin_until: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"consul-watch-{self.service}")
@@ -82,13 +97,21 @@ class ServiceWatch:
         while True:
             started = loop.time()
             sent = self.index
+            wait = self._wait
+            if self._rejoin_until is not None:
+                # Held no longer than the grace: then its answer, empty or not, is the truth.
+                wait = min(wait, max(MIN_POLL_GAP, self._rejoin_until - started))
             try:
-                async with asyncio.timeout(self._wait * 17 / 16 + STALL_SLACK):
+                async with asyncio.timeout(wait * 17 / 16 + STALL_SLACK):
                     index, entries = await self._client.health.service(
-                        self.service, passing=True, index=sent, wait=f"{self._wait:g}s"
+                        self.service, passing=True, index=sent, wait=f"{wait:g}s"
                     )
-                if index != sent or not self._ready.is_set():  # else the wait timed out with no change
-                    self._update(index, entries)
+                if self._failing:
+                    self._failing = False
+                    self._rejoin_until = loop.time() + REJOIN_GRACE
+                # Else the wait timed out with no change.
+                if index != sent or not self._ready.is_set() or self._rejoin_until is not None:
+                    self._update(index, entries, loop.time())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -97,6 +120,7 @@ class ServiceWatch:
                 # block: a restarted Consul counts its index from 1 again, and
                 # would hold a query for our old, higher index for a whole wait.
                 self.index = None
+                self._failing = self._ready.is_set()
                 log.warning(
                     "consul_watch_failed",
                     service=self.service,
@@ -114,7 +138,7 @@ class ServiceWatch:
                 # wait with no change, the gap has long passed.)
                 await asyncio.sleep(max(0.0, started + MIN_POLL_GAP - loop.time()))
 
-    def _update(self, index: str, entries: list[dict[str, Any]]) -> None:
+    def _update(self, index: str, entries: list[dict[str, Any]], now: float) -> None:
         found = []
         for e in entries:
             address = e["Service"]["Address"] or e["Node"]["Address"]
@@ -132,10 +156,15 @@ class ServiceWatch:
         elif self.index is not None and index is not None and int(index) < int(self.index):
             # Consul may reset the index (a restart); start over rather than block forever.
             index = "0"
+        self.index = index
+        if self._rejoin_until is not None:
+            if not instances and self.instances and now < self._rejoin_until:
+                log.info("instances_kept_while_consul_rejoins", service=self.service, known=len(self.instances))
+                return
+            self._rejoin_until = None
         if instances != self.instances:
             log.info("instances_changed", service=self.service, instances=[i.id for i in instances])
         self.instances = instances
-        self.index = index
         self._ready.set()
 
 
