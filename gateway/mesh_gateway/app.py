@@ -27,14 +27,25 @@ from .upstream import Upstream
 
 
 async def ready(request: web.Request) -> web.Response:
-    """The upstream sets the gateway currently knows, and their breakers."""
+    """The upstream sets the gateway currently knows, their breakers, and how fresh each set is."""
     breakers = request.app[BREAKERS]
+    watches = request.app[WATCHES]
     upstreams = {
         name: [{"id": i.id, "url": i.base_url, "breaker_open": breakers.is_open(i.id)} for i in watch.instances]
-        for name, watch in request.app[WATCHES].items()
+        for name, watch in watches.items()
+    }
+    now = asyncio.get_running_loop().time()
+    # While Consul is away the sets are the last known ones: only this says so.
+    discovery = {
+        name: {
+            "failures": watch.failures,
+            "answered_seconds_ago": None if watch.answered_at is None else round(now - watch.answered_at, 1),
+        }
+        for name, watch in watches.items()
     }
     ok = all(upstreams.values())
-    return web.json_response({"status": "ready" if ok else "degraded", "upstreams": upstreams})
+    body = {"status": "ready" if ok else "degraded", "upstreams": upstreams, "discovery": discovery}
+    return web.json_response(body)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:

@@ -20,6 +20,8 @@ from mesh_common.consul import consul_client
 from mesh_common.discovery import MIN_POLL_GAP, WATCHES, ServiceWatch
 from mesh_common.resilience import BreakerBoard
 from mesh_common.testing import TokenFactory, eventually
+from mesh_gateway.app import ready
+from mesh_gateway.keys import BREAKERS
 
 SPREAD_REQUESTS = 3000
 
@@ -100,6 +102,32 @@ async def test_the_last_known_set_survives_consul_going_away(aiohttp_server):
         await eventually(lambda: answers >= 3)
         assert watch.instances == known and len(known) == 2
         assert BreakerBoard().pick(watch).id in {"svc-0", "svc-1"}
+
+
+async def test_ready_says_when_the_sets_are_only_the_last_known(aiohttp_server, aiohttp_client):
+    # The same instances, whether Consul answers or has been away for
+    # minutes: only the watch's failures tell the operator which.
+    answers = 0
+
+    async def health(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        if answers > 1:
+            return web.Response(status=500, text="consul is restarting")
+        return web.json_response(consul_entries(2), headers={"X-Consul-Index": "7"})
+
+    async with watching(aiohttp_server, health) as watch:
+        app = web.Application()
+        app[WATCHES], app[BREAKERS] = {"svc": watch}, BreakerBoard()
+        app.router.add_get("/ready", ready)
+        client = await aiohttp_client(app)
+        assert await watch.wait_ready(5)
+        await eventually(lambda: answers >= 3)
+        body = await (await client.get("/ready")).json()
+    assert body["status"] == "ready"
+    assert [i["id"] for i in body["upstreams"]["svc"]] == ["svc-0", "svc-1"]
+    assert body["discovery"]["svc"]["failures"] >= 2
+    assert body["discovery"]["svc"]["answered_seconds_ago"] >= 0
 
 
 def consul_entries(count: int) -> list[dict[str, Any]]:

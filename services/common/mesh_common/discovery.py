@@ -75,7 +75,10 @@ class ServiceWatch:
         self._wait = wait
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        # Queries failed in a row, and when (loop time) Consul last answered
+        # one: what /ready shows, as the set alone cannot say it is stale.
+        self.failures = 0
+        self.answered_at: float | None = None
         # Until when (loop time) an empty answer is not believed: Consul is back from a failure.
         self._rejoin_until: float | None = None
 
@@ -106,9 +109,10 @@ class ServiceWatch:
                     index, entries = await self._client.health.service(
                         self.service, passing=True, index=sent, wait=f"{wait:g}s"
                     )
-                if self._failing:
-                    self._failing = False
-                    self._rejoin_until = loop.time() + REJOIN_GRACE
+                self.answered_at = loop.time()
+                if self.failures:
+                    self.failures = 0
+                    self._rejoin_until = self.answered_at + REJOIN_GRACE
                 # Else the wait timed out with no change.
                 if index != sent or not self._ready.is_set() or self._rejoin_until is not None:
                     self._update(index, entries, loop.time())
@@ -120,7 +124,7 @@ class ServiceWatch:
                 # block: a restarted Consul counts its index from 1 again, and
                 # would hold a query for our old, higher index for a whole wait.
                 self.index = None
-                self._failing = self._ready.is_set()
+                self.failures += 1
                 log.warning(
                     "consul_watch_failed",
                     service=self.service,
