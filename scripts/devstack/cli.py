@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import lock, sessions, stack
 from .config import StackConfig
+from .ports import as_running
 from .procs import StackError, running, say, stop
 from .signals import STOP_SIGNALS, Interrupted, held_back, ignore_signals, interrupt_on_signals
 
@@ -130,6 +131,7 @@ def cmd_ps(cfg: StackConfig, _: argparse.Namespace) -> None:
     if not procs:
         print("nothing is running")
         return
+    cfg = as_running(cfg)
     print(f"{'PROCESS':<20} {'PID':>7}  CONSUL")
     for name, pid in sorted(procs.items()):
         print(f"{name:<20} {pid:>7}  {stack.registered_id(cfg, name) or ''}")
@@ -157,9 +159,20 @@ def cmd_scale(cfg: StackConfig, args: argparse.Namespace) -> None:
     if svc not in ("user", "todo", "notification", "gateway"):
         raise StackError(f"unknown service {args.service!r}: use user, todo, notification or gateway")
     with lock.held(cfg.run_dir, f"scale {svc} {args.count}"):
+        # Started against nothing, the instances waited in vain for Consul.
+        if missing := [name for name in stack.INFRA if name not in running(cfg.run_dir)]:
+            raise StackError(f"the native stack does not run (no {', '.join(missing)}): `task up` first")
         stack.keep_ports(cfg)
         stack.scale(cfg, svc, args.count)
     print(f"{svc}: {args.count} instance(s) passing in Consul")
+
+
+def instance_count(raw: str) -> int:
+    """``scale``'s count, 0 or more, as compose-stack's and MESH_<SVC>_INSTANCES."""
+    # Below 0, `scale` stopped every instance, then waited for -1 to pass.
+    if not raw.isdecimal():
+        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {raw!r}")
+    return int(raw)
 
 
 def not_ours(cfg: StackConfig, exc: PermissionError) -> str | None:
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help=f"exit 0 if any of the stack runs, {NOT_RUNNING} if none does")
     sc = sub.add_parser("scale", help="run N instances of a service")
     sc.add_argument("service")
-    sc.add_argument("count", type=int)
+    sc.add_argument("count", type=instance_count)
     tu = sub.add_parser("turn", help="run a command (task bench's benchmarks) in one turn at the test stack")
     tu.add_argument("--what", default="benchmark", help="what others waiting for the turn are told it is")
     tu.add_argument("argv", nargs=argparse.REMAINDER, help="-- and the command")

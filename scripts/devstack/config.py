@@ -120,7 +120,9 @@ class StackConfig:
                 counts[svc] = count
         # A folder per profile under MESH_RUN_DIR too: shared, `task test`
         # would take the dev stack's pid files for its own, and stop it.
-        run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run")) / profile
+        # Absolute: the stack's helpers run in "/" (procs.run_checked), and
+        # a relative one made `initdb -D run/dev/...` there.
+        run_dir = Path(env.get("MESH_RUN_DIR", ROOT / "run")).absolute() / profile
         ports = base.overridden(env)
         return cls(name=profile, run_dir=run_dir, ports=ports, instances=counts, counts_unset=frozenset(unset))
 

@@ -9,11 +9,11 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from .config import Ports, port_variable
-from .procs import StackError
+from .config import Ports, StackConfig, port_variable
+from .procs import StackError, running
 
 
 def port_free(host: str, port: int) -> bool:
@@ -107,6 +107,27 @@ def record(run_dir: Path, ports: Ports) -> None:
     partial.replace(run_dir / RECORD)
 
 
+def recorded(run_dir: Path) -> dict[str, int]:
+    """The ports the stack in ``run_dir`` was started on; none for one started before they were recorded."""
+    try:
+        started_on = json.loads((run_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    # Ports' fields alone: a name recorded by other code (another branch's) would break replace().
+    names = {f.name for f in fields(Ports)}
+    return {name: port for name, port in started_on.items() if name in names}
+
+
+def as_running(cfg: StackConfig) -> StackConfig:
+    """``cfg`` on the ports its stack runs on, while it runs: what a command after `up` talks to.
+
+    Not the shell's: after `MESH_PORT_AMQP=5673 task up`, `task dlq` went to 5672.
+    """
+    if not running(cfg.run_dir):
+        return cfg
+    return replace(cfg, ports=replace(cfg.ports, **recorded(cfg.run_dir)))
+
+
 def require_recorded(run_dir: Path, ports: Ports) -> None:
     """Refuse ports other than those the running stack was started on.
 
@@ -114,10 +135,7 @@ def require_recorded(run_dir: Path, ports: Ports) -> None:
     new ports waited 90 s for them there, in vain, and then failed. A stack
     started before ports were recorded has nothing to be held to.
     """
-    try:
-        started_on = json.loads((run_dir / RECORD).read_text())
-    except (OSError, ValueError):
-        return
+    started_on = recorded(run_dir)
     changed = [
         f"{name.replace('_', ' ')} on {port} (it runs on {started_on[name]}; {port_variable(name)})"
         for name, port in asdict(ports).items()

@@ -12,7 +12,7 @@ from typing import Any
 from . import infra, lock, mesh, rabbitmq
 from .config import CONSUL_NAMES, SERVICES, StackConfig, port_variable
 from .loopback import get_json as get_json  # stack.get_json to the tests and benchmarks too
-from .ports import listeners, port_free, record, require_free, require_recorded
+from .ports import as_running, listeners, port_free, record, require_free, require_recorded
 from .procs import (
     Hopeless,
     Proc,
@@ -273,6 +273,7 @@ def down(cfg: StackConfig, *, unless_in_use: bool = False) -> list[str]:
     if unless_in_use and (users := lock.in_use(cfg.run_dir, lock.SESSIONS)) is not None:
         whose = f" (pid {', '.join(map(str, users))})" if users else ""
         raise InUse(f"left running: test sessions still use it{whose}")
+    cfg = as_running(cfg)  # read while it runs: epmd's port, for the end
     stopped = stop_mesh(cfg)
     have = running(cfg.run_dir)
     for name in reversed(INFRA):

@@ -88,6 +88,14 @@ def test_each_profile_has_its_own_run_dir_under_mesh_run_dir(tmp_path: Path) -> 
     assert (dev, test) == (tmp_path / "dev", tmp_path / "test")
 
 
+def test_a_relative_mesh_run_dir_is_under_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stack's helpers run in "/": `initdb -D myrun/dev/...` made it there.
+    monkeypatch.chdir(tmp_path)
+    assert StackConfig.from_env({"MESH_RUN_DIR": "myrun"}).run_dir == tmp_path / "myrun" / "dev"
+
+
 def test_a_secret_file_left_empty_is_made_again(tmp_path: Path) -> None:
     cfg = StackConfig.from_env({"MESH_RUN_DIR": str(tmp_path)})
     cfg.run_dir.mkdir(parents=True)

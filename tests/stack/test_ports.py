@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import yaml
 
-from devstack import rabbitmq, stack
-from devstack.config import TEST_PORTS, Ports, StackConfig
-from devstack.ports import require_free
-from devstack.procs import StackError, running
+from devstack import cli, rabbitmq, stack
+from devstack.config import ROOT, TEST_PORTS, Ports, StackConfig, port_variable
+from devstack.ports import record, require_free
+from devstack.procs import StackError, running, start, stop
 
-from .conftest import unused_port
+from .conftest import Quiet, serving, sleeper, unused_port
 
 
 def _unused_ports() -> Ports:
@@ -93,3 +96,60 @@ def test_an_epmd_on_the_epmd_port_is_welcome(tmp_path: Path) -> None:
             rabbitmq.require_epmd_port(StackConfig(name="unit", run_dir=tmp_path, ports=replace(TEST_PORTS, epmd=port)))
         finally:
             stand_in.kill()
+
+
+# After `MESH_PORT_AMQP=5673 task up`, the commands after it, in a shell
+# without that variable, went to the default ports: to nothing, or to
+# another stack there.
+@pytest.fixture
+def started_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A dev stack that runs (a stand-in) on ports of its own, asked about from a shell on others."""
+    monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
+    run_dir = tmp_path / "dev"
+    record(run_dir, _unused_ports())
+    start(run_dir, sleeper("redis"))
+    for f in fields(Ports):
+        monkeypatch.setenv(port_variable(f.name), str(unused_port()))
+    yield run_dir
+    for name in running(run_dir):
+        stop(run_dir, name)
+
+
+def _recorded(run_dir: Path) -> Ports:
+    return Ports(**json.loads((run_dir / "ports.json").read_text()))
+
+
+def test_ps_asks_the_consul_of_the_ports_the_stack_runs_on(
+    started_elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Consul(Quiet):
+        def do_GET(self) -> None:
+            entries = [{"Service": {"ID": "todo-service-1"}, "Checks": [{"Status": "passing"}]}]
+            body = json.dumps(entries if self.path == "/v1/health/service/todo-service" else []).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with serving(Consul) as port:
+        record(started_elsewhere, replace(_recorded(started_elsewhere), consul_http=port))
+        assert cli.main(["ps"]) == 0
+    assert "todo-service-1" in capsys.readouterr().out
+
+
+def test_down_stops_the_epmd_of_the_ports_the_stack_ran_on(
+    started_elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped: list[int] = []
+    monkeypatch.setattr(rabbitmq, "stop_epmd", lambda cfg: stopped.append(cfg.ports.epmd))
+    assert cli.main(["down"]) == 0
+    assert stopped == [_recorded(started_elsewhere).epmd]
+
+
+def test_task_dlq_goes_to_the_broker_of_the_ports_the_stack_runs_on(started_elsewhere: Path) -> None:
+    tasks = yaml.safe_load((ROOT / "Taskfile.yml").read_text())["tasks"]
+    env = {name: value for name, value in os.environ.items() if name != "AMQP_URL"}
+    for task in ("dlq", "dlq:replay"):
+        script = tasks[task]["env"]["AMQP_URL"]["sh"]
+        url = subprocess.run(["sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        assert url.stdout.strip() == f"amqp://guest:guest@127.0.0.1:{_recorded(started_elsewhere).amqp}/", task
