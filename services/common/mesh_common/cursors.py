@@ -17,7 +17,10 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime
+
+from multidict import MultiMapping
 
 CURSOR_MAX = 512
 # int() refuses more than 4300 digits (ValueError, a 500 if unguarded); no
@@ -69,3 +72,15 @@ def parse_limit(raw: str) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > LIMIT_DIGITS_MAX or int(raw) < 1:
         return None
     return int(raw)
+
+
+def query_errors(query: MultiMapping[str], known: Collection[str]) -> list[dict[str, str]]:
+    """A list's query string checked as a whole: a parameter it does not know, or one given twice.
+
+    Ignored, a misspelt ``limt`` answers a default page the client did not
+    ask for, and of ``limit=5&limit=500`` each reader could take another.
+    """
+    errors = [{"field": name, "message": "is not a known parameter"} for name in sorted(set(query) - set(known))]
+    repeated = [name for name in sorted(set(query)) if len(query.getall(name)) > 1]
+    errors += [{"field": name, "message": "must be given once"} for name in repeated]
+    return errors

@@ -7,7 +7,7 @@ from datetime import datetime
 from aiohttp import web
 
 from mesh_common.auth import PRINCIPAL
-from mesh_common.cursors import InvalidCursor, decode_cursor, encode_cursor, parse_limit
+from mesh_common.cursors import InvalidCursor, decode_cursor, encode_cursor, parse_limit, query_errors
 from mesh_common.db import DB
 from mesh_common.problems import DependencyUnavailable, ValidationFailed
 
@@ -17,11 +17,14 @@ from .openapi import OPENAPI
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+QUERY = frozenset({"limit", "cursor"})
 
 
 async def list_notifications(request: web.Request) -> web.Response:
     """GET /notifications?limit=&cursor=: newest first, one page at a time."""
     user_id = request[PRINCIPAL].user_id
+    if errors := query_errors(request.query, QUERY):
+        raise ValidationFailed("The query is invalid", errors=errors)
     limit = _limit(request.query.get("limit"))
     before = _decode_cursor(request.query["cursor"]) if "cursor" in request.query else None
     # One row more than asked for tells whether there is a next page.

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiopg
+import pytest
 from notification_support import (
     Broker,
     Client,
@@ -111,6 +112,21 @@ async def test_a_bad_limit_or_cursor_is_a_422_problem(service: Client, tokens: T
             body = await resp.json()
             assert body["code"] == "VALIDATION_FAILED"
             assert body["errors"][0]["field"] in {"limit", "cursor"}
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [("limt=5", "limt", "is not a known parameter"), ("limit=5&limit=50", "limit", "must be given once")],
+)
+async def test_a_parameter_misspelt_or_given_twice_is_a_422_problem(
+    service: Client, tokens: TokenFactory, query: str, field: str, message: str
+) -> None:
+    # Ignored, the first answered a default page the client did not ask for,
+    # and of the second each reader could take another value; the todo list
+    # refuses both.
+    async with service.get(f"/notifications?{query}", headers=tokens.headers(str(uuid.uuid4()))) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["errors"] == [{"field": field, "message": message}]
 
 
 async def test_the_openapi_description_is_public_and_3_1(service: Client) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from mesh_common.cursors import LIMIT_DIGITS_MAX, InvalidCursor, decode_cursor, parse_limit
+from mesh_common.cursors import LIMIT_DIGITS_MAX, InvalidCursor, decode_cursor, parse_limit, query_errors
 from mesh_common.problems import ValidationFailed
 
 from .model import DESCRIPTION_MAX, PRIORITIES, TITLE_MAX, ListQuery, NewTodo
@@ -138,8 +138,7 @@ def parse_changes(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_list_query(query: MultiMapping[str]) -> ListQuery:
-    errors = [_error(name, "is not a known parameter") for name in sorted(set(query) - _QUERY.keys())]
-    errors += [_error(name, "must be given once") for name in sorted(set(query)) if len(query.getall(name)) > 1]
+    errors = query_errors(query, _QUERY.keys())
     values = {}
     for name, (attribute, parse) in _QUERY.items():
         if name in query:
