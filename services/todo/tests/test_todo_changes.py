@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from mesh_common import outbox
 from mesh_common.problems import DependencyUnavailable
 from todo_service import idempotency, repository, todos
 from todo_service.idempotency import IdempotentRequest
@@ -128,7 +129,7 @@ async def test_a_page_read_while_two_creates_commit_skips_neither(
     # that page never showed it.
     for title in ("w", "z"):
         assert (await client.post("/todos", json={"title": title}, headers=alice.headers)).status == 201
-    enqueue = todos.enqueue
+    enqueue = outbox.enqueue  # what todos.py calls by that name
     inserted, go_on = asyncio.Event(), asyncio.Event()
 
     async def held_before_commit_once(cur: Any, event: Any) -> None:
