@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -89,7 +90,7 @@ async def test_a_reminder_kept_from_going_out_until_its_todo_fell_due_is_given_u
     assert len(given_up["todo_ids"]) == 10 and set(given_up["todo_ids"]) <= {f"missed{n}" for n in range(12)}
 
 
-async def due_reminders(pool: aiopg.Pool, prefix: str, titles: tuple[str, ...]) -> None:
+async def due_reminders(pool: aiopg.Pool, prefix: str, titles: Sequence[str]) -> None:
     """A reminder due now for each title, in that order: todos ``<prefix>0``, ``<prefix>1``..., due in 1, 2... hours."""
     reminders = Reminders(pool, lead=24 * 3600, wake_window=1, wake=lambda: None)
     for n, title in enumerate(titles):
@@ -111,7 +112,10 @@ class CompletingNotifier:
         return Outcome.SENT
 
 
-async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg.Pool) -> None:
+async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(
+    pool: aiopg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reminders_module, "SIDE_BY_SIDE", 1)  # so that the cancel falls between two sends
     await due_reminders(pool, "r", ("One", "Two"))
     notifier = CompletingNotifier(pool)
     scheduler = ReminderScheduler(pool, notifier, poll_interval=1)  # type: ignore[arg-type]
@@ -122,18 +126,52 @@ async def test_a_reminder_cancelled_while_its_round_runs_is_not_sent(pool: aiopg
 
 
 async def test_a_stopping_scheduler_sends_no_more_of_its_round(pool: aiopg.Pool) -> None:
-    await due_reminders(pool, "s", ("One", "Two", "Three"))
+    # The reminders sent side by side with the first are under way; no more start.
+    side_by_side = reminders_module.SIDE_BY_SIDE
+    titles = [f"Reminder {n:02}" for n in range(2 * side_by_side + 1)]
+    await due_reminders(pool, "s", titles)
     sent: list[str] = []
 
     class StoppingNotifier:
         async def notify(self, *, event_id: str, kind: str, user_id: str, values: dict[str, str], **_: Any) -> Outcome:
             sent.append(values["title"])
-            scheduler.stop()  # a shutdown begins while the first is being sent
+            scheduler.stop()  # a shutdown begins while the first are being sent
             return Outcome.SENT
 
     scheduler = ReminderScheduler(pool, StoppingNotifier(), poll_interval=1)  # type: ignore[arg-type]
     await scheduler._send_due()
-    assert sent == ["One"]
+    assert sorted(sent) == titles[:side_by_side]  # each checked first whether it is still due, side by side
+
+
+async def test_due_reminders_are_sent_side_by_side(pool: aiopg.Pool) -> None:
+    # One at a time, a burst (every todo due at 09:00) went out over minutes
+    # while most SMTP sessions idled.
+    side_by_side = reminders_module.SIDE_BY_SIDE
+    assert side_by_side > 1
+    await due_reminders(pool, "p", [f"Burst {n}" for n in range(2 * side_by_side)])
+    in_flight, most = 0, 0
+    all_in = asyncio.Event()
+
+    class SlowNotifier:
+        async def notify(self, **_: Any) -> Outcome:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            if in_flight == side_by_side:
+                all_in.set()
+            try:  # each send lasts until as many are under way as may be
+                async with asyncio.timeout(5):
+                    await all_in.wait()
+            finally:
+                in_flight -= 1
+            return Outcome.SENT
+
+    scheduler = ReminderScheduler(pool, SlowNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    await scheduler._send_due()
+    assert most == side_by_side
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM reminders WHERE todo_id LIKE 'p%%' AND sent_at IS NOT NULL")
+        assert await cur.fetchone() == (2 * side_by_side,)
 
 
 async def test_a_reminder_met_by_the_shutdown_is_left_as_it_was_for_the_next_start(pool: aiopg.Pool) -> None:
