@@ -20,6 +20,7 @@ from mesh_common.settings import SettingsError, env_str
 from . import dlq
 from .app import create_app
 from .settings import Settings, topology_from_env
+from .topology import Topology
 
 # The DLQ commands are run by hand (``task dlq``): by default, against the
 # native development stack's broker.
@@ -38,23 +39,43 @@ def dead_letters(args: argparse.Namespace) -> None:
     # Only what the DLQ commands need, so that they run with AMQP_URL alone.
     amqp_url = env_str(os.environ, "AMQP_URL", DEV_AMQP_URL)
     topology = topology_from_env(os.environ)
+    run = dlq.Run()
+    finished = False
     try:
         if args.action == "list":
-            letters = asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit, reason=args.reason))
-            done = f"shown from {topology.dead_letters}"
+            asyncio.run(dlq.list_dead_letters(amqp_url, topology, limit=args.limit, reason=args.reason, run=run))
         else:
             replay = dlq.replay_dead_letters(
-                amqp_url, topology, limit=args.limit, event_id=args.event_id, reason=args.reason
+                amqp_url, topology, limit=args.limit, event_id=args.event_id, reason=args.reason, run=run
             )
-            letters = asyncio.run(replay)
-            done = f"replayed to {topology.queue}"
+            asyncio.run(replay)
+        finished = True
     except (AMQPConnectionError, ConnectionError) as exc:
         raise SystemExit(f"cannot reach the broker at {URL(amqp_url).with_password(None)}: {exc}") from None
     except DeliveryError as exc:
         # Returned as unroutable, or nacked: that letter was not acked, so it stays in the DLQ.
         raise SystemExit(f"replay stopped, {topology.queue} did not take a letter ({exc}); it stays dead") from None
-    print(dlq.format_table(letters))
-    print(f"{len(letters)} dead letter(s) {done}")
+    except dlq.ReplayNotConfirmed as exc:
+        # A broker in a resource alarm blocks a connection that publishes: the likeliest cause.
+        raise SystemExit(f"replay stopped, a copy was {exc} (broker blocked, resource alarm?); it stays dead") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{args.action} interrupted") from None
+    finally:
+        # Cut short too: the letters a replay had sent are out of the DLQ already.
+        if finished or run.letters:
+            report(args, run, topology)
+
+
+def report(args: argparse.Namespace, run: dlq.Run, topology: Topology) -> None:
+    print(dlq.format_table(run.letters))
+    if args.action == "list":  # taking none out
+        print(f"{len(run.letters)} dead letter(s) shown, of {run.waiting} in {topology.dead_letters}")
+    else:
+        left = run.waiting - len(run.letters)
+        print(f"{len(run.letters)} dead letter(s) replayed to {topology.queue}, {left} left in {topology.dead_letters}")
+    if run.cut_short:
+        again = "raise --limit" if args.action == "list" else "run again or raise --limit"
+        print(f"stopped at --limit {args.limit}, more remain in {topology.dead_letters}: {again}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

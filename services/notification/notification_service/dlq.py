@@ -12,6 +12,8 @@ sends dead letters back to our own queue, not to the exchange, so that
 other services bound to the same events do not receive them twice; those
 of one reason only, with ``reason``. A replayed event starts with a fresh
 retry and delivery budget; if it still cannot be handled, it comes back here.
+Both stop at ``limit``: the ``Run`` they fill in says whether that left
+letters unseen.
 
 A replayed copy carries none of the death headers, the broker's or ours,
 nor the counts, only how often it was replayed (``x-replays``). With its old
@@ -22,7 +24,7 @@ message going round a loop of expiries, and the broker drops those.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -40,11 +42,18 @@ from .topology import Topology
 
 PREVIEW_BYTES = 60
 CONNECT_TIMEOUT = 10.0
+# A broker in a resource alarm blocks a connection that publishes and
+# confirms nothing until the alarm clears: unbounded, a replay hangs as long.
+PUBLISH_TIMEOUT = 10.0
 REPLAYS_HEADER = "x-replays"
 # What the broker writes when it dead-letters a message, and what the consumer does.
 DEATH_HEADERS = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                            "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
                            DEAD_REASON_HEADER, DEAD_AT_HEADER})  # fmt: skip
+
+
+class ReplayNotConfirmed(Exception):
+    """The broker did not confirm a replayed copy in time: its letter stays in the DLQ."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,15 @@ class DeadLetter:
     replays: int
     died_at: datetime | None
     preview: str
+
+
+@dataclass(slots=True)
+class Run:
+    """What a listing or a replay did, filled in as it goes: a replay cut short still tells what it sent."""
+
+    letters: list[DeadLetter] = field(default_factory=list)
+    waiting: int = 0  # in the DLQ when it began
+    cut_short: bool = False  # stopped at its limit, with letters it never looked at
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -87,26 +105,40 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
 
 
 async def list_dead_letters(
-    amqp_url: str, topology: Topology, *, limit: int, reason: str | None = None
+    amqp_url: str, topology: Topology, *, limit: int, reason: str | None = None, run: Run | None = None
 ) -> list[DeadLetter]:
     """Up to ``limit`` dead letters (of ``reason`` only, if given), left in the queue."""
+    run = Run() if run is None else run
     connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(topology.dead_letters, ensure=True)
-        letters: list[DeadLetter] = []
+        run.waiting = queue.declaration_result.message_count or 0
+        seen = 0
         # Fetched without ack: closing the channel puts them all back.
-        while len(letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
+        while len(run.letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
+            seen += 1
             letter = describe(message)
             if reason is None or letter.reason == reason:
-                letters.append(letter)
-    return letters
+                run.letters.append(letter)
+        run.cut_short = len(run.letters) >= limit and seen < run.waiting
+    return run.letters
 
 
 async def replay_dead_letters(
-    amqp_url: str, topology: Topology, *, limit: int, event_id: str | None = None, reason: str | None = None
+    amqp_url: str,
+    topology: Topology,
+    *,
+    limit: int,
+    event_id: str | None = None,
+    reason: str | None = None,
+    run: Run | None = None,
 ) -> list[DeadLetter]:
-    """Move up to ``limit`` dead letters (only those of ``event_id``, of ``reason``, if given) back to our queue."""
+    """Move up to ``limit`` dead letters (only those of ``event_id``, of ``reason``, if given) back to our queue.
+
+    A copy not confirmed within ``PUBLISH_TIMEOUT`` raises ``ReplayNotConfirmed``, its letter left in the DLQ.
+    """
+    run = Run() if run is None else run
     connection = await aio_pika.connect(amqp_url, timeout=CONNECT_TIMEOUT)
     async with connection:
         # A return raised, not reported as a success: a copy the broker
@@ -115,10 +147,10 @@ async def replay_dead_letters(
         queue = await channel.get_queue(topology.dead_letters, ensure=True)
         # Only what is there now: a replayed event that dies again must not
         # be picked up by this same run.
-        waiting = queue.declaration_result.message_count or 0
-        replayed: list[DeadLetter] = []
-        for _ in range(waiting):
-            if len(replayed) >= limit:
+        run.waiting = queue.declaration_result.message_count or 0
+        for _ in range(run.waiting):
+            if len(run.letters) >= limit:
+                run.cut_short = True
                 break
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
@@ -128,10 +160,16 @@ async def replay_dead_letters(
                 reason is not None and letter.reason != reason
             ):
                 continue  # left unacked: back in the queue when the channel closes
-            await channel.default_exchange.publish(_fresh_copy(message), routing_key=topology.queue, mandatory=True)
+            copy = _fresh_copy(message)
+            try:
+                await channel.default_exchange.publish(
+                    copy, routing_key=topology.queue, mandatory=True, timeout=PUBLISH_TIMEOUT
+                )
+            except TimeoutError:
+                raise ReplayNotConfirmed(f"not confirmed within {PUBLISH_TIMEOUT:g} s") from None
             await message.ack()
-            replayed.append(letter)
-    return replayed
+            run.letters.append(letter)
+    return run.letters
 
 
 def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:

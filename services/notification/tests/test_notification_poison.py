@@ -190,17 +190,14 @@ async def test_a_message_whose_count_header_is_no_count_is_dead_lettered_at_once
     assert (letter.event_id, letter.reason) == (event.id, "malformed")
 
 
-class BugThenOutage:
-    """A bug until it is fixed (``fixed``), then one transient failure, then success."""
+class OutageOnce:
+    """One transient failure (the event goes to a retry queue), then success."""
 
     def __init__(self) -> None:
-        self.fixed = False
         self.deferred = 0
         self.handled = 0
 
     async def handle(self, event: Event) -> Outcome | None:
-        if not self.fixed:
-            raise RuntimeError("a bug")
         if not self.deferred:
             self.deferred += 1
             raise MailServerUnavailable("SMTP 451")
@@ -209,12 +206,29 @@ class BugThenOutage:
 
 
 async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
-    infra: StackConfig, broker: Broker, topology: Topology
+    infra: StackConfig, broker: Broker, topology: Topology, delivery_limit: int
 ) -> None:
-    # A letter dead-lettered from our queue, replayed into it, then parked in
-    # a retry queue: when the retry queue dead-letters it back, the broker
-    # must not take the old death for a loop of expiries and drop it.
-    handler = BugThenOutage()
+    # A letter the broker dead-lettered from our queue (delivery_limit: its
+    # x-death names our queue), replayed into it, then parked in a retry
+    # queue: when the retry queue dead-letters it back, the broker must not
+    # take the old death for a loop of expiries and drop it. Our own dead
+    # letters (a copy, then ack) carry no x-death of our queue.
+    event = verification_requested(new_user())
+    await broker.publish(event)
+    async with await aio_pika.connect(infra.amqp_url) as crashing:
+        queue = await (await crashing.channel()).get_queue(topology.queue)
+
+        async def handed_back() -> bool:
+            # As by a consumer that crashes on it, every time.
+            if (message := await queue.get(no_ack=False, fail=False)) is not None:
+                await message.nack(requeue=True)
+            return await _ready_is(broker, topology.dead_letters, 1)
+
+        await eventually(handed_back, within=30, what="the event dead-lettered at the delivery-limit")
+    [letter] = await list_dead_letters(infra.amqp_url, topology, limit=10)
+    assert (letter.event_id, letter.reason) == (event.id, "delivery_limit")
+
+    handler = OutageOnce()
     async with (
         await aio_pika.connect_robust(infra.amqp_url) as connection,
         await aio_pika.connect_robust(infra.amqp_url) as publishing,
@@ -222,14 +236,11 @@ async def test_a_replayed_letter_can_still_go_through_a_retry_queue(
         consumer = EventConsumer(connection, handler, topology, publishing=publishing, prefetch=4, retry_limit=10)
         await consumer.start()
         try:
-            await broker.publish(verification_requested(new_user()))
-            await eventually(lambda: broker.ready(topology.dead_letters), within=15, what="the dead letter")
-            handler.fixed = True
             assert len(await replay_dead_letters(infra.amqp_url, topology, limit=10)) == 1
             await eventually(lambda: handler.handled == 1, within=15, what="the replayed event, after its retry")
         finally:
             await consumer.stop()
-    assert handler.deferred == 1
+    assert (handler.deferred, consumer.settled["retried"]) == (1, 1)
 
 
 async def test_a_dead_letter_replayed_after_the_fault_is_fixed_is_delivered(
