@@ -138,17 +138,22 @@ class ReminderScheduler:
                 if self._stopping:  # the rest wait for the next instance, or the next start
                     return self._poll_interval
                 group = due[start : start + SIDE_BY_SIDE]
-                async with asyncio.TaskGroup() as sends:
-                    tasks = [sends.create_task(self._send(reminder)) for reminder in group]
-                for reminder, task in zip(group, tasks, strict=True):
-                    sent = task.result()
-                    if sent is None:
+                # Each left to end: one's error (the database away) cancelling
+                # the others could cut a send short after its mail went out.
+                results = await asyncio.gather(*map(self._send, group), return_exceptions=True)
+                error: BaseException | None = None
+                for reminder, sent in zip(group, results, strict=True):
+                    if isinstance(sent, BaseException):
+                        error = error or sent
+                    elif sent is None:
                         held += 1
                     elif not sent:
                         await repository.defer_reminder(self._pool, reminder.todo_id, reminder.event_id, RETRY_SECONDS)
                         failures += 1
                     else:
                         failures = 0
+                if error is not None:
+                    raise error
                 if failures >= FAILURES_IN_A_ROW:
                     return self._poll_interval  # a dependency is down: give it a round
             if held:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import aiopg
+import psycopg2
 import pytest
 from notification_support import MAIL_FROM, eventually
 from smtp_sink import SmtpSink
@@ -172,6 +173,40 @@ async def test_due_reminders_are_sent_side_by_side(pool: aiopg.Pool) -> None:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT count(*) FROM reminders WHERE todo_id LIKE 'p%%' AND sent_at IS NOT NULL")
         assert await cur.fetchone() == (2 * side_by_side,)
+
+
+async def test_a_database_error_on_one_reminder_lets_those_beside_it_finish(
+    pool: aiopg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled by it, a send beside it could be cut short after its mail
+    # went out, and the reminder sent again.
+    await due_reminders(pool, "e", ("Broken", "Beside"))
+    still_due = repository.reminder_still_due
+    broken = asyncio.Event()
+    sent: list[str] = []
+
+    async def away_for_one(db: aiopg.Pool, todo_id: str, event_id: str) -> bool:
+        if todo_id == "e0":
+            broken.set()
+            raise psycopg2.OperationalError("the connection was lost")
+        return await still_due(db, todo_id, event_id)
+
+    class WaitingNotifier:
+        async def notify(self, *, values: dict[str, str], **_: Any) -> Outcome:
+            async with asyncio.timeout(5):
+                await broken.wait()  # under way when the other fails
+            await asyncio.sleep(0)
+            sent.append(values["title"])
+            return Outcome.SENT
+
+    monkeypatch.setattr(repository, "reminder_still_due", away_for_one)
+    scheduler = ReminderScheduler(pool, WaitingNotifier(), poll_interval=1)  # type: ignore[arg-type]
+    with pytest.raises(psycopg2.OperationalError):
+        await scheduler._send_due()
+    assert sent == ["Beside"]
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT todo_id, sent_at IS NOT NULL FROM reminders WHERE todo_id LIKE 'e_' ORDER BY 1")
+        assert await cur.fetchall() == [("e0", False), ("e1", True)]
 
 
 async def test_a_reminder_met_by_the_shutdown_is_left_as_it_was_for_the_next_start(pool: aiopg.Pool) -> None:
