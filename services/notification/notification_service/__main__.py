@@ -57,7 +57,10 @@ def dead_letters(args: argparse.Namespace) -> None:
         raise SystemExit(f"replay stopped, {topology.queue} did not take a letter ({exc}); it stays dead") from None
     except dlq.ReplayNotConfirmed as exc:
         # A broker in a resource alarm blocks a connection that publishes: the likeliest cause.
-        raise SystemExit(f"replay stopped, a copy was {exc} (broker blocked, resource alarm?); it stays dead") from None
+        raise SystemExit(
+            f"replay stopped, a copy was {exc} (broker blocked, resource alarm?): its letter stays dead, and the"
+            " copy may be delivered too once the broker recovers (the claims keep its email from going twice)"
+        ) from None
     except KeyboardInterrupt:
         raise SystemExit(f"{args.action} interrupted") from None
     finally:

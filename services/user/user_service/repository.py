@@ -48,11 +48,6 @@ class User:
     def email_verified(self) -> bool:
         return self.email_verified_at is not None
 
-    @property
-    def proven_email(self) -> str | None:
-        """Where the owner can be told of a change: the address, if verified, or else the last one that was."""
-        return self.email if self.email_verified else self.last_verified_email
-
     def profile(self) -> dict[str, str | bool]:
         """What a client may see: never the password hash, which is not even loaded."""
         return {
