@@ -85,28 +85,12 @@ async def test_no_healthy_instance_is_503_with_retry_after(fake_service, gateway
         assert (await r.json())["code"] == "NO_HEALTHY_UPSTREAM"
 
 
-async def test_the_last_known_set_survives_consul_going_away(aiohttp_server):
-    """A fake Consul answers once, then fails: the watch keeps what it knew."""
-    answers = 0
+async def test_the_last_known_set_survives_consul_going_away_and_ready_says_so(aiohttp_server, aiohttp_client):
+    """A fake Consul answers once, then fails: the watch keeps what it knew.
 
-    async def health(request: web.Request) -> web.Response:
-        nonlocal answers
-        answers += 1
-        if answers > 1:
-            return web.Response(status=500, text="consul is restarting")
-        return web.json_response(consul_entries(2), headers={"X-Consul-Index": "7"})
-
-    async with watching(aiohttp_server, health) as watch:
-        assert await watch.wait_ready(5)
-        known = watch.instances
-        await eventually(lambda: answers >= 3)
-        assert watch.instances == known and len(known) == 2
-        assert BreakerBoard().pick(watch).id in {"svc-0", "svc-1"}
-
-
-async def test_ready_says_when_the_sets_are_only_the_last_known(aiohttp_server, aiohttp_client):
-    # The same instances, whether Consul answers or has been away for
-    # minutes: only the watch's failures tell the operator which.
+    The same instances, whether Consul answers or has been away for minutes:
+    only the watch's failures, in /ready, tell the operator which.
+    """
     answers = 0
 
     async def health(request: web.Request) -> web.Response:
@@ -122,7 +106,10 @@ async def test_ready_says_when_the_sets_are_only_the_last_known(aiohttp_server, 
         app.router.add_get("/ready", ready)
         client = await aiohttp_client(app)
         assert await watch.wait_ready(5)
+        known = watch.instances
         await eventually(lambda: answers >= 3)
+        assert watch.instances == known and len(known) == 2
+        assert BreakerBoard().pick(watch).id in {"svc-0", "svc-1"}
         body = await (await client.get("/ready")).json()
     assert body["status"] == "ready"
     assert [i["id"] for i in body["upstreams"]["svc"]] == ["svc-0", "svc-1"]

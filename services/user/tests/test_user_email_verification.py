@@ -186,12 +186,12 @@ async def test_changing_the_email_tells_the_old_address_as_the_account_had_it(
         "email_verified": True,
     }
     assert_matches_contract(event, "UserEmailChangedEvent")
-    # From the taker's unverified address on, the event says so: the
-    # notification-service mails no one.
+    # From the taker's unverified address on, the event says so, and names
+    # the last address proven, where the notification-service mails instead.
     assert (await client.patch("/users/me", json={"email": "ada@example.com"}, headers=headers)).status == 200
-    assert [(e.data["email"], e.data["email_verified"]) for e in await outbox(db, EMAIL_CHANGED)] == [
-        ("ada@example.com", True),
-        ("taker@example.org", False),
+    assert await notices(db, EMAIL_CHANGED) == [
+        ("ada@example.com", True, None),
+        ("taker@example.org", False, "ada@example.com"),
     ]
 
 
