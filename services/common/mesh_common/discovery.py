@@ -115,7 +115,7 @@ class ServiceWatch:
                     self._rejoin_until = self.answered_at + REJOIN_GRACE
                 # Else the wait timed out with no change.
                 if index != sent or not self._ready.is_set() or self._rejoin_until is not None:
-                    self._update(index, entries, loop.time())
+                    self._update(index, entries, self.answered_at)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
